@@ -1,0 +1,38 @@
+# vslice: two entry points on a fresh machine -- `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SHARED ?= ../shared
+TRACES := $(SHARED)/traces/openb
+NATIVE_DIRS := $(wildcard services/nodeagent/mockgpu services/nodeagent/libvgpu)
+
+.PHONY: install native lint test demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+native:
+	@for d in $(NATIVE_DIRS); do $(MAKE) --no-print-directory -C $$d || exit 1; done
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: install native lint
+	VSLICE_TRACES=$(TRACES) $(BIN)/python -m pytest
+
+demo: install native
+	$(BIN)/vslice replay --in-process $(TRACES)/openb_pod_list_default.csv \
+		--fleet $(TRACES)/openb_node_list_gpu_node.csv \
+		--policy hami,bestfit,fgd --seeds 42 --json demo-replay.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+	@for d in $(NATIVE_DIRS); do $(MAKE) --no-print-directory -C $$d clean; done

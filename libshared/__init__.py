@@ -1,0 +1,1 @@
+"""Shared by every vslice service: schemas, the resource model, codecs, settings."""

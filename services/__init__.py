@@ -1,0 +1,1 @@
+"""vslice services: admission, scheduler, nodeagent, metrics -- independent of each other."""

@@ -1,0 +1,1 @@
+"""Metrics: HAMi-compatible Prometheus exporter and the fleet dashboard."""

@@ -1,0 +1,1 @@
+"""Node agent: device discovery, slice preparation, usage read back, and libvgpu."""

@@ -1,0 +1,1 @@
+"""Scheduler: fit, score and commit GPU slices; N active replicas, no leader."""

@@ -1,0 +1,1 @@
+"""vslice command line: wires libshared and the services for people."""
