@@ -1,0 +1,178 @@
+"""HAMi's annotation keys and the codecs for the values vslice reads and writes.
+
+Keys and formats follow HAMi (Project-HAMi/HAMi, docs "config.md" and the scheduler's
+pod/node annotations) so that HAMi tooling reads vslice clusters and HAMi pod specs work
+unchanged. Decoding is strict: a malformed value raises ``AnnotationDecodeError`` and is
+never read as "nothing allocated" (HAMi #2958 silently dropped such capacity).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from libshared.devices import Device
+from libshared.errors import AnnotationDecodeError
+
+# Pod annotations a user sets (HAMi docs: "Device selection", "Scheduler policy").
+USE_GPUTYPE = "nvidia.com/use-gputype"
+NOUSE_GPUTYPE = "nvidia.com/nouse-gputype"
+USE_GPUUUID = "nvidia.com/use-gpuuuid"
+NOUSE_GPUUUID = "nvidia.com/nouse-gpuuuid"
+NUMA_BIND = "nvidia.com/numa-bind"
+NODE_SCHEDULER_POLICY = "hami.io/node-scheduler-policy"
+GPU_SCHEDULER_POLICY = "hami.io/gpu-scheduler-policy"
+
+# Pod annotations the scheduler writes at bind time.
+VGPU_NODE = "hami.io/vgpu-node"
+VGPU_DEVICES_ALLOCATED = "hami.io/vgpu-devices-allocated"
+VGPU_DEVICES_TO_ALLOCATE = "hami.io/vgpu-devices-to-allocate"
+BIND_PHASE = "hami.io/bind-phase"
+BIND_TIME = "hami.io/bind-time"
+
+# Node annotation the device plugin writes.
+NODE_NVIDIA_REGISTER = "hami.io/node-nvidia-register"
+
+# Namespace/pod label that makes the webhook skip a pod.
+WEBHOOK_IGNORE_LABEL = "hami.io/webhook"
+
+
+class DeviceGrant(msgspec.Struct, frozen=True, kw_only=True):
+    """One device of one container in ``hami.io/vgpu-devices-allocated``."""
+
+    uuid: str
+    vendor: str
+    memory_mib: int
+    cores_percent: int
+
+
+def encode_pod_devices(containers: list[list[DeviceGrant]]) -> str:
+    """Encode per-container device grants, init containers first, as HAMi writes them.
+
+    Each device is ``UUID,VENDOR,<memMiB>,<cores>:`` and each container ends with ``;``,
+    so ``[[a], []]`` gives ``"a-uuid,NVIDIA,4000,30:;;"``.
+    """
+    out: list[str] = []
+    for grants in containers:
+        for g in grants:
+            for text in (g.uuid, g.vendor):
+                if not text or any(ch in text for ch in ",:;"):
+                    raise ValueError(f"device field {text!r} is empty or holds a separator")
+            out.append(f"{g.uuid},{g.vendor},{g.memory_mib},{g.cores_percent}:")
+        out.append(";")
+    return "".join(out)
+
+
+def _decode_int(key: str, value: str, text: str, what: str) -> int:
+    if not text.isdigit():
+        raise AnnotationDecodeError(key=key, value=value, reason=f"{what} {text!r} is not a count")
+    return int(text)
+
+
+def decode_pod_devices(value: str, *, key: str = VGPU_DEVICES_ALLOCATED) -> list[list[DeviceGrant]]:
+    """Decode ``hami.io/vgpu-devices-allocated`` (or ``-to-allocate``) into grants.
+
+    Returns one list per container in annotation order. Raises ``AnnotationDecodeError``
+    naming the key and value when any part is malformed (missing ``;``, a device without
+    four fields, a non-numeric memory or core count).
+    """
+    if value == "":
+        return []
+    if not value.endswith(";"):
+        raise AnnotationDecodeError(key=key, value=value, reason="does not end with ';'")
+    containers: list[list[DeviceGrant]] = []
+    for part in value[:-1].split(";"):
+        grants: list[DeviceGrant] = []
+        if part:
+            if not part.endswith(":"):
+                raise AnnotationDecodeError(
+                    key=key, value=value, reason=f"container entry {part!r} does not end with ':'"
+                )
+            for dev in part[:-1].split(":"):
+                fields = dev.split(",")
+                if len(fields) != 4 or not fields[0] or not fields[1]:
+                    raise AnnotationDecodeError(
+                        key=key,
+                        value=value,
+                        reason=f"device entry {dev!r} is not UUID,VENDOR,MEM,CORES",
+                    )
+                grants.append(
+                    DeviceGrant(
+                        uuid=fields[0],
+                        vendor=fields[1],
+                        memory_mib=_decode_int(key, value, fields[2], "memory"),
+                        cores_percent=_decode_int(key, value, fields[3], "cores"),
+                    )
+                )
+        containers.append(grants)
+    return containers
+
+
+class _RegisteredDevice(msgspec.Struct, frozen=True, kw_only=True):
+    # Field names and order are HAMi's node-nvidia-register JSON.
+    id: str
+    index: int
+    count: int
+    devmem: int
+    devcore: int
+    type: str
+    numa: int
+    mode: str
+    health: bool
+
+
+_register_encoder = msgspec.json.Encoder()
+_register_decoder = msgspec.json.Decoder(list[_RegisteredDevice])
+
+
+def encode_node_devices(devices: tuple[Device, ...] | list[Device]) -> str:
+    """Encode a node's devices as HAMi's ``hami.io/node-nvidia-register`` JSON list."""
+    return _register_encoder.encode(
+        [
+            _RegisteredDevice(
+                id=d.uuid,
+                index=d.index,
+                count=d.split_count,
+                devmem=d.memory_mib,
+                devcore=d.cores_percent,
+                type=d.type,
+                numa=d.numa,
+                mode=d.mode,
+                health=d.healthy,
+            )
+            for d in devices
+        ]
+    ).decode()
+
+
+def decode_node_devices(value: str) -> tuple[Device, ...]:
+    """Decode ``hami.io/node-nvidia-register`` into devices.
+
+    Raises ``AnnotationDecodeError`` when the JSON is malformed, a field is missing or of the
+    wrong type, or a count is negative: the node's capacity is never guessed.
+    """
+    try:
+        entries = _register_decoder.decode(value)
+    except msgspec.DecodeError as exc:
+        raise AnnotationDecodeError(key=NODE_NVIDIA_REGISTER, value=value, reason=str(exc)) from exc
+    devices = []
+    for e in entries:
+        if min(e.index, e.count, e.devmem, e.devcore) < 0 or not e.id:
+            raise AnnotationDecodeError(
+                key=NODE_NVIDIA_REGISTER,
+                value=value,
+                reason=f"device {e.id!r} has a negative field",
+            )
+        devices.append(
+            Device(
+                uuid=e.id,
+                index=e.index,
+                type=e.type,
+                memory_mib=e.devmem,
+                cores_percent=e.devcore,
+                split_count=e.count,
+                numa=e.numa,
+                healthy=e.health,
+                mode=e.mode,
+            )
+        )
+    return tuple(devices)

@@ -1,0 +1,44 @@
+"""The device model: a node's physical GPUs as the scheduler sees them.
+
+A ``Device`` is one physical GPU (by UUID) advertised ``split_count`` times, with its memory
+in MiB and its compute in percent (100 = the whole card's SMs, scaled by
+``deviceCoreScaling`` where configured, as in HAMi's node registration). Usage is not kept
+here: it lives in the ledger (``libshared.ledgers``).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Device(msgspec.Struct, frozen=True, kw_only=True):
+    """One physical GPU of a node.
+
+    ``memory_mib``: registered memory (physical x ``deviceMemoryScaling``), MiB.
+    ``cores_percent``: registered compute, percent (100 for one card).
+    ``split_count``: how many slices may share it (HAMi ``deviceSplitCount``, default 10).
+    """
+
+    uuid: str
+    index: int
+    type: str
+    memory_mib: int
+    cores_percent: int = 100
+    split_count: int = 10
+    numa: int = 0
+    healthy: bool = True
+    mode: str = "hami-core"
+
+
+class NodeDevices(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a node agent registers for its node (value of the ``vslice-nodes`` bucket).
+
+    ``cpu_milli`` and ``memory_mib`` are the node's allocatable CPU (milli-cores) and host
+    memory (MiB); ``None`` means the node does not declare them and only GPUs are checked
+    (in Kubernetes, kube-scheduler checks them itself).
+    """
+
+    node: str
+    devices: tuple[Device, ...]
+    cpu_milli: int | None = None
+    memory_mib: int | None = None

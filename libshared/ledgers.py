@@ -1,0 +1,53 @@
+"""The ledger: which slice of which device belongs to which pod.
+
+The value of the ``vslice-ledger`` bucket for one node is a ``NodeLedger``; every change to
+it is a compare-and-set on the key's revision, so the ledger is the single truth about what
+is allocated. Pure data; the scheduler core derives device usage from it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Slice(msgspec.Struct, frozen=True, kw_only=True):
+    """One container's share of one device: memory in MiB, compute in percent."""
+
+    pod_uid: str
+    namespace: str
+    pod: str
+    container: str
+    container_index: int
+    uuid: str
+    device_index: int
+    memory_mib: int
+    cores_percent: int
+    priority: int | None = None
+
+
+class PodCharge(msgspec.Struct, frozen=True, kw_only=True):
+    """Node-level CPU (milli-cores) and host memory (MiB) a placed pod holds."""
+
+    pod_uid: str
+    cpu_milli: int = 0
+    memory_mib: int = 0
+
+
+class NodeLedger(msgspec.Struct, frozen=True, kw_only=True):
+    """All slices (and node-level charges) on one node."""
+
+    node: str
+    slices: tuple[Slice, ...] = ()
+    charges: tuple[PodCharge, ...] = ()
+
+    def pods(self) -> set[str]:
+        """UIDs of the pods holding anything on this node."""
+        return {s.pod_uid for s in self.slices} | {c.pod_uid for c in self.charges}
+
+    def without(self, pod_uid: str) -> NodeLedger:
+        """This ledger with every slice and charge of ``pod_uid`` removed."""
+        return NodeLedger(
+            node=self.node,
+            slices=tuple(s for s in self.slices if s.pod_uid != pod_uid),
+            charges=tuple(c for c in self.charges if c.pod_uid != pod_uid),
+        )

@@ -1,0 +1,318 @@
+"""The resource model: a Kubernetes pod spec into a normalized ``PodRequest``.
+
+HAMi's rules (Project-HAMi/HAMi docs "config.md", "Resource names" and the NVIDIA device's
+request parsing), restated:
+
+- ``nvidia.com/gpu``: number of physical GPUs for the container.
+- ``nvidia.com/gpumem`` (MiB per GPU) wins over ``nvidia.com/gpumem-percentage`` (1-100);
+  with neither, ``defaultMemory`` if configured, else the whole card (100 percent).
+- ``nvidia.com/gpucores``: percent of the card's SMs (0-100); absent -> ``defaultCores``.
+- A container asking only ``nvidia.com/gpu`` gets the whole card's memory and 100 cores:
+  it is exclusive.
+- ``gpumem``/``gpumem-percentage``/``gpucores`` without ``nvidia.com/gpu`` ->
+  ``defaultGPUNum`` GPUs (1).
+- ``resources.limits`` are read first, then ``resources.requests``.
+
+Node-level CPU and memory follow kube-scheduler's NodeResourcesFit: the pod's request is the
+larger of the sum over containers and the largest init container.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from libshared import annotations as keys
+from libshared.errors import InvalidRequest
+from libshared.quantities import parse_quantity
+
+GPU = "nvidia.com/gpu"
+GPUMEM = "nvidia.com/gpumem"
+GPUMEM_PERCENTAGE = "nvidia.com/gpumem-percentage"
+GPUCORES = "nvidia.com/gpucores"
+PRIORITY = "nvidia.com/priority"
+GPU_RESOURCES = (GPU, GPUMEM, GPUMEM_PERCENTAGE, GPUCORES)
+
+POLICIES = ("binpack", "spread")
+
+
+class ResourceSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Cluster-wide defaults of the resource model (HAMi's scheduler flags).
+
+    ``default_memory_mib``: 0 = whole card. ``default_cores_percent``: cores for a slice
+    that names memory but no cores. ``max_gpus_per_node``: largest device count of any
+    node; a request above it is rejected (``None`` = not checked).
+    """
+
+    default_memory_mib: int = 0
+    default_cores_percent: int = 0
+    default_gpu_num: int = 1
+    max_gpus_per_node: int | None = None
+
+
+class ContainerRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One container's GPU request, per GPU.
+
+    Exactly one of ``memory_mib`` (> 0) and ``memory_percent`` (1-100) is set;
+    ``memory_percent=100`` is the whole card. ``cores_percent`` is 0-100.
+    ``index`` counts init containers first, then containers (HAMi's annotation order).
+    """
+
+    name: str
+    index: int
+    init: bool
+    gpu_count: int
+    memory_mib: int = 0
+    memory_percent: int = 0
+    cores_percent: int = 0
+    priority: int | None = None
+
+    def memory_on(self, device_memory_mib: int) -> int:
+        """MiB this container takes on a device of ``device_memory_mib`` (HAMi: total*pct/100)."""
+        if self.memory_mib > 0:
+            return self.memory_mib
+        return device_memory_mib * self.memory_percent // 100
+
+    @property
+    def exclusive(self) -> bool:
+        """True when the slice is a whole card (100 cores)."""
+        return self.cores_percent >= 100
+
+
+class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A pod's normalized request: GPU containers, node-level CPU/memory, selectors."""
+
+    uid: str
+    namespace: str = "default"
+    name: str = ""
+    containers: tuple[ContainerRequest, ...] = ()
+    cpu_milli: int = 0
+    memory_mib: int = 0
+    use_types: tuple[str, ...] = ()
+    nouse_types: tuple[str, ...] = ()
+    use_uuids: tuple[str, ...] = ()
+    nouse_uuids: tuple[str, ...] = ()
+    numa_bind: bool = False
+    node_policy: str | None = None
+    gpu_policy: str | None = None
+
+    @property
+    def gpu_containers(self) -> tuple[ContainerRequest, ...]:
+        """The containers that ask for at least one GPU."""
+        return tuple(c for c in self.containers if c.gpu_count > 0)
+
+    def type_allowed(self, device_type: str) -> bool:
+        """HAMi's type selector: case-insensitive substring match, ``nouse`` wins."""
+        t = device_type.lower()
+        if any(x.lower() in t for x in self.nouse_types):
+            return False
+        return not self.use_types or any(x.lower() in t for x in self.use_types)
+
+    def uuid_allowed(self, uuid: str) -> bool:
+        """HAMi's UUID selector: exact match, ``nouse`` wins."""
+        if uuid in self.nouse_uuids:
+            return False
+        return not self.use_uuids or uuid in self.use_uuids
+
+
+def _integer(container: str, field: str, raw: object, *, low: int, high: int | None) -> int:
+    try:
+        q = parse_quantity(raw)
+    except ValueError as exc:
+        raise InvalidRequest(
+            container=container, field=field, value=raw, reason="not a number"
+        ) from exc
+    if q != q.to_integral_value():
+        raise InvalidRequest(
+            container=container, field=field, value=raw, reason="not a whole number"
+        )
+    n = int(q)
+    if n < low:
+        raise InvalidRequest(
+            container=container, field=field, value=raw, reason=f"must be >= {low}"
+        )
+    if high is not None and n > high:
+        raise InvalidRequest(
+            container=container, field=field, value=raw, reason=f"must be <= {high}"
+        )
+    return n
+
+
+def _mib(container: str, field: str, raw: object) -> int:
+    """Host memory quantity (bytes, Kubernetes style) in MiB, rounded up."""
+    try:
+        q = parse_quantity(raw)
+    except ValueError as exc:
+        raise InvalidRequest(
+            container=container, field=field, value=raw, reason="not a quantity"
+        ) from exc
+    if q < 0:
+        raise InvalidRequest(container=container, field=field, value=raw, reason="must be >= 0")
+    return int(-(-q // Decimal(2**20)))
+
+
+def _cpu_milli(container: str, field: str, raw: object) -> int:
+    try:
+        q = parse_quantity(raw)
+    except ValueError as exc:
+        raise InvalidRequest(
+            container=container, field=field, value=raw, reason="not a quantity"
+        ) from exc
+    if q < 0:
+        raise InvalidRequest(container=container, field=field, value=raw, reason="must be >= 0")
+    return int(-(-(q * 1000) // 1))
+
+
+def _resources(spec: Mapping[str, Any], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    res = spec.get("resources") or {}
+    if not isinstance(res, Mapping):
+        raise InvalidRequest(container=name, field="resources", value=res, reason="not an object")
+    limits = res.get("limits") or {}
+    requests = res.get("requests") or {}
+    for field, value in (("resources.limits", limits), ("resources.requests", requests)):
+        if not isinstance(value, Mapping):
+            raise InvalidRequest(container=name, field=field, value=value, reason="not an object")
+    return dict(limits), dict(requests)
+
+
+def parse_container(
+    spec: Mapping[str, Any], *, index: int, init: bool, settings: ResourceSettings
+) -> ContainerRequest:
+    """One container spec (Kubernetes JSON) into a ``ContainerRequest`` by HAMi's rules.
+
+    Raises ``InvalidRequest`` naming the container, field and value for a negative or
+    non-numeric value, a percentage outside 1-100, cores over 100, or more GPUs than any
+    node has (``settings.max_gpus_per_node``).
+    """
+    name = str(spec.get("name") or f"container-{index}")
+    limits, requests = _resources(spec, name)
+
+    def pick(field: str) -> object | None:
+        return limits[field] if field in limits else requests.get(field)
+
+    raw_gpu, raw_mem, raw_pct, raw_cores = (pick(f) for f in GPU_RESOURCES)
+    raw_prio = pick(PRIORITY)
+    priority = None if raw_prio is None else _integer(name, PRIORITY, raw_prio, low=0, high=None)
+    max_gpus = settings.max_gpus_per_node
+    gpu_count = 0 if raw_gpu is None else _integer(name, GPU, raw_gpu, low=0, high=None)
+    asks_slice = any(v is not None for v in (raw_mem, raw_pct, raw_cores))
+    if raw_gpu is None and asks_slice:
+        gpu_count = settings.default_gpu_num
+    if max_gpus is not None and gpu_count > max_gpus:
+        raise InvalidRequest(
+            container=name,
+            field=GPU,
+            value=raw_gpu if raw_gpu is not None else gpu_count,
+            reason=f"no node has more than {max_gpus} GPUs",
+        )
+    memory_mib = 0 if raw_mem is None else _integer(name, GPUMEM, raw_mem, low=0, high=None)
+    percent = 0 if raw_pct is None else _integer(name, GPUMEM_PERCENTAGE, raw_pct, low=1, high=100)
+    cores = None if raw_cores is None else _integer(name, GPUCORES, raw_cores, low=0, high=100)
+    if gpu_count == 0:
+        return ContainerRequest(name=name, index=index, init=init, gpu_count=0, priority=priority)
+    if memory_mib == 0 and percent == 0:
+        if not asks_slice:
+            # Only nvidia.com/gpu: the whole card, exclusive.
+            return ContainerRequest(
+                name=name,
+                index=index,
+                init=init,
+                gpu_count=gpu_count,
+                memory_percent=100,
+                cores_percent=100,
+                priority=priority,
+            )
+        if settings.default_memory_mib > 0:
+            memory_mib = settings.default_memory_mib
+        else:
+            percent = 100
+    if memory_mib > 0:
+        percent = 0  # gpumem wins over gpumem-percentage
+    return ContainerRequest(
+        name=name,
+        index=index,
+        init=init,
+        gpu_count=gpu_count,
+        memory_mib=memory_mib,
+        memory_percent=percent,
+        cores_percent=settings.default_cores_percent if cores is None else cores,
+        priority=priority,
+    )
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in value.split(",") if x.strip())
+
+
+def parse_pod(pod: Mapping[str, Any], *, settings: ResourceSettings | None = None) -> PodRequest:
+    """A Kubernetes pod (JSON object with ``metadata`` and ``spec``) into a ``PodRequest``.
+
+    Raises ``InvalidRequest`` (naming container, field and value) for any malformed GPU
+    resource, CPU/memory quantity, or scheduler-policy annotation.
+    """
+    settings = settings or ResourceSettings()
+    if not isinstance(pod, Mapping):
+        raise InvalidRequest(container="", field="pod", value=pod, reason="not an object")
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    if not isinstance(meta, Mapping) or not isinstance(spec, Mapping):
+        raise InvalidRequest(
+            container="", field="pod", value=pod, reason="metadata/spec not objects"
+        )
+    annos = meta.get("annotations") or {}
+    if not isinstance(annos, Mapping):
+        raise InvalidRequest(
+            container="", field="metadata.annotations", value=annos, reason="not an object"
+        )
+    containers: list[ContainerRequest] = []
+    cpu_sum = mem_sum = cpu_init = mem_init = 0
+    index = 0
+    for init, key in ((True, "initContainers"), (False, "containers")):
+        specs = spec.get(key) or []
+        if not isinstance(specs, list):
+            raise InvalidRequest(
+                container="", field=f"spec.{key}", value=specs, reason="not a list"
+            )
+        for c in specs:
+            if not isinstance(c, Mapping):
+                raise InvalidRequest(
+                    container="", field=f"spec.{key}", value=c, reason="not an object"
+                )
+            req = parse_container(c, index=index, init=init, settings=settings)
+            containers.append(req)
+            index += 1
+            limits, requests = _resources(c, req.name)
+            raw_cpu = requests.get("cpu", limits.get("cpu"))
+            raw_mem = requests.get("memory", limits.get("memory"))
+            cpu = 0 if raw_cpu is None else _cpu_milli(req.name, "cpu", raw_cpu)
+            mem = 0 if raw_mem is None else _mib(req.name, "memory", raw_mem)
+            if init:
+                cpu_init, mem_init = max(cpu_init, cpu), max(mem_init, mem)
+            else:
+                cpu_sum, mem_sum = cpu_sum + cpu, mem_sum + mem
+    policies: dict[str, str | None] = {}
+    for key in (keys.NODE_SCHEDULER_POLICY, keys.GPU_SCHEDULER_POLICY):
+        raw = annos.get(key)
+        if raw is not None and str(raw).strip().lower() not in POLICIES:
+            raise InvalidRequest(
+                container="", field=key, value=raw, reason=f"must be one of {POLICIES}"
+            )
+        policies[key] = None if raw is None else str(raw).strip().lower()
+    return PodRequest(
+        uid=str(meta.get("uid") or f"{meta.get('namespace', 'default')}/{meta.get('name', '')}"),
+        namespace=str(meta.get("namespace") or "default"),
+        name=str(meta.get("name") or ""),
+        containers=tuple(containers),
+        cpu_milli=max(cpu_sum, cpu_init),
+        memory_mib=max(mem_sum, mem_init),
+        use_types=_split(str(annos.get(keys.USE_GPUTYPE, ""))),
+        nouse_types=_split(str(annos.get(keys.NOUSE_GPUTYPE, ""))),
+        use_uuids=_split(str(annos.get(keys.USE_GPUUUID, ""))),
+        nouse_uuids=_split(str(annos.get(keys.NOUSE_GPUUUID, ""))),
+        numa_bind=str(annos.get(keys.NUMA_BIND, "")).strip().lower() == "true",
+        node_policy=policies[keys.NODE_SCHEDULER_POLICY],
+        gpu_policy=policies[keys.GPU_SCHEDULER_POLICY],
+    )

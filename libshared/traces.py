@@ -1,0 +1,182 @@
+"""The Alibaba openb traces (cluster-trace-gpu-v2023, as used by the FGD paper): the fleet
+and the pods, read into vslice's device model and resource model.
+
+Files: ``openb_node_list_gpu_node.csv`` (``sn,cpu_milli,memory_mib,gpu,model``) and
+``openb_pod_list_*.csv`` (``name,cpu_milli,memory_mib,num_gpu,gpu_milli[,gpu_spec,...]``).
+A pod with ``num_gpu=1, gpu_milli<1000`` shares a GPU: it asks ``gpumem-percentage =
+gpucores = gpu_milli/10``; otherwise it asks ``num_gpu`` whole GPUs; ``gpu_spec``
+(``V100M16|V100M32``) becomes ``nvidia.com/use-gputype`` with the listed models.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from libshared.devices import Device, NodeDevices
+from libshared.errors import TraceFormatError
+from libshared.resources import ContainerRequest, PodRequest
+
+# GPU model -> memory MiB. Public models from their data sheets; G1/G2/G3 are undisclosed
+# in the trace, so vslice assumes 16 GiB, 24 GiB and 32 GiB cards for them. Memory does not
+# change the FGD experiment: trace pods ask for a percentage of the card.
+GPU_MEMORY_MIB = {
+    "V100M32": 32768,
+    "V100M16": 16384,
+    "P100": 16384,
+    "T4": 15360,
+    "A10": 24576,
+    "G1": 16384,
+    "G2": 24576,
+    "G3": 32768,
+}
+REPLAY_SPLIT_COUNT = 100  # the paper's simulator has no per-GPU pod limit; 100 never binds
+
+
+@dataclass(frozen=True)
+class TracePod:
+    """One row of a pod list: CPU milli-cores, memory MiB, GPUs, per-GPU milli, GPU models."""
+
+    name: str
+    cpu_milli: int
+    memory_mib: int
+    num_gpu: int
+    gpu_milli: int
+    gpu_spec: tuple[str, ...]
+
+    @property
+    def milli_total(self) -> int:
+        """Milli-GPU the pod asks for in all (num_gpu x gpu_milli)."""
+        return self.num_gpu * self.gpu_milli
+
+    def request(self, uid: str) -> PodRequest:
+        """The pod as a HAMi-style ``PodRequest`` with uid ``uid``."""
+        containers: tuple[ContainerRequest, ...] = ()
+        if self.num_gpu == 1 and self.gpu_milli < 1000:
+            pct = self.gpu_milli // 10
+            containers = (
+                ContainerRequest(
+                    name="main",
+                    index=0,
+                    init=False,
+                    gpu_count=1,
+                    memory_percent=pct,
+                    cores_percent=pct,
+                ),
+            )
+        elif self.num_gpu > 0:
+            containers = (
+                ContainerRequest(
+                    name="main",
+                    index=0,
+                    init=False,
+                    gpu_count=self.num_gpu,
+                    memory_percent=100,
+                    cores_percent=100,
+                ),
+            )
+        return PodRequest(
+            uid=uid,
+            namespace="openb",
+            name=self.name,
+            containers=containers,
+            cpu_milli=self.cpu_milli,
+            memory_mib=self.memory_mib,
+            use_types=self.gpu_spec,
+        )
+
+
+def _int(path: str, line: int, row: dict[str, str], key: str, *, default: int | None = None) -> int:
+    raw = row.get(key)
+    if raw is None or raw == "":
+        if default is not None:
+            return default
+        raise TraceFormatError(path=path, line=line, field=key, value=raw, reason="missing")
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise TraceFormatError(
+            path=path, line=line, field=key, value=raw, reason="not an integer"
+        ) from exc
+    if value < 0:
+        raise TraceFormatError(path=path, line=line, field=key, value=raw, reason="negative")
+    return value
+
+
+def parse_fleet(
+    text: str, *, path: str = "<fleet>", split_count: int = REPLAY_SPLIT_COUNT
+) -> list[NodeDevices]:
+    """Parse a node list CSV into ``NodeDevices`` (device UUIDs ``<node>-gpu<i>``).
+
+    Raises ``TraceFormatError`` for a missing or non-numeric field or an unknown GPU model.
+    """
+    nodes = []
+    for line, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+        name = row.get("sn") or ""
+        if not name:
+            raise TraceFormatError(path=path, line=line, field="sn", value=name, reason="missing")
+        gpus = _int(path, line, row, "gpu")
+        model = (row.get("model") or "").strip()
+        if gpus and model not in GPU_MEMORY_MIB:
+            raise TraceFormatError(
+                path=path, line=line, field="model", value=model, reason="unknown GPU model"
+            )
+        devices = tuple(
+            Device(
+                uuid=f"{name}-gpu{i}",
+                index=i,
+                type=model,
+                memory_mib=GPU_MEMORY_MIB[model],
+                split_count=split_count,
+            )
+            for i in range(gpus)
+        )
+        nodes.append(
+            NodeDevices(
+                node=name,
+                devices=devices,
+                cpu_milli=_int(path, line, row, "cpu_milli"),
+                memory_mib=_int(path, line, row, "memory_mib"),
+            )
+        )
+    return nodes
+
+
+def parse_pods(text: str, *, path: str = "<pods>") -> list[TracePod]:
+    """Parse a pod list CSV. Raises ``TraceFormatError`` naming file, line and field."""
+    pods = []
+    for line, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+        num_gpu = _int(path, line, row, "num_gpu")
+        gpu_milli = _int(path, line, row, "gpu_milli", default=0)
+        if gpu_milli > 1000 or (num_gpu > 1 and gpu_milli not in (0, 1000)):
+            raise TraceFormatError(
+                path=path,
+                line=line,
+                field="gpu_milli",
+                value=gpu_milli,
+                reason="must be <= 1000, and 1000 when num_gpu > 1",
+            )
+        spec = tuple(x for x in (row.get("gpu_spec") or "").split("|") if x)
+        pods.append(
+            TracePod(
+                name=row.get("name") or f"pod-{line}",
+                cpu_milli=_int(path, line, row, "cpu_milli"),
+                memory_mib=_int(path, line, row, "memory_mib"),
+                num_gpu=num_gpu,
+                gpu_milli=gpu_milli if num_gpu else 0,
+                gpu_spec=spec,
+            )
+        )
+    return pods
+
+
+def read_fleet(path: str | Path, *, split_count: int = REPLAY_SPLIT_COUNT) -> list[NodeDevices]:
+    """Read and parse a node list file."""
+    return parse_fleet(Path(path).read_text(), path=str(path), split_count=split_count)
+
+
+def read_pods(path: str | Path) -> list[TracePod]:
+    """Read and parse a pod list file."""
+    return parse_pods(Path(path).read_text(), path=str(path))

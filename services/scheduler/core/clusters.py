@@ -1,0 +1,240 @@
+"""The scheduler's view of the fleet: devices and their usage, as arrays.
+
+Pure state: built from ``NodeDevices`` and ``NodeLedger`` values, changed only by
+``apply``/``release``/``set_ledger``. Usage per device (slices, memory MiB, cores percent)
+and per node (CPU milli-cores, host memory MiB) is kept in numpy arrays so that a filter
+over the whole openb fleet (1,213 nodes, 6,212 GPUs) is a handful of vector operations, and
+every node carries a ``version`` that bumps on each change, so policies can cache what they
+derive from a node and recompute only the nodes that changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from libshared.devices import NodeDevices
+from libshared.events import Placement
+from libshared.ledgers import NodeLedger, PodCharge, Slice
+
+MILLI = 1000  # one whole GPU in milli-GPU, the FGD paper's unit
+
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+_T = TypeVar("_T", bound=np.generic)
+
+
+def _grown(old: npt.NDArray[_T], rows: int, fill: object) -> npt.NDArray[_T]:
+    new = np.full((rows, *old.shape[1:]), fill, dtype=old.dtype)
+    new[: old.shape[0]] = old
+    return new
+
+
+@dataclass
+class Cluster:
+    """Devices and usage of every node; ``max_devices`` pads the per-node device arrays.
+
+    Arrays (N nodes, D = ``max_devices``): ``dev_valid`` (slot holds a device),
+    ``dev_healthy``, ``dev_type`` (index into ``types``), ``dev_mem``/``dev_mem_used`` (MiB),
+    ``dev_cores``/``dev_cores_used`` (percent), ``dev_split``/``dev_used`` (slices),
+    ``dev_numa``, ``free_milli`` (what is left of the device in milli-GPU: the smaller of its
+    free cores and free memory share; 0 when full, unhealthy or out of split slots; -1 for an
+    empty slot), ``cpu_total``/``cpu_used`` (milli-cores, total 0 = unchecked),
+    ``mem_total``/``mem_used`` (MiB, 0 = unchecked), ``version``.
+    """
+
+    max_devices: int = 8
+    nodes: list[str] = field(default_factory=list)
+    node_index: dict[str, int] = field(default_factory=dict)
+    registrations: list[NodeDevices] = field(default_factory=list)
+    ledgers: list[NodeLedger] = field(default_factory=list)
+    pod_nodes: dict[str, int] = field(default_factory=dict)
+    types: list[str] = field(default_factory=list)
+    type_index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        d = self.max_devices
+        self.dev_valid = np.zeros((0, d), dtype=bool)
+        self.dev_healthy = np.zeros((0, d), dtype=bool)
+        self.dev_type = np.zeros((0, d), dtype=np.int64)
+        self.dev_mem = np.zeros((0, d), dtype=np.int64)
+        self.dev_mem_used = np.zeros((0, d), dtype=np.int64)
+        self.dev_cores = np.zeros((0, d), dtype=np.int64)
+        self.dev_cores_used = np.zeros((0, d), dtype=np.int64)
+        self.dev_split = np.zeros((0, d), dtype=np.int64)
+        self.dev_used = np.zeros((0, d), dtype=np.int64)
+        self.dev_numa = np.zeros((0, d), dtype=np.int64)
+        self.free_milli = np.zeros((0, d), dtype=np.int64)
+        self.cpu_total = np.zeros(0, dtype=np.int64)
+        self.cpu_used = np.zeros(0, dtype=np.int64)
+        self.mem_total = np.zeros(0, dtype=np.int64)
+        self.mem_used = np.zeros(0, dtype=np.int64)
+        self.version = np.zeros(0, dtype=np.int64)
+
+    def _grow(self, rows: int) -> None:
+        # Registration is rare; growing by one row at a time keeps the code plain.
+        self.dev_valid = _grown(self.dev_valid, rows, False)
+        self.dev_healthy = _grown(self.dev_healthy, rows, False)
+        self.dev_type = _grown(self.dev_type, rows, -1)
+        self.dev_mem = _grown(self.dev_mem, rows, 0)
+        self.dev_mem_used = _grown(self.dev_mem_used, rows, 0)
+        self.dev_cores = _grown(self.dev_cores, rows, 0)
+        self.dev_cores_used = _grown(self.dev_cores_used, rows, 0)
+        self.dev_split = _grown(self.dev_split, rows, 0)
+        self.dev_used = _grown(self.dev_used, rows, 0)
+        self.dev_numa = _grown(self.dev_numa, rows, 0)
+        self.free_milli = _grown(self.free_milli, rows, -1)
+        self.cpu_total = _grown(self.cpu_total, rows, 0)
+        self.cpu_used = _grown(self.cpu_used, rows, 0)
+        self.mem_total = _grown(self.mem_total, rows, 0)
+        self.mem_used = _grown(self.mem_used, rows, 0)
+        self.version = _grown(self.version, rows, 0)
+
+    @property
+    def size(self) -> int:
+        """Number of nodes."""
+        return len(self.nodes)
+
+    def _type_id(self, name: str) -> int:
+        tid = self.type_index.get(name)
+        if tid is None:
+            tid = self.type_index[name] = len(self.types)
+            self.types.append(name)
+        return tid
+
+    # -- registration and ledger ---------------------------------------------------------
+
+    def upsert_node(self, reg: NodeDevices) -> int:
+        """Add or replace a node's devices; its ledger is kept. Returns the node's index.
+
+        Raises ``ValueError`` when the node has more devices than ``max_devices``.
+        """
+        if len(reg.devices) > self.max_devices:
+            raise ValueError(
+                f"node {reg.node!r} has {len(reg.devices)} devices, max {self.max_devices}"
+            )
+        n = self.node_index.get(reg.node)
+        if n is None:
+            n = len(self.nodes)
+            self.nodes.append(reg.node)
+            self.node_index[reg.node] = n
+            self.registrations.append(reg)
+            self.ledgers.append(NodeLedger(node=reg.node))
+            self._grow(n + 1)
+        else:
+            self.registrations[n] = reg
+        self.dev_valid[n] = False
+        self.dev_type[n] = -1
+        for slot, dev in enumerate(reg.devices):
+            self.dev_valid[n, slot] = True
+            self.dev_healthy[n, slot] = dev.healthy
+            self.dev_type[n, slot] = self._type_id(dev.type)
+            self.dev_mem[n, slot] = dev.memory_mib
+            self.dev_cores[n, slot] = dev.cores_percent
+            self.dev_split[n, slot] = dev.split_count
+            self.dev_numa[n, slot] = dev.numa
+        self.cpu_total[n] = reg.cpu_milli or 0
+        self.mem_total[n] = reg.memory_mib or 0
+        self._recount(n)
+        return n
+
+    def set_ledger(self, ledger: NodeLedger) -> None:
+        """Replace a registered node's ledger and recompute its usage.
+
+        Raises ``KeyError`` for a node that never registered.
+        """
+        n = self.node_index[ledger.node]
+        for uid in self.ledgers[n].pods():
+            if self.pod_nodes.get(uid) == n:
+                del self.pod_nodes[uid]
+        self.ledgers[n] = ledger
+        for uid in ledger.pods():
+            self.pod_nodes[uid] = n
+        self._recount(n)
+
+    def _recount(self, n: int) -> None:
+        reg, ledger = self.registrations[n], self.ledgers[n]
+        slot_of = {d.uuid: slot for slot, d in enumerate(reg.devices)}
+        mem = [0] * self.max_devices
+        cores = [0] * self.max_devices
+        used = [0] * self.max_devices
+        for s in ledger.slices:
+            slot = slot_of.get(s.uuid)
+            if slot is None:
+                continue  # a slice on a device the node no longer reports: kept in the ledger
+            mem[slot] += s.memory_mib
+            cores[slot] += s.cores_percent
+            used[slot] += 1
+        self.dev_mem_used[n] = mem
+        self.dev_cores_used[n] = cores
+        self.dev_used[n] = used
+        self.cpu_used[n] = sum(c.cpu_milli for c in ledger.charges)
+        self.mem_used[n] = sum(c.memory_mib for c in ledger.charges)
+        self._refresh(n)
+
+    def _refresh(self, n: int) -> None:
+        row = [-1] * self.max_devices
+        for slot in range(len(self.registrations[n].devices)):
+            row[slot] = self.device_free_milli(n, slot)
+        self.free_milli[n] = row
+        self.version[n] += 1
+
+    def device_free_milli(self, n: int, slot: int) -> int:
+        """What is left of a device in milli-GPU: min(free cores share, free memory share).
+
+        0 for an unhealthy device or one whose split slots are all taken: nothing more fits.
+        """
+        if not self.dev_healthy[n, slot] or self.dev_used[n, slot] >= self.dev_split[n, slot]:
+            return 0
+        cores, mem = int(self.dev_cores[n, slot]), int(self.dev_mem[n, slot])
+        by_cores = MILLI * (cores - int(self.dev_cores_used[n, slot])) // cores if cores > 0 else 0
+        by_mem = MILLI * (mem - int(self.dev_mem_used[n, slot])) // mem if mem > 0 else 0
+        return max(0, min(by_cores, by_mem))
+
+    # -- changes -------------------------------------------------------------------------
+
+    def ledger_with(self, placement: Placement) -> NodeLedger:
+        """The placement's node ledger with the placement added (pure; for a CAS commit)."""
+        cur = self.ledgers[self.node_index[placement.node]].without(placement.pod_uid)
+        charges = cur.charges
+        if placement.charge.cpu_milli or placement.charge.memory_mib:
+            charges = (*charges, placement.charge)
+        return NodeLedger(node=cur.node, slices=(*cur.slices, *placement.slices), charges=charges)
+
+    def apply(self, placement: Placement) -> None:
+        """Record a placement in the view (in-process replay; on the bus the CAS does it)."""
+        n = self.node_index[placement.node]
+        ledger = self.ledger_with(placement)
+        self.ledgers[n] = ledger
+        self.pod_nodes[placement.pod_uid] = n
+        for s in placement.slices:
+            slot = s.device_index
+            self.dev_mem_used[n, slot] += s.memory_mib
+            self.dev_cores_used[n, slot] += s.cores_percent
+            self.dev_used[n, slot] += 1
+        self.cpu_used[n] += placement.charge.cpu_milli
+        self.mem_used[n] += placement.charge.memory_mib
+        self._refresh(n)
+
+    def release(self, pod_uid: str) -> NodeLedger | None:
+        """Free exactly the pod's slices; returns the node's new ledger (None if unknown)."""
+        n = self.pod_nodes.pop(pod_uid, None)
+        if n is None:
+            return None
+        ledger = self.ledgers[n].without(pod_uid)
+        self.ledgers[n] = ledger
+        self._recount(n)
+        return ledger
+
+    def placement_of(self, pod_uid: str) -> tuple[str, tuple[Slice, ...], PodCharge | None] | None:
+        """The node, slices and charge a pod holds, or None."""
+        n = self.pod_nodes.get(pod_uid)
+        if n is None:
+            return None
+        ledger = self.ledgers[n]
+        slices = tuple(s for s in ledger.slices if s.pod_uid == pod_uid)
+        charge = next((c for c in ledger.charges if c.pod_uid == pod_uid), None)
+        return self.nodes[n], slices, charge

@@ -1,0 +1,314 @@
+"""The decision: filter the fleet, score the nodes that fit, choose a node and its devices.
+
+``Scheduler.decide(pod)`` returns a ``Placement`` or an ``Unschedulable`` and changes
+nothing; the caller commits the placement (a compare-and-set on the ledger on the bus,
+``Cluster.apply`` in process). Policies:
+
+==================  ===============================  =====================================
+name                node choice                      device choice
+==================  ===============================  =====================================
+``hami``            HAMi binpack                     HAMi spread (HAMi's defaults)
+``hami-binpack``    HAMi binpack                     HAMi binpack
+``hami-spread``     HAMi spread                      HAMi spread
+``fgd``             least fragmentation growth       least fragmentation growth
+``bestfit``         FGD paper's BestFit              least free GPU that fits
+``dotprod``         FGD paper's DotProduct           least free GPU that fits
+``gpupacking``      FGD paper's GpuPacking           least free GPU that fits
+``gpuclustering``   FGD paper's GpuClustering        least free GPU that fits
+``random``          uniform among nodes that fit     uniform among GPUs that fit
+==================  ===============================  =====================================
+
+A pod's ``hami.io/node-scheduler-policy`` / ``hami.io/gpu-scheduler-policy`` annotations
+override the node / device choice under every policy, as in HAMi. Ties between equally
+scored nodes are broken uniformly at random from the scheduler's seeded generator, as
+kube-scheduler's ``selectHost`` does (HAMi policies keep the lowest node index).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from libshared.events import Placement, Unschedulable
+from libshared.ledgers import PodCharge, Slice
+from libshared.resources import PodRequest
+from services.scheduler.core import fitting, scoring
+from services.scheduler.core.clusters import MILLI, BoolArray, Cluster, IntArray
+from services.scheduler.core.fragmentation import FgdScorer, FragMeasure, Task, Workload
+
+HAMI_POLICIES = {
+    "hami": ("binpack", "spread"),
+    "hami-binpack": ("binpack", "binpack"),
+    "hami-spread": ("spread", "spread"),
+}
+POLICIES = (*HAMI_POLICIES, "fgd", "bestfit", "dotprod", "gpupacking", "gpuclustering", "random")
+
+
+class UnknownPolicy(ValueError):
+    """The policy name is not one of ``POLICIES``."""
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    """Nodes that fit and, for each rejected node, its counted HAMi reasons."""
+
+    feasible: list[str]
+    failed: dict[str, str]
+
+
+def task_of(pod: PodRequest) -> Task:
+    """The FGD task of a pod: its CPU and the slice size of its (first) GPU container;
+    several GPU containers are counted as one request of their total GPUs."""
+    gpus = pod.gpu_containers
+    if not gpus:
+        return Task(cpu_milli=pod.cpu_milli, gpu_count=0)
+    first = gpus[0]
+    return Task(
+        cpu_milli=pod.cpu_milli,
+        gpu_count=sum(c.gpu_count for c in gpus),
+        cores_percent=first.cores_percent,
+        memory_percent=first.memory_percent,
+        memory_mib=first.memory_mib,
+    )
+
+
+@dataclass
+class Scheduler:
+    """Decides placements for one ``Cluster`` view with one policy.
+
+    ``workload`` is FGD's target workload (required for ``fgd``); ``seed`` seeds the
+    tie-breaking generator. Raises ``UnknownPolicy`` for an unknown policy name.
+    """
+
+    cluster: Cluster
+    policy: str = "hami"
+    workload: Workload | None = None
+    seed: int = 0
+    rng: random.Random = field(init=False)
+    fgd: FgdScorer | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise UnknownPolicy(f"policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.policy == "fgd":
+            if self.workload is None:
+                raise ValueError("policy 'fgd' needs a target workload")
+            self.fgd = FgdScorer(FragMeasure(self.workload))
+        self.rng = random.Random(self.seed)
+
+    # -- filter --------------------------------------------------------------------------
+
+    def _candidates(self, pod: PodRequest) -> tuple[BoolArray, IntArray | None]:
+        c = self.cluster
+        cpu_ok, mem_ok = fitting.node_resources_ok(c, pod)
+        ok = cpu_ok & mem_ok & (c.dev_valid.any(axis=1) | (len(pod.gpu_containers) == 0))
+        gpus = pod.gpu_containers
+        if not gpus:
+            return ok, None
+        types_ok = fitting.type_mask(c, pod)
+        uuids_ok = fitting.uuid_mask(c, pod)
+        codes = None
+        for container in gpus:
+            codes_i = fitting.device_codes(c, pod, container, types_ok=types_ok, uuids_ok=uuids_ok)
+            ok = ok & ((codes_i == 0).sum(axis=1) >= container.gpu_count)
+            codes = codes_i if codes is None else codes
+        if len(gpus) > 1:
+            # containers share devices: only an exact, container-by-container fit tells
+            for n in np.flatnonzero(ok).tolist():
+                if fitting.fit_node(c, n, pod, gpu_policy="spread")[0] is None:
+                    ok[n] = False
+        return ok, codes
+
+    def _reasons(
+        self, pod: PodRequest, ok: BoolArray, codes: IntArray | None, among: list[int]
+    ) -> dict[str, str]:
+        c = self.cluster
+        cpu_ok, mem_ok = fitting.node_resources_ok(c, pod)
+        need = pod.gpu_containers[0].gpu_count if pod.gpu_containers else 0
+        out = {}
+        for n in among:
+            if ok[n]:
+                continue
+            if not cpu_ok[n]:
+                why = fitting.INSUFFICIENT_CPU
+            elif not mem_ok[n]:
+                why = fitting.INSUFFICIENT_MEMORY
+            elif codes is not None and len(pod.gpu_containers) == 1:
+                why = fitting.explain(codes, c, n, need)
+            else:
+                why = (
+                    fitting.fit_node(c, n, pod, gpu_policy="spread")[1]
+                    or fitting.NODE_INSUFFICIENT_DEVICE
+                )
+            out[c.nodes[n]] = why
+        return out
+
+    def filter(self, pod: PodRequest, nodes: list[str] | None = None) -> FilterResult:
+        """Which of ``nodes`` (default: all) can hold the pod, with reasons for the rest.
+
+        Unknown node names are reported as failed with ``"unknown node"``.
+        """
+        c = self.cluster
+        ok, codes = self._candidates(pod)
+        idx = list(range(c.size)) if nodes is None else [c.node_index.get(x, -1) for x in nodes]
+        failed = {x: "unknown node" for x, i in zip(nodes or [], idx, strict=False) if i < 0}
+        known = [i for i in idx if i >= 0]
+        failed.update(self._reasons(pod, ok, codes, known))
+        return FilterResult(feasible=[c.nodes[i] for i in known if ok[i]], failed=failed)
+
+    # -- decide --------------------------------------------------------------------------
+
+    def decide(
+        self, pod: PodRequest, *, nodes: list[str] | None = None, explain: bool = True
+    ) -> Placement | Unschedulable:
+        """Place ``pod`` on one of ``nodes`` (default: all), without changing the view.
+
+        Re-deciding a pod that already holds slices returns its existing placement. With
+        ``explain=False`` the per-node reasons of an ``Unschedulable`` are left out (the
+        summary stays), which keeps replays of unschedulable pods cheap.
+        """
+        c = self.cluster
+        held = c.placement_of(pod.uid)
+        if held is not None:
+            node, slices, charge = held
+            return Placement(
+                pod_uid=pod.uid,
+                namespace=pod.namespace,
+                pod=pod.name,
+                node=node,
+                slices=slices,
+                charge=charge or PodCharge(pod_uid=pod.uid),
+            )
+        ok, codes = self._candidates(pod)
+        if nodes is not None:
+            allowed = np.zeros(c.size, dtype=bool)
+            allowed[[c.node_index[x] for x in nodes if x in c.node_index]] = True
+            ok &= allowed
+        while ok.any():
+            n, prefer, gpu_policy = self._choose(pod, ok)
+            picked, _ = fitting.fit_node(c, n, pod, gpu_policy=gpu_policy, prefer=prefer)
+            if picked is not None:
+                return self._placement(pod, n, picked)
+            ok[n] = False  # numa-bind or a multi-container conflict the vector check missed
+        return self._unschedulable(pod, ok, codes, explain=explain)
+
+    def _unschedulable(
+        self, pod: PodRequest, ok: BoolArray, codes: IntArray | None, *, explain: bool
+    ) -> Unschedulable:
+        c = self.cluster
+        cpu_ok, mem_ok = fitting.node_resources_ok(c, pod)
+        n_cpu = int((~cpu_ok).sum())
+        n_mem = int((cpu_ok & ~mem_ok).sum())
+        n_dev = c.size - n_cpu - n_mem
+        parts = [
+            f"{k} {why}"
+            for k, why in (
+                (n_cpu, fitting.INSUFFICIENT_CPU),
+                (n_mem, fitting.INSUFFICIENT_MEMORY),
+                (n_dev, "no fitting GPU"),
+            )
+            if k
+        ]
+        reasons = self._reasons(pod, ok, codes, list(range(c.size))) if explain else {}
+        return Unschedulable(
+            pod_uid=pod.uid,
+            reason=f"0/{c.size} nodes fit: " + ", ".join(parts),
+            node_reasons=reasons,
+        )
+
+    def _choose(self, pod: PodRequest, ok: BoolArray) -> tuple[int, list[int] | None, str]:
+        c = self.cluster
+        node_policy, gpu_policy = HAMI_POLICIES.get(self.policy, (None, None))
+        node_policy = pod.node_policy or node_policy
+        gpu_policy = pod.gpu_policy or gpu_policy
+        task = task_of(pod)
+        first = pod.gpu_containers[0] if pod.gpu_containers else None
+        prefer: list[int] | None = None
+        if node_policy is not None:
+            mem = (
+                0
+                if first is None
+                else (
+                    c.dev_mem.max(axis=1) * first.memory_percent // 100
+                    if first.memory_mib == 0
+                    else first.memory_mib
+                )
+            )
+            score = scoring.hami_node_score(
+                c,
+                gpus=task.gpu_count,
+                memory_mib=mem,
+                cores_percent=first.cores_percent if first else 0,
+            )
+            score = np.where(ok, score, -np.inf if node_policy == "binpack" else np.inf)
+            n = int(np.argmax(score) if node_policy == "binpack" else np.argmin(score))
+        elif self.policy == "fgd":
+            assert self.fgd is not None
+            scores, best = self.fgd.scores(c, task)
+            n = self._pick_max(np.where(ok, scores, -(1 << 40)), ok)
+            if task.gpu_count == 1 and best[n] and min(best[n]) < MILLI:
+                row = c.free_milli[n].tolist()
+                prefer = [s for s, g in enumerate(row) if g in best[n]]
+        elif self.policy == "random":
+            n = self._pick_max(ok.astype(np.int64), ok)
+            prefer = list(range(len(c.registrations[n].devices)))
+            self.rng.shuffle(prefer)
+        else:
+            total = task.gpu_count * task.milli_on(
+                0 if first is None else int(c.dev_mem[ok].max(initial=0))
+            )
+            scores_f: np.ndarray
+            if self.policy == "bestfit":
+                raw = scoring.bestfit_score(c, cpu_milli=task.cpu_milli, gpu_milli_total=total)
+                scores_f = scoring.normalize(raw, ok)
+            elif self.policy == "dotprod":
+                scores_f = scoring.dotprod_score(c, cpu_milli=task.cpu_milli, gpu_milli_total=total)
+            elif self.policy == "gpupacking":
+                scores_f = scoring.gpupacking_score(
+                    c, gpu_milli=task.milli_on(0) if first else 0, gpu_count=task.gpu_count
+                )
+            else:
+                sharing = task.gpu_count == 1 and task.cores_percent < 100
+                scores_f = scoring.gpuclustering_score(c, sharing=sharing)
+            n = self._pick_max(np.where(ok, scores_f, -np.inf), ok)
+            row = c.free_milli[n].tolist()
+            prefer = sorted(range(len(row)), key=lambda s: (row[s], s))
+        if pod.gpu_policy is not None:
+            prefer = None
+        return n, prefer, gpu_policy or "spread"
+
+    def _pick_max(self, scores: np.ndarray, ok: BoolArray) -> int:
+        top = np.flatnonzero(ok & (scores == scores[ok].max()))
+        return int(top[self.rng.randrange(len(top))]) if len(top) > 1 else int(top[0])
+
+    def _placement(self, pod: PodRequest, n: int, picked: list[list[int]]) -> Placement:
+        c = self.cluster
+        devices = c.registrations[n].devices
+        slices = []
+        for container, slots in zip(pod.gpu_containers, picked, strict=True):
+            for slot in slots:
+                dev = devices[slot]
+                slices.append(
+                    Slice(
+                        pod_uid=pod.uid,
+                        namespace=pod.namespace,
+                        pod=pod.name,
+                        container=container.name,
+                        container_index=container.index,
+                        uuid=dev.uuid,
+                        device_index=slot,
+                        memory_mib=container.memory_on(dev.memory_mib),
+                        cores_percent=container.cores_percent,
+                        priority=container.priority,
+                    )
+                )
+        return Placement(
+            pod_uid=pod.uid,
+            namespace=pod.namespace,
+            pod=pod.name,
+            node=c.nodes[n],
+            slices=tuple(slices),
+            charge=PodCharge(pod_uid=pod.uid, cpu_milli=pod.cpu_milli, memory_mib=pod.memory_mib),
+        )

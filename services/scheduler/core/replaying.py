@@ -1,0 +1,189 @@
+"""The FGD paper's experiment on a trace, run against the scheduling core in process.
+
+As the paper's simulator (hkust-adsl/kubernetes-scheduler-simulator) runs it (described
+in ../shared/FGD.md): per seed, shuffle the trace's pods, then append pods drawn uniformly
+with replacement until the next one would push the requested milli-GPU past 1.3 x the
+fleet's capacity (a larger trace is cut by removing random pods instead). Pods only
+arrive; each is placed at once or fails for good. After every arrival: ``arrived`` =
+milli-GPU requested so far / capacity, ``allocated`` = milli-GPU placed / capacity. The
+headline is ``allocated`` at ``arrived`` = 100 %.
+
+Pure: no I/O; progress is reported through a callback the caller supplies.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from libshared.devices import NodeDevices
+from libshared.events import Placement
+from libshared.traces import TracePod
+from services.scheduler.core.clusters import MILLI, Cluster
+from services.scheduler.core.deciding import Scheduler
+from services.scheduler.core.fragmentation import Shape, Workload, target_workload
+
+INFLATION = 1.3  # arrivals stop at 130 % of capacity, as in the paper
+
+
+def shape_of(pod: TracePod) -> Shape:
+    """The FGD task shape of a trace pod."""
+    return Shape(
+        cpu_milli=pod.cpu_milli,
+        gpu_milli=pod.gpu_milli,
+        gpu_count=pod.num_gpu,
+        gpu_types=pod.gpu_spec,
+    )
+
+
+def trace_workload(pods: Sequence[TracePod]) -> Workload:
+    """FGD's target workload of a trace: its most frequent shapes covering 95 %."""
+    return target_workload(shape_of(p) for p in pods)
+
+
+def capacity_milli(fleet: Sequence[NodeDevices]) -> int:
+    """The fleet's GPU capacity in milli-GPU."""
+    return MILLI * sum(len(n.devices) for n in fleet)
+
+
+def arrivals(
+    pods: Sequence[TracePod], *, seed: int, capacity: int, ratio: float = INFLATION
+) -> list[TracePod]:
+    """The arrival sequence of one experiment (see the module docstring)."""
+    rng = random.Random(seed)
+    order = list(pods)
+    rng.shuffle(order)
+    target = ratio * capacity
+    total = sum(p.milli_total for p in order)
+    if total > target:
+        while order and total > target:
+            total -= order.pop(rng.randrange(len(order))).milli_total
+        return order
+    while True:
+        extra = pods[rng.randrange(len(pods))]
+        if total + extra.milli_total > target:
+            return order
+        order.append(extra)
+        total += extra.milli_total
+
+
+@dataclass
+class SeedResult:
+    """One seed: the curve [(arrived, allocated)], counts and per-decision times (ms)."""
+
+    seed: int
+    curve: list[tuple[float, float]]
+    pods_total: int
+    pods_placed: int
+    decision_ms: list[float] = field(repr=False)
+    wall_s: float
+
+    def allocated_at(self, arrived: float) -> float:
+        """Allocation ratio at the last arrival whose arrived ratio is <= ``arrived``."""
+        value = 0.0
+        for a, alloc in self.curve:
+            if a > arrived + 1e-12:
+                break
+            value = alloc
+        return value
+
+
+def run_seed(
+    fleet: Sequence[NodeDevices],
+    pods: Sequence[TracePod],
+    *,
+    policy: str,
+    seed: int,
+    workload: Workload | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SeedResult:
+    """Run one experiment; ``progress(n)`` is called with the number of pods just handled."""
+    started = time.perf_counter()
+    cluster = Cluster(max_devices=max((len(n.devices) for n in fleet), default=1) or 1)
+    for node in fleet:
+        cluster.upsert_node(node)
+    capacity = capacity_milli(fleet)
+    scheduler = Scheduler(
+        cluster, policy=policy, workload=workload or trace_workload(pods), seed=seed
+    )
+    sequence = arrivals(pods, seed=seed, capacity=capacity)
+    curve: list[tuple[float, float]] = []
+    times: list[float] = []
+    requested = allocated = placed = 0
+    for i, pod in enumerate(sequence):
+        request = pod.request(f"{seed}-{i}")
+        t0 = time.perf_counter()
+        decision = scheduler.decide(request, explain=False)
+        if isinstance(decision, Placement):
+            cluster.apply(decision)
+        times.append((time.perf_counter() - t0) * 1000.0)
+        requested += pod.milli_total
+        if isinstance(decision, Placement):
+            allocated += pod.milli_total
+            placed += 1
+        curve.append((requested / capacity, allocated / capacity))
+        if progress is not None and (i + 1) % 100 == 0:
+            progress(100)
+    if progress is not None and len(sequence) % 100:
+        progress(len(sequence) % 100)
+    return SeedResult(
+        seed=seed,
+        curve=curve,
+        pods_total=len(sequence),
+        pods_placed=placed,
+        decision_ms=times,
+        wall_s=time.perf_counter() - started,
+    )
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(
+    policy: str, results: Sequence[SeedResult], *, grid_step: float = 0.01
+) -> dict[str, object]:
+    """The replay report: means over seeds, the mean curve on an ``arrived`` grid, timings.
+
+    Ratios are fractions 0-1; ``alloc_at_100_sd`` is the sample standard deviation (0 for
+    one seed); times in ms and s.
+    """
+    at100 = [r.allocated_at(1.0) for r in results]
+    final = [r.curve[-1][1] if r.curve else 0.0 for r in results]
+    steps = round(INFLATION / grid_step)
+    grid = [round(i * grid_step, 6) for i in range(steps + 1)]
+    curve = [[a, statistics.fmean(r.allocated_at(a) for r in results)] for a in grid]
+    times = [t for r in results for t in r.decision_ms]
+    n = len(results)
+    return {
+        "policy": policy,
+        "seeds": [r.seed for r in results],
+        "pods_total": sum(r.pods_total for r in results) / n,
+        "pods_placed": sum(r.pods_placed for r in results) / n,
+        "pods_rejected": sum(r.pods_total - r.pods_placed for r in results) / n,
+        "alloc_at_100": statistics.fmean(at100),
+        "alloc_at_100_sd": statistics.stdev(at100) if n > 1 else 0.0,
+        "alloc_final": statistics.fmean(final),
+        "curve": curve,
+        "decision_ms_p50": _percentile(times, 0.50),
+        "decision_ms_p99": _percentile(times, 0.99),
+        "wall_s": sum(r.wall_s for r in results),
+        "wall_s_per_seed": sum(r.wall_s for r in results) / n,
+        "per_seed": [
+            {
+                "seed": r.seed,
+                "pods_total": r.pods_total,
+                "pods_placed": r.pods_placed,
+                "alloc_at_100": a,
+                "alloc_final": f,
+                "wall_s": r.wall_s,
+            }
+            for r, a, f in zip(results, at100, final, strict=True)
+        ],
+    }
