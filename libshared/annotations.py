@@ -63,7 +63,7 @@ def encode_pod_devices(containers: list[list[DeviceGrant]]) -> str:
 
 
 def _decode_int(key: str, value: str, text: str, what: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise AnnotationDecodeError(key=key, value=value, reason=f"{what} {text!r} is not a count")
     return int(text)
 

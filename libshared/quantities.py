@@ -37,7 +37,10 @@ def parse_quantity(value: object) -> Decimal:
     if isinstance(value, bool):
         raise ValueError(f"not a quantity: {value!r}")
     if isinstance(value, int | float):
-        return Decimal(str(value))
+        as_decimal = Decimal(str(value))
+        if not as_decimal.is_finite():
+            raise ValueError(f"not a finite quantity: {value!r}")
+        return as_decimal
     if not isinstance(value, str):
         raise ValueError(f"not a quantity: {value!r}")
     match = _PATTERN.match(value.strip())
@@ -48,8 +51,11 @@ def parse_quantity(value: object) -> Decimal:
         base = Decimal(number)
     except InvalidOperation as exc:
         raise ValueError(f"not a quantity: {value!r}") from exc
-    if suffix in _BINARY:
-        return base * _BINARY[suffix]
-    if suffix[:1] in ("e", "E") and len(suffix) > 1:
-        return base * (Decimal(10) ** int(suffix[1:]))
-    return base * _DECIMAL[suffix]
+    try:
+        if suffix in _BINARY:
+            return base * _BINARY[suffix]
+        if suffix[:1] in ("e", "E") and len(suffix) > 1:
+            return base * (Decimal(10) ** int(suffix[1:]))
+        return base * _DECIMAL[suffix]
+    except ArithmeticError as exc:  # decimal.Overflow for exponents past the context's range
+        raise ValueError(f"quantity out of range: {value!r}") from exc

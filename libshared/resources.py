@@ -20,7 +20,7 @@ larger of the sum over containers and the largest init container.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 import msgspec
@@ -151,7 +151,7 @@ def _mib(container: str, field: str, raw: object) -> int:
         ) from exc
     if q < 0:
         raise InvalidRequest(container=container, field=field, value=raw, reason="must be >= 0")
-    return int(-(-q // Decimal(2**20)))
+    return int((q / Decimal(2**20)).to_integral_value(rounding=ROUND_CEILING))
 
 
 def _cpu_milli(container: str, field: str, raw: object) -> int:
@@ -163,7 +163,7 @@ def _cpu_milli(container: str, field: str, raw: object) -> int:
         ) from exc
     if q < 0:
         raise InvalidRequest(container=container, field=field, value=raw, reason="must be >= 0")
-    return int(-(-(q * 1000) // 1))
+    return int((q * 1000).to_integral_value(rounding=ROUND_CEILING))
 
 
 def _resources(spec: Mapping[str, Any], name: str) -> tuple[dict[str, Any], dict[str, Any]]:

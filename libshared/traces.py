@@ -150,13 +150,14 @@ def parse_pods(text: str, *, path: str = "<pods>") -> list[TracePod]:
     for line, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
         num_gpu = _int(path, line, row, "num_gpu")
         gpu_milli = _int(path, line, row, "gpu_milli", default=0)
-        if gpu_milli > 1000 or (num_gpu > 1 and gpu_milli not in (0, 1000)):
+        bad_share = num_gpu > 0 and not 10 <= gpu_milli <= 1000
+        if gpu_milli > 1000 or bad_share or (num_gpu > 1 and gpu_milli != 1000):
             raise TraceFormatError(
                 path=path,
                 line=line,
                 field="gpu_milli",
                 value=gpu_milli,
-                reason="must be <= 1000, and 1000 when num_gpu > 1",
+                reason="a GPU pod asks 10-1000 milli-GPU per GPU, and 1000 when num_gpu > 1",
             )
         spec = tuple(x for x in (row.get("gpu_spec") or "").split("|") if x)
         pods.append(
