@@ -132,3 +132,14 @@ def test_bestfit_on_the_default_openb_trace_lands_on_the_papers_figure():
     result = replaying.run_seed(fleet, pods, policy="bestfit", seed=42)
     # reference simulator: 92.86 +- 0.14 over seeds 42-51
     assert 0.9236 <= result.allocated_at(1.0) <= 0.9336
+
+
+@pytest.mark.skipif(
+    not (TRACES / "openb_pod_list_default.csv").exists(), reason="openb traces not present"
+)
+def test_fgd_on_the_default_openb_trace_lands_on_the_papers_figure():
+    fleet = traces.read_fleet(TRACES / "openb_node_list_gpu_node.csv")
+    pods = traces.read_pods(TRACES / "openb_pod_list_default.csv")
+    result = replaying.run_seed(fleet, pods, policy="fgd", seed=42)
+    # reference simulator: 95.23 +- 0.11 over seeds 42-51
+    assert 0.9463 <= result.allocated_at(1.0) <= 0.9583

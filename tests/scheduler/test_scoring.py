@@ -91,3 +91,46 @@ def test_normalize_scales_feasible_scores_to_0_100_with_integer_division():
 
     out = scoring.normalize(np.array([10, 13, 40, 99]), np.array([True, True, True, False]))
     assert out.tolist() == [0, 10, 100, 0]
+
+
+def test_ties_go_to_the_same_node_in_a_seeded_order():
+    c = cluster(*(node(f"n{i}", 1, cpu_milli=64000) for i in range(8)))
+    chosen = set()
+    s = Scheduler(c, policy="bestfit", seed=3)
+    for k in range(3):
+        d = s.decide(pod(f"q{k}", pct=10, cores=10, cpu=1000))
+        assert isinstance(d, Placement)
+        chosen.add(d.node)
+        c.apply(d)
+    # after the first placement that node is the best fit; before it all tied
+    assert len(chosen) == 1
+    other = Scheduler(
+        cluster(*(node(f"n{i}", 1, cpu_milli=64000) for i in range(8))), policy="bestfit", seed=3
+    )
+    d = other.decide(pod("z", pct=10, cores=10, cpu=1000))
+    assert isinstance(d, Placement) and d.node in chosen
+
+
+@pytest.mark.parametrize(
+    ("free", "gpu_milli", "gpus", "expected"),
+    [
+        ((1000, 1000), 500, 1, 31),  # idle node: max(33 - 2, 2)
+        ((400, 1000), 300, 1, 96),  # shared GPU: 100 - 40/10
+        ((200, 1000), 300, 1, 49),  # must open a free GPU on a used node: 50 - 1
+        ((200, 1000), 0, 0, 0),  # CPU-only
+    ],
+)
+def test_gpupacking_scores_follow_the_simulators_tiers(free, gpu_milli, gpus, expected):
+    c = cluster(node("n", len(free), cpu_milli=64000))
+    for slot, f in enumerate(free):
+        if f < 1000:
+            _place(
+                c,
+                pod(
+                    f"h{slot}",
+                    pct=(1000 - f) // 10,
+                    cores=(1000 - f) // 10,
+                    use_uuids=(f"n-gpu{slot}",),
+                ),
+            )
+    assert scoring.gpupacking_score(c, gpu_milli=gpu_milli, gpu_count=gpus).tolist() == [expected]

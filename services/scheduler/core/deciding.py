@@ -20,8 +20,9 @@ name                node choice                      device choice
 
 A pod's ``hami.io/node-scheduler-policy`` / ``hami.io/gpu-scheduler-policy`` annotations
 override the node / device choice under every policy, as in HAMi. Ties between equally
-scored nodes are broken uniformly at random from the scheduler's seeded generator, as
-kube-scheduler's ``selectHost`` does (HAMi policies keep the lowest node index).
+scored nodes go to the node first in a seeded random order of the nodes, as in the FGD
+paper's simulator (HAMi policies keep the lowest node index; ``random`` draws anew each
+time).
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ class Scheduler:
     workload: Workload | None = None
     seed: int = 0
     rng: random.Random = field(init=False)
+    _ranks: list[float] = field(init=False, default_factory=list)
+    _class_cache: list[frozenset[str]] = field(init=False, default_factory=list)
+    _class_versions: IntArray = field(
+        init=False, default_factory=lambda: np.zeros(0, dtype=np.int64)
+    )
     fgd: FgdScorer | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -252,7 +258,8 @@ class Scheduler:
                 row = c.free_milli[n].tolist()
                 prefer = [s for s, g in enumerate(row) if g in best[n]]
         elif self.policy == "random":
-            n = self._pick_max(ok.astype(np.int64), ok)
+            candidates = np.flatnonzero(ok)
+            n = int(candidates[self.rng.randrange(len(candidates))])
             prefer = list(range(len(c.registrations[n].devices)))
             self.rng.shuffle(prefer)
         else:
@@ -266,12 +273,11 @@ class Scheduler:
             elif self.policy == "dotprod":
                 scores_f = scoring.dotprod_score(c, cpu_milli=task.cpu_milli, gpu_milli_total=total)
             elif self.policy == "gpupacking":
-                scores_f = scoring.gpupacking_score(
-                    c, gpu_milli=task.milli_on(0) if first else 0, gpu_count=task.gpu_count
-                )
+                d = task.milli_on(0) if first else 0
+                scores_f = scoring.gpupacking_score(c, gpu_milli=d, gpu_count=task.gpu_count)
             else:
-                sharing = task.gpu_count == 1 and task.cores_percent < 100
-                scores_f = scoring.gpuclustering_score(c, sharing=sharing)
+                cls = scoring.affinity_class(task.gpu_count, task.milli_on(0) if first else 0)
+                scores_f = scoring.gpuclustering_score(c, cls=cls, node_classes=self._classes())
             n = self._pick_max(np.where(ok, scores_f, -np.inf), ok)
             row = c.free_milli[n].tolist()
             prefer = sorted(range(len(row)), key=lambda s: (row[s], s))
@@ -279,9 +285,37 @@ class Scheduler:
             prefer = None
         return n, prefer, gpu_policy or "spread"
 
+    def _classes(self) -> list[frozenset[str]]:
+        """GpuClustering classes of the pods on each node, recomputed for changed nodes."""
+        c = self.cluster
+        if len(self._class_cache) < c.size:
+            self._class_cache.extend([frozenset()] * (c.size - len(self._class_cache)))
+            grown = np.full(c.size, -1, dtype=np.int64)
+            grown[: len(self._class_versions)] = self._class_versions
+            self._class_versions = grown
+        for n in np.flatnonzero(self._class_versions != c.version).tolist():
+            per_pod: dict[str, list[int]] = {}
+            for sl in c.ledgers[n].slices:
+                per_pod.setdefault(sl.pod_uid, []).append(sl.cores_percent)
+            self._class_cache[n] = frozenset(
+                scoring.affinity_class(len(cores), 10 * max(cores)) for cores in per_pod.values()
+            )
+            self._class_versions[n] = c.version[n]
+        return self._class_cache
+
     def _pick_max(self, scores: np.ndarray, ok: BoolArray) -> int:
+        """The best-scored node; ties go to the node first in a seeded random order.
+
+        A fixed order, drawn once per node from the seed, as the FGD paper's simulator
+        breaks ties (../shared/FGD.md, "Workload generation" 5): tied placements keep
+        landing on the same nodes, which packs them (redrawing per decision spreads them).
+        """
         top = np.flatnonzero(ok & (scores == scores[ok].max()))
-        return int(top[self.rng.randrange(len(top))]) if len(top) > 1 else int(top[0])
+        if len(top) == 1:
+            return int(top[0])
+        while len(self._ranks) < self.cluster.size:
+            self._ranks.append(self.rng.random())
+        return int(min(top.tolist(), key=self._ranks.__getitem__))
 
     def _placement(self, pod: PodRequest, n: int, picked: list[list[int]]) -> Placement:
         c = self.cluster

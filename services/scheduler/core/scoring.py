@@ -83,30 +83,53 @@ def dotprod_score(cluster: Cluster, *, cpu_milli: int, gpu_milli_total: int) -> 
     return -free
 
 
-def gpupacking_score(cluster: Cluster, *, gpu_milli: int, gpu_count: int) -> FloatArray:
-    """GpuPacking: shared GPUs that fit first (less free first), then used nodes where the
-    task takes whole GPUs (fewer free GPUs first), then idle nodes."""
+def gpupacking_score(cluster: Cluster, *, gpu_milli: int, gpu_count: int) -> IntArray:
+    """GpuPacking, integer scores as the paper's simulator computes them (higher first):
+
+    - a node whose GPUs are all free: ``max(33 - free GPUs, free GPUs)``;
+    - else, taking the ``gpu_count`` least-free GPUs that fit: if any of them is fully
+      free, ``max(50 - fully free GPUs taken, 33)``; otherwise
+      ``max(100 - sum(free percent of the taken GPUs) / 10, 50)``;
+    - a CPU-only request scores 0 everywhere.
+    """
+    n = cluster.size
+    if gpu_milli <= 0 or gpu_count <= 0:
+        return np.zeros(n, dtype=np.int64)
     fm = cluster.free_milli
-    full = (fm == MILLI).sum(axis=1)
     ndev = cluster.dev_valid.sum(axis=1)
-    idle = full == ndev
-    tier = np.where(idle, 0.0, 1.0)
-    score = tier * 1e4 - full
-    if gpu_count == 1 and gpu_milli < MILLI:
-        partial = (fm > 0) & (fm < MILLI) & (fm >= gpu_milli)
-        tightest = np.where(partial, fm, MILLI).min(axis=1)
-        score = np.where(partial.any(axis=1), 2e4 - tightest, score)
-    return np.asarray(score, dtype=np.float64)
+    full = (fm == MILLI).sum(axis=1)
+    fits = np.sort(np.where(fm >= gpu_milli, fm, 1 << 30), axis=1)[:, :gpu_count]
+    taken_full = (fits == MILLI).sum(axis=1)
+    percent_sum = np.where(fits < 1 << 30, fits * 100 // MILLI, 0).sum(axis=1)
+    shared = np.maximum(100 - percent_sum // 10, 50)
+    used_node = np.where(taken_full > 0, np.maximum(50 - taken_full, 33), shared)
+    idle = np.maximum(33 - full, full)
+    return np.asarray(np.where(full == ndev, idle, used_node), dtype=np.int64)
 
 
-def gpuclustering_score(cluster: Cluster, *, sharing: bool) -> FloatArray:
-    """GpuClustering: nodes holding only the task's class (sharing or whole-GPU) first, then
-    mixed, then idle, then only the other class; within a tier the more allocated first."""
-    c = cluster
-    exclusive = (c.dev_used == 1) & (c.dev_cores_used >= c.dev_cores) & c.dev_valid
-    shared = (c.dev_used > 0) & ~exclusive & c.dev_valid
-    has_ex, has_sh = exclusive.any(axis=1), shared.any(axis=1)
-    same, other = (has_sh, has_ex) if sharing else (has_ex, has_sh)
-    tier = np.select([same & ~other, same & other, ~same & ~other], [3.0, 2.0, 1.0], default=0.0)
-    allocated = 1.0 - free_gpu_milli(c) / np.maximum(c.dev_valid.sum(axis=1) * MILLI, 1)
-    return np.asarray(tier * 10.0 + allocated, dtype=np.float64)
+def affinity_class(gpu_count: int, gpu_milli: int) -> str:
+    """The GpuClustering class of a request: ``share`` or ``<k>-gpu``; ``""`` for CPU-only."""
+    if gpu_count <= 0:
+        return ""
+    return "share" if gpu_count == 1 and gpu_milli < MILLI else f"{gpu_count}-gpu"
+
+
+def gpuclustering_score(
+    cluster: Cluster, *, cls: str, node_classes: list[frozenset[str]]
+) -> IntArray:
+    """GpuClustering, integer scores as the paper's simulator computes them: 25 x the node's
+    allocated share of 8 GPUs, plus 75 on nodes holding only the pod's class, 50 on nodes
+    holding it among others, 25 on idle nodes, 0 on nodes of other classes only; a CPU-only
+    request scores 0 everywhere. ``node_classes``: the classes of the pods on each node."""
+    n = cluster.size
+    if not cls:
+        return np.zeros(n, dtype=np.int64)
+    base = 25 * (MAX_SPEC_GPU_MILLI - free_gpu_milli(cluster)) // MAX_SPEC_GPU_MILLI
+    tier = np.array(
+        [
+            75 if k == frozenset({cls}) else 50 if cls in k else 25 if not k else 0
+            for k in node_classes
+        ],
+        dtype=np.int64,
+    )
+    return np.asarray(base + tier, dtype=np.int64)
