@@ -150,6 +150,7 @@ class NodeState(NamedTuple):
     memory_mib: int
     cpu_free: int
     free: tuple[int, ...]
+    sid: int = -1  # interned (type, MiB, CPU bucket, free) -- set by FgdScorer.state
 
 
 def node_state(cluster: Cluster, n: int) -> NodeState:
@@ -194,6 +195,7 @@ class Task(NamedTuple):
 
 @dataclass
 class _ShapeScores:
+    tid: int
     scores: IntArray
     versions: IntArray
     best: list[frozenset[int]]
@@ -205,10 +207,10 @@ class FgdScorer:
 
     measure: FragMeasure
     _states: list[NodeState] = field(default_factory=list)
+    _sids: dict[tuple[str, int, int, tuple[int, ...]], int] = field(default_factory=dict)
     _cache: dict[Task, _ShapeScores] = field(default_factory=dict)
-    _memo: dict[tuple[Task, str, int, int, tuple[int, ...]], tuple[int, frozenset[int]]] = field(
-        default_factory=dict
-    )
+    # (task id, state id, CPU bucket after placing) -> (score, best free values)
+    _memo: dict[tuple[int, int, int], tuple[int, frozenset[int]]] = field(default_factory=dict)
 
     def state(self, cluster: Cluster, n: int) -> NodeState:
         """Node ``n``'s canonical state, recomputed only when its version moved."""
@@ -216,7 +218,10 @@ class FgdScorer:
             self._states.append(NodeState(-1, "", 0, 0, ()))
         st = self._states[n]
         if st.version != cluster.version[n]:
-            st = self._states[n] = node_state(cluster, n)
+            st = node_state(cluster, n)
+            key = (st.device_type, st.memory_mib, self.measure.bucket(st.cpu_free), st.free)
+            sid = self._sids.setdefault(key, len(self._sids))
+            st = self._states[n] = st._replace(sid=sid)
         return st
 
     def scores(self, cluster: Cluster, task: Task) -> tuple[IntArray, list[frozenset[int]]]:
@@ -226,16 +231,21 @@ class FgdScorer:
         size = cluster.size
         if entry is None or len(entry.best) != size:
             entry = self._cache[task] = _ShapeScores(
+                tid=len(self._cache),
                 scores=np.full(size, -1, dtype=np.int64),
                 versions=np.full(size, -1, dtype=np.int64),
                 best=[frozenset()] * size,
             )
+        thresholds, memo, cpu = self.measure.thresholds, self._memo, task.cpu_milli
         stale = np.flatnonzero(entry.versions != cluster.version)
         for n in stale.tolist():
             st = self.state(cluster, n)
-            score, best = self.score_state(task, st)
-            entry.scores[n] = score
-            entry.best[n] = best
+            key = (entry.tid, st.sid, bisect_right(thresholds, st.cpu_free - cpu))
+            hit = memo.get(key)
+            if hit is None:
+                hit = memo[key] = self.score_state(task, st)
+            entry.scores[n] = hit[0]
+            entry.best[n] = hit[1]
             entry.versions[n] = st.version
         return entry.scores, entry.best
 
@@ -244,10 +254,6 @@ class FgdScorer:
         m = self.measure
         before_bucket = m.bucket(st.cpu_free)
         after_bucket = m.bucket(st.cpu_free - task.cpu_milli)
-        key = (task, st.device_type, before_bucket, after_bucket, st.free)
-        hit = self._memo.get(key)
-        if hit is not None:
-            return hit
         before = m.frag(st.device_type, before_bucket, st.free)
         free = list(st.free)
         d, k = task.milli_on(st.memory_mib), task.gpu_count
@@ -279,5 +285,4 @@ class FgdScorer:
             if need == 0:
                 after = m.frag(st.device_type, after_bucket, tuple(sorted(after_free)))
                 result = (sigmoid_score(after - before), frozenset({MILLI}) if k else frozenset())
-        self._memo[key] = result
         return result

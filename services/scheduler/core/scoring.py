@@ -75,12 +75,13 @@ def bestfit_score(cluster: Cluster, *, cpu_milli: int, gpu_milli_total: int) -> 
     return ((1.0 - left) * 100.0).astype(np.int64)
 
 
-def dotprod_score(cluster: Cluster, *, cpu_milli: int, gpu_milli_total: int) -> FloatArray:
-    """DotProduct: minus the dot product of normalised free and requested (CPU, GPU)."""
-    free = cpu_free(cluster) / MAX_SPEC_CPU_MILLI * (
+def dotprod_score(cluster: Cluster, *, cpu_milli: int, gpu_milli_total: int) -> IntArray:
+    """DotProduct (Tetris): ``int(100 * (1 - (free . request) / 2))`` with free and requested
+    (CPU, GPU) each scaled by (128 CPU, 8 GPUs), as the simulator's "merge"/"max" variant."""
+    dot = cpu_free(cluster) / MAX_SPEC_CPU_MILLI * (
         cpu_milli / MAX_SPEC_CPU_MILLI
     ) + free_gpu_milli(cluster) / MAX_SPEC_GPU_MILLI * (gpu_milli_total / MAX_SPEC_GPU_MILLI)
-    return -free
+    return np.asarray((100.0 * (1.0 - dot / 2.0)).astype(np.int64), dtype=np.int64)
 
 
 def gpupacking_score(cluster: Cluster, *, gpu_milli: int, gpu_count: int) -> IntArray:
