@@ -99,6 +99,20 @@ class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
     reason: str
 
 
+class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
+    """One scheduler replica's counters since it started: requests answered, pods
+    placed, unschedulable answers, releases, lost ledger races (``conflicts``: failed
+    compare-and-sets) and malformed or failed requests (``errors``)."""
+
+    name: str
+    schedule_requests: int = 0
+    placed: int = 0
+    unschedulable: int = 0
+    released: int = 0
+    conflicts: int = 0
+    errors: int = 0
+
+
 ScheduleReply = Placement | Unschedulable | BusError
 ReleaseReply = Ack | BusError
 AllocEvent = Placement | Release
@@ -112,6 +126,7 @@ RELEASE_REQUEST = msgspec.json.Decoder(Release)
 RELEASE_REPLY = msgspec.json.Decoder(ReleaseReply)
 ALLOC_EVENT = msgspec.json.Decoder(AllocEvent)
 PLACEMENT = msgspec.json.Decoder(Placement)
+STATS = msgspec.json.Decoder(Stats)
 NODE_ANSWER = msgspec.json.Decoder(Ready | Failed)
 
 _TAGGED_REVIEW_REPLY: msgspec.json.Decoder[Denial | BusError] = msgspec.json.Decoder(

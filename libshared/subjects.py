@@ -60,6 +60,11 @@ class Subjects(msgspec.Struct, frozen=True, kw_only=True):
         """``Release`` in, ``Ack`` out (queue ``schedulers``)."""
         return f"{self.prefix}.sched.release"
 
+    @property
+    def sched_stats(self) -> str:
+        """Empty request in, ``Stats`` out from every replica (no queue group)."""
+        return f"{self.prefix}.sched.stats"
+
     # -- JetStream -----------------------------------------------------------------------
 
     @property
