@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import msgspec
 import nats
 from nats.aio.client import Client
 
