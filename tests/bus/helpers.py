@@ -7,7 +7,9 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
+from nats.js.errors import NoKeysError
 
 from libshared import connecting, events
 from libshared.connecting import BusSettings
@@ -71,17 +73,25 @@ async def register(nc: Client, settings: BusSettings, nodes: list[NodeDevices]) 
 
 
 async def ledgers(nc: Client, settings: BusSettings) -> dict[str, NodeLedger]:
-    bus = await connecting.ensure_bus(nc.jetstream(), settings)
-    out = {}
-    try:
-        keys = await bus.ledger.keys()
-    except Exception:  # nats-py raises NoKeysError for an empty bucket
-        return {}
-    for key in keys:
-        entry = await bus.ledger.get(key)
-        assert entry.value is not None
-        out[key] = LEDGER.decode(entry.value)
-    return out
+    """Every node's ledger as stored (retried while a NATS node fails over)."""
+    for attempt in range(40):
+        try:
+            bus = await connecting.ensure_bus(nc.jetstream(), settings)
+            try:
+                keys = await bus.ledger.keys()
+            except NoKeysError:
+                return {}
+            out = {}
+            for key in keys:
+                entry = await bus.ledger.get(key)
+                assert entry.value is not None
+                out[key] = LEDGER.decode(entry.value)
+            return out
+        except nats.errors.Error:
+            if attempt == 39:
+                raise
+            await asyncio.sleep(0.25)
+    raise AssertionError("unreachable")
 
 
 async def schedule(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -30,9 +31,9 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js import JetStreamContext, api
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
 from libshared import events
 from libshared.connecting import Bus
@@ -45,6 +46,9 @@ from services.scheduler.core.deciding import Scheduler
 
 log = logging.getLogger("vslice.scheduler")
 
+KV_OP_HEADER = KV_OP
+MARKER_HEADER = "Nats-Marker-Reason"  # server-placed TTL markers (nats-server 2.11+)
+HEARTBEAT_S = 0.5
 NODE_DEVICES = msgspec.json.Decoder(NodeDevices)
 NODE_LEDGER = msgspec.json.Decoder(NodeLedger)
 
@@ -89,6 +93,13 @@ class View:
         return True
 
 
+class TemporaryError(Exception):
+    """The bus could not be read well enough to answer; the request may be sent again.
+
+    Answered as a ``BusError`` whose reason starts with ``"temporary:"``.
+    """
+
+
 class Conflicts(Exception):
     """Every attempt lost the ledger race: ``nodes`` lists the node of each lost attempt."""
 
@@ -114,7 +125,6 @@ class Replica:
     view: View = field(init=False)
     stats: events.Stats = field(init=False)
     _seen: asyncio.Event = field(init=False, default_factory=asyncio.Event)
-    _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
     _subs: list[Subscription] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -133,16 +143,14 @@ class Replica:
         content, then subscribe to the request subjects. Raises ``TimeoutError`` when the
         buckets are not read within ``timeout_s`` seconds."""
         nodes_ready, ledger_ready = asyncio.Event(), asyncio.Event()
-        nodes_watch = await self.bus.nodes.watchall()
-        self._tasks.append(asyncio.create_task(self._watch_nodes(nodes_watch, nodes_ready)))
+        await self._watch(self.subjects.nodes_bucket, self._node_entry, nodes_ready)
         async with asyncio.timeout(timeout_s):
             await nodes_ready.wait()
-        ledger_watch = await self.bus.ledger.watchall()
-        self._tasks.append(asyncio.create_task(self._watch_ledger(ledger_watch, ledger_ready)))
+        await self._watch(self.subjects.ledger_bucket, self._ledger_entry, ledger_ready)
         async with asyncio.timeout(timeout_s):
             await ledger_ready.wait()
         s = self.subjects
-        self._subs = [
+        self._subs += [
             await self.nc.subscribe(s.sched_schedule, queue=SCHEDULERS_QUEUE, cb=self.on_schedule),
             await self.nc.subscribe(s.sched_release, queue=SCHEDULERS_QUEUE, cb=self.on_release),
             await self.nc.subscribe(s.sched_stats, cb=self.on_stats),
@@ -153,56 +161,81 @@ class Replica:
         )
 
     async def stop(self) -> None:
-        """Stop watching (subscriptions end with the connection's drain)."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Nothing to undo beyond the connection's drain (kept for symmetry with start)."""
 
-    async def _watch_nodes(self, watcher: KeyValue.KeyWatcher, ready: asyncio.Event) -> None:
-        async for entry in watcher:
-            if entry is None:
+    async def _watch(
+        self, bucket: str, handle: Callable[[str, bytes | None, int], None], ready: asyncio.Event
+    ) -> None:
+        # kv.watchall() has no heartbeat setting: its ordered consumer notices a lost NATS
+        # node only after 10 s. This one checks every HEARTBEAT_S and resumes from the
+        # last sequence it saw, so a failover leaves the view stale for about a second.
+        pre, stream = f"$KV.{bucket}.", f"KV_{bucket}"
+        if (await self.js.stream_info(stream)).state.last_seq == 0:
+            ready.set()
+
+        async def on_entry(msg: Msg) -> None:
+            meta = msg.metadata
+            op = msg.headers.get(KV_OP_HEADER) if msg.headers else None
+            if not (msg.headers and MARKER_HEADER in msg.headers):
+                value = None if op in (KV_DEL, KV_PURGE) else msg.data
+                handle(msg.subject[len(pre) :], value, meta.sequence.stream)
+            if meta.num_pending == 0:
                 ready.set()
-                continue
-            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                log.warning("node deleted from bucket; kept in view", extra={"node": entry.key})
-                continue
+
+        self._subs.append(
+            await self.js.subscribe(
+                f"{pre}>",
+                stream=stream,
+                cb=on_entry,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+                idle_heartbeat=HEARTBEAT_S,
+            )
+        )
+
+    def _node_entry(self, key: str, value: bytes | None, revision: int) -> None:
+        if not value:
+            log.warning("node deleted from bucket; kept in view", extra={"node": key})
+            return
+        try:
+            reg = NODE_DEVICES.decode(value)
+            if reg.node != key:
+                raise ValueError(f"value names node {reg.node!r}")
+            self.view.put_node(reg)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            log.error("bad node registration", extra={"node": key, "error": str(exc)})
+
+    def _ledger_entry(self, key: str, value: bytes | None, revision: int) -> None:
+        if value:
             try:
-                reg = NODE_DEVICES.decode(entry.value)
-                if reg.node != entry.key:
-                    raise ValueError(f"value names node {reg.node!r}")
-                self.view.put_node(reg)
+                ledger = NODE_LEDGER.decode(value)
+                if ledger.node != key:
+                    raise ValueError(f"value names node {ledger.node!r}")
+                self.view.put_ledger(ledger, revision)
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-                log.error("bad node registration", extra={"node": entry.key, "error": str(exc)})
-
-    async def _watch_ledger(self, watcher: KeyValue.KeyWatcher, ready: asyncio.Event) -> None:
-        async for entry in watcher:
-            if entry is None:
-                ready.set()
-                continue
-            if entry.operation not in (KV_DEL, KV_PURGE) and entry.value:
-                try:
-                    ledger = NODE_LEDGER.decode(entry.value)
-                    if ledger.node != entry.key:
-                        raise ValueError(f"value names node {ledger.node!r}")
-                    self.view.put_ledger(ledger, entry.revision or 0)
-                except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-                    log.error("bad ledger value", extra={"node": entry.key, "error": str(exc)})
-            self.view.seen_seq = max(self.view.seen_seq, entry.revision or 0)
-            self._seen.set()
+                log.error("bad ledger value", extra={"node": key, "error": str(exc)})
+        self.view.seen_seq = max(self.view.seen_seq, revision)
+        self._seen.set()
 
     async def _catch_up(self) -> None:
-        """Wait until the view holds every ledger change committed before now (bounded)."""
+        """Make the view hold every ledger change committed before now: wait for the
+        watcher (bounded by ``sync_timeout_s``), else re-read every ledger key.
+
+        Raises ``TemporaryError`` when neither works (JetStream unavailable).
+        """
         try:
             info = await self.js.stream_info(f"KV_{self.subjects.ledger_bucket}")
         except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("cannot read ledger stream state", extra={"error": str(exc)})
-            return
+            raise TemporaryError(f"ledger unavailable: {exc}") from exc
         target = info.state.last_seq
         deadline = time.monotonic() + self.sync_timeout_s
         while self.view.seen_seq < target:
             left = deadline - time.monotonic()
             if left <= 0:
-                log.warning("view behind the ledger", extra={"seen": self.view.seen_seq})
+                log.warning(
+                    "view behind the ledger; re-reading", extra={"seen": self.view.seen_seq}
+                )
+                await self._resync(target)
                 return
             self._seen.clear()
             try:
@@ -211,12 +244,25 @@ class Replica:
             except TimeoutError:
                 pass
 
-    async def _reread(self, node: str) -> None:
+    async def _resync(self, target: int) -> None:
+        try:
+            keys = await self.bus.ledger.keys()
+        except NoKeysError:
+            keys = []
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise TemporaryError(f"ledger unavailable: {exc}") from exc
+        for key in keys:
+            await self._reread(key, strict=True)
+        self.view.seen_seq = max(self.view.seen_seq, target)
+
+    async def _reread(self, node: str, *, strict: bool = False) -> None:
         try:
             entry = await self.bus.ledger.get(node)
         except KeyNotFoundError:
             return
         except (nats.errors.Error, TimeoutError) as exc:
+            if strict:
+                raise TemporaryError(f"ledger unavailable: {exc}") from exc
             log.warning("ledger re-read failed", extra={"node": node, "error": str(exc)})
             return
         if entry.value:
@@ -313,6 +359,11 @@ class Replica:
             return
         try:
             decision = await self.schedule(pod)
+        except TemporaryError as exc:
+            self._count(errors=1)
+            log.warning("schedule deferred", extra={"pod_uid": pod.uid, "error": str(exc)})
+            await self._reply(msg, events.BusError(reason=f"temporary: {exc}"))
+            return
         except Exception as exc:
             self._count(errors=1)
             log.exception("schedule failed", extra={"pod_uid": pod.uid})
@@ -333,6 +384,11 @@ class Replica:
             return
         try:
             ack = await self.release(request.pod_uid)
+        except TemporaryError as exc:
+            self._count(errors=1)
+            log.warning("release deferred", extra={"pod_uid": request.pod_uid, "error": str(exc)})
+            await self._reply(msg, events.BusError(reason=f"temporary: {exc}"))
+            return
         except Exception as exc:
             self._count(errors=1)
             log.exception("release failed", extra={"pod_uid": request.pod_uid})
