@@ -1,15 +1,21 @@
-"""Messages between services about placements (msgspec Structs, frozen, keyword-only).
+"""Messages between services (msgspec Structs, frozen, keyword-only, tagged) and their codecs.
 
 ``Placement`` is what a scheduler commits to the ledger and sends to the node agent;
 ``Unschedulable`` carries the reason and, per rejected node, HAMi-style counted reasons
-(``{"node-7": "2/8 CardInsufficientMemory"}``).
+(``{"node-7": "2/8 CardInsufficientMemory"}``). The bus messages of ``ARCHITECTURE.md``
+("The bus") are here too, with one module-level JSON encoder and one decoder per reply
+kind. Every tagged message carries ``"type": "<tag>"`` in its JSON; a ``PodRequest``
+(``libshared.resources``) travels untagged. Pure data: publishing is left to the adapters.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from libshared.ledgers import PodCharge, Slice
+from libshared.resources import PodRequest
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True, tag="placement"):
@@ -32,3 +38,112 @@ class Unschedulable(msgspec.Struct, frozen=True, kw_only=True, tag="unschedulabl
 
 
 Decision = Placement | Unschedulable
+
+
+class Release(msgspec.Struct, frozen=True, kw_only=True, tag="release"):
+    """Ask the schedulers to free every slice and charge of ``pod_uid``."""
+
+    pod_uid: str
+
+
+class Ack(msgspec.Struct, frozen=True, kw_only=True, tag="ack"):
+    """A release done: ``node`` the pod was freed on and how many ``slices`` it held;
+    ``node=None`` when the pod held nothing (releasing twice is not an error)."""
+
+    pod_uid: str
+    node: str | None = None
+    slices: int = 0
+
+
+class AdmissionReview(msgspec.Struct, frozen=True, kw_only=True, tag="admission-review"):
+    """A pod (Kubernetes JSON object with ``metadata`` and ``spec``) to admit.
+
+    The admission service also accepts the bare pod object as the request body.
+    """
+
+    pod: dict[str, Any]
+
+
+class Denial(msgspec.Struct, frozen=True, kw_only=True, tag="denial"):
+    """A pod refused at admission: the ``container`` (``""`` for pod-level fields), the
+    ``field`` (resource or annotation name) and ``value`` (as given, as text) at fault."""
+
+    uid: str
+    container: str
+    field: str
+    value: str
+    reason: str
+
+
+class BusError(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
+    """The reply to a message a service could not read or handle: ``reason`` names the
+    problem (e.g. the decode error with its JSON path)."""
+
+    reason: str
+
+
+class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
+    """A node agent prepared the pod's slices on ``node``; ``env`` is what each container
+    gets (container name -> variable -> value)."""
+
+    pod_uid: str
+    node: str
+    env: dict[str, dict[str, str]] = {}
+
+
+class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
+    """A node agent could not prepare the pod's slices on ``node``: ``reason``."""
+
+    pod_uid: str
+    node: str
+    reason: str
+
+
+class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
+    """One scheduler replica's counters since it started: requests answered, pods
+    placed, unschedulable answers, releases, lost ledger races (``conflicts``: failed
+    compare-and-sets) and malformed or failed requests (``errors``)."""
+
+    name: str
+    schedule_requests: int = 0
+    placed: int = 0
+    unschedulable: int = 0
+    released: int = 0
+    conflicts: int = 0
+    errors: int = 0
+
+
+ScheduleReply = Placement | Unschedulable | BusError
+ReleaseReply = Ack | BusError
+AllocEvent = Placement | Release
+
+ENCODER = msgspec.json.Encoder()
+"""Encodes any bus message (tagged Structs, ``PodRequest``) to JSON bytes."""
+
+POD_REQUEST = msgspec.json.Decoder(PodRequest)
+SCHEDULE_REPLY = msgspec.json.Decoder(ScheduleReply)
+RELEASE_REQUEST = msgspec.json.Decoder(Release)
+RELEASE_REPLY = msgspec.json.Decoder(ReleaseReply)
+ALLOC_EVENT = msgspec.json.Decoder(AllocEvent)
+PLACEMENT = msgspec.json.Decoder(Placement)
+STATS = msgspec.json.Decoder(Stats)
+NODE_ANSWER = msgspec.json.Decoder(Ready | Failed)
+
+_TAGGED_REVIEW_REPLY: msgspec.json.Decoder[Denial | BusError] = msgspec.json.Decoder(
+    Denial | BusError
+)
+
+
+class _Tag(msgspec.Struct):
+    type: str | None = None
+
+
+_TAG = msgspec.json.Decoder(_Tag)
+
+
+def decode_review_reply(data: bytes) -> PodRequest | Denial | BusError:
+    """The admission service's reply: an untagged ``PodRequest``, or a ``Denial`` /
+    ``BusError`` (tagged). Raises ``msgspec.DecodeError`` / ``ValidationError`` otherwise."""
+    if _TAG.decode(data).type is None:
+        return POD_REQUEST.decode(data)
+    return _TAGGED_REVIEW_REPLY.decode(data)

@@ -1,0 +1,112 @@
+"""NATS subject, stream and KV bucket names of the vslice bus, under one configurable prefix.
+
+Every name a service publishes, subscribes or opens is built here, so two stacks (or two
+tests) with different prefixes share one nats-server without seeing each other. The default
+prefix ``vslice`` gives the names of ``ARCHITECTURE.md`` ("The bus"): subjects
+``vslice.sched.schedule``, buckets ``vslice-nodes`` and ``vslice-ledger``. Pure data: no
+connection is made here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+DEFAULT_PREFIX = "vslice"
+SCHEDULERS_QUEUE = "schedulers"
+ADMISSION_QUEUE = "admission"
+
+# A prefix is one subject token that is also valid inside bucket and stream names.
+_PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A node name must be one subject token and a valid KV key.
+_NODE = re.compile(r"^[A-Za-z0-9_=/-]{1,253}$")
+
+
+def valid_node(node: str) -> bool:
+    """True when ``node`` can be a subject token and a KV key (no dots, wildcards, spaces)."""
+    return bool(_NODE.match(node))
+
+
+class Subjects(msgspec.Struct, frozen=True, kw_only=True):
+    """Names on the bus for one ``prefix`` (letters, digits, ``-`` and ``_``; 1-64 chars).
+
+    Raises ``ValueError`` for any other prefix.
+    """
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not _PREFIX.match(self.prefix):
+            raise ValueError(
+                f"prefix {self.prefix!r}: 1-64 letters, digits, '-' or '_' (it names subjects"
+                " and buckets)"
+            )
+
+    # -- request/reply ------------------------------------------------------------------
+
+    @property
+    def admission_review(self) -> str:
+        """Pod spec in, ``PodRequest`` or ``Denial`` out."""
+        return f"{self.prefix}.admission.review"
+
+    @property
+    def sched_schedule(self) -> str:
+        """``PodRequest`` in, ``Placement`` or ``Unschedulable`` out (queue ``schedulers``)."""
+        return f"{self.prefix}.sched.schedule"
+
+    @property
+    def sched_release(self) -> str:
+        """``Release`` in, ``Ack`` out (queue ``schedulers``)."""
+        return f"{self.prefix}.sched.release"
+
+    @property
+    def sched_stats(self) -> str:
+        """Empty request in, ``Stats`` out from every replica (no queue group)."""
+        return f"{self.prefix}.sched.stats"
+
+    # -- JetStream -----------------------------------------------------------------------
+
+    @property
+    def nodes_bucket(self) -> str:
+        """KV bucket: key node, value ``NodeDevices``."""
+        return f"{self.prefix}-nodes"
+
+    @property
+    def ledger_bucket(self) -> str:
+        """KV bucket: key node, value ``NodeLedger``; every change a compare-and-set."""
+        return f"{self.prefix}-ledger"
+
+    @property
+    def alloc_stream(self) -> str:
+        """JetStream stream holding every ``<prefix>.alloc.>`` message."""
+        return f"{self.prefix}-alloc"
+
+    @property
+    def alloc_all(self) -> str:
+        """Wildcard subject of the allocation stream."""
+        return f"{self.prefix}.alloc.>"
+
+    def alloc_decided(self, node: str) -> str:
+        """``Placement`` for ``node``, published by the scheduler after its commit."""
+        return f"{self.prefix}.alloc.{node}.decided"
+
+    def alloc_released(self, node: str) -> str:
+        """``Release`` of a pod on ``node``, published by the scheduler after its commit."""
+        return f"{self.prefix}.alloc.{node}.released"
+
+    def alloc_ready(self, node: str) -> str:
+        """``Ready``: the node agent prepared the slice."""
+        return f"{self.prefix}.alloc.{node}.ready"
+
+    def alloc_failed(self, node: str) -> str:
+        """``Failed``: the node agent could not prepare the slice."""
+        return f"{self.prefix}.alloc.{node}.failed"
+
+    def node_registered(self, node: str) -> str:
+        """``NodeDevices`` announcement of a node agent (core NATS, informational)."""
+        return f"{self.prefix}.node.{node}.registered"
+
+    def usage(self, node: str) -> str:
+        """``NodeUsage`` of a node (core NATS)."""
+        return f"{self.prefix}.usage.{node}"

@@ -1,0 +1,1 @@
+"""The admission service's edges: the NATS request handler of local mode."""

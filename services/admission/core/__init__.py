@@ -1,0 +1,1 @@
+"""Admission decisions, pure and synchronous: pod spec in, ``PodRequest`` or ``Denial`` out."""

@@ -1,0 +1,1 @@
+"""The node agent's edges: the NATS bus and its JetStream KV buckets and streams."""

@@ -1,0 +1,1 @@
+"""Node agent decisions, pure and synchronous: what a node registers and what a slice gets."""

@@ -1,0 +1,35 @@
+"""The environment each container of a placed pod gets, in HAMi-core's variable names.
+
+``CUDA_DEVICE_MEMORY_LIMIT_<i>`` (``<MiB>m``, one per visible device, in the container's
+device order), ``CUDA_DEVICE_SM_LIMIT`` (percent), ``NVIDIA_VISIBLE_DEVICES`` (the
+allocated UUIDs), ``CUDA_TASK_PRIORITY`` when the pod set ``nvidia.com/priority``
+(``ARCHITECTURE.md``, "The slice inside the container"). Pure: the node agent's adapter
+hands this to the runtime (or, for mock nodes, only reports it).
+"""
+
+from __future__ import annotations
+
+from libshared.events import Placement
+from libshared.ledgers import Slice
+
+
+def container_env(slices: list[Slice]) -> dict[str, str]:
+    """The variables of one container from its slices (one per device, ordered)."""
+    env = {"NVIDIA_VISIBLE_DEVICES": ",".join(s.uuid for s in slices)}
+    for i, s in enumerate(slices):
+        env[f"CUDA_DEVICE_MEMORY_LIMIT_{i}"] = f"{s.memory_mib}m"
+    cores = max((s.cores_percent for s in slices), default=0)
+    if 0 < cores < 100:
+        env["CUDA_DEVICE_SM_LIMIT"] = str(cores)
+    priority = next((s.priority for s in slices if s.priority is not None), None)
+    if priority is not None:
+        env["CUDA_TASK_PRIORITY"] = str(priority)
+    return env
+
+
+def pod_env(placement: Placement) -> dict[str, dict[str, str]]:
+    """Container name -> its variables, for every container holding a slice."""
+    per: dict[str, list[Slice]] = {}
+    for s in sorted(placement.slices, key=lambda s: (s.container_index, s.device_index)):
+        per.setdefault(s.container, []).append(s)
+    return {name: container_env(slices) for name, slices in per.items()}

@@ -1,0 +1,60 @@
+"""Mock fleets: the nodes one mock node agent process hosts, as ``NodeDevices``.
+
+Either a small uniform fleet (``FleetSpec``: N nodes of G identical GPUs) or a whole node
+list CSV in the openb format (``libshared.traces.read_fleet``, read by the adapter). Pure:
+builds values, reads nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from libshared.devices import Device, NodeDevices
+
+DEFAULT_SPLIT_COUNT = 10  # HAMi deviceSplitCount default
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """``nodes`` nodes named ``<name_prefix>-<i>``, each with ``gpus`` GPUs of ``memory_mib``
+    MiB and 100 % cores, type ``gpu_type``, shared by at most ``split_count`` slices;
+    ``cpu_milli`` / ``host_memory_mib`` per node (``None``: not declared)."""
+
+    nodes: int = 1
+    gpus: int = 2
+    memory_mib: int = 16384
+    gpu_type: str = "MOCK-GPU-16G"
+    split_count: int = DEFAULT_SPLIT_COUNT
+    name_prefix: str = "mock"
+    cpu_milli: int | None = None
+    host_memory_mib: int | None = None
+
+
+def build(spec: FleetSpec) -> list[NodeDevices]:
+    """The nodes of ``spec``; device UUIDs are ``GPU-<node>-<i>`` (stable across restarts).
+
+    Raises ``ValueError`` for a non-positive count or size.
+    """
+    if spec.nodes < 1 or spec.gpus < 0 or spec.memory_mib < 1 or spec.split_count < 1:
+        raise ValueError(f"fleet spec {spec}: nodes >= 1, gpus >= 0, memory and split >= 1")
+    out = []
+    for n in range(spec.nodes):
+        name = f"{spec.name_prefix}-{n}"
+        out.append(
+            NodeDevices(
+                node=name,
+                devices=tuple(
+                    Device(
+                        uuid=f"GPU-{name}-{i}",
+                        index=i,
+                        type=spec.gpu_type,
+                        memory_mib=spec.memory_mib,
+                        split_count=spec.split_count,
+                    )
+                    for i in range(spec.gpus)
+                ),
+                cpu_milli=spec.cpu_milli,
+                memory_mib=spec.host_memory_mib,
+            )
+        )
+    return out

@@ -1,0 +1,1 @@
+"""The scheduler's edges: the NATS bus and its JetStream KV buckets."""

@@ -1,0 +1,101 @@
+"""The mock node agent: registers its nodes, answers ready, and misses nothing while down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+from nats.aio.client import Client
+
+from libshared import connecting, events
+from libshared.connecting import BusSettings
+from libshared.devices import NodeDevices
+from services.nodeagent import app
+from services.nodeagent.core.fleets import FleetSpec
+from services.nodeagent.settings import Settings as AgentSettings
+from services.scheduler.settings import Settings as SchedulerSettings
+from tests.bus import helpers
+
+
+@contextlib.asynccontextmanager
+async def agent(settings: AgentSettings) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.main(settings, stop=stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def registered(nc: Client, bus: BusSettings, count: int) -> list[NodeDevices]:
+    kv = (await connecting.ensure_bus(nc.jetstream(), bus)).nodes
+    for _ in range(200):
+        try:
+            keys = await kv.keys()
+        except Exception:
+            keys = []
+        if len(keys) >= count:
+            decoder = msgspec.json.Decoder(NodeDevices)
+            return [decoder.decode((await kv.get(k)).value or b"") for k in sorted(keys)]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {count} nodes registered")
+
+
+async def test_a_fleet_spec_registers_every_node_and_placements_are_answered_ready(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    spec = FleetSpec(nodes=3, gpus=2, memory_mib=8000, name_prefix="box")
+    readies: asyncio.Queue[events.Ready] = asyncio.Queue()
+
+    async def on_ready(msg: object) -> None:
+        answer = events.NODE_ANSWER.decode(msg.data)  # type: ignore[attr-defined]
+        assert isinstance(answer, events.Ready)
+        await readies.put(answer)
+
+    await nc.subscribe(f"{bus_settings.prefix}.alloc.*.ready", cb=on_ready)
+    async with agent(AgentSettings(bus=bus_settings, spec=spec, name="a1")):
+        nodes = await registered(nc, bus_settings, 3)
+        assert [n.node for n in nodes] == ["box-0", "box-1", "box-2"]
+        assert all(len(n.devices) == 2 and n.devices[0].memory_mib == 8000 for n in nodes)
+        async with helpers.replica(SchedulerSettings(bus=bus_settings, name="r")):
+            placed = await helpers.schedule(
+                nc, bus_settings, helpers.pod("p1", memory_mib=3000, cores=25)
+            )
+            assert isinstance(placed, events.Placement)
+            ready = await asyncio.wait_for(readies.get(), 10)
+    assert (ready.pod_uid, ready.node) == ("p1", placed.node)
+    env = ready.env["main"]
+    assert env["CUDA_DEVICE_MEMORY_LIMIT_0"] == "3000m"
+    assert env["CUDA_DEVICE_SM_LIMIT"] == "25"
+    assert env["NVIDIA_VISIBLE_DEVICES"] == placed.slices[0].uuid
+
+
+async def test_placements_decided_while_the_agent_is_down_are_answered_when_it_returns(
+    nc: Client, bus_settings: BusSettings, tmp_path: Path
+) -> None:
+    fleet = tmp_path / "nodes.csv"
+    fleet.write_text("sn,cpu_milli,memory_mib,gpu,model\nn-a,64000,262144,2,T4\n")
+    settings = AgentSettings(bus=bus_settings, fleet_csv=str(fleet), name="csv-agent")
+    ready_uids: list[str] = []
+
+    async def on_ready(msg: object) -> None:
+        ready_uids.append(events.NODE_ANSWER.decode(msg.data).pod_uid)  # type: ignore[attr-defined]
+
+    await nc.subscribe(bus_settings.subjects.alloc_ready("n-a"), cb=on_ready)
+    async with agent(settings):
+        await registered(nc, bus_settings, 1)
+    async with helpers.replica(SchedulerSettings(bus=bus_settings, name="r")):
+        for uid in ("x1", "x2"):
+            reply = await helpers.schedule(nc, bus_settings, helpers.pod(uid, memory_mib=1000))
+            assert isinstance(reply, events.Placement) and reply.node == "n-a"
+    assert ready_uids == []
+    async with agent(settings):
+        for _ in range(200):
+            if len(ready_uids) == 2:
+                break
+            await asyncio.sleep(0.05)
+    assert sorted(ready_uids) == ["x1", "x2"]
