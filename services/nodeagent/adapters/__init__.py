@@ -1,0 +1,1 @@
+"""I/O at the node agent's edges."""

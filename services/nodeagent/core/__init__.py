@@ -1,0 +1,1 @@
+"""Pure, synchronous decisions and decoders of the node agent (no I/O, no asyncio)."""
