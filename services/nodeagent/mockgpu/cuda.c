@@ -61,6 +61,7 @@ struct alloc {
     size_t size; /* bytes charged to the device */
     size_t mapped;
     int dev;
+    int low32;
     struct alloc *next;
 };
 #define BUCKETS 4096
@@ -85,6 +86,49 @@ static struct alloc *table_take(CUdeviceptr p) {
     if (a != NULL) *pp = a->next;
     pthread_mutex_unlock(&g_table_lock);
     return a;
+}
+
+/* ---- recycled mappings ---------------------------------------------------
+ * Like the real driver, the mock does not clear memory between allocations,
+ * so freed mappings are kept (up to MAPPING_CACHE of them, MAPPING_CACHE_BYTES
+ * in all) and handed out again for the same size without a system call.  This
+ * keeps the mock's own cost small and steady, so what libvgpu adds to an
+ * allocation can be measured. */
+#define MAPPING_CACHE 32
+#define MAPPING_CACHE_BYTES (256ULL << 20)
+static struct {
+    void *ptr;
+    size_t size;
+} g_cache[MAPPING_CACHE];
+static int g_cached;
+static size_t g_cached_bytes;
+static pthread_mutex_t g_cache_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void *mapping_get(size_t size) {
+    void *p = NULL;
+    pthread_mutex_lock(&g_cache_lock);
+    for (int i = g_cached - 1; i >= 0; i--) {
+        if (g_cache[i].size != size) continue;
+        p = g_cache[i].ptr;
+        g_cache[i] = g_cache[--g_cached];
+        g_cached_bytes -= size;
+        break;
+    }
+    pthread_mutex_unlock(&g_cache_lock);
+    return p;
+}
+
+static void mapping_put(void *p, size_t size) {
+    pthread_mutex_lock(&g_cache_lock);
+    int keep = g_cached < MAPPING_CACHE && g_cached_bytes + size <= MAPPING_CACHE_BYTES;
+    if (keep) {
+        g_cache[g_cached].ptr = p;
+        g_cache[g_cached].size = size;
+        g_cached++;
+        g_cached_bytes += size;
+    }
+    pthread_mutex_unlock(&g_cache_lock);
+    if (!keep) munmap(p, size);
 }
 
 /* ---- per-process launch queues ------------------------------------------ */
@@ -153,7 +197,8 @@ static CUresult alloc_on(int dev, size_t size, int low32, CUdeviceptr *out) {
     atomic_fetch_add(&g_alloc_calls, 1);
     if (!charge(st, dev, size)) return CUDA_ERROR_OUT_OF_MEMORY;
     int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (low32 ? MAP_32BIT : 0);
-    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, flags, -1, 0);
+    void *p = low32 ? NULL : mapping_get(size);
+    if (p == NULL) p = mmap(NULL, size, PROT_READ | PROT_WRITE, flags, -1, 0);
     struct alloc *a = p == MAP_FAILED ? NULL : malloc(sizeof *a);
     if (a == NULL) {
         if (p != MAP_FAILED) munmap(p, size);
@@ -164,6 +209,7 @@ static CUresult alloc_on(int dev, size_t size, int low32, CUdeviceptr *out) {
     a->size = size;
     a->mapped = size;
     a->dev = dev;
+    a->low32 = low32;
     table_put(a);
     *out = a->ptr;
     return CUDA_SUCCESS;
@@ -181,7 +227,10 @@ static CUresult free_ptr(CUdeviceptr p) {
     if (p == 0) return CUDA_SUCCESS;
     struct alloc *a = table_take(p);
     if (a == NULL) return CUDA_ERROR_INVALID_VALUE;
-    munmap((void *)(uintptr_t)a->ptr, a->mapped);
+    if (a->low32)
+        munmap((void *)(uintptr_t)a->ptr, a->mapped);
+    else
+        mapping_put((void *)(uintptr_t)a->ptr, a->mapped);
     credit(st, a->dev, a->size);
     free(a);
     return CUDA_SUCCESS;
