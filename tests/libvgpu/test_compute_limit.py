@@ -21,11 +21,12 @@ def saturate(
     kernel_us: int = 2000,
     seconds: float = 4.0,
     processes: int = 1,
+    program: tuple[str, ...] = ("probe",),
 ) -> list[float]:
     trace = container.root / "trace"
     container.env["VSLICE_MOCKGPU_TRACE"] = str(trace)
     args = ("saturate", kind, str(kernel_us), str(seconds))
-    runs = [container.start("probe", *args) for _ in range(processes)]
+    runs = [container.start(*program, *args) for _ in range(processes)]
     lines = [run.finish(timeout_s=seconds + 30).of("saturate")[0] for run in runs]
     assert all(line.int("rc") == 0 for line in lines)
     return harness.busy_fractions(
@@ -54,6 +55,15 @@ def test_the_busy_fraction_of_every_2_s_window_stays_within_3_points_of_the_limi
 def test_every_launch_path_is_limited(container: harness.Container, kind: str) -> None:
     container.env["CUDA_DEVICE_SM_LIMIT"] = "30"
     assert_within(saturate(container, kind=kind, seconds=3.0), 30)
+
+
+@pytest.mark.parametrize("kind", ["kernel", "graph"])
+def test_per_thread_stream_launches_found_through_cuGetProcAddress_are_limited(
+    container: harness.Container, kind: str
+) -> None:
+    container.env["CUDA_DEVICE_SM_LIMIT"] = "30"
+    program = ("probe_dl", "--via=procaddr", "--ptds")
+    assert_within(saturate(container, kind=kind, seconds=3.0, program=program), 30)
 
 
 @pytest.mark.parametrize("kernel_us", [200, 10000])
