@@ -1,1 +1,1 @@
-"""The node agent's edges: the NATS bus and its JetStream KV buckets and streams."""
+"""The node agent's edges: the NATS bus, its JetStream KV buckets and streams, and the shared cache files."""

@@ -1,1 +1,1 @@
-"""Node agent decisions, pure and synchronous: what a node registers and what a slice gets."""
+"""Node agent decisions and decoders, pure and synchronous: what a node registers, what a slice gets, and what a shared cache file says."""

@@ -1,0 +1,134 @@
+"""Checks a vslice slice on a real NVIDIA GPU (not run in CI: it needs one).
+
+Three checks, each in a child process with libvgpu preloaded:
+
+1. A PyTorch loop allocating 100 MiB tensors under a 4000 MiB slice stops with
+   ``torch.cuda.OutOfMemoryError`` having allocated at most 4000 MiB.
+2. ``nvidia-smi`` under the slice reports a 4000 MiB card.
+3. A saturating PyTorch matmul loop under ``CUDA_DEVICE_SM_LIMIT=30``: this
+   process samples the device's utilization with NVML every 100 ms for 20 s and
+   prints the mean and the range over 2 s windows (the target is 30 +- 3).
+
+    make native && python benchmarks/gpu/slice_check.py [--device 0]
+
+Needs torch with CUDA and nvidia-smi on PATH; pynvml is a vslice dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pynvml
+
+ROOT = Path(__file__).resolve().parents[2]
+LIBVGPU = ROOT / "services" / "nodeagent" / "libvgpu" / "libvgpu.so"
+SLICE_MIB = 4000
+SM_PERCENT = 30
+SAMPLE_S = 20.0
+
+ALLOCATE = """
+import torch
+blocks = []
+try:
+    while True:
+        blocks.append(torch.empty(100 * 2**20, dtype=torch.uint8, device="cuda"))
+except torch.cuda.OutOfMemoryError as error:
+    print(f"OOM after {len(blocks) * 100} MiB: {str(error).splitlines()[0]}")
+"""
+
+SATURATE = """
+import time, torch
+a = torch.randn(4096, 4096, device="cuda")
+end = time.time() + {seconds}
+while time.time() < end:
+    a = a @ a
+    a = a / a.norm()
+torch.cuda.synchronize()
+"""
+
+
+def slice_env(device: int, cache: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "LD_PRELOAD": str(LIBVGPU),
+            "CUDA_VISIBLE_DEVICES": str(device),
+            "CUDA_DEVICE_MEMORY_SHARED_CACHE": str(cache),
+            **extra,
+        }
+    )
+    return env
+
+
+def check_memory(device: int, tmp: Path) -> bool:
+    env = slice_env(device, tmp / "mem.cache", CUDA_DEVICE_MEMORY_LIMIT=f"{SLICE_MIB}m")
+    out = subprocess.run(
+        [sys.executable, "-c", ALLOCATE], env=env, capture_output=True, text=True, check=False
+    )
+    print("1. PyTorch allocation loop:", out.stdout.strip() or out.stderr.strip()[-500:])
+    if not out.stdout.startswith("OOM after "):
+        return False
+    return int(out.stdout.split()[2]) <= SLICE_MIB
+
+
+def check_nvidia_smi(device: int, tmp: Path) -> bool:
+    env = slice_env(device, tmp / "smi.cache", CUDA_DEVICE_MEMORY_LIMIT=f"{SLICE_MIB}m")
+    out = subprocess.run(
+        ["nvidia-smi", "-i", "0", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    print(f"2. nvidia-smi memory.total under the slice: {out} MiB")
+    return out == str(SLICE_MIB)
+
+
+def check_compute(device: int, tmp: Path) -> bool:
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(device)
+    env = slice_env(device, tmp / "sm.cache", CUDA_DEVICE_SM_LIMIT=str(SM_PERCENT))
+    code = SATURATE.format(seconds=SAMPLE_S + 8)
+    child = subprocess.Popen([sys.executable, "-c", code], env=env)
+    time.sleep(5)  # warm-up: context creation, first kernels
+    samples = []
+    end = time.monotonic() + SAMPLE_S
+    while time.monotonic() < end:
+        samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        time.sleep(0.1)
+    child.wait()
+    windows = [statistics.mean(samples[i : i + 20]) for i in range(0, len(samples) - 19)]
+    print(
+        f"3. SM limit {SM_PERCENT}%: NVML utilization over {SAMPLE_S:.0f} s: mean "
+        f"{statistics.mean(samples):.1f}%, 2 s windows {min(windows):.1f}..{max(windows):.1f}%"
+    )
+    return all(abs(w - SM_PERCENT) <= 3 for w in windows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", type=int, default=0, help="GPU index (default 0)")
+    options = parser.parse_args()
+    if not LIBVGPU.exists():
+        print(f"{LIBVGPU} is missing: run `make native` first", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        results = [
+            check_memory(options.device, tmp),
+            check_nvidia_smi(options.device, tmp),
+            check_compute(options.device, tmp),
+        ]
+    print("PASS" if all(results) else "FAIL")
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+/*
+ * sharedcache.h - layout of the shared cache file, version 1.
+ *
+ * One file per container ($CUDA_DEVICE_MEMORY_SHARED_CACHE), mmap'd by every
+ * process of the container that loads libvgpu and read by the node agent
+ * (services/nodeagent/core/sharedcaches.py decodes exactly this layout; keep
+ * the two and LAYOUT.md in step).  Little-endian, naturally aligned, no
+ * implicit padding:
+ *
+ *   offset 0                     struct vgpu_cache_header   (64 bytes)
+ *   offset 64                    struct vgpu_cache_device   x VGPU_MAX_DEVICES (128 bytes each)
+ *   offset 64 + 16 * 128 = 2112  struct vgpu_cache_slot     x VGPU_MAX_SLOTS   (160 bytes each)
+ *   total 2112 + 1024 * 160 = 165952 bytes
+ *
+ * Memory is charged with a compare-and-swap on used_bytes, so check-and-add is
+ * one atomic step across processes (HAMi-core #273).  Slot changes (claim,
+ * reclaim of dead processes, release at exit) are made under flock(LOCK_EX) on
+ * the file, which the kernel drops when its holder dies, SIGKILL included
+ * (HAMi#2500, HAMi-core #86).  magic is written last when a file is created,
+ * so a reader that sees it sees a complete header.
+ */
+#ifndef VSLICE_SHAREDCACHE_H
+#define VSLICE_SHAREDCACHE_H
+
+#include <stdint.h>
+
+#define VGPU_CACHE_MAGIC 0x434c5356U /* "VSLC" */
+#define VGPU_CACHE_VERSION 1U
+#define VGPU_MAX_DEVICES 16
+#define VGPU_MAX_SLOTS 1024
+
+/* GPU_CORE_UTILIZATION_POLICY values as stored in the header. */
+enum { VGPU_POLICY_DEFAULT = 0, VGPU_POLICY_FORCE = 1, VGPU_POLICY_DISABLE = 2 };
+
+struct vgpu_cache_header {
+    uint32_t magic;        /* VGPU_CACHE_MAGIC once the file is complete */
+    uint32_t version;      /* VGPU_CACHE_VERSION */
+    uint32_t header_bytes; /* sizeof(struct vgpu_cache_header) */
+    uint32_t device_count; /* entries in the device table: VGPU_MAX_DEVICES */
+    uint32_t slot_count;   /* entries in the slot table: VGPU_MAX_SLOTS */
+    uint32_t device_bytes; /* sizeof(struct vgpu_cache_device) */
+    uint32_t slot_bytes;   /* sizeof(struct vgpu_cache_slot) */
+    uint32_t sm_policy;    /* VGPU_POLICY_*, from the creating process's env */
+    int32_t creator_pid;   /* the process whose env set the limits */
+    uint32_t reserved0;
+    int64_t created_ns;    /* CLOCK_REALTIME, nanoseconds */
+    uint8_t reserved[16];
+};
+
+struct vgpu_cache_device {
+    uint64_t limit_bytes;      /* memory cap; 0 = no cap */
+    uint64_t used_bytes;       /* charged by all processes of the container */
+    uint32_t sm_limit_percent; /* compute cap, percent; 0 = none */
+    uint32_t reserved0;
+    /* compute limiter state, shared so the cap holds for the container */
+    int64_t sm_tick_us;       /* CLOCK_REALTIME of the last limiter tick, microseconds */
+    int64_t sm_credit_ns;     /* busy-time tokens left, from observed busy time */
+    int64_t sm_pending_ns;    /* charged at launch, not yet observed on the device */
+    int64_t sm_charge_ns;     /* charged since the last tick */
+    int64_t sm_cost_ns;       /* learned device time per launch */
+    uint64_t sm_launches;     /* launches through the limiter, all processes */
+    uint64_t sm_launches_tick;/* sm_launches at the last tick */
+    double sm_observed_acc;   /* decaying sum of observed busy ns */
+    double sm_launch_acc;     /* decaying sum of launches */
+    int64_t sm_observed_ns;   /* total busy ns observed for the container */
+    uint8_t reserved[24];
+};
+
+struct vgpu_cache_slot {
+    int32_t pid;            /* 0 = free, -1 = being reclaimed */
+    uint32_t reserved0;
+    uint64_t start_ticks;   /* /proc/<pid>/stat starttime, to tell a reused pid */
+    int64_t last_kernel_ns; /* CLOCK_REALTIME of the last launch, ~4 ms resolution */
+    uint64_t launches;      /* kernel launches (approximate under thread races) */
+    uint64_t charged_bytes[VGPU_MAX_DEVICES];
+};
+
+struct vgpu_cache {
+    struct vgpu_cache_header header;
+    struct vgpu_cache_device devices[VGPU_MAX_DEVICES];
+    struct vgpu_cache_slot slots[VGPU_MAX_SLOTS];
+};
+
+_Static_assert(sizeof(struct vgpu_cache_header) == 64, "header layout");
+_Static_assert(sizeof(struct vgpu_cache_device) == 128, "device layout");
+_Static_assert(sizeof(struct vgpu_cache_slot) == 160, "slot layout");
+_Static_assert(sizeof(struct vgpu_cache) == 165952, "file layout");
+
+#endif

@@ -1,0 +1,469 @@
+/*
+ * probe.c - a scriptable CUDA program for libvgpu's tests.
+ *
+ * Runs the commands given as arguments, one result line per command
+ * ("<command> rc=<CUresult> key=value ..."), against whatever libcuda.so.1
+ * the loader finds - the mock driver in the tests, with libvgpu preloaded.
+ *
+ * Built twice from this file: `probe` is linked with libcuda and calls the
+ * driver directly; `probe_dl` is not linked with it and finds every function
+ * at run time, with `--via=dlsym` through dlsym on a dlopen("libcuda.so.1")
+ * handle, or with `--via=procaddr` the way the CUDA runtime does: dlsym only
+ * cuGetProcAddress_v2, then ask it for everything else (version 12000).
+ *
+ * Commands: alloc SIZE | alloc1 SIZE | managed SIZE | pitch W H | pitch1 W H |
+ * vmm SIZE [DEV] | vmmhost SIZE | async SIZE | pool SIZE | raw SIZE | free ID |
+ * write ID | fill SIZE | meminfo | meminfo1 | nvml | nvml2 | drivercalls |
+ * launch KIND US COUNT | saturate KIND US SECONDS | sync | device N |
+ * procaddr NAME VERSION FLAGS | procaddr1 NAME VERSION FLAGS | ready | wait |
+ * sleep MS.  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../../mockgpu/mockgpu.h"
+
+#ifdef PROBE_LINKED
+CUresult cuInit(unsigned int);
+CUresult cuDevicePrimaryCtxRetain(CUcontext *, CUdevice);
+CUresult cuCtxSetCurrent(CUcontext);
+CUresult cuCtxSynchronize(void);
+CUresult cuMemAlloc_v2(CUdeviceptr *, size_t);
+CUresult cuMemAlloc(CUdeviceptr_v1 *, unsigned int);
+CUresult cuMemFree_v2(CUdeviceptr);
+CUresult cuMemFree(CUdeviceptr_v1);
+CUresult cuMemAllocManaged(CUdeviceptr *, size_t, unsigned int);
+CUresult cuMemAllocPitch_v2(CUdeviceptr *, size_t *, size_t, size_t, unsigned int);
+CUresult cuMemAllocPitch(CUdeviceptr_v1 *, unsigned int *, unsigned int, unsigned int, unsigned int);
+CUresult cuMemGetInfo_v2(size_t *, size_t *);
+CUresult cuMemGetInfo(unsigned int *, unsigned int *);
+CUresult cuMemCreate(CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *,
+                     unsigned long long);
+CUresult cuMemRelease(CUmemGenericAllocationHandle);
+CUresult cuMemAddressReserve(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+CUresult cuMemAddressFree(CUdeviceptr, size_t);
+CUresult cuMemMap(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
+CUresult cuMemUnmap(CUdeviceptr, size_t);
+CUresult cuMemSetAccess(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
+CUresult cuMemAllocAsync(CUdeviceptr *, size_t, CUstream);
+CUresult cuMemFreeAsync(CUdeviceptr, CUstream);
+CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *, CUdevice);
+CUresult cuMemAllocFromPoolAsync(CUdeviceptr *, size_t, CUmemoryPool, CUstream);
+CUresult cuLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                        unsigned, CUstream, void **, void **);
+CUresult cuLaunchKernelEx(const CUlaunchConfig *, CUfunction, void **, void **);
+CUresult cuLaunchCooperativeKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
+                                   unsigned, unsigned, CUstream, void **);
+CUresult cuGraphLaunch(CUgraphExec, CUstream);
+CUresult cuGetProcAddress(const char *, void **, int, cuuint64_t);
+CUresult cuGetProcAddress_v2(const char *, void **, int, cuuint64_t, CUdriverProcAddressQueryResult *);
+nvmlReturn_t nvmlInit_v2(void);
+nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int, nvmlDevice_t *);
+nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t, nvmlMemory_t *);
+nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t, nvmlMemory_v2_t *);
+#endif
+
+#define API_LIST(X)                                                                                \
+    X(cuInit, CUresult (*)(unsigned int), 2000)                                                    \
+    X(cuDevicePrimaryCtxRetain, CUresult (*)(CUcontext *, CUdevice), 7000)                         \
+    X(cuCtxSetCurrent, CUresult (*)(CUcontext), 4000)                                              \
+    X(cuCtxSynchronize, CUresult (*)(void), 2000)                                                  \
+    X(cuMemAlloc_v2, CUresult (*)(CUdeviceptr *, size_t), 12000)                                   \
+    X(cuMemAlloc, CUresult (*)(CUdeviceptr_v1 *, unsigned int), 2000)                              \
+    X(cuMemFree_v2, CUresult (*)(CUdeviceptr), 12000)                                              \
+    X(cuMemFree, CUresult (*)(CUdeviceptr_v1), 2000)                                               \
+    X(cuMemAllocManaged, CUresult (*)(CUdeviceptr *, size_t, unsigned int), 12000)                 \
+    X(cuMemAllocPitch_v2, CUresult (*)(CUdeviceptr *, size_t *, size_t, size_t, unsigned int),     \
+      12000)                                                                                       \
+    X(cuMemAllocPitch,                                                                             \
+      CUresult (*)(CUdeviceptr_v1 *, unsigned int *, unsigned int, unsigned int, unsigned int),    \
+      2000)                                                                                        \
+    X(cuMemGetInfo_v2, CUresult (*)(size_t *, size_t *), 12000)                                    \
+    X(cuMemGetInfo, CUresult (*)(unsigned int *, unsigned int *), 2000)                            \
+    X(cuMemCreate,                                                                                 \
+      CUresult (*)(CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *,            \
+                   unsigned long long),                                                            \
+      12000)                                                                                       \
+    X(cuMemRelease, CUresult (*)(CUmemGenericAllocationHandle), 12000)                             \
+    X(cuMemAddressReserve,                                                                         \
+      CUresult (*)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long), 12000)         \
+    X(cuMemAddressFree, CUresult (*)(CUdeviceptr, size_t), 12000)                                  \
+    X(cuMemMap,                                                                                    \
+      CUresult (*)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long), \
+      12000)                                                                                       \
+    X(cuMemUnmap, CUresult (*)(CUdeviceptr, size_t), 12000)                                        \
+    X(cuMemSetAccess, CUresult (*)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t), 12000)   \
+    X(cuMemAllocAsync, CUresult (*)(CUdeviceptr *, size_t, CUstream), 12000)                       \
+    X(cuMemFreeAsync, CUresult (*)(CUdeviceptr, CUstream), 12000)                                  \
+    X(cuDeviceGetDefaultMemPool, CUresult (*)(CUmemoryPool *, CUdevice), 12000)                    \
+    X(cuMemAllocFromPoolAsync, CUresult (*)(CUdeviceptr *, size_t, CUmemoryPool, CUstream), 12000) \
+    X(cuLaunchKernel,                                                                              \
+      CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,         \
+                   unsigned, CUstream, void **, void **),                                          \
+      12000)                                                                                       \
+    X(cuLaunchKernelEx, CUresult (*)(const CUlaunchConfig *, CUfunction, void **, void **), 12000) \
+    X(cuLaunchCooperativeKernel,                                                                   \
+      CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,         \
+                   unsigned, CUstream, void **),                                                   \
+      12000)                                                                                       \
+    X(cuGraphLaunch, CUresult (*)(CUgraphExec, CUstream), 12000)                                   \
+    X(cuGetProcAddress, CUresult (*)(const char *, void **, int, cuuint64_t), 12000)               \
+    X(cuGetProcAddress_v2,                                                                         \
+      CUresult (*)(const char *, void **, int, cuuint64_t, CUdriverProcAddressQueryResult *),      \
+      12050)
+
+#define NVML_LIST(X)                                                                               \
+    X(nvmlInit_v2, nvmlReturn_t (*)(void))                                                         \
+    X(nvmlDeviceGetHandleByIndex_v2, nvmlReturn_t (*)(unsigned int, nvmlDevice_t *))               \
+    X(nvmlDeviceGetMemoryInfo, nvmlReturn_t (*)(nvmlDevice_t, nvmlMemory_t *))                     \
+    X(nvmlDeviceGetMemoryInfo_v2, nvmlReturn_t (*)(nvmlDevice_t, nvmlMemory_v2_t *))
+
+#define FIELD(name, type, version) __typeof__(type) name;
+#define NFIELD(name, type) __typeof__(type) name;
+static struct {
+    API_LIST(FIELD)
+    NVML_LIST(NFIELD)
+    CUresult (*raw_alloc)(CUdeviceptr *, size_t);
+    unsigned long long (*driver_calls)(void);
+} api;
+
+enum kind { K_V2, K_V1, K_ASYNC, K_VMM, K_RAW };
+struct allocation {
+    enum kind kind;
+    CUdeviceptr ptr;
+    size_t size;
+    CUmemGenericAllocationHandle handle;
+    int live;
+};
+static struct allocation allocs[100000];
+static int nallocs;
+static CUcontext ctx;
+
+static void die(const char *what) {
+    fprintf(stderr, "probe: %s\n", what);
+    exit(2);
+}
+
+static size_t parse_size(const char *s) {
+    char *end;
+    unsigned long long v = strtoull(s, &end, 10);
+    switch (*end) {
+    case 'k': v <<= 10; break;
+    case 'm': v <<= 20; break;
+    case 'g': v <<= 30; break;
+    default: break;
+    }
+    return (size_t)v;
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void resolve(int argc, char **argv) {
+#ifdef PROBE_LINKED
+    (void)argc, (void)argv;
+#define LINK(name, type, version) api.name = name;
+#define NLINK(name, type) api.name = name;
+    API_LIST(LINK)
+    NVML_LIST(NLINK)
+    api.raw_alloc = vsliceMockRawAlloc;
+    api.driver_calls = vsliceMockDriverAllocCalls;
+#else
+    const char *via = "dlsym";
+    cuuint64_t flags = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strncmp(argv[i], "--via=", 6) == 0) via = argv[i] + 6;
+        if (strcmp(argv[i], "--ptds") == 0) flags = CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM;
+    }
+    void *cuda = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    void *nvml = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (cuda == NULL || nvml == NULL) die(dlerror());
+    if (strcmp(via, "dlsym") == 0) {
+#define DLSYM(name, type, version) api.name = (type)dlsym(cuda, #name);
+        API_LIST(DLSYM)
+    } else if (strcmp(via, "procaddr") == 0) {
+        api.cuGetProcAddress_v2 = (CUresult(*)(const char *, void **, int, cuuint64_t,
+                                               CUdriverProcAddressQueryResult *))dlsym(cuda, "cuGetProcAddress_v2");
+        if (api.cuGetProcAddress_v2 == NULL) die("no cuGetProcAddress_v2");
+        /* ask by the base name, as the runtime does: the version picks _v2 */
+#define PROC(name, type, version)                                                                  \
+    {                                                                                              \
+        char base[64];                                                                             \
+        snprintf(base, sizeof base, "%s", #name);                                                  \
+        char *suffix = strstr(base, "_v2");                                                        \
+        if (suffix != NULL) *suffix = '\0';                                                        \
+        void *fn = NULL;                                                                           \
+        CUdriverProcAddressQueryResult st;                                                         \
+        api.cuGetProcAddress_v2(base, &fn, version, flags, &st);                                   \
+        api.name = (type)fn;                                                                       \
+    }
+        API_LIST(PROC)
+    } else {
+        die("unknown --via");
+    }
+#define NDLSYM(name, type) api.name = (type)dlsym(nvml, #name);
+    NVML_LIST(NDLSYM)
+    api.raw_alloc = (CUresult(*)(CUdeviceptr *, size_t))dlsym(cuda, "vsliceMockRawAlloc");
+    api.driver_calls = (unsigned long long (*)(void))dlsym(cuda, "vsliceMockDriverAllocCalls");
+#endif
+}
+
+static int record(enum kind kind, CUdeviceptr ptr, size_t size, CUmemGenericAllocationHandle h) {
+    if (nallocs >= (int)(sizeof allocs / sizeof allocs[0])) die("too many allocations");
+    allocs[nallocs] = (struct allocation){kind, ptr, size, h, 1};
+    return nallocs++;
+}
+
+static void print_alloc(const char *cmd, CUresult r, enum kind kind, CUdeviceptr p, size_t size) {
+    if (r == CUDA_SUCCESS)
+        printf("%s rc=%d id=%d\n", cmd, r, record(kind, p, size, 0));
+    else
+        printf("%s rc=%d\n", cmd, r);
+}
+
+static const char *base_name(const char *path) {
+    const char *s = strrchr(path, '/');
+    return s != NULL ? s + 1 : path;
+}
+
+static struct vslice_mock_kernel kernel;
+
+static CUresult launch(const char *kind) {
+    CUfunction f = (CUfunction)(void *)&kernel;
+    if (strcmp(kind, "kernel") == 0) return api.cuLaunchKernel(f, 1, 1, 1, 1, 1, 1, 0, NULL, NULL, NULL);
+    if (strcmp(kind, "ex") == 0) {
+        CUlaunchConfig cfg = {1, 1, 1, 1, 1, 1, 0, NULL, NULL, 0};
+        return api.cuLaunchKernelEx(&cfg, f, NULL, NULL);
+    }
+    if (strcmp(kind, "coop") == 0)
+        return api.cuLaunchCooperativeKernel(f, 1, 1, 1, 1, 1, 1, 0, NULL, NULL);
+    if (strcmp(kind, "graph") == 0) return api.cuGraphLaunch((CUgraphExec)(void *)&kernel, NULL);
+    die("unknown launch kind");
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
+static void use_device(int dev) {
+    if (api.cuDevicePrimaryCtxRetain(&ctx, dev) != CUDA_SUCCESS) die("cuDevicePrimaryCtxRetain");
+    if (api.cuCtxSetCurrent(ctx) != CUDA_SUCCESS) die("cuCtxSetCurrent");
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    resolve(argc, argv);
+    if (api.cuInit == NULL || api.cuInit(0) != CUDA_SUCCESS) die("cuInit");
+    use_device(0);
+    kernel.magic = VSLICE_MOCK_KERNEL_MAGIC;
+    for (int i = 1; i < argc; i++) {
+        const char *c = argv[i];
+        if (strncmp(c, "--", 2) == 0) continue;
+#define ARG(n) (i + (n) < argc ? argv[i + (n)] : (die("missing argument"), ""))
+        if (strcmp(c, "alloc") == 0) {
+            CUdeviceptr p = 0;
+            size_t size = parse_size(ARG(1));
+            CUresult r_ = api.cuMemAlloc_v2(&p, size);
+            print_alloc(c, r_, K_V2, p, size);
+            i += 1;
+        } else if (strcmp(c, "alloc1") == 0) {
+            CUdeviceptr_v1 p = 0;
+            size_t size = parse_size(ARG(1));
+            CUresult r_ = api.cuMemAlloc(&p, (unsigned int)size);
+            print_alloc(c, r_, K_V1, p, size);
+            i += 1;
+        } else if (strcmp(c, "managed") == 0) {
+            CUdeviceptr p = 0;
+            size_t size = parse_size(ARG(1));
+            CUresult r_ = api.cuMemAllocManaged(&p, size, CU_MEM_ATTACH_GLOBAL);
+            print_alloc(c, r_, K_V2, p, size);
+            i += 1;
+        } else if (strcmp(c, "raw") == 0) {
+            CUdeviceptr p = 0;
+            size_t size = parse_size(ARG(1));
+            CUresult r_ = api.raw_alloc(&p, size);
+            print_alloc(c, r_, K_RAW, p, size);
+            i += 1;
+        } else if (strcmp(c, "async") == 0) {
+            CUdeviceptr p = 0;
+            size_t size = parse_size(ARG(1));
+            CUresult r_ = api.cuMemAllocAsync(&p, size, NULL);
+            print_alloc(c, r_, K_ASYNC, p, size);
+            i += 1;
+        } else if (strcmp(c, "pool") == 0) {
+            CUdeviceptr p = 0;
+            CUmemoryPool pool = NULL;
+            size_t size = parse_size(ARG(1));
+            if (api.cuDeviceGetDefaultMemPool(&pool, 0) != CUDA_SUCCESS) die("no pool");
+            CUresult r_ = api.cuMemAllocFromPoolAsync(&p, size, pool, NULL);
+            print_alloc(c, r_, K_ASYNC, p, size);
+            i += 1;
+        } else if (strcmp(c, "pitch") == 0 || strcmp(c, "pitch1") == 0) {
+            size_t w = parse_size(ARG(1)), h = parse_size(ARG(2));
+            CUresult r;
+            CUdeviceptr p = 0;
+            size_t pitch = 0;
+            if (c[5] == '1') {
+                CUdeviceptr_v1 p1 = 0;
+                unsigned int pitch1 = 0;
+                r = api.cuMemAllocPitch(&p1, &pitch1, (unsigned)w, (unsigned)h, 4);
+                p = p1;
+                pitch = pitch1;
+            } else {
+                r = api.cuMemAllocPitch_v2(&p, &pitch, w, h, 4);
+            }
+            if (r == CUDA_SUCCESS)
+                printf("%s rc=%d id=%d pitch=%zu\n", c, r,
+                       record(c[5] == '1' ? K_V1 : K_V2, p, pitch * h, 0), pitch);
+            else
+                printf("%s rc=%d\n", c, r);
+            i += 2;
+        } else if (strcmp(c, "vmm") == 0 || strcmp(c, "vmmhost") == 0) {
+            size_t size = parse_size(ARG(1));
+            int dev = 0;
+            if (c[3] == '\0' && i + 2 < argc && argv[i + 2][0] >= '0' && argv[i + 2][0] <= '9') {
+                dev = atoi(argv[i + 2]);
+                i++;
+            }
+            CUmemAllocationProp prop;
+            memset(&prop, 0, sizeof prop);
+            prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+            prop.location.type = c[3] == '\0' ? CU_MEM_LOCATION_TYPE_DEVICE : CU_MEM_LOCATION_TYPE_HOST;
+            prop.location.id = dev;
+            CUmemGenericAllocationHandle h = 0;
+            CUresult r = api.cuMemCreate(&h, size, &prop, 0);
+            CUdeviceptr va = 0;
+            if (r == CUDA_SUCCESS) {
+                CUmemAccessDesc access = {{CU_MEM_LOCATION_TYPE_DEVICE, dev}, 3};
+                if (api.cuMemAddressReserve(&va, size, 0, 0, 0) != CUDA_SUCCESS ||
+                    api.cuMemMap(va, size, 0, h, 0) != CUDA_SUCCESS ||
+                    api.cuMemSetAccess(va, size, &access, 1) != CUDA_SUCCESS)
+                    die("vmm map");
+                printf("%s rc=%d id=%d\n", c, r, record(K_VMM, va, size, h));
+            } else {
+                printf("%s rc=%d\n", c, r);
+            }
+            i += 1;
+        } else if (strcmp(c, "free") == 0) {
+            int id = atoi(ARG(1));
+            struct allocation *a = &allocs[id];
+            CUresult r;
+            switch (a->kind) {
+            case K_V1: r = api.cuMemFree((CUdeviceptr_v1)a->ptr); break;
+            case K_ASYNC: r = api.cuMemFreeAsync(a->ptr, NULL); break;
+            case K_VMM:
+                api.cuMemUnmap(a->ptr, a->size);
+                api.cuMemAddressFree(a->ptr, a->size);
+                r = api.cuMemRelease(a->handle);
+                break;
+            default: r = api.cuMemFree_v2(a->ptr); break;
+            }
+            a->live = 0;
+            printf("free rc=%d\n", r);
+            i += 1;
+        } else if (strcmp(c, "write") == 0) {
+            struct allocation *a = &allocs[atoi(ARG(1))];
+            memset((void *)(uintptr_t)a->ptr, 0xa5, a->size);
+            unsigned char *last = (unsigned char *)(uintptr_t)(a->ptr + a->size - 1);
+            printf("write ok=%d\n", *last == 0xa5);
+            i += 1;
+        } else if (strcmp(c, "fill") == 0) {
+            size_t size = parse_size(ARG(1));
+            int n = 0;
+            for (;;) {
+                CUdeviceptr p = 0;
+                if (api.cuMemAlloc_v2(&p, size) != CUDA_SUCCESS) break;
+                record(K_V2, p, size, 0);
+                n++;
+            }
+            printf("fill count=%d\n", n);
+            i += 1;
+        } else if (strcmp(c, "meminfo") == 0) {
+            size_t f = 0, t = 0;
+            CUresult r = api.cuMemGetInfo_v2(&f, &t);
+            printf("meminfo rc=%d free=%zu total=%zu\n", r, f, t);
+        } else if (strcmp(c, "meminfo1") == 0) {
+            unsigned int f = 0, t = 0;
+            CUresult r = api.cuMemGetInfo(&f, &t);
+            printf("meminfo1 rc=%d free=%u total=%u\n", r, f, t);
+        } else if (strcmp(c, "nvml") == 0 || strcmp(c, "nvml2") == 0) {
+            nvmlDevice_t dev;
+            if (api.nvmlInit_v2() != NVML_SUCCESS ||
+                api.nvmlDeviceGetHandleByIndex_v2(0, &dev) != NVML_SUCCESS)
+                die("nvml");
+            if (c[4] == '2') {
+                nvmlMemory_v2_t m;
+                memset(&m, 0, sizeof m);
+                m.version = nvmlMemory_v2;
+                nvmlReturn_t r = api.nvmlDeviceGetMemoryInfo_v2(dev, &m);
+                printf("nvml2 rc=%d total=%llu used=%llu free=%llu\n", r, m.total, m.used, m.free);
+            } else {
+                nvmlMemory_t m;
+                nvmlReturn_t r = api.nvmlDeviceGetMemoryInfo(dev, &m);
+                printf("nvml rc=%d total=%llu used=%llu free=%llu\n", r, m.total, m.used, m.free);
+            }
+        } else if (strcmp(c, "drivercalls") == 0) {
+            printf("drivercalls count=%llu\n", api.driver_calls());
+        } else if (strcmp(c, "launch") == 0) {
+            kernel.duration_ns = strtoull(ARG(2), NULL, 10) * 1000ULL;
+            long count = atol(ARG(3));
+            CUresult r = CUDA_SUCCESS;
+            for (long n = 0; n < count && r == CUDA_SUCCESS; n++) r = launch(ARG(1));
+            printf("launch rc=%d\n", r);
+            i += 3;
+        } else if (strcmp(c, "saturate") == 0) {
+            kernel.duration_ns = strtoull(ARG(2), NULL, 10) * 1000ULL;
+            int64_t start = now_ns();
+            int64_t stop = start + (int64_t)(atof(ARG(3)) * 1e9);
+            long n = 0;
+            CUresult r = CUDA_SUCCESS;
+            while (r == CUDA_SUCCESS && now_ns() < stop) {
+                r = launch(ARG(1));
+                n++;
+            }
+            int64_t end = now_ns();
+            api.cuCtxSynchronize();
+            printf("saturate rc=%d launches=%ld start_ns=%lld stop_ns=%lld\n", r, n,
+                   (long long)start, (long long)end);
+            i += 3;
+        } else if (strcmp(c, "sync") == 0) {
+            printf("sync rc=%d\n", api.cuCtxSynchronize());
+        } else if (strcmp(c, "device") == 0) {
+            use_device(atoi(ARG(1)));
+            printf("device rc=0\n");
+            i += 1;
+        } else if (strcmp(c, "procaddr") == 0 || strcmp(c, "procaddr1") == 0) {
+            void *fn = NULL;
+            CUdriverProcAddressQueryResult st = (CUdriverProcAddressQueryResult)-1;
+            int version = atoi(ARG(2));
+            cuuint64_t flags = strtoull(ARG(3), NULL, 0);
+            CUresult r = c[8] == '1' ? api.cuGetProcAddress(ARG(1), &fn, version, flags)
+                                     : api.cuGetProcAddress_v2(ARG(1), &fn, version, flags, &st);
+            Dl_info info;
+            memset(&info, 0, sizeof info);
+            if (fn != NULL) dladdr(fn, &info);
+            printf("%s rc=%d status=%d symbol=%s library=%s\n", c, r, (int)st,
+                   info.dli_sname != NULL ? info.dli_sname : "-",
+                   info.dli_fname != NULL ? base_name(info.dli_fname) : "-");
+            i += 3;
+        } else if (strcmp(c, "ready") == 0) {
+            printf("ready pid=%d\n", (int)getpid());
+        } else if (strcmp(c, "wait") == 0) {
+            printf("waiting pid=%d\n", (int)getpid());
+            char line[64];
+            if (fgets(line, sizeof line, stdin) == NULL) line[0] = '\0';
+        } else if (strcmp(c, "sleep") == 0) {
+            usleep((useconds_t)atoi(ARG(1)) * 1000U);
+            i += 1;
+        } else {
+            fprintf(stderr, "probe: unknown command %s\n", c);
+            return 2;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,825 @@
+/*
+ * cuda.c - the mock CUDA driver, built as libcuda.so.1.
+ *
+ * It exports the driver functions vslice interposes, with the real names and
+ * signatures, and behaves like a card in the ways the tests measure: device
+ * memory is real address space (anonymous MAP_NORESERVE mappings, so a
+ * 16 GiB card costs nothing until written), the physical total is enforced
+ * across processes through the shared state (mockstate.h), and kernels occupy
+ * the device for the time their struct vslice_mock_kernel says (mockgpu.h).
+ * Every kernel interval is recorded in the state, and appended to the text
+ * file $VSLICE_MOCKGPU_TRACE ("<device> <pid> <start_ns> <end_ns>" per line,
+ * CLOCK_REALTIME) when that variable is set.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "mockgpu.h"
+#include "mockstate.h"
+
+#define API __attribute__((visibility("default")))
+#define DRIVER_VERSION 12060
+#define VMM_GRANULARITY (2ULL << 20) /* bytes */
+#define PITCH_ALIGNMENT 512ULL      /* bytes */
+#define CTX_MAGIC 0x78746378U
+#define POOL_MAGIC 0x6c6f6f70U
+#define VMM_MAGIC 0x6d6d7676U
+
+struct CUctx_st {
+    uint32_t magic;
+    int dev;
+};
+struct CUmemPoolHandle_st {
+    uint32_t magic;
+    int dev;
+};
+struct vmm_handle {
+    uint32_t magic;
+    int dev; /* -1 for host memory */
+    size_t size;
+};
+
+static atomic_int g_initialized;
+static struct CUctx_st g_primary[MOCK_MAX_DEVICES];
+static struct CUmemPoolHandle_st g_pools[MOCK_MAX_DEVICES];
+static __thread struct CUctx_st *t_ctx;
+static atomic_ullong g_alloc_calls;
+
+/* ---- process-local allocation table ------------------------------------ */
+
+struct alloc {
+    CUdeviceptr ptr;
+    size_t size; /* bytes charged to the device */
+    size_t mapped;
+    int dev;
+    int low32;
+    struct alloc *next;
+};
+#define BUCKETS 4096
+static struct alloc *g_table[BUCKETS];
+static pthread_mutex_t g_table_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static size_t bucket_of(CUdeviceptr p) { return (size_t)((p >> 12) * 0x9E3779B97F4A7C15ULL >> 52); }
+
+static void table_put(struct alloc *a) {
+    pthread_mutex_lock(&g_table_lock);
+    size_t b = bucket_of(a->ptr);
+    a->next = g_table[b];
+    g_table[b] = a;
+    pthread_mutex_unlock(&g_table_lock);
+}
+
+static struct alloc *table_take(CUdeviceptr p) {
+    pthread_mutex_lock(&g_table_lock);
+    struct alloc **pp = &g_table[bucket_of(p)];
+    while (*pp != NULL && (*pp)->ptr != p) pp = &(*pp)->next;
+    struct alloc *a = *pp;
+    if (a != NULL) *pp = a->next;
+    pthread_mutex_unlock(&g_table_lock);
+    return a;
+}
+
+/* ---- recycled mappings ---------------------------------------------------
+ * Like the real driver, the mock does not clear memory between allocations,
+ * so freed mappings are kept (up to MAPPING_CACHE of them, MAPPING_CACHE_BYTES
+ * in all) and handed out again for the same size without a system call.  This
+ * keeps the mock's own cost small and steady, so what libvgpu adds to an
+ * allocation can be measured. */
+#define MAPPING_CACHE 32
+#define MAPPING_CACHE_BYTES (256ULL << 20)
+static struct {
+    void *ptr;
+    size_t size;
+} g_cache[MAPPING_CACHE];
+static int g_cached;
+static size_t g_cached_bytes;
+static pthread_mutex_t g_cache_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void *mapping_get(size_t size) {
+    void *p = NULL;
+    pthread_mutex_lock(&g_cache_lock);
+    for (int i = g_cached - 1; i >= 0; i--) {
+        if (g_cache[i].size != size) continue;
+        p = g_cache[i].ptr;
+        g_cache[i] = g_cache[--g_cached];
+        g_cached_bytes -= size;
+        break;
+    }
+    pthread_mutex_unlock(&g_cache_lock);
+    return p;
+}
+
+static void mapping_put(void *p, size_t size) {
+    pthread_mutex_lock(&g_cache_lock);
+    int keep = g_cached < MAPPING_CACHE && g_cached_bytes + size <= MAPPING_CACHE_BYTES;
+    if (keep) {
+        g_cache[g_cached].ptr = p;
+        g_cache[g_cached].size = size;
+        g_cached++;
+        g_cached_bytes += size;
+    }
+    pthread_mutex_unlock(&g_cache_lock);
+    if (!keep) munmap(p, size);
+}
+
+/* ---- per-process launch queues ------------------------------------------ */
+
+struct queue {
+    pthread_mutex_t lock;
+    int64_t ends[VSLICE_MOCK_QUEUE_DEPTH];
+    uint64_t count;
+    int64_t last_end_ns;
+};
+static struct queue g_queues[MOCK_MAX_DEVICES];
+static pthread_once_t g_queue_once = PTHREAD_ONCE_INIT;
+static int g_trace_fd = -1;
+
+static void queue_init(void) {
+    for (int i = 0; i < MOCK_MAX_DEVICES; i++) pthread_mutex_init(&g_queues[i].lock, NULL);
+    const char *trace = getenv("VSLICE_MOCKGPU_TRACE");
+    if (trace != NULL && *trace != '\0')
+        g_trace_fd = open(trace, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+}
+
+static void sleep_until_ns(int64_t t) {
+    struct timespec ts = {.tv_sec = t / 1000000000LL, .tv_nsec = t % 1000000000LL};
+    while (clock_nanosleep(CLOCK_REALTIME, TIMER_ABSTIME, &ts, NULL) == EINTR) {
+    }
+}
+
+/* ---- helpers ------------------------------------------------------------ */
+
+static struct mock_state *ready(void) {
+    if (!atomic_load_explicit(&g_initialized, memory_order_acquire)) return NULL;
+    return mock_state_get();
+}
+
+static CUresult current_device(int *dev) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (t_ctx == NULL) return CUDA_ERROR_INVALID_CONTEXT;
+    *dev = t_ctx->dev;
+    return CUDA_SUCCESS;
+}
+
+static int valid_device(struct mock_state *st, CUdevice d) { return d >= 0 && (uint32_t)d < st->device_count; }
+
+static int charge(struct mock_state *st, int dev, size_t size) {
+    struct mock_device *d = &st->devices[dev];
+    uint64_t old = atomic_load(&d->used_bytes);
+    do {
+        if (size > d->total_bytes || old > d->total_bytes - size) return 0;
+    } while (!atomic_compare_exchange_weak(&d->used_bytes, &old, old + size));
+    struct mock_proc *self = mock_state_self();
+    if (self != NULL) atomic_fetch_add(&self->used_bytes[dev], size);
+    return 1;
+}
+
+static void credit(struct mock_state *st, int dev, size_t size) {
+    atomic_fetch_sub(&st->devices[dev].used_bytes, size);
+    struct mock_proc *self = mock_state_self();
+    if (self != NULL) atomic_fetch_sub(&self->used_bytes[dev], size);
+}
+
+static CUresult alloc_on(int dev, size_t size, int low32, CUdeviceptr *out) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (out == NULL || size == 0) return CUDA_ERROR_INVALID_VALUE;
+    atomic_fetch_add(&g_alloc_calls, 1);
+    if (!charge(st, dev, size)) return CUDA_ERROR_OUT_OF_MEMORY;
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (low32 ? MAP_32BIT : 0);
+    void *p = low32 ? NULL : mapping_get(size);
+    if (p == NULL) p = mmap(NULL, size, PROT_READ | PROT_WRITE, flags, -1, 0);
+    struct alloc *a = p == MAP_FAILED ? NULL : malloc(sizeof *a);
+    if (a == NULL) {
+        if (p != MAP_FAILED) munmap(p, size);
+        credit(st, dev, size);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    a->ptr = (CUdeviceptr)(uintptr_t)p;
+    a->size = size;
+    a->mapped = size;
+    a->dev = dev;
+    a->low32 = low32;
+    table_put(a);
+    *out = a->ptr;
+    return CUDA_SUCCESS;
+}
+
+static CUresult alloc_current(size_t size, CUdeviceptr *out) {
+    int dev;
+    CUresult r = current_device(&dev);
+    return r != CUDA_SUCCESS ? r : alloc_on(dev, size, 0, out);
+}
+
+static CUresult free_ptr(CUdeviceptr p) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (p == 0) return CUDA_SUCCESS;
+    struct alloc *a = table_take(p);
+    if (a == NULL) return CUDA_ERROR_INVALID_VALUE;
+    if (a->low32)
+        munmap((void *)(uintptr_t)a->ptr, a->mapped);
+    else
+        mapping_put((void *)(uintptr_t)a->ptr, a->mapped);
+    credit(st, a->dev, a->size);
+    free(a);
+    return CUDA_SUCCESS;
+}
+
+/* ---- initialization, devices, contexts --------------------------------- */
+
+API CUresult cuInit(unsigned int flags) {
+    if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    struct mock_state *st = mock_state_get();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (st->device_count == 0) return CUDA_ERROR_NO_DEVICE;
+    for (uint32_t i = 0; i < st->device_count; i++) {
+        g_primary[i] = (struct CUctx_st){.magic = CTX_MAGIC, .dev = (int)i};
+        g_pools[i] = (struct CUmemPoolHandle_st){.magic = POOL_MAGIC, .dev = (int)i};
+    }
+    pthread_once(&g_queue_once, queue_init);
+    atomic_store_explicit(&g_initialized, 1, memory_order_release);
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuDriverGetVersion(int *version) {
+    if (version == NULL) return CUDA_ERROR_INVALID_VALUE;
+    *version = DRIVER_VERSION;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuDeviceGetCount(int *count) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (count == NULL) return CUDA_ERROR_INVALID_VALUE;
+    *count = (int)st->device_count;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuDeviceGet(CUdevice *device, int ordinal) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (device == NULL) return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_device(st, ordinal)) return CUDA_ERROR_INVALID_DEVICE;
+    *device = ordinal;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuDeviceGetName(char *name, int len, CUdevice dev) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (name == NULL || len <= 0) return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
+    snprintf(name, (size_t)len, "vslice mock GPU");
+    return CUDA_SUCCESS;
+}
+
+static int hexval(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+API CUresult cuDeviceGetUuid(CUuuid *uuid, CUdevice dev) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (uuid == NULL) return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
+    memset(uuid, 0, sizeof *uuid);
+    const char *s = st->devices[dev].uuid;
+    if (strncmp(s, "GPU-", 4) == 0) s += 4;
+    int n = 0;
+    for (; *s != '\0' && n < 32; s++) {
+        int v = hexval(*s);
+        if (v < 0) continue;
+        uuid->bytes[n / 2] = (char)(uuid->bytes[n / 2] | (v << (n % 2 ? 0 : 4)));
+        n++;
+    }
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice dev) { return cuDeviceGetUuid(uuid, dev); }
+
+API CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (bytes == NULL) return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
+    *bytes = st->devices[dev].total_bytes;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice dev) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (pi == NULL) return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
+    switch (attrib) {
+    case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *pi = 108; break;
+    case CU_DEVICE_ATTRIBUTE_TEXTURE_PITCH_ALIGNMENT: *pi = (int)PITCH_ALIGNMENT; break;
+    default: *pi = 0; break;
+    }
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (pctx == NULL) return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
+    *pctx = &g_primary[dev];
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    return valid_device(st, dev) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_DEVICE;
+}
+
+API CUresult cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev) {
+    (void)flags;
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (pctx == NULL) return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
+    struct CUctx_st *c = malloc(sizeof *c);
+    if (c == NULL) return CUDA_ERROR_OUT_OF_MEMORY;
+    *c = (struct CUctx_st){.magic = CTX_MAGIC, .dev = dev};
+    t_ctx = c;
+    *pctx = c;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuCtxDestroy_v2(CUcontext ctx) {
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (ctx == NULL || ctx->magic != CTX_MAGIC) return CUDA_ERROR_INVALID_CONTEXT;
+    if (t_ctx == ctx) t_ctx = NULL;
+    if (ctx < &g_primary[0] || ctx >= &g_primary[MOCK_MAX_DEVICES]) {
+        ctx->magic = 0;
+        free(ctx);
+    }
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuCtxGetCurrent(CUcontext *pctx) {
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (pctx == NULL) return CUDA_ERROR_INVALID_VALUE;
+    *pctx = t_ctx;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuCtxSetCurrent(CUcontext ctx) {
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (ctx != NULL && ctx->magic != CTX_MAGIC) return CUDA_ERROR_INVALID_CONTEXT;
+    t_ctx = ctx;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuCtxGetDevice(CUdevice *device) {
+    if (device == NULL) return CUDA_ERROR_INVALID_VALUE;
+    int dev;
+    CUresult r = current_device(&dev);
+    if (r == CUDA_SUCCESS) *device = dev;
+    return r;
+}
+
+static CUresult sync_device(int dev) {
+    struct queue *q = &g_queues[dev];
+    pthread_mutex_lock(&q->lock);
+    int64_t until = q->last_end_ns;
+    pthread_mutex_unlock(&q->lock);
+    if (until > mock_now_ns()) sleep_until_ns(until);
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuCtxSynchronize(void) {
+    int dev;
+    CUresult r = current_device(&dev);
+    return r != CUDA_SUCCESS ? r : sync_device(dev);
+}
+
+API CUresult cuStreamSynchronize(CUstream stream) {
+    (void)stream;
+    return cuCtxSynchronize();
+}
+API CUresult cuStreamSynchronize_ptsz(CUstream stream) { return cuStreamSynchronize(stream); }
+
+API CUresult cuGetErrorString(CUresult error, const char **str) {
+    if (str == NULL) return CUDA_ERROR_INVALID_VALUE;
+    switch (error) {
+    case CUDA_SUCCESS: *str = "no error"; break;
+    case CUDA_ERROR_OUT_OF_MEMORY: *str = "out of memory"; break;
+    case CUDA_ERROR_INVALID_VALUE: *str = "invalid argument"; break;
+    default: *str = "mock driver error"; break;
+    }
+    return CUDA_SUCCESS;
+}
+
+/* ---- memory ------------------------------------------------------------- */
+
+API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) { return alloc_current(bytesize, dptr); }
+
+API CUresult cuMemAlloc(CUdeviceptr_v1 *dptr, unsigned int bytesize) {
+    int dev;
+    CUresult r = current_device(&dev);
+    if (r != CUDA_SUCCESS) return r;
+    if (dptr == NULL) return CUDA_ERROR_INVALID_VALUE;
+    CUdeviceptr p = 0;
+    r = alloc_on(dev, bytesize, 1, &p);
+    if (r == CUDA_SUCCESS) *dptr = (CUdeviceptr_v1)p;
+    return r;
+}
+
+API CUresult cuMemFree_v2(CUdeviceptr dptr) { return free_ptr(dptr); }
+API CUresult cuMemFree(CUdeviceptr_v1 dptr) { return free_ptr(dptr); }
+
+API CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t width, size_t height,
+                                unsigned int element_size) {
+    if (pitch == NULL || width == 0 || height == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (element_size != 4 && element_size != 8 && element_size != 16) return CUDA_ERROR_INVALID_VALUE;
+    size_t p = (width + PITCH_ALIGNMENT - 1) / PITCH_ALIGNMENT * PITCH_ALIGNMENT;
+    CUresult r = alloc_current(p * height, dptr);
+    if (r == CUDA_SUCCESS) *pitch = p;
+    return r;
+}
+
+API CUresult cuMemAllocPitch(CUdeviceptr_v1 *dptr, unsigned int *pitch, unsigned int width,
+                             unsigned int height, unsigned int element_size) {
+    int dev;
+    CUresult r = current_device(&dev);
+    if (r != CUDA_SUCCESS) return r;
+    if (dptr == NULL || pitch == NULL || width == 0 || height == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (element_size != 4 && element_size != 8 && element_size != 16) return CUDA_ERROR_INVALID_VALUE;
+    size_t p = (width + PITCH_ALIGNMENT - 1) / PITCH_ALIGNMENT * PITCH_ALIGNMENT;
+    CUdeviceptr out = 0;
+    r = alloc_on(dev, p * height, 1, &out);
+    if (r == CUDA_SUCCESS) {
+        *dptr = (CUdeviceptr_v1)out;
+        *pitch = (unsigned int)p;
+    }
+    return r;
+}
+
+API CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags) {
+    (void)flags;
+    return alloc_current(bytesize, dptr);
+}
+
+API CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes) {
+    int dev;
+    CUresult r = current_device(&dev);
+    if (r != CUDA_SUCCESS) return r;
+    if (free_bytes == NULL || total_bytes == NULL) return CUDA_ERROR_INVALID_VALUE;
+    struct mock_device *d = &mock_state_get()->devices[dev];
+    uint64_t used = atomic_load(&d->used_bytes);
+    *total_bytes = d->total_bytes;
+    *free_bytes = used < d->total_bytes ? d->total_bytes - used : 0;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuMemGetInfo(unsigned int *free_bytes, unsigned int *total_bytes) {
+    size_t f, t;
+    CUresult r = cuMemGetInfo_v2(&f, &t);
+    if (r != CUDA_SUCCESS) return r;
+    *free_bytes = f > 0xffffffffULL ? 0xffffffffU : (unsigned int)f;
+    *total_bytes = t > 0xffffffffULL ? 0xffffffffU : (unsigned int)t;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t bytes) {
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (dst == 0 || src == NULL) return CUDA_ERROR_INVALID_VALUE;
+    memcpy((void *)(uintptr_t)dst, src, bytes);
+    return CUDA_SUCCESS;
+}
+API CUresult cuMemcpyHtoD_v2_ptds(CUdeviceptr dst, const void *src, size_t bytes) {
+    return cuMemcpyHtoD_v2(dst, src, bytes);
+}
+
+/* Virtual memory management: physical handles are charged when created. */
+
+API CUresult cuMemGetAllocationGranularity(size_t *granularity, const CUmemAllocationProp *prop,
+                                           int option) {
+    (void)option;
+    if (granularity == NULL || prop == NULL) return CUDA_ERROR_INVALID_VALUE;
+    *granularity = VMM_GRANULARITY;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size,
+                         const CUmemAllocationProp *prop, unsigned long long flags) {
+    (void)flags;
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (handle == NULL || prop == NULL || size == 0 || size % VMM_GRANULARITY != 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    int dev = -1;
+    if (prop->location.type == CU_MEM_LOCATION_TYPE_DEVICE) {
+        if (!valid_device(st, prop->location.id)) return CUDA_ERROR_INVALID_DEVICE;
+        dev = prop->location.id;
+    } else if (prop->location.type != CU_MEM_LOCATION_TYPE_HOST &&
+               prop->location.type != CU_MEM_LOCATION_TYPE_HOST_NUMA) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    atomic_fetch_add(&g_alloc_calls, 1);
+    if (dev >= 0 && !charge(st, dev, size)) return CUDA_ERROR_OUT_OF_MEMORY;
+    struct vmm_handle *h = malloc(sizeof *h);
+    if (h == NULL) {
+        if (dev >= 0) credit(st, dev, size);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *h = (struct vmm_handle){.magic = VMM_MAGIC, .dev = dev, .size = size};
+    *handle = (CUmemGenericAllocationHandle)(uintptr_t)h;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    struct vmm_handle *h = (struct vmm_handle *)(uintptr_t)handle;
+    if (h == NULL || h->magic != VMM_MAGIC) return CUDA_ERROR_INVALID_VALUE;
+    if (h->dev >= 0) credit(st, h->dev, h->size);
+    h->magic = 0;
+    free(h);
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuMemAddressReserve(CUdeviceptr *ptr, size_t size, size_t alignment, CUdeviceptr addr,
+                                 unsigned long long flags) {
+    (void)alignment, (void)addr, (void)flags;
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (ptr == NULL || size == 0) return CUDA_ERROR_INVALID_VALUE;
+    void *p = mmap(NULL, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    *ptr = (CUdeviceptr)(uintptr_t)p;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuMemAddressFree(CUdeviceptr ptr, size_t size) {
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    return munmap((void *)(uintptr_t)ptr, size) == 0 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+API CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAllocationHandle handle,
+                      unsigned long long flags) {
+    (void)flags;
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    struct vmm_handle *h = (struct vmm_handle *)(uintptr_t)handle;
+    if (h == NULL || h->magic != VMM_MAGIC || offset + size > h->size) return CUDA_ERROR_INVALID_VALUE;
+    void *p = mmap((void *)(uintptr_t)ptr, size, PROT_READ | PROT_WRITE,
+                   MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
+}
+
+API CUresult cuMemUnmap(CUdeviceptr ptr, size_t size) {
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    void *p = mmap((void *)(uintptr_t)ptr, size, PROT_NONE,
+                   MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
+}
+
+API CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *desc, size_t count) {
+    (void)ptr, (void)size, (void)desc, (void)count;
+    return ready() == NULL ? CUDA_ERROR_NOT_INITIALIZED : CUDA_SUCCESS;
+}
+
+/* Stream-ordered allocation: the mock completes it at once. */
+
+API CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool, CUdevice dev) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (pool == NULL) return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
+    *pool = &g_pools[dev];
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream stream) {
+    (void)stream;
+    return alloc_current(bytesize, dptr);
+}
+API CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream stream) {
+    return cuMemAllocAsync(dptr, bytesize, stream);
+}
+
+API CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
+                                     CUstream stream) {
+    (void)stream;
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (pool == NULL || pool->magic != POOL_MAGIC) return CUDA_ERROR_INVALID_VALUE;
+    return alloc_on(pool->dev, bytesize, 0, dptr);
+}
+API CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
+                                          CUstream stream) {
+    return cuMemAllocFromPoolAsync(dptr, bytesize, pool, stream);
+}
+
+API CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream stream) {
+    (void)stream;
+    return free_ptr(dptr);
+}
+API CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream stream) { return cuMemFreeAsync(dptr, stream); }
+
+/* ---- kernels -------------------------------------------------------------- */
+
+static CUresult run_kernel(const void *handle) {
+    int dev;
+    CUresult r = current_device(&dev);
+    if (r != CUDA_SUCCESS) return r;
+    const struct vslice_mock_kernel *k = handle;
+    if (k == NULL || k->magic != VSLICE_MOCK_KERNEL_MAGIC) return CUDA_ERROR_INVALID_HANDLE;
+    if (k->duration_ns == 0) return CUDA_SUCCESS;
+    struct mock_device *d = &mock_state_get()->devices[dev];
+    struct queue *q = &g_queues[dev];
+    pthread_mutex_lock(&q->lock);
+    if (q->count >= VSLICE_MOCK_QUEUE_DEPTH) {
+        /* a full push buffer blocks the launching thread, as on a real card */
+        int64_t oldest = q->ends[q->count % VSLICE_MOCK_QUEUE_DEPTH];
+        if (oldest > mock_now_ns()) sleep_until_ns(oldest);
+    }
+    int64_t now = mock_now_ns();
+    int64_t old = atomic_load(&d->busy_until_ns);
+    int64_t start, end;
+    do {
+        start = old > now ? old : now;
+        end = start + (int64_t)k->duration_ns;
+    } while (!atomic_compare_exchange_weak(&d->busy_until_ns, &old, end));
+    uint64_t idx = atomic_fetch_add(&d->ring_head, 1);
+    struct mock_interval *e = &d->ring[idx % MOCK_RING];
+    atomic_store_explicit(&e->seq, 0, memory_order_relaxed);
+    e->start_ns = start;
+    e->end_ns = end;
+    e->pid = (int32_t)getpid();
+    atomic_store_explicit(&e->seq, idx + 1, memory_order_release);
+    q->ends[q->count % VSLICE_MOCK_QUEUE_DEPTH] = end;
+    q->count++;
+    q->last_end_ns = end;
+    pthread_mutex_unlock(&q->lock);
+    if (g_trace_fd >= 0) {
+        char line[96];
+        int n = snprintf(line, sizeof line, "%d %d %lld %lld\n", dev, (int)getpid(), (long long)start,
+                         (long long)end);
+        if (write(g_trace_fd, line, (size_t)n) != n) perror("mockgpu: trace");
+    }
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz,
+                            unsigned int bx, unsigned int by, unsigned int bz, unsigned int shmem,
+                            CUstream stream, void **params, void **extra) {
+    (void)gx, (void)gy, (void)gz, (void)bx, (void)by, (void)bz, (void)shmem, (void)stream;
+    (void)params, (void)extra;
+    return run_kernel(f);
+}
+API CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz,
+                                 unsigned int bx, unsigned int by, unsigned int bz,
+                                 unsigned int shmem, CUstream stream, void **params, void **extra) {
+    return cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra);
+}
+
+API CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {
+    (void)params, (void)extra;
+    if (config == NULL) return CUDA_ERROR_INVALID_VALUE;
+    return run_kernel(f);
+}
+API CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f, void **params,
+                                   void **extra) {
+    return cuLaunchKernelEx(config, f, params, extra);
+}
+
+API CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gx, unsigned int gy,
+                                       unsigned int gz, unsigned int bx, unsigned int by,
+                                       unsigned int bz, unsigned int shmem, CUstream stream,
+                                       void **params) {
+    (void)gx, (void)gy, (void)gz, (void)bx, (void)by, (void)bz, (void)shmem, (void)stream;
+    (void)params;
+    return run_kernel(f);
+}
+API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gx, unsigned int gy,
+                                            unsigned int gz, unsigned int bx, unsigned int by,
+                                            unsigned int bz, unsigned int shmem, CUstream stream,
+                                            void **params) {
+    return cuLaunchCooperativeKernel(f, gx, gy, gz, bx, by, bz, shmem, stream, params);
+}
+
+API CUresult cuGraphLaunch(CUgraphExec graph, CUstream stream) {
+    (void)stream;
+    return run_kernel(graph);
+}
+API CUresult cuGraphLaunch_ptsz(CUgraphExec graph, CUstream stream) { return cuGraphLaunch(graph, stream); }
+
+/* ---- mock-only hooks ------------------------------------------------------ */
+
+API CUresult vsliceMockRawAlloc(CUdeviceptr *dptr, size_t bytesize) { return alloc_current(bytesize, dptr); }
+API unsigned long long vsliceMockDriverAllocCalls(void) { return atomic_load(&g_alloc_calls); }
+
+/* ---- entry-point lookup --------------------------------------------------- */
+
+CUresult cuGetProcAddress(const char *symbol, void **pfn, int version, cuuint64_t flags);
+
+struct proc_entry {
+    const char *name;
+    int min_version;  /* the CUDA version that introduced this variant */
+    void *legacy;     /* the default and legacy-stream variant */
+    void *per_thread; /* the _ptsz / _ptds variant, if any */
+};
+
+#define FN(f) ((void *)(f))
+/* Variants of one name are listed newest first. */
+static const struct proc_entry g_procs[] = {
+    {"cuInit", 2000, FN(cuInit), NULL},
+    {"cuDriverGetVersion", 2020, FN(cuDriverGetVersion), NULL},
+    {"cuDeviceGetCount", 2000, FN(cuDeviceGetCount), NULL},
+    {"cuDeviceGet", 2000, FN(cuDeviceGet), NULL},
+    {"cuDeviceGetName", 2000, FN(cuDeviceGetName), NULL},
+    {"cuDeviceGetUuid", 11040, FN(cuDeviceGetUuid_v2), NULL},
+    {"cuDeviceGetUuid", 9020, FN(cuDeviceGetUuid), NULL},
+    {"cuDeviceTotalMem", 3020, FN(cuDeviceTotalMem_v2), NULL},
+    {"cuDeviceGetAttribute", 2000, FN(cuDeviceGetAttribute), NULL},
+    {"cuDevicePrimaryCtxRetain", 7000, FN(cuDevicePrimaryCtxRetain), NULL},
+    {"cuDevicePrimaryCtxRelease", 11000, FN(cuDevicePrimaryCtxRelease_v2), NULL},
+    {"cuCtxCreate", 3020, FN(cuCtxCreate_v2), NULL},
+    {"cuCtxDestroy", 4000, FN(cuCtxDestroy_v2), NULL},
+    {"cuCtxGetCurrent", 4000, FN(cuCtxGetCurrent), NULL},
+    {"cuCtxSetCurrent", 4000, FN(cuCtxSetCurrent), NULL},
+    {"cuCtxGetDevice", 2000, FN(cuCtxGetDevice), NULL},
+    {"cuCtxSynchronize", 2000, FN(cuCtxSynchronize), NULL},
+    {"cuStreamSynchronize", 2000, FN(cuStreamSynchronize), FN(cuStreamSynchronize_ptsz)},
+    {"cuGetErrorString", 6000, FN(cuGetErrorString), NULL},
+    {"cuMemAlloc", 3020, FN(cuMemAlloc_v2), NULL},
+    {"cuMemAlloc", 2000, FN(cuMemAlloc), NULL},
+    {"cuMemFree", 3020, FN(cuMemFree_v2), NULL},
+    {"cuMemFree", 2000, FN(cuMemFree), NULL},
+    {"cuMemAllocPitch", 3020, FN(cuMemAllocPitch_v2), NULL},
+    {"cuMemAllocPitch", 2000, FN(cuMemAllocPitch), NULL},
+    {"cuMemAllocManaged", 6000, FN(cuMemAllocManaged), NULL},
+    {"cuMemGetInfo", 3020, FN(cuMemGetInfo_v2), NULL},
+    {"cuMemGetInfo", 2000, FN(cuMemGetInfo), NULL},
+    {"cuMemcpyHtoD", 3020, FN(cuMemcpyHtoD_v2), FN(cuMemcpyHtoD_v2_ptds)},
+    {"cuMemGetAllocationGranularity", 10020, FN(cuMemGetAllocationGranularity), NULL},
+    {"cuMemCreate", 10020, FN(cuMemCreate), NULL},
+    {"cuMemRelease", 10020, FN(cuMemRelease), NULL},
+    {"cuMemAddressReserve", 10020, FN(cuMemAddressReserve), NULL},
+    {"cuMemAddressFree", 10020, FN(cuMemAddressFree), NULL},
+    {"cuMemMap", 10020, FN(cuMemMap), NULL},
+    {"cuMemUnmap", 10020, FN(cuMemUnmap), NULL},
+    {"cuMemSetAccess", 10020, FN(cuMemSetAccess), NULL},
+    {"cuDeviceGetDefaultMemPool", 11020, FN(cuDeviceGetDefaultMemPool), NULL},
+    {"cuMemAllocAsync", 11020, FN(cuMemAllocAsync), FN(cuMemAllocAsync_ptsz)},
+    {"cuMemAllocFromPoolAsync", 11020, FN(cuMemAllocFromPoolAsync), FN(cuMemAllocFromPoolAsync_ptsz)},
+    {"cuMemFreeAsync", 11020, FN(cuMemFreeAsync), FN(cuMemFreeAsync_ptsz)},
+    {"cuLaunchKernel", 4000, FN(cuLaunchKernel), FN(cuLaunchKernel_ptsz)},
+    {"cuLaunchKernelEx", 11060, FN(cuLaunchKernelEx), FN(cuLaunchKernelEx_ptsz)},
+    {"cuLaunchCooperativeKernel", 9000, FN(cuLaunchCooperativeKernel), FN(cuLaunchCooperativeKernel_ptsz)},
+    {"cuGraphLaunch", 10000, FN(cuGraphLaunch), FN(cuGraphLaunch_ptsz)},
+    {"cuGetProcAddress", 12050, NULL, NULL}, /* filled in below: _v2 */
+    {"cuGetProcAddress", 11030, FN(cuGetProcAddress), NULL},
+};
+
+CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, cuuint64_t flags,
+                             CUdriverProcAddressQueryResult *status);
+
+static CUresult lookup(const char *symbol, void **pfn, int version, cuuint64_t flags,
+                       CUdriverProcAddressQueryResult *status) {
+    CUdriverProcAddressQueryResult st = CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
+    if (symbol == NULL || pfn == NULL) return CUDA_ERROR_INVALID_VALUE;
+    *pfn = NULL;
+    for (size_t i = 0; i < sizeof g_procs / sizeof g_procs[0]; i++) {
+        const struct proc_entry *e = &g_procs[i];
+        if (strcmp(e->name, symbol) != 0) continue;
+        if (version < e->min_version) {
+            st = CU_GET_PROC_ADDRESS_VERSION_NOT_SUFFICIENT;
+            continue;
+        }
+        void *fn = e->legacy;
+        if (strcmp(symbol, "cuGetProcAddress") == 0 && fn == NULL) fn = FN(cuGetProcAddress_v2);
+        if ((flags & CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM) && e->per_thread != NULL)
+            fn = e->per_thread;
+        *pfn = fn;
+        if (status != NULL) *status = CU_GET_PROC_ADDRESS_SUCCESS;
+        return CUDA_SUCCESS;
+    }
+    if (status != NULL) *status = st;
+    return CUDA_ERROR_NOT_FOUND;
+}
+
+API CUresult cuGetProcAddress(const char *symbol, void **pfn, int version, cuuint64_t flags) {
+    return lookup(symbol, pfn, version, flags, NULL);
+}
+
+API CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, cuuint64_t flags,
+                                 CUdriverProcAddressQueryResult *status) {
+    return lookup(symbol, pfn, version, flags, status);
+}
