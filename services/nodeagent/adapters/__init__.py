@@ -1,1 +1,1 @@
-"""The node agent's edges: the NATS bus, its JetStream KV buckets and streams, and the shared cache files."""
+"""The node agent's edges: the NATS bus, its KV buckets and streams, shared cache files."""
