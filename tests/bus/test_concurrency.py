@@ -203,7 +203,8 @@ def check_outcome(book: Book, nodes: list[NodeDevices], ledgers: dict[str, NodeL
             assert uid not in in_ledger, f"{uid} holds slices on two nodes"
             in_ledger[uid] = held
     assert in_ledger == {uid: by_pod(p.slices)[uid] for uid, p in book.holdings.items()}
-    assert book.placed > book.target // 10 and book.released > book.target // 10
+    # a busy, tiny fleet: most requests find it full; enough must still place and release
+    assert book.placed > book.target // 40 and book.released > book.target // 40
     assert book.unschedulable > book.target // 100
 
 
