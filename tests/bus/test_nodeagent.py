@@ -52,7 +52,7 @@ async def test_a_fleet_spec_registers_every_node_and_placements_are_answered_rea
     readies: asyncio.Queue[events.Ready] = asyncio.Queue()
 
     async def on_ready(msg: object) -> None:
-        answer = events.NODE_ANSWER.decode(msg.data)  # type: ignore[attr-defined]
+        answer = events.NODE_ANSWER.decode(msg.data)
         assert isinstance(answer, events.Ready)
         await readies.put(answer)
 
@@ -83,7 +83,7 @@ async def test_placements_decided_while_the_agent_is_down_are_answered_when_it_r
     ready_uids: list[str] = []
 
     async def on_ready(msg: object) -> None:
-        ready_uids.append(events.NODE_ANSWER.decode(msg.data).pod_uid)  # type: ignore[attr-defined]
+        ready_uids.append(events.NODE_ANSWER.decode(msg.data).pod_uid)
 
     await nc.subscribe(bus_settings.subjects.alloc_ready("n-a"), cb=on_ready)
     async with agent(settings):

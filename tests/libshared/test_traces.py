@@ -186,7 +186,7 @@ def test_the_default_openb_fleet_has_1213_nodes_and_6212_gpus() -> None:
     root = Path(os.environ.get("VSLICE_TRACES", "../shared/traces/openb"))
     if not root.is_absolute():
         root = REPO / root
-    if not root.is_dir():
+    if not root.is_dir() and not os.environ.get("CI"):  # CI always has ../shared
         pytest.skip(f"trace directory {root} is missing")
     path = root / "openb_node_list_gpu_node.csv"
     nodes = traces.read_fleet(path)
