@@ -141,8 +141,8 @@ def _integer(container: str, field: str, raw: object, *, low: int, high: int | N
     return n
 
 
-def _mib(container: str, field: str, raw: object) -> int:
-    """Host memory quantity (bytes, Kubernetes style) in MiB, rounded up."""
+def _scaled_up(container: str, field: str, raw: object, scale: Decimal) -> int:
+    """A non-negative quantity times ``scale``, rounded up (host memory, CPU)."""
     try:
         q = parse_quantity(raw)
     except ValueError as exc:
@@ -151,19 +151,17 @@ def _mib(container: str, field: str, raw: object) -> int:
         ) from exc
     if q < 0:
         raise InvalidRequest(container=container, field=field, value=raw, reason="must be >= 0")
-    return int((q / Decimal(2**20)).to_integral_value(rounding=ROUND_CEILING))
+    return int((q * scale).to_integral_value(rounding=ROUND_CEILING))
+
+
+def _mib(container: str, field: str, raw: object) -> int:
+    """Host memory quantity (bytes, Kubernetes style) in MiB, rounded up."""
+    return _scaled_up(container, field, raw, Decimal(1) / Decimal(2**20))
 
 
 def _cpu_milli(container: str, field: str, raw: object) -> int:
-    try:
-        q = parse_quantity(raw)
-    except ValueError as exc:
-        raise InvalidRequest(
-            container=container, field=field, value=raw, reason="not a quantity"
-        ) from exc
-    if q < 0:
-        raise InvalidRequest(container=container, field=field, value=raw, reason="must be >= 0")
-    return int((q * 1000).to_integral_value(rounding=ROUND_CEILING))
+    """CPU quantity (cores, Kubernetes style) in milli-cores, rounded up."""
+    return _scaled_up(container, field, raw, Decimal(1000))
 
 
 def _resources(spec: Mapping[str, Any], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
