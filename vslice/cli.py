@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from libshared import traces
 from libshared.errors import VsliceError
 from services.scheduler.core.deciding import POLICIES
-from vslice import replays
+from vslice import replays, stacks
 
 
 def _policies(text: str) -> list[str]:
@@ -51,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--plot", help="draw the allocation curves of the policies into this PNG")
     rp.add_argument("--jobs", type=int, default=0, help="parallel processes (default: CPU count)")
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name, text in (
+        ("up", "start nats-server, admission, 2 scheduler replicas and a mock node agent"),
+        ("status", "show the stack's processes and the fleet's allocation"),
+        ("down", "stop the stack and remove its state"),
+    ):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument(
+            "--state-dir",
+            default=None,
+            help="where pids, logs and NATS data live (default $VSLICE_STATE_DIR, "
+            "else $XDG_STATE_HOME/vslice or ~/.local/state/vslice)",
+        )
     return parser
 
 
@@ -60,10 +73,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "replay":
             return _replay(args)
+        if args.command in ("up", "status", "down"):
+            return _stack(args)
     except (VsliceError, OSError) as exc:
         print(f"vslice: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _stack(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir) if args.state_dir else stacks.default_state_dir()
+    if args.command == "status":
+        print(stacks.status_text(state_dir))
+        return 0
+    if args.command == "down":
+        stack = stacks.down(state_dir)
+        print(f"nothing up in {state_dir}" if stack is None else f"stack in {state_dir} stopped")
+        return 0
+    known = stacks.read_state(state_dir)
+    if known is not None and any(stacks.alive(p) for p in known.pids.values()):
+        print(f"already up in {state_dir} (NATS {known.nats_url}); `vslice down` stops it")
+        return 0
+    stack = stacks.up(state_dir)
+    print(f"up in {state_dir}: NATS {stack.nats_url}, logs in {state_dir / 'logs'}")
+    for name, pid in stack.pids.items():
+        print(f"  {name:<14} pid {pid}")
+    return 0
 
 
 def _replay(args: argparse.Namespace) -> int:
