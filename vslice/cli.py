@@ -10,7 +10,7 @@ from pathlib import Path
 from libshared import traces
 from libshared.errors import VsliceError
 from services.scheduler.core.deciding import POLICIES
-from vslice import replays, stacks
+from vslice import busreplays, replays, stacks
 
 
 def _policies(text: str) -> list[str]:
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument(
         "--in-process", action="store_true", help="run the scheduling core in this process"
+    )
+    rp.add_argument(
+        "--replicas", type=int, default=2, help="scheduler replicas of the bus replay (default 2)"
+    )
+    rp.add_argument(
+        "--concurrency", type=int, default=16, help="pods in flight on the bus (default 16)"
     )
     rp.add_argument("--json", dest="json_out", help="write the report(s) here")
     rp.add_argument("--plot", help="draw the allocation curves of the policies into this PNG")
@@ -102,18 +108,34 @@ def _stack(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    if not args.in_process:
-        print(
-            "vslice replay: only --in-process is available; the bus replay comes with `vslice up`.",
-            file=sys.stderr,
-        )
-        return 2
     gpus = sum(len(n.devices) for n in traces.read_fleet(args.fleet))
     traces.read_pods(args.trace)  # fail early, in this process, on a malformed trace
-    reports = replays.replay_in_process(
-        args.trace, args.fleet, args.policy, args.seeds, jobs=args.jobs, quiet=args.quiet
-    )
+    if args.in_process:
+        reports = replays.replay_in_process(
+            args.trace, args.fleet, args.policy, args.seeds, jobs=args.jobs, quiet=args.quiet
+        )
+    else:
+        if args.replicas < 1 or args.concurrency < 1:
+            print("vslice replay: --replicas and --concurrency must be >= 1", file=sys.stderr)
+            return 2
+        reports = busreplays.replay_over_bus(
+            args.trace,
+            args.fleet,
+            args.policy,
+            args.seeds,
+            replicas=args.replicas,
+            concurrency=args.concurrency,
+            quiet=args.quiet,
+        )
     print(replays.table(reports, gpus))
+    for r in reports:
+        if r.get("mode") == "bus":
+            print(
+                f"{r['policy']} over the bus: {r['pods_per_s']:.0f} pods/s, latency p50"
+                f" {r['latency_ms_p50']:.1f} ms p99 {r['latency_ms_p99']:.1f} ms,"
+                f" {r['replicas']} replicas, {r['conflicts']} lost ledger races,"
+                f" {r['claims_lost']} lost claims"
+            )
     if args.json_out:
         replays.write_json(args.json_out, reports)
         print(f"report: {args.json_out}")

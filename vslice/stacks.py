@@ -89,18 +89,20 @@ def service_commands(
     workload_trace: str | None = None,
     seed: int = 0,
     agent_args: Sequence[str] = (),
+    scheduler_args: Sequence[str] = (),
+    log_level: str = "info",
 ) -> dict[str, list[str]]:
     """The command (argv, ``python -m services.<name> ...``) of each service of a stack,
-    by process name: ``admission``, ``scheduler-1`` .. ``scheduler-<replicas>``,
-    ``nodeagent`` (its fleet from ``agent_args``). Pure."""
-    bus = ["--nats-url", nats_url, "--prefix", prefix]
+    by process name: ``admission``, ``scheduler-1`` .. ``scheduler-<replicas>`` (with
+    ``scheduler_args`` appended), ``nodeagent`` (its fleet from ``agent_args``). Pure."""
+    bus = ["--nats-url", nats_url, "--prefix", prefix, "--log-level", log_level]
     out = {"admission": [sys.executable, "-m", "services.admission", *bus]}
     for i in range(1, replicas + 1):
         cmd = [sys.executable, "-m", "services.scheduler", *bus, "--name", f"scheduler-{i}"]
         cmd += ["--policy", policy, "--seed", str(seed), "--no-explain"]
         if workload_trace:
             cmd += ["--workload-trace", workload_trace]
-        out[f"scheduler-{i}"] = cmd
+        out[f"scheduler-{i}"] = [*cmd, *scheduler_args]
     out["nodeagent"] = [sys.executable, "-m", "services.nodeagent", *bus, *agent_args]
     return out
 
