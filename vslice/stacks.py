@@ -169,6 +169,13 @@ def terminate(pids: Sequence[int], *, timeout_s: float = STOP_TIMEOUT_S) -> list
     return killed
 
 
+def stop(procs: Sequence[subprocess.Popen[bytes]], *, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """``terminate`` processes this process started, and collect their exit status."""
+    terminate([p.pid for p in procs], timeout_s=timeout_s)
+    for proc in procs:
+        proc.wait()
+
+
 def spawn(name: str, argv: Sequence[str], logs: Path) -> subprocess.Popen[bytes]:
     """Start ``argv`` in a new session, stdout and stderr into ``logs/<name>.log``."""
     logs.mkdir(parents=True, exist_ok=True)
@@ -245,8 +252,8 @@ async def _stats_replies(nc: Client, subject: str, *, wait_s: float) -> int:
         count = 0
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
-                async for _ in sub.messages:
-                    count += 1
+                async for msg in sub.messages:
+                    count += bool(msg.data)  # an empty one is the server's "no responders"
         return count
     finally:
         await sub.unsubscribe()
@@ -298,7 +305,7 @@ def up(
         services = {k: v for k, v in procs.items() if k != "nats"}
         asyncio.run(wait_serving(settings, schedulers=2, nodes=1, procs=services, logs=logs))
     except BaseException:
-        terminate([p.pid for p in procs.values()])
+        stop(list(procs.values()))
         raise
     stack = Stack(
         nats_url=server.url,
