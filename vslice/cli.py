@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument(
         "--concurrency", type=int, default=16, help="pods in flight on the bus (default 16)"
     )
+    rp.add_argument(
+        "--compare-in-process",
+        action="store_true",
+        help="after the bus replay, run the in-process one and print both side by side",
+    )
     rp.add_argument("--json", dest="json_out", help="write the report(s) here")
     rp.add_argument("--plot", help="draw the allocation curves of the policies into this PNG")
     rp.add_argument("--jobs", type=int, default=0, help="parallel processes (default: CPU count)")
@@ -128,6 +133,12 @@ def _replay(args: argparse.Namespace) -> int:
             quiet=args.quiet,
         )
     print(replays.table(reports, gpus))
+    if not args.in_process and args.compare_in_process:
+        local = replays.replay_in_process(
+            args.trace, args.fleet, args.policy, args.seeds, jobs=args.jobs, quiet=args.quiet
+        )
+        print()
+        print(replays.comparison_table(reports, local))
     for r in reports:
         if r.get("mode") == "bus":
             print(
