@@ -41,6 +41,7 @@ from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
 from libshared.ledgers import NodeLedger
 from libshared.natsserver import NatsServer
+from services.nodeagent.core import fleets
 
 STATE_FILE = "stack.json"
 START_TIMEOUT_S = 30.0
@@ -109,16 +110,20 @@ def service_commands(
 
 def mock_agent_args(environ: Mapping[str, str] | None = None) -> list[str]:
     """Node agent flags for this machine's mock GPUs: one node named after the host with
+    the devices of ``$VSLICE_MOCKGPU_DEVICES`` (``<uuid>:<memory_mib>[,...]``), else
     ``$VSLICE_MOCKGPU_COUNT`` (default 2) devices of ``$VSLICE_MOCKGPU_MEMORY_MIB``
-    (default 16384) MiB. Raises ``StackError`` for a non-integer value."""
+    (default 16384) MiB. Raises ``StackError`` for a malformed value."""
     env = os.environ if environ is None else environ
     try:
+        listed = env.get("VSLICE_MOCKGPU_DEVICES", "")
+        devices = fleets.parse_devices(listed)
         gpus = int(env.get("VSLICE_MOCKGPU_COUNT", DEFAULT_MOCK_GPUS))
         memory = int(env.get("VSLICE_MOCKGPU_MEMORY_MIB", DEFAULT_MOCK_MEMORY_MIB))
     except ValueError as exc:
         raise StackError(f"mock GPU settings: {exc}") from exc
     node = local_node_name()
     return [
+        *(["--devices", listed] if devices else []),
         "--nodes",
         "1",
         "--gpus",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import nats
+import pytest
 
 from libshared import events
 from libshared.connecting import BusSettings
@@ -33,7 +34,7 @@ def test_up_serves_status_shows_the_allocation_and_down_stops_everything(
     tmp_path: Path,
 ) -> None:
     state = str(tmp_path / "state")
-    env = {"VSLICE_MOCKGPU_COUNT": "1", "VSLICE_MOCKGPU_MEMORY_MIB": "8000"}
+    env = {"VSLICE_MOCKGPU_DEVICES": "GPU-mock-a:8000"}
     started = vslice("up", "--state-dir", state, env=env)
     assert started.returncode == 0, started.stderr
     recorded = json.loads((tmp_path / "state" / stacks.STATE_FILE).read_text())
@@ -56,6 +57,7 @@ def test_up_serves_status_shows_the_allocation_and_down_stops_everything(
         placed = asyncio.run(place())
         assert isinstance(placed, events.Placement)
         assert placed.node == stacks.local_node_name() + "-0"
+        assert placed.slices[0].uuid == "GPU-mock-a"
 
         status = vslice("status", "--state-dir", state)
         assert status.returncode == 0, status.stderr
@@ -88,3 +90,15 @@ def test_every_service_command_of_a_stack_runs_a_vslice_service_module() -> None
         assert argv[1:3] == ["-m", argv[2]] and argv[2].startswith("services.")
         assert argv[argv.index("--nats-url") + 1] == "nats://h:1"
     assert commands["scheduler-3"][-2:] == ["--workload-trace", "t"]
+
+
+def test_mock_gpus_come_from_a_device_list_else_a_count_and_size() -> None:
+    listed = stacks.mock_agent_args({"VSLICE_MOCKGPU_DEVICES": "GPU-x:4000,GPU-y:8000"})
+    assert listed[:2] == ["--devices", "GPU-x:4000,GPU-y:8000"]
+    counted = stacks.mock_agent_args({"VSLICE_MOCKGPU_COUNT": "3"})
+    assert "--devices" not in counted
+    assert counted[counted.index("--gpus") + 1] == "3"
+    assert counted[counted.index("--memory-mib") + 1] == "16384"
+    for bad in ({"VSLICE_MOCKGPU_DEVICES": "GPU-x"}, {"VSLICE_MOCKGPU_COUNT": "two"}):
+        with pytest.raises(stacks.StackError, match="mock GPU settings"):
+            stacks.mock_agent_args(bad)
