@@ -65,6 +65,7 @@ log = logging.getLogger("vslice.scheduler")
 KV_OP_HEADER = KV_OP
 MARKER_HEADER = "Nats-Marker-Reason"  # server-placed TTL markers (nats-server 2.11+)
 HEARTBEAT_S = 0.5
+REREAD_BACKOFF_S = 0.2  # pause before re-reading a node's ledger again after a failed read
 CLAIM_POLL_S = 0.05  # how often a replica waiting for a claim's holder re-reads the claim
 NODE_DEVICES = msgspec.json.Decoder(NodeDevices)
 NODE_LEDGER = msgspec.json.Decoder(NodeLedger)
@@ -298,6 +299,11 @@ class Replica:
         except KeyWrongLastSequenceError:
             self._count(conflicts=1)
             await self._reread(node)
+            if self.view.revisions.get(node, 0) <= base:
+                # The re-read failed (a NATS node failing over): retrying at once would
+                # lose again against the same stale revision.
+                await asyncio.sleep(REREAD_BACKOFF_S)
+                await self._reread(node)
             return False
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("ledger commit uncertain", extra={"node": node, "error": str(exc)})
