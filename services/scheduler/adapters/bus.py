@@ -287,11 +287,11 @@ class Replica:
         if entry.value:
             self.view.put_ledger(NODE_LEDGER.decode(entry.value), entry.revision or 0)
 
-    async def _commit(self, ledger: NodeLedger, *, last: int | None = None) -> bool:
+    async def _commit(self, ledger: NodeLedger, *, last: int | None = None) -> bool | None:
         """CAS the node's ledger against revision ``last`` (default: the view's, read
         before any await, so the ledger and its base revision are the same moment's);
-        False when the race was lost (or the outcome is unknown, then the key is re-read:
-        a commit that did land shows up in the view, and the core returns it)."""
+        True when committed, False when the race was lost, None when the outcome is
+        unknown (the caller re-reads the key strictly to learn it)."""
         node = ledger.node
         base = self.view.revisions.get(node, 0) if last is None else last
         try:
@@ -307,8 +307,7 @@ class Replica:
             return False
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("ledger commit uncertain", extra={"node": node, "error": str(exc)})
-            await self._reread(node)
-            return False
+            return None
         self.view.put_ledger(ledger, rev)
         return True
 
@@ -354,7 +353,14 @@ class Replica:
                     lost.append("claim")
                     continue
                 claim = got
-            if not await self._commit(ledger, last=base):
+            committed = await self._commit(ledger, last=base)
+            if committed is None:
+                # Unknown outcome: learn it before anything else, or the pod could be
+                # answered Unschedulable while its commit did land (raises TemporaryError
+                # while the key cannot be read; the client's re-send then finds it).
+                await self._reread(decision.node, strict=True)
+                committed = self.view.cluster.placement_of(pod.uid) is not None
+            if not committed:
                 lost.append(decision.node)
                 continue
             if await self._confirm(key, decision.node, claim):
@@ -489,7 +495,11 @@ class Replica:
                 return events.Ack(pod_uid=pod_uid)
             node, slices, _ = held
             ledger = self.view.cluster.ledgers[self.view.cluster.node_index[node]]
-            if await self._commit(ledger.without(pod_uid)):
+            committed = await self._commit(ledger.without(pod_uid))
+            if committed is None:  # unknown outcome: learn it (see schedule)
+                await self._reread(node, strict=True)
+                committed = self.view.cluster.placement_of(pod_uid) is None
+            if committed:
                 await self._announce(
                     self.subjects.alloc_released(node), events.Release(pod_uid=pod_uid)
                 )
