@@ -28,10 +28,13 @@ lint: install
 test: install native lint
 	VSLICE_TRACES=$(TRACES) $(BIN)/python -m pytest
 
+# The openb trace replayed over the bus (nats-server, admission, two scheduler replicas,
+# a mock node agent hosting the fleet) with FGD, beside the same replay in process.
 demo: install native
-	$(BIN)/vslice replay --in-process $(TRACES)/openb_pod_list_default.csv \
+	$(BIN)/vslice replay $(TRACES)/openb_pod_list_default.csv \
 		--fleet $(TRACES)/openb_node_list_gpu_node.csv \
-		--policy hami,bestfit,fgd --seeds 42 --json demo-replay.json
+		--policy fgd --seeds 42 --replicas 2 --concurrency 16 \
+		--compare-in-process --json demo-replay.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

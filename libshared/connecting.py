@@ -3,10 +3,10 @@
 Every service connects through ``connect``: reconnects enabled without a limit (a NATS
 restart must not end a service), a bounded drain for SIGTERM, and errors logged instead of
 printed. ``ensure_bus`` creates what ``ARCHITECTURE.md`` ("The bus") names -- the
-``<prefix>-nodes`` and ``<prefix>-ledger`` KV buckets and the ``<prefix>-alloc`` stream --
-idempotently, so whichever service starts first creates them and replicas racing to do so
-all succeed. Bus settings are one frozen object, read from flags and the environment by
-``add_arguments``/``from_arguments``.
+``<prefix>-nodes``, ``<prefix>-ledger`` and ``<prefix>-pods`` KV buckets and the
+``<prefix>-alloc`` stream -- idempotently, so whichever service starts first creates
+them and replicas racing to do so all succeed. Bus settings are one frozen object, read
+from flags and the environment by ``add_arguments``/``from_arguments``.
 """
 
 from __future__ import annotations
@@ -124,20 +124,22 @@ async def _bucket(js: JetStreamContext, bucket: str, replicas: int) -> KeyValue:
 
 @dataclass(frozen=True)
 class Bus:
-    """The opened buckets of one prefix: ``nodes`` and ``ledger``."""
+    """The opened buckets of one prefix: ``nodes``, ``ledger`` and ``pods`` (claims)."""
 
     nodes: KeyValue
     ledger: KeyValue
+    pods: KeyValue
 
 
 async def ensure_bus(js: JetStreamContext, settings: BusSettings) -> Bus:
-    """Open (creating when missing) the nodes and ledger buckets and the alloc stream.
+    """Open (creating when missing) the nodes, ledger and pods buckets and the alloc stream.
 
     Raises ``nats.js.errors.Error`` subclasses when JetStream refuses.
     """
     subjects = settings.subjects
     nodes = await _bucket(js, subjects.nodes_bucket, settings.replicas)
     ledger = await _bucket(js, subjects.ledger_bucket, settings.replicas)
+    pods = await _bucket(js, subjects.pods_bucket, settings.replicas)
     try:
         await js.stream_info(subjects.alloc_stream)
     except NotFoundError:
@@ -152,4 +154,4 @@ async def ensure_bus(js: JetStreamContext, settings: BusSettings) -> Bus:
             )
         except BadRequestError:
             await js.stream_info(subjects.alloc_stream)  # created meanwhile by another
-    return Bus(nodes=nodes, ledger=ledger)
+    return Bus(nodes=nodes, ledger=ledger, pods=pods)

@@ -102,7 +102,9 @@ class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
 class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
     """One scheduler replica's counters since it started: requests answered, pods
     placed, unschedulable answers, releases, lost ledger races (``conflicts``: failed
-    compare-and-sets) and malformed or failed requests (``errors``)."""
+    compare-and-sets), pods whose claim another replica held (``claims_lost``: answered
+    with that replica's placement), dead claims taken over (``takeovers``), and malformed
+    or failed requests (``errors``)."""
 
     name: str
     schedule_requests: int = 0
@@ -110,6 +112,8 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
     unschedulable: int = 0
     released: int = 0
     conflicts: int = 0
+    claims_lost: int = 0
+    takeovers: int = 0
     errors: int = 0
 
 

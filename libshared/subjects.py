@@ -9,6 +9,7 @@ connection is made here.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import msgspec
@@ -21,11 +22,21 @@ ADMISSION_QUEUE = "admission"
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # A node name must be one subject token and a valid KV key.
 _NODE = re.compile(r"^[A-Za-z0-9_=/-]{1,253}$")
+# A NATS KV key (nats.py's own check, less the dots we keep for subjects).
+_KEY = re.compile(r"^[A-Za-z0-9_=/-]{1,200}$")
 
 
 def valid_node(node: str) -> bool:
     """True when ``node`` can be a subject token and a KV key (no dots, wildcards, spaces)."""
     return bool(_NODE.match(node))
+
+
+def pod_key(pod_uid: str) -> str:
+    """The ``<prefix>-pods`` key of a pod UID: the UID itself when it is a valid KV key
+    (Kubernetes UIDs are), else ``h-`` and the hex SHA-256 of its UTF-8 bytes."""
+    if _KEY.match(pod_uid) and not pod_uid.startswith("h-"):
+        return pod_uid
+    return "h-" + hashlib.sha256(pod_uid.encode()).hexdigest()
 
 
 class Subjects(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,6 +87,15 @@ class Subjects(msgspec.Struct, frozen=True, kw_only=True):
     def ledger_bucket(self) -> str:
         """KV bucket: key node, value ``NodeLedger``; every change a compare-and-set."""
         return f"{self.prefix}-ledger"
+
+    @property
+    def pods_bucket(self) -> str:
+        """KV bucket: key ``pod_key(uid)``, value the node the pod is claimed for (UTF-8).
+
+        Created with ``kv.create`` before the ledger compare-and-set, so one pod UID is
+        placed on one node even when replicas decide it at the same moment.
+        """
+        return f"{self.prefix}-pods"
 
     @property
     def alloc_stream(self) -> str:

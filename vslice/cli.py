@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from libshared import traces
 from libshared.errors import VsliceError
 from services.scheduler.core.deciding import POLICIES
-from vslice import replays
+from vslice import busreplays, replays, stacks
 
 
 def _policies(text: str) -> list[str]:
@@ -47,10 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument(
         "--in-process", action="store_true", help="run the scheduling core in this process"
     )
+    rp.add_argument(
+        "--replicas", type=int, default=2, help="scheduler replicas of the bus replay (default 2)"
+    )
+    rp.add_argument(
+        "--concurrency", type=int, default=16, help="pods in flight on the bus (default 16)"
+    )
+    rp.add_argument(
+        "--compare-in-process",
+        action="store_true",
+        help="after the bus replay, run the in-process one and print both side by side",
+    )
     rp.add_argument("--json", dest="json_out", help="write the report(s) here")
     rp.add_argument("--plot", help="draw the allocation curves of the policies into this PNG")
     rp.add_argument("--jobs", type=int, default=0, help="parallel processes (default: CPU count)")
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name, text in (
+        ("up", "start nats-server, admission, 2 scheduler replicas and a mock node agent"),
+        ("status", "show the stack's processes and the fleet's allocation"),
+        ("down", "stop the stack and remove its state"),
+    ):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument(
+            "--state-dir",
+            default=None,
+            help="where pids, logs and NATS data live (default $VSLICE_STATE_DIR, "
+            "else $XDG_STATE_HOME/vslice or ~/.local/state/vslice)",
+        )
     return parser
 
 
@@ -60,25 +84,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "replay":
             return _replay(args)
+        if args.command in ("up", "status", "down"):
+            return _stack(args)
     except (VsliceError, OSError) as exc:
         print(f"vslice: {exc}", file=sys.stderr)
         return 2
     return 1
 
 
+def _stack(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir) if args.state_dir else stacks.default_state_dir()
+    if args.command == "status":
+        print(stacks.status_text(state_dir))
+        return 0
+    if args.command == "down":
+        stack = stacks.down(state_dir)
+        print(f"nothing up in {state_dir}" if stack is None else f"stack in {state_dir} stopped")
+        return 0
+    known = stacks.read_state(state_dir)
+    if known is not None and any(stacks.alive(p) for p in known.pids.values()):
+        print(f"already up in {state_dir} (NATS {known.nats_url}); `vslice down` stops it")
+        return 0
+    stack = stacks.up(state_dir)
+    print(f"up in {state_dir}: NATS {stack.nats_url}, logs in {state_dir / 'logs'}")
+    for name, pid in stack.pids.items():
+        print(f"  {name:<14} pid {pid}")
+    return 0
+
+
 def _replay(args: argparse.Namespace) -> int:
-    if not args.in_process:
-        print(
-            "vslice replay: only --in-process is available; the bus replay comes with `vslice up`.",
-            file=sys.stderr,
-        )
-        return 2
     gpus = sum(len(n.devices) for n in traces.read_fleet(args.fleet))
     traces.read_pods(args.trace)  # fail early, in this process, on a malformed trace
-    reports = replays.replay_in_process(
-        args.trace, args.fleet, args.policy, args.seeds, jobs=args.jobs, quiet=args.quiet
-    )
+    if args.in_process:
+        reports = replays.replay_in_process(
+            args.trace, args.fleet, args.policy, args.seeds, jobs=args.jobs, quiet=args.quiet
+        )
+    else:
+        if args.replicas < 1 or args.concurrency < 1:
+            print("vslice replay: --replicas and --concurrency must be >= 1", file=sys.stderr)
+            return 2
+        reports = busreplays.replay_over_bus(
+            args.trace,
+            args.fleet,
+            args.policy,
+            args.seeds,
+            replicas=args.replicas,
+            concurrency=args.concurrency,
+            quiet=args.quiet,
+        )
     print(replays.table(reports, gpus))
+    if not args.in_process and args.compare_in_process:
+        local = replays.replay_in_process(
+            args.trace, args.fleet, args.policy, args.seeds, jobs=args.jobs, quiet=args.quiet
+        )
+        print()
+        print(replays.comparison_table(reports, local))
+    for r in reports:
+        if r.get("mode") == "bus":
+            print(
+                f"{r['policy']} over the bus: {r['pods_per_s']:.0f} pods/s, latency p50"
+                f" {r['latency_ms_p50']:.1f} ms p99 {r['latency_ms_p99']:.1f} ms,"
+                f" {r['replicas']} replicas, {r['conflicts']} lost ledger races,"
+                f" {r['claims_lost']} lost claims"
+            )
     if args.json_out:
         replays.write_json(args.json_out, reports)
         print(f"report: {args.json_out}")

@@ -130,3 +130,28 @@ def table(reports: list[dict[str, Any]], gpus: int) -> str:
             f"{r['decision_ms_p50']:>8.3f}{r['decision_ms_p99']:>8.3f}{r['wall_s_per_seed']:>8.2f}"
         )
     return "\n".join(rows)
+
+
+def comparison_table(bus: list[dict[str, Any]], local: list[dict[str, Any]]) -> str:
+    """Bus and in-process reports of the same policies side by side: allocation at 100 %
+    arrived, final allocation, pods placed, pods/s and latency (bus: end to end per pod;
+    in process: per decision), ms."""
+    head = (
+        f"{'policy':<10}{'run':<22}{'alloc@100%':>11}{'final':>8}{'placed':>9}"
+        f"{'pods/s':>9}{'p50 ms':>8}{'p99 ms':>8}"
+    )
+    rows = [head, "-" * len(head)]
+    for b, loc in zip(bus, local, strict=True):
+        for r, run in (
+            (b, f"bus, {b['replicas']} replicas"),
+            (loc, "in process"),
+        ):
+            rate = r.get("pods_per_s") or r["pods_total"] / max(r["wall_s_per_seed"], 1e-9)
+            p50 = r.get("latency_ms_p50", r["decision_ms_p50"])
+            p99 = r.get("latency_ms_p99", r["decision_ms_p99"])
+            rows.append(
+                f"{r['policy']:<10}{run:<22}{100 * r['alloc_at_100']:>11.2f}"
+                f"{100 * r['alloc_final']:>8.2f}{r['pods_placed']:>9.0f}{rate:>9.0f}"
+                f"{p50:>8.2f}{p99:>8.2f}"
+            )
+    return "\n".join(rows)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from libshared import connecting
-from services.nodeagent.core.fleets import DEFAULT_SPLIT_COUNT, FleetSpec
+from services.nodeagent.core.fleets import DEFAULT_SPLIT_COUNT, FleetSpec, parse_devices
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,12 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     parser.add_argument("--gpu-type", default="MOCK-GPU-16G")
     parser.add_argument("--split-count", type=int, default=None)
     parser.add_argument(
+        "--devices",
+        default=env.get("VSLICE_MOCKGPU_DEVICES", ""),
+        help="one node with these mock GPUs: <uuid>:<memory_mib>[,...] "
+        "(env VSLICE_MOCKGPU_DEVICES; wins over --gpus/--memory-mib)",
+    )
+    parser.add_argument(
         "--node-prefix", default=env.get("VSLICE_NODE_PREFIX", socket.gethostname())
     )
     parser.add_argument("--name", default=env.get("VSLICE_AGENT_NAME", socket.gethostname()))
@@ -54,6 +60,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     args = parser.parse_args(list(argv or []))
     try:
         bus = connecting.from_arguments(args)
+        devices = parse_devices(args.devices)
     except ValueError as exc:
         parser.error(str(exc))
     spec = FleetSpec(
@@ -63,6 +70,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         gpu_type=args.gpu_type,
         split_count=args.split_count or DEFAULT_SPLIT_COUNT,
         name_prefix=args.node_prefix,
+        devices=devices,
     )
     return Settings(
         bus=bus,

@@ -53,6 +53,7 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
             max_attempts=settings.max_attempts,
             explain=settings.explain,
             sync_timeout_s=settings.sync_timeout_s,
+            claim_wait_s=settings.claim_wait_s,
         )
         await replica.start()
         log.info("scheduler serving", extra={"replica": settings.name, "policy": settings.policy})

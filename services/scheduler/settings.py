@@ -25,8 +25,9 @@ class Settings:
     tie-breaking seed. ``max_attempts``: decide-and-commit attempts before a lost ledger
     race is answered ``Unschedulable``. ``max_devices``: most GPUs on one node.
     ``explain``: per-node reasons in ``Unschedulable``. ``sync_timeout_s``: longest wait
-    for the view to catch up with the ledger before deciding, seconds. ``name``: this
-    replica in logs.
+    for the view to catch up with the ledger before deciding, seconds. ``claim_wait_s``:
+    how long a pod's unchanged claim whose pod is in no ledger is waited for before it is
+    taken over (its holder presumably died), seconds. ``name``: this replica in logs.
     """
 
     bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
@@ -37,6 +38,7 @@ class Settings:
     max_devices: int = 8
     explain: bool = True
     sync_timeout_s: float = 2.0
+    claim_wait_s: float = 2.0
     name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     log_level: str = "info"
 
@@ -58,12 +60,17 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     parser.add_argument("--seed", type=int, default=int(env.get("VSLICE_SEED", "0")))
     parser.add_argument("--max-attempts", type=int, default=8)
     parser.add_argument("--max-devices", type=int, default=8)
+    parser.add_argument(
+        "--claim-wait", type=float, default=2.0, help="seconds before a dead claim is taken over"
+    )
     parser.add_argument("--no-explain", action="store_true", help="leave per-node reasons out")
     parser.add_argument("--name", default=None, help="replica name in logs")
     parser.add_argument("--log-level", default=env.get("VSLICE_LOG_LEVEL", "info"))
     args = parser.parse_args(list(argv or []))
     if args.policy == "fgd" and not args.workload_trace:
         parser.error("--policy fgd needs --workload-trace (FGD's target workload)")
+    if args.claim_wait <= 0:
+        parser.error("--claim-wait must be > 0")
     if args.max_attempts < 1:
         parser.error("--max-attempts must be >= 1")
     try:
@@ -79,6 +86,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         max_attempts=args.max_attempts,
         max_devices=args.max_devices,
         explain=not args.no_explain,
+        claim_wait_s=args.claim_wait,
         log_level=args.log_level,
         **extra,
     )

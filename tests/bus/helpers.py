@@ -67,9 +67,18 @@ def pod(uid: str, *, gpus: int = 1, memory_mib: int = 0, cores: int = 0) -> PodR
 
 
 async def register(nc: Client, settings: BusSettings, nodes: list[NodeDevices]) -> None:
+    """Put every node into the nodes bucket (retried while a new replicated bucket has no
+    leader yet: its first writes find no responders)."""
     bus = await connecting.ensure_bus(nc.jetstream(), settings)
     for node in nodes:
-        await bus.nodes.put(node.node, events.ENCODER.encode(node))
+        for attempt in range(40):
+            try:
+                await bus.nodes.put(node.node, events.ENCODER.encode(node))
+                break
+            except nats.errors.Error:
+                if attempt == 39:
+                    raise
+                await asyncio.sleep(0.25)
 
 
 async def ledgers(nc: Client, settings: BusSettings) -> dict[str, NodeLedger]:

@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
+import pytest
 from nats.aio.client import Client
 
 from libshared import connecting, events
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from services.nodeagent import app
+from services.nodeagent.core import fleets
 from services.nodeagent.core.fleets import FleetSpec
 from services.nodeagent.settings import Settings as AgentSettings
 from services.scheduler.settings import Settings as SchedulerSettings
@@ -99,3 +101,19 @@ async def test_placements_decided_while_the_agent_is_down_are_answered_when_it_r
                 break
             await asyncio.sleep(0.05)
     assert sorted(ready_uids) == ["x1", "x2"]
+
+
+def test_a_device_list_makes_one_node_with_exactly_those_devices() -> None:
+    devices = fleets.parse_devices("GPU-a:4000, GPU-b:16384")
+    assert devices == (("GPU-a", 4000), ("GPU-b", 16384))
+    (node,) = fleets.build(FleetSpec(name_prefix="box", devices=devices))
+    assert node.node == "box-0"
+    assert [(d.uuid, d.index, d.memory_mib) for d in node.devices] == [
+        ("GPU-a", 0, 4000),
+        ("GPU-b", 1, 16384),
+    ]
+    for bad in ("GPU-a", "GPU-a:0", "GPU-a:1,GPU-a:2", ":5"):
+        with pytest.raises(ValueError, match=r"GPU-a|:5"):
+            fleets.parse_devices(bad)
+    with pytest.raises(ValueError, match="one node"):
+        fleets.build(FleetSpec(nodes=2, devices=devices))

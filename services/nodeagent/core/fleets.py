@@ -18,7 +18,9 @@ DEFAULT_SPLIT_COUNT = 10  # HAMi deviceSplitCount default
 class FleetSpec:
     """``nodes`` nodes named ``<name_prefix>-<i>``, each with ``gpus`` GPUs of ``memory_mib``
     MiB and 100 % cores, type ``gpu_type``, shared by at most ``split_count`` slices;
-    ``cpu_milli`` / ``host_memory_mib`` per node (``None``: not declared)."""
+    ``cpu_milli`` / ``host_memory_mib`` per node (``None``: not declared). ``devices``
+    (``(uuid, memory_mib)`` pairs) replaces ``gpus`` and ``memory_mib`` with these exact
+    devices, for a single node."""
 
     nodes: int = 1
     gpus: int = 2
@@ -28,6 +30,23 @@ class FleetSpec:
     name_prefix: str = "mock"
     cpu_milli: int | None = None
     host_memory_mib: int | None = None
+    devices: tuple[tuple[str, int], ...] = ()
+
+
+def parse_devices(text: str) -> tuple[tuple[str, int], ...]:
+    """``"<uuid>:<memory_mib>[,...]"`` (the ``VSLICE_MOCKGPU_DEVICES`` format) as
+    ``((uuid, memory_mib), ...)``. Raises ``ValueError`` naming the bad entry."""
+    out = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        uuid, sep, mib = entry.rpartition(":")
+        if not sep or not uuid or not mib.isdigit() or int(mib) < 1:
+            raise ValueError(f"mock device {entry!r}: expected <uuid>:<memory_mib>")
+        out.append((uuid, int(mib)))
+    if len({u for u, _ in out}) != len(out):
+        raise ValueError(f"mock devices {text!r}: a UUID appears twice")
+    return tuple(out)
 
 
 def build(spec: FleetSpec) -> list[NodeDevices]:
@@ -37,6 +56,26 @@ def build(spec: FleetSpec) -> list[NodeDevices]:
     """
     if spec.nodes < 1 or spec.gpus < 0 or spec.memory_mib < 1 or spec.split_count < 1:
         raise ValueError(f"fleet spec {spec}: nodes >= 1, gpus >= 0, memory and split >= 1")
+    if spec.devices:
+        if spec.nodes != 1:
+            raise ValueError(f"fleet spec {spec}: listed devices make one node")
+        return [
+            NodeDevices(
+                node=f"{spec.name_prefix}-0",
+                devices=tuple(
+                    Device(
+                        uuid=uuid,
+                        index=i,
+                        type=spec.gpu_type,
+                        memory_mib=mib,
+                        split_count=spec.split_count,
+                    )
+                    for i, (uuid, mib) in enumerate(spec.devices)
+                ),
+                cpu_milli=spec.cpu_milli,
+                memory_mib=spec.host_memory_mib,
+            )
+        ]
     out = []
     for n in range(spec.nodes):
         name = f"{spec.name_prefix}-{n}"

@@ -9,6 +9,17 @@ up to ``max_attempts`` times, then answers ``Unschedulable`` naming the lost rac
 is no leader and no lock: two replicas can never both commit against the same revision,
 so no memory is ever booked twice (the double booking of HAMi #2232).
 
+A compare-and-set on one node's key cannot stop two replicas that got the same pod UID at
+the same moment from placing it on two different nodes. So before its ledger commit a
+replica claims the pod in ``<prefix>-pods`` with ``kv.create`` (key ``pod_key(uid)``,
+value the node), which only one replica can do; the others wait until their view shows
+the winner's placement and answer with it. After its ledger commit the winner confirms
+the claim with a compare-and-set on it. A claim left by a replica that died before
+committing is taken over, by compare-and-set, once it stayed unchanged for
+``claim_wait_s`` and a caught-up view shows the pod in no ledger; should its slow holder
+commit after all, its confirmation fails and it takes its slices back, so the pod ends
+on one node. Releasing deletes the claim after the slices are freed.
+
 Before deciding, a replica waits until its view has caught up with the ledger stream as
 it was when the request arrived. That is what makes a re-sent request idempotent on any
 replica: a pod placed (and answered) before the re-send is in the view, and the core
@@ -32,7 +43,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import (
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+)
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
 from libshared import events
@@ -40,7 +56,7 @@ from libshared.connecting import Bus
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
 from libshared.resources import PodRequest
-from libshared.subjects import SCHEDULERS_QUEUE, Subjects
+from libshared.subjects import SCHEDULERS_QUEUE, Subjects, pod_key
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
 
@@ -49,6 +65,8 @@ log = logging.getLogger("vslice.scheduler")
 KV_OP_HEADER = KV_OP
 MARKER_HEADER = "Nats-Marker-Reason"  # server-placed TTL markers (nats-server 2.11+)
 HEARTBEAT_S = 0.5
+REREAD_BACKOFF_S = 0.2  # pause before re-reading a node's ledger again after a failed read
+CLAIM_POLL_S = 0.05  # how often a replica waiting for a claim's holder re-reads the claim
 NODE_DEVICES = msgspec.json.Decoder(NodeDevices)
 NODE_LEDGER = msgspec.json.Decoder(NodeLedger)
 
@@ -122,6 +140,7 @@ class Replica:
     max_attempts: int = 8
     explain: bool = True
     sync_timeout_s: float = 2.0
+    claim_wait_s: float = 2.0
     view: View = field(init=False)
     stats: events.Stats = field(init=False)
     _seen: asyncio.Event = field(init=False, default_factory=asyncio.Event)
@@ -268,46 +287,202 @@ class Replica:
         if entry.value:
             self.view.put_ledger(NODE_LEDGER.decode(entry.value), entry.revision or 0)
 
-    async def _commit(self, ledger: NodeLedger) -> bool:
-        """CAS the node's ledger against the view's revision; False when the race was
-        lost (or the outcome is unknown, then the key is re-read: a commit that did land
-        shows up in the view, and the core returns it)."""
+    async def _commit(self, ledger: NodeLedger, *, last: int | None = None) -> bool | None:
+        """CAS the node's ledger against revision ``last`` (default: the view's, read
+        before any await, so the ledger and its base revision are the same moment's);
+        True when committed, False when the race was lost, None when the outcome is
+        unknown (the caller re-reads the key strictly to learn it)."""
         node = ledger.node
+        base = self.view.revisions.get(node, 0) if last is None else last
         try:
-            rev = await self.bus.ledger.update(
-                node, events.ENCODER.encode(ledger), last=self.view.revisions.get(node, 0)
-            )
+            rev = await self.bus.ledger.update(node, events.ENCODER.encode(ledger), last=base)
         except KeyWrongLastSequenceError:
             self._count(conflicts=1)
             await self._reread(node)
+            if self.view.revisions.get(node, 0) <= base:
+                # The re-read failed (a NATS node failing over): retrying at once would
+                # lose again against the same stale revision.
+                await asyncio.sleep(REREAD_BACKOFF_S)
+                await self._reread(node)
             return False
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("ledger commit uncertain", extra={"node": node, "error": str(exc)})
-            await self._reread(node)
-            return False
+            return None
         self.view.put_ledger(ledger, rev)
         return True
 
     # -- the two operations ---------------------------------------------------------------
 
     async def schedule(self, pod: PodRequest) -> events.Placement | events.Unschedulable:
-        """Place ``pod`` and commit it; the existing placement when it already holds slices.
+        """Place ``pod`` and commit it; the existing placement when it already holds slices,
+        or the placement of the replica that holds the pod's claim.
 
         Returns ``Unschedulable`` when nothing fits, or after ``max_attempts`` lost races
-        (its reason says so).
+        (its reason says so). Raises ``TemporaryError`` when the bus cannot be read.
         """
         await self._catch_up()
+        key = pod_key(pod.uid)
+        claim: int | None = None  # revision of the claim this replica holds
         lost: list[str] = []
         for _ in range(self.max_attempts):
             held = self.view.cluster.placement_of(pod.uid) is not None
             decision = self.scheduler.decide(pod, explain=self.explain)
-            if isinstance(decision, events.Unschedulable) or held:
+            if held:
+                if claim is None:
+                    return decision
+                # A stalled former holder committed after this replica took its claim
+                # over; its confirmation fails and it takes its slices back. Wait for
+                # that; a holder that died after committing leaves a placement to adopt.
+                if await self._await_gone(pod.uid):
+                    continue
+                assert isinstance(decision, events.Placement)  # a held pod decides so
+                await self._confirm(key, decision.node, claim)
                 return decision
-            if await self._commit(self.view.cluster.ledger_with(decision)):
+            if isinstance(decision, events.Unschedulable):
+                await self._unclaim(key, claim)
+                return decision
+            # The ledger and its revision are taken now: awaiting the claim lets the view
+            # move on, and a decision must commit against the state it was made on.
+            ledger = self.view.cluster.ledger_with(decision)
+            base = self.view.revisions.get(decision.node, 0)
+            if claim is None:
+                got = await self._claim(pod, key, decision.node)
+                if isinstance(got, events.Placement):
+                    return got
+                if got is None:  # the holder gave its claim up: decide again
+                    lost.append("claim")
+                    continue
+                claim = got
+            committed = await self._commit(ledger, last=base)
+            if committed is None:
+                # Unknown outcome: learn it before anything else, or the pod could be
+                # answered Unschedulable while its commit did land (raises TemporaryError
+                # while the key cannot be read; the client's re-send then finds it).
+                await self._reread(decision.node, strict=True)
+                committed = self.view.cluster.placement_of(pod.uid) is not None
+            if not committed:
+                lost.append(decision.node)
+                continue
+            if await self._confirm(key, decision.node, claim):
                 await self._announce(self.subjects.alloc_decided(decision.node), decision)
                 return decision
+            # Another replica took the claim over while this commit was slow: give the
+            # slices back and answer with its placement.
+            await self._take_back(pod.uid, decision.node)
+            claim = None
+            got = await self._await_holder(pod, key)
+            if isinstance(got, events.Placement):
+                return got
+            if isinstance(got, int):
+                claim = got
             lost.append(decision.node)
+        await self._unclaim(key, claim)
         return events.Unschedulable(pod_uid=pod.uid, reason=str(Conflicts(lost)))
+
+    async def _claim(self, pod: PodRequest, key: str, node: str) -> int | events.Placement | None:
+        """Claim ``pod`` for ``node``: the claim's revision when this replica got it, else
+        what ``_await_holder`` returns."""
+        try:
+            return await self.bus.pods.create(key, node.encode())
+        except KeyWrongLastSequenceError:
+            self._count(claims_lost=1)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
+        return await self._await_holder(pod, key)
+
+    async def _await_holder(self, pod: PodRequest, key: str) -> int | events.Placement | None:
+        """Wait for the holder of ``pod``'s claim to commit. Returns its placement once the
+        view shows it; None when the claim is gone; the revision of the claim when this
+        replica took it over (unchanged for ``claim_wait_s`` and the pod in no ledger).
+
+        Raises ``TemporaryError`` when the pods bucket cannot be read.
+        """
+        revision, deadline = -1, 0.0
+        while True:
+            if self.view.cluster.placement_of(pod.uid) is not None:
+                decision = self.scheduler.decide(pod, explain=False)
+                assert isinstance(decision, events.Placement)  # a held pod decides so
+                return decision
+            try:
+                entry = await self.bus.pods.get(key)
+            except (KeyNotFoundError, KeyDeletedError):
+                return None
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
+            now = time.monotonic()
+            if entry.revision != revision:
+                revision, deadline = entry.revision or 0, now + self.claim_wait_s
+            elif now >= deadline:
+                await self._catch_up()
+                if self.view.cluster.placement_of(pod.uid) is None:
+                    try:
+                        taken = await self.bus.pods.update(key, entry.value or b"", last=revision)
+                    except KeyWrongLastSequenceError:
+                        continue
+                    except (nats.errors.Error, TimeoutError) as exc:
+                        raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
+                    self._count(takeovers=1)
+                    log.warning("took over a stale claim", extra={"pod_uid": pod.uid})
+                    return taken
+                continue
+            self._seen.clear()
+            try:
+                async with asyncio.timeout(CLAIM_POLL_S):
+                    await self._seen.wait()
+            except TimeoutError:
+                pass
+
+    async def _await_gone(self, pod_uid: str) -> bool:
+        """True once the view shows ``pod_uid`` in no ledger, False after ``claim_wait_s``."""
+        deadline = time.monotonic() + self.claim_wait_s
+        while self.view.cluster.placement_of(pod_uid) is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._seen.clear()
+            try:
+                async with asyncio.timeout(min(left, CLAIM_POLL_S)):
+                    await self._seen.wait()
+            except TimeoutError:
+                pass
+        return True
+
+    async def _confirm(self, key: str, node: str, claim: int) -> bool:
+        """Compare-and-set the claim after the ledger commit; False when another replica
+        took it over meanwhile. An unknown outcome counts as confirmed: the commit stands."""
+        try:
+            await self.bus.pods.update(key, node.encode(), last=claim)
+        except KeyWrongLastSequenceError:
+            return False
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("claim confirmation uncertain", extra={"key": key, "error": str(exc)})
+        return True
+
+    async def _take_back(self, pod_uid: str, node: str) -> None:
+        """Remove ``pod_uid``'s slices from ``node``'s ledger (no announcement: the pod was
+        never answered from here). Raises ``Conflicts`` after ``max_attempts`` lost races."""
+        lost: list[str] = []
+        for _ in range(self.max_attempts):
+            held = self.view.cluster.placement_of(pod_uid)
+            if held is None or held[0] != node:
+                return
+            ledger = self.view.cluster.ledgers[self.view.cluster.node_index[node]]
+            if await self._commit(ledger.without(pod_uid)):
+                return
+            lost.append(node)
+        raise Conflicts(lost)
+
+    async def _unclaim(self, key: str, claim: int | None) -> None:
+        """Delete the claim at revision ``claim`` if this replica holds one (a failure is
+        logged: a claim left behind is taken over after ``claim_wait_s``)."""
+        if claim is None:
+            return
+        try:
+            await self.bus.pods.delete(key, last=claim)
+        except KeyWrongLastSequenceError:
+            pass
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("claim not deleted", extra={"key": key, "error": str(exc)})
 
     async def release(self, pod_uid: str) -> events.Ack:
         """Free exactly ``pod_uid``'s slices and charge; ``Ack(node=None)`` when it held
@@ -320,10 +495,18 @@ class Replica:
                 return events.Ack(pod_uid=pod_uid)
             node, slices, _ = held
             ledger = self.view.cluster.ledgers[self.view.cluster.node_index[node]]
-            if await self._commit(ledger.without(pod_uid)):
+            committed = await self._commit(ledger.without(pod_uid))
+            if committed is None:  # unknown outcome: learn it (see schedule)
+                await self._reread(node, strict=True)
+                committed = self.view.cluster.placement_of(pod_uid) is None
+            if committed:
                 await self._announce(
                     self.subjects.alloc_released(node), events.Release(pod_uid=pod_uid)
                 )
+                try:
+                    await self.bus.pods.delete(pod_key(pod_uid))
+                except (nats.errors.Error, TimeoutError) as exc:
+                    log.warning("claim not deleted", extra={"pod_uid": pod_uid, "error": str(exc)})
                 return events.Ack(pod_uid=pod_uid, node=node, slices=len(slices))
             lost.append(node)
         raise Conflicts(lost)

@@ -1,0 +1,108 @@
+"""One pod UID, one node: replicas deciding the same pod at the same moment agree through
+its claim in ``<prefix>-pods``, a dead holder's claim is taken over, release clears it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.aio.client import Client
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
+
+from libshared import connecting, events
+from libshared.connecting import BusSettings
+from libshared.subjects import pod_key
+from services.scheduler import app as scheduler_app
+from services.scheduler.adapters import bus
+from services.scheduler.settings import Settings
+from tests.bus import helpers
+
+
+@contextlib.asynccontextmanager
+async def replicas(
+    settings: BusSettings, count: int, *, claim_wait_s: float = 2.0
+) -> AsyncIterator[list[bus.Replica]]:
+    """``count`` replicas in this process, each on its own connection, called directly
+    (not through the queue group) so that all of them get the same request."""
+    async with contextlib.AsyncExitStack() as stack:
+        out = []
+        for i in range(count):
+            nc = await connecting.connect(settings, name=f"r{i}")
+            stack.push_async_callback(nc.close)
+            js = nc.jetstream()
+            s = Settings(bus=settings, name=f"r{i}", policy="hami")
+            replica = bus.Replica(
+                nc=nc,
+                js=js,
+                bus=await connecting.ensure_bus(js, settings),
+                subjects=settings.subjects,
+                scheduler=scheduler_app.build_scheduler(s),
+                name=s.name,
+                claim_wait_s=claim_wait_s,
+            )
+            await replica.start()
+            out.append(replica)
+        yield out
+
+
+async def test_the_same_pod_sent_to_three_replicas_at_once_is_placed_exactly_once(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    # many small nodes, so that replicas with stale views would pick different ones
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=6, gpus=1, split=100))
+    async with replicas(bus_settings, 3) as rs:
+        for i in range(60):
+            pod = helpers.pod(f"p{i}", memory_mib=100 + i)
+            answers = await asyncio.gather(*(r.schedule(pod) for r in rs))
+            assert all(isinstance(a, events.Placement) for a in answers), answers
+            assert len(set(answers)) == 1, answers
+        ledgers = await helpers.ledgers(nc, bus_settings)
+        holders: dict[str, list[str]] = {}
+        for node, ledger in ledgers.items():
+            for slice_ in ledger.slices:
+                holders.setdefault(slice_.pod_uid, []).append(node)
+        assert sorted(holders) == sorted(f"p{i}" for i in range(60))
+        assert all(len(nodes) == 1 for nodes in holders.values()), holders
+        assert sum(r.stats.claims_lost for r in rs) > 0  # the races did happen
+
+
+async def test_a_claim_left_by_a_dead_replica_is_taken_over_after_the_claim_wait(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=1))
+    opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
+    await opened.pods.create(pod_key("orphan"), b"node-1")  # claimed, never committed
+    async with replicas(bus_settings, 1, claim_wait_s=0.3) as (r,):
+        started = time.monotonic()
+        answer = await r.schedule(helpers.pod("orphan", memory_mib=1000))
+        assert isinstance(answer, events.Placement)
+        assert 0.3 <= time.monotonic() - started < 3.0
+        assert r.stats.takeovers == 1
+        claim = await opened.pods.get(pod_key("orphan"))
+        assert claim.value == answer.node.encode()
+
+
+async def test_release_deletes_the_claim_so_the_pod_can_be_placed_again(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=1, gpus=1))
+    opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
+    async with replicas(bus_settings, 1, claim_wait_s=5.0) as (r,):
+        first = await r.schedule(helpers.pod("again", memory_mib=1000))
+        assert isinstance(first, events.Placement)
+        assert (await r.release("again")).node == "node-0"
+        with pytest.raises((KeyNotFoundError, KeyDeletedError)):
+            await opened.pods.get(pod_key("again"))
+        started = time.monotonic()
+        second = await r.schedule(helpers.pod("again", memory_mib=1000))
+        assert isinstance(second, events.Placement)
+        assert time.monotonic() - started < 1.0  # no wait for a stale claim
+
+
+def test_pod_keys_are_uids_when_valid_and_hashes_otherwise() -> None:
+    assert pod_key("0f5c-11ee") == "0f5c-11ee"
+    assert pod_key("a.b c").startswith("h-") and len(pod_key("a.b c")) == 66
+    assert pod_key("h-x") != "h-x"

@@ -1,0 +1,104 @@
+"""``vslice up`` / ``status`` / ``down``: a whole local stack as background processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nats
+import pytest
+
+from libshared import events
+from libshared.connecting import BusSettings
+from tests.bus import helpers
+from tests.bus.conftest import repo_root
+from vslice import stacks
+
+
+def vslice(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vslice.cli", *args],
+        cwd=repo_root(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_up_serves_status_shows_the_allocation_and_down_stops_everything(
+    tmp_path: Path,
+) -> None:
+    state = str(tmp_path / "state")
+    env = {"VSLICE_MOCKGPU_DEVICES": "GPU-mock-a:8000"}
+    started = vslice("up", "--state-dir", state, env=env)
+    assert started.returncode == 0, started.stderr
+    recorded = json.loads((tmp_path / "state" / stacks.STATE_FILE).read_text())
+    pids = recorded["pids"]
+    assert sorted(pids) == ["admission", "nats", "nodeagent", "scheduler-1", "scheduler-2"]
+    try:
+        again = vslice("up", "--state-dir", state)
+        assert again.returncode == 0 and "already up" in again.stdout
+        assert json.loads((tmp_path / "state" / stacks.STATE_FILE).read_text()) == recorded
+
+        bus = BusSettings(urls=(recorded["nats_url"],), prefix=recorded["prefix"])
+
+        async def place() -> events.Placement | events.Unschedulable | events.BusError:
+            nc = await nats.connect(recorded["nats_url"])
+            try:
+                return await helpers.schedule(nc, bus, helpers.pod("p1", memory_mib=3000))
+            finally:
+                await nc.close()
+
+        placed = asyncio.run(place())
+        assert isinstance(placed, events.Placement)
+        assert placed.node == stacks.local_node_name() + "-0"
+        assert placed.slices[0].uuid == "GPU-mock-a"
+
+        status = vslice("status", "--state-dir", state)
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.count("running") == 5 and "NOT RUNNING" not in status.stdout
+        row = next(line for line in status.stdout.splitlines() if placed.slices[0].uuid in line)
+        assert row.split()[2:] == ["1/10", "3000/8000", "0"]
+    finally:
+        stopped = vslice("down", "--state-dir", state)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not any(stacks.alive(pid) for pid in pids.values())
+    assert not (tmp_path / "state" / stacks.STATE_FILE).exists()
+    assert (tmp_path / "state" / "logs" / "scheduler-1.log").exists()
+
+    twice = vslice("down", "--state-dir", state)
+    assert twice.returncode == 0 and "nothing up" in twice.stdout
+    status = vslice("status", "--state-dir", state)
+    assert status.returncode == 0 and "no stack up" in status.stdout
+
+
+def test_the_state_dir_comes_from_the_environment_else_a_per_user_default() -> None:
+    assert stacks.default_state_dir({"VSLICE_STATE_DIR": "/x"}) == Path("/x")
+    assert stacks.default_state_dir({"XDG_STATE_HOME": "/s"}) == Path("/s/vslice")
+    assert stacks.default_state_dir({}) == Path.home() / ".local" / "state" / "vslice"
+
+
+def test_every_service_command_of_a_stack_runs_a_vslice_service_module() -> None:
+    commands = stacks.service_commands("nats://h:1", replicas=3, policy="fgd", workload_trace="t")
+    assert list(commands) == ["admission", "scheduler-1", "scheduler-2", "scheduler-3", "nodeagent"]
+    for argv in commands.values():
+        assert argv[1:3] == ["-m", argv[2]] and argv[2].startswith("services.")
+        assert argv[argv.index("--nats-url") + 1] == "nats://h:1"
+    assert commands["scheduler-3"][-2:] == ["--workload-trace", "t"]
+
+
+def test_mock_gpus_come_from_a_device_list_else_a_count_and_size() -> None:
+    listed = stacks.mock_agent_args({"VSLICE_MOCKGPU_DEVICES": "GPU-x:4000,GPU-y:8000"})
+    assert listed[:2] == ["--devices", "GPU-x:4000,GPU-y:8000"]
+    counted = stacks.mock_agent_args({"VSLICE_MOCKGPU_COUNT": "3"})
+    assert "--devices" not in counted
+    assert counted[counted.index("--gpus") + 1] == "3"
+    assert counted[counted.index("--memory-mib") + 1] == "16384"
+    for bad in ({"VSLICE_MOCKGPU_DEVICES": "GPU-x"}, {"VSLICE_MOCKGPU_COUNT": "two"}):
+        with pytest.raises(stacks.StackError, match="mock GPU settings"):
+            stacks.mock_agent_args(bad)

@@ -1,0 +1,306 @@
+"""Replaying a trace over the bus: a temporary stack, the trace's arrivals through admission
+and the scheduler replicas, the in-process replay's report plus throughput and latency.
+
+Per (policy, seed) it starts a stack of its own in a temporary directory -- nats-server,
+admission, ``replicas`` scheduler replicas (policy, seed and FGD's target workload from the
+trace, as in process) and one mock node agent hosting the fleet -- then sends the arrival
+sequence of ``services.scheduler.core.replaying.arrivals`` as Kubernetes-style pod specs
+to ``admission.review`` and each admitted ``PodRequest`` to ``sched.schedule``, with up to
+``concurrency`` pods in flight, and tears the stack down. The allocation curve is built in
+arrival order from the answers, and the report is ``replaying.summarize``'s, so the two
+replays compare field by field; ``decision_ms`` are end-to-end latencies here (admission
+plus scheduling, as the client sees them).
+
+What it leaves to others: the arrivals and the report (``replaying``), the stack's
+processes (``vslice.stacks``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client
+from tqdm import tqdm
+
+from libshared import annotations as keys
+from libshared import connecting, events, traces
+from libshared.connecting import BusSettings
+from libshared.errors import VsliceError
+from libshared.natsserver import NatsServer
+from libshared.traces import TracePod
+from services.scheduler.core import replaying
+from vslice import stacks
+
+PREFIX = "vreplay"
+TEMPORARY_RETRIES = 20
+REQUEST_TIMEOUT_S = 30.0
+
+
+class ReplayError(VsliceError):
+    """A pod got no usable answer over the bus (the reason names pod and answer)."""
+
+
+def pod_spec(pod: TracePod, uid: str) -> dict[str, Any]:
+    """A Kubernetes-style pod (JSON object) that admission turns into ``pod.request(uid)``:
+    HAMi's ``nvidia.com/gpu``, ``gpumem-percentage`` and ``gpucores`` limits, CPU and
+    memory requests, and the trace's GPU models as ``nvidia.com/use-gputype``. A pod without
+    GPUs keeps one container with no GPU resources (admission lists it with 0 GPUs). A pod
+    under 10 milli-GPU asks for 0 %, which admission denies (HAMi wants >= 1); the bus
+    replay counts it as not placed (the openb traces hold none)."""
+    limits: dict[str, int] = {}
+    if pod.num_gpu == 1 and pod.gpu_milli < 1000:
+        pct = pod.gpu_milli // 10
+        limits = {"nvidia.com/gpu": 1, "nvidia.com/gpumem-percentage": pct}
+        limits["nvidia.com/gpucores"] = pct
+    elif pod.num_gpu > 0:
+        limits = {"nvidia.com/gpu": pod.num_gpu, "nvidia.com/gpumem-percentage": 100}
+        limits["nvidia.com/gpucores"] = 100
+    meta: dict[str, Any] = {"uid": uid, "namespace": "openb", "name": pod.name}
+    if pod.gpu_spec:
+        meta["annotations"] = {keys.USE_GPUTYPE: ",".join(pod.gpu_spec)}
+    requests = {"cpu": f"{pod.cpu_milli}m", "memory": f"{pod.memory_mib}Mi"}
+    container = {"name": "main", "resources": {"limits": limits, "requests": requests}}
+    return {"metadata": meta, "spec": {"containers": [container]}}
+
+
+@dataclass
+class Driven:
+    """What driving one arrival sequence gave: per arrival whether it was placed and its
+    end-to-end latency (ms), the wall time (s), and the replicas' summed ``Stats``."""
+
+    placed: list[bool]
+    latency_ms: list[float]
+    wall_s: float
+    stats: events.Stats
+
+
+async def _request(nc: Client, subject: str, body: bytes) -> bytes:
+    msg = await nc.request(subject, body, timeout=REQUEST_TIMEOUT_S)
+    return msg.data
+
+
+async def _one(nc: Client, subjects: Any, spec: bytes) -> bool:
+    """Admit and schedule one pod; True when placed. Raises ``ReplayError``."""
+    review = events.decode_review_reply(await _request(nc, subjects.admission_review, spec))
+    if isinstance(review, events.Denial):
+        return False
+    if isinstance(review, events.BusError):
+        raise ReplayError(f"admission failed: {review.reason}")
+    body = events.ENCODER.encode(review)
+    for _ in range(TEMPORARY_RETRIES):
+        reply = events.SCHEDULE_REPLY.decode(await _request(nc, subjects.sched_schedule, body))
+        if isinstance(reply, events.BusError) and reply.reason.startswith("temporary:"):
+            await asyncio.sleep(0.1)
+            continue
+        if isinstance(reply, events.BusError):
+            raise ReplayError(f"pod {review.uid}: {reply.reason}")
+        return isinstance(reply, events.Placement)
+    raise ReplayError(f"pod {review.uid}: the bus stayed unavailable")
+
+
+async def replica_stats(nc: Client, subject: str, *, wait_s: float = 0.5) -> list[events.Stats]:
+    """Every replica's ``Stats`` answering within ``wait_s`` seconds."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    out: list[events.Stats] = []
+    try:
+        await nc.publish(subject, b"", reply=inbox)
+        try:
+            async with asyncio.timeout(wait_s):
+                async for msg in sub.messages:
+                    if msg.data:  # an empty one is the server's "no responders"
+                        out.append(events.STATS.decode(msg.data))
+        except TimeoutError:
+            pass
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def drive(
+    settings: BusSettings,
+    specs: Sequence[bytes],
+    *,
+    concurrency: int,
+    progress: Callable[[int], object] | None = None,
+) -> Driven:
+    """Send every pod spec (JSON) through admission and the schedulers, at most
+    ``concurrency`` at once, in order. Raises ``ReplayError`` for an error answer."""
+    nc = await connecting.connect(settings, name="vslice-replay")
+    placed = [False] * len(specs)
+    latency = [0.0] * len(specs)
+    s = settings.subjects
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < len(specs):
+            i = next_index
+            next_index += 1
+            t0 = time.perf_counter()
+            placed[i] = await _one(nc, s, specs[i])
+            latency[i] = (time.perf_counter() - t0) * 1000.0
+            if progress is not None:
+                progress(1)
+
+    try:
+        started = time.perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(max(1, concurrency)):
+                tg.create_task(worker())
+        wall = time.perf_counter() - started
+        total = events.Stats(name="all")
+        for one in await replica_stats(nc, s.sched_stats):
+            total = events.Stats(
+                name="all",
+                **{
+                    f: getattr(total, f) + getattr(one, f)
+                    for f in events.Stats.__struct_fields__
+                    if f != "name"
+                },
+            )
+    finally:
+        await nc.close()
+    return Driven(placed=placed, latency_ms=latency, wall_s=wall, stats=total)
+
+
+def seed_result(
+    seed: int, sequence: Sequence[TracePod], driven: Driven, capacity: int
+) -> replaying.SeedResult:
+    """The in-process replay's ``SeedResult`` of a bus run: curve in arrival order."""
+    curve: list[tuple[float, float]] = []
+    requested = allocated = 0
+    for pod, ok in zip(sequence, driven.placed, strict=True):
+        requested += pod.milli_total
+        allocated += pod.milli_total if ok else 0
+        curve.append((requested / capacity, allocated / capacity))
+    return replaying.SeedResult(
+        seed=seed,
+        curve=curve,
+        pods_total=len(sequence),
+        pods_placed=sum(driven.placed),
+        decision_ms=driven.latency_ms,
+        wall_s=driven.wall_s,
+    )
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def run_seed(
+    trace: str,
+    fleet_path: str,
+    *,
+    policy: str,
+    seed: int,
+    replicas: int,
+    concurrency: int,
+    quiet: bool = False,
+) -> tuple[replaying.SeedResult, Driven]:
+    """One experiment over a temporary stack of its own (see the module docstring).
+
+    Raises ``StackError`` when the stack does not come up, ``ReplayError`` for an error
+    answer, ``OSError``/``TraceFormatError`` for unreadable files.
+    """
+    fleet = traces.read_fleet(fleet_path)
+    pods = traces.read_pods(trace)
+    capacity = replaying.capacity_milli(fleet)
+    sequence = replaying.arrivals(pods, seed=seed, capacity=capacity)
+    specs = [events.ENCODER.encode(pod_spec(pod, f"{seed}-{i}")) for i, pod in enumerate(sequence)]
+    max_devices = max((len(n.devices) for n in fleet), default=1) or 1
+    with tempfile.TemporaryDirectory(prefix="vslice-replay-") as tmp:
+        state = Path(tmp)
+        server = NatsServer(data_dir=state / "nats", name="vslice-replay-nats")
+        with server:
+            commands = stacks.service_commands(
+                server.url,
+                prefix=PREFIX,
+                replicas=replicas,
+                policy=policy,
+                workload_trace=trace,
+                seed=seed,
+                agent_args=["--fleet", fleet_path, "--name", "replay-agent"],
+                scheduler_args=["--max-devices", str(max_devices)],
+                log_level="warning",
+            )
+            logs = state / "logs"
+            procs = {name: stacks.spawn(name, argv, logs) for name, argv in commands.items()}
+            try:
+                settings = BusSettings(urls=(server.url,), prefix=PREFIX)
+                asyncio.run(
+                    stacks.wait_serving(
+                        settings,
+                        schedulers=replicas,
+                        nodes=len(fleet),
+                        procs=procs,
+                        logs=logs,
+                        timeout_s=120.0,
+                    )
+                )
+                bar = tqdm(
+                    total=len(specs), desc=f"{policy} seed {seed}", unit="pod", disable=quiet
+                )
+                try:
+                    driven = asyncio.run(
+                        drive(settings, specs, concurrency=concurrency, progress=bar.update)
+                    )
+                finally:
+                    bar.close()
+            finally:
+                stacks.stop(list(procs.values()))
+    return seed_result(seed, sequence, driven, capacity), driven
+
+
+def replay_over_bus(
+    trace: str,
+    fleet: str,
+    policies: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    replicas: int = 2,
+    concurrency: int = 16,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """One report per policy: ``replaying.summarize``'s fields plus ``pods_per_s``,
+    ``latency_ms_p50``/``latency_ms_p99`` (end to end, ms), ``replicas``, ``concurrency``,
+    ``conflicts`` (lost ledger compare-and-sets) and ``claims_lost`` (pods another replica
+    was placing). Raises what ``run_seed`` raises."""
+    reports = []
+    for policy in policies:
+        results, runs = [], []
+        for seed in seeds:
+            result, driven = run_seed(
+                trace,
+                fleet,
+                policy=policy,
+                seed=seed,
+                replicas=replicas,
+                concurrency=concurrency,
+                quiet=quiet,
+            )
+            results.append(result)
+            runs.append(driven)
+        report = replaying.summarize(policy, results)
+        latencies = [t for d in runs for t in d.latency_ms]
+        report.update(
+            trace=trace,
+            fleet=fleet,
+            mode="bus",
+            replicas=replicas,
+            concurrency=concurrency,
+            pods_per_s=sum(len(d.placed) for d in runs) / sum(d.wall_s for d in runs),
+            latency_ms_p50=_percentile(latencies, 0.50),
+            latency_ms_p99=_percentile(latencies, 0.99),
+            conflicts=sum(d.stats.conflicts for d in runs),
+            claims_lost=sum(d.stats.claims_lost for d in runs),
+        )
+        reports.append(report)
+    return reports
