@@ -16,6 +16,10 @@ import msgspec
 
 DEFAULT_PREFIX = "vslice"
 SCHEDULERS_QUEUE = "schedulers"
+# Header a client puts on a schedule request: the wall-clock time (Unix seconds) after which
+# it no longer waits for the answer and may re-send. A replica drops a copy past it, so a
+# copy delayed behind a stall cannot place a pod its client has since re-sent or released.
+DEADLINE_HEADER = "Vslice-Deadline"
 ADMISSION_QUEUE = "admission"
 
 # A prefix is one subject token that is also valid inside bucket and stream names.
@@ -130,3 +134,17 @@ class Subjects(msgspec.Struct, frozen=True, kw_only=True):
     def usage(self, node: str) -> str:
         """``NodeUsage`` of a node (core NATS)."""
         return f"{self.prefix}.usage.{node}"
+
+
+def deadline_headers(timeout_s: float, *, now: float) -> dict[str, str]:
+    """Headers for a request the client waits ``timeout_s`` seconds for, sent at ``now``."""
+    return {DEADLINE_HEADER: f"{now + timeout_s:.3f}"}
+
+
+def deadline_of(headers: dict[str, str] | None) -> float | None:
+    """The request's deadline (Unix seconds), or None when it has none or it is malformed."""
+    raw = (headers or {}).get(DEADLINE_HEADER)
+    try:
+        return None if raw is None else float(raw)
+    except ValueError:
+        return None

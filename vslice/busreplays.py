@@ -33,6 +33,7 @@ from libshared import connecting, events, traces
 from libshared.connecting import BusSettings
 from libshared.errors import VsliceError
 from libshared.natsserver import NatsServer
+from libshared.subjects import deadline_headers
 from libshared.traces import TracePod
 from services.scheduler.core import replaying
 from vslice import stacks
@@ -81,7 +82,8 @@ class Driven:
 
 
 async def _request(nc: Client, subject: str, body: bytes) -> bytes:
-    msg = await nc.request(subject, body, timeout=REQUEST_TIMEOUT_S)
+    headers = deadline_headers(REQUEST_TIMEOUT_S, now=time.time())
+    msg = await nc.request(subject, body, timeout=REQUEST_TIMEOUT_S, headers=headers)
     return msg.data
 
 

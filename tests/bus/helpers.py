@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -16,6 +17,7 @@ from libshared.connecting import BusSettings
 from libshared.devices import Device, NodeDevices
 from libshared.ledgers import NodeLedger
 from libshared.resources import ContainerRequest, PodRequest
+from libshared.subjects import deadline_headers
 from services.scheduler import app as scheduler_app
 from services.scheduler.settings import Settings as SchedulerSettings
 
@@ -107,7 +109,10 @@ async def schedule(
     nc: Client, settings: BusSettings, request: PodRequest, *, timeout_s: float = 5.0
 ) -> events.Placement | events.Unschedulable | events.BusError:
     msg = await nc.request(
-        settings.subjects.sched_schedule, events.ENCODER.encode(request), timeout=timeout_s
+        settings.subjects.sched_schedule,
+        events.ENCODER.encode(request),
+        timeout=timeout_s,
+        headers=deadline_headers(timeout_s, now=time.time()),
     )
     return events.SCHEDULE_REPLY.decode(msg.data)
 

@@ -27,6 +27,7 @@ from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger, Slice
 from libshared.natsserver import NatsServer, start_cluster
+from libshared.subjects import deadline_headers
 from tests.bus import helpers
 from tests.bus.conftest import repo_root
 
@@ -139,10 +140,13 @@ async def client(cid: int, nc: Client, bus: BusSettings, book: Book) -> None:
             subject, body = bus.subjects.sched_schedule, events.ENCODER.encode(random_pod(rng, uid))
         started = time.perf_counter()
         tries = 0
-        for _ in range(20):
+        for _ in range(60):
             tries += 1
             try:
-                msg = await nc.request(subject, body, timeout=TIMEOUT_S)
+                # a schedule copy past its deadline is dropped by the replicas, so a copy
+                # stuck behind a failover cannot place a pod this client has re-sent
+                headers = deadline_headers(TIMEOUT_S, now=time.time())
+                msg = await nc.request(subject, body, timeout=TIMEOUT_S, headers=headers)
                 if not msg.data.startswith(TEMPORARY):
                     break
                 book.retries += 1  # the replica could not read the ledger: send again
@@ -150,8 +154,9 @@ async def client(cid: int, nc: Client, bus: BusSettings, book: Book) -> None:
             except nats.errors.TimeoutError:
                 book.retries += 1  # the replica died with it: send again, same pod
             except nats.errors.NoRespondersError:
+                # while a dead NATS node's clients move over, the queue group can be empty
                 book.retries += 1
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.25)
         else:
             book.errors.append(f"{rid}: no answer after retries")
             continue

@@ -56,7 +56,7 @@ from libshared.connecting import Bus
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
 from libshared.resources import PodRequest
-from libshared.subjects import SCHEDULERS_QUEUE, Subjects, pod_key
+from libshared.subjects import SCHEDULERS_QUEUE, Subjects, deadline_of, pod_key
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
 
@@ -116,6 +116,10 @@ class TemporaryError(Exception):
 
     Answered as a ``BusError`` whose reason starts with ``"temporary:"``.
     """
+
+
+class Expired(Exception):
+    """The client's deadline for a schedule request passed before anything was committed."""
 
 
 class Conflicts(Exception):
@@ -313,12 +317,16 @@ class Replica:
 
     # -- the two operations ---------------------------------------------------------------
 
-    async def schedule(self, pod: PodRequest) -> events.Placement | events.Unschedulable:
+    async def schedule(
+        self, pod: PodRequest, *, deadline: float | None = None
+    ) -> events.Placement | events.Unschedulable:
         """Place ``pod`` and commit it; the existing placement when it already holds slices,
         or the placement of the replica that holds the pod's claim.
 
         Returns ``Unschedulable`` when nothing fits, or after ``max_attempts`` lost races
-        (its reason says so). Raises ``TemporaryError`` when the bus cannot be read.
+        (its reason says so). Raises ``TemporaryError`` when the bus cannot be read, and
+        ``Expired`` when the client's ``deadline`` (Unix seconds) passes before a claim or a
+        commit: nothing is committed for a request its client has given up on.
         """
         await self._catch_up()
         key = pod_key(pod.uid)
@@ -345,6 +353,9 @@ class Replica:
             # move on, and a decision must commit against the state it was made on.
             ledger = self.view.cluster.ledger_with(decision)
             base = self.view.revisions.get(decision.node, 0)
+            if deadline is not None and time.time() > deadline:
+                await self._unclaim(key, claim)
+                raise Expired(f"pod {pod.uid}: the client's deadline passed")
             if claim is None:
                 got = await self._claim(pod, key, decision.node)
                 if isinstance(got, events.Placement):
@@ -353,6 +364,9 @@ class Replica:
                     lost.append("claim")
                     continue
                 claim = got
+            if deadline is not None and time.time() > deadline:
+                await self._unclaim(key, claim)
+                raise Expired(f"pod {pod.uid}: the client's deadline passed")
             committed = await self._commit(ledger, last=base)
             if committed is None:
                 # Unknown outcome: learn it before anything else, or the pod could be
@@ -540,8 +554,16 @@ class Replica:
             log.warning("malformed schedule request", extra={"error": str(exc)})
             await self._reply(msg, events.BusError(reason=f"malformed PodRequest: {exc}"))
             return
+        deadline = deadline_of(msg.headers)
         try:
-            decision = await self.schedule(pod)
+            if deadline is not None and time.time() > deadline:
+                raise Expired(f"pod {pod.uid}: the client's deadline passed")
+            decision = await self.schedule(pod, deadline=deadline)
+        except Expired as exc:
+            # the client has stopped waiting (and may have re-sent): no answer is read
+            self._count(errors=1)
+            log.warning("schedule request expired", extra={"pod_uid": pod.uid, "error": str(exc)})
+            return
         except TemporaryError as exc:
             self._count(errors=1)
             log.warning("schedule deferred", extra={"pod_uid": pod.uid, "error": str(exc)})
