@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -155,3 +156,22 @@ async def ensure_bus(js: JetStreamContext, settings: BusSettings) -> Bus:
         except BadRequestError:
             await js.stream_info(subjects.alloc_stream)  # created meanwhile by another
     return Bus(nodes=nodes, ledger=ledger, pods=pods)
+
+
+def stop_on_signals(stop: asyncio.Event | None = None) -> asyncio.Event:
+    """``stop``, or a new event, set on SIGTERM/SIGINT (call inside the running loop)."""
+    if stop is not None:
+        return stop
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def drain_quietly(nc: Client) -> None:
+    """Drain ``nc`` on the way out; a connection that is already gone is only logged."""
+    try:
+        await nc.drain()
+    except Exception as exc:  # any failure here: the service is exiting either way
+        log.warning("drain failed", extra={"error": str(exc)})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from libshared import connecting
 from services.admission.adapters import bus
@@ -15,11 +14,7 @@ log = logging.getLogger("vslice.admission")
 
 async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set; without one, until SIGTERM/SIGINT."""
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    stop = connecting.stop_on_signals(stop)
     nc = await connecting.connect(settings.bus, name="admission")
     try:
         reviewer = bus.Reviewer(nc=nc, subjects=settings.bus.subjects, resources=settings.resources)
@@ -28,8 +23,5 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         await stop.wait()
         log.info("draining")
     finally:
-        try:
-            await nc.drain()
-        except Exception as exc:  # the connection may already be gone; exiting is what matters
-            log.warning("drain failed", extra={"error": str(exc)})
+        await connecting.drain_quietly(nc)
     log.info("stopped")

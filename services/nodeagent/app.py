@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from libshared import connecting, traces
 from libshared.devices import NodeDevices
@@ -37,11 +36,7 @@ def hosted_nodes(settings: Settings) -> list[NodeDevices]:
 
 async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Register the nodes and answer their allocations until ``stop`` (default: SIGTERM)."""
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    stop = connecting.stop_on_signals(stop)
     nodes = hosted_nodes(settings)
     nc = await connecting.connect(settings.bus, name=f"nodeagent-{settings.name}")
     try:
@@ -56,8 +51,5 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         await stop.wait()
         await agent.stop()
     finally:
-        try:
-            await nc.drain()
-        except Exception as exc:  # the connection may already be gone; exiting is what matters
-            log.warning("drain failed", extra={"error": str(exc)})
+        await connecting.drain_quietly(nc)
     log.info("stopped", extra={"agent": settings.name})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from libshared import connecting, traces
 from services.scheduler.adapters import bus
@@ -33,11 +32,7 @@ def build_scheduler(settings: Settings) -> Scheduler:
 
 async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run a replica until ``stop`` is set; without one, until SIGTERM/SIGINT."""
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    stop = connecting.stop_on_signals(stop)
     scheduler = build_scheduler(settings)
     nc = await connecting.connect(settings.bus, name=f"scheduler-{settings.name}")
     try:
@@ -61,8 +56,5 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         log.info("draining", extra={"replica": settings.name})
         await replica.stop()
     finally:
-        try:
-            await nc.drain()
-        except Exception as exc:  # the connection may already be gone; exiting is what matters
-            log.warning("drain failed", extra={"error": str(exc)})
+        await connecting.drain_quietly(nc)
     log.info("stopped", extra={"replica": settings.name})

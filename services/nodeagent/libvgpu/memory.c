@@ -375,15 +375,20 @@ static nvml_index_fn nvml_get_index(void) {
     return f;
 }
 
+/* The slice of an NVML device (free, total, used bytes), when one applies to it. */
+static int nvml_slice(nvmlDevice_t device, uint64_t *f, uint64_t *t, uint64_t *u) {
+    unsigned int index;
+    nvml_index_fn get_index = nvml_get_index();
+    return get_index != NULL && get_index(device, &index) == NVML_SUCCESS &&
+           index < VGPU_MAX_DEVICES && slice_info((int)index, f, t, u);
+}
+
 VGPU_API nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
     vgpu_init();
     if (vgpu_real_nvmlDeviceGetMemoryInfo == NULL) return NVML_ERROR_UNINITIALIZED;
     nvmlReturn_t r = vgpu_real_nvmlDeviceGetMemoryInfo(device, memory);
-    unsigned int index;
-    nvml_index_fn get_index = nvml_get_index();
     uint64_t f, t, u;
-    if (r == NVML_SUCCESS && get_index != NULL && get_index(device, &index) == NVML_SUCCESS &&
-        index < VGPU_MAX_DEVICES && slice_info((int)index, &f, &t, &u)) {
+    if (r == NVML_SUCCESS && nvml_slice(device, &f, &t, &u)) {
         memory->total = t;
         memory->free = f;
         memory->used = u;
@@ -395,11 +400,8 @@ VGPU_API nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory
     vgpu_init();
     if (vgpu_real_nvmlDeviceGetMemoryInfo_v2 == NULL) return NVML_ERROR_UNINITIALIZED;
     nvmlReturn_t r = vgpu_real_nvmlDeviceGetMemoryInfo_v2(device, memory);
-    unsigned int index;
-    nvml_index_fn get_index = nvml_get_index();
     uint64_t f, t, u;
-    if (r == NVML_SUCCESS && get_index != NULL && get_index(device, &index) == NVML_SUCCESS &&
-        index < VGPU_MAX_DEVICES && slice_info((int)index, &f, &t, &u)) {
+    if (r == NVML_SUCCESS && nvml_slice(device, &f, &t, &u)) {
         memory->total = t;
         memory->reserved = 0;
         memory->free = f;
