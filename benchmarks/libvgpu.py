@@ -83,6 +83,10 @@ def compute_accuracy(percent: int, seconds: float) -> tuple[float, float]:
         return min(fractions), max(fractions)
 
 
+# the budgets for the rows overhead() yields, in its order, each in its row's unit
+BUDGETS = (50.0, 1000.0, 20.0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
@@ -92,10 +96,14 @@ def main() -> int:
         subprocess.run(["make", "-s", "-C", str(folder)], check=True, capture_output=True)
 
     print("libvgpu on the mock driver (best of 5 rounds; 3 for 8 processes)")
-    print(f"{'path':36} {'without':>10} {'with':>10} {'difference':>11} {'ratio':>7}")
-    for label, without, with_ in overhead(options.quick):
+    print(f"{'path':36} {'without':>10} {'with':>10} {'difference':>11} {'ratio':>7}  budget")
+    for (label, without, with_), budget in zip(overhead(options.quick), BUDGETS, strict=True):
         ratio = with_ / without if without else float("nan")
-        print(f"{label:36} {without:10.2f} {with_:10.2f} {with_ - without:+11.2f} {ratio:6.2f}x")
+        verdict = "within" if with_ - without <= budget else "OVER"
+        print(
+            f"{label:36} {without:10.2f} {with_:10.2f} {with_ - without:+11.2f} {ratio:6.2f}x"
+            f"  {verdict} +{budget:g}"
+        )
     if not options.no_compute:
         seconds = 2.5 if options.quick else 5.0
         print(f"compute limit, 2 ms kernels, {seconds} s saturating, every 2 s window:")
