@@ -117,6 +117,75 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
     errors: int = 0
 
 
+class ContainerUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """What one container's processes use of one device of its slice, read back from its
+    shared cache file (libvgpu's charges) and NVML.
+
+    ``used_bytes``: device memory charged by the container's processes, bytes;
+    ``limit_bytes``: the slice's memory cap, bytes (0: none); ``sm_limit_percent``: the
+    compute cap, percent (0: none); ``utilization_percent``: the container's share of the
+    device's busy time over the last sampling period, percent 0-100 (None when unknown);
+    ``last_kernel_at``: Unix time (seconds) of the container's last kernel launch (None:
+    none yet); ``pids``: host PIDs of its live processes.
+    """
+
+    pod_uid: str
+    namespace: str
+    pod: str
+    container: str
+    container_index: int
+    uuid: str
+    device_index: int
+    used_bytes: int
+    limit_bytes: int
+    sm_limit_percent: int = 0
+    utilization_percent: float | None = None
+    last_kernel_at: float | None = None
+    pids: tuple[int, ...] = ()
+
+
+class DeviceUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """One physical GPU as the host sees it (NVML): memory used and total in bytes,
+    utilization percent 0-100 over NVML's last sample period (None when unknown)."""
+
+    uuid: str
+    index: int
+    type: str
+    used_bytes: int
+    total_bytes: int
+    utilization_percent: float | None = None
+
+
+class Escape(msgspec.Struct, frozen=True, kw_only=True):
+    """A host process using more device memory than its slice allows (one that escaped
+    ``LD_PRELOAD``, say): NVML's figure ``used_bytes`` against ``limit_bytes`` of the slice
+    the process belongs to (``pod_uid``/``container``; empty when it belongs to none), and
+    whether the node agent ``killed`` it (``--enforce=kill``)."""
+
+    pid: int
+    uuid: str
+    used_bytes: int
+    limit_bytes: int
+    pod_uid: str = ""
+    container: str = ""
+    killed: bool = False
+
+
+class NodeUsage(msgspec.Struct, frozen=True, kw_only=True, tag="node-usage"):
+    """A node agent's periodic usage report on ``<prefix>.usage.<node>`` (core NATS).
+
+    ``at``: Unix time (seconds) of the reading; ``problems``: cache files that could not
+    be read (path and reason), skipped in ``containers``.
+    """
+
+    node: str
+    at: float
+    devices: tuple[DeviceUsage, ...] = ()
+    containers: tuple[ContainerUsage, ...] = ()
+    escapes: tuple[Escape, ...] = ()
+    problems: tuple[str, ...] = ()
+
+
 ScheduleReply = Placement | Unschedulable | BusError
 ReleaseReply = Ack | BusError
 AllocEvent = Placement | Release
@@ -132,6 +201,7 @@ ALLOC_EVENT = msgspec.json.Decoder(AllocEvent)
 PLACEMENT = msgspec.json.Decoder(Placement)
 STATS = msgspec.json.Decoder(Stats)
 NODE_ANSWER = msgspec.json.Decoder(Ready | Failed)
+NODE_USAGE = msgspec.json.Decoder(NodeUsage)
 
 _TAGGED_REVIEW_REPLY: msgspec.json.Decoder[Denial | BusError] = msgspec.json.Decoder(
     Denial | BusError
