@@ -1,0 +1,21 @@
+"""``python -m services.metrics [flags]``: run the metrics service (see ``settings``)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from libshared import logs
+from services.metrics import app, settings
+
+
+def run(argv: list[str]) -> int:
+    """Parse settings, log as JSON, serve until SIGTERM; returns the exit code."""
+    config = settings.parse(argv)
+    logs.setup("metrics", level=config.log_level)
+    asyncio.run(app.main(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""I/O of the metrics service: the bus (watching, usage, stats) and HTTP (aiohttp)."""

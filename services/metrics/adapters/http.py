@@ -1,0 +1,94 @@
+"""The metrics service's HTTP side (aiohttp): ``/metrics``, the dashboard, its data.
+
+Routes: ``GET /metrics`` (Prometheus text format: the families of
+``services.metrics.core.exporting`` drawn from the view at scrape time, plus the latency
+histogram and rejection counter), ``GET /`` (the dashboard page, plain HTML and JS, no
+build step), ``GET /api/fleet`` (the page's data, ``services.metrics.core.dashboards``),
+``GET /healthz``. Thin glue: every figure comes from the core.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+from services.metrics.core import dashboards, exporting
+from services.metrics.core.views import FleetView
+
+STATS_TTL_INTERVALS = 3  # a replica silent for this many stats intervals is dropped
+
+
+@dataclass(eq=False)  # registries key collectors by identity
+class ViewCollector(Collector):
+    """A prometheus-client collector drawing HAMi's and vslice's families from ``view`` at
+    each scrape (so a released slice's series are gone at the next scrape)."""
+
+    view: FleetView
+    usage_ttl_s: float
+    stats_ttl_s: float
+    zone: str = exporting.ZONE
+    clock: Callable[[], float] = time.time
+
+    def collect(self) -> Iterable[Metric]:
+        now = self.clock()
+        snapshot = self.view.snapshot(now=now, usage_ttl_s=self.usage_ttl_s)
+        yield from exporting.hami_families(snapshot, now=now, zone=self.zone)
+        stats = self.view.live_stats(now=now, ttl_s=self.stats_ttl_s)
+        yield from exporting.vslice_families(snapshot, stats=stats)
+
+
+def page() -> bytes:
+    """The dashboard page (``static/index.html`` of this package)."""
+    return resources.files("services.metrics").joinpath("static/index.html").read_bytes()
+
+
+def application(
+    view: FleetView,
+    registry: CollectorRegistry,
+    *,
+    usage_ttl_s: float,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """The aiohttp application serving ``registry`` and the dashboard of ``view``."""
+    body = page()
+
+    async def metrics(request: web.Request) -> web.Response:
+        out = web.Response(body=generate_latest(registry))
+        out.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return out
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/html", charset="utf-8")
+
+    async def fleet(request: web.Request) -> web.Response:
+        now = clock()
+        snapshot = view.snapshot(now=now, usage_ttl_s=usage_ttl_s)
+        return web.json_response(dashboards.fleet(snapshot, now=now))
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    app = web.Application(client_max_size=1024)
+    app.router.add_get("/", index)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/fleet", fleet)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def serve(app: web.Application, *, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start serving ``app`` on ``host:port`` (0: a free port); returns the runner (its
+    ``cleanup()`` stops it) and the port bound. Raises ``OSError`` when the port is taken."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = int(runner.addresses[0][1]) if runner.addresses else port
+    return runner, bound

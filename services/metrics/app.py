@@ -1,0 +1,73 @@
+"""Wiring of the metrics service: connect, watch the bus into a view, serve HTTP, drain.
+
+Lifecycle (nats.py's habit): SIGTERM or SIGINT sets an ``asyncio.Event``; the service then
+stops serving HTTP, unsubscribes and drains its connection within the drain timeout.
+Nothing here computes a figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
+
+from libshared import connecting
+from services.metrics.adapters import bus, http
+from services.metrics.core.views import FleetView
+from services.metrics.settings import Settings
+
+log = logging.getLogger("vslice.metrics")
+
+
+async def main(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    on_serving: Callable[[int], None] | None = None,
+) -> None:
+    """Serve until ``stop`` is set; without one, until SIGTERM/SIGINT. ``on_serving`` is
+    called with the HTTP port once the view holds the buckets' content and HTTP serves."""
+    stop = connecting.stop_on_signals(stop)
+    view = FleetView()
+    registry = CollectorRegistry(auto_describe=False)
+    instruments = bus.Instruments.create(registry)
+    registry.register(
+        http.ViewCollector(
+            view=view,
+            usage_ttl_s=settings.usage_ttl_s,
+            stats_ttl_s=http.STATS_TTL_INTERVALS * settings.stats_interval_s,
+            zone=settings.zone,
+        )
+    )
+    nc = await connecting.connect(settings.bus, name="metrics")
+    runner = None
+    try:
+        js = nc.jetstream(timeout=settings.bus.request_timeout_s)
+        await connecting.ensure_bus(js, settings.bus)
+        watcher = bus.Watcher(
+            nc=nc,
+            js=js,
+            subjects=settings.bus.subjects,
+            view=view,
+            instruments=instruments,
+            stats_interval_s=settings.stats_interval_s,
+            observe_requests=settings.observe_requests,
+        )
+        await watcher.start()
+        app = http.application(view, registry, usage_ttl_s=settings.usage_ttl_s)
+        runner, port = await http.serve(app, host=settings.host, port=settings.port)
+        log.info("metrics serving", extra={"host": settings.host, "port": port})
+        if on_serving is not None:
+            on_serving(port)
+        await stop.wait()
+        log.info("draining")
+        await runner.cleanup()
+        runner = None
+        await watcher.stop()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await connecting.drain_quietly(nc)
+    log.info("stopped")

@@ -1,0 +1,1 @@
+"""Pure decisions of the metrics service: the fleet view, the figures and the families."""

@@ -1,0 +1,160 @@
+"""``/metrics`` families drawn from the fleet view: HAMi's names, labels and units (bytes in
+bytes, core ratios in percent, ``hami_node_gpu_memory_allocated_ratio`` as a fraction) and
+vslice's own figures."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from libshared import events
+from services.metrics.adapters.http import ViewCollector
+from services.metrics.core.views import FleetView
+from tests.metrics import fixtures as fx
+from tests.metrics.promtext import labelled, samples
+
+NOW = 1000.0
+
+
+def scrape(view: FleetView) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ViewCollector(view=view, usage_ttl_s=30, stats_ttl_s=15, clock=lambda: NOW))
+    return generate_latest(registry).decode()
+
+
+def fleet() -> tuple[FleetView, list]:
+    view = FleetView()
+    view.put_node(
+        "n1", fx.registration("n1", fx.device("G0", 0, memory_mib=16000), fx.device("G1", 1))
+    )
+    a = fx.slice_of("a", "G0", memory_mib=4000, cores=25)
+    b = fx.slice_of("b", "G0", memory_mib=2000, cores=10, container="side", container_index=1)
+    c = fx.slice_of("c", "G1", index=1, memory_mib=16000, cores=100)
+    view.put_ledger("n1", fx.ledger("n1", a, b, c), 7)
+    return view, [a, b, c]
+
+
+def test_every_device_has_hamis_limit_and_allocation_series_with_hamis_labels() -> None:
+    view, _ = fleet()
+    text = scrape(view)
+    g0 = {
+        "node": "n1",
+        "device_uuid": "G0",
+        "device_index": "0",
+        "device_type": "NVIDIA-A100",
+        "zone": "vGPU",
+    }
+    assert labelled("hami_gpu_memory_limit_bytes", text, **g0) == [16000 * fx.MIB]
+    assert labelled("hami_gpu_core_limit_ratio", text, **g0) == [100]
+    assert labelled("hami_gpu_memory_allocated_bytes", text, **g0, device_cores="35") == [
+        6000 * fx.MIB
+    ]
+    assert labelled("hami_gpu_core_allocated_ratio", text, **g0) == [35]
+    assert labelled("hami_gpu_shared_count", text, **g0) == [2]
+    assert labelled("hami_node_gpu_memory_allocated_ratio", text, node="n1", device_uuid="G0") == [
+        6000 / 16000
+    ]
+    assert labelled("hami_gpu_shared_count", text, device_uuid="G1") == [1]
+
+
+def test_every_slice_has_hamis_per_container_allocation_series() -> None:
+    view, slices = fleet()
+    text = scrape(view)
+    got = samples(text, "hami_vgpu_memory_allocated_bytes")
+    expected = {
+        frozenset(
+            {
+                "namespace": "team-a",
+                "node": "n1",
+                "pod": s.pod,
+                "container_index": str(s.container_index),
+                "device_uuid": s.uuid,
+                "zone": "vGPU",
+            }.items()
+        ): s.memory_mib * fx.MIB
+        for s in slices
+    }
+    assert got == expected
+    assert labelled("hami_vgpu_core_allocated_ratio", text, pod="pod-c") == [100]
+
+
+def test_a_released_slice_has_no_series_at_the_next_scrape() -> None:
+    view, (a, _b, c) = fleet()
+    view.put_ledger("n1", fx.ledger("n1", a, c), 8)
+    text = scrape(view)
+    assert {dict(k)["pod"] for k in samples(text, "hami_vgpu_memory_allocated_bytes")} == {
+        "pod-a",
+        "pod-c",
+    }
+    assert labelled("hami_gpu_shared_count", text, device_uuid="G0") == [1]
+
+
+def test_usage_lines_become_hamis_monitor_series_for_slices_in_the_ledger() -> None:
+    view, (a, b, _c) = fleet()
+    host = events.DeviceUsage(
+        uuid="G0",
+        index=0,
+        type="NVIDIA-A100",
+        used_bytes=5 * fx.MIB,
+        total_bytes=16000 * fx.MIB,
+        utilization_percent=42.0,
+    )
+    view.put_usage(
+        "n1",
+        fx.usage(
+            "n1",
+            NOW - 1,
+            fx.line(a, used_bytes=3 * fx.MIB, utilization=40.0, last_kernel_at=NOW - 2.5),
+            fx.line(b, used_bytes=0),
+            devices=(host,),
+        ),
+        received_at=NOW - 1,
+    )
+    text = scrape(view)
+    labels = {
+        "namespace": "team-a",
+        "pod": "pod-a",
+        "container": "main",
+        "vdevice_index": "0",
+        "device_uuid": "G0",
+        "node": "n1",
+        "zone": "vGPU",
+    }
+    assert labelled("hami_vgpu_memory_used_bytes", text, **labels) == [3 * fx.MIB]
+    assert labelled("hami_container_device_memory_bytes", text, **labels) == [3 * fx.MIB]
+    assert labelled("hami_vgpu_memory_limit_bytes", text, **labels) == [4000 * fx.MIB]
+    assert labelled("hami_container_device_utilization_ratio", text, **labels) == [40.0]
+    assert labelled("hami_container_last_kernel_elapsed_seconds", text, **labels) == [2.5]
+    # b reported no kernel and no utilization: HAMi emits those series only when known
+    assert labelled("hami_container_last_kernel_elapsed_seconds", text, pod="pod-b") == []
+    assert labelled("hami_vgpu_memory_used_bytes", text, pod="pod-b") == [0]
+    assert labelled("hami_vgpu_memory_used_bytes", text, pod="pod-c") == []  # no line
+    host_labels = {
+        "node": "n1",
+        "device_index": "0",
+        "device_uuid": "G0",
+        "device_type": "NVIDIA-A100",
+    }
+    assert labelled("hami_host_gpu_memory_used_bytes", text, **host_labels) == [5 * fx.MIB]
+    assert labelled("hami_host_gpu_utilization_ratio", text, **host_labels) == [42.0]
+
+
+def test_vslice_reports_fragmentation_revision_lag_and_each_replicas_counters() -> None:
+    view, _ = fleet()  # G0: 6000/16000 MiB, 35 % -> 625 milli free; G1 full
+    view.ledger_last_seq = 10
+    view.put_stats(
+        events.Stats(
+            name="r1", schedule_requests=9, placed=6, unschedulable=2, errors=1, conflicts=4
+        ),
+        received_at=NOW,
+    )
+    text = scrape(view)
+    assert labelled("vslice_fleet_free_gpus", text) == [0.625]
+    assert labelled("vslice_fleet_stranded_gpus", text) == [0.625]
+    assert labelled("vslice_fleet_fragmentation_ratio", text) == [100.0]
+    assert labelled("vslice_ledger_revision", text) == [7]
+    assert labelled("vslice_ledger_revision_lag", text) == [3]
+    assert labelled("vslice_scheduler_decisions_total", text, replica="r1", outcome="placed") == [6]
+    assert labelled("vslice_scheduler_decisions_total", text, outcome="unschedulable") == [2]
+    assert labelled("vslice_scheduler_decisions_total", text, outcome="error") == [1]
+    assert labelled("vslice_scheduler_cas_conflicts_total", text, replica="r1") == [4]
+    assert labelled("vslice_scheduler_requests_total", text, replica="r1") == [9]
