@@ -1,0 +1,111 @@
+"""A small stack in this process for the metrics tests: admission, scheduler replicas and
+the metrics service on a test's prefix, and a small replay driven through them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from libshared import events
+from libshared.connecting import BusSettings
+from libshared.traces import TracePod
+from services.admission import app as admission_app
+from services.admission.settings import Settings as AdmissionSettings
+from services.metrics import app as metrics_app
+from services.metrics.settings import Settings as MetricsSettings
+from services.scheduler.settings import Settings as SchedulerSettings
+from tests.bus import helpers
+from vslice import busreplays
+
+T = TypeVar("T")
+
+
+@contextlib.asynccontextmanager
+async def admission(bus: BusSettings) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(admission_app.main(AdmissionSettings(bus=bus), stop=stop))
+    try:
+        await helpers.wait_for_subscribers(bus, bus.subjects.admission_review)
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
+async def metrics(bus: BusSettings, **overrides: object) -> AsyncIterator[str]:
+    """The metrics service serving on a free loopback port; yields its base URL."""
+    stop = asyncio.Event()
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    settings = MetricsSettings(
+        bus=bus,
+        host="127.0.0.1",
+        port=0,
+        stats_interval_s=0.2,
+        **overrides,  # type: ignore[arg-type]
+    )
+    task = asyncio.create_task(metrics_app.main(settings, stop=stop, on_serving=port.set_result))
+    try:
+        done, _ = await asyncio.wait({task, port}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+        yield f"http://127.0.0.1:{await port}"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def get(url: str) -> str:
+    def fetch() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body: bytes = response.read()
+            return body.decode()
+
+    return await asyncio.to_thread(fetch)
+
+
+async def until(
+    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], *, timeout_s: float = 10.0
+) -> T:
+    """``probe()`` until ``ok`` holds for its result; the last result when time runs out."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        got = await probe()
+        if ok(got) or asyncio.get_running_loop().time() > deadline:
+            return got
+        await asyncio.sleep(0.1)
+
+
+def pods(count: int, *, seed: int = 5) -> list[TracePod]:
+    """Trace pods of the shapes the openb traces have: fractional GPUs, whole and multi-GPU."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        kind = rng.random()
+        if kind < 0.6:
+            out.append(TracePod(f"frac-{i}", 1000, 1024, 1, rng.choice((250, 300, 500)), ()))
+        elif kind < 0.9:
+            out.append(TracePod(f"whole-{i}", 1000, 1024, 1, 1000, ()))
+        else:
+            out.append(TracePod(f"pair-{i}", 1000, 1024, 2, 1000, ()))
+    return out
+
+
+async def replay(bus: BusSettings, trace: list[TracePod]) -> busreplays.Driven:
+    """Send ``trace`` through admission and the replicas (``busreplays.drive``)."""
+    specs = [events.ENCODER.encode(busreplays.pod_spec(p, f"uid-{i}")) for i, p in enumerate(trace)]
+    return await busreplays.drive(bus, specs, concurrency=4)
+
+
+@contextlib.asynccontextmanager
+async def schedulers(bus: BusSettings, count: int = 2) -> AsyncIterator[None]:
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(count):
+            await stack.enter_async_context(
+                helpers.replica(SchedulerSettings(bus=bus, name=f"r{i}"))
+            )
+        yield

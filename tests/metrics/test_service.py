@@ -1,0 +1,220 @@
+"""The metrics service on a real bus: after a small replay every ledger slice is in
+``/metrics`` with HAMi's labels and the ledger's values, released slices disappear, a
+restart rebuilds everything from the buckets, and a ``NodeUsage`` report shows up in
+``hami_vgpu_memory_used_bytes``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from nats.aio.client import Client
+
+from libshared import events
+from libshared.connecting import BusSettings
+from libshared.ledgers import NodeLedger
+from tests.bus import helpers
+from tests.bus.conftest import repo_root
+from tests.metrics import fixtures as fx
+from tests.metrics import stack
+from tests.metrics.promtext import labelled, samples
+
+MIB = 1024 * 1024
+
+
+def expected_slices(ledgers: dict[str, NodeLedger]) -> dict[frozenset[tuple[str, str]], float]:
+    """``hami_vgpu_memory_allocated_bytes`` as the ledger says it must read."""
+    out: dict[frozenset[tuple[str, str]], float] = {}
+    for node, ledger in ledgers.items():
+        for s in ledger.slices:
+            labels = {
+                "namespace": s.namespace,
+                "node": node,
+                "pod": s.pod,
+                "container_index": str(s.container_index),
+                "device_uuid": s.uuid,
+                "zone": "vGPU",
+            }
+            out[frozenset(labels.items())] = s.memory_mib * MIB
+    return out
+
+
+def expected_devices(ledgers: dict[str, NodeLedger]) -> dict[str, float]:
+    """Device UUID -> ``hami_gpu_memory_allocated_bytes`` as the ledger says."""
+    out: dict[str, float] = {}
+    for ledger in ledgers.values():
+        for s in ledger.slices:
+            out[s.uuid] = out.get(s.uuid, 0) + s.memory_mib * MIB
+    return out
+
+
+async def replayed(nc: Client, bus: BusSettings, count: int) -> dict[str, NodeLedger]:
+    await helpers.register(nc, bus, helpers.fleet(nodes=3, gpus=2, split=4))
+    driven = await stack.replay(bus, stack.pods(count))
+    assert 0 < sum(driven.placed) < count  # some placed, some did not fit
+    return await helpers.ledgers(nc, bus)
+
+
+async def test_after_a_small_replay_every_ledger_slice_is_in_metrics_with_the_ledgers_values(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    async with (
+        stack.admission(bus_settings),
+        stack.schedulers(bus_settings, 2),
+        stack.metrics(bus_settings) as url,
+    ):
+        ledgers = await replayed(nc, bus_settings, 24)
+        want = expected_slices(ledgers)
+        assert len(want) >= 6
+        text = await stack.until(
+            lambda: stack.get(url + "/metrics"),
+            lambda t: (
+                samples(t, "hami_vgpu_memory_allocated_bytes") == want
+                and sum(labelled("vslice_scheduler_decisions_total", t, outcome="placed"))
+                == len({s.pod_uid for ld in ledgers.values() for s in ld.slices})
+            ),
+        )
+    assert samples(text, "hami_vgpu_memory_allocated_bytes") == want
+    for uuid, allocated in expected_devices(ledgers).items():
+        assert labelled("hami_gpu_memory_allocated_bytes", text, device_uuid=uuid) == [allocated]
+    assert len(samples(text, "hami_gpu_memory_limit_bytes")) == 6
+    assert {dict(k)["node"] for k in samples(text, "hami_gpu_shared_count")} == {
+        "node-0",
+        "node-1",
+        "node-2",
+    }
+    placed = len({s.pod_uid for ld in ledgers.values() for s in ld.slices})
+    assert sum(labelled("vslice_scheduler_decisions_total", text, outcome="placed")) == placed
+    assert sum(labelled("vslice_scheduler_decisions_total", text, outcome="unschedulable")) > 0
+    assert {dict(k)["replica"] for k in samples(text, "vslice_scheduler_requests_total")} == {
+        "r0",
+        "r1",
+    }
+    assert labelled("vslice_scheduling_latency_seconds_count", text) == [placed]
+    assert labelled("vslice_ledger_revision_lag", text) == [0]
+    assert 0 <= labelled("vslice_fleet_fragmentation_ratio", text)[0] <= 100
+
+
+async def test_released_slices_disappear_from_metrics(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    async with (
+        stack.admission(bus_settings),
+        stack.schedulers(bus_settings, 1),
+        stack.metrics(bus_settings) as url,
+    ):
+        ledgers = await replayed(nc, bus_settings, 12)
+        held = sorted({s.pod_uid for ld in ledgers.values() for s in ld.slices})
+        gone = held[::2]
+        for uid in gone:
+            assert isinstance(await helpers.release(nc, bus_settings, uid), events.Ack)
+        after = await helpers.ledgers(nc, bus_settings)
+        want = expected_slices(after)
+        text = await stack.until(
+            lambda: stack.get(url + "/metrics"),
+            lambda t: samples(t, "hami_vgpu_memory_allocated_bytes") == want,
+        )
+    assert samples(text, "hami_vgpu_memory_allocated_bytes") == want
+    shown = {dict(k)["pod"] for k in samples(text, "hami_vgpu_core_allocated_ratio")}
+    released_pods = {s.pod for ld in ledgers.values() for s in ld.slices if s.pod_uid in gone}
+    assert released_pods and not shown & released_pods
+    for uuid in {s.uuid for ld in ledgers.values() for s in ld.slices}:
+        assert labelled("hami_gpu_memory_allocated_bytes", text, device_uuid=uuid) == [
+            expected_devices(after).get(uuid, 0)
+        ]
+
+
+async def test_a_restarted_metrics_service_rebuilds_every_series_from_the_buckets(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    async with stack.admission(bus_settings), stack.schedulers(bus_settings, 1):
+        ledgers = await replayed(nc, bus_settings, 12)
+    want = expected_slices(ledgers)
+    async with stack.metrics(bus_settings, observe_requests=False) as url:
+        first = await stack.get(url + "/metrics")  # the first scrape, nothing waited for
+    assert samples(first, "hami_vgpu_memory_allocated_bytes") == want
+    assert len(samples(first, "hami_gpu_memory_limit_bytes")) == 6
+    async with stack.metrics(bus_settings, observe_requests=False) as url:
+        again = await stack.get(url + "/metrics")
+    assert samples(again, "hami_vgpu_memory_allocated_bytes") == want
+
+
+async def test_usage_from_a_node_usage_report_appears_in_hami_vgpu_memory_used_bytes(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=1, gpus=2))
+    held = fx.slice_of("p1", "GPU-0-1", index=1, memory_mib=3000, cores=30)
+    kv = await nc.jetstream().key_value(bus_settings.subjects.ledger_bucket)
+    await kv.put("node-0", fx.ledger("node-0", held))
+    stranger = fx.slice_of("not-in-ledger", "GPU-0-0")
+    report = fx.usage(
+        "node-0",
+        time.time(),
+        fx.line(held, used_bytes=1234 * MIB, utilization=55.0),
+        fx.line(stranger, used_bytes=9 * MIB),
+    )
+    subject = bus_settings.subjects.usage("node-0")
+    async with stack.metrics(bus_settings, observe_requests=False) as url:
+        await nc.publish(subject, b"{malformed")
+        await nc.publish(subject, report)
+        await nc.flush()
+        text = await stack.until(
+            lambda: stack.get(url + "/metrics"),
+            lambda t: bool(labelled("hami_vgpu_memory_used_bytes", t)),
+        )
+    labels = {
+        "namespace": "team-a",
+        "pod": "pod-p1",
+        "container": "main",
+        "vdevice_index": "0",
+        "device_uuid": "GPU-0-1",
+        "node": "node-0",
+    }
+    assert labelled("hami_vgpu_memory_used_bytes", text, **labels) == [1234 * MIB]
+    assert labelled("hami_vgpu_memory_limit_bytes", text, **labels) == [3000 * MIB]
+    assert labelled("hami_container_device_utilization_ratio", text, **labels) == [55.0]
+    assert labelled("hami_vgpu_memory_used_bytes", text, pod="pod-not-in-ledger") == []
+    assert labelled("vslice_metrics_rejected_messages_total", text, source="usage") == [1]
+
+
+def test_the_service_exits_promptly_on_sigterm(bus_settings: BusSettings) -> None:
+    argv = [
+        sys.executable,
+        "-m",
+        "services.metrics",
+        "--nats-url",
+        bus_settings.urls[0],
+        "--prefix",
+        bus_settings.prefix,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        argv,
+        cwd=repo_root(),
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 30
+        for line in proc.stderr:
+            if "metrics serving" in line or time.monotonic() > deadline:
+                break
+        assert "metrics serving" in line
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
