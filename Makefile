@@ -6,7 +6,7 @@ SHARED ?= ../shared
 TRACES := $(SHARED)/traces/openb
 NATIVE_DIRS := $(wildcard services/nodeagent/mockgpu services/nodeagent/libvgpu)
 
-.PHONY: install native lint test demo clean
+.PHONY: install native chromium lint test demo clean
 
 install: $(VENV)/.installed
 
@@ -19,13 +19,21 @@ $(VENV)/.installed: pyproject.toml
 native:
 	@for d in $(NATIVE_DIRS); do $(MAKE) --no-print-directory -C $$d || exit 1; done
 
+# Debian's chromium for the dashboard's browser test (driven by playwright, no browser
+# download); installed once, skipped when present.
+chromium:
+	@test -x /usr/bin/chromium || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: install native lint
+test: install native chromium lint
 	VSLICE_TRACES=$(TRACES) $(BIN)/python -m pytest
 
 # The openb trace replayed over the bus (nats-server, admission, two scheduler replicas,

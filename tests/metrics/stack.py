@@ -86,7 +86,7 @@ def pods(count: int, *, seed: int = 5) -> list[TracePod]:
     out = []
     for i in range(count):
         kind = rng.random()
-        if kind < 0.6:
+        if kind < 0.7:
             out.append(TracePod(f"frac-{i}", 1000, 1024, 1, rng.choice((250, 300, 500)), ()))
         elif kind < 0.9:
             out.append(TracePod(f"whole-{i}", 1000, 1024, 1, 1000, ()))

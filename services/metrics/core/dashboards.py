@@ -19,8 +19,9 @@ allocated and used memory and cores, with the slices and who holds them. Shape::
                                          "used_bytes": int | None,
                                          "utilization_percent": float | None}]}]}]}
 
-``used_bytes`` of a device is NVML's host figure when the node reported one, else the sum
-of its slices' usage lines (None when neither is known). Pure.
+``used_bytes`` and ``utilization_percent`` of a device are NVML's host figures when the
+node reported them, else the sums over its slices' usage lines (None when neither is
+known). Pure.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def _device(row: DeviceRow) -> dict[str, Any]:
         util = row.host.utilization_percent
     else:
         used = sum(line.used_bytes for line in lines) if lines else None
-        util = None
+        known = [line.utilization_percent for line in lines if line.utilization_percent is not None]
+        util = min(100.0, sum(known)) if known else None
     return {
         "uuid": row.uuid,
         "index": row.index,
