@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--jobs", type=int, default=0, help="parallel processes (default: CPU count)")
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
     for name, text in (
-        ("up", "start nats-server, admission, 2 scheduler replicas and a mock node agent"),
+        ("up", "start nats-server, admission, 2 scheduler replicas, a mock node agent, metrics"),
         ("status", "show the stack's processes and the fleet's allocation"),
         ("down", "stop the stack and remove its state"),
     ):
@@ -107,6 +107,7 @@ def _stack(args: argparse.Namespace) -> int:
         return 0
     stack = stacks.up(state_dir)
     print(f"up in {state_dir}: NATS {stack.nats_url}, logs in {state_dir / 'logs'}")
+    print(f"dashboard: {stack.metrics_url}/  (Prometheus: {stack.metrics_url}/metrics)")
     for name, pid in stack.pids.items():
         print(f"  {name:<14} pid {pid}")
     return 0

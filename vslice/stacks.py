@@ -9,6 +9,9 @@ them (SIGTERM, SIGKILL after a timeout) and removes the state file and NATS data
 logs stay for a post-mortem. ``service_commands`` is the one list of service commands, so
 the temporary stack of a bus replay and the compose file run the same ones.
 
+``up`` also starts the metrics service (``/metrics`` and the dashboard, ``services.metrics``)
+on ``$VSLICE_METRICS_PORT``, else 9394 when free, else a free port, and records its URL.
+
 What it leaves to others: the services themselves (``services.*``), the server binary
 (``libshared.natsserver``).
 """
@@ -26,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +52,7 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 DEFAULT_MOCK_MEMORY_MIB = 16384
 DEFAULT_MOCK_GPUS = 2
+DEFAULT_METRICS_PORT = 9394
 
 
 class StackError(VsliceError):
@@ -57,13 +62,15 @@ class StackError(VsliceError):
 @dataclass(frozen=True)
 class Stack:
     """A started stack: ``nats_url``, bus ``prefix``, ``pids`` by process name
-    (``nats``, ``admission``, ``scheduler-1`` ...), ``state_dir``, ``started_at`` (Unix s)."""
+    (``nats``, ``admission``, ``scheduler-1`` ...), ``state_dir``, ``started_at`` (Unix s),
+    ``metrics_url`` (the dashboard; ``/metrics`` beneath it)."""
 
     nats_url: str
     prefix: str
     pids: dict[str, int]
     state_dir: str
     started_at: float = field(default_factory=time.time)
+    metrics_url: str = ""
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -92,10 +99,13 @@ def service_commands(
     agent_args: Sequence[str] = (),
     scheduler_args: Sequence[str] = (),
     log_level: str = "info",
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> dict[str, list[str]]:
     """The command (argv, ``python -m services.<name> ...``) of each service of a stack,
     by process name: ``admission``, ``scheduler-1`` .. ``scheduler-<replicas>`` (with
-    ``scheduler_args`` appended), ``nodeagent`` (its fleet from ``agent_args``). Pure."""
+    ``scheduler_args`` appended), ``nodeagent`` (its fleet from ``agent_args``), and
+    ``metrics`` on ``metrics_host:metrics_port`` when a port is given. Pure."""
     bus = ["--nats-url", nats_url, "--prefix", prefix, "--log-level", log_level]
     out = {"admission": [sys.executable, "-m", "services.admission", *bus]}
     for i in range(1, replicas + 1):
@@ -105,7 +115,48 @@ def service_commands(
             cmd += ["--workload-trace", workload_trace]
         out[f"scheduler-{i}"] = [*cmd, *scheduler_args]
     out["nodeagent"] = [sys.executable, "-m", "services.nodeagent", *bus, *agent_args]
+    if metrics_port is not None:
+        out["metrics"] = [sys.executable, "-m", "services.metrics", *bus]
+        out["metrics"] += ["--host", metrics_host, "--port", str(metrics_port)]
     return out
+
+
+def metrics_port(host: str, environ: Mapping[str, str] | None = None) -> int:
+    """The metrics service's port: ``$VSLICE_METRICS_PORT``, else 9394 when it is free on
+    ``host``, else a free port. Raises ``StackError`` for a malformed value."""
+    env = os.environ if environ is None else environ
+    if env.get("VSLICE_METRICS_PORT"):
+        try:
+            port = int(env["VSLICE_METRICS_PORT"])
+        except ValueError as exc:
+            raise StackError(f"VSLICE_METRICS_PORT={env['VSLICE_METRICS_PORT']!r}: {exc}") from exc
+        if not 1 <= port <= 65535:
+            raise StackError(f"VSLICE_METRICS_PORT={port}: must be 1-65535")
+        return port
+    for candidate in (DEFAULT_METRICS_PORT, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, candidate))
+            except OSError:
+                continue
+            return int(probe.getsockname()[1])
+    raise StackError(f"no free port for the metrics service on {host}")
+
+
+def wait_http(
+    url: str, *, proc: subprocess.Popen[bytes], logs: Path, name: str, timeout_s: float
+) -> None:
+    """Wait until ``url`` answers 200. Raises ``StackError`` when ``proc`` exits first
+    (with its log's tail) or after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"{name} exited with {proc.returncode}:\n{_log_tail(logs, name)}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.1)
+    raise StackError(f"{name} not serving {url} after {timeout_s:.0f} s")
 
 
 def mock_agent_args(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -303,12 +354,29 @@ def up(
     procs: dict[str, subprocess.Popen[bytes]] = {"nats": server.process}
     try:
         server.wait_healthy()
-        commands = service_commands(server.url, prefix=prefix, agent_args=mock_agent_args(environ))
+        env = os.environ if environ is None else environ
+        host = env.get("VSLICE_METRICS_HOST", "127.0.0.1")
+        port = metrics_port(host, env)
+        metrics_url = f"http://{host}:{port}"
+        commands = service_commands(
+            server.url,
+            prefix=prefix,
+            agent_args=mock_agent_args(environ),
+            metrics_port=port,
+            metrics_host=host,
+        )
         for name, argv in commands.items():
             procs[name] = spawn(name, argv, logs)
         settings = BusSettings(urls=(server.url,), prefix=prefix)
         services = {k: v for k, v in procs.items() if k != "nats"}
         asyncio.run(wait_serving(settings, schedulers=2, nodes=1, procs=services, logs=logs))
+        wait_http(
+            f"{metrics_url}/healthz",
+            proc=procs["metrics"],
+            logs=logs,
+            name="metrics",
+            timeout_s=START_TIMEOUT_S,
+        )
     except BaseException:
         stop(list(procs.values()))
         raise
@@ -317,6 +385,7 @@ def up(
         prefix=prefix,
         pids={name: p.pid for name, p in procs.items()},
         state_dir=str(state_dir),
+        metrics_url=metrics_url,
     )
     (state_dir / STATE_FILE).write_text(json.dumps(asdict(stack), indent=1))
     return stack
@@ -408,6 +477,8 @@ def status_text(state_dir: Path) -> str:
     if stack is None:
         return f"no stack up in {state_dir}"
     lines = [f"stack in {state_dir}, NATS {stack.nats_url} (prefix {stack.prefix})"]
+    if stack.metrics_url:
+        lines.append(f"dashboard {stack.metrics_url}/ (Prometheus {stack.metrics_url}/metrics)")
     for name, pid in stack.pids.items():
         lines.append(f"  {name:<14} pid {pid:<8} {'running' if alive(pid) else 'NOT RUNNING'}")
     if not alive(stack.pids.get("nats", -1)):

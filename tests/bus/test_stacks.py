@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import nats
@@ -30,16 +33,32 @@ def vslice(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def test_up_serves_status_shows_the_allocation_and_down_stops_everything(
     tmp_path: Path,
 ) -> None:
     state = str(tmp_path / "state")
-    env = {"VSLICE_MOCKGPU_DEVICES": "GPU-mock-a:8000"}
+    env = {"VSLICE_MOCKGPU_DEVICES": "GPU-mock-a:8000", "VSLICE_METRICS_PORT": str(free_port())}
     started = vslice("up", "--state-dir", state, env=env)
     assert started.returncode == 0, started.stderr
     recorded = json.loads((tmp_path / "state" / stacks.STATE_FILE).read_text())
     pids = recorded["pids"]
-    assert sorted(pids) == ["admission", "nats", "nodeagent", "scheduler-1", "scheduler-2"]
+    assert sorted(pids) == [
+        "admission",
+        "metrics",
+        "nats",
+        "nodeagent",
+        "scheduler-1",
+        "scheduler-2",
+    ]
+    dashboard = recorded["metrics_url"]
+    assert dashboard == f"http://127.0.0.1:{env['VSLICE_METRICS_PORT']}"
+    assert f"dashboard: {dashboard}/" in started.stdout
     try:
         again = vslice("up", "--state-dir", state)
         assert again.returncode == 0 and "already up" in again.stdout
@@ -59,9 +78,16 @@ def test_up_serves_status_shows_the_allocation_and_down_stops_everything(
         assert placed.node == stacks.local_node_name() + "-0"
         assert placed.slices[0].uuid == "GPU-mock-a"
 
+        with urllib.request.urlopen(dashboard + "/metrics", timeout=5) as response:
+            scraped = response.read().decode()
+        assert 'device_uuid="GPU-mock-a"' in scraped and "hami_gpu_memory_limit_bytes" in scraped
+        with urllib.request.urlopen(dashboard + "/", timeout=5) as response:
+            assert b"vslice fleet" in response.read()
+
         status = vslice("status", "--state-dir", state)
         assert status.returncode == 0, status.stderr
-        assert status.stdout.count("running") == 5 and "NOT RUNNING" not in status.stdout
+        assert status.stdout.count("running") == 6 and "NOT RUNNING" not in status.stdout
+        assert f"dashboard {dashboard}/" in status.stdout
         row = next(line for line in status.stdout.splitlines() if placed.slices[0].uuid in line)
         assert row.split()[2:] == ["1/10", "3000/8000", "0"]
     finally:
@@ -90,6 +116,9 @@ def test_every_service_command_of_a_stack_runs_a_vslice_service_module() -> None
         assert argv[1:3] == ["-m", argv[2]] and argv[2].startswith("services.")
         assert argv[argv.index("--nats-url") + 1] == "nats://h:1"
     assert commands["scheduler-3"][-2:] == ["--workload-trace", "t"]
+    with_metrics = stacks.service_commands("nats://h:1", metrics_port=9999)
+    assert with_metrics["metrics"][2] == "services.metrics"
+    assert with_metrics["metrics"][-4:] == ["--host", "127.0.0.1", "--port", "9999"]
 
 
 def test_mock_gpus_come_from_a_device_list_else_a_count_and_size() -> None:
@@ -102,3 +131,15 @@ def test_mock_gpus_come_from_a_device_list_else_a_count_and_size() -> None:
     for bad in ({"VSLICE_MOCKGPU_DEVICES": "GPU-x"}, {"VSLICE_MOCKGPU_COUNT": "two"}):
         with pytest.raises(stacks.StackError, match="mock GPU settings"):
             stacks.mock_agent_args(bad)
+
+
+def test_the_metrics_port_comes_from_the_environment_else_9394_else_a_free_one() -> None:
+    assert stacks.metrics_port("127.0.0.1", {"VSLICE_METRICS_PORT": "9500"}) == 9500
+    with pytest.raises(stacks.StackError, match="VSLICE_METRICS_PORT"):
+        stacks.metrics_port("127.0.0.1", {"VSLICE_METRICS_PORT": "nine"})
+    with socket.socket() as holder:
+        # already taken by another process: the fallback is what is tested either way
+        with contextlib.suppress(OSError):
+            holder.bind(("127.0.0.1", stacks.DEFAULT_METRICS_PORT))
+        port = stacks.metrics_port("127.0.0.1", {})
+    assert port != stacks.DEFAULT_METRICS_PORT and 0 < port < 65536
