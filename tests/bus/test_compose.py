@@ -12,7 +12,12 @@ from tests.bus.conftest import repo_root
 from vslice import stacks
 
 COMPOSE = repo_root() / "compose" / "docker-compose.yaml"
-HOST_VALUED = {"--nats-url", "--node-prefix", "--name"}  # differ between a host and a container
+HOST_VALUED = {
+    "--nats-url",
+    "--node-prefix",
+    "--name",
+    "--host",
+}  # differ between a host and a container
 
 
 def flags(argv: list[str]) -> dict[str, str | None]:
@@ -27,12 +32,14 @@ def flags(argv: list[str]) -> dict[str, str | None]:
 def test_every_compose_service_runs_a_command_of_vslice_up() -> None:
     spec: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
     services = spec["services"]
-    assert set(services) == {"nats", "admission", "scheduler", "nodeagent"}
+    assert set(services) == {"nats", "admission", "scheduler", "nodeagent", "metrics"}
     assert "--jetstream" in services["nats"]["command"]
     assert services["scheduler"]["deploy"]["replicas"] == 2
-    up = stacks.service_commands("nats://127.0.0.1:4222", agent_args=stacks.mock_agent_args({}))
+    up = stacks.service_commands(
+        "nats://127.0.0.1:4222", agent_args=stacks.mock_agent_args({}), metrics_port=9394
+    )
     by_module = {argv[2]: argv for argv in up.values()}
-    for name in ("admission", "scheduler", "nodeagent"):
+    for name in ("admission", "scheduler", "nodeagent", "metrics"):
         command = services[name]["command"]
         assert command[:2] == ["python", "-m"] and command[2] == f"services.{name}"
         ours = flags(by_module[command[2]])
