@@ -12,12 +12,8 @@ from tests.bus.conftest import repo_root
 from vslice import stacks
 
 COMPOSE = repo_root() / "compose" / "docker-compose.yaml"
-HOST_VALUED = {
-    "--nats-url",
-    "--node-prefix",
-    "--name",
-    "--host",
-}  # differ between a host and a container
+# differ between a host and a container
+HOST_VALUED = {"--nats-url", "--node-prefix", "--name", "--host"}
 
 
 def flags(argv: list[str]) -> dict[str, str | None]:
