@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,13 +42,8 @@ async def metrics(bus: BusSettings, **overrides: object) -> AsyncIterator[str]:
     """The metrics service serving on a free loopback port; yields its base URL."""
     stop = asyncio.Event()
     port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    settings = MetricsSettings(
-        bus=bus,
-        host="127.0.0.1",
-        port=0,
-        stats_interval_s=0.2,
-        **overrides,  # type: ignore[arg-type]
-    )
+    base = MetricsSettings(bus=bus, host="127.0.0.1", port=0, stats_interval_s=0.2)
+    settings = dataclasses.replace(base, **overrides)
     task = asyncio.create_task(metrics_app.main(settings, stop=stop, on_serving=port.set_result))
     try:
         done, _ = await asyncio.wait({task, port}, timeout=20, return_when=asyncio.FIRST_COMPLETED)

@@ -108,6 +108,18 @@ def test_a_containers_devices_are_numbered_in_device_index_order() -> None:
         ("ledger", "n1", fx.ledger("n3"), "value names node 'n3'"),
         ("usage", "n1", b'{"type": "node-usage"}', "usage 'n1'"),
         ("usage", "n1", fx.usage("n4", 1.0), "report names node 'n4'"),
+        (
+            "usage",
+            "n1",
+            fx.usage("n1", 1.0, fx.line(fx.slice_of("a", "G0"), used_bytes=-5)),
+            "containers[0].used_bytes=-5: must be >= 0",
+        ),
+        (
+            "usage",
+            "n1",
+            fx.usage("n1", 1.0, fx.line(fx.slice_of("a", "G0"), used_bytes=1, utilization=140.0)),
+            "containers[0].utilization_percent=140.0: must be <= 100",
+        ),
     ],
 )
 def test_a_malformed_value_is_rejected_naming_its_source_and_key_and_the_view_keeps_its_state(

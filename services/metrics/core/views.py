@@ -164,8 +164,9 @@ class FleetView:
     def put_usage(self, node: str, data: bytes, *, received_at: float) -> events.NodeUsage:
         """Take in a ``NodeUsage`` report published on ``<prefix>.usage.<node>``; returns it.
 
-        Raises ``RejectedValue`` for undecodable JSON or a report naming another node than
-        its subject. A report older (by ``at``) than the one held is ignored.
+        Raises ``RejectedValue`` for undecodable JSON, a report naming another node than
+        its subject, or a negative byte count or a utilization outside 0-100 (the reason
+        names the field and value). A report older (by ``at``) than the one held is ignored.
         """
         try:
             report = events.NODE_USAGE.decode(data)
@@ -175,6 +176,9 @@ class FleetView:
             raise RejectedValue(
                 source="usage", key=node, reason=f"report names node {report.node!r}"
             )
+        problem = _usage_problem(report)
+        if problem:
+            raise RejectedValue(source="usage", key=node, reason=problem)
         held = self.usage.get(node)
         if held is None or held[0].at <= report.at:
             self.usage[node] = (report, received_at)
@@ -210,6 +214,29 @@ class FleetView:
         return Snapshot(
             nodes=tuple(rows), ledger_seq=self.ledger_seq, ledger_last_seq=self.ledger_last_seq
         )
+
+
+def _usage_problem(report: events.NodeUsage) -> str:
+    """The first out-of-range field of ``report`` as ``field=value: rule``, or ``""``."""
+    checks: list[tuple[str, float | None, float]] = []
+    for i, d in enumerate(report.devices):
+        checks += [
+            (f"devices[{i}].used_bytes", d.used_bytes, 0),
+            (f"devices[{i}].total_bytes", d.total_bytes, 0),
+            (f"devices[{i}].utilization_percent", d.utilization_percent, 0),
+        ]
+    for i, c in enumerate(report.containers):
+        checks += [
+            (f"containers[{i}].used_bytes", c.used_bytes, 0),
+            (f"containers[{i}].limit_bytes", c.limit_bytes, 0),
+            (f"containers[{i}].utilization_percent", c.utilization_percent, 0),
+        ]
+    for name, value, least in checks:
+        if value is not None and value < least:
+            return f"{name}={value}: must be >= {least}"
+        if name.endswith("utilization_percent") and value is not None and value > 100:
+            return f"{name}={value}: must be <= 100"
+    return ""
 
 
 def _vdevice_indexes(slices: tuple[Slice, ...]) -> dict[tuple[str, str, str], int]:
