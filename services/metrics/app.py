@@ -33,14 +33,13 @@ async def main(
     view = FleetView()
     registry = CollectorRegistry(auto_describe=False)
     instruments = bus.Instruments.create(registry)
-    registry.register(
-        http.ViewCollector(
-            view=view,
-            usage_ttl_s=settings.usage_ttl_s,
-            stats_ttl_s=http.STATS_TTL_INTERVALS * settings.stats_interval_s,
-            zone=settings.zone,
-        )
+    collector = http.ViewCollector(
+        view=view,
+        usage_ttl_s=settings.usage_ttl_s,
+        stats_ttl_s=http.STATS_TTL_INTERVALS * settings.stats_interval_s,
+        zone=settings.zone,
     )
+    registry.register(collector)
     nc = await connecting.connect(settings.bus, name="metrics")
     runner = None
     try:
@@ -56,7 +55,7 @@ async def main(
             observe_requests=settings.observe_requests,
         )
         await watcher.start()
-        app = http.application(view, registry, usage_ttl_s=settings.usage_ttl_s)
+        app = http.application(view, registry, collector, usage_ttl_s=settings.usage_ttl_s)
         runner, port = await http.serve(app, host=settings.host, port=settings.port)
         log.info("metrics serving", extra={"host": settings.host, "port": port})
         if on_serving is not None:

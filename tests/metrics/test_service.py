@@ -5,11 +5,11 @@ restart rebuilds everything from the buckets, and a ``NodeUsage`` report shows u
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from nats.aio.client import Client
 
@@ -180,7 +180,7 @@ async def test_usage_from_a_node_usage_report_appears_in_hami_vgpu_memory_used_b
     assert labelled("vslice_metrics_rejected_messages_total", text, source="usage") == [1]
 
 
-def test_the_service_exits_promptly_on_sigterm(bus_settings: BusSettings) -> None:
+def test_the_service_exits_promptly_on_sigterm(bus_settings: BusSettings, tmp_path: Path) -> None:
     argv = [
         sys.executable,
         "-m",
@@ -194,27 +194,21 @@ def test_the_service_exits_promptly_on_sigterm(bus_settings: BusSettings) -> Non
         "--port",
         "0",
     ]
-    proc = subprocess.Popen(
-        argv,
-        cwd=repo_root(),
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    log = tmp_path / "metrics.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=repo_root(), stderr=out, stdout=out)
     try:
-        assert proc.stderr is not None
         deadline = time.monotonic() + 30
-        for line in proc.stderr:
-            if "metrics serving" in line or time.monotonic() > deadline:
-                break
-        assert "metrics serving" in line
+        while "metrics serving" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        assert "metrics serving" in log.read_text()
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         assert time.monotonic() - started < 5
+        assert '"msg": "stopped"' in log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()

@@ -116,6 +116,7 @@ class Watcher:
         if self.observe_requests:
             self._subs.append(await self.nc.subscribe(s.sched_schedule, cb=self._on_request))
             self._subs.append(await self.nc.subscribe(s.alloc_decided("*"), cb=self._on_placed))
+        await self.nc.flush()  # the server knows the subscriptions before anyone is told
         self._tasks.append(asyncio.create_task(self._poll()))
         log.info(
             "fleet view ready",
