@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,8 @@ import nats
 import pytest
 
 from libshared import events
+from libshared.connecting import BusSettings
+from tests.bus import helpers
 from tests.libvgpu import harness
 from vslice import stacks
 
@@ -102,7 +104,14 @@ def up(native: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         )
 
 
-async def _usage(url: str, node: str, duration_s: float) -> list[events.NodeUsage]:
+async def _usage(
+    url: str,
+    node: str,
+    duration_s: float,
+    until: Callable[[events.NodeUsage], bool] | None = None,
+) -> list[events.NodeUsage]:
+    """The node's usage reports for ``duration_s`` seconds, or up to the first ``until``
+    accepts."""
     nc = await nats.connect(url)
     try:
         sub = await nc.subscribe(f"vslice.usage.{node}")
@@ -114,6 +123,8 @@ async def _usage(url: str, node: str, duration_s: float) -> list[events.NodeUsag
             except (nats.errors.TimeoutError, TimeoutError):
                 break
             out.append(events.NODE_USAGE.decode(msg.data))
+            if until is not None and until(out[-1]):
+                break
         return out
     finally:
         await nc.close()
@@ -193,8 +204,11 @@ def test_usage_shows_a_running_slices_charged_memory_and_drops_it_after_release(
 def test_the_host_side_check_kills_a_process_that_runs_without_libvgpu_past_its_slice(
     up: Up,
 ) -> None:
+    def killed(u: events.NodeUsage) -> bool:
+        return any(e.killed for e in u.escapes)
+
     async def scenario() -> tuple[int, list[events.NodeUsage]]:
-        watcher = asyncio.create_task(_usage(up.url, up.node, 20.0))
+        watcher = asyncio.create_task(_usage(up.url, up.node, 20.0, until=killed))
         await asyncio.sleep(0.2)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -218,13 +232,81 @@ def test_the_host_side_check_kills_a_process_that_runs_without_libvgpu_past_its_
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        code = await asyncio.wait_for(proc.wait(), 25)
-        watcher.cancel()
-        return code, []
+        _, err = await asyncio.wait_for(proc.communicate(), 25)
+        assert proc.returncode is not None, err
+        return proc.returncode, await watcher
 
-    code, _ = asyncio.run(scenario())
+    code, seen = asyncio.run(scenario())
     assert code == 128 + signal.SIGKILL  # killed by the node agent, well before its 30 s
-    log = (up.state / "logs" / "nodeagent.log").read_text()
-    lines = [json.loads(x) for x in log.splitlines() if '"process over its slice"' in x]
-    assert lines and lines[-1]["killed"] is True
-    assert lines[-1]["used_bytes"] == 512 * MIB and lines[-1]["limit_bytes"] == 256 * MIB
+    (escape,) = [e for u in seen for e in u.escapes if e.killed]
+    assert (escape.uuid, escape.used_bytes, escape.limit_bytes) == (GPU, 512 * MIB, 256 * MIB)
+    assert escape.pod_uid.startswith("run-") and escape.container == "main"
+
+
+def test_a_node_agent_restart_loses_and_duplicates_no_slice(up: Up) -> None:
+    bus = BusSettings(urls=(up.url,), prefix="vslice")
+    recorded = json.loads((up.state / stacks.STATE_FILE).read_text())
+    agent_pid = recorded["pids"]["nodeagent"]
+    argv = Path(f"/proc/{agent_pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    running = up.start("--gpumem", "256", "--", *PROBE, "hold", "64", "60")
+    restarted: subprocess.Popen[bytes] | None = None
+    try:
+        held(running)
+        (kept,) = [p.name for p in up.containers.iterdir()]
+        inode = (up.containers / kept / "vgpu.cache").stat().st_ino
+
+        async def while_down() -> list[str]:
+            nc = await nats.connect(up.url)
+            readies: list[str] = []
+
+            async def on_ready(msg: nats.aio.msg.Msg) -> None:
+                readies.append(events.NODE_ANSWER.decode(msg.data).pod_uid)
+
+            await nc.subscribe(bus.subjects.alloc_ready(up.node), cb=on_ready)
+            try:
+                before = await helpers.schedule(nc, bus, helpers.pod("p-before", memory_mib=100))
+                assert isinstance(before, events.Placement)
+                wait_s = time.monotonic() + 10
+                while "p-before" not in readies and time.monotonic() < wait_s:
+                    await asyncio.sleep(0.05)
+                os.kill(agent_pid, signal.SIGKILL)
+                assert isinstance(await helpers.release(nc, bus, "p-before"), events.Ack)
+                down = await helpers.schedule(nc, bus, helpers.pod("p-down", memory_mib=300))
+                assert isinstance(down, events.Placement)
+                nonlocal restarted
+                restarted = subprocess.Popen(
+                    [a.decode() for a in argv],
+                    cwd=harness.ROOT,
+                    env=up.env(),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+                wait_s = time.monotonic() + 20
+                while "p-down" not in readies and time.monotonic() < wait_s:
+                    await asyncio.sleep(0.05)
+                return readies
+            finally:
+                await nc.close()
+
+        readies = asyncio.run(while_down())
+        assert readies.count("p-before") == 1 and readies.count("p-down") == 1
+        wait_until(
+            lambda: sorted(p.name for p in up.containers.iterdir()) == sorted([kept, "p-down_main"])
+        )
+        assert (up.containers / kept / "vgpu.cache").stat().st_ino == inode
+        assert running.poll() is None  # the slice's program never noticed
+        reports = usage(up, 1.0)
+        assert reports
+        for report in reports:
+            pods = sorted(c.pod_uid for c in report.containers)
+            assert pods == sorted([kept.removesuffix("_main"), "p-down"])
+        assert all(
+            c.used_bytes == 64 * MIB for u in reports for c in u.containers if c.pod_uid != "p-down"
+        )
+    finally:
+        running.send_signal(signal.SIGTERM)
+        finish(running)
+        if restarted is not None:
+            stacks.terminate([restarted.pid])
+            restarted.wait()
