@@ -177,7 +177,8 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
             xids = await asyncio.to_thread(backend.wait_xids, XID_WAIT_S)
             faults = {u for u, x in xids if registrations.is_device_fault(x)}
             for uuid, xid in xids:
-                log.warning("XID", extra={"uuid": uuid, "xid": xid, "fault": uuid in faults})
+                fault = registrations.is_device_fault(xid)
+                log.warning("XID", extra={"uuid": uuid, "xid": xid, "fault": fault})
             if faults - unhealthy:
                 unhealthy.update(faults)
                 await agent.register([registration()])

@@ -1,9 +1,10 @@
 """Run the NVML backend in a fresh process (NVML attaches to one mock card per process).
 
-``python -m tests.nodeagent.nvmlcheck discover|read|xids [ARGS]`` prints JSON: what
+``python -m tests.nodeagent.nvmlcheck discover|read|xids|inject [ARGS]`` prints JSON: what
 ``NvmlGpus`` discovers, reads, or the XIDs it sees after the mock NVML injects ARGS
-(``<index>:<xid>`` ...). The library is found the way pynvml finds it in production:
-``libnvidia-ml.so.1`` by name, here from the ``LD_LIBRARY_PATH`` the test sets.
+(``<index>:<xid>`` ...); ``inject`` only injects them (for another process to see).
+The library is found the way pynvml finds it in production: ``libnvidia-ml.so.1`` by
+name, here from the ``LD_LIBRARY_PATH`` the test sets.
 """
 
 from __future__ import annotations
@@ -34,13 +35,20 @@ def main(argv: list[str]) -> int:
             )
         elif argv[0] == "xids":
             backend.wait_xids(0.01)  # registers the event set: later XIDs are delivered
-            for spec in argv[1:]:
-                index, xid = spec.split(":")
-                pynvml.nvmlLib.vsliceMockInjectXid(int(index), int(xid))
+            inject(argv[1:])
             print(json.dumps(backend.wait_xids(0.5)))
+        elif argv[0] == "inject":
+            inject(argv[1:])
+            print(json.dumps(argv[1:]))
     finally:
         backend.close()
     return 0
+
+
+def inject(specs: list[str]) -> None:
+    for spec in specs:
+        index, xid = spec.split(":")
+        assert pynvml.nvmlLib.vsliceMockInjectXid(int(index), int(xid)) == 0
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 
 from libshared import events
 from libshared.connecting import BusSettings
+from libshared.devices import NodeDevices
 from tests.bus import helpers
 from tests.libvgpu import harness
 from vslice import stacks
@@ -45,6 +47,7 @@ class Up:
     state: Path
     url: str
     node: str
+    children: list[subprocess.Popen[bytes]]  # services a test restarted, reaped at teardown
 
     @property
     def containers(self) -> Path:
@@ -91,9 +94,11 @@ def up(native: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     )
     assert started.returncode == 0, started.stdout + started.stderr
     recorded = json.loads((state / stacks.STATE_FILE).read_text())
+    children: list[subprocess.Popen[bytes]] = []
     try:
-        yield Up(state=state, url=recorded["nats_url"], node=stacks.local_node())
+        yield Up(state=state, url=recorded["nats_url"], node=stacks.local_node(), children=children)
     finally:
+        stacks.stop(children)  # a restarted agent is this process's child: reap it here
         subprocess.run(
             [*cli, "down", "--state-dir", str(state)],
             cwd=harness.ROOT,
@@ -249,11 +254,12 @@ def test_a_node_agent_restart_loses_and_duplicates_no_slice(up: Up) -> None:
     agent_pid = recorded["pids"]["nodeagent"]
     argv = Path(f"/proc/{agent_pid}/cmdline").read_bytes().split(b"\0")[:-1]
     running = up.start("--gpumem", "256", "--", *PROBE, "hold", "64", "60")
-    restarted: subprocess.Popen[bytes] | None = None
     try:
         held(running)
         (kept,) = [p.name for p in up.containers.iterdir()]
         inode = (up.containers / kept / "vgpu.cache").stat().st_ino
+
+        log = (up.state / "logs" / "nodeagent-restarted.log").open("ab")
 
         async def while_down() -> list[str]:
             nc = await nats.connect(up.url)
@@ -273,15 +279,18 @@ def test_a_node_agent_restart_loses_and_duplicates_no_slice(up: Up) -> None:
                 assert isinstance(await helpers.release(nc, bus, "p-before"), events.Ack)
                 down = await helpers.schedule(nc, bus, helpers.pod("p-down", memory_mib=300))
                 assert isinstance(down, events.Placement)
-                nonlocal restarted
                 restarted = subprocess.Popen(
                     [a.decode() for a in argv],
                     cwd=harness.ROOT,
                     env=up.env(),
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
+                # `vslice down` stops the restarted agent with the rest of the stack
+                up.children.append(restarted)
+                recorded["pids"]["nodeagent"] = restarted.pid
+                (up.state / stacks.STATE_FILE).write_text(json.dumps(recorded))
                 wait_s = time.monotonic() + 20
                 while "p-down" not in readies and time.monotonic() < wait_s:
                     await asyncio.sleep(0.05)
@@ -289,7 +298,10 @@ def test_a_node_agent_restart_loses_and_duplicates_no_slice(up: Up) -> None:
             finally:
                 await nc.close()
 
-        readies = asyncio.run(while_down())
+        try:
+            readies = asyncio.run(while_down())
+        finally:
+            log.close()
         assert readies.count("p-before") == 1 and readies.count("p-down") == 1
         wait_until(
             lambda: sorted(p.name for p in up.containers.iterdir()) == sorted([kept, "p-down_main"])
@@ -307,6 +319,39 @@ def test_a_node_agent_restart_loses_and_duplicates_no_slice(up: Up) -> None:
     finally:
         running.send_signal(signal.SIGTERM)
         finish(running)
-        if restarted is not None:
-            stacks.terminate([restarted.pid])
-            restarted.wait()
+
+
+def test_a_device_fault_re_registers_the_gpu_unhealthy_and_it_takes_no_new_slice(up: Up) -> None:
+    """Runs last: it leaves the module's GPU unhealthy."""
+    env = {
+        **up.env(),
+        "LD_LIBRARY_PATH": str(harness.MOCK_DIR),
+        "VSLICE_MOCKGPU_STATE": str(up.state / "host" / "mockgpu.state"),
+    }
+
+    async def scenario() -> list[NodeDevices]:
+        nc = await nats.connect(up.url)
+        try:
+            sub = await nc.subscribe(f"vslice.node.{up.node}.registered")
+            await nc.flush()
+            subprocess.run(
+                [sys.executable, "-m", "tests.nodeagent.nvmlcheck", "inject", "0:13", "0:79"],
+                cwd=harness.ROOT,
+                env=env,
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+            seen = []
+            while not seen or seen[-1].devices[0].healthy:
+                msg = await sub.next_msg(timeout=10)
+                seen.append(msgspec.json.decode(msg.data, type=NodeDevices))
+            return seen
+        finally:
+            await nc.close()
+
+    seen = asyncio.run(scenario())
+    assert [d.healthy for d in seen[-1].devices] == [False]
+    assert seen[-1].devices[0].uuid == GPU
+    refused = up.run("--gpumem", "128", "--", *PROBE, "meminfo")
+    assert refused.returncode == 3 and "CardNotHealth" in refused.stderr

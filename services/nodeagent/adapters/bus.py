@@ -22,6 +22,7 @@ when the agent died is delivered again; preparing is idempotent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -60,6 +61,7 @@ class Agent:
     slicer: Slicer | None = None
     prepared: dict[str, events.Ready] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
+    _sub: JetStreamContext.PullSubscription | None = field(init=False, default=None)
 
     @property
     def durable(self) -> str:
@@ -122,6 +124,7 @@ class Agent:
         sub = await self.js.pull_subscribe(
             "", durable=self.durable, stream=self.subjects.alloc_stream, config=config
         )
+        self._sub = sub
         self._task = asyncio.create_task(self._consume(sub))
 
     async def stop(self) -> None:
@@ -129,6 +132,11 @@ class Agent:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._sub is not None:
+            # a fetch cancelled mid-request leaves the subscription waiting, which would
+            # hold the connection's drain until its timeout
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
 
     async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
         hosted = {n.node for n in self.nodes}
