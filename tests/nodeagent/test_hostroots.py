@@ -120,3 +120,16 @@ def test_reconcile_prepares_what_the_ledger_holds_and_releases_what_it_does_not(
     assert os.stat(tmp_path / "containers" / "kept_main" / "vgpu.cache").st_ino == kept_inode
     assert fresh.sweep() == ["gone_main"]
     assert hostroots.existing(tmp_path) == ["kept_main", "new_main"]
+
+
+def test_a_truncated_or_foreign_cache_file_is_read_as_a_reason_not_an_error(
+    tmp_path: Path,
+) -> None:
+    layout = preparing.Layout(root=str(tmp_path), libvgpu="/l.so")
+    (plan,) = preparing.plan(placement("p1", 64), layout)
+    hostroots.prepare(plan)
+    Path(plan.cache).write_bytes(plan.cache_bytes[:3000])
+    assert "slots" in str(hostroots.read_cache(tmp_path, "p1_main"))
+    Path(plan.cache).write_bytes(b"\0" * 200)
+    assert "magic" in str(hostroots.read_cache(tmp_path, "p1_main"))
+    assert "No such file" in str(hostroots.read_cache(tmp_path, "nobody_main"))

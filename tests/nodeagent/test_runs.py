@@ -171,6 +171,54 @@ def test_a_program_allocating_64_mib_at_a_time_stops_at_its_slice_with_out_of_me
     assert "filled 512 MiB" in done.stdout
 
 
+def test_stdin_stdout_and_the_exit_code_pass_through_vslice_run(up: Up) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vslice.cli",
+            "run",
+            "--state-dir",
+            str(up.state),
+            "--gpumem",
+            "64",
+            "--",
+            "sh",
+            "-c",
+            'read x; echo "got $x in $LD_PRELOAD"; exit 7',
+        ],
+        cwd=harness.ROOT,
+        env=up.env(),
+        input="hello\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 7, done.stderr
+    assert done.stdout.startswith("got hello in ") and "libvgpu.so" in done.stdout
+
+
+def test_an_interrupted_run_releases_its_slice(up: Up) -> None:
+    proc = up.start("--gpumem", "300", "--", *PROBE, "hold", "64", "60")
+    held(proc)
+    (key,) = [p.name for p in up.containers.iterdir()]
+    proc.send_signal(signal.SIGINT)
+    assert finish(proc) == 128 + signal.SIGINT
+    wait_until(lambda: not (up.containers / key).exists())
+    status = subprocess.run(
+        [sys.executable, "-m", "vslice.cli", "status", "--state-dir", str(up.state)],
+        cwd=harness.ROOT,
+        env=up.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    row = next(line for line in status.stdout.splitlines() if GPU in line)
+    assert row.split()[2:] == ["0/10", "0/2048", "0"]
+
+
 def test_two_runs_on_one_gpu_see_their_own_totals_and_a_third_that_does_not_fit_is_refused(
     up: Up,
 ) -> None:
@@ -355,3 +403,16 @@ def test_a_device_fault_re_registers_the_gpu_unhealthy_and_it_takes_no_new_slice
     assert seen[-1].devices[0].uuid == GPU
     refused = up.run("--gpumem", "128", "--", *PROBE, "meminfo")
     assert refused.returncode == 3 and "CardNotHealth" in refused.stderr
+
+
+def test_vslice_run_without_a_stack_says_how_to_start_one(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vslice.cli", "run", "--state-dir", str(tmp_path), "--", "true"],
+        cwd=harness.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"start one with `vslice up --state-dir {tmp_path}`" in done.stderr
