@@ -127,7 +127,8 @@ def test_a_container_gets_hami_cores_variables_its_cache_file_and_libvgpu() -> N
     assert "LD_LIBRARY_PATH" not in env
     cache = sharedcaches.decode(plan.cache_bytes)
     assert [d.limit_bytes for d in cache.devices[:3]] == [512 * MIB, 2000 * MIB, 0]
-    assert [d.sm_limit_percent for d in cache.devices[:2]] == [0, 30]
+    # libvgpu reads CUDA_DEVICE_SM_LIMIT for every device: the file says the same
+    assert {d.sm_limit_percent for d in cache.devices} == {30}
 
 
 def test_on_mock_gpus_the_environment_puts_the_mock_driver_first() -> None:
@@ -137,8 +138,10 @@ def test_on_mock_gpus_the_environment_puts_the_mock_driver_first() -> None:
     assert plan.env["LD_LIBRARY_PATH"] == "/m"
     assert plan.env["VSLICE_MOCKGPU_STATE"] == "/host/mock.state"
     assert plan.env["VSLICE_MOCKGPU_DEVICES"] == "GPU-0:2048"
-    # under "force" a 100 % slice is still limited (libvgpu README)
-    assert sharedcaches.decode(plan.cache_bytes).devices[0].sm_limit_percent == 100
+    # the percent as asked, and the policy that decides whether 100 % is limited
+    decoded = sharedcaches.decode(plan.cache_bytes)
+    assert (decoded.devices[0].sm_limit_percent, decoded.sm_policy) == (100, "force")
+    assert plan.env["CUDA_DEVICE_SM_LIMIT"] == "100"
 
 
 @pytest.mark.parametrize(

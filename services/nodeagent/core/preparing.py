@@ -110,10 +110,13 @@ def plan(placement: Placement, layout: Layout) -> list[ContainerPlan]:
         key = container_key(placement.pod_uid, container)
         directory = container_dir(layout.root, key)
         cache = f"{directory}/{CACHE_FILE}"
-        sm = [_sm_limit(s.cores_percent, layout.sm_policy) for s in slices]
+        env = container_env(tuple(slices), cache=cache, layout=layout)
+        # the same SM limit on every device, as libvgpu reads CUDA_DEVICE_SM_LIMIT, so the
+        # file and a process's environment agree
+        sm = int(env.get("CUDA_DEVICE_SM_LIMIT", "0"))
         cache_bytes = sharedcaches.encode_new(
             limits_bytes=[s.memory_mib * MIB for s in slices],
-            sm_limits_percent=sm,
+            sm_limits_percent=[sm] * sharedcaches.MAX_DEVICES,
             sm_policy=layout.sm_policy,
         )
         out.append(
@@ -124,21 +127,11 @@ def plan(placement: Placement, layout: Layout) -> list[ContainerPlan]:
                 directory=directory,
                 cache=cache,
                 cache_bytes=cache_bytes,
-                env=container_env(tuple(slices), cache=cache, layout=layout),
+                env=env,
                 slices=tuple(slices),
             )
         )
     return out
-
-
-def _sm_limit(cores_percent: int, policy: Policy) -> int:
-    # HAMi-core applies the SM cap for 0 < P < 100 under "default", also at 100 under
-    # "force", never under "disable" (libvgpu README, GPU_CORE_UTILIZATION_POLICY).
-    if policy == "disable" or cores_percent <= 0:
-        return 0
-    if cores_percent >= 100 and policy == "default":
-        return 0
-    return min(cores_percent, 100)
 
 
 def container_env(slices: tuple[Slice, ...], *, cache: str, layout: Layout) -> dict[str, str]:
