@@ -3,8 +3,8 @@
 ``CUDA_DEVICE_MEMORY_LIMIT_<i>`` (``<MiB>m``, one per visible device, in the container's
 device order), ``CUDA_DEVICE_SM_LIMIT`` (percent, for every device; left out at 0),
 ``NVIDIA_VISIBLE_DEVICES`` (the allocated UUIDs), ``CUDA_TASK_PRIORITY`` when the pod set
-``nvidia.com/priority`` (``ARCHITECTURE.md``, "The slice inside the container"). Pure: the node agent's adapter
-hands this to the runtime (or, for mock nodes, only reports it).
+``nvidia.com/priority`` (``ARCHITECTURE.md``, "The slice inside the container"). Pure:
+the node agent's adapter hands this to the runtime (or, for mock nodes, only reports it).
 """
 
 from __future__ import annotations
