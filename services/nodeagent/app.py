@@ -117,7 +117,12 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         raise ValueError(f"node name {node!r} not usable on the bus")
     root = Path(real.host_root)
     root.mkdir(parents=True, exist_ok=True)
-    lib = hostroots.install_libvgpu(root, Path(real.libvgpu))
+    try:
+        lib = hostroots.install_libvgpu(root, Path(real.libvgpu))
+    except OSError as exc:
+        raise OSError(
+            f"cannot install libvgpu from {real.libvgpu} (`make native` builds it): {exc}"
+        ) from exc
     backend = await asyncio.to_thread(open_gpus, settings, real)
     found = await asyncio.to_thread(backend.discover)
     mock = None
