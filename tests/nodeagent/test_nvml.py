@@ -92,3 +92,22 @@ def test_the_mock_driver_shows_only_the_visible_devices_in_their_order(
         check=False,
     )
     assert none.returncode != 0  # no visible device: cuInit fails as on a real driver
+
+
+def test_libvgpu_matches_nvml_devices_to_its_slice_by_uuid_when_cuda_sees_a_subset(
+    native: None, tmp_path: Path
+) -> None:
+    # a host process in a slice of the second GPU: NVML still lists both
+    box = harness.Container(
+        root=tmp_path,
+        env={
+            "VSLICE_MOCKGPU_DEVICES": DEVICES,
+            "CUDA_VISIBLE_DEVICES": "GPU-22222222-bbbb",
+            "CUDA_DEVICE_MEMORY_LIMIT_0": "300m",
+        },
+    )
+    result = box.run("probe", "meminfo", "alloc", "64m", "nvmlat", "0", "nvmlat", "1")
+    assert result.of("meminfo")[0].int("total") == 300 * MIB
+    first, second = result.of("nvmlat")
+    assert (first.int("total"), first.int("used")) == (1024 * MIB, 0)  # not the slice's GPU
+    assert (second.int("total"), second.int("used")) == (300 * MIB, 64 * MIB)
