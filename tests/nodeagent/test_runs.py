@@ -26,6 +26,7 @@ import pytest
 from libshared import events
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
+from libshared.ledgers import PodCharge, Slice
 from tests.bus import helpers
 from tests.libvgpu import harness
 from vslice import stacks
@@ -202,6 +203,7 @@ def test_stdin_stdout_and_the_exit_code_pass_through_vslice_run(up: Up) -> None:
 def test_an_interrupted_run_releases_its_slice(up: Up) -> None:
     proc = up.start("--gpumem", "300", "--", *PROBE, "hold", "64", "60")
     held(proc)
+    wait_until(lambda: len(list(up.containers.iterdir())) == 1)
     (key,) = [p.name for p in up.containers.iterdir()]
     proc.send_signal(signal.SIGINT)
     assert finish(proc) == 128 + signal.SIGINT
@@ -222,8 +224,8 @@ def test_an_interrupted_run_releases_its_slice(up: Up) -> None:
 def test_two_runs_on_one_gpu_see_their_own_totals_and_a_third_that_does_not_fit_is_refused(
     up: Up,
 ) -> None:
-    first = up.start("--gpumem", "768", "--", *PROBE, "hold", "100", "4")
-    second = up.start("--gpumem", "1024", "--", *PROBE, "hold", "200", "4")
+    first = up.start("--gpumem", "768", "--", *PROBE, "hold", "100", "3")
+    second = up.start("--gpumem", "1024", "--", *PROBE, "hold", "200", "3")
     try:
         totals = sorted([held(first)["total"], held(second)["total"]])
         third = up.run("--gpumem", "512", "--", *PROBE, "meminfo")
@@ -237,7 +239,7 @@ def test_two_runs_on_one_gpu_see_their_own_totals_and_a_third_that_does_not_fit_
 
 
 def test_usage_shows_a_running_slices_charged_memory_and_drops_it_after_release(up: Up) -> None:
-    proc = up.start("--gpumem", "512", "--", *PROBE, "hold", "128", "3")
+    proc = up.start("--gpumem", "512", "--", *PROBE, "hold", "128", "2")
     try:
         held(proc)
         during = usage(up, 1.0)
@@ -296,6 +298,53 @@ def test_the_host_side_check_kills_a_process_that_runs_without_libvgpu_past_its_
     assert escape.pod_uid.startswith("run-") and escape.container == "main"
 
 
+def test_malformed_and_stale_placements_are_skipped_and_the_agent_keeps_serving(up: Up) -> None:
+    stale = events.Placement(
+        pod_uid="never-in-ledger",
+        namespace="default",
+        pod="x",
+        node=up.node,
+        slices=(
+            Slice(
+                pod_uid="never-in-ledger",
+                namespace="default",
+                pod="x",
+                container="main",
+                container_index=0,
+                uuid=GPU,
+                device_index=0,
+                memory_mib=100,
+                cores_percent=0,
+            ),
+        ),
+        charge=PodCharge(pod_uid="never-in-ledger"),
+    )
+
+    async def publish() -> list[bytes]:
+        nc = await nats.connect(up.url)
+        answers: list[bytes] = []
+
+        async def on_answer(msg: nats.aio.msg.Msg) -> None:
+            answers.append(msg.data)
+
+        try:
+            await nc.subscribe(f"vslice.alloc.{up.node}.*", cb=on_answer)
+            js = nc.jetstream()
+            subject = f"vslice.alloc.{up.node}.decided"
+            await js.publish(subject, b'{"type": "placement", "pod_uid": 7}')
+            await js.publish(subject, b"not json")
+            await js.publish(subject, events.ENCODER.encode(stale))
+            await asyncio.sleep(1.0)
+            return [a for a in answers if b'"ready"' in a or b'"failed"' in a]
+        finally:
+            await nc.close()
+
+    assert asyncio.run(publish()) == []
+    assert not (up.containers / "never-in-ledger_main").exists()
+    done = up.run("--gpumem", "128", "--", *PROBE, "meminfo")
+    assert done.returncode == 0 and f"total={128 * MIB}" in done.stdout
+
+
 def test_a_node_agent_restart_loses_and_duplicates_no_slice(up: Up) -> None:
     bus = BusSettings(urls=(up.url,), prefix="vslice")
     recorded = json.loads((up.state / stacks.STATE_FILE).read_text())
@@ -304,6 +353,8 @@ def test_a_node_agent_restart_loses_and_duplicates_no_slice(up: Up) -> None:
     running = up.start("--gpumem", "256", "--", *PROBE, "hold", "64", "60")
     try:
         held(running)
+        # earlier tests' released slices go after their grace
+        wait_until(lambda: len(list(up.containers.iterdir())) == 1)
         (kept,) = [p.name for p in up.containers.iterdir()]
         inode = (up.containers / kept / "vgpu.cache").stat().st_ino
 
