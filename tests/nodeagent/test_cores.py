@@ -6,6 +6,7 @@ import pytest
 
 from libshared import annotations, events
 from libshared.ledgers import PodCharge, Slice
+from services.nodeagent import settings
 from services.nodeagent.core import preparing, registrations, sharedcaches, usages
 from services.nodeagent.core.registrations import Gpu, Scaling
 from services.nodeagent.core.sharedcaches import ProcessSlot, SharedCache
@@ -342,3 +343,34 @@ def test_the_slice_environment_goes_first_on_path_lists_and_wins_elsewhere() -> 
         "CUDA_VISIBLE_DEVICES": "GPU-a",
         "X": "1",
     }
+
+
+def test_a_host_root_makes_a_real_slice_agent_and_bad_values_name_their_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parsed = settings.parse(
+        [
+            "--host-root",
+            "/tmp/h",
+            "--memory-scaling",
+            "1.5",
+            "--split-count",
+            "4",
+            "--enforce",
+            "kill",
+        ],
+        environ={},
+    )
+    assert parsed.slices is not None
+    assert parsed.slices.scaling == Scaling(split_count=4, memory_scaling=1.5)
+    assert parsed.slices.enforce == "kill"
+    assert parsed.slices.mock_state_path == "/tmp/h/mockgpu.state"
+    assert settings.parse([], environ={}).slices is None
+    for argv, flag in (
+        (["--host-root", "/h", "--memory-scaling", "0"], "deviceMemoryScaling"),
+        (["--host-root", "/h", "--usage-interval", "0"], "--usage-interval"),
+        (["--host-root", "/h", "--escape-margin-mib", "-1"], "--escape-margin-mib"),
+    ):
+        with pytest.raises(SystemExit):
+            settings.parse(argv, environ={})
+        assert flag in capsys.readouterr().err
