@@ -55,7 +55,9 @@ def hosted_nodes(settings: Settings) -> list[NodeDevices]:
 
 def open_gpus(settings: Settings, real: SliceSettings) -> gpus.Gpus:
     """The GPU backend ``real.backend`` names; ``auto``: NVML when it finds a GPU, else the
-    mock. Raises ``gpus.GpuError`` when ``nvml`` was asked for and NVML is unusable."""
+    mock: the ``--devices`` list, else the first node of the ``--fleet`` file, else the
+    uniform spec. Raises ``gpus.GpuError`` when ``nvml`` was asked for and NVML is
+    unusable, ``OSError``/``TraceFormatError`` for an unreadable fleet file."""
     if real.backend in ("auto", "nvml"):
         try:
             nvml = gpus.NvmlGpus(real.nvml_library)
@@ -66,12 +68,16 @@ def open_gpus(settings: Settings, real: SliceSettings) -> gpus.Gpus:
             if real.backend == "nvml":
                 raise
             log.info("no NVML GPU; using mock GPUs", extra={"reason": exc.reason})
-    devices = settings.spec.devices or tuple(
-        (d.uuid, d.memory_mib) for d in fleets.build(settings.spec)[0].devices
-    )
+    gpu_type = settings.spec.gpu_type
+    if settings.spec.devices:
+        devices = settings.spec.devices
+    else:  # the first node of the fleet file, else of the uniform spec
+        first = hosted_nodes(settings)[0]
+        devices = tuple((d.uuid, d.memory_mib) for d in first.devices)
+        gpu_type = first.devices[0].type if first.devices else gpu_type
     return gpus.open_mock(
         devices,
-        gpu_type=settings.spec.gpu_type,
+        gpu_type=gpu_type,
         library_dir=real.mock_dir,
         state=real.mock_state_path,
     )

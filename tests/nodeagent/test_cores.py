@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from libshared import annotations, events
 from libshared.ledgers import PodCharge, Slice
-from services.nodeagent import settings
+from services.nodeagent import app, settings
 from services.nodeagent.core import preparing, registrations, sharedcaches, usages
 from services.nodeagent.core.registrations import Gpu, Scaling
 from services.nodeagent.core.sharedcaches import ProcessSlot, SharedCache
@@ -374,3 +376,21 @@ def test_a_host_root_makes_a_real_slice_agent_and_bad_values_name_their_flag(
         with pytest.raises(SystemExit):
             settings.parse(argv, environ={})
         assert flag in capsys.readouterr().err
+
+
+def test_mock_gpus_come_from_the_device_list_else_the_first_node_of_a_fleet_file(
+    tmp_path: Path,
+) -> None:
+    fleet = tmp_path / "nodes.csv"
+    fleet.write_text("sn,cpu_milli,memory_mib,gpu,model\nn-a,64000,262144,2,T4\n")
+    no_nvml = ["--host-root", str(tmp_path), "--backend", "mock", "--mock-dir", str(tmp_path)]
+    parsed = settings.parse([*no_nvml, "--fleet", str(fleet)], environ={})
+    assert parsed.slices is not None
+    found = app.open_gpus(parsed, parsed.slices).discover()
+    assert [(g.index, g.type) for g in found] == [(0, "T4"), (1, "T4")]
+    assert len({g.uuid for g in found}) == 2
+    listed = settings.parse([*no_nvml, "--devices", "GPU-x:1000"], environ={})
+    assert listed.slices is not None
+    assert [(g.uuid, g.memory_mib) for g in app.open_gpus(listed, listed.slices).discover()] == [
+        ("GPU-x", 1000)
+    ]
