@@ -10,7 +10,7 @@ from pathlib import Path
 from libshared import traces
 from libshared.errors import VsliceError
 from services.scheduler.core.deciding import POLICIES
-from vslice import busreplays, replays, stacks
+from vslice import busreplays, replays, running, stacks
 
 
 def _policies(text: str) -> list[str]:
@@ -75,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
             help="where pids, logs and NATS data live (default $VSLICE_STATE_DIR, "
             "else $XDG_STATE_HOME/vslice or ~/.local/state/vslice)",
         )
+    run = sub.add_parser(
+        "run", help="run a command inside a slice of this machine's GPU (needs `vslice up`)"
+    )
+    mem = run.add_mutually_exclusive_group()
+    mem.add_argument("--gpumem", type=int, help="MiB per GPU (nvidia.com/gpumem)")
+    mem.add_argument(
+        "--gpumem-percentage", type=int, help="percent of each GPU (nvidia.com/gpumem-percentage)"
+    )
+    run.add_argument("--gpucores", type=int, help="percent of each GPU's SMs (nvidia.com/gpucores)")
+    run.add_argument("--gpus", type=int, default=1, help="GPUs (nvidia.com/gpu, default 1)")
+    run.add_argument("--gpu-type", help="only GPUs of this type (nvidia.com/use-gputype)")
+    run.add_argument("--state-dir", default=None, help="the stack's state dir (as for `up`)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     return parser
 
 
@@ -86,10 +99,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _replay(args)
         if args.command in ("up", "status", "down"):
             return _stack(args)
+        if args.command == "run":
+            return _run(args)
+    except running.RunError as exc:
+        print(f"vslice run: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (VsliceError, OSError) as exc:
         print(f"vslice: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print("vslice run: no command given (vslice run [options] -- CMD ARGS...)", file=sys.stderr)
+        return 2
+    state_dir = Path(args.state_dir) if args.state_dir else stacks.default_state_dir()
+    request = running.SliceRequest(
+        memory_mib=args.gpumem,
+        memory_percent=args.gpumem_percentage,
+        cores_percent=args.gpucores,
+        gpus=args.gpus,
+        gpu_type=args.gpu_type,
+    )
+    return running.run(state_dir, request, cmd)
 
 
 def _stack(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """A local vslice stack as background processes: ``vslice up``, ``status`` and ``down``.
 
 ``up`` starts a nats-server with JetStream (``libshared.natsserver``), the admission
-service, two scheduler replicas and a mock node agent for this machine, each in its own
+service, two scheduler replicas and the node agent of this machine (real slices under
+``<state dir>/host``: NVML's GPUs when there are any, else mock GPUs), each in its own
 session with its log in ``<state dir>/logs/``, and records their pids and the NATS URL in
 ``<state dir>/stack.json``. ``status`` says which of them still run and reads the fleet's
 allocation from the ``<prefix>-nodes`` and ``<prefix>-ledger`` buckets. ``down`` stops
@@ -101,16 +102,20 @@ def service_commands(
     log_level: str = "info",
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    explain: bool = False,
 ) -> dict[str, list[str]]:
     """The command (argv, ``python -m services.<name> ...``) of each service of a stack,
     by process name: ``admission``, ``scheduler-1`` .. ``scheduler-<replicas>`` (with
-    ``scheduler_args`` appended), ``nodeagent`` (its fleet from ``agent_args``), and
-    ``metrics`` on ``metrics_host:metrics_port`` when a port is given. Pure."""
+    ``scheduler_args`` appended; per-node reasons in ``Unschedulable`` only with
+    ``explain``), ``nodeagent`` (its fleet from ``agent_args``), and ``metrics`` on
+    ``metrics_host:metrics_port`` when a port is given. Pure."""
     bus = ["--nats-url", nats_url, "--prefix", prefix, "--log-level", log_level]
     out = {"admission": [sys.executable, "-m", "services.admission", *bus]}
     for i in range(1, replicas + 1):
         cmd = [sys.executable, "-m", "services.scheduler", *bus, "--name", f"scheduler-{i}"]
-        cmd += ["--policy", policy, "--seed", str(seed), "--no-explain"]
+        cmd += ["--policy", policy, "--seed", str(seed)]
+        if not explain:
+            cmd.append("--no-explain")
         if workload_trace:
             cmd += ["--workload-trace", workload_trace]
         out[f"scheduler-{i}"] = [*cmd, *scheduler_args]
@@ -157,6 +162,21 @@ def wait_http(
                 return
         time.sleep(0.1)
     raise StackError(f"{name} not serving {url} after {timeout_s:.0f} s")
+
+
+def local_node() -> str:
+    """The node name of this machine's node agent in a ``vslice up`` stack."""
+    return f"{local_node_name()}-0"
+
+
+def slice_agent_args(state_dir: Path, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Node agent flags for real slices under ``<state_dir>/host``, with the GPU backend
+    of ``$VSLICE_GPU_BACKEND`` (``auto``, ``nvml`` or ``mock``; default ``auto``)."""
+    env = os.environ if environ is None else environ
+    backend = env.get("VSLICE_GPU_BACKEND", "auto")
+    if backend not in ("auto", "nvml", "mock"):
+        raise StackError(f"VSLICE_GPU_BACKEND={backend!r}: expected auto, nvml or mock")
+    return ["--host-root", str((state_dir / "host").resolve()), "--backend", backend]
 
 
 def mock_agent_args(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -361,9 +381,10 @@ def up(
         commands = service_commands(
             server.url,
             prefix=prefix,
-            agent_args=mock_agent_args(environ),
+            agent_args=[*mock_agent_args(environ), *slice_agent_args(state_dir, environ)],
             metrics_port=port,
             metrics_host=host,
+            explain=True,
         )
         for name, argv in commands.items():
             procs[name] = spawn(name, argv, logs)

@@ -1,4 +1,5 @@
-"""``python -m services.nodeagent [flags]``: run a mock node agent hosting one or many nodes."""
+"""``python -m services.nodeagent [flags]``: mock nodes for a replay, or this machine's node with
+real slices (``--host-root``)."""
 
 from __future__ import annotations
 

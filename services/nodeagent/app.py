@@ -1,18 +1,37 @@
-"""Wiring of the mock node agent: build the fleet, connect, register, consume, drain."""
+"""Wiring of the node agent: build the nodes, connect, register, consume, report, drain.
+
+Two shapes (``settings.Settings``): mock nodes that only answer placements (a replay's
+fleet), or -- with a host root -- this machine's node with real slices: GPUs discovered
+(NVML or the mock), libvgpu installed, placements prepared on disk, XIDs watched for
+health, the device list re-checked, usage published every few seconds and released
+slices swept after their grace period.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-from libshared import connecting, traces
+import msgspec
+import nats.errors
+
+from libshared import connecting, events, traces
 from libshared.devices import NodeDevices
 from libshared.subjects import valid_node
-from services.nodeagent.adapters import bus
-from services.nodeagent.core import fleets
-from services.nodeagent.settings import Settings
+from services.nodeagent.adapters import bus, gpus, hostroots
+from services.nodeagent.adapters.slicing import Slicer
+from services.nodeagent.core import fleets, preparing, registrations, usages
+from services.nodeagent.settings import Settings, SliceSettings
 
 log = logging.getLogger("vslice.nodeagent")
+
+MIB = 1 << 20
+NVML_ESCAPE_MARGIN_MIB = 512  # a CUDA context's own memory, which no allocation charges
+XID_WAIT_S = 1.0
 
 
 def hosted_nodes(settings: Settings) -> list[NodeDevices]:
@@ -34,16 +53,54 @@ def hosted_nodes(settings: Settings) -> list[NodeDevices]:
     return nodes
 
 
+def open_gpus(settings: Settings, real: SliceSettings) -> gpus.Gpus:
+    """The GPU backend ``real.backend`` names; ``auto``: NVML when it finds a GPU, else the
+    mock: the ``--devices`` list, else the first node of the ``--fleet`` file, else the
+    uniform spec. Raises ``gpus.GpuError`` when ``nvml`` was asked for and NVML is
+    unusable, ``OSError``/``TraceFormatError`` for an unreadable fleet file."""
+    if real.backend in ("auto", "nvml"):
+        try:
+            nvml = gpus.NvmlGpus(real.nvml_library)
+            if nvml.discover() or real.backend == "nvml":
+                return nvml
+            nvml.close()
+        except gpus.GpuError as exc:
+            if real.backend == "nvml":
+                raise
+            log.info("no NVML GPU; using mock GPUs", extra={"reason": exc.reason})
+    gpu_type = settings.spec.gpu_type
+    if settings.spec.devices:
+        devices = settings.spec.devices
+    else:  # the first node of the fleet file, else of the uniform spec
+        first = hosted_nodes(settings)[0]
+        devices = tuple((d.uuid, d.memory_mib) for d in first.devices)
+        gpu_type = first.devices[0].type if first.devices else gpu_type
+    return gpus.open_mock(
+        devices,
+        gpu_type=gpu_type,
+        library_dir=real.mock_dir,
+        state=real.mock_state_path,
+    )
+
+
 async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Register the nodes and answer their allocations until ``stop`` (default: SIGTERM)."""
     stop = connecting.stop_on_signals(stop)
+    if settings.slices is not None:
+        await serve_slices(settings, settings.slices, stop)
+        return
     nodes = hosted_nodes(settings)
     nc = await connecting.connect(settings.bus, name=f"nodeagent-{settings.name}")
     try:
         js = nc.jetstream(timeout=settings.bus.request_timeout_s)
         opened = await connecting.ensure_bus(js, settings.bus)
         agent = bus.Agent(
-            js=js, bus=opened, subjects=settings.bus.subjects, name=settings.name, nodes=nodes
+            nc=nc,
+            js=js,
+            bus=opened,
+            subjects=settings.bus.subjects,
+            name=settings.name,
+            nodes=nodes,
         )
         await agent.register()
         await agent.start()
@@ -53,3 +110,150 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
     finally:
         await connecting.drain_quietly(nc)
     log.info("stopped", extra={"agent": settings.name})
+
+
+async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Event) -> None:
+    """This machine's node with real slices (see the module docstring) until ``stop``.
+
+    Raises ``gpus.GpuError`` (no NVML with ``--backend nvml``), ``OSError`` (libvgpu not
+    built, host root not writable) or ``ValueError`` (an unusable node name) at start.
+    """
+    node = f"{settings.spec.name_prefix}-0"
+    if not valid_node(node):
+        raise ValueError(f"node name {node!r} not usable on the bus")
+    root = Path(real.host_root)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        lib = hostroots.install_libvgpu(root, Path(real.libvgpu))
+    except OSError as exc:
+        raise OSError(
+            f"cannot install libvgpu from {real.libvgpu} (`make native` builds it): {exc}"
+        ) from exc
+    backend = await asyncio.to_thread(open_gpus, settings, real)
+    found = await asyncio.to_thread(backend.discover)
+    mock = None
+    if backend.kind == "mock":
+        mock = preparing.MockDriver(
+            library_dir=real.mock_dir,
+            state=real.mock_state_path,
+            devices=",".join(f"{g.uuid}:{g.memory_mib}" for g in found),
+        )
+    layout = preparing.Layout(root=str(root), libvgpu=str(lib), sm_policy=real.sm_policy, mock=mock)
+    slicer = Slicer(node=node, layout=layout, grace_s=real.grace_s)
+    margin = real.escape_margin_mib
+    if margin is None:
+        margin = 0 if backend.kind == "mock" else NVML_ESCAPE_MARGIN_MIB
+    unhealthy: set[str] = set()
+
+    def registration() -> NodeDevices:
+        return registrations.node_devices(
+            node, found, scaling=real.scaling, unhealthy=frozenset(unhealthy)
+        )
+
+    nc = await connecting.connect(settings.bus, name=f"nodeagent-{settings.name}")
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        js = nc.jetstream(timeout=settings.bus.request_timeout_s)
+        opened = await connecting.ensure_bus(js, settings.bus)
+        agent = bus.Agent(
+            nc=nc,
+            js=js,
+            bus=opened,
+            subjects=settings.bus.subjects,
+            name=settings.name,
+            nodes=[registration()],
+            slicer=slicer,
+        )
+        await agent.register()
+        log.info(
+            "node registered",
+            extra={
+                "node": node,
+                "backend": backend.kind,
+                "gpus": len(found),
+                "hami_register": registrations.hami_register(agent.nodes[0]),
+            },
+        )
+        await agent.start()
+
+        async def report() -> None:
+            devices, processes = await asyncio.to_thread(backend.read)
+            usage = slicer.usage(devices, processes, margin_bytes=margin * MIB)
+            if usage.escapes:
+                usage = enforce(usage, kill=real.enforce == "kill")
+            await nc.publish(settings.bus.subjects.usage(node), events.ENCODER.encode(usage))
+            slicer.sweep()
+
+        async def watch_health() -> None:
+            xids = await asyncio.to_thread(backend.wait_xids, XID_WAIT_S)
+            faults = {u for u, x in xids if registrations.is_device_fault(x)}
+            for uuid, xid in xids:
+                fault = registrations.is_device_fault(xid)
+                log.warning("XID", extra={"uuid": uuid, "xid": xid, "fault": fault})
+            if faults - unhealthy:
+                unhealthy.update(faults)
+                await agent.register([registration()])
+
+        async def rediscover() -> None:
+            nonlocal found
+            await asyncio.sleep(real.rediscover_s)
+            now = await asyncio.to_thread(backend.discover)
+            if now != found:
+                found = now
+                log.info("device list changed", extra={"gpus": len(found)})
+                await agent.register([registration()])
+
+        tasks = [
+            asyncio.create_task(_forever("usage", report, every_s=real.usage_interval_s)),
+            asyncio.create_task(_forever("health", watch_health)),
+            asyncio.create_task(_forever("rediscover", rediscover)),
+        ]
+        log.info("nodeagent serving", extra={"agent": settings.name, "node": node})
+        await stop.wait()
+        await agent.stop()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await connecting.drain_quietly(nc)
+        backend.close()
+    log.info("stopped", extra={"agent": settings.name})
+
+
+def enforce(usage: events.NodeUsage, *, kill: bool) -> events.NodeUsage:
+    """Log every escape of ``usage``; with ``kill``, SIGKILL the escaped processes of a
+    slice (``usages.to_kill``) and mark them ``killed``."""
+    victims = set(usages.to_kill(usage.escapes)) if kill else set()
+    killed = {pid for pid in victims if hostroots.kill(pid)}
+    for e in usage.escapes:
+        log.warning(
+            "process over its slice",
+            extra={
+                "pid": e.pid,
+                "uuid": e.uuid,
+                "used_bytes": e.used_bytes,
+                "limit_bytes": e.limit_bytes,
+                "pod_uid": e.pod_uid,
+                "killed": e.pid in killed,
+            },
+        )
+    return msgspec.structs.replace(
+        usage,
+        escapes=tuple(msgspec.structs.replace(e, killed=e.pid in killed) for e in usage.escapes),
+    )
+
+
+async def _forever(name: str, step: Callable[[], Awaitable[None]], *, every_s: float = 0.0) -> None:
+    """Run ``step`` again and again (``every_s`` apart); a failing step is logged, never
+    fatal."""
+    while True:
+        started = time.monotonic()
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except (Exception, nats.errors.Error) as exc:
+            log.exception("%s step failed", name, extra={"error": str(exc)})
+            await asyncio.sleep(1.0)
+        with contextlib.suppress(ValueError):
+            await asyncio.sleep(max(0.0, every_s - (time.monotonic() - started)))

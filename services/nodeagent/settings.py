@@ -1,7 +1,11 @@
 """The node agent's settings: one frozen object, from flags and the environment.
 
-Local mode only has the mock backend so far: the hosted nodes come from an openb node
-list CSV (``--fleet``) or a small uniform spec (``--nodes``, ``--gpus``, ...).
+Without ``--host-root`` the agent hosts mock nodes that only answer placements (a
+replay's fleet): from an openb node list CSV (``--fleet``) or a small uniform spec
+(``--nodes``, ``--gpus``, ...). With ``--host-root`` it hosts one node whose slices are
+real: GPUs from NVML (``--backend nvml``), the mock list (``--backend mock``), or NVML
+when it finds GPUs and the mock otherwise (``auto``); each slice is prepared under the
+host root, and usage is read back every ``--usage-interval`` seconds.
 """
 
 from __future__ import annotations
@@ -11,9 +15,50 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 from libshared import connecting
 from services.nodeagent.core.fleets import DEFAULT_SPLIT_COUNT, FleetSpec, parse_devices
+from services.nodeagent.core.registrations import Scaling
+
+PACKAGE = Path(__file__).resolve().parent
+DEFAULT_LIBVGPU = str(PACKAGE / "libvgpu" / "libvgpu.so")
+DEFAULT_MOCK_DIR = str(PACKAGE / "mockgpu")
+
+
+@dataclass(frozen=True)
+class SliceSettings:
+    """The real-slice node: ``host_root`` (absolute), GPU ``backend``, ``scaling`` (HAMi's
+    deviceSplitCount / deviceMemoryScaling / deviceCoreScaling), ``libvgpu`` (the built
+    library to install), ``mock_dir`` (mock ``libcuda.so.1`` / ``libnvidia-ml.so.1``),
+    ``mock_state`` (the mock card's state file; default ``<host_root>/mockgpu.state``),
+    ``nvml_library`` (an NVML to load by path instead of ``libnvidia-ml.so.1``),
+    ``usage_interval_s`` (seconds between usage reports), ``grace_s`` (seconds a released
+    slice's directory is kept), ``enforce`` (``kill``: end escaped processes),
+    ``escape_margin_mib`` (NVML MiB allowed above libvgpu's charge per process; None: 0 on
+    the mock, 512 on NVML, for the CUDA context), ``sm_policy``
+    (``GPU_CORE_UTILIZATION_POLICY``), ``rediscover_s`` (seconds between device list
+    checks)."""
+
+    host_root: str
+    backend: Literal["auto", "nvml", "mock"] = "auto"
+    scaling: Scaling = field(default_factory=Scaling)
+    libvgpu: str = DEFAULT_LIBVGPU
+    mock_dir: str = DEFAULT_MOCK_DIR
+    mock_state: str | None = None
+    nvml_library: str | None = None
+    usage_interval_s: float = 2.0
+    grace_s: float = 5.0
+    enforce: Literal["report", "kill"] = "report"
+    escape_margin_mib: int | None = None
+    sm_policy: Literal["default", "force", "disable"] = "default"
+    rediscover_s: float = 30.0
+
+    @property
+    def mock_state_path(self) -> str:
+        """The mock card's state file."""
+        return self.mock_state or str(Path(self.host_root) / "mockgpu.state")
 
 
 @dataclass(frozen=True)
@@ -28,6 +73,7 @@ class Settings:
     split_count: int | None = None
     name: str = field(default_factory=socket.gethostname)
     log_level: str = "info"
+    slices: SliceSettings | None = None
 
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -57,12 +103,78 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     )
     parser.add_argument("--name", default=env.get("VSLICE_AGENT_NAME", socket.gethostname()))
     parser.add_argument("--log-level", default=env.get("VSLICE_LOG_LEVEL", "info"))
+    real = parser.add_argument_group("real slices (one node)")
+    real.add_argument(
+        "--host-root",
+        default=env.get("VSLICE_HOST_ROOT") or None,
+        help="prepare slices under this directory (env VSLICE_HOST_ROOT); without it the "
+        "agent only answers placements",
+    )
+    real.add_argument("--backend", choices=("auto", "nvml", "mock"), default="auto")
+    real.add_argument("--memory-scaling", type=float, default=1.0, help="deviceMemoryScaling")
+    real.add_argument("--core-scaling", type=float, default=1.0, help="deviceCoreScaling")
+    real.add_argument("--libvgpu", default=env.get("VSLICE_LIBVGPU", DEFAULT_LIBVGPU))
+    real.add_argument("--mock-dir", default=env.get("VSLICE_MOCKGPU_DIR", DEFAULT_MOCK_DIR))
+    real.add_argument("--mock-state", default=env.get("VSLICE_MOCKGPU_STATE") or None)
+    real.add_argument("--nvml-library", default=None, help="load this NVML library by path")
+    real.add_argument(
+        "--usage-interval",
+        type=float,
+        default=float(env.get("VSLICE_USAGE_INTERVAL_S", "2")),
+        help="seconds between usage reports (env VSLICE_USAGE_INTERVAL_S)",
+    )
+    real.add_argument(
+        "--grace",
+        type=float,
+        default=float(env.get("VSLICE_GRACE_S", "5")),
+        help="seconds a released slice's directory stays (env VSLICE_GRACE_S)",
+    )
+    real.add_argument(
+        "--enforce",
+        choices=("report", "kill"),
+        default=env.get("VSLICE_ENFORCE", "report"),
+        help="kill: end processes over their slice (env VSLICE_ENFORCE)",
+    )
+    real.add_argument("--escape-margin-mib", type=int, default=None)
+    real.add_argument("--sm-policy", choices=("default", "force", "disable"), default="default")
+    real.add_argument("--rediscover", type=float, default=30.0, help="seconds")
     args = parser.parse_args(list(argv or []))
     try:
         bus = connecting.from_arguments(args)
         devices = parse_devices(args.devices)
+        scaling = Scaling(
+            split_count=args.split_count or DEFAULT_SPLIT_COUNT,
+            memory_scaling=args.memory_scaling,
+            core_scaling=args.core_scaling,
+        )
     except ValueError as exc:
         parser.error(str(exc))
+    for flag, value in (
+        ("--usage-interval", args.usage_interval),
+        ("--grace", args.grace),
+        ("--rediscover", args.rediscover),
+    ):
+        if not value > 0:
+            parser.error(f"{flag} {value}: must be above 0 seconds")
+    if args.escape_margin_mib is not None and args.escape_margin_mib < 0:
+        parser.error(f"--escape-margin-mib {args.escape_margin_mib}: must be 0 or more")
+    slices = None
+    if args.host_root:
+        slices = SliceSettings(
+            host_root=str(Path(args.host_root).resolve()),
+            backend=args.backend,
+            scaling=scaling,
+            libvgpu=args.libvgpu,
+            mock_dir=args.mock_dir,
+            mock_state=args.mock_state,
+            nvml_library=args.nvml_library,
+            usage_interval_s=args.usage_interval,
+            grace_s=args.grace,
+            enforce=args.enforce,
+            escape_margin_mib=args.escape_margin_mib,
+            sm_policy=args.sm_policy,
+            rediscover_s=args.rediscover,
+        )
     spec = FleetSpec(
         nodes=args.nodes,
         gpus=args.gpus,
@@ -79,4 +191,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         split_count=args.split_count,
         name=args.name,
         log_level=args.log_level,
+        slices=slices,
     )

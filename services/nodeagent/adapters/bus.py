@@ -1,59 +1,108 @@
-"""The mock node agent on the bus: register nodes, consume their allocations, answer ready.
+"""The node agent on the bus: register nodes, consume their allocations, answer ready.
 
-One process may host many mock nodes. Each is registered (``NodeDevices``) under its key in
-``<prefix>-nodes``. Allocations reach the agent through one durable JetStream pull consumer
-on the ``<prefix>-alloc`` stream, named after the agent, so what was decided while the
+One process may host many mock nodes (a replay's fleet), or one node whose slices are
+real (``slicer`` set: each placement is prepared on disk by
+``services.nodeagent.adapters.slicing``). Each node is registered (``NodeDevices``) under
+its key in ``<prefix>-nodes`` and announced on ``<prefix>.node.<node>.registered``.
+Allocations reach the agent through one durable JetStream pull consumer on the
+``<prefix>-alloc`` stream, named after the agent, so what was decided while the
 agent was down is delivered when it comes back: the per-node ``decided`` and ``released``
 subjects of its nodes when it hosts a few, the wildcards (skipping other agents' nodes)
 when it hosts many. For each ``Placement`` it answers ``Ready`` (with the slice's
 environment) on ``<prefix>.alloc.<node>.ready``; a malformed message is logged, answered
 ``Failed`` when its node is known, and acknowledged so it is not redelivered forever.
+
+With a ``slicer`` the ledger is the truth: ``start`` first reconciles the host root with
+the node's ledger entry, and a ``Placement`` the ledger no longer holds (a stale
+redelivery of a pod released since) is acknowledged without preparing anything. A
+placement is acknowledged only after it was answered, so one that was being prepared
+when the agent died is delivered again; preparing is idempotent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
 import msgspec
 import nats.errors
+from nats.aio.client import Client
 from nats.js import JetStreamContext, api
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
 from libshared import events
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
+from libshared.ledgers import NodeLedger
 from libshared.subjects import Subjects
+from services.nodeagent.adapters.slicing import Slicer
 from services.nodeagent.core import environments
 
 log = logging.getLogger("vslice.nodeagent")
 
 PER_NODE_FILTERS = 32  # above this many hosted nodes, filter by wildcard instead
 FETCH_BATCH = 128
+LEDGER = msgspec.json.Decoder(NodeLedger)
 
 
 @dataclass
 class Agent:
-    """Hosts ``nodes``; ``prepared`` maps each pod UID it made ready to its ``Ready``."""
+    """Hosts ``nodes``; ``prepared`` maps each pod UID it made ready to its ``Ready``.
+    With ``slicer`` it hosts one node whose slices are prepared on disk."""
 
+    nc: Client
     js: JetStreamContext
     bus: Bus
     subjects: Subjects
     name: str
     nodes: list[NodeDevices]
+    slicer: Slicer | None = None
     prepared: dict[str, events.Ready] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
+    _sub: JetStreamContext.PullSubscription | None = field(init=False, default=None)
 
     @property
     def durable(self) -> str:
         """The durable consumer's name."""
         return f"nodeagent-{self.name}"
 
-    async def register(self) -> None:
-        """Write every hosted node's ``NodeDevices`` into the nodes bucket."""
+    async def register(self, nodes: list[NodeDevices] | None = None) -> None:
+        """Write every hosted node's ``NodeDevices`` into the nodes bucket and announce it
+        on ``<prefix>.node.<node>.registered``; ``nodes`` replaces the hosted list (a
+        re-registration after a health or device change). Raises ``nats.errors.Error``
+        when the bucket write fails."""
+        if nodes is not None:
+            self.nodes = nodes
         for node in self.nodes:
-            await self.bus.nodes.put(node.node, events.ENCODER.encode(node))
+            data = events.ENCODER.encode(node)
+            await self.bus.nodes.put(node.node, data)
+            try:
+                await self.nc.publish(self.subjects.node_registered(node.node), data)
+            except nats.errors.Error as exc:
+                log.warning("announce failed", extra={"node": node.node, "error": str(exc)})
         log.info("registered", extra={"nodes": len(self.nodes)})
+
+    async def ledger_of(self, node: str) -> NodeLedger | None:
+        """The node's ledger entry (None: the node holds nothing). Raises
+        ``nats.errors.Error`` / ``msgspec.DecodeError`` when it cannot be read."""
+        try:
+            entry = await self.bus.ledger.get(node)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        return LEDGER.decode(entry.value) if entry.value else None
+
+    async def reconcile(self) -> None:
+        """Make the host root agree with the ledger (only with a slicer)."""
+        if self.slicer is None:
+            return
+        ledger = await self.ledger_of(self.slicer.node)
+        prepared, orphans = self.slicer.reconcile(ledger)
+        log.info(
+            "reconciled with the ledger",
+            extra={"prepared": len(prepared), "released": len(orphans)},
+        )
 
     def _filters(self) -> list[str]:
         s = self.subjects
@@ -62,7 +111,9 @@ class Agent:
         return [f(n.node) for n in self.nodes for f in (s.alloc_decided, s.alloc_released)]
 
     async def start(self) -> None:
-        """Create (or reuse) the durable consumer and start consuming."""
+        """Reconcile with the ledger, create (or reuse) the durable consumer and start
+        consuming."""
+        await self.reconcile()
         config = api.ConsumerConfig(
             durable_name=self.durable,
             filter_subjects=self._filters(),
@@ -73,6 +124,7 @@ class Agent:
         sub = await self.js.pull_subscribe(
             "", durable=self.durable, stream=self.subjects.alloc_stream, config=config
         )
+        self._sub = sub
         self._task = asyncio.create_task(self._consume(sub))
 
     async def stop(self) -> None:
@@ -80,6 +132,11 @@ class Agent:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._sub is not None:
+            # a fetch cancelled mid-request leaves the subscription waiting, which would
+            # hold the connection's drain until its timeout
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
 
     async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
         hosted = {n.node for n in self.nodes}
@@ -111,18 +168,42 @@ class Agent:
             return
         if isinstance(event, events.Release):
             self.prepared.pop(event.pod_uid, None)
+            if self.slicer is not None:
+                keys = self.slicer.release(event.pod_uid)
+                log.info("released", extra={"pod_uid": event.pod_uid, "containers": len(keys)})
             return
         answer: events.Ready | events.Failed
         if event.node != node:
             answer = events.Failed(
                 pod_uid=event.pod_uid, node=node, reason=f"placement names node {event.node!r}"
             )
-            subject = self.subjects.alloc_failed(node)
+        elif self.slicer is not None:
+            if not await self._held(node, event.pod_uid):
+                log.info("placement no longer in the ledger", extra={"pod_uid": event.pod_uid})
+                return
+            answer = self.slicer.prepare(event)
         else:
             answer = events.Ready(pod_uid=event.pod_uid, node=node, env=environments.pod_env(event))
+        if isinstance(answer, events.Ready):
             self.prepared[event.pod_uid] = answer
             subject = self.subjects.alloc_ready(node)
+        else:
+            subject = self.subjects.alloc_failed(node)
         try:
             await self.js.publish(subject, events.ENCODER.encode(answer))
         except (nats.errors.Error, TimeoutError) as exc:
             log.error("answer failed", extra={"node": node, "error": str(exc)})
+
+    async def _held(self, node: str, pod_uid: str) -> bool:
+        # A ledger that cannot be read counts as holding the pod: preparing a slice that
+        # turns out released costs a directory until the release arrives, while skipping
+        # a live one would leave its pod waiting for an answer.
+        for attempt in range(3):
+            try:
+                ledger = await self.ledger_of(node)
+            except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
+                log.warning("ledger unreadable", extra={"node": node, "error": str(exc)})
+                await asyncio.sleep(0.2 * (attempt + 1))
+                continue
+            return ledger is not None and pod_uid in ledger.pods()
+        return True

@@ -1,10 +1,10 @@
 """The environment each container of a placed pod gets, in HAMi-core's variable names.
 
 ``CUDA_DEVICE_MEMORY_LIMIT_<i>`` (``<MiB>m``, one per visible device, in the container's
-device order), ``CUDA_DEVICE_SM_LIMIT`` (percent), ``NVIDIA_VISIBLE_DEVICES`` (the
-allocated UUIDs), ``CUDA_TASK_PRIORITY`` when the pod set ``nvidia.com/priority``
-(``ARCHITECTURE.md``, "The slice inside the container"). Pure: the node agent's adapter
-hands this to the runtime (or, for mock nodes, only reports it).
+device order), ``CUDA_DEVICE_SM_LIMIT`` (percent, for every device; left out at 0),
+``NVIDIA_VISIBLE_DEVICES`` (the allocated UUIDs), ``CUDA_TASK_PRIORITY`` when the pod set
+``nvidia.com/priority`` (``ARCHITECTURE.md``, "The slice inside the container"). Pure:
+the node agent's adapter hands this to the runtime (or, for mock nodes, only reports it).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ def container_env(slices: list[Slice]) -> dict[str, str]:
     for i, s in enumerate(slices):
         env[f"CUDA_DEVICE_MEMORY_LIMIT_{i}"] = f"{s.memory_mib}m"
     cores = max((s.cores_percent for s in slices), default=0)
-    if 0 < cores < 100:
-        env["CUDA_DEVICE_SM_LIMIT"] = str(cores)
+    if cores > 0:
+        # the percent as asked; whether 100 % is limited is GPU_CORE_UTILIZATION_POLICY's
+        # call, made by libvgpu (HAMi-core: "default" leaves 100 alone, "force" does not)
+        env["CUDA_DEVICE_SM_LIMIT"] = str(min(cores, 100))
     priority = next((s.priority for s in slices if s.priority is not None), None)
     if priority is not None:
         env["CUDA_TASK_PRIORITY"] = str(priority)

@@ -7,6 +7,10 @@ file's bytes into values. It is pure: reading the file belongs to
 ``services.nodeagent.adapters.cachefiles``, and deciding what to do with the
 usage belongs to the caller.
 
+``encode_new`` is the other direction: the file the node agent creates for a new
+slice, so the container's limits are the slice's and not whatever the first
+process's environment says.
+
 The layout is defined in ``services/nodeagent/libvgpu/sharedcache.h`` and
 described in ``services/nodeagent/libvgpu/LAYOUT.md``; the constants below must
 match them (a test compares both with a file written by a real libvgpu process).
@@ -21,6 +25,7 @@ Little-endian, naturally aligned::
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Final, Literal
 
 import msgspec
@@ -51,6 +56,8 @@ _POLICIES: Final[dict[int, Literal["default", "force", "disable"]]] = {
     1: "force",
     2: "disable",
 }
+
+_POLICY_CODES: Final = {name: code for code, name in _POLICIES.items()}
 
 assert _HEADER.size == HEADER_BYTES
 assert _DEVICE.size == DEVICE_BYTES
@@ -218,3 +225,53 @@ def _decode_slot(data: bytes, index: int) -> ProcessSlot | None:
         launches=launches,
         charged_bytes=tuple(charged),
     )
+
+
+def encode_new(
+    *,
+    limits_bytes: Sequence[int],
+    sm_limits_percent: Sequence[int],
+    sm_policy: Literal["default", "force", "disable"] = "default",
+    creator_pid: int = 0,
+    created_ns: int = 0,
+) -> bytes:
+    """The bytes of a new shared cache file (``FILE_BYTES`` long) holding a slice's limits.
+
+    Pure. ``limits_bytes[i]`` / ``sm_limits_percent[i]`` are the memory cap (bytes, 0:
+    none) and compute cap (percent, 0: none) of the container's CUDA device ``i``; no
+    charges, no processes. The magic is set, so libvgpu follows these limits instead of
+    its process's environment (``LAYOUT.md``, "Limits come from the first process").
+    Raises ``ValueError`` naming the field for more than 16 devices, a negative limit,
+    an SM limit above 100 or an unknown policy.
+    """
+    if len(limits_bytes) > MAX_DEVICES or len(sm_limits_percent) > MAX_DEVICES:
+        raise ValueError(f"limits_bytes: {len(limits_bytes)} devices, the layout has 16")
+    if any(b < 0 for b in limits_bytes):
+        raise ValueError(f"limits_bytes={list(limits_bytes)}: a limit is negative")
+    if any(not 0 <= p <= 100 for p in sm_limits_percent):
+        raise ValueError(f"sm_limits_percent={list(sm_limits_percent)}: each must be 0-100")
+    if sm_policy not in _POLICY_CODES:
+        raise ValueError(f"sm_policy={sm_policy!r}: expected default, force or disable")
+    out = bytearray(FILE_BYTES)
+    _HEADER.pack_into(
+        out,
+        0,
+        MAGIC,
+        VERSION,
+        HEADER_BYTES,
+        MAX_DEVICES,
+        MAX_SLOTS,
+        DEVICE_BYTES,
+        SLOT_BYTES,
+        _POLICY_CODES[sm_policy],
+        creator_pid,
+        0,
+        created_ns,
+    )
+    for i in range(MAX_DEVICES):
+        limit = limits_bytes[i] if i < len(limits_bytes) else 0
+        sm = sm_limits_percent[i] if i < len(sm_limits_percent) else 0
+        # limit, used, sm limit, then the compute limiter's state, all zero
+        state = (0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0)
+        _DEVICE.pack_into(out, DEVICES_OFFSET + i * DEVICE_BYTES, limit, 0, sm, *state)
+    return bytes(out)

@@ -105,6 +105,35 @@ static void load_sm(struct vgpu_config *cfg, int dev, const char *all) {
     cfg->sm_limit_percent[dev] = p > 100 ? 100U : (uint32_t)p;
 }
 
+/* CUDA_VISIBLE_DEVICES of UUIDs ("GPU-..." or "MIG-...", as the node agent sets
+ * it): CUDA device i is the i-th entry.  Indices, or anything else, leave the
+ * list empty and NVML's index stands for the CUDA device, as before. */
+static void load_visible(struct vgpu_config *cfg, const char *value) {
+    cfg->visible_count = 0;
+    if (value == NULL || (strncmp(value, "GPU-", 4) != 0 && strncmp(value, "MIG-", 4) != 0)) return;
+    const char *p = value;
+    while (*p != '\0' && cfg->visible_count < VGPU_MAX_DEVICES) {
+        size_t n = strcspn(p, ",");
+        if (n > 0 && n < sizeof cfg->visible_uuid[0]) {
+            memcpy(cfg->visible_uuid[cfg->visible_count], p, n);
+            cfg->visible_uuid[cfg->visible_count][n] = '\0';
+            cfg->visible_count++;
+        }
+        p += n;
+        if (*p == ',') p++;
+    }
+}
+
+int vgpu_cuda_device_of(const char *uuid, int nvml_index) {
+    if (vgpu_cfg.visible_count == 0) return nvml_index;
+    for (int i = 0; i < vgpu_cfg.visible_count; i++) {
+        /* CUDA accepts a unique prefix of the UUID */
+        size_t n = strlen(vgpu_cfg.visible_uuid[i]);
+        if (uuid != NULL && strncmp(uuid, vgpu_cfg.visible_uuid[i], n) == 0) return i;
+    }
+    return -1;
+}
+
 void vgpu_config_load(struct vgpu_config *cfg) {
     cfg->log_level = parse_level(getenv("LIBCUDA_LOG_LEVEL"));
     const char *all_mem = getenv("CUDA_DEVICE_MEMORY_LIMIT");
@@ -117,6 +146,7 @@ void vgpu_config_load(struct vgpu_config *cfg) {
     cfg->sm_policy = VGPU_POLICY_DEFAULT;
     if (policy != NULL && strcasecmp(policy, "force") == 0) cfg->sm_policy = VGPU_POLICY_FORCE;
     if (policy != NULL && strcasecmp(policy, "disable") == 0) cfg->sm_policy = VGPU_POLICY_DISABLE;
+    load_visible(cfg, getenv("CUDA_VISIBLE_DEVICES"));
     const char *path = getenv("CUDA_DEVICE_MEMORY_SHARED_CACHE");
     if (path != NULL && *path != '\0')
         snprintf(cfg->cache_path, sizeof cfg->cache_path, "%s", path);

@@ -43,6 +43,7 @@ static uint32_t g_percent[VGPU_MAX_DEVICES]; /* 0 = not limited */
 
 typedef nvmlReturn_t (*nvml_init_fn)(void);
 typedef nvmlReturn_t (*nvml_handle_fn)(unsigned int, nvmlDevice_t *);
+typedef nvmlReturn_t (*nvml_uuid_handle_fn)(const char *, nvmlDevice_t *);
 typedef nvmlReturn_t (*nvml_putil_fn)(nvmlDevice_t, nvmlProcessUtilizationSample_t *,
                                       unsigned int *, unsigned long long);
 static nvml_putil_fn g_process_utilization;
@@ -63,6 +64,8 @@ void vgpu_limiter_setup(void) {
     if (!vgpu_sm_active) return;
     nvml_init_fn init = (nvml_init_fn)vgpu_resolve_nvml("nvmlInit_v2");
     nvml_handle_fn handle = (nvml_handle_fn)vgpu_resolve_nvml("nvmlDeviceGetHandleByIndex_v2");
+    nvml_uuid_handle_fn by_uuid =
+        (nvml_uuid_handle_fn)vgpu_resolve_nvml("nvmlDeviceGetHandleByUUID");
     g_process_utilization = (nvml_putil_fn)vgpu_resolve_nvml("nvmlDeviceGetProcessUtilization");
     if (init == NULL || handle == NULL || g_process_utilization == NULL || init() != NVML_SUCCESS) {
         vgpu_log(VGPU_LOG_ERROR, "compute limit needs NVML's process utilization, which is "
@@ -70,9 +73,15 @@ void vgpu_limiter_setup(void) {
         g_process_utilization = NULL;
         return;
     }
-    for (int d = 0; d < VGPU_MAX_DEVICES; d++)
-        if (g_percent[d] != 0 && handle((unsigned int)d, &g_nvml_devices[d]) != NVML_SUCCESS)
-            g_nvml_devices[d] = NULL;
+    /* NVML ignores CUDA_VISIBLE_DEVICES: when it lists UUIDs, CUDA device d is
+     * the NVML device of its d-th UUID, not NVML's d-th device */
+    for (int d = 0; d < VGPU_MAX_DEVICES; d++) {
+        if (g_percent[d] == 0) continue;
+        nvmlReturn_t r = d < vgpu_cfg.visible_count && by_uuid != NULL
+                             ? by_uuid(vgpu_cfg.visible_uuid[d], &g_nvml_devices[d])
+                             : handle((unsigned int)d, &g_nvml_devices[d]);
+        if (r != NVML_SUCCESS) g_nvml_devices[d] = NULL;
+    }
     for (int d = 0; d < VGPU_MAX_DEVICES; d++)
         if (g_percent[d] != 0)
             VGPU_LOG(VGPU_LOG_INFO, "device %d: compute limited to %u%%", d, g_percent[d]);

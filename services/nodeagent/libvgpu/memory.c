@@ -362,25 +362,38 @@ VGPU_API CUresult cuMemGetInfo(unsigned int *free_bytes, unsigned int *total_byt
 }
 
 typedef nvmlReturn_t (*nvml_index_fn)(nvmlDevice_t, unsigned int *);
+typedef nvmlReturn_t (*nvml_uuid_fn)(nvmlDevice_t, char *, unsigned int);
 
-/* NVML's index is taken to be the CUDA ordinal that CUDA_DEVICE_MEMORY_LIMIT_<i>
- * names: both enumerate the container's visible devices in the same order. */
-static nvml_index_fn nvml_get_index(void) {
-    static nvml_index_fn fn;
-    nvml_index_fn f = __atomic_load_n(&fn, __ATOMIC_ACQUIRE);
+static void *nvml_fn(void **cache, const char *name) {
+    void *f = __atomic_load_n(cache, __ATOMIC_ACQUIRE);
     if (f == NULL) {
-        f = (nvml_index_fn)vgpu_resolve_nvml("nvmlDeviceGetIndex");
-        __atomic_store_n(&fn, f, __ATOMIC_RELEASE);
+        f = vgpu_resolve_nvml(name);
+        __atomic_store_n(cache, f, __ATOMIC_RELEASE);
     }
     return f;
 }
 
+/* The CUDA device (the i of CUDA_DEVICE_MEMORY_LIMIT_<i>) of an NVML device, or
+ * -1.  NVML ignores CUDA_VISIBLE_DEVICES: when that lists UUIDs (as the node
+ * agent sets it, and as a process on the host sees every GPU) the device is
+ * found by UUID; otherwise both enumerate the container's visible devices in
+ * the same order and NVML's index is the CUDA device. */
+static int nvml_cuda_device(nvmlDevice_t device) {
+    static void *index_fn, *uuid_fn;
+    nvml_index_fn get_index = (nvml_index_fn)nvml_fn(&index_fn, "nvmlDeviceGetIndex");
+    unsigned int index;
+    if (get_index == NULL || get_index(device, &index) != NVML_SUCCESS) return -1;
+    if (vgpu_cfg.visible_count == 0) return (int)index;
+    nvml_uuid_fn get_uuid = (nvml_uuid_fn)nvml_fn(&uuid_fn, "nvmlDeviceGetUUID");
+    char uuid[NVML_DEVICE_UUID_BUFFER_SIZE];
+    if (get_uuid == NULL || get_uuid(device, uuid, sizeof uuid) != NVML_SUCCESS) return -1;
+    return vgpu_cuda_device_of(uuid, (int)index);
+}
+
 /* The slice of an NVML device (free, total, used bytes), when one applies to it. */
 static int nvml_slice(nvmlDevice_t device, uint64_t *f, uint64_t *t, uint64_t *u) {
-    unsigned int index;
-    nvml_index_fn get_index = nvml_get_index();
-    return get_index != NULL && get_index(device, &index) == NVML_SUCCESS &&
-           index < VGPU_MAX_DEVICES && slice_info((int)index, f, t, u);
+    int dev = nvml_cuda_device(device);
+    return dev >= 0 && dev < VGPU_MAX_DEVICES && slice_info(dev, f, t, u);
 }
 
 VGPU_API nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {

@@ -24,10 +24,17 @@ struct vgpu_config {
     uint32_t sm_limit_percent[VGPU_MAX_DEVICES];/* CUDA_DEVICE_SM_LIMIT[_<i>]; 0 = none */
     uint32_t sm_policy;                         /* GPU_CORE_UTILIZATION_POLICY */
     char cache_path[4096];                      /* CUDA_DEVICE_MEMORY_SHARED_CACHE */
+    /* CUDA_VISIBLE_DEVICES when it lists UUIDs: visible_uuid[i] is CUDA device i
+     * (NVML ignores the variable, so its devices are matched by UUID); 0 = not set. */
+    int visible_count;
+    char visible_uuid[VGPU_MAX_DEVICES][96];
 };
 
 VGPU_HIDDEN extern struct vgpu_config vgpu_cfg;
 VGPU_HIDDEN void vgpu_config_load(struct vgpu_config *cfg);
+/* The CUDA device of the GPU whose NVML UUID is uuid: its place in
+ * CUDA_VISIBLE_DEVICES when that lists UUIDs (-1 when not there), else nvml_index. */
+VGPU_HIDDEN int vgpu_cuda_device_of(const char *uuid, int nvml_index);
 /* Parses HAMi's size format: bytes, or a k/m/g suffix (x1024^n).  Returns 0
  * and sets *bytes on success, -1 on a malformed value. */
 VGPU_HIDDEN int vgpu_parse_size(const char *text, uint64_t *bytes);

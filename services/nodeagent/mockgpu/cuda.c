@@ -49,6 +49,9 @@ struct vmm_handle {
 };
 
 static atomic_int g_initialized;
+/* CUDA_VISIBLE_DEVICES: ordinal -> index in the shared state (set by cuInit). */
+static int g_visible[MOCK_MAX_DEVICES];
+static int g_visible_count;
 static struct CUctx_st g_primary[MOCK_MAX_DEVICES];
 static struct CUmemPoolHandle_st g_pools[MOCK_MAX_DEVICES];
 static __thread struct CUctx_st *t_ctx;
@@ -171,23 +174,30 @@ static CUresult current_device(int *dev) {
     return CUDA_SUCCESS;
 }
 
-static int valid_device(struct mock_state *st, CUdevice d) { return d >= 0 && (uint32_t)d < st->device_count; }
+static int valid_device(struct mock_state *st, CUdevice d) {
+    (void)st;
+    return d >= 0 && d < g_visible_count;
+}
+
+/* The state's device behind a visible ordinal (NVML and the state count
+ * physical devices; CUDA counts the visible ones). */
+static struct mock_device *dev_of(struct mock_state *st, int dev) { return &st->devices[g_visible[dev]]; }
 
 static int charge(struct mock_state *st, int dev, size_t size) {
-    struct mock_device *d = &st->devices[dev];
+    struct mock_device *d = dev_of(st, dev);
     uint64_t old = atomic_load(&d->used_bytes);
     do {
         if (size > d->total_bytes || old > d->total_bytes - size) return 0;
     } while (!atomic_compare_exchange_weak(&d->used_bytes, &old, old + size));
     struct mock_proc *self = mock_state_self();
-    if (self != NULL) atomic_fetch_add(&self->used_bytes[dev], size);
+    if (self != NULL) atomic_fetch_add(&self->used_bytes[g_visible[dev]], size);
     return 1;
 }
 
 static void credit(struct mock_state *st, int dev, size_t size) {
-    atomic_fetch_sub(&st->devices[dev].used_bytes, size);
+    atomic_fetch_sub(&dev_of(st, dev)->used_bytes, size);
     struct mock_proc *self = mock_state_self();
-    if (self != NULL) atomic_fetch_sub(&self->used_bytes[dev], size);
+    if (self != NULL) atomic_fetch_sub(&self->used_bytes[g_visible[dev]], size);
 }
 
 static CUresult alloc_on(int dev, size_t size, int low32, CUdeviceptr *out) {
@@ -238,12 +248,53 @@ static CUresult free_ptr(CUdeviceptr p) {
 
 /* ---- initialization, devices, contexts --------------------------------- */
 
+/* CUDA_VISIBLE_DEVICES as the CUDA C Programming Guide ("CUDA Environment
+ * Variables") describes it: a comma list of device indices or UUIDs (a unique
+ * prefix of "GPU-..." is enough); only those devices are visible, in that
+ * order, and an entry that names no device ends the list.  Unset: all. */
+static int match_visible(struct mock_state *st, const char *tok) {
+    char *end;
+    long idx = strtol(tok, &end, 10);
+    if (end != tok && *end == '\0') return idx >= 0 && (uint32_t)idx < st->device_count ? (int)idx : -1;
+    int found = -1;
+    for (uint32_t i = 0; i < st->device_count; i++) {
+        if (strncmp(st->devices[i].uuid, tok, strlen(tok)) != 0) continue;
+        if (found >= 0) return -1; /* ambiguous prefix */
+        found = (int)i;
+    }
+    return found;
+}
+
+static void pick_visible(struct mock_state *st) {
+    const char *env = getenv("CUDA_VISIBLE_DEVICES");
+    g_visible_count = 0;
+    if (env == NULL) {
+        for (uint32_t i = 0; i < st->device_count; i++) g_visible[g_visible_count++] = (int)i;
+        return;
+    }
+    char *copy = strdup(env);
+    if (copy == NULL) return;
+    char *save = NULL;
+    for (char *tok = strtok_r(copy, ",", &save); tok != NULL && g_visible_count < MOCK_MAX_DEVICES;
+         tok = strtok_r(NULL, ",", &save)) {
+        while (*tok == ' ') tok++;
+        int idx = match_visible(st, tok);
+        if (idx < 0) break;
+        int dup = 0;
+        for (int k = 0; k < g_visible_count; k++) dup |= g_visible[k] == idx;
+        if (dup) break;
+        g_visible[g_visible_count++] = idx;
+    }
+    free(copy);
+}
+
 API CUresult cuInit(unsigned int flags) {
     if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
     struct mock_state *st = mock_state_get();
     if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
-    if (st->device_count == 0) return CUDA_ERROR_NO_DEVICE;
-    for (uint32_t i = 0; i < st->device_count; i++) {
+    pick_visible(st);
+    if (g_visible_count == 0) return CUDA_ERROR_NO_DEVICE;
+    for (int i = 0; i < g_visible_count; i++) {
         g_primary[i] = (struct CUctx_st){.magic = CTX_MAGIC, .dev = (int)i};
         g_pools[i] = (struct CUmemPoolHandle_st){.magic = POOL_MAGIC, .dev = (int)i};
     }
@@ -262,7 +313,7 @@ API CUresult cuDeviceGetCount(int *count) {
     struct mock_state *st = ready();
     if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
     if (count == NULL) return CUDA_ERROR_INVALID_VALUE;
-    *count = (int)st->device_count;
+    *count = g_visible_count;
     return CUDA_SUCCESS;
 }
 
@@ -297,7 +348,7 @@ API CUresult cuDeviceGetUuid(CUuuid *uuid, CUdevice dev) {
     if (uuid == NULL) return CUDA_ERROR_INVALID_VALUE;
     if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
     memset(uuid, 0, sizeof *uuid);
-    const char *s = st->devices[dev].uuid;
+    const char *s = dev_of(st, dev)->uuid;
     if (strncmp(s, "GPU-", 4) == 0) s += 4;
     int n = 0;
     for (; *s != '\0' && n < 32; s++) {
@@ -316,7 +367,7 @@ API CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
     if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
     if (bytes == NULL) return CUDA_ERROR_INVALID_VALUE;
     if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
-    *bytes = st->devices[dev].total_bytes;
+    *bytes = dev_of(st, dev)->total_bytes;
     return CUDA_SUCCESS;
 }
 
@@ -416,6 +467,22 @@ API CUresult cuStreamSynchronize(CUstream stream) {
 }
 API CUresult cuStreamSynchronize_ptsz(CUstream stream) { return cuStreamSynchronize(stream); }
 
+/* The enum names of cuda.h, as cuGetErrorName returns them. */
+API CUresult cuGetErrorName(CUresult error, const char **str) {
+    if (str == NULL) return CUDA_ERROR_INVALID_VALUE;
+    switch (error) {
+    case CUDA_SUCCESS: *str = "CUDA_SUCCESS"; break;
+    case CUDA_ERROR_INVALID_VALUE: *str = "CUDA_ERROR_INVALID_VALUE"; break;
+    case CUDA_ERROR_OUT_OF_MEMORY: *str = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+    case CUDA_ERROR_NOT_INITIALIZED: *str = "CUDA_ERROR_NOT_INITIALIZED"; break;
+    case CUDA_ERROR_NO_DEVICE: *str = "CUDA_ERROR_NO_DEVICE"; break;
+    case CUDA_ERROR_INVALID_DEVICE: *str = "CUDA_ERROR_INVALID_DEVICE"; break;
+    case CUDA_ERROR_INVALID_CONTEXT: *str = "CUDA_ERROR_INVALID_CONTEXT"; break;
+    default: *str = NULL; return CUDA_ERROR_INVALID_VALUE;
+    }
+    return CUDA_SUCCESS;
+}
+
 API CUresult cuGetErrorString(CUresult error, const char **str) {
     if (str == NULL) return CUDA_ERROR_INVALID_VALUE;
     switch (error) {
@@ -482,7 +549,7 @@ API CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes) {
     CUresult r = current_device(&dev);
     if (r != CUDA_SUCCESS) return r;
     if (free_bytes == NULL || total_bytes == NULL) return CUDA_ERROR_INVALID_VALUE;
-    struct mock_device *d = &mock_state_get()->devices[dev];
+    struct mock_device *d = dev_of(mock_state_get(), dev);
     uint64_t used = atomic_load(&d->used_bytes);
     *total_bytes = d->total_bytes;
     *free_bytes = used < d->total_bytes ? d->total_bytes - used : 0;
@@ -641,7 +708,7 @@ static CUresult run_kernel(const void *handle) {
     const struct vslice_mock_kernel *k = handle;
     if (k == NULL || k->magic != VSLICE_MOCK_KERNEL_MAGIC) return CUDA_ERROR_INVALID_HANDLE;
     if (k->duration_ns == 0) return CUDA_SUCCESS;
-    struct mock_device *d = &mock_state_get()->devices[dev];
+    struct mock_device *d = dev_of(mock_state_get(), dev);
     struct queue *q = &g_queues[dev];
     pthread_mutex_lock(&q->lock);
     if (q->count >= VSLICE_MOCK_QUEUE_DEPTH) {

@@ -54,7 +54,7 @@ static void parse_devices(struct mock_state *st) {
     st->device_count = n;
 }
 
-static void reclaim_dead(struct mock_state *st) {
+void mock_reclaim_dead(struct mock_state *st) {
     for (int i = 0; i < MOCK_MAX_PROCS; i++) {
         struct mock_proc *p = &st->procs[i];
         int32_t pid = atomic_load(&p->pid);
@@ -103,7 +103,7 @@ static void attach(void) {
         st->version = MOCK_STATE_VERSION;
         st->magic = MOCK_STATE_MAGIC;
     }
-    reclaim_dead(st);
+    mock_reclaim_dead(st);
     flock(fd, LOCK_UN);
     close(fd);
     g_state = st;
@@ -137,7 +137,7 @@ struct mock_proc *mock_state_self(void) {
                     break;
                 }
             }
-            if (g_self == NULL) reclaim_dead(st);
+            if (g_self == NULL) mock_reclaim_dead(st);
         }
     }
     self = g_self;

@@ -16,10 +16,11 @@
 #include <stdint.h>
 
 #define MOCK_STATE_MAGIC 0x4b434f4d47505576ULL
-#define MOCK_STATE_VERSION 1U
+#define MOCK_STATE_VERSION 2U
 #define MOCK_MAX_DEVICES 16
 #define MOCK_MAX_PROCS 256
 #define MOCK_RING 16384 /* kernel intervals remembered per device */
+#define MOCK_XIDS 64     /* XID events remembered per device */
 
 struct mock_interval {
     _Atomic uint64_t seq; /* ring index + 1 once the entry is complete */
@@ -44,12 +45,20 @@ struct mock_proc {
     _Atomic uint64_t used_bytes[MOCK_MAX_DEVICES];
 };
 
+/* XID errors injected with vsliceMockInjectXid, delivered by mock NVML's
+ * event sets: entry k of the ring holds the k-th XID (count is how many). */
+struct mock_xids {
+    _Atomic uint64_t count;
+    uint64_t xid[MOCK_XIDS];
+};
+
 struct mock_state {
     uint64_t magic;
     uint32_t version;
     uint32_t device_count;
     struct mock_proc procs[MOCK_MAX_PROCS];
     struct mock_device devices[MOCK_MAX_DEVICES];
+    struct mock_xids xids[MOCK_MAX_DEVICES];
 };
 
 /* The mapped state of this process, attached on first use; NULL if the file
@@ -58,6 +67,9 @@ struct mock_state *mock_state_get(void);
 /* This process's slot in the state, claimed on first use. */
 struct mock_proc *mock_state_self(void);
 int64_t mock_now_ns(void);
+/* Give dead processes' device memory back to the card, as the real driver does
+ * when a process exits (run on attach, and by NVML before it reports). */
+void mock_reclaim_dead(struct mock_state *st);
 /* Device busy time (ns) of pid (0 = every process) in [lo_ns, hi_ns). */
 int64_t mock_busy_ns(const struct mock_device *dev, int32_t pid, int64_t lo_ns, int64_t hi_ns);
 /* The pids that ran kernels on dev in [lo_ns, hi_ns); returns how many. */

@@ -5,12 +5,17 @@
  * utilization cover every process on the mock card, as the real NVML does.
  * Device utilization is measured over the last second (the real one uses a
  * sample period between 1/6 s and 1 s); process utilization returns one
- * sample per process covering the time since lastSeenTimeStamp.
+ * sample per process covering the time since lastSeenTimeStamp.  XID errors
+ * are injected with the mock-only vsliceMockInjectXid (into the shared state,
+ * so any process may inject) and delivered by event sets registered for
+ * nvmlEventTypeXidCriticalError, like the real NVML delivers them.
  */
 #define _GNU_SOURCE
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "../libvgpu/cudadefs.h"
 #include "mockstate.h"
@@ -39,6 +44,13 @@ static struct mock_device *device_of(nvmlDevice_t h) {
     return &st->devices[h->index];
 }
 
+/* A device's figures after dead processes gave their memory back. */
+static struct mock_device *device_now(nvmlDevice_t h) {
+    struct mock_device *d = device_of(h);
+    if (d != NULL) mock_reclaim_dead(mock_state_get());
+    return d;
+}
+
 API nvmlReturn_t nvmlInit_v2(void) {
     struct mock_state *st = mock_state_get();
     if (st == NULL) return NVML_ERROR_UNKNOWN;
@@ -48,6 +60,10 @@ API nvmlReturn_t nvmlInit_v2(void) {
     return NVML_SUCCESS;
 }
 API nvmlReturn_t nvmlInit(void) { return nvmlInit_v2(); }
+API nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
+    (void)flags;
+    return nvmlInit_v2();
+}
 
 API nvmlReturn_t nvmlShutdown(void) {
     if (atomic_load(&g_init_count) <= 0) return NVML_ERROR_UNINITIALIZED;
@@ -62,6 +78,7 @@ API const char *nvmlErrorString(nvmlReturn_t r) {
     case NVML_ERROR_INVALID_ARGUMENT: return "Invalid Argument";
     case NVML_ERROR_NOT_FOUND: return "Not Found";
     case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
+    case NVML_ERROR_TIMEOUT: return "Timeout";
     default: return "Unknown Error";
     }
 }
@@ -122,7 +139,7 @@ API nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int
 }
 
 API nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
-    struct mock_device *d = device_of(device);
+    struct mock_device *d = device_now(device);
     if (d == NULL || memory == NULL) return NVML_ERROR_INVALID_ARGUMENT;
     uint64_t used = atomic_load(&d->used_bytes);
     memory->total = d->total_bytes;
@@ -132,7 +149,7 @@ API nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memo
 }
 
 API nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory) {
-    struct mock_device *d = device_of(device);
+    struct mock_device *d = device_now(device);
     if (d == NULL || memory == NULL) return NVML_ERROR_INVALID_ARGUMENT;
     if (memory->version != nvmlMemory_v2) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
     uint64_t used = atomic_load(&d->used_bytes);
@@ -191,7 +208,7 @@ API nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
 
 API nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, unsigned int *count,
                                                          nvmlProcessInfo_t *infos) {
-    struct mock_device *d = device_of(device);
+    struct mock_device *d = device_now(device);
     if (d == NULL || count == NULL) return NVML_ERROR_INVALID_ARGUMENT;
     struct mock_state *st = mock_state_get();
     unsigned int n = 0;
@@ -207,4 +224,110 @@ API nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, un
     }
     *count = n;
     return n > cap ? NVML_ERROR_INSUFFICIENT_SIZE : NVML_SUCCESS;
+}
+
+/* ---- PCI ------------------------------------------------------------------ */
+
+API nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci) {
+    if (device_of(device) == NULL || pci == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    memset(pci, 0, sizeof *pci);
+    pci->bus = 0x10 + device->index;
+    pci->pciDeviceId = 0x20b010deU;
+    snprintf(pci->busId, sizeof pci->busId, "00000000:%02X:00.0", pci->bus);
+    snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "0000:%02X:00.0", pci->bus);
+    return NVML_SUCCESS;
+}
+API nvmlReturn_t nvmlDeviceGetPciInfo_v2(nvmlDevice_t device, nvmlPciInfo_t *pci) {
+    return nvmlDeviceGetPciInfo_v3(device, pci);
+}
+
+API nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t device, unsigned int *minor) {
+    if (device_of(device) == NULL || minor == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    *minor = device->index;
+    return NVML_SUCCESS;
+}
+
+/* ---- XID events ----------------------------------------------------------- */
+
+struct nvmlEventSet_st {
+    uint64_t types[MOCK_MAX_DEVICES];  /* registered event types per device */
+    uint64_t cursor[MOCK_MAX_DEVICES]; /* XIDs of each device already delivered */
+};
+
+API nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t device, unsigned long long *types) {
+    if (device_of(device) == NULL || types == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    *types = nvmlEventTypeXidCriticalError;
+    return NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set) {
+    if (ready() == NULL) return NVML_ERROR_UNINITIALIZED;
+    if (set == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    *set = calloc(1, sizeof **set);
+    return *set == NULL ? NVML_ERROR_UNKNOWN : NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long types,
+                                          nvmlEventSet_t set) {
+    if (device_of(device) == NULL || set == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    if (types & ~nvmlEventTypeXidCriticalError) return NVML_ERROR_NOT_SUPPORTED;
+    struct mock_state *st = mock_state_get();
+    /* only XIDs that happen after the registration are delivered */
+    if (set->types[device->index] == 0)
+        set->cursor[device->index] = atomic_load(&st->xids[device->index].count);
+    set->types[device->index] |= types;
+    return NVML_SUCCESS;
+}
+
+static int next_xid(struct mock_state *st, nvmlEventSet_t set, nvmlEventData_t *data) {
+    for (uint32_t d = 0; d < st->device_count; d++) {
+        if (!(set->types[d] & nvmlEventTypeXidCriticalError)) continue;
+        uint64_t count = atomic_load(&st->xids[d].count);
+        if (count - set->cursor[d] > MOCK_XIDS) set->cursor[d] = count - MOCK_XIDS; /* overrun */
+        if (set->cursor[d] >= count) continue;
+        data->device = &g_handles[d];
+        data->eventType = nvmlEventTypeXidCriticalError;
+        data->eventData = st->xids[d].xid[set->cursor[d] % MOCK_XIDS];
+        data->gpuInstanceId = 0xffffffffU;
+        data->computeInstanceId = 0xffffffffU;
+        set->cursor[d]++;
+        return 1;
+    }
+    return 0;
+}
+
+API nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeout_ms) {
+    struct mock_state *st = ready();
+    if (st == NULL) return NVML_ERROR_UNINITIALIZED;
+    if (set == NULL || data == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    int64_t deadline = mock_now_ns() + (int64_t)timeout_ms * 1000000LL;
+    for (;;) {
+        if (next_xid(st, set, data)) return NVML_SUCCESS;
+        if (mock_now_ns() >= deadline) return NVML_ERROR_TIMEOUT;
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = 10000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+API nvmlReturn_t nvmlEventSetWait(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeout_ms) {
+    return nvmlEventSetWait_v2(set, data, timeout_ms);
+}
+
+API nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set) {
+    if (set == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    free(set);
+    return NVML_SUCCESS;
+}
+
+/* Mock-only: record XID `xid` on device `index` (NVML's index), for every
+ * event set registered for it. */
+API nvmlReturn_t vsliceMockInjectXid(unsigned int index, unsigned long long xid) {
+    struct mock_state *st = mock_state_get();
+    if (st == NULL) return NVML_ERROR_UNINITIALIZED;
+    if (index >= st->device_count) return NVML_ERROR_INVALID_ARGUMENT;
+    struct mock_xids *x = &st->xids[index];
+    /* single writer in practice (a test); the slot is filled before the count moves */
+    uint64_t k = atomic_load(&x->count);
+    x->xid[k % MOCK_XIDS] = xid;
+    atomic_store(&x->count, k + 1);
+    return NVML_SUCCESS;
 }

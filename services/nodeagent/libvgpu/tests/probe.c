@@ -13,7 +13,7 @@
  *
  * Commands: alloc SIZE | alloc1 SIZE | managed SIZE | pitch W H | pitch1 W H |
  * vmm SIZE [DEV] | vmmhost SIZE | async SIZE | pool SIZE | raw SIZE | free ID |
- * write ID | fill SIZE | meminfo | meminfo1 | nvml | nvml2 | drivercalls |
+ * write ID | fill SIZE | meminfo | meminfo1 | nvml | nvml2 | nvmlat N | drivercalls |
  * launch KIND US COUNT | saturate KIND US SECONDS | sync | device N |
  * procaddr NAME VERSION FLAGS | procaddr1 NAME VERSION FLAGS | ready | wait |
  * sleep MS.  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
@@ -407,6 +407,16 @@ int main(int argc, char **argv) {
                 nvmlReturn_t r = api.nvmlDeviceGetMemoryInfo(dev, &m);
                 printf("nvml rc=%d total=%llu used=%llu free=%llu\n", r, m.total, m.used, m.free);
             }
+        } else if (strcmp(c, "nvmlat") == 0) {
+            /* NVML device N (NVML's own index, blind to CUDA_VISIBLE_DEVICES) */
+            nvmlDevice_t dev;
+            if (api.nvmlInit_v2() != NVML_SUCCESS ||
+                api.nvmlDeviceGetHandleByIndex_v2((unsigned int)atoi(ARG(1)), &dev) != NVML_SUCCESS)
+                die("nvml");
+            nvmlMemory_t m;
+            nvmlReturn_t r = api.nvmlDeviceGetMemoryInfo(dev, &m);
+            printf("nvmlat rc=%d index=%s total=%llu used=%llu\n", r, ARG(1), m.total, m.used);
+            i += 1;
         } else if (strcmp(c, "drivercalls") == 0) {
             printf("drivercalls count=%llu\n", api.driver_calls());
         } else if (strcmp(c, "launch") == 0) {

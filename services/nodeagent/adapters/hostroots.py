@@ -1,0 +1,178 @@
+"""The node agent's host root on disk: the installed libvgpu and one directory per container.
+
+Layout (``<root>`` is configurable, ``/var/lib/vslice`` style)::
+
+    <root>/lib/libvgpu-<sha256 prefix>.so   one file per version, never rewritten in place
+    <root>/lib/libvgpu.so                   symlink to the current version (atomic rename)
+    <root>/containers/<pod-uid>_<container>/vgpu.cache   the container's shared cache
+    <root>/containers/<pod-uid>_<container>/owner.pid    pids of processes started for it
+
+Installing libvgpu writes a new versioned file and swings the symlink with ``rename``, so
+a process starting at that moment loads either the old or the new library, never half a
+file, and processes already running keep the inode they mapped. A shared cache file is
+created under a temporary name and renamed into place, and never replaced once it exists:
+libvgpu processes may have it mapped. What goes into the files is decided by
+``services.nodeagent.core.preparing``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from services.nodeagent.core import preparing, sharedcaches
+from services.nodeagent.core.sharedcaches import SharedCache
+
+log = logging.getLogger("vslice.nodeagent")
+
+LIB_DIR = "lib"
+LIB_LINK = "libvgpu.so"
+OWNER_FILE = "owner.pid"
+
+
+def install_libvgpu(root: Path, source: Path) -> Path:
+    """Install ``source`` as ``<root>/lib/libvgpu-<hash>.so`` and point
+    ``<root>/lib/libvgpu.so`` at it; returns the link's path. A no-op when that version is
+    current. Raises ``OSError`` when ``source`` cannot be read or the root written."""
+    data = source.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    lib = root / LIB_DIR
+    lib.mkdir(parents=True, exist_ok=True)
+    versioned = lib / f"libvgpu-{digest}.so"
+    if not versioned.exists():
+        tmp = lib / f".{versioned.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        tmp.chmod(0o755)
+        os.replace(tmp, versioned)
+    link = lib / LIB_LINK
+    if not (link.is_symlink() and os.readlink(link) == versioned.name):
+        tmp_link = lib / f".{LIB_LINK}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp_link.unlink()
+        tmp_link.symlink_to(versioned.name)
+        os.replace(tmp_link, link)
+        log.info("libvgpu installed", extra={"path": str(versioned)})
+    return link
+
+
+def containers_dir(root: Path) -> Path:
+    """``<root>/containers``."""
+    return root / preparing.CONTAINERS_DIR
+
+
+def prepare(plan: preparing.ContainerPlan) -> bool:
+    """Create the container's directory and shared cache file; True when created now,
+    False when the file was there already (left as it is: processes may map it).
+    Raises ``OSError`` when the directory or file cannot be written."""
+    directory = Path(plan.directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cache = Path(plan.cache)
+    if cache.exists():
+        return False
+    tmp = directory / f".{cache.name}.{os.getpid()}.tmp"
+    tmp.write_bytes(plan.cache_bytes)
+    tmp.chmod(0o666)  # every process of the container, whatever its user, maps it
+    try:
+        os.link(tmp, cache)  # fails if a file appeared meanwhile: never replace one
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def existing(root: Path) -> list[str]:
+    """The container keys that have a directory under the root."""
+    try:
+        return sorted(p.name for p in containers_dir(root).iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []
+
+
+def read_cache(root: Path, key: str) -> SharedCache | str:
+    """The decoded shared cache of container ``key``, or why it cannot be read."""
+    path = containers_dir(root) / key / preparing.CACHE_FILE
+    try:
+        return sharedcaches.decode(path.read_bytes())
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    except sharedcaches.SharedCacheError as exc:
+        return f"{path}: {exc}"
+
+
+def add_owner(root: Path, key: str, pid: int) -> None:
+    """Record that ``pid`` was started for container ``key`` (its children belong to it
+    too). Raises ``OSError`` when the directory is missing."""
+    with (containers_dir(root) / key / OWNER_FILE).open("a") as f:
+        f.write(f"{pid}\n")
+
+
+def owners(root: Path, key: str) -> list[int]:
+    """The pids recorded with ``add_owner`` (empty when none)."""
+    try:
+        text = (containers_dir(root) / key / OWNER_FILE).read_text()
+    except OSError:
+        return []
+    return [int(w) for w in text.split() if w.isdigit()]
+
+
+def alive(pid: int) -> bool:
+    """True when process ``pid`` exists (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def in_use(root: Path, key: str) -> list[int]:
+    """Live pids using container ``key``: its cache's process slots and its owners."""
+    pids = set(owners(root, key))
+    cache = read_cache(root, key)
+    if isinstance(cache, SharedCache):
+        pids.update(p.pid for p in cache.processes)
+    return sorted(p for p in pids if alive(p))
+
+
+def remove(root: Path, key: str) -> None:
+    """Remove container ``key``'s directory (gone already is fine)."""
+    shutil.rmtree(containers_dir(root) / key, ignore_errors=True)
+
+
+def environ_cache(pid: int) -> str | None:
+    """``CUDA_DEVICE_MEMORY_SHARED_CACHE`` in process ``pid``'s initial environment, or
+    None (no such variable, or ``/proc/<pid>/environ`` unreadable: another user's process)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    for entry in raw.split(b"\0"):
+        if entry.startswith(b"CUDA_DEVICE_MEMORY_SHARED_CACHE="):
+            return entry.partition(b"=")[2].decode(errors="replace")
+    return None
+
+
+def parent_of(pid: int) -> int | None:
+    """Process ``pid``'s parent pid, or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[1]) if len(fields) > 1 else None
+
+
+def kill(pid: int) -> bool:
+    """SIGKILL ``pid``; True when sent (False: gone already or not ours to kill)."""
+    try:
+        os.kill(pid, 9)
+    except OSError as exc:
+        if exc.errno not in (errno.ESRCH, errno.EPERM):
+            raise
+        return False
+    return True

@@ -1,0 +1,178 @@
+"""The node's slices on disk: prepare placed pods, forget released ones after a grace
+period, reconcile with the ledger, and read usage back.
+
+``Slicer`` keeps which container slices this node holds (``containers``) and which of
+them were released and when. A released container's directory is removed once
+``grace_s`` seconds have passed and no process uses it any more (its cache's process
+slots and the processes started for it, ``hostroots.in_use``), never before. On start
+``reconcile`` makes the host root agree with the ledger -- the truth of what slices
+exist: a slice in the ledger without a directory is prepared, a directory of a pod the
+ledger no longer holds is released -- so a node agent that was down loses and duplicates
+nothing. The decisions are ``services.nodeagent.core``; this module does the file I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from libshared import events
+from libshared.ledgers import NodeLedger, PodCharge, Slice
+from services.nodeagent.adapters import hostroots
+from services.nodeagent.core import preparing, usages
+from services.nodeagent.core.sharedcaches import SharedCache
+
+log = logging.getLogger("vslice.nodeagent")
+
+MAX_ANCESTORS = 64
+
+
+@dataclass
+class Slicer:
+    """Slices of ``node`` under ``layout.root``."""
+
+    node: str
+    layout: preparing.Layout
+    grace_s: float = 5.0
+    containers: dict[str, usages.Container] = field(default_factory=dict)
+    released: dict[str, float] = field(default_factory=dict)  # key -> monotonic time
+
+    @property
+    def root(self) -> Path:
+        """The host root."""
+        return Path(self.layout.root)
+
+    def prepare(self, placement: events.Placement) -> events.Ready | events.Failed:
+        """Create every container's directory and shared cache file of ``placement``
+        (existing ones are kept as they are) and answer ``Ready`` with each container's
+        environment, or ``Failed`` naming what went wrong."""
+        try:
+            plans = preparing.plan(placement, self.layout)
+            for p in plans:
+                created = hostroots.prepare(p)
+                log.info(
+                    "slice prepared" if created else "slice already prepared",
+                    extra={"pod_uid": p.pod_uid, "container": p.container, "dir": p.directory},
+                )
+        except (ValueError, OSError) as exc:
+            log.error("prepare failed", extra={"pod_uid": placement.pod_uid, "error": str(exc)})
+            return events.Failed(pod_uid=placement.pod_uid, node=self.node, reason=str(exc))
+        for p in plans:
+            self.containers[p.key] = usages.Container(
+                key=p.key,
+                pod_uid=placement.pod_uid,
+                namespace=placement.namespace,
+                pod=placement.pod,
+                container=p.container,
+                slices=p.slices,
+            )
+            self.released.pop(p.key, None)
+        return events.Ready(
+            pod_uid=placement.pod_uid, node=self.node, env={p.container: p.env for p in plans}
+        )
+
+    def release(self, pod_uid: str, *, now: float | None = None) -> list[str]:
+        """Start the grace period of every container of ``pod_uid``; returns their keys."""
+        at = time.monotonic() if now is None else now
+        keys = [k for k, c in self.containers.items() if c.pod_uid == pod_uid]
+        for k in keys:
+            self.released.setdefault(k, at)
+        return keys
+
+    def reconcile(self, ledger: NodeLedger | None) -> tuple[list[str], list[str]]:
+        """Make the host root agree with ``ledger`` (None: the node holds nothing).
+
+        Returns ``(prepared, released)``: pod UIDs prepared now or found prepared, and
+        container keys whose pod the ledger no longer holds (their grace starts now).
+        """
+        held: dict[str, list[Slice]] = {}
+        for s in ledger.slices if ledger else ():
+            held.setdefault(s.pod_uid, []).append(s)
+        prepared = []
+        for uid, slices in sorted(held.items()):
+            answer = self.prepare(
+                events.Placement(
+                    pod_uid=uid,
+                    namespace=slices[0].namespace,
+                    pod=slices[0].pod,
+                    node=self.node,
+                    slices=tuple(slices),
+                    charge=PodCharge(pod_uid=uid),
+                )
+            )
+            if isinstance(answer, events.Ready):
+                prepared.append(uid)
+        keys = set(self.containers)
+        orphans = [k for k in hostroots.existing(self.root) if k not in keys]
+        now = time.monotonic()
+        for k in orphans:
+            self.released.setdefault(k, now)
+        return prepared, orphans
+
+    def sweep(self, *, now: float | None = None) -> list[str]:
+        """Remove released containers whose grace passed and that no process uses;
+        returns the keys removed."""
+        at = time.monotonic() if now is None else now
+        removed = []
+        for key, since in sorted(self.released.items()):
+            if at - since < self.grace_s:
+                continue
+            users = hostroots.in_use(self.root, key)
+            if users:
+                log.info("released slice still in use", extra={"key": key, "pids": str(users)})
+                continue
+            hostroots.remove(self.root, key)
+            self.released.pop(key, None)
+            self.containers.pop(key, None)
+            removed.append(key)
+            log.info("slice directory removed", extra={"key": key})
+        return removed
+
+    def active(self) -> list[usages.Container]:
+        """Containers not released, by key."""
+        return [c for k, c in sorted(self.containers.items()) if k not in self.released]
+
+    def owners_of(self, pids: list[int]) -> dict[int, str]:
+        """Container key of each of ``pids`` that its environment (the container's cache
+        path) or an ancestor started for a container ties to one."""
+        by_cache = {
+            f"{preparing.container_dir(self.layout.root, k)}/{preparing.CACHE_FILE}": k
+            for k in self.containers
+        }
+        started = {pid: k for k in self.containers for pid in hostroots.owners(self.root, k)}
+        out = {}
+        for pid in pids:
+            key = by_cache.get(hostroots.environ_cache(pid) or "")
+            cur: int | None = pid
+            for _ in range(MAX_ANCESTORS):
+                if key is not None or cur is None or cur <= 1:
+                    break
+                key = started.get(cur)
+                cur = hostroots.parent_of(cur)
+            if key is not None:
+                out[pid] = key
+        return out
+
+    def usage(
+        self,
+        devices: list[usages.DeviceReading],
+        processes: list[usages.ProcessReading],
+        *,
+        margin_bytes: int,
+    ) -> events.NodeUsage:
+        """The node's ``NodeUsage`` now, from every container's cache file and NVML."""
+        caches: dict[str, SharedCache | str] = {
+            c.key: hostroots.read_cache(self.root, c.key) for c in self.active()
+        }
+        return usages.report(
+            node=self.node,
+            at=time.time(),
+            containers=list(self.containers.values()),
+            caches=caches,
+            devices=devices,
+            processes=processes,
+            owners=self.owners_of(sorted({p.pid for p in processes})),
+            margin_bytes=margin_bytes,
+        )

@@ -1,0 +1,114 @@
+"""What a node registers: its GPUs as ``NodeDevices``, scaled and split as HAMi does.
+
+A discovery backend (NVML or the mock) reports each physical GPU as a ``Gpu``; this
+module turns the list into the node's registration, honouring HAMi's device plugin
+settings (HAMi docs, "config.md"): ``deviceSplitCount`` (how many slices may share one
+GPU), ``deviceMemoryScaling`` (memory registered = physical x factor; above 1 the
+node overcommits memory) and ``deviceCoreScaling`` (compute registered = 100 % x
+factor). It also decides which XID errors make a device unhealthy. Pure: discovery,
+the event loop and publishing belong to the adapters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import msgspec
+
+from libshared import annotations as hami_annotations
+from libshared.devices import Device, NodeDevices
+
+DEFAULT_SPLIT_COUNT = 10  # HAMi deviceSplitCount default
+
+# XIDs caused by the application, not the device: NVIDIA's k8s-device-plugin skips them
+# when it decides health (its "applicationErrorXids": 13 graphics engine exception, 31
+# GPU memory page fault, 43 GPU stopped processing, 45 preemptive cleanup, 68 video
+# processor exception, 109 context switch timeout), and HAMi's device plugin does the same.
+APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 109})
+
+
+class Gpu(msgspec.Struct, frozen=True, kw_only=True):
+    """One physical GPU as discovered: ``memory_mib`` is the physical memory in MiB,
+    ``numa`` the NUMA node of its PCI device (0 when unknown), ``model`` the product name
+    (``"Tesla T4"``); ``type`` is what the scheduler matches ``nvidia.com/use-gputype``
+    against."""
+
+    uuid: str
+    index: int
+    model: str
+    type: str
+    memory_mib: int
+    numa: int = 0
+    healthy: bool = True
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """HAMi's ``deviceSplitCount``, ``deviceMemoryScaling`` and ``deviceCoreScaling``."""
+
+    split_count: int = DEFAULT_SPLIT_COUNT
+    memory_scaling: float = 1.0
+    core_scaling: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.split_count < 1:
+            raise ValueError(f"deviceSplitCount={self.split_count}: must be at least 1")
+        if not (math.isfinite(self.memory_scaling) and self.memory_scaling > 0):
+            raise ValueError(f"deviceMemoryScaling={self.memory_scaling}: must be above 0")
+        if not (math.isfinite(self.core_scaling) and self.core_scaling > 0):
+            raise ValueError(f"deviceCoreScaling={self.core_scaling}: must be above 0")
+
+
+def is_device_fault(xid: int) -> bool:
+    """True when XID ``xid`` marks the device unhealthy (every XID but the application
+    errors of ``APPLICATION_XIDS``). Pure."""
+    return xid not in APPLICATION_XIDS
+
+
+def node_devices(
+    node: str,
+    gpus: Iterable[Gpu],
+    *,
+    scaling: Scaling,
+    unhealthy: frozenset[str] = frozenset(),
+    cpu_milli: int | None = None,
+    host_memory_mib: int | None = None,
+) -> NodeDevices:
+    """The registration of ``node``: one ``Device`` per GPU, ordered by index, with memory
+    ``floor(memory_mib x memory_scaling)`` MiB, compute ``floor(100 x core_scaling)``
+    percent, ``split_count`` slices, and ``healthy`` false for a GPU in ``unhealthy``
+    (UUIDs that had a device fault) or discovered unhealthy. Pure.
+
+    Raises ``ValueError`` when two GPUs share a UUID or an index.
+    """
+    ordered = sorted(gpus, key=lambda g: g.index)
+    if len({g.uuid for g in ordered}) != len(ordered):
+        raise ValueError(f"node {node}: a GPU UUID appears twice")
+    if len({g.index for g in ordered}) != len(ordered):
+        raise ValueError(f"node {node}: a GPU index appears twice")
+    return NodeDevices(
+        node=node,
+        devices=tuple(
+            Device(
+                uuid=g.uuid,
+                index=g.index,
+                type=g.type,
+                memory_mib=max(1, math.floor(g.memory_mib * scaling.memory_scaling)),
+                cores_percent=max(1, math.floor(100 * scaling.core_scaling)),
+                split_count=scaling.split_count,
+                numa=g.numa,
+                healthy=g.healthy and g.uuid not in unhealthy,
+            )
+            for g in ordered
+        ),
+        cpu_milli=cpu_milli,
+        memory_mib=host_memory_mib,
+    )
+
+
+def hami_register(registration: NodeDevices) -> str:
+    """The node's ``hami.io/node-nvidia-register`` annotation value (HAMi's JSON list),
+    from the same codec the scheduler reads. Pure."""
+    return hami_annotations.encode_node_devices(registration.devices)
