@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from libshared.devices import NodeDevices
 from libshared.ledgers import PodCharge, Slice
 from tests.bus import helpers
 from tests.libvgpu import harness
+from tests.metrics import promtext
 from vslice import stacks
 
 MIB = 1 << 20
@@ -254,6 +256,45 @@ def test_usage_shows_a_running_slices_charged_memory_and_drops_it_after_release(
     wait_until(lambda: not (up.containers / f"{row.pod_uid}_main").exists())
     after = usage(up, 0.8)
     assert after and all(c.pod_uid != row.pod_uid for u in after for c in u.containers)
+
+
+def _scrape(metrics_url: str) -> str:
+    with urllib.request.urlopen(f"{metrics_url}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+def test_a_running_slices_usage_reaches_the_metrics_service_and_leaves_it_after_release(
+    up: Up,
+) -> None:
+    metrics_url = json.loads((up.state / stacks.STATE_FILE).read_text())["metrics_url"]
+    assert metrics_url, "vslice up records the metrics service's URL"
+    proc = up.start("--gpumem", "512", "--", *PROBE, "hold", "192", "3")
+    seen: list[float] = []
+    try:
+        held(proc)
+
+        def charged() -> bool:
+            seen[:] = promtext.labelled(
+                "hami_vgpu_memory_used_bytes", _scrape(metrics_url), device_uuid=GPU
+            )
+            return 192 * MIB in seen
+
+        wait_until(charged, timeout_s=15)
+        limits = promtext.labelled(
+            "hami_vgpu_memory_limit_bytes", _scrape(metrics_url), device_uuid=GPU
+        )
+        assert 512 * MIB in limits, limits
+    finally:
+        assert finish(proc) == 0
+    wait_until(
+        lambda: (
+            192 * MIB
+            not in promtext.labelled(
+                "hami_vgpu_memory_used_bytes", _scrape(metrics_url), device_uuid=GPU
+            )
+        ),
+        timeout_s=15,
+    )
 
 
 def test_the_host_side_check_kills_a_process_that_runs_without_libvgpu_past_its_slice(
