@@ -6,7 +6,7 @@ SHARED ?= ../shared
 TRACES := $(SHARED)/traces/openb
 NATIVE_DIRS := $(wildcard services/nodeagent/mockgpu services/nodeagent/libvgpu)
 
-.PHONY: install native chromium lint test demo clean
+.PHONY: install native chromium kubectl compose-tool lint test demo clean
 
 install: $(VENV)/.installed
 
@@ -27,13 +27,27 @@ chromium:
 		$$SUDO apt-get update -q && \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
 
+# Debian's kubectl (kustomize built in) for `kubectl kustomize k8s/` and Debian's
+# docker-compose for validating compose/ (no Docker engine needed); skipped when present.
+kubectl:
+	@command -v kubectl >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends kubernetes-client; }
+
+compose-tool:
+	@command -v docker-compose >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose; }
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: install native chromium lint
+test: install native chromium kubectl compose-tool lint
 	VSLICE_TRACES=$(TRACES) $(BIN)/python -m pytest
 
 # The openb trace replayed over the bus (nats-server, admission, two scheduler replicas,
