@@ -2,16 +2,19 @@
 
 Lifecycle (nats.py's habit): SIGTERM or SIGINT sets an ``asyncio.Event``; the replica then
 drains its connection -- no new requests, the ones in hand answered -- within the drain
-timeout, and returns. Nothing here decides anything.
+timeout, and returns. With ``--kube`` the replica first reconciles the ledger with the
+pods (restart recovery) and then watches them; with ``--extender-port`` it serves the
+kube-scheduler extender once that is done. Nothing here decides anything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
-from libshared import connecting, traces
-from services.scheduler.adapters import bus
+from libshared import connecting, kubeclients, traces
+from services.scheduler.adapters import bus, extender, kube
 from services.scheduler.core import replaying
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
@@ -51,10 +54,45 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
             claim_wait_s=settings.claim_wait_s,
         )
         await replica.start()
-        log.info("scheduler serving", extra={"replica": settings.name, "policy": settings.policy})
-        await stop.wait()
-        log.info("draining", extra={"replica": settings.name})
+        async with contextlib.AsyncExitStack() as stack:
+            await _kubernetes(settings, replica, stack)
+            log.info(
+                "scheduler serving", extra={"replica": settings.name, "policy": settings.policy}
+            )
+            await stop.wait()
+            log.info("draining", extra={"replica": settings.name})
         await replica.stop()
     finally:
         await connecting.drain_quietly(nc)
     log.info("stopped", extra={"replica": settings.name})
+
+
+async def _kubernetes(
+    settings: Settings, replica: bus.Replica, stack: contextlib.AsyncExitStack
+) -> None:
+    """Start the Kubernetes side and the extender as ``settings`` ask; their shutdown goes
+    on ``stack``. Raises ``KubeConfigError`` / ``OSError`` when they cannot start."""
+    side = None
+    if settings.kube is not None:
+        api = await kubeclients.api_client(settings.kube)
+        stack.push_async_callback(api.close)
+        side = kube.Kube(
+            api=api,
+            replica=replica,
+            ttl_s=settings.reservation_ttl_s,
+            request_timeout_s=settings.kube.request_timeout_s,
+        )
+        await side.start()
+        stack.push_async_callback(side.stop)
+        log.info("pods reconciled", extra={"api": kubeclients.describe(settings.kube)})
+    if settings.extender_port:
+        tls = None
+        if settings.tls_cert and settings.tls_key:
+            tls = extender.tls_context(settings.tls_cert, settings.tls_key)
+        routes = extender.Extender(replica=replica, kube=side)
+        runner, port = await extender.serve(
+            routes, host=settings.extender_host, port=settings.extender_port, tls=tls
+        )
+        stack.push_async_callback(runner.cleanup)
+        routes.ready = True
+        log.info("extender serving", extra={"port": port, "tls": tls is not None})

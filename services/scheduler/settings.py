@@ -12,8 +12,10 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from libshared import connecting
+from libshared import connecting, kubeclients
 from services.scheduler.core.deciding import POLICIES
+
+TRUE = ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,11 @@ class Settings:
     for the view to catch up with the ledger before deciding, seconds. ``claim_wait_s``:
     how long a pod's unchanged claim whose pod is in no ledger is waited for before it is
     taken over (its holder presumably died), seconds. ``name``: this replica in logs.
+
+    Kubernetes: ``extender_port`` serves the kube-scheduler extender there (0: off) on
+    ``extender_host``, over TLS when ``tls_cert`` and ``tls_key`` (PEM paths) are set;
+    ``kube`` talks to the API server (``None``: off); ``reservation_ttl_s``: how long a
+    reservation may wait for its bind before it is released, seconds.
     """
 
     bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
@@ -41,13 +48,22 @@ class Settings:
     claim_wait_s: float = 2.0
     name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     log_level: str = "info"
+    extender_port: int = 0
+    extender_host: str = "0.0.0.0"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    kube: kubeclients.KubeSettings | None = None
+    reservation_ttl_s: float = 60.0
 
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from ``argv`` (default: none) and ``environ`` (default: ``os.environ``).
 
     Environment: ``VSLICE_NATS_URL``, ``VSLICE_PREFIX``, ``VSLICE_BUCKET_REPLICAS``,
-    ``VSLICE_POLICY``, ``VSLICE_WORKLOAD_TRACE``, ``VSLICE_SEED``, ``VSLICE_LOG_LEVEL``.
+    ``VSLICE_POLICY``, ``VSLICE_WORKLOAD_TRACE``, ``VSLICE_SEED``, ``VSLICE_LOG_LEVEL``,
+    ``VSLICE_EXTENDER_PORT``, ``VSLICE_TLS_CERT``, ``VSLICE_TLS_KEY``, ``VSLICE_KUBE``
+    (``1``/``true``), ``VSLICE_RESERVATION_TTL`` (and ``KUBECONFIG`` for ``--kube``
+    outside a cluster).
     Exits (``SystemExit`` 2, argparse's way) on an invalid flag or value.
     """
     env = os.environ if environ is None else environ
@@ -66,7 +82,36 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     parser.add_argument("--no-explain", action="store_true", help="leave per-node reasons out")
     parser.add_argument("--name", default=None, help="replica name in logs")
     parser.add_argument("--log-level", default=env.get("VSLICE_LOG_LEVEL", "info"))
+    k8s = parser.add_argument_group("Kubernetes")
+    k8s.add_argument(
+        "--extender-port",
+        type=int,
+        default=int(env.get("VSLICE_EXTENDER_PORT", "0") or 0),
+        help="serve the kube-scheduler extender (/filter, /bind) on this port; 0 = off "
+        "(env VSLICE_EXTENDER_PORT)",
+    )
+    k8s.add_argument("--extender-host", default=env.get("VSLICE_EXTENDER_HOST", "0.0.0.0"))
+    k8s.add_argument("--tls-cert", default=env.get("VSLICE_TLS_CERT") or None)
+    k8s.add_argument("--tls-key", default=env.get("VSLICE_TLS_KEY") or None)
+    k8s.add_argument(
+        "--kube",
+        action="store_true",
+        default=env.get("VSLICE_KUBE", "").strip().lower() in TRUE,
+        help="talk to the Kubernetes API: in-cluster config, else $KUBECONFIG (env VSLICE_KUBE)",
+    )
+    k8s.add_argument(
+        "--reservation-ttl",
+        type=float,
+        default=float(env.get("VSLICE_RESERVATION_TTL", "60") or 60),
+        help="seconds a reservation waits for its bind (env VSLICE_RESERVATION_TTL)",
+    )
     args = parser.parse_args(list(argv or []))
+    if not 0 <= args.extender_port <= 65535:
+        parser.error(f"--extender-port {args.extender_port}: must be 0-65535")
+    if not args.reservation_ttl > 0:
+        parser.error(f"--reservation-ttl {args.reservation_ttl}: must be above 0 seconds")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     if args.policy == "fgd" and not args.workload_trace:
         parser.error("--policy fgd needs --workload-trace (FGD's target workload)")
     if args.claim_wait <= 0:
@@ -88,5 +133,11 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         explain=not args.no_explain,
         claim_wait_s=args.claim_wait,
         log_level=args.log_level,
+        extender_port=args.extender_port,
+        extender_host=args.extender_host,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        kube=kubeclients.KubeSettings() if args.kube else None,
+        reservation_ttl_s=args.reservation_ttl,
         **extra,
     )

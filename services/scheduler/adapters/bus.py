@@ -318,10 +318,12 @@ class Replica:
     # -- the two operations ---------------------------------------------------------------
 
     async def schedule(
-        self, pod: PodRequest, *, deadline: float | None = None
+        self, pod: PodRequest, *, deadline: float | None = None, nodes: list[str] | None = None
     ) -> events.Placement | events.Unschedulable:
         """Place ``pod`` and commit it; the existing placement when it already holds slices,
-        or the placement of the replica that holds the pod's claim.
+        or the placement of the replica that holds the pod's claim. ``nodes`` restricts a
+        new placement to those nodes (kube-scheduler's candidates); an existing placement
+        is returned wherever it is.
 
         Returns ``Unschedulable`` when nothing fits, or after ``max_attempts`` lost races
         (its reason says so). Raises ``TemporaryError`` when the bus cannot be read, and
@@ -334,7 +336,7 @@ class Replica:
         lost: list[str] = []
         for _ in range(self.max_attempts):
             held = self.view.cluster.placement_of(pod.uid) is not None
-            decision = self.scheduler.decide(pod, explain=self.explain)
+            decision = self.scheduler.decide(pod, nodes=nodes, explain=self.explain)
             if held:
                 if claim is None:
                     return decision
@@ -392,6 +394,32 @@ class Replica:
             lost.append(decision.node)
         await self._unclaim(key, claim)
         return events.Unschedulable(pod_uid=pod.uid, reason=str(Conflicts(lost)))
+
+    async def adopt(self, placement: events.Placement) -> bool:
+        """Commit ``placement`` exactly as given: slices a pod already uses (restored from
+        its annotations after the ledger lost them). True when the ledger holds the pod on
+        ``placement.node`` afterwards, False when it holds it elsewhere. No capacity check:
+        the pod runs on those devices whether they fit or not.
+
+        Raises ``KeyError`` for a node that never registered, ``Conflicts`` after
+        ``max_attempts`` lost races, ``TemporaryError`` when the ledger cannot be read.
+        """
+        await self._catch_up()
+        lost: list[str] = []
+        for _ in range(self.max_attempts):
+            held = self.view.cluster.placement_of(placement.pod_uid)
+            if held is not None:
+                return held[0] == placement.node
+            ledger = self.view.cluster.ledger_with(placement)
+            committed = await self._commit(ledger)
+            if committed is None:
+                await self._reread(placement.node, strict=True)
+                continue
+            if committed:
+                await self._announce(self.subjects.alloc_decided(placement.node), placement)
+                return True
+            lost.append(placement.node)
+        raise Conflicts(lost)
 
     async def _claim(self, pod: PodRequest, key: str, node: str) -> int | events.Placement | None:
         """Claim ``pod`` for ``node``: the claim's revision when this replica got it, else

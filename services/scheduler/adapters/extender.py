@@ -1,0 +1,205 @@
+"""The kube-scheduler extender over HTTP(S) (aiohttp): ``/filter``, ``/bind``, health.
+
+kube-scheduler (its ``extenders`` configuration with ``filterVerb: filter``,
+``bindVerb: bind`` and ``nodeCacheCapable: true``) posts ``ExtenderArgs`` to ``/filter``
+and ``ExtenderBindingArgs`` to ``/bind``; the types and their JSON are in
+``services.scheduler.core.extending``.
+
+``/filter`` decides with the core among the candidate nodes and reserves the pod's slices
+by the same compare-and-set commit on the ledger as a schedule request on the bus
+(``Replica.schedule``), so bus replicas and extender replicas never book the same memory.
+It answers exactly one node, with HAMi's reason for each candidate that does not fit; a
+pod that already holds slices gets the same node again. ``/bind`` is ``Kube.bind``. A
+body that is not what kube-scheduler sends gets a 400 naming the field and value; an
+error while deciding is answered in the result's ``Error`` (kube-scheduler retries).
+
+What it leaves to others: the decisions (``core``), the ledger commits (``adapters.bus``),
+the API server (``adapters.kube``), wiring (``app``).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+import msgspec
+from aiohttp import web
+
+from libshared import events
+from libshared.errors import InvalidRequest
+from libshared.resources import parse_pod
+from services.scheduler.adapters import bus
+from services.scheduler.adapters.kube import Kube
+from services.scheduler.core import extending
+
+log = logging.getLogger("vslice.scheduler.extender")
+
+MAX_BODY_BYTES = 32 * 2**20  # a NodeList of a few thousand nodes (without nodeCacheCapable)
+JSON = "application/json"
+
+
+class ExtenderStats(msgspec.Struct, kw_only=True):
+    """Counters of one replica's extender: ``filters`` answered, pods ``reserved``,
+    ``unschedulable`` answers, ``binds`` asked, ``bad_bodies`` (400s), ``errors``."""
+
+    filters: int = 0
+    reserved: int = 0
+    unschedulable: int = 0
+    binds: int = 0
+    bad_bodies: int = 0
+    errors: int = 0
+
+
+def _json(body: msgspec.Struct | dict[str, object], *, status: int = 200) -> web.Response:
+    return web.Response(body=extending.ENCODER.encode(body), status=status, content_type=JSON)
+
+
+class Extender:
+    """The HTTP routes of one replica. ``kube`` is None without ``--kube``: ``/filter``
+    still reserves, ``/bind`` answers an error. ``ready`` is set by the wiring once
+    recovery is done (``/readyz`` says 503 before)."""
+
+    def __init__(self, *, replica: bus.Replica, kube: Kube | None) -> None:
+        self.replica = replica
+        self.kube = kube
+        self.ready = False
+        self.stats = ExtenderStats()
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES)
+        self.app.add_routes(
+            [
+                web.post("/filter", self.on_filter),
+                web.post("/bind", self.on_bind),
+                web.get("/healthz", self.on_healthz),
+                web.get("/readyz", self.on_readyz),
+                web.get("/stats", self.on_stats),
+            ]
+        )
+
+    # -- routes -----------------------------------------------------------------------
+
+    async def on_filter(self, request: web.Request) -> web.Response:
+        """``ExtenderArgs`` in, ``ExtenderFilterResult`` out (400 for a bad body)."""
+        body = await request.read()
+        try:
+            args = extending.decode_filter_args(body)
+        except extending.BadBody as exc:
+            self.stats.bad_bodies += 1
+            log.warning("bad filter body", extra={"error": str(exc)})
+            return _json(
+                extending.ExtenderFilterResult(error=f"bad ExtenderArgs: {exc}"), status=400
+            )
+        self.stats.filters += 1
+        try:
+            result = await self.filter(args)
+        except Exception as exc:  # answered, never a crash: kube-scheduler retries the pod
+            self.stats.errors += 1
+            log.exception("filter failed", extra={"pod_uid": args.uid})
+            result = extending.ExtenderFilterResult(error=f"filter failed: {exc}")
+        return _json(result)
+
+    async def on_bind(self, request: web.Request) -> web.Response:
+        """``ExtenderBindingArgs`` in, ``ExtenderBindingResult`` out (400 for a bad body)."""
+        body = await request.read()
+        try:
+            args = extending.decode_binding_args(body)
+        except extending.BadBody as exc:
+            self.stats.bad_bodies += 1
+            log.warning("bad bind body", extra={"error": str(exc)})
+            return _json(
+                extending.ExtenderBindingResult(error=f"bad ExtenderBindingArgs: {exc}"), status=400
+            )
+        self.stats.binds += 1
+        if self.kube is None:
+            error = "this replica does not talk to the API server (start it with --kube)"
+        else:
+            try:
+                error = await self.kube.bind(args)
+            except Exception as exc:  # answered, never a crash
+                self.stats.errors += 1
+                log.exception("bind failed", extra={"pod_uid": args.pod_uid})
+                error = f"bind failed: {exc}"
+        return _json(extending.ExtenderBindingResult(error=error))
+
+    async def on_healthz(self, request: web.Request) -> web.Response:
+        """200 while the process serves."""
+        return web.Response(text="ok")
+
+    async def on_readyz(self, request: web.Request) -> web.Response:
+        """200 once the view is complete and recovery is done, 503 before."""
+        if not self.ready:
+            return web.Response(text="recovering", status=503)
+        return web.Response(text="ok")
+
+    async def on_stats(self, request: web.Request) -> web.Response:
+        """This replica's counters: ``extender``, ``kube`` (when on) and ``bus``."""
+        out: dict[str, object] = {
+            "extender": msgspec.to_builtins(self.stats),
+            "bus": msgspec.to_builtins(self.replica.stats),
+        }
+        if self.kube is not None:
+            out["kube"] = msgspec.to_builtins(self.kube.stats)
+        return _json(out)
+
+    # -- the filter -------------------------------------------------------------------
+
+    async def filter(self, args: extending.FilterArgs) -> extending.ExtenderFilterResult:
+        """Decide and reserve (see the module docstring). Raises what the replica raises
+        (``TemporaryError``, ``Expired``, ``Conflicts``)."""
+        try:
+            pod = parse_pod(args.pod)
+        except InvalidRequest as exc:
+            return extending.invalid_request(args, exc)
+        if not pod.gpu_containers:
+            return extending.pass_through(args)
+        held = self.kube.held_nodes() if self.kube is not None else {}
+        candidates = [n for n in args.candidates if n not in held]
+        current = self.replica.view.cluster.placement_of(pod.uid)
+        if current is not None and current[0] not in candidates:
+            # kube-scheduler no longer offers the node of the pod's reservation
+            log.info("reservation off the candidates; placing again", extra={"pod_uid": pod.uid})
+            await self.replica.release(pod.uid)
+        decision: events.Placement | events.Unschedulable
+        if candidates:
+            decision = await self.replica.schedule(pod, nodes=candidates)
+        else:
+            decision = events.Unschedulable(pod_uid=pod.uid, reason="no candidate node")
+        failed = dict(held)
+        failed.update(self.replica.scheduler.filter(pod, candidates).failed)
+        if isinstance(decision, events.Placement) and decision.node in candidates:
+            self.stats.reserved += 1
+            if self.kube is not None:
+                self.kube.note_reserved(pod.uid)
+            return extending.filter_result(args, chosen=decision.node, failed=failed)
+        self.stats.unschedulable += 1
+        if isinstance(decision, events.Placement):
+            why = f"the pod holds slices on node {decision.node}, not a candidate"
+        else:
+            why = decision.reason
+        for node in candidates:
+            failed.setdefault(node, why)  # e.g. a fitting node lost in ledger races
+        return extending.filter_result(args, chosen=None, failed=failed)
+
+
+async def serve(
+    extender: Extender, *, host: str, port: int, tls: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
+    """Listen on ``host``:``port`` (0: any free port); returns the runner (``cleanup()``
+    stops it) and the port. Raises ``OSError`` when the port is taken."""
+    runner = web.AppRunner(extender.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
+    await site.start()
+    bound = port
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            bound = int(address[1])
+            break
+    return runner, bound
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server TLS context from PEM files. Raises ``OSError`` / ``ssl.SSLError`` when they
+    cannot be read."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
