@@ -57,14 +57,17 @@ def _json(body: msgspec.Struct | dict[str, object], *, status: int = 200) -> web
 class Extender:
     """The HTTP routes of one replica. ``kube`` is None without ``--kube``: ``/filter``
     still reserves, ``/bind`` answers an error. ``ready`` is set by the wiring once
-    recovery is done (``/readyz`` says 503 before)."""
+    recovery is done (``/readyz`` says 503 before). A body over ``max_body_bytes`` gets
+    a 413."""
 
-    def __init__(self, *, replica: bus.Replica, kube: Kube | None) -> None:
+    def __init__(
+        self, *, replica: bus.Replica, kube: Kube | None, max_body_bytes: int = MAX_BODY_BYTES
+    ) -> None:
         self.replica = replica
         self.kube = kube
         self.ready = False
         self.stats = ExtenderStats()
-        self.app = web.Application(client_max_size=MAX_BODY_BYTES)
+        self.app = web.Application(client_max_size=max_body_bytes)
         self.app.add_routes(
             [
                 web.post("/filter", self.on_filter),

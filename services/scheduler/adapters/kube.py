@@ -223,11 +223,18 @@ class Kube:
             self._resource_version = str(meta["resourceVersion"])
         if kind == "DELETED":
             self.pods.pop(state.uid, None)
+            self._drop_hold(state.uid)
             self._spawn_release(state.uid, "pod deleted", "deleted")
             return
         self.pods[state.uid] = state
         if state.ended:
+            self._drop_hold(state.uid)
             self._spawn_release(state.uid, f"pod {state.phase}", "ended")
+
+    def _drop_hold(self, pod_uid: str) -> None:
+        if self.holds.pop(pod_uid, None) is not None:
+            self.stats.held_nodes = len({h.pod.node for h in self.holds.values()})
+            log.info("hold lifted: the pod ended", extra={"pod_uid": pod_uid})
 
     def _spawn_release(self, pod_uid: str, reason: str, counter: str) -> None:
         if not extending.kubernetes_uid(pod_uid):
