@@ -1,0 +1,467 @@
+"""End to end, the way a cluster runs vslice, with every component speaking its real
+protocol:
+
+- the API server: kmock's emulator (``tests/k8s/scheduler/kubeapi.py``, HTTP), which sends
+  each new pod to the admission webhook (HTTPS ``/mutate``, ``python -m
+  services.admission``) and applies its JSONPatch, as the API server does;
+- kube-scheduler: ``kubescheduler.FakeKubeScheduler`` (watches pods, calls ``/filter``
+  and ``/bind``, spread over the replicas as a Service spreads them);
+- two scheduler replicas serving the extender (``python -m services.scheduler
+  --extender-port ... --kube``), committing on the JetStream ledger of a real nats-server;
+- two nodes, each a node agent serving the device plugin on mock GPUs (``python -m
+  services.nodeagent --device-plugin --kube``) and a fake kubelet (gRPC, the deviceplugin
+  tests' ``FakeKubelet``) calling its ``Allocate``.
+
+A pod written for HAMi is mutated, filtered to one node, bound (Binding and annotations in
+the API server), and ``Allocate`` gives its container the slice; then 50 such pods
+created at once all bind within 5 s with no memory booked twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jsonpatch
+import kmock
+import nats
+import trustme
+
+from libshared import annotations as keys
+from libshared import connecting
+from libshared.connecting import BusSettings
+from libshared.natsserver import NatsServer
+from tests.bus import helpers
+from tests.k8s.e2e.kubescheduler import FakeKubeScheduler
+from tests.k8s.nodeagent.fakekubelet import FakeKubelet
+from tests.k8s.scheduler.kubeapi import ApiServer, Refused
+from tests.libvgpu import harness
+
+NODES = ("n1", "n2")
+GPUS = 10  # per node: at 30 % cores a GPU holds 3 such pods, so 2 nodes hold 60
+MEMORY_MIB = 24576
+SPLIT = 10
+PODS = 50
+BIND_WITHIN_S = 5.0
+START_TIMEOUT_S = 120.0
+
+
+def gpu(node: int, index: int) -> str:
+    return f"GPU-0e2e{node:04d}-0000-4000-8000-{index:012d}"
+
+
+def hami_pod(name: str) -> dict[str, Any]:
+    """A pod as written for HAMi: GPU resources only, no scheduler named."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "train",
+                    "image": "pytorch/pytorch:2.3.0-cuda12.1-cudnn8-runtime",
+                    "resources": {
+                        "limits": {
+                            "nvidia.com/gpu": 1,
+                            "nvidia.com/gpumem": 3000,
+                            "nvidia.com/gpucores": 30,
+                        }
+                    },
+                }
+            ]
+        },
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("VSLICE_", "KUBERNETES_")) and k not in ("NODE_NAME", "KUBECONFIG")
+    }
+    env.update(extra)
+    return env
+
+
+class Logs:
+    """Where every process writes; ``tail()`` for failure messages."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.log"
+
+    def tail(self, lines: int = 15) -> str:
+        out = []
+        for p in sorted(self.folder.glob("*.log")):
+            text = p.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {p.name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+
+@contextlib.asynccontextmanager
+async def process(
+    logs: Logs, name: str, argv: list[str], env: dict[str, str]
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """``python -m <argv>`` in the repository, stopped with SIGTERM on the way out."""
+    with logs.path(name).open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *argv],
+            cwd=harness.ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(proc.wait, 20)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+
+async def until(
+    check: Callable[[], Any], what: str, logs: Logs, *, timeout_s: float = START_TIMEOUT_S
+) -> float:
+    """Wait (polling) until ``check()`` (sync or async) is true; the seconds it took."""
+    start = time.monotonic()
+    while True:
+        got = check()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"no {what} within {timeout_s} s\n{logs.tail()}")
+        await asyncio.sleep(0.02)
+
+
+async def answers(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(url) as resp:
+            return resp.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+def kubeconfig(path: Path, server: str) -> Path:
+    path.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters: [{{name: e2e, cluster: {{server: '{server}'}}}}]\n"
+        "users: [{name: e2e, user: {token: e2e}}]\n"
+        "contexts: [{name: e2e, context: {cluster: e2e, user: e2e}}]\n"
+        "current-context: e2e\n"
+    )
+    return path
+
+
+def webhook_admission(session: aiohttp.ClientSession, url: str) -> Any:
+    """The API server's part of mutating admission: defaults, an AdmissionReview to the
+    webhook, its JSONPatch applied (``Refused`` when it says no)."""
+
+    async def admit(pod: dict[str, Any]) -> dict[str, Any]:
+        pod = copy.deepcopy(pod)
+        pod["spec"].setdefault("schedulerName", "default-scheduler")  # API defaulting
+        review = {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": str(uuid.uuid4()),
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+                "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+                "name": pod["metadata"].get("name", ""),
+                "namespace": pod["metadata"].get("namespace", "default"),
+                "operation": "CREATE",
+                "userInfo": {"username": "e2e"},
+                "object": pod,
+                "oldObject": None,
+                "dryRun": False,
+                "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+            },
+        }
+        async with session.post(f"{url}/mutate", json=review) as resp:
+            assert resp.status == 200, await resp.text()
+            answer = (await resp.json())["response"]
+        if not answer.get("allowed"):
+            raise Refused((answer.get("status") or {}).get("message", "denied"))
+        if answer.get("patch"):
+            ops = jsonpatch.JsonPatch.from_string(base64.b64decode(answer["patch"]).decode())
+            pod = ops.apply(pod)
+        return pod
+
+    return admit
+
+
+def slices_by_pod(ledgers: dict[str, Any]) -> dict[str, list[tuple[str, Any]]]:
+    out: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+    for node, ledger in ledgers.items():
+        for s in ledger.slices:
+            out[s.pod_uid].append((node, s))
+    return out
+
+
+async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to_end(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    assert harness.LIBVGPU.is_file(), "libvgpu is not built: run `make native`"
+    logs = Logs(tmp_path / "logs")
+    bus = BusSettings(urls=(nats_server.url,), prefix=f"e2e{uuid.uuid4().hex[:8]}")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    key.write_bytes(issued.private_key_pem.bytes())
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    hook_port = free_port()
+    hook_url = f"https://127.0.0.1:{hook_port}"
+
+    async with contextlib.AsyncExitStack() as stack:
+        tls_session = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trusted))
+        )
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        await stack.enter_async_context(
+            process(
+                logs,
+                "admission",
+                [
+                    *("services.admission", "--webhook-port", str(hook_port)),
+                    *("--webhook-host", "127.0.0.1", "--tls-cert", str(cert)),
+                    *("--tls-key", str(key), "--log-level", "warning"),
+                ],
+                clean_env(),
+            )
+        )
+        api = await stack.enter_async_context(
+            ApiServer(admit=webhook_admission(tls_session, hook_url))
+        )
+        await stack.enter_async_context(kmock.Server(api))
+        api_url = str(api.url).rstrip("/")
+        for node in NODES:
+            api.objects["v1/nodes", None, node] = {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": node, "annotations": {}},
+            }
+        config = kubeconfig(tmp_path / "kubeconfig", api_url)
+
+        # two nodes: a fake kubelet and a node agent serving the device plugin on each
+        kubelets: dict[str, FakeKubelet] = {}
+        for n, node in enumerate(NODES):
+            kubelet = FakeKubelet(tmp_path / node / "device-plugins")
+            await kubelet.start()
+            stack.push_async_callback(kubelet.stop)
+            kubelets[node] = kubelet
+            devices = ",".join(f"{gpu(n, i)}:{MEMORY_MIB}" for i in range(GPUS))
+            await stack.enter_async_context(
+                process(
+                    logs,
+                    f"nodeagent-{node}",
+                    [
+                        *("services.nodeagent", "--device-plugin", "--kube"),
+                        *("--kubelet-dir", str(kubelet.directory), "--node-name", node),
+                        *("--host-root", str(tmp_path / node / "host"), "--backend", "mock"),
+                        *("--split-count", str(SPLIT), "--name", f"agent-{node}"),
+                        *("--nats-url", nats_server.url, "--prefix", bus.prefix),
+                        *("--usage-interval", "5", "--log-level", "warning"),
+                    ],
+                    clean_env(
+                        KUBECONFIG=str(config), VSLICE_MOCKGPU_DEVICES=devices, NODE_NAME=node
+                    ),
+                )
+            )
+        # two scheduler replicas serving the extender
+        extenders = []
+        for r in range(2):
+            port = free_port()
+            extenders.append(f"http://127.0.0.1:{port}")
+            await stack.enter_async_context(
+                process(
+                    logs,
+                    f"scheduler-{r}",
+                    [
+                        *("services.scheduler", "--nats-url", nats_server.url),
+                        *("--prefix", bus.prefix, "--name", f"extender-{r}"),
+                        *("--extender-port", str(port), "--extender-host", "127.0.0.1"),
+                        *("--kube", "--max-devices", str(GPUS), "--log-level", "warning"),
+                    ],
+                    clean_env(KUBECONFIG=str(config)),
+                )
+            )
+        nc = await nats.connect(nats_server.url)
+        stack.push_async_callback(nc.close)
+        opened = await connecting.ensure_bus(nc.jetstream(), bus)
+
+        async def both_nodes_registered() -> bool:
+            try:
+                registered = await opened.nodes.keys()
+            except Exception:  # no keys yet
+                return False
+            return set(NODES) <= set(registered)
+
+        started = time.monotonic()
+        for kubelet in kubelets.values():
+            await kubelet.wait_registered(timeout_s=START_TIMEOUT_S)
+            await kubelet.wait_devices(lambda d: len(d) == GPUS * SPLIT)
+        await until(both_nodes_registered, "node registration in the nodes bucket", logs)
+        await until(lambda: answers(tls_session, hook_url + "/readyz"), "webhook ready", logs)
+        for url in extenders:
+            await until(lambda url=url: answers(session, url + "/readyz"), "extender", logs)
+        print(f"\n[e2e] stack up in {time.monotonic() - started:.1f} s")
+
+        scheduler = FakeKubeScheduler(api_url=api_url, extenders=extenders, nodes=NODES)
+        await scheduler.start()
+        stack.push_async_callback(scheduler.stop)
+
+        # -- one pod written for HAMi ------------------------------------------------------
+        async with session.post(
+            f"{api_url}/api/v1/namespaces/default/pods", json=hami_pod("hami")
+        ) as resp:
+            assert resp.status in (200, 201), await resp.text()
+
+        def bound(name: str) -> str:
+            return str(((api.pod("default", name) or {}).get("spec") or {}).get("nodeName", ""))
+
+        took = await until(lambda: bound("hami"), "bind of the HAMi pod", logs, timeout_s=30)
+        stored = api.pod("default", "hami")
+        assert stored is not None
+        node = bound("hami")
+        assert stored["spec"]["schedulerName"] == "vslice-scheduler"  # mutated by the webhook
+        assert {"type": "PodScheduled", "status": "True"} in stored["status"]["conditions"]
+        annos = stored["metadata"]["annotations"]
+        allocated = annos[keys.VGPU_DEVICES_ALLOCATED]
+        match = re.fullmatch(r"(GPU-[0-9a-f-]+),NVIDIA,3000,30:;", allocated)
+        assert match, allocated
+        device = match.group(1)
+        assert device.startswith(gpu(NODES.index(node), 0)[:12])  # a GPU of that node
+        assert annos[keys.VGPU_NODE] == node
+        assert annos[keys.VGPU_DEVICES_TO_ALLOCATE] == allocated
+        assert annos[keys.BIND_PHASE] == "allocating"
+        assert abs(int(annos[keys.BIND_TIME]) - time.time()) < 120
+        got = await kubelets[node].admit(1)
+        assert got.envs["CUDA_DEVICE_MEMORY_LIMIT_0"] == "3000m"
+        assert got.envs["CUDA_DEVICE_SM_LIMIT"] == "30"
+        assert got.envs["NVIDIA_VISIBLE_DEVICES"] == device
+        await until(
+            lambda: (
+                (api.pod("default", "hami") or {})["metadata"]["annotations"].get(keys.BIND_PHASE)
+                == "success"
+            ),
+            "bind-phase success",
+            logs,
+            timeout_s=30,
+        )
+        print(
+            f"[e2e] HAMi pod: bound to {node} in {took:.2f} s ({allocated}); Allocate gave "
+            f"CUDA_DEVICE_MEMORY_LIMIT_0={got.envs['CUDA_DEVICE_MEMORY_LIMIT_0']} "
+            f"CUDA_DEVICE_SM_LIMIT={got.envs['CUDA_DEVICE_SM_LIMIT']} "
+            f"NVIDIA_VISIBLE_DEVICES={device}"
+        )
+
+        # -- 50 pods at once -----------------------------------------------------------------
+        names = [f"burst-{i:02d}" for i in range(PODS)]
+
+        async def create(name: str) -> None:
+            async with session.post(
+                f"{api_url}/api/v1/namespaces/default/pods", json=hami_pod(name)
+            ) as resp:
+                assert resp.status in (200, 201), await resp.text()
+
+        start = time.monotonic()
+        await asyncio.gather(*(create(name) for name in names))
+        created = time.monotonic() - start
+        await until(
+            lambda: all(bound(name) for name in names),
+            f"binds of {PODS} pods (errors: {scheduler.errors})",
+            logs,
+            timeout_s=60,
+        )
+        elapsed = time.monotonic() - start
+        per_node = Counter(bound(name) for name in names)
+        print(
+            f"[e2e] {PODS} pods created at once (admission included: {created:.2f} s) all "
+            f"bound in {elapsed:.2f} s: {dict(per_node)}; filter calls per replica "
+            f"{list(scheduler.attempts.values())}"
+        )
+        assert elapsed < BIND_WITHIN_S, f"{PODS} pods bound in {elapsed:.2f} s"
+        assert len(scheduler.attempts) == 2 and min(scheduler.attempts.values()) > 0
+
+        # no memory booked twice: the ledger, per device, and every pod's annotation agrees
+        ledgers = await helpers.ledgers(nc, bus)
+        held = slices_by_pod(ledgers)
+        used: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for slices in held.values():
+            for _, s in slices:
+                used[s.uuid][0] += s.memory_mib
+                used[s.uuid][1] += s.cores_percent
+        assert all(m <= MEMORY_MIB and c <= 100 for m, c in used.values()), used
+        pods = {p["metadata"]["name"]: p for p in api.pods()}
+        assert len(held) == PODS + 1
+        for name in ["hami", *names]:
+            p = pods[name]
+            ((held_node, s),) = held[p["metadata"]["uid"]]
+            assert held_node == p["spec"]["nodeName"]
+            assert p["metadata"]["annotations"][keys.VGPU_DEVICES_ALLOCATED] == (
+                f"{s.uuid},NVIDIA,3000,30:;"
+            )
+
+        # kubelet admits every container: each Allocate finds a pod's slice
+        envs = []
+        for node_name, kubelet in kubelets.items():
+            for _ in range(per_node[node_name]):
+                envs.append((await kubelet.admit(1)).envs)
+        assert all(
+            e["CUDA_DEVICE_MEMORY_LIMIT_0"] == "3000m" and e["CUDA_DEVICE_SM_LIMIT"] == "30"
+            for e in envs
+        )
+        await until(
+            lambda: all(
+                (api.pod("default", name) or {})["metadata"]["annotations"].get(keys.BIND_PHASE)
+                == "success"
+                for name in names
+            ),
+            "bind-phase success of every pod",
+            logs,
+            timeout_s=60,
+        )
+        given = Counter(e["NVIDIA_VISIBLE_DEVICES"] for e in envs)
+        wanted = Counter(
+            pods[name]["metadata"]["annotations"][keys.VGPU_DEVICES_ALLOCATED].split(",")[0]
+            for name in names
+        )
+        assert given == wanted  # every Allocate gave a pod's own device, none twice too many
+        print(f"[e2e] Allocate answered {len(envs)} containers, each with its pod's slice")
