@@ -1,4 +1,4 @@
-"""``python -m services.admission [flags]``: run the admission service (local mode)."""
+"""``python -m services.admission [flags]``: the bus handler and/or the HTTPS webhook."""
 
 from __future__ import annotations
 

@@ -192,6 +192,9 @@ class Server:
                 now = _stamp(self.cert, self.key)
                 if now == stamp:
                     continue
+                # Check the pair in a fresh context first: a failed load into the live
+                # one could leave it holding a new certificate with the old key.
+                server_context(self.cert, self.key)
                 self._context.load_cert_chain(self.cert, self.key)
             except (OSError, ssl.SSLError) as exc:
                 log.warning("certificate not reloaded", extra={"error": str(exc)})
