@@ -49,8 +49,8 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
                 port=settings.webhook.port,
                 reload_s=settings.webhook.tls_reload_s,
             )
+            stack.push_async_callback(server.stop)  # also after a failed start
             await server.start()
-            stack.push_async_callback(server.stop)
         await stop.wait()
         log.info("draining")
     log.info("stopped")

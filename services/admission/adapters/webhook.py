@@ -214,4 +214,4 @@ class Server:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        log.info("webhook stopped", extra={"counters": vars(self.webhook.counters)})
+            log.info("webhook stopped", extra={"counters": vars(self.webhook.counters)})

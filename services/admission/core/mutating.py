@@ -27,7 +27,8 @@ allocations: HAMi #3042); any value the resource model rejects (``InvalidRequest
 
 Skipped (allowed, no patch): pods without GPU resources; pods labelled
 ``hami.io/webhook: ignore``; pods naming another scheduler than ``default-scheduler`` or
-vslice's; operations other than CREATE and objects other than core/v1 Pods. Namespaces
+vslice's; mirror pods of static pods (kubelet creates them with ``nodeName`` set, for a
+pod already running); operations other than CREATE and objects other than core/v1 Pods. Namespaces
 labelled ``hami.io/webhook: ignore`` are excluded by the MutatingWebhookConfiguration's
 ``namespaceSelector`` (k8s/base): an AdmissionReview carries the namespace's name but not
 its labels, and looking them up would need API access the webhook does not have.
@@ -50,6 +51,7 @@ API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
 DEFAULT_SCHEDULER = "default-scheduler"  # what the API server defaults schedulerName to
 IGNORE_VALUE = "ignore"  # hami.io/webhook: ignore
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"  # set by kubelet on a static pod's mirror
 VALUE_CHARS = 200  # a message quotes at most this much of an offending value
 
 # Every resource name that makes a pod vslice's (the model's four plus the priority).
@@ -324,6 +326,9 @@ def decide(review: AdmissionReview | Mapping[str, Any], *, settings: MutationSet
 
     if _mapping(meta.get("labels")).get(keys.WEBHOOK_IGNORE_LABEL) == IGNORE_VALUE:
         return skip(f"label {keys.WEBHOOK_IGNORE_LABEL}={IGNORE_VALUE}")
+    if MIRROR_ANNOTATION in _mapping(meta.get("annotations")):
+        # kubelet already runs the static pod; refusing its mirror would only hide it
+        return skip("a static pod's mirror")
     containers = _containers(spec)
     if not any(_asked(c) for _, _, c in containers):
         return skip("no GPU resources")

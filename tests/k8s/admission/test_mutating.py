@@ -401,6 +401,17 @@ SKIPS: list[tuple[str, dict[str, Any], str]] = [
         review(pod(ctr(limits={GPU: "bad"}), scheduler="volcano", node_name="n1")),
         "another scheduler",
     ),
+    (
+        "a static pod's mirror, created by kubelet with nodeName set",
+        review(
+            pod(
+                ctr(limits={GPU: 1}),
+                node_name="n1",
+                annotations={"kubernetes.io/config.mirror": "0f1e"},
+            )
+        ),
+        "mirror",
+    ),
     ("an UPDATE", review(pod(ctr(limits={MEM: 1000})), operation="UPDATE"), "UPDATE"),
     (
         "an object that is not a Pod",
