@@ -256,27 +256,35 @@ def _privileged(container: Mapping[str, Any]) -> bool:
 
 
 class _Patch:
-    """JSONPatch operations for one pod, creating the objects and lists they need."""
+    """JSONPatch operations for one pod, creating the objects and lists they need once:
+    a second value for a container whose limits or env this patch created is added into
+    what the first created, not over it."""
 
     def __init__(self) -> None:
         self.ops: list[dict[str, Any]] = []
+        self._created: set[str] = set()
 
     def add(self, path: str, value: object) -> None:
         self.ops.append({"op": "add", "path": path, "value": value})
 
+    def _into(self, path: str, container_has: bool, key: str | int, value: object) -> None:
+        """Add ``value`` at ``path``/``key``, first creating ``path`` (an object for a
+        string key, a list for ``-``) unless the pod or this patch already has it."""
+        if container_has or path in self._created:
+            self.add(path + pointer(key), value)
+        else:
+            self._created.add(path)
+            self.add(path, [value] if key == "-" else {key: value})
+
     def resource(self, base: str, container: Mapping[str, Any], name: str, value: str) -> None:
         """Set resource ``name`` in the limits (extended resources are set by limit) and,
         when the container's requests already name vslice resources, in the requests too:
-        Kubernetes requires an extended resource's request to equal its limit."""
-        res = container.get("resources")
-        if not isinstance(res, Mapping):
-            self.add(base + pointer("resources"), {"limits": {name: value}})
-            return
-        limits = res.get("limits")
-        if isinstance(limits, Mapping):
-            self.add(base + pointer("resources", "limits", name), value)
-        else:
-            self.add(base + pointer("resources", "limits"), {name: value})
+        Kubernetes requires an extended resource's request to equal its limit.
+
+        Only called for a container naming a vslice resource, so ``resources`` exists."""
+        res = _mapping(container.get("resources"))
+        has_limits = isinstance(res.get("limits"), Mapping)
+        self._into(base + pointer("resources", "limits"), has_limits, name, value)
         requests = res.get("requests")
         if isinstance(requests, Mapping) and any(n in VSLICE_RESOURCES for n in requests):
             self.add(base + pointer("resources", "requests", name), value)
@@ -284,12 +292,13 @@ class _Patch:
     def env(self, base: str, container: Mapping[str, Any], name: str, value: str) -> None:
         """Append env ``name=value`` unless the container sets ``name`` itself."""
         env = container.get("env")
-        if not isinstance(env, list):
-            self.add(base + pointer("env"), [{"name": name, "value": value}])
+        if isinstance(env, list) and any(
+            isinstance(e, Mapping) and e.get("name") == name for e in env
+        ):
             return
-        if any(isinstance(e, Mapping) and e.get("name") == name for e in env):
-            return
-        self.add(base + pointer("env", "-"), {"name": name, "value": value})
+        self._into(
+            base + pointer("env"), isinstance(env, list), "-", {"name": name, "value": value}
+        )
 
 
 def decide(review: AdmissionReview | Mapping[str, Any], *, settings: MutationSettings) -> Outcome:

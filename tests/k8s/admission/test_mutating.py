@@ -97,6 +97,27 @@ MUTATIONS: list[tuple[str, mutating.MutationSettings, dict[str, Any], dict[str, 
         pod(ctr(requests={MEM: 3000, GPU: "1"}, limits={GPU: "1"}), scheduler=VS),
     ),
     (
+        "a GPU-only request without limits gets one limits object holding all it adds",
+        DEFAULTS,
+        pod(ctr(requests={GPU: 1})),
+        pod(
+            ctr(requests={GPU: 1, PCT: "100", CORES: "100"}, limits={PCT: "100", CORES: "100"}),
+            scheduler=VS,
+        ),
+    ),
+    (
+        "priority and a core policy without an env list both land in one new list",
+        mutating.MutationSettings(core_policy="disable"),
+        pod(ctr(limits={GPU: 1, MEM: 1000, CORES: 10, PRIO: 1})),
+        pod(
+            ctr(
+                limits={GPU: 1, MEM: 1000, CORES: 10, PRIO: 1},
+                env=env(CUDA_TASK_PRIORITY="1", GPU_CORE_UTILIZATION_POLICY="disable"),
+            ),
+            scheduler=VS,
+        ),
+    ),
+    (
         "requests of CPU only stay as they are",
         DEFAULTS,
         pod(ctr(limits={CORES: 20}, requests={"cpu": "2"})),
