@@ -61,3 +61,10 @@ demo: install native
 clean:
 	rm -rf $(VENV) build *.egg-info
 	@for d in $(NATIVE_DIRS); do $(MAKE) --no-print-directory -C $$d clean; done
+
+# The kubelet device-plugin API's Python modules, regenerated from its .proto (grpcio-tools).
+KUBELETAPI := services/nodeagent/adapters/kubeletapi
+.PHONY: protos
+protos: install
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		$(KUBELETAPI)/api.proto
