@@ -330,7 +330,13 @@ class DevicePlugin(rpc.DevicePluginServicer):
         except kube.KubeError as exc:
             log.warning("pod list failed; preferring by spread", extra={"error": str(exc)})
             pods = []
-        pending, _ = allocating.candidates(pods, node=self.settings.node)
+        pending, problems = allocating.candidates(pods, node=self.settings.node)
+        if self.ledger is not None and pending:
+            try:
+                pending = await self._backed_by_ledger(pending, problems)
+            except AllocateError as exc:
+                log.warning("ledger unreadable; preferring by spread", extra={"error": exc.reason})
+                pending = []
         out = []
         for c in request.container_requests:
             ids = allocating.preferred(
