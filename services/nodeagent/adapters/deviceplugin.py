@@ -64,7 +64,8 @@ class PluginSettings:
     between checks of both sockets; ``register_timeout_s``: seconds a Register call may
     take; ``release_interval_s``: seconds between checks for pods that left the node;
     ``annotate_retry_s``: seconds before writing the node annotation again after a
-    failure."""
+    failure; ``stop_grace_s``: seconds calls in flight get to finish at stop (the open
+    ``ListAndWatch`` streams are cut after it)."""
 
     node: str
     kubelet_dir: str = DEFAULT_KUBELET_DIR
@@ -74,6 +75,7 @@ class PluginSettings:
     register_timeout_s: float = 5.0
     release_interval_s: float = 10.0
     annotate_retry_s: float = 2.0
+    stop_grace_s: float = 0.5
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
@@ -175,7 +177,7 @@ class DevicePlugin(rpc.DevicePluginServicer):
 
     async def _stop_server(self) -> None:
         if self._server is not None:
-            await self._server.stop(grace=0.5)
+            await self._server.stop(grace=self.settings.stop_grace_s)
             self._server = None
             if _identity(self.socket) == self._serving:
                 with contextlib.suppress(FileNotFoundError):

@@ -12,9 +12,8 @@ import kmock
 import pytest
 
 from libshared.devices import NodeDevices
-from services.nodeagent.adapters import deviceplugin, gpus, hostroots, kube
-from services.nodeagent.adapters.slicing import Slicer
-from services.nodeagent.core import allocating, fleets, preparing, registrations
+from services.nodeagent.adapters import deviceplugin
+from tests.k8s.nodeagent import plugins
 from tests.k8s.nodeagent.fakekubelet import FakeKubelet
 
 NODE = "node-a"
@@ -49,9 +48,7 @@ class Stack:
 
 def registration(unhealthy: frozenset[str] = frozenset()) -> NodeDevices:
     """The node's devices from the mock discovery of ``MOCKGPU_DEVICES``."""
-    found = gpus.MockGpus(fleets.parse_devices(MOCKGPU_DEVICES), gpu_type="MOCK").discover()
-    scaling = registrations.Scaling(split_count=SPLIT)
-    return registrations.node_devices(NODE, found, scaling=scaling, unhealthy=unhealthy)
+    return plugins.node_devices(NODE, MOCKGPU_DEVICES, split_count=SPLIT, unhealthy=unhealthy)
 
 
 @pytest.fixture
@@ -66,50 +63,24 @@ def emulator(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
     return kmock
 
 
-async def start_plugin(
-    tmp_path: Path,
-    emulator: kmock.KubernetesEmulator,
-    *,
-    ledger: deviceplugin.LedgerReader | None = None,
-) -> tuple[deviceplugin.DevicePlugin, Any]:
-    root = tmp_path / "host"
-    fake_lib = tmp_path / "libvgpu.so"
-    fake_lib.write_bytes(b"\x7fELF not really")  # mounted, never loaded, in these tests
-    lib = hostroots.install_libvgpu(root, fake_lib)
-    slicer = Slicer(node=NODE, layout=preparing.Layout(root=str(root), libvgpu=str(lib)))
-    api = await kube.api_client(str(emulator.url))
-    plugin = deviceplugin.DevicePlugin(
-        settings=deviceplugin.PluginSettings(
-            node=NODE,
-            kubelet_dir=str(tmp_path / "dp"),
-            watch_interval_s=0.05,
-            release_interval_s=0.1,
-            annotate_retry_s=0.1,
-        ),
-        pods=kube.Kube(api),
-        slicer=slicer,
-        registration=registration(),
-        libvgpu=lib.resolve(),
-        preload=hostroots.install_preload(root, allocating.preload_text()),
-        ledger=ledger,
-    )
-    await plugin.start()
-    return plugin, api
-
-
 @pytest.fixture
 async def stack(tmp_path: Path, emulator: kmock.KubernetesEmulator) -> AsyncIterator[Stack]:
     kubelet = FakeKubelet(tmp_path / "dp")
     await kubelet.start()
-    plugin, api = await start_plugin(tmp_path, emulator)
     try:
-        await kubelet.wait_registered()
-        await kubelet.list_and_watch()
-        yield Stack(api=emulator, kubelet=kubelet, plugin=plugin, root=tmp_path / "host")
+        async with plugins.running_plugin(
+            tmp_path,
+            node=NODE,
+            api_url=str(emulator.url),
+            kubelet_dir=kubelet.directory,
+            devices=MOCKGPU_DEVICES,
+            split_count=SPLIT,
+        ) as plugin:
+            await kubelet.wait_registered()
+            await kubelet.list_and_watch()
+            yield Stack(api=emulator, kubelet=kubelet, plugin=plugin, root=tmp_path / "host")
     finally:
         await kubelet.stop()
-        await plugin.stop()
-        await api.close()
 
 
 @pytest.fixture(scope="session")

@@ -104,7 +104,7 @@ class FakeKubelet(rpc.RegistrationServicer):
         """Hang up on the plugin and stop serving."""
         await self._disconnect()
         if self._server is not None:
-            await self._server.stop(grace=0.2)
+            await self._server.stop(grace=0.05)
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()

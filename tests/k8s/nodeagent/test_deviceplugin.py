@@ -15,7 +15,16 @@ import pytest
 from libshared import annotations as keys
 from libshared.ledgers import NodeLedger, Slice
 from services.nodeagent.core import sharedcaches
-from tests.k8s.nodeagent.conftest import G0, G1, NODE, SPLIT, Stack, registration, start_plugin
+from tests.k8s.nodeagent import plugins
+from tests.k8s.nodeagent.conftest import (
+    G0,
+    G1,
+    MOCKGPU_DEVICES,
+    NODE,
+    SPLIT,
+    Stack,
+    registration,
+)
 from tests.k8s.nodeagent.fakekubelet import FakeKubelet
 from tests.k8s.nodeagent.pods import bound_pod
 
@@ -288,8 +297,15 @@ async def test_with_the_ledger_a_pod_whose_annotation_it_does_not_hold_is_refuse
 
     kubelet = FakeKubelet(tmp_path / "dp")
     await kubelet.start()
-    plugin, api = await start_plugin(tmp_path, emulator, ledger=read_ledger)
-    try:
+    async with plugins.running_plugin(
+        tmp_path,
+        node=NODE,
+        api_url=str(emulator.url),
+        kubelet_dir=kubelet.directory,
+        devices=MOCKGPU_DEVICES,
+        split_count=SPLIT,
+        ledger=read_ledger,
+    ):
         await kubelet.wait_registered()
         await kubelet.list_and_watch()
         # a pod that wrote itself a bigger slice than the scheduler gave anyone
@@ -305,7 +321,4 @@ async def test_with_the_ledger_a_pod_whose_annotation_it_does_not_hold_is_refuse
             await kubelet.allocate([f"{G0}-1"])
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         assert "16000 MiB 100 % not in the ledger" in str(caught.value.details())
-    finally:
-        await kubelet.stop()
-        await plugin.stop()
-        await api.close()
+    await kubelet.stop()
