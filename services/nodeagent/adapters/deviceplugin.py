@@ -225,6 +225,8 @@ class DevicePlugin(rpc.DevicePluginServicer):
                 raise
             except (grpc.aio.AioRpcError, OSError) as exc:
                 log.warning("kubelet registration failed; retrying", extra={"error": str(exc)})
+            except Exception:  # never let the watch end: kubelet would lose the plugin
+                log.exception("socket watch step failed")
             await asyncio.sleep(self.settings.watch_interval_s)
 
     # -- devices -----------------------------------------------------------------------
@@ -267,7 +269,7 @@ class DevicePlugin(rpc.DevicePluginServicer):
                     self.settings.node, {keys.NODE_NVIDIA_REGISTER: value}
                 )
                 log.info("node annotated", extra={"node": self.settings.node, "value": value})
-            except kube.KubeError as exc:
+            except Exception as exc:  # KubeError, or anything else: retried, never fatal
                 log.warning("node annotation failed; retrying", extra={"error": str(exc)})
                 self._annotate.set()
                 await asyncio.sleep(self.settings.annotate_retry_s)
@@ -277,15 +279,15 @@ class DevicePlugin(rpc.DevicePluginServicer):
             await asyncio.sleep(self.settings.release_interval_s)
             try:
                 pods = await self.pods.pods_on(self.settings.node)
-            except kube.KubeError as exc:
-                log.warning("pod list failed", extra={"error": str(exc)})
+                live = {
+                    str((p.get("metadata") or {}).get("uid"))
+                    for p in pods
+                    if (p.get("status") or {}).get("phase") not in allocating.ENDED_PHASES
+                }
+                released = self.slicer.release_departed(live)
+            except Exception as exc:  # KubeError, a malformed pod, the disk: next round
+                log.warning("release of departed pods failed", extra={"error": str(exc)})
                 continue
-            live = {
-                str((p.get("metadata") or {}).get("uid"))
-                for p in pods
-                if (p.get("status") or {}).get("phase") not in allocating.ENDED_PHASES
-            }
-            released = self.slicer.release_departed(live)
             if released:
                 log.info("slices of departed pods released", extra={"keys": released})
 

@@ -230,7 +230,10 @@ def pending_pod(pod: Mapping[str, Any], *, node: str) -> PendingPod | None:
     if not raw:
         return None
     grants = keys.decode_pod_devices(str(raw), key=keys.VGPU_DEVICES_TO_ALLOCATE)
-    containers, regular = _containers(spec)
+    try:
+        containers, regular = _containers(spec)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
     if len(grants) == len(containers):
         aligned = containers
     elif len(grants) == regular:
@@ -266,6 +269,9 @@ def candidates(
             p = pending_pod(pod, node=node)
         except (AnnotationDecodeError, ValueError) as exc:
             problems.append(str(exc))
+            continue
+        except (AttributeError, TypeError) as exc:  # not shaped like a pod at all
+            problems.append(f"malformed pod object: {exc}")
             continue
         if p is not None:
             found.append(p)

@@ -292,3 +292,14 @@ def test_a_pod_whose_annotation_the_ledger_does_not_hold_is_refused() -> None:
     assert allocating.ledger_disagrees(p, None) is not None
     other = NodeLedger(node=NODE, slices=(_slice("uid-q", G0, 3000, 30),))
     assert allocating.ledger_disagrees(p, other) is not None
+
+
+def test_an_object_not_shaped_like_a_pod_is_a_problem_not_a_crash() -> None:
+    good = bound_pod("good", node=NODE, containers=[[(G0, 3000, 30)]])
+    odd = bound_pod("odd", node=NODE, containers=[[(G0, 3000, 30)]])
+    odd["spec"]["containers"] = [["not", "a", "container"]]
+    found, problems = allocating.candidates([{"metadata": ["x"]}, odd, good], node=NODE)
+    assert [p.name for p in found] == ["good"]
+    assert len(problems) == 2
+    assert problems[0].startswith("malformed pod object")
+    assert problems[1] == "pod default/odd: spec.containers: an entry is not an object"
