@@ -200,6 +200,7 @@ class DevicePlugin(rpc.DevicePluginServicer):
 
     async def _watch(self) -> None:
         kubelet_sock = self.directory / allocating.KUBELET_SOCKET
+        failures = 0  # in a row: the first is a warning, later ones every 30 s or so
         while True:
             try:
                 if _identity(self.socket) != self._serving:
@@ -213,6 +214,7 @@ class DevicePlugin(rpc.DevicePluginServicer):
                 elif kubelet != self.registered_with:
                     await self.register()
                     self.registered_with = kubelet
+                    failures = 0
                     log.info(
                         "registered with kubelet",
                         extra={
@@ -224,7 +226,13 @@ class DevicePlugin(rpc.DevicePluginServicer):
             except asyncio.CancelledError:
                 raise
             except (grpc.aio.AioRpcError, OSError) as exc:
-                log.warning("kubelet registration failed; retrying", extra={"error": str(exc)})
+                every = max(1, round(30 / self.settings.watch_interval_s))
+                if failures % every == 0:
+                    log.warning(
+                        "kubelet registration failed; retrying",
+                        extra={"error": str(exc), "failures": failures + 1},
+                    )
+                failures += 1
             except Exception:  # never let the watch end: kubelet would lose the plugin
                 log.exception("socket watch step failed")
             await asyncio.sleep(self.settings.watch_interval_s)

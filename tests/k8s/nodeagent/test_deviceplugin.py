@@ -322,3 +322,26 @@ async def test_with_the_ledger_a_pod_whose_annotation_it_does_not_hold_is_refuse
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         assert "16000 MiB 100 % not in the ledger" in str(caught.value.details())
     await kubelet.stop()
+
+
+async def test_a_plugin_started_before_kubelet_registers_once_kubelet_is_up(
+    tmp_path: Path, emulator: kmock.KubernetesEmulator
+) -> None:
+    kubelet = FakeKubelet(tmp_path / "dp")
+    async with plugins.running_plugin(
+        tmp_path,
+        node=NODE,
+        api_url=str(emulator.url),
+        kubelet_dir=kubelet.directory,
+        devices=MOCKGPU_DEVICES,
+        split_count=SPLIT,
+    ) as plugin:
+        await asyncio.sleep(0.3)  # several socket checks without a kubelet
+        assert plugin.registrations == 0
+        await kubelet.start()
+        try:
+            await kubelet.wait_registered()
+            assert len(await kubelet.list_and_watch()) == 2 * SPLIT
+            assert plugin.registrations == 1
+        finally:
+            await kubelet.stop()
