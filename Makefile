@@ -61,3 +61,11 @@ demo: install native
 clean:
 	rm -rf $(VENV) build *.egg-info
 	@for d in $(NATIVE_DIRS); do $(MAKE) --no-print-directory -C $$d clean; done
+
+# The kubelet device-plugin API's Python modules and their type stubs, regenerated from its
+# .proto (grpcio-tools; mypy-protobuf's protoc plugins for the .pyi files).
+KUBELETAPI := services/nodeagent/adapters/kubeletapi
+.PHONY: protos
+protos: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I . \
+		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(KUBELETAPI)/api.proto

@@ -1,8 +1,10 @@
-"""``python -m services.admission [flags]``: run the admission service (local mode)."""
+"""``python -m services.admission [flags]``: the bus handler and/or the HTTPS webhook."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
 import sys
 
 from libshared import logs
@@ -13,7 +15,14 @@ def run(argv: list[str]) -> int:
     """Parse settings, log as JSON, serve until SIGTERM; returns the exit code."""
     config = settings.parse(argv)
     logs.setup("admission", level=config.log_level)
-    asyncio.run(app.main(config))
+    try:
+        asyncio.run(app.main(config))
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        # an unreadable certificate, a taken port, an unreachable bus: say so, exit 1
+        logging.getLogger("vslice.admission").error(
+            "cannot serve", extra={"error": f"{type(exc).__name__}: {exc}"}
+        )
+        return 1
     return 0
 
 

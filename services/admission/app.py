@@ -1,27 +1,56 @@
-"""Wiring of the admission service: connect, serve reviews, drain on SIGTERM."""
+"""Wiring of the admission service: the bus handler and/or the HTTPS webhook, until SIGTERM.
+
+The bus handler runs when ``settings.bus`` is set, the webhook when
+``settings.webhook.port`` is; both read pods with the same resource model. On the way out
+the webhook stops first (not ready, then closed), then the bus connection drains.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from libshared import connecting
-from services.admission.adapters import bus
+from services.admission.adapters import bus, webhook
 from services.admission.settings import Settings
 
 log = logging.getLogger("vslice.admission")
 
 
 async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set; without one, until SIGTERM/SIGINT."""
+    """Serve until ``stop`` is set; without one, until SIGTERM/SIGINT.
+
+    Raises ``ValueError`` when neither the bus nor the webhook is configured, and what
+    ``webhook.Server.start`` raises for an unreadable certificate or a taken port.
+    """
+    if settings.bus is None and not settings.webhook.port:
+        raise ValueError("nothing to serve: no bus and no webhook port")
+    cert, key = settings.webhook.tls_cert, settings.webhook.tls_key
+    if settings.webhook.port and not (cert and key):
+        raise ValueError("the webhook needs tls_cert and tls_key (HTTPS only)")
     stop = connecting.stop_on_signals(stop)
-    nc = await connecting.connect(settings.bus, name="admission")
-    try:
-        reviewer = bus.Reviewer(nc=nc, subjects=settings.bus.subjects, resources=settings.resources)
-        await reviewer.start()
-        log.info("admission serving", extra={"subject": settings.bus.subjects.admission_review})
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.bus is not None:
+            nc = await connecting.connect(settings.bus, name="admission")
+            stack.push_async_callback(connecting.drain_quietly, nc)
+            reviewer = bus.Reviewer(
+                nc=nc, subjects=settings.bus.subjects, resources=settings.resources
+            )
+            await reviewer.start()
+            log.info("admission serving", extra={"subject": settings.bus.subjects.admission_review})
+        if settings.webhook.port:
+            assert cert and key  # checked above
+            server = webhook.Server(
+                webhook=webhook.Webhook(settings=settings.mutation),
+                cert=cert,
+                key=key,
+                host=settings.webhook.host,
+                port=settings.webhook.port,
+                reload_s=settings.webhook.tls_reload_s,
+            )
+            stack.push_async_callback(server.stop)  # also after a failed start
+            await server.start()
         await stop.wait()
         log.info("draining")
-    finally:
-        await connecting.drain_quietly(nc)
     log.info("stopped")

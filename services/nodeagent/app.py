@@ -4,7 +4,9 @@ Two shapes (``settings.Settings``): mock nodes that only answer placements (a re
 fleet), or -- with a host root -- this machine's node with real slices: GPUs discovered
 (NVML or the mock), libvgpu installed, placements prepared on disk, XIDs watched for
 health, the device list re-checked, usage published every few seconds and released
-slices swept after their grace period.
+slices swept after their grace period. In Kubernetes the same node also serves kubelet's
+device plugin (``adapters.deviceplugin``), with or without the bus; health and device
+list changes reach both.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import nats.errors
 
 from libshared import connecting, events, traces
 from libshared.devices import NodeDevices
+from libshared.ledgers import NodeLedger
 from libshared.subjects import valid_node
-from services.nodeagent.adapters import bus, gpus, hostroots
+from services.nodeagent.adapters import bus, deviceplugin, gpus, hostroots, kube
 from services.nodeagent.adapters.slicing import Slicer
-from services.nodeagent.core import fleets, preparing, registrations, usages
+from services.nodeagent.core import allocating, fleets, preparing, registrations, usages
 from services.nodeagent.settings import Settings, SliceSettings
 
 log = logging.getLogger("vslice.nodeagent")
@@ -113,13 +116,19 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
 
 
 async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Event) -> None:
-    """This machine's node with real slices (see the module docstring) until ``stop``.
+    """This machine's node with real slices (see the module docstring) until ``stop``:
+    on the bus, as kubelet's device plugin (``settings.device_plugin``), or both.
 
     Raises ``gpus.GpuError`` (no NVML with ``--backend nvml``), ``OSError`` (libvgpu not
-    built, host root not writable) or ``ValueError`` (an unusable node name) at start.
+    built, host root not writable, kubelet's directory not writable) or ``ValueError``
+    (an unusable node name) at start.
     """
-    node = f"{settings.spec.name_prefix}-0"
-    if not valid_node(node):
+    plugin_settings = settings.device_plugin
+    if plugin_settings is not None:
+        node = plugin_settings.node_name
+    else:
+        node = f"{settings.spec.name_prefix}-0"
+    if settings.use_bus and not valid_node(node):
         raise ValueError(f"node name {node!r} not usable on the bus")
     root = Path(real.host_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -150,38 +159,77 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
             node, found, scaling=real.scaling, unhealthy=frozenset(unhealthy)
         )
 
-    nc = await connecting.connect(settings.bus, name=f"nodeagent-{settings.name}")
     tasks: list[asyncio.Task[None]] = []
-    try:
-        js = nc.jetstream(timeout=settings.bus.request_timeout_s)
-        opened = await connecting.ensure_bus(js, settings.bus)
-        agent = bus.Agent(
-            nc=nc,
-            js=js,
-            bus=opened,
-            subjects=settings.bus.subjects,
-            name=settings.name,
-            nodes=[registration()],
-            slicer=slicer,
-        )
-        await agent.register()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(backend.close)
+        nc = None
+        agent = None
+        if settings.use_bus:
+            nc = await connecting.connect(settings.bus, name=f"nodeagent-{settings.name}")
+            stack.push_async_callback(connecting.drain_quietly, nc)
+            js = nc.jetstream(timeout=settings.bus.request_timeout_s)
+            opened = await connecting.ensure_bus(js, settings.bus)
+            agent = bus.Agent(
+                nc=nc,
+                js=js,
+                bus=opened,
+                subjects=settings.bus.subjects,
+                name=settings.name,
+                nodes=[registration()],
+                slicer=slicer,
+            )
+            await agent.register()
+            await agent.start()
+            stack.push_async_callback(agent.stop)
+        plugin = None
+        if plugin_settings is not None:
+            api = await kube.api_client()
+            stack.push_async_callback(api.close)
+            ledger_agent = agent
+
+            async def read_ledger() -> NodeLedger | None:
+                assert ledger_agent is not None
+                return await ledger_agent.ledger_of(node)
+
+            plugin = deviceplugin.DevicePlugin(
+                settings=deviceplugin.PluginSettings(
+                    node=node, kubelet_dir=plugin_settings.kubelet_dir
+                ),
+                pods=kube.Kube(api),
+                slicer=slicer,
+                registration=registration(),
+                libvgpu=lib.resolve(),
+                preload=hostroots.install_preload(root, allocating.preload_text()),
+                ledger=read_ledger if agent is not None else None,
+            )
+            await plugin.start()
+            stack.push_async_callback(plugin.stop)
         log.info(
             "node registered",
             extra={
                 "node": node,
                 "backend": backend.kind,
                 "gpus": len(found),
-                "hami_register": registrations.hami_register(agent.nodes[0]),
+                "bus": agent is not None,
+                "device_plugin": plugin is not None,
+                "hami_register": registrations.hami_register(registration()),
             },
         )
-        await agent.start()
+
+        async def announce() -> None:
+            now = registration()
+            if agent is not None:
+                await agent.register([now])
+            if plugin is not None:
+                await plugin.update(now)
 
         async def report() -> None:
             devices, processes = await asyncio.to_thread(backend.read)
             usage = slicer.usage(devices, processes, margin_bytes=margin * MIB)
             if usage.escapes:
                 usage = enforce(usage, kill=real.enforce == "kill")
-            await nc.publish(settings.bus.subjects.usage(node), events.ENCODER.encode(usage))
+            if nc is not None:
+                await nc.publish(settings.bus.subjects.usage(node), events.ENCODER.encode(usage))
             slicer.sweep()
 
         async def watch_health() -> None:
@@ -192,7 +240,7 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
                 log.warning("XID", extra={"uuid": uuid, "xid": xid, "fault": fault})
             if faults - unhealthy:
                 unhealthy.update(faults)
-                await agent.register([registration()])
+                await announce()
 
         async def rediscover() -> None:
             nonlocal found
@@ -201,22 +249,22 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
             if now != found:
                 found = now
                 log.info("device list changed", extra={"gpus": len(found)})
-                await agent.register([registration()])
+                await announce()
 
         tasks = [
             asyncio.create_task(_forever("usage", report, every_s=real.usage_interval_s)),
             asyncio.create_task(_forever("health", watch_health)),
             asyncio.create_task(_forever("rediscover", rediscover)),
         ]
+
+        async def cancel_tasks() -> None:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        stack.push_async_callback(cancel_tasks)
         log.info("nodeagent serving", extra={"agent": settings.name, "node": node})
         await stop.wait()
-        await agent.stop()
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await connecting.drain_quietly(nc)
-        backend.close()
     log.info("stopped", extra={"agent": settings.name})
 
 

@@ -6,6 +6,13 @@ replay's fleet): from an openb node list CSV (``--fleet``) or a small uniform sp
 real: GPUs from NVML (``--backend nvml``), the mock list (``--backend mock``), or NVML
 when it finds GPUs and the mock otherwise (``auto``); each slice is prepared under the
 host root, and usage is read back every ``--usage-interval`` seconds.
+
+In Kubernetes (``--device-plugin``) that node is the Kubernetes node ``--node-name``
+(default ``$NODE_NAME``, from the downward API): the agent serves kubelet's device-plugin
+API in ``--kubelet-dir`` and reads pods and writes annotations through the API
+(``--kube``: in-cluster config, else ``$KUBECONFIG``). It uses the bus too -- registration,
+the ledger check of Allocate, usage reports -- when a NATS URL is given (``--nats-url`` or
+``VSLICE_NATS_URL``); without one it runs on the Kubernetes API alone.
 """
 
 from __future__ import annotations
@@ -25,6 +32,12 @@ from services.nodeagent.core.registrations import Scaling
 PACKAGE = Path(__file__).resolve().parent
 DEFAULT_LIBVGPU = str(PACKAGE / "libvgpu" / "libvgpu.so")
 DEFAULT_MOCK_DIR = str(PACKAGE / "mockgpu")
+DEFAULT_KUBELET_DIR = "/var/lib/kubelet/device-plugins"
+TRUE = ("1", "true", "yes", "on")
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").strip().lower() in TRUE
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,15 @@ class SliceSettings:
 
 
 @dataclass(frozen=True)
+class DevicePluginSettings:
+    """The kubelet device plugin: ``node_name`` (the Kubernetes node), ``kubelet_dir``
+    (kubelet's device-plugin directory)."""
+
+    node_name: str
+    kubelet_dir: str = DEFAULT_KUBELET_DIR
+
+
+@dataclass(frozen=True)
 class Settings:
     """``fleet_csv``: openb node list to host (wins over ``spec``); ``split_count`` for it
     (``None``: the replay default of ``libshared.traces``); ``name``: the agent (and its
@@ -74,6 +96,8 @@ class Settings:
     name: str = field(default_factory=socket.gethostname)
     log_level: str = "info"
     slices: SliceSettings | None = None
+    device_plugin: DevicePluginSettings | None = None
+    use_bus: bool = True
 
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -138,7 +162,31 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     real.add_argument("--escape-margin-mib", type=int, default=None)
     real.add_argument("--sm-policy", choices=("default", "force", "disable"), default="default")
     real.add_argument("--rediscover", type=float, default=30.0, help="seconds")
-    args = parser.parse_args(list(argv or []))
+    k8s = parser.add_argument_group("Kubernetes")
+    k8s.add_argument(
+        "--device-plugin",
+        action="store_true",
+        default=_flag(env, "VSLICE_DEVICE_PLUGIN"),
+        help="serve kubelet's device-plugin API for nvidia.com/gpu (env VSLICE_DEVICE_PLUGIN)",
+    )
+    k8s.add_argument(
+        "--kubelet-dir",
+        default=env.get("VSLICE_KUBELET_DIR", DEFAULT_KUBELET_DIR),
+        help="kubelet's device-plugin directory (env VSLICE_KUBELET_DIR)",
+    )
+    k8s.add_argument(
+        "--node-name",
+        default=env.get("VSLICE_NODE_NAME") or env.get("NODE_NAME", ""),
+        help="the Kubernetes node (env VSLICE_NODE_NAME, else NODE_NAME)",
+    )
+    k8s.add_argument(
+        "--kube",
+        action="store_true",
+        default=_flag(env, "VSLICE_KUBE"),
+        help="talk to the Kubernetes API: in-cluster config, else $KUBECONFIG (env VSLICE_KUBE)",
+    )
+    argv = list(argv or [])
+    args = parser.parse_args(argv)
     try:
         bus = connecting.from_arguments(args)
         devices = parse_devices(args.devices)
@@ -158,6 +206,19 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             parser.error(f"{flag} {value}: must be above 0 seconds")
     if args.escape_margin_mib is not None and args.escape_margin_mib < 0:
         parser.error(f"--escape-margin-mib {args.escape_margin_mib}: must be 0 or more")
+    device_plugin = None
+    if args.device_plugin:
+        for missing, why in (
+            (not args.host_root, "--host-root (where slices are prepared)"),
+            (not args.kube, "--kube (Allocate reads the pods from the Kubernetes API)"),
+            (not args.node_name, "--node-name or NODE_NAME (the Kubernetes node)"),
+        ):
+            if missing:
+                parser.error(f"--device-plugin needs {why}")
+        device_plugin = DevicePluginSettings(
+            node_name=args.node_name, kubelet_dir=str(Path(args.kubelet_dir).resolve())
+        )
+    nats_given = "VSLICE_NATS_URL" in env or any(a.startswith("--nats-url") for a in argv)
     slices = None
     if args.host_root:
         slices = SliceSettings(
@@ -192,4 +253,6 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         name=args.name,
         log_level=args.log_level,
         slices=slices,
+        device_plugin=device_plugin,
+        use_bus=device_plugin is None or nats_given,
     )

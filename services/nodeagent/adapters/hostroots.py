@@ -4,6 +4,7 @@ Layout (``<root>`` is configurable, ``/var/lib/vslice`` style)::
 
     <root>/lib/libvgpu-<sha256 prefix>.so   one file per version, never rewritten in place
     <root>/lib/libvgpu.so                   symlink to the current version (atomic rename)
+    <root>/lib/ld.so.preload                what Kubernetes containers get as /etc/ld.so.preload
     <root>/containers/<pod-uid>_<container>/vgpu.cache   the container's shared cache
     <root>/containers/<pod-uid>_<container>/owner.pid    pids of processes started for it
 
@@ -33,6 +34,7 @@ log = logging.getLogger("vslice.nodeagent")
 LIB_DIR = "lib"
 LIB_LINK = "libvgpu.so"
 OWNER_FILE = "owner.pid"
+PRELOAD_FILE = "ld.so.preload"
 
 
 def install_libvgpu(root: Path, source: Path) -> Path:
@@ -58,6 +60,22 @@ def install_libvgpu(root: Path, source: Path) -> Path:
         os.replace(tmp_link, link)
         log.info("libvgpu installed", extra={"path": str(versioned)})
     return link
+
+
+def install_preload(root: Path, text: str) -> Path:
+    """Write ``<root>/lib/ld.so.preload`` holding ``text`` (the library path containers
+    preload), replaced atomically when its text changes; returns its path. Raises
+    ``OSError`` when the root cannot be written."""
+    path = root / LIB_DIR / PRELOAD_FILE
+    with contextlib.suppress(OSError):
+        if path.read_text() == text:
+            return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+    return path
 
 
 def containers_dir(root: Path) -> Path:

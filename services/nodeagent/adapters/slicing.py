@@ -81,6 +81,22 @@ class Slicer:
             self.released.setdefault(k, at)
         return keys
 
+    def release_departed(self, live: set[str], *, now: float | None = None) -> list[str]:
+        """Start the grace period of every container, known or only on disk, whose pod UID
+        is not in ``live`` (the pods on the node, in Kubernetes); a released container
+        whose pod is live again is kept. Returns the keys released now."""
+        at = time.monotonic() if now is None else now
+        out = []
+        for key in sorted(set(self.containers) | set(hostroots.existing(self.root))):
+            known = self.containers.get(key)
+            uid = known.pod_uid if known is not None else key.partition("_")[0]
+            if uid in live:
+                self.released.pop(key, None)
+            elif key not in self.released:
+                self.released[key] = at
+                out.append(key)
+        return out
+
     def reconcile(self, ledger: NodeLedger | None) -> tuple[list[str], list[str]]:
         """Make the host root agree with ``ledger`` (None: the node holds nothing).
 

@@ -1,0 +1,295 @@
+"""The manifests wired to the code: each vslice container runs a real ``services.<name>``
+module whose settings parser accepts its flags and environment; kube-scheduler's
+configuration names vslice's extender at the Service and port the scheduler replicas
+serve; the webhook configuration reaches the admission container's port, states its
+failure policy and timeout, and its matchConditions (evaluated with a CEL interpreter)
+send it exactly the pods it acts on; the node agent mounts what its flags name."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import celpy
+import pytest
+import yaml
+
+from services.admission.core import mutating
+from tests.k8s.admission import test_mutating as tables
+from tests.k8s.admission.reviews import ctr, pod
+from tests.k8s.manifests import built
+
+# Flags of the Kubernetes contract that other parts of vslice add to their services
+# (scheduler: the extender; nodeagent: the device plugin). Until a service's parser knows
+# them they are left out of the parse below -- and once it knows any of them, it must
+# know every flag the manifests use. value: whether the flag takes a value.
+PENDING: dict[str, dict[str, bool]] = {
+    "services.scheduler": {"--extender-port": True, "--kube": False, "--reservation-ttl": True},
+    "services.nodeagent": {
+        "--device-plugin": False,
+        "--kubelet-dir": True,
+        "--node-name": True,
+        "--kube": False,
+    },
+}
+VSLICE_RESOURCE_NAMES = set(mutating.VSLICE_RESOURCES)
+
+
+def _help(module: str) -> str:
+    parse = importlib.import_module(module + ".settings").parse
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parse(["--help"], {})
+    return out.getvalue()
+
+
+def _flags(args: list[str]) -> list[str]:
+    return [a.split("=", 1)[0] for a in args if a.startswith("--")]
+
+
+def _without(args: list[str], drop: set[str], takes_value: dict[str, bool]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in drop:
+            skip = takes_value[name] and "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def _vslice_containers() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    found = [(w, c) for w, c in built.base().containers() if c["image"] == built.IMAGE]
+    assert {c["name"] for _, c in found} == {"admission", "scheduler", "nodeagent", "metrics"}
+    return found
+
+
+@pytest.mark.parametrize("container", ["admission", "scheduler", "nodeagent", "metrics"])
+def test_each_container_runs_a_service_whose_parser_accepts_its_flags_and_env(
+    container: str,
+) -> None:
+    objects = built.base()
+    ((_, spec),) = [(w, c) for w, c in _vslice_containers() if c["name"] == container]
+    python, dash_m, module = spec["command"]
+    assert (python, dash_m) == ("python", "-m")
+    assert re.fullmatch(r"services\.[a-z]+", module)
+    assert importlib.util.find_spec(module + ".__main__") is not None, module
+    args = list(spec.get("args", []))
+    known = set(re.findall(r"--[a-z][a-z0-9-]*", _help(module)))
+    pending = PENDING.get(module, {})
+    unknown = set(_flags(args)) - known
+    assert unknown <= pending.keys(), f"{module}: flags no parser knows: {unknown - pending.keys()}"
+    if known & pending.keys():
+        assert not unknown, f"{module} has part of the contract's flags; missing {unknown}"
+    parse = importlib.import_module(module + ".settings").parse
+    settings = parse(_without(args, unknown, pending), objects.env(spec))
+    ports = {p["containerPort"] for p in spec.get("ports", [])}
+    if container == "admission":
+        assert settings.bus is None  # the webhook needs no NATS
+        assert settings.webhook.port in ports
+        assert settings.webhook.scheduler_name == "vslice-scheduler"
+    else:
+        bus = objects.get("ConfigMap", "vslice-bus")["data"]
+        assert settings.bus.urls == (bus["nats-url"],)
+        assert settings.bus.replicas == int(bus["bucket-replicas"])
+    if container == "metrics":
+        assert settings.port in ports
+    if container == "scheduler":
+        assert int(built.flag_value(args, "--extender-port")) in ports
+        assert "--kube" in args
+    if container == "nodeagent":
+        assert settings.slices is not None and settings.slices.backend == "nvml"
+        assert {"--device-plugin", "--kube"} <= set(args)
+    print(f"{module}: flags parsed by its settings; not yet known to it: {sorted(unknown)}")
+
+
+def _scheduler_config() -> dict[str, Any]:
+    objects = built.base()
+    deployment = objects.get("Deployment", "vslice-kube-scheduler")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    path = Path(built.flag_value(container["command"], "--config"))
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    (volume,) = [
+        v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
+    ]
+    data = objects.get("ConfigMap", volume["configMap"]["name"])["data"]
+    config: dict[str, Any] = yaml.safe_load(data[path.name])
+    return config
+
+
+def test_kube_scheduler_runs_the_vslice_profile_with_leader_election() -> None:
+    config = _scheduler_config()
+    assert (config["apiVersion"], config["kind"]) == (
+        "kubescheduler.config.k8s.io/v1",
+        "KubeSchedulerConfiguration",
+    )
+    assert [p["schedulerName"] for p in config["profiles"]] == ["vslice-scheduler"]
+    election = config["leaderElection"]
+    assert election["leaderElect"] is True
+    assert election["resourceNamespace"] == built.NAMESPACE
+    # the lease the kube-scheduler's Role lets it update
+    role = built.base().get("Role", "vslice-kube-scheduler-lease")
+    assert any(election["resourceName"] in r.get("resourceNames", []) for r in role["rules"])
+    assert built.base().get("Deployment", "vslice-kube-scheduler")["spec"]["replicas"] >= 2
+
+
+def test_the_extender_filters_and_binds_on_the_scheduler_service_and_owns_the_gpu_names() -> None:
+    (extender,) = _scheduler_config()["extenders"]
+    assert (extender["filterVerb"], extender["bindVerb"]) == ("filter", "bind")
+    assert extender["nodeCacheCapable"] is True
+    assert extender["weight"] >= 1
+    assert extender["ignorable"] is False
+    managed = {m["name"]: m["ignoredByScheduler"] for m in extender["managedResources"]}
+    assert managed == dict.fromkeys(VSLICE_RESOURCE_NAMES, True)
+    url = re.fullmatch(r"http://([a-z-]+)\.([a-z-]+)\.svc:(\d+)", extender["urlPrefix"])
+    assert url is not None, extender["urlPrefix"]
+    objects = built.base()
+    service = objects.get("Service", url.group(1))
+    assert service["metadata"]["namespace"] == url.group(2)
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == int(url.group(3))]
+    replicas = objects.get("Deployment", "vslice-scheduler")
+    assert replicas["spec"]["replicas"] >= 2
+    (container,) = replicas["spec"]["template"]["spec"]["containers"]
+    (named,) = [p for p in container["ports"] if p["name"] == port["targetPort"]]
+    assert str(named["containerPort"]) == built.flag_value(container["args"], "--extender-port")
+
+
+def _webhook() -> dict[str, Any]:
+    (config,) = built.base().of("MutatingWebhookConfiguration")
+    (hook,) = config["webhooks"]
+    assert isinstance(hook, dict)
+    return hook
+
+
+def test_the_webhook_states_failure_policy_and_timeout_with_the_reason() -> None:
+    hook = _webhook()
+    assert hook["failurePolicy"] == "Fail"
+    assert 1 <= hook["timeoutSeconds"] <= 10
+    assert hook["sideEffects"] == "None"
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert hook["rules"] == [
+        {
+            "operations": ["CREATE"],
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "resources": ["pods"],
+            "scope": "Namespaced",
+        }
+    ]
+    source = (built.K8S / "base" / "vslice" / "admission.yaml").read_text().splitlines()
+    (at,) = [i for i, line in enumerate(source) if line.strip().startswith("failurePolicy:")]
+    reason = [line for line in source[at - 8 : at] if line.strip().startswith("#")]
+    assert len(reason) >= 3 and any("matchConditions" in line for line in reason)
+
+
+def test_namespaces_and_pods_labelled_ignore_are_not_sent_to_the_webhook() -> None:
+    hook = _webhook()
+    ignore = [{"key": "hami.io/webhook", "operator": "NotIn", "values": ["ignore"]}]
+    assert hook["namespaceSelector"]["matchExpressions"] == ignore
+    assert hook["objectSelector"]["matchExpressions"] == ignore
+
+
+def test_the_webhook_reaches_the_admission_container_with_the_mounted_certificate() -> None:
+    objects = built.base()
+    service_ref = _webhook()["clientConfig"]["service"]
+    assert service_ref["path"] == "/mutate"
+    service = objects.get("Service", service_ref["name"])
+    assert service["metadata"]["namespace"] == service_ref["namespace"]
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == service_ref["port"]]
+    deployment = objects.get("Deployment", "vslice-admission")
+    assert deployment["spec"]["replicas"] >= 2
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    (named,) = [p for p in container["ports"] if p["name"] == port["targetPort"]]
+    assert str(named["containerPort"]) == built.flag_value(container["args"], "--webhook-port")
+    (volume,) = [v for v in spec["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "vslice-admission-tls"
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    for flag, key in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")):
+        assert built.flag_value(container["args"], flag) == f"{mount['mountPath']}/{key}"
+
+
+def _asks(obj: dict[str, Any]) -> bool:
+    """Whether any (init) container names a vslice resource: computed here, apart from
+    both the webhook's code and the CEL expression."""
+    spec = obj.get("spec", {})
+    for c in spec.get("initContainers", []) + spec.get("containers", []):
+        res = c.get("resources", {})
+        if VSLICE_RESOURCE_NAMES & (set(res.get("limits", {})) | set(res.get("requests", {}))):
+            return True
+    return False
+
+
+def _pods() -> list[dict[str, Any]]:
+    pods = [given for _, _, given, _ in tables.MUTATIONS]
+    pods += [given for _, _, given, _, _ in tables.DENIALS]
+    pods += [
+        r["request"]["object"] for _, r, _ in tables.SKIPS if r["request"]["kind"]["kind"] == "Pod"
+    ]
+    for name in sorted(VSLICE_RESOURCE_NAMES):  # each name alone, as limit and as request
+        pods += [pod(ctr(limits={name: 1})), pod(ctr(requests={name: 1}))]
+        pods += [pod(ctr(), init=(ctr("i", limits={name: 1}),))]
+    pods += [
+        pod(ctr(limits={"nvidia.com/use-gputype": "A100"})),  # not a resource vslice reads
+        pod(ctr(limits={"example.com/fpga": 1}), init=(ctr("i", requests={"cpu": "1"}),)),
+        pod(ctr(), init=(ctr("i", requests={"nvidia.com/gpumem": 10}),)),
+    ]
+    return pods
+
+
+def test_match_conditions_send_the_webhook_exactly_the_pods_it_acts_on() -> None:
+    (condition,) = _webhook()["matchConditions"]
+    expression = condition["expression"]
+    listed = re.findall(r"'(nvidia\.com/[a-z-]+)'", expression)
+    assert set(listed) == VSLICE_RESOURCE_NAMES
+    environment = celpy.Environment()
+    program = environment.program(environment.compile(expression))
+    pods = _pods()
+    assert sum(map(_asks, pods)) >= 30 and sum(not _asks(p) for p in pods) >= 4
+    for obj in pods:
+        sent = program.evaluate({"object": celpy.json_to_cel(obj)})
+        assert bool(sent) is _asks(obj), obj
+        if not sent:  # what the webhook is not sent, it would have let through untouched
+            outcome = mutating.decide(tables.review(obj), settings=mutating.MutationSettings())
+            assert outcome.verdict == "skipped" and outcome.patch == ()
+
+
+def test_the_node_agent_mounts_the_kubelet_dir_and_host_root_its_flags_name() -> None:
+    ds = built.base().get("DaemonSet", "vslice-nodeagent")
+    spec = ds["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    args = container["args"]
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    for flag in ("--kubelet-dir", "--host-root"):
+        path = built.flag_value(args, flag)
+        # the same path inside and on the host: kubelet and Allocate speak host paths
+        assert host_paths[mounts[path]] == path
+    assert built.flag_value(args, "--kubelet-dir") == "/var/lib/kubelet/device-plugins"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert spec["nodeSelector"] == {"gpu": "on"}
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+
+
+def test_every_service_on_the_bus_uses_the_same_nats_and_bucket_replicas() -> None:
+    objects = built.base()
+    for name in ("scheduler", "nodeagent", "metrics"):
+        ((_, container),) = [(w, c) for w, c in _vslice_containers() if c["name"] == name]
+        sources = {
+            e["name"]: e["valueFrom"]["configMapKeyRef"]
+            for e in container["env"]
+            if "configMapKeyRef" in e.get("valueFrom", {})
+        }
+        assert sources["VSLICE_NATS_URL"] == {"name": "vslice-bus", "key": "nats-url"}
+        assert sources["VSLICE_BUCKET_REPLICAS"] == {"name": "vslice-bus", "key": "bucket-replicas"}
+    ((_, admission),) = [(w, c) for w, c in _vslice_containers() if c["name"] == "admission"]
+    assert "env" not in admission and objects.has("ConfigMap", "vslice-bus")

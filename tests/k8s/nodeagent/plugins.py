@@ -1,0 +1,79 @@
+"""vslice's device plugin in the test's own process, for tests here and end to end.
+
+``running_plugin`` starts a ``DevicePlugin`` for one node on mock GPUs: its host root with
+a stand-in libvgpu file (mounted, never loaded: no container runs), the Kubernetes API at
+``api_url`` (kmock's emulator), kubelet's directory ``kubelet_dir`` (a ``FakeKubelet``'s)::
+
+    async with running_plugin(
+        tmp_path / "node-a", node="node-a", api_url=str(emulator.url),
+        kubelet_dir=kubelet.directory, devices="GPU-a0:16384,GPU-a1:16384",
+    ) as plugin:
+        await kubelet.wait_registered()
+        ...
+
+``devices`` is the ``VSLICE_MOCKGPU_DEVICES`` format; ``ledger`` (optional) reads the
+node's ledger entry, as the agent does on the bus.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from libshared.devices import NodeDevices
+from services.nodeagent.adapters import deviceplugin, gpus, hostroots, kube
+from services.nodeagent.adapters.slicing import Slicer
+from services.nodeagent.core import allocating, fleets, preparing, registrations
+
+
+def node_devices(
+    node: str, devices: str, *, split_count: int = 10, unhealthy: frozenset[str] = frozenset()
+) -> NodeDevices:
+    """The registration the agent makes of mock GPUs ``devices`` (``<uuid>:<MiB>,...``)."""
+    found = gpus.MockGpus(fleets.parse_devices(devices), gpu_type="MOCK").discover()
+    scaling = registrations.Scaling(split_count=split_count)
+    return registrations.node_devices(node, found, scaling=scaling, unhealthy=unhealthy)
+
+
+@contextlib.asynccontextmanager
+async def running_plugin(
+    workdir: Path,
+    *,
+    node: str,
+    api_url: str,
+    kubelet_dir: Path,
+    devices: str,
+    split_count: int = 10,
+    ledger: deviceplugin.LedgerReader | None = None,
+) -> AsyncIterator[deviceplugin.DevicePlugin]:
+    """A started device plugin (stopped, its API client closed, on the way out)."""
+    root = workdir / "host"
+    stand_in = workdir / "libvgpu.so"
+    stand_in.parent.mkdir(parents=True, exist_ok=True)
+    stand_in.write_bytes(b"\x7fELF stand-in")
+    lib = hostroots.install_libvgpu(root, stand_in)
+    slicer = Slicer(node=node, layout=preparing.Layout(root=str(root), libvgpu=str(lib)))
+    api = await kube.api_client(api_url)
+    plugin = deviceplugin.DevicePlugin(
+        settings=deviceplugin.PluginSettings(
+            node=node,
+            kubelet_dir=str(kubelet_dir),
+            watch_interval_s=0.05,
+            release_interval_s=0.1,
+            annotate_retry_s=0.1,
+            stop_grace_s=0.05,
+        ),
+        pods=kube.Kube(api),
+        slicer=slicer,
+        registration=node_devices(node, devices, split_count=split_count),
+        libvgpu=lib.resolve(),
+        preload=hostroots.install_preload(root, allocating.preload_text()),
+        ledger=ledger,
+    )
+    try:
+        await plugin.start()
+        yield plugin
+    finally:
+        await plugin.stop()
+        await api.close()
