@@ -407,10 +407,15 @@ class Kube:
         if not request.gpu_containers:
             await self._create_binding(args)
             return
-        try:
-            decision = await self.replica.schedule(request, nodes=[args.node])
-        except Exception as exc:
-            raise BindError(f"{where}: no reservation on node {args.node}: {exc}") from exc
+        held = self.replica.view.cluster.placement_of(args.pod_uid)
+        decision: events.Placement | events.Unschedulable
+        if held is not None and held[0] == args.node:
+            decision = self.replica.scheduler.decide(request)  # the reservation, no I/O
+        else:
+            try:
+                decision = await self.replica.schedule(request, nodes=[args.node])
+            except Exception as exc:
+                raise BindError(f"{where}: no reservation on node {args.node}: {exc}") from exc
         if isinstance(decision, events.Unschedulable):
             raise BindError(f"{where} does not fit node {args.node}: {decision.reason}")
         if decision.node != args.node:

@@ -13,10 +13,10 @@ that kmock 0.8 does not do itself:
 - a merge patch naming ``metadata.uid`` is a precondition: 409 when it does not match;
 - ``admit``: an optional admission step for created pods (the end-to-end test sends them
   to the mutating webhook and applies its JSONPatch), a refusal answered 400;
-- kmock keeps every request for assertions and matches each new one by scanning all the
-  earlier ones, so a request costs more the more came before (about 0.3 s after a thousand
-  on this machine): this server forgets a request once it is answered (its tests assert
-  on the objects, not on the requests).
+- kmock keeps every request for assertions and finds each new one's reaction by scanning
+  all the requests it keeps, so a request costs more the more came before (about 0.3 s
+  after a thousand on this machine): this server keeps only the requests not dispatched
+  yet (its tests assert on the objects, not on the requests).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp.web
@@ -50,7 +50,7 @@ class ApiServer(kmock.KubernetesEmulator):
 
     admit: Admit | None = None
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
-    _in_flight: set[int] = attrs.field(factory=set, init=False)
+    _dispatching: set[int] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -81,22 +81,51 @@ class ApiServer(kmock.KubernetesEmulator):
         return [o.raw for (res, _, _), o in self.objects.items() if res == events and not o.deleted]
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
-        self._in_flight.add(id(request))
         try:
-            self._requests[:] = [r for r in self._requests if id(r) in self._in_flight]
-            return await self._serve(request)
+            if request.resource == PODS:
+                if request.subresource == "binding" and request.method == kmock.method.POST:
+                    return await self._bind(request)
+                if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+                    await self._create(request.data)
+                elif request.action == kmock.action.UPDATE and isinstance(request.data, dict):
+                    self._precondition(request)
+            # kmock finds a request's reaction by scanning the requests it keeps: keep only
+            # the ones not dispatched yet (see the module docstring)
+            self._dispatching.add(id(request))
+            self._requests[:] = [r for r in self._requests if id(r) in self._dispatching]
+            if not any(r is request for r in self._requests):
+                self._requests.append(request)
+            return await super()._handle(request)
         finally:
-            self._in_flight.discard(id(request))
+            self._dispatching.discard(id(request))
 
-    async def _serve(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
-        if request.resource == PODS:
-            if request.subresource == "binding" and request.method == kmock.method.POST:
-                return await self._bind(request)
-            if request.action == kmock.action.CREATE and isinstance(request.data, dict):
-                await self._create(request.data)
-            elif request.action == kmock.action.UPDATE and isinstance(request.data, dict):
-                self._precondition(request)
-        return await super()._handle(request)
+    def _dispatched(self, request: rendering.Request) -> None:
+        self._dispatching.discard(id(request))
+
+    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        self._dispatched(request)
+        return await super()._serve_list(request)
+
+    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
+        self._dispatched(request)
+        async for item in super()._serve_watch(request):
+            yield item
+
+    async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
+        self._dispatched(request)
+        return await super()._serve_fetch(request)
+
+    async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
+        self._dispatched(request)
+        return await super()._serve_create(request)
+
+    async def _serve_update(self, request: rendering.Request) -> rendering.Payload:
+        self._dispatched(request)
+        return await super()._serve_update(request)
+
+    async def _serve_delete(self, request: rendering.Request) -> rendering.Payload:
+        self._dispatched(request)
+        return await super()._serve_delete(request)
 
     async def _create(self, data: dict[str, Any]) -> None:
         if self.admit is not None:
