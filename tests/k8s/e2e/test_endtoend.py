@@ -362,6 +362,9 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
         node = bound("hami")
         assert stored["spec"]["schedulerName"] == "vslice-scheduler"  # mutated by the webhook
         assert {"type": "PodScheduled", "status": "True"} in stored["status"]["conditions"]
+        (binding,) = [b for b in api.bindings if b["metadata"]["name"] == "hami"]
+        assert binding["target"] == {"apiVersion": "v1", "kind": "Node", "name": node}
+        assert binding["metadata"]["uid"] == stored["metadata"]["uid"]
         annos = stored["metadata"]["annotations"]
         allocated = annos[keys.VGPU_DEVICES_ALLOCATED]
         match = re.fullmatch(r"(GPU-[0-9a-f-]+),NVIDIA,3000,30:;", allocated)
@@ -419,6 +422,15 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
         )
         assert elapsed < BIND_WITHIN_S, f"{PODS} pods bound in {elapsed:.2f} s"
         assert len(scheduler.attempts) == 2 and min(scheduler.attempts.values()) > 0
+        stats = []
+        for url in extenders:
+            async with session.get(url + "/stats") as resp:
+                stats.append(await resp.json())
+        reserved = [s["extender"]["reserved"] for s in stats]
+        bound_by = [s["kube"]["bound"] for s in stats]
+        print(f"[e2e] pods reserved per replica {reserved}, bound per replica {bound_by}")
+        assert min(reserved) > 0 and min(bound_by) > 0  # both replicas served
+        assert sum(bound_by) == PODS + 1
 
         # no memory booked twice: the ledger, per device, and every pod's annotation agrees
         ledgers = await helpers.ledgers(nc, bus)

@@ -46,11 +46,13 @@ def _conflict(message: str) -> kmock.KubernetesError:
 
 @attrs.define(kw_only=True)
 class ApiServer(kmock.KubernetesEmulator):
-    """See the module docstring. ``objects`` holds what was stored, for assertions."""
+    """See the module docstring. ``objects`` holds what was stored and ``bindings`` the
+    Binding objects accepted, for assertions."""
 
     admit: Admit | None = None
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _dispatching: set[int] = attrs.field(factory=set, init=False)
+    bindings: list[dict[str, Any]] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -185,6 +187,7 @@ class ApiServer(kmock.KubernetesEmulator):
                 }
             )
             await self._buses[PODS].put({"type": "MODIFIED", "object": obj.raw})
+            self.bindings.append(data)
         return aiohttp.web.json_response(
             {
                 "apiVersion": "v1",
