@@ -314,17 +314,19 @@ class Kube:
                     )
 
     async def _restore(self, placement: events.Placement) -> None:
+        where = {"pod": f"{placement.namespace}/{placement.pod}", "node": placement.node}
+        if self.replica.view.cluster.placement_of(placement.pod_uid) is not None:
+            return  # committed since the ledger was read: nothing lost
         try:
             held = await self.replica.adopt(placement)
         except Exception as exc:  # retried by the next sweep
-            log.warning("restore failed", extra={"pod_uid": placement.pod_uid, "error": str(exc)})
+            log.warning("restore failed", extra={**where, "error": str(exc)})
             return
-        if held:
-            self.stats.restored += 1
-            log.warning(
-                "restored a bound pod's slices from its annotations",
-                extra={"pod": f"{placement.namespace}/{placement.pod}", "node": placement.node},
-            )
+        if not held:
+            log.error("bound pod holds slices on another node than its annotation", extra=where)
+            return
+        self.stats.restored += 1
+        log.warning("restored a bound pod's slices from its annotations", extra=where)
 
     async def _report(self, state: extending.PodState, error: str, *, held: bool) -> None:
         """Log, count and record an Event for a pod's undecodable annotation (once per pod
