@@ -115,6 +115,23 @@ async def test_a_full_node_is_failed_with_hamis_reason_and_the_other_chosen(
     assert answer["FailedNodes"]["n1"].startswith("2/2 CardInsufficientMemory")
 
 
+async def test_without_node_cache_the_answer_is_the_chosen_node_object(
+    nc: Client, bus_settings: BusSettings, api: ApiServer, session: aiohttp.ClientSession
+) -> None:
+    await fleet(nc, bus_settings, *NODES)
+    nodes = {
+        "items": [
+            {"metadata": {"name": n, "labels": {"zone": z}}} for n, z in (("n1", "a"), ("n2", "b"))
+        ]
+    }
+    async with harness.replicas(bus_settings, str(api.url)) as (x,):
+        status, answer = await post(session, f"{x.url}/filter", {"Pod": pod("p"), "Nodes": nodes})
+    assert status == 200
+    assert "NodeNames" not in answer
+    (chosen,) = answer["Nodes"]["items"]
+    assert chosen in nodes["items"]
+
+
 async def test_a_pod_without_a_gpu_passes_and_an_invalid_one_fails_everywhere(
     nc: Client, bus_settings: BusSettings, api: ApiServer, session: aiohttp.ClientSession
 ) -> None:
