@@ -15,8 +15,10 @@ from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
 import aiohttp
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
+
+from libshared import kubeclients
 
 
 class KubeError(Exception):
@@ -49,18 +51,9 @@ class Pods(Protocol):
 
 async def api_client(host: str | None = None) -> client.ApiClient:
     """An API client: for ``host`` (a URL, no credentials) when given, else the in-cluster
-    service account, else ``$KUBECONFIG`` / ``~/.kube/config``. Raises
-    ``config.ConfigException`` when none of them is usable."""
-    cfg = client.Configuration()
-    if host:
-        cfg.host = host
-    else:
-        try:
-            # the one untyped loader of kubernetes-asyncio
-            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            await config.load_kube_config(client_configuration=cfg)
-    return client.ApiClient(cfg)
+    service account, else ``$KUBECONFIG`` / ``~/.kube/config`` (``libshared.kubeclients``).
+    Raises ``KubeConfigError`` naming the source when none of them is usable."""
+    return await kubeclients.api_client(kubeclients.KubeSettings(host=host))
 
 
 class Kube:
