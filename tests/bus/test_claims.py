@@ -14,6 +14,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
 from libshared import connecting, events
 from libshared.connecting import BusSettings
+from libshared.ledgers import NodeLedger
 from libshared.subjects import pod_key
 from services.scheduler import app as scheduler_app
 from services.scheduler.adapters import bus
@@ -106,3 +107,26 @@ def test_pod_keys_are_uids_when_valid_and_hashes_otherwise() -> None:
     assert pod_key("0f5c-11ee") == "0f5c-11ee"
     assert pod_key("a.b c").startswith("h-") and len(pod_key("a.b c")) == 66
     assert pod_key("h-x") != "h-x"
+
+
+async def test_a_release_racing_a_claim_takeover_leaves_the_newer_claim_in_place(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=1, gpus=1))
+    opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
+    key = pod_key("raced")
+    async with replicas(bus_settings, 1) as (r,):
+        assert isinstance(await r.schedule(helpers.pod("raced", memory_mib=1000)), events.Placement)
+        read = (await opened.pods.get(key)).revision
+        commit = r._commit
+
+        async def taken_over_meanwhile(ledger: NodeLedger, **kw: int | None) -> bool | None:
+            # between the release's claim read and its ledger commit another replica
+            # re-scheduling the same UID takes the claim over
+            await opened.pods.update(key, b"other-replica", last=read)
+            return await commit(ledger, **kw)
+
+        r._commit = taken_over_meanwhile  # type: ignore[method-assign]
+        assert (await r.release("raced")).node == "node-0"
+        claim = await opened.pods.get(key)
+        assert claim.value == b"other-replica" and (claim.revision or 0) > (read or 0)

@@ -486,6 +486,17 @@ class Replica:
             lost.append(node)
         raise Conflicts(lost)
 
+    async def _claim_revision(self, key: str) -> int | None:
+        """The revision of the claim ``key``, None when there is none. Raises
+        ``TemporaryError`` when the pods bucket cannot be read."""
+        try:
+            entry = await self.bus.pods.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
+        return entry.revision or None
+
     async def _unclaim(self, key: str, claim: int | None) -> None:
         """Delete the claim at revision ``claim`` if this replica holds one (a failure is
         logged: a claim left behind is taken over after ``claim_wait_s``)."""
@@ -500,13 +511,20 @@ class Replica:
 
     async def release(self, pod_uid: str) -> events.Ack:
         """Free exactly ``pod_uid``'s slices and charge; ``Ack(node=None)`` when it held
-        nothing. Raises ``Conflicts`` after ``max_attempts`` lost races."""
+        nothing. Then delete the pod's claim, at the revision read before the ledger
+        commit: a re-schedule of the same UID that took the claim over meanwhile keeps
+        its newer claim. Raises ``Conflicts`` after ``max_attempts`` lost races and
+        ``TemporaryError`` when the claim cannot be read."""
         await self._catch_up()
+        key = pod_key(pod_uid)
+        claim: int | None = None
         lost: list[str] = []
-        for _ in range(self.max_attempts):
+        for attempt in range(self.max_attempts):
             held = self.view.cluster.placement_of(pod_uid)
             if held is None:
                 return events.Ack(pod_uid=pod_uid)
+            if attempt == 0:
+                claim = await self._claim_revision(key)
             node, slices, _ = held
             ledger = self.view.cluster.ledgers[self.view.cluster.node_index[node]]
             committed = await self._commit(ledger.without(pod_uid))
@@ -517,10 +535,7 @@ class Replica:
                 await self._announce(
                     self.subjects.alloc_released(node), events.Release(pod_uid=pod_uid)
                 )
-                try:
-                    await self.bus.pods.delete(pod_key(pod_uid))
-                except (nats.errors.Error, TimeoutError) as exc:
-                    log.warning("claim not deleted", extra={"pod_uid": pod_uid, "error": str(exc)})
+                await self._unclaim(key, claim)
                 return events.Ack(pod_uid=pod_uid, node=node, slices=len(slices))
             lost.append(node)
         raise Conflicts(lost)
