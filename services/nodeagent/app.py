@@ -107,6 +107,8 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         log.info("nodeagent serving", extra={"agent": settings.name, "nodes": len(nodes)})
         await stop.wait()
         await agent.stop()
+        if settings.unregister:
+            await agent.unregister()
     finally:
         await connecting.drain_quietly(nc)
     log.info("stopped", extra={"agent": settings.name})
@@ -211,6 +213,8 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         log.info("nodeagent serving", extra={"agent": settings.name, "node": node})
         await stop.wait()
         await agent.stop()
+        if settings.unregister:
+            await agent.unregister()
     finally:
         for t in tasks:
             t.cancel()

@@ -84,6 +84,19 @@ class Agent:
                 log.warning("announce failed", extra={"node": node.node, "error": str(exc)})
         log.info("registered", extra={"nodes": len(self.nodes)})
 
+    async def unregister(self) -> None:
+        """Delete every hosted node from the nodes bucket -- the schedulers withdraw it:
+        no new pod goes there, the slices it holds stay booked until released -- and the
+        agent's durable consumer. Failures are logged (the agent is leaving either way)."""
+        for node in self.nodes:
+            try:
+                await self.bus.nodes.delete(node.node)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("unregister failed", extra={"node": node.node, "error": str(exc)})
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self.js.delete_consumer(self.subjects.alloc_stream, self.durable)
+        log.info("unregistered", extra={"nodes": len(self.nodes)})
+
     async def ledger_of(self, node: str) -> NodeLedger | None:
         """The node's ledger entry (None: the node holds nothing). Raises
         ``nats.errors.Error`` / ``msgspec.DecodeError`` when it cannot be read."""

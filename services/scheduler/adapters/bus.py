@@ -218,7 +218,10 @@ class Replica:
 
     def _node_entry(self, key: str, value: bytes | None, revision: int) -> None:
         if not value:
-            log.warning("node deleted from bucket; kept in view", extra={"node": key})
+            # deleted or purged: no new pod goes there; the pods it holds keep their
+            # slices in the ledger until they are released
+            if self.view.cluster.withdraw_node(key):
+                log.info("node withdrawn", extra={"node": key})
             return
         try:
             reg = NODE_DEVICES.decode(value)
