@@ -21,7 +21,7 @@ import asyncio
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,21 @@ from services.scheduler.core import replaying
 from vslice import stacks
 
 PREFIX = "vreplay"
+# Runs `python -c PROFILED <out> -m <module> <args>`: the module under cProfile, timed in
+# CPU seconds (so time spent waiting on the bus does not count), stats written to <out>
+# when it exits.
+PROFILED = """
+import cProfile, runpy, sys, time
+out, module = sys.argv[1], sys.argv[3]
+sys.argv = [module, *sys.argv[4:]]
+profile = cProfile.Profile(time.process_time)
+try:
+    profile.runcall(runpy.run_module, module, run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+finally:
+    profile.dump_stats(out)
+"""
 TEMPORARY_RETRIES = 20
 REQUEST_TIMEOUT_S = 30.0
 
@@ -73,12 +88,15 @@ def pod_spec(pod: TracePod, uid: str) -> dict[str, Any]:
 @dataclass
 class Driven:
     """What driving one arrival sequence gave: per arrival whether it was placed and its
-    end-to-end latency (ms), the wall time (s), and the replicas' summed ``Stats``."""
+    end-to-end latency (ms), the wall time (s), the replicas' summed ``Stats``, and the CPU
+    seconds each process of the stack used while the pods were driven (``cpu_s``, by
+    process name; ``client`` is the driving process; filled by ``run_seed`` on Linux)."""
 
     placed: list[bool]
     latency_ms: list[float]
     wall_s: float
     stats: events.Stats
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 async def _request(nc: Client, subject: str, body: bytes) -> bytes:
@@ -206,8 +224,13 @@ def run_seed(
     replicas: int,
     concurrency: int,
     quiet: bool = False,
+    scheduler_args: Sequence[str] = (),
+    profile_dir: str | None = None,
 ) -> tuple[replaying.SeedResult, Driven]:
     """One experiment over a temporary stack of its own (see the module docstring).
+    ``scheduler_args`` are appended to each replica's command; with ``profile_dir`` every
+    service runs under cProfile (CPU time) and leaves ``<profile_dir>/<process>.prof``
+    when it stops.
 
     Raises ``StackError`` when the stack does not come up, ``ReplayError`` for an error
     answer, ``OSError``/``TraceFormatError`` for unreadable files.
@@ -230,9 +253,14 @@ def run_seed(
                 workload_trace=trace,
                 seed=seed,
                 agent_args=["--fleet", fleet_path, "--name", "replay-agent"],
-                scheduler_args=["--max-devices", str(max_devices)],
+                scheduler_args=["--max-devices", str(max_devices), *scheduler_args],
                 log_level="warning",
             )
+            if profile_dir is not None:
+                Path(profile_dir).mkdir(parents=True, exist_ok=True)
+                for name, argv in commands.items():
+                    out = str(Path(profile_dir) / f"{name}.prof")
+                    argv[1:1] = ["-c", PROFILED, out]
             logs = state / "logs"
             procs = {name: stacks.spawn(name, argv, logs) for name, argv in commands.items()}
             try:
@@ -250,12 +278,20 @@ def run_seed(
                 bar = tqdm(
                     total=len(specs), desc=f"{policy} seed {seed}", unit="pod", disable=quiet
                 )
+                assert server.process is not None
+                pids = {"nats": server.process.pid, **{n: p.pid for n, p in procs.items()}}
+                before = {name: stacks.cpu_seconds(pid) for name, pid in pids.items()}
+                client = time.process_time()
                 try:
                     driven = asyncio.run(
                         drive(settings, specs, concurrency=concurrency, progress=bar.update)
                     )
                 finally:
                     bar.close()
+                driven.cpu_s = {
+                    name: stacks.cpu_seconds(pid) - before[name] for name, pid in pids.items()
+                }
+                driven.cpu_s["client"] = time.process_time() - client
             finally:
                 stacks.stop(list(procs.values()))
     return seed_result(seed, sequence, driven, capacity), driven

@@ -245,6 +245,17 @@ def terminate(pids: Sequence[int], *, timeout_s: float = STOP_TIMEOUT_S) -> list
     return killed
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, seconds) process ``pid`` used so far, from Linux's
+    ``/proc/<pid>/stat``; 0.0 when it cannot be read (another system, a process gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def stop(procs: Sequence[subprocess.Popen[bytes]], *, timeout_s: float = STOP_TIMEOUT_S) -> None:
     """``terminate`` processes this process started, and collect their exit status."""
     terminate([p.pid for p in procs], timeout_s=timeout_s)

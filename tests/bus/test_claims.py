@@ -83,7 +83,7 @@ async def test_a_claim_left_by_a_dead_replica_is_taken_over_after_the_claim_wait
         assert 0.3 <= time.monotonic() - started < 3.0
         assert r.stats.takeovers == 1
         claim = await opened.pods.get(pod_key("orphan"))
-        assert claim.value == answer.node.encode()
+        assert (claim.value or b"").startswith(b"r0 ")  # the taker's token replaced it
 
 
 async def test_release_deletes_the_claim_so_the_pod_can_be_placed_again(
