@@ -15,7 +15,7 @@ one run, not runs of different days.
 shares, not its speed), writes ``DIR/<process>.prof`` and prints each scheduler replica's
 costliest functions.
 
-    .venv/bin/python benchmarks/bus.py                         # 1 and 2 replicas, 32 in flight
+    .venv/bin/python benchmarks/bus.py --concurrency 4 32      # 1 and 2 replicas each
     .venv/bin/python benchmarks/bus.py --replicas 2 --profile /tmp/prof
 """
 
@@ -39,7 +39,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _row(label: str, rate: float, p50: float, p99: float, rest: str) -> str:
-    return f"{label:<24}{rate:>8.0f}{p50:>8.1f}{p99:>8.1f}{rest}"
+    return f"{label:<30}{rate:>8.0f}{p50:>8.1f}{p99:>8.1f}{rest}"
 
 
 def _bus_row(label: str, result: replaying.SeedResult, d: busreplays.Driven) -> str:
@@ -104,7 +104,9 @@ def main() -> None:
     parser.add_argument("--policy", default="fgd")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--concurrency", type=int, default=32, help="pods in flight")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[32], help="pods in flight (each a run)"
+    )
     parser.add_argument(
         "--scheduler-arg",
         action="append",
@@ -116,11 +118,10 @@ def main() -> None:
     args = parser.parse_args()
     cpu_head = "".join(f"{p[:6]:>7}" for p in PROCESSES)
     head = (
-        f"{'run':<24}{'pods/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'placed':>7}{'races':>7}"
+        f"{'run':<30}{'pods/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'placed':>7}{'races':>7}"
         f"{'claims':>7}{cpu_head}{'total':>7}"
     )
-    title = f"{args.policy}, {args.concurrency} pods in flight"
-    print(f"{title:<73}CPU ms per pod\n{head}\n{'-' * len(head)}", flush=True)
+    print(f"{args.policy + ', openb':<79}CPU ms per pod\n{head}\n{'-' * len(head)}", flush=True)
     if not args.no_in_process:
         (local,) = replays.replay_in_process(
             args.trace, args.fleet, [args.policy], [args.seed], jobs=1, quiet=True
@@ -129,22 +130,22 @@ def main() -> None:
         rest = f"{round(local['pods_placed']):>7}{'':>14}{'':>35}{1000 * wall / pods:>7.2f}"
         p50, p99 = local["decision_ms_p50"], local["decision_ms_p99"]
         print(_row("in process (decisions)", pods / wall, p50, p99, rest), flush=True)
-    runs = [(r, None) for r in args.replicas]
+    runs = [(r, c, None) for c in args.concurrency for r in args.replicas]
     if args.profile:
-        runs.append((max(args.replicas), args.profile))
-    for replicas, profile in runs:
+        runs.append((max(args.replicas), max(args.concurrency), args.profile))
+    for replicas, concurrency, profile in runs:
         result, driven = busreplays.run_seed(
             args.trace,
             args.fleet,
             policy=args.policy,
             seed=args.seed,
             replicas=replicas,
-            concurrency=args.concurrency,
+            concurrency=concurrency,
             quiet=True,
             scheduler_args=args.scheduler_arg,
             profile_dir=profile,
         )
-        label = f"bus, {replicas} replica{'s' if replicas > 1 else ''}"
+        label = f"bus, {replicas} replica{'s' if replicas > 1 else ''}, {concurrency} in flight"
         print(_bus_row(label + (", cProfile" if profile else ""), result, driven), flush=True)
     if args.profile:
         print(_profile_summary(Path(args.profile)))

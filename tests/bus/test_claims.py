@@ -24,7 +24,7 @@ from tests.bus import helpers
 
 @contextlib.asynccontextmanager
 async def replicas(
-    settings: BusSettings, count: int, *, claim_wait_s: float = 2.0
+    settings: BusSettings, count: int, *, claim_wait_s: float = 2.0, max_in_flight: int = 32
 ) -> AsyncIterator[list[bus.Replica]]:
     """``count`` replicas in this process, each on its own connection, called directly
     (not through the queue group) so that all of them get the same request."""
@@ -43,6 +43,7 @@ async def replicas(
                 scheduler=scheduler_app.build_scheduler(s),
                 name=s.name,
                 claim_wait_s=claim_wait_s,
+                max_in_flight=max_in_flight,
             )
             await replica.start()
             out.append(replica)
@@ -130,3 +131,36 @@ async def test_a_release_racing_a_claim_takeover_leaves_the_newer_claim_in_place
         assert (await r.release("raced")).node == "node-0"
         claim = await opened.pods.get(key)
         assert claim.value == b"other-replica" and (claim.revision or 0) > (read or 0)
+
+
+async def test_a_replica_handles_up_to_max_in_flight_requests_at_once(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=2, split=10))
+    async with replicas(bus_settings, 1, max_in_flight=3) as (r,):
+        entered, gate = 0, asyncio.Event()
+        claim = r._claim
+
+        async def held_at_the_claim(*args: object) -> int | events.Placement | None:
+            nonlocal entered
+            entered += 1
+            await gate.wait()
+            return await claim(*args)  # type: ignore[arg-type]
+
+        r._claim = held_at_the_claim  # type: ignore[method-assign]
+        sent = [
+            asyncio.create_task(
+                helpers.schedule(nc, bus_settings, helpers.pod(f"p{i}", memory_mib=500))
+            )
+            for i in range(5)
+        ]
+        deadline = time.monotonic() + 10
+        while entered < 3:
+            assert time.monotonic() < deadline, f"only {entered} requests in hand"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        assert entered == 3  # three in hand at once; the other two wait for a slot
+        gate.set()
+        answers = await asyncio.gather(*sent)
+        assert all(isinstance(a, events.Placement) for a in answers) and entered == 5
+        assert len({(a.node, a.slices[0].uuid, a.pod_uid) for a in answers}) == 5
