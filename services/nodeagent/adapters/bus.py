@@ -44,6 +44,7 @@ log = logging.getLogger("vslice.nodeagent")
 
 PER_NODE_FILTERS = 32  # above this many hosted nodes, filter by wildcard instead
 FETCH_BATCH = 128
+COALESCE_S = 0.02  # pause after a fetch that brought less than a full batch, seconds
 LEDGER = msgspec.json.Decoder(NodeLedger)
 
 
@@ -181,6 +182,13 @@ class Agent:
                     await msg.ack()
                 except nats.errors.Error as exc:
                     log.warning("ack failed", extra={"error": str(exc)})
+            if len(msgs) < FETCH_BATCH:
+                # A fetch costs the agent and the server two pull requests however few
+                # messages it brings: a short pause lets the next one carry several (on
+                # the openb replay the agent's CPU per pod falls to about a third, the
+                # server's by a fifth), for at most COALESCE_S more before a slice is
+                # ready.
+                await asyncio.sleep(COALESCE_S)
 
     async def _handle(self, node: str, data: bytes) -> None:
         try:
