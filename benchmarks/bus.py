@@ -64,14 +64,30 @@ GROUPS = (  # (label, test on a profile entry's file and function name), first m
     ("json (JetStream API answers)", lambda f, n: "/json/" in f or "json" in n.lower()),
     ("msgspec encode/decode", lambda f, n: "msgspec" in n or "msgspec" in f),
     ("scheduling core + numpy", lambda f, n: "/core/" in f or "numpy" in f + n),
-    ("replica / service adapters", lambda f, n: "/adapters/" in f or "/services/" in f),
+    ("services' adapters (bus.py ...)", lambda f, n: "/adapters/" in f or "/services/" in f),
     ("logging", lambda f, n: "/logging/" in f or "/logs.py" in f),
+    ("libshared (pod parsing, codecs)", lambda f, n: "/libshared/" in f),
+)
+# the replica's steps: cumulative CPU of these functions (they overlap: a step's
+# share includes what it calls)
+STEPS = (
+    ("decide (FGD)", "deciding.py", "decide"),
+    ("watcher: take in ledger changes", "bus.py", "on_entry"),
+    ("claim (kv.create)", "bus.py", "_claim"),
+    ("ledger compare-and-set", "bus.py", "_commit"),
+    ("announce (JetStream publish)", "bus.py", "_announce"),
+    ("catch up before Unschedulable", "bus.py", "_catch_up"),
 )
 
 
+def _group(filename: str, name: str) -> str | None:
+    return next((g for g, test in GROUPS if test(filename, name)), None)
+
+
 def _profile_summary(directory: Path, *, top: int = 12) -> str:
-    """Per profiled process: CPU seconds by group (each function's own time counted
-    once), then the costliest functions."""
+    """Per profiled process: CPU seconds by group (each function's own time counted once;
+    a built-in function's time goes to the group of its callers, unless it has its own),
+    the scheduler's steps, then the costliest functions."""
     out = []
     for kind in ("scheduler", "admission", "nodeagent"):
         paths = sorted(directory.glob(f"{kind}*.prof"))
@@ -81,12 +97,24 @@ def _profile_summary(directory: Path, *, top: int = 12) -> str:
         entries = stats.stats  # type: ignore[attr-defined]
         total = sum(v[2] for v in entries.values()) or 1e-9
         groups: dict[str, float] = {}
-        for (filename, _, name), (_, _, own, _, _) in entries.items():
-            label = next((g for g, test in GROUPS if test(filename, name)), "other")
-            groups[label] = groups.get(label, 0.0) + own
+        for (filename, _, name), (_, _, own, _, callers) in entries.items():
+            label = _group(filename, name)
+            if label is None and filename == "~" and callers:
+                for (cf, _, cn), (_, _, tt, _) in callers.items():
+                    by = _group(cf, cn) or "other"
+                    groups[by] = groups.get(by, 0.0) + tt
+                continue
+            groups[label or "other"] = groups.get(label or "other", 0.0) + own
         lines = [f"--- {kind} ({len(paths)} process(es)): {total:.1f} CPU s under cProfile"]
         for label, seconds in sorted(groups.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {label:<34}{seconds:>7.1f} s {100 * seconds / total:>5.1f} %")
+        if kind == "scheduler":
+            lines.append("  steps (cumulative, overlapping):")
+            for label, file, func in STEPS:
+                cum = sum(
+                    v[3] for (f, _, n), v in entries.items() if f.endswith(file) and n == func
+                )
+                lines.append(f"    {label:<32}{cum:>7.1f} s {100 * cum / total:>5.1f} %")
         text = io.StringIO()
         stats.stream = text  # type: ignore[attr-defined]
         stats.sort_stats("tottime").print_stats(top)
