@@ -8,6 +8,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
@@ -164,3 +165,70 @@ async def test_a_replica_handles_up_to_max_in_flight_requests_at_once(
         answers = await asyncio.gather(*sent)
         assert all(isinstance(a, events.Placement) for a in answers) and entered == 5
         assert len({(a.node, a.slices[0].uuid, a.pod_uid) for a in answers}) == 5
+
+
+async def test_a_claim_whose_create_answer_was_lost_is_settled_by_reading_it_back(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=1))
+    async with replicas(bus_settings, 1, claim_wait_s=5.0) as (r,):
+        create = r.bus.pods.create
+
+        async def lands_but_times_out(key: str, value: bytes) -> int:
+            await create(key, value)
+            raise nats.errors.TimeoutError
+
+        r.bus.pods.create = lands_but_times_out  # type: ignore[method-assign]
+        started = time.monotonic()
+        placed = await r.schedule(helpers.pod("lost-answer", memory_mib=1000))
+        assert isinstance(placed, events.Placement)
+        assert time.monotonic() - started < 2.0  # no wait for its own claim to go stale
+        assert r.stats.takeovers == 0 and r.stats.claims_lost == 0
+
+
+async def test_a_fast_commit_writes_the_claim_once_and_a_slow_one_confirms_it(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=1))
+    js = nc.jetstream()
+    stream = f"KV_{bus_settings.subjects.pods_bucket}"
+    async with replicas(bus_settings, 1, claim_wait_s=0.4) as (r,):
+        assert isinstance(await r.schedule(helpers.pod("fast", memory_mib=1000)), events.Placement)
+        assert (await js.stream_info(stream)).state.last_seq == 1  # the create alone
+        commit = r._commit
+
+        async def slow(ledger: NodeLedger, **kw: int) -> bool | None:
+            await asyncio.sleep(0.3)  # past half the claim wait
+            return await commit(ledger, **kw)
+
+        r._commit = slow  # type: ignore[method-assign]
+        assert isinstance(await r.schedule(helpers.pod("slow", memory_mib=1000)), events.Placement)
+        assert (await js.stream_info(stream)).state.last_seq == 3  # create and confirmation
+
+
+async def test_a_holder_that_commits_after_its_claim_was_taken_over_gives_its_slices_back(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=1, split=10))
+    async with replicas(bus_settings, 2, claim_wait_s=0.3) as (stalled, other):
+        # the stalled holder places on node-0, the taker (which does not offer it) on
+        # node-1, so both commits land
+        other.view.cluster.withdraw_node("node-0")
+        commit, gate = stalled._commit, asyncio.Event()
+
+        async def stalls(ledger: NodeLedger, **kw: int) -> bool | None:
+            await gate.wait()  # held until the other replica took the claim over
+            return await commit(ledger, **kw)
+
+        stalled._commit = stalls  # type: ignore[method-assign]
+        pod = helpers.pod("contested", memory_mib=1000)
+        first = asyncio.create_task(stalled.schedule(pod))
+        await asyncio.sleep(0.05)
+        second = await other.schedule(pod)  # waits out the claim, takes it over, places
+        assert isinstance(second, events.Placement) and other.stats.takeovers == 1
+        gate.set()
+        assert await first == second  # the stalled holder answers with the taker's placement
+        ledgers = await helpers.ledgers(nc, bus_settings)
+        holders = [node for node, ledger in ledgers.items() if "contested" in ledger.pods()]
+        assert holders == [second.node] == ["node-1"]
+        assert ledgers["node-0"].slices == ()  # committed, then given back
