@@ -11,6 +11,9 @@ arrival order from the answers, and the report is ``replaying.summarize``'s, so 
 replays compare field by field; ``decision_ms`` are end-to-end latencies here (admission
 plus scheduling, as the client sees them).
 
+``run_attached`` replays on the running stack of ``vslice up`` instead, adding a node agent
+hosting the fleet to it for the run (see there).
+
 What it leaves to others: the arrivals and the report (``replaying``), the stack's
 processes (``vslice.stacks``).
 """
@@ -18,19 +21,22 @@ processes (``vslice.stacks``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 from tqdm import tqdm
 
 from libshared import annotations as keys
 from libshared import connecting, events, traces
 from libshared.connecting import BusSettings
+from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
 from libshared.natsserver import NatsServer
 from libshared.subjects import deadline_headers
@@ -39,6 +45,21 @@ from services.scheduler.core import replaying
 from vslice import stacks
 
 PREFIX = "vreplay"
+# Runs `python -c PROFILED <out> -m <module> <args>`: the module under cProfile, timed in
+# CPU seconds (so time spent waiting on the bus does not count), stats written to <out>
+# when it exits.
+PROFILED = """
+import cProfile, runpy, sys, time
+out, module = sys.argv[1], sys.argv[3]
+sys.argv = [module, *sys.argv[4:]]
+profile = cProfile.Profile(time.process_time)
+try:
+    profile.runcall(runpy.run_module, module, run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+finally:
+    profile.dump_stats(out)
+"""
 TEMPORARY_RETRIES = 20
 REQUEST_TIMEOUT_S = 30.0
 
@@ -47,13 +68,14 @@ class ReplayError(VsliceError):
     """A pod got no usable answer over the bus (the reason names pod and answer)."""
 
 
-def pod_spec(pod: TracePod, uid: str) -> dict[str, Any]:
+def pod_spec(pod: TracePod, uid: str, *, nouse_uuids: Sequence[str] = ()) -> dict[str, Any]:
     """A Kubernetes-style pod (JSON object) that admission turns into ``pod.request(uid)``:
     HAMi's ``nvidia.com/gpu``, ``gpumem-percentage`` and ``gpucores`` limits, CPU and
     memory requests, and the trace's GPU models as ``nvidia.com/use-gputype``. A pod without
     GPUs keeps one container with no GPU resources (admission lists it with 0 GPUs). A pod
     under 10 milli-GPU asks for 0 %, which admission denies (HAMi wants >= 1); the bus
-    replay counts it as not placed (the openb traces hold none)."""
+    replay counts it as not placed (the openb traces hold none). ``nouse_uuids``: devices a
+    GPU pod must not use (HAMi's ``nvidia.com/nouse-gpuuuid``)."""
     limits: dict[str, int] = {}
     if pod.num_gpu == 1 and pod.gpu_milli < 1000:
         pct = pod.gpu_milli // 10
@@ -63,8 +85,13 @@ def pod_spec(pod: TracePod, uid: str) -> dict[str, Any]:
         limits = {"nvidia.com/gpu": pod.num_gpu, "nvidia.com/gpumem-percentage": 100}
         limits["nvidia.com/gpucores"] = 100
     meta: dict[str, Any] = {"uid": uid, "namespace": "openb", "name": pod.name}
+    notes = {}
     if pod.gpu_spec:
-        meta["annotations"] = {keys.USE_GPUTYPE: ",".join(pod.gpu_spec)}
+        notes[keys.USE_GPUTYPE] = ",".join(pod.gpu_spec)
+    if nouse_uuids and pod.num_gpu > 0:
+        notes[keys.NOUSE_GPUUUID] = ",".join(nouse_uuids)
+    if notes:
+        meta["annotations"] = notes
     requests = {"cpu": f"{pod.cpu_milli}m", "memory": f"{pod.memory_mib}Mi"}
     container = {"name": "main", "resources": {"limits": limits, "requests": requests}}
     return {"metadata": meta, "spec": {"containers": [container]}}
@@ -73,12 +100,15 @@ def pod_spec(pod: TracePod, uid: str) -> dict[str, Any]:
 @dataclass
 class Driven:
     """What driving one arrival sequence gave: per arrival whether it was placed and its
-    end-to-end latency (ms), the wall time (s), and the replicas' summed ``Stats``."""
+    end-to-end latency (ms), the wall time (s), the replicas' summed ``Stats``, and the CPU
+    seconds each process of the stack used while the pods were driven (``cpu_s``, by
+    process name; ``client`` is the driving process; filled by ``run_seed`` on Linux)."""
 
     placed: list[bool]
     latency_ms: list[float]
     wall_s: float
     stats: events.Stats
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 async def _request(nc: Client, subject: str, body: bytes) -> bytes:
@@ -206,8 +236,13 @@ def run_seed(
     replicas: int,
     concurrency: int,
     quiet: bool = False,
+    scheduler_args: Sequence[str] = (),
+    profile_dir: str | None = None,
 ) -> tuple[replaying.SeedResult, Driven]:
     """One experiment over a temporary stack of its own (see the module docstring).
+    ``scheduler_args`` are appended to each replica's command; with ``profile_dir`` every
+    service runs under cProfile (CPU time) and leaves ``<profile_dir>/<process>.prof``
+    when it stops.
 
     Raises ``StackError`` when the stack does not come up, ``ReplayError`` for an error
     answer, ``OSError``/``TraceFormatError`` for unreadable files.
@@ -230,9 +265,14 @@ def run_seed(
                 workload_trace=trace,
                 seed=seed,
                 agent_args=["--fleet", fleet_path, "--name", "replay-agent"],
-                scheduler_args=["--max-devices", str(max_devices)],
+                scheduler_args=["--max-devices", str(max_devices), *scheduler_args],
                 log_level="warning",
             )
+            if profile_dir is not None:
+                Path(profile_dir).mkdir(parents=True, exist_ok=True)
+                for name, argv in commands.items():
+                    out = str(Path(profile_dir) / f"{name}.prof")
+                    argv[1:1] = ["-c", PROFILED, out]
             logs = state / "logs"
             procs = {name: stacks.spawn(name, argv, logs) for name, argv in commands.items()}
             try:
@@ -250,14 +290,192 @@ def run_seed(
                 bar = tqdm(
                     total=len(specs), desc=f"{policy} seed {seed}", unit="pod", disable=quiet
                 )
+                assert server.process is not None
+                pids = {"nats": server.process.pid, **{n: p.pid for n, p in procs.items()}}
+                before = {name: stacks.cpu_seconds(pid) for name, pid in pids.items()}
+                client = time.process_time()
                 try:
                     driven = asyncio.run(
                         drive(settings, specs, concurrency=concurrency, progress=bar.update)
                     )
                 finally:
                     bar.close()
+                driven.cpu_s = {
+                    name: stacks.cpu_seconds(pid) - before[name] for name, pid in pids.items()
+                }
+                driven.cpu_s["client"] = time.process_time() - client
             finally:
                 stacks.stop(list(procs.values()))
+    return seed_result(seed, sequence, driven, capacity), driven
+
+
+AGENT = "replay-agent"  # the process name of an attached replay's node agent
+
+
+async def _registered_nodes(settings: BusSettings) -> list[NodeDevices]:
+    """Every node registered on the bus (for an attached replay)."""
+    nc = await connecting.connect(settings, name="vslice-replay")
+    try:
+        bus = await connecting.ensure_bus(nc.jetstream(), settings)
+        out = []
+        with contextlib.suppress(NoKeysError):
+            for key in await bus.nodes.keys():
+                with contextlib.suppress(KeyNotFoundError, KeyDeletedError):
+                    entry = await bus.nodes.get(key)
+                    if entry.value:
+                        out.append(stacks.NODES.decode(entry.value))
+        return out
+    finally:
+        await nc.close()
+
+
+async def _wait_registered(
+    settings: BusSettings,
+    names: set[str],
+    *,
+    pid: int,
+    logs: Path,
+    timeout_s: float = 120.0,
+) -> None:
+    """Wait until every node of ``names`` is in the nodes bucket. Raises ``StackError``
+    when the agent (``pid``) exits first or after ``timeout_s`` seconds."""
+    nc = await connecting.connect(settings, name="vslice-replay")
+    try:
+        bus = await connecting.ensure_bus(nc.jetstream(), settings)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not stacks.alive(pid):
+                tail = (logs / f"{AGENT}.log").read_text(errors="replace")[-2000:]
+                raise stacks.StackError(f"{AGENT} exited:\n{tail}")
+            try:
+                keys = set(await bus.nodes.keys())
+            except NoKeysError:
+                keys = set()
+            if names <= keys:
+                return
+            await asyncio.sleep(0.1)
+        raise stacks.StackError(
+            f"the fleet's {len(names)} nodes not registered after {timeout_s} s"
+        )
+    finally:
+        await nc.close()
+
+
+async def release_all(settings: BusSettings, uids: Sequence[str], *, concurrency: int) -> int:
+    """Release every pod of ``uids`` through the scheduler replicas, at most
+    ``concurrency`` at once; returns how many held slices. Raises ``ReplayError`` when a
+    release is answered with an error."""
+    nc = await connecting.connect(settings, name="vslice-replay")
+    todo = list(uids)
+    freed = 0
+
+    async def worker() -> None:
+        nonlocal freed
+        while todo:
+            body = events.ENCODER.encode(events.Release(pod_uid=todo.pop()))
+            for _ in range(TEMPORARY_RETRIES):
+                reply = events.RELEASE_REPLY.decode(
+                    await _request(nc, settings.subjects.sched_release, body)
+                )
+                if not (isinstance(reply, events.BusError) and "temporary:" in reply.reason):
+                    break
+                await asyncio.sleep(0.1)
+            if isinstance(reply, events.BusError):
+                raise ReplayError(f"release failed: {reply.reason}")
+            freed += reply.node is not None
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(max(1, concurrency)):
+                tg.create_task(worker())
+    finally:
+        await nc.close()
+    return freed
+
+
+def run_attached(
+    trace: str,
+    fleet_path: str,
+    *,
+    state_dir: Path,
+    seed: int,
+    concurrency: int,
+    keep: bool = False,
+    quiet: bool = False,
+) -> tuple[replaying.SeedResult, Driven]:
+    """One experiment on the running stack of ``state_dir`` (``vslice up``): a node agent
+    hosting the fleet (``replay-agent``, recorded in the stack's state so ``vslice status``
+    shows it and ``vslice down`` stops it) joins the stack, the trace is driven through
+    the stack's admission and scheduler replicas, so its metrics and ``vslice status``
+    show the replay. GPU pods are kept off the stack's other nodes (HAMi's
+    ``nvidia.com/nouse-gpuuuid``); pod UIDs are unique to the run. At the end the replay's
+    pods are released and the agent stops, deleting its nodes from the stack -- unless
+    ``keep``, which leaves both for a look (``vslice down`` ends them).
+
+    Raises ``StackError`` when no stack runs there, a replay's fleet is still attached,
+    the fleet has more than ``stacks.MAX_DEVICES`` GPUs on a node, or its agent fails;
+    ``ReplayError`` for an error answer.
+    """
+    stack = stacks.running(state_dir)
+    if AGENT in stack.pids and stacks.alive(stack.pids[AGENT]):
+        raise stacks.StackError(
+            f"a replay's fleet is still attached to the stack in {state_dir} (kept with"
+            " --keep); `vslice down` ends the stack and it"
+        )
+    fleet = traces.read_fleet(fleet_path)
+    most = max((len(n.devices) for n in fleet), default=0)
+    if most > stacks.MAX_DEVICES:
+        raise stacks.StackError(
+            f"{fleet_path}: a node with {most} GPUs; the stack's replicas take at most"
+            f" {stacks.MAX_DEVICES}"
+        )
+    pods = traces.read_pods(trace)
+    capacity = replaying.capacity_milli(fleet)
+    sequence = replaying.arrivals(pods, seed=seed, capacity=capacity)
+    settings = BusSettings(urls=(stack.nats_url,), prefix=stack.prefix)
+    names = {n.node for n in fleet}
+    registered = asyncio.run(_registered_nodes(settings))
+    clash = sorted(names & {n.node for n in registered})
+    if clash:
+        raise stacks.StackError(f"fleet nodes already registered in the stack: {clash[:5]}")
+    nouse = sorted(d.uuid for n in registered for d in n.devices)
+    run = f"replay-{int(time.time()) % 100000:05d}-{seed}"
+    uids = [f"{run}-{i}" for i in range(len(sequence))]
+    specs = [
+        events.ENCODER.encode(pod_spec(pod, uid, nouse_uuids=nouse))
+        for pod, uid in zip(sequence, uids, strict=True)
+    ]
+    logs = state_dir / "logs"
+    argv = stacks.agent_command(
+        stack.nats_url,
+        prefix=stack.prefix,
+        agent_args=["--fleet", fleet_path, "--unregister", "--name", AGENT],
+        log_level="info",
+    )
+    agent = stacks.spawn_detached(AGENT, argv, logs)
+    stacks.with_process(state_dir, AGENT, agent)
+    driven: Driven | None = None
+    try:
+        asyncio.run(_wait_registered(settings, names, pid=agent, logs=logs))
+        bar = tqdm(total=len(specs), desc=f"{stack.policy} seed {seed}", unit="pod", disable=quiet)
+        try:
+            driven = asyncio.run(
+                drive(settings, specs, concurrency=concurrency, progress=bar.update)
+            )
+        finally:
+            bar.close()
+    finally:
+        if driven is None or not keep:
+            # a failed run may have placed any of its pods
+            held = uids
+            if driven is not None:
+                held = [u for u, p in zip(uids, driven.placed, strict=True) if p]
+            try:
+                asyncio.run(release_all(settings, held, concurrency=concurrency))
+            finally:
+                stacks.terminate([agent])
+                stacks.with_process(state_dir, AGENT, None)
+    assert driven is not None  # else drive raised
     return seed_result(seed, sequence, driven, capacity), driven
 
 
@@ -270,24 +488,52 @@ def replay_over_bus(
     replicas: int = 2,
     concurrency: int = 16,
     quiet: bool = False,
+    attach: Path | None = None,
+    keep: bool = False,
 ) -> list[dict[str, Any]]:
     """One report per policy: ``replaying.summarize``'s fields plus ``pods_per_s``,
     ``latency_ms_p50``/``latency_ms_p99`` (end to end, ms), ``replicas``, ``concurrency``,
     ``conflicts`` (lost ledger compare-and-sets) and ``claims_lost`` (pods another replica
-    was placing). Raises what ``run_seed`` raises."""
+    was placing). With ``attach`` (a state dir) the replay runs on that running stack
+    (``run_attached``; its replicas decide with its policy, which ``policies`` must name
+    alone) and the report names it in ``attached``. Raises what ``run_seed`` and
+    ``run_attached`` raise, and ``ReplayError`` for policies an attached stack does not
+    run or ``keep`` with several seeds."""
+    stack = None
+    if attach is not None:
+        stack = stacks.running(attach)
+        if list(policies) != [stack.policy]:
+            raise ReplayError(
+                f"the stack in {attach} decides with policy {stack.policy!r}; an attached"
+                f" replay runs with it (asked: {', '.join(policies)})"
+            )
+        if keep and len(seeds) > 1:
+            raise ReplayError("--keep leaves one replay's pods in the stack: give one seed")
+        replicas = sum(1 for name in stack.pids if name.startswith("scheduler-"))
     reports = []
     for policy in policies:
         results, runs = [], []
         for seed in seeds:
-            result, driven = run_seed(
-                trace,
-                fleet,
-                policy=policy,
-                seed=seed,
-                replicas=replicas,
-                concurrency=concurrency,
-                quiet=quiet,
-            )
+            if attach is not None:
+                result, driven = run_attached(
+                    trace,
+                    fleet,
+                    state_dir=attach,
+                    seed=seed,
+                    concurrency=concurrency,
+                    keep=keep,
+                    quiet=quiet,
+                )
+            else:
+                result, driven = run_seed(
+                    trace,
+                    fleet,
+                    policy=policy,
+                    seed=seed,
+                    replicas=replicas,
+                    concurrency=concurrency,
+                    quiet=quiet,
+                )
             results.append(result)
             runs.append(driven)
         report = replaying.summarize(policy, results)
@@ -304,5 +550,7 @@ def replay_over_bus(
             conflicts=sum(d.stats.conflicts for d in runs),
             claims_lost=sum(d.stats.claims_lost for d in runs),
         )
+        if stack is not None:
+            report["attached"] = stack.state_dir
         reports.append(report)
     return reports

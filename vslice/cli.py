@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("trace", help="pod list CSV (openb_pod_list_*.csv format)")
     rp.add_argument("--fleet", required=True, help="node list CSV (openb_node_list_*.csv format)")
     rp.add_argument(
-        "--policy", type=_policies, default=["fgd"], help=f"comma list of: {', '.join(POLICIES)}"
+        "--policy",
+        type=_policies,
+        default=None,
+        help=f"comma list of: {', '.join(POLICIES)} (default fgd; with --attach the stack's)",
     )
     rp.add_argument(
         "--seeds", type=_seeds, default=[42], help="seeds, e.g. 42-51 or 42,43 (default 42)"
@@ -51,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument(
         "--replicas", type=int, default=2, help="scheduler replicas of the bus replay (default 2)"
     )
+    rp.add_argument(
+        "--attach",
+        action="store_true",
+        help="replay on the running stack of `vslice up` (its replicas, metrics and status),"
+        " adding the fleet's mock nodes to it for the run",
+    )
+    rp.add_argument(
+        "--keep",
+        action="store_true",
+        help="with --attach: leave the fleet's nodes and the replay's pods in the stack",
+    )
+    rp.add_argument("--state-dir", default=None, help="with --attach: the stack's (as for `up`)")
     rp.add_argument(
         "--concurrency", type=int, default=16, help="pods in flight on the bus (default 16)"
     )
@@ -150,6 +165,14 @@ def _stack(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     gpus = sum(len(n.devices) for n in traces.read_fleet(args.fleet))
     traces.read_pods(args.trace)  # fail early, in this process, on a malformed trace
+    attach = None
+    if args.attach or args.keep:
+        if not args.attach or args.in_process:
+            print("vslice replay: --keep needs --attach, --attach no --in-process", file=sys.stderr)
+            return 2
+        attach = Path(args.state_dir) if args.state_dir else stacks.default_state_dir()
+        args.policy = args.policy or [stacks.running(attach).policy]
+    args.policy = args.policy or ["fgd"]
     if args.in_process:
         reports = replays.replay_in_process(
             args.trace, args.fleet, args.policy, args.seeds, jobs=args.jobs, quiet=args.quiet
@@ -166,6 +189,8 @@ def _replay(args: argparse.Namespace) -> int:
             replicas=args.replicas,
             concurrency=args.concurrency,
             quiet=args.quiet,
+            attach=attach,
+            keep=args.keep,
         )
     print(replays.table(reports, gpus))
     if not args.in_process and args.compare_in_process:
@@ -182,6 +207,9 @@ def _replay(args: argparse.Namespace) -> int:
                 f" {r['replicas']} replicas, {r['conflicts']} lost ledger races,"
                 f" {r['claims_lost']} lost claims"
             )
+    if attach is not None:
+        kept = "; its fleet and pods stay until `vslice down`" if args.keep else ""
+        print(f"replayed on the stack in {attach} (`vslice status` shows it){kept}")
     if args.json_out:
         replays.write_json(args.json_out, reports)
         print(f"report: {args.json_out}")

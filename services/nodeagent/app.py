@@ -110,6 +110,8 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         log.info("nodeagent serving", extra={"agent": settings.name, "nodes": len(nodes)})
         await stop.wait()
         await agent.stop()
+        if settings.unregister:
+            await agent.unregister()
     finally:
         await connecting.drain_quietly(nc)
     log.info("stopped", extra={"agent": settings.name})
@@ -179,6 +181,8 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
                 slicer=slicer,
             )
             await agent.register()
+            if settings.unregister:  # after the stop below (callbacks run last first)
+                stack.push_async_callback(agent.unregister)
             await agent.start()
             stack.push_async_callback(agent.stop)
         plugin = None

@@ -87,7 +87,8 @@ class DevicePluginSettings:
 class Settings:
     """``fleet_csv``: openb node list to host (wins over ``spec``); ``split_count`` for it
     (``None``: the replay default of ``libshared.traces``); ``name``: the agent (and its
-    durable consumer's) name."""
+    durable consumer's) name; ``unregister``: on SIGTERM delete the hosted nodes from the
+    nodes bucket (a fleet leaving the stack; a restarting agent keeps them)."""
 
     bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
     spec: FleetSpec = field(default_factory=FleetSpec)
@@ -98,6 +99,7 @@ class Settings:
     slices: SliceSettings | None = None
     device_plugin: DevicePluginSettings | None = None
     use_bus: bool = True
+    unregister: bool = False
 
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -127,6 +129,11 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     )
     parser.add_argument("--name", default=env.get("VSLICE_AGENT_NAME", socket.gethostname()))
     parser.add_argument("--log-level", default=env.get("VSLICE_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--unregister",
+        action="store_true",
+        help="on SIGTERM delete the hosted nodes from the nodes bucket: no new pod goes there",
+    )
     real = parser.add_argument_group("real slices (one node)")
     real.add_argument(
         "--host-root",
@@ -255,4 +262,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         slices=slices,
         device_plugin=device_plugin,
         use_bus=device_plugin is None or nats_given,
+        unregister=args.unregister,
     )

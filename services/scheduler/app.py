@@ -52,6 +52,7 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
             explain=settings.explain,
             sync_timeout_s=settings.sync_timeout_s,
             claim_wait_s=settings.claim_wait_s,
+            max_in_flight=settings.max_in_flight,
         )
         await replica.start()
         async with contextlib.AsyncExitStack() as stack:

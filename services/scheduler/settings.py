@@ -29,7 +29,9 @@ class Settings:
     ``explain``: per-node reasons in ``Unschedulable``. ``sync_timeout_s``: longest wait
     for the view to catch up with the ledger before deciding, seconds. ``claim_wait_s``:
     how long a pod's unchanged claim whose pod is in no ledger is waited for before it is
-    taken over (its holder presumably died), seconds. ``name``: this replica in logs.
+    taken over (its holder presumably died), seconds. ``max_in_flight``: requests handled
+    at once (their bus round trips overlap; decisions and commits still go one at a
+    time). ``name``: this replica in logs.
 
     Kubernetes: ``extender_port`` serves the kube-scheduler extender there (0: off) on
     ``extender_host``, over TLS when ``tls_cert`` and ``tls_key`` (PEM paths) are set;
@@ -46,6 +48,7 @@ class Settings:
     explain: bool = True
     sync_timeout_s: float = 2.0
     claim_wait_s: float = 2.0
+    max_in_flight: int = 32
     name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     log_level: str = "info"
     extender_port: int = 0
@@ -78,6 +81,9 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     parser.add_argument("--max-devices", type=int, default=8)
     parser.add_argument(
         "--claim-wait", type=float, default=2.0, help="seconds before a dead claim is taken over"
+    )
+    parser.add_argument(
+        "--max-in-flight", type=int, default=32, help="requests handled at once (default 32)"
     )
     parser.add_argument("--no-explain", action="store_true", help="leave per-node reasons out")
     parser.add_argument("--name", default=None, help="replica name in logs")
@@ -118,6 +124,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         parser.error("--claim-wait must be > 0")
     if args.max_attempts < 1:
         parser.error("--max-attempts must be >= 1")
+    if args.max_in_flight < 1:
+        parser.error(f"--max-in-flight {args.max_in_flight}: must be >= 1")
     try:
         bus = connecting.from_arguments(args)
     except ValueError as exc:
@@ -132,6 +140,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         max_devices=args.max_devices,
         explain=not args.no_explain,
         claim_wait_s=args.claim_wait,
+        max_in_flight=args.max_in_flight,
         log_level=args.log_level,
         extender_port=args.extender_port,
         extender_host=args.extender_host,

@@ -8,12 +8,14 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
 from libshared import connecting, events
 from libshared.connecting import BusSettings
+from libshared.ledgers import NodeLedger
 from libshared.subjects import pod_key
 from services.scheduler import app as scheduler_app
 from services.scheduler.adapters import bus
@@ -23,7 +25,7 @@ from tests.bus import helpers
 
 @contextlib.asynccontextmanager
 async def replicas(
-    settings: BusSettings, count: int, *, claim_wait_s: float = 2.0
+    settings: BusSettings, count: int, *, claim_wait_s: float = 2.0, max_in_flight: int = 32
 ) -> AsyncIterator[list[bus.Replica]]:
     """``count`` replicas in this process, each on its own connection, called directly
     (not through the queue group) so that all of them get the same request."""
@@ -42,6 +44,7 @@ async def replicas(
                 scheduler=scheduler_app.build_scheduler(s),
                 name=s.name,
                 claim_wait_s=claim_wait_s,
+                max_in_flight=max_in_flight,
             )
             await replica.start()
             out.append(replica)
@@ -82,7 +85,7 @@ async def test_a_claim_left_by_a_dead_replica_is_taken_over_after_the_claim_wait
         assert 0.3 <= time.monotonic() - started < 3.0
         assert r.stats.takeovers == 1
         claim = await opened.pods.get(pod_key("orphan"))
-        assert claim.value == answer.node.encode()
+        assert (claim.value or b"").startswith(b"r0 ")  # the taker's token replaced it
 
 
 async def test_release_deletes_the_claim_so_the_pod_can_be_placed_again(
@@ -106,3 +109,126 @@ def test_pod_keys_are_uids_when_valid_and_hashes_otherwise() -> None:
     assert pod_key("0f5c-11ee") == "0f5c-11ee"
     assert pod_key("a.b c").startswith("h-") and len(pod_key("a.b c")) == 66
     assert pod_key("h-x") != "h-x"
+
+
+async def test_a_release_racing_a_claim_takeover_leaves_the_newer_claim_in_place(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=1, gpus=1))
+    opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
+    key = pod_key("raced")
+    async with replicas(bus_settings, 1) as (r,):
+        assert isinstance(await r.schedule(helpers.pod("raced", memory_mib=1000)), events.Placement)
+        read = (await opened.pods.get(key)).revision
+        commit = r._commit
+
+        async def taken_over_meanwhile(ledger: NodeLedger, **kw: int | None) -> bool | None:
+            # between the release's claim read and its ledger commit another replica
+            # re-scheduling the same UID takes the claim over
+            await opened.pods.update(key, b"other-replica", last=read)
+            return await commit(ledger, **kw)
+
+        r._commit = taken_over_meanwhile  # type: ignore[method-assign]
+        assert (await r.release("raced")).node == "node-0"
+        claim = await opened.pods.get(key)
+        assert claim.value == b"other-replica" and (claim.revision or 0) > (read or 0)
+
+
+async def test_a_replica_handles_up_to_max_in_flight_requests_at_once(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=2, split=10))
+    async with replicas(bus_settings, 1, max_in_flight=3) as (r,):
+        entered, gate = 0, asyncio.Event()
+        claim = r._claim
+
+        async def held_at_the_claim(*args: object) -> int | events.Placement | None:
+            nonlocal entered
+            entered += 1
+            await gate.wait()
+            return await claim(*args)  # type: ignore[arg-type]
+
+        r._claim = held_at_the_claim  # type: ignore[method-assign]
+        sent = [
+            asyncio.create_task(
+                helpers.schedule(nc, bus_settings, helpers.pod(f"p{i}", memory_mib=500))
+            )
+            for i in range(5)
+        ]
+        deadline = time.monotonic() + 10
+        while entered < 3:
+            assert time.monotonic() < deadline, f"only {entered} requests in hand"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        assert entered == 3  # three in hand at once; the other two wait for a slot
+        gate.set()
+        answers = await asyncio.gather(*sent)
+        assert all(isinstance(a, events.Placement) for a in answers) and entered == 5
+        assert len({(a.node, a.slices[0].uuid, a.pod_uid) for a in answers}) == 5
+
+
+async def test_a_claim_whose_create_answer_was_lost_is_settled_by_reading_it_back(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=1))
+    async with replicas(bus_settings, 1, claim_wait_s=5.0) as (r,):
+        create = r.bus.pods.create
+
+        async def lands_but_times_out(key: str, value: bytes) -> int:
+            await create(key, value)
+            raise nats.errors.TimeoutError
+
+        r.bus.pods.create = lands_but_times_out  # type: ignore[method-assign]
+        started = time.monotonic()
+        placed = await r.schedule(helpers.pod("lost-answer", memory_mib=1000))
+        assert isinstance(placed, events.Placement)
+        assert time.monotonic() - started < 2.0  # no wait for its own claim to go stale
+        assert r.stats.takeovers == 0 and r.stats.claims_lost == 0
+
+
+async def test_a_fast_commit_writes_the_claim_once_and_a_slow_one_confirms_it(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=1))
+    js = nc.jetstream()
+    stream = f"KV_{bus_settings.subjects.pods_bucket}"
+    async with replicas(bus_settings, 1, claim_wait_s=0.4) as (r,):
+        assert isinstance(await r.schedule(helpers.pod("fast", memory_mib=1000)), events.Placement)
+        assert (await js.stream_info(stream)).state.last_seq == 1  # the create alone
+        commit = r._commit
+
+        async def slow(ledger: NodeLedger, **kw: int) -> bool | None:
+            await asyncio.sleep(0.3)  # past half the claim wait
+            return await commit(ledger, **kw)
+
+        r._commit = slow  # type: ignore[method-assign]
+        assert isinstance(await r.schedule(helpers.pod("slow", memory_mib=1000)), events.Placement)
+        assert (await js.stream_info(stream)).state.last_seq == 3  # create and confirmation
+
+
+async def test_a_holder_that_commits_after_its_claim_was_taken_over_gives_its_slices_back(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=1, split=10))
+    async with replicas(bus_settings, 2, claim_wait_s=0.3) as (stalled, other):
+        # the stalled holder places on node-0, the taker (which does not offer it) on
+        # node-1, so both commits land
+        other.view.cluster.withdraw_node("node-0")
+        commit, gate = stalled._commit, asyncio.Event()
+
+        async def stalls(ledger: NodeLedger, **kw: int) -> bool | None:
+            await gate.wait()  # held until the other replica took the claim over
+            return await commit(ledger, **kw)
+
+        stalled._commit = stalls  # type: ignore[method-assign]
+        pod = helpers.pod("contested", memory_mib=1000)
+        first = asyncio.create_task(stalled.schedule(pod))
+        await asyncio.sleep(0.05)
+        second = await other.schedule(pod)  # waits out the claim, takes it over, places
+        assert isinstance(second, events.Placement) and other.stats.takeovers == 1
+        gate.set()
+        assert await first == second  # the stalled holder answers with the taker's placement
+        ledgers = await helpers.ledgers(nc, bus_settings)
+        holders = [node for node, ledger in ledgers.items() if "contested" in ledger.pods()]
+        assert holders == [second.node] == ["node-1"]
+        assert ledgers["node-0"].slices == ()  # committed, then given back

@@ -1,11 +1,16 @@
-"""``compose/docker-compose.yaml`` runs what ``vslice up`` runs: each service's command is
-the stack's command for that module, with the same flags (host names aside)."""
+"""``compose/docker-compose.yaml`` is a valid compose file -- Debian's ``docker-compose config``
+renders it (no Docker engine needed) -- with the stack of ``ARCHITECTURE.md``: NATS with
+JetStream, admission, two scheduler replicas, a mock node agent and metrics, each vslice
+service running a command that ``vslice up`` also runs (host names aside)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.bus.conftest import repo_root
@@ -14,6 +19,7 @@ from vslice import stacks
 COMPOSE = repo_root() / "compose" / "docker-compose.yaml"
 # differ between a host and a container
 HOST_VALUED = {"--nats-url", "--node-prefix", "--name", "--host"}
+SERVICES = ("admission", "scheduler", "nodeagent", "metrics")
 
 
 def flags(argv: list[str]) -> dict[str, str | None]:
@@ -25,26 +31,73 @@ def flags(argv: list[str]) -> dict[str, str | None]:
     return out
 
 
-def test_every_compose_service_runs_a_command_of_vslice_up() -> None:
-    spec: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
-    services = spec["services"]
-    assert set(services) == {"nats", "admission", "scheduler", "nodeagent", "metrics"}
-    assert "--jetstream" in services["nats"]["command"]
+def same_command(ours: list[str], theirs: list[str]) -> bool:
+    """The same module with the same flags and values, host-valued ones and names aside."""
+    if ours[2] != theirs[2]:
+        return False
+    a, b = flags(ours), flags(theirs)
+    if set(a) - {"--name"} != set(b) - {"--name"}:
+        return False
+    return all(a[f] == v for f, v in b.items() if f not in HOST_VALUED)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, Any]:
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        pytest.fail("docker-compose is not installed: `make compose-tool` installs Debian's")
+    done = subprocess.run(
+        [tool, "-f", str(COMPOSE), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"docker-compose config failed:\n{done.stderr}"
+    spec: dict[str, Any] = yaml.safe_load(done.stdout)
+    return spec
+
+
+def test_docker_compose_renders_nats_with_jetstream_and_every_vslice_service(
+    rendered: dict[str, Any],
+) -> None:
+    services = rendered["services"]
+    assert set(services) == {"nats", *SERVICES}
+    nats = services["nats"]["command"]
+    assert "--jetstream" in nats
+    store = nats[nats.index("--store_dir") + 1]
+    assert any(v.split(":")[1] == store for v in services["nats"]["volumes"])  # kept
     assert services["scheduler"]["deploy"]["replicas"] == 2
+    for name in SERVICES:
+        assert "nats" in services[name]["depends_on"], name
+        assert services[name]["image"] == "vslice:local"
+    assert services["admission"]["build"]["dockerfile"] == "compose/Dockerfile"
+    assert Path(services["admission"]["build"]["context"]) == repo_root()
+    agent = flags(services["nodeagent"]["command"])
+    assert "--host-root" not in agent and agent["--gpus"] == "2"  # mock nodes only
+    ports = services["metrics"]["ports"]
+    assert any(str(p["target"]) == "9394" for p in ports)
+
+
+def test_every_compose_service_runs_a_command_of_vslice_up(rendered: dict[str, Any]) -> None:
     up = stacks.service_commands(
         "nats://127.0.0.1:4222", agent_args=stacks.mock_agent_args({}), metrics_port=9394
     )
-    by_module = {argv[2]: argv for argv in up.values()}
-    for name in ("admission", "scheduler", "nodeagent", "metrics"):
-        command = services[name]["command"]
-        assert command[:2] == ["python", "-m"] and command[2] == f"services.{name}"
-        ours = flags(by_module[command[2]])
-        theirs = flags(command)
-        assert set(theirs) - {"--name"} == set(ours) - {"--name"}, name
-        for flag, value in theirs.items():
-            if flag not in HOST_VALUED:
-                assert ours[flag] == value, (name, flag)
-        assert theirs["--nats-url"] == "nats://nats:4222"
+    for name in SERVICES:
+        command = [str(word) for word in rendered["services"][name]["command"]]
+        assert command[:3] == ["python", "-m", f"services.{name}"], command
+        assert flags(command)["--nats-url"] == "nats://nats:4222"
+        assert any(same_command(argv, command) for argv in up.values()), (name, command)
+
+
+def test_a_compose_command_that_differs_from_vslice_up_is_caught() -> None:
+    up = stacks.service_commands("nats://127.0.0.1:4222")
+    ours = up["scheduler-1"]
+    assert same_command(ours, ["python", "-m", *ours[2:]])
+    assert not same_command(ours, ["python", "-m", *ours[2:], "--max-attempts", "3"])
+    changed = [*ours[:-1], "--explain"] if ours[-1] == "--no-explain" else [*ours, "--x"]
+    assert not same_command(ours, changed)
+    assert not same_command(ours, ["python", "-m", "services.admission", *ours[3:]])
 
 
 def test_the_dockerfile_installs_the_packages_the_services_run_from() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from nats.aio.client import Client
 
 from libshared import events
@@ -98,4 +99,7 @@ def test_settings_come_from_flags_and_environment() -> None:
     )
     assert s.bus.urls == ("nats://a:1", "nats://b:2") and s.bus.prefix == "pfx"
     assert s.policy == "hami-spread" and s.max_attempts == 3
+    assert s.max_in_flight == 32 and settings.parse(["--max-in-flight", "4"], {}).max_in_flight == 4
+    with pytest.raises(SystemExit):
+        settings.parse(["--max-in-flight", "0"], {})
     assert dataclasses.replace(s, seed=5).seed == 5

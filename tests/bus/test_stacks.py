@@ -116,6 +116,11 @@ def test_every_service_command_of_a_stack_runs_a_vslice_service_module() -> None
         assert argv[1:3] == ["-m", argv[2]] and argv[2].startswith("services.")
         assert argv[argv.index("--nats-url") + 1] == "nats://h:1"
     assert commands["scheduler-3"][-2:] == ["--workload-trace", "t"]
+    seeds = [
+        commands[f"scheduler-{i}"][commands[f"scheduler-{i}"].index("--seed") + 1]
+        for i in (1, 2, 3)
+    ]
+    assert seeds == ["0", "1", "2"]  # each replica breaks ties in an order of its own
     with_metrics = stacks.service_commands("nats://h:1", metrics_port=9999)
     assert with_metrics["metrics"][2] == "services.metrics"
     assert with_metrics["metrics"][-4:] == ["--host", "127.0.0.1", "--port", "9999"]

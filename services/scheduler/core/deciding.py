@@ -45,6 +45,9 @@ HAMI_POLICIES = {
     "hami-spread": ("spread", "spread"),
 }
 POLICIES = (*HAMI_POLICIES, "fgd", "bestfit", "dotprod", "gpupacking", "gpuclustering", "random")
+# The reason given for a withdrawn node (its registration was deleted). Not one of HAMi's
+# names: HAMi has no such state, its nodes leave the cluster.
+WITHDRAWN = "NodeWithdrawn"
 
 
 class UnknownPolicy(ValueError):
@@ -109,7 +112,8 @@ class Scheduler:
     def _candidates(self, pod: PodRequest) -> tuple[BoolArray, IntArray | None]:
         c = self.cluster
         cpu_ok, mem_ok = fitting.node_resources_ok(c, pod)
-        ok = cpu_ok & mem_ok & (c.dev_valid.any(axis=1) | (len(pod.gpu_containers) == 0))
+        ok = c.offered & cpu_ok & mem_ok
+        ok &= c.dev_valid.any(axis=1) | (len(pod.gpu_containers) == 0)
         gpus = pod.gpu_containers
         if not gpus:
             return ok, None
@@ -137,7 +141,9 @@ class Scheduler:
         for n in among:
             if ok[n]:
                 continue
-            if not cpu_ok[n]:
+            if not c.offered[n]:
+                why = WITHDRAWN
+            elif not cpu_ok[n]:
                 why = fitting.INSUFFICIENT_CPU
             elif not mem_ok[n]:
                 why = fitting.INSUFFICIENT_MEMORY
@@ -152,7 +158,8 @@ class Scheduler:
         return out
 
     def filter(self, pod: PodRequest, nodes: list[str] | None = None) -> FilterResult:
-        """Which of ``nodes`` (default: all) can hold the pod, with reasons for the rest.
+        """Which of ``nodes`` (default: all) can hold the pod, with reasons for the rest
+        (``WITHDRAWN`` for a withdrawn node).
 
         Unknown node names are reported as failed with ``"unknown node"``.
         """
@@ -169,7 +176,8 @@ class Scheduler:
     def decide(
         self, pod: PodRequest, *, nodes: list[str] | None = None, explain: bool = True
     ) -> Placement | Unschedulable:
-        """Place ``pod`` on one of ``nodes`` (default: all), without changing the view.
+        """Place ``pod`` on one of ``nodes`` (default: all), without changing the view;
+        a withdrawn node (``Cluster.withdraw_node``) takes no new pod.
 
         Re-deciding a pod that already holds slices returns its existing placement. With
         ``explain=False`` the per-node reasons of an ``Unschedulable`` are left out (the
@@ -205,9 +213,11 @@ class Scheduler:
     ) -> Unschedulable:
         c = self.cluster
         cpu_ok, mem_ok = fitting.node_resources_ok(c, pod)
-        n_cpu = int((~cpu_ok).sum())
-        n_mem = int((cpu_ok & ~mem_ok).sum())
-        n_dev = c.size - n_cpu - n_mem
+        offered = c.offered
+        n_offered = int(offered.sum())
+        n_cpu = int((offered & ~cpu_ok).sum())
+        n_mem = int((offered & cpu_ok & ~mem_ok).sum())
+        n_dev = n_offered - n_cpu - n_mem
         parts = [
             f"{k} {why}"
             for k, why in (
@@ -217,10 +227,11 @@ class Scheduler:
             )
             if k
         ]
-        reasons = self._reasons(pod, ok, codes, list(range(c.size))) if explain else {}
+        among = np.flatnonzero(offered).tolist()
+        reasons = self._reasons(pod, ok, codes, among) if explain else {}
         return Unschedulable(
             pod_uid=pod.uid,
-            reason=f"0/{c.size} nodes fit: " + ", ".join(parts),
+            reason=f"0/{n_offered} nodes fit: " + ", ".join(parts),
             node_reasons=reasons,
         )
 
