@@ -91,7 +91,14 @@ async def ledgers(nc: Client, settings: BusSettings) -> dict[str, NodeLedger]:
             try:
                 keys = await bus.ledger.keys()
             except NoKeysError:
-                return {}
+                # A watch opened while a NATS node fails over can report no keys for a
+                # stream that holds some: believe it when the stream agrees, or when it
+                # says so for a few seconds (keys deleted leave markers in the stream).
+                info = await nc.jetstream().stream_info(f"KV_{settings.subjects.ledger_bucket}")
+                if info.state.messages == 0 or attempt >= 20:
+                    return {}
+                await asyncio.sleep(0.25)
+                continue
             out = {}
             for key in keys:
                 entry = await bus.ledger.get(key)
