@@ -70,7 +70,7 @@ def test_docker_compose_renders_nats_with_jetstream_and_every_vslice_service(
     assert services["scheduler"]["deploy"]["replicas"] == 2
     for name in SERVICES:
         assert "nats" in services[name]["depends_on"], name
-        assert services[name]["image"] == "vslice:local"
+        assert services[name]["image"] == "ghcr.io/vslice/vslice:0.1.0"
     assert services["admission"]["build"]["dockerfile"] == "compose/Dockerfile"
     assert Path(services["admission"]["build"]["context"]) == repo_root()
     agent = flags(services["nodeagent"]["command"])
