@@ -93,28 +93,42 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         await serve_slices(settings, settings.slices, stop)
         return
     nodes = hosted_nodes(settings)
-    nc = await connecting.connect(settings.bus, name=f"nodeagent-{settings.name}")
-    try:
-        js = nc.jetstream(timeout=settings.bus.request_timeout_s)
-        opened = await connecting.ensure_bus(js, settings.bus)
-        agent = bus.Agent(
-            nc=nc,
-            js=js,
-            bus=opened,
-            subjects=settings.bus.subjects,
-            name=settings.name,
-            nodes=nodes,
-        )
-        await agent.register()
-        await agent.start()
+    async with contextlib.AsyncExitStack() as stack:
+        await open_agent(settings, stack, nodes)
         log.info("nodeagent serving", extra={"agent": settings.name, "nodes": len(nodes)})
         await stop.wait()
-        await agent.stop()
-        if settings.unregister:
-            await agent.unregister()
-    finally:
-        await connecting.drain_quietly(nc)
     log.info("stopped", extra={"agent": settings.name})
+
+
+async def open_agent(
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+    nodes: list[NodeDevices],
+    *,
+    slicer: Slicer | None = None,
+) -> bus.Agent:
+    """Connect, register ``nodes`` and start answering their allocations; ``stack`` stops
+    the agent, unregisters its nodes (``settings.unregister``) and drains the connection,
+    in that order. Raises ``nats.errors.Error`` when the bus cannot be reached."""
+    nc = await connecting.connect(settings.bus, name=f"nodeagent-{settings.name}")
+    stack.push_async_callback(connecting.drain_quietly, nc)
+    js = nc.jetstream(timeout=settings.bus.request_timeout_s)
+    opened = await connecting.ensure_bus(js, settings.bus)
+    agent = bus.Agent(
+        nc=nc,
+        js=js,
+        bus=opened,
+        subjects=settings.bus.subjects,
+        name=settings.name,
+        nodes=nodes,
+        slicer=slicer,
+    )
+    await agent.register()
+    if settings.unregister:  # after the stop below (callbacks run last first)
+        stack.push_async_callback(agent.unregister)
+    await agent.start()
+    stack.push_async_callback(agent.stop)
+    return agent
 
 
 async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Event) -> None:
@@ -164,27 +178,10 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
     tasks: list[asyncio.Task[None]] = []
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(backend.close)
-        nc = None
         agent = None
         if settings.use_bus:
-            nc = await connecting.connect(settings.bus, name=f"nodeagent-{settings.name}")
-            stack.push_async_callback(connecting.drain_quietly, nc)
-            js = nc.jetstream(timeout=settings.bus.request_timeout_s)
-            opened = await connecting.ensure_bus(js, settings.bus)
-            agent = bus.Agent(
-                nc=nc,
-                js=js,
-                bus=opened,
-                subjects=settings.bus.subjects,
-                name=settings.name,
-                nodes=[registration()],
-                slicer=slicer,
-            )
-            await agent.register()
-            if settings.unregister:  # after the stop below (callbacks run last first)
-                stack.push_async_callback(agent.unregister)
-            await agent.start()
-            stack.push_async_callback(agent.stop)
+            agent = await open_agent(settings, stack, [registration()], slicer=slicer)
+        nc = None if agent is None else agent.nc
         plugin = None
         if plugin_settings is not None:
             api = await kube.api_client()
