@@ -210,17 +210,27 @@ def test_an_interrupted_run_releases_its_slice(up: Up) -> None:
     proc.send_signal(signal.SIGINT)
     assert finish(proc) == 128 + signal.SIGINT
     wait_until(lambda: not (up.containers / key).exists())
-    status = subprocess.run(
-        [sys.executable, "-m", "vslice.cli", "status", "--state-dir", str(up.state)],
-        cwd=harness.ROOT,
-        env=up.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    row = next(line for line in status.stdout.splitlines() if GPU in line)
-    assert row.split()[2:] == ["0/10", "0/2048", "0"]
+    rows: list[list[str]] = []
+
+    def gpu_row_free() -> bool:
+        # The status is read until it shows the GPU free: a read that raced the stack
+        # (no row yet) is read again, a slice that stays booked fails after the deadline.
+        status = subprocess.run(
+            [sys.executable, "-m", "vslice.cli", "status", "--state-dir", str(up.state)],
+            cwd=harness.ROOT,
+            env=up.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        rows[:] = [line.split() for line in status.stdout.splitlines() if GPU in line]
+        return bool(rows) and rows[0][2:] == ["0/10", "0/2048", "0"]
+
+    try:
+        wait_until(gpu_row_free, timeout_s=20.0)
+    except AssertionError:
+        raise AssertionError(f"the GPU's status row after release: {rows}") from None
 
 
 def test_two_runs_on_one_gpu_see_their_own_totals_and_a_third_that_does_not_fit_is_refused(
