@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -24,7 +25,9 @@ class Settings:
 
     ``policy``: one of ``services.scheduler.core.deciding.POLICIES``. ``workload_trace``:
     pod list CSV whose shapes are FGD's target workload (required for ``fgd``). ``seed``:
-    tie-breaking seed. ``max_attempts``: decide-and-commit attempts before a lost ledger
+    tie-breaking seed (``--seed auto``: the CRC-32 of the replica's name, so replicas
+    started with one command still break ties apart and race less for one node).
+    ``max_attempts``: decide-and-commit attempts before a lost ledger
     race is answered ``Unschedulable``. ``max_devices``: most GPUs on one node.
     ``explain``: per-node reasons in ``Unschedulable``. ``sync_timeout_s``: longest wait
     for the view to catch up with the ledger before deciding, seconds. ``claim_wait_s``:
@@ -76,7 +79,12 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     connecting.add_arguments(parser, env)
     parser.add_argument("--policy", default=env.get("VSLICE_POLICY", "hami"), choices=POLICIES)
     parser.add_argument("--workload-trace", default=env.get("VSLICE_WORKLOAD_TRACE") or None)
-    parser.add_argument("--seed", type=int, default=int(env.get("VSLICE_SEED", "0")))
+    parser.add_argument(
+        "--seed",
+        default=env.get("VSLICE_SEED", "0"),
+        help="tie-breaking seed: an integer, or `auto` for one drawn from the replica's name "
+        "(replicas of one Deployment then break ties apart; env VSLICE_SEED)",
+    )
     parser.add_argument("--max-attempts", type=int, default=8)
     parser.add_argument("--max-devices", type=int, default=8)
     parser.add_argument(
@@ -131,11 +139,19 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     except ValueError as exc:
         parser.error(str(exc))
     extra = {"name": args.name} if args.name else {}
+    name = args.name or Settings().name
+    if args.seed.strip().lower() == "auto":
+        seed = zlib.crc32(name.encode())
+    else:
+        try:
+            seed = int(args.seed)
+        except ValueError:
+            parser.error(f"--seed {args.seed!r}: must be an integer or 'auto'")
     return Settings(
         bus=bus,
         policy=args.policy,
         workload_trace=args.workload_trace,
-        seed=args.seed,
+        seed=seed,
         max_attempts=args.max_attempts,
         max_devices=args.max_devices,
         explain=not args.no_explain,

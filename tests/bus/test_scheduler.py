@@ -103,3 +103,21 @@ def test_settings_come_from_flags_and_environment() -> None:
     with pytest.raises(SystemExit):
         settings.parse(["--max-in-flight", "0"], {})
     assert dataclasses.replace(s, seed=5).seed == 5
+
+
+def test_seed_is_an_integer_or_auto_from_the_replica_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from services.scheduler import settings
+
+    assert settings.parse(["--seed", "7"], {}).seed == 7
+    assert settings.parse([], {"VSLICE_SEED": "11"}).seed == 11
+    a = settings.parse(["--seed", "auto", "--name", "sched-a"], {})
+    b = settings.parse([], {"VSLICE_SEED": "auto", "VSLICE_NATS_URL": "nats://x:1"})
+    again = settings.parse(["--seed", "AUTO", "--name", "sched-a"], {})
+    other = settings.parse(["--seed", "auto", "--name", "sched-b"], {})
+    assert a.seed == again.seed != other.seed  # stable per name, apart between names
+    assert isinstance(b.seed, int)
+    with pytest.raises(SystemExit):
+        settings.parse(["--seed", "seven"], {})
+    assert "--seed 'seven'" in capsys.readouterr().err
