@@ -245,6 +245,30 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in value.split(",") if x.strip())
 
 
+def pod_containers(spec: Mapping[str, Any]) -> list[tuple[str, int, bool, Mapping[str, Any]]]:
+    """A pod spec's containers in HAMi's order, init containers first, as ``(list key,
+    position in that list, init, container)``: the order of ``parse_pod``'s
+    ``ContainerRequest``s and of HAMi's ``hami.io/vgpu-devices-*`` annotations.
+
+    Raises ``InvalidRequest`` naming ``spec.<key>`` when a list or one of its entries is
+    not what Kubernetes allows there.
+    """
+    out: list[tuple[str, int, bool, Mapping[str, Any]]] = []
+    for init, key in ((True, "initContainers"), (False, "containers")):
+        specs = spec.get(key) or []
+        if not isinstance(specs, list):
+            raise InvalidRequest(
+                container="", field=f"spec.{key}", value=specs, reason="not a list"
+            )
+        for position, c in enumerate(specs):
+            if not isinstance(c, Mapping):
+                raise InvalidRequest(
+                    container="", field=f"spec.{key}", value=c, reason="an entry is not an object"
+                )
+            out.append((key, position, init, c))
+    return out
+
+
 def parse_pod(pod: Mapping[str, Any], *, settings: ResourceSettings | None = None) -> PodRequest:
     """A Kubernetes pod (JSON object with ``metadata`` and ``spec``) into a ``PodRequest``.
 
@@ -267,30 +291,18 @@ def parse_pod(pod: Mapping[str, Any], *, settings: ResourceSettings | None = Non
         )
     containers: list[ContainerRequest] = []
     cpu_sum = mem_sum = cpu_init = mem_init = 0
-    index = 0
-    for init, key in ((True, "initContainers"), (False, "containers")):
-        specs = spec.get(key) or []
-        if not isinstance(specs, list):
-            raise InvalidRequest(
-                container="", field=f"spec.{key}", value=specs, reason="not a list"
-            )
-        for c in specs:
-            if not isinstance(c, Mapping):
-                raise InvalidRequest(
-                    container="", field=f"spec.{key}", value=c, reason="not an object"
-                )
-            req = parse_container(c, index=index, init=init, settings=settings)
-            containers.append(req)
-            index += 1
-            limits, requests = _resources(c, req.name)
-            raw_cpu = requests.get("cpu", limits.get("cpu"))
-            raw_mem = requests.get("memory", limits.get("memory"))
-            cpu = 0 if raw_cpu is None else _cpu_milli(req.name, "cpu", raw_cpu)
-            mem = 0 if raw_mem is None else _mib(req.name, "memory", raw_mem)
-            if init:
-                cpu_init, mem_init = max(cpu_init, cpu), max(mem_init, mem)
-            else:
-                cpu_sum, mem_sum = cpu_sum + cpu, mem_sum + mem
+    for index, (_, _, init, c) in enumerate(pod_containers(spec)):
+        req = parse_container(c, index=index, init=init, settings=settings)
+        containers.append(req)
+        limits, requests = _resources(c, req.name)
+        raw_cpu = requests.get("cpu", limits.get("cpu"))
+        raw_mem = requests.get("memory", limits.get("memory"))
+        cpu = 0 if raw_cpu is None else _cpu_milli(req.name, "cpu", raw_cpu)
+        mem = 0 if raw_mem is None else _mib(req.name, "memory", raw_mem)
+        if init:
+            cpu_init, mem_init = max(cpu_init, cpu), max(mem_init, mem)
+        else:
+            cpu_sum, mem_sum = cpu_sum + cpu, mem_sum + mem
     policies: dict[str, str | None] = {}
     for key in (keys.NODE_SCHEDULER_POLICY, keys.GPU_SCHEDULER_POLICY):
         raw = annos.get(key)

@@ -231,17 +231,6 @@ def _mapping(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-def _containers(spec: Mapping[str, Any]) -> list[tuple[str, int, Mapping[str, Any]]]:
-    """``(list key, position, container)`` for init containers first, then containers --
-    the order of ``libshared.resources.parse_pod`` and of HAMi's annotations."""
-    out: list[tuple[str, int, Mapping[str, Any]]] = []
-    for key in ("initContainers", "containers"):
-        items = spec.get(key)
-        if isinstance(items, list):
-            out.extend((key, i, c) for i, c in enumerate(items) if isinstance(c, Mapping))
-    return out
-
-
 def _asked(container: Mapping[str, Any]) -> set[str]:
     """The vslice resource names a container names in its limits or requests."""
     res = _mapping(container.get("resources"))
@@ -338,8 +327,11 @@ def decide(review: AdmissionReview | Mapping[str, Any], *, settings: MutationSet
     if MIRROR_ANNOTATION in _mapping(meta.get("annotations")):
         # kubelet already runs the static pod; refusing its mirror would only hide it
         return skip("a static pod's mirror")
-    containers = _containers(spec)
-    if not any(_asked(c) for _, _, c in containers):
+    try:
+        containers = resources.pod_containers(spec)
+    except InvalidRequest as exc:
+        return deny(f"{exc.field}={_shown(exc.value)!r}: {exc.reason}", code=422)
+    if not any(_asked(c) for _, _, _, c in containers):
         return skip("no GPU resources")
     scheduler = spec.get("schedulerName")
     if scheduler not in (None, "", DEFAULT_SCHEDULER, settings.scheduler_name):
@@ -371,8 +363,8 @@ def decide(review: AdmissionReview | Mapping[str, Any], *, settings: MutationSet
         patch.ops.append(
             {"op": op, "path": pointer("spec", "schedulerName"), "value": settings.scheduler_name}
         )
-    # parse_pod read the same init-then-regular order, one ContainerRequest per container.
-    for (key, position, container), wanted in zip(containers, model.containers, strict=True):
+    # parse_pod reads pod_containers' order: one ContainerRequest per container.
+    for (key, position, _, container), wanted in zip(containers, model.containers, strict=True):
         asked = _asked(container)
         if not asked:
             continue

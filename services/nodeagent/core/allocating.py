@@ -52,7 +52,7 @@ from libshared import annotations as keys
 from libshared.devices import Device
 from libshared.errors import AnnotationDecodeError, InvalidRequest
 from libshared.ledgers import NodeLedger, Slice
-from libshared.resources import ResourceSettings, parse_container
+from libshared.resources import ResourceSettings, parse_container, pod_containers
 from services.nodeagent.core import preparing
 
 RESOURCE_NAME = "nvidia.com/gpu"
@@ -179,28 +179,26 @@ def _env_true(spec: Mapping[str, Any], name: str) -> bool:
 
 def _containers(spec: Mapping[str, Any]) -> tuple[list[ContainerInfo], int]:
     out: list[ContainerInfo] = []
-    regular = 0
-    for init, key in ((True, "initContainers"), (False, "containers")):
-        for c in spec.get(key) or ():
-            if not isinstance(c, Mapping):
-                raise ValueError(f"spec.{key}: an entry is not an object")
-            index = len(out)
-            try:
-                prio = parse_container(c, index=index, init=init, settings=ResourceSettings())
-                priority = prio.priority
-            except InvalidRequest:
-                priority = None  # the webhook vets requests; Allocate only needs the name
-            out.append(
-                ContainerInfo(
-                    name=str(c.get("name") or f"container-{index}"),
-                    index=index,
-                    init=init,
-                    disable_control=_env_true(c, DISABLE_CONTROL),
-                    priority=priority,
-                )
+    try:
+        listed = pod_containers(spec)
+    except InvalidRequest as exc:
+        raise ValueError(f"{exc.field}: {exc.reason}") from exc
+    for index, (_, _, init, c) in enumerate(listed):
+        try:
+            prio = parse_container(c, index=index, init=init, settings=ResourceSettings())
+            priority = prio.priority
+        except InvalidRequest:
+            priority = None  # the webhook vets requests; Allocate only needs the name
+        out.append(
+            ContainerInfo(
+                name=str(c.get("name") or f"container-{index}"),
+                index=index,
+                init=init,
+                disable_control=_env_true(c, DISABLE_CONTROL),
+                priority=priority,
             )
-            regular += 0 if init else 1
-    return out, regular
+        )
+    return out, sum(1 for c in out if not c.init)
 
 
 def pending_pod(pod: Mapping[str, Any], *, node: str) -> PendingPod | None:
