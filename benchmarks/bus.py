@@ -93,7 +93,10 @@ def _profile_summary(directory: Path, *, top: int = 12) -> str:
         paths = sorted(directory.glob(f"{kind}*.prof"))
         if not paths:
             continue
-        stats = pstats.Stats(*[str(p) for p in paths], stream=io.StringIO())
+        text = io.StringIO()
+        stats = pstats.Stats(*[str(p) for p in paths], stream=text)
+        # The raw table (with each function's callers, which get_stats_profile() drops);
+        # typeshed does not declare the attribute.
         entries = stats.stats  # type: ignore[attr-defined]
         total = sum(v[2] for v in entries.values()) or 1e-9
         groups: dict[str, float] = {}
@@ -115,8 +118,6 @@ def _profile_summary(directory: Path, *, top: int = 12) -> str:
                     v[3] for (f, _, n), v in entries.items() if f.endswith(file) and n == func
                 )
                 lines.append(f"    {label:<32}{cum:>7.1f} s {100 * cum / total:>5.1f} %")
-        text = io.StringIO()
-        stats.stream = text  # type: ignore[attr-defined]
         stats.sort_stats("tottime").print_stats(top)
         body = text.getvalue()
         lines.append(body[body.find("   ncalls") :].rstrip())

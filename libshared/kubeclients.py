@@ -80,6 +80,7 @@ async def api_client(
         if settings.host:
             conf.host = settings.host.rstrip("/")
         elif source == "in-cluster":
+            # kubernetes-asyncio leaves this one loader unannotated
             config.load_incluster_config(client_configuration=conf)  # type: ignore[no-untyped-call]
         else:
             await config.load_kube_config(
