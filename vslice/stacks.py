@@ -119,7 +119,7 @@ def service_commands(
     moment spread over the tied nodes instead of racing for the same one (with FGD on the
     openb fleet, about a tenth of the lost races), while ``scheduler-1`` decides as the
     in-process replay with ``seed`` does."""
-    bus = ["--nats-url", nats_url, "--prefix", prefix, "--log-level", log_level]
+    bus = _bus_args(nats_url, prefix, log_level)
     out = {"admission": [sys.executable, "-m", "services.admission", *bus]}
     for i in range(1, replicas + 1):
         cmd = [sys.executable, "-m", "services.scheduler", *bus, "--name", f"scheduler-{i}"]
@@ -143,8 +143,12 @@ def agent_command(
 ) -> list[str]:
     """A node agent's command (argv) on the bus of ``nats_url`` and ``prefix``, its nodes
     and backend from ``agent_args``. Pure."""
-    bus = ["--nats-url", nats_url, "--prefix", prefix, "--log-level", log_level]
+    bus = _bus_args(nats_url, prefix, log_level)
     return [sys.executable, "-m", "services.nodeagent", *bus, *agent_args]
+
+
+def _bus_args(nats_url: str, prefix: str, log_level: str) -> list[str]:
+    return ["--nats-url", nats_url, "--prefix", prefix, "--log-level", log_level]
 
 
 def metrics_port(host: str, environ: Mapping[str, str] | None = None) -> int:
@@ -245,10 +249,16 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    with contextlib.suppress(OSError, IndexError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2] != "Z"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return _proc_stat(pid)[0] != "Z"
     return True
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """The fields of Linux's ``/proc/<pid>/stat`` after the command name, from the state
+    (field 3) on. Raises ``OSError``/``ValueError`` when it cannot be read."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 def terminate(pids: Sequence[int], *, timeout_s: float = STOP_TIMEOUT_S) -> list[int]:
@@ -274,8 +284,7 @@ def cpu_seconds(pid: int) -> float:
     """CPU time (user + system, seconds) process ``pid`` used so far, from Linux's
     ``/proc/<pid>/stat``; 0.0 when it cannot be read (another system, a process gone)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
+        fields = _proc_stat(pid)
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return 0.0
