@@ -54,6 +54,15 @@ class BusSettings:
         return Subjects(prefix=self.prefix)
 
 
+TRUE = ("1", "true", "yes", "on")
+
+
+def env_flag(environ: Mapping[str, str], name: str) -> bool:
+    """An on/off setting from the environment: on for ``1``, ``true``, ``yes``, ``on`` (any
+    case, spaces ignored), off for anything else or when ``name`` is unset."""
+    return environ.get(name, "").strip().lower() in TRUE
+
+
 def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
     """Add ``--nats-url``, ``--prefix``, ``--replicas`` with defaults from ``VSLICE_NATS_URL``
     (comma list), ``VSLICE_PREFIX``, ``VSLICE_BUCKET_REPLICAS``."""

@@ -33,11 +33,6 @@ PACKAGE = Path(__file__).resolve().parent
 DEFAULT_LIBVGPU = str(PACKAGE / "libvgpu" / "libvgpu.so")
 DEFAULT_MOCK_DIR = str(PACKAGE / "mockgpu")
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet/device-plugins"
-TRUE = ("1", "true", "yes", "on")
-
-
-def _flag(environ: Mapping[str, str], name: str) -> bool:
-    return environ.get(name, "").strip().lower() in TRUE
 
 
 @dataclass(frozen=True)
@@ -173,7 +168,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     k8s.add_argument(
         "--device-plugin",
         action="store_true",
-        default=_flag(env, "VSLICE_DEVICE_PLUGIN"),
+        default=connecting.env_flag(env, "VSLICE_DEVICE_PLUGIN"),
         help="serve kubelet's device-plugin API for nvidia.com/gpu (env VSLICE_DEVICE_PLUGIN)",
     )
     k8s.add_argument(
@@ -189,7 +184,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     k8s.add_argument(
         "--kube",
         action="store_true",
-        default=_flag(env, "VSLICE_KUBE"),
+        default=connecting.env_flag(env, "VSLICE_KUBE"),
         help="talk to the Kubernetes API: in-cluster config, else $KUBECONFIG (env VSLICE_KUBE)",
     )
     argv = list(argv or [])

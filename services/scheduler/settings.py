@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from libshared import connecting, kubeclients
 from services.scheduler.core.deciding import POLICIES
 
-TRUE = ("1", "true", "yes", "on")
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -110,7 +108,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     k8s.add_argument(
         "--kube",
         action="store_true",
-        default=env.get("VSLICE_KUBE", "").strip().lower() in TRUE,
+        default=connecting.env_flag(env, "VSLICE_KUBE"),
         help="talk to the Kubernetes API: in-cluster config, else $KUBECONFIG (env VSLICE_KUBE)",
     )
     k8s.add_argument(
