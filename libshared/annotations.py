@@ -28,6 +28,13 @@ VGPU_DEVICES_ALLOCATED = "hami.io/vgpu-devices-allocated"
 VGPU_DEVICES_TO_ALLOCATE = "hami.io/vgpu-devices-to-allocate"
 BIND_PHASE = "hami.io/bind-phase"
 BIND_TIME = "hami.io/bind-time"
+# hami.io/bind-phase values: the scheduler writes "allocating" at bind; the device plugin
+# answers "success" or "failed" from Allocate (HAMi's values).
+BIND_PHASE_ALLOCATING = "allocating"
+BIND_PHASE_SUCCESS = "success"
+BIND_PHASE_FAILED = "failed"
+# The vendor word of HAMi's NVIDIA entries in hami.io/vgpu-devices-*.
+NVIDIA_VENDOR = "NVIDIA"
 
 # Node annotation the device plugin writes.
 NODE_NVIDIA_REGISTER = "hami.io/node-nvidia-register"

@@ -61,12 +61,6 @@ KUBELET_SOCKET = "kubelet.sock"
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 
-# hami.io/bind-phase values (HAMi's scheduler writes "allocating" at bind; the device
-# plugin answers "success" or "failed")
-ALLOCATING = "allocating"
-SUCCESS = "success"
-FAILED = "failed"
-
 DISABLE_CONTROL = "CUDA_DISABLE_CONTROL"  # HAMi-core's switch: "true" runs without libvgpu
 ENDED_PHASES = frozenset({"Succeeded", "Failed"})
 
@@ -215,7 +209,7 @@ def pending_pod(pod: Mapping[str, Any], *, node: str) -> PendingPod | None:
     spec = pod.get("spec") or {}
     status = pod.get("status") or {}
     annos = meta.get("annotations") or {}
-    if spec.get("nodeName") != node or annos.get(keys.BIND_PHASE) != ALLOCATING:
+    if spec.get("nodeName") != node or annos.get(keys.BIND_PHASE) != keys.BIND_PHASE_ALLOCATING:
         return None
     if meta.get("deletionTimestamp") or status.get("phase") in ENDED_PHASES:
         return None
@@ -397,13 +391,13 @@ def progress_annotations(pod: PendingPod) -> dict[str, str | None]:
     (HAMi consumes it the same way); none left: bind-phase ``success`` and
     devices-to-allocate removed (``None`` in a JSON merge patch). Pure."""
     if pod.next_entry() is None:
-        return {keys.BIND_PHASE: SUCCESS, keys.VGPU_DEVICES_TO_ALLOCATE: None}
+        return {keys.BIND_PHASE: keys.BIND_PHASE_SUCCESS, keys.VGPU_DEVICES_TO_ALLOCATE: None}
     return {keys.VGPU_DEVICES_TO_ALLOCATE: keys.encode_pod_devices([list(e) for e in pod.entries])}
 
 
 def failed_annotations() -> dict[str, str | None]:
     """The annotation patch of an Allocate that failed for a known pod. Pure."""
-    return {keys.BIND_PHASE: FAILED}
+    return {keys.BIND_PHASE: keys.BIND_PHASE_FAILED}
 
 
 # -- the container's response --------------------------------------------------------------

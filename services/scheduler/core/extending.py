@@ -38,8 +38,6 @@ from libshared.events import Placement
 from libshared.ledgers import PodCharge, Slice
 from libshared.resources import PodRequest, parse_pod
 
-VENDOR = "NVIDIA"  # the vendor word of HAMi's NVIDIA device annotations
-BIND_PHASE_ALLOCATING = "allocating"
 ENDED_PHASES = ("Succeeded", "Failed")
 UNDECODABLE = "UndecodableAllocation"  # reason of a node held for an undecodable annotation
 UNKNOWN_NODE = "unknown node"  # the core's reason for a node that registered no devices
@@ -335,7 +333,10 @@ def bind_annotations(placement: Placement, *, containers: int, now_s: float) -> 
             )
         grants[s.container_index].append(
             keys.DeviceGrant(
-                uuid=s.uuid, vendor=VENDOR, memory_mib=s.memory_mib, cores_percent=s.cores_percent
+                uuid=s.uuid,
+                vendor=keys.NVIDIA_VENDOR,
+                memory_mib=s.memory_mib,
+                cores_percent=s.cores_percent,
             )
         )
     devices = keys.encode_pod_devices(grants)
@@ -343,7 +344,7 @@ def bind_annotations(placement: Placement, *, containers: int, now_s: float) -> 
         keys.VGPU_NODE: placement.node,
         keys.VGPU_DEVICES_ALLOCATED: devices,
         keys.VGPU_DEVICES_TO_ALLOCATE: devices,
-        keys.BIND_PHASE: BIND_PHASE_ALLOCATING,
+        keys.BIND_PHASE: keys.BIND_PHASE_ALLOCATING,
         keys.BIND_TIME: str(int(now_s)),
     }
 
