@@ -52,10 +52,10 @@ from libshared import annotations as keys
 from libshared.devices import Device
 from libshared.errors import AnnotationDecodeError, InvalidRequest
 from libshared.ledgers import NodeLedger, Slice
-from libshared.resources import ResourceSettings, parse_container, pod_containers
+from libshared.resources import GPU, ResourceSettings, parse_container, pod_containers
 from services.nodeagent.core import preparing
 
-RESOURCE_NAME = "nvidia.com/gpu"
+RESOURCE_NAME = GPU  # the extended resource the device plugin advertises
 API_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
 HEALTHY = "Healthy"
