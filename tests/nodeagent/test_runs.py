@@ -441,7 +441,9 @@ def test_a_node_agent_restart_loses_and_duplicates_no_slice(up: Up) -> None:
                 up.children.append(restarted)
                 recorded["pids"]["nodeagent"] = restarted.pid
                 (up.state / stacks.STATE_FILE).write_text(json.dumps(recorded))
-                wait_s = time.monotonic() + 20
+                # The placement may have gone to the killed agent's last pull request:
+                # JetStream redelivers it once its ack wait (30 s) has passed.
+                wait_s = time.monotonic() + 45
                 while "p-down" not in readies and time.monotonic() < wait_s:
                     await asyncio.sleep(0.05)
                 return readies

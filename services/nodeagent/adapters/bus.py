@@ -133,6 +133,7 @@ class Agent:
             filter_subjects=self._filters(),
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL,
+            # a message a dead agent had fetched is redelivered after this (seconds)
             ack_wait=30.0,
         )
         sub = await self.js.pull_subscribe(
