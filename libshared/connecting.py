@@ -15,8 +15,10 @@ import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Mapping
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import nats
 from nats.aio.client import Client
@@ -24,6 +26,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from libshared import permissions
 from libshared.subjects import DEFAULT_PREFIX, Subjects
 
 log = logging.getLogger("vslice.bus")
@@ -40,6 +43,13 @@ class BusSettings:
     streams this service creates (3 on a 3-node cluster). ``request_timeout_s``: JetStream
     API and publish timeout, seconds. ``drain_timeout_s``: how long SIGTERM's drain may
     take, seconds.
+
+    Who connects (``libshared.permissions``, ``libshared.trust``): ``identity`` names the
+    bus identity (its inbox prefix; default: the stem of the seed or credentials file);
+    ``nkey_seed_path`` an NKEY seed file, or ``creds_path`` a NATS credentials file (user
+    JWT and seed, for a decentralized-auth server); ``tls_ca_path`` the CA that signed the
+    server's certificate (TLS on), ``tls_cert_path``/``tls_key_path`` a client
+    certificate when the server asks for one.
     """
 
     urls: tuple[str, ...] = (DEFAULT_URL,)
@@ -47,6 +57,35 @@ class BusSettings:
     replicas: int = 1
     request_timeout_s: float = 5.0
     drain_timeout_s: float = 3.0
+    identity: str = ""
+    nkey_seed_path: str = ""
+    creds_path: str = ""
+    tls_ca_path: str = ""
+    tls_cert_path: str = ""
+    tls_key_path: str = ""
+
+    @property
+    def identity_name(self) -> str:
+        """``identity``, else the stem of the seed or credentials file ("" for none)."""
+        if self.identity:
+            return self.identity
+        path = self.nkey_seed_path or self.creds_path
+        return Path(path).stem if path else ""
+
+    def credential_arguments(self) -> list[str]:
+        """The flags that give a service these credentials (``add_arguments``'s)."""
+        out = []
+        for flag, value in (
+            ("--identity", self.identity),
+            ("--nkey-seed", self.nkey_seed_path),
+            ("--nats-creds", self.creds_path),
+            ("--nats-tls-ca", self.tls_ca_path),
+            ("--nats-tls-cert", self.tls_cert_path),
+            ("--nats-tls-key", self.tls_key_path),
+        ):
+            if value:
+                out += [flag, value]
+        return out
 
     @property
     def subjects(self) -> Subjects:
@@ -82,6 +121,19 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         default=int(environ.get("VSLICE_BUCKET_REPLICAS", "1")),
         help="JetStream replicas of buckets and streams created (env VSLICE_BUCKET_REPLICAS)",
     )
+    for flag, env, what in (
+        ("--identity", "VSLICE_IDENTITY", "bus identity (inbox prefix); default: seed file stem"),
+        ("--nkey-seed", "VSLICE_NKEY_SEED", "NKEY seed file of this service's identity"),
+        ("--nats-creds", "VSLICE_NATS_CREDS", "NATS credentials file (JWT + seed)"),
+        ("--nats-tls-ca", "VSLICE_NATS_TLS_CA", "CA certificate of the NATS server (turns TLS on)"),
+        (
+            "--nats-tls-cert",
+            "VSLICE_NATS_TLS_CERT",
+            "client certificate (if the server asks)",
+        ),
+        ("--nats-tls-key", "VSLICE_NATS_TLS_KEY", "client certificate's key"),
+    ):
+        parser.add_argument(flag, default=environ.get(env, ""), help=f"{what} (env {env})")
 
 
 def from_arguments(args: argparse.Namespace) -> BusSettings:
@@ -92,18 +144,67 @@ def from_arguments(args: argparse.Namespace) -> BusSettings:
     urls = tuple(u.strip() for u in str(args.nats_url).split(",") if u.strip())
     if not 1 <= args.replicas <= 5:
         raise ValueError(f"--replicas {args.replicas}: must be 1-5")
-    settings = BusSettings(urls=urls or (DEFAULT_URL,), prefix=args.prefix, replicas=args.replicas)
+    settings = BusSettings(
+        urls=urls or (DEFAULT_URL,),
+        prefix=args.prefix,
+        replicas=args.replicas,
+        identity=getattr(args, "identity", ""),
+        nkey_seed_path=getattr(args, "nkey_seed", ""),
+        creds_path=getattr(args, "nats_creds", ""),
+        tls_ca_path=getattr(args, "nats_tls_ca", ""),
+        tls_cert_path=getattr(args, "nats_tls_cert", ""),
+        tls_key_path=getattr(args, "nats_tls_key", ""),
+    )
     _ = settings.subjects  # validates the prefix
+    if settings.identity:
+        permissions.inbox_prefix(settings.identity)  # validates the identity
+    if bool(settings.tls_cert_path) != bool(settings.tls_key_path):
+        raise ValueError("--nats-tls-cert and --nats-tls-key: give both or neither")
     return settings
+
+
+def tls_context(settings: BusSettings) -> ssl.SSLContext | None:
+    """The client TLS context of ``settings`` (None without ``tls_ca_path``): verifies the
+    server against the CA and its host name, presents the client certificate if given.
+    Raises ``OSError``/``ssl.SSLError`` when a file cannot be read."""
+    if not settings.tls_ca_path:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.tls_ca_path)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.tls_cert_path:
+        context.load_cert_chain(settings.tls_cert_path, settings.tls_key_path)
+    return context
 
 
 async def _error_cb(exc: Exception) -> None:
     log.warning("nats: %s: %s", type(exc).__name__, exc)
 
 
-async def connect(settings: BusSettings, *, name: str) -> Client:
-    """Connect with unlimited reconnects; raises ``nats.errors.NoServersError`` when no
-    server answers at first."""
+async def connect(
+    settings: BusSettings,
+    *,
+    name: str,
+    error_cb: Callable[[Exception], Awaitable[None]] | None = None,
+) -> Client:
+    """Connect as ``settings``' identity (NKEY seed or credentials file, TLS when a CA is
+    given, replies on the identity's own inbox prefix) with unlimited reconnects.
+    ``error_cb`` receives the server's asynchronous errors (a permissions violation among
+    them); by default they are logged.
+
+    Raises ``nats.errors.NoServersError`` when no server answers at first, and
+    ``nats.errors.Error`` when the server refuses the identity.
+    """
+    identity = settings.identity_name
+    options: dict[str, object] = {}
+    if settings.nkey_seed_path:
+        options["nkeys_seed"] = settings.nkey_seed_path
+    if settings.creds_path:
+        options["user_credentials"] = settings.creds_path
+    context = tls_context(settings)
+    if context is not None:
+        options["tls"] = context
+    if identity:
+        options["inbox_prefix"] = permissions.inbox_prefix(identity)
     return await nats.connect(
         servers=list(settings.urls),
         name=name,
@@ -111,8 +212,9 @@ async def connect(settings: BusSettings, *, name: str) -> Client:
         reconnect_time_wait=0.5,
         connect_timeout=2,
         drain_timeout=max(1, int(settings.drain_timeout_s)),
-        error_cb=_error_cb,
+        error_cb=error_cb or _error_cb,
         allow_reconnect=True,
+        **options,
     )
 
 
@@ -141,12 +243,21 @@ class Bus:
     pods: KeyValue
 
 
-async def ensure_bus(js: JetStreamContext, settings: BusSettings) -> Bus:
-    """Open (creating when missing) the nodes, ledger and pods buckets and the alloc stream.
+async def ensure_bus(
+    js: JetStreamContext, settings: BusSettings, *, create: bool = True, wait_s: float = 60.0
+) -> Bus:
+    """Open the nodes, ledger and pods buckets and the alloc stream; with ``create``
+    (the scheduler's and the operator's identities may) create the missing ones, else
+    wait up to ``wait_s`` seconds for them to appear (every other role may only open
+    them: ``libshared.permissions``).
 
-    Raises ``nats.js.errors.Error`` subclasses when JetStream refuses.
+    Raises ``nats.js.errors.Error`` subclasses when JetStream refuses, and
+    ``BucketNotFoundError`` when, without ``create``, a bucket is still missing after
+    ``wait_s``.
     """
     subjects = settings.subjects
+    if not create:
+        return await _wait_bus(js, settings, wait_s)
     nodes = await _bucket(js, subjects.nodes_bucket, settings.replicas)
     ledger = await _bucket(js, subjects.ledger_bucket, settings.replicas)
     pods = await _bucket(js, subjects.pods_bucket, settings.replicas)
@@ -165,6 +276,40 @@ async def ensure_bus(js: JetStreamContext, settings: BusSettings) -> Bus:
         except BadRequestError:
             await js.stream_info(subjects.alloc_stream)  # created meanwhile by another
     return Bus(nodes=nodes, ledger=ledger, pods=pods)
+
+
+async def _wait_bus(js: JetStreamContext, settings: BusSettings, wait_s: float) -> Bus:
+    subjects = settings.subjects
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    delay = 0.05
+    while True:
+        try:
+            return Bus(
+                nodes=await js.key_value(subjects.nodes_bucket),
+                ledger=await js.key_value(subjects.ledger_bucket),
+                pods=await js.key_value(subjects.pods_bucket),
+            )
+        except BucketNotFoundError:
+            if loop.time() >= deadline:
+                raise
+            log.info("waiting for the scheduler to create the buckets")
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+
+async def open_bucket(js: JetStreamContext, bucket: str, *, wait_s: float = 60.0) -> KeyValue:
+    """Open an existing bucket, waiting up to ``wait_s`` seconds for it to be created.
+    Raises ``BucketNotFoundError`` when it is still missing then."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        try:
+            return await js.key_value(bucket)
+        except BucketNotFoundError:
+            if loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 def stop_on_signals(stop: asyncio.Event | None = None) -> asyncio.Event:

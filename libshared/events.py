@@ -10,7 +10,7 @@ kind. Every tagged message carries ``"type": "<tag>"`` in its JSON; a ``PodReque
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -97,6 +97,15 @@ class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
     pod_uid: str
     node: str
     reason: str
+
+
+class SliceQuery(msgspec.Struct, frozen=True, kw_only=True):
+    """Asked of the node agent on ``<prefix>.node.<node>.slice`` (``vslice run``): the
+    ``Ready``/``Failed`` of pod ``pod_uid`` once its slice is prepared, waiting at most
+    ``wait_s`` seconds (0-60). The answer goes to the asker's inbox alone."""
+
+    pod_uid: Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+    wait_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 30.0
 
 
 class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
@@ -201,6 +210,7 @@ ALLOC_EVENT = msgspec.json.Decoder(AllocEvent)
 PLACEMENT = msgspec.json.Decoder(Placement)
 STATS = msgspec.json.Decoder(Stats)
 NODE_ANSWER = msgspec.json.Decoder(Ready | Failed)
+SLICE_QUERY = msgspec.json.Decoder(SliceQuery)
 NODE_USAGE = msgspec.json.Decoder(NodeUsage)
 
 _TAGGED_REVIEW_REPLY: msgspec.json.Decoder[Denial | BusError] = msgspec.json.Decoder(

@@ -7,6 +7,12 @@ free ports, keeps JetStream data in a given directory, and is only handed out on
 monitoring endpoint reports JetStream healthy. ``start_cluster`` starts three (or more)
 such servers routed into one cluster, for tests of replicated (R3) buckets.
 
+A server always runs with authorization and TLS: there is no anonymous mode, in tests or
+anywhere else. Its trust material (``libshared.trust``) is the ``trust`` store given, else
+``<data_dir>/trust``, created on first start with an ``operator`` identity; ``identity``
+adds one (nats-server reloads its users on SIGHUP, ``reload``) and ``bus_settings`` gives
+the ``BusSettings`` a client of that identity connects with.
+
 What it leaves to others: connecting (``libshared.connecting``), and creating streams or
 buckets.
 """
@@ -14,6 +20,7 @@ buckets.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -28,7 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from libshared import permissions as perms
+from libshared.connecting import BusSettings
 from libshared.errors import VsliceError
+from libshared.subjects import DEFAULT_PREFIX
+from libshared.trust import TrustStore
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -85,6 +96,8 @@ class NatsServer:
     ``data_dir``: JetStream storage and the log file (``nats.log``) live here.
     ``port`` / ``http_port`` / ``cluster_port``: 0 = pick a free one at start.
     ``routes``: ``nats://host:port`` cluster routes (empty: a standalone server).
+    ``trust``: the trust store (default ``<data_dir>/trust``); ``tls``: clients connect
+    over TLS (authorization is always on).
     Use ``start()``/``stop()`` or ``with``/``async with``; ``url`` is valid once started.
     """
 
@@ -96,7 +109,105 @@ class NatsServer:
     cluster_name: str = ""
     routes: Sequence[str] = ()
     binary: Path | None = None
+    trust: TrustStore | None = None
+    tls: bool = True
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def store(self) -> TrustStore:
+        """The server's trust store (created on first use with its CA and certificate)."""
+        if self.trust is None:
+            self.trust = TrustStore(Path(self.data_dir) / "trust")
+        if not self.trust.ca_path.exists():
+            self.trust.ensure()
+            self.trust.add_identity("operator", perms.Role.OPERATOR, prefix=DEFAULT_PREFIX)
+        return self.trust
+
+    @property
+    def config_path(self) -> Path:
+        """The configuration file the server reads (authorization and TLS)."""
+        return Path(self.data_dir) / "nats.conf"
+
+    def identity(
+        self, name: str, role: perms.Role, *, prefix: str = DEFAULT_PREFIX, node: str = ""
+    ) -> BusSettings:
+        """Add identity ``name`` of ``role`` (kept when it exists), make a running server
+        accept it (``reload``), and return the ``BusSettings`` to connect with it.
+        Raises ``libshared.trust.TrustError`` for a bad name, role, prefix or node, and
+        ``NatsServerError`` when the server does not reload."""
+        store = self.store
+        known = {r.name for r in store.identities()}
+        seed = store.add_identity(name, role, prefix=prefix, node=node)
+        if self.running and name not in known:
+            self.reload()
+        return self.bus_settings(name, prefix=prefix, seed=seed)
+
+    def bus_settings(
+        self, name: str = "operator", *, prefix: str = DEFAULT_PREFIX, seed: Path | None = None
+    ) -> BusSettings:
+        """``BusSettings`` to reach this server as identity ``name`` (which must exist)."""
+        store = self.store
+        return BusSettings(
+            urls=(self.url,),
+            prefix=prefix,
+            identity=name,
+            nkey_seed_path=str(seed or store.seed_path(name)),
+            tls_ca_path=str(store.ca_path) if self.tls else "",
+        )
+
+    def write_config(self) -> Path:
+        """Render every option (listeners, JetStream, log, cluster) and the trust store
+        into ``config_path``; returns it. All options live in the file, so a reload
+        (SIGHUP) compares like with like."""
+        config = self.store.server_config(tls=self.tls, cluster_tls=bool(self.cluster_name))
+        config.update(
+            server_name=self.name,
+            host="127.0.0.1",
+            port=self.port,
+            http=f"127.0.0.1:{self.http_port}",
+            jetstream={"store_dir": str(Path(self.data_dir) / "jetstream")},
+            log_file=str(self.log_path),
+        )
+        if self.cluster_name:
+            cluster = dict(config.get("cluster") or {})  # type: ignore[call-overload]
+            cluster.update(
+                name=self.cluster_name,
+                listen=f"127.0.0.1:{self.cluster_port}",
+                routes=list(self.routes),
+            )
+            config["cluster"] = cluster
+        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config, indent=1))
+        tmp.chmod(0o600)
+        tmp.replace(self.config_path)
+        return self.config_path
+
+    def _load_time(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/varz", timeout=2) as r:
+            return str(json.load(r).get("config_load_time", ""))
+
+    def reload(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Write the configuration again and have the server reload it (SIGHUP), waiting
+        until its monitoring endpoint reports the new load. Raises ``NatsServerError``
+        when it is not running or does not reload in ``timeout_s`` seconds."""
+        self.write_config()
+        if self.process is None or self.process.poll() is not None:
+            raise NatsServerError("reload: nats-server is not running", log=self.log_tail())
+        try:
+            before = self._load_time()
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise NatsServerError(f"reload: monitoring endpoint: {exc}") from exc
+        self.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self._load_time() != before:
+                    return
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        raise NatsServerError(f"nats-server did not reload in {timeout_s} s", log=self.log_tail())
 
     @property
     def url(self) -> str:
@@ -115,32 +226,7 @@ class NatsServer:
 
     def _command(self) -> list[str]:
         binary = self.binary or find_binary()
-        cmd = [
-            str(binary),
-            "--name",
-            self.name,
-            "--addr",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--http_port",
-            str(self.http_port),
-            "--jetstream",
-            "--store_dir",
-            str(Path(self.data_dir) / "jetstream"),
-            "--log",
-            str(self.log_path),
-        ]
-        if self.cluster_name:
-            cmd += [
-                "--cluster_name",
-                self.cluster_name,
-                "--cluster",
-                f"nats://127.0.0.1:{self.cluster_port}",
-            ]
-            if self.routes:
-                cmd += ["--routes", ",".join(self.routes)]
-        return cmd
+        return [str(binary), "--config", str(self.write_config())]
 
     def log_tail(self, chars: int = 4000) -> str:
         """The last ``chars`` characters of the server's log ("" when there is none)."""
@@ -273,6 +359,20 @@ class NatsCluster:
         """Client URLs of every server (give them all to a client: it fails over)."""
         return [s.url for s in self.servers]
 
+    def identity(
+        self, name: str, role: perms.Role, *, prefix: str = DEFAULT_PREFIX, node: str = ""
+    ) -> BusSettings:
+        """Add identity ``name`` (see ``NatsServer.identity``) on every server; the
+        settings list every server's URL."""
+        for server in self.servers:
+            server.identity(name, role, prefix=prefix, node=node)
+        return dataclasses.replace(self.bus_settings(name, prefix=prefix))
+
+    def bus_settings(self, name: str = "operator", *, prefix: str = DEFAULT_PREFIX) -> BusSettings:
+        """``BusSettings`` reaching every server as identity ``name``."""
+        one = self.servers[0].bus_settings(name, prefix=prefix)
+        return dataclasses.replace(one, urls=tuple(self.urls))
+
     def stop(self) -> None:
         """Stop every server."""
         for s in self.servers:
@@ -298,12 +398,14 @@ def start_cluster(
 
     Raises ``NatsServerError`` (every started server is stopped then).
     """
+    trust = NatsServer(data_dir=Path(data_dir)).store  # one CA and user list for all
     servers = [
         NatsServer(
             data_dir=Path(data_dir) / f"n{i}",
             name=f"{name}-n{i}",
             cluster_name=name,
             cluster_port=free_port(),
+            trust=trust,
         )
         for i in range(size)
     ]

@@ -131,6 +131,12 @@ class Subjects(msgspec.Struct, frozen=True, kw_only=True):
         """``NodeDevices`` announcement of a node agent (core NATS, informational)."""
         return f"{self.prefix}.node.{node}.registered"
 
+    def node_slice(self, node: str) -> str:
+        """Request/reply served by the node agent of ``node``: ``SliceQuery`` in, the pod's
+        ``Ready`` or ``Failed`` out once its slice is prepared (``vslice run`` waits here:
+        it reads its own answer and no one else's)."""
+        return f"{self.prefix}.node.{node}.slice"
+
     def usage(self, node: str) -> str:
         """``NodeUsage`` of a node (core NATS)."""
         return f"{self.prefix}.usage.{node}"

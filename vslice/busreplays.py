@@ -34,11 +34,11 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 from tqdm import tqdm
 
 from libshared import annotations as keys
-from libshared import connecting, events, traces
+from libshared import connecting, events, permissions, traces
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
-from libshared.natsserver import NatsServer
+from libshared.natsserver import NatsServer, free_port
 from libshared.subjects import deadline_headers
 from libshared.traces import TracePod
 from services.scheduler.core import replaying
@@ -256,9 +256,12 @@ def run_seed(
     with tempfile.TemporaryDirectory(prefix="vslice-replay-") as tmp:
         state = Path(tmp)
         server = NatsServer(data_dir=state / "nats", name="vslice-replay-nats")
+        server.port, server.http_port = free_port(), free_port()
+        identities = stacks.provision(server, prefix=PREFIX, node=permissions.ANY_NODE)
         with server:
             commands = stacks.service_commands(
                 server.url,
+                credentials=identities,
                 prefix=PREFIX,
                 replicas=replicas,
                 policy=policy,
@@ -276,10 +279,10 @@ def run_seed(
             logs = state / "logs"
             procs = {name: stacks.spawn(name, argv, logs) for name, argv in commands.items()}
             try:
-                settings = BusSettings(urls=(server.url,), prefix=PREFIX)
+                settings = identities["cli"]
                 asyncio.run(
                     stacks.wait_serving(
-                        settings,
+                        identities["operator"],
                         schedulers=replicas,
                         nodes=len(fleet),
                         procs=procs,
@@ -316,12 +319,12 @@ async def _registered_nodes(settings: BusSettings) -> list[NodeDevices]:
     """Every node registered on the bus (for an attached replay)."""
     nc = await connecting.connect(settings, name="vslice-replay")
     try:
-        bus = await connecting.ensure_bus(nc.jetstream(), settings)
+        nodes = await connecting.open_bucket(nc.jetstream(), settings.subjects.nodes_bucket)
         out = []
         with contextlib.suppress(NoKeysError):
-            for key in await bus.nodes.keys():
+            for key in await nodes.keys():
                 with contextlib.suppress(KeyNotFoundError, KeyDeletedError):
-                    entry = await bus.nodes.get(key)
+                    entry = await nodes.get(key)
                     if entry.value:
                         out.append(stacks.NODES.decode(entry.value))
         return out
@@ -341,14 +344,14 @@ async def _wait_registered(
     when the agent (``pid``) exits first or after ``timeout_s`` seconds."""
     nc = await connecting.connect(settings, name="vslice-replay")
     try:
-        bus = await connecting.ensure_bus(nc.jetstream(), settings)
+        nodes = await connecting.open_bucket(nc.jetstream(), settings.subjects.nodes_bucket)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not stacks.alive(pid):
                 tail = (logs / f"{AGENT}.log").read_text(errors="replace")[-2000:]
                 raise stacks.StackError(f"{AGENT} exited:\n{tail}")
             try:
-                keys = set(await bus.nodes.keys())
+                keys = set(await nodes.keys())
             except NoKeysError:
                 keys = set()
             if names <= keys:
@@ -432,7 +435,7 @@ def run_attached(
     pods = traces.read_pods(trace)
     capacity = replaying.capacity_milli(fleet)
     sequence = replaying.arrivals(pods, seed=seed, capacity=capacity)
-    settings = BusSettings(urls=(stack.nats_url,), prefix=stack.prefix)
+    settings = stack.settings("cli")
     names = {n.node for n in fleet}
     registered = asyncio.run(_registered_nodes(settings))
     clash = sorted(names & {n.node for n in registered})
@@ -451,6 +454,7 @@ def run_attached(
         prefix=stack.prefix,
         agent_args=["--fleet", fleet_path, "--unregister", "--name", AGENT],
         log_level="info",
+        credentials=stack.settings("nodeagent-fleet"),
     )
     agent = stacks.spawn_detached(AGENT, argv, logs)
     stacks.with_process(state_dir, AGENT, agent)

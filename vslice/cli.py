@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from libshared import traces
 from libshared.errors import VsliceError
 from services.scheduler.core.deciding import POLICIES
-from vslice import busreplays, replays, running, stacks
+from vslice import busreplays, certs, replays, running, stacks
 
 
 def _policies(text: str) -> list[str]:
@@ -90,6 +91,30 @@ def build_parser() -> argparse.ArgumentParser:
             help="where pids, logs and NATS data live (default $VSLICE_STATE_DIR, "
             "else $XDG_STATE_HOME/vslice or ~/.local/state/vslice)",
         )
+    certs = sub.add_parser(
+        "certs",
+        help="provision a bus's CA, certificates, identities and nats.conf into a directory",
+        description="What `vslice up` does for itself, for a stack it does not start (compose).",
+    )
+    certs.add_argument("--dir", required=True, help="where the trust material goes")
+    certs.add_argument("--prefix", default="vslice", help="bus prefix (default vslice)")
+    certs.add_argument(
+        "--node", action="append", default=[], help="a node agent's node (repeatable)"
+    )
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a DNS name or IP of the NATS server (repeatable; default localhost, 127.0.0.1)",
+    )
+    certs.add_argument("--store-dir", default="/data", help="JetStream store in nats.conf")
+    certs.add_argument("--renew", action="store_true", help="issue a new server certificate")
+    sp = sub.choices["status"]
+    sp.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object: nats_url, operator_nkey_seed, tls_ca, processes",
+    )
     run = sub.add_parser(
         "run", help="run a command inside a slice of this machine's GPU (needs `vslice up`)"
     )
@@ -116,6 +141,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stack(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "certs":
+            seeds = certs.provision(
+                Path(args.dir),
+                prefix=args.prefix,
+                nodes=args.node,
+                hosts=args.host or ["localhost", "127.0.0.1"],
+                store_dir=args.store_dir,
+                renew=args.renew,
+            )
+            print(f"trust material in {args.dir}: CA ca.pem, nats.conf, {len(seeds)} identities")
+            return 0
     except running.RunError as exc:
         print(f"vslice run: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -144,6 +180,9 @@ def _run(args: argparse.Namespace) -> int:
 def _stack(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else stacks.default_state_dir()
     if args.command == "status":
+        if args.json:
+            print(json.dumps(stacks.status_json(state_dir), indent=1))
+            return 0
         print(stacks.status_text(state_dir))
         return 0
     if args.command == "down":

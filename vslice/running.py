@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from libshared import annotations as hami_annotations
 from libshared import connecting, events, resources
@@ -38,6 +39,7 @@ from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
 from libshared.subjects import deadline_headers
+from services.nodeagent import settings as nodeagent_settings
 from vslice import stacks
 
 READY_TIMEOUT_S = 30.0
@@ -110,6 +112,90 @@ def unschedulable_text(answer: events.Unschedulable) -> str:
     return answer.reason + (f" ({nodes})" if nodes else "")
 
 
+# The variables a slice's environment may hold (``services.nodeagent.core.preparing``);
+# anything else in a node agent's answer is refused, not passed on.
+_MEMORY_LIMIT = re.compile(r"^CUDA_DEVICE_MEMORY_LIMIT_(\d+)$")
+_KNOWN = frozenset(
+    {
+        "NVIDIA_VISIBLE_DEVICES",
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_SM_LIMIT",
+        "CUDA_TASK_PRIORITY",
+        "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+        "GPU_CORE_UTILIZATION_POLICY",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "VSLICE_MOCKGPU_STATE",
+        "VSLICE_MOCKGPU_DEVICES",
+    }
+)
+
+
+def _inside(path: str, roots: Sequence[Path]) -> bool:
+    if not path or not os.path.isabs(path):
+        return False
+    real = Path(os.path.realpath(path))
+    return any(real == r or r in real.parents for r in (Path(os.path.realpath(x)) for x in roots))
+
+
+def verify_ready(
+    ready: events.Ready,
+    placement: events.Placement,
+    *,
+    host_root: Path,
+    library_dirs: Sequence[Path] = (),
+) -> list[str]:
+    """What is wrong with a node agent's ``Ready`` for ``placement`` (empty: nothing).
+
+    The answer must be for this pod on this node, and the container's environment must be
+    the one the placement implies: the placement's device UUIDs in order, one memory limit
+    per device equal to its slice (``<MiB>m``), the SM limit of its cores (absent at 0),
+    ``LD_PRELOAD`` naming only libraries in the node agent's own ``<host_root>/lib``, the
+    shared cache under ``<host_root>/containers``, library paths under ``host_root`` or
+    ``library_dirs`` (the mock driver), and no variable outside the slice's set. An
+    answer that passes was not shaped by anyone but vslice; one that fails is refused
+    before any command runs. Pure (reads only symbolic links of the paths named).
+    """
+    problems: list[str] = []
+    if ready.pod_uid != placement.pod_uid or ready.node != placement.node:
+        problems.append(f"answer for {ready.pod_uid} on {ready.node}, not this slice")
+    env = ready.env.get(CONTAINER)
+    if env is None:
+        return [*problems, f"no environment for container {CONTAINER!r}"]
+    mine = sorted(
+        (s for s in placement.slices if s.container == CONTAINER), key=lambda s: s.device_index
+    )
+    uuids = ",".join(s.uuid for s in mine)
+    for key in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+        if env.get(key) != uuids:
+            problems.append(f"{key}={env.get(key)!r}, the slice holds {uuids!r}")
+    limits = {int(m.group(1)): v for k, v in env.items() if (m := _MEMORY_LIMIT.match(k))}
+    wanted = {i: f"{s.memory_mib}m" for i, s in enumerate(mine)}
+    if limits != wanted:
+        problems.append(f"memory limits {limits}, the slice holds {wanted}")
+    cores = max((s.cores_percent for s in mine), default=0)
+    sm = env.get("CUDA_DEVICE_SM_LIMIT")
+    if (str(min(cores, 100)) if cores > 0 else None) != sm:
+        problems.append(f"CUDA_DEVICE_SM_LIMIT={sm!r}, the slice holds {cores}% cores")
+    if env.get("GPU_CORE_UTILIZATION_POLICY", "default") not in ("default", "force", "disable"):
+        problems.append(f"GPU_CORE_UTILIZATION_POLICY={env['GPU_CORE_UTILIZATION_POLICY']!r}")
+    preload = env.get("LD_PRELOAD", "").split()
+    lib = host_root / "lib"
+    if not preload or not all(_inside(p, [lib]) for p in preload):
+        problems.append(f"LD_PRELOAD={env.get('LD_PRELOAD')!r} is not the node agent's libvgpu")
+    cache = env.get("CUDA_DEVICE_MEMORY_SHARED_CACHE", "")
+    if not _inside(cache, [host_root / "containers"]):
+        problems.append(f"CUDA_DEVICE_MEMORY_SHARED_CACHE={cache!r} is outside the host root")
+    for key in ("LD_LIBRARY_PATH", "VSLICE_MOCKGPU_STATE"):
+        for part in filter(None, env.get(key, "").split(":")):
+            if not _inside(part, [host_root, *library_dirs]):
+                problems.append(f"{key} names {part!r}, outside the node agent's directories")
+    unknown = sorted(k for k in env if k not in _KNOWN and not _MEMORY_LIMIT.match(k))
+    if unknown:
+        problems.append(f"unexpected variables {unknown}")
+    return problems
+
+
 def run(state_dir: Path, request: SliceRequest, command: Sequence[str]) -> int:
     """Run ``command`` in a slice from the stack in ``state_dir``; returns its exit code
     (128 + N when a signal N ended it). Raises ``RunError`` when no stack is up, or the
@@ -121,8 +207,20 @@ def run(state_dir: Path, request: SliceRequest, command: Sequence[str]) -> int:
             + (f" --state-dir {state_dir}`" if state_dir != stacks.default_state_dir() else "`"),
             exit_code=2,
         )
-    settings = BusSettings(urls=(stack.nats_url,), prefix=stack.prefix)
-    return asyncio.run(_run(settings, request, list(command)))
+    checks = Checks(
+        host_root=state_dir / "host", library_dirs=(Path(nodeagent_settings.DEFAULT_MOCK_DIR),)
+    )
+    return asyncio.run(_run(stack.settings("cli"), request, list(command), checks))
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Where the node agent of a local stack keeps what a slice's environment may name:
+    ``host_root`` (libvgpu under ``lib/``, caches under ``containers/``) and
+    ``library_dirs`` (the mock driver)."""
+
+    host_root: Path
+    library_dirs: tuple[Path, ...] = ()
 
 
 async def _request(nc: Client, subject: str, body: bytes, *, timeout_s: float) -> Msg:
@@ -140,15 +238,18 @@ async def _request(nc: Client, subject: str, body: bytes, *, timeout_s: float) -
 
 
 async def _slice(
-    nc: Client, settings: BusSettings, request: SliceRequest, node: str
+    nc: Client, settings: BusSettings, request: SliceRequest, node: str, checks: Checks
 ) -> tuple[events.Placement, events.Ready]:
     s = settings.subjects
-    bus = await connecting.ensure_bus(nc.jetstream(), settings)
     try:
-        entry = await bus.nodes.get(node)
-    except KeyNotFoundError as exc:
+        nodes = await connecting.open_bucket(nc.jetstream(), s.nodes_bucket, wait_s=2.0)
+        entry = await nodes.get(node)
+    except (KeyNotFoundError, BucketNotFoundError) as exc:
         raise RunError(f"node {node} is not registered: is its node agent running?") from exc
-    registered = NODE_DEVICES.decode(entry.value or b"")
+    try:
+        registered = NODE_DEVICES.decode(entry.value or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise RunError(f"node {node}: unreadable registration ({exc})") from exc
     uid = f"run-{uuid.uuid4().hex[:12]}"
     spec = pod_spec(request, uid=uid, uuids=[d.uuid for d in registered.devices])
     reply = await _request(
@@ -162,40 +263,40 @@ async def _slice(
         raise RunError(f"refused: {reviewed.field}={reviewed.value!r}: {reviewed.reason}")
     if isinstance(reviewed, events.BusError):
         raise RunError(f"admission failed: {reviewed.reason}")
-    answers: asyncio.Queue[events.Ready | events.Failed] = asyncio.Queue()
-
-    async def on_answer(msg: Msg) -> None:
-        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-            answer = events.NODE_ANSWER.decode(msg.data)
-            if answer.pod_uid == uid:
-                await answers.put(answer)
-
-    subs = [
-        await nc.subscribe(s.alloc_ready(node), cb=on_answer),
-        await nc.subscribe(s.alloc_failed(node), cb=on_answer),
-    ]
+    decided = await _request(
+        nc, s.sched_schedule, events.ENCODER.encode(reviewed), timeout_s=REQUEST_TIMEOUT_S
+    )
+    placed = events.SCHEDULE_REPLY.decode(decided.data)
+    if isinstance(placed, events.Unschedulable):
+        raise RunError(f"no slice fits: {unschedulable_text(placed)}")
+    if isinstance(placed, events.BusError):
+        raise RunError(f"scheduling failed: {placed.reason}")
+    if placed.pod_uid != uid or placed.node != node:
+        await _release(nc, settings, uid)
+        raise RunError(f"the scheduler answered for {placed.pod_uid} on {placed.node}")
     try:
-        decided = await _request(
-            nc, s.sched_schedule, events.ENCODER.encode(reviewed), timeout_s=REQUEST_TIMEOUT_S
+        # Asked of the node agent itself: only its identity may serve this subject (the
+        # server enforces it), and the answer comes to this client's inbox alone.
+        answered = await _request(
+            nc,
+            s.node_slice(node),
+            events.ENCODER.encode(events.SliceQuery(pod_uid=uid, wait_s=READY_TIMEOUT_S)),
+            timeout_s=READY_TIMEOUT_S + 5,
         )
-        placed = events.SCHEDULE_REPLY.decode(decided.data)
-        if isinstance(placed, events.Unschedulable):
-            raise RunError(f"no slice fits: {unschedulable_text(placed)}")
-        if isinstance(placed, events.BusError):
-            raise RunError(f"scheduling failed: {placed.reason}")
-        try:
-            async with asyncio.timeout(READY_TIMEOUT_S):
-                answer = await answers.get()
-        except TimeoutError as exc:
-            await _release(nc, settings, uid)
-            raise RunError(f"no node agent answer for {uid} in {READY_TIMEOUT_S:.0f} s") from exc
-        if isinstance(answer, events.Failed):
-            await _release(nc, settings, uid)
-            raise RunError(f"the node agent could not prepare the slice: {answer.reason}")
-        return placed, answer
-    finally:
-        for sub in subs:
-            await sub.unsubscribe()
+        answer = events.NODE_ANSWER.decode(answered.data)
+    except (RunError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        await _release(nc, settings, uid)
+        raise RunError(f"no node agent answer for {uid}: {exc}") from exc
+    if isinstance(answer, events.Failed):
+        await _release(nc, settings, uid)
+        raise RunError(f"the node agent could not prepare the slice: {answer.reason}")
+    problems = verify_ready(
+        answer, placed, host_root=checks.host_root, library_dirs=checks.library_dirs
+    )
+    if problems:
+        await _release(nc, settings, uid)
+        raise RunError("refusing the node agent's answer: " + "; ".join(problems))
+    return placed, answer
 
 
 async def _release(nc: Client, settings: BusSettings, uid: str) -> None:
@@ -215,10 +316,12 @@ async def _release(nc: Client, settings: BusSettings, uid: str) -> None:
     print(f"vslice run: could not release {uid}; `vslice status` shows it", file=sys.stderr)
 
 
-async def _run(settings: BusSettings, request: SliceRequest, command: list[str]) -> int:
+async def _run(
+    settings: BusSettings, request: SliceRequest, command: list[str], checks: Checks
+) -> int:
     nc = await connecting.connect(settings, name="vslice-run")
     try:
-        placed, ready = await _slice(nc, settings, request, stacks.local_node())
+        placed, ready = await _slice(nc, settings, request, stacks.local_node(), checks)
         try:
             print(f"vslice run: {describe(placed)}", file=sys.stderr)
             slice_env = ready.env.get(CONTAINER, {})

@@ -42,11 +42,13 @@ from nats.aio.client import Client
 from nats.js.errors import NoKeysError
 
 from libshared import connecting
+from libshared import permissions as perms
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
 from libshared.ledgers import NodeLedger
-from libshared.natsserver import NatsServer
+from libshared.natsserver import NatsServer, free_port
+from libshared.trust import TrustStore
 from services.nodeagent.core import fleets
 
 STATE_FILE = "stack.json"
@@ -55,6 +57,7 @@ STOP_TIMEOUT_S = 5.0
 DEFAULT_MOCK_MEMORY_MIB = 16384
 DEFAULT_MOCK_GPUS = 2
 DEFAULT_METRICS_PORT = 9394
+FLEET_AGENT = "nodeagent-fleet"  # identity of a mock node agent hosting a replay's fleet
 MAX_DEVICES = 8  # GPUs on one node a stack's replicas take (the scheduler's --max-devices)
 
 
@@ -76,6 +79,23 @@ class Stack:
     started_at: float = field(default_factory=time.time)
     metrics_url: str = ""
     policy: str = "hami"
+    trust_dir: str = ""
+    tls: bool = True
+
+    def settings(self, kind: str = "cli") -> BusSettings:
+        """The ``BusSettings`` of identity ``kind`` of this stack (``cli``: what ``vslice
+        run`` and an attached replay use; ``operator``: ``status`` and repairs)."""
+        if not self.trust_dir:
+            return BusSettings(urls=(self.nats_url,), prefix=self.prefix)
+        trust = Path(self.trust_dir)
+        name = f"operator-{self.prefix}" if kind == "operator" else kind
+        return BusSettings(
+            urls=(self.nats_url,),
+            prefix=self.prefix,
+            identity=name,
+            nkey_seed_path=str(trust / "nkeys" / f"{name}.nk"),
+            tls_ca_path=str(trust / "ca.pem") if self.tls else "",
+        )
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -96,6 +116,7 @@ def local_node_name() -> str:
 def service_commands(
     nats_url: str,
     *,
+    credentials: Mapping[str, BusSettings] | None = None,
     prefix: str = "vslice",
     replicas: int = 2,
     policy: str = "hami",
@@ -112,17 +133,26 @@ def service_commands(
     by process name: ``admission``, ``scheduler-1`` .. ``scheduler-<replicas>`` (with
     ``scheduler_args`` appended; per-node reasons in ``Unschedulable`` only with
     ``explain``), ``nodeagent`` (its fleet from ``agent_args``), and ``metrics`` on
-    ``metrics_host:metrics_port`` when a port is given. Pure.
+    ``metrics_host:metrics_port`` when a port is given. ``credentials``: the bus
+    identity of each service kind (``admission``, ``scheduler``, ``nodeagent``,
+    ``metrics``; see ``provision``), whose seed and CA flags each command carries. Pure.
 
     Replica ``i`` gets the tie-breaking seed ``seed + i - 1``: each replica breaks ties
     between equally scored nodes in an order of its own, so replicas deciding at the same
     moment spread over the tied nodes instead of racing for the same one (with FGD on the
     openb fleet, about a tenth of the lost races), while ``scheduler-1`` decides as the
     in-process replay with ``seed`` does."""
-    bus = _bus_args(nats_url, prefix, log_level)
-    out = {"admission": [sys.executable, "-m", "services.admission", *bus]}
+    creds = dict(credentials or {})
+
+    def bus(kind: str) -> list[str]:
+        given = creds.get(kind)
+        extra = given.credential_arguments() if given else []
+        return [*_bus_args(nats_url, prefix, log_level), *extra]
+
+    out = {"admission": [sys.executable, "-m", "services.admission", *bus("admission")]}
     for i in range(1, replicas + 1):
-        cmd = [sys.executable, "-m", "services.scheduler", *bus, "--name", f"scheduler-{i}"]
+        cmd = [sys.executable, "-m", "services.scheduler", *bus("scheduler")]
+        cmd += ["--name", f"scheduler-{i}"]
         cmd += ["--policy", policy, "--seed", str(seed + i - 1)]
         if not explain:
             cmd.append("--no-explain")
@@ -130,21 +160,59 @@ def service_commands(
             cmd += ["--workload-trace", workload_trace]
         out[f"scheduler-{i}"] = [*cmd, *scheduler_args]
     out["nodeagent"] = agent_command(
-        nats_url, prefix=prefix, agent_args=agent_args, log_level=log_level
+        nats_url,
+        prefix=prefix,
+        agent_args=agent_args,
+        log_level=log_level,
+        credentials=creds.get("nodeagent"),
     )
     if metrics_port is not None:
-        out["metrics"] = [sys.executable, "-m", "services.metrics", *bus]
+        out["metrics"] = [sys.executable, "-m", "services.metrics", *bus("metrics")]
         out["metrics"] += ["--host", metrics_host, "--port", str(metrics_port)]
     return out
 
 
 def agent_command(
-    nats_url: str, *, prefix: str, agent_args: Sequence[str] = (), log_level: str = "info"
+    nats_url: str,
+    *,
+    prefix: str,
+    agent_args: Sequence[str] = (),
+    log_level: str = "info",
+    credentials: BusSettings | None = None,
 ) -> list[str]:
-    """A node agent's command (argv) on the bus of ``nats_url`` and ``prefix``, its nodes
-    and backend from ``agent_args``. Pure."""
+    """A node agent's command (argv) on the bus of ``nats_url`` and ``prefix`` as the
+    identity of ``credentials``, its nodes and backend from ``agent_args``. Pure."""
     bus = _bus_args(nats_url, prefix, log_level)
+    if credentials is not None:
+        bus += credentials.credential_arguments()
     return [sys.executable, "-m", "services.nodeagent", *bus, *agent_args]
+
+
+def provision(server: NatsServer, *, prefix: str, node: str) -> dict[str, BusSettings]:
+    """Create (or keep) the identities of a stack on ``server`` and return the settings
+    of each, by kind: ``admission``, ``scheduler`` (shared by the replicas), ``nodeagent``
+    (for ``node``; ``*`` for a mock agent hosting a replay's fleet), ``metrics``, ``cli``
+    and ``operator`` (``libshared.permissions``). Raises ``TrustError`` for a bad prefix
+    or node."""
+    roles = {
+        "admission": (perms.Role.ADMISSION, ""),
+        "scheduler": (perms.Role.SCHEDULER, ""),
+        "nodeagent": (perms.Role.NODEAGENT, node),
+        "metrics": (perms.Role.METRICS, ""),
+        "cli": (perms.Role.CLI, ""),
+        "operator": (perms.Role.OPERATOR, ""),
+    }
+    out = {}
+    for kind, (role, on) in roles.items():
+        name = kind if kind != "operator" else f"operator-{prefix}"
+        if kind == "nodeagent":
+            name = FLEET_AGENT if node == perms.ANY_NODE else f"nodeagent-{node}"
+        out[kind] = server.identity(name, role, prefix=prefix, node=on)
+    # the mock agent an attached replay adds hosts a whole fleet (``vslice replay --attach``)
+    out[FLEET_AGENT] = server.identity(
+        FLEET_AGENT, perms.Role.NODEAGENT, prefix=prefix, node=perms.ANY_NODE
+    )
+    return out
 
 
 def _bus_args(nats_url: str, prefix: str, log_level: str) -> list[str]:
@@ -434,7 +502,11 @@ def up(
         _remove_state(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     logs = state_dir / "logs"
-    server = NatsServer(data_dir=state_dir / "nats", name="vslice-nats")
+    trust = TrustStore(state_dir / "trust").ensure()
+    server = NatsServer(data_dir=state_dir / "nats", name="vslice-nats", trust=trust)
+    server.port = server.port or free_port()
+    server.http_port = server.http_port or free_port()
+    identities = provision(server, prefix=prefix, node=local_node())
     server.spawn()
     assert server.process is not None
     procs: dict[str, subprocess.Popen[bytes]] = {"nats": server.process}
@@ -446,6 +518,7 @@ def up(
         metrics_url = f"http://{host}:{port}"
         commands = service_commands(
             server.url,
+            credentials=identities,
             prefix=prefix,
             agent_args=[*mock_agent_args(environ), *slice_agent_args(state_dir, environ)],
             metrics_port=port,
@@ -454,7 +527,7 @@ def up(
         )
         for name, argv in commands.items():
             procs[name] = spawn(name, argv, logs)
-        settings = BusSettings(urls=(server.url,), prefix=prefix)
+        settings = identities["operator"]
         services = {k: v for k, v in procs.items() if k != "nats"}
         asyncio.run(wait_serving(settings, schedulers=2, nodes=1, procs=services, logs=logs))
         wait_http(
@@ -473,6 +546,8 @@ def up(
         pids={name: p.pid for name, p in procs.items()},
         state_dir=str(state_dir),
         metrics_url=metrics_url,
+        trust_dir=str(trust.root),
+        tls=server.tls,
     )
     write_state(state_dir, stack)
     return stack
@@ -590,6 +665,33 @@ async def allocation(settings: BusSettings, *, timeout_s: float = 3.0) -> list[D
     return out
 
 
+def status_json(state_dir: Path) -> dict[str, object]:
+    """What ``vslice status --json`` prints: ``nats_url``, ``prefix``, ``operator_nkey_seed``
+    (the operator identity's NKEY seed file, as ``nats.connect(nkeys_seed=...)`` takes it),
+    ``operator_creds`` (null: the local stack uses NKEYs, not JWTs), ``tls_ca`` (CA file,
+    null without TLS), ``metrics_url``, and ``processes`` (name -> ``pid``, ``state``
+    ``running``/``stopped``); ``up`` is false with nothing recorded. Raises
+    ``StackError`` for an unreadable state file."""
+    stack = read_state(state_dir)
+    if stack is None:
+        return {"up": False, "state_dir": str(state_dir), "processes": {}}
+    operator = stack.settings("operator")
+    return {
+        "up": alive(stack.pids.get("nats", -1)),
+        "state_dir": str(state_dir),
+        "nats_url": stack.nats_url,
+        "prefix": stack.prefix,
+        "operator_nkey_seed": operator.nkey_seed_path or None,
+        "operator_creds": None,
+        "tls_ca": operator.tls_ca_path or None,
+        "metrics_url": stack.metrics_url or None,
+        "processes": {
+            name: {"pid": pid, "state": "running" if alive(pid) else "stopped"}
+            for name, pid in stack.pids.items()
+        },
+    }
+
+
 def status_text(state_dir: Path) -> str:
     """What ``vslice status`` prints: each process and whether it runs, then each device's
     slices, MiB and cores in use. Raises ``StackError`` for an unreadable state file."""
@@ -604,7 +706,7 @@ def status_text(state_dir: Path) -> str:
     if not alive(stack.pids.get("nats", -1)):
         lines.append("fleet: unknown (nats-server is not running)")
         return "\n".join(lines)
-    settings = BusSettings(urls=(stack.nats_url,), prefix=stack.prefix)
+    settings = stack.settings("operator")
     try:
         devices = asyncio.run(allocation(settings))
     except StackError as exc:

@@ -44,7 +44,7 @@ async def main(
     runner = None
     try:
         js = nc.jetstream(timeout=settings.bus.request_timeout_s)
-        await connecting.ensure_bus(js, settings.bus)
+        await connecting.ensure_bus(js, settings.bus, create=False)
         watcher = bus.Watcher(
             nc=nc,
             js=js,

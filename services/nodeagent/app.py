@@ -113,7 +113,7 @@ async def open_agent(
     nc = await connecting.connect(settings.bus, name=f"nodeagent-{settings.name}")
     stack.push_async_callback(connecting.drain_quietly, nc)
     js = nc.jetstream(timeout=settings.bus.request_timeout_s)
-    opened = await connecting.ensure_bus(js, settings.bus)
+    opened = await connecting.ensure_bus(js, settings.bus, create=False)
     agent = bus.Agent(
         nc=nc,
         js=js,

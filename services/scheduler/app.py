@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 
-from libshared import connecting, kubeclients, traces
+from libshared import connecting, kubeclients, tlsfiles, traces
 from services.scheduler.adapters import bus, extender, kube
 from services.scheduler.core import replaying
 from services.scheduler.core.clusters import Cluster
@@ -21,6 +21,7 @@ from services.scheduler.core.deciding import Scheduler
 from services.scheduler.settings import Settings
 
 log = logging.getLogger("vslice.scheduler")
+TLS_RELOAD_S = 60.0  # how often the extender's certificate files are checked for renewal
 
 
 def build_scheduler(settings: Settings) -> Scheduler:
@@ -89,7 +90,12 @@ async def _kubernetes(
     if settings.extender_port:
         tls = None
         if settings.tls_cert and settings.tls_key:
-            tls = extender.tls_context(settings.tls_cert, settings.tls_key)
+            reloading = tlsfiles.ReloadingContext(
+                cert=settings.tls_cert, key=settings.tls_key, client_ca=settings.tls_client_ca
+            )
+            tls = reloading.context
+            watch = asyncio.create_task(reloading.watch(TLS_RELOAD_S), name="tls-reload")
+            stack.callback(watch.cancel)
         routes = extender.Extender(replica=replica, kube=side)
         runner, port = await extender.serve(
             routes, host=settings.extender_host, port=settings.extender_port, tls=tls

@@ -7,6 +7,7 @@ Every field has a default, so ``Settings()`` is a replica of the default stack (
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import zlib
@@ -35,7 +36,9 @@ class Settings:
     time). ``name``: this replica in logs.
 
     Kubernetes: ``extender_port`` serves the kube-scheduler extender there (0: off) on
-    ``extender_host``, over TLS when ``tls_cert`` and ``tls_key`` (PEM paths) are set;
+    ``extender_host``, over TLS when ``tls_cert`` and ``tls_key`` (PEM paths) are set,
+    taking only callers with a client certificate from ``tls_client_ca`` when it is set
+    (required off loopback);
     ``kube`` talks to the API server (``None``: off); ``reservation_ttl_s``: how long a
     reservation may wait for its bind before it is released, seconds.
     """
@@ -53,8 +56,9 @@ class Settings:
     name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     log_level: str = "info"
     extender_port: int = 0
-    extender_host: str = "0.0.0.0"
+    extender_host: str = "127.0.0.1"
     tls_cert: str | None = None
+    tls_client_ca: str | None = None
     tls_key: str | None = None
     kube: kubeclients.KubeSettings | None = None
     reservation_ttl_s: float = 60.0
@@ -102,9 +106,20 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         help="serve the kube-scheduler extender (/filter, /bind) on this port; 0 = off "
         "(env VSLICE_EXTENDER_PORT)",
     )
-    k8s.add_argument("--extender-host", default=env.get("VSLICE_EXTENDER_HOST", "0.0.0.0"))
+    k8s.add_argument(
+        "--extender-host",
+        default=env.get("VSLICE_EXTENDER_HOST", "127.0.0.1"),
+        help="address the extender listens on (env VSLICE_EXTENDER_HOST; default loopback:"
+        " any other address needs --tls-cert, --tls-key and --tls-client-ca)",
+    )
     k8s.add_argument("--tls-cert", default=env.get("VSLICE_TLS_CERT") or None)
     k8s.add_argument("--tls-key", default=env.get("VSLICE_TLS_KEY") or None)
+    k8s.add_argument(
+        "--tls-client-ca",
+        default=env.get("VSLICE_TLS_CLIENT_CA") or None,
+        help="CA whose client certificates alone may call the extender: kube-scheduler's"
+        " tlsConfig certFile/keyFile (env VSLICE_TLS_CLIENT_CA)",
+    )
     k8s.add_argument(
         "--kube",
         action="store_true",
@@ -124,6 +139,15 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         parser.error(f"--reservation-ttl {args.reservation_ttl}: must be above 0 seconds")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS)")
+    if args.extender_port and not _loopback(args.extender_host) and not args.tls_client_ca:
+        # /filter reserves GPUs and /bind creates Bindings with the scheduler's cluster-wide
+        # rights: off loopback only a caller with a certificate from the CA may reach them
+        parser.error(
+            f"--extender-host {args.extender_host}: an extender off loopback needs "
+            "--tls-cert, --tls-key and --tls-client-ca (kube-scheduler's client certificate)"
+        )
     if args.policy == "fgd" and not args.workload_trace:
         parser.error("--policy fgd needs --workload-trace (FGD's target workload)")
     if args.claim_wait <= 0:
@@ -159,8 +183,19 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         extender_port=args.extender_port,
         extender_host=args.extender_host,
         tls_cert=args.tls_cert,
+        tls_client_ca=args.tls_client_ca,
         tls_key=args.tls_key,
         kube=kubeclients.KubeSettings() if args.kube else None,
         reservation_ttl_s=args.reservation_ttl,
         **extra,
     )
+
+
+def _loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,4 +1,5 @@
-"""Fixtures of the bus tests: one real nats-server per test session, a unique prefix per test."""
+"""Fixtures of the bus tests: one real nats-server per test session (authorization and TLS
+on, as everywhere), a unique prefix per test; the test's own client is an operator."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.aio.client import Client
 
+from libshared import connecting
 from libshared.connecting import BusSettings
 from libshared.natsserver import NatsServer
 
@@ -28,12 +29,13 @@ def prefix() -> str:
 
 @pytest.fixture
 def bus_settings(nats_server: NatsServer, prefix: str) -> BusSettings:
-    return BusSettings(urls=(nats_server.url,), prefix=prefix)
+    """The operator identity on the test's prefix."""
+    return nats_server.bus_settings(prefix=prefix)
 
 
 @pytest.fixture
-async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_server.url)
+async def nc(bus_settings: BusSettings) -> AsyncIterator[Client]:
+    client = await connecting.connect(bus_settings, name="test")
     yield client
     await client.close()
 

@@ -9,6 +9,7 @@ enough that most decisions race for the same devices.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import signal
@@ -22,11 +23,12 @@ from pathlib import Path
 import nats
 from nats.aio.client import Client
 
-from libshared import events
+from libshared import connecting, events
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger, Slice
 from libshared.natsserver import NatsServer, start_cluster
+from libshared.permissions import Role
 from libshared.subjects import deadline_headers
 from tests.bus import helpers
 from tests.bus.conftest import repo_root
@@ -49,6 +51,7 @@ def start_replica(bus: BusSettings, name: str, *extra: str) -> subprocess.Popen[
             ",".join(bus.urls),
             "--prefix",
             bus.prefix,
+            *bus.credential_arguments(),
             "--name",
             name,
             "--no-explain",
@@ -235,12 +238,14 @@ def by_pod(slices: tuple[Slice, ...]) -> dict[str, set[tuple[str, int, int]]]:
 async def test_three_replicas_under_contention_with_one_killed_never_book_a_device_twice(
     nats_server: NatsServer, prefix: str
 ) -> None:
-    bus = BusSettings(urls=(nats_server.url,), prefix=prefix)
+    bus = nats_server.bus_settings(prefix=prefix)
+    sched = nats_server.identity(f"sched-{prefix}", Role.SCHEDULER, prefix=prefix)
+    cli = nats_server.identity(f"cli-{prefix}", Role.CLI, prefix=prefix)
     nodes = helpers.fleet(nodes=3, gpus=2, memory_mib=16000, split=4)
-    admin = await nats.connect(nats_server.url)
+    admin = await connecting.connect(bus, name="admin")
     await helpers.register(admin, bus, nodes)
-    procs = [start_replica(bus, f"r{i}") for i in range(REPLICAS)]
-    conns = [await nats.connect(nats_server.url) for _ in range(4)]
+    procs = [start_replica(sched, f"r{i}") for i in range(REPLICAS)]
+    conns = [await connecting.connect(cli, name=f"c{i}") for i in range(4)]
     try:
         await wait_replicas(admin, bus, REPLICAS)
         for garbage in (b"garbage", b'{"uid": 1}', b"{}"):
@@ -255,7 +260,7 @@ async def test_three_replicas_under_contention_with_one_killed_never_book_a_devi
             procs[0].wait()
             while book.sent < REQUESTS // 2:
                 await asyncio.sleep(0.05)
-            procs[0] = start_replica(bus, "r0-restarted")
+            procs[0] = start_replica(sched, "r0-restarted")
 
         started = time.perf_counter()
         await asyncio.gather(
@@ -284,19 +289,22 @@ async def test_replicas_on_a_three_node_nats_cluster_keep_the_invariant_when_a_n
     tmp_path: Path, prefix: str
 ) -> None:
     cluster = start_cluster(tmp_path, size=3)
-    bus = BusSettings(urls=tuple(cluster.urls), prefix=prefix, replicas=3)
+    bus = dataclasses.replace(cluster.bus_settings(prefix=prefix), replicas=3)
+    sched = dataclasses.replace(
+        cluster.identity(f"sched-{prefix}", Role.SCHEDULER, prefix=prefix), replicas=3
+    )
     nodes = helpers.fleet(nodes=3, gpus=2, memory_mib=16000, split=4)
     procs: list[subprocess.Popen[bytes]] = []
     conns: list[Client] = []
     try:
-        admin = await nats.connect(servers=cluster.urls, max_reconnect_attempts=-1)
+        admin = await connecting.connect(bus, name="admin")
         conns.append(admin)
         await helpers.register(admin, bus, nodes)
         info = await admin.jetstream().stream_info(f"KV_{bus.subjects.ledger_bucket}")
         assert info.config.num_replicas == 3
-        procs = [start_replica(bus, f"r{i}", "--replicas", "3") for i in range(2)]
-        for _ in range(4):
-            conns.append(await nats.connect(servers=cluster.urls, max_reconnect_attempts=-1))
+        procs = [start_replica(sched, f"r{i}", "--replicas", "3") for i in range(2)]
+        for i in range(4):
+            conns.append(await connecting.connect(bus, name=f"c{i}"))
         await wait_replicas(admin, bus, 2)
         book = Book(target=CLUSTER_REQUESTS)
 

@@ -12,14 +12,17 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from libshared import events
+from libshared import connecting, events
 from libshared.connecting import BusSettings
+from libshared.natsserver import NatsServer
+from libshared.permissions import Role
 from tests.bus import helpers
 from tests.bus.conftest import repo_root
 
 
 def spawn(service: str, bus: BusSettings, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", f"services.{service}", "--nats-url", bus.urls[0]]
+    cmd += bus.credential_arguments()
     with log.open("wb") as err:
         return subprocess.Popen(
             [*cmd, "--prefix", bus.prefix, *extra],
@@ -47,6 +50,13 @@ async def serving(nc: Client, bus: BusSettings, service: str) -> None:
         raise AssertionError("node agent never registered")
 
 
+ROLES = {
+    "scheduler": (Role.SCHEDULER, ""),
+    "admission": (Role.ADMISSION, ""),
+    "nodeagent": (Role.NODEAGENT, "*"),  # hosts two nodes
+}
+
+
 @pytest.mark.parametrize(
     ("service", "extra"),
     [
@@ -56,10 +66,20 @@ async def serving(nc: Client, bus: BusSettings, service: str) -> None:
     ],
 )
 async def test_a_service_started_as_a_module_exits_within_5_s_of_sigterm(
-    nc: Client, bus_settings: BusSettings, service: str, extra: tuple[str, ...], tmp_path: Path
+    nc: Client,
+    nats_server: NatsServer,
+    bus_settings: BusSettings,
+    service: str,
+    extra: tuple[str, ...],
+    tmp_path: Path,
 ) -> None:
     log = tmp_path / f"{service}.log"
-    proc = spawn(service, bus_settings, log, *extra)
+    await connecting.ensure_bus(nc.jetstream(), bus_settings)  # as the scheduler would
+    role, node = ROLES[service]
+    own = nats_server.identity(
+        f"{service}-{bus_settings.prefix}", role, prefix=bus_settings.prefix, node=node
+    )
+    proc = spawn(service, own, log, *extra)
     try:
         await serving(nc, bus_settings, service)
         if service == "scheduler":

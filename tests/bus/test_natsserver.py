@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nats
 import pytest
 from nats.js.errors import KeyWrongLastSequenceError
 
+from libshared import connecting
 from libshared.natsserver import NatsServer, find_binary, start_cluster
 
 
@@ -19,7 +19,7 @@ async def test_a_started_server_accepts_jetstream_and_stops_cleanly(tmp_path: Pa
     server = NatsServer(data_dir=tmp_path)
     async with server:
         assert server.running and server.port > 0
-        nc = await nats.connect(server.url)
+        nc = await connecting.connect(server.bus_settings(), name="t")
         kv = await nc.jetstream().create_key_value(bucket="probe")
         first = await kv.update("k", b"1", last=0)
         with pytest.raises(KeyWrongLastSequenceError):
@@ -38,7 +38,7 @@ def test_two_servers_pick_different_ports(tmp_path: Path) -> None:
 async def test_a_three_node_cluster_serves_a_replicated_bucket(tmp_path: Path) -> None:
     with start_cluster(tmp_path, size=3) as cluster:
         assert len(set(cluster.urls)) == 3
-        nc = await nats.connect(servers=cluster.urls)
+        nc = await connecting.connect(cluster.bus_settings(), name="t")
         kv = await nc.jetstream().create_key_value(bucket="r3", replicas=3)
         await kv.put("k", b"v")
         status = await kv.status()

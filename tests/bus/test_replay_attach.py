@@ -11,9 +11,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import nats
 import pytest
 
+from libshared import connecting
 from libshared.connecting import BusSettings
 from libshared.ledgers import NodeLedger
 from tests.bus import helpers
@@ -32,7 +32,7 @@ def replay(
 
 def ledgers(bus: BusSettings) -> dict[str, NodeLedger]:
     async def read() -> dict[str, NodeLedger]:
-        nc = await nats.connect(bus.urls[0])
+        nc = await connecting.connect(bus, name="t")
         try:
             return await helpers.ledgers(nc, bus)
         finally:
@@ -72,7 +72,7 @@ def test_an_attached_replay_shows_in_the_stack_and_leaves_it_as_found_unless_kep
     assert started.returncode == 0, started.stderr
     stack = stacks.read_state(Path(state))
     assert stack is not None
-    bus = BusSettings(urls=(stack.nats_url,), prefix=stack.prefix)
+    bus = stack.settings("operator")
     kept = stack
     try:
         code, report = replay(trace, fleet, state, tmp_path / "one.json", "--seeds", "5")

@@ -12,11 +12,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import nats
 import pytest
 
-from libshared import events
-from libshared.connecting import BusSettings
+from libshared import connecting, events
 from tests.bus import helpers
 from tests.bus.conftest import repo_root
 from vslice import stacks
@@ -64,10 +62,10 @@ def test_up_serves_status_shows_the_allocation_and_down_stops_everything(
         assert again.returncode == 0 and "already up" in again.stdout
         assert json.loads((tmp_path / "state" / stacks.STATE_FILE).read_text()) == recorded
 
-        bus = BusSettings(urls=(recorded["nats_url"],), prefix=recorded["prefix"])
+        bus = stacks.Stack(**recorded).settings("operator")
 
         async def place() -> events.Placement | events.Unschedulable | events.BusError:
-            nc = await nats.connect(recorded["nats_url"])
+            nc = await connecting.connect(bus, name="t")
             try:
                 return await helpers.schedule(nc, bus, helpers.pod("p1", memory_mib=3000))
             finally:

@@ -5,6 +5,7 @@ restart rebuilds everything from the buckets, and a ``NodeUsage`` report shows u
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -13,9 +14,11 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from libshared import events
+from libshared import connecting, events
 from libshared.connecting import BusSettings
 from libshared.ledgers import NodeLedger
+from libshared.natsserver import NatsServer
+from libshared.permissions import Role
 from tests.bus import helpers
 from tests.bus.conftest import repo_root
 from tests.metrics import fixtures as fx
@@ -180,11 +183,23 @@ async def test_usage_from_a_node_usage_report_appears_in_hami_vgpu_memory_used_b
     assert labelled("vslice_metrics_rejected_messages_total", text, source="usage") == [1]
 
 
-def test_the_service_exits_promptly_on_sigterm(bus_settings: BusSettings, tmp_path: Path) -> None:
+def test_the_service_exits_promptly_on_sigterm(
+    nats_server: NatsServer, bus_settings: BusSettings, tmp_path: Path
+) -> None:
+    async def create() -> None:  # as the scheduler does; metrics only opens the buckets
+        nc = await connecting.connect(bus_settings, name="operator")
+        await connecting.ensure_bus(nc.jetstream(), bus_settings)
+        await nc.close()
+
+    asyncio.run(create())
+    own = nats_server.identity(
+        f"metrics-{bus_settings.prefix}", Role.METRICS, prefix=bus_settings.prefix
+    )
     argv = [
         sys.executable,
         "-m",
         "services.metrics",
+        *own.credential_arguments(),
         "--nats-url",
         bus_settings.urls[0],
         "--prefix",

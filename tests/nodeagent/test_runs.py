@@ -24,7 +24,7 @@ import msgspec
 import nats
 import pytest
 
-from libshared import events
+from libshared import connecting, events
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.ledgers import PodCharge, Slice
@@ -55,6 +55,13 @@ class Up:
     @property
     def containers(self) -> Path:
         return self.state / "host" / "containers"
+
+    @property
+    def operator(self) -> BusSettings:
+        """The stack's operator identity (the test reads and injects as an operator)."""
+        stack = stacks.read_state(self.state)
+        assert stack is not None
+        return stack.settings("operator")
 
     def env(self) -> dict[str, str]:
         return {**os.environ, **ENV}
@@ -113,14 +120,14 @@ def up(native: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
 
 
 async def _usage(
-    url: str,
+    settings: BusSettings,
     node: str,
     duration_s: float,
     until: Callable[[events.NodeUsage], bool] | None = None,
 ) -> list[events.NodeUsage]:
     """The node's usage reports for ``duration_s`` seconds, or up to the first ``until``
     accepts."""
-    nc = await nats.connect(url)
+    nc = await connecting.connect(settings, name="test")
     try:
         sub = await nc.subscribe(f"vslice.usage.{node}")
         out = []
@@ -139,7 +146,7 @@ async def _usage(
 
 
 def usage(up: Up, duration_s: float = 1.0) -> list[events.NodeUsage]:
-    return asyncio.run(_usage(up.url, up.node, duration_s))
+    return asyncio.run(_usage(up.operator, up.node, duration_s))
 
 
 def held(proc: subprocess.Popen[str]) -> dict[str, int]:
@@ -314,7 +321,7 @@ def test_the_host_side_check_kills_a_process_that_runs_without_libvgpu_past_its_
         return any(e.killed for e in u.escapes)
 
     async def scenario() -> tuple[int, list[events.NodeUsage]]:
-        watcher = asyncio.create_task(_usage(up.url, up.node, 20.0, until=killed))
+        watcher = asyncio.create_task(_usage(up.operator, up.node, 20.0, until=killed))
         await asyncio.sleep(0.2)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -372,7 +379,7 @@ def test_malformed_and_stale_placements_are_skipped_and_the_agent_keeps_serving(
     )
 
     async def publish() -> list[bytes]:
-        nc = await nats.connect(up.url)
+        nc = await connecting.connect(up.operator, name="test")
         answers: list[bytes] = []
 
         async def on_answer(msg: nats.aio.msg.Msg) -> None:
@@ -397,7 +404,7 @@ def test_malformed_and_stale_placements_are_skipped_and_the_agent_keeps_serving(
 
 
 def test_a_node_agent_restart_loses_and_duplicates_no_slice(up: Up) -> None:
-    bus = BusSettings(urls=(up.url,), prefix="vslice")
+    bus = up.operator
     recorded = json.loads((up.state / stacks.STATE_FILE).read_text())
     agent_pid = recorded["pids"]["nodeagent"]
     argv = Path(f"/proc/{agent_pid}/cmdline").read_bytes().split(b"\0")[:-1]
@@ -412,7 +419,7 @@ def test_a_node_agent_restart_loses_and_duplicates_no_slice(up: Up) -> None:
         log = (up.state / "logs" / "nodeagent-restarted.log").open("ab")
 
         async def while_down() -> list[str]:
-            nc = await nats.connect(up.url)
+            nc = await connecting.connect(up.operator, name="test")
             readies: list[str] = []
 
             async def on_ready(msg: nats.aio.msg.Msg) -> None:
@@ -482,7 +489,7 @@ def test_a_device_fault_re_registers_the_gpu_unhealthy_and_it_takes_no_new_slice
     }
 
     async def scenario() -> list[NodeDevices]:
-        nc = await nats.connect(up.url)
+        nc = await connecting.connect(up.operator, name="test")
         try:
             sub = await nc.subscribe(f"vslice.node.{up.node}.registered")
             await nc.flush()

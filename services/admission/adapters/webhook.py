@@ -18,14 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from libshared import tlsfiles
 from services.admission.core import mutating
 
 log = logging.getLogger("vslice.admission.webhook")
@@ -128,24 +127,7 @@ class Webhook:
         return web.Response(body=_ENCODER.encode(outcome.to_review()), content_type=JSON)
 
 
-def server_context(cert: str, key: str) -> ssl.SSLContext:
-    """A TLS server context (TLS 1.2 or later) holding ``cert`` (PEM chain) and ``key``.
-
-    Raises ``OSError`` for a missing file, ``ssl.SSLError`` for a key that does not match
-    or PEM that does not parse.
-    """
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
-
-
-def _stamp(*paths: str) -> tuple[tuple[int, int], ...]:
-    out = []
-    for p in paths:
-        st = os.stat(p)  # follows the Secret volume's ..data symlink
-        out.append((st.st_mtime_ns, st.st_ino))
-    return tuple(out)
+server_context = tlsfiles.server_context
 
 
 @dataclass
@@ -161,10 +143,14 @@ class Server:
     host: str = "0.0.0.0"
     port: int = 0
     reload_s: float = 60.0
-    reloads: int = 0
     _runner: web.AppRunner | None = None
-    _context: ssl.SSLContext | None = None
+    _tls: tlsfiles.ReloadingContext | None = None
     _watch: asyncio.Task[None] | None = None
+
+    @property
+    def reloads(self) -> int:
+        """How many times the certificate was reloaded."""
+        return self._tls.reloads if self._tls is not None else 0
 
     async def start(self) -> int:
         """Load the certificate and listen; returns the port.
@@ -172,36 +158,16 @@ class Server:
         Raises ``OSError``/``ssl.SSLError`` as ``server_context`` does, or ``OSError`` when
         the port is taken.
         """
-        self._context = server_context(self.cert, self.key)
-        stamp = _stamp(self.cert, self.key)
+        self._tls = tlsfiles.ReloadingContext(cert=self.cert, key=self.key)
         self._runner = web.AppRunner(self.webhook.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._context)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._tls.context)
         await site.start()
         port = int(self._runner.addresses[0][1])
-        self._watch = asyncio.create_task(self._reload_loop(stamp), name="tls-reload")
+        self._watch = asyncio.create_task(self._tls.watch(self.reload_s), name="tls-reload")
         self.webhook.ready = True
         log.info("webhook serving", extra={"host": self.host, "port": port})
         return port
-
-    async def _reload_loop(self, stamp: tuple[tuple[int, int], ...]) -> None:
-        assert self._context is not None
-        while True:
-            await asyncio.sleep(self.reload_s)
-            try:
-                now = _stamp(self.cert, self.key)
-                if now == stamp:
-                    continue
-                # Check the pair in a fresh context first: a failed load into the live
-                # one could leave it holding a new certificate with the old key.
-                server_context(self.cert, self.key)
-                self._context.load_cert_chain(self.cert, self.key)
-            except (OSError, ssl.SSLError) as exc:
-                log.warning("certificate not reloaded", extra={"error": str(exc)})
-                continue
-            stamp = now
-            self.reloads += 1
-            log.info("certificate reloaded", extra={"cert": self.cert})
 
     async def stop(self) -> None:
         """Not ready, then closed (idempotent)."""

@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 import msgspec
 import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
-from libshared import events
+from libshared import events, permissions
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
@@ -61,12 +63,19 @@ class Agent:
     nodes: list[NodeDevices]
     slicer: Slicer | None = None
     prepared: dict[str, events.Ready] = field(default_factory=dict)
+    answers: dict[str, events.Ready | events.Failed] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
+    _queries: list[Subscription] = field(init=False, default_factory=list)
+    _answered: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _sub: JetStreamContext.PullSubscription | None = field(init=False, default=None)
 
     @property
     def durable(self) -> str:
-        """The durable consumer's name."""
+        """The durable consumer's name: ``nodeagent-<node>`` for an agent of one node
+        (the name its bus identity may use, ``libshared.permissions.agent_durable``),
+        ``nodeagent-<agent name>`` for an agent hosting a fleet."""
+        if len(self.nodes) == 1:
+            return permissions.agent_durable(self.nodes[0].node)
         return f"nodeagent-{self.name}"
 
     async def register(self, nodes: list[NodeDevices] | None = None) -> None:
@@ -141,9 +150,57 @@ class Agent:
         )
         self._sub = sub
         self._task = asyncio.create_task(self._consume(sub))
+        if len(self.nodes) <= PER_NODE_FILTERS:
+            for node in self.nodes:
+                self._queries.append(
+                    await self.nc.subscribe(self.subjects.node_slice(node.node), cb=self._on_query)
+                )
+
+    async def _on_query(self, msg: Msg) -> None:
+        """Answer a ``SliceQuery`` with the pod's ``Ready``/``Failed`` once known, waiting
+        up to the query's ``wait_s``; an unknown pod after that gets ``Failed``. The
+        answer goes only to the asker's inbox."""
+        if not msg.reply:
+            return
+        node = msg.subject.split(".")[-2]
+        try:
+            query = events.SLICE_QUERY.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            answer: events.Ready | events.Failed = events.Failed(
+                pod_uid="", node=node, reason=f"malformed slice query: {exc}"
+            )
+        else:
+            answer = await self._wait_answer(node, query)
+        with contextlib.suppress(nats.errors.Error):
+            await msg.respond(events.ENCODER.encode(answer))
+
+    async def _wait_answer(
+        self, node: str, query: events.SliceQuery
+    ) -> events.Ready | events.Failed:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + query.wait_s
+        while True:
+            known = self.answers.get(query.pod_uid)
+            if known is not None and known.node == node:
+                return known
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return events.Failed(
+                    pod_uid=query.pod_uid,
+                    node=node,
+                    reason=f"no slice prepared for {query.pod_uid} within {query.wait_s:g} s",
+                )
+            self._answered.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, 1.0)):
+                    await self._answered.wait()
 
     async def stop(self) -> None:
         """Stop consuming (unacknowledged messages are redelivered to the next start)."""
+        for query in self._queries:
+            with contextlib.suppress(nats.errors.Error):
+                await query.unsubscribe()
+        self._queries.clear()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -199,6 +256,7 @@ class Agent:
             return
         if isinstance(event, events.Release):
             self.prepared.pop(event.pod_uid, None)
+            self.answers.pop(event.pod_uid, None)
             if self.slicer is not None:
                 keys = self.slicer.release(event.pod_uid)
                 log.info("released", extra={"pod_uid": event.pod_uid, "containers": len(keys)})
@@ -220,6 +278,9 @@ class Agent:
             subject = self.subjects.alloc_ready(node)
         else:
             subject = self.subjects.alloc_failed(node)
+        if len(self.nodes) <= PER_NODE_FILTERS:
+            self.answers[event.pod_uid] = answer
+            self._answered.set()
         try:
             await self.js.publish(subject, events.ENCODER.encode(answer))
         except (nats.errors.Error, TimeoutError) as exc:

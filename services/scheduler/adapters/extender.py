@@ -198,11 +198,3 @@ async def serve(
             bound = int(address[1])
             break
     return runner, bound
-
-
-def tls_context(cert: str, key: str) -> ssl.SSLContext:
-    """A server TLS context from PEM files. Raises ``OSError`` / ``ssl.SSLError`` when they
-    cannot be read."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    return context

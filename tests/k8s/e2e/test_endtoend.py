@@ -40,13 +40,12 @@ from typing import Any
 import aiohttp
 import jsonpatch
 import kmock
-import nats
 import trustme
 
 from libshared import annotations as keys
 from libshared import connecting
-from libshared.connecting import BusSettings
 from libshared.natsserver import NatsServer
+from libshared.permissions import Role
 from tests.bus import helpers
 from tests.k8s.e2e.kubescheduler import FakeKubeScheduler
 from tests.k8s.nodeagent.fakekubelet import FakeKubelet
@@ -238,7 +237,9 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
 ) -> None:
     assert harness.LIBVGPU.is_file(), "libvgpu is not built: run `make native`"
     logs = Logs(tmp_path / "logs")
-    bus = BusSettings(urls=(nats_server.url,), prefix=f"e2e{uuid.uuid4().hex[:8]}")
+    prefix = f"e2e{uuid.uuid4().hex[:8]}"
+    bus = nats_server.bus_settings(prefix=prefix)
+    sched = nats_server.identity(f"sched-{prefix}", Role.SCHEDULER, prefix=prefix)
     ca = trustme.CA()
     issued = ca.issue_cert("127.0.0.1")
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
@@ -297,6 +298,9 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
                         *("--host-root", str(tmp_path / node / "host"), "--backend", "mock"),
                         *("--split-count", str(SPLIT), "--name", f"agent-{node}"),
                         *("--nats-url", nats_server.url, "--prefix", bus.prefix),
+                        *nats_server.identity(
+                            f"agent-{prefix}-{node}", Role.NODEAGENT, prefix=prefix, node=node
+                        ).credential_arguments(),
                         *("--usage-interval", "5", "--log-level", "warning"),
                     ],
                     clean_env(
@@ -315,6 +319,7 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
                     f"scheduler-{r}",
                     [
                         *("services.scheduler", "--nats-url", nats_server.url),
+                        *sched.credential_arguments(),
                         *("--prefix", bus.prefix, "--name", f"extender-{r}"),
                         *("--extender-port", str(port), "--extender-host", "127.0.0.1"),
                         *("--kube", "--max-devices", str(GPUS), "--log-level", "warning"),
@@ -322,7 +327,7 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
                     clean_env(KUBECONFIG=str(config)),
                 )
             )
-        nc = await nats.connect(nats_server.url)
+        nc = await connecting.connect(bus, name="e2e")
         stack.push_async_callback(nc.close)
         opened = await connecting.ensure_bus(nc.jetstream(), bus)
 

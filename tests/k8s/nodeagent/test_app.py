@@ -18,15 +18,14 @@ from pathlib import Path
 import grpc
 import kmock
 import msgspec
-import nats
 import pytest
 
 from libshared import annotations as keys
 from libshared import connecting, events
-from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger, Slice
 from libshared.natsserver import NatsServer
+from libshared.permissions import Role
 from tests.k8s.nodeagent.conftest import G0, G1, MOCKGPU_DEVICES, NODE, SPLIT
 from tests.k8s.nodeagent.fakekubelet import FakeKubelet
 from tests.k8s.nodeagent.pods import bound_pod
@@ -152,8 +151,9 @@ async def test_with_the_bus_the_agent_registers_there_and_allocates_only_what_th
     kubelet = FakeKubelet(tmp_path / "dp")
     await kubelet.start()
     with NatsServer(data_dir=tmp_path / "nats") as server:
-        bus_settings = BusSettings(urls=(server.url,), prefix=prefix)
-        nc = await nats.connect(server.url)
+        bus_settings = server.bus_settings(prefix=prefix)
+        agent = server.identity(f"agent-{prefix}", Role.NODEAGENT, prefix=prefix, node=NODE)
+        nc = await connecting.connect(bus_settings, name="test")
         try:
             opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
             held = Slice(
@@ -176,7 +176,7 @@ async def test_with_the_bus_the_agent_registers_there_and_allocates_only_what_th
             emulator.objects["v1/pods", "default", "honest"] = bound_pod(
                 "honest", node=NODE, containers=[[(G0, 3000, 30)]], bind_time=2
             )
-            flags = ("--nats-url", server.url, "--prefix", prefix)
+            flags = ("--nats-url", server.url, "--prefix", prefix, *agent.credential_arguments())
             async with agent_process(tmp_path, emulator, kubelet, *flags):
                 await kubelet.wait_devices(lambda d: len(d) == 2 * SPLIT)
                 got = await kubelet.admit(1)

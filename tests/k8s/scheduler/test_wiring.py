@@ -156,3 +156,90 @@ async def test_a_replica_started_by_its_app_serves_the_extender_over_tls_from_a_
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--extender-port", "8443", "--extender-host", "0.0.0.0"], "needs --tls-cert"),
+        (
+            [
+                *("--extender-port", "8443", "--extender-host", "10.1.2.3"),
+                *("--tls-cert", "/c", "--tls-key", "/k"),
+            ],
+            "--tls-client-ca",
+        ),
+        (["--tls-client-ca", "/ca.pem"], "needs --tls-cert"),
+    ],
+)
+def test_an_extender_off_loopback_without_mutual_tls_is_refused_at_start(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        settings.parse(argv, environ={})
+    assert message in capsys.readouterr().err
+
+
+def test_the_extender_listens_on_loopback_unless_told_otherwise() -> None:
+    assert settings.parse(["--extender-port", "8443"], environ={}).extender_host == "127.0.0.1"
+    s = settings.parse(
+        [
+            *("--extender-port", "8443", "--extender-host", "10.1.2.3"),
+            *("--tls-cert", "/c", "--tls-key", "/k", "--tls-client-ca", "/ca"),
+        ],
+        environ={},
+    )
+    assert (s.extender_host, s.tls_client_ca) == ("10.1.2.3", "/ca")
+
+
+async def test_the_extender_answers_only_callers_with_a_client_certificate_from_its_ca(
+    nc: Client, bus_settings: BusSettings, tmp_path: Path
+) -> None:
+    await helpers.register(nc, bus_settings, [registration("n1")])
+    ca, stranger_ca = trustme.CA(), trustme.CA()
+    served = ca.issue_cert("127.0.0.1")
+    served.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+    served.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "client-ca.crt"))
+    port = free_port()
+    s = settings.Settings(
+        bus=bus_settings,
+        name="mtls",
+        extender_port=port,
+        tls_cert=str(tmp_path / "tls.crt"),
+        tls_key=str(tmp_path / "tls.key"),
+        tls_client_ca=str(tmp_path / "client-ca.crt"),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.main(s, stop=stop))
+    url = f"https://127.0.0.1:{port}/readyz"
+
+    def context(client: trustme.CA | None) -> ssl.SSLContext:
+        out = ssl.create_default_context()
+        ca.configure_trust(out)
+        if client is not None:
+            client.issue_cert("kube-scheduler").configure_cert(out)
+        return out
+
+    async def status(client: trustme.CA | None) -> int | str:
+        connector = aiohttp.TCPConnector(ssl=context(client))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            try:
+                async with session.get(url) as resp:
+                    return resp.status
+            except (aiohttp.ClientError, ssl.SSLError, ConnectionError) as exc:
+                return type(exc).__name__
+
+    try:
+        for _ in range(400):
+            if task.done():
+                task.result()
+            if await status(ca) == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert await status(ca) == 200
+        assert await status(None) != 200  # no client certificate: the handshake fails
+        assert await status(stranger_ca) != 200  # a certificate from another CA
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
