@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import pytest
@@ -33,6 +34,42 @@ def test_the_cap_holds_however_the_program_finds_the_driver(
     assert result.of("async")[0].int("rc") == CUDA_ERROR_OUT_OF_MEMORY
     assert result.of("meminfo")[0].int("total") == 100 * MIB
     assert result.of("nvml")[0].int("used") == 60 * MIB
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("next", id="dlsym-RTLD_NEXT-from-a-library-loaded-after-libvgpu"),
+        pytest.param("default", id="dlsym-RTLD_DEFAULT"),
+        pytest.param("handle", id="dlsym-on-a-libcuda-handle"),
+        pytest.param("copy", id="dlopen-of-a-renamed-copy-of-libcuda-and-nvml"),
+        pytest.param("vcopy", id="dlvsym-on-a-driver-with-versioned-symbols"),
+        pytest.param("dependent", id="dlsym-on-a-library-that-depends-on-libcuda"),
+    ],
+)
+def test_every_lookup_an_interposer_sees_finds_the_capped_functions(
+    container: harness.Container, mode: str
+) -> None:
+    container.env["CUDA_DEVICE_MEMORY_LIMIT"] = "100m"
+    copies = [container.root / "libgpu-driver.so", container.root / "libgpu-ml.so"]
+    shutil.copy(harness.MOCK_DIR / "libnvidia-ml.so.1", copies[1])
+    if mode == "vcopy":
+        copies[0] = harness.BUILD / "libcuda-versioned.so"
+    else:
+        shutil.copy(harness.MOCK_DIR / "libcuda.so.1", copies[0])
+    result = container.run("lookups", mode, *map(str, copies))
+    found = {line.values["name"]: line.values["library"] for line in result.of("lookup")}
+    assert found == dict.fromkeys(
+        [
+            "cuMemAlloc_v2",
+            "cuMemGetInfo_v2",
+            "cuLaunchKernel",
+            "cuGetProcAddress_v2",
+            "nvmlDeviceGetMemoryInfo",
+        ],
+        "libvgpu.so",
+    )
+    assert [a.int("rc") for a in result.of("alloc")] == [CUDA_SUCCESS, CUDA_ERROR_OUT_OF_MEMORY]
 
 
 # (name, cudaVersion, flags) -> (CUresult, status, symbol, library)
