@@ -1,0 +1,154 @@
+"""Escapes no interposer can stop, caught by the node agent's host-side check.
+
+A program can reach the driver past libvgpu: by reading libcuda's symbol table itself,
+by loading the driver with ``dlmopen`` into a new namespace (preloads are not loaded
+there), as a static binary, or started without ``LD_PRELOAD`` in an image without
+``/etc/ld.so.preload``. Each runs here on the mock GPU in a slice the agent prepared
+(``Slicer``); the mock NVML then shows its memory, and the agent's check
+(``Slicer.usage`` and ``app.enforce``, what its usage step runs) must report it as an
+escape and kill it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from libshared import events
+from libshared.ledgers import PodCharge, Slice
+from services.nodeagent import app
+from services.nodeagent.adapters.slicing import Slicer
+from services.nodeagent.core import preparing, usages
+from tests.libvgpu import harness
+
+MIB = 1 << 20
+GPU = "GPU-e5ca9e00-0000-4000-8000-000000000001"
+SLICE_MIB = 256
+
+
+def placement(uid: str) -> events.Placement:
+    s = Slice(
+        pod_uid=uid,
+        namespace="ns",
+        pod=uid,
+        container="main",
+        container_index=0,
+        uuid=GPU,
+        device_index=0,
+        memory_mib=SLICE_MIB,
+        cores_percent=0,
+    )
+    return events.Placement(
+        pod_uid=uid, namespace="ns", pod=uid, node="n1", slices=(s,), charge=PodCharge(pod_uid=uid)
+    )
+
+
+def slicer_on_mock(tmp_path: Path) -> Slicer:
+    mock = preparing.MockDriver(
+        library_dir=str(harness.MOCK_DIR),
+        state=str(tmp_path / "mockgpu.state"),
+        devices=f"{GPU}:2048",
+    )
+    layout = preparing.Layout(root=str(tmp_path / "host"), libvgpu=str(harness.LIBVGPU), mock=mock)
+    return Slicer(node="n1", layout=layout)
+
+
+def nvml_readings(
+    slicer: Slicer,
+) -> tuple[list[usages.DeviceReading], list[usages.ProcessReading]]:
+    """What the agent's NVML backend reads on the mock card (in a fresh process: the
+    mock NVML attaches to one card per process)."""
+    mock = slicer.layout.mock
+    assert mock is not None
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.nodeagent.nvmlcheck", "read"],
+        cwd=harness.ROOT,
+        env={
+            "LD_LIBRARY_PATH": mock.library_dir,
+            "VSLICE_MOCKGPU_STATE": mock.state,
+            "VSLICE_MOCKGPU_DEVICES": mock.devices,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    read = json.loads(out.stdout)
+    return (
+        [usages.DeviceReading(**d) for d in read["devices"]],
+        [usages.ProcessReading(**p) for p in read["processes"]],
+    )
+
+
+@pytest.mark.parametrize(
+    ("program", "mode", "preload"),
+    [
+        pytest.param("escape", "symtab", True, id="symbol-table-read-from-libcuda's-file"),
+        pytest.param("escape", "dlmopen", True, id="driver-loaded-into-a-new-namespace"),
+        pytest.param("escape-static", "linked", True, id="static-binary"),
+        pytest.param("escape", "linked", False, id="no-LD_PRELOAD-and-no-ld.so.preload"),
+    ],
+)
+def test_the_host_side_check_catches_and_kills_what_no_interposer_can_stop(
+    native: None, tmp_path: Path, program: str, mode: str, preload: bool
+) -> None:
+    slicer = slicer_on_mock(tmp_path)
+    ready = slicer.prepare(placement("p1"))
+    assert isinstance(ready, events.Ready)
+    env = dict(ready.env["main"])
+    if not preload:
+        del env["LD_PRELOAD"]
+    proc = subprocess.Popen(
+        [str(harness.BUILD / program), mode, f"{2 * SLICE_MIB}m"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        (line,) = harness.parse(proc.stdout.readline())
+        assert line.int("rc") == harness.CUDA_SUCCESS  # past the slice: libvgpu never saw it
+        devices, processes = nvml_readings(slicer)
+        usage = app.enforce(slicer.usage(devices, processes, margin_bytes=0), kill=True)
+        assert [
+            (e.pid, e.uuid, e.used_bytes, e.limit_bytes, e.pod_uid, e.killed) for e in usage.escapes
+        ] == [(proc.pid, GPU, 2 * SLICE_MIB * MIB, SLICE_MIB * MIB, "p1", True)]
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def test_a_process_held_to_its_slice_is_no_escape(native: None, tmp_path: Path) -> None:
+    slicer = slicer_on_mock(tmp_path)
+    ready = slicer.prepare(placement("p1"))
+    assert isinstance(ready, events.Ready)
+    proc = subprocess.Popen(
+        [str(harness.BUILD / "escape"), "linked", f"{SLICE_MIB // 2}m"],
+        env=ready.env["main"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        (line,) = harness.parse(proc.stdout.readline())
+        assert line.int("rc") == harness.CUDA_SUCCESS
+        devices, processes = nvml_readings(slicer)
+        assert [p.pid for p in processes] == [proc.pid]
+        usage = slicer.usage(devices, processes, margin_bytes=0)
+        assert usage.escapes == ()
+        assert [(c.used_bytes, c.pids) for c in usage.containers] == [
+            (SLICE_MIB // 2 * MIB, (proc.pid,))
+        ]
+    finally:
+        proc.communicate(input="\n", timeout=30)
