@@ -12,6 +12,7 @@ escape and kill it.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from libshared import events
 from libshared.ledgers import PodCharge, Slice
 from services.nodeagent import app
 from services.nodeagent.adapters.slicing import Slicer
-from services.nodeagent.core import preparing, usages
+from services.nodeagent.core import allocating, preparing, usages
 from tests.libvgpu import harness
 
 MIB = 1 << 20
@@ -152,3 +153,88 @@ def test_a_process_held_to_its_slice_is_no_escape(native: None, tmp_path: Path) 
         ]
     finally:
         proc.communicate(input="\n", timeout=30)
+
+
+# A pod's processes see their slice at the paths Allocate mounts, in their own mount
+# namespace: `unshare -m` (root) with the same bind mounts stands in for the runtime.
+POD_SHELL = """
+mount --make-rprivate / && mount -t tmpfs vslice-pod /usr/local || exit 97
+while [ "$1" != -- ]; do
+    target=$1; source=$2; shift 2
+    if [ -d "$source" ]; then mkdir -p "$target"; else mkdir -p "${target%/*}"; : > "$target"; fi
+    mount --bind "$source" "$target" || exit 98
+done
+shift
+exec env ${POD_PRELOAD:+LD_PRELOAD=$POD_PRELOAD} "$@"
+"""
+
+
+def start_in_pod(
+    response: allocating.ContainerResponse, argv: list[str], *, preload: bool
+) -> subprocess.Popen[str]:
+    binds = [p for m in response.mounts for p in (m.container_path, m.host_path)]
+    env = dict(response.envs)
+    if preload:  # the image's /etc/ld.so.preload would name it; the host's /etc stays as is
+        env["POD_PRELOAD"] = allocating.CONTAINER_LIBVGPU
+    return subprocess.Popen(
+        ["unshare", "-m", "sh", "-c", POD_SHELL, "sh", *binds, "--", *argv],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces need root")
+@pytest.mark.parametrize(
+    ("size_mib", "preload", "escaped"),
+    [
+        pytest.param(2 * SLICE_MIB, False, True, id="an-escape-is-its-pod's-and-is-killed"),
+        pytest.param(SLICE_MIB // 2, True, False, id="a-process-within-its-slice-is-counted"),
+    ],
+)
+def test_in_a_pod_a_process_belongs_to_the_pod_whose_cache_it_sees_at_the_container_path(
+    native: None, tmp_path: Path, size_mib: int, preload: bool, escaped: bool
+) -> None:
+    slicer = slicer_on_mock(tmp_path)
+    nvml_readings(slicer)  # the agent's NVML creates the mock card's state file
+    for uid in ("p1", "p2"):  # both see their cache at the same container path
+        assert isinstance(slicer.prepare(placement(uid)), events.Ready)
+    (plan,) = preparing.plan(placement("p2"), slicer.layout)
+    response = allocating.container_response(
+        plan,
+        layout=slicer.layout,
+        libvgpu=str(harness.LIBVGPU),
+        preload=os.devnull,
+        disable_control=True,
+    )
+    assert response.envs["CUDA_DEVICE_MEMORY_SHARED_CACHE"].startswith(
+        allocating.CONTAINER_CACHE_DIR
+    )
+    proc = start_in_pod(
+        response, [str(harness.BUILD / "escape"), "linked", f"{size_mib}m"], preload=preload
+    )
+    try:
+        assert proc.stdout is not None
+        raw = proc.stdout.readline()
+        assert raw, proc.stderr.read() if proc.stderr else ""
+        (line,) = harness.parse(raw)
+        assert line.int("rc") == harness.CUDA_SUCCESS
+        devices, processes = nvml_readings(slicer)
+        assert [p.pid for p in processes] == [proc.pid]
+        usage = app.enforce(slicer.usage(devices, processes, margin_bytes=0), kill=True)
+        if escaped:
+            assert [(e.pid, e.used_bytes, e.pod_uid, e.killed) for e in usage.escapes] == [
+                (proc.pid, size_mib * MIB, "p2", True)
+            ]
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        else:
+            assert usage.escapes == ()
+            rows = {c.pod_uid: (c.used_bytes, c.pids) for c in usage.containers}
+            assert rows == {"p1": (0, ()), "p2": (size_mib * MIB, (proc.pid,))}
+    finally:
+        if proc.poll() is None:
+            proc.communicate(input="\n", timeout=30)
+        else:
+            proc.communicate(timeout=30)
