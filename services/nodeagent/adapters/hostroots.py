@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from services.nodeagent.core import preparing, sharedcaches
@@ -173,6 +174,46 @@ def environ_cache(pid: int) -> str | None:
         if entry.startswith(b"CUDA_DEVICE_MEMORY_SHARED_CACHE="):
             return entry.partition(b"=")[2].decode(errors="replace")
     return None
+
+
+FileIdentity = tuple[int, int]  # (st_dev, st_ino)
+
+
+def file_identity(path: str) -> FileIdentity | None:
+    """``(st_dev, st_ino)`` of the file at ``path`` in the agent's view, or None when
+    it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def identity_seen_by(pid: int, path: str) -> FileIdentity | None:
+    """``(st_dev, st_ino)`` of the regular file process ``pid`` sees at the absolute
+    ``path``, or None (relative path, process gone, no such file, not a regular file).
+
+    The path is resolved in the process's own mount namespace and root through
+    ``/proc/<pid>/root`` (proc(5)): a container sees its slice's cache at the container
+    path Allocate mounts (``/usr/local/vslice/cache/vgpu.cache`` for every container),
+    which names a host file only by what is mounted there. No component may be a
+    symbolic link: an absolute link would be followed from the agent's root, not the
+    container's, and could name another pod's cache.
+    """
+    if not path.startswith("/"):
+        return None
+    current = f"/proc/{pid}/root"
+    try:
+        for part in path.split("/")[1:]:
+            if part in ("", ".", ".."):
+                return None
+            current = f"{current}/{part}"
+            st = os.lstat(current)
+            if stat.S_ISLNK(st.st_mode):
+                return None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
 def parent_of(pid: int) -> int | None:

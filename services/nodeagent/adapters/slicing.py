@@ -152,15 +152,34 @@ class Slicer:
 
     def owners_of(self, pids: list[int]) -> dict[int, str]:
         """Container key of each of ``pids`` that its environment (the container's cache
-        path) or an ancestor started for a container ties to one."""
+        path) or an ancestor started for a container ties to one.
+
+        The cache path a process names is a host path for ``vslice run``; in a pod it is
+        the container path Allocate mounts, the same in every container, so it is
+        resolved in the process's own mount namespace and matched to the host cache file
+        mounted there by device and inode (``hostroots.identity_seen_by``). That needs
+        the pod's processes in the agent's ``/proc``: the DaemonSet runs with
+        ``hostPID``.
+        """
         by_cache = {
             f"{preparing.container_dir(self.layout.root, k)}/{preparing.CACHE_FILE}": k
             for k in self.containers
         }
+        by_identity: dict[hostroots.FileIdentity, str] | None = None
         started = {pid: k for k in self.containers for pid in hostroots.owners(self.root, k)}
         out = {}
         for pid in pids:
-            key = by_cache.get(hostroots.environ_cache(pid) or "")
+            path = hostroots.environ_cache(pid) or ""
+            key = by_cache.get(path)
+            if key is None and path:
+                if by_identity is None:
+                    by_identity = {}
+                    for host_path, k in by_cache.items():
+                        identity = hostroots.file_identity(host_path)
+                        if identity is not None:
+                            by_identity[identity] = k
+                seen = hostroots.identity_seen_by(pid, path)
+                key = by_identity.get(seen) if seen is not None else None
             cur: int | None = pid
             for _ in range(MAX_ANCESTORS):
                 if key is not None or cur is None or cur <= 1:
