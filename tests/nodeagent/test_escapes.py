@@ -23,6 +23,7 @@ import pytest
 from libshared import events
 from libshared.ledgers import PodCharge, Slice
 from services.nodeagent import app
+from services.nodeagent.adapters import hostroots
 from services.nodeagent.adapters.slicing import Slicer
 from services.nodeagent.core import allocating, preparing, usages
 from tests.libvgpu import harness
@@ -155,8 +156,9 @@ def test_a_process_held_to_its_slice_is_no_escape(native: None, tmp_path: Path) 
         proc.communicate(input="\n", timeout=30)
 
 
-# A pod's processes see their slice at the paths Allocate mounts, in their own mount
-# namespace: `unshare -m` (root) with the same bind mounts stands in for the runtime.
+# A pod's processes see their slice at the paths Allocate mounts, in their own mount and
+# PID namespaces: `unshare -m -p -f` (root) with the same bind mounts stands in for the
+# runtime. The program is pid 1 there; NVML (the mock, as a real driver) names its host pid.
 POD_SHELL = """
 mount --make-rprivate / && mount -t tmpfs vslice-pod /usr/local || exit 97
 while [ "$1" != -- ]; do
@@ -177,7 +179,7 @@ def start_in_pod(
     if preload:  # the image's /etc/ld.so.preload would name it; the host's /etc stays as is
         env["POD_PRELOAD"] = allocating.CONTAINER_LIBVGPU
     return subprocess.Popen(
-        ["unshare", "-m", "sh", "-c", POD_SHELL, "sh", *binds, "--", *argv],
+        ["unshare", "-m", "-p", "-f", "sh", "-c", POD_SHELL, "sh", *binds, "--", *argv],
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env},
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -221,18 +223,21 @@ def test_in_a_pod_a_process_belongs_to_the_pod_whose_cache_it_sees_at_the_contai
         assert raw, proc.stderr.read() if proc.stderr else ""
         (line,) = harness.parse(raw)
         assert line.int("rc") == harness.CUDA_SUCCESS
+        assert line.int("pid") == 1
         devices, processes = nvml_readings(slicer)
-        assert [p.pid for p in processes] == [proc.pid]
+        (host_pid,) = [p.pid for p in processes]
+        assert hostroots.parent_of(host_pid) == proc.pid  # unshare forked it
         usage = app.enforce(slicer.usage(devices, processes, margin_bytes=0), kill=True)
         if escaped:
             assert [(e.pid, e.used_bytes, e.pod_uid, e.killed) for e in usage.escapes] == [
-                (proc.pid, size_mib * MIB, "p2", True)
+                (host_pid, size_mib * MIB, "p2", True)
             ]
-            assert proc.wait(timeout=30) == -signal.SIGKILL
+            proc.wait(timeout=30)
+            assert not harness.pid_alive(host_pid)
         else:
             assert usage.escapes == ()
             rows = {c.pod_uid: (c.used_bytes, c.pids) for c in usage.containers}
-            assert rows == {"p1": (0, ()), "p2": (size_mib * MIB, (proc.pid,))}
+            assert rows == {"p1": (0, ()), "p2": (size_mib * MIB, (host_pid,))}
     finally:
         if proc.poll() is None:
             proc.communicate(input="\n", timeout=30)
