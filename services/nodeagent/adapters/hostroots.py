@@ -216,6 +216,22 @@ def identity_seen_by(pid: int, path: str) -> FileIdentity | None:
     return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
+def namespace_pid(pid: int) -> int | None:
+    """Host process ``pid``'s pid in its own (innermost) PID namespace -- what its
+    ``getpid()`` returns, and so what libvgpu writes in its cache slot -- from the last
+    ``NSpid`` entry of ``/proc/<pid>/status`` (proc(5); Linux >= 4.1, else ``pid``), or
+    None when it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("NSpid:"):
+            fields = line.split()[1:]
+            return int(fields[-1]) if fields else pid
+    return pid
+
+
 def parent_of(pid: int) -> int | None:
     """Process ``pid``'s parent pid, or None when it is gone."""
     try:

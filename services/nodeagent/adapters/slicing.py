@@ -198,9 +198,22 @@ class Slicer:
         margin_bytes: int,
     ) -> events.NodeUsage:
         """The node's ``NodeUsage`` now, from every container's cache file and NVML."""
-        caches: dict[str, SharedCache | str] = {
-            c.key: hostroots.read_cache(self.root, c.key) for c in self.active()
-        }
+        owners = self.owners_of(sorted({p.pid for p in processes}))
+        in_namespace = {pid: hostroots.namespace_pid(pid) for pid in owners}
+        caches: dict[str, SharedCache | str] = {}
+        for c in self.active():
+            cache = hostroots.read_cache(self.root, c.key)
+            if isinstance(cache, SharedCache):
+                # a pod's processes wrote the pids of its own PID namespace
+                cache = usages.with_host_pids(
+                    cache,
+                    {
+                        ns_pid: pid
+                        for pid, ns_pid in in_namespace.items()
+                        if ns_pid is not None and owners[pid] == c.key
+                    },
+                )
+            caches[c.key] = cache
         return usages.report(
             node=self.node,
             at=time.time(),
@@ -208,6 +221,6 @@ class Slicer:
             caches=caches,
             devices=devices,
             processes=processes,
-            owners=self.owners_of(sorted({p.pid for p in processes})),
+            owners=owners,
             margin_bytes=margin_bytes,
         )
