@@ -155,6 +155,13 @@ def test_libvgpu_needs_no_glibc_newer_than_2_17_so_it_loads_on_ubi8_and_ubuntu_2
     assert {"libdl.so.2", "libpthread.so.0"} <= set(harness.needed(harness.LIBVGPU))
 
 
+def test_the_image_ships_libvgpu_built_and_floor_checked_by_its_makefile() -> None:
+    # the DaemonSet and compose run the image compose/Dockerfile builds
+    dockerfile = (harness.ROOT / "compose" / "Dockerfile").read_text()
+    assert "make -C libvgpu libvgpu.so glibc-floor" in dockerfile
+    assert "COPY --from=native /src/libvgpu/libvgpu.so" in dockerfile
+
+
 def test_a_program_that_never_calls_cuda_is_untouched(container: harness.Container) -> None:
     proc = subprocess.run(
         ["/bin/echo", "hello"],
