@@ -172,14 +172,33 @@ exec env ${POD_PRELOAD:+LD_PRELOAD=$POD_PRELOAD} "$@"
 
 
 def start_in_pod(
-    response: allocating.ContainerResponse, argv: list[str], *, preload: bool
+    response: allocating.ContainerResponse,
+    argv: list[str],
+    *,
+    preload: bool,
+    own_proc: bool = False,
 ) -> subprocess.Popen[str]:
+    """``argv`` as pid 1 of a pod; ``own_proc`` mounts the pod's own /proc, as runtimes
+    do (then the mock NVML cannot learn the host pid a real driver would report)."""
     binds = [p for m in response.mounts for p in (m.container_path, m.host_path)]
     env = dict(response.envs)
     if preload:  # the image's /etc/ld.so.preload would name it; the host's /etc stays as is
         env["POD_PRELOAD"] = allocating.CONTAINER_LIBVGPU
     return subprocess.Popen(
-        ["unshare", "-m", "-p", "-f", "sh", "-c", POD_SHELL, "sh", *binds, "--", *argv],
+        [
+            "unshare",
+            "-m",
+            "-p",
+            "-f",
+            *(["--mount-proc"] if own_proc else []),
+            "sh",
+            "-c",
+            POD_SHELL,
+            "sh",
+            *binds,
+            "--",
+            *argv,
+        ],
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env},
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -243,3 +262,41 @@ def test_in_a_pod_a_process_belongs_to_the_pod_whose_cache_it_sees_at_the_contai
             proc.communicate(input="\n", timeout=30)
         else:
             proc.communicate(timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces need root")
+def test_a_released_pod_is_swept_once_its_killed_process_is_gone_whatever_its_pid_was_there(
+    native: None, tmp_path: Path
+) -> None:
+    slicer = slicer_on_mock(tmp_path)
+    nvml_readings(slicer)
+    assert isinstance(slicer.prepare(placement("p1")), events.Ready)
+    (plan,) = preparing.plan(placement("p1"), slicer.layout)
+    response = allocating.container_response(
+        plan,
+        layout=slicer.layout,
+        libvgpu=str(harness.LIBVGPU),
+        preload=os.devnull,
+        disable_control=True,
+    )
+    probe = [str(harness.BUILD / "probe"), "alloc", "32m", "ready", "wait"]
+    proc = start_in_pod(response, probe, preload=True, own_proc=True)
+    try:
+        assert proc.stdout is not None
+        lines = [harness.parse(proc.stdout.readline())[0] for _ in range(2)]
+        assert [(line.command, line.values.get("pid")) for line in lines] == [
+            ("alloc", None),
+            ("ready", "1"),
+        ]
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGKILL)  # no exit handler frees its slot
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+    cache = hostroots.read_cache(slicer.root, "p1_main")
+    assert not isinstance(cache, str)
+    assert [p.pid for p in cache.processes] == [1]  # the pid it had in its pod
+    assert slicer.release("p1", now=0.0) == ["p1_main"]
+    assert slicer.sweep(now=1000.0) == ["p1_main"]
