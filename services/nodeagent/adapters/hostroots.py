@@ -149,13 +149,33 @@ def alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
+def start_ticks(pid: int) -> int | None:
+    """Process ``pid``'s start time in clock ticks after boot (``/proc/<pid>/stat`` field
+    22, proc(5)), as libvgpu records it in its cache slot; None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
 def in_use(root: Path, key: str) -> list[int]:
-    """Live pids using container ``key``: its cache's process slots and its owners."""
-    pids = set(owners(root, key))
+    """Live pids using container ``key``: its cache's process slots and its owners.
+
+    A slot counts when the host process of its pid started when the slot's did: a pod's
+    process wrote the pid of its own PID namespace (its pid 1 is not the host's), so a
+    killed one's slot would otherwise keep the directory for ever.
+    """
+    pids = {p for p in owners(root, key) if alive(p)}
     cache = read_cache(root, key)
     if isinstance(cache, SharedCache):
-        pids.update(p.pid for p in cache.processes)
-    return sorted(p for p in pids if alive(p))
+        pids.update(
+            p.pid
+            for p in cache.processes
+            if alive(p.pid) and p.start_ticks in (0, start_ticks(p.pid))
+        )
+    return sorted(pids)
 
 
 def remove(root: Path, key: str) -> None:
