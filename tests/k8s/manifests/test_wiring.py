@@ -293,3 +293,10 @@ def test_every_service_on_the_bus_uses_the_same_nats_and_bucket_replicas() -> No
         assert sources["VSLICE_BUCKET_REPLICAS"] == {"name": "vslice-bus", "key": "bucket-replicas"}
     ((_, admission),) = [(w, c) for w, c in _vslice_containers() if c["name"] == "admission"]
     assert "env" not in admission and objects.has("ConfigMap", "vslice-bus")
+
+
+def test_the_node_agent_shares_the_host_pid_namespace_to_see_the_pods_processes() -> None:
+    # NVML names host pids; the usage read-back and the host-side check read each one's
+    # /proc/<pid>/environ and mount namespace, which only the host's /proc shows
+    spec = built.base().get("DaemonSet", "vslice-nodeagent")["spec"]["template"]["spec"]
+    assert spec.get("hostPID") is True
