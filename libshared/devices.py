@@ -8,7 +8,11 @@ here: it lives in the ledger (``libshared.ledgers``).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+
+from libshared import bounds
 
 
 class Device(msgspec.Struct, frozen=True, kw_only=True):
@@ -19,15 +23,15 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     ``split_count``: how many slices may share it (HAMi ``deviceSplitCount``, default 10).
     """
 
-    uuid: str
-    index: int
-    type: str
-    memory_mib: int
-    cores_percent: int = 100
-    split_count: int = 10
-    numa: int = 0
+    uuid: bounds.DeviceUuid
+    index: bounds.Index
+    type: bounds.DeviceType
+    memory_mib: bounds.DeviceMemoryMiB
+    cores_percent: bounds.DeviceCores = 100
+    split_count: bounds.SplitCount = 10
+    numa: bounds.Index = 0
     healthy: bool = True
-    mode: str = "hami-core"
+    mode: bounds.Policy = "hami-core"
 
 
 class NodeDevices(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,7 +42,7 @@ class NodeDevices(msgspec.Struct, frozen=True, kw_only=True):
     (in Kubernetes, kube-scheduler checks them itself).
     """
 
-    node: str
-    devices: tuple[Device, ...]
-    cpu_milli: int | None = None
-    memory_mib: int | None = None
+    node: bounds.NodeName
+    devices: Annotated[tuple[Device, ...], msgspec.Meta(max_length=bounds.MAX_DEVICES_PER_NODE)]
+    cpu_milli: bounds.CpuMilli | None = None
+    memory_mib: bounds.HostMemoryMiB | None = None

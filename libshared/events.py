@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from libshared import bounds
 from libshared.ledgers import PodCharge, Slice
 from libshared.resources import PodRequest
 
@@ -43,7 +44,7 @@ Decision = Placement | Unschedulable
 class Release(msgspec.Struct, frozen=True, kw_only=True, tag="release"):
     """Ask the schedulers to free every slice and charge of ``pod_uid``."""
 
-    pod_uid: str
+    pod_uid: bounds.Uid
 
 
 class Ack(msgspec.Struct, frozen=True, kw_only=True, tag="ack"):

@@ -7,38 +7,46 @@ is allocated. Pure data; the scheduler core derives device usage from it.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+
+from libshared import bounds
+
+MAX_SLICES = bounds.MAX_DEVICES_PER_NODE * bounds.MAX_SPLIT_COUNT  # in one node's ledger
 
 
 class Slice(msgspec.Struct, frozen=True, kw_only=True):
     """One container's share of one device: memory in MiB, compute in percent."""
 
-    pod_uid: str
-    namespace: str
-    pod: str
-    container: str
-    container_index: int
-    uuid: str
-    device_index: int
-    memory_mib: int
-    cores_percent: int
-    priority: int | None = None
+    pod_uid: bounds.Uid
+    namespace: bounds.Namespace
+    pod: bounds.PodName
+    container: bounds.ContainerName
+    container_index: bounds.Index
+    uuid: bounds.DeviceUuid
+    device_index: bounds.Index
+    memory_mib: bounds.MemoryMiB
+    cores_percent: bounds.Percent
+    priority: bounds.Priority | None = None
 
 
 class PodCharge(msgspec.Struct, frozen=True, kw_only=True):
     """Node-level CPU (milli-cores) and host memory (MiB) a placed pod holds."""
 
-    pod_uid: str
-    cpu_milli: int = 0
-    memory_mib: int = 0
+    pod_uid: bounds.Uid
+    cpu_milli: bounds.CpuMilli = 0
+    memory_mib: bounds.HostMemoryMiB = 0
 
 
 class NodeLedger(msgspec.Struct, frozen=True, kw_only=True):
     """All slices (and node-level charges) on one node."""
 
-    node: str
-    slices: tuple[Slice, ...] = ()
-    charges: tuple[PodCharge, ...] = ()
+    node: bounds.NodeName
+    slices: Annotated[tuple[Slice, ...], msgspec.Meta(max_length=MAX_SLICES)] = ()
+    charges: Annotated[
+        tuple[PodCharge, ...], msgspec.Meta(max_length=bounds.MAX_PODS_PER_NODE)
+    ] = ()
 
     def pods(self) -> set[str]:
         """UIDs of the pods holding anything on this node."""

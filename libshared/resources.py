@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import ROUND_CEILING, Decimal
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from libshared import annotations as keys
+from libshared import bounds
 from libshared.errors import InvalidRequest
 from libshared.quantities import parse_quantity
 
@@ -61,14 +62,14 @@ class ContainerRequest(msgspec.Struct, frozen=True, kw_only=True):
     ``index`` counts init containers first, then containers (HAMi's annotation order).
     """
 
-    name: str
-    index: int
+    name: bounds.ContainerName
+    index: bounds.Index
     init: bool
-    gpu_count: int
-    memory_mib: int = 0
-    memory_percent: int = 0
-    cores_percent: int = 0
-    priority: int | None = None
+    gpu_count: bounds.GpuCount
+    memory_mib: bounds.MemoryMiB = 0
+    memory_percent: bounds.Percent = 0
+    cores_percent: bounds.Percent = 0
+    priority: bounds.Priority | None = None
 
     def memory_on(self, device_memory_mib: int) -> int:
         """MiB this container takes on a device of ``device_memory_mib`` (HAMi: total*pct/100)."""
@@ -85,19 +86,21 @@ class ContainerRequest(msgspec.Struct, frozen=True, kw_only=True):
 class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
     """A pod's normalized request: GPU containers, node-level CPU/memory, selectors."""
 
-    uid: str
-    namespace: str = "default"
-    name: str = ""
-    containers: tuple[ContainerRequest, ...] = ()
-    cpu_milli: int = 0
-    memory_mib: int = 0
-    use_types: tuple[str, ...] = ()
-    nouse_types: tuple[str, ...] = ()
-    use_uuids: tuple[str, ...] = ()
-    nouse_uuids: tuple[str, ...] = ()
+    uid: bounds.Uid
+    namespace: bounds.Namespace = "default"
+    name: bounds.PodName = ""
+    containers: Annotated[
+        tuple[ContainerRequest, ...], msgspec.Meta(max_length=bounds.MAX_CONTAINERS)
+    ] = ()
+    cpu_milli: bounds.CpuMilli = 0
+    memory_mib: bounds.HostMemoryMiB = 0
+    use_types: bounds.Selectors = ()
+    nouse_types: bounds.Selectors = ()
+    use_uuids: bounds.Selectors = ()
+    nouse_uuids: bounds.Selectors = ()
     numa_bind: bool = False
-    node_policy: str | None = None
-    gpu_policy: str | None = None
+    node_policy: bounds.Policy | None = None
+    gpu_policy: bounds.Policy | None = None
 
     @property
     def gpu_containers(self) -> tuple[ContainerRequest, ...]:

@@ -121,3 +121,37 @@ def test_seed_is_an_integer_or_auto_from_the_replica_name(
     with pytest.raises(SystemExit):
         settings.parse(["--seed", "seven"], {})
     assert "--seed 'seven'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (
+            b'{"uid":"p","containers":[{"name":"c","index":0,"init":false,"gpu_count":1,'
+            b'"memory_percent":-100}]}',
+            "containers[0].memory_percent=-100",
+        ),
+        (
+            b'{"uid":"p","containers":[{"name":"c","index":0,"init":false,"gpu_count":1,'
+            b'"memory_mib":1000,"cores_percent":-100}]}',
+            "containers[0].cores_percent=-100",
+        ),
+        (
+            b'{"uid":"p","containers":[{"name":"c","index":0,"init":false,"gpu_count":-1}]}',
+            "containers[0].gpu_count=-1",
+        ),
+        (b'{"uid":"' + b"x" * 600 + b'"}', "uid="),
+        (b'{"uid":"p","name":"' + b"n" * 600_000 + b'"}', "name="),
+    ],
+)
+async def test_a_request_out_of_bounds_is_refused_naming_its_field_and_value(
+    nc: Client, bus_settings: BusSettings, body: bytes, named: str
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=1))
+    async with helpers.replica(replica_settings(bus_settings)):
+        reply = await nc.request(bus_settings.subjects.sched_schedule, body, timeout=10)
+        answer = events.SCHEDULE_REPLY.decode(reply.data)
+        assert isinstance(answer, events.BusError)
+        assert named in answer.reason, answer.reason
+        held = await helpers.ledgers(nc, bus_settings)
+        assert all(not ledger.slices for ledger in held.values())

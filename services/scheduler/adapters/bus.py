@@ -57,7 +57,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
-from libshared import events
+from libshared import bounds, events
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
@@ -708,8 +708,9 @@ class Replica:
                 raise ValueError("PodRequest.uid is empty")
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             self._count(errors=1)
-            log.warning("malformed schedule request", extra={"error": str(exc)})
-            await self._reply(msg, events.BusError(reason=f"malformed PodRequest: {exc}"))
+            why = bounds.describe(exc, msg.data) if isinstance(exc, msgspec.MsgspecError) else exc
+            log.warning("malformed schedule request", extra={"error": str(why)})
+            await self._reply(msg, events.BusError(reason=f"malformed PodRequest: {why}"))
             return
         deadline = deadline_of(msg.headers)
         try:
@@ -739,8 +740,9 @@ class Replica:
             request = events.RELEASE_REQUEST.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._count(errors=1)
-            log.warning("malformed release request", extra={"error": str(exc)})
-            await self._reply(msg, events.BusError(reason=f"malformed Release: {exc}"))
+            why = bounds.describe(exc, msg.data)
+            log.warning("malformed release request", extra={"error": why})
+            await self._reply(msg, events.BusError(reason=f"malformed Release: {why}"))
             return
         try:
             ack = await self.release(request.pod_uid)

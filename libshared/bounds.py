@@ -1,0 +1,91 @@
+"""The bounds of every value on the bus, as msgspec constraints checked on decode.
+
+Everything that arrives over NATS or from a KV bucket is decoded with these bounds, so a
+negative size, a cores percent above 100, a GPU count of -1 or a 600 KB pod name is
+refused at the door, with the field's path, before any decision or write
+(``ARCHITECTURE.md``, "Trust and failure boundaries"). Constructing a struct in code
+checks nothing (msgspec validates on decode only); the bounds are for what comes in.
+
+Names follow Kubernetes: a pod name is a DNS-1123 subdomain (at most 253 characters), a
+namespace and a container name DNS-1123 labels (at most 63), an object UID at most 128
+characters (Kubernetes' are 36). Sizes are bounded far above any GPU made today.
+
+The bounds also bound the largest KV value: a node ledger holds at most
+``MAX_DEVICES_PER_NODE * MAX_SPLIT_COUNT`` slices and ``MAX_PODS_PER_NODE`` charges, each
+of bounded size, so ``worst_ledger_bytes()`` stays well under ``MAX_PAYLOAD_BYTES``, the
+``max_payload`` every vslice nats-server is configured with.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import msgspec
+
+MAX_UID = 128
+MAX_NAME = 253  # DNS-1123 subdomain (pod names)
+MAX_LABEL = 63  # DNS-1123 label (namespaces, container names)
+MAX_UUID = 128
+MAX_TYPE = 128
+MAX_POLICY = 32
+MAX_GPUS = 16  # GPUs one container asks for, and devices one node registers
+MAX_DEVICES_PER_NODE = 16
+MAX_SPLIT_COUNT = 100  # slices one device may hold (HAMi deviceSplitCount)
+MAX_PODS_PER_NODE = 1024  # node-level charges in one ledger
+MAX_CONTAINERS = 64  # containers of a pod, init containers included
+MAX_SELECTORS = 256  # entries of a use/nouse type or UUID list
+MAX_MEMORY_MIB = 1 << 24  # 16 TiB: one device's memory, scaled
+MAX_HOST_MEMORY_MIB = 1 << 32
+MAX_CPU_MILLI = 10**9
+MAX_DEVICE_CORES = 10_000  # percent, with deviceCoreScaling up to 100
+MAX_INDEX = 1023
+MAX_PAYLOAD_BYTES = 8 << 20  # nats-server max_payload of every vslice server
+
+# A UID, name or UUID holds no control character (it ends up in file names, logs, keys).
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_NODE = r"^[A-Za-z0-9_=/-]+$"  # one NATS subject token and a KV key
+
+Uid = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_UID, pattern=_PRINTABLE)]
+PodName = Annotated[str, msgspec.Meta(max_length=MAX_NAME, pattern=_PRINTABLE)]
+Namespace = Annotated[str, msgspec.Meta(max_length=MAX_LABEL, pattern=_PRINTABLE)]
+ContainerName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LABEL, pattern=_PRINTABLE)]
+NodeName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME, pattern=_NODE)]
+DeviceUuid = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_UUID, pattern=_PRINTABLE)]
+DeviceType = Annotated[str, msgspec.Meta(max_length=MAX_TYPE, pattern=_PRINTABLE)]
+Policy = Annotated[str, msgspec.Meta(max_length=MAX_POLICY, pattern=_PRINTABLE)]
+Selectors = Annotated[tuple[DeviceType, ...], msgspec.Meta(max_length=MAX_SELECTORS)]
+Index = Annotated[int, msgspec.Meta(ge=0, le=MAX_INDEX)]
+GpuCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_GPUS)]
+MemoryMiB = Annotated[int, msgspec.Meta(ge=0, le=MAX_MEMORY_MIB)]
+DeviceMemoryMiB = Annotated[int, msgspec.Meta(ge=1, le=MAX_MEMORY_MIB)]
+Percent = Annotated[int, msgspec.Meta(ge=0, le=100)]
+DeviceCores = Annotated[int, msgspec.Meta(ge=1, le=MAX_DEVICE_CORES)]
+SplitCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_SPLIT_COUNT)]
+CpuMilli = Annotated[int, msgspec.Meta(ge=0, le=MAX_CPU_MILLI)]
+HostMemoryMiB = Annotated[int, msgspec.Meta(ge=0, le=MAX_HOST_MEMORY_MIB)]
+Priority = Annotated[int, msgspec.Meta(ge=0, le=100)]
+
+_PATH = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+
+
+def describe(exc: msgspec.MsgspecError, raw: bytes) -> str:
+    """The decode error ``exc`` of ``raw`` as one line naming the field and the value it
+    had, e.g. ``$.containers[0].memory_percent=-100: Expected `int` >= 0``. Pure; falls back
+    to the error's own text when the path or value cannot be read."""
+    text = str(exc)
+    where = text.rsplit(" - at `$", 1)
+    if len(where) != 2:
+        return text
+    message, path = where[0], where[1].rstrip("`")
+    try:
+        value: object = msgspec.json.decode(raw)
+        for name, index in _PATH.findall(path):
+            value = value[name] if name else value[int(index)]  # type: ignore[index]
+    except (msgspec.DecodeError, KeyError, IndexError, TypeError, ValueError):
+        return f"${path}: {message}"
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"${path}={shown}: {message}"
