@@ -78,7 +78,7 @@ async def test_a_malformed_message_gets_an_error_naming_it_and_the_replica_keeps
         for subject, body, named in (
             (subjects.sched_schedule, b"{not json", "malformed PodRequest"),
             (subjects.sched_schedule, b'{"uid": 7}', "$.uid"),
-            (subjects.sched_schedule, b'{"uid": ""}', "uid is empty"),
+            (subjects.sched_schedule, b'{"uid": ""}', "$.uid=''"),
             (subjects.sched_release, b'{"type": "release"}', "pod_uid"),
             (subjects.sched_release, b"\xff\xfe", "malformed Release"),
         ):
