@@ -356,23 +356,14 @@ def _decode(secret: client.V1Secret) -> dict[str, bytes]:
     return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
 
 
-def _body(
-    name: str, namespace: str, data: Mapping[str, bytes], kind: str, version: str | None
-) -> client.V1Secret:
-    return client.V1Secret(
-        api_version="v1",
-        kind="Secret",
-        metadata=client.V1ObjectMeta(
-            name=name, namespace=namespace, labels=dict(LABELS), resource_version=version
-        ),
-        type=kind,
-        data={k: base64.b64encode(v).decode() for k, v in sorted(data.items())},
-    )
+def _encode(data: Mapping[str, bytes]) -> dict[str, str]:
+    return {k: base64.b64encode(v).decode() for k, v in sorted(data.items())}
 
 
 class _Secrets:
-    """The Job's Secrets: read by name, created or replaced (with the version read, so a
-    concurrent writer makes this run fail and retry rather than lose a write)."""
+    """The Job's Secrets: read by name, created, or patched with the version read as a
+    precondition (a concurrent writer makes this run fail and retry rather than lose a
+    write)."""
 
     def __init__(self, api: client.CoreV1Api, namespace: str) -> None:
         self.api = api
@@ -390,11 +381,23 @@ class _Secrets:
         return _decode(secret)
 
     async def write(self, name: str, data: Mapping[str, bytes], *, kind: str = "Opaque") -> None:
-        body = _body(name, self.namespace, data, kind, self.versions.get(name))
         try:
             if name in self.versions:
-                await self.api.replace_namespaced_secret(name, self.namespace, body)
+                patch = {
+                    "metadata": {"resourceVersion": self.versions[name], "labels": LABELS},
+                    "data": _encode(data),
+                }
+                await self.api.patch_namespaced_secret(name, self.namespace, patch)
             else:
+                body = client.V1Secret(
+                    api_version="v1",
+                    kind="Secret",
+                    metadata=client.V1ObjectMeta(
+                        name=name, namespace=self.namespace, labels=dict(LABELS)
+                    ),
+                    type=kind,
+                    data=_encode(data),
+                )
                 await self.api.create_namespaced_secret(self.namespace, body)
         except ApiException as exc:
             raise CertsError(f"Secret {self.namespace}/{name}: write: {exc.reason}") from exc

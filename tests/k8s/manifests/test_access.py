@@ -39,7 +39,7 @@ EXPECTED: dict[str, set[tuple[str, str, str, str]]] = {
     # exists); everything else names exactly the Secrets the Job keeps
     "vslice-certs": {
         ("", "secrets", "create", ""),
-        *(("", "secrets", v, name) for v in ("get", "update") for name in kubecerts.secret_names()),
+        *(("", "secrets", v, name) for v in ("get", "patch") for name in kubecerts.secret_names()),
         *(
             ("admissionregistration.k8s.io", "mutatingwebhookconfigurations", v, "vslice-admission")
             for v in ("get", "patch")
