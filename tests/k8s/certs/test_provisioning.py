@@ -7,7 +7,6 @@ over TLS and refuses a stranger."""
 
 from __future__ import annotations
 
-import base64
 import json
 import ssl
 import subprocess
@@ -18,56 +17,13 @@ from typing import Any
 import kmock
 import nats
 import pytest
-import yaml
 from cryptography import x509
 
 from libshared import kubeclients, trust
 from libshared.natsserver import find_binary, free_port
+from tests.k8s.certs.objects import SECRETS, ca_bundles, data, secrets, serve_trust_objects
 from tests.k8s.scheduler.kubeapi import ApiServer
 from vslice import kubecerts
-
-SECRETS = kmock.resource("", "v1", "secrets")
-WEBHOOKS = kmock.resource("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations")
-ADMISSION_YAML = Path(__file__).resolve().parents[3] / "k8s" / "base" / "vslice" / "admission.yaml"
-
-
-def webhook_configuration() -> dict[str, Any]:
-    """The MutatingWebhookConfiguration of k8s/ as written (no caBundle)."""
-    (config,) = [
-        d
-        for d in yaml.safe_load_all(ADMISSION_YAML.read_text())
-        if d and d["kind"] == "MutatingWebhookConfiguration"
-    ]
-    assert isinstance(config, dict)
-    return config
-
-
-def serve_trust_objects(api: ApiServer, *, webhook: bool = True) -> None:
-    """Let ``api`` store Secrets and webhook configurations; add k8s/'s one."""
-    api.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
-    api.resources["admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"] = (
-        kmock.ResourceInfo(kind="MutatingWebhookConfiguration", namespaced=False)
-    )
-    if webhook:
-        api.objects[WEBHOOKS, None, kubecerts.WEBHOOK_CONFIG] = webhook_configuration()
-
-
-def secrets(api: ApiServer) -> dict[str, dict[str, Any]]:
-    """Every stored Secret of vslice-system by name."""
-    return {
-        name: o.raw
-        for (res, ns, name), o in api.objects.items()
-        if res == SECRETS and ns == kubecerts.NAMESPACE and not o.deleted
-    }
-
-
-def data(secret: dict[str, Any]) -> dict[str, bytes]:
-    return {k: base64.b64decode(v) for k, v in secret["data"].items()}
-
-
-def ca_bundles(api: ApiServer) -> list[bytes]:
-    raw = api.objects[WEBHOOKS, None, kubecerts.WEBHOOK_CONFIG].raw
-    return [base64.b64decode(h["clientConfig"].get("caBundle", "")) for h in raw["webhooks"]]
 
 
 @pytest.fixture
