@@ -227,3 +227,28 @@ def test_the_authorization_gives_each_identitys_key_its_roles_permissions() -> N
         assert got.get("allow_responses", False) is granted.allow_responses
     with pytest.raises(trust.TrustError, match="nkey seed"):
         kubecerts.authorization_conf({**seeds, "metrics": b"SUnot"}, prefix="gpu")
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["--nats-replicas", "0"], "--nats-replicas 0"),
+        (["--renew-within-days", "-1"], "--renew-within-days -1"),
+        (["--prefix", "has space"], "--prefix 'has space'"),
+    ],
+)
+def test_a_bad_flag_stops_the_job_naming_the_flag_and_value(
+    argv: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        kubecerts.parse(argv)
+    assert exited.value.code == 2
+    assert complaint in capsys.readouterr().err
+
+
+def test_the_jobs_flags_become_its_settings() -> None:
+    argv = ["--namespace", "gpu", "--prefix", "lab", "--nats-replicas", "5", "--renew"]
+    settings = kubecerts.parse([*argv, "--renew-within-days", "10", "--webhook-wait", "3"])
+    assert (settings.namespace, settings.prefix, settings.nats_replicas) == ("gpu", "lab", 5)
+    assert settings.renew and settings.renew_within == datetime.timedelta(days=10)
+    assert settings.webhook_wait_s == 3.0
