@@ -462,7 +462,10 @@ async def provision(api_client: client.ApiClient, settings: Settings) -> Report:
     )
     by_secret = {s.secret: s for s in steps}
     for step in steps:
-        log.info("%s %s: %s", step.action, step.secret, step.reason)
+        log.info(
+            "secret planned",
+            extra={"secret": step.secret, "action": str(step.action), "reason": step.reason},
+        )
 
     if by_secret[CA_SECRET].action is Action.KEEP:
         ca_cert, ca_key = existing[CA_SECRET]["tls.crt"], existing[CA_SECRET]["tls.key"]
@@ -494,11 +497,14 @@ async def provision(api_client: client.ApiClient, settings: Settings) -> Report:
         if existing.get(name) != data:
             await secrets.write(name, data)
             written.append(name)
-            log.info("wrote %s", name)
+            log.info("secret written", extra={"secret": name})
     patched = await _patch_ca_bundle(
         client.AdmissionregistrationV1Api(api_client), settings, ca_cert
     )
-    log.info("caBundle of %s: %s", settings.webhook_config, "patched" if patched else "current")
+    log.info(
+        "webhook caBundle " + ("patched" if patched else "current"),
+        extra={"config": settings.webhook_config},
+    )
     return Report(steps=steps, derived=tuple(written), ca_bundle_patched=patched)
 
 
@@ -556,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         asyncio.run(_main(settings))
     except (CertsError, kubeclients.KubeConfigError, trust.TrustError) as exc:
-        log.error("certificates not provisioned: %s", exc)
+        log.error("certificates not provisioned", extra={"error": str(exc)})
         return 1
     return 0
 
