@@ -309,3 +309,14 @@ def test_the_external_nats_overlay_is_the_base_without_nats_pointed_elsewhere() 
     assert "@" not in url  # no password in a ConfigMap
     assert "nats-headless" not in yaml.safe_dump_all(list(overlay.values()))
     assert "nats.vslice-system" not in yaml.safe_dump_all(list(overlay.values()))
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_no_config_map_holds_a_credential(name: str) -> None:
+    for config_map in BUILDS[name]().of("ConfigMap"):
+        text = yaml.safe_dump(config_map.get("data", {}))
+        assert "PRIVATE KEY" not in text, built.key(config_map)
+        assert not re.search(r"\bS[UAO][A-Z2-7]{50,}", text), built.key(config_map)  # NKEY seed
+        assert not re.search(r"(?i)\bpass(word)?\s*:|://[^/\s]*:[^/\s]*@", text), built.key(
+            config_map
+        )
