@@ -5,7 +5,7 @@ does in a cluster what ``vslice certs`` does into a directory (``vslice.certs``)
 the same library (``libshared.trust``: ``cryptography`` and ``nkeys``, never openssl):
 
 - the CA, Secret ``vslice-ca`` (``kubernetes.io/tls``): kept when it exists and is valid,
-  created otherwise. Only this Job mounts nothing and reads its key; no pod mounts it;
+  created otherwise. Only this Job reads its key (through the API); no pod mounts it;
 - leaf certificates signed by it, each a ``kubernetes.io/tls`` Secret with ``tls.crt``,
   ``tls.key`` and the CA as ``ca.crt``: the webhook's (``vslice-admission-tls``), the
   extender's (``vslice-scheduler-tls``), NATS's (``vslice-nats-tls``, client and route
