@@ -3,13 +3,18 @@ writes every Secret and patches the webhook configuration's caBundle; a second c
 nothing; ``--renew`` renews the leaves and keeps the CA, the seeds and the caBundle; a
 missing webhook configuration fails the run after its wait. Then the Secrets at work: a
 nats-server configured with the Job's certificate and authorization takes each identity
-over TLS and refuses a stranger."""
+over TLS and refuses a stranger, and two such nodes route to each other over TLS verified
+both ways, refusing a route without a certificate."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import socket
 import ssl
 import subprocess
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -171,3 +176,71 @@ async def test_nats_with_the_jobs_certificate_and_authorization_takes_each_ident
     finally:
         server.terminate()
         server.wait(10)
+
+
+def _routes(http: int) -> list[dict[str, Any]]:
+    """The routes a nats-server's monitoring endpoint lists (none while it starts)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/routez", timeout=2) as resp:
+            found: list[dict[str, Any]] = json.load(resp).get("routes") or []
+            return found
+    except OSError:
+        return []
+
+
+def _first_line(port: int, context: ssl.SSLContext) -> bytes:
+    """The first line a TLS connection to 127.0.0.1:``port`` reads (b"" when closed)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        return tls.makefile("rb").readline()
+
+
+async def test_two_nats_nodes_route_over_tls_verified_both_ways_with_the_jobs_certificate(
+    api: ApiServer, tmp_path: Path
+) -> None:
+    serve_trust_objects(api)
+    await run(api)
+    stored = secrets(api)
+    for key, value in data(stored["vslice-nats-tls"]).items():
+        (tmp_path / key).write_bytes(value)
+    auth = data(stored[kubecerts.AUTH_SECRET])[kubecerts.AUTH_KEY]
+    (tmp_path / kubecerts.AUTH_KEY).write_bytes(auth)
+    tls = (
+        f"cert_file: {tmp_path / 'tls.crt'}\n key_file: {tmp_path / 'tls.key'}\n"
+        f" ca_file: {tmp_path / 'ca.crt'}\n timeout: 5\n"
+    )
+    nodes = [(free_port(), free_port(), free_port()) for _ in range(2)]  # client, route, http
+    with contextlib.ExitStack() as stack:
+        for i, (port, route, http) in enumerate(nodes):
+            conf = tmp_path / f"node{i}.conf"
+            conf.write_text(
+                f"server_name: n{i}\nport: {port}\nhost: 127.0.0.1\nhttp_port: {http}\n"
+                f"tls {{\n {tls}}}\ninclude {kubecerts.AUTH_KEY}\n"
+                f"cluster {{\n name: c\n host: 127.0.0.1\n port: {route}\n"
+                f" tls {{\n {tls} verify: true\n }}\n"
+                f" routes: [nats://127.0.0.1:{nodes[1 - i][1]}]\n}}\n"
+            )
+            log = stack.enter_context((tmp_path / f"node{i}.log").open("wb"))
+            server = subprocess.Popen([str(find_binary()), "-c", str(conf)], stdout=log, stderr=log)
+            stack.callback(server.wait, 10)
+            stack.callback(server.terminate)
+        for _ in range(300):
+            if all(_routes(http) for _, _, http in nodes):
+                break
+            await asyncio.sleep(0.1)
+        logs = "\n".join(
+            (tmp_path / f"node{i}.log").read_text(errors="replace")[-2000:] for i in range(2)
+        )
+        for i, (_, route, http) in enumerate(nodes):
+            routes = _routes(http)
+            assert routes and all(r["remote_name"] == f"n{1 - i}" for r in routes), logs
+            # the route port speaks TLS alone and asks for a certificate from the CA
+            member = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+            member.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+            info = json.loads(_first_line(route, member).removeprefix(b"INFO "))
+            assert info["tls_required"] is True and info["tls_verify"] is True, info
+            stranger = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+            with contextlib.suppress(ssl.SSLError, OSError):
+                assert not _first_line(route, stranger).startswith(b"INFO")
