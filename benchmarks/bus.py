@@ -39,7 +39,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _row(label: str, rate: float, p50: float, p99: float, rest: str) -> str:
-    return f"{label:<30}{rate:>8.0f}{p50:>8.1f}{p99:>8.1f}{rest}"
+    return f"{label:<40}{rate:>8.0f}{p50:>8.1f}{p99:>8.1f}{rest}"
 
 
 def _bus_row(label: str, result: replaying.SeedResult, d: busreplays.Driven) -> str:
@@ -143,14 +143,20 @@ def main() -> None:
         help="extra scheduler flag, e.g. --scheduler-arg=--max-in-flight=8",
     )
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process row")
+    parser.add_argument(
+        "--tls",
+        choices=("on", "off", "both"),
+        default="both",
+        help="bus with TLS, without (authorization stays on), or each run both ways",
+    )
     parser.add_argument("--profile", help="also run under cProfile, writing DIR/<process>.prof")
     args = parser.parse_args()
     cpu_head = "".join(f"{p[:6]:>7}" for p in PROCESSES)
     head = (
-        f"{'run':<30}{'pods/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'placed':>7}{'races':>7}"
+        f"{'run':<40}{'pods/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'placed':>7}{'races':>7}"
         f"{'claims':>7}{cpu_head}{'total':>7}"
     )
-    print(f"{args.policy + ', openb':<79}CPU ms per pod\n{head}\n{'-' * len(head)}", flush=True)
+    print(f"{args.policy + ', openb':<89}CPU ms per pod\n{head}\n{'-' * len(head)}", flush=True)
     if not args.no_in_process:
         (local,) = replays.replay_in_process(
             args.trace, args.fleet, [args.policy], [args.seed], jobs=1, quiet=True
@@ -159,10 +165,11 @@ def main() -> None:
         rest = f"{round(local['pods_placed']):>7}{'':>14}{'':>35}{1000 * wall / pods:>7.2f}"
         p50, p99 = local["decision_ms_p50"], local["decision_ms_p99"]
         print(_row("in process (decisions)", pods / wall, p50, p99, rest), flush=True)
-    runs = [(r, c, None) for c in args.concurrency for r in args.replicas]
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.tls]
+    runs = [(r, c, None, t) for c in args.concurrency for r in args.replicas for t in modes]
     if args.profile:
-        runs.append((max(args.replicas), max(args.concurrency), args.profile))
-    for replicas, concurrency, profile in runs:
+        runs.append((max(args.replicas), max(args.concurrency), args.profile, modes[-1]))
+    for replicas, concurrency, profile, tls in runs:
         result, driven = busreplays.run_seed(
             args.trace,
             args.fleet,
@@ -173,8 +180,10 @@ def main() -> None:
             quiet=True,
             scheduler_args=args.scheduler_arg,
             profile_dir=profile,
+            tls=tls,
         )
         label = f"bus, {replicas} replica{'s' if replicas > 1 else ''}, {concurrency} in flight"
+        label += ", TLS" if tls else ", no TLS"
         print(_bus_row(label + (", cProfile" if profile else ""), result, driven), flush=True)
     if args.profile:
         print(_profile_summary(Path(args.profile)))

@@ -238,8 +238,11 @@ def run_seed(
     quiet: bool = False,
     scheduler_args: Sequence[str] = (),
     profile_dir: str | None = None,
+    tls: bool = True,
 ) -> tuple[replaying.SeedResult, Driven]:
     """One experiment over a temporary stack of its own (see the module docstring).
+    ``tls`` False runs the bus without TLS (authorization stays on): the benchmark's
+    measure of what TLS costs.
     ``scheduler_args`` are appended to each replica's command; with ``profile_dir`` every
     service runs under cProfile (CPU time) and leaves ``<profile_dir>/<process>.prof``
     when it stops.
@@ -255,7 +258,7 @@ def run_seed(
     max_devices = max((len(n.devices) for n in fleet), default=1) or 1
     with tempfile.TemporaryDirectory(prefix="vslice-replay-") as tmp:
         state = Path(tmp)
-        server = NatsServer(data_dir=state / "nats", name="vslice-replay-nats")
+        server = NatsServer(data_dir=state / "nats", name="vslice-replay-nats", tls=tls)
         server.port, server.http_port = free_port(), free_port()
         identities = stacks.provision(server, prefix=PREFIX, node=permissions.ANY_NODE)
         with server:

@@ -1,6 +1,6 @@
 """Checks a vslice slice on a real NVIDIA GPU (not run in CI: it needs one).
 
-Three checks, each in a child process with libvgpu preloaded:
+Four checks, each in a child process with libvgpu preloaded:
 
 1. A PyTorch loop allocating 100 MiB tensors under a 4000 MiB slice stops with
    ``torch.cuda.OutOfMemoryError`` having allocated at most 4000 MiB.
@@ -8,6 +8,11 @@ Three checks, each in a child process with libvgpu preloaded:
 3. A saturating PyTorch matmul loop under ``CUDA_DEVICE_SM_LIMIT=30``: this
    process samples the device's utilization with NVML every 100 ms for 20 s and
    prints the mean and the range over 2 s windows (the target is 30 +- 3).
+4. ``build/lookups`` (libvgpu's test program, run on the real driver) finds the
+   capped functions through dlsym(RTLD_NEXT) from a later library, RTLD_DEFAULT,
+   a libcuda handle, a renamed copy of libcuda and NVML, and a library that
+   depends on libcuda: each must be libvgpu's, and 60 + 60 MiB under a 100 MiB
+   slice must stop at the second allocation.
 
     make native && python benchmarks/gpu/slice_check.py [--device 0]
 
@@ -17,7 +22,9 @@ Needs torch with CUDA and nvidia-smi on PATH; pynvml is a vslice dependency.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +36,8 @@ import pynvml
 
 ROOT = Path(__file__).resolve().parents[2]
 LIBVGPU = ROOT / "services" / "nodeagent" / "libvgpu" / "libvgpu.so"
+LOOKUPS = LIBVGPU.parent / "build" / "lookups"
+LOOKUP_MODES = ("next", "default", "handle", "copy", "dependent")
 SLICE_MIB = 4000
 SM_PERCENT = 30
 SAMPLE_S = 20.0
@@ -112,12 +121,51 @@ def check_compute(device: int, tmp: Path) -> bool:
     return all(abs(w - SM_PERCENT) <= 3 for w in windows)
 
 
+def loaded_path(soname: str) -> Path:
+    """Where the dynamic linker finds ``soname`` (the real driver's file)."""
+    ctypes.CDLL(soname)
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.rstrip().endswith(soname) or f"/{soname}" in line:
+            return Path(line.split()[-1]).resolve()
+    raise FileNotFoundError(soname)
+
+
+def check_lookups(device: int, tmp: Path) -> bool:
+    for soname, copy in (
+        ("libcuda.so.1", "libgpu-driver.so"),
+        ("libnvidia-ml.so.1", "libgpu-ml.so"),
+    ):
+        shutil.copy(loaded_path(soname), tmp / copy)
+    ok = True
+    for mode in LOOKUP_MODES:
+        env = slice_env(device, tmp / f"{mode}.cache", CUDA_DEVICE_MEMORY_LIMIT="100m")
+        out = subprocess.run(
+            [str(LOOKUPS), mode, str(tmp / "libgpu-driver.so"), str(tmp / "libgpu-ml.so")],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        words = [
+            dict(w.split("=", 1) for w in line.split()[1:]) for line in out.stdout.splitlines()
+        ]
+        libraries = {w["library"] for w in words if "library" in w}
+        allocs = [w["rc"] for w in words if "rc" in w]
+        passed = out.returncode == 0 and libraries == {"libvgpu.so"} and allocs == ["0", "2"]
+        print(
+            f"4. lookups {mode}: libraries {sorted(libraries)}, allocations {allocs}",
+            out.stderr[-300:],
+        )
+        ok = ok and passed
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", type=int, default=0, help="GPU index (default 0)")
     options = parser.parse_args()
-    if not LIBVGPU.exists():
-        print(f"{LIBVGPU} is missing: run `make native` first", file=sys.stderr)
+    if not LIBVGPU.exists() or not LOOKUPS.exists():
+        print(f"{LIBVGPU} or {LOOKUPS} is missing: run `make native` first", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
@@ -125,6 +173,7 @@ def main() -> int:
             check_memory(options.device, tmp),
             check_nvidia_smi(options.device, tmp),
             check_compute(options.device, tmp),
+            check_lookups(options.device, tmp),
         ]
     print("PASS" if all(results) else "FAIL")
     return 0 if all(results) else 1

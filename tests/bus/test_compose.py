@@ -13,13 +13,34 @@ from typing import Any
 import pytest
 import yaml
 
+from libshared.natsserver import NatsServer
 from tests.bus.conftest import repo_root
 from vslice import stacks
 
 COMPOSE = repo_root() / "compose" / "docker-compose.yaml"
 # differ between a host and a container
-HOST_VALUED = {"--nats-url", "--node-prefix", "--name", "--host"}
+HOST_VALUED = {
+    "--nats-url",
+    "--node-prefix",
+    "--name",
+    "--host",
+    "--identity",
+    "--nkey-seed",
+    "--nats-tls-ca",
+}
 SERVICES = ("admission", "scheduler", "nodeagent", "metrics")
+
+
+def targets(volumes: list[Any]) -> dict[str, str]:
+    """Mount target -> mode ("ro"/"rw") of a service's rendered volumes (short or long)."""
+    out = {}
+    for v in volumes:
+        if isinstance(v, dict):
+            out[str(v["target"])] = "ro" if v.get("read_only") else "rw"
+        else:
+            parts = str(v).split(":")
+            out[parts[1]] = parts[2] if len(parts) > 2 else "rw"
+    return out
 
 
 def flags(argv: list[str]) -> dict[str, str | None]:
@@ -62,26 +83,44 @@ def test_docker_compose_renders_nats_with_jetstream_and_every_vslice_service(
     rendered: dict[str, Any],
 ) -> None:
     services = rendered["services"]
-    assert set(services) == {"nats", *SERVICES}
+    assert set(services) == {"certs", "nats", *SERVICES}
     nats = services["nats"]["command"]
-    assert "--jetstream" in nats
-    store = nats[nats.index("--store_dir") + 1]
-    assert any(v.split(":")[1] == store for v in services["nats"]["volumes"])  # kept
+    assert nats == ["--config", "/trust/nats.conf"]  # written by the certs service
+    certs = flags([str(w) for w in services["certs"]["command"]])
+    store = certs["--store-dir"]
+    assert store in targets(services["nats"]["volumes"])  # kept
+    assert services["nats"]["depends_on"]["certs"]["condition"] == (
+        "service_completed_successfully"
+    )
+    for port in services["nats"]["ports"]:  # the bus is reachable from this host only
+        assert str(port).startswith("127.0.0.1:"), port
     assert services["scheduler"]["deploy"]["replicas"] == 2
     for name in SERVICES:
         assert "nats" in services[name]["depends_on"], name
         assert services[name]["image"] == "ghcr.io/vslice/vslice:0.1.0"
+        command = flags([str(w) for w in services[name]["command"]])
+        identity = command["--identity"]
+        assert command["--nkey-seed"] == f"/trust/nkeys/{identity}.nk", name
+        assert command["--nats-tls-ca"] == "/trust/ca.pem", name
+        assert targets(services[name]["volumes"]).get("/trust") == "ro", name
     assert services["admission"]["build"]["dockerfile"] == "compose/Dockerfile"
     assert Path(services["admission"]["build"]["context"]) == repo_root()
     agent = flags(services["nodeagent"]["command"])
     assert "--host-root" not in agent and agent["--gpus"] == "2"  # mock nodes only
     ports = services["metrics"]["ports"]
-    assert any(str(p["target"]) == "9394" for p in ports)
+    assert [str(p).split("/")[0] for p in ports] == ["127.0.0.1:9394:9394"]
 
 
-def test_every_compose_service_runs_a_command_of_vslice_up(rendered: dict[str, Any]) -> None:
+def test_every_compose_service_runs_a_command_of_vslice_up(
+    rendered: dict[str, Any], tmp_path: Path
+) -> None:
+    server = NatsServer(data_dir=tmp_path, port=4222, http_port=8222)
+    credentials = stacks.provision(server, prefix="vslice", node="compose-node-0")
     up = stacks.service_commands(
-        "nats://127.0.0.1:4222", agent_args=stacks.mock_agent_args({}), metrics_port=9394
+        "nats://127.0.0.1:4222",
+        credentials=credentials,
+        agent_args=stacks.mock_agent_args({}),
+        metrics_port=9394,
     )
     for name in SERVICES:
         command = [str(word) for word in rendered["services"][name]["command"]]

@@ -7,11 +7,15 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import nats
+import nats.errors
 import pytest
 
 from libshared import connecting, events
@@ -82,6 +86,15 @@ def test_up_serves_status_shows_the_allocation_and_down_stops_everything(
         with urllib.request.urlopen(dashboard + "/", timeout=5) as response:
             assert b"vslice fleet" in response.read()
 
+        described = vslice("status", "--state-dir", state, "--json")
+        assert described.returncode == 0, described.stderr
+        info = json.loads(described.stdout)
+        assert info["nats_url"] == recorded["nats_url"]
+        assert {n: p["state"] for n, p in info["processes"].items()} == dict.fromkeys(
+            pids, "running"
+        )
+        assert asyncio.run(closed_to_strangers(info, placed.node)) == []
+
         status = vslice("status", "--state-dir", state)
         assert status.returncode == 0, status.stderr
         assert status.stdout.count("running") == 6 and "NOT RUNNING" not in status.stdout
@@ -99,6 +112,56 @@ def test_up_serves_status_shows_the_allocation_and_down_stops_everything(
     assert twice.returncode == 0 and "nothing up" in twice.stdout
     status = vslice("status", "--state-dir", state)
     assert status.returncode == 0 and "no stack up" in status.stdout
+
+
+async def closed_to_strangers(info: dict[str, Any], node: str) -> list[str]:
+    """What an anonymous client and the stack's CLI identity got that they should not
+    have: the operator's credentials from ``status --json`` work, a client without
+    credentials is refused, and the CLI identity can neither read the ledger nor forge a
+    node agent's answer (empty: nothing)."""
+    leaks: list[str] = []
+    tls = ssl.create_default_context(cafile=info["tls_ca"])
+    operator = await nats.connect(
+        info["nats_url"],
+        nkeys_seed=info["operator_nkey_seed"],
+        tls=tls,
+        allow_reconnect=False,
+        inbox_prefix="_INBOX_operator-vslice",
+    )
+    await operator.jetstream().key_value("vslice-ledger")  # the operator may read
+    await operator.close()
+    try:
+        stranger = await nats.connect(
+            info["nats_url"], tls=tls, allow_reconnect=False, connect_timeout=2
+        )
+        leaks.append("an anonymous client was let in")
+        await stranger.close()
+    except nats.errors.Error:
+        pass
+    stack = stacks.read_state(Path(info["state_dir"]))
+    assert stack is not None
+    refused = asyncio.Event()
+
+    async def on_error(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            refused.set()
+
+    cli = await connecting.connect(stack.settings("cli"), name="t", error_cb=on_error)
+    try:
+        await cli.publish(f"vslice.alloc.{node}.ready", b'{"type": "ready"}')
+        await cli.flush()
+        async with asyncio.timeout(10):
+            await refused.wait()
+        refused.clear()
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await cli.jetstream(timeout=10).key_value("vslice-ledger")
+            leaks.append("the CLI identity opened the ledger")
+        if not refused.is_set():
+            async with asyncio.timeout(10):
+                await refused.wait()
+    finally:
+        await cli.close()
+    return leaks
 
 
 def test_the_state_dir_comes_from_the_environment_else_a_per_user_default() -> None:

@@ -9,6 +9,7 @@ variables, never the test runner's environment.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -207,6 +208,25 @@ def nm_undefined(library: Path) -> Sequence[str]:
         check=True,
     ).stdout
     return [line.split()[-1] for line in out.splitlines() if line.strip()]
+
+
+def glibc_versions(library: Path) -> set[tuple[int, ...]]:
+    """Every ``GLIBC_x.y[.z]`` version ``objdump -T`` (binutils) shows ``library`` needs."""
+    out = subprocess.run(
+        ["objdump", "-T", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+    return {
+        tuple(int(x) for x in m.group(1).split("."))
+        for m in re.finditer(r"\bGLIBC_(\d+(?:\.\d+)+)\b", out)
+    }
+
+
+def needed(library: Path) -> list[str]:
+    """The ``DT_NEEDED`` entries of ``library`` (``objdump -p``)."""
+    out = subprocess.run(
+        ["objdump", "-p", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+    return [line.split()[1] for line in out.splitlines() if line.split()[:1] == ["NEEDED"]]
 
 
 def pid_alive(pid: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import pytest
@@ -33,6 +34,42 @@ def test_the_cap_holds_however_the_program_finds_the_driver(
     assert result.of("async")[0].int("rc") == CUDA_ERROR_OUT_OF_MEMORY
     assert result.of("meminfo")[0].int("total") == 100 * MIB
     assert result.of("nvml")[0].int("used") == 60 * MIB
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("next", id="dlsym-RTLD_NEXT-from-a-library-loaded-after-libvgpu"),
+        pytest.param("default", id="dlsym-RTLD_DEFAULT"),
+        pytest.param("handle", id="dlsym-on-a-libcuda-handle"),
+        pytest.param("copy", id="dlopen-of-a-renamed-copy-of-libcuda-and-nvml"),
+        pytest.param("vcopy", id="dlvsym-on-a-driver-with-versioned-symbols"),
+        pytest.param("dependent", id="dlsym-on-a-library-that-depends-on-libcuda"),
+    ],
+)
+def test_every_lookup_an_interposer_sees_finds_the_capped_functions(
+    container: harness.Container, mode: str
+) -> None:
+    container.env["CUDA_DEVICE_MEMORY_LIMIT"] = "100m"
+    copies = [container.root / "libgpu-driver.so", container.root / "libgpu-ml.so"]
+    shutil.copy(harness.MOCK_DIR / "libnvidia-ml.so.1", copies[1])
+    if mode == "vcopy":
+        copies[0] = harness.BUILD / "libcuda-versioned.so"
+    else:
+        shutil.copy(harness.MOCK_DIR / "libcuda.so.1", copies[0])
+    result = container.run("lookups", mode, *map(str, copies))
+    found = {line.values["name"]: line.values["library"] for line in result.of("lookup")}
+    assert found == dict.fromkeys(
+        [
+            "cuMemAlloc_v2",
+            "cuMemGetInfo_v2",
+            "cuLaunchKernel",
+            "cuGetProcAddress_v2",
+            "nvmlDeviceGetMemoryInfo",
+        ],
+        "libvgpu.so",
+    )
+    assert [a.int("rc") for a in result.of("alloc")] == [CUDA_SUCCESS, CUDA_ERROR_OUT_OF_MEMORY]
 
 
 # (name, cudaVersion, flags) -> (CUresult, status, symbol, library)
@@ -100,14 +137,29 @@ def test_rtld_next_lookups_of_other_libraries_keep_working(native: None) -> None
     assert line.values["next_from_main"].endswith("libnextshim.so")
 
 
-def test_libvgpu_uses_no_glibc_private_symbol_and_loads_on_glibc_2_34(native: None) -> None:
+def test_libvgpu_uses_no_glibc_private_symbol(native: None) -> None:
     undefined = harness.nm_undefined(harness.LIBVGPU)
     assert not [s for s in undefined if s.split("@")[0].startswith("_dl")]
-    versions = {s.split("@")[1] for s in undefined if "@GLIBC_" in s}
-    assert versions
-    for version in versions:
-        major, minor = (int(x) for x in version.removeprefix("GLIBC_").split(".")[:2])
-        assert (major, minor) <= (2, 34), version
+
+
+def test_libvgpu_needs_no_glibc_newer_than_2_17_so_it_loads_on_ubi8_and_ubuntu_20_04(
+    native: None,
+) -> None:
+    # /etc/ld.so.preload only warns when a library does not load, so a version too new
+    # for the image (UBI 8: 2.28, Ubuntu 20.04: 2.31) would leave the container unsliced
+    required = harness.glibc_versions(harness.LIBVGPU)
+    assert required, "objdump -T shows the glibc versions libvgpu.so needs"
+    too_new = sorted(v for v in required if v > (2, 17))
+    assert not too_new, [f"GLIBC_{'.'.join(map(str, v))}" for v in too_new]
+    # glibc < 2.34 keeps dlopen/dlsym in libdl and pthread_once in libpthread
+    assert {"libdl.so.2", "libpthread.so.0"} <= set(harness.needed(harness.LIBVGPU))
+
+
+def test_the_image_ships_libvgpu_built_and_floor_checked_by_its_makefile() -> None:
+    # the DaemonSet and compose run the image compose/Dockerfile builds
+    dockerfile = (harness.ROOT / "compose" / "Dockerfile").read_text()
+    assert "make -C libvgpu libvgpu.so glibc-floor" in dockerfile
+    assert "COPY --from=native /src/libvgpu/libvgpu.so" in dockerfile
 
 
 def test_a_program_that_never_calls_cuda_is_untouched(container: harness.Container) -> None:

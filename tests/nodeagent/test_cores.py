@@ -224,6 +224,23 @@ def cache(*slots: tuple[int, int], used: int | None = None, limit_mib: int = 512
 DEVICE = usages.DeviceReading(uuid="GPU-0", index=0, type="T", used_bytes=0, total_bytes=8 * MIB)
 
 
+@pytest.mark.parametrize(
+    ("slot_pids", "host_pid_of", "expected"),
+    [
+        pytest.param([1, 7], {1: 4001, 7: 4007}, [4001, 4007], id="a-pod's-own-pid-namespace"),
+        pytest.param([1, 7], {1: 4001}, [4001, 7], id="a-process-not-tied-keeps-its-pid"),
+        pytest.param([300], {300: 300}, [300], id="the-host-namespace-maps-to-itself"),
+    ],
+)
+def test_cache_slots_are_read_under_the_host_pids_nvml_names(
+    slot_pids: list[int], host_pid_of: dict[int, int], expected: list[int]
+) -> None:
+    before = cache(*[(pid, 64 * MIB) for pid in slot_pids])
+    after = usages.with_host_pids(before, host_pid_of)
+    assert [p.pid for p in after.processes] == expected
+    assert [p.charged_bytes for p in after.processes] == [p.charged_bytes for p in before.processes]
+
+
 def test_usage_shows_each_container_slice_charged_against_its_limit() -> None:
     found = usages.report(
         node="n1",

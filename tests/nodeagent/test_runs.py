@@ -243,13 +243,15 @@ def test_an_interrupted_run_releases_its_slice(up: Up) -> None:
 def test_two_runs_on_one_gpu_see_their_own_totals_and_a_third_that_does_not_fit_is_refused(
     up: Up,
 ) -> None:
-    first = up.start("--gpumem", "768", "--", *PROBE, "hold", "100", "3")
-    second = up.start("--gpumem", "1024", "--", *PROBE, "hold", "200", "3")
+    # the holders outlast the third run's whole way through the stack, even on a loaded
+    # machine (a holder that ended first would free its memory for the third)
+    first = up.start("--gpumem", "768", "--", *PROBE, "hold", "100", "20")
+    second = up.start("--gpumem", "1024", "--", *PROBE, "hold", "200", "20")
     try:
         totals = sorted([held(first)["total"], held(second)["total"]])
         third = up.run("--gpumem", "512", "--", *PROBE, "meminfo")
     finally:
-        codes = [finish(first), finish(second)]
+        codes = [finish(first, timeout_s=90), finish(second, timeout_s=90)]
     assert totals == [768 * MIB, 1024 * MIB]
     assert third.returncode == 3
     assert "CardInsufficientMemory" in third.stderr

@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from services.nodeagent.core import preparing, sharedcaches
@@ -148,13 +149,33 @@ def alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
+def start_ticks(pid: int) -> int | None:
+    """Process ``pid``'s start time in clock ticks after boot (``/proc/<pid>/stat`` field
+    22, proc(5)), as libvgpu records it in its cache slot; None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
 def in_use(root: Path, key: str) -> list[int]:
-    """Live pids using container ``key``: its cache's process slots and its owners."""
-    pids = set(owners(root, key))
+    """Live pids using container ``key``: its cache's process slots and its owners.
+
+    A slot counts when the host process of its pid started when the slot's did: a pod's
+    process wrote the pid of its own PID namespace (its pid 1 is not the host's), so a
+    killed one's slot would otherwise keep the directory for ever.
+    """
+    pids = {p for p in owners(root, key) if alive(p)}
     cache = read_cache(root, key)
     if isinstance(cache, SharedCache):
-        pids.update(p.pid for p in cache.processes)
-    return sorted(p for p in pids if alive(p))
+        pids.update(
+            p.pid
+            for p in cache.processes
+            if alive(p.pid) and p.start_ticks in (0, start_ticks(p.pid))
+        )
+    return sorted(pids)
 
 
 def remove(root: Path, key: str) -> None:
@@ -173,6 +194,62 @@ def environ_cache(pid: int) -> str | None:
         if entry.startswith(b"CUDA_DEVICE_MEMORY_SHARED_CACHE="):
             return entry.partition(b"=")[2].decode(errors="replace")
     return None
+
+
+FileIdentity = tuple[int, int]  # (st_dev, st_ino)
+
+
+def file_identity(path: str) -> FileIdentity | None:
+    """``(st_dev, st_ino)`` of the file at ``path`` in the agent's view, or None when
+    it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def identity_seen_by(pid: int, path: str) -> FileIdentity | None:
+    """``(st_dev, st_ino)`` of the regular file process ``pid`` sees at the absolute
+    ``path``, or None (relative path, process gone, no such file, not a regular file).
+
+    The path is resolved in the process's own mount namespace and root through
+    ``/proc/<pid>/root`` (proc(5)): a container sees its slice's cache at the container
+    path Allocate mounts (``/usr/local/vslice/cache/vgpu.cache`` for every container),
+    which names a host file only by what is mounted there. No component may be a
+    symbolic link: an absolute link would be followed from the agent's root, not the
+    container's, and could name another pod's cache.
+    """
+    if not path.startswith("/"):
+        return None
+    current = f"/proc/{pid}/root"
+    try:
+        for part in path.split("/")[1:]:
+            if part in ("", ".", ".."):
+                return None
+            current = f"{current}/{part}"
+            st = os.lstat(current)
+            if stat.S_ISLNK(st.st_mode):
+                return None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def namespace_pid(pid: int) -> int | None:
+    """Host process ``pid``'s pid in its own (innermost) PID namespace -- what its
+    ``getpid()`` returns, and so what libvgpu writes in its cache slot -- from the last
+    ``NSpid`` entry of ``/proc/<pid>/status`` (proc(5); Linux >= 4.1, else ``pid``), or
+    None when it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("NSpid:"):
+            fields = line.split()[1:]
+            return int(fields[-1]) if fields else pid
+    return pid
 
 
 def parent_of(pid: int) -> int | None:

@@ -152,15 +152,34 @@ class Slicer:
 
     def owners_of(self, pids: list[int]) -> dict[int, str]:
         """Container key of each of ``pids`` that its environment (the container's cache
-        path) or an ancestor started for a container ties to one."""
+        path) or an ancestor started for a container ties to one.
+
+        The cache path a process names is a host path for ``vslice run``; in a pod it is
+        the container path Allocate mounts, the same in every container, so it is
+        resolved in the process's own mount namespace and matched to the host cache file
+        mounted there by device and inode (``hostroots.identity_seen_by``). That needs
+        the pod's processes in the agent's ``/proc``: the DaemonSet runs with
+        ``hostPID``.
+        """
         by_cache = {
             f"{preparing.container_dir(self.layout.root, k)}/{preparing.CACHE_FILE}": k
             for k in self.containers
         }
+        by_identity: dict[hostroots.FileIdentity, str] | None = None
         started = {pid: k for k in self.containers for pid in hostroots.owners(self.root, k)}
         out = {}
         for pid in pids:
-            key = by_cache.get(hostroots.environ_cache(pid) or "")
+            path = hostroots.environ_cache(pid) or ""
+            key = by_cache.get(path)
+            if key is None and path:
+                if by_identity is None:
+                    by_identity = {}
+                    for host_path, k in by_cache.items():
+                        identity = hostroots.file_identity(host_path)
+                        if identity is not None:
+                            by_identity[identity] = k
+                seen = hostroots.identity_seen_by(pid, path)
+                key = by_identity.get(seen) if seen is not None else None
             cur: int | None = pid
             for _ in range(MAX_ANCESTORS):
                 if key is not None or cur is None or cur <= 1:
@@ -179,9 +198,22 @@ class Slicer:
         margin_bytes: int,
     ) -> events.NodeUsage:
         """The node's ``NodeUsage`` now, from every container's cache file and NVML."""
-        caches: dict[str, SharedCache | str] = {
-            c.key: hostroots.read_cache(self.root, c.key) for c in self.active()
-        }
+        owners = self.owners_of(sorted({p.pid for p in processes}))
+        in_namespace = {pid: hostroots.namespace_pid(pid) for pid in owners}
+        caches: dict[str, SharedCache | str] = {}
+        for c in self.active():
+            cache = hostroots.read_cache(self.root, c.key)
+            if isinstance(cache, SharedCache):
+                # a pod's processes wrote the pids of its own PID namespace
+                cache = usages.with_host_pids(
+                    cache,
+                    {
+                        ns_pid: pid
+                        for pid, ns_pid in in_namespace.items()
+                        if ns_pid is not None and owners[pid] == c.key
+                    },
+                )
+            caches[c.key] = cache
         return usages.report(
             node=self.node,
             at=time.time(),
@@ -189,6 +221,6 @@ class Slicer:
             caches=caches,
             devices=devices,
             processes=processes,
-            owners=self.owners_of(sorted({p.pid for p in processes})),
+            owners=owners,
             margin_bytes=margin_bytes,
         )

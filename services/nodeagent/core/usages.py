@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 from libshared import events
 from libshared.ledgers import Slice
 from services.nodeagent.core.sharedcaches import SharedCache
@@ -58,6 +60,22 @@ class ProcessReading:
     uuid: str
     used_bytes: int
     sm_percent: float | None = None
+
+
+def with_host_pids(cache: SharedCache, host_pid_of: Mapping[int, int]) -> SharedCache:
+    """``cache`` with each process slot's pid replaced by its host pid. Pure.
+
+    libvgpu writes ``getpid()``, the pid in the container's own PID namespace (a pod's
+    first process is pid 1), while NVML names host pids. ``host_pid_of`` maps the
+    namespace pids of the container's processes (those tied to it by other means) to
+    their host pids; a slot whose pid it lacks keeps its pid (no mapping is needed in
+    the host's namespace, as under ``vslice run``).
+    """
+    slots = tuple(
+        msgspec.structs.replace(p, pid=host_pid_of[p.pid]) if p.pid in host_pid_of else p
+        for p in cache.processes
+    )
+    return msgspec.structs.replace(cache, processes=slots)
 
 
 def owners_from_caches(

@@ -728,7 +728,7 @@ static CUresult run_kernel(const void *handle) {
     atomic_store_explicit(&e->seq, 0, memory_order_relaxed);
     e->start_ns = start;
     e->end_ns = end;
-    e->pid = (int32_t)getpid();
+    e->pid = mock_host_pid();
     atomic_store_explicit(&e->seq, idx + 1, memory_order_release);
     q->ends[q->count % VSLICE_MOCK_QUEUE_DEPTH] = end;
     q->count++;

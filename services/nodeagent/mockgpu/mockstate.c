@@ -28,7 +28,37 @@ int64_t mock_now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-static int pid_dead(int32_t pid) { return kill(pid, 0) == -1 && errno == ESRCH; }
+/* Gone from /proc as well: a process in a child PID namespace cannot signal
+ * the host pids other processes are recorded under (see mock_host_pid). */
+static int pid_dead(int32_t pid) {
+    char path[32];
+    snprintf(path, sizeof path, "/proc/%d", (int)pid);
+    return kill(pid, 0) == -1 && errno == ESRCH && access(path, F_OK) != 0;
+}
+
+static _Atomic uint64_t g_host_pid; /* getpid() << 32 | host pid, read once per process */
+
+int32_t mock_host_pid(void) {
+    uint32_t me = (uint32_t)getpid();
+    uint64_t known = atomic_load_explicit(&g_host_pid, memory_order_relaxed);
+    if (known >> 32 == me) return (int32_t)(uint32_t)known;
+    /* the first NSpid entry is the pid in the namespace of the /proc mounted:
+     * the host's, unless the process mounted its own */
+    int32_t pid = (int32_t)me;
+    FILE *f = fopen("/proc/self/status", "r");
+    if (f == NULL) return pid;
+    char line[256];
+    while (fgets(line, sizeof line, f) != NULL) {
+        int first;
+        if (sscanf(line, "NSpid: %d", &first) == 1) {
+            pid = (int32_t)first;
+            break;
+        }
+    }
+    fclose(f);
+    atomic_store_explicit(&g_host_pid, (uint64_t)me << 32 | (uint32_t)pid, memory_order_relaxed);
+    return pid;
+}
 
 static void parse_devices(struct mock_state *st) {
     const char *spec = getenv("VSLICE_MOCKGPU_DEVICES");
@@ -128,7 +158,7 @@ struct mock_proc *mock_state_self(void) {
     if (st == NULL) return NULL;
     pthread_mutex_lock(&g_self_lock);
     if (g_self == NULL) {
-        int32_t me = (int32_t)getpid();
+        int32_t me = mock_host_pid();
         for (int pass = 0; pass < 2 && g_self == NULL; pass++) {
             for (int i = 0; i < MOCK_MAX_PROCS; i++) {
                 int32_t expected = 0;

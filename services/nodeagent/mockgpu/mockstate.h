@@ -67,6 +67,11 @@ struct mock_state *mock_state_get(void);
 /* This process's slot in the state, claimed on first use. */
 struct mock_proc *mock_state_self(void);
 int64_t mock_now_ns(void);
+/* This process's pid as the host sees it, which a real driver reports in NVML
+ * whatever PID namespace the process runs in: the first NSpid entry of
+ * /proc/self/status (the host's pid when /proc is the host's, as under
+ * `unshare -p -f` without a new /proc), else getpid(). */
+int32_t mock_host_pid(void);
 /* Give dead processes' device memory back to the card, as the real driver does
  * when a process exits (run on attach, and by NVML before it reports). */
 void mock_reclaim_dead(struct mock_state *st);

@@ -429,3 +429,10 @@ def test_the_certificate_job_and_its_monthly_run_provision_this_install() -> Non
     assert not settings.renew  # renews only what is due
     assert "volumeMounts" not in container  # it keeps nothing on disk
     assert job["spec"]["ttlSecondsAfterFinished"] > 0  # so a later apply runs it again
+
+
+def test_the_node_agent_shares_the_host_pid_namespace_to_see_the_pods_processes() -> None:
+    # NVML names host pids; the usage read-back and the host-side check read each one's
+    # /proc/<pid>/environ and mount namespace, which only the host's /proc shows
+    spec = built.base().get("DaemonSet", "vslice-nodeagent")["spec"]["template"]["spec"]
+    assert spec.get("hostPID") is True

@@ -1,0 +1,101 @@
+"""``vslice run`` refuses a node agent's answer that does not match its placement: the
+environment a slice gets is vslice's, never what a peer on the bus shaped
+(``vslice.running.verify_ready``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from libshared import events
+from libshared.ledgers import PodCharge, Slice
+from vslice import running
+
+ROOT = Path("/var/lib/vslice-test-host")
+MOCK = Path("/opt/mockgpu")
+
+
+def placement(*slices: tuple[str, int, int]) -> events.Placement:
+    return events.Placement(
+        pod_uid="run-1",
+        namespace="default",
+        pod="run-1",
+        node="vm-0",
+        slices=tuple(
+            Slice(
+                pod_uid="run-1",
+                namespace="default",
+                pod="run-1",
+                container="main",
+                container_index=0,
+                uuid=uuid,
+                device_index=i,
+                memory_mib=mib,
+                cores_percent=cores,
+            )
+            for i, (uuid, mib, cores) in enumerate(slices)
+        ),
+        charge=PodCharge(pod_uid="run-1"),
+    )
+
+
+def honest_env() -> dict[str, str]:
+    return {
+        "NVIDIA_VISIBLE_DEVICES": "GPU-a",
+        "CUDA_VISIBLE_DEVICES": "GPU-a",
+        "CUDA_DEVICE_MEMORY_LIMIT_0": "1000m",
+        "CUDA_DEVICE_SM_LIMIT": "30",
+        "CUDA_DEVICE_MEMORY_SHARED_CACHE": str(ROOT / "containers/run-1_main/vgpu.cache"),
+        "GPU_CORE_UTILIZATION_POLICY": "default",
+        "LD_PRELOAD": str(ROOT / "lib/libvgpu.so"),
+        "LD_LIBRARY_PATH": str(MOCK),
+        "VSLICE_MOCKGPU_STATE": str(ROOT / "mockgpu.state"),
+    }
+
+
+def problems(env: dict[str, str], *, node: str = "vm-0", uid: str = "run-1") -> list[str]:
+    ready = events.Ready(pod_uid=uid, node=node, env={"main": env})
+    return running.verify_ready(
+        ready, placement(("GPU-a", 1000, 30)), host_root=ROOT, library_dirs=(MOCK,)
+    )
+
+
+def test_the_node_agents_own_answer_is_accepted() -> None:
+    assert problems(honest_env()) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"LD_PRELOAD": ""}, "LD_PRELOAD"),
+        ({"LD_PRELOAD": "/tmp/evil.so"}, "LD_PRELOAD"),
+        ({"LD_PRELOAD": str(ROOT / "lib/../../../tmp/evil.so")}, "LD_PRELOAD"),
+        ({"LD_PRELOAD": f"{ROOT / 'lib/libvgpu.so'} /tmp/evil.so"}, "LD_PRELOAD"),
+        ({"CUDA_DEVICE_MEMORY_LIMIT_0": "999999m"}, "memory limits"),
+        ({"CUDA_DEVICE_MEMORY_LIMIT_1": "1000m"}, "memory limits"),
+        ({"CUDA_DEVICE_SM_LIMIT": "100"}, "CUDA_DEVICE_SM_LIMIT"),
+        ({"NVIDIA_VISIBLE_DEVICES": "GPU-a,GPU-b"}, "NVIDIA_VISIBLE_DEVICES"),
+        ({"CUDA_VISIBLE_DEVICES": "GPU-b"}, "CUDA_VISIBLE_DEVICES"),
+        ({"CUDA_DEVICE_MEMORY_SHARED_CACHE": "/tmp/other.cache"}, "SHARED_CACHE"),
+        ({"LD_LIBRARY_PATH": "/tmp/fake-driver"}, "LD_LIBRARY_PATH"),
+        ({"GPU_CORE_UTILIZATION_POLICY": "off"}, "GPU_CORE_UTILIZATION_POLICY"),
+        ({"PYTHONPATH": "/tmp/x"}, "unexpected variables"),
+        ({"CUDA_DISABLE_CONTROL": "1"}, "unexpected variables"),
+    ],
+)
+def test_an_answer_with_a_forged_variable_is_refused(change: dict[str, str], named: str) -> None:
+    env = {**honest_env(), **change}
+    found = problems(env)
+    assert any(named in p for p in found), found
+
+
+def test_a_missing_limit_is_refused() -> None:
+    env = honest_env()
+    del env["CUDA_DEVICE_MEMORY_LIMIT_0"]
+    assert any("memory limits" in p for p in problems(env))
+
+
+def test_an_answer_for_another_pod_or_node_is_refused() -> None:
+    assert problems(honest_env(), uid="run-2")
+    assert problems(honest_env(), node="vm-1")
