@@ -200,6 +200,33 @@ def public_key(seed: bytes) -> str:
         raise TrustError(f"nkey seed: not a NATS user seed ({exc})") from exc
 
 
+def authorization(records: Iterable[IdentityRecord]) -> dict[str, object]:
+    """nats-server's ``authorization`` block (a dict to write as JSON): one NKEY user per
+    record with its role's permissions (``libshared.permissions``). Pure; used by
+    ``TrustStore.server_config`` and by the Kubernetes certificate Job, whose identities
+    live in Secrets rather than in a store directory. Raises ``TrustError`` when a
+    record's role, prefix or node is invalid."""
+    users = []
+    for record in records:
+        try:
+            granted = perms.permissions(
+                perms.Role(record.role),
+                subjects=Subjects(prefix=record.prefix),
+                identity=record.name,
+                node=record.node,
+            )
+        except ValueError as exc:
+            raise TrustError(f"identity {record.name!r}: {exc}") from exc
+        permissions: dict[str, object] = {
+            "publish": {"allow": list(granted.publish)},
+            "subscribe": {"allow": list(granted.subscribe)},
+        }
+        if granted.allow_responses:
+            permissions["allow_responses"] = True
+        users.append({"nkey": record.public_key, "permissions": permissions})
+    return {"users": users}
+
+
 @dataclass(frozen=True)
 class TrustStore:
     """The trust material in ``root`` (see the module docstring for the files)."""
@@ -310,25 +337,7 @@ class TrustStore:
         identity with its role's permissions, and TLS with the server certificate when
         ``tls`` (``cluster_tls``: routes too, each side verifying the other's certificate).
         Raises ``TrustError`` when an identity's record is invalid."""
-        users = []
-        for record in self.identities():
-            try:
-                granted = perms.permissions(
-                    perms.Role(record.role),
-                    subjects=Subjects(prefix=record.prefix),
-                    identity=record.name,
-                    node=record.node,
-                )
-            except ValueError as exc:
-                raise TrustError(f"identity {record.name!r}: {exc}") from exc
-            permissions: dict[str, object] = {
-                "publish": {"allow": list(granted.publish)},
-                "subscribe": {"allow": list(granted.subscribe)},
-            }
-            if granted.allow_responses:
-                permissions["allow_responses"] = True
-            users.append({"nkey": record.public_key, "permissions": permissions})
-        config: dict[str, object] = {"authorization": {"users": users}}
+        config: dict[str, object] = {"authorization": authorization(self.identities())}
         tls_block = {
             "cert_file": str(self.cert_path),
             "key_file": str(self.key_path),

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,14 +26,16 @@ PROFILE = "vslice-scheduler"
 class FakeKubeScheduler:
     """``api_url``: the API server; ``extenders``: the replicas' base URLs; ``nodes``: the
     candidate node names; ``workers``: pods in flight at once; ``retry_s``: pause before a
-    failed pod is tried again. ``attempts`` counts filter calls per replica URL,
-    ``errors`` keeps the last error per pod name."""
+    failed pod is tried again; ``tls``: the extender's CA and kube-scheduler's client
+    certificate (its ``tlsConfig``) for ``https://`` extenders. ``attempts`` counts
+    filter calls per replica URL, ``errors`` keeps the last error per pod name."""
 
     api_url: str
     extenders: Sequence[str]
     nodes: Sequence[str]
     workers: int = 4
     retry_s: float = 0.1
+    tls: ssl.SSLContext | None = None
     attempts: dict[str, int] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     _queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
@@ -79,7 +82,7 @@ class FakeKubeScheduler:
 
     async def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         assert self._session is not None
-        async with self._session.post(url, json=body) as resp:
+        async with self._session.post(url, json=body, ssl=self.tls or True) as resp:
             answer: dict[str, Any] = await resp.json(content_type=None)
             if resp.status != 200:
                 raise RuntimeError(f"{url}: {resp.status} {answer}")

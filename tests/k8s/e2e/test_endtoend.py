@@ -4,10 +4,16 @@ protocol:
 - the API server: kmock's emulator (``tests/k8s/scheduler/kubeapi.py``, HTTP), which sends
   each new pod to the admission webhook (HTTPS ``/mutate``, ``python -m
   services.admission``) and applies its JSONPatch, as the API server does;
+- the certificate Job (``python -m vslice.kubecerts``) run first against it: the
+  webhook and the extenders serve the certificates it wrote into Secrets (mounted as
+  kubelet mounts them), and the API server trusts the webhook through the caBundle the
+  Job patched into k8s/'s MutatingWebhookConfiguration, checking the Service's name;
 - kube-scheduler: ``kubescheduler.FakeKubeScheduler`` (watches pods, calls ``/filter``
-  and ``/bind``, spread over the replicas as a Service spreads them);
+  and ``/bind`` over mutual TLS with the Job's client certificate, spread over the
+  replicas as a Service spreads them);
 - two scheduler replicas serving the extender (``python -m services.scheduler
-  --extender-port ... --kube``), committing on the JetStream ledger of a real nats-server;
+  --extender-port ... --kube``, HTTPS, callers' certificates checked against the CA),
+  committing on the JetStream ledger of a real nats-server;
 - two nodes, each a node agent serving the device plugin on mock GPUs (``python -m
   services.nodeagent --device-plugin --kube``) and a fake kubelet (gRPC, the deviceplugin
   tests' ``FakeKubelet``) calling its ``Allocate``.
@@ -40,13 +46,14 @@ from typing import Any
 import aiohttp
 import jsonpatch
 import kmock
-import trustme
+import pytest
 
 from libshared import annotations as keys
 from libshared import connecting
 from libshared.natsserver import NatsServer
 from libshared.permissions import Role
 from tests.bus import helpers
+from tests.k8s.certs.objects import WEBHOOKS, mount, serve_trust_objects
 from tests.k8s.e2e.kubescheduler import FakeKubeScheduler
 from tests.k8s.nodeagent.fakekubelet import FakeKubelet
 from tests.k8s.scheduler.kubeapi import ApiServer, Refused
@@ -185,9 +192,42 @@ def kubeconfig(path: Path, server: str) -> Path:
     return path
 
 
-def webhook_admission(session: aiohttp.ClientSession, url: str) -> Any:
+class WebhookClient:
+    """How the API server reaches the webhook: the MutatingWebhookConfiguration stored in
+    ``api`` names the Service and carries the caBundle; the connection goes to ``url``
+    (where the Service would send it) and checks the certificate against that bundle for
+    ``<service>.<namespace>.svc``, as the API server does."""
+
+    def __init__(self, api: ApiServer, session: aiohttp.ClientSession, url: str) -> None:
+        self.api, self.session, self.url = api, session, url
+        self.contexts: dict[str, ssl.SSLContext] = {}
+
+    def tls(self) -> tuple[ssl.SSLContext, str]:
+        """The TLS context of the current caBundle and the host name to check."""
+        config = self.api.objects[WEBHOOKS, None, "vslice-admission"].raw
+        (hook,) = config["webhooks"]
+        bundle = hook["clientConfig"]["caBundle"]  # KeyError: the Job did not set it
+        if bundle not in self.contexts:
+            context = ssl.create_default_context(cadata=base64.b64decode(bundle).decode())
+            self.contexts[bundle] = context
+        service = hook["clientConfig"]["service"]
+        return self.contexts[bundle], f"{service['name']}.{service['namespace']}.svc"
+
+    async def ready(self) -> bool:
+        context, host = self.tls()
+        try:
+            async with self.session.get(
+                f"{self.url}/readyz", ssl=context, server_hostname=host
+            ) as resp:
+                return resp.status == 200
+        except aiohttp.ClientError:
+            return False
+
+
+def webhook_admission(webhook: WebhookClient) -> Any:
     """The API server's part of mutating admission: defaults, an AdmissionReview to the
-    webhook, its JSONPatch applied (``Refused`` when it says no)."""
+    webhook over the TLS its configuration names, its JSONPatch applied (``Refused`` when
+    it says no)."""
 
     async def admit(pod: dict[str, Any]) -> dict[str, Any]:
         pod = copy.deepcopy(pod)
@@ -211,7 +251,10 @@ def webhook_admission(session: aiohttp.ClientSession, url: str) -> Any:
                 "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
             },
         }
-        async with session.post(f"{url}/mutate", json=review) as resp:
+        context, host = webhook.tls()
+        async with webhook.session.post(
+            f"{webhook.url}/mutate", json=review, ssl=context, server_hostname=host
+        ) as resp:
             assert resp.status == 200, await resp.text()
             answer = (await resp.json())["response"]
         if not answer.get("allowed"):
@@ -240,38 +283,17 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
     prefix = f"e2e{uuid.uuid4().hex[:8]}"
     bus = nats_server.bus_settings(prefix=prefix)
     sched = nats_server.identity(f"sched-{prefix}", Role.SCHEDULER, prefix=prefix)
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1")
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
-    key.write_bytes(issued.private_key_pem.bytes())
-    trusted = ssl.create_default_context()
-    ca.configure_trust(trusted)
     hook_port = free_port()
     hook_url = f"https://127.0.0.1:{hook_port}"
 
     async with contextlib.AsyncExitStack() as stack:
-        tls_session = await stack.enter_async_context(
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trusted))
-        )
         session = await stack.enter_async_context(aiohttp.ClientSession())
-        await stack.enter_async_context(
-            process(
-                logs,
-                "admission",
-                [
-                    *("services.admission", "--webhook-port", str(hook_port)),
-                    *("--webhook-host", "127.0.0.1", "--tls-cert", str(cert)),
-                    *("--tls-key", str(key), "--log-level", "warning"),
-                ],
-                clean_env(),
-            )
-        )
-        api = await stack.enter_async_context(
-            ApiServer(admit=webhook_admission(tls_session, hook_url))
-        )
+        api = await stack.enter_async_context(ApiServer())
         await stack.enter_async_context(kmock.Server(api))
         api_url = str(api.url).rstrip("/")
+        serve_trust_objects(api)
+        webhook = WebhookClient(api, session, hook_url)
+        api.admit = webhook_admission(webhook)
         for node in NODES:
             api.objects["v1/nodes", None, node] = {
                 "apiVersion": "v1",
@@ -279,6 +301,37 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
                 "metadata": {"name": node, "annotations": {}},
             }
         config = kubeconfig(tmp_path / "kubeconfig", api_url)
+
+        # the certificate Job, then its Secrets as the pods mount them
+        job = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "vslice.kubecerts", "--webhook-wait", "30"],
+            cwd=harness.ROOT,
+            env=clean_env(KUBECONFIG=str(config)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert job.returncode == 0, job.stdout + job.stderr
+        mounted = mount(api, tmp_path / "secrets")
+        hook_tls = mounted / "vslice-admission-tls"
+        extender_tls = mounted / "vslice-scheduler-tls"
+        client_tls = mounted / "vslice-kube-scheduler-client"
+        kube_scheduler_tls = ssl.create_default_context(cafile=str(client_tls / "ca.crt"))
+        kube_scheduler_tls.load_cert_chain(client_tls / "tls.crt", client_tls / "tls.key")
+        await stack.enter_async_context(
+            process(
+                logs,
+                "admission",
+                [
+                    *("services.admission", "--webhook-port", str(hook_port)),
+                    *("--webhook-host", "127.0.0.1", "--tls-cert", str(hook_tls / "tls.crt")),
+                    *("--tls-key", str(hook_tls / "tls.key"), "--log-level", "warning"),
+                ],
+                clean_env(),
+            )
+        )
 
         # two nodes: a fake kubelet and a node agent serving the device plugin on each
         kubelets: dict[str, FakeKubelet] = {}
@@ -312,7 +365,7 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
         extenders = []
         for r in range(2):
             port = free_port()
-            extenders.append(f"http://127.0.0.1:{port}")
+            extenders.append(f"https://127.0.0.1:{port}")
             await stack.enter_async_context(
                 process(
                     logs,
@@ -322,6 +375,9 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
                         *sched.credential_arguments(),
                         *("--prefix", bus.prefix, "--name", f"extender-{r}"),
                         *("--extender-port", str(port), "--extender-host", "127.0.0.1"),
+                        *("--tls-cert", str(extender_tls / "tls.crt")),
+                        *("--tls-key", str(extender_tls / "tls.key")),
+                        *("--tls-client-ca", str(extender_tls / "ca.crt")),
                         *("--kube", "--max-devices", str(GPUS), "--log-level", "warning"),
                     ],
                     clean_env(KUBECONFIG=str(config)),
@@ -343,12 +399,25 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
             await kubelet.wait_registered(timeout_s=START_TIMEOUT_S)
             await kubelet.wait_devices(lambda d: len(d) == GPUS * SPLIT)
         await until(both_nodes_registered, "node registration in the nodes bucket", logs)
-        await until(lambda: answers(tls_session, hook_url + "/readyz"), "webhook ready", logs)
+        await until(webhook.ready, "webhook ready over the Job's certificate", logs)
+        extender_session = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=kube_scheduler_tls))
+        )
         for url in extenders:
-            await until(lambda url=url: answers(session, url + "/readyz"), "extender", logs)
+            await until(
+                lambda url=url: answers(extender_session, url + "/readyz"), "extender", logs
+            )
+        # mutual TLS: a caller without kube-scheduler's certificate gets no answer
+        no_client_cert = ssl.create_default_context(cafile=str(client_tls / "ca.crt"))
+        async with aiohttp.ClientSession() as anonymous:
+            with pytest.raises(aiohttp.ClientError):
+                async with anonymous.get(extenders[0] + "/readyz", ssl=no_client_cert):
+                    pass
         print(f"\n[e2e] stack up in {time.monotonic() - started:.1f} s")
 
-        scheduler = FakeKubeScheduler(api_url=api_url, extenders=extenders, nodes=NODES)
+        scheduler = FakeKubeScheduler(
+            api_url=api_url, extenders=extenders, nodes=NODES, tls=kube_scheduler_tls
+        )
         await scheduler.start()
         stack.push_async_callback(scheduler.stop)
 
@@ -429,7 +498,7 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
         assert len(scheduler.attempts) == 2 and min(scheduler.attempts.values()) > 0
         stats = []
         for url in extenders:
-            async with session.get(url + "/stats") as resp:
+            async with extender_session.get(url + "/stats") as resp:
                 stats.append(await resp.json())
         reserved = [s["extender"]["reserved"] for s in stats]
         bound_by = [s["kube"]["bound"] for s in stats]

@@ -20,7 +20,7 @@ BASE = K8S
 OVERLAY = K8S / "overlays" / "external-nats"
 NAMESPACE = "vslice-system"
 IMAGE = "ghcr.io/vslice/vslice:0.1.0"
-WORKLOADS = ("Deployment", "DaemonSet", "StatefulSet")
+WORKLOADS = ("Deployment", "DaemonSet", "StatefulSet", "Job")
 
 
 def kubectl() -> str:
@@ -115,3 +115,17 @@ def flag_value(args: list[str], flag: str) -> str:
         if a.startswith(flag + "="):
             return a.split("=", 1)[1]
     raise AssertionError(f"{flag} not in {args}")
+
+
+def secret_mounts(workload: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+    """``{mountPath: Secret name}`` of the container's mounts of Secret volumes."""
+    secrets = {
+        v["name"]: v["secret"]["secretName"]
+        for v in workload["spec"]["template"]["spec"].get("volumes", [])
+        if "secret" in v
+    }
+    return {
+        m["mountPath"]: secrets[m["name"]]
+        for m in container.get("volumeMounts", [])
+        if m["name"] in secrets
+    }

@@ -1,11 +1,14 @@
 """RBAC at least privilege: no wildcard, no built-in admin role, each ServiceAccount's
-permissions exactly what its service does, and no API token where none is needed."""
+permissions exactly what its service does (the certificate Job: the Secrets
+``vslice.kubecerts`` keeps, by name, and vslice's own webhook configuration), Secrets
+reachable by no other role, and no API token where none is needed."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from tests.k8s.manifests import built
+from vslice import kubecerts
 
 BROAD_ROLES = {
     "cluster-admin",
@@ -25,10 +28,22 @@ EXPECTED: dict[str, set[tuple[str, str, str, str]]] = {
         ("", "events", "create", ""),
         ("events.k8s.io", "events", "create", ""),
     },
+    # services/nodeagent/adapters/kube.py: patch_node, list_pod_for_all_namespaces,
+    # patch_namespaced_pod, and nothing more
     "vslice-nodeagent": {
-        ("", "nodes", "get", ""),
         ("", "nodes", "patch", ""),
-        *(("", "pods", v, "") for v in ("get", "list", "watch", "patch")),
+        ("", "pods", "list", ""),
+        ("", "pods", "patch", ""),
+    },
+    # create cannot be limited by name (the authorizer sees no name before the object
+    # exists); everything else names exactly the Secrets the Job keeps
+    "vslice-certs": {
+        ("", "secrets", "create", ""),
+        *(("", "secrets", v, name) for v in ("get", "patch") for name in kubecerts.secret_names()),
+        *(
+            ("admissionregistration.k8s.io", "mutatingwebhookconfigurations", v, "vslice-admission")
+            for v in ("get", "patch")
+        ),
     },
     "vslice-kube-scheduler": {
         ("coordination.k8s.io", "leases", "create", ""),
@@ -66,7 +81,10 @@ def test_no_rule_uses_a_wildcard_and_no_binding_names_a_broad_role() -> None:
             for field in ("apiGroups", "resources", "verbs", "resourceNames"):
                 assert "*" not in rule.get(field, []), (built.key(role), rule)
             assert "nonResourceURLs" not in rule
-            assert "secrets" not in rule["resources"], built.key(role)
+            if "secrets" in rule["resources"]:
+                # the certificate Job's Role alone, in its namespace
+                assert built.key(role) == ("Role", built.NAMESPACE, "vslice-certs"), rule
+                assert rule.get("resourceNames") or rule["verbs"] == ["create"], rule
         assert "aggregationRule" not in role
     for binding in objects.of("RoleBinding") + objects.of("ClusterRoleBinding"):
         assert binding["roleRef"]["name"] not in BROAD_ROLES, built.key(binding)

@@ -1,11 +1,13 @@
 """The k8s/ manifests as objects: both kustomizations build with the kubectl on PATH,
 every object validates offline against the Kubernetes 1.30 schemas (strict: no unknown
 fields), names resolve (namespaces, ServiceAccounts, ConfigMaps, Service selectors and
-ports), images are pinned, NATS is a 3-node JetStream cluster whose config nats-server
+ports), images are pinned, NATS is a 3-node JetStream cluster over TLS whose config --
+with the authorization and certificates the certificate Job writes -- nats-server
 accepts, and the external-nats overlay is the base without NATS, pointed elsewhere."""
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -16,8 +18,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from libshared import trust
 from libshared.natsserver import find_binary
 from tests.k8s.manifests import built
+from vslice import kubecerts
 
 KUBERNETES = "1.30"
 BUILDS = {"base": built.base, "external-nats": built.overlay}
@@ -28,7 +32,15 @@ NATS_OBJECTS = {
     ("Service", "vslice-system", "nats-headless"),
     ("ConfigMap", "vslice-system", "nats-config"),
     ("PodDisruptionBudget", "vslice-system", "nats"),
+    ("NetworkPolicy", "vslice-system", "nats"),
 }
+# the workloads whose NATS CA the overlay takes from the operator's Secret
+BUS_CLIENTS = {
+    ("Deployment", "vslice-system", "vslice-scheduler"),
+    ("DaemonSet", "vslice-system", "vslice-nodeagent"),
+    ("Deployment", "vslice-system", "vslice-metrics"),
+}
+RELOADER = r"natsio/nats-server-config-reloader:0\.\d+\.\d+"
 
 
 @pytest.mark.parametrize("name", BUILDS)
@@ -106,6 +118,8 @@ def test_every_service_selects_one_workload_and_targets_its_named_ports(name: st
         for port in svc["spec"]["ports"]:
             assert port["targetPort"] in ports, (built.key(svc), port)
     for w in objects.workloads():
+        if w["kind"] == "Job":  # the API server writes a Job's selector
+            continue
         labels = w["spec"]["template"]["metadata"]["labels"]
         assert w["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
@@ -116,6 +130,9 @@ def test_images_are_pinned_and_vslice_uses_one_image(name: str) -> None:
     for container, image in images.items():
         assert not image.endswith(":latest") and ":" in image, (container, image)
         if container in ("kube-scheduler", "nats"):
+            continue
+        if container == "reloader":
+            assert re.fullmatch(RELOADER, image), image
             continue
         assert image == built.IMAGE, (container, image)
     assert re.fullmatch(r"registry\.k8s\.io/kube-scheduler:v1\.30\.\d+", images["kube-scheduler"])
@@ -156,7 +173,7 @@ def test_nats_is_a_three_node_jetstream_cluster_routed_through_the_headless_serv
     store = re.search(r"store_dir: (\S+)", config)
     assert store is not None
     (claim,) = sts["spec"]["volumeClaimTemplates"]
-    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    (container,) = [c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "nats"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts[claim["metadata"]["name"]] == store.group(1)
     config_file = built.flag_value(container["command"], "--config")
@@ -168,9 +185,71 @@ def test_nats_is_a_three_node_jetstream_cluster_routed_through_the_headless_serv
     assert bus["bucket-replicas"] == "3"
 
 
-def test_nats_server_accepts_the_cluster_config(tmp_path: Path) -> None:
-    conf = tmp_path / "nats.conf"
-    conf.write_text(_nats_config())
+def _provisioned(directory: Path, mounts: dict[str, str]) -> Path:
+    """What the certificate Job writes, at the NATS pod's mount paths under
+    ``directory``: its auth.conf (real seeds) and NATS certificate (a real CA)."""
+    for path, secret in mounts.items():
+        (directory / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        if secret == kubecerts.AUTH_SECRET:
+            seeds = {i.name: trust.new_nkey_seed() for i in kubecerts.IDENTITIES}
+            conf = kubecerts.authorization_conf(seeds, prefix="vslice")
+            (directory / path.lstrip("/") / kubecerts.AUTH_KEY).write_bytes(conf)
+        elif secret == "vslice-nats-tls":
+            ca_cert, ca_key = trust.new_ca()
+            (leaf,) = [x for x in kubecerts.leaves() if x.secret == secret]
+            cert, key = trust.issue_certificate(
+                ca_cert, ca_key, common_name=leaf.common_name, hosts=leaf.hosts
+            )
+            for name, data in (("tls.crt", cert), ("tls.key", key), ("ca.crt", ca_cert)):
+                (directory / path.lstrip("/") / name).write_bytes(data)
+    return directory
+
+
+def test_nats_runs_tls_for_clients_and_routes_and_includes_the_jobs_authorization() -> None:
+    config = _nats_config()
+    objects = built.base()
+    sts = objects.get("StatefulSet", "nats")
+    containers = {c["name"]: c for c in sts["spec"]["template"]["spec"]["containers"]}
+    mounts = built.secret_mounts(sts, containers["nats"])
+    assert sorted(mounts.values()) == [kubecerts.AUTH_SECRET, "vslice-nats-tls"]
+    tls_dir = next(p for p, s in mounts.items() if s == "vslice-nats-tls")
+    blocks = re.findall(r"tls \{([^}]*)\}", config)
+    assert len(blocks) == 2  # clients and, inside cluster {}, routes
+    for block in blocks:
+        files = (("cert_file", "tls.crt"), ("key_file", "tls.key"), ("ca_file", "ca.crt"))
+        for field, key in files:
+            assert re.search(rf"{field}: {re.escape(tls_dir)}/{key}\b", block), block
+    assert "verify: true" in blocks[1]
+    cluster = config[config.index("cluster {") :]
+    assert "tls {" in cluster
+    (include,) = re.findall(r"^include (\S+)$", config, re.M)
+    config_dir = Path(built.flag_value(containers["nats"]["command"], "--config")).parent
+    auth_dir = next(p for p, s in mounts.items() if s == kubecerts.AUTH_SECRET)
+    assert (config_dir / include).resolve() == Path(auth_dir) / kubecerts.AUTH_KEY
+    # the reloader watches every file nats-server reads and signals it through the pid file
+    assert sts["spec"]["template"]["spec"]["shareProcessNamespace"] is True
+    args = containers["reloader"]["args"]
+    watched = {args[i + 1] for i, a in enumerate(args) if a == "-config"}
+    assert watched == {
+        str(config_dir / "nats.conf"),
+        str(Path(auth_dir) / kubecerts.AUTH_KEY),
+        *(f"{tls_dir}/{k}" for k in ("tls.crt", "tls.key", "ca.crt")),
+    }
+    assert built.flag_value(args, "-pid") in built.flag_value(
+        containers["nats"]["lifecycle"]["preStop"]["exec"]["command"], "--signal"
+    )
+    assert built.secret_mounts(sts, containers["reloader"]) == mounts
+
+
+def test_nats_server_accepts_the_cluster_config_with_the_jobs_files(tmp_path: Path) -> None:
+    objects = built.base()
+    sts = objects.get("StatefulSet", "nats")
+    (container,) = [c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "nats"]
+    root = _provisioned(tmp_path, built.secret_mounts(sts, container))
+    config_file = built.flag_value(container["command"], "--config")
+    conf = root / config_file.lstrip("/")
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(_nats_config().replace("/etc/nats/", f"{root}/etc/nats/"))
     done = subprocess.run(
         [str(find_binary()), "-t", "-c", str(conf)],
         capture_output=True,
@@ -183,15 +262,61 @@ def test_nats_server_accepts_the_cluster_config(tmp_path: Path) -> None:
     assert "is valid" in done.stdout + done.stderr
 
 
+def test_only_vslice_services_reach_nats_and_only_kube_scheduler_the_extender() -> None:
+    objects = built.base()
+    nats = objects.get("NetworkPolicy", "nats")["spec"]
+    assert nats["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "nats"}
+    assert nats["policyTypes"] == ["Ingress"]
+    rules = {r["ports"][0]["port"]: r["from"] for r in nats["ingress"]}
+    assert rules.keys() == {"client", "cluster"}  # monitor: no pod
+    ((clients,),) = [rules["client"]]
+    (expr,) = clients["podSelector"]["matchExpressions"]
+    assert (expr["key"], expr["operator"]) == ("app.kubernetes.io/name", "In")
+    assert set(expr["values"]) == {"vslice-scheduler", "vslice-nodeagent", "vslice-metrics"}
+    nats_pods = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "nats"}}}
+    assert rules["cluster"] == [nats_pods]
+    for rule in nats["ingress"]:  # same namespace only: no namespaceSelector, no ipBlock
+        assert all(set(peer) == {"podSelector"} for peer in rule["from"])
+    extender = objects.get("NetworkPolicy", "vslice-scheduler")["spec"]
+    assert extender["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "vslice-scheduler"}
+    ((rule),) = extender["ingress"]
+    assert rule["ports"] == [{"port": "extender", "protocol": "TCP"}]
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "vslice-kube-scheduler"}}}
+    ]
+
+
 def test_the_external_nats_overlay_is_the_base_without_nats_pointed_elsewhere() -> None:
     base = {built.key(o): o for o in built.base().items}
     overlay = {built.key(o): o for o in built.overlay().items}
     assert base.keys() >= NATS_OBJECTS
     assert overlay.keys() == base.keys() - NATS_OBJECTS
     bus = ("ConfigMap", "vslice-system", "vslice-bus")
-    for k in overlay.keys() - {bus}:
+    for k in overlay.keys() - {bus} - BUS_CLIENTS:
         assert overlay[k] == base[k], k
+    for k in BUS_CLIENTS:  # the same but for the CA of the NATS server
+        changed = copy.deepcopy(overlay[k])
+        volumes = changed["spec"]["template"]["spec"]["volumes"]
+        (ca,) = [v for v in volumes if v["name"] == "bus-ca"]
+        assert ca == {"name": "bus-ca", "secret": {"secretName": "vslice-external-nats-ca"}}
+        ca["secret"]["secretName"] = kubecerts.BUS_CA_SECRET
+        want = copy.deepcopy(base[k])
+        for obj in (changed, want):  # a strategic merge may reorder the list
+            obj["spec"]["template"]["spec"]["volumes"].sort(key=lambda v: v["name"])
+        assert changed == want, k
     url = overlay[bus]["data"]["nats-url"]
     assert url.startswith("nats://") and url != base[bus]["data"]["nats-url"]
+    assert "@" not in url  # no password in a ConfigMap
     assert "nats-headless" not in yaml.safe_dump_all(list(overlay.values()))
     assert "nats.vslice-system" not in yaml.safe_dump_all(list(overlay.values()))
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_no_config_map_holds_a_credential(name: str) -> None:
+    for config_map in BUILDS[name]().of("ConfigMap"):
+        text = yaml.safe_dump(config_map.get("data", {}))
+        assert "PRIVATE KEY" not in text, built.key(config_map)
+        assert not re.search(r"\bS[UAO][A-Z2-7]{50,}", text), built.key(config_map)  # NKEY seed
+        assert not re.search(r"(?i)\bpass(word)?\s*:|://[^/\s]*:[^/\s]*@", text), built.key(
+            config_map
+        )

@@ -3,7 +3,10 @@ module whose settings parser accepts its flags and environment; kube-scheduler's
 configuration names vslice's extender at the Service and port the scheduler replicas
 serve; the webhook configuration reaches the admission container's port, states its
 failure policy and timeout, and its matchConditions (evaluated with a CEL interpreter)
-send it exactly the pods it acts on; the node agent mounts what its flags name."""
+send it exactly the pods it acts on; the node agent mounts what its flags name; every
+certificate and seed a pod mounts is one the certificate Job (``vslice.kubecerts``) keeps,
+for the names the pod is reached at, mounted read-only; kube-scheduler calls the
+extender over mutual TLS."""
 
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ import celpy
 import pytest
 import yaml
 
+from libshared import permissions as perms
 from services.admission.core import mutating
 from tests.k8s.admission import test_mutating as tables
 from tests.k8s.admission.reviews import ctr, pod
 from tests.k8s.manifests import built
+from vslice import kubecerts
 
 # Flags of the Kubernetes contract that other parts of vslice add to their services
 # (scheduler: the extender; nodeagent: the device plugin). Until a service's parser knows
@@ -67,7 +72,11 @@ def _without(args: list[str], drop: set[str], takes_value: dict[str, bool]) -> l
 
 
 def _vslice_containers() -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    found = [(w, c) for w, c in built.base().containers() if c["image"] == built.IMAGE]
+    found = [
+        (w, c)
+        for w, c in built.base().containers()
+        if c["image"] == built.IMAGE and w["kind"] != "Job"
+    ]
     assert {c["name"] for _, c in found} == {"admission", "scheduler", "nodeagent", "metrics"}
     return found
 
@@ -149,7 +158,7 @@ def test_the_extender_filters_and_binds_on_the_scheduler_service_and_owns_the_gp
     assert extender["ignorable"] is False
     managed = {m["name"]: m["ignoredByScheduler"] for m in extender["managedResources"]}
     assert managed == dict.fromkeys(VSLICE_RESOURCE_NAMES, True)
-    url = re.fullmatch(r"http://([a-z-]+)\.([a-z-]+)\.svc:(\d+)", extender["urlPrefix"])
+    url = re.fullmatch(r"https://([a-z-]+)\.([a-z-]+)\.svc:(\d+)", extender["urlPrefix"])
     assert url is not None, extender["urlPrefix"]
     objects = built.base()
     service = objects.get("Service", url.group(1))
@@ -293,6 +302,133 @@ def test_every_service_on_the_bus_uses_the_same_nats_and_bucket_replicas() -> No
         assert sources["VSLICE_BUCKET_REPLICAS"] == {"name": "vslice-bus", "key": "bucket-replicas"}
     ((_, admission),) = [(w, c) for w, c in _vslice_containers() if c["name"] == "admission"]
     assert "env" not in admission and objects.has("ConfigMap", "vslice-bus")
+
+
+def _leaf(secret: str) -> kubecerts.Leaf:
+    (leaf,) = [x for x in kubecerts.leaves() if x.secret == secret]
+    return leaf
+
+
+def _in_secret(path: str, mounts: dict[str, str]) -> tuple[str, str]:
+    """``(Secret name, key)`` of a file path under one of ``mounts``."""
+    p = Path(path)
+    (secret,) = [s for m, s in mounts.items() if p.parent == Path(m)]
+    return secret, p.name
+
+
+def test_every_secret_is_mounted_read_only_and_none_mounts_the_ca_key() -> None:
+    objects = built.base()
+    mounted = set()
+    for w, c in objects.containers():
+        spec = w["spec"]["template"]["spec"]
+        secret_volumes = {v["name"] for v in spec.get("volumes", []) if "secret" in v}
+        for m in c.get("volumeMounts", []):
+            if m["name"] in secret_volumes:
+                assert m.get("readOnly") is True, (built.key(w), c["name"], m)
+        mounted |= set(built.secret_mounts(w, c).values())
+    assert kubecerts.CA_SECRET not in mounted  # the CA's key stays with the Job
+    assert mounted <= kubecerts.secret_names()  # every one of them the Job writes
+    for _, c in objects.containers():
+        for e in c.get("env", []):  # and no credential in a plain value
+            assert "password" not in e["name"].lower() and "SEED" not in e.get("value", "")
+
+
+@pytest.mark.parametrize(
+    ("container", "identity"),
+    [("scheduler", "scheduler"), ("nodeagent", "nodeagent"), ("metrics", "metrics")],
+)
+def test_each_bus_service_connects_over_tls_as_its_own_identity_from_the_jobs_secrets(
+    container: str, identity: str
+) -> None:
+    objects = built.base()
+    ((w, spec),) = [(w, c) for w, c in _vslice_containers() if c["name"] == container]
+    module = spec["command"][2]
+    parse = importlib.import_module(module + ".settings").parse
+    args = list(spec.get("args", []))
+    pending = PENDING.get(module, {})
+    unknown = set(_flags(args)) - set(re.findall(r"--[a-z][a-z0-9-]*", _help(module)))
+    bus = parse(_without(args, unknown, pending), objects.env(spec)).bus
+    (wanted,) = [i for i in kubecerts.IDENTITIES if i.name == identity]
+    assert bus.identity_name == wanted.name
+    mounts = built.secret_mounts(w, spec)
+    assert _in_secret(bus.nkey_seed_path, mounts) == (wanted.secret, kubecerts.SEED_KEY)
+    assert _in_secret(bus.tls_ca_path, mounts) == (kubecerts.BUS_CA_SECRET, "ca.crt")
+    # the server's certificate names the host the service connects to
+    (url,) = bus.urls
+    host = re.fullmatch(r"nats://([^:/@]+):4222", url)
+    assert host is not None and host.group(1) in _leaf("vslice-nats-tls").hosts
+    if container == "nodeagent":  # one identity for all nodes (k8s/README.md)
+        assert wanted.role is perms.Role.NODEAGENT and wanted.node == perms.ANY_NODE
+
+
+def test_the_nats_certificate_names_the_client_service_and_every_route() -> None:
+    objects = built.base()
+    hosts = set(_leaf("vslice-nats-tls").hosts)
+    config = objects.get("ConfigMap", "nats-config")["data"]["nats.conf"]
+    routes = re.findall(r"nats://([a-z0-9.-]+):6222", config)
+    replicas = objects.get("StatefulSet", "nats")["spec"]["replicas"]
+    assert len(routes) == replicas and set(routes) <= hosts
+    assert {"nats.vslice-system.svc", "*.nats-headless.vslice-system.svc"} <= hosts
+
+
+def test_kube_scheduler_calls_the_extender_over_mutual_tls_with_the_jobs_certificates() -> None:
+    objects = built.base()
+    (extender,) = _scheduler_config()["extenders"]
+    assert extender["enableHTTPS"] is True
+    deployment = objects.get("Deployment", "vslice-kube-scheduler")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    mounts = built.secret_mounts(deployment, container)
+    tls = extender["tlsConfig"]
+    client = "vslice-kube-scheduler-client"
+    assert _in_secret(tls["certFile"], mounts) == (client, "tls.crt")
+    assert _in_secret(tls["keyFile"], mounts) == (client, "tls.key")
+    assert _in_secret(tls["caFile"], mounts) == (client, "ca.crt")
+    assert "insecure" not in tls
+    # the extender: its certificate names the Service kube-scheduler calls, it listens on
+    # the pod's address and asks callers for a certificate from the same CA
+    host = re.fullmatch(r"https://([a-z.-]+):\d+", extender["urlPrefix"])
+    assert host is not None and host.group(1) in _leaf("vslice-scheduler-tls").hosts
+    replicas = objects.get("Deployment", "vslice-scheduler")
+    (scheduler,) = replicas["spec"]["template"]["spec"]["containers"]
+    settings = importlib.import_module("services.scheduler.settings").parse(
+        scheduler["args"], objects.env(scheduler)
+    )
+    assert settings.extender_host == "<status.podIP>"
+    mounts = built.secret_mounts(replicas, scheduler)
+    assert settings.tls_cert is not None and settings.tls_key is not None
+    assert _in_secret(settings.tls_cert, mounts) == ("vslice-scheduler-tls", "tls.crt")
+    assert _in_secret(settings.tls_key, mounts) == ("vslice-scheduler-tls", "tls.key")
+    assert settings.tls_client_ca is not None
+    assert _in_secret(settings.tls_client_ca, mounts) == ("vslice-scheduler-tls", "ca.crt")
+
+
+def test_the_webhooks_certificate_names_its_service() -> None:
+    service = _webhook()["clientConfig"]["service"]
+    assert "caBundle" not in _webhook()["clientConfig"]  # the Job's, kept by apply
+    host = f"{service['name']}.{service['namespace']}.svc"
+    assert host in _leaf("vslice-admission-tls").hosts
+    (config,) = built.base().of("MutatingWebhookConfiguration")
+    assert config["metadata"]["name"] == kubecerts.WEBHOOK_CONFIG
+
+
+def test_the_certificate_job_and_its_monthly_run_provision_this_install() -> None:
+    objects = built.base()
+    job = objects.get("Job", "vslice-certs")
+    cron = objects.get("CronJob", "vslice-certs")
+    assert cron["spec"]["jobTemplate"]["spec"] == job["spec"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    spec = job["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "vslice-certs"
+    assert spec.get("automountServiceAccountToken", True) is True  # it calls the API
+    (container,) = spec["containers"]
+    assert container["command"] == ["python", "-m", "vslice.kubecerts"]
+    settings = kubecerts.parse(container["args"])
+    assert settings.namespace == built.NAMESPACE
+    assert settings.nats_replicas == objects.get("StatefulSet", "nats")["spec"]["replicas"]
+    assert settings.webhook_config == kubecerts.WEBHOOK_CONFIG
+    assert not settings.renew  # renews only what is due
+    assert "volumeMounts" not in container  # it keeps nothing on disk
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0  # so a later apply runs it again
 
 
 def test_the_node_agent_shares_the_host_pid_namespace_to_see_the_pods_processes() -> None:
