@@ -190,10 +190,14 @@ def _stack(args: argparse.Namespace) -> int:
         print(f"nothing up in {state_dir}" if stack is None else f"stack in {state_dir} stopped")
         return 0
     known = stacks.read_state(state_dir)
-    if known is not None and any(stacks.alive(p) for p in known.pids.values()):
+    if known is not None and all(stacks.alive(p) for p in known.pids.values()):
         print(f"already up in {state_dir} (NATS {known.nats_url}); `vslice down` stops it")
         return 0
     stack = stacks.up(state_dir)
+    if known is not None and known.trust_dir:
+        again = sorted(n for n, p in stack.pids.items() if known.pids.get(n) != p)
+        print(f"restarted in {state_dir}: {', '.join(again)} (NATS {stack.nats_url}, data kept)")
+        return 0
     print(f"up in {state_dir}: NATS {stack.nats_url}, logs in {state_dir / 'logs'}")
     print(f"dashboard: {stack.metrics_url}/  (Prometheus: {stack.metrics_url}/metrics)")
     for name, pid in stack.pids.items():

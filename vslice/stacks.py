@@ -4,7 +4,10 @@
 service, two scheduler replicas and the node agent of this machine (real slices under
 ``<state dir>/host``: NVML's GPUs when there are any, else mock GPUs), each in its own
 session with its log in ``<state dir>/logs/``, and records their pids and the NATS URL in
-``<state dir>/stack.json``. ``status`` says which of them still run and reads the fleet's
+``<state dir>/stack.json``. ``up`` on a stack some of whose processes died (a killed
+nats-server, a crashed replica) starts those again -- nats-server on its port, with its
+identities and JetStream data, so nothing it acknowledged is lost -- instead of answering
+that the stack is up. ``status`` says which of them still run and reads the fleet's
 allocation from the ``<prefix>-nodes`` and ``<prefix>-ledger`` buckets. ``down`` stops
 them (SIGTERM, SIGKILL after a timeout) and removes the state file and NATS data; the
 logs stay for a post-mortem. ``service_commands`` is the one list of service commands, so
@@ -31,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -70,7 +74,9 @@ class Stack:
     """A started stack: ``nats_url``, bus ``prefix``, ``pids`` by process name
     (``nats``, ``admission``, ``scheduler-1`` ..., and a ``replay-agent`` that an attached
     replay added), ``state_dir``, ``started_at`` (Unix s), ``metrics_url`` (the
-    dashboard; ``/metrics`` beneath it), ``policy`` of its scheduler replicas."""
+    dashboard; ``/metrics`` beneath it), ``policy`` of its scheduler replicas,
+    ``trust_dir`` (CA and identities), ``tls``, ``nats_http_port`` (nats-server's
+    monitoring port, kept across a restart; 0 in records of older stacks)."""
 
     nats_url: str
     prefix: str
@@ -81,6 +87,7 @@ class Stack:
     policy: str = "hami"
     trust_dir: str = ""
     tls: bool = True
+    nats_http_port: int = 0
 
     def settings(self, kind: str = "cli") -> BusSettings:
         """The ``BusSettings`` of identity ``kind`` of this stack (``cli``: what ``vslice
@@ -490,14 +497,19 @@ def read_state(state_dir: Path) -> Stack | None:
 def up(
     state_dir: Path, *, prefix: str = "vslice", environ: Mapping[str, str] | None = None
 ) -> Stack:
-    """Start the stack of this machine in ``state_dir`` and wait until it serves.
+    """Start the stack of this machine in ``state_dir`` and wait until it serves; a stack
+    recorded there with processes that died (a ``kill -9``, a crash) is completed instead
+    (``restart``), its JetStream data, port and identities kept.
 
-    Returns the recorded ``Stack``. Raises ``StackError`` when a stack recorded there
-    still runs, or when a part fails to start (everything started is stopped again).
+    Returns the recorded ``Stack``. Raises ``StackError`` when every process of a stack
+    recorded there still runs, or when a part fails to start (everything started now is
+    stopped again).
     """
     known = read_state(state_dir)
-    if known is not None and any(alive(p) for p in known.pids.values()):
+    if known is not None and all(alive(p) for p in known.pids.values()):
         raise StackError(f"a stack is already up in {state_dir} (nats {known.nats_url})")
+    if known is not None and known.trust_dir:
+        return restart(state_dir, known, environ=environ)
     if known is not None:
         _remove_state(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -516,27 +528,10 @@ def up(
         host = env.get("VSLICE_METRICS_HOST", "127.0.0.1")
         port = metrics_port(host, env)
         metrics_url = f"http://{host}:{port}"
-        commands = service_commands(
-            server.url,
-            credentials=identities,
-            prefix=prefix,
-            agent_args=[*mock_agent_args(environ), *slice_agent_args(state_dir, environ)],
-            metrics_port=port,
-            metrics_host=host,
-            explain=True,
-        )
+        commands = _stack_commands(server, identities, prefix, state_dir, environ, host, port)
         for name, argv in commands.items():
             procs[name] = spawn(name, argv, logs)
-        settings = identities["operator"]
-        services = {k: v for k, v in procs.items() if k != "nats"}
-        asyncio.run(wait_serving(settings, schedulers=2, nodes=1, procs=services, logs=logs))
-        wait_http(
-            f"{metrics_url}/healthz",
-            proc=procs["metrics"],
-            logs=logs,
-            name="metrics",
-            timeout_s=START_TIMEOUT_S,
-        )
+        _wait_started(identities["operator"], procs, logs, metrics_url)
     except BaseException:
         stop(list(procs.values()))
         raise
@@ -548,6 +543,102 @@ def up(
         metrics_url=metrics_url,
         trust_dir=str(trust.root),
         tls=server.tls,
+        nats_http_port=server.http_port,
+    )
+    write_state(state_dir, stack)
+    return stack
+
+
+def _stack_commands(
+    server: NatsServer,
+    identities: Mapping[str, BusSettings],
+    prefix: str,
+    state_dir: Path,
+    environ: Mapping[str, str] | None,
+    host: str,
+    port: int,
+) -> dict[str, list[str]]:
+    return service_commands(
+        server.url,
+        credentials=identities,
+        prefix=prefix,
+        agent_args=[*mock_agent_args(environ), *slice_agent_args(state_dir, environ)],
+        metrics_port=port,
+        metrics_host=host,
+        explain=True,
+    )
+
+
+def _wait_started(
+    operator: BusSettings,
+    procs: Mapping[str, subprocess.Popen[bytes]],
+    logs: Path,
+    metrics_url: str,
+) -> None:
+    services = {k: v for k, v in procs.items() if k != "nats"}
+    asyncio.run(wait_serving(operator, schedulers=2, nodes=1, procs=services, logs=logs))
+    if "metrics" in procs:
+        wait_http(
+            f"{metrics_url}/healthz",
+            proc=procs["metrics"],
+            logs=logs,
+            name="metrics",
+            timeout_s=START_TIMEOUT_S,
+        )
+
+
+def restart(state_dir: Path, known: Stack, *, environ: Mapping[str, str] | None = None) -> Stack:
+    """Start again the processes of the stack ``known`` (recorded in ``state_dir``) that no
+    longer run, and wait until the stack serves: nats-server on the same port, with the
+    same identities and its JetStream data (``<state_dir>/nats/jetstream``: the ledger,
+    claims and allocation stream it acknowledged), the services with the commands ``up``
+    gives them (those still running reconnect by themselves). Processes an attached
+    replay added are not restarted. Returns the new record.
+
+    Raises ``StackError`` when the port is taken by another process or a part fails to
+    start (what was started now is stopped again).
+    """
+    port = urllib.parse.urlsplit(known.nats_url).port
+    if port is None:
+        raise StackError(f"{state_dir}: recorded NATS URL {known.nats_url!r} has no port")
+    trust = TrustStore(Path(known.trust_dir)).ensure()
+    server = NatsServer(
+        data_dir=state_dir / "nats",
+        name="vslice-nats",
+        trust=trust,
+        tls=known.tls,
+        port=port,
+        http_port=known.nats_http_port or free_port(),
+    )
+    identities = provision(server, prefix=known.prefix, node=local_node())
+    logs = state_dir / "logs"
+    pids = {n: p for n, p in known.pids.items() if alive(p)}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        if "nats" not in pids:
+            server.spawn()
+            assert server.process is not None
+            procs["nats"] = server.process
+            server.wait_healthy()
+        metrics = urllib.parse.urlsplit(known.metrics_url)
+        host = metrics.hostname or "127.0.0.1"
+        mport = metrics.port or metrics_port(host, os.environ if environ is None else environ)
+        commands = _stack_commands(
+            server, identities, known.prefix, state_dir, environ, host, mport
+        )
+        for name, argv in commands.items():
+            if name not in pids:
+                procs[name] = spawn(name, argv, logs)
+        _wait_started(identities["operator"], procs, logs, f"http://{host}:{mport}")
+    except BaseException:
+        stop(list(procs.values()))
+        raise
+    pids.update({name: p.pid for name, p in procs.items()})
+    stack = dataclasses.replace(
+        known,
+        pids=pids,
+        metrics_url=f"http://{host}:{mport}",
+        nats_http_port=server.http_port,
     )
     write_state(state_dir, stack)
     return stack
