@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -115,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one JSON object: nats_url, operator_nkey_seed, tls_ca, processes",
     )
+    rel = sub.add_parser(
+        "release", help="release a pod's slices by hand (operator identity), ending its lease"
+    )
+    rel.add_argument("pod", help="the pod UID (`vslice status` lists them)")
+    rel.add_argument("--state-dir", default=None, help="the stack's state dir (as for `up`)")
     run = sub.add_parser(
         "run", help="run a command inside a slice of this machine's GPU (needs `vslice up`)"
     )
@@ -141,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stack(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "release":
+            return _release(args)
         if args.command == "certs":
             seeds = certs.provision(
                 Path(args.dir),
@@ -175,6 +183,17 @@ def _run(args: argparse.Namespace) -> int:
         gpu_type=args.gpu_type,
     )
     return running.run(state_dir, request, cmd)
+
+
+def _release(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir) if args.state_dir else stacks.default_state_dir()
+    stack = stacks.running(state_dir)
+    ack = asyncio.run(stacks.release(stack.settings("operator"), args.pod))
+    if ack.node is None:
+        print(f"{args.pod} held no slice (its lease, if any, is ended)")
+    else:
+        print(f"released {args.pod}: {ack.slices} slice(s) on {ack.node}")
+    return 0
 
 
 def _stack(args: argparse.Namespace) -> int:

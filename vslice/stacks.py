@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -43,15 +44,18 @@ from pathlib import Path
 import msgspec
 import nats.errors
 from nats.aio.client import Client
-from nats.js.errors import NoKeysError
+from nats.js.errors import BucketNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
 
-from libshared import connecting
+from libshared import connecting, events
+from libshared import leases as leasing
 from libshared import permissions as perms
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
 from libshared.ledgers import NodeLedger
 from libshared.natsserver import NatsServer, free_port
+from libshared.subjects import deadline_headers, pod_key
 from libshared.trust import TrustStore
 from services.nodeagent.core import fleets
 
@@ -756,6 +760,130 @@ async def allocation(settings: BusSettings, *, timeout_s: float = 3.0) -> list[D
     return out
 
 
+@dataclass(frozen=True)
+class LiveSlice:
+    """A pod holding slices: ``pod_uid`` on ``node``, ``memory_mib`` over its ``slices``,
+    ``age_s`` since its claim (None when unknown), and its ``lease`` (None: placed
+    through Kubernetes, no lease): ``lease_ttl_s`` and ``renewed_s_ago``."""
+
+    pod_uid: str
+    node: str
+    slices: int
+    memory_mib: int
+    age_s: float | None
+    lease: leasing.Lease | None = None
+    renewed_s_ago: float | None = None
+
+
+async def _snapshot(kv: KeyValue) -> dict[str, KeyValue.Entry]:
+    watcher = await kv.watchall(ignore_deletes=True)
+    out: dict[str, KeyValue.Entry] = {}
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            out[entry.key] = entry
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return out
+
+
+def _age_s(entry: KeyValue.Entry | None, now: datetime.datetime) -> float | None:
+    created = entry.created if entry is not None else None
+    return (now - created).total_seconds() if isinstance(created, datetime.datetime) else None
+
+
+async def live_slices(settings: BusSettings, *, timeout_s: float = 5.0) -> list[LiveSlice]:
+    """Every pod in the ledger with its node, age and lease, by node and pod. Raises
+    ``StackError`` when the bus cannot be read in ``timeout_s`` seconds."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            nc = await connecting.connect(settings, name="vslice-status")
+            try:
+                js = nc.jetstream()
+                bus = await connecting.ensure_bus(js, settings)
+                ledgers = await _snapshot(bus.ledger)
+                claims = await _snapshot(bus.pods)
+                try:
+                    held = await _snapshot(await leasing.open_leases(js, settings, create=False))
+                except BucketNotFoundError:
+                    held = {}
+            finally:
+                await nc.close()
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        raise StackError(f"cannot read the slices from {settings.urls[0]}: {exc!r}") from exc
+    now = datetime.datetime.now(datetime.UTC)
+    out = []
+    for entry in ledgers.values():
+        ledger = LEDGERS.decode(entry.value or b"{}") if entry.value else None
+        if ledger is None:
+            continue
+        for uid in sorted(ledger.pods()):
+            mine = [s for s in ledger.slices if s.pod_uid == uid]
+            lease_entry = held.get(pod_key(uid))
+            lease = None
+            if lease_entry is not None:
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    lease = leasing.DECODER.decode(lease_entry.value or b"")
+            out.append(
+                LiveSlice(
+                    pod_uid=uid,
+                    node=ledger.node,
+                    slices=len(mine),
+                    memory_mib=sum(s.memory_mib for s in mine),
+                    age_s=_age_s(claims.get(pod_key(uid)), now),
+                    lease=lease,
+                    renewed_s_ago=_age_s(lease_entry, now) if lease is not None else None,
+                )
+            )
+    return sorted(out, key=lambda s: (s.node, s.pod_uid))
+
+
+def slice_lines(live: Sequence[LiveSlice]) -> list[str]:
+    """``vslice status``'s table of live slices. Pure."""
+    lines = [f"{'pod':<28}{'node':<24}{'slices':>7}{'MiB':>8}{'age':>9}  lease"]
+    for s in live:
+        age = f"{s.age_s:.0f}s" if s.age_s is not None else "?"
+        if s.lease is None:
+            lease = "none (not a vslice run)"
+        else:
+            ago = f"{s.renewed_s_ago:.0f}s ago" if s.renewed_s_ago is not None else "?"
+            lease = f"{s.lease.holder or 'held'}, renewed {ago}, TTL {s.lease.ttl_s:g}s"
+        lines.append(f"{s.pod_uid:<28}{s.node:<24}{s.slices:>7}{s.memory_mib:>8}{age:>9}  {lease}")
+    if not live:
+        lines.append("(no slice held)")
+    return lines
+
+
+async def release(settings: BusSettings, pod_uid: str, *, timeout_s: float = 10.0) -> events.Ack:
+    """Release ``pod_uid``'s slices through the scheduler replicas and end its lease, if
+    any (``vslice release``). Raises ``StackError`` when no replica answers or the
+    release fails."""
+    try:
+        nc = await connecting.connect(settings, name="vslice-release")
+    except (OSError, nats.errors.Error) as exc:
+        raise StackError(f"cannot reach {settings.urls[0]}: {exc!r}") from exc
+    try:
+        reply = await nc.request(
+            settings.subjects.sched_release,
+            events.ENCODER.encode(events.Release(pod_uid=pod_uid)),
+            timeout=timeout_s,
+            headers=deadline_headers(timeout_s, now=time.time()),
+        )
+        answer = events.RELEASE_REPLY.decode(reply.data)
+        if not isinstance(answer, events.Ack):
+            raise StackError(f"release of {pod_uid} failed: {answer}")
+        with contextlib.suppress(nats.errors.Error, BucketNotFoundError, TimeoutError):
+            leases = await leasing.open_leases(nc.jetstream(), settings, create=False, wait_s=1)
+            await leases.delete(pod_key(pod_uid))
+        return answer
+    except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
+        raise StackError(f"release of {pod_uid}: no answer from the schedulers ({exc!r})") from exc
+    finally:
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await nc.close()
+
+
 def status_json(state_dir: Path) -> dict[str, object]:
     """What ``vslice status --json`` prints: ``nats_url``, ``prefix``, ``operator_nkey_seed``
     (the operator identity's NKEY seed file, as ``nats.connect(nkeys_seed=...)`` takes it),
@@ -811,4 +939,8 @@ def status_text(state_dir: Path) -> str:
         )
     if not devices:
         lines.append("(no node registered)")
+    try:
+        lines += slice_lines(asyncio.run(live_slices(settings)))
+    except StackError as exc:
+        lines.append(f"slices: {exc}")
     return "\n".join(lines)
