@@ -29,7 +29,7 @@ DEFAULT_TTL_S = 15.0
 MIN_TTL_S = 1.0
 MAX_TTL_S = 30.0  # a dead client's slice is released within this (plus a check period)
 MAX_AGE_S = 3600.0
-MAX_BYTES = 16 << 20
+MAX_BYTES = 4 << 20  # reserved on disk by nats-server: ~25,000 leases
 
 
 class Lease(msgspec.Struct, frozen=True, kw_only=True):
