@@ -139,9 +139,10 @@ class Upkeep:
         returns their keys."""
         entries = await snapshot(self.claims, headers_only=True)
         self._claim_revs.observe({k: e.revision or 0 for k, e in entries.items()}, now=now)
-        held = {
-            pod_key(uid) for ledger in self.replica.view.cluster.ledgers for uid in ledger.pods()
-        }
+        view = self.replica.view
+        # a ledger waiting for its node's registration holds its pods' claims all the same
+        ledgers = [*view.cluster.ledgers, *(ledger for ledger, _ in view.pending.values())]
+        held = {pod_key(uid) for ledger in ledgers for uid in ledger.pods()}
         out = []
         orphans = upkeeping.orphan_claims(
             entries, held, self._claim_revs, now=now, grace_s=self.orphan_grace_s
