@@ -805,7 +805,9 @@ async def live_slices(settings: BusSettings, *, timeout_s: float = 5.0) -> list[
                 ledgers = await _snapshot(bus.ledger)
                 claims = await _snapshot(bus.pods)
                 try:
-                    held = await _snapshot(await leasing.open_leases(js, settings, create=False))
+                    held = await _snapshot(
+                        await leasing.open_leases(js, settings, create=False, wait_s=0)
+                    )
                 except BucketNotFoundError:
                     held = {}
             finally:

@@ -94,6 +94,8 @@ class Upkeep:
                     await self.purge_markers()
             except (nats.errors.Error, TimeoutError) as exc:
                 log.warning("upkeep skipped", extra={"error": repr(exc)})
+            except Exception as exc:  # a bug here must not end the upkeep, nor the replica
+                log.exception("upkeep failed", extra={"error": repr(exc)})
 
     async def expire_leases(self, *, now: float) -> list[str]:
         """Release the pod of every stale lease; returns their pod UIDs."""
