@@ -80,6 +80,21 @@ async def test_a_stale_lease_releases_its_pod_a_renewed_one_and_a_pod_without_le
     assert kept.released == 2
 
 
+async def test_a_pod_placed_after_its_lease_ended_is_released_all_the_same(
+    kept: upkeep.Upkeep, nc: Client, bus_settings: BusSettings
+) -> None:
+    """The client put its lease, sent its schedule request and died; the lease ended
+    before the replica committed the placement."""
+    lease = leasing.Lease(pod_uid="run-late", ttl_s=1)
+    await kept.leases.put(pod_key("run-late"), leasing.ENCODER.encode(lease))
+    assert await kept.expire_leases(now=0.0) == []
+    assert await kept.expire_leases(now=1.0) == ["run-late"]  # nothing held yet
+    assert "run-late" in await placed(nc, bus_settings, "run-late")
+    assert await kept.expire_leases(now=30.0) == ["run-late"]
+    assert "run-late" not in pods(await helpers.ledgers(nc, bus_settings))
+    assert await kept.expire_leases(now=31.0) == []
+
+
 async def test_an_orphan_claim_is_deleted_after_the_grace_and_its_marker_purged(
     kept: upkeep.Upkeep, nc: Client, bus_settings: BusSettings
 ) -> None:

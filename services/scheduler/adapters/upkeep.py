@@ -9,7 +9,9 @@ seconds it purges the delete markers older than ``marker_age_s`` from both bucke
 claim's delete marker is otherwise kept forever: about 142 bytes per pod ever scheduled).
 Each replica does it: a lease or claim is deleted with a compare-and-set on the revision
 it saw, so of two replicas only one acts on it, and a renewal or re-claim that came
-meanwhile wins over both.
+meanwhile wins over both. For ``LATE_WINDOW_S`` after a lease ended, its pod is released
+again if it shows up in the ledger: a dead client's schedule request may still commit
+within its deadline, and a release that failed is retried so.
 
 What it leaves to others: the decisions (``services.scheduler.core.upkeeping``), the
 release itself (``services.scheduler.adapters.bus``).
@@ -33,6 +35,7 @@ from services.scheduler.adapters.bus import Replica
 from services.scheduler.core import upkeeping
 
 log = logging.getLogger("vslice.scheduler")
+LATE_WINDOW_S = 60.0  # longer than any schedule request's deadline
 
 
 async def snapshot(kv: KeyValue, *, headers_only: bool = False) -> dict[str, KeyValue.Entry]:
@@ -66,6 +69,7 @@ class Upkeep:
     orphans_deleted: int = 0
     _lease_revs: upkeeping.Revisions = field(default_factory=upkeeping.Revisions)
     _claim_revs: upkeeping.Revisions = field(default_factory=upkeeping.Revisions)
+    _ended: dict[str, float] = field(default_factory=dict)  # pod UID -> when its lease ended
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -98,7 +102,9 @@ class Upkeep:
                 log.exception("upkeep failed", extra={"error": repr(exc)})
 
     async def expire_leases(self, *, now: float) -> list[str]:
-        """Release the pod of every stale lease; returns their pod UIDs."""
+        """End every stale lease and release its pod; returns the pod UIDs released now
+        (the ones whose lease ended now, and ended ones placed or kept since)."""
+        out = await self._release_late(now=now)
         entries = await snapshot(self.leases)
         self._lease_revs.observe({k: e.revision or 0 for k, e in entries.items()}, now=now)
         ttls, uids = {}, {}
@@ -111,7 +117,6 @@ class Upkeep:
             else:
                 ttls[key] = lease.bounded_ttl_s()
             uids[key] = lease.pod_uid
-        out = []
         for key in upkeeping.expired_leases(ttls, self._lease_revs, now=now):
             try:
                 # the compare-and-set makes the lease ours to end: a renewal meanwhile, or
@@ -120,21 +125,34 @@ class Upkeep:
             except nats.errors.Error:
                 continue
             uid = uids[key]
-            for attempt in range(3):
-                try:
-                    ack = await self.replica.release(uid)
-                except Exception as exc:  # Conflicts, TemporaryError: the next try may work
-                    log.warning("lease release failed", extra={"pod_uid": uid, "error": repr(exc)})
-                    await asyncio.sleep(0.2 * (attempt + 1))
-                    continue
-                self.released += 1
+            self._ended[uid] = now
+            if await self._release(uid, why="lease expired: slice released"):
                 out.append(uid)
-                log.info(
-                    "lease expired: slice released",
-                    extra={"pod_uid": uid, "node": ack.node or "", "lease": key},
-                )
-                break
+        return sorted(out)
+
+    async def _release_late(self, *, now: float) -> list[str]:
+        # A dead client's schedule request may still commit after its lease ended (within
+        # the request's deadline), and a release may have failed: for LATE_WINDOW_S an
+        # ended lease's pod found in the ledger is released again.
+        out = []
+        for uid, ended in sorted(self._ended.items()):
+            if now - ended > LATE_WINDOW_S:
+                del self._ended[uid]
+            elif self.replica.view.cluster.placement_of(uid) is not None and await self._release(
+                uid, why="placed after its lease ended: released"
+            ):
+                out.append(uid)
         return out
+
+    async def _release(self, uid: str, *, why: str) -> bool:
+        try:
+            ack = await self.replica.release(uid)
+        except Exception as exc:  # Conflicts, TemporaryError: the next tick tries again
+            log.warning("lease release failed", extra={"pod_uid": uid, "error": repr(exc)})
+            return False
+        self.released += 1
+        log.info(why, extra={"pod_uid": uid, "node": ack.node or ""})
+        return True
 
     async def delete_orphan_claims(self, *, now: float) -> list[str]:
         """Delete every claim with no ledger entry behind it for ``orphan_grace_s``;
