@@ -924,6 +924,8 @@ def status_text(state_dir: Path) -> str:
         lines.append(f"dashboard {stack.metrics_url}/ (Prometheus {stack.metrics_url}/metrics)")
     for name, pid in stack.pids.items():
         lines.append(f"  {name:<14} pid {pid:<8} {'running' if alive(pid) else 'NOT RUNNING'}")
+    if not all(alive(pid) for pid in stack.pids.values()):
+        lines.append("  (`vslice up` starts the stopped ones again, NATS data kept)")
     if not alive(stack.pids.get("nats", -1)):
         lines.append("fleet: unknown (nats-server is not running)")
         return "\n".join(lines)

@@ -40,6 +40,8 @@ def test_placements_acknowledged_before_nats_server_is_killed_are_kept_when_up_r
         os.kill(before.pids["nats"], signal.SIGKILL)
         while stacks.alive(before.pids["nats"]):
             time.sleep(0.05)
+        hinted = vslice("status", "--state-dir", state)
+        assert "NOT RUNNING" in hinted.stdout and "`vslice up` starts the stopped" in hinted.stdout
         again = vslice("up", "--state-dir", state, env=env)
         assert again.returncode == 0, again.stdout + again.stderr
         assert "restarted" in again.stdout and "nats" in again.stdout
