@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import ssl
@@ -32,6 +33,19 @@ from libshared.subjects import DEFAULT_PREFIX, Subjects
 log = logging.getLogger("vslice.bus")
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+# The allocation stream's limits: a day of messages, and a ceiling on bytes and count so
+# churn cannot grow it without bound (about 4 MB per 5 minutes of churn was seen). The
+# node agents' durable consumers read it within seconds; what ages out is history.
+ALLOC_MAX_AGE_S = 24 * 3600.0
+# nats-server reserves a stream's max_bytes on disk when it is created ("insufficient
+# storage resources" once they add up), so the ceiling is a modest one: 32 MiB is tens of
+# thousands of placements, far more than the agents' consumers ever leave unread.
+ALLOC_MAX_BYTES = 32 << 20
+ALLOC_MAX_MSGS = 100_000
+# The state buckets (nodes, ledger, claims) keep one entry per key (history 1) and no age
+# or byte limit: a registration or ledger must not expire or be refused for space; what
+# grew without bound there were the claims' delete markers, which the scheduler replicas
+# purge (``services.scheduler.adapters.upkeep``).
 
 
 @dataclass(frozen=True)
@@ -262,7 +276,7 @@ async def ensure_bus(
     ledger = await _bucket(js, subjects.ledger_bucket, settings.replicas)
     pods = await _bucket(js, subjects.pods_bucket, settings.replicas)
     try:
-        await js.stream_info(subjects.alloc_stream)
+        info = await js.stream_info(subjects.alloc_stream)
     except NotFoundError:
         try:
             await js.add_stream(
@@ -270,11 +284,25 @@ async def ensure_bus(
                     name=subjects.alloc_stream,
                     subjects=[subjects.alloc_all],
                     num_replicas=settings.replicas,
-                    max_age=24 * 3600.0,
+                    max_age=ALLOC_MAX_AGE_S,
+                    max_bytes=ALLOC_MAX_BYTES,
+                    max_msgs=ALLOC_MAX_MSGS,
                 )
             )
         except BadRequestError:
             await js.stream_info(subjects.alloc_stream)  # created meanwhile by another
+    else:
+        # a stream made before it had every limit gets them (it grew without bound)
+        c = info.config
+        if any(v in (None, -1, 0) for v in (c.max_age, c.max_bytes, c.max_msgs)):
+            await js.update_stream(
+                dataclasses.replace(
+                    c,
+                    max_age=c.max_age or ALLOC_MAX_AGE_S,
+                    max_bytes=ALLOC_MAX_BYTES if c.max_bytes in (None, -1, 0) else c.max_bytes,
+                    max_msgs=ALLOC_MAX_MSGS if c.max_msgs in (None, -1, 0) else c.max_msgs,
+                )
+            )
     return Bus(nodes=nodes, ledger=ledger, pods=pods)
 
 

@@ -31,7 +31,7 @@ requests (admission, scheduler replicas, the node agent) publish their replies t
 Roles (``Role``): ``admission``, ``scheduler``, ``nodeagent`` (one node, or ``*`` for a
 mock agent hosting a whole replay fleet), ``metrics`` (read-only), ``cli`` (``vslice run``
 and replays: schedule and release requests, its own answers, node registrations to pin a
-run to its node), ``operator`` (everything: repair and debugging).
+run to its node, writing a run's lease), ``operator`` (everything: repair and debugging).
 """
 
 from __future__ import annotations
@@ -170,6 +170,11 @@ def permissions(role: Role, *, subjects: Subjects, identity: str, node: str = ""
                 *_kv_write(s.ledger_bucket),
                 *_kv_write(s.pods_bucket),
                 *_kv_read(s.nodes_bucket),
+                *_kv_write(s.leases_bucket),
+                *_create(f"KV_{s.leases_bucket}"),
+                # purging old delete markers of claims and leases (``adapters.upkeep``)
+                f"$JS.API.STREAM.PURGE.KV_{s.pods_bucket}",
+                f"$JS.API.STREAM.PURGE.KV_{s.leases_bucket}",
                 *_create(f"KV_{s.ledger_bucket}"),
                 *_create(f"KV_{s.pods_bucket}"),
                 *_create(f"KV_{s.nodes_bucket}"),
@@ -222,6 +227,9 @@ def permissions(role: Role, *, subjects: Subjects, identity: str, node: str = ""
                 s.sched_stats,
                 s.node_slice("*"),
                 *_kv_read(s.nodes_bucket),
+                # its runs' leases: put and delete a key, no reading of others' leases
+                f"$JS.API.STREAM.INFO.KV_{s.leases_bucket}",
+                f"$KV.{s.leases_bucket}.*",
             ),
             subscribe=(inbox,),
         )

@@ -102,6 +102,13 @@ class Subjects(msgspec.Struct, frozen=True, kw_only=True):
         return f"{self.prefix}-pods"
 
     @property
+    def leases_bucket(self) -> str:
+        """KV bucket: key ``pod_key(uid)`` of a ``vslice run`` pod, value its ``Lease``;
+        its client renews it, a scheduler replica releases the pod once it goes stale
+        (``libshared.leases``). Pods placed through Kubernetes have none."""
+        return f"{self.prefix}-leases"
+
+    @property
     def alloc_stream(self) -> str:
         """JetStream stream holding every ``<prefix>.alloc.>`` message."""
         return f"{self.prefix}-alloc"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -115,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one JSON object: nats_url, operator_nkey_seed, tls_ca, processes",
     )
+    rel = sub.add_parser(
+        "release", help="release a pod's slices by hand (operator identity), ending its lease"
+    )
+    rel.add_argument("pod", help="the pod UID (`vslice status` lists them)")
+    rel.add_argument("--state-dir", default=None, help="the stack's state dir (as for `up`)")
     run = sub.add_parser(
         "run", help="run a command inside a slice of this machine's GPU (needs `vslice up`)"
     )
@@ -141,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stack(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "release":
+            return _release(args)
         if args.command == "certs":
             seeds = certs.provision(
                 Path(args.dir),
@@ -177,6 +185,17 @@ def _run(args: argparse.Namespace) -> int:
     return running.run(state_dir, request, cmd)
 
 
+def _release(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir) if args.state_dir else stacks.default_state_dir()
+    stack = stacks.running(state_dir)
+    ack = asyncio.run(stacks.release(stack.settings("operator"), args.pod))
+    if ack.node is None:
+        print(f"{args.pod} held no slice (its lease, if any, is ended)")
+    else:
+        print(f"released {args.pod}: {ack.slices} slice(s) on {ack.node}")
+    return 0
+
+
 def _stack(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else stacks.default_state_dir()
     if args.command == "status":
@@ -190,10 +209,14 @@ def _stack(args: argparse.Namespace) -> int:
         print(f"nothing up in {state_dir}" if stack is None else f"stack in {state_dir} stopped")
         return 0
     known = stacks.read_state(state_dir)
-    if known is not None and any(stacks.alive(p) for p in known.pids.values()):
+    if known is not None and all(stacks.alive(p) for p in known.pids.values()):
         print(f"already up in {state_dir} (NATS {known.nats_url}); `vslice down` stops it")
         return 0
     stack = stacks.up(state_dir)
+    if known is not None and known.trust_dir:
+        again = sorted(n for n, p in stack.pids.items() if known.pids.get(n) != p)
+        print(f"restarted in {state_dir}: {', '.join(again)} (NATS {stack.nats_url}, data kept)")
+        return 0
     print(f"up in {state_dir}: NATS {stack.nats_url}, logs in {state_dir / 'logs'}")
     print(f"dashboard: {stack.metrics_url}/  (Prometheus: {stack.metrics_url}/metrics)")
     for name, pid in stack.pids.items():

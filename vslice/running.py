@@ -8,6 +8,13 @@ library path) with stdin, stdout, stderr and the exit code passed through, and r
 the slice when the command exits or this process is interrupted. The slice holds only
 the command's processes; what ``vslice run`` itself does is not charged.
 
+The slice is held by a lease (``libshared.leases``): put before the slice is asked for,
+renewed every third of its TTL (``$VSLICE_LEASE_TTL_S``, default 15 s), deleted after the
+release. A client killed by SIGKILL stops renewing and a scheduler replica releases its
+slice once the TTL has passed. When the bus went away meanwhile (``vslice down``), the
+client still waits for its command and exits with its status, after one line saying
+the slice was not released by it.
+
 What it leaves to others: placing (``services.scheduler``), preparing the slice
 (``services.nodeagent``), the stack's processes (``vslice.stacks``).
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -32,13 +40,15 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
 
 from libshared import annotations as hami_annotations
 from libshared import connecting, events, resources
+from libshared import leases as leasing
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
-from libshared.subjects import deadline_headers
+from libshared.subjects import deadline_headers, pod_key
 from services.nodeagent import settings as nodeagent_settings
 from vslice import stacks
 
@@ -210,6 +220,9 @@ def run(state_dir: Path, request: SliceRequest, command: Sequence[str]) -> int:
     checks = Checks(
         host_root=state_dir / "host", library_dirs=(Path(nodeagent_settings.DEFAULT_MOCK_DIR),)
     )
+    # asyncio warns on every TLS connection the server drops ("returning true from
+    # eof_received()"): noise in the terminal of a run whose stack went down
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     return asyncio.run(_run(stack.settings("cli"), request, list(command), checks))
 
 
@@ -238,7 +251,13 @@ async def _request(nc: Client, subject: str, body: bytes, *, timeout_s: float) -
 
 
 async def _slice(
-    nc: Client, settings: BusSettings, request: SliceRequest, node: str, checks: Checks
+    nc: Client,
+    settings: BusSettings,
+    request: SliceRequest,
+    node: str,
+    checks: Checks,
+    *,
+    uid: str,
 ) -> tuple[events.Placement, events.Ready]:
     s = settings.subjects
     try:
@@ -250,7 +269,6 @@ async def _slice(
         registered = NODE_DEVICES.decode(entry.value or b"")
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise RunError(f"node {node}: unreadable registration ({exc})") from exc
-    uid = f"run-{uuid.uuid4().hex[:12]}"
     spec = pod_spec(request, uid=uid, uuids=[d.uuid for d in registered.devices])
     reply = await _request(
         nc,
@@ -310,18 +328,80 @@ async def _release(nc: Client, settings: BusSettings, uid: str) -> None:
             )
             if isinstance(events.RELEASE_REPLY.decode(reply.data), events.Ack):
                 return
-        except RunError:
+        except (RunError, nats.errors.Error, msgspec.DecodeError):
             pass
         await asyncio.sleep(0.5 * (attempt + 1))
     print(f"vslice run: could not release {uid}; `vslice status` shows it", file=sys.stderr)
 
 
+def lease_ttl_s(environ: Mapping[str, str]) -> float:
+    """The lease TTL of a run, seconds: ``$VSLICE_LEASE_TTL_S`` within the bounds of
+    ``libshared.leases`` (default ``DEFAULT_TTL_S``). Raises ``RunError`` naming a
+    malformed value."""
+    text = environ.get("VSLICE_LEASE_TTL_S", "")
+    if not text:
+        return leasing.DEFAULT_TTL_S
+    try:
+        ttl = float(text)
+    except ValueError as exc:
+        raise RunError(f"VSLICE_LEASE_TTL_S={text!r}: not a number", exit_code=2) from exc
+    if not leasing.MIN_TTL_S <= ttl <= leasing.MAX_TTL_S:
+        raise RunError(
+            f"VSLICE_LEASE_TTL_S={text!r}: must be {leasing.MIN_TTL_S:g}-{leasing.MAX_TTL_S:g}",
+            exit_code=2,
+        )
+    return ttl
+
+
+async def _renew(kv: KeyValue, key: str, body: bytes, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        # a missed renewal is retried at the next; only a TTL of them loses the slice
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await kv.put(key, body)
+
+
+async def _quiet(exc: Exception) -> None:
+    # a stack that went down makes the client retry; one line says so when the run ends
+    pass
+
+
+async def _connected(nc: Client, *, wait_s: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while not nc.is_connected:
+        if nc.is_closed or loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
 async def _run(
     settings: BusSettings, request: SliceRequest, command: list[str], checks: Checks
 ) -> int:
-    nc = await connecting.connect(settings, name="vslice-run")
+    ttl = lease_ttl_s(os.environ)
+    nc = await connecting.connect(settings, name="vslice-run", error_cb=_quiet)
+    uid = f"run-{uuid.uuid4().hex[:12]}"
+    node = stacks.local_node()
+    renewing: asyncio.Task[None] | None = None
     try:
-        placed, ready = await _slice(nc, settings, request, stacks.local_node(), checks)
+        try:
+            leases = await leasing.open_leases(nc.jetstream(), settings, create=False, wait_s=5)
+        except (BucketNotFoundError, nats.errors.Error, TimeoutError) as exc:
+            raise RunError(f"no leases bucket on the bus ({exc!r}): see `vslice status`") from exc
+        # the lease exists before the slice does: a client killed at any moment after
+        # this leaves nothing that its lease's end does not release
+        lease = leasing.ENCODER.encode(
+            leasing.Lease(pod_uid=uid, node=node, ttl_s=ttl, holder=f"vslice run {os.getpid()}")
+        )
+        key = pod_key(uid)
+        await leases.put(key, lease)
+        renewing = asyncio.create_task(_renew(leases, key, lease, ttl / 3), name="lease")
+        try:
+            placed, ready = await _slice(nc, settings, request, node, checks, uid=uid)
+        except BaseException:
+            await _end_lease(leases, key)
+            raise
         try:
             print(f"vslice run: {describe(placed)}", file=sys.stderr)
             slice_env = ready.env.get(CONTAINER, {})
@@ -332,9 +412,29 @@ async def _run(
                     f.write(f"{os.getpid()}\n")
             return await _child(command, command_env(os.environ, slice_env))
         finally:
-            await _release(nc, settings, placed.pod_uid)
+            renewing.cancel()
+            if await _connected(nc, wait_s=2.0):
+                await _release(nc, settings, placed.pod_uid)
+                await _end_lease(leases, key)
+            else:
+                print(
+                    f"vslice run: the bus at {settings.urls[0]} is gone (`vslice down`?);"
+                    f" slice {uid} not released by this client: its lease ends in"
+                    f" {ttl:.0f} s and a scheduler replica, if one runs, releases it",
+                    file=sys.stderr,
+                )
     finally:
-        await nc.close()
+        if renewing is not None:
+            renewing.cancel()
+        # closing over a TLS transport the server already dropped raises AttributeError
+        # inside nats-py; the run is over either way and its status is what matters
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+async def _end_lease(leases: KeyValue, key: str) -> None:
+    with contextlib.suppress(nats.errors.Error, TimeoutError):
+        await leases.delete(key)
 
 
 async def _child(command: list[str], env: dict[str, str]) -> int:

@@ -4,7 +4,10 @@
 service, two scheduler replicas and the node agent of this machine (real slices under
 ``<state dir>/host``: NVML's GPUs when there are any, else mock GPUs), each in its own
 session with its log in ``<state dir>/logs/``, and records their pids and the NATS URL in
-``<state dir>/stack.json``. ``status`` says which of them still run and reads the fleet's
+``<state dir>/stack.json``. ``up`` on a stack some of whose processes died (a killed
+nats-server, a crashed replica) starts those again -- nats-server on its port, with its
+identities and JetStream data, so nothing it acknowledged is lost -- instead of answering
+that the stack is up. ``status`` says which of them still run and reads the fleet's
 allocation from the ``<prefix>-nodes`` and ``<prefix>-ledger`` buckets. ``down`` stops
 them (SIGTERM, SIGKILL after a timeout) and removes the state file and NATS data; the
 logs stay for a post-mortem. ``service_commands`` is the one list of service commands, so
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -31,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,15 +44,18 @@ from pathlib import Path
 import msgspec
 import nats.errors
 from nats.aio.client import Client
-from nats.js.errors import NoKeysError
+from nats.js.errors import BucketNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
 
-from libshared import connecting
+from libshared import connecting, events
+from libshared import leases as leasing
 from libshared import permissions as perms
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
 from libshared.ledgers import NodeLedger
 from libshared.natsserver import NatsServer, free_port
+from libshared.subjects import deadline_headers, pod_key
 from libshared.trust import TrustStore
 from services.nodeagent.core import fleets
 
@@ -70,7 +78,9 @@ class Stack:
     """A started stack: ``nats_url``, bus ``prefix``, ``pids`` by process name
     (``nats``, ``admission``, ``scheduler-1`` ..., and a ``replay-agent`` that an attached
     replay added), ``state_dir``, ``started_at`` (Unix s), ``metrics_url`` (the
-    dashboard; ``/metrics`` beneath it), ``policy`` of its scheduler replicas."""
+    dashboard; ``/metrics`` beneath it), ``policy`` of its scheduler replicas,
+    ``trust_dir`` (CA and identities), ``tls``, ``nats_http_port`` (nats-server's
+    monitoring port, kept across a restart; 0 in records of older stacks)."""
 
     nats_url: str
     prefix: str
@@ -81,6 +91,7 @@ class Stack:
     policy: str = "hami"
     trust_dir: str = ""
     tls: bool = True
+    nats_http_port: int = 0
 
     def settings(self, kind: str = "cli") -> BusSettings:
         """The ``BusSettings`` of identity ``kind`` of this stack (``cli``: what ``vslice
@@ -490,14 +501,19 @@ def read_state(state_dir: Path) -> Stack | None:
 def up(
     state_dir: Path, *, prefix: str = "vslice", environ: Mapping[str, str] | None = None
 ) -> Stack:
-    """Start the stack of this machine in ``state_dir`` and wait until it serves.
+    """Start the stack of this machine in ``state_dir`` and wait until it serves; a stack
+    recorded there with processes that died (a ``kill -9``, a crash) is completed instead
+    (``restart``), its JetStream data, port and identities kept.
 
-    Returns the recorded ``Stack``. Raises ``StackError`` when a stack recorded there
-    still runs, or when a part fails to start (everything started is stopped again).
+    Returns the recorded ``Stack``. Raises ``StackError`` when every process of a stack
+    recorded there still runs, or when a part fails to start (everything started now is
+    stopped again).
     """
     known = read_state(state_dir)
-    if known is not None and any(alive(p) for p in known.pids.values()):
+    if known is not None and all(alive(p) for p in known.pids.values()):
         raise StackError(f"a stack is already up in {state_dir} (nats {known.nats_url})")
+    if known is not None and known.trust_dir:
+        return restart(state_dir, known, environ=environ)
     if known is not None:
         _remove_state(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -516,27 +532,10 @@ def up(
         host = env.get("VSLICE_METRICS_HOST", "127.0.0.1")
         port = metrics_port(host, env)
         metrics_url = f"http://{host}:{port}"
-        commands = service_commands(
-            server.url,
-            credentials=identities,
-            prefix=prefix,
-            agent_args=[*mock_agent_args(environ), *slice_agent_args(state_dir, environ)],
-            metrics_port=port,
-            metrics_host=host,
-            explain=True,
-        )
+        commands = _stack_commands(server, identities, prefix, state_dir, environ, host, port)
         for name, argv in commands.items():
             procs[name] = spawn(name, argv, logs)
-        settings = identities["operator"]
-        services = {k: v for k, v in procs.items() if k != "nats"}
-        asyncio.run(wait_serving(settings, schedulers=2, nodes=1, procs=services, logs=logs))
-        wait_http(
-            f"{metrics_url}/healthz",
-            proc=procs["metrics"],
-            logs=logs,
-            name="metrics",
-            timeout_s=START_TIMEOUT_S,
-        )
+        _wait_started(identities["operator"], procs, logs, metrics_url)
     except BaseException:
         stop(list(procs.values()))
         raise
@@ -548,6 +547,102 @@ def up(
         metrics_url=metrics_url,
         trust_dir=str(trust.root),
         tls=server.tls,
+        nats_http_port=server.http_port,
+    )
+    write_state(state_dir, stack)
+    return stack
+
+
+def _stack_commands(
+    server: NatsServer,
+    identities: Mapping[str, BusSettings],
+    prefix: str,
+    state_dir: Path,
+    environ: Mapping[str, str] | None,
+    host: str,
+    port: int,
+) -> dict[str, list[str]]:
+    return service_commands(
+        server.url,
+        credentials=identities,
+        prefix=prefix,
+        agent_args=[*mock_agent_args(environ), *slice_agent_args(state_dir, environ)],
+        metrics_port=port,
+        metrics_host=host,
+        explain=True,
+    )
+
+
+def _wait_started(
+    operator: BusSettings,
+    procs: Mapping[str, subprocess.Popen[bytes]],
+    logs: Path,
+    metrics_url: str,
+) -> None:
+    services = {k: v for k, v in procs.items() if k != "nats"}
+    asyncio.run(wait_serving(operator, schedulers=2, nodes=1, procs=services, logs=logs))
+    if "metrics" in procs:
+        wait_http(
+            f"{metrics_url}/healthz",
+            proc=procs["metrics"],
+            logs=logs,
+            name="metrics",
+            timeout_s=START_TIMEOUT_S,
+        )
+
+
+def restart(state_dir: Path, known: Stack, *, environ: Mapping[str, str] | None = None) -> Stack:
+    """Start again the processes of the stack ``known`` (recorded in ``state_dir``) that no
+    longer run, and wait until the stack serves: nats-server on the same port, with the
+    same identities and its JetStream data (``<state_dir>/nats/jetstream``: the ledger,
+    claims and allocation stream it acknowledged), the services with the commands ``up``
+    gives them (those still running reconnect by themselves). Processes an attached
+    replay added are not restarted. Returns the new record.
+
+    Raises ``StackError`` when the port is taken by another process or a part fails to
+    start (what was started now is stopped again).
+    """
+    port = urllib.parse.urlsplit(known.nats_url).port
+    if port is None:
+        raise StackError(f"{state_dir}: recorded NATS URL {known.nats_url!r} has no port")
+    trust = TrustStore(Path(known.trust_dir)).ensure()
+    server = NatsServer(
+        data_dir=state_dir / "nats",
+        name="vslice-nats",
+        trust=trust,
+        tls=known.tls,
+        port=port,
+        http_port=known.nats_http_port or free_port(),
+    )
+    identities = provision(server, prefix=known.prefix, node=local_node())
+    logs = state_dir / "logs"
+    pids = {n: p for n, p in known.pids.items() if alive(p)}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        if "nats" not in pids:
+            server.spawn()
+            assert server.process is not None
+            procs["nats"] = server.process
+            server.wait_healthy()
+        metrics = urllib.parse.urlsplit(known.metrics_url)
+        host = metrics.hostname or "127.0.0.1"
+        mport = metrics.port or metrics_port(host, os.environ if environ is None else environ)
+        commands = _stack_commands(
+            server, identities, known.prefix, state_dir, environ, host, mport
+        )
+        for name, argv in commands.items():
+            if name not in pids:
+                procs[name] = spawn(name, argv, logs)
+        _wait_started(identities["operator"], procs, logs, f"http://{host}:{mport}")
+    except BaseException:
+        stop(list(procs.values()))
+        raise
+    pids.update({name: p.pid for name, p in procs.items()})
+    stack = dataclasses.replace(
+        known,
+        pids=pids,
+        metrics_url=f"http://{host}:{mport}",
+        nats_http_port=server.http_port,
     )
     write_state(state_dir, stack)
     return stack
@@ -665,6 +760,132 @@ async def allocation(settings: BusSettings, *, timeout_s: float = 3.0) -> list[D
     return out
 
 
+@dataclass(frozen=True)
+class LiveSlice:
+    """A pod holding slices: ``pod_uid`` on ``node``, ``memory_mib`` over its ``slices``,
+    ``age_s`` since its claim (None when unknown), and its ``lease`` (None: placed
+    through Kubernetes, no lease): ``lease_ttl_s`` and ``renewed_s_ago``."""
+
+    pod_uid: str
+    node: str
+    slices: int
+    memory_mib: int
+    age_s: float | None
+    lease: leasing.Lease | None = None
+    renewed_s_ago: float | None = None
+
+
+async def _snapshot(kv: KeyValue) -> dict[str, KeyValue.Entry]:
+    watcher = await kv.watchall(ignore_deletes=True)
+    out: dict[str, KeyValue.Entry] = {}
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            out[entry.key] = entry
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return out
+
+
+def _age_s(entry: KeyValue.Entry | None, now: datetime.datetime) -> float | None:
+    created = entry.created if entry is not None else None
+    return (now - created).total_seconds() if isinstance(created, datetime.datetime) else None
+
+
+async def live_slices(settings: BusSettings, *, timeout_s: float = 5.0) -> list[LiveSlice]:
+    """Every pod in the ledger with its node, age and lease, by node and pod. Raises
+    ``StackError`` when the bus cannot be read in ``timeout_s`` seconds."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            nc = await connecting.connect(settings, name="vslice-status")
+            try:
+                js = nc.jetstream()
+                bus = await connecting.ensure_bus(js, settings)
+                ledgers = await _snapshot(bus.ledger)
+                claims = await _snapshot(bus.pods)
+                try:
+                    held = await _snapshot(
+                        await leasing.open_leases(js, settings, create=False, wait_s=0)
+                    )
+                except BucketNotFoundError:
+                    held = {}
+            finally:
+                await nc.close()
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        raise StackError(f"cannot read the slices from {settings.urls[0]}: {exc!r}") from exc
+    now = datetime.datetime.now(datetime.UTC)
+    out = []
+    for entry in ledgers.values():
+        ledger = LEDGERS.decode(entry.value or b"{}") if entry.value else None
+        if ledger is None:
+            continue
+        for uid in sorted(ledger.pods()):
+            mine = [s for s in ledger.slices if s.pod_uid == uid]
+            lease_entry = held.get(pod_key(uid))
+            lease = None
+            if lease_entry is not None:
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    lease = leasing.DECODER.decode(lease_entry.value or b"")
+            out.append(
+                LiveSlice(
+                    pod_uid=uid,
+                    node=ledger.node,
+                    slices=len(mine),
+                    memory_mib=sum(s.memory_mib for s in mine),
+                    age_s=_age_s(claims.get(pod_key(uid)), now),
+                    lease=lease,
+                    renewed_s_ago=_age_s(lease_entry, now) if lease is not None else None,
+                )
+            )
+    return sorted(out, key=lambda s: (s.node, s.pod_uid))
+
+
+def slice_lines(live: Sequence[LiveSlice]) -> list[str]:
+    """``vslice status``'s table of live slices. Pure."""
+    lines = [f"{'pod':<28}{'node':<24}{'slices':>7}{'MiB':>8}{'age':>9}  lease"]
+    for s in live:
+        age = f"{s.age_s:.0f}s" if s.age_s is not None else "?"
+        if s.lease is None:
+            lease = "none (not a vslice run)"
+        else:
+            ago = f"{s.renewed_s_ago:.0f}s ago" if s.renewed_s_ago is not None else "?"
+            lease = f"{s.lease.holder or 'held'}, renewed {ago}, TTL {s.lease.ttl_s:g}s"
+        lines.append(f"{s.pod_uid:<28}{s.node:<24}{s.slices:>7}{s.memory_mib:>8}{age:>9}  {lease}")
+    if not live:
+        lines.append("(no slice held)")
+    return lines
+
+
+async def release(settings: BusSettings, pod_uid: str, *, timeout_s: float = 10.0) -> events.Ack:
+    """Release ``pod_uid``'s slices through the scheduler replicas and end its lease, if
+    any (``vslice release``). Raises ``StackError`` when no replica answers or the
+    release fails."""
+    try:
+        nc = await connecting.connect(settings, name="vslice-release")
+    except (OSError, nats.errors.Error) as exc:
+        raise StackError(f"cannot reach {settings.urls[0]}: {exc!r}") from exc
+    try:
+        reply = await nc.request(
+            settings.subjects.sched_release,
+            events.ENCODER.encode(events.Release(pod_uid=pod_uid)),
+            timeout=timeout_s,
+            headers=deadline_headers(timeout_s, now=time.time()),
+        )
+        answer = events.RELEASE_REPLY.decode(reply.data)
+        if not isinstance(answer, events.Ack):
+            raise StackError(f"release of {pod_uid} failed: {answer}")
+        with contextlib.suppress(nats.errors.Error, BucketNotFoundError, TimeoutError):
+            leases = await leasing.open_leases(nc.jetstream(), settings, create=False, wait_s=1)
+            await leases.delete(pod_key(pod_uid))
+        return answer
+    except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
+        raise StackError(f"release of {pod_uid}: no answer from the schedulers ({exc!r})") from exc
+    finally:
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await nc.close()
+
+
 def status_json(state_dir: Path) -> dict[str, object]:
     """What ``vslice status --json`` prints: ``nats_url``, ``prefix``, ``operator_nkey_seed``
     (the operator identity's NKEY seed file, as ``nats.connect(nkeys_seed=...)`` takes it),
@@ -703,6 +924,8 @@ def status_text(state_dir: Path) -> str:
         lines.append(f"dashboard {stack.metrics_url}/ (Prometheus {stack.metrics_url}/metrics)")
     for name, pid in stack.pids.items():
         lines.append(f"  {name:<14} pid {pid:<8} {'running' if alive(pid) else 'NOT RUNNING'}")
+    if not all(alive(pid) for pid in stack.pids.values()):
+        lines.append("  (`vslice up` starts the stopped ones again, NATS data kept)")
     if not alive(stack.pids.get("nats", -1)):
         lines.append("fleet: unknown (nats-server is not running)")
         return "\n".join(lines)
@@ -720,4 +943,8 @@ def status_text(state_dir: Path) -> str:
         )
     if not devices:
         lines.append("(no node registered)")
+    try:
+        lines += slice_lines(asyncio.run(live_slices(settings)))
+    except StackError as exc:
+        lines.append(f"slices: {exc}")
     return "\n".join(lines)

@@ -4,7 +4,9 @@ Lifecycle (nats.py's habit): SIGTERM or SIGINT sets an ``asyncio.Event``; the re
 drains its connection -- no new requests, the ones in hand answered -- within the drain
 timeout, and returns. With ``--kube`` the replica first reconciles the ledger with the
 pods (restart recovery) and then watches them; with ``--extender-port`` it serves the
-kube-scheduler extender once that is done. Nothing here decides anything.
+kube-scheduler extender once that is done. Its upkeep (``adapters.upkeep``) releases the
+slices of ``vslice run`` clients whose lease went stale and deletes orphan claims.
+Nothing here decides anything.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import contextlib
 import logging
 
 from libshared import connecting, kubeclients, tlsfiles, traces
-from services.scheduler.adapters import bus, extender, kube
+from libshared import leases as leasing
+from services.scheduler.adapters import bus, extender, kube, upkeep
 from services.scheduler.core import replaying
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
@@ -56,7 +59,11 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
             max_in_flight=settings.max_in_flight,
         )
         await replica.start()
+        leases = await leasing.open_leases(js, settings.bus, create=True)
+        upkept = upkeep.Upkeep(replica=replica, leases=leases, claims=opened.pods)
+        upkept.start()
         async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(upkept.stop)
             await _kubernetes(settings, replica, stack)
             log.info(
                 "scheduler serving", extra={"replica": settings.name, "policy": settings.policy}

@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from nats.js.errors import Error as JetStreamError
 
 from libshared import connecting, events, permissions
+from libshared import leases as leasing
 from libshared.connecting import BusSettings
 from libshared.natsserver import NatsServer
 from libshared.permissions import Role
@@ -63,6 +64,8 @@ async def bus(nats_server: NatsServer, prefix: str) -> AsyncIterator[BusSettings
     opened = await connecting.ensure_bus(nc.jetstream(), operator)
     await opened.ledger.put(NODE, b'{"node": "n1", "slices": []}')
     await opened.nodes.put(OTHER, b'{"node": "n2", "devices": []}')
+    leases = await leasing.open_leases(nc.jetstream(), operator, create=True)
+    await leases.put("run-x", b'{"pod_uid": "run-x"}')
     yield operator
     await nc.close()
 
@@ -108,6 +111,10 @@ ACTIONS: dict[str, Callable[[Probe], Awaitable[None]]] = {
     "delete a ledger key": lambda c: _kv(c, c.subjects.ledger_bucket, "delete", NODE),
     "purge the ledger": lambda c: _purge(c, f"KV_{c.subjects.ledger_bucket}"),
     "write a claim": lambda c: _kv(c, c.subjects.pods_bucket, "put", "pod-x"),
+    "purge the claims": lambda c: _purge(c, f"KV_{c.subjects.pods_bucket}"),
+    "write a lease": lambda c: _kv(c, c.subjects.leases_bucket, "put", "run-y"),
+    "delete a lease": lambda c: _kv(c, c.subjects.leases_bucket, "delete", "run-x"),
+    "read a lease": lambda c: _kv(c, c.subjects.leases_bucket, "get", "run-x"),
     "read a registration": lambda c: _kv(c, c.subjects.nodes_bucket, "get", OTHER),
     "register its own node": lambda c: _kv(c, c.subjects.nodes_bucket, "put", NODE),
     "register another node": lambda c: _kv(c, c.subjects.nodes_bucket, "put", OTHER),
@@ -141,6 +148,10 @@ ALLOWED: dict[Role, set[str]] = {
         "write the ledger",
         "delete a ledger key",
         "write a claim",
+        "purge the claims",
+        "write a lease",
+        "delete a lease",
+        "read a lease",
         "read a registration",
         "publish a placement",
         "listen to schedule requests",
@@ -163,6 +174,8 @@ ALLOWED: dict[Role, set[str]] = {
         "request a schedule",
         "request a release",
         "request a review",
+        "write a lease",
+        "delete a lease",
     },
     Role.OPERATOR: set(ACTIONS),
 }

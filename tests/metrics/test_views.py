@@ -179,3 +179,27 @@ def test_fleet_fragmentation_is_the_idle_share_on_partly_used_gpus(
     fig = fragmentation.figure(shares)
     assert (fig.free_milli, fig.stranded_milli) == (free, stranded)
     assert fig.ratio_percent == pytest.approx(ratio)
+
+
+def test_usage_of_a_node_that_never_registered_is_refused_and_nothing_of_it_is_kept() -> None:
+    view, (a, _) = view_with_two_slices()
+    for n in range(50):
+        with pytest.raises(RejectedValue, match="not registered"):
+            view.put_usage(f"ghost-{n}", fx.usage(f"ghost-{n}", 1.0), received_at=1.0)
+    assert set(view.usage) == set()
+    view.put_usage("n1", fx.usage("n1", 1.0, fx.line(a, used_bytes=7)), received_at=1.0)
+    assert set(view.usage) == {"n1"}
+
+
+def test_silent_nodes_and_replicas_are_forgotten_after_the_ttl_and_a_deleted_node_at_once() -> None:
+    view, (a, _) = view_with_two_slices()
+    view.put_node("n2", fx.registration("n2", fx.device("G9", 0)))
+    view.put_usage("n1", fx.usage("n1", 1.0, fx.line(a, used_bytes=7)), received_at=180.0)
+    view.put_usage("n2", fx.usage("n2", 1.0), received_at=10.0)
+    view.put_stats(events.Stats(name="gone-replica"), received_at=10.0)
+    view.put_stats(events.Stats(name="r1"), received_at=180.0)
+    assert view.forget_silent(now=200.0, ttl_s=190.0) == []
+    assert view.forget_silent(now=200.0, ttl_s=60.0) == ["gone-replica", "n2"]
+    assert set(view.usage) == {"n1"} and set(view.stats) == {"r1"}
+    view.put_node("n1", None)
+    assert view.usage == {}

@@ -149,11 +149,70 @@ def test_on_mock_gpus_the_environment_puts_the_mock_driver_first() -> None:
 
 @pytest.mark.parametrize(
     ("uid", "container", "key"),
-    [("p1", "main", "p1_main"), ("a/../b", "c d", "a-..-b_c-d"), ("x", "..", "x_..")],
+    [
+        ("p1", "main", "p1_main"),
+        (
+            "0b4d6f3e-1c2a-4e5f-9a8b-7c6d5e4f3a2b",
+            "main",
+            "0b4d6f3e-1c2a-4e5f-9a8b-7c6d5e4f3a2b_main",
+        ),
+        ("a/../b", "c d", "a%2f..%2fb_c%20d"),
+        ("x", "..", "x_%2e."),
+        ("a_b", "main", "a%5fb_main"),
+        ("A", "main", "%41_main"),
+    ],
 )
 def test_a_container_key_is_one_path_component(uid: str, container: str, key: str) -> None:
     assert preparing.container_key(uid, container) == key
-    assert "/" not in key
+    assert "/" not in key and not key.startswith(".")
+    assert preparing.parse_key(key) == (uid, container)
+
+
+@pytest.mark.parametrize(
+    "uids",
+    [
+        ("a/b", "a-b"),
+        ("tenant/a", "tenant-a"),
+        ("Pod-1", "pod-1", "POD-1"),
+        ("a_b", "a-b", "a.b", "a b", "a:b", "a%2fb", "a%b"),
+    ],
+)
+def test_pod_uids_that_differ_only_in_case_or_punctuation_get_different_directories(
+    uids: tuple[str, ...],
+) -> None:
+    keys = {preparing.container_key(u, "main") for u in uids}
+    assert len(keys) == len(uids)
+    assert len({k.lower() for k in keys}) == len(uids)  # also on a case-insensitive disk
+
+
+@pytest.mark.parametrize(
+    ("uid", "container"),
+    [
+        ("%", "main"),
+        ("%25", "%"),
+        ("_", "_"),
+        ("..", "."),
+        (".hidden", "c"),
+        ("ünï/cödé", "ü"),
+        ("a\x00b", "c\nd"),
+        ("tenant/a", "main_1"),
+        ("-", "-"),
+    ],
+)
+def test_a_container_key_names_exactly_one_pod_and_container(uid: str, container: str) -> None:
+    key = preparing.container_key(uid, container)
+    assert preparing.parse_key(key) == (uid, container)
+    assert "/" not in key and "\0" not in key and key not in (".", "..")
+
+
+@pytest.mark.parametrize("name", ["a-b-main", "a_b_main", "A_main", "x_%zz", "x_", "p%2_m"])
+def test_a_name_no_pod_gives_is_not_read_as_a_key(name: str) -> None:
+    assert preparing.parse_key(name) is None
+
+
+def test_a_key_too_long_for_a_path_component_is_refused_naming_its_length() -> None:
+    with pytest.raises(ValueError, match="more than 255"):
+        preparing.container_key("/" * 90, "main")
 
 
 def test_a_slice_without_memory_is_refused_naming_it() -> None:

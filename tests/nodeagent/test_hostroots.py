@@ -9,7 +9,7 @@ from libshared import events
 from libshared.ledgers import NodeLedger, PodCharge, Slice
 from services.nodeagent.adapters import hostroots
 from services.nodeagent.adapters.slicing import Slicer
-from services.nodeagent.core import preparing
+from services.nodeagent.core import preparing, sharedcaches
 from tests.libvgpu import harness
 
 MIB = 1 << 20
@@ -133,3 +133,64 @@ def test_a_truncated_or_foreign_cache_file_is_read_as_a_reason_not_an_error(
     Path(plan.cache).write_bytes(b"\0" * 200)
     assert "magic" in str(hostroots.read_cache(tmp_path, "p1_main"))
     assert "No such file" in str(hostroots.read_cache(tmp_path, "nobody_main"))
+
+
+def cache_limit_mib(path: str) -> int:
+    return sharedcaches.decode(Path(path).read_bytes()).devices[0].limit_bytes // MIB
+
+
+def test_pods_whose_uids_once_collided_get_their_own_limits_and_releasing_one_keeps_the_other(
+    tmp_path: Path,
+) -> None:
+    slicer = Slicer(node="n1", layout=preparing.Layout(root=str(tmp_path), libvgpu="/l.so"))
+    big, small = (
+        slicer.prepare(placement("tenant/a", 4000)),
+        slicer.prepare(placement("tenant-a", 1000)),
+    )
+    assert isinstance(big, events.Ready) and isinstance(small, events.Ready)
+    big_cache = big.env["main"]["CUDA_DEVICE_MEMORY_SHARED_CACHE"]
+    small_cache = small.env["main"]["CUDA_DEVICE_MEMORY_SHARED_CACHE"]
+    assert big_cache != small_cache
+    assert (cache_limit_mib(big_cache), cache_limit_mib(small_cache)) == (4000, 1000)
+    slicer.grace_s = 0.0
+    slicer.release("tenant/a")
+    assert slicer.sweep() == ["tenant%2fa_main"]
+    assert cache_limit_mib(small_cache) == 1000
+    assert hostroots.existing(tmp_path) == ["tenant-a_main"]
+
+
+def legacy_dir(root: Path, name: str, memory_mib: int) -> Path:
+    """A container directory as the earlier naming left it: a cache, no ``pod.uid``."""
+    (plan,) = preparing.plan(placement("x", memory_mib), preparing.Layout(str(root), "/l.so"))
+    directory = root / "containers" / name
+    directory.mkdir(parents=True)
+    (directory / preparing.CACHE_FILE).write_bytes(plan.cache_bytes)
+    return directory
+
+
+def test_reconcile_adopts_an_earlier_named_directory_only_when_it_is_certainly_the_pods(
+    tmp_path: Path,
+) -> None:
+    kept = legacy_dir(tmp_path, "p1_main", 300)  # p1's under both namings
+    inode = os.stat(kept / preparing.CACHE_FILE).st_ino
+    legacy_dir(tmp_path, "tenant-a_main", 4000)  # tenant/a's or tenant-a's: unknown
+    ledger = NodeLedger(
+        node="n1",
+        slices=(
+            placement("p1", 300).slices
+            + placement("tenant/a", 4000).slices
+            + placement("tenant-a", 1000).slices
+        ),
+    )
+    slicer = Slicer(
+        node="n1", layout=preparing.Layout(root=str(tmp_path), libvgpu="/l.so"), grace_s=0.0
+    )
+    prepared, orphans = slicer.reconcile(ledger)
+    assert prepared == ["p1", "tenant-a", "tenant/a"]
+    assert orphans == ["tenant-a_main.legacy-1"]
+    assert os.stat(kept / preparing.CACHE_FILE).st_ino == inode  # its processes keep it
+    containers = tmp_path / "containers"
+    assert cache_limit_mib(str(containers / "tenant-a_main" / "vgpu.cache")) == 1000
+    assert cache_limit_mib(str(containers / "tenant%2fa_main" / "vgpu.cache")) == 4000
+    assert slicer.sweep() == ["tenant-a_main.legacy-1"]
+    assert hostroots.existing(tmp_path) == ["p1_main", "tenant%2fa_main", "tenant-a_main"]

@@ -51,6 +51,7 @@ HEARTBEAT_S = 0.5
 MARKER_HEADER = "Nats-Marker-Reason"  # server-placed TTL markers (nats-server 2.11+)
 STATS_WAIT_S = 0.5  # how long replicas get to answer one stats request
 PENDING_TTL_S = 120.0  # a schedule request never placed is forgotten after this
+FORGET_AFTER_S = 300.0  # usage and stats not renewed for this long are forgotten
 PENDING_MAX = 100_000
 # Seconds: from about a millisecond (one replica, idle) to the clients' request timeouts.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -221,7 +222,8 @@ class Watcher:
 
     async def poll_once(self) -> None:
         """Ask every replica for its ``Stats``, read the ledger stream's last sequence and
-        forget schedule requests older than ``PENDING_TTL_S``."""
+        forget schedule requests older than ``PENDING_TTL_S`` and the usage and stats of
+        nodes and replicas silent for ``FORGET_AFTER_S``."""
         now = self.clock()
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
@@ -240,6 +242,7 @@ class Watcher:
             await sub.unsubscribe()
         info = await self.js.stream_info(f"KV_{self.subjects.ledger_bucket}")
         self.view.ledger_last_seq = info.state.last_seq
+        self.view.forget_silent(now=now, ttl_s=FORGET_AFTER_S)
         horizon = time.monotonic() - PENDING_TTL_S
         for uid in [u for u, t in self._pending.items() if t < horizon]:
             del self._pending[uid]

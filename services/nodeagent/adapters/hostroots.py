@@ -7,6 +7,13 @@ Layout (``<root>`` is configurable, ``/var/lib/vslice`` style)::
     <root>/lib/ld.so.preload                what Kubernetes containers get as /etc/ld.so.preload
     <root>/containers/<pod-uid>_<container>/vgpu.cache   the container's shared cache
     <root>/containers/<pod-uid>_<container>/owner.pid    pids of processes started for it
+    <root>/containers/<pod-uid>_<container>/pod.uid      the pod UID and container, exactly
+
+``<pod-uid>_<container>`` is ``preparing.container_key``: escaped, so no two pods share a
+directory. ``pod.uid`` tells a directory of that naming from one of the earlier naming
+(which replaced unsafe characters by ``-``, so ``a/b`` and ``a-b`` shared one): a
+directory without it is adopted only where ``Slicer.reconcile`` can tell whose it is, and
+otherwise moved aside (``<key>.legacy-<n>``) and released, never reused for another pod.
 
 Installing libvgpu writes a new versioned file and swings the symlink with ``rename``, so
 a process starting at that moment loads either the old or the new library, never half a
@@ -35,6 +42,8 @@ log = logging.getLogger("vslice.nodeagent")
 LIB_DIR = "lib"
 LIB_LINK = "libvgpu.so"
 OWNER_FILE = "owner.pid"
+MARKER_FILE = "pod.uid"
+LEGACY_SUFFIX = ".legacy-"
 PRELOAD_FILE = "ld.so.preload"
 
 
@@ -84,12 +93,57 @@ def containers_dir(root: Path) -> Path:
     return root / preparing.CONTAINERS_DIR
 
 
+def marker_text(pod_uid: str, container: str) -> str:
+    """What ``pod.uid`` holds for a container: its pod UID and name, a line each."""
+    return f"{pod_uid}\n{container}\n"
+
+
+def marked(root: Path, key: str) -> bool:
+    """True when container ``key``'s directory has its ``pod.uid`` (the current naming)."""
+    return (containers_dir(root) / key / MARKER_FILE).exists()
+
+
+def mark(root: Path, key: str, *, pod_uid: str, container: str) -> None:
+    """Write ``pod.uid`` into container ``key``'s directory (adopting one of the earlier
+    naming). Raises ``OSError`` when it cannot be written."""
+    _write_marker(containers_dir(root) / key, pod_uid, container)
+
+
+def _write_marker(directory: Path, pod_uid: str, container: str) -> None:
+    tmp = directory / f".{MARKER_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(marker_text(pod_uid, container))
+    os.replace(tmp, directory / MARKER_FILE)
+
+
+def move_aside(root: Path, key: str) -> str:
+    """Rename container ``key``'s directory to ``<key>.legacy-<n>`` (processes that mapped
+    its cache keep it; ``sweep`` removes it once they are gone); returns the new key."""
+    base = containers_dir(root)
+    for n in range(1, 10_000):
+        aside = f"{key}{LEGACY_SUFFIX}{n}"
+        try:
+            (base / key).rename(base / aside)  # never onto an existing directory
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                continue
+            raise
+        log.warning("directory of the earlier naming moved aside", extra={"key": aside})
+        return aside
+    raise OSError(errno.EEXIST, f"no free name to move {key} aside")
+
+
 def prepare(plan: preparing.ContainerPlan) -> bool:
-    """Create the container's directory and shared cache file; True when created now,
-    False when the file was there already (left as it is: processes may map it).
-    Raises ``OSError`` when the directory or file cannot be written."""
+    """Create the container's directory, ``pod.uid`` and shared cache file; True when
+    created now, False when the file was there already (left as it is: processes may map
+    it). A directory there without ``pod.uid`` (the earlier naming, perhaps another pod's
+    limits) is moved aside first, never reused. Raises ``OSError`` when the directory or
+    file cannot be written."""
     directory = Path(plan.directory)
+    if directory.is_dir() and not (directory / MARKER_FILE).exists():
+        move_aside(directory.parent.parent, plan.key)
     directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / MARKER_FILE).exists():
+        _write_marker(directory, plan.pod_uid, plan.container)
     cache = Path(plan.cache)
     if cache.exists():
         return False

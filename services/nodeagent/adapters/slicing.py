@@ -8,11 +8,15 @@ slots and the processes started for it, ``hostroots.in_use``), never before. On 
 ``reconcile`` makes the host root agree with the ledger -- the truth of what slices
 exist: a slice in the ledger without a directory is prepared, a directory of a pod the
 ledger no longer holds is released -- so a node agent that was down loses and duplicates
-nothing. The decisions are ``services.nodeagent.core``; this module does the file I/O.
+nothing. A directory of the earlier, colliding naming (no ``pod.uid``) is adopted only
+when its name is certain to be one held container's under both namings; otherwise it is
+moved aside and released (removed once unused) and the slice prepared afresh. The
+decisions are ``services.nodeagent.core``; this module does the file I/O.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -89,7 +93,8 @@ class Slicer:
         out = []
         for key in sorted(set(self.containers) | set(hostroots.existing(self.root))):
             known = self.containers.get(key)
-            uid = known.pod_uid if known is not None else key.partition("_")[0]
+            parsed = preparing.parse_key(key)
+            uid = known.pod_uid if known is not None else parsed[0] if parsed else None
             if uid in live:
                 self.released.pop(key, None)
             elif key not in self.released:
@@ -106,6 +111,7 @@ class Slicer:
         held: dict[str, list[Slice]] = {}
         for s in ledger.slices if ledger else ():
             held.setdefault(s.pod_uid, []).append(s)
+        self._adopt_legacy(held)
         prepared = []
         for uid, slices in sorted(held.items()):
             answer = self.prepare(
@@ -126,6 +132,27 @@ class Slicer:
         for k in orphans:
             self.released.setdefault(k, now)
         return prepared, orphans
+
+    def _adopt_legacy(self, held: dict[str, list[Slice]]) -> None:
+        """Mark as its pod's a directory of the earlier naming when that is certain: its
+        name is the pod's key under both namings and no other held container had that
+        name under the earlier one. Any other unmarked directory is left to ``prepare``
+        (moved aside, a fresh one made) or released as an orphan."""
+        pairs = {(uid, s.container) for uid, slices in held.items() for s in slices}
+        by_legacy: dict[str, list[tuple[str, str]]] = {}
+        for uid, container in pairs:
+            by_legacy.setdefault(preparing.legacy_key(uid, container), []).append((uid, container))
+        for key in hostroots.existing(self.root):
+            certain = False
+            if hostroots.marked(self.root, key):
+                continue
+            claimants = by_legacy.get(key, [])
+            with contextlib.suppress(ValueError):
+                certain = len(claimants) == 1 and preparing.container_key(*claimants[0]) == key
+            if certain:
+                uid, container = claimants[0]
+                hostroots.mark(self.root, key, pod_uid=uid, container=container)
+                log.info("directory of the earlier naming adopted", extra={"key": key})
 
     def sweep(self, *, now: float | None = None) -> list[str]:
         """Remove released containers whose grace passed and that no process uses;

@@ -1,7 +1,8 @@
 """Preparing a placed pod's slices on this node: what each container gets, decided from data.
 
 For every container of a ``Placement`` holding slices this module decides the container's
-directory under the host root (``<root>/containers/<pod-uid>_<container>/``), the limits
+directory under the host root (``<root>/containers/<pod-uid>_<container>/``, escaped
+by ``container_key`` so that no two pods share one), the limits
 its shared cache file starts with, and its environment in HAMi-core's variable names
 (``ARCHITECTURE.md``, "The slice inside the container"): ``LD_PRELOAD`` naming
 ``libvgpu.so``, ``CUDA_DEVICE_MEMORY_LIMIT_<i>``, ``CUDA_DEVICE_SM_LIMIT``,
@@ -27,9 +28,11 @@ from services.nodeagent.core import environments, sharedcaches
 CACHE_FILE = "vgpu.cache"
 CONTAINERS_DIR = "containers"
 MIB = 1 << 20
-# A directory name must stay one path component: pod UIDs and container names
-# (Kubernetes DNS labels) never hold anything else, but a bus message might.
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+MAX_KEY_BYTES = 255
+# What a key keeps as it is (``container_key``): one path component, the same on a
+# case-insensitive file system, and never holding the separator ``_``.
+_LEGACY_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_KEEP = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 Policy = Literal["default", "force", "disable"]
 
@@ -73,16 +76,77 @@ class ContainerPlan:
     slices: tuple[Slice, ...]
 
 
+def _escape(text: str) -> str:
+    # lower-case letters, digits and '-' stay; '.' stays except first (no '.', '..' or
+    # hidden name); every other UTF-8 byte becomes %xx, so '_' (the separator), '/', '%'
+    # and upper case never appear bare and two different texts never escape alike
+    out = []
+    for i, ch in enumerate(text):
+        if ch in _KEEP or (ch == "." and i > 0):
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02x}" for b in ch.encode())
+    return "".join(out)
+
+
 def container_key(pod_uid: str, container: str) -> str:
-    """``<pod-uid>_<container>``, with any character outside ``[A-Za-z0-9._-]`` replaced
-    by ``-`` so the key is one path component. Raises ``ValueError`` for an empty UID or
-    container name, or one made only of dots. Pure."""
+    """``<pod-uid>_<container>``, each part escaped so the key is one path component and
+    different (pod UID, container) pairs never share a key: lower-case letters, digits
+    and ``-`` stay, ``.`` stays except as first character, every other byte of the UTF-8
+    text becomes ``%xx`` (lower-case hex). Kubernetes UIDs (RFC 4122 text) and container
+    names (DNS labels) come out unchanged; ``a/b``, ``a-b``, ``A-b`` and ``a_b`` get four
+    keys (the earlier ``-`` substitution gave ``a/b`` and ``a-b`` one directory and one
+    cache file). ``parse_key`` inverts it.
+
+    Raises ``ValueError`` for an empty UID or container name, or a key longer than 255
+    bytes (a path component's limit on Linux). Pure."""
     if not pod_uid or not container:
         raise ValueError(f"pod_uid={pod_uid!r} container={container!r}: both must be set")
-    key = f"{_UNSAFE.sub('-', pod_uid)}_{_UNSAFE.sub('-', container)}"
-    if key.strip("._") == "":
-        raise ValueError(f"pod_uid={pod_uid!r} container={container!r}: no usable name")
+    key = f"{_escape(pod_uid)}_{_escape(container)}"
+    if len(key) > MAX_KEY_BYTES:
+        raise ValueError(
+            f"pod_uid={pod_uid!r} container={container!r}: key of {len(key)} bytes,"
+            f" more than {MAX_KEY_BYTES}"
+        )
     return key
+
+
+def legacy_key(pod_uid: str, container: str) -> str:
+    """The key the earlier naming gave (every character outside ``[A-Za-z0-9._-]`` became
+    ``-``: not injective), to recognise its directories on reconcile. Pure."""
+    return f"{_LEGACY_UNSAFE.sub('-', pod_uid)}_{_LEGACY_UNSAFE.sub('-', container)}"
+
+
+def parse_key(key: str) -> tuple[str, str] | None:
+    """The (pod UID, container) that ``container_key`` named ``key``, or None when no pair
+    gives that key (a directory of the earlier naming, or anything else). Pure."""
+    uid, sep, container = key.partition("_")
+    if not sep:
+        return None
+    try:
+        pair = (_unescape(uid), _unescape(container))
+    except ValueError:
+        return None
+    if not all(pair):
+        return None
+    try:
+        return pair if container_key(*pair) == key else None
+    except ValueError:
+        return None
+
+
+def _unescape(text: str) -> str:
+    # raises ValueError (UnicodeDecodeError among them) for text no escape gives
+    data = bytearray()
+    i = 0
+    while i < len(text):
+        if text[i] == "%":
+            data.append(int(text[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            data.extend(text[i].encode())
+            i += 1
+    return data.decode()
 
 
 def container_dir(root: str, key: str) -> str:

@@ -1,0 +1,65 @@
+"""What the scheduler replicas clean up: stale leases and orphan claims. Pure.
+
+Both decisions rest on one clock-free rule: a key is stale when its revision has not
+changed for some seconds of this replica's own monotonic clock (``Revisions``). No
+timestamp written by another machine is compared with this one's clock, so a client or
+server whose clock is off neither keeps a dead lease alive nor ends a live one.
+
+- A lease (``libshared.leases``) not renewed for its TTL: its ``vslice run`` client is
+  gone, and its pod is released (``expired_leases``).
+- A claim in ``<prefix>-pods`` with no ledger entry behind it for ``grace_s``: a replica
+  died between claim and ledger commit, or between release and unclaim; the claim is
+  deleted (``orphan_claims``). The grace is far longer than a claim lives before its
+  commit (``claim_wait_s``), so a claim in flight is never taken for an orphan.
+
+The I/O (reading the buckets, releasing, deleting) is ``services.scheduler.adapters.upkeep``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+ORPHAN_GRACE_S = 60.0
+
+
+@dataclass
+class Revisions:
+    """When this replica first saw each key at its current revision: ``seen`` maps key to
+    (revision, monotonic seconds)."""
+
+    seen: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def observe(self, current: Mapping[str, int], *, now: float) -> None:
+        """Record the keys' ``current`` revisions at ``now``; keys absent from
+        ``current`` are forgotten, a changed revision starts its clock again."""
+        self.seen = {
+            key: self.seen[key] if self.seen.get(key, (None,))[0] == rev else (rev, now)
+            for key, rev in current.items()
+        }
+
+    def unchanged_s(self, key: str, *, now: float) -> float:
+        """Seconds ``key`` has kept its revision (0.0 for a key not seen)."""
+        known = self.seen.get(key)
+        return now - known[1] if known else 0.0
+
+
+def expired_leases(ttls_s: Mapping[str, float], revisions: Revisions, *, now: float) -> list[str]:
+    """The lease keys (of ``ttls_s``: key -> TTL seconds) unchanged for at least their
+    TTL, sorted."""
+    return sorted(k for k, ttl in ttls_s.items() if revisions.unchanged_s(k, now=now) >= ttl)
+
+
+def orphan_claims(
+    claims: Iterable[str],
+    held: set[str],
+    revisions: Revisions,
+    *,
+    now: float,
+    grace_s: float = ORPHAN_GRACE_S,
+) -> list[str]:
+    """The claim keys with no pod in ``held`` (the ledger's pods, as claim keys) that
+    kept their revision for at least ``grace_s`` seconds, sorted."""
+    return sorted(
+        k for k in claims if k not in held and revisions.unchanged_s(k, now=now) >= grace_s
+    )

@@ -1,0 +1,139 @@
+"""The replicas' upkeep on a real bus, as the scheduler identity: stale leases release
+their pods, orphan claims are deleted, old delete markers purged, and the allocation
+stream has every limit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.aio.client import Client
+from nats.js import api
+
+from libshared import connecting, events
+from libshared import leases as leasing
+from libshared.connecting import BusSettings
+from libshared.natsserver import NatsServer
+from libshared.permissions import Role
+from libshared.subjects import pod_key
+from services.scheduler import app as scheduler_app
+from services.scheduler.adapters import bus, upkeep
+from services.scheduler.settings import Settings
+from tests.bus import helpers
+
+
+@pytest.fixture
+async def kept(
+    nats_server: NatsServer, prefix: str, nc: Client, bus_settings: BusSettings
+) -> AsyncIterator[upkeep.Upkeep]:
+    """A replica connected as the scheduler identity, with its upkeep (not started: the
+    test calls each step with its own clock), on a fleet the operator registered."""
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=1))
+    settings = nats_server.identity(f"scheduler-{prefix}", Role.SCHEDULER, prefix=prefix)
+    replica_nc = await connecting.connect(settings, name="replica")
+    js = replica_nc.jetstream()
+    opened = await connecting.ensure_bus(js, settings)
+    replica = bus.Replica(
+        nc=replica_nc,
+        js=js,
+        bus=opened,
+        subjects=settings.subjects,
+        scheduler=scheduler_app.build_scheduler(Settings(bus=settings, name="r1")),
+        name="r1",
+    )
+    await replica.start()
+    leases = await leasing.open_leases(js, settings, create=True)
+    yield upkeep.Upkeep(
+        replica=replica, leases=leases, claims=opened.pods, orphan_grace_s=60, marker_age_s=0
+    )
+    await replica.stop()
+    await replica_nc.close()
+
+
+async def placed(nc: Client, settings: BusSettings, uid: str) -> set[str]:
+    answer = await helpers.schedule(nc, settings, helpers.pod(uid, memory_mib=1000))
+    assert isinstance(answer, events.Placement), answer
+    return pods(await helpers.ledgers(nc, settings))
+
+
+def pods(ledgers: dict[str, object]) -> set[str]:
+    return {uid for ledger in ledgers.values() for uid in ledger.pods()}  # type: ignore[attr-defined]
+
+
+async def test_a_stale_lease_releases_its_pod_a_renewed_one_and_a_pod_without_lease_stay(
+    kept: upkeep.Upkeep, nc: Client, bus_settings: BusSettings
+) -> None:
+    for uid in ("run-dead", "run-alive", "from-kubernetes"):
+        await placed(nc, bus_settings, uid)
+    lease = leasing.Lease(pod_uid="run-dead", ttl_s=3)
+    await kept.leases.put(pod_key("run-dead"), leasing.ENCODER.encode(lease))
+    alive = leasing.Lease(pod_uid="run-alive", ttl_s=3)
+    await kept.leases.put(pod_key("run-alive"), leasing.ENCODER.encode(alive))
+    assert await kept.expire_leases(now=0.0) == []
+    await kept.leases.put(pod_key("run-alive"), leasing.ENCODER.encode(alive))  # renewed
+    assert await kept.expire_leases(now=2.0) == []
+    assert await kept.expire_leases(now=3.0) == ["run-dead"]
+    assert pods(await helpers.ledgers(nc, bus_settings)) == {"run-alive", "from-kubernetes"}
+    assert await kept.expire_leases(now=5.0) == ["run-alive"]  # not renewed since 2.0
+    assert await kept.expire_leases(now=500.0) == []
+    assert pods(await helpers.ledgers(nc, bus_settings)) == {"from-kubernetes"}
+    assert kept.released == 2
+
+
+async def test_a_pod_placed_after_its_lease_ended_is_released_all_the_same(
+    kept: upkeep.Upkeep, nc: Client, bus_settings: BusSettings
+) -> None:
+    """The client put its lease, sent its schedule request and died; the lease ended
+    before the replica committed the placement."""
+    lease = leasing.Lease(pod_uid="run-late", ttl_s=1)
+    await kept.leases.put(pod_key("run-late"), leasing.ENCODER.encode(lease))
+    assert await kept.expire_leases(now=0.0) == []
+    assert await kept.expire_leases(now=1.0) == ["run-late"]  # nothing held yet
+    assert "run-late" in await placed(nc, bus_settings, "run-late")
+    assert await kept.expire_leases(now=30.0) == ["run-late"]
+    assert "run-late" not in pods(await helpers.ledgers(nc, bus_settings))
+    assert await kept.expire_leases(now=31.0) == []
+
+
+async def test_an_orphan_claim_is_deleted_after_the_grace_and_its_marker_purged(
+    kept: upkeep.Upkeep, nc: Client, bus_settings: BusSettings
+) -> None:
+    await placed(nc, bus_settings, "held")
+    await kept.claims.put(pod_key("orphan"), b"node-0")  # a replica died before its commit
+    assert await kept.delete_orphan_claims(now=0.0) == []
+    assert await kept.delete_orphan_claims(now=59.0) == []
+    assert await kept.delete_orphan_claims(now=60.0) == [pod_key("orphan")]
+    assert await kept.claims.keys() == [pod_key("held")]
+    stream = f"KV_{bus_settings.subjects.pods_bucket}"
+    js = nc.jetstream()
+    assert (await js.stream_info(stream)).state.messages == 2  # the claim and a marker
+    await kept.purge_markers()
+    assert (await js.stream_info(stream)).state.messages == 1  # the held claim alone
+
+
+async def test_a_released_pod_leaves_no_claim_marker_once_purged(
+    kept: upkeep.Upkeep, nc: Client, bus_settings: BusSettings
+) -> None:
+    js = nc.jetstream()
+    stream = f"KV_{bus_settings.subjects.pods_bucket}"
+    for n in range(5):
+        await placed(nc, bus_settings, f"churn-{n}")
+        assert isinstance(await helpers.release(nc, bus_settings, f"churn-{n}"), events.Ack)
+    assert (await js.stream_info(stream)).state.messages == 5  # one delete marker a pod
+    await kept.purge_markers()
+    assert (await js.stream_info(stream)).state.messages == 0
+
+
+async def test_the_allocation_stream_has_an_age_a_byte_and_a_message_limit_even_if_made_without(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    s = bus_settings.subjects
+    js = nc.jetstream()
+    await js.add_stream(api.StreamConfig(name=s.alloc_stream, subjects=[s.alloc_all]))
+    await connecting.ensure_bus(js, bus_settings)
+    config = (await js.stream_info(s.alloc_stream)).config
+    assert (config.max_age, config.max_bytes, config.max_msgs) == (
+        connecting.ALLOC_MAX_AGE_S,
+        connecting.ALLOC_MAX_BYTES,
+        connecting.ALLOC_MAX_MSGS,
+    )
