@@ -23,6 +23,7 @@ EXPECTED: dict[str, set[tuple[str, str, str, str]]] = {
         ("", "pods/binding", "create", ""),
         *(("", "nodes", v, "") for v in ("get", "list", "watch")),
         ("", "events", "create", ""),
+        ("", "events", "patch", ""),
         ("events.k8s.io", "events", "create", ""),
     },
     "vslice-nodeagent": {
