@@ -127,7 +127,8 @@ def test_usage_lines_become_hamis_monitor_series_for_slices_in_the_ledger() -> N
     assert labelled("hami_container_device_memory_bytes", text, **labels) == [3 * fx.MIB]
     assert labelled("hami_vgpu_memory_limit_bytes", text, **labels) == [4000 * fx.MIB]
     assert labelled("hami_container_device_utilization_ratio", text, **labels) == [40.0]
-    assert labelled("hami_container_last_kernel_elapsed_seconds", text, **labels) == [2.5]
+    # whole Unix seconds, as HAMi subtracts them: 1000 - 997
+    assert labelled("hami_container_last_kernel_elapsed_seconds", text, **labels) == [3]
     # b reported no kernel and no utilization: HAMi sends the last kernel only once one
     # ran, and the utilization always (its shared region holds 0 then)
     assert labelled("hami_container_last_kernel_elapsed_seconds", text, pod="pod-b") == []

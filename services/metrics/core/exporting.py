@@ -38,8 +38,8 @@ exporter with HAMi's names, types (all gauges), label names and values:
   ``hami_vgpu_memory_module_bytes``, ``hami_vgpu_memory_buffer_bytes`` (libvgpu charges
   device-memory allocations only, which HAMi-core counts as buffers: buffer = used,
   context and module 0), ``hami_container_last_kernel_elapsed_seconds`` (only once a
-  kernel ran, as HAMi checks ``lastKernelTime > 0``); and ``hami_mig_device_info`` (no
-  MIG: served without series);
+  kernel ran, as HAMi checks ``lastKernelTime > 0``; whole seconds, as HAMi counts
+  them); and ``hami_mig_device_info`` (no MIG: served without series);
 - ``hami_build_info`` (``pkg/metrics/metrics.go``, ``NewBuildInfoCollector``): 1, with
   labels ``version``, ``revision``, ``build_date``, ``go_version``, ``compiler``,
   ``platform`` (see ``BuildInfo``).
@@ -452,7 +452,8 @@ def _container(
     out.add("hami_vgpu_memory_module_bytes", labels, module)
     out.add("hami_vgpu_memory_buffer_bytes", labels, buffer)
     if line.last_kernel_at is not None:
-        elapsed = max(0.0, now - line.last_kernel_at)
+        # whole seconds, as HAMi subtracts Unix seconds (time.Now().Unix() - lastKernelTime)
+        elapsed = max(0, int(now) - int(line.last_kernel_at))
         out.both("hami_container_last_kernel_elapsed_seconds", labels, elapsed)
 
 
