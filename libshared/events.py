@@ -156,7 +156,9 @@ class ContainerUsage(msgspec.Struct, frozen=True, kw_only=True):
 
 class DeviceUsage(msgspec.Struct, frozen=True, kw_only=True):
     """One physical GPU as the host sees it (NVML): memory used and total in bytes,
-    utilization percent 0-100 over NVML's last sample period (None when unknown)."""
+    utilization percent 0-100 over NVML's last sample period (None when unknown), and its
+    memory controller's (``nvmlUtilization_t.memory``, percent of that period the device
+    memory was read or written; None when unknown)."""
 
     uuid: str
     index: int
@@ -164,6 +166,7 @@ class DeviceUsage(msgspec.Struct, frozen=True, kw_only=True):
     used_bytes: int
     total_bytes: int
     utilization_percent: float | None = None
+    memory_utilization_percent: float | None = None
 
 
 class Escape(msgspec.Struct, frozen=True, kw_only=True):

@@ -38,6 +38,7 @@ async def main(
         usage_ttl_s=settings.usage_ttl_s,
         stats_ttl_s=http.STATS_TTL_INTERVALS * settings.stats_interval_s,
         zone=settings.zone,
+        legacy=settings.legacy_metrics,
     )
     registry.register(collector)
     nc = await connecting.connect(settings.bus, name="metrics")
@@ -55,7 +56,15 @@ async def main(
             observe_requests=settings.observe_requests,
         )
         await watcher.start()
-        app = http.application(view, registry, collector, usage_ttl_s=settings.usage_ttl_s)
+
+        def unready() -> str:
+            if stop.is_set():
+                return "stopping"
+            return "" if nc.is_connected else "not connected to the bus"
+
+        app = http.application(
+            view, registry, collector, usage_ttl_s=settings.usage_ttl_s, unready=unready
+        )
         runner, port = await http.serve(app, host=settings.host, port=settings.port)
         log.info("metrics serving", extra={"host": settings.host, "port": port})
         if on_serving is not None:

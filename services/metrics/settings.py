@@ -24,6 +24,8 @@ class Settings:
     requests and the placements announced on the allocation stream (a second subscriber on
     the schedule subject: with no replica up, clients then wait out their timeout instead
     of getting NATS' "no responders" at once). ``zone``: HAMi's constant ``zone`` label.
+    ``legacy_metrics``: serve HAMi's metric names of v2.8 and before as well (HAMi's
+    ``--legacy-metrics``), for dashboards that still query them.
     """
 
     bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
@@ -33,6 +35,7 @@ class Settings:
     stats_interval_s: float = 5.0
     observe_requests: bool = True
     zone: str = "vGPU"
+    legacy_metrics: bool = False
     log_level: str = "info"
 
 
@@ -40,7 +43,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     """Settings from ``argv`` and ``environ`` (default ``os.environ``); flags win.
 
     Environment: ``VSLICE_NATS_URL``, ``VSLICE_PREFIX``, ``VSLICE_BUCKET_REPLICAS``,
-    ``VSLICE_METRICS_HOST``, ``VSLICE_METRICS_PORT``, ``VSLICE_LOG_LEVEL``. Exits
+    ``VSLICE_METRICS_HOST``, ``VSLICE_METRICS_PORT``, ``VSLICE_LEGACY_METRICS``,
+    ``VSLICE_LOG_LEVEL``. Exits
     (``SystemExit`` 2) on an invalid flag or value.
     """
     env = os.environ if environ is None else environ
@@ -61,6 +65,12 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         help="do not subscribe to schedule requests (no scheduling latency histogram)",
     )
     parser.add_argument("--zone", default="vGPU", help="HAMi's `zone` label")
+    parser.add_argument(
+        "--legacy-metrics",
+        action="store_true",
+        default=connecting.env_flag(env, "VSLICE_LEGACY_METRICS"),
+        help="serve HAMi's metric names of v2.8 and before as well (HAMi's --legacy-metrics)",
+    )
     parser.add_argument("--log-level", default=env.get("VSLICE_LOG_LEVEL", "info"))
     args = parser.parse_args(list(argv or []))
     if not 0 <= args.port <= 65535:
@@ -81,5 +91,6 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         stats_interval_s=args.stats_interval,
         observe_requests=not args.no_observe_requests,
         zone=args.zone,
+        legacy_metrics=args.legacy_metrics,
         log_level=args.log_level,
     )

@@ -15,9 +15,11 @@ from tests.metrics.promtext import labelled, samples
 NOW = 1000.0
 
 
-def scrape(view: FleetView) -> str:
+def scrape(view: FleetView, *, legacy: bool = False) -> str:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ViewCollector(view=view, usage_ttl_s=30, stats_ttl_s=15, clock=lambda: NOW))
+    registry.register(
+        ViewCollector(view=view, usage_ttl_s=30, stats_ttl_s=15, clock=lambda: NOW, legacy=legacy)
+    )
     return generate_latest(registry).decode()
 
 
@@ -45,14 +47,16 @@ def test_every_device_has_hamis_limit_and_allocation_series_with_hamis_labels() 
     }
     assert labelled("hami_gpu_memory_limit_bytes", text, **g0) == [16000 * fx.MIB]
     assert labelled("hami_gpu_core_limit_ratio", text, **g0) == [100]
-    assert labelled("hami_gpu_memory_allocated_bytes", text, **g0, device_cores="35") == [
+    # device_cores holds the device's total cores, as HAMi puts Totalcore there
+    assert labelled("hami_gpu_memory_allocated_bytes", text, **g0, device_cores="100") == [
         6000 * fx.MIB
     ]
     assert labelled("hami_gpu_core_allocated_ratio", text, **g0) == [35]
     assert labelled("hami_gpu_shared_count", text, **g0) == [2]
-    assert labelled("hami_node_gpu_memory_allocated_ratio", text, node="n1", device_uuid="G0") == [
-        6000 / 16000
-    ]
+    assert labelled("hami_node_gpu_memory_allocated_ratio", text, **g0) == [6000 / 16000]
+    assert labelled(
+        "hami_node_gpu_overview", text, **g0, device_cores="100", device_memory_limit="16000"
+    ) == [6000 * fx.MIB]
     assert labelled("hami_gpu_shared_count", text, device_uuid="G1") == [1]
 
 
@@ -97,6 +101,7 @@ def test_usage_lines_become_hamis_monitor_series_for_slices_in_the_ledger() -> N
         used_bytes=5 * fx.MIB,
         total_bytes=16000 * fx.MIB,
         utilization_percent=42.0,
+        memory_utilization_percent=17.0,
     )
     view.put_usage(
         "n1",
@@ -116,16 +121,18 @@ def test_usage_lines_become_hamis_monitor_series_for_slices_in_the_ledger() -> N
         "container": "main",
         "vdevice_index": "0",
         "device_uuid": "G0",
-        "node": "n1",
         "zone": "vGPU",
     }
     assert labelled("hami_vgpu_memory_used_bytes", text, **labels) == [3 * fx.MIB]
     assert labelled("hami_container_device_memory_bytes", text, **labels) == [3 * fx.MIB]
     assert labelled("hami_vgpu_memory_limit_bytes", text, **labels) == [4000 * fx.MIB]
     assert labelled("hami_container_device_utilization_ratio", text, **labels) == [40.0]
-    assert labelled("hami_container_last_kernel_elapsed_seconds", text, **labels) == [2.5]
-    # b reported no kernel and no utilization: HAMi emits those series only when known
+    # whole Unix seconds, as HAMi subtracts them: 1000 - 997
+    assert labelled("hami_container_last_kernel_elapsed_seconds", text, **labels) == [3]
+    # b reported no kernel and no utilization: HAMi sends the last kernel only once one
+    # ran, and the utilization always (its shared region holds 0 then)
     assert labelled("hami_container_last_kernel_elapsed_seconds", text, pod="pod-b") == []
+    assert labelled("hami_container_device_utilization_ratio", text, pod="pod-b") == [0.0]
     assert labelled("hami_vgpu_memory_used_bytes", text, pod="pod-b") == [0]
     assert labelled("hami_vgpu_memory_used_bytes", text, pod="pod-c") == []  # no line
     host_labels = {
@@ -136,6 +143,18 @@ def test_usage_lines_become_hamis_monitor_series_for_slices_in_the_ledger() -> N
     }
     assert labelled("hami_host_gpu_memory_used_bytes", text, **host_labels) == [5 * fx.MIB]
     assert labelled("hami_host_gpu_utilization_ratio", text, **host_labels) == [42.0]
+    # HAMi labels the memory controller's utilization without the node
+    controller = samples(text, "hami_host_gpu_memory_controller_utilization_ratio")
+    assert controller == {
+        frozenset(
+            {
+                "device_index": "0",
+                "device_uuid": "G0",
+                "device_type": "NVIDIA-A100",
+                "zone": "vGPU",
+            }.items()
+        ): 17.0
+    }
 
 
 def test_vslice_reports_fragmentation_revision_lag_and_each_replicas_counters() -> None:
@@ -158,3 +177,65 @@ def test_vslice_reports_fragmentation_revision_lag_and_each_replicas_counters() 
     assert labelled("vslice_scheduler_decisions_total", text, outcome="error") == [1]
     assert labelled("vslice_scheduler_cas_conflicts_total", text, replica="r1") == [4]
     assert labelled("vslice_scheduler_requests_total", text, replica="r1") == [9]
+
+
+def test_device_cores_of_the_allocated_memory_series_stays_put_across_allocations() -> None:
+    # HAMi labels it with the device's total cores: one series per device, not a new one
+    # at every allocation change
+    view, (a, _b, c) = fleet()
+    before = {
+        dict(k)["device_cores"] for k in samples(scrape(view), "hami_gpu_memory_allocated_bytes")
+    }
+    view.put_ledger("n1", fx.ledger("n1", a, c), 8)
+    after = {
+        dict(k)["device_cores"] for k in samples(scrape(view), "hami_gpu_memory_allocated_bytes")
+    }
+    assert before == after == {"100"}
+
+
+def test_hamis_legacy_names_are_served_only_when_asked_with_the_same_values() -> None:
+    view, (a, _b, _c) = fleet()
+    view.put_usage(
+        "n1",
+        fx.usage("n1", NOW - 1, fx.line(a, used_bytes=3 * fx.MIB, utilization=40.0)),
+        received_at=NOW - 1,
+    )
+    plain = scrape(view)
+    assert samples(plain, "GPUDeviceMemoryAllocated") == {}
+    assert samples(plain, "vGPU_device_memory_usage_in_bytes") == {}
+    text = scrape(view, legacy=True)
+    old = {"nodeid": "n1", "deviceuuid": "G0", "deviceidx": "0", "zone": "vGPU"}
+    assert labelled("GPUDeviceMemoryAllocated", text, **old, devicecores="100") == [6000 * fx.MIB]
+    assert labelled("nodeGPUMemoryPercentage", text, **old) == [6000 / 16000]
+    assert labelled("vGPU_device_memory_usage_in_bytes", text, podname="pod-a", ctrname="main") == [
+        3 * fx.MIB
+    ]
+    # HAMi's legacy memory series spells out the split: all of it is allocations here
+    assert labelled(
+        "Device_memory_desc_of_container",
+        text,
+        podname="pod-a",
+        context="0",
+        module="0",
+        data=str(3 * fx.MIB),
+        offset="0",
+    ) == [3 * fx.MIB]
+    assert labelled("hami_vgpu_memory_buffer_bytes", text, pod="pod-a") == [3 * fx.MIB]
+    assert labelled("hami_vgpu_memory_context_bytes", text, pod="pod-a") == [0]
+    assert labelled("vGPUMemoryAllocated", text, podname="pod-a", nodename="n1") == [4000 * fx.MIB]
+
+
+def test_build_info_is_one_series_without_zone() -> None:
+    view, _ = fleet()
+    got = samples(scrape(view), "hami_build_info")
+    assert list(got.values()) == [1]
+    (labels,) = [dict(k) for k in got]
+    assert set(labels) == {
+        "version",
+        "revision",
+        "build_date",
+        "go_version",
+        "compiler",
+        "platform",
+    }
+    assert labels["version"] and labels["go_version"].startswith("python")

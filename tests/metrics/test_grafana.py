@@ -20,10 +20,12 @@ from tests.metrics import fixtures as fx
 
 DASHBOARD = repo_root() / "k8s" / "metrics" / "grafana-dashboard.json"
 METRIC = re.compile(r"\b((?:hami|vslice)_[a-z_]+)\b")
+SELECTOR = re.compile(r"\b((?:hami|vslice)_[a-z_]+)\{([^}]*)\}")
+MATCHER = re.compile(r"([a-z_]+)\s*(?:=~|!~|!=|=)")
 
 
-def served_names() -> set[str]:
-    """Every sample name a fully fed exporter serves."""
+def served_labels() -> dict[str, set[str]]:
+    """Every sample name a fully fed exporter serves, with its label names."""
     now = time.time()
     view = FleetView()
     view.put_node("n1", fx.registration("n1", fx.device("G0", 0)))
@@ -41,7 +43,16 @@ def served_names() -> set[str]:
     instruments.rejected.labels(source="usage").inc()
     registry.register(ViewCollector(view=view, usage_ttl_s=30, stats_ttl_s=30))
     text = generate_latest(registry).decode()
-    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    out: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+    return out
+
+
+def served_names() -> set[str]:
+    """Every sample name a fully fed exporter serves."""
+    return set(served_labels())
 
 
 def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
@@ -62,6 +73,21 @@ def test_every_query_of_the_grafana_dashboard_names_a_series_the_exporter_serves
     # HAMi's names carry over, so HAMi dashboards and these panels read the same series
     assert {"hami_gpu_memory_allocated_bytes", "hami_vgpu_memory_used_bytes"} <= used
     assert "vslice_scheduling_latency_seconds_bucket" in used
+
+
+def test_every_label_a_query_selects_on_is_a_label_of_that_series() -> None:
+    # a matcher on a label the series lacks (HAMi's per-container series carry no node)
+    # selects nothing once the variable names one value: the panel would stay empty
+    dashboard = json.loads(DASHBOARD.read_text())
+    served = served_labels()
+    checked = 0
+    for panel in panels(dashboard):
+        for target in panel["targets"]:
+            for name, matchers in SELECTOR.findall(target["expr"]):
+                for label in MATCHER.findall(matchers):
+                    assert label in served[name], (panel["title"], name, label)
+                    checked += 1
+    assert checked > 10
 
 
 def test_the_grafana_dashboard_is_well_formed() -> None:

@@ -12,13 +12,17 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 from nats.aio.client import Client
+from prometheus_client import CollectorRegistry
 
 from libshared import connecting, events
 from libshared.connecting import BusSettings
 from libshared.ledgers import NodeLedger
 from libshared.natsserver import NatsServer
 from libshared.permissions import Role
+from services.metrics.adapters import http
+from services.metrics.core.views import FleetView
 from tests.bus import helpers
 from tests.bus.conftest import repo_root
 from tests.metrics import fixtures as fx
@@ -174,13 +178,41 @@ async def test_usage_from_a_node_usage_report_appears_in_hami_vgpu_memory_used_b
         "container": "main",
         "vdevice_index": "0",
         "device_uuid": "GPU-0-1",
-        "node": "node-0",
     }
     assert labelled("hami_vgpu_memory_used_bytes", text, **labels) == [1234 * MIB]
     assert labelled("hami_vgpu_memory_limit_bytes", text, **labels) == [3000 * MIB]
     assert labelled("hami_container_device_utilization_ratio", text, **labels) == [55.0]
     assert labelled("hami_vgpu_memory_used_bytes", text, pod="pod-not-in-ledger") == []
     assert labelled("vslice_metrics_rejected_messages_total", text, source="usage") == [1]
+
+
+async def test_healthz_and_readyz_answer_while_the_service_serves_on_the_bus(
+    bus_settings: BusSettings,
+) -> None:
+    async with stack.metrics(bus_settings, observe_requests=False) as url:
+        assert await stack.get(url + "/healthz") == "ok\n"
+        assert await stack.get(url + "/readyz") == "ok\n"
+
+
+async def test_readyz_answers_503_with_the_reason_when_the_wiring_says_not_ready() -> None:
+    view = FleetView()
+    registry = CollectorRegistry(auto_describe=False)
+    collector = http.ViewCollector(view=view, usage_ttl_s=30, stats_ttl_s=30)
+    registry.register(collector)
+    why = ["not connected to the bus"]
+    app = http.application(view, registry, collector, usage_ttl_s=30, unready=lambda: why[0])
+    runner, port = await http.serve(app, host="127.0.0.1", port=0)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                assert (resp.status, await resp.text()) == (503, "not connected to the bus\n")
+            why[0] = ""
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                assert resp.status == 200
+            async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                assert resp.status == 200
+    finally:
+        await runner.cleanup()
 
 
 def test_the_service_exits_promptly_on_sigterm(

@@ -18,6 +18,21 @@ def test_flags_win_over_the_environment_and_every_field_has_a_default() -> None:
 
 
 @pytest.mark.parametrize(
+    ("argv", "env", "legacy"),
+    [
+        ([], {}, False),
+        (["--legacy-metrics"], {}, True),
+        ([], {"VSLICE_LEGACY_METRICS": "true"}, True),
+        ([], {"VSLICE_LEGACY_METRICS": "0"}, False),
+    ],
+)
+def test_hamis_legacy_metric_names_are_off_unless_asked_for(
+    argv: list[str], env: dict[str, str], legacy: bool
+) -> None:
+    assert settings.parse(argv, env).legacy_metrics is legacy
+
+
+@pytest.mark.parametrize(
     ("argv", "needle"),
     [
         (["--port", "70000"], "--port 70000"),

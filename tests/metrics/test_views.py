@@ -120,6 +120,25 @@ def test_a_containers_devices_are_numbered_in_device_index_order() -> None:
             fx.usage("n1", 1.0, fx.line(fx.slice_of("a", "G0"), used_bytes=1, utilization=140.0)),
             "containers[0].utilization_percent=140.0: must be <= 100",
         ),
+        (
+            "usage",
+            "n1",
+            fx.usage(
+                "n1",
+                1.0,
+                devices=(
+                    events.DeviceUsage(
+                        uuid="G0",
+                        index=0,
+                        type="T",
+                        used_bytes=0,
+                        total_bytes=1,
+                        memory_utilization_percent=101.0,
+                    ),
+                ),
+            ),
+            "devices[0].memory_utilization_percent=101.0: must be <= 100",
+        ),
     ],
 )
 def test_a_malformed_value_is_rejected_naming_its_source_and_key_and_the_view_keeps_its_state(

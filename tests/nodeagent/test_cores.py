@@ -324,6 +324,23 @@ def test_usage_shows_each_container_slice_charged_against_its_limit() -> None:
     assert events.NODE_USAGE.decode(events.ENCODER.encode(found)) == found
 
 
+def test_the_report_carries_each_devices_gpu_and_memory_controller_utilization() -> None:
+    reading = usages.DeviceReading(
+        uuid="GPU-0",
+        index=0,
+        type="T",
+        used_bytes=MIB,
+        total_bytes=8 * MIB,
+        utilization_percent=70.0,
+        memory_utilization_percent=35.0,
+    )
+    found = usages.report(
+        node="n1", at=1.0, containers=[], caches={}, devices=[reading], processes=[], owners={}
+    )
+    (device,) = found.devices
+    assert (device.utilization_percent, device.memory_utilization_percent) == (70.0, 35.0)
+
+
 def test_an_unreadable_cache_is_a_problem_and_its_container_gets_no_row() -> None:
     found = usages.report(
         node="n1",

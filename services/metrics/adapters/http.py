@@ -4,7 +4,9 @@ Routes: ``GET /metrics`` (Prometheus text format: the families of
 ``services.metrics.core.exporting`` drawn from the view at scrape time, plus the latency
 histogram and rejection counter), ``GET /`` (the dashboard page, plain HTML and JS, no
 build step), ``GET /api/fleet`` (the page's data, ``services.metrics.core.dashboards``),
-``GET /healthz``. Thin glue: every figure comes from the core.
+``GET /healthz`` (200 while the process serves), ``GET /readyz`` (200 while the wiring
+says the view is fed -- connected to the bus and not stopping -- else 503 with the
+reason). Thin glue: every figure comes from the core.
 
 The families are drawn from the view on the event loop (the view is only touched there)
 and encoded to text in a worker thread: at the openb fleet's size the encoding is about
@@ -15,10 +17,14 @@ messages meanwhile.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
+import os
+import platform
+import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from aiohttp import web
@@ -32,16 +38,47 @@ from services.metrics.core.views import FleetView
 STATS_TTL_INTERVALS = 3  # a replica silent for this many stats intervals is dropped
 
 
+def build_info() -> exporting.BuildInfo:
+    """This process's ``hami_build_info`` labels: the installed vslice version, the
+    interpreter and the platform (``revision`` and ``build_date`` from the environment's
+    ``VSLICE_REVISION`` / ``VSLICE_BUILD_DATE`` when an image sets them)."""
+    try:
+        version = importlib.metadata.version("vslice")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return exporting.BuildInfo(
+        version=version,
+        revision=os.environ.get("VSLICE_REVISION", ""),
+        build_date=os.environ.get("VSLICE_BUILD_DATE", ""),
+        go_version=f"python{platform.python_version()}",
+        compiler=sys.implementation.name,
+        platform=f"{sys.platform}/{platform.machine().lower()}",
+    )
+
+
+def no_quotas() -> list[exporting.Quota]:
+    """The ResourceQuota source of a service that has none (the bus carries none yet)."""
+    return []
+
+
 @dataclass(eq=False)  # registries key collectors by identity
 class ViewCollector(Collector):
     """A prometheus-client collector drawing HAMi's and vslice's families from ``view`` at
-    each scrape (so a released slice's series are gone at the next scrape)."""
+    each scrape (so a released slice's series are gone at the next scrape).
+
+    ``legacy``: serve HAMi's pre-v2.9 names too. ``quotas``: the ResourceQuota source of
+    ``hami_resource_quota_used`` / ``_limit``, called at each scrape (the hook a quota
+    feed plugs into; none by default). ``build``: ``hami_build_info``'s labels.
+    """
 
     view: FleetView
     usage_ttl_s: float
     stats_ttl_s: float
     zone: str = exporting.ZONE
     clock: Callable[[], float] = time.time
+    legacy: bool = False
+    quotas: Callable[[], Iterable[exporting.Quota]] = no_quotas
+    build: exporting.BuildInfo = field(default_factory=build_info)
     frozen: list[Metric] | None = None
 
     def families(self) -> list[Metric]:
@@ -50,7 +87,10 @@ class ViewCollector(Collector):
         snapshot = self.view.snapshot(now=now, usage_ttl_s=self.usage_ttl_s)
         stats = self.view.live_stats(now=now, ttl_s=self.stats_ttl_s)
         return [
-            *exporting.hami_families(snapshot, now=now, zone=self.zone),
+            exporting.build_family(self.build),
+            *exporting.hami_families(
+                snapshot, now=now, zone=self.zone, quotas=self.quotas(), legacy=self.legacy
+            ),
             *exporting.vslice_families(snapshot, stats=stats),
         ]
 
@@ -71,9 +111,11 @@ def application(
     *,
     usage_ttl_s: float,
     clock: Callable[[], float] = time.time,
+    unready: Callable[[], str] = lambda: "",
 ) -> web.Application:
     """The aiohttp application serving ``registry`` (which holds ``collector``, drawing
-    from ``view``) and the dashboard of ``view``."""
+    from ``view``) and the dashboard of ``view``; ``unready`` says why the service is not
+    ready (``""``: it is), for ``/readyz``."""
     body = page()
     scraping = asyncio.Lock()
 
@@ -101,11 +143,18 @@ def application(
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
+    async def readyz(request: web.Request) -> web.Response:
+        why = unready()
+        if why:
+            return web.Response(text=why + "\n", status=503)
+        return web.Response(text="ok\n")
+
     app = web.Application(client_max_size=1024)
     app.router.add_get("/", index)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/fleet", fleet)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     return app
 
 

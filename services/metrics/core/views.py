@@ -244,6 +244,7 @@ def _usage_problem(report: events.NodeUsage) -> str:
             (f"devices[{i}].used_bytes", d.used_bytes, 0),
             (f"devices[{i}].total_bytes", d.total_bytes, 0),
             (f"devices[{i}].utilization_percent", d.utilization_percent, 0),
+            (f"devices[{i}].memory_utilization_percent", d.memory_utilization_percent, 0),
         ]
     for i, c in enumerate(report.containers):
         checks += [

@@ -142,10 +142,12 @@ class NvmlGpus:
                 uuid = _text(pynvml.nvmlDeviceGetUUID(h))
                 mem = pynvml.nvmlDeviceGetMemoryInfo(h)
                 util: float | None
+                mem_util: float | None
                 try:
-                    util = float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+                    rates = pynvml.nvmlDeviceGetUtilizationRates(h)
+                    util, mem_util = float(rates.gpu), float(rates.memory)
                 except pynvml.NVMLError:
-                    util = None
+                    util = mem_util = None
                 devices.append(
                     DeviceReading(
                         uuid=uuid,
@@ -154,6 +156,7 @@ class NvmlGpus:
                         used_bytes=int(mem.used),
                         total_bytes=int(mem.total),
                         utilization_percent=util,
+                        memory_utilization_percent=mem_util,
                     )
                 )
                 sm = self._process_sm(uuid, h)
@@ -255,6 +258,7 @@ class MockGpus:
                 used_bytes=d.used_bytes,
                 total_bytes=d.total_bytes,
                 utilization_percent=d.utilization_percent,
+                memory_utilization_percent=d.memory_utilization_percent,
             )
             for d in devices
         ]

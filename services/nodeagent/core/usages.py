@@ -41,7 +41,8 @@ class Container:
 
 @dataclass(frozen=True)
 class DeviceReading:
-    """One GPU as NVML sees it: bytes used and total, utilization percent (None: unknown)."""
+    """One GPU as NVML sees it: bytes used and total, utilization percent and memory
+    controller utilization percent (None: unknown)."""
 
     uuid: str
     index: int
@@ -49,6 +50,7 @@ class DeviceReading:
     used_bytes: int
     total_bytes: int
     utilization_percent: float | None = None
+    memory_utilization_percent: float | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ def report(
                 used_bytes=d.used_bytes,
                 total_bytes=d.total_bytes,
                 utilization_percent=d.utilization_percent,
+                memory_utilization_percent=d.memory_utilization_percent,
             )
             for d in sorted(devices, key=lambda d: d.index)
         ),

@@ -19,6 +19,7 @@ the API server (``adapters.kube``), wiring (``app``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 
@@ -30,7 +31,7 @@ from libshared.errors import InvalidRequest
 from libshared.resources import parse_pod
 from services.scheduler.adapters import bus
 from services.scheduler.adapters.kube import Kube
-from services.scheduler.core import extending
+from services.scheduler.core import extending, recording
 
 log = logging.getLogger("vslice.scheduler.extender")
 
@@ -98,6 +99,7 @@ class Extender:
             self.stats.errors += 1
             log.exception("filter failed", extra={"pod_uid": args.uid})
             result = extending.ExtenderFilterResult(error=f"filter failed: {exc}")
+            self._record(args, [recording.filtering_error(result.error or "")])
         return _json(result)
 
     async def on_bind(self, request: web.Request) -> web.Response:
@@ -121,6 +123,10 @@ class Extender:
                 self.stats.errors += 1
                 log.exception("bind failed", extra={"pod_uid": args.pod_uid})
                 error = f"bind failed: {exc}"
+                ref = recording.PodRef(
+                    uid=args.pod_uid, namespace=args.pod_namespace, name=args.pod_name
+                )
+                self.kube.record(ref, [recording.binding_failed(error)])
         return _json(extending.ExtenderBindingResult(error=error))
 
     async def on_healthz(self, request: web.Request) -> web.Response:
@@ -141,7 +147,13 @@ class Extender:
         }
         if self.kube is not None:
             out["kube"] = msgspec.to_builtins(self.kube.stats)
+            out["events"] = dataclasses.asdict(self.kube.recorder.stats)
         return _json(out)
+
+    def _record(self, args: extending.FilterArgs, notes: list[recording.Note]) -> None:
+        if self.kube is not None:
+            ref = recording.PodRef(uid=args.uid, namespace=args.namespace, name=args.name)
+            self.kube.record(ref, notes)
 
     # -- the filter -------------------------------------------------------------------
 
@@ -151,9 +163,10 @@ class Extender:
         try:
             pod = parse_pod(args.pod)
         except InvalidRequest as exc:
+            self._record(args, [recording.filtering_error(f"InvalidRequest: {exc}")])
             return extending.invalid_request(args, exc)
         if not pod.gpu_containers:
-            return extending.pass_through(args)
+            return extending.pass_through(args)  # HAMi records nothing for such a pod
         held = self.kube.held_nodes() if self.kube is not None else {}
         candidates = [n for n in args.candidates if n not in held]
         current = self.replica.view.cluster.placement_of(pod.uid)
@@ -161,6 +174,8 @@ class Extender:
             # kube-scheduler no longer offers the node of the pod's reservation
             log.info("reservation off the candidates; placing again", extra={"pod_uid": pod.uid})
             await self.replica.release(pod.uid)
+        # scored before the decision: the message lists each node as it was offered
+        scores = recording.node_scores(self.replica.view.cluster, pod, candidates)
         decision: events.Placement | events.Unschedulable
         if candidates:
             decision = await self.replica.schedule(pod, nodes=candidates)
@@ -172,6 +187,16 @@ class Extender:
             self.stats.reserved += 1
             if self.kube is not None:
                 self.kube.note_reserved(pod.uid)
+            fits = {n: s for n, s in scores.items() if n not in failed}
+            fits.setdefault(decision.node, scores.get(decision.node, 0.0))
+            self._record(
+                args,
+                [
+                    recording.filtering_succeed(
+                        decision.node, candidates=len(args.candidates), scores=fits
+                    )
+                ],
+            )
             return extending.filter_result(args, chosen=decision.node, failed=failed)
         self.stats.unschedulable += 1
         if isinstance(decision, events.Placement):
@@ -180,6 +205,7 @@ class Extender:
             why = decision.reason
         for node in candidates:
             failed.setdefault(node, why)  # e.g. a fitting node lost in ledger races
+        self._record(args, recording.filtering_failed(failed, candidates=len(args.candidates)))
         return extending.filter_result(args, chosen=None, failed=failed)
 
 

@@ -12,7 +12,14 @@ A ``Kube`` keeps every pod of the cluster (``PodState``) from a list and a watch
   cannot be decoded is reported -- a log line, the ``undecodable`` counter and a Warning
   Event on the pod -- and its node held (HAMi #2958);
 - on start, and whenever the watch has to start over, the pods are listed and the same
-  reconcile runs with the list as the truth: a ledger pod missing from it is freed.
+  reconcile runs with the list as the truth: a ledger pod missing from it is freed;
+- scheduling Events (``record``: HAMi's FilteringFailed / FilteringSucceed /
+  BindingSucceed / BindingFailed, ``core.recording``) are written by a background task,
+  so a filter or bind answer never waits on them: core/v1 Events, as HAMi's client-go
+  recorder writes them (``CoreV1().Events``), whose ``count``, ``firstTimestamp`` and
+  ``lastTimestamp`` ``kubectl describe pod`` shows as "(x12 over 3m)"; repeats are folded
+  into that count and written at most once per ``events_interval_s``
+  (``recording.Recorder``). An Event the API refuses is logged and counted, never raised.
 
 The ledger is changed only through the replica's compare-and-set commits
 (``Replica.schedule`` / ``release`` / ``adopt``), so any number of replicas can run all of
@@ -42,12 +49,13 @@ from libshared import events
 from libshared.errors import InvalidRequest
 from libshared.resources import parse_pod
 from services.scheduler.adapters import bus
-from services.scheduler.core import extending
+from services.scheduler.core import extending, recording
 
 log = logging.getLogger("vslice.scheduler.kube")
 
 COMPONENT = "vslice-scheduler"
 WATCH_BACKOFF_S = 1.0  # pause before listing again after the watch failed
+EVENT_QUEUE = 1024  # Event writes waiting for the API; more are dropped and counted
 _JSON = msgspec.json.Decoder()
 
 
@@ -56,7 +64,8 @@ class KubeStats(msgspec.Struct, kw_only=True):
     ``bind_errors``; slices released because the pod ``ended``, was ``deleted``, is
     ``gone`` from the API, or its reservation ``expired`` (TTL); placements ``restored``
     from annotations; ``undecodable`` annotations reported; ``held_nodes`` now (a gauge);
-    ``relists`` of the pods."""
+    ``relists`` of the pods; scheduling Events ``events_written`` (creates and count
+    patches), ``events_failed`` (refused or unanswered), ``events_dropped`` (queue full)."""
 
     bound: int = 0
     bind_errors: int = 0
@@ -68,6 +77,9 @@ class KubeStats(msgspec.Struct, kw_only=True):
     undecodable: int = 0
     held_nodes: int = 0
     relists: int = 0
+    events_written: int = 0
+    events_failed: int = 0
+    events_dropped: int = 0
 
 
 class BindError(Exception):
@@ -91,7 +103,8 @@ class Kube:
     ``api``: an open ``ApiClient`` (the caller closes it); ``replica``: the bus replica
     whose view and commits are used; ``ttl_s``: reservation TTL, seconds; ``sweep_s``:
     seconds between reconciles (default: a quarter of the TTL, 0.1-5 s);
-    ``request_timeout_s``: timeout of one API request, seconds.
+    ``request_timeout_s``: timeout of one API request, seconds; ``events_interval_s``:
+    the least time between two writes of one Event's count, seconds (``recorder``).
     """
 
     api: client.ApiClient
@@ -99,6 +112,8 @@ class Kube:
     ttl_s: float = 60.0
     sweep_s: float | None = None
     request_timeout_s: float = 10.0
+    events_interval_s: float = 30.0
+    recorder: recording.Recorder = field(init=False)
     pods: dict[str, extending.PodState] = field(default_factory=dict)
     holds: dict[str, extending.Hold] = field(default_factory=dict)
     stats: KubeStats = field(default_factory=KubeStats)
@@ -113,10 +128,13 @@ class Kube:
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
     _releases: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     _reconciling: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+    _events: asyncio.Queue[recording.Action] = field(init=False)
 
     def __post_init__(self) -> None:
         self._v1 = client.CoreV1Api(self.api)
         self._raw = self._v1
+        self.recorder = recording.Recorder(interval_s=self.events_interval_s)
+        self._events = asyncio.Queue(maxsize=EVENT_QUEUE)
         if self.sweep_s is None:
             self.sweep_s = min(5.0, max(0.1, self.ttl_s / 4))
 
@@ -130,10 +148,12 @@ class Kube:
         self._tasks = [
             asyncio.create_task(self._watch_loop(), name="vslice-pod-watch"),
             asyncio.create_task(self._sweep_loop(), name="vslice-sweeper"),
+            asyncio.create_task(self._event_loop(), name="vslice-events"),
+            asyncio.create_task(self._flush_loop(), name="vslice-event-counts"),
         ]
 
     async def stop(self) -> None:
-        """Stop watching and sweeping; wait for releases in flight."""
+        """Stop watching, sweeping and writing Events; wait for releases in flight."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -151,6 +171,85 @@ class Kube:
     def note_reserved(self, pod_uid: str) -> None:
         """Start ``pod_uid``'s TTL timer now (the extender just reserved it)."""
         self._unbound_since.setdefault(pod_uid, time.monotonic())
+
+    # -- scheduling Events -------------------------------------------------------------
+
+    def record(self, pod: recording.PodRef, notes: list[recording.Note]) -> None:
+        """Record ``notes`` as Events on ``pod`` (written in the background, rate-limited
+        by ``recorder``). Never waits and never raises."""
+        for action in self.recorder.observe(pod, notes, now=time.time()):
+            try:
+                self._events.put_nowait(action)
+            except asyncio.QueueFull:
+                self.stats.events_dropped += 1
+                self.recorder.lost(action)
+
+    async def _event_loop(self) -> None:
+        while True:
+            await self._write_event(await self._events.get())
+
+    async def _flush_loop(self) -> None:
+        # a plain sleep: asyncio.wait_for on the queue can swallow a cancellation on
+        # Python 3.11 (CPython gh-86296), and stop() would then wait for ever
+        while True:
+            await asyncio.sleep(min(1.0, self.events_interval_s))
+            for patch in self.recorder.flush(now=time.time()):
+                try:
+                    self._events.put_nowait(patch)
+                except asyncio.QueueFull:
+                    self.stats.events_dropped += 1
+                    self.recorder.lost(patch)
+
+    async def _write_event(self, action: recording.Action) -> None:
+        try:
+            if isinstance(action, recording.Create):
+                pod, note = action.pod, action.note
+                at = _timestamp(action.at_s)
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "Event",
+                    "metadata": {"name": action.name, "namespace": pod.namespace},
+                    "involvedObject": {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "name": pod.name,
+                        "namespace": pod.namespace,
+                        "uid": pod.uid,
+                    },
+                    "reason": note.reason,
+                    "message": note.message,
+                    "type": note.type,
+                    "source": {"component": COMPONENT},
+                    "reportingComponent": COMPONENT,
+                    "reportingInstance": self.replica.name,
+                    "firstTimestamp": at,
+                    "lastTimestamp": at,
+                    "count": 1,
+                }
+                resp = await self._raw.create_namespaced_event(
+                    pod.namespace,
+                    body,
+                    _preload_content=False,
+                    _request_timeout=self.request_timeout_s,
+                )
+            else:
+                resp = await self._raw.patch_namespaced_event(
+                    action.name,
+                    action.namespace,
+                    {"count": action.count, "lastTimestamp": _timestamp(action.last_s)},
+                    _content_type="application/merge-patch+json",
+                    _preload_content=False,
+                    _request_timeout=self.request_timeout_s,
+                )
+            await self._read(resp)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an Event is never worth more than a log line
+            self.stats.events_failed += 1
+            self.recorder.lost(action)
+            log.warning("event not recorded", extra={"event": action.name, "error": str(exc)})
+            return
+        self.stats.events_written += 1
 
     # -- listing and watching ----------------------------------------------------------
 
@@ -223,6 +322,7 @@ class Kube:
             self._resource_version = str(meta["resourceVersion"])
         if kind == "DELETED":
             self.pods.pop(state.uid, None)
+            self.recorder.forget(state.uid)
             self._drop_hold(state.uid)
             self._spawn_release(state.uid, "pod deleted", "deleted")
             return
@@ -378,6 +478,7 @@ class Kube:
         Returns ``""`` when bound (also when it already was, to that node), else the error
         for kube-scheduler; a failed bind releases the pod's slices.
         """
+        ref = recording.PodRef(uid=args.pod_uid, namespace=args.pod_namespace, name=args.pod_name)
         self._busy.add(args.pod_uid)
         try:
             await self._bind(args)
@@ -387,10 +488,12 @@ class Kube:
                 "bind failed",
                 extra={"pod": f"{args.pod_namespace}/{args.pod_name}", "error": str(exc)},
             )
+            self.record(ref, [recording.binding_failed(str(exc))])
             return str(exc)
         finally:
             self._busy.discard(args.pod_uid)
         self.stats.bound += 1
+        self.record(ref, [recording.binding_succeed(args.node, ref)])
         return ""
 
     async def _bind(self, args: extending.BindingArgs) -> None:
@@ -504,3 +607,8 @@ class Kube:
                 ) from exc
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise BindError(f"{where}: Binding: {exc}") from exc
+
+
+def _timestamp(at_s: float) -> str:
+    """RFC 3339 in seconds, UTC, as the API server writes Event timestamps."""
+    return datetime.datetime.fromtimestamp(at_s, tz=datetime.UTC).isoformat(timespec="seconds")

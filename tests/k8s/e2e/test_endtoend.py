@@ -430,6 +430,10 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
         def bound(name: str) -> str:
             return str(((api.pod("default", name) or {}).get("spec") or {}).get("nodeName", ""))
 
+        def events_of(name: str) -> list[dict[str, Any]]:
+            uid = ((api.pod("default", name) or {}).get("metadata") or {}).get("uid")
+            return [e for e in api.events() if e["involvedObject"].get("uid") == uid]
+
         took = await until(lambda: bound("hami"), "bind of the HAMi pod", logs, timeout_s=30)
         stored = api.pod("default", "hami")
         assert stored is not None
@@ -462,6 +466,21 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
             logs,
             timeout_s=30,
         )
+        # kubectl describe pod hami: HAMi's scheduling Events, written by the extender
+        await until(
+            lambda: (
+                {
+                    ("Normal", "FilteringSucceed"),
+                    ("Normal", "BindingSucceed"),
+                }
+                <= {(e["type"], e["reason"]) for e in events_of("hami")}
+            ),
+            "the HAMi pod's scheduling Events",
+            logs,
+            timeout_s=30,
+        )
+        (succeed,) = [e for e in events_of("hami") if e["reason"] == "BindingSucceed"]
+        assert succeed["message"] == f"Successfully binding node [{node}] to default/hami"
         print(
             f"[e2e] HAMi pod: bound to {node} in {took:.2f} s ({allocated}); Allocate gave "
             f"CUDA_DEVICE_MEMORY_LIMIT_0={got.envs['CUDA_DEVICE_MEMORY_LIMIT_0']} "
@@ -551,3 +570,29 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
         )
         assert given == wanted  # every Allocate gave a pod's own device, none twice too many
         print(f"[e2e] Allocate answered {len(envs)} containers, each with its pod's slice")
+
+        # -- a pod that fits nowhere, retried every 0.1 s: HAMi's FilteringFailed, once ---
+        too_big = hami_pod("too-big")
+        too_big["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpumem"] = (
+            MEMORY_MIB + 1
+        )
+        before = sum(scheduler.attempts.values())
+        async with session.post(f"{api_url}/api/v1/namespaces/default/pods", json=too_big) as resp:
+            assert resp.status in (200, 201), await resp.text()
+        await until(
+            lambda: sum(scheduler.attempts.values()) - before >= 30,
+            "30 filter retries of the pod that fits nowhere",
+            logs,
+            timeout_s=60,
+        )
+        failed = [e for e in events_of("too-big") if e["reason"] == "FilteringFailed"]
+        assert {e["message"] for e in failed} == {
+            "2 nodes CardInsufficientMemory(n1,n2)",
+            "no available node, 2 nodes do not meet",
+        }
+        # one Event per message and replica, not one per retry
+        assert len(failed) <= 2 * len(extenders), [(e["message"], e["count"]) for e in failed]
+        print(
+            f"[e2e] a pod fitting nowhere, filtered {sum(scheduler.attempts.values()) - before}"
+            f" times: {len(failed)} FilteringFailed Events"
+        )

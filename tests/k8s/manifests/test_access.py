@@ -26,6 +26,7 @@ EXPECTED: dict[str, set[tuple[str, str, str, str]]] = {
         ("", "pods/binding", "create", ""),
         *(("", "nodes", v, "") for v in ("get", "list", "watch")),
         ("", "events", "create", ""),
+        ("", "events", "patch", ""),
         ("events.k8s.io", "events", "create", ""),
     },
     # services/nodeagent/adapters/kube.py: patch_node, list_pod_for_all_namespaces,

@@ -38,6 +38,7 @@ async def replicas(
     ttl_s: float = 60.0,
     sweep_s: float | None = None,
     max_body_bytes: int = extender.MAX_BODY_BYTES,
+    events_interval_s: float = 30.0,
 ) -> AsyncIterator[list[Served]]:
     """``count`` replicas, each with its own NATS connection, API client and extender port;
     they start one after the other (each reconciles the ledger with the pods first)."""
@@ -59,7 +60,13 @@ async def replicas(
             await replica.start()
             api = await kubeclients.api_client(kubeclients.KubeSettings(host=api_url))
             stack.push_async_callback(api.close)
-            side = kube.Kube(api=api, replica=replica, ttl_s=ttl_s, sweep_s=sweep_s)
+            side = kube.Kube(
+                api=api,
+                replica=replica,
+                ttl_s=ttl_s,
+                sweep_s=sweep_s,
+                events_interval_s=events_interval_s,
+            )
             await side.start()
             stack.push_async_callback(side.stop)
             routes = extender.Extender(replica=replica, kube=side, max_body_bytes=max_body_bytes)
