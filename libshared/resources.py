@@ -1,16 +1,15 @@
 """The resource model: a Kubernetes pod spec into a normalized ``PodRequest``.
 
-HAMi's rules (Project-HAMi/HAMi docs "config.md", "Resource names" and the NVIDIA device's
-request parsing), restated:
+HAMi's rules (Project-HAMi/HAMi pkg/device/nvidia/device.go, ``GenerateResourceRequests``
+and ``MutateAdmission``; docs "config.md"), restated (details in ``parse_container``):
 
 - ``nvidia.com/gpu``: number of physical GPUs for the container.
-- ``nvidia.com/gpumem`` (MiB per GPU) wins over ``nvidia.com/gpumem-percentage`` (1-100);
-  with neither, ``defaultMemory`` if configured, else the whole card (100 percent).
-- ``nvidia.com/gpucores``: percent of the card's SMs (0-100); absent -> ``defaultCores``.
-- A container asking only ``nvidia.com/gpu`` gets the whole card's memory and 100 cores:
-  it is exclusive.
-- ``gpumem``/``gpumem-percentage``/``gpucores`` without ``nvidia.com/gpu`` ->
-  ``defaultGPUNum`` GPUs (1).
+- ``nvidia.com/gpumem`` (MiB per GPU) wins over ``nvidia.com/gpumem-percentage`` (0-100,
+  0 = unset); with neither, ``defaultMemory`` if configured, else the whole card.
+- ``nvidia.com/gpucores``: percent of the card's SMs (over 100 books 100); absent -> 100
+  for a container asking the whole card (it is exclusive), else ``defaultCores``.
+- ``gpumem``/``gpumem-percentage``/``gpucores`` in the limits without ``nvidia.com/gpu``
+  -> ``defaultGPUNum`` GPUs (1).
 - ``resources.limits`` are read first, then ``resources.requests``.
 
 Node-level CPU and memory follow kube-scheduler's NodeResourcesFit: the pod's request is the
@@ -37,6 +36,7 @@ PRIORITY = "nvidia.com/priority"
 GPU_RESOURCES = (GPU, GPUMEM, GPUMEM_PERCENTAGE, GPUCORES)
 
 POLICIES = ("binpack", "spread")
+INT32_MAX = 2**31 - 1  # HAMi keeps requests in int32
 
 
 class ResourceSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -181,9 +181,24 @@ def parse_container(
 ) -> ContainerRequest:
     """One container spec (Kubernetes JSON) into a ``ContainerRequest`` by HAMi's rules.
 
+    Sources: pkg/device/nvidia/device.go -- ``GenerateResourceRequests`` (the request),
+    ``mutateContainerResource`` (``defaultGPUNum``) and ``defaultExclusiveCoreIfNeeded``
+    (the exclusive card) of ``MutateAdmission``:
+
+    - ``nvidia.com/gpu`` is ``defaultGPUNum`` when the limits name ``gpumem``,
+      ``gpumem-percentage`` or ``gpucores`` but not ``nvidia.com/gpu``;
+    - ``gpumem`` above int32 (2,147,483,647 MiB, e.g. ``16Gi``) gives no request at all
+      (HAMi: "not a plain integer within the int32 range");
+    - ``gpumem-percentage: 0`` is unset; with neither memory resource set (or ``gpumem:
+      0``) the container gets ``defaultMemory`` MiB when configured, else the whole card;
+    - ``gpucores`` over 100 books 100 (HAMi's ``Fit`` clamps it); absent, it is 100 when the
+      container asks the whole card (``gpumem-percentage: 100``, or neither memory
+      resource), else ``defaultCores``.
+
     Raises ``InvalidRequest`` naming the container, field and value for a negative or
-    non-numeric value, a percentage outside 1-100, cores over 100, or more GPUs than any
-    node has (``settings.max_gpus_per_node``).
+    non-numeric value, a percentage outside 0-100 (HAMi's webhook denies it:
+    ``validateMemoryPercentage``), or more GPUs than any node has
+    (``settings.max_gpus_per_node``).
     """
     name = str(spec.get("name") or f"container-{index}")
     limits, requests = _resources(spec, name)
@@ -195,10 +210,12 @@ def parse_container(
     raw_prio = pick(PRIORITY)
     priority = None if raw_prio is None else _integer(name, PRIORITY, raw_prio, low=0, high=None)
     max_gpus = settings.max_gpus_per_node
-    gpu_count = 0 if raw_gpu is None else _integer(name, GPU, raw_gpu, low=0, high=None)
-    asks_slice = any(v is not None for v in (raw_mem, raw_pct, raw_cores))
-    if raw_gpu is None and asks_slice:
+    none = ContainerRequest(name=name, index=index, init=init, gpu_count=0, priority=priority)
+    asks_slice = any(f in limits for f in (GPUMEM, GPUMEM_PERCENTAGE, GPUCORES))
+    if GPU not in limits and asks_slice and settings.default_gpu_num > 0:
         gpu_count = settings.default_gpu_num
+    else:
+        gpu_count = 0 if raw_gpu is None else _integer(name, GPU, raw_gpu, low=0, high=None)
     if max_gpus is not None and gpu_count > max_gpus:
         raise InvalidRequest(
             container=name,
@@ -207,28 +224,20 @@ def parse_container(
             reason=f"no node has more than {max_gpus} GPUs",
         )
     memory_mib = 0 if raw_mem is None else _integer(name, GPUMEM, raw_mem, low=0, high=None)
-    percent = 0 if raw_pct is None else _integer(name, GPUMEM_PERCENTAGE, raw_pct, low=1, high=100)
-    cores = None if raw_cores is None else _integer(name, GPUCORES, raw_cores, low=0, high=100)
-    if gpu_count == 0:
-        return ContainerRequest(name=name, index=index, init=init, gpu_count=0, priority=priority)
-    if memory_mib == 0 and percent == 0:
-        if not asks_slice:
-            # Only nvidia.com/gpu: the whole card, exclusive.
-            return ContainerRequest(
-                name=name,
-                index=index,
-                init=init,
-                gpu_count=gpu_count,
-                memory_percent=100,
-                cores_percent=100,
-                priority=priority,
-            )
+    percent = 0 if raw_pct is None else _integer(name, GPUMEM_PERCENTAGE, raw_pct, low=0, high=100)
+    cores = None if raw_cores is None else _integer(name, GPUCORES, raw_cores, low=0, high=None)
+    if gpu_count == 0 or memory_mib > INT32_MAX:
+        return none
+    if cores is None:
+        whole_card = percent == 100 if raw_pct is not None else raw_mem is None
+        cores = 100 if whole_card else settings.default_cores_percent
+    if memory_mib > 0:
+        percent = 0  # gpumem wins over gpumem-percentage
+    elif percent == 0:
         if settings.default_memory_mib > 0:
             memory_mib = settings.default_memory_mib
         else:
             percent = 100
-    if memory_mib > 0:
-        percent = 0  # gpumem wins over gpumem-percentage
     return ContainerRequest(
         name=name,
         index=index,
@@ -236,7 +245,7 @@ def parse_container(
         gpu_count=gpu_count,
         memory_mib=memory_mib,
         memory_percent=percent,
-        cores_percent=settings.default_cores_percent if cores is None else cores,
+        cores_percent=min(cores, 100),
         priority=priority,
     )
 

@@ -64,16 +64,19 @@ MUTATIONS: list[tuple[str, mutating.MutationSettings, dict[str, Any], dict[str, 
         pod(ctr(limits={PCT: 50, GPU: "2"}), scheduler=VS),
     ),
     (
-        "a GPU-only container is exclusive: whole memory and 100 cores written out",
+        # HAMi's defaultExclusiveCoreIfNeeded writes the cores only
+        "a GPU-only container is exclusive: 100 cores written out",
         DEFAULTS,
         pod(ctr(limits={GPU: 2})),
-        pod(ctr(limits={GPU: 2, PCT: "100", CORES: "100"}), scheduler=VS),
+        pod(ctr(limits={GPU: 2, CORES: "100"}), scheduler=VS),
     ),
     (
-        "an exclusive container keeps the whole card under a configured defaultMemory",
+        # HAMi writes only the cores; the scheduler then gives defaultMemory
+        # (TestMutateAdmissionDefaultsExclusiveCore, TestGenerateResourceRequests_DefaultMemory)
+        "an exclusive container gets 100 cores and no memory under a configured defaultMemory",
         mutating.MutationSettings(resources=ResourceSettings(default_memory_mib=4000)),
         pod(ctr(limits={GPU: 1})),
-        pod(ctr(limits={GPU: 1, PCT: "100", CORES: "100"}), scheduler=VS),
+        pod(ctr(limits={GPU: 1, CORES: "100"}), scheduler=VS),
     ),
     (
         "defaultCores 100 makes a memory slice exclusive: 100 cores written",
@@ -91,19 +94,10 @@ MUTATIONS: list[tuple[str, mutating.MutationSettings, dict[str, Any], dict[str, 
         ),
     ),
     (
-        "requests without limits get a limits object",
-        DEFAULTS,
-        pod(ctr(requests={MEM: 3000})),
-        pod(ctr(requests={MEM: 3000, GPU: "1"}, limits={GPU: "1"}), scheduler=VS),
-    ),
-    (
         "a GPU-only request without limits gets one limits object holding all it adds",
         DEFAULTS,
         pod(ctr(requests={GPU: 1})),
-        pod(
-            ctr(requests={GPU: 1, PCT: "100", CORES: "100"}, limits={PCT: "100", CORES: "100"}),
-            scheduler=VS,
-        ),
+        pod(ctr(requests={GPU: 1, CORES: "100"}, limits={CORES: "100"}), scheduler=VS),
     ),
     (
         "priority and a core policy without an env list both land in one new list",
@@ -285,20 +279,6 @@ DENIALS: list[tuple[str, mutating.MutationSettings, dict[str, Any], int, tuple[s
         pod(ctr(), init=(ctr("prep", limits={GPU: 1}, privileged=True),)),
         403,
         ("container 'prep'", "securityContext.privileged"),
-    ),
-    (
-        "cores over 100",
-        DEFAULTS,
-        pod(ctr("main", limits={GPU: 1, CORES: 150})),
-        422,
-        ("container 'main'", CORES, "150", "<= 100"),
-    ),
-    (
-        "memory percentage 0",
-        DEFAULTS,
-        pod(ctr("main", limits={GPU: 1, PCT: 0})),
-        422,
-        ("container 'main'", PCT, "0", ">= 1"),
     ),
     (
         "memory percentage over 100",
