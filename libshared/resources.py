@@ -36,6 +36,8 @@ PRIORITY = "nvidia.com/priority"
 GPU_RESOURCES = (GPU, GPUMEM, GPUMEM_PERCENTAGE, GPUCORES)
 
 POLICIES = ("binpack", "spread")
+# HAMi's GPU policies (pkg/util/types.go): one, or a comma-separated list of them
+GPU_POLICIES = ("binpack", "spread", "numa", "mutex", "topology-aware")
 INT32_MAX = 2**31 - 1  # HAMi keeps requests in int32
 
 
@@ -118,7 +120,9 @@ class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
         return not self.use_uuids or uuid in self.use_uuids
 
 
-def _integer(container: str, field: str, raw: object, *, low: int, high: int | None) -> int:
+def _integer(
+    container: str, field: str, raw: object, *, low: int | None, high: int | None = None
+) -> int:
     try:
         q = parse_quantity(raw)
     except ValueError as exc:
@@ -130,7 +134,7 @@ def _integer(container: str, field: str, raw: object, *, low: int, high: int | N
             container=container, field=field, value=raw, reason="not a whole number"
         )
     n = int(q)
-    if n < low:
+    if low is not None and n < low:
         raise InvalidRequest(
             container=container, field=field, value=raw, reason=f"must be >= {low}"
         )
@@ -177,7 +181,12 @@ def _resources(spec: Mapping[str, Any], name: str) -> tuple[dict[str, Any], dict
 
 
 def parse_container(
-    spec: Mapping[str, Any], *, index: int, init: bool, settings: ResourceSettings
+    spec: Mapping[str, Any],
+    *,
+    index: int,
+    init: bool,
+    settings: ResourceSettings,
+    admission: bool = False,
 ) -> ContainerRequest:
     """One container spec (Kubernetes JSON) into a ``ContainerRequest`` by HAMi's rules.
 
@@ -189,16 +198,17 @@ def parse_container(
       ``gpumem-percentage`` or ``gpucores`` but not ``nvidia.com/gpu``;
     - ``gpumem`` above int32 (2,147,483,647 MiB, e.g. ``16Gi``) gives no request at all
       (HAMi: "not a plain integer within the int32 range");
-    - ``gpumem-percentage: 0`` is unset; with neither memory resource set (or ``gpumem:
-      0``) the container gets ``defaultMemory`` MiB when configured, else the whole card;
+    - ``gpumem-percentage`` 0 or below is unset, over 100 is 100; with neither memory
+      resource set (or ``gpumem: 0``) the container gets ``defaultMemory`` MiB when
+      configured, else the whole card;
     - ``gpucores`` over 100 books 100 (HAMi's ``Fit`` clamps it); absent, it is 100 when the
       container asks the whole card (``gpumem-percentage: 100``, or neither memory
       resource), else ``defaultCores``.
 
     Raises ``InvalidRequest`` naming the container, field and value for a negative or
-    non-numeric value, a percentage outside 0-100 (HAMi's webhook denies it:
-    ``validateMemoryPercentage``), or more GPUs than any node has
-    (``settings.max_gpus_per_node``).
+    non-numeric value, more GPUs than any node has (``settings.max_gpus_per_node``), and,
+    with ``admission=True``, a percentage outside 0-100 (HAMi's webhook denies it:
+    ``validateMemoryPercentage``; its scheduler clamps it).
     """
     name = str(spec.get("name") or f"container-{index}")
     limits, requests = _resources(spec, name)
@@ -224,7 +234,16 @@ def parse_container(
             reason=f"no node has more than {max_gpus} GPUs",
         )
     memory_mib = 0 if raw_mem is None else _integer(name, GPUMEM, raw_mem, low=0, high=None)
-    percent = 0 if raw_pct is None else _integer(name, GPUMEM_PERCENTAGE, raw_pct, low=0, high=100)
+    percent = 0 if raw_pct is None else _integer(name, GPUMEM_PERCENTAGE, raw_pct, low=None)
+    if admission and not 0 <= percent <= 100:
+        # HAMi's webhook denies it (MutateAdmission, validateMemoryPercentage)
+        raise InvalidRequest(
+            container=name,
+            field=GPUMEM_PERCENTAGE,
+            value=raw_pct,
+            reason="must be an integer between 0 and 100",
+        )
+    percent = min(max(percent, 0), 100)  # over 100 is 100, below 1 unset (HAMi's request)
     cores = None if raw_cores is None else _integer(name, GPUCORES, raw_cores, low=0, high=None)
     if gpu_count == 0 or memory_mib > INT32_MAX:
         return none
@@ -278,11 +297,14 @@ def pod_containers(spec: Mapping[str, Any]) -> list[tuple[str, int, bool, Mappin
     return out
 
 
-def parse_pod(pod: Mapping[str, Any], *, settings: ResourceSettings | None = None) -> PodRequest:
+def parse_pod(
+    pod: Mapping[str, Any], *, settings: ResourceSettings | None = None, admission: bool = False
+) -> PodRequest:
     """A Kubernetes pod (JSON object with ``metadata`` and ``spec``) into a ``PodRequest``.
 
     Raises ``InvalidRequest`` (naming container, field and value) for any malformed GPU
-    resource, CPU/memory quantity, or scheduler-policy annotation.
+    resource, CPU/memory quantity, or scheduler-policy annotation; ``admission=True`` adds
+    the checks of HAMi's webhook (``parse_container``).
     """
     settings = settings or ResourceSettings()
     if not isinstance(pod, Mapping):
@@ -301,7 +323,7 @@ def parse_pod(pod: Mapping[str, Any], *, settings: ResourceSettings | None = Non
     containers: list[ContainerRequest] = []
     cpu_sum = mem_sum = cpu_init = mem_init = 0
     for index, (_, _, init, c) in enumerate(pod_containers(spec)):
-        req = parse_container(c, index=index, init=init, settings=settings)
+        req = parse_container(c, index=index, init=init, settings=settings, admission=admission)
         containers.append(req)
         limits, requests = _resources(c, req.name)
         raw_cpu = requests.get("cpu", limits.get("cpu"))
@@ -313,13 +335,23 @@ def parse_pod(pod: Mapping[str, Any], *, settings: ResourceSettings | None = Non
         else:
             cpu_sum, mem_sum = cpu_sum + cpu, mem_sum + mem
     policies: dict[str, str | None] = {}
-    for key in (keys.NODE_SCHEDULER_POLICY, keys.GPU_SCHEDULER_POLICY):
+    for key, allowed in (
+        (keys.NODE_SCHEDULER_POLICY, POLICIES),
+        (keys.GPU_SCHEDULER_POLICY, GPU_POLICIES),
+    ):
         raw = annos.get(key)
-        if raw is not None and str(raw).strip().lower() not in POLICIES:
+        if raw is None:
+            policies[key] = None
+            continue
+        # the GPU policy may be a list, "binpack,numa" (HAMi pkg/util PolicyContains)
+        names = [p.strip() for p in str(raw).lower().split(",")]
+        if (key == keys.NODE_SCHEDULER_POLICY and len(names) > 1) or any(
+            p not in allowed for p in names
+        ):
             raise InvalidRequest(
-                container="", field=key, value=raw, reason=f"must be one of {POLICIES}"
+                container="", field=key, value=raw, reason=f"must be one of {allowed}"
             )
-        policies[key] = None if raw is None else str(raw).strip().lower()
+        policies[key] = ",".join(names)
     return PodRequest(
         uid=str(meta.get("uid") or f"{meta.get('namespace', 'default')}/{meta.get('name', '')}"),
         namespace=str(meta.get("namespace") or "default"),

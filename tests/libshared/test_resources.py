@@ -438,7 +438,10 @@ def test_a_bad_value_names_its_container_field_and_value(
 ) -> None:
     bad = {"name": "worker", "resources": resources_}
     with pytest.raises(InvalidRequest) as info:
-        resources.parse_pod(pod(container("fine", limits={GPU: 1}), bad), settings=EIGHT)
+        # admission=True: HAMi's webhook checks (a percentage over 100 is denied there)
+        resources.parse_pod(
+            pod(container("fine", limits={GPU: 1}), bad), settings=EIGHT, admission=True
+        )
     err = info.value
     assert (err.container, err.field, err.value) == ("worker", field, value)
     assert "worker" in str(err)

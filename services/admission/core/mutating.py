@@ -357,7 +357,7 @@ def decide(review: AdmissionReview | Mapping[str, Any], *, settings: MutationSet
                 "its own allocation)"
             )
     try:
-        model = resources.parse_pod(pod, settings=settings.resources)
+        model = resources.parse_pod(pod, settings=settings.resources, admission=True)
     except InvalidRequest as exc:
         where = f"container {exc.container!r}: " if exc.container else ""
         return deny(f"{where}{exc.field}={_shown(exc.value)!r}: {exc.reason}", code=422)

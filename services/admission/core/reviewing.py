@@ -30,7 +30,7 @@ def review(pod: Mapping[str, Any], *, settings: ResourceSettings) -> PodRequest 
     """The pod's normalized ``PodRequest`` by HAMi's rules (``libshared.resources``), or a
     ``Denial`` naming the container, field and value that ``parse_pod`` rejected."""
     try:
-        return parse_pod(pod, settings=settings)
+        return parse_pod(pod, settings=settings, admission=True)
     except InvalidRequest as exc:
         value = repr(exc.value) if not isinstance(exc.value, str) else exc.value
         return events.Denial(

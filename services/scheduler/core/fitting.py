@@ -193,11 +193,14 @@ def device_reason(
 
 
 def _usage_reason(
-    dev: Device, slot: int, container: ContainerRequest, use: DeviceUse
+    dev: Device, slot: int, container: ContainerRequest, use: DeviceUse, *, mutex: bool = False
 ) -> str | None:
     cores = slice_cores(container)
     if use.used[slot] >= dev.split_count:
         return CARD_TIME_SLICING_EXHAUSTED
+    if mutex and use.used[slot] > 0:
+        # gpu-scheduler-policy mutex: only devices nobody uses
+        return EXCLUSIVE_DEVICE_ALLOCATE_CONFLICT
     if dev.memory_mib - use.mem_used[slot] < container.memory_on(dev.memory_mib):
         return CARD_INSUFFICIENT_MEMORY
     if dev.cores_percent - use.cores_used[slot] < cores:
@@ -235,6 +238,54 @@ def device_score(
     return np.float32(f(10) * (slots + core + memory))
 
 
+def policy_names(policy: str) -> list[str]:
+    """The names of a GPU policy, which may be a comma-separated list (``"binpack,numa"``),
+    as HAMi reads it (pkg/util/util.go, ``PolicyContains``)."""
+    return [p.strip() for p in policy.split(",")]
+
+
+def _chain(policy: str, *, numa_bind: bool) -> list[str]:
+    # HAMi gpu_policy.go gpuSortKeyChain / lessByChain: the sort keys named, in order, once
+    # each; spread when none; numa first under numa-bind.
+    chain: list[str] = []
+    for name in policy_names(policy):
+        if name in ("binpack", "spread", "numa") and name not in chain:
+            chain.append(name)
+    chain = chain or ["spread"]
+    if numa_bind and chain[0] != "numa":
+        chain = ["numa", *(k for k in chain if k != "numa")]
+    return chain
+
+
+def sort_key(
+    policy: str, *, numa_bind: bool, score: float, numa: int, index: int, used: int
+) -> tuple[float, ...]:
+    """The key HAMi's device list is sorted by (ascending; ``Fit`` walks it from the end).
+
+    Source: pkg/scheduler/policy/gpu_policy.go, ``DeviceUsageList.Less``:
+
+    - a list (``"binpack,numa"``) or bare ``numa``: its keys in order -- binpack score
+      ascending, spread score descending, numa NUMA ascending -- then the device index;
+      under numa-bind NUMA comes first;
+    - ``mutex``: the most used first, then NUMA ascending;
+    - numa-bind: binpack NUMA descending then score ascending; otherwise NUMA ascending then
+      score descending;
+    - ``binpack``: score ascending, then NUMA; anything else (spread, HAMi's default):
+      score descending, then NUMA.
+
+    Equal keys keep their order (the sort is stable).
+    """
+    if "," in policy or policy == "numa":
+        by = {"binpack": score, "spread": -score, "numa": float(numa)}
+        return (*(by[k] for k in _chain(policy, numa_bind=numa_bind)), float(index))
+    if policy == "mutex":
+        return (-float(used), float(numa))
+    binpack = policy == "binpack"
+    if numa_bind:
+        return (-float(numa), score) if binpack else (float(numa), -score)
+    return (score, float(numa)) if binpack else (-score, float(numa))
+
+
 def sort_devices(
     cluster: Cluster,
     n: int,
@@ -245,25 +296,22 @@ def sort_devices(
     *,
     numa_bind: bool,
 ) -> list[int]:
-    """``order`` (device slots) sorted as HAMi sorts a node's device list before ``Fit``.
-
-    Source: pkg/scheduler/policy/gpu_policy.go, ``DeviceUsageList.Less``, sorted in
-    pkg/scheduler/score.go ``fitInDevices`` (``sort.Sort``, which for the few devices of a
-    node is an insertion sort, so stable: ties keep ``order``). ``binpack``: score ascending,
-    then NUMA ascending; ``spread``: score descending, then NUMA ascending. Under
-    ``nvidia.com/numa-bind`` NUMA comes first (binpack: NUMA descending, then score
-    ascending; spread: NUMA ascending, then score descending), keeping each NUMA node's
-    devices together. ``Fit`` walks the result from its end (``walk``).
+    """``order`` (device slots) sorted by ``sort_key`` over HAMi's ``device_score``, as
+    pkg/scheduler/score.go ``fitInDevices`` sorts a node's device list before each container
+    (``sort.Sort``, for the few devices of a node an insertion sort, so stable: ties keep
+    ``order``). ``Fit`` walks the result from its end (``walk``).
     """
     devices = cluster.registrations[n].devices
-    scores = {s: device_score(cluster, n, s, use, container) for s in order}
-    binpack = policy == "binpack"
 
-    def key(s: int) -> tuple[float, float]:
-        numa, score = devices[s].numa, float(scores[s])
-        if numa_bind:
-            return (-numa, score) if binpack else (numa, -score)
-        return (score, numa) if binpack else (-score, numa)
+    def key(s: int) -> tuple[float, ...]:
+        return sort_key(
+            policy,
+            numa_bind=numa_bind,
+            score=float(device_score(cluster, n, s, use, container)),
+            numa=devices[s].numa,
+            index=devices[s].index,
+            used=use.used[s],
+        )
 
     return sorted(order, key=key)
 
@@ -281,22 +329,24 @@ def fit_container(
     container: ContainerRequest,
     use: DeviceUse,
     walk: list[int],
+    *,
+    policy: str = "spread",
 ) -> tuple[list[int] | None, str]:
     """The devices of node ``n`` one container takes, walking the slots in ``walk`` order.
 
-    Returns ``(slots, "")`` or ``(None, reason)``. HAMi's rules (pkg/scheduler/score.go
-    ``fitInDevices``; pkg/device/nvidia/device.go ``NvidiaGPUDevices.Fit``): more GPUs
-    asked than the node has is ``NodeInsufficientDevice`` alone; otherwise each device is
-    checked (``device_reason``) and the first fitting ones are taken; under
+    Returns ``(slots, "")`` or ``(None, reason)``. HAMi's rules (pkg/device/nvidia/device.go
+    ``NvidiaGPUDevices.Fit``): each device is checked (``device_reason``) and the first
+    fitting ones are taken; under
     ``nvidia.com/numa-bind`` a device on another NUMA node than the previous one starts the
-    choice anew, the devices dropped so counted as ``NumaNotFit``; when too few fit, the
+    choice anew, the devices dropped so counted as ``NumaNotFit``; a ``mutex`` GPU policy
+    takes only devices without slices (``ExclusiveDeviceAllocateConflict``); when too few
+    fit, the
     devices taken are counted as ``AllocatedCardsInsufficientRequest``, and the reason is
     ``gen_reason`` over the node's devices.
     """
     devices = cluster.registrations[n].devices
     need = container.gpu_count
-    if need > len(devices):
-        return None, NODE_INSUFFICIENT_DEVICE
+    mutex = "mutex" in policy_names(policy)
     reasons: Counter[str] = Counter()
     taken: list[int] = []
     prev_numa = -1
@@ -317,7 +367,7 @@ def fit_container(
         if not pod.uuid_allowed(dev.uuid):
             reasons[CARD_UUID_MISMATCH] += 1
             continue
-        why = _usage_reason(dev, slot, container, use)
+        why = _usage_reason(dev, slot, container, use, mutex=mutex)
         if why is not None:
             reasons[why] += 1
             continue
@@ -369,7 +419,8 @@ def fit_node(
     app containers one after another on one copy that each adds to
     (``allocateAppContainers``), the device list re-sorted before each container and that
     order kept for the next; what the pod books is the peak of the two per device
-    (``Cluster`` collapses init slices the same way).
+    (``Cluster`` collapses init slices the same way). A container asking more GPUs than the
+    node has fails with ``NodeInsufficientDevice`` alone (``fitInDevices``).
     """
     c = cluster
     cpu_ok, mem_ok = node_resources_ok(c, pod)
@@ -383,6 +434,8 @@ def fit_node(
     app_order = registration_order
     chosen: list[list[int]] = []
     for container in pod.gpu_containers:
+        if container.gpu_count > len(registration_order):
+            return None, NODE_INSUFFICIENT_DEVICE
         if container.init:
             use = base.copy()
             _, steps = walk(
@@ -407,7 +460,7 @@ def fit_node(
                 numa_bind=pod.numa_bind,
                 prefer=prefer,
             )
-        picked, why = fit_container(c, n, pod, container, use, steps)
+        picked, why = fit_container(c, n, pod, container, use, steps, policy=gpu_policy)
         if picked is None:
             return None, why
         for slot in picked:

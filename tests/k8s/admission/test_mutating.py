@@ -285,7 +285,7 @@ DENIALS: list[tuple[str, mutating.MutationSettings, dict[str, Any], int, tuple[s
         DEFAULTS,
         pod(ctr("main", limits={GPU: 1, PCT: "101"})),
         422,
-        ("container 'main'", PCT, "101", "<= 100"),
+        ("container 'main'", PCT, "101", "between 0 and 100"),
     ),
     (
         "a GPU count that is not a number",
