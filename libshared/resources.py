@@ -243,12 +243,13 @@ def parse_container(
             value=raw_pct,
             reason="must be an integer between 0 and 100",
         )
+    # HAMi's webhook takes the card as asked whole on the value as written (100 exactly)
+    whole_card = percent == 100 if raw_pct is not None else raw_mem is None
     percent = min(max(percent, 0), 100)  # over 100 is 100, below 1 unset (HAMi's request)
     cores = None if raw_cores is None else _integer(name, GPUCORES, raw_cores, low=0, high=None)
     if gpu_count == 0 or memory_mib > INT32_MAX:
         return none
     if cores is None:
-        whole_card = percent == 100 if raw_pct is not None else raw_mem is None
         cores = 100 if whole_card else settings.default_cores_percent
     if memory_mib > 0:
         percent = 0  # gpumem wins over gpumem-percentage
