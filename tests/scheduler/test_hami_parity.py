@@ -804,3 +804,35 @@ def test_numa_not_fit_counts_the_devices_given_up() -> None:
         None,
         "1/2 AllocatedCardsInsufficientRequest, 1/2 NumaNotFit",
     )
+
+
+def test_numa_switching_starts_the_choice_again() -> None:
+    """TestFit_NumaSwitching: walked dev-2 (NUMA 0), dev-1, dev-0 (NUMA 1); dev-2 is given
+    up at the switch and the pair comes from NUMA 1, in walk order."""
+    devs = [Dev("dev-0", numa=1, totalmem=8192), Dev("dev-1", numa=1, index=1, totalmem=8192)]
+    devs.append(Dev("dev-2", numa=0, index=2, totalmem=8192))
+    c = _cluster({"n": devs})
+    pod = _pod([Req(2, mem=100, cores=10)], Annos(numa_bind=True))
+    picked, _ = fitting.fit_container(
+        c, 0, pod, pod.containers[0], fitting.node_use(c, 0), [2, 1, 0]
+    )
+    assert picked is not None
+    assert [devs[s].id for s in picked] == ["dev-1", "dev-0"]
+
+
+@pytest.mark.parametrize(("nums", "taken"), [(1, ["idle"]), (2, None)])
+def test_mutex_takes_only_devices_nobody_uses(nums: int, taken: list[str] | None) -> None:
+    """TestFit_MutexPolicy: one card used, one idle; mutex takes the idle one and cannot
+    give two."""
+    devs = [Dev("used", used=1, totalmem=8192), Dev("idle", index=1, totalmem=8192)]
+    c = _cluster({"n": devs})
+    pod = _pod([Req(nums, mem=100, cores=10)])
+    picked, why = fitting.fit_container(
+        c, 0, pod, pod.containers[0], fitting.node_use(c, 0), [1, 0], policy="mutex"
+    )
+    assert (None if picked is None else [devs[s].id for s in picked]) == taken
+    if taken is None:
+        assert "1/2 ExclusiveDeviceAllocateConflict" in why
+    # and through the scheduler, the annotation decides the same
+    annotated = PodRequest(uid="m", containers=pod.containers, gpu_policy="mutex")
+    assert Scheduler(c).filter(annotated).feasible == ([] if taken is None else ["n"])

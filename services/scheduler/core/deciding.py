@@ -122,10 +122,10 @@ class Scheduler:
         for container in gpus:
             codes = fitting.device_codes(c, pod, container, types_ok=types_ok, uuids_ok=uuids_ok)
             ok = ok & ((codes == 0).sum(axis=1) >= container.gpu_count)
-        if len(gpus) > 1 or pod.numa_bind:
-            # containers share devices, and numa-bind groups them: only an exact,
-            # container-by-container fit tells
-            policy = self._gpu_policy(pod)
+        policy = self._gpu_policy(pod)
+        if len(gpus) > 1 or pod.numa_bind or "mutex" in fitting.policy_names(policy):
+            # containers share devices, numa-bind groups them, mutex refuses used ones:
+            # only an exact, container-by-container fit tells
             for n in np.flatnonzero(ok).tolist():
                 if fitting.fit_node(c, n, pod, gpu_policy=policy)[0] is None:
                     ok[n] = False
@@ -236,9 +236,7 @@ class Scheduler:
 
     def _choose(self, pod: PodRequest, ok: BoolArray) -> tuple[int, list[int] | None, str]:
         c = self.cluster
-        node_policy, gpu_policy = HAMI_POLICIES.get(self.policy, (None, None))
-        node_policy = pod.node_policy or node_policy
-        gpu_policy = pod.gpu_policy or gpu_policy
+        node_policy = pod.node_policy or HAMI_POLICIES.get(self.policy, (None, None))[0]
         task = task_of(pod)
         first = pod.gpu_containers[0] if pod.gpu_containers else None
         prefer: list[int] | None = None
@@ -280,7 +278,7 @@ class Scheduler:
             prefer = sorted(range(len(row)), key=lambda s: (row[s], s))
         if pod.gpu_policy is not None:
             prefer = None
-        return n, prefer, gpu_policy or "spread"
+        return n, prefer, self._gpu_policy(pod)
 
     def _classes(self) -> list[frozenset[str]]:
         """GpuClustering classes of the pods on each node, recomputed for changed nodes."""
