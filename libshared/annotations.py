@@ -36,8 +36,9 @@ BIND_PHASE_FAILED = "failed"
 # The vendor word of HAMi's NVIDIA entries in hami.io/vgpu-devices-*.
 NVIDIA_VENDOR = "NVIDIA"
 
-# Node annotation the device plugin writes.
+# Node annotations the device plugin writes.
 NODE_NVIDIA_REGISTER = "hami.io/node-nvidia-register"
+NODE_NVIDIA_SCORE = "hami.io/node-nvidia-score"
 
 # Namespace/pod label that makes the webhook skip a pod.
 WEBHOOK_IGNORE_LABEL = "hami.io/webhook"
@@ -208,3 +209,33 @@ def decode_node_devices(value: str) -> tuple[Device, ...]:
             )
         )
     return tuple(devices)
+
+
+class _PairScore(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    # HAMi's hami.io/node-nvidia-score entry (pkg/device/devices.go, DevicePairScore)
+    uuid: str = ""
+    score: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+_pair_decoder = msgspec.json.Decoder(list[_PairScore])
+
+
+def decode_pair_scores(value: str) -> dict[str, dict[str, int]]:
+    """Decode ``hami.io/node-nvidia-score`` (HAMi ``DecodePairScores``): per device UUID,
+    its link score to each other device UUID (higher links better).
+
+    Raises ``AnnotationDecodeError`` naming the key and value when the JSON is malformed or
+    an entry has no ``uuid``.
+    """
+    try:
+        entries = _pair_decoder.decode(value)
+    except msgspec.DecodeError as exc:
+        raise AnnotationDecodeError(key=NODE_NVIDIA_SCORE, value=value, reason=str(exc)) from exc
+    out: dict[str, dict[str, int]] = {}
+    for e in entries:
+        if not e.uuid:
+            raise AnnotationDecodeError(
+                key=NODE_NVIDIA_SCORE, value=value, reason="an entry has no uuid"
+            )
+        out[e.uuid] = dict(e.score)
+    return out

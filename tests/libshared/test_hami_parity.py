@@ -355,3 +355,15 @@ def test_node_devices_encode_as_hamis_marshal_node_devices(
 ) -> None:
     # HAMi's test compares the decoded JSON; its encoder leaves zero fields out (omitempty)
     assert json.loads(annotations.encode_node_devices(devices)) == want
+
+
+def test_pair_scores_decode_as_hamis_decode_pair_scores() -> None:
+    """TestGetNodeDevices_PairScores / DecodePairScores: the JSON list of
+    ``{"uuid", "score": {uuid: int}}`` per device; a malformed value is an error."""
+    value = '[{"uuid":"dev-0","score":{"dev-1":100}},{"uuid":"dev-1","score":{"dev-0":100}}]'
+    assert annotations.decode_pair_scores(value) == {
+        "dev-0": {"dev-1": 100},
+        "dev-1": {"dev-0": 100},
+    }
+    with pytest.raises(annotations.AnnotationDecodeError):
+        annotations.decode_pair_scores("not json")

@@ -836,3 +836,65 @@ def test_mutex_takes_only_devices_nobody_uses(nums: int, taken: list[str] | None
     # and through the scheduler, the annotation decides the same
     annotated = PodRequest(uid="m", containers=pod.containers, gpu_policy="mutex")
     assert Scheduler(c).filter(annotated).feasible == ([] if taken is None else ["n"])
+
+
+# --- pkg/device/nvidia/device_test.go TestFit_Topology* -------------------------------------
+
+LINKS = {
+    "scores": {
+        "dev-0": {"dev-1": 100, "dev-2": 200},
+        "dev-1": {"dev-0": 100, "dev-2": 150},
+        "dev-2": {"dev-0": 200, "dev-1": 150},
+    },
+    "zero": {
+        "dev-0": {"dev-1": 0, "dev-2": 0},
+        "dev-1": {"dev-0": 0, "dev-2": 0},
+        "dev-2": {"dev-0": 0, "dev-1": 0},
+    },
+    "negative": {
+        "dev-0": {"dev-1": -5, "dev-2": -3},
+        "dev-1": {"dev-0": -5, "dev-2": -1},
+        "dev-2": {"dev-0": -3, "dev-1": -1},
+    },
+    "none": {},
+}
+
+TOPOLOGY = [
+    # (case, devices, link scores, GPUs asked, devices taken; sorted when HAMi checks a set)
+    ("TestFit_TopologyExactMatch", 2, "none", 2, ["dev-0", "dev-1"]),
+    ("TestFit_TopologyWorstSingleCard", 3, "scores", 1, ["dev-1"]),
+    ("TestFit_TopologyBestCombination", 3, "scores", 2, ["dev-0", "dev-2"]),
+    ("TestFit_TopologyBestCombinationZeroScores", 3, "zero", 2, None),
+    ("TestFit_TopologyNegativeScores/SingleGPU", 3, "negative", 1, ["dev-0"]),
+    ("TestFit_TopologyNegativeScores/MultiGPU", 3, "negative", 2, ["dev-1", "dev-2"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "count", "links", "nums", "taken"), TOPOLOGY, ids=[r[0] for r in TOPOLOGY]
+)
+def test_topology_aware_chooses_by_link_scores_as_hamis_fit(
+    case: str, count: int, links: str, nums: int, taken: list[str] | None
+) -> None:
+    scores = LINKS[links]
+    devices = tuple(
+        Device(
+            uuid=f"dev-{i}",
+            index=i,
+            type="NVIDIA",
+            memory_mib=8192,
+            pair_scores=tuple(sorted(scores.get(f"dev-{i}", {}).items())),
+        )
+        for i in range(count)
+    )
+    c = Cluster(max_devices=count)
+    c.upsert_node(NodeDevices(node="n", devices=devices))
+    pod = _pod([Req(nums, mem=100, cores=10)])
+    walk = list(range(count))[::-1]
+    picked, why = fitting.fit_container(
+        c, 0, pod, pod.containers[0], fitting.node_use(c, 0), walk, policy="topology-aware"
+    )
+    assert picked is not None, why
+    assert len(picked) == nums
+    if taken is not None:
+        assert sorted(devices[s].uuid for s in picked) == taken

@@ -24,6 +24,7 @@ CPU and host memory as kube-scheduler's NodeResourcesFit (``Insufficient cpu`` /
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -339,14 +340,17 @@ def fit_container(
     fitting ones are taken; under
     ``nvidia.com/numa-bind`` a device on another NUMA node than the previous one starts the
     choice anew, the devices dropped so counted as ``NumaNotFit``; a ``mutex`` GPU policy
-    takes only devices without slices (``ExclusiveDeviceAllocateConflict``); when too few
-    fit, the
+    takes only devices without slices (``ExclusiveDeviceAllocateConflict``);
+    ``topology-aware`` gathers every fitting device and chooses among them by their links
+    (``best_linked``); when too few fit, the
     devices taken are counted as ``AllocatedCardsInsufficientRequest``, and the reason is
     ``gen_reason`` over the node's devices.
     """
     devices = cluster.registrations[n].devices
     need = container.gpu_count
-    mutex = "mutex" in policy_names(policy)
+    names = policy_names(policy)
+    mutex = "mutex" in names
+    topology = "topology-aware" in names
     reasons: Counter[str] = Counter()
     taken: list[int] = []
     prev_numa = -1
@@ -360,7 +364,7 @@ def fit_container(
             continue
         if pod.numa_bind and prev_numa != dev.numa:
             # all of a container's GPUs on one NUMA node (HAMi #1806): start again
-            if taken:
+            if taken and not topology:
                 reasons[NUMA_NOT_FIT] += len(taken)
             taken = []
             prev_numa = dev.numa
@@ -372,11 +376,40 @@ def fit_container(
             reasons[why] += 1
             continue
         taken.append(slot)
-        if len(taken) == need:
+        if len(taken) == need and not topology:
             return taken, ""
+    if topology and len(taken) >= need:
+        return best_linked(devices, taken, need), ""
     if taken:
         reasons[ALLOCATED_CARDS_INSUFFICIENT_REQUEST] = len(taken)
     return None, gen_reason(reasons, len(devices))
+
+
+def best_linked(devices: tuple[Device, ...], candidates: list[int], need: int) -> list[int]:
+    """The ``topology-aware`` choice among ``candidates`` (slots, in walk order), by the
+    devices' ``pair_scores``: for one GPU the worst-linked candidate (least summed score to
+    the others, keeping well-linked sets whole), for more the combination of ``need`` with
+    the highest summed pair score; the first found wins ties.
+
+    Source: pkg/device/nvidia/device.go, ``computeWorstSingleCard``,
+    ``generateCombinations`` and ``computeBestCombination`` (a pair missing scores 0).
+    """
+    if len(candidates) == need:
+        return list(candidates)
+
+    def link(a: int, b: int) -> int:
+        return devices[a].pair_score(devices[b].uuid)
+
+    if need == 1:
+        totals = [sum(link(a, b) for b in candidates if b != a) for a in candidates]
+        return [candidates[totals.index(min(totals))]]
+    best: tuple[int, ...] = ()
+    best_score = 0
+    for combo in itertools.combinations(candidates, need):
+        score = sum(link(a, b) for a, b in itertools.combinations(combo, 2))
+        if not best or score > best_score:
+            best, best_score = combo, score
+    return list(best)
 
 
 def walk(
