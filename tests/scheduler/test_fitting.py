@@ -172,3 +172,28 @@ def test_vector_fit_and_exact_fit_agree_on_random_fleets():
         assert (c.dev_mem_used <= c.dev_mem).all()
         assert (c.dev_cores_used <= np.maximum(c.dev_cores, 100)).all()
         assert (c.dev_used <= c.dev_split).all()
+
+
+def test_vector_reasons_and_exact_reasons_are_the_same_strings_on_random_fleets():
+    rng = np.random.default_rng(11)
+    for trial in range(20):
+        nodes = [
+            node(f"n{i}", int(rng.integers(1, 5)), split=int(rng.integers(1, 4))) for i in range(6)
+        ]
+        c = cluster(*nodes)
+        s = Scheduler(c, policy="hami", seed=trial)
+        for k in range(25):
+            p = pod(
+                f"{trial}-{k}",
+                gpus=int(rng.integers(1, 4)),
+                mem=int(rng.integers(500, 12000)),
+                cores=int(rng.choice([0, 10, 30, 100])),
+            )
+            failed = s.filter(p).failed
+            for n in range(c.size):
+                exact = fitting.fit_node(c, n, p, gpu_policy="spread")
+                if exact[0] is None:
+                    assert failed[c.nodes[n]] == exact[1]
+            d = s.decide(p)
+            if isinstance(d, Placement):
+                c.apply(d)

@@ -134,6 +134,11 @@ class Scheduler:
     def _reasons(self, pod: PodRequest, ok: BoolArray, among: list[int]) -> dict[str, str]:
         c = self.cluster
         cpu_ok, mem_ok = fitting.node_resources_ok(c, pod)
+        gpus = pod.gpu_containers
+        policy = self._gpu_policy(pod)
+        codes = None
+        if len(gpus) == 1 and not pod.numa_bind and "mutex" not in fitting.policy_names(policy):
+            codes = fitting.device_codes(c, pod, gpus[0])  # the same reasons, vectorised
         out = {}
         for n in among:
             if ok[n]:
@@ -144,10 +149,12 @@ class Scheduler:
                 why = fitting.INSUFFICIENT_CPU
             elif not mem_ok[n]:
                 why = fitting.INSUFFICIENT_MEMORY
+            elif codes is not None:
+                why = fitting.explain(codes, c, n, gpus[0].gpu_count)
             else:
                 # HAMi's reason for the node: the first container that does not fit
                 why = (
-                    fitting.fit_node(c, n, pod, gpu_policy=self._gpu_policy(pod))[1]
+                    fitting.fit_node(c, n, pod, gpu_policy=policy)[1]
                     or fitting.NODE_INSUFFICIENT_DEVICE
                 )
             out[c.nodes[n]] = why
@@ -249,6 +256,7 @@ class Scheduler:
             assert self.fgd is not None
             scores, best = self.fgd.scores(c, task)
             n = self._pick_max(np.where(ok, scores, -(1 << 40)), ok)
+            prefer = []  # FGD's own order: its best devices, else the least used
             if task.gpu_count == 1 and best[n] and min(best[n]) < MILLI:
                 row = c.free_milli[n].tolist()
                 prefer = [s for s, g in enumerate(row) if g in best[n]]

@@ -412,6 +412,23 @@ def best_linked(devices: tuple[Device, ...], candidates: list[int], need: int) -
     return list(best)
 
 
+def usage_order(cluster: Cluster, n: int, slots: list[int], use: DeviceUse) -> list[int]:
+    """``slots`` least used first (slots/split + cores/cores + MiB/MiB), ties by slot: the
+    device order of the non-HAMi policies for the devices they do not choose themselves."""
+    devices = cluster.registrations[n].devices
+
+    def used(s: int) -> tuple[float, int]:
+        d = devices[s]
+        return (
+            use.used[s] / max(d.split_count, 1)
+            + use.cores_used[s] / max(d.cores_percent, 1)
+            + use.mem_used[s] / max(d.memory_mib, 1),
+            s,
+        )
+
+    return sorted(slots, key=used)
+
+
 def walk(
     cluster: Cluster,
     n: int,
@@ -426,14 +443,18 @@ def walk(
     """``(sorted order, walk)``: the device list sorted by ``sort_devices`` and the order
     ``Fit`` tries its devices in -- from the sorted list's end (HAMi's ``for i :=
     len(devices) - 1; i >= 0; i--``), so spread tries the least used device first and,
-    among equal ones, the last. ``prefer`` (a policy's own device order) is tried first."""
+    among equal ones, the last.
+
+    ``prefer`` (not None) is a non-HAMi policy's own device order: those devices first,
+    then the rest by ``usage_order``.
+    """
     ordered = sort_devices(cluster, n, order, policy, use, container, numa_bind=numa_bind)
-    steps = ordered[::-1]
-    if prefer is not None:
-        known = set(order)
-        first = [s for s in prefer if s in known]
-        steps = first + [s for s in steps if s not in first]
-    return ordered, steps
+    if prefer is None:
+        return ordered, ordered[::-1]
+    known = set(order)
+    first = [s for s in prefer if s in known]
+    rest = usage_order(cluster, n, [s for s in order if s not in first], use)
+    return ordered, first + rest
 
 
 def fit_node(
@@ -444,8 +465,8 @@ def fit_node(
     Returns ``(slots per GPU container, "")`` or ``(None, reason)`` with the reason of the
     first container that does not fit (``fit_container``), e.g. ``"1/4
     AllocatedCardsInsufficientRequest, 3/4 CardInsufficientMemory"``. ``prefer``
-    (optional) is a device order to try first (the FGD and best-fit policies choose the
-    device themselves).
+    (optional) is a non-HAMi policy's own device order (FGD and the paper's baselines
+    choose the device themselves; see ``walk``).
 
     Source: pkg/scheduler/score.go, ``scoreNode``: each init container is fitted on a fresh
     copy of the node's usage (``allocateInitContainers``: they run one after another), the
@@ -505,3 +526,26 @@ def fit_node(
             )
         chosen.append(picked)
     return chosen, ""
+
+
+def explain(codes: IntArray, cluster: Cluster, n: int, need: int) -> str:
+    """HAMi's reason for node ``n`` from ``device_codes`` of a pod's only GPU container,
+    the string ``fit_node`` gives, without walking the devices one by one: every device is
+    counted by its first failed check, the devices that fit count as
+    ``AllocatedCardsInsufficientRequest`` when too few, and more GPUs than the node has is
+    ``NodeInsufficientDevice`` alone. Not for numa-bind, mutex or several GPU containers
+    (``fit_node`` tells those).
+    """
+    ndev = len(cluster.registrations[n].devices)
+    if need > ndev:
+        return NODE_INSUFFICIENT_DEVICE
+    counts: Counter[str] = Counter()
+    fits = 0
+    for code in codes[n, :ndev].tolist():
+        if code:
+            counts[DEVICE_REASONS[code]] += 1
+        else:
+            fits += 1
+    if 0 < fits < need:
+        counts[ALLOCATED_CARDS_INSUFFICIENT_REQUEST] = fits
+    return gen_reason(counts, ndev)
