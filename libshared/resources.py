@@ -39,6 +39,9 @@ POLICIES = ("binpack", "spread")
 # HAMi's GPU policies (pkg/util/types.go): one, or a comma-separated list of them
 GPU_POLICIES = ("binpack", "spread", "numa", "mutex", "topology-aware")
 INT32_MAX = 2**31 - 1  # HAMi keeps requests in int32
+# What Go's strconv.ParseBool reads as true: HAMi reads nvidia.com/numa-bind with it
+# (pkg/device/nvidia/device.go, assertNuma)
+GO_TRUE = frozenset(("1", "t", "T", "TRUE", "true", "True"))
 
 
 class ResourceSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -364,7 +367,7 @@ def parse_pod(
         nouse_types=_split(str(annos.get(keys.NOUSE_GPUTYPE, ""))),
         use_uuids=_split(str(annos.get(keys.USE_GPUUUID, ""))),
         nouse_uuids=_split(str(annos.get(keys.NOUSE_GPUUUID, ""))),
-        numa_bind=str(annos.get(keys.NUMA_BIND, "")).strip().lower() == "true",
+        numa_bind=str(annos.get(keys.NUMA_BIND, "")) in GO_TRUE,
         node_policy=policies[keys.NODE_SCHEDULER_POLICY],
         gpu_policy=policies[keys.GPU_SCHEDULER_POLICY],
     )

@@ -22,7 +22,7 @@ from libshared import annotations
 from libshared.annotations import DeviceGrant
 from libshared.devices import Device
 from libshared.errors import InvalidRequest
-from libshared.resources import ResourceSettings, parse_container
+from libshared.resources import ResourceSettings, parse_container, parse_pod
 
 GPU, MEM, PCT, CORES = (
     "nvidia.com/gpu",
@@ -367,3 +367,20 @@ def test_pair_scores_decode_as_hamis_decode_pair_scores() -> None:
     }
     with pytest.raises(annotations.AnnotationDecodeError):
         annotations.decode_pair_scores("not json")
+
+
+@pytest.mark.parametrize(
+    ("case", "annos", "bound"),
+    [
+        ("NumaBind=true enforces numa", {"nvidia.com/numa-bind": "true"}, True),
+        ("NumaBind=false does not enforce", {"nvidia.com/numa-bind": "false"}, False),
+        ("NumaBind invalid value", {"nvidia.com/numa-bind": "notabool"}, False),
+        ("NumaBind key absent", {}, False),
+    ],
+)
+def test_numa_bind_reads_as_hamis_assert_numa(
+    case: str, annos: dict[str, str], bound: bool
+) -> None:
+    """TestAssertNuma."""
+    pod = {"metadata": {"uid": "u", "annotations": annos}, "spec": {"containers": []}}
+    assert parse_pod(pod).numa_bind is bound

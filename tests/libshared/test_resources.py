@@ -367,9 +367,19 @@ def test_gpu_uuid_selection_is_exact_and_nouse_wins(
 
 @pytest.mark.parametrize(
     ("value", "bound"),
-    [("true", True), ("True", True), (" TRUE ", True), ("false", False), ("yes", False)],
+    [
+        ("true", True),
+        ("True", True),
+        ("TRUE", True),
+        ("1", True),
+        ("t", True),
+        # HAMi reads it with Go's strconv.ParseBool: no spaces, no "yes"
+        (" TRUE ", False),
+        ("false", False),
+        ("yes", False),
+    ],
 )
-def test_numa_bind_is_true_only_for_true(value: str, bound: bool) -> None:
+def test_numa_bind_is_what_go_parse_bool_reads_as_true(value: str, bound: bool) -> None:
     assert annotated({keys.NUMA_BIND: value}).numa_bind is bound
 
 

@@ -21,8 +21,9 @@ What a pod with any vslice/HAMi GPU resource (``nvidia.com/gpu``, ``gpumem``,
   already sets is left alone.
 
 Denied, the message naming the container, field and value: a pod without containers
-(HAMi's webhook denies it: ``Handle``, "pod has no containers"); a privileged container that
-asks for a GPU (it sees every device, so no slice holds it: HAMi #611, #2138);
+(HAMi's webhook denies it: ``Handle``, "pod has no containers"); a GPU pod with any
+privileged container, a sidecar included (it sees every device, so no slice holds it:
+HAMi #611, #2138);
 ``spec.nodeName`` already set (the pod would bypass the scheduler, so no slice would be
 reserved for it); a pod created with the scheduler's allocation annotations (forged
 allocations: HAMi #3042); any value the resource model rejects (``InvalidRequest``).
@@ -376,17 +377,22 @@ def decide(review: AdmissionReview | Mapping[str, Any], *, settings: MutationSet
             {"op": op, "path": pointer("spec", "schedulerName"), "value": settings.scheduler_name}
         )
     # parse_pod reads pod_containers' order: one ContainerRequest per container.
+    for (_, _, _, container), wanted in zip(containers, model.containers, strict=True):
+        if not _privileged(container):
+            continue
+        # the first privileged container, init containers first, as HAMi's webhook names it;
+        # any privileged container denies a GPU pod there (HAMi #2138)
+        asked = _asked(container)
+        what = f"with {', '.join(sorted(asked))}" if asked else "in a pod asking for a GPU"
+        return deny(
+            f"container {wanted.name!r}: securityContext.privileged=True {what}: a privileged "
+            "container sees every GPU of the node, so no slice can hold it"
+        )
     for (key, position, _, container), wanted in zip(containers, model.containers, strict=True):
         asked = _asked(container)
         if not asked:
             continue
         name = wanted.name
-        if wanted.gpu_count > 0 and _privileged(container):
-            return deny(
-                f"container {name!r}: securityContext.privileged=True with "
-                f"{', '.join(sorted(asked))}: a privileged container sees every GPU of the "
-                "node, so no slice can hold it"
-            )
         base = pointer("spec", key, position)
         if wanted.gpu_count > 0 and resources.GPU not in asked:
             patch.resource(base, container, resources.GPU, str(wanted.gpu_count))

@@ -38,6 +38,19 @@ CASES: list[tuple[str, dict[str, Any], bool, str | None]] = [
     ),
     ("TestNonGPUPodAllowedAdmission", pod(ctr(limits={"cpu": "1"})), True, "default-scheduler"),
     ("TestEmptyContainersDenied", pod(), False, None),
+    # not a HAMi test: webhook.go Handle's privilegedContainerName rule (HAMi #2138)
+    (
+        "Handle: a privileged sidecar in a GPU pod",
+        pod(ctr(limits={GPU: 1}), ctr("net", privileged=True)),
+        False,
+        None,
+    ),
+    (
+        "Handle: a privileged container in a pod without GPU resources",
+        pod(ctr("net", privileged=True)),
+        True,
+        "default-scheduler",
+    ),
     (
         "TestSchedulerNameEmptyNoOverwrite",
         pod(ctr(limits={GPU: 1}), scheduler=None),

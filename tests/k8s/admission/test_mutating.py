@@ -189,12 +189,6 @@ MUTATIONS: list[tuple[str, mutating.MutationSettings, dict[str, Any], dict[str, 
         pod(ctr(limits={MEM: 3000}), labels={"hami.io/webhook": "yes"}),
         pod(ctr(limits={MEM: 3000, GPU: "1"}), labels={"hami.io/webhook": "yes"}, scheduler=VS),
     ),
-    (
-        "a privileged sidecar without GPU resources does not stop a GPU pod",
-        DEFAULTS,
-        pod(ctr(limits={GPU: 1, MEM: 3000, CORES: 30}), ctr("net", privileged=True)),
-        pod(ctr(limits={GPU: 1, MEM: 3000, CORES: 30}), ctr("net", privileged=True), scheduler=VS),
-    ),
 ]
 
 
@@ -272,6 +266,14 @@ DENIALS: list[tuple[str, mutating.MutationSettings, dict[str, Any], int, tuple[s
         pod(ctr("side"), ctr("cuda", limits={MEM: 3000}, privileged=True)),
         403,
         ("container 'cuda'", "securityContext.privileged", MEM),
+    ),
+    (
+        # HAMi's webhook denies a GPU pod with any privileged container (HAMi #2138, #2139)
+        "a privileged sidecar without GPU resources in a GPU pod",
+        DEFAULTS,
+        pod(ctr(limits={GPU: 1, MEM: 3000, CORES: 30}), ctr("net", privileged=True)),
+        403,
+        ("container 'net'", "securityContext.privileged", "asking for a GPU"),
     ),
     (
         "a privileged init container asking a GPU",
