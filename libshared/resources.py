@@ -88,7 +88,11 @@ class ContainerRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """A pod's normalized request: GPU containers, node-level CPU/memory, selectors."""
+    """A pod's normalized request: GPU containers, node-level CPU/memory, selectors.
+
+    ``device_weights``: ``(slot, core, memory)`` weights of HAMi's device score
+    (``hami.io/device-scoring-weights``; ``parse_device_weights``).
+    """
 
     uid: str
     namespace: str = "default"
@@ -103,6 +107,7 @@ class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
     numa_bind: bool = False
     node_policy: str | None = None
     gpu_policy: str | None = None
+    device_weights: tuple[int, int, int] = (1, 1, 1)
 
     @property
     def gpu_containers(self) -> tuple[ContainerRequest, ...]:
@@ -273,6 +278,44 @@ def parse_container(
     )
 
 
+def parse_device_weights(value: str) -> tuple[int, int, int]:
+    """``hami.io/device-scoring-weights`` (``"slot=1,core=1,memory=3"``) as ``(slot, core,
+    memory)``: all three named once, in any order, whole numbers >= 0, not all 0.
+
+    Source: HAMi pkg/util/device_scoring_weights.go, ``ParseDeviceScoringWeights``.
+    Raises ``InvalidRequest`` naming the annotation, its value and HAMi's reason.
+    """
+
+    def bad(reason: str) -> InvalidRequest:
+        return InvalidRequest(
+            container="", field=keys.DEVICE_SCORING_WEIGHTS, value=value, reason=reason
+        )
+
+    parts = value.split(",")
+    if len(parts) != 3:
+        raise bad("expected slot, core, and memory weights")
+    weights: dict[str, int] = {}
+    for part in parts:
+        key, eq, raw = part.strip().partition("=")
+        if not eq:
+            raise bad("expected key=value entries")
+        key = key.strip()
+        if key in weights:
+            raise bad(f"duplicate {key!r} weight")
+        text = raw.strip()
+        digits = text[1:] if text[:1] in "+-" else text
+        if not (digits.isascii() and digits.isdigit()):
+            raise bad(f"{key!r} weight must be an integer")
+        if int(text) < 0:
+            raise bad(f"{key!r} weight must not be negative")
+        if key not in ("slot", "core", "memory"):
+            raise bad(f"unknown weight {key!r}")
+        weights[key] = int(text)
+    if not any(weights.values()):
+        raise bad("at least one weight must be positive")
+    return (weights["slot"], weights["core"], weights["memory"])
+
+
 def _split(value: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in value.split(",") if x.strip())
 
@@ -368,6 +411,11 @@ def parse_pod(
         use_uuids=_split(str(annos.get(keys.USE_GPUUUID, ""))),
         nouse_uuids=_split(str(annos.get(keys.NOUSE_GPUUUID, ""))),
         numa_bind=str(annos.get(keys.NUMA_BIND, "")) in GO_TRUE,
+        device_weights=(
+            (1, 1, 1)
+            if keys.DEVICE_SCORING_WEIGHTS not in annos
+            else parse_device_weights(str(annos[keys.DEVICE_SCORING_WEIGHTS]))
+        ),
         node_policy=policies[keys.NODE_SCHEDULER_POLICY],
         gpu_policy=policies[keys.GPU_SCHEDULER_POLICY],
     )

@@ -384,3 +384,42 @@ def test_numa_bind_reads_as_hamis_assert_numa(
     """TestAssertNuma."""
     pod = {"metadata": {"uid": "u", "annotations": annos}, "spec": {"containers": []}}
     assert parse_pod(pod).numa_bind is bound
+
+
+# --- pkg/util/device_scoring_weights_test.go TestParseDeviceScoringWeights -----------------
+
+WEIGHTS = [
+    ("valid ordered weights", "slot=1,core=2,memory=3", (1, 2, 3), None),
+    ("valid reordered weights and whitespace", " memory = 3, slot = 1, core = 0 ", (1, 0, 3), None),
+    ("empty annotation", "", None, "expected slot, core, and memory weights"),
+    ("missing dimension", "slot=1,memory=3", None, "expected slot, core, and memory weights"),
+    ("malformed entry", "slot=1,core,memory=3", None, "expected key=value entries"),
+    ("non-integer", "slot=1,core=high,memory=3", None, "'core' weight must be an integer"),
+    ("negative", "slot=1,core=-1,memory=3", None, "'core' weight must not be negative"),
+    ("unknown key", "slot=1,bandwidth=2,memory=3", None, "unknown weight 'bandwidth'"),
+    ("duplicate key", "slot=1,slot=2,memory=3", None, "duplicate 'slot' weight"),
+    ("all zero", "slot=0,core=0,memory=0", None, "at least one weight must be positive"),
+]
+
+
+@pytest.mark.parametrize(("case", "value", "want", "error"), WEIGHTS, ids=[w[0] for w in WEIGHTS])
+def test_device_scoring_weights_parse_as_hamis_parse_device_scoring_weights(
+    case: str, value: str, want: tuple[int, int, int] | None, error: str | None
+) -> None:
+    pod = {
+        "metadata": {"uid": "u", "annotations": {"hami.io/device-scoring-weights": value}},
+        "spec": {"containers": []},
+    }
+    if error is None:
+        assert parse_pod(pod).device_weights == want
+    else:
+        with pytest.raises(InvalidRequest) as info:
+            parse_pod(pod)
+        assert info.value.field == "hami.io/device-scoring-weights"
+        assert error in info.value.reason
+
+
+def test_without_the_weights_annotation_the_weights_are_equal() -> None:
+    """TestGetDeviceScoringWeightsByPod: "missing annotation uses defaults"."""
+    pod = {"metadata": {"uid": "u"}, "spec": {"containers": []}}
+    assert parse_pod(pod).device_weights == (1, 1, 1)

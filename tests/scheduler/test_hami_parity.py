@@ -898,3 +898,73 @@ def test_topology_aware_chooses_by_link_scores_as_hamis_fit(
     assert len(picked) == nums
     if taken is not None:
         assert sorted(devices[s].uuid for s in picked) == taken
+
+
+# --- pkg/scheduler/policy/gpu_policy_test.go TestComputeScoreWithResourceWeights ------------
+
+RESOURCE_WEIGHTS = [
+    # (case, weights, score of gpu-a, of gpu-b, last under binpack, last under spread)
+    ("default weights preserve current score", (1, 1, 1), 16.0, 15.0, None, None),
+    ("memory weight changes the device preference", (1, 1, 3), 26.0, 27.0, "gpu-b", "gpu-a"),
+    (
+        "core weight can independently change the device preference",
+        (1, 3, 1),
+        34.0,
+        17.0,
+        "gpu-a",
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "weights", "score_a", "score_b", "binpack_last", "spread_last"),
+    RESOURCE_WEIGHTS,
+    ids=[r[0] for r in RESOURCE_WEIGHTS],
+)
+def test_device_scores_follow_the_pods_weights_as_hamis_compute_score(
+    case: str,
+    weights: tuple[int, int, int],
+    score_a: float,
+    score_b: float,
+    binpack_last: str | None,
+    spread_last: str | None,
+) -> None:
+    # the request is counted (device type NVIDIA, as the test's matching "type1")
+    devs = [
+        Dev("gpu-a", count=10, totalcore=100, totalmem=100, used=1, usedcores=90, usedmem=10),
+        Dev("gpu-b", count=10, totalcore=100, totalmem=100, used=7, usedcores=10, usedmem=20),
+    ]
+    c = _cluster({"n": devs})
+    container = _pod([Req(1, pct=40, cores=0)]).containers[0]
+    use = fitting.node_use(c, 0)
+    scores = [fitting.device_score(c, 0, s, use, container, weights) for s in (0, 1)]
+    assert scores == [np.float32(score_a), np.float32(score_b)]
+    for policy, last in (("binpack", binpack_last), ("spread", spread_last)):
+        if last is not None:
+            order = fitting.sort_devices(
+                c, 0, [0, 1], policy, use, container, numa_bind=False, weights=weights
+            )
+            assert devs[order[-1]].id == last
+
+
+def test_numa_ordering_remains_independent_from_weighted_score() -> None:
+    """TestComputeScoreWithResourceWeights "NUMA ordering remains independent from weighted
+    score": under numa-bind binpack, Fit takes gpu-a (NUMA 0) though gpu-b scores higher."""
+    devs = [
+        Dev("gpu-a", totalcore=100, totalmem=100, used=1, usedcores=90, usedmem=10, numa=0),
+        Dev("gpu-b", totalcore=100, totalmem=100, used=7, usedcores=10, usedmem=20, numa=1),
+    ]
+    c = _cluster({"n": devs})
+    container = _pod([Req(1, pct=40, cores=0)]).containers[0]
+    order = fitting.sort_devices(
+        c,
+        0,
+        [0, 1],
+        "binpack",
+        fitting.node_use(c, 0),
+        container,
+        numa_bind=True,
+        weights=(1, 1, 3),
+    )
+    assert devs[order[-1]].id == "gpu-a"

@@ -214,17 +214,23 @@ def _usage_reason(
 
 
 def device_score(
-    cluster: Cluster, n: int, slot: int, use: DeviceUse, container: ContainerRequest
+    cluster: Cluster,
+    n: int,
+    slot: int,
+    use: DeviceUse,
+    container: ContainerRequest,
+    weights: tuple[int, int, int] = (1, 1, 1),
 ) -> np.float32:
     """HAMi's device score for one container, in float32 as HAMi computes it:
     ``10 * ((asked + used)/split + (asked + used) cores/cores + (asked + used) MiB/MiB)``.
 
-    Source: pkg/scheduler/policy/gpu_policy.go, ``DeviceListsScore.ComputeScore`` (the
-    default weights 1/1/1). The container's own request is counted only on a device whose
-    type is exactly ``NVIDIA`` (HAMi compares the request's type, ``NVIDIA``, with the
-    device's registered type, which is the card's model, ``NVIDIA-A100...``), so on
-    registered cards the score is the usage before the container. 0 for a device with no
-    split slots, cores or memory.
+    Source: pkg/scheduler/policy/gpu_policy.go, ``DeviceListsScore.ComputeScore``, each
+    term times its ``weights`` (slot, core, memory; HAMi's
+    ``hami.io/device-scoring-weights``, default 1/1/1). The container's own request is
+    counted only on a device whose type is exactly ``NVIDIA`` (HAMi compares the request's
+    type, ``NVIDIA``, with the device's registered type, which is the card's model,
+    ``NVIDIA-A100...``), so on registered cards the score is the usage before the
+    container. 0 for a device with no split slots, cores or memory.
     """
     dev = cluster.registrations[n].devices[slot]
     if dev.split_count == 0 or dev.cores_percent == 0 or dev.memory_mib == 0:
@@ -236,7 +242,8 @@ def device_score(
     slots = f(asked + use.used[slot]) / f(dev.split_count)
     core = f(cores + use.cores_used[slot]) / f(dev.cores_percent)
     memory = f(mem + use.mem_used[slot]) / f(dev.memory_mib)
-    return np.float32(f(10) * (slots + core + memory))
+    ws, wc, wm = (f(w) for w in weights)
+    return np.float32(f(10) * (ws * slots + wc * core + wm * memory))
 
 
 def policy_names(policy: str) -> list[str]:
@@ -296,6 +303,7 @@ def sort_devices(
     container: ContainerRequest,
     *,
     numa_bind: bool,
+    weights: tuple[int, int, int] = (1, 1, 1),
 ) -> list[int]:
     """``order`` (device slots) sorted by ``sort_key`` over HAMi's ``device_score``, as
     pkg/scheduler/score.go ``fitInDevices`` sorts a node's device list before each container
@@ -308,7 +316,7 @@ def sort_devices(
         return sort_key(
             policy,
             numa_bind=numa_bind,
-            score=float(device_score(cluster, n, s, use, container)),
+            score=float(device_score(cluster, n, s, use, container, weights)),
             numa=devices[s].numa,
             index=devices[s].index,
             used=use.used[s],
@@ -439,6 +447,7 @@ def walk(
     *,
     numa_bind: bool,
     prefer: list[int] | None = None,
+    weights: tuple[int, int, int] = (1, 1, 1),
 ) -> tuple[list[int], list[int]]:
     """``(sorted order, walk)``: the device list sorted by ``sort_devices`` and the order
     ``Fit`` tries its devices in -- from the sorted list's end (HAMi's ``for i :=
@@ -448,7 +457,9 @@ def walk(
     ``prefer`` (not None) is a non-HAMi policy's own device order: those devices first,
     then the rest by ``usage_order``.
     """
-    ordered = sort_devices(cluster, n, order, policy, use, container, numa_bind=numa_bind)
+    ordered = sort_devices(
+        cluster, n, order, policy, use, container, numa_bind=numa_bind, weights=weights
+    )
     if prefer is None:
         return ordered, ordered[::-1]
     known = set(order)
@@ -501,6 +512,7 @@ def fit_node(
                 container,
                 numa_bind=pod.numa_bind,
                 prefer=prefer,
+                weights=pod.device_weights,
             )
         else:
             use = app_use
@@ -513,6 +525,7 @@ def fit_node(
                 container,
                 numa_bind=pod.numa_bind,
                 prefer=prefer,
+                weights=pod.device_weights,
             )
         picked, why = fit_container(c, n, pod, container, use, steps, policy=gpu_policy)
         if picked is None:
