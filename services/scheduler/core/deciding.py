@@ -19,7 +19,10 @@ name                node choice                      device choice
 ==================  ===============================  =====================================
 
 A pod's ``hami.io/node-scheduler-policy`` / ``hami.io/gpu-scheduler-policy`` annotations
-override the node / device choice under every policy, as in HAMi. Ties between equally
+override the node / device choice under every policy, as in HAMi; the GPU policy may be any
+of HAMi's (``binpack``, ``spread``, ``numa``, ``mutex``, ``topology-aware``, or a list of
+them: ``fitting.sort_key``, ``fitting.fit_container``). The HAMi node score is the node's
+usage before the pod (``scoring.hami_node_score``). Ties between equally
 scored nodes go to the node first in a seeded random order of the nodes, as in the FGD
 paper's simulator (HAMi policies keep the lowest node index; ``random`` draws anew each
 time).
