@@ -427,6 +427,8 @@ EIGHT = ResourceSettings(max_gpus_per_node=8)
         ({"limits": {GPU: 1, GPUCORES: "lots"}}, GPUCORES, "lots"),
         ({"limits": {GPU: 1, GPUCORES: "-5"}}, GPUCORES, "-5"),
         ({"limits": {GPU: 1, GPUMEM_PERCENTAGE: "101"}}, GPUMEM_PERCENTAGE, "101"),
+        # cores over 100 and a percentage of 0 are no longer here: HAMi accepts them
+        # (clamped to 100, unset; tests/libshared/test_hami_parity.py)
         ({"limits": {GPU: "1.5"}}, GPU, "1.5"),
         ({"limits": {GPU: "-1"}}, GPU, "-1"),
         ({"limits": {GPU: True}}, GPU, True),

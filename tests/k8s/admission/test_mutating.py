@@ -100,6 +100,14 @@ MUTATIONS: list[tuple[str, mutating.MutationSettings, dict[str, Any], dict[str, 
         pod(ctr(requests={GPU: 1, CORES: "100"}, limits={CORES: "100"}), scheduler=VS),
     ),
     (
+        # HAMi's Fit clamps cores over 100 to 100 and reads a percentage of 0 as unset
+        # (TestDevices_Fit "core limit can't exceed 100", TestGenerateResourceRequests)
+        "cores over 100 and a percentage of 0 are accepted as HAMi accepts them",
+        DEFAULTS,
+        pod(ctr("a", limits={GPU: 1, CORES: 150}), ctr("b", limits={GPU: 1, PCT: 0})),
+        pod(ctr("a", limits={GPU: 1, CORES: 150}), ctr("b", limits={GPU: 1, PCT: 0}), scheduler=VS),
+    ),
+    (
         "priority and a core policy without an env list both land in one new list",
         mutating.MutationSettings(core_policy="disable"),
         pod(ctr(limits={GPU: 1, MEM: 1000, CORES: 10, PRIO: 1})),
@@ -389,6 +397,9 @@ def test_a_long_offending_value_is_quoted_shortened() -> None:
 # (case, review) that are allowed untouched, and the reason the outcome gives
 SKIPS: list[tuple[str, dict[str, Any], str]] = [
     ("a pod without GPU resources", review(pod(ctr(limits={"cpu": "1"}), ctr("b"))), "no GPU"),
+    # HAMi defaults nvidia.com/gpu only for gpumem/gpucores in the limits
+    # (mutateContainerResource); requests alone give no GPU, so the pod is not the webhook's
+    ("gpumem in the requests only", review(pod(ctr(requests={MEM: 3000}))), "no GPU requested"),
     (
         "a pod labelled hami.io/webhook: ignore",
         review(pod(ctr(limits={GPU: 1}), labels={"hami.io/webhook": "ignore"})),
