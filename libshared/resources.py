@@ -90,6 +90,7 @@ class ContainerRequest(msgspec.Struct, frozen=True, kw_only=True):
 class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
     """A pod's normalized request: GPU containers, node-level CPU/memory, selectors.
 
+    ``vgpu_mode``: HAMi's ``nvidia.com/vgpu-mode`` (``mode_allowed``).
     ``device_weights``: ``(slot, core, memory)`` weights of HAMi's device score
     (``hami.io/device-scoring-weights``; ``parse_device_weights``).
     """
@@ -108,6 +109,7 @@ class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
     node_policy: str | None = None
     gpu_policy: str | None = None
     device_weights: tuple[int, int, int] = (1, 1, 1)
+    vgpu_mode: str | None = None
 
     @property
     def gpu_containers(self) -> tuple[ContainerRequest, ...]:
@@ -120,6 +122,12 @@ class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
         if any(x.lower() in t for x in self.nouse_types):
             return False
         return not self.use_types or any(x.lower() in t for x in self.use_types)
+
+    def mode_allowed(self, device_mode: str) -> bool:
+        """HAMi's mode selector: ``nvidia.com/vgpu-mode``, when set, must contain the
+        device's mode as a substring (pkg/device/nvidia/device.go, ``checkType``; a
+        mismatch is a ``CardTypeMismatch``)."""
+        return self.vgpu_mode is None or device_mode in self.vgpu_mode
 
     def uuid_allowed(self, uuid: str) -> bool:
         """HAMi's UUID selector: exact match, ``nouse`` wins."""
@@ -411,6 +419,7 @@ def parse_pod(
         use_uuids=_split(str(annos.get(keys.USE_GPUUUID, ""))),
         nouse_uuids=_split(str(annos.get(keys.NOUSE_GPUUUID, ""))),
         numa_bind=str(annos.get(keys.NUMA_BIND, "")) in GO_TRUE,
+        vgpu_mode=None if keys.VGPU_MODE not in annos else str(annos[keys.VGPU_MODE]),
         device_weights=(
             (1, 1, 1)
             if keys.DEVICE_SCORING_WEIGHTS not in annos

@@ -968,3 +968,22 @@ def test_numa_ordering_remains_independent_from_weighted_score() -> None:
         weights=(1, 1, 3),
     )
     assert devs[order[-1]].id == "gpu-a"
+
+
+@pytest.mark.parametrize(
+    ("case", "mode", "fits"),
+    [
+        ("AllocateMode does not contain device mode", "mps", False),
+        ("AllocateMode contains device mode", "hami-core", True),
+    ],
+)
+def test_vgpu_mode_selects_devices_as_hamis_check_type(case: str, mode: str, fits: bool) -> None:
+    """TestCheckType_AllocateMode: a device of mode hami-core and nvidia.com/vgpu-mode."""
+    c = Cluster(max_devices=1)
+    dev = Device(uuid="g", index=0, type="NVIDIA-A100", memory_mib=8000, mode="hami-core")
+    c.upsert_node(NodeDevices(node="n", devices=(dev,)))
+    pod = PodRequest(uid="p", containers=_pod([Req(1, mem=100)]).containers, vgpu_mode=mode)
+    result = Scheduler(c).filter(pod)
+    assert result.feasible == (["n"] if fits else [])
+    if not fits:
+        assert result.failed["n"] == "1/1 CardTypeMismatch"

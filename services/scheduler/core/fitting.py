@@ -64,11 +64,18 @@ DEVICE_REASONS = (
 
 
 def type_mask(cluster: Cluster, pod: PodRequest) -> BoolArray:
-    """(N, D) True where the device's type passes the pod's type selectors."""
+    """(N, D) True where the device's type (and mode) passes the pod's type selectors."""
     if not pod.use_types and not pod.nouse_types:
-        return cluster.dev_valid
-    allowed = np.array([pod.type_allowed(t) for t in cluster.types] + [False], dtype=bool)
-    return allowed[cluster.dev_type]  # dev_type -1 (empty slot) maps to the trailing False
+        mask = cluster.dev_valid
+    else:
+        allowed = np.array([pod.type_allowed(t) for t in cluster.types] + [False], dtype=bool)
+        mask = allowed[cluster.dev_type]  # dev_type -1 (empty slot) maps to the trailing False
+    if pod.vgpu_mode is not None:
+        mask = mask.copy()
+        for n, reg in enumerate(cluster.registrations):
+            for slot, dev in enumerate(reg.devices):
+                mask[n, slot] &= pod.mode_allowed(dev.mode)
+    return mask
 
 
 def uuid_mask(cluster: Cluster, pod: PodRequest) -> BoolArray:
@@ -186,7 +193,7 @@ def device_reason(
     dev = cluster.registrations[n].devices[slot]
     if not dev.healthy:
         return CARD_NOT_HEALTH
-    if not pod.type_allowed(dev.type):
+    if not (pod.type_allowed(dev.type) and pod.mode_allowed(dev.mode)):
         return CARD_TYPE_MISMATCH
     if not pod.uuid_allowed(dev.uuid):
         return CARD_UUID_MISMATCH
@@ -367,7 +374,7 @@ def fit_container(
         if not dev.healthy:
             reasons[CARD_NOT_HEALTH] += 1
             continue
-        if not pod.type_allowed(dev.type):
+        if not (pod.type_allowed(dev.type) and pod.mode_allowed(dev.mode)):
             reasons[CARD_TYPE_MISMATCH] += 1
             continue
         if pod.numa_bind and prev_numa != dev.numa:
