@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from services.admission.core import mutating
+from libshared import events
+from libshared.resources import ResourceSettings
+from services.admission.core import mutating, reviewing
 from tests.k8s.admission.reviews import ctr, patched, pod, review
 
 GPU, MEM, PCT, CORES = (
@@ -117,3 +119,12 @@ def test_the_webhook_writes_100_cores_where_hamis_mutate_admission_does(
     given = pod(ctr(limits=limits, requests=requests or None))
     after = patched(given, mutating.decide(review(given), settings=SETTINGS).to_review())
     assert after["spec"]["containers"][0]["resources"]["limits"].get(CORES) == cores
+
+
+def test_the_bus_admission_denies_a_pod_without_containers_too() -> None:
+    """The same rule over the bus (local mode): HAMi's "pod has no containers"."""
+    answer = reviewing.review(
+        {"metadata": {"uid": "u"}, "spec": {"containers": []}}, settings=ResourceSettings()
+    )
+    assert isinstance(answer, events.Denial)
+    assert (answer.field, answer.reason) == ("spec.containers", "pod has no containers")
