@@ -99,8 +99,9 @@ def device_codes(
 ) -> IntArray:
     """(N, D) reason code per device for one container (0 = fits; see ``DEVICE_REASONS``).
 
-    The vector form of ``device_reason`` (without numa-bind), for filtering the fleet at
-    once. Empty device slots get ``CardNotHealth`` so they never fit.
+    The vector form of ``fit_container``'s per-device checks (without numa-bind and
+    mutex), for filtering the fleet at once. Empty device slots get ``CardNotHealth`` so
+    they never fit.
     """
     c = cluster
     mem_req = (
@@ -148,16 +149,6 @@ class DeviceUse:
         self.cores_used[slot] += cores_percent
         self.used[slot] += 1
 
-    def peak(self, other: DeviceUse) -> None:
-        """Raise every count to ``other``'s where it is higher (HAMi ``updatePeakUsage``)."""
-        for mine, theirs in (
-            (self.mem_used, other.mem_used),
-            (self.cores_used, other.cores_used),
-            (self.used, other.used),
-        ):
-            for i, v in enumerate(theirs):
-                mine[i] = max(mine[i], v)
-
 
 def node_use(cluster: Cluster, n: int) -> DeviceUse:
     """Node ``n``'s booked device usage as a scratch ``DeviceUse``."""
@@ -173,31 +164,6 @@ def slice_cores(container: ContainerRequest) -> int:
     """Cores a slice of ``container`` books: HAMi's NVIDIA ``Fit`` clamps a request over 100
     to 100 (``core limit can't exceed 100``)."""
     return min(container.cores_percent, 100)
-
-
-def device_reason(
-    cluster: Cluster,
-    n: int,
-    slot: int,
-    pod: PodRequest,
-    container: ContainerRequest,
-    use: DeviceUse,
-) -> str | None:
-    """The first HAMi reason device ``slot`` of node ``n`` cannot take ``container``, or None.
-
-    Checks in HAMi's order (pkg/device/nvidia/device.go, ``NvidiaGPUDevices.Fit``): health,
-    type, UUID, split slots, memory, cores, exclusive conflict (a 100-core request on a card
-    of 100 cores that holds slices), compute exhausted (a 0-core request on a card whose
-    cores are all booked). The NUMA grouping of ``nvidia.com/numa-bind`` is ``fit_container``'s.
-    """
-    dev = cluster.registrations[n].devices[slot]
-    if not dev.healthy:
-        return CARD_NOT_HEALTH
-    if not (pod.type_allowed(dev.type) and pod.mode_allowed(dev.mode)):
-        return CARD_TYPE_MISMATCH
-    if not pod.uuid_allowed(dev.uuid):
-        return CARD_UUID_MISMATCH
-    return _usage_reason(dev, slot, container, use)
 
 
 def _usage_reason(
@@ -351,8 +317,8 @@ def fit_container(
     """The devices of node ``n`` one container takes, walking the slots in ``walk`` order.
 
     Returns ``(slots, "")`` or ``(None, reason)``. HAMi's rules (pkg/device/nvidia/device.go
-    ``NvidiaGPUDevices.Fit``): each device is checked (``device_reason``) and the first
-    fitting ones are taken; under
+    ``NvidiaGPUDevices.Fit``): each device is checked in the order of this module's table
+    and the first fitting ones are taken; under
     ``nvidia.com/numa-bind`` a device on another NUMA node than the previous one starts the
     choice anew, the devices dropped so counted as ``NumaNotFit``; a ``mutex`` GPU policy
     takes only devices without slices (``ExclusiveDeviceAllocateConflict``);
