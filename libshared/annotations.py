@@ -19,8 +19,10 @@ NOUSE_GPUTYPE = "nvidia.com/nouse-gputype"
 USE_GPUUUID = "nvidia.com/use-gpuuuid"
 NOUSE_GPUUUID = "nvidia.com/nouse-gpuuuid"
 NUMA_BIND = "nvidia.com/numa-bind"
+VGPU_MODE = "nvidia.com/vgpu-mode"  # the device modes a pod accepts (hami-core, mig, mps)
 NODE_SCHEDULER_POLICY = "hami.io/node-scheduler-policy"
 GPU_SCHEDULER_POLICY = "hami.io/gpu-scheduler-policy"
+DEVICE_SCORING_WEIGHTS = "hami.io/device-scoring-weights"
 
 # Pod annotations the scheduler writes at bind time.
 VGPU_NODE = "hami.io/vgpu-node"
@@ -36,8 +38,9 @@ BIND_PHASE_FAILED = "failed"
 # The vendor word of HAMi's NVIDIA entries in hami.io/vgpu-devices-*.
 NVIDIA_VENDOR = "NVIDIA"
 
-# Node annotation the device plugin writes.
+# Node annotations the device plugin writes.
 NODE_NVIDIA_REGISTER = "hami.io/node-nvidia-register"
+NODE_NVIDIA_SCORE = "hami.io/node-nvidia-score"
 
 # Namespace/pod label that makes the webhook skip a pod.
 WEBHOOK_IGNORE_LABEL = "hami.io/webhook"
@@ -76,18 +79,24 @@ def _decode_int(key: str, value: str, text: str, what: str) -> int:
 
 
 def decode_pod_devices(value: str, *, key: str = VGPU_DEVICES_ALLOCATED) -> list[list[DeviceGrant]]:
-    """Decode ``hami.io/vgpu-devices-allocated`` (or ``-to-allocate``) into grants.
+    """Decode ``hami.io/vgpu-devices-allocated`` (or ``-to-allocate``) into grants, one list
+    per ``;``-separated entry, as HAMi does: the entry after the final ``;`` is kept, so
+    ``"U,NVIDIA,500,3:;"`` gives ``[[U], []]`` and ``""`` gives ``[[]]`` (HAMi
+    pkg/device/devices.go, ``DecodePodDevices``: "Do NOT skip empty ContainerDevices").
+    ``container_entries`` drops the surplus empty entries against a pod's containers.
 
-    Returns one list per container in annotation order. Raises ``AnnotationDecodeError``
-    naming the key and value when any part is malformed (missing ``;``, a device without
-    four fields, a non-numeric memory or core count).
+    Stricter than HAMi, which skips a device entry without a comma and accepts a value
+    without the final ``;``: raises ``AnnotationDecodeError`` naming the key and value when
+    a container entry does not end with ``:``, the value does not end with ``;``, a device
+    lacks one of its four fields, or a memory or core count is not a count (HAMi #2958: a
+    misread allocation must not read as "nothing allocated").
     """
     if value == "":
-        return []
+        return [[]]
     if not value.endswith(";"):
         raise AnnotationDecodeError(key=key, value=value, reason="does not end with ';'")
     containers: list[list[DeviceGrant]] = []
-    for part in value[:-1].split(";"):
+    for part in value.split(";"):
         grants: list[DeviceGrant] = []
         if part:
             if not part.endswith(":"):
@@ -114,17 +123,28 @@ def decode_pod_devices(value: str, *, key: str = VGPU_DEVICES_ALLOCATED) -> list
     return containers
 
 
-class _RegisteredDevice(msgspec.Struct, frozen=True, kw_only=True):
-    # Field names and order are HAMi's node-nvidia-register JSON.
-    id: str
-    index: int
-    count: int
-    devmem: int
-    devcore: int
-    type: str
-    numa: int
-    mode: str
-    health: bool
+def container_entries(grants: list[list[DeviceGrant]], containers: int) -> list[list[DeviceGrant]]:
+    """``grants`` without the empty entries past ``containers`` (the entry HAMi's format
+    leaves after its final ``;``); entries that hold devices are never dropped."""
+    out = list(grants)
+    while len(out) > containers and not out[-1]:
+        out.pop()
+    return out
+
+
+class _RegisteredDevice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    # HAMi's node-nvidia-register JSON (pkg/device/devices.go, ``DeviceInfo`` written by
+    # ``MarshalNodeDevices``): its names and order, every field ``omitempty``, so a field
+    # at Go's zero value (index 0, NUMA 0, unhealthy, ...) is absent and reads as zero.
+    id: str = ""
+    index: int = 0
+    count: int = 0
+    devmem: int = 0
+    devcore: int = 0
+    type: str = ""
+    numa: int = 0
+    mode: str = ""
+    health: bool = False
 
 
 _register_encoder = msgspec.json.Encoder()
@@ -132,7 +152,8 @@ _register_decoder = msgspec.json.Decoder(list[_RegisteredDevice])
 
 
 def encode_node_devices(devices: tuple[Device, ...] | list[Device]) -> str:
-    """Encode a node's devices as HAMi's ``hami.io/node-nvidia-register`` JSON list."""
+    """Encode a node's devices as HAMi's ``hami.io/node-nvidia-register`` JSON list, fields
+    at their zero value left out as HAMi's ``MarshalNodeDevices`` leaves them out."""
     return _register_encoder.encode(
         [
             _RegisteredDevice(
@@ -154,8 +175,11 @@ def encode_node_devices(devices: tuple[Device, ...] | list[Device]) -> str:
 def decode_node_devices(value: str) -> tuple[Device, ...]:
     """Decode ``hami.io/node-nvidia-register`` into devices.
 
-    Raises ``AnnotationDecodeError`` when the JSON is malformed, a field is missing or of the
-    wrong type, or a count is negative: the node's capacity is never guessed.
+    A field HAMi left out (``omitempty``) reads as Go's zero value, as HAMi's
+    ``UnMarshalNodeDevices`` reads it: 0, ``""``, and ``health`` false; fields vslice does
+    not know (``migProfiles``, ``devicevendor``, ...) are ignored. Raises
+    ``AnnotationDecodeError`` when the JSON is malformed, a field is of the wrong type, a
+    count is negative or a device has no ``id``: the node's capacity is never guessed.
     """
     try:
         entries = _register_decoder.decode(value)
@@ -163,7 +187,11 @@ def decode_node_devices(value: str) -> tuple[Device, ...]:
         raise AnnotationDecodeError(key=NODE_NVIDIA_REGISTER, value=value, reason=str(exc)) from exc
     devices = []
     for e in entries:
-        if min(e.index, e.count, e.devmem, e.devcore) < 0 or not e.id:
+        if not e.id:
+            raise AnnotationDecodeError(
+                key=NODE_NVIDIA_REGISTER, value=value, reason="a device has no id"
+            )
+        if min(e.index, e.count, e.devmem, e.devcore) < 0:
             raise AnnotationDecodeError(
                 key=NODE_NVIDIA_REGISTER,
                 value=value,
@@ -183,3 +211,33 @@ def decode_node_devices(value: str) -> tuple[Device, ...]:
             )
         )
     return tuple(devices)
+
+
+class _PairScore(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    # HAMi's hami.io/node-nvidia-score entry (pkg/device/devices.go, DevicePairScore)
+    uuid: str = ""
+    score: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+_pair_decoder = msgspec.json.Decoder(list[_PairScore])
+
+
+def decode_pair_scores(value: str) -> dict[str, dict[str, int]]:
+    """Decode ``hami.io/node-nvidia-score`` (HAMi ``DecodePairScores``): per device UUID,
+    its link score to each other device UUID (higher links better).
+
+    Raises ``AnnotationDecodeError`` naming the key and value when the JSON is malformed or
+    an entry has no ``uuid``.
+    """
+    try:
+        entries = _pair_decoder.decode(value)
+    except msgspec.DecodeError as exc:
+        raise AnnotationDecodeError(key=NODE_NVIDIA_SCORE, value=value, reason=str(exc)) from exc
+    out: dict[str, dict[str, int]] = {}
+    for e in entries:
+        if not e.uuid:
+            raise AnnotationDecodeError(
+                key=NODE_NVIDIA_SCORE, value=value, reason="an entry has no uuid"
+            )
+        out[e.uuid] = dict(e.score)
+    return out

@@ -28,7 +28,7 @@ MAX_NAME = 253  # DNS-1123 subdomain (pod names)
 MAX_LABEL = 63  # DNS-1123 label (namespaces, container names)
 MAX_UUID = 128
 MAX_TYPE = 128
-MAX_POLICY = 32
+MAX_POLICY = 128  # a policy name or a comma list of them
 MAX_GPUS = 16  # GPUs one container asks for, and devices one node registers
 MAX_DEVICES_PER_NODE = 16
 MAX_SPLIT_COUNT = 100  # slices one device may hold (HAMi deviceSplitCount)
@@ -66,6 +66,7 @@ SplitCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_SPLIT_COUNT)]
 CpuMilli = Annotated[int, msgspec.Meta(ge=0, le=MAX_CPU_MILLI)]
 HostMemoryMiB = Annotated[int, msgspec.Meta(ge=0, le=MAX_HOST_MEMORY_MIB)]
 Priority = Annotated[int, msgspec.Meta(ge=0, le=100)]
+Weight = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]  # a device-score weight
 
 _PATH = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
 

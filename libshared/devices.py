@@ -21,6 +21,9 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     ``memory_mib``: registered memory (physical x ``deviceMemoryScaling``), MiB.
     ``cores_percent``: registered compute, percent (100 for one card).
     ``split_count``: how many slices may share it (HAMi ``deviceSplitCount``, default 10).
+    ``pair_scores``: ``(UUID, score)`` of how well it links to each other device of the
+    node (HAMi's ``hami.io/node-nvidia-score``; higher is better), read by the
+    ``topology-aware`` GPU policy; empty when unknown (every pair then scores 0, as in HAMi).
     """
 
     uuid: bounds.DeviceUuid
@@ -32,6 +35,14 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     numa: bounds.Index = 0
     healthy: bool = True
     mode: bounds.Policy = "hami-core"
+    pair_scores: Annotated[
+        tuple[tuple[bounds.DeviceUuid, int], ...],
+        msgspec.Meta(max_length=bounds.MAX_DEVICES_PER_NODE),
+    ] = ()
+
+    def pair_score(self, uuid: str) -> int:
+        """This device's link score to device ``uuid`` (0 when unknown)."""
+        return next((score for other, score in self.pair_scores if other == uuid), 0)
 
 
 class NodeDevices(msgspec.Struct, frozen=True, kw_only=True):

@@ -17,7 +17,12 @@ MAX_SLICES = bounds.MAX_DEVICES_PER_NODE * bounds.MAX_SPLIT_COUNT  # in one node
 
 
 class Slice(msgspec.Struct, frozen=True, kw_only=True):
-    """One container's share of one device: memory in MiB, compute in percent."""
+    """One container's share of one device: memory in MiB, compute in percent.
+
+    ``init``: the slice is an init container's. Init containers run one after another and
+    before the app containers, so a pod books, per device, the larger of its init slices'
+    peak and its app slices' sum (``booked``), as HAMi does.
+    """
 
     pod_uid: bounds.Uid
     namespace: bounds.Namespace
@@ -29,6 +34,39 @@ class Slice(msgspec.Struct, frozen=True, kw_only=True):
     memory_mib: bounds.MemoryMiB
     cores_percent: bounds.Percent
     priority: bounds.Priority | None = None
+    init: bool = False
+
+
+def booked(slices: tuple[Slice, ...] | list[Slice]) -> dict[str, tuple[int, int, int]]:
+    """What ``slices`` book per device UUID: ``(memory MiB, cores percent, slots)``.
+
+    Per pod and device: app slices add up; init slices count by their peak (memory, cores)
+    and one slot; the pod books the larger of the two for each of the three (at least one
+    slot). Source: HAMi pkg/device/initContainer.go, ``CollapseInitContainerUsage``. Pure.
+    """
+    app: dict[tuple[str, str], list[int]] = {}
+    init: dict[tuple[str, str], list[int]] = {}
+    for s in slices:
+        key = (s.pod_uid, s.uuid)
+        if s.init:
+            cur = init.setdefault(key, [0, 0, 1])
+            cur[0], cur[1] = max(cur[0], s.memory_mib), max(cur[1], s.cores_percent)
+        else:
+            cur = app.setdefault(key, [0, 0, 0])
+            cur[0] += s.memory_mib
+            cur[1] += s.cores_percent
+            cur[2] += 1
+    out: dict[str, tuple[int, int, int]] = {}
+    zero = [0, 0, 0]
+    for key in app.keys() | init.keys():
+        a, i = app.get(key, zero), init.get(key, zero)
+        mem, cores, slots = out.get(key[1], (0, 0, 0))
+        out[key[1]] = (
+            mem + max(a[0], i[0]),
+            cores + max(a[1], i[1]),
+            slots + max(a[2], i[2], 1),
+        )
+    return out
 
 
 class PodCharge(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,16 +1,15 @@
 """The resource model: a Kubernetes pod spec into a normalized ``PodRequest``.
 
-HAMi's rules (Project-HAMi/HAMi docs "config.md", "Resource names" and the NVIDIA device's
-request parsing), restated:
+HAMi's rules (Project-HAMi/HAMi pkg/device/nvidia/device.go, ``GenerateResourceRequests``
+and ``MutateAdmission``; docs "config.md"), restated (details in ``parse_container``):
 
 - ``nvidia.com/gpu``: number of physical GPUs for the container.
-- ``nvidia.com/gpumem`` (MiB per GPU) wins over ``nvidia.com/gpumem-percentage`` (1-100);
-  with neither, ``defaultMemory`` if configured, else the whole card (100 percent).
-- ``nvidia.com/gpucores``: percent of the card's SMs (0-100); absent -> ``defaultCores``.
-- A container asking only ``nvidia.com/gpu`` gets the whole card's memory and 100 cores:
-  it is exclusive.
-- ``gpumem``/``gpumem-percentage``/``gpucores`` without ``nvidia.com/gpu`` ->
-  ``defaultGPUNum`` GPUs (1).
+- ``nvidia.com/gpumem`` (MiB per GPU) wins over ``nvidia.com/gpumem-percentage`` (0-100,
+  0 = unset); with neither, ``defaultMemory`` if configured, else the whole card.
+- ``nvidia.com/gpucores``: percent of the card's SMs (over 100 books 100); absent -> 100
+  for a container asking the whole card (it is exclusive), else ``defaultCores``.
+- ``gpumem``/``gpumem-percentage``/``gpucores`` in the limits without ``nvidia.com/gpu``
+  -> ``defaultGPUNum`` GPUs (1).
 - ``resources.limits`` are read first, then ``resources.requests``.
 
 Node-level CPU and memory follow kube-scheduler's NodeResourcesFit: the pod's request is the
@@ -38,6 +37,12 @@ PRIORITY = "nvidia.com/priority"
 GPU_RESOURCES = (GPU, GPUMEM, GPUMEM_PERCENTAGE, GPUCORES)
 
 POLICIES = ("binpack", "spread")
+# HAMi's GPU policies (pkg/util/types.go): one, or a comma-separated list of them
+GPU_POLICIES = ("binpack", "spread", "numa", "mutex", "topology-aware")
+INT32_MAX = 2**31 - 1  # HAMi keeps requests in int32
+# What Go's strconv.ParseBool reads as true: HAMi reads nvidia.com/numa-bind with it
+# (pkg/device/nvidia/device.go, assertNuma)
+GO_TRUE = frozenset(("1", "t", "T", "TRUE", "true", "True"))
 
 
 class ResourceSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,7 +89,12 @@ class ContainerRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """A pod's normalized request: GPU containers, node-level CPU/memory, selectors."""
+    """A pod's normalized request: GPU containers, node-level CPU/memory, selectors.
+
+    ``vgpu_mode``: HAMi's ``nvidia.com/vgpu-mode`` (``mode_allowed``).
+    ``device_weights``: ``(slot, core, memory)`` weights of HAMi's device score
+    (``hami.io/device-scoring-weights``; ``parse_device_weights``).
+    """
 
     uid: bounds.Uid
     namespace: bounds.Namespace = "default"
@@ -101,6 +111,8 @@ class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
     numa_bind: bool = False
     node_policy: bounds.Policy | None = None
     gpu_policy: bounds.Policy | None = None
+    device_weights: tuple[bounds.Weight, bounds.Weight, bounds.Weight] = (1, 1, 1)
+    vgpu_mode: bounds.Policy | None = None
 
     @property
     def gpu_containers(self) -> tuple[ContainerRequest, ...]:
@@ -114,6 +126,12 @@ class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
             return False
         return not self.use_types or any(x.lower() in t for x in self.use_types)
 
+    def mode_allowed(self, device_mode: str) -> bool:
+        """HAMi's mode selector: ``nvidia.com/vgpu-mode``, when set, must contain the
+        device's mode as a substring (pkg/device/nvidia/device.go, ``checkType``; a
+        mismatch is a ``CardTypeMismatch``)."""
+        return self.vgpu_mode is None or device_mode in self.vgpu_mode
+
     def uuid_allowed(self, uuid: str) -> bool:
         """HAMi's UUID selector: exact match, ``nouse`` wins."""
         if uuid in self.nouse_uuids:
@@ -121,7 +139,9 @@ class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
         return not self.use_uuids or uuid in self.use_uuids
 
 
-def _integer(container: str, field: str, raw: object, *, low: int, high: int | None) -> int:
+def _integer(
+    container: str, field: str, raw: object, *, low: int | None, high: int | None = None
+) -> int:
     try:
         q = parse_quantity(raw)
     except ValueError as exc:
@@ -133,7 +153,7 @@ def _integer(container: str, field: str, raw: object, *, low: int, high: int | N
             container=container, field=field, value=raw, reason="not a whole number"
         )
     n = int(q)
-    if n < low:
+    if low is not None and n < low:
         raise InvalidRequest(
             container=container, field=field, value=raw, reason=f"must be >= {low}"
         )
@@ -180,13 +200,34 @@ def _resources(spec: Mapping[str, Any], name: str) -> tuple[dict[str, Any], dict
 
 
 def parse_container(
-    spec: Mapping[str, Any], *, index: int, init: bool, settings: ResourceSettings
+    spec: Mapping[str, Any],
+    *,
+    index: int,
+    init: bool,
+    settings: ResourceSettings,
+    admission: bool = False,
 ) -> ContainerRequest:
     """One container spec (Kubernetes JSON) into a ``ContainerRequest`` by HAMi's rules.
 
+    Sources: pkg/device/nvidia/device.go -- ``GenerateResourceRequests`` (the request),
+    ``mutateContainerResource`` (``defaultGPUNum``) and ``defaultExclusiveCoreIfNeeded``
+    (the exclusive card) of ``MutateAdmission``:
+
+    - ``nvidia.com/gpu`` is ``defaultGPUNum`` when the limits name ``gpumem``,
+      ``gpumem-percentage`` or ``gpucores`` but not ``nvidia.com/gpu``;
+    - ``gpumem`` above int32 (2,147,483,647 MiB, e.g. ``16Gi``) gives no request at all
+      (HAMi: "not a plain integer within the int32 range");
+    - ``gpumem-percentage`` 0 or below is unset, over 100 is 100; with neither memory
+      resource set (or ``gpumem: 0``) the container gets ``defaultMemory`` MiB when
+      configured, else the whole card;
+    - ``gpucores`` over 100 books 100 (HAMi's ``Fit`` clamps it); absent, it is 100 when the
+      container asks the whole card (``gpumem-percentage: 100``, or neither memory
+      resource), else ``defaultCores``.
+
     Raises ``InvalidRequest`` naming the container, field and value for a negative or
-    non-numeric value, a percentage outside 1-100, cores over 100, or more GPUs than any
-    node has (``settings.max_gpus_per_node``).
+    non-numeric value, more GPUs than any node has (``settings.max_gpus_per_node``), and,
+    with ``admission=True``, a percentage outside 0-100 (HAMi's webhook denies it:
+    ``validateMemoryPercentage``; its scheduler clamps it).
     """
     name = str(spec.get("name") or f"container-{index}")
     limits, requests = _resources(spec, name)
@@ -198,10 +239,12 @@ def parse_container(
     raw_prio = pick(PRIORITY)
     priority = None if raw_prio is None else _integer(name, PRIORITY, raw_prio, low=0, high=None)
     max_gpus = settings.max_gpus_per_node
-    gpu_count = 0 if raw_gpu is None else _integer(name, GPU, raw_gpu, low=0, high=None)
-    asks_slice = any(v is not None for v in (raw_mem, raw_pct, raw_cores))
-    if raw_gpu is None and asks_slice:
+    none = ContainerRequest(name=name, index=index, init=init, gpu_count=0, priority=priority)
+    asks_slice = any(f in limits for f in (GPUMEM, GPUMEM_PERCENTAGE, GPUCORES))
+    if GPU not in limits and asks_slice and settings.default_gpu_num > 0:
         gpu_count = settings.default_gpu_num
+    else:
+        gpu_count = 0 if raw_gpu is None else _integer(name, GPU, raw_gpu, low=0, high=None)
     if max_gpus is not None and gpu_count > max_gpus:
         raise InvalidRequest(
             container=name,
@@ -210,28 +253,30 @@ def parse_container(
             reason=f"no node has more than {max_gpus} GPUs",
         )
     memory_mib = 0 if raw_mem is None else _integer(name, GPUMEM, raw_mem, low=0, high=None)
-    percent = 0 if raw_pct is None else _integer(name, GPUMEM_PERCENTAGE, raw_pct, low=1, high=100)
-    cores = None if raw_cores is None else _integer(name, GPUCORES, raw_cores, low=0, high=100)
-    if gpu_count == 0:
-        return ContainerRequest(name=name, index=index, init=init, gpu_count=0, priority=priority)
-    if memory_mib == 0 and percent == 0:
-        if not asks_slice:
-            # Only nvidia.com/gpu: the whole card, exclusive.
-            return ContainerRequest(
-                name=name,
-                index=index,
-                init=init,
-                gpu_count=gpu_count,
-                memory_percent=100,
-                cores_percent=100,
-                priority=priority,
-            )
+    percent = 0 if raw_pct is None else _integer(name, GPUMEM_PERCENTAGE, raw_pct, low=None)
+    if admission and not 0 <= percent <= 100:
+        # HAMi's webhook denies it (MutateAdmission, validateMemoryPercentage)
+        raise InvalidRequest(
+            container=name,
+            field=GPUMEM_PERCENTAGE,
+            value=raw_pct,
+            reason="must be an integer between 0 and 100",
+        )
+    # HAMi's webhook takes the card as asked whole on the value as written (100 exactly)
+    whole_card = percent == 100 if raw_pct is not None else raw_mem is None
+    percent = min(max(percent, 0), 100)  # over 100 is 100, below 1 unset (HAMi's request)
+    cores = None if raw_cores is None else _integer(name, GPUCORES, raw_cores, low=0, high=None)
+    if gpu_count == 0 or memory_mib > INT32_MAX:
+        return none
+    if cores is None:
+        cores = 100 if whole_card else settings.default_cores_percent
+    if memory_mib > 0:
+        percent = 0  # gpumem wins over gpumem-percentage
+    elif percent == 0:
         if settings.default_memory_mib > 0:
             memory_mib = settings.default_memory_mib
         else:
             percent = 100
-    if memory_mib > 0:
-        percent = 0  # gpumem wins over gpumem-percentage
     return ContainerRequest(
         name=name,
         index=index,
@@ -239,9 +284,47 @@ def parse_container(
         gpu_count=gpu_count,
         memory_mib=memory_mib,
         memory_percent=percent,
-        cores_percent=settings.default_cores_percent if cores is None else cores,
+        cores_percent=min(cores, 100),
         priority=priority,
     )
+
+
+def parse_device_weights(value: str) -> tuple[int, int, int]:
+    """``hami.io/device-scoring-weights`` (``"slot=1,core=1,memory=3"``) as ``(slot, core,
+    memory)``: all three named once, in any order, whole numbers >= 0, not all 0.
+
+    Source: HAMi pkg/util/device_scoring_weights.go, ``ParseDeviceScoringWeights``.
+    Raises ``InvalidRequest`` naming the annotation, its value and HAMi's reason.
+    """
+
+    def bad(reason: str) -> InvalidRequest:
+        return InvalidRequest(
+            container="", field=keys.DEVICE_SCORING_WEIGHTS, value=value, reason=reason
+        )
+
+    parts = value.split(",")
+    if len(parts) != 3:
+        raise bad("expected slot, core, and memory weights")
+    weights: dict[str, int] = {}
+    for part in parts:
+        key, eq, raw = part.strip().partition("=")
+        if not eq:
+            raise bad("expected key=value entries")
+        key = key.strip()
+        if key in weights:
+            raise bad(f"duplicate {key!r} weight")
+        text = raw.strip()
+        digits = text[1:] if text[:1] in "+-" else text
+        if not (digits.isascii() and digits.isdigit()):
+            raise bad(f"{key!r} weight must be an integer")
+        if int(text) < 0:
+            raise bad(f"{key!r} weight must not be negative")
+        if key not in ("slot", "core", "memory"):
+            raise bad(f"unknown weight {key!r}")
+        weights[key] = int(text)
+    if not any(weights.values()):
+        raise bad("at least one weight must be positive")
+    return (weights["slot"], weights["core"], weights["memory"])
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -272,11 +355,14 @@ def pod_containers(spec: Mapping[str, Any]) -> list[tuple[str, int, bool, Mappin
     return out
 
 
-def parse_pod(pod: Mapping[str, Any], *, settings: ResourceSettings | None = None) -> PodRequest:
+def parse_pod(
+    pod: Mapping[str, Any], *, settings: ResourceSettings | None = None, admission: bool = False
+) -> PodRequest:
     """A Kubernetes pod (JSON object with ``metadata`` and ``spec``) into a ``PodRequest``.
 
     Raises ``InvalidRequest`` (naming container, field and value) for any malformed GPU
-    resource, CPU/memory quantity, or scheduler-policy annotation.
+    resource, CPU/memory quantity, or scheduler-policy annotation; ``admission=True`` adds
+    the checks of HAMi's webhook (``parse_container``).
     """
     settings = settings or ResourceSettings()
     if not isinstance(pod, Mapping):
@@ -295,7 +381,7 @@ def parse_pod(pod: Mapping[str, Any], *, settings: ResourceSettings | None = Non
     containers: list[ContainerRequest] = []
     cpu_sum = mem_sum = cpu_init = mem_init = 0
     for index, (_, _, init, c) in enumerate(pod_containers(spec)):
-        req = parse_container(c, index=index, init=init, settings=settings)
+        req = parse_container(c, index=index, init=init, settings=settings, admission=admission)
         containers.append(req)
         limits, requests = _resources(c, req.name)
         raw_cpu = requests.get("cpu", limits.get("cpu"))
@@ -307,13 +393,23 @@ def parse_pod(pod: Mapping[str, Any], *, settings: ResourceSettings | None = Non
         else:
             cpu_sum, mem_sum = cpu_sum + cpu, mem_sum + mem
     policies: dict[str, str | None] = {}
-    for key in (keys.NODE_SCHEDULER_POLICY, keys.GPU_SCHEDULER_POLICY):
+    for key, allowed in (
+        (keys.NODE_SCHEDULER_POLICY, POLICIES),
+        (keys.GPU_SCHEDULER_POLICY, GPU_POLICIES),
+    ):
         raw = annos.get(key)
-        if raw is not None and str(raw).strip().lower() not in POLICIES:
+        if raw is None:
+            policies[key] = None
+            continue
+        # the GPU policy may be a list, "binpack,numa" (HAMi pkg/util PolicyContains)
+        names = [p.strip() for p in str(raw).lower().split(",")]
+        if (key == keys.NODE_SCHEDULER_POLICY and len(names) > 1) or any(
+            p not in allowed for p in names
+        ):
             raise InvalidRequest(
-                container="", field=key, value=raw, reason=f"must be one of {POLICIES}"
+                container="", field=key, value=raw, reason=f"must be one of {allowed}"
             )
-        policies[key] = None if raw is None else str(raw).strip().lower()
+        policies[key] = ",".join(names)
     return PodRequest(
         uid=str(meta.get("uid") or f"{meta.get('namespace', 'default')}/{meta.get('name', '')}"),
         namespace=str(meta.get("namespace") or "default"),
@@ -325,7 +421,13 @@ def parse_pod(pod: Mapping[str, Any], *, settings: ResourceSettings | None = Non
         nouse_types=_split(str(annos.get(keys.NOUSE_GPUTYPE, ""))),
         use_uuids=_split(str(annos.get(keys.USE_GPUUUID, ""))),
         nouse_uuids=_split(str(annos.get(keys.NOUSE_GPUUUID, ""))),
-        numa_bind=str(annos.get(keys.NUMA_BIND, "")).strip().lower() == "true",
+        numa_bind=str(annos.get(keys.NUMA_BIND, "")) in GO_TRUE,
+        vgpu_mode=None if keys.VGPU_MODE not in annos else str(annos[keys.VGPU_MODE]),
+        device_weights=(
+            (1, 1, 1)
+            if keys.DEVICE_SCORING_WEIGHTS not in annos
+            else parse_device_weights(str(annos[keys.DEVICE_SCORING_WEIGHTS]))
+        ),
         node_policy=policies[keys.NODE_SCHEDULER_POLICY],
         gpu_policy=policies[keys.GPU_SCHEDULER_POLICY],
     )

@@ -63,11 +63,13 @@ async def test_a_pod_spec_comes_back_as_a_normalized_request(
 @pytest.mark.parametrize(
     ("limits", "field", "value"),
     [
-        ({"nvidia.com/gpu": 1, "nvidia.com/gpucores": 150}, "nvidia.com/gpucores", "150"),
+        # gpucores over 100 and gpumem-percentage 0 are HAMi's to accept (clamped / unset);
+        # a percentage over 100 is what HAMi's webhook denies
+        ({"nvidia.com/gpu": 1, "nvidia.com/gpucores": -5}, "nvidia.com/gpucores", "-5"),
         (
-            {"nvidia.com/gpu": 1, "nvidia.com/gpumem-percentage": 0},
+            {"nvidia.com/gpu": 1, "nvidia.com/gpumem-percentage": 150},
             "nvidia.com/gpumem-percentage",
-            "0",
+            "150",
         ),
         ({"nvidia.com/gpu": "two"}, "nvidia.com/gpu", "two"),
     ],

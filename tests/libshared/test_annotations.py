@@ -59,26 +59,37 @@ def test_pod_devices_encode_as_uuid_vendor_mem_cores_and_a_semicolon_per_contain
 
 @pytest.mark.parametrize(("containers", "text"), POD_TABLE)
 def test_pod_devices_decode_the_hami_format(containers: list[list[DeviceGrant]], text: str) -> None:
-    assert annotations.decode_pod_devices(text) == containers
+    # HAMi keeps the empty entry after the final ';' (DecodePodDevices, TestPodDevicesCoding)
+    assert annotations.decode_pod_devices(text) == [*containers, []]
 
 
 @pytest.mark.parametrize(("containers", "text"), POD_TABLE)
 def test_pod_devices_round_trip_exactly(containers: list[list[DeviceGrant]], text: str) -> None:
-    assert annotations.decode_pod_devices(annotations.encode_pod_devices(containers)) == containers
-    assert annotations.encode_pod_devices(annotations.decode_pod_devices(text)) == text
+    n = len(containers)
+    decoded = annotations.decode_pod_devices(annotations.encode_pod_devices(containers))
+    assert annotations.container_entries(decoded, n) == containers
+    again = annotations.container_entries(annotations.decode_pod_devices(text), n)
+    assert annotations.encode_pod_devices(again) == text
 
 
 def test_every_container_gets_a_semicolon_even_without_devices() -> None:
     n = 5
     text = annotations.encode_pod_devices([[] for _ in range(n)])
     assert text == ";" * n
-    assert len(annotations.decode_pod_devices(text)) == n
+    decoded = annotations.decode_pod_devices(text)
+    assert len(decoded) == n + 1  # HAMi's entry after the final ';'
+    assert len(annotations.container_entries(decoded, n)) == n
 
 
 def test_the_vendor_is_kept_as_given() -> None:
     g = DeviceGrant(uuid="GPU-x", vendor="Hygon", memory_mib=5, cores_percent=6)
     assert annotations.encode_pod_devices([[g]]) == "GPU-x,Hygon,5,6:;"
-    assert annotations.decode_pod_devices("GPU-x,Hygon,5,6:;") == [[g]]
+    assert annotations.decode_pod_devices("GPU-x,Hygon,5,6:;") == [[g], []]
+
+
+def test_surplus_entries_that_hold_devices_are_never_dropped() -> None:
+    decoded = annotations.decode_pod_devices("GPU-a,NVIDIA,1,1:;GPU-b,NVIDIA,1,1:;")
+    assert len(annotations.container_entries(decoded, 1)) == 2
 
 
 @pytest.mark.parametrize(
@@ -195,7 +206,7 @@ def test_node_devices_use_hamis_json_keys_in_hamis_order() -> None:
         cores_percent=100,
         split_count=8,
         numa=1,
-        healthy=False,
+        healthy=True,
         mode="hami-core",
     )
     (entry,) = json.loads(annotations.encode_node_devices((d,)))
@@ -219,8 +230,48 @@ def test_node_devices_use_hamis_json_keys_in_hamis_order() -> None:
         "type": "NVIDIA-H100",
         "numa": 1,
         "mode": "hami-core",
-        "health": False,
+        "health": True,
     }
+
+
+def test_node_devices_leave_out_zero_fields_as_hami_does() -> None:
+    # HAMi's DeviceInfo fields are all omitempty (TestMarshalNodeDevices)
+    d = Device(uuid="GPU-0", index=0, type="NVIDIA-T4", memory_mib=15360, numa=0, healthy=False)
+    (entry,) = json.loads(annotations.encode_node_devices((d,)))
+    assert entry == {
+        "id": "GPU-0",
+        "count": 10,
+        "devmem": 15360,
+        "devcore": 100,
+        "type": "NVIDIA-T4",
+        "mode": "hami-core",
+    }
+
+
+@pytest.mark.parametrize(
+    ("missing", "field", "zero"),
+    [
+        ("numa", "numa", 0),
+        ("index", "index", 0),
+        ("mode", "mode", ""),
+        ("health", "healthy", False),
+        ("devmem", "memory_mib", 0),
+        ("count", "split_count", 0),
+        ("devcore", "cores_percent", 0),
+        ("type", "type", ""),
+    ],
+)
+def test_a_field_hami_left_out_reads_as_its_zero_value(
+    missing: str, field: str, zero: object
+) -> None:
+    (device,) = annotations.decode_node_devices(json.dumps([_without(missing)]))
+    assert getattr(device, field) == zero
+
+
+def test_fields_vslice_does_not_know_are_ignored() -> None:
+    extra = _entry(devicevendor="NVIDIA", migProfiles=[{"name": "1g.10gb"}], custominfo={})
+    (device,) = annotations.decode_node_devices(json.dumps([extra]))
+    assert device.uuid == "GPU-x"
 
 
 def test_node_devices_decode_json_written_by_hami() -> None:
@@ -274,9 +325,9 @@ def _without(field: str) -> dict[str, object]:
         pytest.param("not json", id="not-json"),
         pytest.param("{}", id="object-not-list"),
         pytest.param("null", id="null"),
-        pytest.param(json.dumps([_without("devmem")]), id="missing-devmem"),
+        # a missing devmem or health is HAMi's omitempty zero, no longer an error
+        # (test_a_field_hami_left_out_reads_as_its_zero_value); a missing id still is
         pytest.param(json.dumps([_without("id")]), id="missing-id"),
-        pytest.param(json.dumps([_without("health")]), id="missing-health"),
         pytest.param(json.dumps([_entry(devmem="24576")]), id="string-devmem"),
         pytest.param(json.dumps([_entry(count="10")]), id="string-count"),
         pytest.param(json.dumps([_entry(index=1.5)]), id="float-index"),

@@ -100,13 +100,24 @@ def test_a_slice_without_cores_gets_the_default_cores(default_cores: int) -> Non
 
 
 @pytest.mark.parametrize(
-    "settings",
-    [ResourceSettings(), ResourceSettings(default_memory_mib=2048, default_cores_percent=10)],
+    ("settings", "memory_mib", "memory_percent"),
+    [
+        (ResourceSettings(), 0, 100),
+        # HAMi gives defaultMemory to a gpu-only container too (GenerateResourceRequests,
+        # TestGenerateResourceRequests_DefaultMemory); its cores stay exclusive
+        (ResourceSettings(default_memory_mib=2048, default_cores_percent=10), 2048, 0),
+    ],
 )
-def test_only_nvidia_gpu_asks_for_whole_exclusive_cards(settings: ResourceSettings) -> None:
+def test_only_nvidia_gpu_asks_for_exclusive_cards_of_the_default_memory(
+    settings: ResourceSettings, memory_mib: int, memory_percent: int
+) -> None:
     c = one({GPU: "2"}, settings)
     assert c.gpu_count == 2
-    assert (c.memory_mib, c.memory_percent, c.cores_percent) == (0, 100, 100)
+    assert (c.memory_mib, c.memory_percent, c.cores_percent) == (
+        memory_mib,
+        memory_percent,
+        100,
+    )
     assert c.exclusive
 
 
@@ -356,9 +367,19 @@ def test_gpu_uuid_selection_is_exact_and_nouse_wins(
 
 @pytest.mark.parametrize(
     ("value", "bound"),
-    [("true", True), ("True", True), (" TRUE ", True), ("false", False), ("yes", False)],
+    [
+        ("true", True),
+        ("True", True),
+        ("TRUE", True),
+        ("1", True),
+        ("t", True),
+        # HAMi reads it with Go's strconv.ParseBool: no spaces, no "yes"
+        (" TRUE ", False),
+        ("false", False),
+        ("yes", False),
+    ],
 )
-def test_numa_bind_is_true_only_for_true(value: str, bound: bool) -> None:
+def test_numa_bind_is_what_go_parse_bool_reads_as_true(value: str, bound: bool) -> None:
     assert annotated({keys.NUMA_BIND: value}).numa_bind is bound
 
 
@@ -404,10 +425,10 @@ EIGHT = ResourceSettings(max_gpus_per_node=8)
         ({"limits": {GPU: 1, GPUMEM: "-1"}}, GPUMEM, "-1"),
         ({"limits": {GPU: 1, GPUMEM: "lots"}}, GPUMEM, "lots"),
         ({"limits": {GPU: 1, GPUCORES: "lots"}}, GPUCORES, "lots"),
-        ({"limits": {GPU: 1, GPUCORES: "101"}}, GPUCORES, "101"),
         ({"limits": {GPU: 1, GPUCORES: "-5"}}, GPUCORES, "-5"),
-        ({"limits": {GPU: 1, GPUMEM_PERCENTAGE: "0"}}, GPUMEM_PERCENTAGE, "0"),
         ({"limits": {GPU: 1, GPUMEM_PERCENTAGE: "101"}}, GPUMEM_PERCENTAGE, "101"),
+        # cores over 100 and a percentage of 0 are no longer here: HAMi accepts them
+        # (clamped to 100, unset; tests/libshared/test_hami_parity.py)
         ({"limits": {GPU: "1.5"}}, GPU, "1.5"),
         ({"limits": {GPU: "-1"}}, GPU, "-1"),
         ({"limits": {GPU: True}}, GPU, True),
@@ -429,7 +450,10 @@ def test_a_bad_value_names_its_container_field_and_value(
 ) -> None:
     bad = {"name": "worker", "resources": resources_}
     with pytest.raises(InvalidRequest) as info:
-        resources.parse_pod(pod(container("fine", limits={GPU: 1}), bad), settings=EIGHT)
+        # admission=True: HAMi's webhook checks (a percentage over 100 is denied there)
+        resources.parse_pod(
+            pod(container("fine", limits={GPU: 1}), bad), settings=EIGHT, admission=True
+        )
     err = info.value
     assert (err.container, err.field, err.value) == ("worker", field, value)
     assert "worker" in str(err)

@@ -56,7 +56,8 @@ def test_each_fit_rule_rejects_with_hamis_reason(setup, request_kwargs, reason):
     assert fitting.DEVICE_REASONS[int(codes[0, 0])] == reason
     result = Scheduler(c, policy="hami").filter(p)
     assert result.feasible == []
-    assert result.failed["n"] == f"1/1 {reason}, {fitting.NODE_INSUFFICIENT_DEVICE}"
+    # HAMi's reason is the counted device reasons alone (GenReason): no NodeInsufficientDevice
+    assert result.failed["n"] == f"1/1 {reason}"
 
 
 def test_a_device_that_fits_has_no_reason():
@@ -72,8 +73,9 @@ def test_reasons_are_counted_per_device_of_the_node():
     p = pod("q", gpus=2, mem=10000, cores=10)
     result = Scheduler(c).filter(p)
     assert result.feasible == []
-    assert result.failed["n"] == "4/4 CardInsufficientMemory, NodeInsufficientDevice"
-    assert result.failed["m"] == "1/2 CardInsufficientCore, NodeInsufficientDevice"
+    assert result.failed["n"] == "4/4 CardInsufficientMemory"
+    # the device that fitted is counted as HAMi's AllocatedCardsInsufficientRequest
+    assert result.failed["m"] == "1/2 AllocatedCardsInsufficientRequest, 1/2 CardInsufficientCore"
 
 
 def test_too_few_devices_is_node_insufficient_device():
@@ -159,7 +161,7 @@ def test_vector_fit_and_exact_fit_agree_on_random_fleets():
                 mem=int(rng.integers(500, 9000)),
                 cores=int(rng.choice([0, 10, 30, 100])),
             )
-            ok, _ = s._candidates(p)
+            ok = s._candidates(p)
             exact = [
                 fitting.fit_node(c, n, p, gpu_policy="spread")[0] is not None for n in range(c.size)
             ]
@@ -170,3 +172,28 @@ def test_vector_fit_and_exact_fit_agree_on_random_fleets():
         assert (c.dev_mem_used <= c.dev_mem).all()
         assert (c.dev_cores_used <= np.maximum(c.dev_cores, 100)).all()
         assert (c.dev_used <= c.dev_split).all()
+
+
+def test_vector_reasons_and_exact_reasons_are_the_same_strings_on_random_fleets():
+    rng = np.random.default_rng(11)
+    for trial in range(20):
+        nodes = [
+            node(f"n{i}", int(rng.integers(1, 5)), split=int(rng.integers(1, 4))) for i in range(6)
+        ]
+        c = cluster(*nodes)
+        s = Scheduler(c, policy="hami", seed=trial)
+        for k in range(25):
+            p = pod(
+                f"{trial}-{k}",
+                gpus=int(rng.integers(1, 4)),
+                mem=int(rng.integers(500, 12000)),
+                cores=int(rng.choice([0, 10, 30, 100])),
+            )
+            failed = s.filter(p).failed
+            for n in range(c.size):
+                exact = fitting.fit_node(c, n, p, gpu_policy="spread")
+                if exact[0] is None:
+                    assert failed[c.nodes[n]] == exact[1]
+            d = s.decide(p)
+            if isinstance(d, Placement):
+                c.apply(d)

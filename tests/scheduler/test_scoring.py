@@ -17,14 +17,14 @@ def _place(c, p, policy="hami"):
     return d
 
 
-def test_hami_node_score_is_ten_times_the_three_usage_ratios():
+def test_hami_node_score_is_ten_times_the_three_usage_ratios_before_the_pod():
     c = cluster(node("a", 2, memory_mib=10000, split=10), node("b", 4, memory_mib=10000, split=5))
     _place(c, pod("x", mem=3000, cores=20, use_uuids=("a-gpu0",)))
-    score = scoring.hami_node_score(c, gpus=1, memory_mib=1000, cores_percent=10)
-    # node a after adding one more slice: used 2/20, cores 30/200, MiB 4000/20000
-    assert score[0] == pytest.approx(10 * (2 / 20 + 30 / 200 + 4000 / 20000))
-    # node b: used 1/20, cores 10/400, MiB 1000/40000
-    assert score[1] == pytest.approx(10 * (1 / 20 + 10 / 400 + 1000 / 40000))
+    score = scoring.hami_node_score(c)
+    # HAMi's ComputeDefaultScore runs before the pod is added (pkg/scheduler/score.go
+    # scoreNode): node a holds used 1/20, cores 20/200, MiB 3000/20000; node b nothing
+    assert score[0] == pytest.approx(10 * (1 / 20 + 20 / 200 + 3000 / 20000))
+    assert score[1] == 0
 
 
 @pytest.mark.parametrize(

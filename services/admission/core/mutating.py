@@ -13,19 +13,23 @@ What a pod with any vslice/HAMi GPU resource (``nvidia.com/gpu``, ``gpumem``,
   the API server fills in before mutating webhooks run (HAMi #1162).
 - the model's defaults written into the spec, so what the scheduler and the device plugin
   read is what the pod says: ``nvidia.com/gpu`` (HAMi's ``defaultGPUNum``) for a container
-  that asks memory or cores only, and ``nvidia.com/gpucores: 100`` for an exclusive
-  container (HAMi: a container asking only ``nvidia.com/gpu`` owns the whole card).
+  that asks memory or cores only, and ``nvidia.com/gpucores: 100`` for a container asking
+  the whole card (HAMi's ``defaultExclusiveCoreIfNeeded``: ``nvidia.com/gpu`` with no
+  memory resource, or ``gpumem-percentage: 100``).
 - env ``CUDA_TASK_PRIORITY`` from ``nvidia.com/priority`` and, when configured,
   ``GPU_CORE_UTILIZATION_POLICY`` (HAMi-core's variables); a variable the container
   already sets is left alone.
 
-Denied, the message naming the container, field and value: a privileged container that
-asks for a GPU (it sees every device, so no slice holds it: HAMi #611, #2138);
+Denied, the message naming the container, field and value: a pod without containers
+(HAMi's webhook denies it: ``Handle``, "pod has no containers"); a GPU pod with any
+privileged container, a sidecar included (it sees every device, so no slice holds it:
+HAMi #611, #2138);
 ``spec.nodeName`` already set (the pod would bypass the scheduler, so no slice would be
 reserved for it); a pod created with the scheduler's allocation annotations (forged
 allocations: HAMi #3042); any value the resource model rejects (``InvalidRequest``).
 
-Skipped (allowed, no patch): pods without GPU resources; pods labelled
+Skipped (allowed, no patch): pods without GPU resources, or whose GPU resources HAMi's
+``MutateAdmission`` does not take (``gpumem`` only in the requests); pods labelled
 ``hami.io/webhook: ignore``; pods naming another scheduler than ``default-scheduler`` or
 vslice's; mirror pods of static pods (kubelet creates them with ``nodeName`` set, for a
 pod already running); operations other than CREATE and objects other than core/v1 Pods. Namespaces
@@ -64,7 +68,6 @@ SCHEDULER_OWNED = (
     keys.BIND_PHASE,
     keys.BIND_TIME,
 )
-MEMORY_RESOURCES = frozenset((resources.GPUMEM, resources.GPUMEM_PERCENTAGE))
 ENV_PRIORITY = "CUDA_TASK_PRIORITY"
 ENV_CORE_POLICY = "GPU_CORE_UTILIZATION_POLICY"
 CORE_POLICIES = ("default", "force", "disable")
@@ -331,6 +334,9 @@ def decide(review: AdmissionReview | Mapping[str, Any], *, settings: MutationSet
         containers = resources.pod_containers(spec)
     except InvalidRequest as exc:
         return deny(f"{exc.field}={_shown(exc.value)!r}: {exc.reason}", code=422)
+    if not any(init is False for _, _, init, _ in containers):
+        # HAMi's webhook denies such a pod (pkg/scheduler/webhook.go, Handle)
+        return deny("spec.containers=[]: pod has no containers", code=422)
     if not any(_asked(c) for _, _, _, c in containers):
         return skip("no GPU resources")
     scheduler = spec.get("schedulerName")
@@ -352,10 +358,17 @@ def decide(review: AdmissionReview | Mapping[str, Any], *, settings: MutationSet
                 "its own allocation)"
             )
     try:
-        model = resources.parse_pod(pod, settings=settings.resources)
+        model = resources.parse_pod(pod, settings=settings.resources, admission=True)
     except InvalidRequest as exc:
         where = f"container {exc.container!r}: " if exc.container else ""
         return deny(f"{where}{exc.field}={_shown(exc.value)!r}: {exc.reason}", code=422)
+    if not any(c.gpu_count > 0 for c in model.containers) and not any(
+        resources.GPU in _mapping(_mapping(c.get("resources")).get("limits"))
+        for _, _, _, c in containers
+    ):
+        # HAMi's MutateAdmission finds no resource: gpumem/gpucores only in the requests,
+        # or a gpumem past int32 (libshared.resources.parse_container)
+        return skip("no GPU requested")
 
     patch = _Patch()
     if scheduler != settings.scheduler_name:
@@ -364,25 +377,28 @@ def decide(review: AdmissionReview | Mapping[str, Any], *, settings: MutationSet
             {"op": op, "path": pointer("spec", "schedulerName"), "value": settings.scheduler_name}
         )
     # parse_pod reads pod_containers' order: one ContainerRequest per container.
+    for (_, _, _, container), wanted in zip(containers, model.containers, strict=True):
+        if not _privileged(container):
+            continue
+        # the first privileged container, init containers first, as HAMi's webhook names it;
+        # any privileged container denies a GPU pod there (HAMi #2138)
+        asked = _asked(container)
+        what = f"with {', '.join(sorted(asked))}" if asked else "in a pod asking for a GPU"
+        return deny(
+            f"container {wanted.name!r}: securityContext.privileged=True {what}: a privileged "
+            "container sees every GPU of the node, so no slice can hold it"
+        )
     for (key, position, _, container), wanted in zip(containers, model.containers, strict=True):
         asked = _asked(container)
         if not asked:
             continue
         name = wanted.name
-        if wanted.gpu_count > 0 and _privileged(container):
-            return deny(
-                f"container {name!r}: securityContext.privileged=True with "
-                f"{', '.join(sorted(asked))}: a privileged container sees every GPU of the "
-                "node, so no slice can hold it"
-            )
         base = pointer("spec", key, position)
         if wanted.gpu_count > 0 and resources.GPU not in asked:
             patch.resource(base, container, resources.GPU, str(wanted.gpu_count))
         if wanted.exclusive and resources.GPUCORES not in asked:
-            # The whole card: written out in full, so that the model reads the mutated
-            # pod as it read this one even where a defaultMemory is configured.
-            if wanted.memory_percent == 100 and not asked & MEMORY_RESOURCES:
-                patch.resource(base, container, resources.GPUMEM_PERCENTAGE, "100")
+            # HAMi writes 100 cores for a container asking the whole card
+            # (pkg/device/nvidia/device.go, defaultExclusiveCoreIfNeeded)
             patch.resource(base, container, resources.GPUCORES, str(wanted.cores_percent))
         if wanted.priority is not None:
             patch.env(base, container, ENV_PRIORITY, str(wanted.priority))

@@ -28,9 +28,16 @@ def _uid(pod: object) -> str:
 
 def review(pod: Mapping[str, Any], *, settings: ResourceSettings) -> PodRequest | events.Denial:
     """The pod's normalized ``PodRequest`` by HAMi's rules (``libshared.resources``), or a
-    ``Denial`` naming the container, field and value that ``parse_pod`` rejected."""
+    ``Denial`` naming the container, field and value that ``parse_pod`` rejected, or
+    ``spec.containers`` for a pod without containers (HAMi's webhook denies it: ``Handle``,
+    "pod has no containers")."""
     try:
-        return parse_pod(pod, settings=settings)
+        request = parse_pod(pod, settings=settings, admission=True)
+        if not any(not c.init for c in request.containers):
+            raise InvalidRequest(
+                container="", field="spec.containers", value=[], reason="pod has no containers"
+            )
+        return request
     except InvalidRequest as exc:
         value = repr(exc.value) if not isinstance(exc.value, str) else exc.value
         return events.Denial(

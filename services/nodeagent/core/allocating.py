@@ -221,11 +221,15 @@ def pending_pod(pod: Mapping[str, Any], *, node: str) -> PendingPod | None:
     raw = annos.get(keys.VGPU_DEVICES_TO_ALLOCATE)
     if not raw:
         return None
-    grants = keys.decode_pod_devices(str(raw), key=keys.VGPU_DEVICES_TO_ALLOCATE)
+    decoded = keys.decode_pod_devices(str(raw), key=keys.VGPU_DEVICES_TO_ALLOCATE)
     try:
         containers, regular = _containers(spec)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from exc
+    # HAMi's format leaves an empty entry after the final ';' (keys.container_entries)
+    grants = keys.container_entries(decoded, len(containers))
+    if len(grants) != len(containers):
+        grants = keys.container_entries(decoded, regular)
     if len(grants) == len(containers):
         aligned = containers
     elif len(grants) == regular:

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from libshared.devices import NodeDevices
 from libshared.events import Placement
-from libshared.ledgers import NodeLedger, PodCharge, Slice
+from libshared.ledgers import NodeLedger, PodCharge, Slice, booked
 
 MILLI = 1000  # one whole GPU in milli-GPU, the FGD paper's unit
 
@@ -179,13 +179,13 @@ class Cluster:
         mem = [0] * self.max_devices
         cores = [0] * self.max_devices
         used = [0] * self.max_devices
-        for s in ledger.slices:
-            slot = slot_of.get(s.uuid)
+        for uuid, (m, k, u) in booked(ledger.slices).items():
+            slot = slot_of.get(uuid)
             if slot is None:
                 continue  # a slice on a device the node no longer reports: kept in the ledger
-            mem[slot] += s.memory_mib
-            cores[slot] += s.cores_percent
-            used[slot] += 1
+            mem[slot] += m
+            cores[slot] += k
+            used[slot] += u
         self.dev_mem_used[n] = mem
         self.dev_cores_used[n] = cores
         self.dev_used[n] = used
@@ -228,6 +228,11 @@ class Cluster:
         ledger = self.ledger_with(placement)
         self.ledgers[n] = ledger
         self.pod_nodes[placement.pod_uid] = n
+        if any(s.init for s in placement.slices):
+            # init slices book their peak, not their sum: count the node anew
+            self.ledgers[n] = ledger
+            self._recount(n)
+            return
         for s in placement.slices:
             slot = s.device_index
             self.dev_mem_used[n, slot] += s.memory_mib

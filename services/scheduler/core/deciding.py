@@ -19,7 +19,10 @@ name                node choice                      device choice
 ==================  ===============================  =====================================
 
 A pod's ``hami.io/node-scheduler-policy`` / ``hami.io/gpu-scheduler-policy`` annotations
-override the node / device choice under every policy, as in HAMi. Ties between equally
+override the node / device choice under every policy, as in HAMi; the GPU policy may be any
+of HAMi's (``binpack``, ``spread``, ``numa``, ``mutex``, ``topology-aware``, or a list of
+them: ``fitting.sort_key``, ``fitting.fit_container``). The HAMi node score is the node's
+usage before the pod (``scoring.hami_node_score``). Ties between equally
 scored nodes go to the node first in a seeded random order of the nodes, as in the FGD
 paper's simulator (HAMi policies keep the lowest node index; ``random`` draws anew each
 time).
@@ -109,34 +112,36 @@ class Scheduler:
 
     # -- filter --------------------------------------------------------------------------
 
-    def _candidates(self, pod: PodRequest) -> tuple[BoolArray, IntArray | None]:
+    def _candidates(self, pod: PodRequest) -> BoolArray:
         c = self.cluster
         cpu_ok, mem_ok = fitting.node_resources_ok(c, pod)
         ok = c.offered & cpu_ok & mem_ok
         ok &= c.dev_valid.any(axis=1) | (len(pod.gpu_containers) == 0)
         gpus = pod.gpu_containers
         if not gpus:
-            return ok, None
+            return ok
         types_ok = fitting.type_mask(c, pod)
         uuids_ok = fitting.uuid_mask(c, pod)
-        codes = None
         for container in gpus:
-            codes_i = fitting.device_codes(c, pod, container, types_ok=types_ok, uuids_ok=uuids_ok)
-            ok = ok & ((codes_i == 0).sum(axis=1) >= container.gpu_count)
-            codes = codes_i if codes is None else codes
-        if len(gpus) > 1:
-            # containers share devices: only an exact, container-by-container fit tells
+            codes = fitting.device_codes(c, pod, container, types_ok=types_ok, uuids_ok=uuids_ok)
+            ok = ok & ((codes == 0).sum(axis=1) >= container.gpu_count)
+        policy = self._gpu_policy(pod)
+        if len(gpus) > 1 or pod.numa_bind or "mutex" in fitting.policy_names(policy):
+            # containers share devices, numa-bind groups them, mutex refuses used ones:
+            # only an exact, container-by-container fit tells
             for n in np.flatnonzero(ok).tolist():
-                if fitting.fit_node(c, n, pod, gpu_policy="spread")[0] is None:
+                if fitting.fit_node(c, n, pod, gpu_policy=policy)[0] is None:
                     ok[n] = False
-        return ok, codes
+        return ok
 
-    def _reasons(
-        self, pod: PodRequest, ok: BoolArray, codes: IntArray | None, among: list[int]
-    ) -> dict[str, str]:
+    def _reasons(self, pod: PodRequest, ok: BoolArray, among: list[int]) -> dict[str, str]:
         c = self.cluster
         cpu_ok, mem_ok = fitting.node_resources_ok(c, pod)
-        need = pod.gpu_containers[0].gpu_count if pod.gpu_containers else 0
+        gpus = pod.gpu_containers
+        policy = self._gpu_policy(pod)
+        codes = None
+        if len(gpus) == 1 and not pod.numa_bind and "mutex" not in fitting.policy_names(policy):
+            codes = fitting.device_codes(c, pod, gpus[0])  # the same reasons, vectorised
         out = {}
         for n in among:
             if ok[n]:
@@ -147,11 +152,12 @@ class Scheduler:
                 why = fitting.INSUFFICIENT_CPU
             elif not mem_ok[n]:
                 why = fitting.INSUFFICIENT_MEMORY
-            elif codes is not None and len(pod.gpu_containers) == 1:
-                why = fitting.explain(codes, c, n, need)
+            elif codes is not None:
+                why = fitting.explain(codes, c, n, gpus[0].gpu_count)
             else:
+                # HAMi's reason for the node: the first container that does not fit
                 why = (
-                    fitting.fit_node(c, n, pod, gpu_policy="spread")[1]
+                    fitting.fit_node(c, n, pod, gpu_policy=policy)[1]
                     or fitting.NODE_INSUFFICIENT_DEVICE
                 )
             out[c.nodes[n]] = why
@@ -164,11 +170,11 @@ class Scheduler:
         Unknown node names are reported as failed with ``"unknown node"``.
         """
         c = self.cluster
-        ok, codes = self._candidates(pod)
+        ok = self._candidates(pod)
         idx = list(range(c.size)) if nodes is None else [c.node_index.get(x, -1) for x in nodes]
         failed = {x: "unknown node" for x, i in zip(nodes or [], idx, strict=False) if i < 0}
         known = [i for i in idx if i >= 0]
-        failed.update(self._reasons(pod, ok, codes, known))
+        failed.update(self._reasons(pod, ok, known))
         return FilterResult(feasible=[c.nodes[i] for i in known if ok[i]], failed=failed)
 
     # -- decide --------------------------------------------------------------------------
@@ -195,7 +201,7 @@ class Scheduler:
                 slices=slices,
                 charge=charge or PodCharge(pod_uid=pod.uid),
             )
-        ok, codes = self._candidates(pod)
+        ok = self._candidates(pod)
         if nodes is not None:
             allowed = np.zeros(c.size, dtype=bool)
             allowed[[c.node_index[x] for x in nodes if x in c.node_index]] = True
@@ -206,11 +212,9 @@ class Scheduler:
             if picked is not None:
                 return self._placement(pod, n, picked)
             ok[n] = False  # numa-bind or a multi-container conflict the vector check missed
-        return self._unschedulable(pod, ok, codes, explain=explain)
+        return self._unschedulable(pod, ok, explain=explain)
 
-    def _unschedulable(
-        self, pod: PodRequest, ok: BoolArray, codes: IntArray | None, *, explain: bool
-    ) -> Unschedulable:
+    def _unschedulable(self, pod: PodRequest, ok: BoolArray, *, explain: bool) -> Unschedulable:
         c = self.cluster
         cpu_ok, mem_ok = fitting.node_resources_ok(c, pod)
         offered = c.offered
@@ -228,43 +232,34 @@ class Scheduler:
             if k
         ]
         among = np.flatnonzero(offered).tolist()
-        reasons = self._reasons(pod, ok, codes, among) if explain else {}
+        reasons = self._reasons(pod, ok, among) if explain else {}
         return Unschedulable(
             pod_uid=pod.uid,
             reason=f"0/{n_offered} nodes fit: " + ", ".join(parts),
             node_reasons=reasons,
         )
 
+    def _gpu_policy(self, pod: PodRequest) -> str:
+        """The device policy for ``pod``: its annotation, else the policy's, else spread
+        (HAMi's default ``gpu-scheduler-policy``)."""
+        return pod.gpu_policy or HAMI_POLICIES.get(self.policy, (None, "spread"))[1]
+
     def _choose(self, pod: PodRequest, ok: BoolArray) -> tuple[int, list[int] | None, str]:
         c = self.cluster
-        node_policy, gpu_policy = HAMI_POLICIES.get(self.policy, (None, None))
-        node_policy = pod.node_policy or node_policy
-        gpu_policy = pod.gpu_policy or gpu_policy
+        node_policy = pod.node_policy or HAMI_POLICIES.get(self.policy, (None, None))[0]
         task = task_of(pod)
         first = pod.gpu_containers[0] if pod.gpu_containers else None
         prefer: list[int] | None = None
         if node_policy is not None:
-            mem = (
-                0
-                if first is None
-                else (
-                    c.dev_mem.max(axis=1) * first.memory_percent // 100
-                    if first.memory_mib == 0
-                    else first.memory_mib
-                )
-            )
-            score = scoring.hami_node_score(
-                c,
-                gpus=task.gpu_count,
-                memory_mib=mem,
-                cores_percent=first.cores_percent if first else 0,
-            )
+            # HAMi scores a node by its usage before the pod (scoring.hami_node_score)
+            score = scoring.hami_node_score(c)
             score = np.where(ok, score, -np.inf if node_policy == "binpack" else np.inf)
             n = int(np.argmax(score) if node_policy == "binpack" else np.argmin(score))
         elif self.policy == "fgd":
             assert self.fgd is not None
             scores, best = self.fgd.scores(c, task)
             n = self._pick_max(np.where(ok, scores, -(1 << 40)), ok)
+            prefer = []  # FGD's own order: its best devices, else the least used
             if task.gpu_count == 1 and best[n] and min(best[n]) < MILLI:
                 row = c.free_milli[n].tolist()
                 prefer = [s for s, g in enumerate(row) if g in best[n]]
@@ -294,7 +289,7 @@ class Scheduler:
             prefer = sorted(range(len(row)), key=lambda s: (row[s], s))
         if pod.gpu_policy is not None:
             prefer = None
-        return n, prefer, gpu_policy or "spread"
+        return n, prefer, self._gpu_policy(pod)
 
     def _classes(self) -> list[frozenset[str]]:
         """GpuClustering classes of the pods on each node, recomputed for changed nodes."""
@@ -347,6 +342,7 @@ class Scheduler:
                         memory_mib=container.memory_on(dev.memory_mib),
                         cores_percent=container.cores_percent,
                         priority=container.priority,
+                        init=container.init,
                     )
                 )
         return Placement(

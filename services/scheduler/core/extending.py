@@ -366,6 +366,7 @@ class PodState:
     containers: tuple[str, ...]
     annotations: dict[str, str]
     raw: dict[str, Any] = field(repr=False, compare=False)
+    init_containers: int = 0
 
     @property
     def bound(self) -> bool:
@@ -397,10 +398,12 @@ def pod_state(obj: Mapping[str, Any]) -> PodState:
         raise ValueError(f"pod object without metadata.uid: {str(meta)[:200]}")
     annos = meta.get("annotations") or {}
     names = []
+    inits = 0
     if isinstance(spec, Mapping):
         for key in ("initContainers", "containers"):
             for c in spec.get(key) or []:
                 names.append(str(c.get("name", "")) if isinstance(c, Mapping) else "")
+                inits += key == "initContainers"
     node = spec.get("nodeName") if isinstance(spec, Mapping) else None
     phase = status.get("phase") if isinstance(status, Mapping) else None
     return PodState(
@@ -414,6 +417,7 @@ def pod_state(obj: Mapping[str, Any]) -> PodState:
         if isinstance(annos, Mapping)
         else {},
         raw=dict(obj),
+        init_containers=inits,
     )
 
 
@@ -429,7 +433,7 @@ def restored_placement(state: PodState, registration: NodeDevices) -> Placement:
     value = state.allocation
     if value is None:
         raise AnnotationDecodeError(key=key, value="", reason="missing")
-    grants = keys.decode_pod_devices(value, key=key)
+    grants = keys.container_entries(keys.decode_pod_devices(value, key=key), len(state.containers))
     if len(grants) > len(state.containers):
         raise AnnotationDecodeError(
             key=key,
@@ -462,6 +466,7 @@ def restored_placement(state: PodState, registration: NodeDevices) -> Placement:
                     memory_mib=g.memory_mib,
                     cores_percent=g.cores_percent,
                     priority=priorities.get(index),
+                    init=index < state.init_containers,
                 )
             )
     charge = PodCharge(

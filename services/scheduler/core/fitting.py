@@ -1,30 +1,37 @@
 """Fit: which devices and nodes can hold a pod's slices, and why the others cannot.
 
-Rules and reason names are HAMi's (Project-HAMi/HAMi, NVIDIA device ``Fit``; docs
-"scheduler-event-log"), checked per device in this order:
+Rules, order and reason strings are HAMi's (Project-HAMi/HAMi: pkg/device/nvidia/device.go
+``NvidiaGPUDevices.Fit``, pkg/scheduler/score.go ``fitInDevices`` and ``scoreNode``,
+pkg/device/common/common.go ``GenReason``), checked per device in this order:
 
 1. ``CardNotHealth``                 the device is unhealthy
 2. ``CardTypeMismatch``              ``nvidia.com/use-gputype`` / ``nouse-gputype``
 3. ``CardUuidMismatch``              ``nvidia.com/use-gpuuuid`` / ``nouse-gpuuuid``
 4. ``CardTimeSlicingExhausted``      all ``deviceSplitCount`` slots are taken
 5. ``CardInsufficientMemory``        free MiB < requested MiB (percent of the card's MiB)
-6. ``CardInsufficientCore``          free cores < requested cores
-7. ``ExclusiveDeviceAllocateConflict`` 100 cores asked on a device that already has slices
-8. ``CardComputeUnitsExhausted``     0 cores asked on a device whose cores are all used
+6. ``CardInsufficientCore``          free cores < requested cores (a request over 100 is 100)
+7. ``ExclusiveDeviceAllocateConflict`` 100 cores asked on a 100-core device that has slices
+8. ``CardComputeUnitsExhausted``     0 cores asked on a device whose cores are all booked
 
-Then per node: fewer fitting devices than ``nvidia.com/gpu`` -> ``NodeInsufficientDevice``;
-``nvidia.com/numa-bind`` requires all of a container's GPUs on one NUMA node
-(``NumaNotFit``); CPU and host memory as kube-scheduler's NodeResourcesFit
-(``Insufficient cpu`` / ``Insufficient memory``). Pure functions over ``Cluster`` arrays.
+Per container: more GPUs than the node has -> ``NodeInsufficientDevice`` alone; devices
+are tried in HAMi's order (``walk``); ``nvidia.com/numa-bind`` keeps a container's GPUs on
+one NUMA node (devices given up count as ``NumaNotFit``); devices taken short of the count
+count as ``AllocatedCardsInsufficientRequest``. The reason reads ``"1/4
+AllocatedCardsInsufficientRequest, 3/4 CardInsufficientMemory"`` (whole strings sorted).
+CPU and host memory as kube-scheduler's NodeResourcesFit (``Insufficient cpu`` /
+``Insufficient memory``). Pure functions over ``Cluster`` arrays.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
+from libshared.annotations import NVIDIA_VENDOR
+from libshared.devices import Device
 from libshared.resources import ContainerRequest, PodRequest
 from services.scheduler.core.clusters import BoolArray, Cluster, IntArray
 
@@ -37,6 +44,7 @@ CARD_INSUFFICIENT_CORE = "CardInsufficientCore"
 EXCLUSIVE_DEVICE_ALLOCATE_CONFLICT = "ExclusiveDeviceAllocateConflict"
 CARD_COMPUTE_UNITS_EXHAUSTED = "CardComputeUnitsExhausted"
 NODE_INSUFFICIENT_DEVICE = "NodeInsufficientDevice"
+ALLOCATED_CARDS_INSUFFICIENT_REQUEST = "AllocatedCardsInsufficientRequest"
 NUMA_NOT_FIT = "NumaNotFit"
 INSUFFICIENT_CPU = "Insufficient cpu"
 INSUFFICIENT_MEMORY = "Insufficient memory"
@@ -56,11 +64,18 @@ DEVICE_REASONS = (
 
 
 def type_mask(cluster: Cluster, pod: PodRequest) -> BoolArray:
-    """(N, D) True where the device's type passes the pod's type selectors."""
+    """(N, D) True where the device's type (and mode) passes the pod's type selectors."""
     if not pod.use_types and not pod.nouse_types:
-        return cluster.dev_valid
-    allowed = np.array([pod.type_allowed(t) for t in cluster.types] + [False], dtype=bool)
-    return allowed[cluster.dev_type]  # dev_type -1 (empty slot) maps to the trailing False
+        mask = cluster.dev_valid
+    else:
+        allowed = np.array([pod.type_allowed(t) for t in cluster.types] + [False], dtype=bool)
+        mask = allowed[cluster.dev_type]  # dev_type -1 (empty slot) maps to the trailing False
+    if pod.vgpu_mode is not None:
+        mask = mask.copy()
+        for n, reg in enumerate(cluster.registrations):
+            for slot, dev in enumerate(reg.devices):
+                mask[n, slot] &= pod.mode_allowed(dev.mode)
+    return mask
 
 
 def uuid_mask(cluster: Cluster, pod: PodRequest) -> BoolArray:
@@ -84,8 +99,9 @@ def device_codes(
 ) -> IntArray:
     """(N, D) reason code per device for one container (0 = fits; see ``DEVICE_REASONS``).
 
-    Empty device slots get ``CardNotHealth`` so they never fit; callers count only real
-    devices when they report reasons.
+    The vector form of ``fit_container``'s per-device checks (without numa-bind and
+    mutex), for filtering the fleet at once. Empty device slots get ``CardNotHealth`` so
+    they never fit.
     """
     c = cluster
     mem_req = (
@@ -93,7 +109,7 @@ def device_codes(
         if container.memory_mib == 0
         else container.memory_mib
     )
-    cores = container.cores_percent
+    cores = slice_cores(container)
     conds = [
         ~(c.dev_valid & c.dev_healthy),
         ~(type_mask(c, pod) if types_ok is None else types_ok),
@@ -101,8 +117,8 @@ def device_codes(
         c.dev_used >= c.dev_split,
         c.dev_mem - c.dev_mem_used < mem_req,
         c.dev_cores - c.dev_cores_used < cores,
-        (cores >= 100) & (c.dev_used > 0),
-        (c.dev_cores_used >= c.dev_cores) & (cores == 0),
+        (c.dev_cores == 100) & (cores == 100) & (c.dev_used > 0),
+        (c.dev_cores != 0) & (c.dev_cores_used == c.dev_cores) & (cores == 0),
     ]
     return np.select(conds, list(range(1, len(conds) + 1)), default=0).astype(np.int64)
 
@@ -115,75 +131,334 @@ def node_resources_ok(cluster: Cluster, pod: PodRequest) -> tuple[BoolArray, Boo
     return cpu_ok, mem_ok
 
 
-@dataclass(frozen=True)
+@dataclass
 class DeviceUse:
-    """Scratch usage of one node's devices while a multi-container pod is fitted."""
+    """Scratch usage of one node's devices (per slot) while a pod is fitted."""
 
     mem_used: list[int]
     cores_used: list[int]
     used: list[int]
 
+    def copy(self) -> DeviceUse:
+        """An independent copy (HAMi fits each init container on a fresh copy of the node)."""
+        return DeviceUse(list(self.mem_used), list(self.cores_used), list(self.used))
 
-def device_reason(
-    cluster: Cluster,
-    n: int,
-    slot: int,
-    pod: PodRequest,
-    container: ContainerRequest,
-    use: DeviceUse,
-) -> str | None:
-    """The first HAMi reason device ``slot`` of node ``n`` cannot take ``container``, or None."""
+    def add(self, slot: int, *, memory_mib: int, cores_percent: int) -> None:
+        """Book one slice on ``slot`` (HAMi ``AddResourceUsage``: used+1, cores, MiB)."""
+        self.mem_used[slot] += memory_mib
+        self.cores_used[slot] += cores_percent
+        self.used[slot] += 1
+
+
+def node_use(cluster: Cluster, n: int) -> DeviceUse:
+    """Node ``n``'s booked device usage as a scratch ``DeviceUse``."""
     c = cluster
-    dev = c.registrations[n].devices[slot]
-    if not dev.healthy:
-        return CARD_NOT_HEALTH
-    if not pod.type_allowed(dev.type):
-        return CARD_TYPE_MISMATCH
-    if not pod.uuid_allowed(dev.uuid):
-        return CARD_UUID_MISMATCH
+    return DeviceUse(
+        mem_used=[int(x) for x in c.dev_mem_used[n]],
+        cores_used=[int(x) for x in c.dev_cores_used[n]],
+        used=[int(x) for x in c.dev_used[n]],
+    )
+
+
+def slice_cores(container: ContainerRequest) -> int:
+    """Cores a slice of ``container`` books: HAMi's NVIDIA ``Fit`` clamps a request over 100
+    to 100 (``core limit can't exceed 100``)."""
+    return min(container.cores_percent, 100)
+
+
+def _usage_reason(
+    dev: Device, slot: int, container: ContainerRequest, use: DeviceUse, *, mutex: bool = False
+) -> str | None:
+    cores = slice_cores(container)
     if use.used[slot] >= dev.split_count:
         return CARD_TIME_SLICING_EXHAUSTED
+    if mutex and use.used[slot] > 0:
+        # gpu-scheduler-policy mutex: only devices nobody uses
+        return EXCLUSIVE_DEVICE_ALLOCATE_CONFLICT
     if dev.memory_mib - use.mem_used[slot] < container.memory_on(dev.memory_mib):
         return CARD_INSUFFICIENT_MEMORY
-    if dev.cores_percent - use.cores_used[slot] < container.cores_percent:
+    if dev.cores_percent - use.cores_used[slot] < cores:
         return CARD_INSUFFICIENT_CORE
-    if container.cores_percent >= 100 and use.used[slot] > 0:
+    if dev.cores_percent == 100 and cores == 100 and use.used[slot] > 0:
         return EXCLUSIVE_DEVICE_ALLOCATE_CONFLICT
-    if use.cores_used[slot] >= dev.cores_percent and container.cores_percent == 0:
+    if dev.cores_percent != 0 and use.cores_used[slot] == dev.cores_percent and cores == 0:
         return CARD_COMPUTE_UNITS_EXHAUSTED
     return None
 
 
-def device_score(cluster: Cluster, n: int, slot: int, use: DeviceUse) -> float:
-    """HAMi's device usage score: used/split + cores used/cores + MiB used/MiB (0-3)."""
-    dev = cluster.registrations[n].devices[slot]
-    return (
-        use.used[slot] / max(dev.split_count, 1)
-        + use.cores_used[slot] / max(dev.cores_percent, 1)
-        + use.mem_used[slot] / max(dev.memory_mib, 1)
-    )
+def device_score(
+    cluster: Cluster,
+    n: int,
+    slot: int,
+    use: DeviceUse,
+    container: ContainerRequest,
+    weights: tuple[int, int, int] = (1, 1, 1),
+) -> np.float32:
+    """HAMi's device score for one container, in float32 as HAMi computes it:
+    ``10 * ((asked + used)/split + (asked + used) cores/cores + (asked + used) MiB/MiB)``.
 
-
-def order_devices(
-    cluster: Cluster, n: int, slots: list[int], policy: str, use: DeviceUse
-) -> list[int]:
-    """Fitting devices in the order a GPU policy takes them (HAMi ``gpu-scheduler-policy``).
-
-    ``binpack``: most used first; ``spread``: least used first; ties by device index.
+    Source: pkg/scheduler/policy/gpu_policy.go, ``DeviceListsScore.ComputeScore``, each
+    term times its ``weights`` (slot, core, memory; HAMi's
+    ``hami.io/device-scoring-weights``, default 1/1/1). The container's own request is
+    counted only on a device whose type is exactly ``NVIDIA`` (HAMi compares the request's
+    type, ``NVIDIA``, with the device's registered type, which is the card's model,
+    ``NVIDIA-A100...``), so on registered cards the score is the usage before the
+    container. 0 for a device with no split slots, cores or memory.
     """
-    sign = -1.0 if policy == "binpack" else 1.0
-    return sorted(slots, key=lambda s: (sign * device_score(cluster, n, s, use), s))
+    dev = cluster.registrations[n].devices[slot]
+    if dev.split_count == 0 or dev.cores_percent == 0 or dev.memory_mib == 0:
+        return np.float32(0)
+    asked = cores = mem = 0
+    if dev.type == NVIDIA_VENDOR:
+        asked, cores, mem = 1, slice_cores(container), container.memory_on(dev.memory_mib)
+    f = np.float32
+    slots = f(asked + use.used[slot]) / f(dev.split_count)
+    core = f(cores + use.cores_used[slot]) / f(dev.cores_percent)
+    memory = f(mem + use.mem_used[slot]) / f(dev.memory_mib)
+    ws, wc, wm = (f(w) for w in weights)
+    return np.float32(f(10) * (ws * slots + wc * core + wm * memory))
+
+
+def policy_names(policy: str) -> list[str]:
+    """The names of a GPU policy, which may be a comma-separated list (``"binpack,numa"``),
+    as HAMi reads it (pkg/util/util.go, ``PolicyContains``)."""
+    return [p.strip() for p in policy.split(",")]
+
+
+def _chain(policy: str, *, numa_bind: bool) -> list[str]:
+    # HAMi gpu_policy.go gpuSortKeyChain / lessByChain: the sort keys named, in order, once
+    # each; spread when none; numa first under numa-bind.
+    chain: list[str] = []
+    for name in policy_names(policy):
+        if name in ("binpack", "spread", "numa") and name not in chain:
+            chain.append(name)
+    chain = chain or ["spread"]
+    if numa_bind and chain[0] != "numa":
+        chain = ["numa", *(k for k in chain if k != "numa")]
+    return chain
+
+
+def sort_key(
+    policy: str, *, numa_bind: bool, score: float, numa: int, index: int, used: int
+) -> tuple[float, ...]:
+    """The key HAMi's device list is sorted by (ascending; ``Fit`` walks it from the end).
+
+    Source: pkg/scheduler/policy/gpu_policy.go, ``DeviceUsageList.Less``:
+
+    - a list (``"binpack,numa"``) or bare ``numa``: its keys in order -- binpack score
+      ascending, spread score descending, numa NUMA ascending -- then the device index;
+      under numa-bind NUMA comes first;
+    - ``mutex``: the most used first, then NUMA ascending;
+    - numa-bind: binpack NUMA descending then score ascending; otherwise NUMA ascending then
+      score descending;
+    - ``binpack``: score ascending, then NUMA; anything else (spread, HAMi's default):
+      score descending, then NUMA.
+
+    Equal keys keep their order (the sort is stable).
+    """
+    if "," in policy or policy == "numa":
+        by = {"binpack": score, "spread": -score, "numa": float(numa)}
+        return (*(by[k] for k in _chain(policy, numa_bind=numa_bind)), float(index))
+    if policy == "mutex":
+        return (-float(used), float(numa))
+    binpack = policy == "binpack"
+    if numa_bind:
+        return (-float(numa), score) if binpack else (float(numa), -score)
+    return (score, float(numa)) if binpack else (-score, float(numa))
+
+
+def sort_devices(
+    cluster: Cluster,
+    n: int,
+    order: list[int],
+    policy: str,
+    use: DeviceUse,
+    container: ContainerRequest,
+    *,
+    numa_bind: bool,
+    weights: tuple[int, int, int] = (1, 1, 1),
+) -> list[int]:
+    """``order`` (device slots) sorted by ``sort_key`` over HAMi's ``device_score``, as
+    pkg/scheduler/score.go ``fitInDevices`` sorts a node's device list before each container
+    (``sort.Sort``, for the few devices of a node an insertion sort, so stable: ties keep
+    ``order``). ``Fit`` walks the result from its end (``walk``).
+    """
+    devices = cluster.registrations[n].devices
+
+    def key(s: int) -> tuple[float, ...]:
+        return sort_key(
+            policy,
+            numa_bind=numa_bind,
+            score=float(device_score(cluster, n, s, use, container, weights)),
+            numa=devices[s].numa,
+            index=devices[s].index,
+            used=use.used[s],
+        )
+
+    return sorted(order, key=key)
+
+
+def gen_reason(reasons: Counter[str], cards: int) -> str:
+    """HAMi's filter reason: ``"<count>/<cards> <Reason>"`` per reason, the whole strings
+    sorted, joined by ``", "`` (pkg/device/common/common.go, ``GenReason``)."""
+    return ", ".join(sorted(f"{k}/{cards} {why}" for why, k in reasons.items()))
+
+
+def fit_container(
+    cluster: Cluster,
+    n: int,
+    pod: PodRequest,
+    container: ContainerRequest,
+    use: DeviceUse,
+    walk: list[int],
+    *,
+    policy: str = "spread",
+) -> tuple[list[int] | None, str]:
+    """The devices of node ``n`` one container takes, walking the slots in ``walk`` order.
+
+    Returns ``(slots, "")`` or ``(None, reason)``. HAMi's rules (pkg/device/nvidia/device.go
+    ``NvidiaGPUDevices.Fit``): each device is checked in the order of this module's table
+    and the first fitting ones are taken; under
+    ``nvidia.com/numa-bind`` a device on another NUMA node than the previous one starts the
+    choice anew, the devices dropped so counted as ``NumaNotFit``; a ``mutex`` GPU policy
+    takes only devices without slices (``ExclusiveDeviceAllocateConflict``);
+    ``topology-aware`` gathers every fitting device and chooses among them by their links
+    (``best_linked``); when too few fit, the
+    devices taken are counted as ``AllocatedCardsInsufficientRequest``, and the reason is
+    ``gen_reason`` over the node's devices.
+    """
+    devices = cluster.registrations[n].devices
+    need = container.gpu_count
+    names = policy_names(policy)
+    mutex = "mutex" in names
+    topology = "topology-aware" in names
+    reasons: Counter[str] = Counter()
+    taken: list[int] = []
+    prev_numa = -1
+    for slot in walk:
+        dev = devices[slot]
+        if not dev.healthy:
+            reasons[CARD_NOT_HEALTH] += 1
+            continue
+        if not (pod.type_allowed(dev.type) and pod.mode_allowed(dev.mode)):
+            reasons[CARD_TYPE_MISMATCH] += 1
+            continue
+        if pod.numa_bind and prev_numa != dev.numa:
+            # all of a container's GPUs on one NUMA node (HAMi #1806): start again
+            if taken and not topology:
+                reasons[NUMA_NOT_FIT] += len(taken)
+            taken = []
+            prev_numa = dev.numa
+        if not pod.uuid_allowed(dev.uuid):
+            reasons[CARD_UUID_MISMATCH] += 1
+            continue
+        why = _usage_reason(dev, slot, container, use, mutex=mutex)
+        if why is not None:
+            reasons[why] += 1
+            continue
+        taken.append(slot)
+        if len(taken) == need and not topology:
+            return taken, ""
+    if topology and len(taken) >= need:
+        return best_linked(devices, taken, need), ""
+    if taken:
+        reasons[ALLOCATED_CARDS_INSUFFICIENT_REQUEST] = len(taken)
+    return None, gen_reason(reasons, len(devices))
+
+
+def best_linked(devices: tuple[Device, ...], candidates: list[int], need: int) -> list[int]:
+    """The ``topology-aware`` choice among ``candidates`` (slots, in walk order), by the
+    devices' ``pair_scores``: for one GPU the worst-linked candidate (least summed score to
+    the others, keeping well-linked sets whole), for more the combination of ``need`` with
+    the highest summed pair score; the first found wins ties.
+
+    Source: pkg/device/nvidia/device.go, ``computeWorstSingleCard``,
+    ``generateCombinations`` and ``computeBestCombination`` (a pair missing scores 0).
+    """
+    if len(candidates) == need:
+        return list(candidates)
+
+    def link(a: int, b: int) -> int:
+        return devices[a].pair_score(devices[b].uuid)
+
+    if need == 1:
+        totals = [sum(link(a, b) for b in candidates if b != a) for a in candidates]
+        return [candidates[totals.index(min(totals))]]
+    best: tuple[int, ...] = ()
+    best_score = 0
+    for combo in itertools.combinations(candidates, need):
+        score = sum(link(a, b) for a, b in itertools.combinations(combo, 2))
+        if not best or score > best_score:
+            best, best_score = combo, score
+    return list(best)
+
+
+def usage_order(cluster: Cluster, n: int, slots: list[int], use: DeviceUse) -> list[int]:
+    """``slots`` least used first (slots/split + cores/cores + MiB/MiB), ties by slot: the
+    device order of the non-HAMi policies for the devices they do not choose themselves."""
+    devices = cluster.registrations[n].devices
+
+    def used(s: int) -> tuple[float, int]:
+        d = devices[s]
+        return (
+            use.used[s] / max(d.split_count, 1)
+            + use.cores_used[s] / max(d.cores_percent, 1)
+            + use.mem_used[s] / max(d.memory_mib, 1),
+            s,
+        )
+
+    return sorted(slots, key=used)
+
+
+def walk(
+    cluster: Cluster,
+    n: int,
+    order: list[int],
+    policy: str,
+    use: DeviceUse,
+    container: ContainerRequest,
+    *,
+    numa_bind: bool,
+    prefer: list[int] | None = None,
+    weights: tuple[int, int, int] = (1, 1, 1),
+) -> tuple[list[int], list[int]]:
+    """``(sorted order, walk)``: the device list sorted by ``sort_devices`` and the order
+    ``Fit`` tries its devices in -- from the sorted list's end (HAMi's ``for i :=
+    len(devices) - 1; i >= 0; i--``), so spread tries the least used device first and,
+    among equal ones, the last.
+
+    ``prefer`` (not None) is a non-HAMi policy's own device order: those devices first,
+    then the rest by ``usage_order``.
+    """
+    ordered = sort_devices(
+        cluster, n, order, policy, use, container, numa_bind=numa_bind, weights=weights
+    )
+    if prefer is None:
+        return ordered, ordered[::-1]
+    known = set(order)
+    first = [s for s in prefer if s in known]
+    rest = usage_order(cluster, n, [s for s in order if s not in first], use)
+    return ordered, first + rest
 
 
 def fit_node(
     cluster: Cluster, n: int, pod: PodRequest, *, gpu_policy: str, prefer: list[int] | None = None
 ) -> tuple[list[list[int]] | None, str]:
-    """Fit every GPU container of ``pod`` on node ``n``, in container order.
+    """Fit every GPU container of ``pod`` on node ``n``, as HAMi's ``scoreNode`` does.
 
-    Returns ``(slots per GPU container, "")`` or ``(None, counted reasons)``, where the
-    reasons read like HAMi's filter result: ``"3/8 CardInsufficientMemory, 1/8
-    CardTypeMismatch"``. ``prefer`` (optional) is a device order to try first for a
-    single-GPU container (the FGD and best-fit policies choose the device themselves).
+    Returns ``(slots per GPU container, "")`` or ``(None, reason)`` with the reason of the
+    first container that does not fit (``fit_container``), e.g. ``"1/4
+    AllocatedCardsInsufficientRequest, 3/4 CardInsufficientMemory"``. ``prefer``
+    (optional) is a non-HAMi policy's own device order (FGD and the paper's baselines
+    choose the device themselves; see ``walk``).
+
+    Source: pkg/scheduler/score.go, ``scoreNode``: each init container is fitted on a fresh
+    copy of the node's usage (``allocateInitContainers``: they run one after another), the
+    app containers one after another on one copy that each adds to
+    (``allocateAppContainers``), the device list re-sorted before each container and that
+    order kept for the next; what the pod books is the peak of the two per device
+    (``Cluster`` collapses init slices the same way). A container asking more GPUs than the
+    node has fails with ``NodeInsufficientDevice`` alone (``fitInDevices``).
     """
     c = cluster
     cpu_ok, mem_ok = node_resources_ok(c, pod)
@@ -191,69 +466,72 @@ def fit_node(
         return None, INSUFFICIENT_CPU
     if not mem_ok[n]:
         return None, INSUFFICIENT_MEMORY
-    ndev = len(c.registrations[n].devices)
-    use = DeviceUse(
-        mem_used=[int(x) for x in c.dev_mem_used[n]],
-        cores_used=[int(x) for x in c.dev_cores_used[n]],
-        used=[int(x) for x in c.dev_used[n]],
-    )
+    base = node_use(c, n)
+    registration_order = list(range(len(c.registrations[n].devices)))
+    app_use = base.copy()
+    app_order = registration_order
     chosen: list[list[int]] = []
     for container in pod.gpu_containers:
-        reasons: Counter[str] = Counter()
-        fitting = []
-        for slot in range(ndev):
-            why = device_reason(c, n, slot, pod, container, use)
-            if why is None:
-                fitting.append(slot)
-            else:
-                reasons[why] += 1
-        ordered = order_devices(c, n, fitting, gpu_policy, use)
-        if prefer is not None:
-            ordered = [s for s in prefer if s in fitting] + [s for s in ordered if s not in prefer]
-        picked = _pick(c, n, ordered, container.gpu_count, numa_bind=pod.numa_bind)
-        if picked is None:
-            text = ", ".join(f"{k}/{ndev} {why}" for why, k in sorted(reasons.items()))
-            short = (
-                NUMA_NOT_FIT
-                if pod.numa_bind and len(fitting) >= container.gpu_count
-                else NODE_INSUFFICIENT_DEVICE
+        if container.gpu_count > len(registration_order):
+            return None, NODE_INSUFFICIENT_DEVICE
+        if container.init:
+            use = base.copy()
+            _, steps = walk(
+                c,
+                n,
+                registration_order,
+                gpu_policy,
+                use,
+                container,
+                numa_bind=pod.numa_bind,
+                prefer=prefer,
+                weights=pod.device_weights,
             )
-            return None, f"{text}, {short}" if text else short
+        else:
+            use = app_use
+            app_order, steps = walk(
+                c,
+                n,
+                app_order,
+                gpu_policy,
+                use,
+                container,
+                numa_bind=pod.numa_bind,
+                prefer=prefer,
+                weights=pod.device_weights,
+            )
+        picked, why = fit_container(c, n, pod, container, use, steps, policy=gpu_policy)
+        if picked is None:
+            return None, why
         for slot in picked:
             dev = c.registrations[n].devices[slot]
-            use.mem_used[slot] += container.memory_on(dev.memory_mib)
-            use.cores_used[slot] += container.cores_percent
-            use.used[slot] += 1
+            use.add(
+                slot,
+                memory_mib=container.memory_on(dev.memory_mib),
+                cores_percent=slice_cores(container),
+            )
         chosen.append(picked)
     return chosen, ""
 
 
-def _pick(
-    cluster: Cluster, n: int, ordered: list[int], count: int, *, numa_bind: bool
-) -> list[int] | None:
-    if len(ordered) < count:
-        return None
-    if not numa_bind:
-        return ordered[:count]
-    # all of a container's GPUs on one NUMA node (HAMi nvidia.com/numa-bind)
-    groups: dict[int, list[int]] = {}
-    for slot in ordered:
-        groups.setdefault(int(cluster.dev_numa[n, slot]), []).append(slot)
-    for slot in ordered:
-        group = groups[int(cluster.dev_numa[n, slot])]
-        if len(group) >= count:
-            return group[:count]
-    return None
-
-
 def explain(codes: IntArray, cluster: Cluster, n: int, need: int) -> str:
-    """Counted device reasons for node ``n`` from ``device_codes`` output."""
+    """HAMi's reason for node ``n`` from ``device_codes`` of a pod's only GPU container,
+    the string ``fit_node`` gives, without walking the devices one by one: every device is
+    counted by its first failed check, the devices that fit count as
+    ``AllocatedCardsInsufficientRequest`` when too few, and more GPUs than the node has is
+    ``NodeInsufficientDevice`` alone. Not for numa-bind, mutex or several GPU containers
+    (``fit_node`` tells those).
+    """
     ndev = len(cluster.registrations[n].devices)
-    counts = Counter(int(x) for x in codes[n, :ndev] if x)
-    parts = [
-        f"{k}/{ndev} {DEVICE_REASONS[code]}"
-        for code, k in sorted(counts.items(), key=lambda kv: DEVICE_REASONS[kv[0]])
-    ]
-    if ndev - sum(counts.values()) < need:
-        parts.append(NODE_INSUFFICIENT_DEVICE)
-    return ", ".join(parts)
+    if need > ndev:
+        return NODE_INSUFFICIENT_DEVICE
+    counts: Counter[str] = Counter()
+    fits = 0
+    for code in codes[n, :ndev].tolist():
+        if code:
+            counts[DEVICE_REASONS[code]] += 1
+        else:
+            fits += 1
+    if 0 < fits < need:
+        counts[ALLOCATED_CARDS_INSUFFICIENT_REQUEST] = fits
+    return gen_reason(counts, ndev)

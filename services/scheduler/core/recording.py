@@ -38,8 +38,6 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from libshared.resources import PodRequest
 from services.scheduler.core import scoring
 from services.scheduler.core.clusters import Cluster
@@ -139,24 +137,12 @@ def binding_failed(error: str) -> Note:
 
 
 def node_scores(cluster: Cluster, pod: PodRequest, nodes: Iterable[str]) -> dict[str, float]:
-    """HAMi's node score (``scoring.hami_node_score``: 0-30, higher is fuller) of each of
-    ``nodes`` the cluster knows, with the pod's first GPU container's slices added, as
-    the FilteringSucceed message lists them."""
-    gpus = pod.gpu_containers
-    if not gpus or cluster.size == 0:
+    """HAMi's node score (``scoring.hami_node_score``: 0-30, higher is fuller, from the
+    node's usage before the pod, as HAMi ranks nodes) of each of ``nodes`` the cluster
+    knows, as the FilteringSucceed message lists them; empty for a pod without GPUs."""
+    if not pod.gpu_containers or cluster.size == 0:
         return {}
-    first = gpus[0]
-    mem = (
-        cluster.dev_mem.max(axis=1) * first.memory_percent // 100
-        if first.memory_mib == 0
-        else first.memory_mib
-    )
-    score = scoring.hami_node_score(
-        cluster,
-        gpus=sum(c.gpu_count for c in gpus),
-        memory_mib=np.asarray(mem),
-        cores_percent=first.cores_percent,
-    )
+    score = scoring.hami_node_score(cluster)
     out = {}
     for node in nodes:
         i = cluster.node_index.get(node)

@@ -1,9 +1,9 @@
 """Node scores of every policy, vectorised over the fleet.
 
-- HAMi (Project-HAMi/HAMi, scheduler ``calcScore``; docs "scheduler-policy"): a node's
-  score after the pod's slices are added is ``10 * (sum used/sum split + sum used cores /
-  sum cores + sum used MiB / sum MiB)``; ``binpack`` takes the highest, ``spread`` the
-  lowest.
+- HAMi (Project-HAMi/HAMi, pkg/scheduler/policy/node_policy.go ``ComputeDefaultScore``):
+  a node's score from its usage before the pod is ``10 * (sum used/sum split + sum used
+  cores / sum cores + sum used MiB / sum MiB)``; ``binpack`` takes the highest, ``spread``
+  the lowest.
 - The FGD paper's baselines (Weng et al., ATC'23, section 6.1; ../shared/FGD.md), in the
   units of its simulator (CPU normalised by 128 cores, GPU by 8 GPUs): BestFit,
   DotProduct, GpuPacking, GpuClustering. Each returns "higher is better" scores.
@@ -24,21 +24,34 @@ MAX_SPEC_CPU_MILLI = 128_000  # 128 CPU, the simulator's MaxSpecCpu
 MAX_SPEC_GPU_MILLI = 8 * MILLI  # 8 GPUs, the simulator's MaxSpecGpu
 
 
-def hami_node_score(
-    cluster: Cluster, *, gpus: int, memory_mib: IntArray | int, cores_percent: int
-) -> FloatArray:
-    """HAMi's node score (0-30) after adding ``gpus`` slices of the given size to each node."""
+def hami_node_score(cluster: Cluster) -> FloatArray:
+    """HAMi's node score (0-30) of every node from its usage *before* the pod:
+    ``10 * (sum used/sum split + sum used cores/sum cores + sum used MiB/sum MiB)`` over the
+    node's devices, in float32 as HAMi computes it; 0 when any of the three sums is 0.
+
+    Source: pkg/scheduler/policy/node_policy.go, ``NodeScore.ComputeDefaultScore``, called
+    in pkg/scheduler/score.go ``scoreNode`` before ``allocateAppContainers`` adds the pod
+    (the NVIDIA device's ``ScoreNode`` adds 0). Binpack takes the highest, spread the
+    lowest (``NodeScoreList.Less``).
+    """
     c = cluster
     valid = c.dev_valid
+    f = np.float32
     split = np.where(valid, c.dev_split, 0).sum(axis=1)
     cores = np.where(valid, c.dev_cores, 0).sum(axis=1)
     mem = np.where(valid, c.dev_mem, 0).sum(axis=1)
-    used = np.where(valid, c.dev_used, 0).sum(axis=1) + gpus
-    cores_used = np.where(valid, c.dev_cores_used, 0).sum(axis=1) + gpus * cores_percent
-    mem_used = np.where(valid, c.dev_mem_used, 0).sum(axis=1) + gpus * np.asarray(memory_mib)
+    used = np.where(valid, c.dev_used, 0).sum(axis=1)
+    cores_used = np.where(valid, c.dev_cores_used, 0).sum(axis=1)
+    mem_used = np.where(valid, c.dev_mem_used, 0).sum(axis=1)
+    empty = (split == 0) | (cores == 0) | (mem == 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        score = used / split + cores_used / cores + mem_used / mem
-    return np.asarray(np.nan_to_num(10.0 * score, nan=0.0, posinf=0.0), dtype=np.float64)
+        score = (
+            used.astype(f) / split.astype(f)
+            + cores_used.astype(f) / cores.astype(f)
+            + mem_used.astype(f) / mem.astype(f)
+        )
+    score = f(10) * score
+    return np.asarray(np.where(empty, 0.0, score), dtype=np.float64)
 
 
 def free_gpu_milli(cluster: Cluster) -> IntArray:

@@ -48,11 +48,11 @@ async def test_a_hami_pod_is_mutated_over_https(running: Running) -> None:
 
 
 async def test_a_denial_is_a_200_review_with_allowed_false(running: Running) -> None:
-    bad = pod(ctr("main", limits={"nvidia.com/gpu": 1, "nvidia.com/gpucores": 150}))
+    bad = pod(ctr("main", limits={"nvidia.com/gpu": 1, "nvidia.com/gpumem-percentage": 150}))
     status, answer = await post(running, json.dumps(review(bad)).encode())
     assert status == 200
     assert answer["response"]["allowed"] is False
-    assert "nvidia.com/gpucores='150'" in answer["response"]["status"]["message"]
+    assert "nvidia.com/gpumem-percentage='150'" in answer["response"]["status"]["message"]
     assert running.server.webhook.counters.denied == 1
 
 

@@ -86,7 +86,13 @@ def test_pods_that_do_not_wait_for_devices_here_are_no_candidates(
     ("annotations", "init", "message"),
     [
         ({keys.VGPU_DEVICES_TO_ALLOCATE: f"{G0},NVIDIA,lots,30:;"}, 0, "not a count"),
-        ({keys.VGPU_DEVICES_TO_ALLOCATE: f"{G0},NVIDIA,3000,30:;;;"}, 0, "3 container entries"),
+        # empty entries past the containers are HAMi's trailing entry and are dropped;
+        # an entry holding devices past them is not
+        (
+            {keys.VGPU_DEVICES_TO_ALLOCATE: f"{G0},NVIDIA,3000,30:;{G0},NVIDIA,1,1:;"},
+            0,
+            "2 container entries",
+        ),
         ({keys.VGPU_NODE: "node-b"}, 0, "hami.io/vgpu-node='node-b'"),
     ],
 )

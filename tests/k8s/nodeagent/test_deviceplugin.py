@@ -186,8 +186,9 @@ async def test_each_container_of_a_pod_is_allocated_in_turn_and_the_last_marks_s
     assert one.envs["CUDA_DEVICE_MEMORY_LIMIT_0"] == "1000m"
     annotations = stack.annotations("multi")
     assert annotations[keys.BIND_PHASE] == "allocating"
+    # decoded as HAMi does, with the empty entry after the final ';'
     remaining = keys.decode_pod_devices(annotations[keys.VGPU_DEVICES_TO_ALLOCATE])
-    assert [len(c) for c in remaining] == [0, 0, 2]
+    assert [len(c) for c in remaining] == [0, 0, 2, 0]
     two = await stack.kubelet.admit(2)
     assert two.envs["NVIDIA_VISIBLE_DEVICES"] == f"{G0},{G1}"
     assert (two.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], two.envs["CUDA_DEVICE_MEMORY_LIMIT_1"]) == (

@@ -140,12 +140,13 @@ async def test_a_pod_without_a_gpu_passes_and_an_invalid_one_fails_everywhere(
         plain = await filter_pod(
             session, x.url, pod("cpu", gpus=None, gpumem=None, gpucores=None), NODES
         )
-        invalid = await filter_pod(session, x.url, pod("bad", gpucores=300), NODES)
+        # gpucores over 100 is clamped as HAMi does; a negative count is refused
+        invalid = await filter_pod(session, x.url, pod("bad", gpucores=-5), NODES)
         ledgers = await helpers.ledgers(nc, bus_settings)
     assert plain == {"NodeNames": NODES}
     assert invalid["NodeNames"] == []
     assert set(invalid["FailedAndUnresolvableNodes"]) == set(NODES)
-    assert "nvidia.com/gpucores=300" in invalid["FailedAndUnresolvableNodes"]["n1"]
+    assert "nvidia.com/gpucores=-5" in invalid["FailedAndUnresolvableNodes"]["n1"]
     assert holders(ledgers) == {}
 
 
