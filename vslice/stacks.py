@@ -420,9 +420,15 @@ def read_state(state_dir: Path) -> Stack | None:
 
 
 def up(
-    state_dir: Path, *, prefix: str = "vslice", environ: Mapping[str, str] | None = None
+    state_dir: Path,
+    *,
+    prefix: str = "vslice",
+    environ: Mapping[str, str] | None = None,
+    replicas: int = 2,
+    policy: str = "hami",
 ) -> Stack:
-    """Start the stack of this machine in ``state_dir`` and wait until it serves.
+    """Start the stack of this machine in ``state_dir``, with ``replicas`` scheduler
+    replicas deciding by ``policy``, and wait until it serves.
 
     Returns the recorded ``Stack``. Raises ``StackError`` when a stack recorded there
     still runs, or when a part fails to start (everything started is stopped again).
@@ -447,6 +453,8 @@ def up(
         commands = service_commands(
             server.url,
             prefix=prefix,
+            replicas=replicas,
+            policy=policy,
             agent_args=[*mock_agent_args(environ), *slice_agent_args(state_dir, environ)],
             metrics_port=port,
             metrics_host=host,
@@ -456,7 +464,7 @@ def up(
             procs[name] = spawn(name, argv, logs)
         settings = BusSettings(urls=(server.url,), prefix=prefix)
         services = {k: v for k, v in procs.items() if k != "nats"}
-        asyncio.run(wait_serving(settings, schedulers=2, nodes=1, procs=services, logs=logs))
+        asyncio.run(wait_serving(settings, schedulers=replicas, nodes=1, procs=services, logs=logs))
         wait_http(
             f"{metrics_url}/healthz",
             proc=procs["metrics"],
@@ -473,6 +481,7 @@ def up(
         pids={name: p.pid for name, p in procs.items()},
         state_dir=str(state_dir),
         metrics_url=metrics_url,
+        policy=policy,
     )
     write_state(state_dir, stack)
     return stack
