@@ -236,8 +236,8 @@ def test_an_interrupted_run_releases_its_slice(up: Up) -> None:
 def test_two_runs_on_one_gpu_see_their_own_totals_and_a_third_that_does_not_fit_is_refused(
     up: Up,
 ) -> None:
-    first = up.start("--gpumem", "768", "--", *PROBE, "hold", "100", "3")
-    second = up.start("--gpumem", "1024", "--", *PROBE, "hold", "200", "3")
+    first = up.start("--gpumem", "768", "--", *PROBE, "hold", "100", "15")
+    second = up.start("--gpumem", "1024", "--", *PROBE, "hold", "200", "15")
     try:
         totals = sorted([held(first)["total"], held(second)["total"]])
         third = up.run("--gpumem", "512", "--", *PROBE, "meminfo")
@@ -246,6 +246,7 @@ def test_two_runs_on_one_gpu_see_their_own_totals_and_a_third_that_does_not_fit_
     assert totals == [768 * MIB, 1024 * MIB]
     assert third.returncode == 3
     assert "CardInsufficientMemory" in third.stderr
+    assert "asked 512 MiB, no core limit on 1 GPU; largest free: 256 MiB" in third.stderr
     assert "meminfo" not in third.stdout  # the command never ran
     assert codes == [0, 0]
 
