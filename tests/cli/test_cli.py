@@ -419,3 +419,38 @@ def test_the_plot_has_a_whole_run_panel_and_a_zoomed_panel_with_the_seed_band(
     png = tmp_path / "plot.png"
     replays.plot(str(png), reports)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ctrl_c_during_a_bus_replay_ends_with_one_line_and_stops_its_stack(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "fleet.csv").write_text(FLEET_CSV)
+    rows = "".join(f"p-{i},1000,1024,1,{200 + 100 * (i % 5)},\n" for i in range(4000))
+    (tmp_path / "pods.csv").write_text(
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec\n" + rows
+    )
+    argv = [
+        sys.executable, "-m", "vslice.cli", "replay", str(tmp_path / "pods.csv"),
+        "--fleet", str(tmp_path / "fleet.csv"), "--seeds", "1-3", "--concurrency", "1",
+    ]  # fmt: skip
+    with subprocess.Popen(
+        argv, cwd=repo_root(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        start_new_session=True,
+    ) as proc:  # fmt: skip
+        assert proc.stderr is not None
+        try:
+            deadline = time.monotonic() + 180
+            seen = ""
+            while "seed 1:" not in seen:  # the pods' progress bar: the stack serves
+                assert time.monotonic() < deadline and proc.poll() is None, seen
+                seen += proc.stderr.read(1)
+            os.killpg(proc.pid, signal.SIGINT)
+            err = seen + proc.stderr.read()
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert code == cli.EXIT_INTERRUPTED, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.rstrip().endswith("vslice: interrupted")
