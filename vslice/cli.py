@@ -16,6 +16,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
@@ -159,6 +160,8 @@ UP_ENV = {
     "backend": "VSLICE_GPU_BACKEND",
     "metrics_port": "VSLICE_METRICS_PORT",
     "metrics_host": "VSLICE_METRICS_HOST",
+    "nats_port": "VSLICE_NATS_PORT",
+    "workload_trace": "VSLICE_WORKLOAD_TRACE",
 }
 STATE_DIR_HELP = (
     "where pids, logs and NATS data live (default $VSLICE_STATE_DIR, "
@@ -190,6 +193,12 @@ def _add_up(sub: Any) -> None:
         " (default $VSLICE_POLICY, else hami)",
     )
     up.add_argument(
+        "--workload-trace",
+        metavar="CSV",
+        help="FGD's target workload for --policy fgd: a pod list CSV (openb format)"
+        " (default $VSLICE_WORKLOAD_TRACE)",
+    )
+    up.add_argument(
         "--backend",
         choices=("auto", "nvml", "mock"),
         help="GPUs of the node agent: NVML's, mock ones, or NVML's when there are any"
@@ -217,6 +226,11 @@ def _add_up(sub: Any) -> None:
         type=bounded("--metrics-port", least=1, most=65535),
         help="port of the dashboard and /metrics (default $VSLICE_METRICS_PORT, else 9394"
         " when free, else a free port)",
+    )
+    up.add_argument(
+        "--nats-port",
+        type=bounded("--nats-port", least=1, most=65535),
+        help="client port of nats-server (default $VSLICE_NATS_PORT, else a free port)",
     )
     up.add_argument(
         "--metrics-host",
@@ -407,12 +421,21 @@ def _run(args: argparse.Namespace) -> int:
     return running.run(state_dir, request, cmd)
 
 
-def up_settings(
-    args: argparse.Namespace, environ: Mapping[str, str]
-) -> tuple[dict[str, str], int, str]:
-    """What ``up`` starts, from its flags, else the environment: the environment for
-    ``stacks.up`` (the flags as its variables), the replica count and the policy. Raises
-    ``StackError`` naming a malformed variable. Pure."""
+@dataclass(frozen=True)
+class UpSettings:
+    """What ``up`` starts: ``environ`` for ``stacks.up`` (the flags as its variables),
+    ``replicas``, ``policy`` and ``nats_port`` (0: a free one)."""
+
+    environ: dict[str, str] = field(default_factory=dict)
+    replicas: int = 2
+    policy: str = "hami"
+    nats_port: int = 0
+    workload_trace: str | None = None
+
+
+def up_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> UpSettings:
+    """What ``up`` starts, from its flags, else the environment. Raises ``StackError``
+    naming a malformed variable. Pure."""
     env = dict(environ)
     for dest, var in UP_ENV.items():
         value = getattr(args, dest, None)
@@ -423,6 +446,7 @@ def up_settings(
         "VSLICE_POLICY": _policy,
         "VSLICE_MOCKGPU_COUNT": bounded("VSLICE_MOCKGPU_COUNT", least=1, most=stacks.MAX_DEVICES),
         "VSLICE_MOCKGPU_MEMORY_MIB": bounded("VSLICE_MOCKGPU_MEMORY_MIB", least=1, unit=" MiB"),
+        "VSLICE_NATS_PORT": bounded("VSLICE_NATS_PORT", least=1, most=65535),
     }
     for var, check in checks.items():
         if env.get(var):
@@ -430,9 +454,21 @@ def up_settings(
                 check(env[var])
             except argparse.ArgumentTypeError as exc:
                 raise stacks.StackError(f"{var}={env[var]!r}: {exc}") from None
-    replicas = int(env.get("VSLICE_REPLICAS") or 2)
     policy = env.get("VSLICE_POLICY") or "hami"
-    return env, replicas, policy
+    trace = env.get("VSLICE_WORKLOAD_TRACE") or None
+    if policy == "fgd" and not trace:
+        raise stacks.StackError(
+            "--policy fgd needs --workload-trace CSV (FGD's target workload, a pod list)"
+        )
+    if trace and not Path(trace).is_file():
+        raise stacks.StackError(f"--workload-trace {trace}: no such file")
+    return UpSettings(
+        environ=env,
+        replicas=int(env.get("VSLICE_REPLICAS") or 2),
+        policy=policy,
+        nats_port=int(env.get("VSLICE_NATS_PORT") or 0),
+        workload_trace=str(Path(trace).resolve()) if trace else None,
+    )
 
 
 def _stack(args: argparse.Namespace) -> int:
@@ -443,15 +479,23 @@ def _stack(args: argparse.Namespace) -> int:
         stack = stacks.down(state_dir)
         print(f"nothing up in {state_dir}" if stack is None else f"stack in {state_dir} stopped")
         return 0
-    environ, replicas, policy = up_settings(args, os.environ)
+    wanted = up_settings(args, os.environ)
     known = stacks.read_state(state_dir)
     if known is not None and any(stacks.alive(p) for p in known.pids.values()):
         print(f"already up in {state_dir} (NATS {known.nats_url}); `vslice down` stops it")
         return 0
-    stack = stacks.up(state_dir, environ=environ, replicas=replicas, policy=policy)
+    stack = stacks.up(
+        state_dir,
+        environ=wanted.environ,
+        replicas=wanted.replicas,
+        policy=wanted.policy,
+        nats_port=wanted.nats_port,
+        workload_trace=wanted.workload_trace,
+    )
     print(f"up in {state_dir}: NATS {stack.nats_url}, logs in {state_dir / 'logs'}")
     print(f"dashboard: {stack.metrics_url}/  (Prometheus: {stack.metrics_url}/metrics)")
-    print(f"{replicas} scheduler replica{'s' if replicas != 1 else ''}, policy {policy}")
+    plural = "s" if wanted.replicas != 1 else ""
+    print(f"{wanted.replicas} scheduler replica{plural}, policy {wanted.policy}")
     for name, pid in stack.pids.items():
         print(f"  {name:<14} pid {pid}")
     return 0

@@ -426,9 +426,12 @@ def up(
     environ: Mapping[str, str] | None = None,
     replicas: int = 2,
     policy: str = "hami",
+    nats_port: int = 0,
+    workload_trace: str | None = None,
 ) -> Stack:
     """Start the stack of this machine in ``state_dir``, with ``replicas`` scheduler
-    replicas deciding by ``policy``, and wait until it serves.
+    replicas deciding by ``policy`` (FGD's target workload from ``workload_trace``) and
+    nats-server on ``nats_port`` (0: a free port), and wait until it serves.
 
     Returns the recorded ``Stack``. Raises ``StackError`` when a stack recorded there
     still runs, or when a part fails to start (everything started is stopped again).
@@ -440,7 +443,7 @@ def up(
         _remove_state(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     logs = state_dir / "logs"
-    server = NatsServer(data_dir=state_dir / "nats", name="vslice-nats")
+    server = NatsServer(data_dir=state_dir / "nats", name="vslice-nats", port=nats_port)
     server.spawn()
     assert server.process is not None
     procs: dict[str, subprocess.Popen[bytes]] = {"nats": server.process}
@@ -455,6 +458,7 @@ def up(
             prefix=prefix,
             replicas=replicas,
             policy=policy,
+            workload_trace=workload_trace,
             agent_args=[*mock_agent_args(environ), *slice_agent_args(state_dir, environ)],
             metrics_port=port,
             metrics_host=host,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -168,13 +169,20 @@ def test_up_help_describes_the_command_and_every_setting_with_its_environment_va
 
 def test_up_flags_override_the_environment_which_is_the_fallback() -> None:
     args = cli.parse(["up", "--replicas", "3", "--mock-gpus", "4", "--metrics-port", "9500"])
-    env, replicas, policy = cli.up_settings(
-        args, {"VSLICE_POLICY": "fgd", "VSLICE_REPLICAS": "5", "VSLICE_MOCKGPU_COUNT": "1"}
+    wanted = cli.up_settings(
+        args,
+        {
+            "VSLICE_POLICY": "hami-spread",
+            "VSLICE_REPLICAS": "5",
+            "VSLICE_MOCKGPU_COUNT": "1",
+            "VSLICE_NATS_PORT": "4333",
+        },
     )
-    assert (replicas, policy) == (3, "fgd")
+    assert (wanted.replicas, wanted.policy, wanted.nats_port) == (3, "hami-spread", 4333)
+    env = wanted.environ
     assert env["VSLICE_MOCKGPU_COUNT"] == "4" and env["VSLICE_METRICS_PORT"] == "9500"
-    env, replicas, policy = cli.up_settings(cli.parse(["up"]), {})
-    assert (replicas, policy) == (2, "hami") and "VSLICE_MOCKGPU_COUNT" not in env
+    default = cli.up_settings(cli.parse(["up"]), {})
+    assert default == cli.UpSettings()
 
 
 def test_a_malformed_environment_variable_of_up_is_refused_naming_it(
@@ -454,3 +462,45 @@ def test_ctrl_c_during_a_bus_replay_ends_with_one_line_and_stops_its_stack(
     assert code == cli.EXIT_INTERRUPTED, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.rstrip().endswith("vslice: interrupted")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_up_flags_reach_the_stack_it_starts(tmp_path: Path) -> None:
+    state = str(tmp_path / "stack")
+    nats_port, metrics_port = free_port(), free_port()
+
+    def vslice(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "vslice.cli", *argv, "--state-dir", state],
+            cwd=repo_root(), capture_output=True, text=True, timeout=120,
+            env={**os.environ, "VSLICE_REPLICAS": "3", "VSLICE_MOCKGPU_COUNT": "5"},
+        )  # fmt: skip
+
+    (tmp_path / "pods.csv").write_text(PODS_CSV)
+    refused = vslice("up", "--policy", "fgd")
+    assert refused.returncode == 2 and "--policy fgd needs --workload-trace" in refused.stderr
+    started = vslice(
+        "up", "--replicas", "1", "--policy", "fgd", "--workload-trace", str(tmp_path / "pods.csv"),
+        "--backend", "mock", "--mock-gpus", "3",
+        "--mock-gpu-memory", "4096", "--nats-port", str(nats_port),
+        "--metrics-port", str(metrics_port),
+    )  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "1 scheduler replica, policy fgd" in started.stdout
+        data = json.loads(vslice("status", "--json").stdout)
+        assert data["nats_url"] == f"nats://127.0.0.1:{nats_port}"
+        assert data["metrics_url"] == f"http://127.0.0.1:{metrics_port}"
+        assert data["policy"] == "fgd"
+        schedulers = [name for name in data["processes"] if name.startswith("scheduler-")]
+        assert schedulers == ["scheduler-1"]  # the flag, not $VSLICE_REPLICAS
+        assert all(p["state"] == "running" for p in data["processes"].values())
+        fleet = data["fleet"]
+        assert (fleet["gpus"], fleet["memory_total_mib"]) == (3, 3 * 4096)
+    finally:
+        vslice("down")
