@@ -206,9 +206,10 @@ def current_workload(snapshot: Snapshot) -> fgd.Workload:
     return fgd.workload((milli, len(devices)) for devices, milli in pods.values())
 
 
-def fragmentation_figure(snapshot: Snapshot) -> fgd.Figure:
-    """FGD's fleet fragmentation of ``snapshot`` against its current workload."""
-    load = current_workload(snapshot)
+def fragmentation_figure(snapshot: Snapshot, load: fgd.Workload | None = None) -> fgd.Figure:
+    """FGD's fleet fragmentation of ``snapshot`` against ``load``, by default its current
+    workload (``current_workload``)."""
+    load = current_workload(snapshot) if load is None else load
     nodes = ([d.free_milli for d in n.devices if d.device is not None] for n in snapshot.nodes)
     return fgd.fleet_fragmentation(nodes, load)
 
@@ -262,7 +263,7 @@ def summary(snapshot: Snapshot, *, now: float, tracker: Tracker) -> dict[str, An
     tracker.observe(snapshot, now=now)
     t = totals(snapshot)
     load = current_workload(snapshot)
-    frag = fragmentation_figure(snapshot)
+    frag = fragmentation_figure(snapshot, load)
     types = sorted({d.device.type for d in snapshot.devices if d.device is not None})
     spaces = sorted({s.slice.namespace for d in snapshot.devices for s in d.slices})
     stale = sum(1 for d in snapshot.devices for s in d.slices if tracker.stale(s))
