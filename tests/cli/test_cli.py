@@ -504,3 +504,15 @@ def test_up_flags_reach_the_stack_it_starts(tmp_path: Path) -> None:
         assert (fleet["gpus"], fleet["memory_total_mib"]) == (3, 3 * 4096)
     finally:
         vslice("down")
+
+
+def test_a_fleet_csv_with_a_wrong_header_is_refused_naming_the_expected_columns(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "pods.csv").write_text(PODS_CSV)
+    (tmp_path / "fleet.csv").write_text("node,gpus\nn-0,2\n")
+    argv = ["replay", str(tmp_path / "pods.csv"), "--fleet", str(tmp_path / "fleet.csv")]
+    assert cli.main([*argv, "--in-process", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "fleet.csv:1: header='node,gpus': missing column(s) sn, cpu_milli, memory_mib" in err
+    assert "expected sn,cpu_milli,memory_mib,gpu,model" in err
