@@ -232,3 +232,17 @@ async def test_the_favicon_is_served() -> None:
         for path in ("/favicon.ico", "/favicon.svg"):
             status, kind, body = await fetch(url + path)
             assert status == 200 and kind == "image/svg+xml" and body.startswith(b"<svg")
+
+
+def test_the_tracker_forgets_a_released_slice_when_it_records() -> None:
+    view = FleetView()
+    held = fx.slice_of("p", "G-0")
+    view.put_node("n-1", fx.registration("n-1", fx.device("G-0", 0)))
+    view.put_ledger("n-1", fx.ledger("n-1", held), 1)
+    view.put_usage("n-1", fx.usage("n-1", 5.0, fx.line(held, used_bytes=1)), received_at=5.0)
+    tracker = dashboards.Tracker()
+    tracker.record(view.snapshot(now=5.0, usage_ttl_s=30.0), now=5.0)
+    assert list(tracker.seen) == [("p", "main", "G-0")]
+    view.put_ledger("n-1", fx.ledger("n-1"), 2)
+    tracker.record(view.snapshot(now=15.0, usage_ttl_s=30.0), now=15.0)
+    assert tracker.seen == {}

@@ -138,15 +138,16 @@ class Tracker:
     history: deque[tuple[float, float, float, int, float]] = field(default_factory=deque)
 
     def observe(self, snapshot: Snapshot, *, now: float) -> None:
-        """Note every slice of ``snapshot`` that has a usage line at ``now``, and forget
-        the slices the ledger no longer holds."""
-        held = set()
+        """Note every slice of ``snapshot`` that has a usage line at ``now``."""
+        seen = self.seen
         for row in snapshot.devices:
             for s in row.slices:
-                key = _key(s)
-                held.add(key)
                 if s.usage is not None:
-                    self.seen[key] = now
+                    seen[(s.slice.pod_uid, s.slice.container, s.slice.uuid)] = now
+
+    def forget_released(self, snapshot: Snapshot) -> None:
+        """Forget the slices the ledger of ``snapshot`` no longer holds."""
+        held = {_key(s) for row in snapshot.devices for s in row.slices}
         for key in [k for k in self.seen if k not in held]:
             del self.seen[key]
 
@@ -156,9 +157,10 @@ class Tracker:
         return s.usage is None and _key(s) in self.seen
 
     def record(self, snapshot: Snapshot, *, now: float) -> None:
-        """Observe ``snapshot`` and add its fleet figures at ``now`` to the history,
-        dropping points older than ``HISTORY_S``."""
+        """Observe ``snapshot``, forget released slices, and add its fleet figures at
+        ``now`` to the history, dropping points older than ``HISTORY_S``."""
         self.observe(snapshot, now=now)
+        self.forget_released(snapshot)
         t = totals(snapshot)
         frag = fragmentation_figure(snapshot)
         self.history.append(
@@ -197,12 +199,16 @@ def slice_milli(s: SliceRow, row: DeviceRow) -> int:
 def current_workload(snapshot: Snapshot) -> fgd.Workload:
     """FGD's target workload of the pods holding slices now: one task per pod, asking as
     many GPUs as it holds devices, each of its largest slice's milli-GPU."""
-    pods: dict[str, tuple[set[str], int]] = {}
+    pods: dict[str, list[Any]] = {}  # pod uid -> [its devices' uuids, largest milli]
     for row in snapshot.devices:
         for s in row.slices:
-            devices, milli = pods.get(s.slice.pod_uid, (set(), 0))
-            devices.add(row.uuid)
-            pods[s.slice.pod_uid] = (devices, max(milli, slice_milli(s, row)))
+            milli = slice_milli(s, row)
+            held = pods.get(s.slice.pod_uid)
+            if held is None:
+                pods[s.slice.pod_uid] = [{row.uuid}, milli]
+            else:
+                held[0].add(row.uuid)
+                held[1] = max(held[1], milli)
     return fgd.workload((milli, len(devices)) for devices, milli in pods.values())
 
 
@@ -354,6 +360,16 @@ def node_page(
 
     Sorted by ``query.sort``, ties by node name."""
     tracker.observe(snapshot, now=now)
+    if query.sort == "node" and not (query.node or query.gpu_type or query.namespace or query.pod):
+        # the default page: the snapshot is in name order, only the page's rows are built
+        ordered = snapshot.nodes[::-1] if query.descending else snapshot.nodes
+        shown = ordered[query.offset : query.offset + query.limit]
+        return {
+            "total": len(snapshot.nodes),
+            "offset": query.offset,
+            "limit": query.limit,
+            "nodes": [node_row(n, tracker=tracker) for n in shown],
+        }
     rows = [node_row(n, tracker=tracker) for n in snapshot.nodes if _matches(n, query)]
     if query.sort == "node":
         rows.sort(key=lambda r: r["node"], reverse=query.descending)
