@@ -3,7 +3,8 @@
 Builds a fleet view of 1,213 nodes with 6,212 GPUs (the openb fleet's counts: 8, 4 and 2
 GPUs per node) holding ``--slices`` slices, then times, over ``--repeat`` runs: a
 ``/metrics`` scrape (snapshot, families, text encoding), the dashboard's ``/api/fleet``
-object with its JSON encoding, and as the baseline prometheus-client encoding the same
+object with its JSON encoding, the dashboard page's first load (``/api/summary`` and the
+first ``/api/nodes`` page) against it, and as the baseline prometheus-client encoding the same
 number of series from plain labelled ``Gauge`` children (the library's own cost, with no
 view to join). Prints milliseconds (median) and the series count.
 
@@ -94,6 +95,20 @@ def main() -> None:
         return json.dumps(dashboards.fleet(snap, now=now)).encode()
 
     page = median_ms(api, args.repeat)
+    fleet_bytes = len(api())
+
+    def first_load() -> int:
+        # what the dashboard page asks for first: the summary and one page of nodes
+        now = time.time()
+        snap = view.snapshot(now=now, usage_ttl_s=30)
+        tracker = dashboards.Tracker()
+        summary = json.dumps(dashboards.summary(snap, now=now, tracker=tracker))
+        query = dashboards.NodeQuery()
+        nodes = json.dumps(dashboards.node_page(snap, query, now=now, tracker=tracker))
+        return len(summary) + len(nodes)
+
+    load = median_ms(first_load, args.repeat)
+    load_bytes = first_load()
     plain = CollectorRegistry()
     gauge = Gauge("plain_series", "baseline", ["node", "device_uuid", "pod"], registry=plain)
     for i in range(series):
@@ -101,7 +116,12 @@ def main() -> None:
     baseline = median_ms(lambda: generate_latest(plain), args.repeat)
     print(f"fleet: {NODES} nodes, {GPUS} GPUs, {args.slices} slices -> {series} series")
     print(f"/metrics scrape      {scrape:8.1f} ms  ({len(text) / 1e6:.1f} MB)")
-    print(f"/api/fleet (JSON)    {page:8.1f} ms")
+    print(f"/api/fleet (JSON)    {page:8.1f} ms  ({fleet_bytes / 1e3:.0f} KB)")
+    print(
+        f"dashboard first load {load:8.1f} ms  ({load_bytes / 1e3:.0f} KB: /api/summary +"
+        f" /api/nodes; {page / load:.1f}x faster, {fleet_bytes / load_bytes:.0f}x smaller"
+        " than /api/fleet)"
+    )
     print(f"baseline: {series} plain Gauge series encoded {baseline:8.1f} ms")
 
 

@@ -33,6 +33,30 @@ GPU_MEMORY_MIB = {
     "G3": 32768,
 }
 REPLAY_SPLIT_COUNT = 100  # the paper's simulator has no per-GPU pod limit; 100 never binds
+# The columns of each file (the openb files' names), and those it cannot do without; other
+# columns may follow and are ignored.
+POD_COLUMNS = ("name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli", "gpu_spec")
+POD_REQUIRED = ("cpu_milli", "memory_mib", "num_gpu")
+FLEET_COLUMNS = ("sn", "cpu_milli", "memory_mib", "gpu", "model")
+
+
+def _rows(
+    text: str, *, path: str, expected: tuple[str, ...], required: tuple[str, ...]
+) -> csv.DictReader[str]:
+    """The rows of a CSV whose header holds every ``required`` column. Raises
+    ``TraceFormatError`` (line 1) naming the missing and the ``expected`` columns."""
+    reader = csv.DictReader(io.StringIO(text))
+    found = reader.fieldnames or []
+    missing = [c for c in required if c not in found]
+    if missing:
+        raise TraceFormatError(
+            path=path,
+            line=1,
+            field="header",
+            value=",".join(found),
+            reason=f"missing column(s) {', '.join(missing)}; expected {','.join(expected)}",
+        )
+    return reader
 
 
 @dataclass(frozen=True)
@@ -113,7 +137,9 @@ def parse_fleet(
     Raises ``TraceFormatError`` for a missing or non-numeric field or an unknown GPU model.
     """
     nodes = []
-    for line, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+    for line, row in enumerate(
+        _rows(text, path=path, expected=FLEET_COLUMNS, required=FLEET_COLUMNS), start=2
+    ):
         name = row.get("sn") or ""
         if not name:
             raise TraceFormatError(path=path, line=line, field="sn", value=name, reason="missing")
@@ -145,9 +171,12 @@ def parse_fleet(
 
 
 def parse_pods(text: str, *, path: str = "<pods>") -> list[TracePod]:
-    """Parse a pod list CSV. Raises ``TraceFormatError`` naming file, line and field."""
+    """Parse a pod list CSV (``POD_COLUMNS``). Raises ``TraceFormatError`` naming file,
+    line and field; for a header without one of the columns, the expected ones."""
     pods = []
-    for line, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+    for line, row in enumerate(
+        _rows(text, path=path, expected=POD_COLUMNS, required=POD_REQUIRED), start=2
+    ):
         num_gpu = _int(path, line, row, "num_gpu")
         gpu_milli = _int(path, line, row, "gpu_milli", default=0)
         bad_share = num_gpu > 0 and not 10 <= gpu_milli <= 1000

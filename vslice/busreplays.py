@@ -42,7 +42,7 @@ from libshared.natsserver import NatsServer, free_port
 from libshared.subjects import deadline_headers
 from libshared.traces import TracePod
 from services.scheduler.core import replaying
-from vslice import stacks
+from vslice import replays, stacks
 
 PREFIX = "vreplay"
 # Runs `python -c PROFILED <out> -m <module> <args>`: the module under cProfile, timed in
@@ -544,6 +544,7 @@ def replay_over_bus(
             results.append(result)
             runs.append(driven)
         report = replaying.summarize(policy, results)
+        report["curve_band"] = replays.band(report, results)
         latencies = [t for d in runs for t in d.latency_ms]
         report.update(
             trace=trace,

@@ -1,28 +1,145 @@
-"""``vslice``: the command line."""
+"""``vslice``: the command line.
+
+Every flag is checked when it is parsed -- ranges, output paths -- so a typo or an
+impossible value is refused before any file is read or any process started, under the
+usage of its own subcommand, with the closest flag names when a flag is unknown. Ctrl-C
+ends any command with one line (exit 130), never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
+import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
+from typing import Any, NoReturn
 
 from libshared import traces
 from libshared.errors import VsliceError
 from services.scheduler.core.deciding import POLICIES
-from vslice import busreplays, certs, replays, running, stacks
+from vslice import busreplays, certs, replays, running, stacks, statuses
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+UNKNOWN = re.compile(r"unrecognized arguments: (.*)")
+INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
+
+
+def version() -> str:
+    """The installed vslice version (``0+unknown`` when run from a tree not installed)."""
+    try:
+        return metadata.version("vslice")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors suggest the closest flag or command names
+    (``difflib``): ``--gpumen`` -> ``did you mean --gpumem?``."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print usage and ``message`` with suggestions, exit 2 (argparse's contract)."""
+        unknown = UNKNOWN.search(message)
+        if unknown:
+            message += suggestions(unknown.group(1).split(), self.flags())
+        choice = INVALID_CHOICE.search(message)
+        if choice:
+            names = [c.strip(" '") for c in choice.group(2).split(",")]
+            close = difflib.get_close_matches(choice.group(1), names, n=3, cutoff=0.5)
+            if close:
+                message += f"; did you mean {' or '.join(close)}?"
+        super().error(message)
+
+    def flags(self) -> list[str]:
+        """Every long option string of this parser."""
+        return [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+
+
+def suggestions(words: Sequence[str], flags: Sequence[str]) -> str:
+    """`` (did you mean --x?)`` for each unknown flag in ``words`` close to one of
+    ``flags`` (``""`` when none is). Pure."""
+    out = []
+    for word in words:
+        if not word.startswith("-"):
+            continue
+        given = word.split("=", 1)[0]
+        close = difflib.get_close_matches("--" + given.lstrip("-"), flags, n=2, cutoff=0.6)
+        if close:
+            out.append((given, " or ".join(close)))
+    if len(out) == 1:
+        return f" (did you mean {out[0][1]}?)"
+    return "".join(f"; {given}: did you mean {close}?" for given, close in out)
+
+
+def bounded(
+    name: str, *, least: int, most: int | None = None, unit: str = "", note: str = ""
+) -> Callable[[str], int]:
+    """An argparse type for flag ``name``: an integer in ``least..most`` (no upper bound
+    when None); the refusal names the value, the range and ``note`` (argparse adds the
+    flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least or (most is not None and value > most):
+            span = f">= {least}" if most is None else f"{least}-{most}"
+            raise argparse.ArgumentTypeError(
+                f"{value}: must be {span}{unit}" + (f" ({note})" if note else "")
+            )
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+def output_file(name: str, suffixes: Sequence[str] = ()) -> Callable[[str], str]:
+    """An argparse type: a path a file can be written to (its folder exists and is
+    writable; it is not a folder; its suffix one of ``suffixes`` when given) -- checked
+    before the work that would fill it starts."""
+
+    def parse(text: str) -> str:
+        path = Path(text)
+        folder = path.parent
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(f"{text}: must end in {', '.join(suffixes)}")
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: is a folder")
+        if not folder.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise argparse.ArgumentTypeError(f"{text}: not writable")
+        return text
+
+    parse.__name__ = name
+    return parse
 
 
 def _policies(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in names if p not in POLICIES]
     if bad or not names:
+        close = [m for b in bad for m in difflib.get_close_matches(b, POLICIES, n=1)]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise argparse.ArgumentTypeError(
-            f"--policy {text!r}: each must be one of {', '.join(POLICIES)}"
+            f"--policy {text!r}: each must be one of {', '.join(POLICIES)}{hint}"
         )
     return names
+
+
+def _policy(text: str) -> str:
+    names = _policies(text)
+    if len(names) != 1:
+        raise argparse.ArgumentTypeError(f"--policy {text!r}: one policy for a stack")
+    return names[0]
 
 
 def _seeds(text: str) -> list[int]:
@@ -32,12 +149,106 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+# name of an `up` flag's destination -> the environment variable it falls back to
+UP_ENV = {
+    "replicas": "VSLICE_REPLICAS",
+    "policy": "VSLICE_POLICY",
+    "mock_gpus": "VSLICE_MOCKGPU_COUNT",
+    "mock_gpu_memory": "VSLICE_MOCKGPU_MEMORY_MIB",
+    "mock_devices": "VSLICE_MOCKGPU_DEVICES",
+    "backend": "VSLICE_GPU_BACKEND",
+    "metrics_port": "VSLICE_METRICS_PORT",
+    "metrics_host": "VSLICE_METRICS_HOST",
+    "nats_port": "VSLICE_NATS_PORT",
+    "workload_trace": "VSLICE_WORKLOAD_TRACE",
+}
+STATE_DIR_HELP = (
+    "where pids, logs and NATS data live (default $VSLICE_STATE_DIR, "
+    "else $XDG_STATE_HOME/vslice or ~/.local/state/vslice)"
+)
+
+
+def _add_up(sub: Any) -> None:
+    up = sub.add_parser(
+        "up",
+        help="start a local stack: nats-server, admission, scheduler replicas, a node agent,"
+        " metrics",
+        description="Start nats-server (JetStream), the admission service, the scheduler"
+        " replicas, this machine's node agent (NVML's GPUs when there are any, else mock"
+        " GPUs) and the metrics service with its dashboard, each in the background with its"
+        " log under STATE_DIR/logs. `vslice status` shows them, `vslice down` stops them."
+        " Each flag falls back to the environment variable named in its help.",
+    )
+    up.add_argument("--state-dir", default=None, help=STATE_DIR_HELP)
+    up.add_argument(
+        "--replicas",
+        type=bounded("--replicas", least=1, most=16),
+        help="scheduler replicas, active-active (default $VSLICE_REPLICAS, else 2)",
+    )
+    up.add_argument(
+        "--policy",
+        type=_policy,
+        help=f"the replicas' placement policy, one of {', '.join(POLICIES)}"
+        " (default $VSLICE_POLICY, else hami)",
+    )
+    up.add_argument(
+        "--workload-trace",
+        metavar="CSV",
+        help="FGD's target workload for --policy fgd: a pod list CSV (openb format)"
+        " (default $VSLICE_WORKLOAD_TRACE)",
+    )
+    up.add_argument(
+        "--backend",
+        choices=("auto", "nvml", "mock"),
+        help="GPUs of the node agent: NVML's, mock ones, or NVML's when there are any"
+        " (default $VSLICE_GPU_BACKEND, else auto)",
+    )
+    up.add_argument(
+        "--mock-gpus",
+        type=bounded("--mock-gpus", least=1, most=stacks.MAX_DEVICES),
+        help="mock GPUs of this node (default $VSLICE_MOCKGPU_COUNT, else 2)",
+    )
+    up.add_argument(
+        "--mock-gpu-memory",
+        type=bounded("--mock-gpu-memory", least=1, unit=" MiB"),
+        metavar="MIB",
+        help="memory of each mock GPU, MiB (default $VSLICE_MOCKGPU_MEMORY_MIB, else 16384)",
+    )
+    up.add_argument(
+        "--mock-devices",
+        metavar="UUID:MIB[,...]",
+        help="mock GPUs one by one, instead of --mock-gpus and --mock-gpu-memory"
+        " (default $VSLICE_MOCKGPU_DEVICES)",
+    )
+    up.add_argument(
+        "--metrics-port",
+        type=bounded("--metrics-port", least=1, most=65535),
+        help="port of the dashboard and /metrics (default $VSLICE_METRICS_PORT, else 9394"
+        " when free, else a free port)",
+    )
+    up.add_argument(
+        "--nats-port",
+        type=bounded("--nats-port", least=1, most=65535),
+        help="client port of nats-server (default $VSLICE_NATS_PORT, else a free port)",
+    )
+    up.add_argument(
+        "--metrics-host",
+        help="address the metrics service listens on (default $VSLICE_METRICS_HOST,"
+        " else 127.0.0.1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``vslice`` subcommand."""
-    parser = argparse.ArgumentParser(prog="vslice", description="GPU slices for shared GPUs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="vslice", description="GPU slices for shared GPUs.")
+    parser.add_argument("--version", action="version", version=f"vslice {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     rp = sub.add_parser(
-        "replay", help="replay a cluster trace against a fleet (FGD paper's experiment)"
+        "replay",
+        help="replay a cluster trace against a fleet (FGD paper's experiment)",
+        description="Replay a pod trace against a fleet of nodes with one or more placement"
+        " policies and seeds, over the bus (a temporary stack, or the running one with"
+        " --attach) or in this process, and report the GPU allocation each reaches.",
     )
     rp.add_argument("trace", help="pod list CSV (openb_pod_list_*.csv format)")
     rp.add_argument("--fleet", required=True, help="node list CSV (openb_node_list_*.csv format)")
@@ -54,7 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-process", action="store_true", help="run the scheduling core in this process"
     )
     rp.add_argument(
-        "--replicas", type=int, default=2, help="scheduler replicas of the bus replay (default 2)"
+        "--replicas",
+        type=bounded("--replicas", least=1, most=16),
+        default=2,
+        help="scheduler replicas of the bus replay (default 2)",
     )
     rp.add_argument(
         "--attach",
@@ -69,29 +283,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--state-dir", default=None, help="with --attach: the stack's (as for `up`)")
     rp.add_argument(
-        "--concurrency", type=int, default=16, help="pods in flight on the bus (default 16)"
+        "--concurrency",
+        type=bounded("--concurrency", least=1),
+        default=16,
+        help="pods in flight on the bus (default 16)",
     )
     rp.add_argument(
         "--compare-in-process",
         action="store_true",
         help="after the bus replay, run the in-process one and print both side by side",
     )
-    rp.add_argument("--json", dest="json_out", help="write the report(s) here")
-    rp.add_argument("--plot", help="draw the allocation curves of the policies into this PNG")
-    rp.add_argument("--jobs", type=int, default=0, help="parallel processes (default: CPU count)")
+    rp.add_argument(
+        "--json", dest="json_out", type=output_file("--json"), help="write the report(s) here"
+    )
+    rp.add_argument(
+        "--plot",
+        type=output_file("--plot", PLOT_FORMATS),
+        help="draw the allocation curves of the policies into this PNG (or SVG, PDF)",
+    )
+    rp.add_argument(
+        "--jobs",
+        type=bounded("--jobs", least=0),
+        default=0,
+        help="parallel processes (default: CPU count)",
+    )
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
-    for name, text in (
-        ("up", "start nats-server, admission, 2 scheduler replicas, a mock node agent, metrics"),
-        ("status", "show the stack's processes and the fleet's allocation"),
-        ("down", "stop the stack and remove its state"),
-    ):
-        sp = sub.add_parser(name, help=text)
-        sp.add_argument(
-            "--state-dir",
-            default=None,
-            help="where pids, logs and NATS data live (default $VSLICE_STATE_DIR, "
-            "else $XDG_STATE_HOME/vslice or ~/.local/state/vslice)",
-        )
+    _add_up(sub)
+    st = sub.add_parser(
+        "status",
+        help="show the stack's processes and the fleet's allocation",
+        description="Show the stack's processes and the fleet's allocation, in totals per"
+        " node group (a node's name without its trailing number).",
+    )
+    st.add_argument("--state-dir", default=None, help=STATE_DIR_HELP)
+    st.add_argument(
+        "--nodes",
+        action="store_true",
+        help=f"also list every GPU of every node (shown anyway up to {statuses.SMALL_FLEET_GPUS}"
+        " GPUs)",
+    )
+    st.add_argument(
+        "--json", action="store_true", help="print one JSON object (nats_url, processes, fleet)"
+    )
+    dn = sub.add_parser(
+        "down",
+        help="stop the stack and remove its state",
+        description="Stop every process of the stack (SIGTERM, then SIGKILL) and remove its"
+        " state and NATS data; the logs stay.",
+    )
+    dn.add_argument("--state-dir", default=None, help=STATE_DIR_HELP)
     certs = sub.add_parser(
         "certs",
         help="provision a bus's CA, certificates, identities and nats.conf into a directory",
@@ -110,37 +350,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     certs.add_argument("--store-dir", default="/data", help="JetStream store in nats.conf")
     certs.add_argument("--renew", action="store_true", help="issue a new server certificate")
-    sp = sub.choices["status"]
-    sp.add_argument(
-        "--json",
-        action="store_true",
-        help="one JSON object: nats_url, operator_nkey_seed, tls_ca, processes",
-    )
     rel = sub.add_parser(
         "release", help="release a pod's slices by hand (operator identity), ending its lease"
     )
     rel.add_argument("pod", help="the pod UID (`vslice status` lists them)")
     rel.add_argument("--state-dir", default=None, help="the stack's state dir (as for `up`)")
     run = sub.add_parser(
-        "run", help="run a command inside a slice of this machine's GPU (needs `vslice up`)"
+        "run",
+        help="run a command inside a slice of this machine's GPU (needs `vslice up`)",
+        description="Ask the running stack for a slice of this machine's GPU, run COMMAND"
+        " inside it (libvgpu preloaded) and release the slice when it exits. Without"
+        " --gpumem or --gpumem-percentage the slice is a whole card's memory; without"
+        " --gpucores its compute is not limited.",
     )
     mem = run.add_mutually_exclusive_group()
-    mem.add_argument("--gpumem", type=int, help="MiB per GPU (nvidia.com/gpumem)")
     mem.add_argument(
-        "--gpumem-percentage", type=int, help="percent of each GPU (nvidia.com/gpumem-percentage)"
+        "--gpumem",
+        type=bounded("--gpumem", least=1, unit=" MiB", note="omit it for a whole card's memory"),
+        metavar="MIB",
+        help="MiB per GPU (nvidia.com/gpumem)",
     )
-    run.add_argument("--gpucores", type=int, help="percent of each GPU's SMs (nvidia.com/gpucores)")
-    run.add_argument("--gpus", type=int, default=1, help="GPUs (nvidia.com/gpu, default 1)")
+    mem.add_argument(
+        "--gpumem-percentage",
+        type=bounded("--gpumem-percentage", least=1, most=100, unit=" %"),
+        metavar="PERCENT",
+        help="percent of each GPU's memory, 1-100 (nvidia.com/gpumem-percentage)",
+    )
+    run.add_argument(
+        "--gpucores",
+        type=bounded("--gpucores", least=0, most=100, unit=" %", note="0: no core limit"),
+        metavar="PERCENT",
+        help="percent of each GPU's SMs, 0-100 (nvidia.com/gpucores; default: no core limit)",
+    )
+    run.add_argument(
+        "--gpus",
+        type=bounded("--gpus", least=1, most=stacks.MAX_DEVICES),
+        default=1,
+        help="GPUs (nvidia.com/gpu, default 1)",
+    )
     run.add_argument("--gpu-type", help="only GPUs of this type (nvidia.com/use-gputype)")
     run.add_argument("--state-dir", default=None, help="the stack's state dir (as for `up`)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     return parser
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; exits 2 (argparse's contract) with the usage of the
+    subcommand at fault for an unknown flag or a bad value."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subs.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vslice`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
     try:
+        args = parse(argv)
         if args.command == "replay":
             return _replay(args)
         if args.command in ("up", "status", "down"):
@@ -160,6 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"trust material in {args.dir}: CA ca.pem, nats.conf, {len(seeds)} identities")
             return 0
+    except KeyboardInterrupt:
+        print("\nvslice: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except running.RunError as exc:
         print(f"vslice run: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -196,42 +467,143 @@ def _release(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class UpSettings:
+    """What ``up`` starts: ``environ`` for ``stacks.up`` (the flags as its variables),
+    ``replicas``, ``policy`` and ``nats_port`` (0: a free one)."""
+
+    environ: dict[str, str] = field(default_factory=dict)
+    replicas: int = 2
+    policy: str = "hami"
+    nats_port: int = 0
+    workload_trace: str | None = None
+
+
+def up_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> UpSettings:
+    """What ``up`` starts, from its flags, else the environment. Raises ``StackError``
+    naming a malformed variable. Pure."""
+    env = dict(environ)
+    for dest, var in UP_ENV.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            env[var] = str(value)
+    checks: dict[str, Callable[[str], Any]] = {
+        "VSLICE_REPLICAS": bounded("VSLICE_REPLICAS", least=1, most=16),
+        "VSLICE_POLICY": _policy,
+        "VSLICE_MOCKGPU_COUNT": bounded("VSLICE_MOCKGPU_COUNT", least=1, most=stacks.MAX_DEVICES),
+        "VSLICE_MOCKGPU_MEMORY_MIB": bounded("VSLICE_MOCKGPU_MEMORY_MIB", least=1, unit=" MiB"),
+        "VSLICE_NATS_PORT": bounded("VSLICE_NATS_PORT", least=1, most=65535),
+    }
+    for var, check in checks.items():
+        if env.get(var):
+            try:
+                check(env[var])
+            except argparse.ArgumentTypeError as exc:
+                raise stacks.StackError(f"{var}={env[var]!r}: {exc}") from None
+    policy = env.get("VSLICE_POLICY") or "hami"
+    trace = env.get("VSLICE_WORKLOAD_TRACE") or None
+    if policy == "fgd" and not trace:
+        raise stacks.StackError(
+            "--policy fgd needs --workload-trace CSV (FGD's target workload, a pod list)"
+        )
+    if trace and not Path(trace).is_file():
+        raise stacks.StackError(f"--workload-trace {trace}: no such file")
+    return UpSettings(
+        environ=env,
+        replicas=int(env.get("VSLICE_REPLICAS") or 2),
+        policy=policy,
+        nats_port=int(env.get("VSLICE_NATS_PORT") or 0),
+        workload_trace=str(Path(trace).resolve()) if trace else None,
+    )
+
+
 def _stack(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else stacks.default_state_dir()
     if args.command == "status":
-        if args.json:
-            print(json.dumps(stacks.status_json(state_dir), indent=1))
-            return 0
-        print(stacks.status_text(state_dir))
-        return 0
+        return _status(state_dir, nodes=args.nodes, as_json=args.json)
     if args.command == "down":
         stack = stacks.down(state_dir)
         print(f"nothing up in {state_dir}" if stack is None else f"stack in {state_dir} stopped")
         return 0
+    wanted = up_settings(args, os.environ)
     known = stacks.read_state(state_dir)
     if known is not None and all(stacks.alive(p) for p in known.pids.values()):
         print(f"already up in {state_dir} (NATS {known.nats_url}); `vslice down` stops it")
         return 0
-    stack = stacks.up(state_dir)
+    stack = stacks.up(
+        state_dir,
+        environ=wanted.environ,
+        replicas=wanted.replicas,
+        policy=wanted.policy,
+        nats_port=wanted.nats_port,
+        workload_trace=wanted.workload_trace,
+    )
     if known is not None and known.trust_dir:
         again = sorted(n for n, p in stack.pids.items() if known.pids.get(n) != p)
         print(f"restarted in {state_dir}: {', '.join(again)} (NATS {stack.nats_url}, data kept)")
         return 0
     print(f"up in {state_dir}: NATS {stack.nats_url}, logs in {state_dir / 'logs'}")
     print(f"dashboard: {stack.metrics_url}/  (Prometheus: {stack.metrics_url}/metrics)")
+    plural = "s" if wanted.replicas != 1 else ""
+    print(f"{wanted.replicas} scheduler replica{plural}, policy {wanted.policy}")
     for name, pid in stack.pids.items():
         print(f"  {name:<14} pid {pid}")
     return 0
 
 
+def status_data(state_dir: Path, *, nodes: bool = False) -> dict[str, Any]:
+    """``statuses.status`` of the stack in ``state_dir``, with its fleet read from the bus
+    when its nats-server runs. Raises ``StackError`` for an unreadable state file."""
+    stack = stacks.read_state(state_dir)
+    devices = None
+    error = None
+    if stack is not None and stacks.alive(stack.pids.get("nats", -1)):
+        try:
+            devices = asyncio.run(stacks.allocation(stack.settings("operator")))
+        except stacks.StackError as exc:
+            error = str(exc)
+    data = statuses.status(
+        state_dir, stack, alive=stacks.alive, devices=devices, fleet_error=error, nodes=nodes
+    )
+    # how an operator connects (README, "Who may do what on the bus")
+    operator = stack.settings("operator") if stack is not None else None
+    data["operator_nkey_seed"] = (operator.nkey_seed_path or None) if operator else None
+    data["operator_creds"] = (operator.creds_path or None) if operator else None
+    data["tls_ca"] = (operator.tls_ca_path or None) if operator else None
+    return data
+
+
+SLICE_LINES = 50  # above this many live slices, status lists them only with --nodes
+
+
+def _status(state_dir: Path, *, nodes: bool, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(status_data(state_dir, nodes=nodes), indent=1))
+    else:
+        data = status_data(state_dir, nodes=True)
+        print(statuses.text(data, table=nodes))
+        stack = stacks.read_state(state_dir)
+        if data["up"] and stack is not None:
+            try:
+                live = asyncio.run(stacks.live_slices(stack.settings("operator")))
+            except stacks.StackError as exc:
+                print(f"slices: {exc}")
+                return 0
+            if nodes or len(live) <= SLICE_LINES:
+                print("\n".join(stacks.slice_lines(live)))
+            else:
+                print(f"{len(live)} live slices (`vslice status --nodes` lists them)")
+    return 0
+
+
 def _replay(args: argparse.Namespace) -> int:
+    attach = None
+    if (args.keep and not args.attach) or (args.attach and args.in_process):
+        print("vslice replay: --keep needs --attach, --attach no --in-process", file=sys.stderr)
+        return 2
     gpus = sum(len(n.devices) for n in traces.read_fleet(args.fleet))
     traces.read_pods(args.trace)  # fail early, in this process, on a malformed trace
-    attach = None
-    if args.attach or args.keep:
-        if not args.attach or args.in_process:
-            print("vslice replay: --keep needs --attach, --attach no --in-process", file=sys.stderr)
-            return 2
+    if args.attach:
         attach = Path(args.state_dir) if args.state_dir else stacks.default_state_dir()
         args.policy = args.policy or [stacks.running(attach).policy]
     args.policy = args.policy or ["fgd"]
@@ -240,9 +612,6 @@ def _replay(args: argparse.Namespace) -> int:
             args.trace, args.fleet, args.policy, args.seeds, jobs=args.jobs, quiet=args.quiet
         )
     else:
-        if args.replicas < 1 or args.concurrency < 1:
-            print("vslice replay: --replicas and --concurrency must be >= 1", file=sys.stderr)
-            return 2
         reports = busreplays.replay_over_bus(
             args.trace,
             args.fleet,

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import os
+import signal
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +22,22 @@ from services.scheduler.core import replaying
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"42-51"`` -> [42..51]; ``"42,44"`` -> [42, 44]. Raises ``ValueError`` naming the text."""
-    seeds: list[int] = []
+    """``"42-51"`` -> [42..51]; ``"42,44"`` -> [42, 44]. Raises ``ValueError`` naming the
+    text (and, for a range that runs backwards, the range the caller likely meant)."""
+    ranges: list[tuple[int, int]] = []
     try:
-        for part in text.split(","):
-            if "-" in part.strip()[1:]:
-                lo, hi = part.split("-", 1)
-                seeds.extend(range(int(lo), int(hi) + 1))
-            elif part.strip():
-                seeds.append(int(part))
+        for part in (p.strip() for p in text.split(",")):
+            if "-" in part[1:]:
+                first, last = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                ranges.append((int(first), int(last)))
+            elif part:
+                ranges.append((int(part), int(part)))
     except ValueError as exc:
         raise ValueError(f"--seeds {text!r}: expected N, N-M or a comma list") from exc
+    for lo, hi in ranges:
+        if hi < lo:
+            raise ValueError(f"--seeds {text!r}: the range {lo}-{hi} runs backwards; {hi}-{lo}?")
+    seeds = [s for lo, hi in ranges for s in range(lo, hi + 1)]
     if not seeds:
         raise ValueError(f"--seeds {text!r}: no seed")
     return seeds
@@ -51,6 +57,12 @@ def _one(args: tuple[str, str, str, int]) -> replaying.SeedResult:
         gc.unfreeze()
 
 
+def _ignore_interrupts() -> None:
+    # Ctrl-C reaches the whole process group: the parent alone ends the run (and its pool),
+    # so each worker does not print a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def replay_in_process(
     trace: str,
     fleet: str,
@@ -60,24 +72,32 @@ def replay_in_process(
     jobs: int = 0,
     quiet: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every (policy, seed) experiment and return one report per policy."""
+    """Run every (policy, seed) experiment and return one report per policy.
+
+    With ``jobs`` > 1 the experiments run in a pool of worker processes; an interrupt
+    (Ctrl-C) of this process ends the workers at once and propagates as
+    ``KeyboardInterrupt``."""
     jobs = jobs or min(os.cpu_count() or 1, len(seeds) * len(policies))
     work = [(trace, fleet, p, s) for p in policies for s in seeds]
     results: dict[str, list[replaying.SeedResult]] = {p: [] for p in policies}
     bar = tqdm(total=len(work), desc="replay", unit="exp", disable=quiet)
-    if jobs <= 1:
-        for item in work:
-            results[item[2]].append(_one(item))
-            bar.update(1)
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            for item, res in zip(work, pool.map(_one, work), strict=True):
-                results[item[2]].append(res)
+    try:
+        if jobs <= 1:
+            for item in work:
+                results[item[2]].append(_one(item))
                 bar.update(1)
-    bar.close()
+        else:
+            # leaving the block terminates the workers, also on an interrupt
+            with multiprocessing.Pool(jobs, initializer=_ignore_interrupts) as pool:
+                for item, res in zip(work, pool.imap(_one, work), strict=True):
+                    results[item[2]].append(res)
+                    bar.update(1)
+    finally:
+        bar.close()
     reports = []
     for p in policies:
         report = replaying.summarize(p, results[p])
+        report["curve_band"] = band(report, results[p])
         report["trace"] = trace
         report["fleet"] = fleet
         reports.append(report)
@@ -90,26 +110,64 @@ def write_json(path: str, reports: list[dict[str, Any]]) -> None:
     Path(path).write_text(json.dumps(data, indent=1))
 
 
+def band(report: dict[str, Any], results: Sequence[replaying.SeedResult]) -> list[list[float]]:
+    """The seed band of a report's curve: ``[arrived, lowest, highest]`` allocation ratio
+    over the seeds' ``results`` at each point of ``report["curve"]``'s grid. Pure."""
+    out = []
+    for arrived, _ in report["curve"]:
+        at = [r.allocated_at(arrived) for r in results]
+        out.append([arrived, min(at, default=0.0), max(at, default=0.0)])
+    return out
+
+
+ZOOM_PERCENT = (80.0, 100.0)  # where policies differ: the paper's Figure 7 insets
+
+
 def plot(path: str, reports: list[dict[str, Any]]) -> None:
-    """Allocation-vs-arrival curves of several policies side by side (matplotlib, PNG)."""
+    """Allocation-vs-arrival curves of several policies (matplotlib; PNG, SVG or PDF by the
+    file's suffix) in two panels: the whole run (0-130 % arrived), and the allocation range
+    of ``ZOOM_PERCENT`` where the policies part. Each curve is the mean over seeds, with
+    the seeds' min-max band shaded when the report has one (``curve_band``, from ``band``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in reports:
+    fig, (whole, zoom) = plt.subplots(1, 2, figsize=(12, 4.8))
+    lo, hi = ZOOM_PERCENT
+    for i, r in enumerate(reports):
+        color = f"C{i}"
         xs = [100 * a for a, _ in r["curve"]]
         ys = [100 * b for _, b in r["curve"]]
-        ax.plot(xs, ys, label=f"{r['policy']} ({100 * r['alloc_at_100']:.2f}%)")
-    ax.plot([0, 130], [0, 130], color="grey", linestyle=":", linewidth=0.8)
-    ax.axvline(100, color="grey", linewidth=0.8)
-    ax.set_xlabel("arrived workload (% of GPU capacity)")
-    ax.set_ylabel("GPU allocation ratio (%)")
-    ax.set_xlim(0, 130)
-    ax.set_ylim(0, 100)
-    ax.legend(loc="lower right")
-    ax.set_title(Path(reports[0]["trace"]).name)
+        seeds = len(r.get("seeds", ())) or 1
+        label = f"{r['policy']} ({100 * r['alloc_at_100']:.2f}%"
+        label += f" ±{100 * r['alloc_at_100_sd']:.2f}, {seeds} seeds)" if seeds > 1 else ")"
+        for ax in (whole, zoom):
+            ax.plot(xs, ys, color=color, label=label, linewidth=1.2)
+            if r.get("curve_band"):
+                bx = [100 * a for a, _, _ in r["curve_band"]]
+                ax.fill_between(
+                    bx,
+                    [100 * m for _, m, _ in r["curve_band"]],
+                    [100 * m for _, _, m in r["curve_band"]],
+                    color=color,
+                    alpha=0.2,
+                    linewidth=0,
+                )
+    for ax in (whole, zoom):
+        ax.plot([0, 130], [0, 130], color="grey", linestyle=":", linewidth=0.8)
+        ax.axvline(100, color="grey", linewidth=0.8)
+        ax.set_xlabel("arrived workload (% of GPU capacity)")
+        ax.grid(alpha=0.3)
+    whole.set_ylabel("GPU allocation ratio (%)")
+    whole.set_xlim(0, 130)
+    whole.set_ylim(0, 100)
+    whole.axhspan(lo, hi, color="grey", alpha=0.08)
+    whole.set_title(Path(reports[0]["trace"]).name)
+    zoom.set_xlim(lo * 0.9, 130)
+    zoom.set_ylim(lo, hi)
+    zoom.set_title(f"zoom: allocation {lo:.0f}-{hi:.0f} % (band: seeds' min-max)")
+    zoom.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -48,6 +48,7 @@ from libshared import leases as leasing
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
+from libshared.ledgers import NodeLedger
 from libshared.subjects import deadline_headers, pod_key
 from services.nodeagent import settings as nodeagent_settings
 from vslice import stacks
@@ -56,6 +57,7 @@ READY_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 10.0
 CONTAINER = "main"
 NODE_DEVICES = msgspec.json.Decoder(NodeDevices)
+NODE_LEDGER = msgspec.json.Decoder(NodeLedger)
 EXIT_NO_SLICE = 3  # the slice was refused or could not be prepared
 # Variables that list paths: the slice's entries go first, the caller's stay after them.
 PATH_LISTS = {"LD_PRELOAD": " ", "LD_LIBRARY_PATH": ":"}
@@ -110,10 +112,90 @@ def command_env(base: Mapping[str, str], slice_env: Mapping[str, str]) -> dict[s
     return env
 
 
+def cores_text(cores_percent: int) -> str:
+    """A slice's compute share for people: ``30% cores``, or ``no core limit`` for 0 (HAMi
+    reads ``nvidia.com/gpucores`` 0 as "not limited", not as "no compute"). Pure."""
+    return f"{cores_percent}% cores" if cores_percent else "no core limit"
+
+
 def describe(placement: events.Placement) -> str:
     """One line saying where the slice is. Pure."""
-    parts = [f"{s.uuid} {s.memory_mib} MiB {s.cores_percent}% cores" for s in placement.slices]
+    parts = [
+        f"{s.uuid} {s.memory_mib:,} MiB {cores_text(s.cores_percent)}" for s in placement.slices
+    ]
     return f"slice of pod {placement.pod_uid} on {placement.node}: {', '.join(parts)}"
+
+
+@dataclass(frozen=True)
+class FreeDevice:
+    """What a registered device has left: ``memory_mib`` (MiB), ``cores_percent`` and
+    ``slots`` (slices it may still take of its ``split_count``)."""
+
+    node: str
+    uuid: str
+    type: str
+    healthy: bool
+    memory_mib: int
+    cores_percent: int
+    slots: int
+
+
+def free_devices(registered: NodeDevices, ledger: NodeLedger | None) -> list[FreeDevice]:
+    """Each registered device of the node with what its ledger leaves free, largest free
+    memory first. Pure."""
+    held = ledger.slices if ledger is not None else ()
+    out = []
+    for dev in registered.devices:
+        mine = [s for s in held if s.uuid == dev.uuid]
+        out.append(
+            FreeDevice(
+                node=registered.node,
+                uuid=dev.uuid,
+                type=dev.type,
+                healthy=dev.healthy,
+                memory_mib=max(0, dev.memory_mib - sum(s.memory_mib for s in mine)),
+                cores_percent=max(0, dev.cores_percent - sum(s.cores_percent for s in mine)),
+                slots=max(0, dev.split_count - len(mine)),
+            )
+        )
+    return sorted(out, key=lambda f: (-f.memory_mib, f.uuid))
+
+
+def asked_text(request: SliceRequest) -> str:
+    """What ``request`` asks for, for people: ``999,999 MiB, no core limit on 1 GPU``. Pure."""
+    if request.memory_mib is not None:
+        memory = f"{request.memory_mib:,} MiB"
+    elif request.memory_percent is not None:
+        memory = f"{request.memory_percent}% of the memory"
+    else:
+        memory = "a whole card's memory"
+    gpus = f"{request.gpus} GPU" + ("s" if request.gpus != 1 else "")
+    kind = f" of type {request.gpu_type}" if request.gpu_type else ""
+    return f"{memory}, {cores_text(request.cores_percent or 0)} on {gpus}{kind}"
+
+
+def refusal_text(
+    request: SliceRequest, free: Sequence[FreeDevice], answer: events.Unschedulable
+) -> str:
+    """Why no slice fits, for people: what was asked, the largest free device (healthy, with
+    a free slot), and the scheduler's own reasons. Pure.
+
+    ``asked 999,999 MiB, no core limit on 1 GPU; largest free: 16,384 MiB, 100% cores on
+    vm-0/GPU-0 (scheduler: ...)``."""
+    usable = [f for f in free if f.healthy and f.slots > 0]
+    if usable:
+        best = usable[0]
+        where = (
+            f"largest free: {best.memory_mib:,} MiB, {best.cores_percent}% cores"
+            f" on {best.node}/{best.uuid}"
+        )
+        if len(usable) > 1:
+            where += f" ({len(usable)} GPUs with a free slot)"
+    elif free:
+        where = "no GPU of this node has a free slot or is healthy"
+    else:
+        where = "this node registered no GPU"
+    return f"asked {asked_text(request)}; {where} (scheduler: {unschedulable_text(answer)})"
 
 
 def unschedulable_text(answer: events.Unschedulable) -> str:
@@ -218,7 +300,9 @@ def run(state_dir: Path, request: SliceRequest, command: Sequence[str]) -> int:
             exit_code=2,
         )
     checks = Checks(
-        host_root=state_dir / "host", library_dirs=(Path(nodeagent_settings.DEFAULT_MOCK_DIR),)
+        host_root=state_dir / "host",
+        library_dirs=(Path(nodeagent_settings.DEFAULT_MOCK_DIR),),
+        operator=stack.settings("operator"),
     )
     # asyncio warns on every TLS connection the server drops ("returning true from
     # eof_received()"): noise in the terminal of a run whose stack went down
@@ -230,10 +314,12 @@ def run(state_dir: Path, request: SliceRequest, command: Sequence[str]) -> int:
 class Checks:
     """Where the node agent of a local stack keeps what a slice's environment may name:
     ``host_root`` (libvgpu under ``lib/``, caches under ``containers/``) and
-    ``library_dirs`` (the mock driver)."""
+    ``library_dirs`` (the mock driver); ``operator`` the identity that reads the ledger
+    for a refusal's free figures."""
 
     host_root: Path
     library_dirs: tuple[Path, ...] = ()
+    operator: BusSettings | None = None  # reads the free figures of a refusal
 
 
 async def _request(nc: Client, subject: str, body: bytes, *, timeout_s: float) -> Msg:
@@ -286,7 +372,8 @@ async def _slice(
     )
     placed = events.SCHEDULE_REPLY.decode(decided.data)
     if isinstance(placed, events.Unschedulable):
-        raise RunError(f"no slice fits: {unschedulable_text(placed)}")
+        free = free_devices(registered, await _ledger(checks.operator, node))
+        raise RunError(f"no slice fits: {refusal_text(request, free, placed)}")
     if isinstance(placed, events.BusError):
         raise RunError(f"scheduling failed: {placed.reason}")
     if placed.pod_uid != uid or placed.node != node:
@@ -315,6 +402,29 @@ async def _slice(
         await _release(nc, settings, uid)
         raise RunError("refusing the node agent's answer: " + "; ".join(problems))
     return placed, answer
+
+
+async def _ledger(operator: BusSettings | None, node: str) -> NodeLedger | None:
+    """The node's ledger as the bucket holds it now, read as the stack's operator (the
+    CLI identity may not read the ledger; the local stack's owner holds the operator's
+    seed); None without one, when it holds none or it does not decode (the refusal then
+    counts every registered device as free)."""
+    if operator is None:
+        return None
+    try:
+        async with asyncio.timeout(5):
+            nc = await connecting.connect(operator, name="vslice-run-free")
+            try:
+                kv = await nc.jetstream().key_value(operator.subjects.ledger_bucket)
+                entry = await kv.get(node)
+            finally:
+                await nc.close()
+    except (KeyNotFoundError, nats.errors.Error, TimeoutError, OSError):
+        return None
+    try:
+        return NODE_LEDGER.decode(entry.value or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 async def _release(nc: Client, settings: BusSettings, uid: str) -> None:

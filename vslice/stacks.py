@@ -499,9 +499,18 @@ def read_state(state_dir: Path) -> Stack | None:
 
 
 def up(
-    state_dir: Path, *, prefix: str = "vslice", environ: Mapping[str, str] | None = None
+    state_dir: Path,
+    *,
+    prefix: str = "vslice",
+    environ: Mapping[str, str] | None = None,
+    replicas: int = 2,
+    policy: str = "hami",
+    nats_port: int = 0,
+    workload_trace: str | None = None,
 ) -> Stack:
-    """Start the stack of this machine in ``state_dir`` and wait until it serves; a stack
+    """Start the stack of this machine in ``state_dir``, with ``replicas`` scheduler
+    replicas deciding by ``policy`` (FGD's target workload from ``workload_trace``) and
+    nats-server on ``nats_port`` (0: a free port), and wait until it serves; a stack
     recorded there with processes that died (a ``kill -9``, a crash) is completed instead
     (``restart``), its JetStream data, port and identities kept.
 
@@ -519,7 +528,9 @@ def up(
     state_dir.mkdir(parents=True, exist_ok=True)
     logs = state_dir / "logs"
     trust = TrustStore(state_dir / "trust").ensure()
-    server = NatsServer(data_dir=state_dir / "nats", name="vslice-nats", trust=trust)
+    server = NatsServer(
+        data_dir=state_dir / "nats", name="vslice-nats", trust=trust, port=nats_port
+    )
     server.port = server.port or free_port()
     server.http_port = server.http_port or free_port()
     identities = provision(server, prefix=prefix, node=local_node())
@@ -532,10 +543,21 @@ def up(
         host = env.get("VSLICE_METRICS_HOST", "127.0.0.1")
         port = metrics_port(host, env)
         metrics_url = f"http://{host}:{port}"
-        commands = _stack_commands(server, identities, prefix, state_dir, environ, host, port)
+        commands = _stack_commands(
+            server,
+            identities,
+            prefix,
+            state_dir,
+            environ,
+            host,
+            port,
+            replicas=replicas,
+            policy=policy,
+            workload_trace=workload_trace,
+        )
         for name, argv in commands.items():
             procs[name] = spawn(name, argv, logs)
-        _wait_started(identities["operator"], procs, logs, metrics_url)
+        _wait_started(identities["operator"], procs, logs, metrics_url, schedulers=replicas)
     except BaseException:
         stop(list(procs.values()))
         raise
@@ -548,6 +570,7 @@ def up(
         trust_dir=str(trust.root),
         tls=server.tls,
         nats_http_port=server.http_port,
+        policy=policy,
     )
     write_state(state_dir, stack)
     return stack
@@ -561,11 +584,18 @@ def _stack_commands(
     environ: Mapping[str, str] | None,
     host: str,
     port: int,
+    *,
+    replicas: int = 2,
+    policy: str = "hami",
+    workload_trace: str | None = None,
 ) -> dict[str, list[str]]:
     return service_commands(
         server.url,
         credentials=identities,
         prefix=prefix,
+        replicas=replicas,
+        policy=policy,
+        workload_trace=workload_trace,
         agent_args=[*mock_agent_args(environ), *slice_agent_args(state_dir, environ)],
         metrics_port=port,
         metrics_host=host,
@@ -578,9 +608,11 @@ def _wait_started(
     procs: Mapping[str, subprocess.Popen[bytes]],
     logs: Path,
     metrics_url: str,
+    *,
+    schedulers: int = 2,
 ) -> None:
     services = {k: v for k, v in procs.items() if k != "nats"}
-    asyncio.run(wait_serving(operator, schedulers=2, nodes=1, procs=services, logs=logs))
+    asyncio.run(wait_serving(operator, schedulers=schedulers, nodes=1, procs=services, logs=logs))
     if "metrics" in procs:
         wait_http(
             f"{metrics_url}/healthz",
@@ -627,13 +659,24 @@ def restart(state_dir: Path, known: Stack, *, environ: Mapping[str, str] | None 
         metrics = urllib.parse.urlsplit(known.metrics_url)
         host = metrics.hostname or "127.0.0.1"
         mport = metrics.port or metrics_port(host, os.environ if environ is None else environ)
+        replicas = sum(1 for name in known.pids if name.startswith("scheduler-")) or 2
         commands = _stack_commands(
-            server, identities, known.prefix, state_dir, environ, host, mport
+            server,
+            identities,
+            known.prefix,
+            state_dir,
+            environ,
+            host,
+            mport,
+            replicas=replicas,
+            policy=known.policy,
         )
         for name, argv in commands.items():
             if name not in pids:
                 procs[name] = spawn(name, argv, logs)
-        _wait_started(identities["operator"], procs, logs, f"http://{host}:{mport}")
+        _wait_started(
+            identities["operator"], procs, logs, f"http://{host}:{mport}", schedulers=replicas
+        )
     except BaseException:
         stop(list(procs.values()))
         raise
@@ -817,7 +860,10 @@ async def live_slices(settings: BusSettings, *, timeout_s: float = 5.0) -> list[
     now = datetime.datetime.now(datetime.UTC)
     out = []
     for entry in ledgers.values():
-        ledger = LEDGERS.decode(entry.value or b"{}") if entry.value else None
+        try:
+            ledger = LEDGERS.decode(entry.value) if entry.value else None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            ledger = None  # an unreadable ledger: `status` shows the rest
         if ledger is None:
             continue
         for uid in sorted(ledger.pods()):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from nats.js.errors import KeyWrongLastSequenceError
 
-from libshared import connecting
+from libshared import connecting, waiting
 from libshared.natsserver import NatsServer, find_binary, start_cluster
 
 
@@ -39,7 +39,12 @@ async def test_a_three_node_cluster_serves_a_replicated_bucket(tmp_path: Path) -
     with start_cluster(tmp_path, size=3) as cluster:
         assert len(set(cluster.urls)) == 3
         nc = await connecting.connect(cluster.bus_settings(), name="t")
-        kv = await nc.jetstream().create_key_value(bucket="r3", replicas=3)
+        js = nc.jetstream()
+        kv = await js.create_key_value(bucket="r3", replicas=3)
+        # the replicas elect a leader after the create returns; a put before that finds
+        # no responders
+        info = await waiting.bucket_ready(js, "r3")
+        assert info.cluster is not None and info.cluster.leader
         await kv.put("k", b"v")
         status = await kv.status()
         assert status.stream_info.config.num_replicas == 3

@@ -83,7 +83,7 @@ def test_an_attached_replay_shows_in_the_stack_and_leaves_it_as_found_unless_kep
         # gone again: the fleet's agent, its nodes and the replay's pods
         after = stacks.read_state(Path(state))
         assert after is not None and busreplays.AGENT not in after.pids
-        status = vslice("status", "--state-dir", state).stdout
+        status = vslice("status", "--nodes", "--state-dir", state).stdout
         assert "node-00" not in status and "GPU-mock-a" in status
         assert not any(replay_pods(bus).values())
 
@@ -98,7 +98,7 @@ def test_an_attached_replay_shows_in_the_stack_and_leaves_it_as_found_unless_kep
         # GPU pods are kept off the stack's own node (CPU-only ones may land there)
         local = ledgers(bus).get(stacks.local_node(), NodeLedger(node="local"))
         assert not [s for s in local.slices if s.pod_uid.startswith("replay-")]
-        status = vslice("status", "--state-dir", state).stdout
+        status = vslice("status", "--nodes", "--state-dir", state).stdout
         assert "replay-agent" in status and "NOT RUNNING" not in status
         rows = [line.split() for line in status.splitlines() if line.startswith("node-")]
         assert len({r[0] for r in rows}) == 12

@@ -255,6 +255,7 @@ def test_two_runs_on_one_gpu_see_their_own_totals_and_a_third_that_does_not_fit_
     assert totals == [768 * MIB, 1024 * MIB]
     assert third.returncode == 3
     assert "CardInsufficientMemory" in third.stderr
+    assert "asked 512 MiB, no core limit on 1 GPU; largest free: 256 MiB" in third.stderr
     assert "meminfo" not in third.stdout  # the command never ran
     assert codes == [0, 0]
 

@@ -3,10 +3,16 @@
 Routes: ``GET /metrics`` (Prometheus text format: the families of
 ``services.metrics.core.exporting`` drawn from the view at scrape time, plus the latency
 histogram and rejection counter), ``GET /`` (the dashboard page, plain HTML and JS, no
-build step), ``GET /api/fleet`` (the page's data, ``services.metrics.core.dashboards``),
-``GET /healthz`` (200 while the process serves), ``GET /readyz`` (200 while the wiring
-says the view is fed -- connected to the bus and not stopping -- else 503 with the
-reason). Thin glue: every figure comes from the core.
+build step, nothing fetched from elsewhere), its data from ``services.metrics.core.dashboards``:
+``GET /api/summary`` (fleet figures and the last hour's history), ``GET /api/nodes``
+(one page of nodes: ``node``, ``type``, ``namespace``, ``pod``, ``sort``, ``offset``,
+``limit``; 400 with the parameter named for a bad one), ``GET /api/nodes/{node}`` (one
+node's GPUs and slices; 404 for an unknown node), ``GET /api/fleet`` (everything in one
+object, for tools), and ``GET /favicon.svg`` / ``/favicon.ico``, ``GET /healthz`` (200
+while the process serves), ``GET /readyz`` (200 while the wiring says the view is fed --
+connected to the bus and not stopping -- else 503 with the reason). Thin glue: every
+figure comes from the core. A background task records the fleet figures every
+``history_interval_s`` seconds for the history.
 
 The families are drawn from the view on the event loop (the view is only touched there)
 and encoded to text in a worker thread: at the openb fleet's size the encoding is about
@@ -17,13 +23,14 @@ messages meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -32,7 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from services.metrics.core import dashboards, exporting
+from services.metrics.core import dashboards, exporting, views
 from services.metrics.core.views import FleetView
 
 STATS_TTL_INTERVALS = 3  # a replica silent for this many stats intervals is dropped
@@ -99,9 +106,13 @@ class ViewCollector(Collector):
         return self.frozen if self.frozen is not None else self.families()
 
 
-def page() -> bytes:
-    """The dashboard page (``static/index.html`` of this package)."""
-    return resources.files("services.metrics").joinpath("static/index.html").read_bytes()
+def page(name: str = "index.html") -> bytes:
+    """A file of the dashboard (``static/<name>`` of this package)."""
+    return resources.files("services.metrics").joinpath(f"static/{name}").read_bytes()
+
+
+HISTORY_INTERVAL_S = 10.0  # 360 points for the hour the page draws
+SNAPSHOT_REUSE_S = 1.0  # a dashboard snapshot of an unchanged view serves this long
 
 
 def application(
@@ -112,12 +123,38 @@ def application(
     usage_ttl_s: float,
     clock: Callable[[], float] = time.time,
     unready: Callable[[], str] = lambda: "",
+    history_interval_s: float = HISTORY_INTERVAL_S,
 ) -> web.Application:
     """The aiohttp application serving ``registry`` (which holds ``collector``, drawing
-    from ``view``) and the dashboard of ``view``; ``unready`` says why the service is not
+    from ``view``) and the dashboard of ``view``, recording its history every
+    ``history_interval_s`` seconds while it runs; ``unready`` says why the service is not
     ready (``""``: it is), for ``/readyz``."""
     body = page()
+    icon = page("favicon.svg")
     scraping = asyncio.Lock()
+    tracker = dashboards.Tracker()
+
+    taken: list[tuple[float, tuple[int, ...], views.Snapshot]] = []
+
+    def snapshot() -> tuple[float, views.Snapshot]:
+        # At a thousand nodes a snapshot takes a few hundred ms; the page asks for a summary
+        # and a node page at once, so one taken this second of an unchanged view serves both.
+        now = clock()
+        state = (
+            view.ledger_seq,
+            sum(map(id, view.nodes.values())),
+            sum(map(id, view.ledgers.values())),
+            sum(id(report) for report, _ in view.usage.values()),
+        )
+        if taken and taken[0][1] == state and 0 <= now - taken[0][0] < SNAPSHOT_REUSE_S:
+            return now, taken[0][2]
+        snap = view.snapshot(now=now, usage_ttl_s=usage_ttl_s)
+        taken[:] = [(now, state, snap)]
+        return now, snap
+
+    async def as_json(data: object) -> web.Response:
+        text = await asyncio.to_thread(json.dumps, data, separators=(",", ":"))
+        return web.Response(text=text, content_type="application/json")
 
     async def metrics(request: web.Request) -> web.Response:
         async with scraping:
@@ -140,6 +177,33 @@ def application(
         text = await asyncio.to_thread(json.dumps, data)
         return web.Response(text=text, content_type="application/json")
 
+    async def summary(request: web.Request) -> web.Response:
+        now, snap = snapshot()
+        return await as_json(dashboards.summary(snap, now=now, tracker=tracker))
+
+    async def nodes(request: web.Request) -> web.Response:
+        try:
+            query = dashboards.parse_query(request.query)
+        except dashboards.QueryError as exc:
+            return web.json_response(
+                {"error": str(exc), "field": exc.field, "value": exc.value}, status=400
+            )
+        now, snap = snapshot()
+        return await as_json(dashboards.node_page(snap, query, now=now, tracker=tracker))
+
+    async def node(request: web.Request) -> web.Response:
+        name = request.match_info["node"]
+        now, snap = snapshot()
+        detail = dashboards.node_detail(snap, name, now=now, tracker=tracker)
+        if detail is None:
+            return web.json_response({"error": f"node {name!r}: not in the fleet"}, status=404)
+        return await as_json(detail)
+
+    async def favicon(request: web.Request) -> web.Response:
+        out = web.Response(body=icon, content_type="image/svg+xml")
+        out.headers["Cache-Control"] = "max-age=86400"
+        return out
+
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -149,10 +213,29 @@ def application(
             return web.Response(text=why + "\n", status=503)
         return web.Response(text="ok\n")
 
+    async def recording(app: web.Application) -> AsyncIterator[None]:
+        async def record() -> None:
+            while True:
+                now, snap = snapshot()
+                tracker.record(snap, now=now)
+                await asyncio.sleep(history_interval_s)
+
+        task = asyncio.create_task(record())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     app = web.Application(client_max_size=1024)
+    app.cleanup_ctx.append(recording)
     app.router.add_get("/", index)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/fleet", fleet)
+    app.router.add_get("/api/summary", summary)
+    app.router.add_get("/api/nodes", nodes)
+    app.router.add_get("/api/nodes/{node}", node)
+    app.router.add_get("/favicon.svg", favicon)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
