@@ -81,6 +81,9 @@ struct vgpu_cache {
     struct vgpu_cache_slot slots[VGPU_MAX_SLOTS];
 };
 
+/* The bytes charged on device d by all processes of the container. */
+#define VGPU_CACHE_USED(c, d) ((c)->devices[(d)].used_bytes)
+
 _Static_assert(sizeof(struct vgpu_cache_header) == 64, "header layout");
 _Static_assert(sizeof(struct vgpu_cache_device) == 128, "device layout");
 _Static_assert(sizeof(struct vgpu_cache_slot) == 160, "slot layout");

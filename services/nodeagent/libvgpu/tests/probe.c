@@ -16,13 +16,21 @@
  * write ID | fill SIZE | meminfo | meminfo1 | nvml | nvml2 | nvmlat N | drivercalls |
  * launch KIND US COUNT | saturate KIND US SECONDS | sync | device N |
  * procaddr NAME VERSION FLAGS | procaddr1 NAME VERSION FLAGS | ready | wait |
- * sleep MS.  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
+ * sleep MS | totalmem | asyncptsz SIZE | forkfree ID | exitrace THREADS SIZE |
+ * exec COMMAND... .  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
+ *
+ * forkfree: a forked child frees allocation ID (inherited from this process)
+ * and exits; exitrace: THREADS threads allocate and free SIZE in a loop while
+ * main returns (exit runs with them still allocating); exec: replaces this
+ * process with a new probe running the rest of the arguments.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -52,6 +60,8 @@ CUresult cuMemUnmap(CUdeviceptr, size_t);
 CUresult cuMemSetAccess(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
 CUresult cuMemAllocAsync(CUdeviceptr *, size_t, CUstream);
 CUresult cuMemFreeAsync(CUdeviceptr, CUstream);
+CUresult cuMemAllocAsync_ptsz(CUdeviceptr *, size_t, CUstream);
+CUresult cuDeviceTotalMem_v2(size_t *, CUdevice);
 CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *, CUdevice);
 CUresult cuMemAllocFromPoolAsync(CUdeviceptr *, size_t, CUmemoryPool, CUstream);
 CUresult cuLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
@@ -100,6 +110,8 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t, nvmlMemory_v2_t *);
     X(cuMemSetAccess, CUresult (*)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t), 12000)   \
     X(cuMemAllocAsync, CUresult (*)(CUdeviceptr *, size_t, CUstream), 12000)                       \
     X(cuMemFreeAsync, CUresult (*)(CUdeviceptr, CUstream), 12000)                                  \
+    X(cuMemAllocAsync_ptsz, CUresult (*)(CUdeviceptr *, size_t, CUstream), 12000)                  \
+    X(cuDeviceTotalMem_v2, CUresult (*)(size_t *, CUdevice), 12000)                                \
     X(cuDeviceGetDefaultMemPool, CUresult (*)(CUmemoryPool *, CUdevice), 12000)                    \
     X(cuMemAllocFromPoolAsync, CUresult (*)(CUdeviceptr *, size_t, CUmemoryPool, CUstream), 12000) \
     X(cuLaunchKernel,                                                                              \
@@ -248,6 +260,18 @@ static CUresult launch(const char *kind) {
     if (strcmp(kind, "graph") == 0) return api.cuGraphLaunch((CUgraphExec)(void *)&kernel, NULL);
     die("unknown launch kind");
     return CUDA_ERROR_INVALID_VALUE;
+}
+
+static size_t race_size;
+
+static void *race_allocs(void *arg) {
+    (void)arg;
+    if (api.cuCtxSetCurrent(ctx) != CUDA_SUCCESS) return NULL;
+    for (;;) {
+        CUdeviceptr p = 0;
+        if (api.cuMemAlloc_v2(&p, race_size) == CUDA_SUCCESS) api.cuMemFree_v2(p);
+    }
+    return NULL;
 }
 
 static void use_device(int dev) {
@@ -461,6 +485,42 @@ int main(int argc, char **argv) {
                    info.dli_sname != NULL ? info.dli_sname : "-",
                    info.dli_fname != NULL ? base_name(info.dli_fname) : "-");
             i += 3;
+        } else if (strcmp(c, "totalmem") == 0) {
+            size_t total = 0;
+            CUresult r = api.cuDeviceTotalMem_v2(&total, 0);
+            printf("totalmem rc=%d total=%zu\n", r, total);
+        } else if (strcmp(c, "asyncptsz") == 0) {
+            CUdeviceptr p = 0;
+            size_t size = parse_size(ARG(1));
+            CUresult r_ = api.cuMemAllocAsync_ptsz(&p, size, NULL);
+            print_alloc(c, r_, K_ASYNC, p, size);
+            i += 1;
+        } else if (strcmp(c, "forkfree") == 0) {
+            struct allocation *a = &allocs[atoi(ARG(1))];
+            pid_t child = fork();
+            if (child == 0) _exit(api.cuMemFree_v2(a->ptr) == CUDA_SUCCESS ? 0 : 1);
+            int status = 0;
+            waitpid(child, &status, 0);
+            printf("forkfree rc=%d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+            i += 1;
+        } else if (strcmp(c, "exitrace") == 0) {
+            int threads = atoi(ARG(1));
+            race_size = parse_size(ARG(2));
+            for (int t = 0; t < threads; t++) {
+                pthread_t th;
+                if (pthread_create(&th, NULL, race_allocs, NULL) != 0) die("pthread_create");
+            }
+            usleep(2000);
+            printf("exitrace rc=0\n");
+            return 0; /* exit runs while the threads allocate and free */
+        } else if (strcmp(c, "exec") == 0) {
+            char self[4096];
+            ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+            if (n <= 0) die("readlink");
+            self[n] = '\0';
+            argv[i] = self;
+            execv(self, argv + i);
+            die("execv");
         } else if (strcmp(c, "ready") == 0) {
             printf("ready pid=%d\n", (int)getpid());
         } else if (strcmp(c, "wait") == 0) {
