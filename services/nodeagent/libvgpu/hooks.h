@@ -23,6 +23,8 @@
     X(cuMemAllocManaged, (CUdeviceptr * dptr, size_t bytesize, unsigned int flags))                \
     X(cuMemGetInfo_v2, (size_t * free_bytes, size_t * total_bytes))                                \
     X(cuMemGetInfo, (unsigned int *free_bytes, unsigned int *total_bytes))                         \
+    X(cuDeviceTotalMem_v2, (size_t * bytes, CUdevice dev))                                         \
+    X(cuDeviceTotalMem, (unsigned int *bytes, CUdevice dev))                                       \
     X(cuMemCreate, (CUmemGenericAllocationHandle * handle, size_t size,                            \
                     const CUmemAllocationProp *prop, unsigned long long flags))                    \
     X(cuMemRelease, (CUmemGenericAllocationHandle handle))                                         \

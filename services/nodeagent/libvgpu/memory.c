@@ -6,6 +6,11 @@
  * process cannot take the same bytes), then given back if the driver fails.
  * Frees credit exactly what was charged; pointers libvgpu did not charge go
  * to the driver untouched (HAMi-core #257).
+ *
+ * A wrapper entered again on the same thread from inside a wrapper (a driver
+ * whose entry points call each other through exported names, as the mock's
+ * _ptsz variants do, or a signal handler) goes straight to the driver: the
+ * outer call has charged already.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -17,6 +22,19 @@ static struct vgpu_table *g_ptrs;    /* device pointer -> bytes, device */
 static struct vgpu_table *g_handles; /* cuMemCreate handle -> bytes, device */
 static struct vgpu_table *g_pools;   /* memory pool -> device */
 static pthread_once_t g_tables_once = PTHREAD_ONCE_INIT;
+static __thread int t_inside __attribute__((tls_model("initial-exec")));
+
+/* Forward to the driver uncharged when this thread is already inside a wrapper. */
+#define REENTERED(call)                                                                            \
+    if (UNLIKELY(t_inside)) return (call)
+/* Run a wrapper's body with this thread marked as inside. */
+#define GUARDED(expr)                                                                              \
+    do {                                                                                           \
+        t_inside = 1;                                                                              \
+        CUresult guarded_r_ = (expr);                                                              \
+        t_inside = 0;                                                                              \
+        return guarded_r_;                                                                         \
+    } while (0)
 
 static void make_tables(void) {
     g_ptrs = vgpu_table_new();
@@ -35,8 +53,10 @@ static int current_device(void) {
     return d < VGPU_MAX_DEVICES ? d : -1;
 }
 
-static CUresult admit(int dev, uint64_t bytes, const char *call) {
-    if (vgpu_charge(dev, bytes)) return CUDA_SUCCESS;
+/* Charges bytes on dev; *owner is the charge's owner (VGPU_OWNER). */
+static CUresult admit(int dev, uint64_t bytes, const char *call, uint64_t *owner) {
+    *owner = vgpu_charge(dev, bytes);
+    if (*owner != 0) return CUDA_SUCCESS;
     VGPU_LOG(VGPU_LOG_INFO,
              "%s: %llu bytes refused on device %d: %llu of the slice's %llu bytes are charged", call,
              (unsigned long long)bytes, dev, (unsigned long long)vgpu_used(dev),
@@ -45,10 +65,11 @@ static CUresult admit(int dev, uint64_t bytes, const char *call) {
 }
 
 /* Records a successful allocation, or gives the charge back on failure. */
-static void settle(struct vgpu_table *t, CUresult r, uint64_t key, uint64_t bytes, int dev) {
+static void settle(struct vgpu_table *t, CUresult r, uint64_t key, uint64_t bytes, int dev,
+                   uint64_t owner) {
     if (r != CUDA_SUCCESS) {
-        vgpu_credit(dev, bytes);
-    } else if (!vgpu_table_put(t, key, bytes, dev)) {
+        vgpu_credit(dev, bytes, owner);
+    } else if (!vgpu_table_put(t, key, bytes, dev, owner)) {
         /* untracked, its free will not credit: better than crediting twice */
         VGPU_LOG(VGPU_LOG_ERROR, "out of host memory tracking an allocation of %llu bytes",
                  (unsigned long long)bytes);
@@ -64,55 +85,74 @@ static CUresult alloc_v2(CUresult (*real)(CUdeviceptr *, size_t), const char *ca
                          CUdeviceptr *dptr, size_t bytesize) {
     int dev = current_device();
     if (dev < 0 || dptr == NULL || bytesize == 0) return real(dptr, bytesize);
-    CUresult r = admit(dev, bytesize, call);
+    uint64_t owner;
+    CUresult r = admit(dev, bytesize, call, &owner);
     if (r != CUDA_SUCCESS) return r;
     r = real(dptr, bytesize);
-    settle(g_ptrs, r, *dptr, bytesize, dev);
+    settle(g_ptrs, r, *dptr, bytesize, dev, owner);
     return r;
+}
+
+static CUresult cuMemAlloc_v2_body(CUdeviceptr *dptr, size_t bytesize) {
+    return alloc_v2(vgpu_real_cuMemAlloc_v2, "cuMemAlloc_v2", dptr, bytesize);
 }
 
 VGPU_API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
     ready();
     NO_DRIVER(cuMemAlloc_v2);
-    return alloc_v2(vgpu_real_cuMemAlloc_v2, "cuMemAlloc_v2", dptr, bytesize);
+    REENTERED(vgpu_real_cuMemAlloc_v2(dptr, bytesize));
+    GUARDED(cuMemAlloc_v2_body(dptr, bytesize));
+}
+
+static CUresult cuMemAlloc_body(CUdeviceptr_v1 *dptr, unsigned int bytesize) {
+    int dev = current_device();
+    if (dev < 0 || dptr == NULL || bytesize == 0) return vgpu_real_cuMemAlloc(dptr, bytesize);
+    uint64_t owner;
+    CUresult r = admit(dev, bytesize, "cuMemAlloc", &owner);
+    if (r != CUDA_SUCCESS) return r;
+    r = vgpu_real_cuMemAlloc(dptr, bytesize);
+    settle(g_ptrs, r, *dptr, bytesize, dev, owner);
+    return r;
 }
 
 VGPU_API CUresult cuMemAlloc(CUdeviceptr_v1 *dptr, unsigned int bytesize) {
     ready();
     NO_DRIVER(cuMemAlloc);
-    int dev = current_device();
-    if (dev < 0 || dptr == NULL || bytesize == 0) return vgpu_real_cuMemAlloc(dptr, bytesize);
-    CUresult r = admit(dev, bytesize, "cuMemAlloc");
-    if (r != CUDA_SUCCESS) return r;
-    r = vgpu_real_cuMemAlloc(dptr, bytesize);
-    settle(g_ptrs, r, *dptr, bytesize, dev);
-    return r;
+    REENTERED(vgpu_real_cuMemAlloc(dptr, bytesize));
+    GUARDED(cuMemAlloc_body(dptr, bytesize));
 }
 
 /* Managed memory is charged in full: it can all become resident on the
  * device, and a slice that admitted it would then be exceeded. */
-VGPU_API CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags) {
-    ready();
-    NO_DRIVER(cuMemAllocManaged);
+static CUresult cuMemAllocManaged_body(CUdeviceptr *dptr, size_t bytesize, unsigned int flags) {
     int dev = current_device();
     if (dev < 0 || dptr == NULL || bytesize == 0)
         return vgpu_real_cuMemAllocManaged(dptr, bytesize, flags);
-    CUresult r = admit(dev, bytesize, "cuMemAllocManaged");
+    uint64_t owner;
+    CUresult r = admit(dev, bytesize, "cuMemAllocManaged", &owner);
     if (r != CUDA_SUCCESS) return r;
     r = vgpu_real_cuMemAllocManaged(dptr, bytesize, flags);
-    settle(g_ptrs, r, *dptr, bytesize, dev);
+    settle(g_ptrs, r, *dptr, bytesize, dev, owner);
     return r;
 }
 
+VGPU_API CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags) {
+    ready();
+    NO_DRIVER(cuMemAllocManaged);
+    REENTERED(vgpu_real_cuMemAllocManaged(dptr, bytesize, flags));
+    GUARDED(cuMemAllocManaged_body(dptr, bytesize, flags));
+}
+
 static CUresult free_tracked(CUdeviceptr dptr, CUresult (*forward)(CUdeviceptr, void *), void *arg) {
-    uint64_t bytes;
+    uint64_t bytes, owner;
     int dev;
-    if (dptr == 0 || !vgpu_table_take(g_ptrs, dptr, &bytes, &dev)) return forward(dptr, arg);
+    if (dptr == 0 || !vgpu_table_take(g_ptrs, dptr, &bytes, &dev, &owner))
+        return forward(dptr, arg);
     CUresult r = forward(dptr, arg);
     if (r == CUDA_SUCCESS)
-        vgpu_credit(dev, bytes);
+        vgpu_credit(dev, bytes, owner);
     else
-        vgpu_table_put(g_ptrs, dptr, bytes, dev);
+        vgpu_table_put(g_ptrs, dptr, bytes, dev, owner);
     return r;
 }
 
@@ -131,16 +171,26 @@ static CUresult fwd_free_async_ptsz(CUdeviceptr p, void *stream) {
     return vgpu_real_cuMemFreeAsync_ptsz(p, (CUstream)stream);
 }
 
+static CUresult cuMemFree_v2_body(CUdeviceptr dptr) {
+    return free_tracked(dptr, fwd_free_v2, NULL);
+}
+
 VGPU_API CUresult cuMemFree_v2(CUdeviceptr dptr) {
     ready();
     NO_DRIVER(cuMemFree_v2);
-    return free_tracked(dptr, fwd_free_v2, NULL);
+    REENTERED(vgpu_real_cuMemFree_v2(dptr));
+    GUARDED(cuMemFree_v2_body(dptr));
+}
+
+static CUresult cuMemFree_body(CUdeviceptr_v1 dptr) {
+    return free_tracked(dptr, fwd_free_v1, NULL);
 }
 
 VGPU_API CUresult cuMemFree(CUdeviceptr_v1 dptr) {
     ready();
     NO_DRIVER(cuMemFree);
-    return free_tracked(dptr, fwd_free_v1, NULL);
+    REENTERED(vgpu_real_cuMemFree(dptr));
+    GUARDED(cuMemFree_body(dptr));
 }
 
 /* ---- pitched allocations ------------------------------------------------------ */
@@ -150,54 +200,68 @@ VGPU_API CUresult cuMemFree(CUdeviceptr_v1 dptr) {
  * the real pitch x height is settled after it: the slice pays for the
  * padding the card really holds (HAMi-core charged width x height). */
 static CUresult settle_pitch(CUdeviceptr ptr, uint64_t guess, uint64_t actual, int dev,
-                             CUresult (*release)(CUdeviceptr, void *)) {
-    if (actual > guess && !vgpu_charge(dev, actual - guess)) {
+                             uint64_t owner, CUresult (*release)(CUdeviceptr, void *)) {
+    if (actual > guess && vgpu_charge(dev, actual - guess) == 0) {
         release(ptr, NULL);
-        vgpu_credit(dev, guess);
+        vgpu_credit(dev, guess, owner);
         VGPU_LOG(VGPU_LOG_INFO, "cuMemAllocPitch: the pitch padding passes the slice on device %d",
                  dev);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
-    if (actual < guess) vgpu_credit(dev, guess - actual);
-    settle(g_ptrs, CUDA_SUCCESS, ptr, actual, dev);
+    if (actual < guess) vgpu_credit(dev, guess - actual, owner);
+    settle(g_ptrs, CUDA_SUCCESS, ptr, actual, dev, owner);
     return CUDA_SUCCESS;
+}
+
+static CUresult cuMemAllocPitch_v2_body(CUdeviceptr *dptr, size_t *pitch, size_t width, size_t height,
+                                     unsigned int element_size) {
+    int dev = current_device();
+    if (dev < 0 || dptr == NULL || pitch == NULL || width == 0 || height == 0 ||
+        width > UINT64_MAX / height)
+        return vgpu_real_cuMemAllocPitch_v2(dptr, pitch, width, height, element_size);
+    uint64_t guess = (uint64_t)width * height;
+    uint64_t owner;
+    CUresult r = admit(dev, guess, "cuMemAllocPitch_v2", &owner);
+    if (r != CUDA_SUCCESS) return r;
+    r = vgpu_real_cuMemAllocPitch_v2(dptr, pitch, width, height, element_size);
+    if (r != CUDA_SUCCESS) {
+        vgpu_credit(dev, guess, owner);
+        return r;
+    }
+    return settle_pitch(*dptr, guess, (uint64_t)*pitch * height, dev, owner, fwd_free_v2);
 }
 
 VGPU_API CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t width, size_t height,
                                      unsigned int element_size) {
     ready();
     NO_DRIVER(cuMemAllocPitch_v2);
+    REENTERED(vgpu_real_cuMemAllocPitch_v2(dptr, pitch, width, height, element_size));
+    GUARDED(cuMemAllocPitch_v2_body(dptr, pitch, width, height, element_size));
+}
+
+static CUresult cuMemAllocPitch_body(CUdeviceptr_v1 *dptr, unsigned int *pitch, unsigned int width,
+                                  unsigned int height, unsigned int element_size) {
     int dev = current_device();
-    if (dev < 0 || dptr == NULL || pitch == NULL || width == 0 || height == 0 ||
-        width > UINT64_MAX / height)
-        return vgpu_real_cuMemAllocPitch_v2(dptr, pitch, width, height, element_size);
+    if (dev < 0 || dptr == NULL || pitch == NULL || width == 0 || height == 0)
+        return vgpu_real_cuMemAllocPitch(dptr, pitch, width, height, element_size);
     uint64_t guess = (uint64_t)width * height;
-    CUresult r = admit(dev, guess, "cuMemAllocPitch_v2");
+    uint64_t owner;
+    CUresult r = admit(dev, guess, "cuMemAllocPitch", &owner);
     if (r != CUDA_SUCCESS) return r;
-    r = vgpu_real_cuMemAllocPitch_v2(dptr, pitch, width, height, element_size);
+    r = vgpu_real_cuMemAllocPitch(dptr, pitch, width, height, element_size);
     if (r != CUDA_SUCCESS) {
-        vgpu_credit(dev, guess);
+        vgpu_credit(dev, guess, owner);
         return r;
     }
-    return settle_pitch(*dptr, guess, (uint64_t)*pitch * height, dev, fwd_free_v2);
+    return settle_pitch(*dptr, guess, (uint64_t)*pitch * height, dev, owner, fwd_free_v1);
 }
 
 VGPU_API CUresult cuMemAllocPitch(CUdeviceptr_v1 *dptr, unsigned int *pitch, unsigned int width,
                                   unsigned int height, unsigned int element_size) {
     ready();
     NO_DRIVER(cuMemAllocPitch);
-    int dev = current_device();
-    if (dev < 0 || dptr == NULL || pitch == NULL || width == 0 || height == 0)
-        return vgpu_real_cuMemAllocPitch(dptr, pitch, width, height, element_size);
-    uint64_t guess = (uint64_t)width * height;
-    CUresult r = admit(dev, guess, "cuMemAllocPitch");
-    if (r != CUDA_SUCCESS) return r;
-    r = vgpu_real_cuMemAllocPitch(dptr, pitch, width, height, element_size);
-    if (r != CUDA_SUCCESS) {
-        vgpu_credit(dev, guess);
-        return r;
-    }
-    return settle_pitch(*dptr, guess, (uint64_t)*pitch * height, dev, fwd_free_v1);
+    REENTERED(vgpu_real_cuMemAllocPitch(dptr, pitch, width, height, element_size));
+    GUARDED(cuMemAllocPitch_body(dptr, pitch, width, height, element_size));
 }
 
 /* ---- virtual memory management ------------------------------------------------ */
@@ -206,34 +270,44 @@ VGPU_API CUresult cuMemAllocPitch(CUdeviceptr_v1 *dptr, unsigned int *pitch, uns
  * PyTorch's expandable segments and NCCL's buffers must be charged
  * (HAMi-core #169, #187, PR #98).  Host-located handles are not device
  * memory and pass through. */
-VGPU_API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size,
+static CUresult cuMemCreate_body(CUmemGenericAllocationHandle *handle, size_t size,
                               const CUmemAllocationProp *prop, unsigned long long flags) {
-    ready();
-    NO_DRIVER(cuMemCreate);
     if (handle == NULL || prop == NULL || size == 0 ||
         prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE || prop->location.id < 0 ||
         prop->location.id >= VGPU_MAX_DEVICES)
         return vgpu_real_cuMemCreate(handle, size, prop, flags);
     int dev = prop->location.id;
-    CUresult r = admit(dev, size, "cuMemCreate");
+    uint64_t owner;
+    CUresult r = admit(dev, size, "cuMemCreate", &owner);
     if (r != CUDA_SUCCESS) return r;
     r = vgpu_real_cuMemCreate(handle, size, prop, flags);
-    settle(g_handles, r, *handle, size, dev);
+    settle(g_handles, r, *handle, size, dev, owner);
     return r;
+}
+
+VGPU_API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size,
+                              const CUmemAllocationProp *prop, unsigned long long flags) {
+    ready();
+    NO_DRIVER(cuMemCreate);
+    REENTERED(vgpu_real_cuMemCreate(handle, size, prop, flags));
+    GUARDED(cuMemCreate_body(handle, size, prop, flags));
 }
 
 VGPU_API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
     ready();
     NO_DRIVER(cuMemRelease);
-    uint64_t bytes;
+    REENTERED(vgpu_real_cuMemRelease(handle));
+    uint64_t bytes, owner;
     int dev;
-    if (handle == 0 || !vgpu_table_take(g_handles, handle, &bytes, &dev))
+    if (handle == 0 || !vgpu_table_take(g_handles, handle, &bytes, &dev, &owner))
         return vgpu_real_cuMemRelease(handle);
+    t_inside = 1;
     CUresult r = vgpu_real_cuMemRelease(handle);
+    t_inside = 0;
     if (r == CUDA_SUCCESS)
-        vgpu_credit(dev, bytes);
+        vgpu_credit(dev, bytes, owner);
     else
-        vgpu_table_put(g_handles, handle, bytes, dev);
+        vgpu_table_put(g_handles, handle, bytes, dev, owner);
     return r;
 }
 
@@ -248,8 +322,8 @@ VGPU_API CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool, CUdevice dev) {
     if (r == CUDA_SUCCESS && *pool != NULL && dev >= 0 && dev < VGPU_MAX_DEVICES) {
         uint64_t bytes;
         int known;
-        if (!vgpu_table_get(g_pools, (uint64_t)(uintptr_t)*pool, &bytes, &known))
-            vgpu_table_put(g_pools, (uint64_t)(uintptr_t)*pool, 0, dev);
+        if (!vgpu_table_get(g_pools, (uint64_t)(uintptr_t)*pool, &bytes, &known, NULL))
+            vgpu_table_put(g_pools, (uint64_t)(uintptr_t)*pool, 0, dev, VGPU_OWNER_NONE);
     }
     return r;
 }
@@ -258,24 +332,35 @@ static CUresult alloc_async(CUresult (*real)(CUdeviceptr *, size_t, CUstream), c
                             CUdeviceptr *dptr, size_t bytesize, CUstream stream) {
     int dev = current_device();
     if (dev < 0 || dptr == NULL || bytesize == 0) return real(dptr, bytesize, stream);
-    CUresult r = admit(dev, bytesize, call);
+    uint64_t owner;
+    CUresult r = admit(dev, bytesize, call, &owner);
     if (r != CUDA_SUCCESS) return r;
     r = real(dptr, bytesize, stream);
-    settle(g_ptrs, r, *dptr, bytesize, dev);
+    settle(g_ptrs, r, *dptr, bytesize, dev, owner);
     return r;
+}
+
+static CUresult cuMemAllocAsync_body(CUdeviceptr *dptr, size_t bytesize, CUstream stream) {
+    return alloc_async(vgpu_real_cuMemAllocAsync, "cuMemAllocAsync", dptr, bytesize, stream);
 }
 
 VGPU_API CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream stream) {
     ready();
     NO_DRIVER(cuMemAllocAsync);
-    return alloc_async(vgpu_real_cuMemAllocAsync, "cuMemAllocAsync", dptr, bytesize, stream);
+    REENTERED(vgpu_real_cuMemAllocAsync(dptr, bytesize, stream));
+    GUARDED(cuMemAllocAsync_body(dptr, bytesize, stream));
+}
+
+static CUresult cuMemAllocAsync_ptsz_body(CUdeviceptr *dptr, size_t bytesize, CUstream stream) {
+    return alloc_async(vgpu_real_cuMemAllocAsync_ptsz, "cuMemAllocAsync_ptsz", dptr, bytesize,
+                       stream);
 }
 
 VGPU_API CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream stream) {
     ready();
     NO_DRIVER(cuMemAllocAsync_ptsz);
-    return alloc_async(vgpu_real_cuMemAllocAsync_ptsz, "cuMemAllocAsync_ptsz", dptr, bytesize,
-                       stream);
+    REENTERED(vgpu_real_cuMemAllocAsync_ptsz(dptr, bytesize, stream));
+    GUARDED(cuMemAllocAsync_ptsz_body(dptr, bytesize, stream));
 }
 
 static CUresult alloc_pool(CUresult (*real)(CUdeviceptr *, size_t, CUmemoryPool, CUstream),
@@ -283,44 +368,67 @@ static CUresult alloc_pool(CUresult (*real)(CUdeviceptr *, size_t, CUmemoryPool,
                            CUstream stream) {
     uint64_t unused;
     int dev;
-    if (pool == NULL || !vgpu_table_get(g_pools, (uint64_t)(uintptr_t)pool, &unused, &dev))
+    if (pool == NULL || !vgpu_table_get(g_pools, (uint64_t)(uintptr_t)pool, &unused, &dev, NULL))
         dev = current_device();
     if (dev < 0 || dptr == NULL || bytesize == 0) return real(dptr, bytesize, pool, stream);
-    CUresult r = admit(dev, bytesize, call);
+    uint64_t owner;
+    CUresult r = admit(dev, bytesize, call, &owner);
     if (r != CUDA_SUCCESS) return r;
     r = real(dptr, bytesize, pool, stream);
-    settle(g_ptrs, r, *dptr, bytesize, dev);
+    settle(g_ptrs, r, *dptr, bytesize, dev, owner);
     return r;
+}
+
+static CUresult cuMemAllocFromPoolAsync_body(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
+                                          CUstream stream) {
+    return alloc_pool(vgpu_real_cuMemAllocFromPoolAsync, "cuMemAllocFromPoolAsync", dptr, bytesize,
+                      pool, stream);
 }
 
 VGPU_API CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
                                           CUstream stream) {
     ready();
     NO_DRIVER(cuMemAllocFromPoolAsync);
-    return alloc_pool(vgpu_real_cuMemAllocFromPoolAsync, "cuMemAllocFromPoolAsync", dptr, bytesize,
-                      pool, stream);
+    REENTERED(vgpu_real_cuMemAllocFromPoolAsync(dptr, bytesize, pool, stream));
+    GUARDED(cuMemAllocFromPoolAsync_body(dptr, bytesize, pool, stream));
+}
+
+static CUresult cuMemAllocFromPoolAsync_ptsz_body(CUdeviceptr *dptr, size_t bytesize,
+                                               CUmemoryPool pool, CUstream stream) {
+    return alloc_pool(vgpu_real_cuMemAllocFromPoolAsync_ptsz, "cuMemAllocFromPoolAsync_ptsz", dptr,
+                      bytesize, pool, stream);
 }
 
 VGPU_API CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesize,
                                                CUmemoryPool pool, CUstream stream) {
     ready();
     NO_DRIVER(cuMemAllocFromPoolAsync_ptsz);
-    return alloc_pool(vgpu_real_cuMemAllocFromPoolAsync_ptsz, "cuMemAllocFromPoolAsync_ptsz", dptr,
-                      bytesize, pool, stream);
+    REENTERED(vgpu_real_cuMemAllocFromPoolAsync_ptsz(dptr, bytesize, pool, stream));
+    GUARDED(cuMemAllocFromPoolAsync_ptsz_body(dptr, bytesize, pool, stream));
 }
 
 /* The block is credited when the free is enqueued: the program can no longer
  * use it, and the pool hands it out again only to allocations we charge. */
+static CUresult cuMemFreeAsync_body(CUdeviceptr dptr, CUstream stream) {
+    return free_tracked(dptr, fwd_free_async, stream);
+}
+
 VGPU_API CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream stream) {
     ready();
     NO_DRIVER(cuMemFreeAsync);
-    return free_tracked(dptr, fwd_free_async, stream);
+    REENTERED(vgpu_real_cuMemFreeAsync(dptr, stream));
+    GUARDED(cuMemFreeAsync_body(dptr, stream));
+}
+
+static CUresult cuMemFreeAsync_ptsz_body(CUdeviceptr dptr, CUstream stream) {
+    return free_tracked(dptr, fwd_free_async_ptsz, stream);
 }
 
 VGPU_API CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream stream) {
     ready();
     NO_DRIVER(cuMemFreeAsync_ptsz);
-    return free_tracked(dptr, fwd_free_async_ptsz, stream);
+    REENTERED(vgpu_real_cuMemFreeAsync_ptsz(dptr, stream));
+    GUARDED(cuMemFreeAsync_ptsz_body(dptr, stream));
 }
 
 /* ---- reporting the slice ------------------------------------------------------ */
@@ -337,9 +445,12 @@ static int slice_info(int dev, uint64_t *free_bytes, uint64_t *total_bytes, uint
     return 1;
 }
 
+/* Charges of processes that died (SIGKILL, an exec) are given back first, so
+ * the free memory a program sizes itself by is current. */
 VGPU_API CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes) {
     ready();
     NO_DRIVER(cuMemGetInfo_v2);
+    vgpu_reclaim_dead();
     CUresult r = vgpu_real_cuMemGetInfo_v2(free_bytes, total_bytes);
     uint64_t f, t, u;
     if (r == CUDA_SUCCESS && slice_info(current_device(), &f, &t, &u)) {
@@ -352,12 +463,34 @@ VGPU_API CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes) {
 VGPU_API CUresult cuMemGetInfo(unsigned int *free_bytes, unsigned int *total_bytes) {
     ready();
     NO_DRIVER(cuMemGetInfo);
+    vgpu_reclaim_dead();
     CUresult r = vgpu_real_cuMemGetInfo(free_bytes, total_bytes);
     uint64_t f, t, u;
     if (r == CUDA_SUCCESS && slice_info(current_device(), &f, &t, &u)) {
         *free_bytes = f > 0xffffffffULL ? 0xffffffffU : (unsigned int)f;
         *total_bytes = t > 0xffffffffULL ? 0xffffffffU : (unsigned int)t;
     }
+    return r;
+}
+
+/* The slice, not the card: frameworks size themselves from the total
+ * (PyTorch's caching allocator, TensorFlow's memory fraction), and would aim
+ * past the slice otherwise. */
+VGPU_API CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
+    ready();
+    NO_DRIVER(cuDeviceTotalMem_v2);
+    CUresult r = vgpu_real_cuDeviceTotalMem_v2(bytes, dev);
+    uint64_t limit = dev >= 0 && dev < VGPU_MAX_DEVICES ? vgpu_limit(dev) : 0;
+    if (r == CUDA_SUCCESS && limit != 0) *bytes = limit;
+    return r;
+}
+
+VGPU_API CUresult cuDeviceTotalMem(unsigned int *bytes, CUdevice dev) {
+    ready();
+    NO_DRIVER(cuDeviceTotalMem);
+    CUresult r = vgpu_real_cuDeviceTotalMem(bytes, dev);
+    uint64_t limit = dev >= 0 && dev < VGPU_MAX_DEVICES ? vgpu_limit(dev) : 0;
+    if (r == CUDA_SUCCESS && limit != 0) *bytes = limit > 0xffffffffULL ? 0xffffffffU : (unsigned)limit;
     return r;
 }
 
@@ -398,6 +531,7 @@ static int nvml_slice(nvmlDevice_t device, uint64_t *f, uint64_t *t, uint64_t *u
 
 VGPU_API nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
     vgpu_init();
+    vgpu_reclaim_dead();
     if (vgpu_real_nvmlDeviceGetMemoryInfo == NULL) return NVML_ERROR_UNINITIALIZED;
     nvmlReturn_t r = vgpu_real_nvmlDeviceGetMemoryInfo(device, memory);
     uint64_t f, t, u;
@@ -411,6 +545,7 @@ VGPU_API nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t 
 
 VGPU_API nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory) {
     vgpu_init();
+    vgpu_reclaim_dead();
     if (vgpu_real_nvmlDeviceGetMemoryInfo_v2 == NULL) return NVML_ERROR_UNINITIALIZED;
     nvmlReturn_t r = vgpu_real_nvmlDeviceGetMemoryInfo_v2(device, memory);
     uint64_t f, t, u;

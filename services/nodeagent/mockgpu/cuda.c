@@ -371,6 +371,13 @@ API CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
     return CUDA_SUCCESS;
 }
 
+API CUresult cuDeviceTotalMem(unsigned int *bytes, CUdevice dev) {
+    size_t total = 0;
+    CUresult r = cuDeviceTotalMem_v2(&total, dev);
+    if (r == CUDA_SUCCESS) *bytes = total > 0xffffffffULL ? 0xffffffffU : (unsigned int)total;
+    return r;
+}
+
 API CUresult cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice dev) {
     struct mock_state *st = ready();
     if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
@@ -814,6 +821,7 @@ static const struct proc_entry g_procs[] = {
     {"cuDeviceGetUuid", 11040, FN(cuDeviceGetUuid_v2), NULL},
     {"cuDeviceGetUuid", 9020, FN(cuDeviceGetUuid), NULL},
     {"cuDeviceTotalMem", 3020, FN(cuDeviceTotalMem_v2), NULL},
+    {"cuDeviceTotalMem", 2000, FN(cuDeviceTotalMem), NULL},
     {"cuDeviceGetAttribute", 2000, FN(cuDeviceGetAttribute), NULL},
     {"cuDevicePrimaryCtxRetain", 7000, FN(cuDevicePrimaryCtxRetain), NULL},
     {"cuDevicePrimaryCtxRelease", 11000, FN(cuDevicePrimaryCtxRelease_v2), NULL},
