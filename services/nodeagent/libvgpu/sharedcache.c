@@ -228,27 +228,38 @@ static void drain_dead(int index, uint64_t word) {
                  (int)(int32_t)word);
 }
 
-/* Drains the slots of dead processes; returns how many.  Caller holds
+/* Whether slot s holds a charge on dev (on any device when dev < 0). */
+static int holds_charge(struct vgpu_cache_slot *s, int dev) {
+    for (int d = dev < 0 ? 0 : dev; d < (dev < 0 ? VGPU_MAX_DEVICES : dev + 1); d++)
+        if (LOAD(&s->charged[d].bytes) != 0) return 1;
+    return 0;
+}
+
+/* Drains the slots of dead processes; returns how many.  dev >= 0: only
+ * slots holding a charge on dev (all that matter to a refused charge there),
+ * dev == -1: slots holding any charge, dev == -2: every slot.  Caller holds
  * g_op_lock and owns a slot. */
-static int reclaim_dead_locked(int full) {
+static int reclaim_dead_locked(int full, int dev) {
     int reclaimed = 0;
     for (int i = 0; i < VGPU_MAX_SLOTS; i++) {
         struct vgpu_cache_slot *s = &vgpu_cache->slots[i];
         uint64_t word = slot_word(s);
         int32_t pid = (int32_t)word;
-        if (pid <= 0 || s == g_slot || !owner_dead(s, pid, full)) continue;
+        if (pid <= 0 || s == g_slot || (dev > -2 && !holds_charge(s, dev)) ||
+            !owner_dead(s, pid, full))
+            continue;
         drain_dead(i, word);
         reclaimed++;
     }
     return reclaimed;
 }
 
-static int reclaim_dead(void) {
+static int reclaim_dead(int dev) {
     int64_t now = vgpu_now_ns();
     int full = now - LOAD(&g_full_check_ns) >= FULL_CHECK_NS;
     if (full) STORE(&g_full_check_ns, now);
     pthread_mutex_lock(&g_op_lock);
-    int n = g_slot != NULL && g_index >= 0 && !g_closed ? reclaim_dead_locked(full) : 0;
+    int n = g_slot != NULL && g_index >= 0 && !g_closed ? reclaim_dead_locked(full, dev) : 0;
     pthread_mutex_unlock(&g_op_lock);
     return n;
 }
@@ -440,7 +451,7 @@ void vgpu_cache_attach(void) {
     vgpu_slot();
     STORE(&g_full_check_ns, vgpu_now_ns());
     pthread_mutex_lock(&g_op_lock);
-    if (g_index >= 0) reclaim_dead_locked(1);
+    if (g_index >= 0) reclaim_dead_locked(1, -2);
     pthread_mutex_unlock(&g_op_lock);
 }
 
@@ -480,7 +491,8 @@ uint64_t vgpu_charge(int dev, uint64_t bytes) {
     uint64_t limit = g_limit[dev], owner = 0;
     int r = charge_once(dev, bytes, limit, &owner);
     /* memory of processes that died without freeing belongs to nobody */
-    if (r == REFUSED && !g_closed && reclaim_dead() > 0) r = charge_once(dev, bytes, limit, &owner);
+    if (r == REFUSED && !g_closed && bytes <= limit && reclaim_dead(dev) > 0)
+        r = charge_once(dev, bytes, limit, &owner);
     return r == DONE ? owner : 0;
 }
 
@@ -500,7 +512,7 @@ void vgpu_credit(int dev, uint64_t bytes, uint64_t owner) {
 }
 
 void vgpu_reclaim_dead(void) {
-    if (vgpu_cache != NULL) reclaim_dead();
+    if (vgpu_cache != NULL) reclaim_dead(-1);
 }
 
 uint64_t vgpu_used(int dev) {

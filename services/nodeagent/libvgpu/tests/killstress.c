@@ -5,9 +5,12 @@
  *
  * Holds HOLD_BYTES itself, then per iteration forks WORKERS processes that
  * allocate and free random sizes (4 KiB .. 1 MiB, up to 8 live each) as fast
- * as they can, kills them all with SIGKILL after a random 0..1.5 ms, reaps
- * them, and has libvgpu reclaim the dead (an allocation past the slice is
- * refused only after a reclaim).  Then the container's charge in the shared
+ * as they can, kills them all with SIGKILL after a random 0..1.5 ms (every
+ * other iteration first stops them all with SIGSTOP at that moment, allocates
+ * and frees 1 MiB itself - finishing any change a stopped worker left half
+ * done - and lets them run on for another random 0..0.5 ms), reaps
+ * them, and has libvgpu reclaim the dead (an allocation that fits the
+ * limit but not what is left is refused only after a reclaim).  Then the container's charge in the shared
  * cache ($CUDA_DEVICE_MEMORY_SHARED_CACHE) must equal what is really held:
  * HOLD_BYTES.  Prints "killstress iterations=N mismatches=M first_bad=B" with
  * B the charge seen at the first mismatch (0 if none).
@@ -79,10 +82,19 @@ int main(int argc, char **argv) {
         }
         struct timespec pause = {0, (long)(rand() % 1500) * 1000L};
         nanosleep(&pause, NULL);
+        if (it % 2 == 1) {
+            for (int w = 0; w < workers && w < 64; w++) kill(pids[w], SIGSTOP);
+            CUdeviceptr mine;
+            if (cuMemAlloc_v2(&mine, 1 << 20) == CUDA_SUCCESS) cuMemFree_v2(mine);
+            for (int w = 0; w < workers && w < 64; w++) kill(pids[w], SIGCONT);
+            pause.tv_nsec = (long)(rand() % 500) * 1000L;
+            nanosleep(&pause, NULL);
+        }
         for (int w = 0; w < workers && w < 64; w++) kill(pids[w], SIGKILL);
         for (int w = 0; w < workers && w < 64; w++) waitpid(pids[w], NULL, 0);
         CUdeviceptr refused;
-        if (cuMemAlloc_v2(&refused, (size_t)1 << 50) == CUDA_SUCCESS) cuMemFree_v2(refused);
+        size_t past = c->devices[0].limit_bytes - hold + 1;
+        if (cuMemAlloc_v2(&refused, past) == CUDA_SUCCESS) cuMemFree_v2(refused);
         uint64_t used = cache_used(c);
         if (used != hold) {
             if (mismatches == 0) first_bad = used;
