@@ -17,12 +17,16 @@
  * launch KIND US COUNT | saturate KIND US SECONDS | sync | device N |
  * procaddr NAME VERSION FLAGS | procaddr1 NAME VERSION FLAGS | ready | wait |
  * sleep MS | totalmem | asyncptsz SIZE | forkfree ID | exitrace THREADS SIZE |
- * exec COMMAND... .  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
+ * exec COMMAND... | array W H | array3d W H D | mipmap W H LEVELS | poolkeep |
+ * trim KEEP.  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
  *
  * forkfree: a forked child frees allocation ID (inherited from this process)
  * and exits; exitrace: THREADS threads allocate and free SIZE in a loop while
  * main returns (exit runs with them still allocating); exec: replaces this
- * process with a new probe running the rest of the arguments.
+ * process with a new probe running the rest of the arguments.  Arrays are
+ * 8-bit, one channel (W x H x D bytes per level).  poolkeep sets the device's
+ * default pool to keep what is freed into it (release threshold: all);
+ * trim is cuMemPoolTrimTo on that pool.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -62,6 +66,13 @@ CUresult cuMemAllocAsync(CUdeviceptr *, size_t, CUstream);
 CUresult cuMemFreeAsync(CUdeviceptr, CUstream);
 CUresult cuMemAllocAsync_ptsz(CUdeviceptr *, size_t, CUstream);
 CUresult cuDeviceTotalMem_v2(size_t *, CUdevice);
+CUresult cuArrayCreate_v2(CUarray *, const CUDA_ARRAY_DESCRIPTOR *);
+CUresult cuArray3DCreate_v2(CUarray *, const CUDA_ARRAY3D_DESCRIPTOR *);
+CUresult cuArrayDestroy(CUarray);
+CUresult cuMipmappedArrayCreate(CUmipmappedArray *, const CUDA_ARRAY3D_DESCRIPTOR *, unsigned int);
+CUresult cuMipmappedArrayDestroy(CUmipmappedArray);
+CUresult cuMemPoolTrimTo(CUmemoryPool, size_t);
+CUresult cuMemPoolSetAttribute(CUmemoryPool, CUmemPool_attribute, void *);
 CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *, CUdevice);
 CUresult cuMemAllocFromPoolAsync(CUdeviceptr *, size_t, CUmemoryPool, CUstream);
 CUresult cuLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
@@ -112,6 +123,14 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t, nvmlMemory_v2_t *);
     X(cuMemFreeAsync, CUresult (*)(CUdeviceptr, CUstream), 12000)                                  \
     X(cuMemAllocAsync_ptsz, CUresult (*)(CUdeviceptr *, size_t, CUstream), 12000)                  \
     X(cuDeviceTotalMem_v2, CUresult (*)(size_t *, CUdevice), 12000)                                \
+    X(cuArrayCreate_v2, CUresult (*)(CUarray *, const CUDA_ARRAY_DESCRIPTOR *), 12000)             \
+    X(cuArray3DCreate_v2, CUresult (*)(CUarray *, const CUDA_ARRAY3D_DESCRIPTOR *), 12000)         \
+    X(cuArrayDestroy, CUresult (*)(CUarray), 12000)                                                \
+    X(cuMipmappedArrayCreate,                                                                      \
+      CUresult (*)(CUmipmappedArray *, const CUDA_ARRAY3D_DESCRIPTOR *, unsigned int), 12000)     \
+    X(cuMipmappedArrayDestroy, CUresult (*)(CUmipmappedArray), 12000)                              \
+    X(cuMemPoolTrimTo, CUresult (*)(CUmemoryPool, size_t), 12000)                                  \
+    X(cuMemPoolSetAttribute, CUresult (*)(CUmemoryPool, CUmemPool_attribute, void *), 12000)       \
     X(cuDeviceGetDefaultMemPool, CUresult (*)(CUmemoryPool *, CUdevice), 12000)                    \
     X(cuMemAllocFromPoolAsync, CUresult (*)(CUdeviceptr *, size_t, CUmemoryPool, CUstream), 12000) \
     X(cuLaunchKernel,                                                                              \
@@ -144,7 +163,7 @@ static struct {
     unsigned long long (*driver_calls)(void);
 } api;
 
-enum kind { K_V2, K_V1, K_ASYNC, K_VMM, K_RAW };
+enum kind { K_V2, K_V1, K_ASYNC, K_VMM, K_RAW, K_ARRAY, K_MIPMAP };
 struct allocation {
     enum kind kind;
     CUdeviceptr ptr;
@@ -380,6 +399,8 @@ int main(int argc, char **argv) {
             switch (a->kind) {
             case K_V1: r = api.cuMemFree((CUdeviceptr_v1)a->ptr); break;
             case K_ASYNC: r = api.cuMemFreeAsync(a->ptr, NULL); break;
+            case K_ARRAY: r = api.cuArrayDestroy((CUarray)(uintptr_t)a->ptr); break;
+            case K_MIPMAP: r = api.cuMipmappedArrayDestroy((CUmipmappedArray)(uintptr_t)a->ptr); break;
             case K_VMM:
                 api.cuMemUnmap(a->ptr, a->size);
                 api.cuMemAddressFree(a->ptr, a->size);
@@ -485,6 +506,37 @@ int main(int argc, char **argv) {
                    info.dli_sname != NULL ? info.dli_sname : "-",
                    info.dli_fname != NULL ? base_name(info.dli_fname) : "-");
             i += 3;
+        } else if (strcmp(c, "array") == 0 || strcmp(c, "array3d") == 0 ||
+                   strcmp(c, "mipmap") == 0) {
+            CUDA_ARRAY3D_DESCRIPTOR d = {parse_size(ARG(1)), parse_size(ARG(2)), 0,
+                                         CU_AD_FORMAT_UNSIGNED_INT8, 1, 0};
+            CUresult r;
+            enum kind kind = K_ARRAY;
+            void *h = NULL;
+            if (strcmp(c, "array") == 0) {
+                CUDA_ARRAY_DESCRIPTOR d2 = {d.Width, d.Height, CU_AD_FORMAT_UNSIGNED_INT8, 1};
+                r = api.cuArrayCreate_v2((CUarray *)&h, &d2);
+            } else if (strcmp(c, "array3d") == 0) {
+                d.Depth = parse_size(ARG(3));
+                r = api.cuArray3DCreate_v2((CUarray *)&h, &d);
+            } else {
+                kind = K_MIPMAP;
+                r = api.cuMipmappedArrayCreate((CUmipmappedArray *)&h, &d, (unsigned)atoi(ARG(3)));
+            }
+            print_alloc(c, r, kind, (CUdeviceptr)(uintptr_t)h, 0);
+            i += c[5] == '\0' ? 2 : 3;
+        } else if (strcmp(c, "poolkeep") == 0 || strcmp(c, "trim") == 0) {
+            CUmemoryPool pool = NULL;
+            if (api.cuDeviceGetDefaultMemPool(&pool, 0) != CUDA_SUCCESS) die("no pool");
+            CUresult r;
+            if (c[0] == 'p') {
+                cuuint64_t all = ~0ULL;
+                r = api.cuMemPoolSetAttribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &all);
+            } else {
+                r = api.cuMemPoolTrimTo(pool, parse_size(ARG(1)));
+                i += 1;
+            }
+            printf("%s rc=%d\n", c, r);
         } else if (strcmp(c, "totalmem") == 0) {
             size_t total = 0;
             CUresult r = api.cuDeviceTotalMem_v2(&total, 0);
