@@ -105,7 +105,8 @@ def test_a_wrapper_the_driver_calls_back_into_charges_once(
     # the mock's cuMemAllocAsync_ptsz calls its exported cuMemAllocAsync, which
     # the dynamic linker resolves to libvgpu's wrapper
     container.env.update(SLICE)
-    result = container.run("probe", "asyncptsz", "10m", "meminfo", "free", "0", "meminfo")
+    # (the pool keeps a freed block until a synchronization)
+    result = container.run("probe", "asyncptsz", "10m", "meminfo", "free", "0", "sync", "meminfo")
     charged, freed = result.of("meminfo")
     assert charged.int("free") == 990 * MIB
     assert freed.int("free") == 1000 * MIB

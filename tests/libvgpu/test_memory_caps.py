@@ -72,7 +72,7 @@ def test_memory_a_pool_keeps_after_cuMemFreeAsync_counts_against_the_slice_until
         "async", "60m", "free", "0", "sync", "meminfo",
         "alloc", "50m",
         "async", "60m", "meminfo",
-        "free", "2", "trim", "0", "meminfo",
+        "free", "1", "trim", "0", "meminfo",
         "alloc", "50m",
     )  # fmt: skip
     kept, reused, trimmed = (line.int("free") for line in result.of("meminfo"))

@@ -37,6 +37,13 @@
       (CUdeviceptr * dptr, size_t bytesize, CUmemoryPool pool, CUstream stream))                   \
     X(cuMemFreeAsync, (CUdeviceptr dptr, CUstream stream))                                         \
     X(cuMemFreeAsync_ptsz, (CUdeviceptr dptr, CUstream stream))                                    \
+    X(cuMemPoolTrimTo, (CUmemoryPool pool, size_t min_bytes_to_keep))                              \
+    X(cuArrayCreate_v2, (CUarray * handle, const CUDA_ARRAY_DESCRIPTOR *desc))                     \
+    X(cuArray3DCreate_v2, (CUarray * handle, const CUDA_ARRAY3D_DESCRIPTOR *desc))                 \
+    X(cuArrayDestroy, (CUarray handle))                                                            \
+    X(cuMipmappedArrayCreate, (CUmipmappedArray * handle, const CUDA_ARRAY3D_DESCRIPTOR *desc,     \
+                               unsigned int levels))                                               \
+    X(cuMipmappedArrayDestroy, (CUmipmappedArray handle))                                          \
     X(cuLaunchKernel, (CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz,            \
                        unsigned int bx, unsigned int by, unsigned int bz, unsigned int shmem,      \
                        CUstream stream, void **params, void **extra))                              \

@@ -21,6 +21,7 @@
 static struct vgpu_table *g_ptrs;    /* device pointer -> bytes, device */
 static struct vgpu_table *g_handles; /* cuMemCreate handle -> bytes, device */
 static struct vgpu_table *g_pools;   /* memory pool -> device */
+static struct vgpu_table *g_arrays;  /* CUarray / CUmipmappedArray -> bytes, device */
 static pthread_once_t g_tables_once = PTHREAD_ONCE_INIT;
 static __thread int t_inside __attribute__((tls_model("initial-exec")));
 
@@ -40,6 +41,7 @@ static void make_tables(void) {
     g_ptrs = vgpu_table_new();
     g_handles = vgpu_table_new();
     g_pools = vgpu_table_new();
+    g_arrays = vgpu_table_new();
 }
 
 static inline void ready(void) {
@@ -53,9 +55,17 @@ static int current_device(void) {
     return d < VGPU_MAX_DEVICES ? d : -1;
 }
 
-/* Charges bytes on dev; *owner is the charge's owner (VGPU_OWNER). */
+static void settle_all_pools(void);
+static int g_pool_count;
+
+/* Charges bytes on dev; *owner is the charge's owner (VGPU_OWNER).  Before a
+ * refusal, pools' charges are settled with what they still hold. */
 static CUresult admit(int dev, uint64_t bytes, const char *call, uint64_t *owner) {
     *owner = vgpu_charge(dev, bytes);
+    if (*owner == 0 && __atomic_load_n(&g_pool_count, __ATOMIC_ACQUIRE) > 0) {
+        settle_all_pools();
+        *owner = vgpu_charge(dev, bytes);
+    }
     if (*owner != 0) return CUDA_SUCCESS;
     VGPU_LOG(VGPU_LOG_INFO,
              "%s: %llu bytes refused on device %d: %llu of the slice's %llu bytes are charged", call,
@@ -311,7 +321,136 @@ VGPU_API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
     return r;
 }
 
-/* ---- stream-ordered allocation (HAMi-core #93, #96, #306) ----------------------- */
+/* ---- stream-ordered allocation (HAMi-core #93, #96, #306) -----------------------
+ *
+ * A pool keeps what cuMemFreeAsync gives it for reuse, and gives it back to
+ * the device only on cuMemPoolTrimTo, or on a synchronization for what
+ * exceeds its release threshold (which PyTorch and TensorFlow raise so that
+ * it keeps everything).  The slice is charged what each pool has reserved
+ * from the device, as the driver reports it (CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT),
+ * so memory a pool keeps counts until it is trimmed.  An allocation is
+ * charged beforehand only for what the pool cannot serve from its spare
+ * reserve (reserved - used), then settled against the reserve the driver
+ * reports afterwards.  A pool's charge is settled again by every allocation
+ * and free from it, cuMemPoolTrimTo, cuMemGetInfo and before a refusal, so
+ * what a synchronization gave back is never charged past the next of those.
+ * A driver without pool attributes gets the plain per-allocation charge. */
+
+typedef CUresult (*pool_attr_fn)(CUmemoryPool, CUmemPool_attribute, void *);
+typedef CUresult (*device_pool_fn)(CUmemoryPool *, CUdevice);
+
+#define MAX_POOLS 64
+struct pool_acct {
+    CUmemoryPool pool; /* NULL: entry unused */
+    int dev;
+    uint64_t charged; /* bytes of its reserve charged to the slice */
+    uint64_t owner;   /* the claim they are charged to */
+    pthread_mutex_t lock;
+};
+static struct pool_acct g_pool_accts[MAX_POOLS];
+static pthread_mutex_t g_pool_accts_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct vgpu_table *g_pool_ptrs; /* stream-ordered pointer -> its pool_acct */
+static pthread_once_t g_pool_once = PTHREAD_ONCE_INIT;
+static pool_attr_fn g_pool_attr;
+static device_pool_fn g_device_pool;
+
+static void pool_setup(void) {
+    g_pool_ptrs = vgpu_table_new();
+    g_pool_attr = (pool_attr_fn)vgpu_driver_symbol("cuMemPoolGetAttribute");
+    g_device_pool = (device_pool_fn)vgpu_driver_symbol("cuDeviceGetMemPool");
+}
+
+static uint64_t pool_attr(CUmemoryPool pool, CUmemPool_attribute attr, int *ok) {
+    cuuint64_t v = 0;
+    *ok = *ok && g_pool_attr(pool, attr, &v) == CUDA_SUCCESS;
+    return v;
+}
+
+/* The accounting entry of pool (on device dev), added on first sight; NULL
+ * when the table is full or the driver reports no pool attributes. */
+static struct pool_acct *pool_acct_of(CUmemoryPool pool, int dev) {
+    pthread_once(&g_pool_once, pool_setup);
+    if (pool == NULL || g_pool_attr == NULL) return NULL;
+    int n = __atomic_load_n(&g_pool_count, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < n; i++)
+        if (g_pool_accts[i].pool == pool) return &g_pool_accts[i];
+    pthread_mutex_lock(&g_pool_accts_lock);
+    struct pool_acct *pa = NULL;
+    for (int i = 0; i < g_pool_count && pa == NULL; i++)
+        if (g_pool_accts[i].pool == pool) pa = &g_pool_accts[i];
+    if (pa == NULL && g_pool_count < MAX_POOLS && dev >= 0) {
+        pa = &g_pool_accts[g_pool_count];
+        pthread_mutex_init(&pa->lock, NULL);
+        pa->dev = dev;
+        pa->pool = pool;
+        __atomic_store_n(&g_pool_count, g_pool_count + 1, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&g_pool_accts_lock);
+    return pa;
+}
+
+/* Makes the pool's charge equal to its reserve; returns its spare reserve
+ * (reserved - used).  Caller holds pa->lock. */
+static uint64_t pool_settle(struct pool_acct *pa) {
+    int ok = 1;
+    uint64_t reserved = pool_attr(pa->pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, &ok);
+    uint64_t used = pool_attr(pa->pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT, &ok);
+    if (!ok) return 0;
+    uint64_t owner = vgpu_owner();
+    if (pa->owner != owner) { /* a forked child: the parent's reserve is the parent's */
+        pa->owner = owner;
+        pa->charged = 0;
+    }
+    if (owner != 0 && reserved > pa->charged) {
+        if (vgpu_charge_taken(pa->dev, reserved - pa->charged) != 0) pa->charged = reserved;
+    } else if (owner != 0 && reserved < pa->charged) {
+        vgpu_credit(pa->dev, pa->charged - reserved, owner);
+        pa->charged = reserved;
+    }
+    return reserved > used ? reserved - used : 0;
+}
+
+/* Settles every pool not being settled by another thread right now (this
+ * thread may hold one: a refusal inside alloc_from). */
+static void settle_all_pools(void) {
+    int n = __atomic_load_n(&g_pool_count, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < n; i++) {
+        if (pthread_mutex_trylock(&g_pool_accts[i].lock) != 0) continue;
+        pool_settle(&g_pool_accts[i]);
+        pthread_mutex_unlock(&g_pool_accts[i].lock);
+    }
+}
+
+/* The pool cuMemAllocAsync on dev draws from: the device's current pool. */
+static CUmemoryPool current_pool(int dev) {
+    CUmemoryPool pool = NULL;
+    pthread_once(&g_pool_once, pool_setup);
+    if (g_device_pool != NULL && g_device_pool(&pool, dev) == CUDA_SUCCESS) return pool;
+    if (vgpu_real_cuDeviceGetDefaultMemPool == NULL ||
+        vgpu_real_cuDeviceGetDefaultMemPool(&pool, dev) != CUDA_SUCCESS)
+        return NULL;
+    return pool;
+}
+
+/* An allocation from pa's pool: charged what the spare reserve cannot serve. */
+static CUresult alloc_from(struct pool_acct *pa, const char *call, CUdeviceptr *dptr,
+                           size_t bytesize, CUresult (*real)(CUdeviceptr *, size_t, void *, void *),
+                           void *a, void *b) {
+    pthread_mutex_lock(&pa->lock);
+    uint64_t spare = pool_settle(pa);
+    uint64_t need = bytesize > spare ? bytesize - spare : 0;
+    uint64_t owner = VGPU_OWNER_NONE;
+    CUresult r = need > 0 ? admit(pa->dev, need, call, &owner) : CUDA_SUCCESS;
+    if (r == CUDA_SUCCESS) {
+        if (need > 0) pa->charged += need;
+        r = real(dptr, bytesize, a, b);
+        pool_settle(pa);
+    }
+    pthread_mutex_unlock(&pa->lock);
+    if (r == CUDA_SUCCESS)
+        vgpu_table_put(g_pool_ptrs, *dptr, bytesize, pa->dev, (uint64_t)(uintptr_t)pa);
+    return r;
+}
 
 VGPU_API CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool, CUdevice dev) {
     ready();
@@ -328,10 +467,16 @@ VGPU_API CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool, CUdevice dev) {
     return r;
 }
 
+static CUresult call_async(CUdeviceptr *dptr, size_t bytesize, void *real, void *stream) {
+    return ((CUresult(*)(CUdeviceptr *, size_t, CUstream))real)(dptr, bytesize, (CUstream)stream);
+}
+
 static CUresult alloc_async(CUresult (*real)(CUdeviceptr *, size_t, CUstream), const char *call,
                             CUdeviceptr *dptr, size_t bytesize, CUstream stream) {
     int dev = current_device();
     if (dev < 0 || dptr == NULL || bytesize == 0) return real(dptr, bytesize, stream);
+    struct pool_acct *pa = pool_acct_of(current_pool(dev), dev);
+    if (pa != NULL) return alloc_from(pa, call, dptr, bytesize, call_async, (void *)real, stream);
     uint64_t owner;
     CUresult r = admit(dev, bytesize, call, &owner);
     if (r != CUDA_SUCCESS) return r;
@@ -363,6 +508,16 @@ VGPU_API CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstr
     GUARDED(cuMemAllocAsync_ptsz_body(dptr, bytesize, stream));
 }
 
+struct pool_call {
+    CUresult (*real)(CUdeviceptr *, size_t, CUmemoryPool, CUstream);
+    CUmemoryPool pool;
+};
+
+static CUresult call_pool(CUdeviceptr *dptr, size_t bytesize, void *call, void *stream) {
+    const struct pool_call *c = call;
+    return c->real(dptr, bytesize, c->pool, (CUstream)stream);
+}
+
 static CUresult alloc_pool(CUresult (*real)(CUdeviceptr *, size_t, CUmemoryPool, CUstream),
                            const char *call, CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
                            CUstream stream) {
@@ -371,6 +526,11 @@ static CUresult alloc_pool(CUresult (*real)(CUdeviceptr *, size_t, CUmemoryPool,
     if (pool == NULL || !vgpu_table_get(g_pools, (uint64_t)(uintptr_t)pool, &unused, &dev, NULL))
         dev = current_device();
     if (dev < 0 || dptr == NULL || bytesize == 0) return real(dptr, bytesize, pool, stream);
+    struct pool_acct *pa = pool_acct_of(pool, dev);
+    if (pa != NULL) {
+        struct pool_call c = {real, pool};
+        return alloc_from(pa, call, dptr, bytesize, call_pool, &c, stream);
+    }
     uint64_t owner;
     CUresult r = admit(dev, bytesize, call, &owner);
     if (r != CUDA_SUCCESS) return r;
@@ -380,7 +540,7 @@ static CUresult alloc_pool(CUresult (*real)(CUdeviceptr *, size_t, CUmemoryPool,
 }
 
 static CUresult cuMemAllocFromPoolAsync_body(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
-                                          CUstream stream) {
+                                             CUstream stream) {
     return alloc_pool(vgpu_real_cuMemAllocFromPoolAsync, "cuMemAllocFromPoolAsync", dptr, bytesize,
                       pool, stream);
 }
@@ -394,7 +554,7 @@ VGPU_API CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CU
 }
 
 static CUresult cuMemAllocFromPoolAsync_ptsz_body(CUdeviceptr *dptr, size_t bytesize,
-                                               CUmemoryPool pool, CUstream stream) {
+                                                  CUmemoryPool pool, CUstream stream) {
     return alloc_pool(vgpu_real_cuMemAllocFromPoolAsync_ptsz, "cuMemAllocFromPoolAsync_ptsz", dptr,
                       bytesize, pool, stream);
 }
@@ -407,10 +567,29 @@ VGPU_API CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesiz
     GUARDED(cuMemAllocFromPoolAsync_ptsz_body(dptr, bytesize, pool, stream));
 }
 
-/* The block is credited when the free is enqueued: the program can no longer
- * use it, and the pool hands it out again only to allocations we charge. */
+/* A block from a pool goes back to the pool, which keeps it: the slice stays
+ * charged its reserve.  A block charged on its own is credited when the free
+ * is enqueued. */
+static CUresult free_async(CUdeviceptr dptr, CUresult (*forward)(CUdeviceptr, void *), void *stream) {
+    uint64_t bytes, acct;
+    int dev;
+    pthread_once(&g_pool_once, pool_setup);
+    if (dptr == 0 || !vgpu_table_take(g_pool_ptrs, dptr, &bytes, &dev, &acct))
+        return free_tracked(dptr, forward, stream);
+    CUresult r = forward(dptr, stream);
+    struct pool_acct *pa = (struct pool_acct *)(uintptr_t)acct;
+    if (r != CUDA_SUCCESS) {
+        vgpu_table_put(g_pool_ptrs, dptr, bytes, dev, acct);
+    } else {
+        pthread_mutex_lock(&pa->lock);
+        pool_settle(pa);
+        pthread_mutex_unlock(&pa->lock);
+    }
+    return r;
+}
+
 static CUresult cuMemFreeAsync_body(CUdeviceptr dptr, CUstream stream) {
-    return free_tracked(dptr, fwd_free_async, stream);
+    return free_async(dptr, fwd_free_async, stream);
 }
 
 VGPU_API CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream stream) {
@@ -421,7 +600,7 @@ VGPU_API CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream stream) {
 }
 
 static CUresult cuMemFreeAsync_ptsz_body(CUdeviceptr dptr, CUstream stream) {
-    return free_tracked(dptr, fwd_free_async_ptsz, stream);
+    return free_async(dptr, fwd_free_async_ptsz, stream);
 }
 
 VGPU_API CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream stream) {
@@ -429,6 +608,130 @@ VGPU_API CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream stream) {
     NO_DRIVER(cuMemFreeAsync_ptsz);
     REENTERED(vgpu_real_cuMemFreeAsync_ptsz(dptr, stream));
     GUARDED(cuMemFreeAsync_ptsz_body(dptr, stream));
+}
+
+/* A trim settles the pool's charge with its reserve at once.  What a
+ * synchronization returns (a pool's reserve above its release threshold) is
+ * settled at the next allocation, free, cuMemGetInfo, or refusal. */
+VGPU_API CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t min_bytes_to_keep) {
+    ready();
+    NO_DRIVER(cuMemPoolTrimTo);
+    CUresult r = vgpu_real_cuMemPoolTrimTo(pool, min_bytes_to_keep);
+    struct pool_acct *pa = r == CUDA_SUCCESS ? pool_acct_of(pool, -1) : NULL;
+    if (pa != NULL) {
+        pthread_mutex_lock(&pa->lock);
+        pool_settle(pa);
+        pthread_mutex_unlock(&pa->lock);
+    }
+    return r;
+}
+
+/* ---- CUDA arrays ---------------------------------------------------------------
+ * Charged their texels: width x height x depth (each at least 1) x channels x
+ * element size, summed over mipmap levels.  The driver's layout padding is
+ * not reported by it, so it is not charged. */
+
+static uint64_t element_bytes(CUarray_format f) {
+    switch (f) {
+    case CU_AD_FORMAT_UNSIGNED_INT8:
+    case CU_AD_FORMAT_SIGNED_INT8: return 1;
+    case CU_AD_FORMAT_UNSIGNED_INT16:
+    case CU_AD_FORMAT_SIGNED_INT16:
+    case CU_AD_FORMAT_HALF: return 2;
+    default: return 4; /* 32-bit formats, and a safe guess for the packed ones */
+    }
+}
+
+static uint64_t array_bytes(const CUDA_ARRAY3D_DESCRIPTOR *d, unsigned int levels) {
+    uint64_t total = 0;
+    for (unsigned int l = 0; l < levels && l < 64; l++) {
+        uint64_t w = d->Width >> l, h = d->Height >> l, z = d->Depth >> l;
+        total += (w ? w : 1) * (h ? h : 1) * (z ? z : 1) * d->NumChannels * element_bytes(d->Format);
+    }
+    return total;
+}
+
+static CUresult create_array(void **handle, const CUDA_ARRAY3D_DESCRIPTOR *d, unsigned int levels,
+                             const char *call, CUresult (*real)(void **, const void *, unsigned int),
+                             const void *desc) {
+    int dev = current_device();
+    uint64_t bytes = d != NULL && handle != NULL ? array_bytes(d, levels) : 0;
+    if (dev < 0 || bytes == 0) return real(handle, desc, levels);
+    uint64_t owner;
+    CUresult r = admit(dev, bytes, call, &owner);
+    if (r != CUDA_SUCCESS) return r;
+    r = real(handle, desc, levels);
+    settle(g_arrays, r, (uint64_t)(uintptr_t)*handle, bytes, dev, owner);
+    return r;
+}
+
+static CUresult real_array(void **h, const void *desc, unsigned int levels) {
+    (void)levels;
+    return vgpu_real_cuArrayCreate_v2((CUarray *)h, desc);
+}
+static CUresult real_array3d(void **h, const void *desc, unsigned int levels) {
+    (void)levels;
+    return vgpu_real_cuArray3DCreate_v2((CUarray *)h, desc);
+}
+static CUresult real_mipmap(void **h, const void *desc, unsigned int levels) {
+    return vgpu_real_cuMipmappedArrayCreate((CUmipmappedArray *)h, desc, levels);
+}
+
+static CUresult destroy_array(void *handle, CUresult (*real)(void *)) {
+    uint64_t bytes, owner;
+    int dev;
+    if (handle == NULL || !vgpu_table_take(g_arrays, (uint64_t)(uintptr_t)handle, &bytes, &dev, &owner))
+        return real(handle);
+    CUresult r = real(handle);
+    if (r == CUDA_SUCCESS)
+        vgpu_credit(dev, bytes, owner);
+    else
+        vgpu_table_put(g_arrays, (uint64_t)(uintptr_t)handle, bytes, dev, owner);
+    return r;
+}
+
+static CUresult real_array_destroy(void *h) { return vgpu_real_cuArrayDestroy((CUarray)h); }
+static CUresult real_mipmap_destroy(void *h) {
+    return vgpu_real_cuMipmappedArrayDestroy((CUmipmappedArray)h);
+}
+
+VGPU_API CUresult cuArrayCreate_v2(CUarray *handle, const CUDA_ARRAY_DESCRIPTOR *desc) {
+    ready();
+    NO_DRIVER(cuArrayCreate_v2);
+    REENTERED(vgpu_real_cuArrayCreate_v2(handle, desc));
+    if (desc == NULL) return vgpu_real_cuArrayCreate_v2(handle, desc);
+    CUDA_ARRAY3D_DESCRIPTOR d = {desc->Width, desc->Height, 0, desc->Format, desc->NumChannels, 0};
+    GUARDED(create_array((void **)handle, &d, 1, "cuArrayCreate_v2", real_array, desc));
+}
+
+VGPU_API CUresult cuArray3DCreate_v2(CUarray *handle, const CUDA_ARRAY3D_DESCRIPTOR *desc) {
+    ready();
+    NO_DRIVER(cuArray3DCreate_v2);
+    REENTERED(vgpu_real_cuArray3DCreate_v2(handle, desc));
+    GUARDED(create_array((void **)handle, desc, 1, "cuArray3DCreate_v2", real_array3d, desc));
+}
+
+VGPU_API CUresult cuMipmappedArrayCreate(CUmipmappedArray *handle,
+                                         const CUDA_ARRAY3D_DESCRIPTOR *desc, unsigned int levels) {
+    ready();
+    NO_DRIVER(cuMipmappedArrayCreate);
+    REENTERED(vgpu_real_cuMipmappedArrayCreate(handle, desc, levels));
+    GUARDED(create_array((void **)handle, desc, levels, "cuMipmappedArrayCreate", real_mipmap,
+                         desc));
+}
+
+VGPU_API CUresult cuArrayDestroy(CUarray handle) {
+    ready();
+    NO_DRIVER(cuArrayDestroy);
+    REENTERED(vgpu_real_cuArrayDestroy(handle));
+    GUARDED(destroy_array(handle, real_array_destroy));
+}
+
+VGPU_API CUresult cuMipmappedArrayDestroy(CUmipmappedArray handle) {
+    ready();
+    NO_DRIVER(cuMipmappedArrayDestroy);
+    REENTERED(vgpu_real_cuMipmappedArrayDestroy(handle));
+    GUARDED(destroy_array(handle, real_mipmap_destroy));
 }
 
 /* ---- reporting the slice ------------------------------------------------------ */
@@ -451,6 +754,7 @@ VGPU_API CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total_bytes) {
     ready();
     NO_DRIVER(cuMemGetInfo_v2);
     vgpu_reclaim_dead();
+    settle_all_pools();
     CUresult r = vgpu_real_cuMemGetInfo_v2(free_bytes, total_bytes);
     uint64_t f, t, u;
     if (r == CUDA_SUCCESS && slice_info(current_device(), &f, &t, &u)) {
@@ -464,6 +768,7 @@ VGPU_API CUresult cuMemGetInfo(unsigned int *free_bytes, unsigned int *total_byt
     ready();
     NO_DRIVER(cuMemGetInfo);
     vgpu_reclaim_dead();
+    settle_all_pools();
     CUresult r = vgpu_real_cuMemGetInfo(free_bytes, total_bytes);
     uint64_t f, t, u;
     if (r == CUDA_SUCCESS && slice_info(current_device(), &f, &t, &u)) {

@@ -496,6 +496,20 @@ uint64_t vgpu_charge(int dev, uint64_t bytes) {
     return r == DONE ? owner : 0;
 }
 
+uint64_t vgpu_charge_taken(int dev, uint64_t bytes) {
+    if (dev < 0 || dev >= VGPU_MAX_DEVICES || bytes == 0) return VGPU_OWNER_NONE;
+    uint64_t owner = 0;
+    return charge_once(dev, bytes, 0, &owner) == DONE ? owner : 0;
+}
+
+uint64_t vgpu_owner(void) {
+    vgpu_slot();
+    pthread_mutex_lock(&g_op_lock);
+    uint64_t owner = g_closed ? 0 : g_owner;
+    pthread_mutex_unlock(&g_op_lock);
+    return owner;
+}
+
 void vgpu_credit(int dev, uint64_t bytes, uint64_t owner) {
     if (dev < 0 || dev >= VGPU_MAX_DEVICES || owner == VGPU_OWNER_NONE || owner == 0) return;
     pthread_mutex_lock(&g_op_lock);

@@ -80,6 +80,11 @@ VGPU_HIDDEN struct vgpu_cache_slot *vgpu_slot(void);
  * Returns the charge's owner (non-zero) if the slice had room, 0 if the
  * charge would pass the cap (dead processes' charges are reclaimed first). */
 VGPU_HIDDEN uint64_t vgpu_charge(int dev, uint64_t bytes);
+/* Charges bytes the driver has already taken (a pool's reserve grew), past
+ * the cap if need be.  Returns the owner, 0 if the accounting is closed. */
+VGPU_HIDDEN uint64_t vgpu_charge_taken(int dev, uint64_t bytes);
+/* This process's current claim (VGPU_OWNER), claiming a slot if needed. */
+VGPU_HIDDEN uint64_t vgpu_owner(void);
 /* Gives back bytes charged on dev by owner; nothing if owner is not this
  * process's current claim or its accounting is closed (exit). */
 VGPU_HIDDEN void vgpu_credit(int dev, uint64_t bytes, uint64_t owner);
