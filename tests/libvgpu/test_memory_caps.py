@@ -84,6 +84,36 @@ def test_memory_a_pool_keeps_after_cuMemFreeAsync_counts_against_the_slice_until
     assert (kept, reused, trimmed) == (40 * MIB, 40 * MIB, 100 * MIB)
 
 
+def test_graph_memory_counts_against_the_slice_until_trimmed(container: harness.Container) -> None:
+    # the device's graph memory pool keeps what a launched graph allocated,
+    # freed or not, until cuDeviceGraphMemTrim
+    container.env["CUDA_DEVICE_MEMORY_LIMIT"] = "100m"
+    result = container.run(
+        "probe",
+        "graph", "60m", "meminfo",
+        "alloc", "50m",
+        "graph", "60m", "meminfo",
+        "graphtrim", "meminfo",
+        "alloc", "50m",
+    )  # fmt: skip
+    assert [line.int("rc") for line in result.of("graph")] == [CUDA_SUCCESS, CUDA_SUCCESS]
+    assert [line.int("rc") for line in result.of("alloc")] == [
+        CUDA_ERROR_OUT_OF_MEMORY,
+        CUDA_SUCCESS,
+    ]
+    assert [line.int("free") for line in result.of("meminfo")] == [40 * MIB, 40 * MIB, 100 * MIB]
+
+
+def test_a_graph_allocation_past_the_slice_is_refused_when_the_node_is_added(
+    container: harness.Container,
+) -> None:
+    container.env["CUDA_DEVICE_MEMORY_LIMIT"] = "100m"
+    result = container.run("probe", "graph", "200m", "drivercalls", "meminfo")
+    assert result.of("graph")[0].int("rc") == CUDA_ERROR_OUT_OF_MEMORY
+    assert result.of("drivercalls")[0].int("count") == 0
+    assert result.of("meminfo")[0].int("free") == 100 * MIB
+
+
 @pytest.mark.parametrize("command", ["pitch", "pitch1"])
 def test_a_pitched_allocation_is_charged_the_real_pitch_times_height(
     container: harness.Container, command: str

@@ -992,8 +992,158 @@ API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gx, unsig
     return cuLaunchCooperativeKernel(f, gx, gy, gz, bx, by, bz, shmem, stream, params);
 }
 
+/* ---- graphs with memory nodes ----------------------------------------------
+ * A graph's allocation nodes get their address when added; the device's graph
+ * memory pool maps physical memory for them at launch (growing its reserve,
+ * charged to the device, to the graph's allocations) and keeps it after the
+ * graph's free nodes ran, until cuDeviceGraphMemTrim (CUDA Programming Guide,
+ * "Graph Memory Nodes").  An instantiated graph is also a zero-length kernel
+ * (struct vslice_mock_kernel first), so cuGraphLaunch accepts either. */
+#define GRAPH_MAGIC 0x68707267U
+#define GRAPH_ALLOCS 64
+struct mock_graph {
+    uint32_t magic;
+    int dev;
+    int count;
+    CUdeviceptr ptr[GRAPH_ALLOCS];
+    size_t size[GRAPH_ALLOCS];
+    int freed[GRAPH_ALLOCS];
+};
+struct mock_graph_exec {
+    struct vslice_mock_kernel kernel; /* duration 0 */
+    uint32_t magic;
+    struct mock_graph *graph;
+};
+static struct {
+    pthread_mutex_t lock;
+    uint64_t reserved, used;
+} g_graph_mem[MOCK_MAX_DEVICES] = {[0 ... MOCK_MAX_DEVICES - 1] = {PTHREAD_MUTEX_INITIALIZER, 0, 0}};
+
+API CUresult cuGraphCreate(CUgraph *graph, unsigned int flags) {
+    (void)flags;
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (graph == NULL) return CUDA_ERROR_INVALID_VALUE;
+    struct mock_graph *g = calloc(1, sizeof *g);
+    if (g == NULL) return CUDA_ERROR_OUT_OF_MEMORY;
+    g->magic = GRAPH_MAGIC;
+    g->dev = -1;
+    *graph = (CUgraph)(void *)g;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuGraphAddMemAllocNode(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps,
+                                    size_t ndeps, CUDA_MEM_ALLOC_NODE_PARAMS *params) {
+    (void)deps, (void)ndeps;
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    struct mock_graph *g = (struct mock_graph *)(void *)graph;
+    if (g == NULL || g->magic != GRAPH_MAGIC || node == NULL || params == NULL ||
+        params->bytesize == 0 || params->poolProps.location.type != CU_MEM_LOCATION_TYPE_DEVICE ||
+        g->count >= GRAPH_ALLOCS)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_device(st, params->poolProps.location.id)) return CUDA_ERROR_INVALID_DEVICE;
+    if (g->dev >= 0 && g->dev != params->poolProps.location.id) return CUDA_ERROR_NOT_SUPPORTED;
+    atomic_fetch_add(&g_alloc_calls, 1);
+    void *p = mmap(NULL, params->bytesize, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    g->dev = params->poolProps.location.id;
+    g->ptr[g->count] = params->dptr = (CUdeviceptr)(uintptr_t)p;
+    g->size[g->count] = params->bytesize;
+    *node = (CUgraphNode)(uintptr_t)(g->count + 1);
+    g->count++;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuGraphAddMemFreeNode(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps,
+                                   size_t ndeps, CUdeviceptr dptr) {
+    (void)deps, (void)ndeps;
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    struct mock_graph *g = (struct mock_graph *)(void *)graph;
+    if (g == NULL || g->magic != GRAPH_MAGIC || node == NULL) return CUDA_ERROR_INVALID_VALUE;
+    for (int i = 0; i < g->count; i++) {
+        if (g->ptr[i] != dptr || g->freed[i]) continue;
+        g->freed[i] = 1;
+        *node = (CUgraphNode)(uintptr_t)(GRAPH_ALLOCS + i + 1);
+        return CUDA_SUCCESS;
+    }
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
+API CUresult cuGraphInstantiateWithFlags(CUgraphExec *exec, CUgraph graph, unsigned long long flags) {
+    (void)flags;
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    struct mock_graph *g = (struct mock_graph *)(void *)graph;
+    if (g == NULL || g->magic != GRAPH_MAGIC || exec == NULL) return CUDA_ERROR_INVALID_VALUE;
+    struct mock_graph_exec *e = malloc(sizeof *e);
+    if (e == NULL) return CUDA_ERROR_OUT_OF_MEMORY;
+    *e = (struct mock_graph_exec){{VSLICE_MOCK_KERNEL_MAGIC, 0}, GRAPH_MAGIC, g};
+    *exec = (CUgraphExec)(void *)e;
+    return CUDA_SUCCESS;
+}
+
+/* Maps the graph's allocations from the device's graph pool: its reserve
+ * grows to hold them; what the graph does not free stays in use. */
+static CUresult graph_mem_launch(struct mock_graph *g) {
+    struct mock_state *st = ready();
+    if (g->dev < 0 || g->count == 0) return CUDA_SUCCESS;
+    uint64_t total = 0, kept = 0;
+    for (int i = 0; i < g->count; i++) {
+        total += g->size[i];
+        if (!g->freed[i]) kept += g->size[i];
+    }
+    pthread_mutex_lock(&g_graph_mem[g->dev].lock);
+    uint64_t spare = g_graph_mem[g->dev].reserved - g_graph_mem[g->dev].used;
+    uint64_t grow = total > spare ? total - spare : 0;
+    CUresult r = CUDA_SUCCESS;
+    if (grow > 0 && !charge(st, g->dev, grow)) {
+        r = CUDA_ERROR_OUT_OF_MEMORY;
+    } else {
+        g_graph_mem[g->dev].reserved += grow;
+        g_graph_mem[g->dev].used += kept;
+    }
+    pthread_mutex_unlock(&g_graph_mem[g->dev].lock);
+    return r;
+}
+
+API CUresult cuDeviceGraphMemTrim(CUdevice dev) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
+    pthread_mutex_lock(&g_graph_mem[dev].lock);
+    uint64_t spare = g_graph_mem[dev].reserved - g_graph_mem[dev].used;
+    if (spare > 0) credit(st, dev, spare);
+    g_graph_mem[dev].reserved -= spare;
+    pthread_mutex_unlock(&g_graph_mem[dev].lock);
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuDeviceGetGraphMemAttribute(CUdevice dev, CUgraphMem_attribute attr, void *value) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
+    if (value == NULL) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&g_graph_mem[dev].lock);
+    CUresult r = CUDA_SUCCESS;
+    switch (attr) {
+    case CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT: *(cuuint64_t *)value = g_graph_mem[dev].used; break;
+    case CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT:
+        *(cuuint64_t *)value = g_graph_mem[dev].reserved;
+        break;
+    default: r = CUDA_ERROR_NOT_SUPPORTED; break;
+    }
+    pthread_mutex_unlock(&g_graph_mem[dev].lock);
+    return r;
+}
+
 API CUresult cuGraphLaunch(CUgraphExec graph, CUstream stream) {
     (void)stream;
+    const struct mock_graph_exec *e = (const struct mock_graph_exec *)(const void *)graph;
+    if (e != NULL && e->kernel.magic == VSLICE_MOCK_KERNEL_MAGIC && e->kernel.duration_ns == 0 &&
+        e->magic == GRAPH_MAGIC) {
+        CUresult r = graph_mem_launch(e->graph);
+        if (r != CUDA_SUCCESS) return r;
+    }
     return run_kernel(graph);
 }
 API CUresult cuGraphLaunch_ptsz(CUgraphExec graph, CUstream stream) { return cuGraphLaunch(graph, stream); }
@@ -1071,6 +1221,12 @@ static const struct proc_entry g_procs[] = {
     {"cuLaunchKernelEx", 11060, FN(cuLaunchKernelEx), FN(cuLaunchKernelEx_ptsz)},
     {"cuLaunchCooperativeKernel", 9000, FN(cuLaunchCooperativeKernel), FN(cuLaunchCooperativeKernel_ptsz)},
     {"cuGraphLaunch", 10000, FN(cuGraphLaunch), FN(cuGraphLaunch_ptsz)},
+    {"cuGraphCreate", 10000, FN(cuGraphCreate), NULL},
+    {"cuGraphAddMemAllocNode", 11040, FN(cuGraphAddMemAllocNode), NULL},
+    {"cuGraphAddMemFreeNode", 11040, FN(cuGraphAddMemFreeNode), NULL},
+    {"cuGraphInstantiateWithFlags", 11040, FN(cuGraphInstantiateWithFlags), NULL},
+    {"cuDeviceGraphMemTrim", 11040, FN(cuDeviceGraphMemTrim), NULL},
+    {"cuDeviceGetGraphMemAttribute", 11040, FN(cuDeviceGetGraphMemAttribute), NULL},
     {"cuGetProcAddress", 12050, NULL, NULL}, /* filled in below: _v2 */
     {"cuGetProcAddress", 11030, FN(cuGetProcAddress), NULL},
 };

@@ -18,7 +18,7 @@
  * procaddr NAME VERSION FLAGS | procaddr1 NAME VERSION FLAGS | ready | wait |
  * sleep MS | totalmem | asyncptsz SIZE | forkfree ID | exitrace THREADS SIZE |
  * exec COMMAND... | array W H | array3d W H D | mipmap W H LEVELS | poolkeep |
- * trim KEEP.  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
+ * trim KEEP | graph SIZE | graphtrim.  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
  *
  * forkfree: a forked child frees allocation ID (inherited from this process)
  * and exits; exitrace: THREADS threads allocate and free SIZE in a loop while
@@ -26,7 +26,9 @@
  * process with a new probe running the rest of the arguments.  Arrays are
  * 8-bit, one channel (W x H x D bytes per level).  poolkeep sets the device's
  * default pool to keep what is freed into it (release threshold: all);
- * trim is cuMemPoolTrimTo on that pool.
+ * trim is cuMemPoolTrimTo on that pool.  graph builds a graph that allocates
+ * SIZE on device 0 and frees it, instantiates and launches it (rc: the first
+ * call that failed); graphtrim is cuDeviceGraphMemTrim(0).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -73,6 +75,12 @@ CUresult cuMipmappedArrayCreate(CUmipmappedArray *, const CUDA_ARRAY3D_DESCRIPTO
 CUresult cuMipmappedArrayDestroy(CUmipmappedArray);
 CUresult cuMemPoolTrimTo(CUmemoryPool, size_t);
 CUresult cuMemPoolSetAttribute(CUmemoryPool, CUmemPool_attribute, void *);
+CUresult cuGraphCreate(CUgraph *, unsigned int);
+CUresult cuGraphAddMemAllocNode(CUgraphNode *, CUgraph, const CUgraphNode *, size_t,
+                                CUDA_MEM_ALLOC_NODE_PARAMS *);
+CUresult cuGraphAddMemFreeNode(CUgraphNode *, CUgraph, const CUgraphNode *, size_t, CUdeviceptr);
+CUresult cuGraphInstantiateWithFlags(CUgraphExec *, CUgraph, unsigned long long);
+CUresult cuDeviceGraphMemTrim(CUdevice);
 CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *, CUdevice);
 CUresult cuMemAllocFromPoolAsync(CUdeviceptr *, size_t, CUmemoryPool, CUstream);
 CUresult cuLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
@@ -131,6 +139,15 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t, nvmlMemory_v2_t *);
     X(cuMipmappedArrayDestroy, CUresult (*)(CUmipmappedArray), 12000)                              \
     X(cuMemPoolTrimTo, CUresult (*)(CUmemoryPool, size_t), 12000)                                  \
     X(cuMemPoolSetAttribute, CUresult (*)(CUmemoryPool, CUmemPool_attribute, void *), 12000)       \
+    X(cuGraphCreate, CUresult (*)(CUgraph *, unsigned int), 12000)                                 \
+    X(cuGraphAddMemAllocNode,                                                                      \
+      CUresult (*)(CUgraphNode *, CUgraph, const CUgraphNode *, size_t,                            \
+                   CUDA_MEM_ALLOC_NODE_PARAMS *),                                                  \
+      12000)                                                                                       \
+    X(cuGraphAddMemFreeNode,                                                                       \
+      CUresult (*)(CUgraphNode *, CUgraph, const CUgraphNode *, size_t, CUdeviceptr), 12000)       \
+    X(cuGraphInstantiateWithFlags, CUresult (*)(CUgraphExec *, CUgraph, unsigned long long), 12000) \
+    X(cuDeviceGraphMemTrim, CUresult (*)(CUdevice), 12000)                                         \
     X(cuDeviceGetDefaultMemPool, CUresult (*)(CUmemoryPool *, CUdevice), 12000)                    \
     X(cuMemAllocFromPoolAsync, CUresult (*)(CUdeviceptr *, size_t, CUmemoryPool, CUstream), 12000) \
     X(cuLaunchKernel,                                                                              \
@@ -537,6 +554,27 @@ int main(int argc, char **argv) {
                 i += 1;
             }
             printf("%s rc=%d\n", c, r);
+        } else if (strcmp(c, "graph") == 0) {
+            CUgraph graph = NULL;
+            CUgraphNode alloc_node = NULL, free_node = NULL;
+            CUgraphExec exec = NULL;
+            CUDA_MEM_ALLOC_NODE_PARAMS params;
+            memset(&params, 0, sizeof params);
+            params.poolProps.allocType = CU_MEM_ALLOCATION_TYPE_PINNED;
+            params.poolProps.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+            params.poolProps.location.id = 0;
+            params.bytesize = parse_size(ARG(1));
+            CUresult r = api.cuGraphCreate(&graph, 0);
+            if (r == CUDA_SUCCESS) r = api.cuGraphAddMemAllocNode(&alloc_node, graph, NULL, 0, &params);
+            if (r == CUDA_SUCCESS)
+                r = api.cuGraphAddMemFreeNode(&free_node, graph, &alloc_node, 1, params.dptr);
+            if (r == CUDA_SUCCESS) r = api.cuGraphInstantiateWithFlags(&exec, graph, 0);
+            if (r == CUDA_SUCCESS) r = api.cuGraphLaunch(exec, NULL);
+            if (r == CUDA_SUCCESS) r = api.cuCtxSynchronize();
+            printf("graph rc=%d\n", r);
+            i += 1;
+        } else if (strcmp(c, "graphtrim") == 0) {
+            printf("graphtrim rc=%d\n", api.cuDeviceGraphMemTrim(0));
         } else if (strcmp(c, "totalmem") == 0) {
             size_t total = 0;
             CUresult r = api.cuDeviceTotalMem_v2(&total, 0);
