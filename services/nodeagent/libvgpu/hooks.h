@@ -44,6 +44,9 @@
     X(cuMipmappedArrayCreate, (CUmipmappedArray * handle, const CUDA_ARRAY3D_DESCRIPTOR *desc,     \
                                unsigned int levels))                                               \
     X(cuMipmappedArrayDestroy, (CUmipmappedArray handle))                                          \
+    X(cuGraphAddMemAllocNode, (CUgraphNode * node, CUgraph graph, const CUgraphNode *deps,         \
+                               size_t ndeps, CUDA_MEM_ALLOC_NODE_PARAMS *params))                  \
+    X(cuDeviceGraphMemTrim, (CUdevice dev))                                                        \
     X(cuLaunchKernel, (CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz,            \
                        unsigned int bx, unsigned int by, unsigned int bz, unsigned int shmem,      \
                        CUstream stream, void **params, void **extra))                              \

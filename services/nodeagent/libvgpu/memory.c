@@ -57,12 +57,14 @@ static int current_device(void) {
 
 static void settle_all_pools(void);
 static int g_pool_count;
+static int g_graph_active;
 
 /* Charges bytes on dev; *owner is the charge's owner (VGPU_OWNER).  Before a
  * refusal, pools' charges are settled with what they still hold. */
 static CUresult admit(int dev, uint64_t bytes, const char *call, uint64_t *owner) {
     *owner = vgpu_charge(dev, bytes);
-    if (*owner == 0 && __atomic_load_n(&g_pool_count, __ATOMIC_ACQUIRE) > 0) {
+    if (*owner == 0 && (__atomic_load_n(&g_pool_count, __ATOMIC_ACQUIRE) > 0 ||
+                        __atomic_load_n(&g_graph_active, __ATOMIC_ACQUIRE))) {
         settle_all_pools();
         *owner = vgpu_charge(dev, bytes);
     }
@@ -354,10 +356,29 @@ static pthread_once_t g_pool_once = PTHREAD_ONCE_INIT;
 static pool_attr_fn g_pool_attr;
 static device_pool_fn g_device_pool;
 
+/* Graph memory nodes: each device's graph memory pool maps a graph's
+ * allocations at launch and keeps them until cuDeviceGraphMemTrim (CUDA
+ * Programming Guide, "Graph Memory Nodes"); like a stream-ordered pool, its
+ * charge is its reserve (CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT), settled
+ * after each graph launch, on trim, cuMemGetInfo and before a refusal.  An
+ * allocation node that cannot fit beside the container's charges is refused
+ * when it is added; the launch itself is never refused, so a graph that fit
+ * when it was built can pass the slice by what others took meanwhile. */
+typedef CUresult (*graph_attr_fn)(CUdevice, CUgraphMem_attribute, void *);
+static graph_attr_fn g_graph_attr;
+static struct {
+    pthread_mutex_t lock;
+    uint64_t charged; /* bytes of the reserve charged to the slice */
+    uint64_t owner;
+    int seen; /* an allocation node for this device was added */
+} g_graph[VGPU_MAX_DEVICES];
+
 static void pool_setup(void) {
     g_pool_ptrs = vgpu_table_new();
     g_pool_attr = (pool_attr_fn)vgpu_driver_symbol("cuMemPoolGetAttribute");
     g_device_pool = (device_pool_fn)vgpu_driver_symbol("cuDeviceGetMemPool");
+    g_graph_attr = (graph_attr_fn)vgpu_driver_symbol("cuDeviceGetGraphMemAttribute");
+    for (int d = 0; d < VGPU_MAX_DEVICES; d++) pthread_mutex_init(&g_graph[d].lock, NULL);
 }
 
 static uint64_t pool_attr(CUmemoryPool pool, CUmemPool_attribute attr, int *ok) {
@@ -389,6 +410,21 @@ static struct pool_acct *pool_acct_of(CUmemoryPool pool, int dev) {
     return pa;
 }
 
+/* Makes a reserve's charge (*charged, by *owner) equal to reserved. */
+static void settle_reserve(int dev, uint64_t reserved, uint64_t *charged, uint64_t *owner_of) {
+    uint64_t owner = vgpu_owner();
+    if (*owner_of != owner) { /* a forked child: the parent's reserve is the parent's */
+        *owner_of = owner;
+        *charged = 0;
+    }
+    if (owner != 0 && reserved > *charged) {
+        if (vgpu_charge_taken(dev, reserved - *charged) != 0) *charged = reserved;
+    } else if (owner != 0 && reserved < *charged) {
+        vgpu_credit(dev, *charged - reserved, owner);
+        *charged = reserved;
+    }
+}
+
 /* Makes the pool's charge equal to its reserve; returns its spare reserve
  * (reserved - used).  Caller holds pa->lock. */
 static uint64_t pool_settle(struct pool_acct *pa) {
@@ -396,23 +432,43 @@ static uint64_t pool_settle(struct pool_acct *pa) {
     uint64_t reserved = pool_attr(pa->pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, &ok);
     uint64_t used = pool_attr(pa->pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT, &ok);
     if (!ok) return 0;
-    uint64_t owner = vgpu_owner();
-    if (pa->owner != owner) { /* a forked child: the parent's reserve is the parent's */
-        pa->owner = owner;
-        pa->charged = 0;
-    }
-    if (owner != 0 && reserved > pa->charged) {
-        if (vgpu_charge_taken(pa->dev, reserved - pa->charged) != 0) pa->charged = reserved;
-    } else if (owner != 0 && reserved < pa->charged) {
-        vgpu_credit(pa->dev, pa->charged - reserved, owner);
-        pa->charged = reserved;
-    }
+    settle_reserve(pa->dev, reserved, &pa->charged, &pa->owner);
     return reserved > used ? reserved - used : 0;
+}
+
+/* The same for device dev's graph memory pool.  Caller holds g_graph[dev].lock. */
+static uint64_t graph_settle(int dev) {
+    cuuint64_t reserved = 0, used = 0;
+    if (g_graph_attr == NULL ||
+        g_graph_attr(dev, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT, &reserved) != CUDA_SUCCESS ||
+        g_graph_attr(dev, CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT, &used) != CUDA_SUCCESS)
+        return 0;
+    settle_reserve(dev, reserved, &g_graph[dev].charged, &g_graph[dev].owner);
+    return reserved > used ? reserved - used : 0;
+}
+
+void vgpu_graph_launched(void) {
+    if (!__atomic_load_n(&g_graph_active, __ATOMIC_ACQUIRE)) return;
+    for (int d = 0; d < VGPU_MAX_DEVICES; d++) {
+        if (!__atomic_load_n(&g_graph[d].seen, __ATOMIC_ACQUIRE)) continue;
+        pthread_mutex_lock(&g_graph[d].lock);
+        graph_settle(d);
+        pthread_mutex_unlock(&g_graph[d].lock);
+    }
 }
 
 /* Settles every pool not being settled by another thread right now (this
  * thread may hold one: a refusal inside alloc_from). */
 static void settle_all_pools(void) {
+    if (__atomic_load_n(&g_graph_active, __ATOMIC_ACQUIRE)) {
+        for (int d = 0; d < VGPU_MAX_DEVICES; d++) {
+            if (!__atomic_load_n(&g_graph[d].seen, __ATOMIC_ACQUIRE) ||
+                pthread_mutex_trylock(&g_graph[d].lock) != 0)
+                continue;
+            graph_settle(d);
+            pthread_mutex_unlock(&g_graph[d].lock);
+        }
+    }
     int n = __atomic_load_n(&g_pool_count, __ATOMIC_ACQUIRE);
     for (int i = 0; i < n; i++) {
         if (pthread_mutex_trylock(&g_pool_accts[i].lock) != 0) continue;
@@ -622,6 +678,63 @@ VGPU_API CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t min_bytes_to_keep) {
         pthread_mutex_lock(&pa->lock);
         pool_settle(pa);
         pthread_mutex_unlock(&pa->lock);
+    }
+    return r;
+}
+
+/* An allocation node is refused when its graph could not run beside what the
+ * container has charged: what the device's graph pool cannot serve from its
+ * spare reserve must fit the slice.  Nothing is charged here: the launch maps
+ * the memory, and is settled then. */
+static int graph_node_fits(int dev, uint64_t bytes) {
+    pthread_once(&g_pool_once, pool_setup);
+    pthread_mutex_lock(&g_graph[dev].lock);
+    uint64_t spare = graph_settle(dev);
+    __atomic_store_n(&g_graph[dev].seen, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&g_graph_active, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&g_graph[dev].lock);
+    uint64_t need = bytes > spare ? bytes - spare : 0, limit = vgpu_limit(dev);
+    if (limit == 0 || need == 0) return 1;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        uint64_t used = vgpu_used(dev);
+        if (need <= limit && used <= limit - need) return 1;
+        if (attempt == 0) {
+            vgpu_reclaim_dead();
+            settle_all_pools();
+        }
+    }
+    return 0;
+}
+
+VGPU_API CUresult cuGraphAddMemAllocNode(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps,
+                                         size_t ndeps, CUDA_MEM_ALLOC_NODE_PARAMS *params) {
+    ready();
+    NO_DRIVER(cuGraphAddMemAllocNode);
+    REENTERED(vgpu_real_cuGraphAddMemAllocNode(node, graph, deps, ndeps, params));
+    if (params != NULL && params->bytesize > 0 &&
+        params->poolProps.location.type == CU_MEM_LOCATION_TYPE_DEVICE &&
+        params->poolProps.location.id >= 0 && params->poolProps.location.id < VGPU_MAX_DEVICES &&
+        !graph_node_fits(params->poolProps.location.id, params->bytesize)) {
+        VGPU_LOG(VGPU_LOG_INFO,
+                 "cuGraphAddMemAllocNode: %zu bytes refused on device %d: %llu of the slice's %llu "
+                 "bytes are charged",
+                 params->bytesize, params->poolProps.location.id,
+                 (unsigned long long)vgpu_used(params->poolProps.location.id),
+                 (unsigned long long)vgpu_limit(params->poolProps.location.id));
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    GUARDED(vgpu_real_cuGraphAddMemAllocNode(node, graph, deps, ndeps, params));
+}
+
+VGPU_API CUresult cuDeviceGraphMemTrim(CUdevice dev) {
+    ready();
+    NO_DRIVER(cuDeviceGraphMemTrim);
+    CUresult r = vgpu_real_cuDeviceGraphMemTrim(dev);
+    if (r == CUDA_SUCCESS && dev >= 0 && dev < VGPU_MAX_DEVICES) {
+        pthread_once(&g_pool_once, pool_setup);
+        pthread_mutex_lock(&g_graph[dev].lock);
+        graph_settle(dev);
+        pthread_mutex_unlock(&g_graph[dev].lock);
     }
     return r;
 }

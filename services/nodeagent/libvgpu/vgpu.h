@@ -97,6 +97,10 @@ VGPU_HIDDEN uint64_t vgpu_limit(int dev);
 /* Live pids of the container (slots in use); returns how many. */
 VGPU_HIDDEN int vgpu_container_pids(int32_t *pids, int max);
 
+/* Settles the charge of each device's graph memory pool with its reserve;
+ * called after a graph launch (which may grow it). */
+VGPU_HIDDEN void vgpu_graph_launched(void);
+
 /* ---- compute limiter ------------------------------------------------------- */
 
 VGPU_HIDDEN extern int vgpu_sm_active; /* any device under a compute cap */
