@@ -92,6 +92,22 @@ def test_exec_gives_back_the_charge_of_the_image_it_replaced(
     assert process is None
 
 
+def test_exec_into_a_program_without_libvgpu_gives_back_the_charge(
+    container: harness.Container,
+) -> None:
+    container.env.update(SLICE)
+    sleeper = container.start("probe", "alloc", "800m", "ready", "execbare", "sleep", "30")
+    sleeper.read_until("ready")
+    try:
+        # the same process, now an image that never frees (nor charges) anything
+        harness.wait_for(lambda: os.readlink(f"/proc/{sleeper.pid}/exe").endswith("sleep"))
+        result = container.run("probe", "alloc", "800m", "meminfo")
+    finally:
+        sleeper.kill()
+    assert result.of("alloc")[0].int("rc") == CUDA_SUCCESS
+    assert result.of("meminfo")[0].int("free") == 200 * MIB
+
+
 def test_cuDeviceTotalMem_reports_the_slice_not_the_card(container: harness.Container) -> None:
     container.env.update(SLICE)
     result = container.run("probe", "totalmem")

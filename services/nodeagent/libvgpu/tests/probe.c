@@ -18,7 +18,7 @@
  * procaddr NAME VERSION FLAGS | procaddr1 NAME VERSION FLAGS | ready | wait |
  * sleep MS | totalmem | asyncptsz SIZE | forkfree ID | exitrace THREADS SIZE |
  * exec COMMAND... | array W H | array3d W H D | mipmap W H LEVELS | poolkeep |
- * trim KEEP | graph SIZE | graphtrim.  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
+ * trim KEEP | graph SIZE | graphtrim | execbare PROGRAM ARGS... .  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
  *
  * forkfree: a forked child frees allocation ID (inherited from this process)
  * and exits; exitrace: THREADS threads allocate and free SIZE in a loop while
@@ -28,7 +28,9 @@
  * default pool to keep what is freed into it (release threshold: all);
  * trim is cuMemPoolTrimTo on that pool.  graph builds a graph that allocates
  * SIZE on device 0 and frees it, instantiates and launches it (rc: the first
- * call that failed); graphtrim is cuDeviceGraphMemTrim(0).
+ * call that failed); graphtrim is cuDeviceGraphMemTrim(0).  execbare replaces
+ * this process with PROGRAM (found on PATH) without LD_PRELOAD: an image that
+ * does not load libvgpu.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -611,6 +613,10 @@ int main(int argc, char **argv) {
             argv[i] = self;
             execv(self, argv + i);
             die("execv");
+        } else if (strcmp(c, "execbare") == 0) {
+            unsetenv("LD_PRELOAD");
+            execvp(ARG(1), argv + i + 1);
+            die("execvp");
         } else if (strcmp(c, "ready") == 0) {
             printf("ready pid=%d\n", (int)getpid());
         } else if (strcmp(c, "wait") == 0) {
