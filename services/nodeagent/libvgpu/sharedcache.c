@@ -54,6 +54,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -67,6 +68,8 @@ static uint64_t g_owner;                     /* VGPU_OWNER of this process's slo
 static int g_closed;                         /* the exit destructor has drained the slot */
 static struct vgpu_cache_slot g_orphan_slot; /* when every slot is taken: launches only */
 static int64_t g_full_check_ns;              /* last reclaim pass that read /proc */
+static dev_t g_cache_dev;                    /* the file's device and inode, as */
+static ino_t g_cache_ino;                    /* /proc/<pid>/maps shows a mapping of it */
 /* One change in flight per process (its journal has room for one); also
  * guards the slot's claim and release. */
 static pthread_mutex_t g_op_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -124,9 +127,44 @@ static uint64_t start_ticks_of(int32_t pid, int *zombie) {
     return strtoull(p, NULL, 10);
 }
 
+/* Whether pid still maps the shared cache.  A libvgpu process maps it from
+ * attach to exit; one that does not has exec'd into an image without
+ * libvgpu.  1 when it cannot be told (another user's process). */
+static int maps_cache(int32_t pid) {
+    char path[64], buf[8192];
+    snprintf(path, sizeof path, "/proc/%d/maps", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || g_cache_ino == 0) {
+        if (fd >= 0) close(fd);
+        return 1;
+    }
+    char want[64];
+    int want_len = snprintf(want, sizeof want, " %02x:%02x %llu ", major(g_cache_dev),
+                            minor(g_cache_dev), (unsigned long long)g_cache_ino);
+    int found = 0, readable = 0;
+    size_t have = 0;
+    for (;;) {
+        ssize_t n = read(fd, buf + have, sizeof buf - 1 - have);
+        if (n <= 0) break;
+        readable = 1;
+        have += (size_t)n;
+        buf[have] = '\0';
+        if (strstr(buf, want) != NULL) {
+            found = 1;
+            break;
+        }
+        /* keep the tail, in case a line is split between two reads */
+        size_t keep = have > (size_t)want_len ? (size_t)want_len : have;
+        memmove(buf, buf + have - keep, keep);
+        have = keep;
+    }
+    close(fd);
+    return found || !readable;
+}
+
 /* Whether the process that claimed slot s as pid is gone.  full: also read
- * /proc, to tell a reused pid and a zombie (slower: at attach, and at most
- * once a second otherwise). */
+ * /proc, to tell a reused pid, a zombie, and an exec into a program without
+ * libvgpu (slower: at attach, and at most once a second otherwise). */
 static int owner_dead(const struct vgpu_cache_slot *s, int32_t pid, int full) {
     if (pid == (int32_t)getpid()) return s != g_slot; /* an image this one exec'd over */
     if (kill(pid, 0) == -1 && errno == ESRCH) return 1;
@@ -134,7 +172,7 @@ static int owner_dead(const struct vgpu_cache_slot *s, int32_t pid, int full) {
     int zombie;
     uint64_t recorded = LOAD(&s->start_ticks);
     uint64_t now = start_ticks_of(pid, &zombie);
-    return zombie || (recorded != 0 && now != 0 && now != recorded);
+    return zombie || (recorded != 0 && now != 0 && now != recorded) || !maps_cache(pid);
 }
 
 /* ---- the change protocol -------------------------------------------------------- */
@@ -424,7 +462,12 @@ void vgpu_cache_attach(void) {
     struct stat sb;
     void *m = MAP_FAILED;
     /* ftruncate only ever grows a short file with zeros, so racing creators agree */
-    if (fd >= 0 && fstat(fd, &sb) == 0 &&
+    int known = fd >= 0 && fstat(fd, &sb) == 0;
+    if (known) {
+        g_cache_dev = sb.st_dev;
+        g_cache_ino = sb.st_ino;
+    }
+    if (known &&
         ((size_t)sb.st_size >= sizeof(struct vgpu_cache) ||
          ftruncate(fd, sizeof(struct vgpu_cache)) == 0))
         m = mmap(NULL, sizeof(struct vgpu_cache), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
