@@ -11,7 +11,12 @@ budgets: launch +50 ns, alloc+free +1 us, 8 processes +20 us per allocation
 budget (HAMi-core took its global lock, and version 1 of the shared cache a
 flock, to reclaim before each refusal).
 
-    python benchmarks/libvgpu.py [--quick] [--no-compute]
+    python benchmarks/libvgpu.py [--quick] [--no-compute] [--stress N]
+
+``--stress N`` is the long form of the SIGKILL test (tests/libvgpu/test_accounting.py
+runs 1,000 iterations): N iterations of 4 workers killed, or stopped, helped and
+killed, at random points, each followed by a check that the shared cache's charge
+equals what is really held.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +104,26 @@ def refusals(quick: bool) -> list[tuple[str, tuple[float, float], tuple[float, f
     return rows
 
 
+def stress(iterations: int) -> tuple[int, int, float]:
+    """(iterations, mismatches, seconds) of killstress on a 1 TiB mock card, 1000 MiB slice."""
+    env = {"VSLICE_MOCKGPU_DEVICES": "GPU-stress:1048576", "CUDA_DEVICE_MEMORY_LIMIT": "1000m"}
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.monotonic()
+        out = run(
+            "killstress",
+            str(iterations),
+            "4",
+            str(100 << 20),
+            "1",
+            preload=True,
+            env=env,
+            tmp=Path(tmp),
+        )
+        seconds = time.monotonic() - started
+    values = dict(w.split("=") for w in out.split()[1:])
+    return int(values["iterations"]), int(values["mismatches"]), seconds
+
+
 def compute_accuracy(percent: int, seconds: float) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -126,6 +152,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
     parser.add_argument("--no-compute", action="store_true", help="skip the compute-limit runs")
+    parser.add_argument(
+        "--stress", type=int, default=0, metavar="N", help="N iterations of the SIGKILL stress"
+    )
     options = parser.parse_args()
     for folder in (MOCK_DIR, LIBVGPU_DIR):
         subprocess.run(["make", "-s", "-C", str(folder)], check=True, capture_output=True)
@@ -143,6 +172,12 @@ def main() -> int:
     for label, (p50_without, p99_without), (p50_with, p99_with) in refusals(options.quick):
         print(
             f"{label:36} {p50_without:10.2f} {p99_without:10.2f} {p50_with:11.2f} {p99_with:10.2f}"
+        )
+    if options.stress > 0:
+        iterations, mismatches, seconds = stress(options.stress)
+        print(
+            f"SIGKILL stress: {iterations} iterations x 4 workers, {mismatches} with the charge "
+            f"off what is held ({seconds:.1f} s)"
         )
     if not options.no_compute:
         seconds = 2.5 if options.quick else 5.0

@@ -103,6 +103,15 @@ CAS16_TARGET static u128 cas16(struct vgpu_cache_counter *p, u128 expected, u128
 /* An atomic read of both halves (a compare-and-swap that changes nothing). */
 static inline u128 load16(struct vgpu_cache_counter *p) { return cas16(p, 0, 0); }
 
+/* Both halves read one after the other, without writing the line (an
+ * account is the one word every process of the container changes): the
+ * pair may be torn, which only makes the compare-and-swap that expects it
+ * fail and start again. */
+static inline u128 peek16(struct vgpu_cache_counter *p) {
+    uint64_t tag = LOAD(&p->tag);
+    return pack(LOAD(&p->bytes), tag);
+}
+
 /* ---- process liveness ------------------------------------------------------- */
 
 /* starttime of pid from /proc/<pid>/stat, 0 if it cannot be read; *zombie is
@@ -224,7 +233,7 @@ static int change(int target, uint64_t word, int d, enum change kind, uint64_t w
     struct vgpu_cache_slot *t = &vgpu_cache->slots[target];
     struct vgpu_cache_op *op = &g_slot->op;
     for (;;) {
-        u128 a = load16(account);
+        u128 a = peek16(account);
         help(d, hi(a));
         u128 entry = load16(&t->charged[d]);
         if (slot_word(t) != word) return GONE;
@@ -326,7 +335,7 @@ static void claim_slot_locked(void) {
             /* a journal of the previous owner may name a change not yet applied:
              * finish every device's last change before this slot's journal is reused */
             for (int d = 0; d < VGPU_MAX_DEVICES; d++)
-                help(d, hi(load16(&vgpu_cache->accounts[d].used)));
+                help(d, hi(peek16(&vgpu_cache->accounts[d].used)));
             /* an adopted slot's charges belong to a dead process */
             uint64_t mine = slot_word(s);
             for (int d = 0; d < VGPU_MAX_DEVICES; d++) change(i, mine, d, DRAIN, 0, 0);
@@ -504,7 +513,7 @@ void vgpu_cache_attach(void) {
 static int orphan_change(int dev, int64_t delta, uint64_t limit) {
     struct vgpu_cache_counter *account = &vgpu_cache->accounts[dev].used;
     for (;;) {
-        u128 a = load16(account);
+        u128 a = peek16(account);
         uint64_t used = lo(a);
         if (delta > 0 && limit != 0 && ((uint64_t)delta > limit || used > limit - (uint64_t)delta))
             return 0;
