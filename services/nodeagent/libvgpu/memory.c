@@ -183,9 +183,10 @@ static CUresult fwd_free_async_ptsz(CUdeviceptr p, void *stream) {
     return vgpu_real_cuMemFreeAsync_ptsz(p, (CUstream)stream);
 }
 
-static CUresult cuMemFree_v2_body(CUdeviceptr dptr) {
-    return free_tracked(dptr, fwd_free_v2, NULL);
-}
+/* cuMemFree may also free a stream-ordered block (it synchronizes first). */
+static CUresult free_async(CUdeviceptr dptr, CUresult (*forward)(CUdeviceptr, void *), void *stream);
+
+static CUresult cuMemFree_v2_body(CUdeviceptr dptr) { return free_async(dptr, fwd_free_v2, NULL); }
 
 VGPU_API CUresult cuMemFree_v2(CUdeviceptr dptr) {
     ready();
@@ -194,9 +195,7 @@ VGPU_API CUresult cuMemFree_v2(CUdeviceptr dptr) {
     GUARDED(cuMemFree_v2_body(dptr));
 }
 
-static CUresult cuMemFree_body(CUdeviceptr_v1 dptr) {
-    return free_tracked(dptr, fwd_free_v1, NULL);
-}
+static CUresult cuMemFree_body(CUdeviceptr_v1 dptr) { return free_async(dptr, fwd_free_v1, NULL); }
 
 VGPU_API CUresult cuMemFree(CUdeviceptr_v1 dptr) {
     ready();
@@ -629,8 +628,8 @@ VGPU_API CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesiz
 static CUresult free_async(CUdeviceptr dptr, CUresult (*forward)(CUdeviceptr, void *), void *stream) {
     uint64_t bytes, acct;
     int dev;
-    pthread_once(&g_pool_once, pool_setup);
-    if (dptr == 0 || !vgpu_table_take(g_pool_ptrs, dptr, &bytes, &dev, &acct))
+    if (dptr == 0 || __atomic_load_n(&g_pool_count, __ATOMIC_ACQUIRE) == 0 ||
+        !vgpu_table_take(g_pool_ptrs, dptr, &bytes, &dev, &acct))
         return free_tracked(dptr, forward, stream);
     CUresult r = forward(dptr, stream);
     struct pool_acct *pa = (struct pool_acct *)(uintptr_t)acct;
