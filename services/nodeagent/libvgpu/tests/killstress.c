@@ -3,9 +3,9 @@
  *
  *   killstress ITERATIONS WORKERS HOLD_BYTES SEED
  *
- * Holds HOLD_BYTES itself, then per iteration forks WORKERS processes that
- * allocate and free random sizes (4 KiB .. 1 MiB, up to 8 live each) as fast
- * as they can, kills them all with SIGKILL after a random 0..1.5 ms (every
+ * Holds HOLD_BYTES itself, then per iteration forks WORKERS processes whose
+ * two threads each allocate and free random sizes (4 KiB .. 1 MiB, up to 8
+ * live each) as fast as they can, kills them all with SIGKILL after a random 0..1.5 ms (every
  * other iteration first stops them all with SIGSTOP at that moment, allocates
  * and frees 1 MiB itself - finishing any change a stopped worker left half
  * done - and lets them run on for another random 0..0.5 ms), reaps
@@ -17,6 +17,7 @@
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,7 +39,20 @@ static uint64_t cache_used(const struct vgpu_cache *c) {
     return __atomic_load_n(&VGPU_CACHE_USED(c, 0), __ATOMIC_ACQUIRE);
 }
 
+static CUcontext g_ctx;
+
+static void *work_thread(void *arg);
+
 static void work(unsigned seed) {
+    pthread_t other;
+    if (pthread_create(&other, NULL, work_thread, (void *)(uintptr_t)(seed ^ 0x9e3779b9u)) != 0)
+        _exit(2);
+    work_thread((void *)(uintptr_t)seed);
+}
+
+static void *work_thread(void *arg) {
+    unsigned seed = (unsigned)(uintptr_t)arg;
+    if (cuCtxSetCurrent(g_ctx) != CUDA_SUCCESS) _exit(2);
     CUdeviceptr live[8] = {0};
     for (unsigned n = 0;; n++) {
         seed = seed * 1103515245u + 12345u;
@@ -48,6 +62,7 @@ static void work(unsigned seed) {
         size_t size = ((size_t)(seed >> 8) % 256 + 1) * 4096;
         if (cuMemAlloc_v2(p, size) != CUDA_SUCCESS) *p = 0;
     }
+    return NULL;
 }
 
 int main(int argc, char **argv) {
@@ -58,10 +73,9 @@ int main(int argc, char **argv) {
     int iterations = atoi(argv[1]), workers = atoi(argv[2]);
     size_t hold = strtoull(argv[3], NULL, 10);
     srand((unsigned)atoi(argv[4]));
-    CUcontext ctx;
     CUdeviceptr held;
-    if (cuInit(0) != CUDA_SUCCESS || cuDevicePrimaryCtxRetain(&ctx, 0) != CUDA_SUCCESS ||
-        cuCtxSetCurrent(ctx) != CUDA_SUCCESS || cuMemAlloc_v2(&held, hold) != CUDA_SUCCESS) {
+    if (cuInit(0) != CUDA_SUCCESS || cuDevicePrimaryCtxRetain(&g_ctx, 0) != CUDA_SUCCESS ||
+        cuCtxSetCurrent(g_ctx) != CUDA_SUCCESS || cuMemAlloc_v2(&held, hold) != CUDA_SUCCESS) {
         fprintf(stderr, "killstress: cannot hold %zu bytes\n", hold);
         return 2;
     }
