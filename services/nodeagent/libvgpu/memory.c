@@ -522,8 +522,13 @@ VGPU_API CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool, CUdevice dev) {
     return r;
 }
 
-static CUresult call_async(CUdeviceptr *dptr, size_t bytesize, void *real, void *stream) {
-    return ((CUresult(*)(CUdeviceptr *, size_t, CUstream))real)(dptr, bytesize, (CUstream)stream);
+struct async_call {
+    CUresult (*real)(CUdeviceptr *, size_t, CUstream);
+};
+
+static CUresult call_async(CUdeviceptr *dptr, size_t bytesize, void *call, void *stream) {
+    const struct async_call *c = call;
+    return c->real(dptr, bytesize, (CUstream)stream);
 }
 
 static CUresult alloc_async(CUresult (*real)(CUdeviceptr *, size_t, CUstream), const char *call,
@@ -531,7 +536,10 @@ static CUresult alloc_async(CUresult (*real)(CUdeviceptr *, size_t, CUstream), c
     int dev = current_device();
     if (dev < 0 || dptr == NULL || bytesize == 0) return real(dptr, bytesize, stream);
     struct pool_acct *pa = pool_acct_of(current_pool(dev), dev);
-    if (pa != NULL) return alloc_from(pa, call, dptr, bytesize, call_async, (void *)real, stream);
+    if (pa != NULL) {
+        struct async_call c = {real};
+        return alloc_from(pa, call, dptr, bytesize, call_async, &c, stream);
+    }
     uint64_t owner;
     CUresult r = admit(dev, bytesize, call, &owner);
     if (r != CUDA_SUCCESS) return r;

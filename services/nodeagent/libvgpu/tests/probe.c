@@ -18,7 +18,7 @@
  * procaddr NAME VERSION FLAGS | procaddr1 NAME VERSION FLAGS | ready | wait |
  * sleep MS | totalmem | asyncptsz SIZE | forkfree ID | exitrace THREADS SIZE |
  * exec COMMAND... | array W H | array3d W H D | mipmap W H LEVELS | poolkeep |
- * trim KEEP | graph SIZE | graphtrim | execbare PROGRAM ARGS... .  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
+ * trim KEEP | graph SIZE | graphtrim | execbare PROGRAM ARGS... | timedalloc SIZE.  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
  *
  * forkfree: a forked child frees allocation ID (inherited from this process)
  * and exits; exitrace: THREADS threads allocate and free SIZE in a loop while
@@ -613,6 +613,17 @@ int main(int argc, char **argv) {
             argv[i] = self;
             execv(self, argv + i);
             die("execv");
+        } else if (strcmp(c, "timedalloc") == 0) {
+            /* how long the call took, in this process: a bound the test can check
+             * without counting the load of the machine against process start-up */
+            CUdeviceptr p = 0;
+            size_t size = parse_size(ARG(1));
+            int64_t t0 = now_ns();
+            CUresult r_ = api.cuMemAlloc_v2(&p, size);
+            long long us = (long long)((now_ns() - t0) / 1000);
+            if (r_ == CUDA_SUCCESS) record(K_V2, p, size, 0);
+            printf("timedalloc rc=%d us=%lld\n", r_, us);
+            i += 1;
         } else if (strcmp(c, "execbare") == 0) {
             unsetenv("LD_PRELOAD");
             execvp(ARG(1), argv + i + 1);
