@@ -8,7 +8,8 @@ from tests.libvgpu import harness
 from tests.libvgpu.harness import CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS, MIB
 
 # (allocation command, its arguments for 60 MiB): the pitched one asks for
-# 61440 bytes x 1024 rows, already a multiple of the mock's 512-byte pitch
+# 61440 bytes x 1024 rows, already a multiple of the mock's 512-byte pitch;
+# arrays are 8-bit, one channel
 ALLOCATION_PATHS = [
     pytest.param("alloc", ["60m"], id="cuMemAlloc_v2"),
     pytest.param("alloc1", ["60m"], id="cuMemAlloc"),
@@ -18,6 +19,9 @@ ALLOCATION_PATHS = [
     pytest.param("vmm", ["60m"], id="cuMemCreate"),
     pytest.param("async", ["60m"], id="cuMemAllocAsync"),
     pytest.param("pool", ["60m"], id="cuMemAllocFromPoolAsync"),
+    pytest.param("array", ["61440", "1024"], id="cuArrayCreate_v2"),
+    pytest.param("array3d", ["61440", "32", "32"], id="cuArray3DCreate_v2"),
+    pytest.param("mipmap", ["61440", "1024", "1"], id="cuMipmappedArrayCreate"),
 ]
 
 
@@ -41,11 +45,73 @@ def test_a_free_credits_exactly_what_was_charged(
     container: harness.Container, command: str, args: list[str]
 ) -> None:
     container.env["CUDA_DEVICE_MEMORY_LIMIT"] = "100m"
-    result = container.run("probe", command, *args, "meminfo", "free", "0", "meminfo")
+    # a stream-ordered pool keeps what is freed into it until a synchronization
+    result = container.run("probe", command, *args, "meminfo", "free", "0", "sync", "meminfo")
     charged, freed = result.of("meminfo")
     assert charged.int("free") == 40 * MIB
     assert result.of("free")[0].int("rc") == CUDA_SUCCESS
     assert freed.int("free") == 100 * MIB
+
+
+def test_a_mipmapped_array_is_charged_every_level(container: harness.Container) -> None:
+    container.env["CUDA_DEVICE_MEMORY_LIMIT"] = "100m"
+    result = container.run("probe", "mipmap", "1024", "1024", "3", "meminfo")
+    assert result.of("mipmap")[0].int("rc") == CUDA_SUCCESS
+    levels = 1024 * 1024 + 512 * 512 + 256 * 256
+    assert result.of("meminfo")[0].int("free") == 100 * MIB - levels
+
+
+def test_memory_a_pool_keeps_after_cuMemFreeAsync_counts_against_the_slice_until_trimmed(
+    container: harness.Container,
+) -> None:
+    # as PyTorch and TensorFlow set it: the pool keeps everything freed into it
+    container.env["CUDA_DEVICE_MEMORY_LIMIT"] = "100m"
+    result = container.run(
+        "probe",
+        "poolkeep",
+        "async", "60m", "free", "0", "sync", "meminfo",
+        "alloc", "50m",
+        "async", "60m", "meminfo",
+        "free", "1", "trim", "0", "meminfo",
+        "alloc", "50m",
+    )  # fmt: skip
+    kept, reused, trimmed = (line.int("free") for line in result.of("meminfo"))
+    assert [line.int("rc") for line in result.of("async")] == [CUDA_SUCCESS, CUDA_SUCCESS]
+    assert [line.int("rc") for line in result.of("alloc")] == [
+        CUDA_ERROR_OUT_OF_MEMORY,
+        CUDA_SUCCESS,
+    ]
+    assert (kept, reused, trimmed) == (40 * MIB, 40 * MIB, 100 * MIB)
+
+
+def test_graph_memory_counts_against_the_slice_until_trimmed(container: harness.Container) -> None:
+    # the device's graph memory pool keeps what a launched graph allocated,
+    # freed or not, until cuDeviceGraphMemTrim
+    container.env["CUDA_DEVICE_MEMORY_LIMIT"] = "100m"
+    result = container.run(
+        "probe",
+        "graph", "60m", "meminfo",
+        "alloc", "50m",
+        "graph", "60m", "meminfo",
+        "graphtrim", "meminfo",
+        "alloc", "50m",
+    )  # fmt: skip
+    assert [line.int("rc") for line in result.of("graph")] == [CUDA_SUCCESS, CUDA_SUCCESS]
+    assert [line.int("rc") for line in result.of("alloc")] == [
+        CUDA_ERROR_OUT_OF_MEMORY,
+        CUDA_SUCCESS,
+    ]
+    assert [line.int("free") for line in result.of("meminfo")] == [40 * MIB, 40 * MIB, 100 * MIB]
+
+
+def test_a_graph_allocation_past_the_slice_is_refused_when_the_node_is_added(
+    container: harness.Container,
+) -> None:
+    container.env["CUDA_DEVICE_MEMORY_LIMIT"] = "100m"
+    result = container.run("probe", "graph", "200m", "drivercalls", "meminfo")
+    assert result.of("graph")[0].int("rc") == CUDA_ERROR_OUT_OF_MEMORY
+    assert result.of("drivercalls")[0].int("count") == 0
+    assert result.of("meminfo")[0].int("free") == 100 * MIB
 
 
 @pytest.mark.parametrize("command", ["pitch", "pitch1"])

@@ -25,5 +25,10 @@ def test_the_benchmark_prints_every_figure_in_one_run(native: None) -> None:
         assert abs(float(with_) - float(without) - float(difference)) <= 0.015 + 1e-9, row
         assert ratio.endswith("x")
         assert verdict in ("within", "OVER") and budget.startswith("+"), row
+    for procs in (8, 32):
+        label = f"refused alloc, {procs} processes (us)"
+        (row,) = [line for line in out.splitlines() if line.startswith(label)]
+        p50_without, p99_without, p50_with, p99_with = map(float, row[36:].split())
+        assert p50_without <= p99_without and p50_with <= p99_with, row
     for percent in (10, 30, 50, 90):
         assert f"{percent:3d}%: busy" in out

@@ -36,7 +36,8 @@ def test_every_path_runs_clean_under_the_sanitizers(
     script = shlex.split(
         "alloc 60m alloc 60m pitch 1000 100 vmm 4m async 1m pool 1m managed 1m alloc1 1m "
         "pitch1 100 10 raw 1m free 0 free 1 free 2 free 3 free 4 free 5 free 6 free 7 free 8 "
-        "free 8 meminfo meminfo1 nvml nvml2 launch kernel 100 20 launch ex 100 20 "
+        "free 8 array 1000 10 mipmap 100 100 2 array3d 10 10 10 free 9 free 10 free 11 sync "
+        "meminfo meminfo1 nvml nvml2 launch kernel 100 20 launch ex 100 20 "
         "launch coop 100 20 launch graph 100 20 procaddr cuMemAlloc 12000 2 fill 1m"
     )
     result = sanitized.run(program, *script)

@@ -17,6 +17,6 @@ def read_shared_cache(path: Path) -> sharedcaches.SharedCache:
     """Read and decode the shared cache at ``path``.
 
     Raises ``OSError`` if the file cannot be read and
-    ``sharedcaches.SharedCacheError`` if its contents are not a version-1 cache.
+    ``sharedcaches.SharedCacheError`` if its contents are not a version-2 cache.
     """
     return sharedcaches.decode(path.read_bytes())

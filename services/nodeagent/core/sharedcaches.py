@@ -1,4 +1,4 @@
-"""Decoder of libvgpu's shared cache file, layout version 1.
+"""Decoder of libvgpu's shared cache file, layout version 2.
 
 Every process of a container that runs with ``libvgpu.so`` preloaded charges its
 device memory in one mmap'd file (``CUDA_DEVICE_MEMORY_SHARED_CACHE``); the node
@@ -18,8 +18,13 @@ Little-endian, naturally aligned::
 
     offset 0     header  64 bytes
     offset 64    16 device entries, 128 bytes each
-    offset 2112  1024 process slots, 160 bytes each
-    total        165952 bytes
+    offset 2112  16 device accounts (bytes used, tag of the last change), 16 bytes each
+    offset 2368  1024 process slots, 352 bytes each
+    total        362816 bytes
+
+Version 2 moved each device's charge into its account and each process's
+charges into a ledger of 16-byte entries, so that libvgpu can change both
+with one 16-byte compare-and-swap each (``LAYOUT.md``, "Changing a charge").
 """
 
 from __future__ import annotations
@@ -31,25 +36,31 @@ from typing import Final, Literal
 import msgspec
 
 MAGIC: Final = 0x434C5356  # "VSLC"
-VERSION: Final = 1
+VERSION: Final = 2
 HEADER_BYTES: Final = 64
 DEVICE_BYTES: Final = 128
-SLOT_BYTES: Final = 160
+ACCOUNT_BYTES: Final = 16
+SLOT_BYTES: Final = 352
 MAX_DEVICES: Final = 16
 MAX_SLOTS: Final = 1024
 DEVICES_OFFSET: Final = HEADER_BYTES
-SLOTS_OFFSET: Final = DEVICES_OFFSET + MAX_DEVICES * DEVICE_BYTES
+ACCOUNTS_OFFSET: Final = DEVICES_OFFSET + MAX_DEVICES * DEVICE_BYTES
+SLOTS_OFFSET: Final = ACCOUNTS_OFFSET + MAX_DEVICES * ACCOUNT_BYTES
 FILE_BYTES: Final = SLOTS_OFFSET + MAX_SLOTS * SLOT_BYTES
 
 # magic, version, header_bytes, device_count, slot_count, device_bytes, slot_bytes,
 # sm_policy, creator_pid, reserved, created_ns, 16 reserved bytes
 _HEADER: Final = struct.Struct("<8Iiiq16x")
-# limit_bytes, used_bytes, sm_limit_percent, reserved, then the compute limiter's
+# limit_bytes, reserved (version 1: used_bytes), sm_limit_percent, reserved, then the limiter
 # state: tick_us, credit_ns, pending_ns, charge_ns, cost_ns, launches,
 # launches_tick, observed_acc, launch_acc, observed_ns, 24 reserved bytes
 _DEVICE: Final = struct.Struct("<QQII5qQQddq24x")
-# pid, reserved, start_ticks, last_kernel_ns, launches, charged_bytes[16]
-_SLOT: Final = struct.Struct(f"<iIQqQ{MAX_DEVICES}Q")
+# used_bytes, tag of the last change
+_ACCOUNT: Final = struct.Struct("<QQ")
+# pid, generation, start_ticks, last_kernel_ns, launches, op_seq, reserved, the
+# journal of the change in flight (40 bytes), reserved, then per device the
+# ledger entry: charged bytes, tag of the last change
+_SLOT: Final = struct.Struct(f"<iIQqQQ8x40x8x{2 * MAX_DEVICES}Q")
 
 _POLICIES: Final[dict[int, Literal["default", "force", "disable"]]] = {
     0: "default",
@@ -61,12 +72,13 @@ _POLICY_CODES: Final = {name: code for code, name in _POLICIES.items()}
 
 assert _HEADER.size == HEADER_BYTES
 assert _DEVICE.size == DEVICE_BYTES
+assert _ACCOUNT.size == ACCOUNT_BYTES
 assert _SLOT.size == SLOT_BYTES
-assert FILE_BYTES == 165952
+assert FILE_BYTES == 362816
 
 
 class SharedCacheError(ValueError):
-    """The bytes are not a complete version-1 shared cache.
+    """The bytes are not a complete version-2 shared cache.
 
     ``field`` names the first field found wrong (``"header"``, ``"magic"``,
     ``"devices[3].used_bytes"``, ``"slots"`` ...), so the node agent can say which
@@ -162,7 +174,7 @@ def decode(data: bytes) -> SharedCache:
         ("slot_bytes", slot_bytes, SLOT_BYTES),
     ):
         if got != want:
-            raise SharedCacheError(name, f"is {got}, layout version 1 has {want}")
+            raise SharedCacheError(name, f"is {got}, layout version 2 has {want}")
     policy = _POLICIES.get(sm_policy)
     if policy is None:
         raise SharedCacheError("sm_policy", f"is {sm_policy}, expected 0, 1 or 2")
@@ -188,7 +200,8 @@ def decode(data: bytes) -> SharedCache:
 
 def _decode_device(data: bytes, index: int) -> DeviceUsage:
     fields = _DEVICE.unpack_from(data, DEVICES_OFFSET + index * DEVICE_BYTES)
-    limit_bytes, used_bytes, sm_limit_percent = fields[0], fields[1], fields[2]
+    limit_bytes, sm_limit_percent = fields[0], fields[2]
+    used_bytes, _tag = _ACCOUNT.unpack_from(data, ACCOUNTS_OFFSET + index * ACCOUNT_BYTES)
     observed_busy_ns = fields[13]
     if sm_limit_percent > 100:
         raise SharedCacheError(
@@ -208,9 +221,10 @@ def _decode_device(data: bytes, index: int) -> DeviceUsage:
 
 
 def _decode_slot(data: bytes, index: int) -> ProcessSlot | None:
-    pid, _reserved, start_ticks, last_kernel_ns, launches, *charged = _SLOT.unpack_from(
+    pid, _generation, start_ticks, last_kernel_ns, launches, _op_seq, *ledger = _SLOT.unpack_from(
         data, SLOTS_OFFSET + index * SLOT_BYTES
     )
+    charged = ledger[0::2]
     if pid < -1:
         raise SharedCacheError(f"slots[{index}].pid", f"is {pid}, expected -1, 0 or a pid")
     if pid <= 0:
@@ -271,7 +285,7 @@ def encode_new(
     for i in range(MAX_DEVICES):
         limit = limits_bytes[i] if i < len(limits_bytes) else 0
         sm = sm_limits_percent[i] if i < len(sm_limits_percent) else 0
-        # limit, used, sm limit, then the compute limiter's state, all zero
+        # limit, reserved, sm limit, then the compute limiter's state, all zero
         state = (0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0)
         _DEVICE.pack_into(out, DEVICES_OFFSET + i * DEVICE_BYTES, limit, 0, sm, *state)
     return bytes(out)

@@ -23,6 +23,8 @@
     X(cuMemAllocManaged, (CUdeviceptr * dptr, size_t bytesize, unsigned int flags))                \
     X(cuMemGetInfo_v2, (size_t * free_bytes, size_t * total_bytes))                                \
     X(cuMemGetInfo, (unsigned int *free_bytes, unsigned int *total_bytes))                         \
+    X(cuDeviceTotalMem_v2, (size_t * bytes, CUdevice dev))                                         \
+    X(cuDeviceTotalMem, (unsigned int *bytes, CUdevice dev))                                       \
     X(cuMemCreate, (CUmemGenericAllocationHandle * handle, size_t size,                            \
                     const CUmemAllocationProp *prop, unsigned long long flags))                    \
     X(cuMemRelease, (CUmemGenericAllocationHandle handle))                                         \
@@ -35,6 +37,16 @@
       (CUdeviceptr * dptr, size_t bytesize, CUmemoryPool pool, CUstream stream))                   \
     X(cuMemFreeAsync, (CUdeviceptr dptr, CUstream stream))                                         \
     X(cuMemFreeAsync_ptsz, (CUdeviceptr dptr, CUstream stream))                                    \
+    X(cuMemPoolTrimTo, (CUmemoryPool pool, size_t min_bytes_to_keep))                              \
+    X(cuArrayCreate_v2, (CUarray * handle, const CUDA_ARRAY_DESCRIPTOR *desc))                     \
+    X(cuArray3DCreate_v2, (CUarray * handle, const CUDA_ARRAY3D_DESCRIPTOR *desc))                 \
+    X(cuArrayDestroy, (CUarray handle))                                                            \
+    X(cuMipmappedArrayCreate, (CUmipmappedArray * handle, const CUDA_ARRAY3D_DESCRIPTOR *desc,     \
+                               unsigned int levels))                                               \
+    X(cuMipmappedArrayDestroy, (CUmipmappedArray handle))                                          \
+    X(cuGraphAddMemAllocNode, (CUgraphNode * node, CUgraph graph, const CUgraphNode *deps,         \
+                               size_t ndeps, CUDA_MEM_ALLOC_NODE_PARAMS *params))                  \
+    X(cuDeviceGraphMemTrim, (CUdevice dev))                                                        \
     X(cuLaunchKernel, (CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz,            \
                        unsigned int bx, unsigned int by, unsigned int bz, unsigned int shmem,      \
                        CUstream stream, void **params, void **extra))                              \

@@ -250,11 +250,15 @@ VGPU_API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gx, 
 VGPU_API CUresult cuGraphLaunch(CUgraphExec graph, CUstream stream) {
     before_launch();
     NO_DRIVER(cuGraphLaunch);
-    return vgpu_real_cuGraphLaunch(graph, stream);
+    CUresult r = vgpu_real_cuGraphLaunch(graph, stream);
+    vgpu_graph_launched(); /* its memory nodes may have grown the graph memory pool */
+    return r;
 }
 
 VGPU_API CUresult cuGraphLaunch_ptsz(CUgraphExec graph, CUstream stream) {
     before_launch();
     NO_DRIVER(cuGraphLaunch_ptsz);
-    return vgpu_real_cuGraphLaunch_ptsz(graph, stream);
+    CUresult r = vgpu_real_cuGraphLaunch_ptsz(graph, stream);
+    vgpu_graph_launched(); /* its memory nodes may have grown the graph memory pool */
+    return r;
 }

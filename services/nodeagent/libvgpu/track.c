@@ -12,6 +12,7 @@
 struct entry {
     uint64_t key; /* 0 = empty */
     uint64_t bytes;
+    uint64_t owner;
     int64_t dev;
 };
 
@@ -65,14 +66,14 @@ static int grow(struct stripe *s) {
     return 1;
 }
 
-int vgpu_table_put(struct vgpu_table *t, uint64_t key, uint64_t bytes, int dev) {
+int vgpu_table_put(struct vgpu_table *t, uint64_t key, uint64_t bytes, int dev, uint64_t owner) {
     uint64_t h = mix(key);
     struct stripe *s = stripe_of(t, h);
     pthread_mutex_lock(&s->lock);
     int ok = 1;
     if ((s->count + 1) * 4 > s->capacity * 3) ok = grow(s);
     if (ok) {
-        insert(s->slots, s->capacity, (struct entry){.key = key, .bytes = bytes, .dev = dev}, h);
+        insert(s->slots, s->capacity, (struct entry){.key = key, .bytes = bytes, .owner = owner, .dev = dev}, h);
         s->count++;
     }
     pthread_mutex_unlock(&s->lock);
@@ -89,7 +90,8 @@ static long find(struct stripe *s, uint64_t key, uint64_t h) {
     return -1;
 }
 
-int vgpu_table_get(struct vgpu_table *t, uint64_t key, uint64_t *bytes, int *dev) {
+int vgpu_table_get(struct vgpu_table *t, uint64_t key, uint64_t *bytes, int *dev,
+                   uint64_t *owner) {
     uint64_t h = mix(key);
     struct stripe *s = stripe_of(t, h);
     pthread_mutex_lock(&s->lock);
@@ -97,12 +99,14 @@ int vgpu_table_get(struct vgpu_table *t, uint64_t key, uint64_t *bytes, int *dev
     if (i >= 0) {
         *bytes = s->slots[i].bytes;
         *dev = (int)s->slots[i].dev;
+        if (owner != NULL) *owner = s->slots[i].owner;
     }
     pthread_mutex_unlock(&s->lock);
     return i >= 0;
 }
 
-int vgpu_table_take(struct vgpu_table *t, uint64_t key, uint64_t *bytes, int *dev) {
+int vgpu_table_take(struct vgpu_table *t, uint64_t key, uint64_t *bytes, int *dev,
+                    uint64_t *owner) {
     uint64_t h = mix(key);
     struct stripe *s = stripe_of(t, h);
     pthread_mutex_lock(&s->lock);
@@ -112,6 +116,7 @@ int vgpu_table_take(struct vgpu_table *t, uint64_t key, uint64_t *bytes, int *de
         size_t i = (size_t)found;
         *bytes = s->slots[i].bytes;
         *dev = (int)s->slots[i].dev;
+        if (owner != NULL) *owner = s->slots[i].owner;
         /* backward-shift deletion keeps probe chains whole without tombstones */
         size_t j = i;
         for (;;) {

@@ -15,10 +15,14 @@
 struct vgpu_table;
 
 VGPU_HIDDEN struct vgpu_table *vgpu_table_new(void);
-/* Remembers key (non-zero); returns 0 if memory for the table ran out. */
-VGPU_HIDDEN int vgpu_table_put(struct vgpu_table *t, uint64_t key, uint64_t bytes, int dev);
-/* Forgets key; returns 1 and what was recorded if it was there. */
-VGPU_HIDDEN int vgpu_table_take(struct vgpu_table *t, uint64_t key, uint64_t *bytes, int *dev);
-VGPU_HIDDEN int vgpu_table_get(struct vgpu_table *t, uint64_t key, uint64_t *bytes, int *dev);
+/* Remembers key (non-zero) with its charge's owner (VGPU_OWNER); returns 0
+ * if memory for the table ran out. */
+VGPU_HIDDEN int vgpu_table_put(struct vgpu_table *t, uint64_t key, uint64_t bytes, int dev,
+                               uint64_t owner);
+/* Forgets key; returns 1 and what was recorded if it was there (owner may be NULL). */
+VGPU_HIDDEN int vgpu_table_take(struct vgpu_table *t, uint64_t key, uint64_t *bytes, int *dev,
+                                uint64_t *owner);
+VGPU_HIDDEN int vgpu_table_get(struct vgpu_table *t, uint64_t key, uint64_t *bytes, int *dev,
+                               uint64_t *owner);
 
 #endif

@@ -70,15 +70,36 @@ VGPU_HIDDEN void *vgpu_wrapper_by_real(void *real);
 VGPU_HIDDEN extern struct vgpu_cache *vgpu_cache;
 VGPU_HIDDEN void vgpu_cache_attach(void);
 VGPU_HIDDEN struct vgpu_cache_slot *vgpu_slot(void);
+/* Who a charge belongs to: the claim of a slot (its index and generation),
+ * so that only the claim that charged it gives it back - never a forked
+ * child, an exec'd image or a free after the exit destructor. */
+#define VGPU_OWNER(index, generation) ((((uint64_t)(index) + 1) << 32) | (uint32_t)(generation))
+#define VGPU_OWNER_NONE 1ULL   /* nothing was charged (no device, zero bytes) */
+#define VGPU_OWNER_ORPHAN 2ULL /* charged without a ledger: every slot was taken */
 /* Charges bytes to device dev (check-and-add, atomic across processes).
- * Returns 1 if the slice had room, 0 if the charge would pass the cap. */
-VGPU_HIDDEN int vgpu_charge(int dev, uint64_t bytes);
-VGPU_HIDDEN void vgpu_credit(int dev, uint64_t bytes);
+ * Returns the charge's owner (non-zero) if the slice had room, 0 if the
+ * charge would pass the cap (dead processes' charges are reclaimed first). */
+VGPU_HIDDEN uint64_t vgpu_charge(int dev, uint64_t bytes);
+/* Charges bytes the driver has already taken (a pool's reserve grew), past
+ * the cap if need be.  Returns the owner, 0 if the accounting is closed. */
+VGPU_HIDDEN uint64_t vgpu_charge_taken(int dev, uint64_t bytes);
+/* This process's current claim (VGPU_OWNER), claiming a slot if needed. */
+VGPU_HIDDEN uint64_t vgpu_owner(void);
+/* Gives back bytes charged on dev by owner; nothing if owner is not this
+ * process's current claim or its accounting is closed (exit). */
+VGPU_HIDDEN void vgpu_credit(int dev, uint64_t bytes, uint64_t owner);
+/* Gives back the charges of dead processes (cheap: one kill(pid, 0) per
+ * live slot; /proc is read at most once a second). */
+VGPU_HIDDEN void vgpu_reclaim_dead(void);
 /* Bytes charged on dev by all processes of the container. */
 VGPU_HIDDEN uint64_t vgpu_used(int dev);
 VGPU_HIDDEN uint64_t vgpu_limit(int dev);
 /* Live pids of the container (slots in use); returns how many. */
 VGPU_HIDDEN int vgpu_container_pids(int32_t *pids, int max);
+
+/* Settles the charge of each device's graph memory pool with its reserve;
+ * called after a graph launch (which may grow it). */
+VGPU_HIDDEN void vgpu_graph_launched(void);
 
 /* ---- compute limiter ------------------------------------------------------- */
 

@@ -38,9 +38,24 @@ struct CUctx_st {
     uint32_t magic;
     int dev;
 };
+/* A stream-ordered pool: like the real one, it keeps memory freed into it
+ * (reserved - used) for reuse, and gives it back to the device only on
+ * cuMemPoolTrimTo, or on a synchronization for what exceeds its release
+ * threshold (CUDA Driver API, "Stream Ordered Memory Allocator"). */
 struct CUmemPoolHandle_st {
     uint32_t magic;
     int dev;
+    pthread_mutex_t lock;
+    uint64_t reserved;  /* bytes taken from the device */
+    uint64_t used;      /* bytes handed out and not freed */
+    uint64_t threshold; /* CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, default 0 */
+};
+#define ARRAY_MAGIC 0x79617261U
+#define MIPMAP_MAGIC 0x70616d6dU
+struct mock_array {
+    uint32_t magic;
+    int dev;
+    size_t size; /* bytes charged to the device */
 };
 struct vmm_handle {
     uint32_t magic;
@@ -61,8 +76,9 @@ static atomic_ullong g_alloc_calls;
 
 struct alloc {
     CUdeviceptr ptr;
-    size_t size; /* bytes charged to the device */
+    size_t size; /* bytes charged to the device, or taken from pool */
     size_t mapped;
+    struct CUmemPoolHandle_st *pool; /* stream-ordered: freed into this pool */
     int dev;
     int low32;
     struct alloc *next;
@@ -220,6 +236,7 @@ static CUresult alloc_on(int dev, size_t size, int low32, CUdeviceptr *out) {
     a->mapped = size;
     a->dev = dev;
     a->low32 = low32;
+    a->pool = NULL;
     table_put(a);
     *out = a->ptr;
     return CUDA_SUCCESS;
@@ -241,9 +258,71 @@ static CUresult free_ptr(CUdeviceptr p) {
         munmap((void *)(uintptr_t)a->ptr, a->mapped);
     else
         mapping_put((void *)(uintptr_t)a->ptr, a->mapped);
-    credit(st, a->dev, a->size);
+    if (a->pool != NULL) {
+        pthread_mutex_lock(&a->pool->lock);
+        a->pool->used -= a->size; /* kept by the pool, not given back */
+        pthread_mutex_unlock(&a->pool->lock);
+    } else {
+        credit(st, a->dev, a->size);
+    }
     free(a);
     return CUDA_SUCCESS;
+}
+
+/* Gives a pool's reserve back to the device down to floor bytes (never below
+ * what is in use).  Caller holds the pool's lock. */
+static void pool_release_locked(struct mock_state *st, struct CUmemPoolHandle_st *pool,
+                                uint64_t floor) {
+    if (floor < pool->used) floor = pool->used;
+    if (pool->reserved <= floor) return;
+    credit(st, pool->dev, pool->reserved - floor);
+    pool->reserved = floor;
+}
+
+/* An allocation from pool: its free reserve first, the device for the rest. */
+static CUresult pool_alloc(struct CUmemPoolHandle_st *pool, size_t size, CUdeviceptr *out) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (out == NULL || size == 0) return CUDA_ERROR_INVALID_VALUE;
+    atomic_fetch_add(&g_alloc_calls, 1);
+    pthread_mutex_lock(&pool->lock);
+    uint64_t spare = pool->reserved - pool->used;
+    uint64_t grow = size > spare ? size - spare : 0;
+    if (grow > 0 && !charge(st, pool->dev, grow)) {
+        pthread_mutex_unlock(&pool->lock);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    pool->reserved += grow;
+    pool->used += size;
+    pthread_mutex_unlock(&pool->lock);
+    void *p = mapping_get(size);
+    if (p == NULL)
+        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                 -1, 0);
+    struct alloc *a = p == MAP_FAILED ? NULL : malloc(sizeof *a);
+    if (a == NULL) {
+        if (p != MAP_FAILED) munmap(p, size);
+        pthread_mutex_lock(&pool->lock);
+        pool->used -= size;
+        pthread_mutex_unlock(&pool->lock);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *a = (struct alloc){.ptr = (CUdeviceptr)(uintptr_t)p, .size = size, .mapped = size,
+                        .pool = pool, .dev = pool->dev, .low32 = 0};
+    table_put(a);
+    *out = a->ptr;
+    return CUDA_SUCCESS;
+}
+
+/* A synchronization gives back what each pool holds above its threshold. */
+static void pools_sync(void) {
+    struct mock_state *st = ready();
+    if (st == NULL) return;
+    for (int i = 0; i < g_visible_count; i++) {
+        pthread_mutex_lock(&g_pools[i].lock);
+        pool_release_locked(st, &g_pools[i], g_pools[i].threshold);
+        pthread_mutex_unlock(&g_pools[i].lock);
+    }
 }
 
 /* ---- initialization, devices, contexts --------------------------------- */
@@ -297,6 +376,7 @@ API CUresult cuInit(unsigned int flags) {
     for (int i = 0; i < g_visible_count; i++) {
         g_primary[i] = (struct CUctx_st){.magic = CTX_MAGIC, .dev = (int)i};
         g_pools[i] = (struct CUmemPoolHandle_st){.magic = POOL_MAGIC, .dev = (int)i};
+        pthread_mutex_init(&g_pools[i].lock, NULL);
     }
     pthread_once(&g_queue_once, queue_init);
     atomic_store_explicit(&g_initialized, 1, memory_order_release);
@@ -369,6 +449,13 @@ API CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
     if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
     *bytes = dev_of(st, dev)->total_bytes;
     return CUDA_SUCCESS;
+}
+
+API CUresult cuDeviceTotalMem(unsigned int *bytes, CUdevice dev) {
+    size_t total = 0;
+    CUresult r = cuDeviceTotalMem_v2(&total, dev);
+    if (r == CUDA_SUCCESS) *bytes = total > 0xffffffffULL ? 0xffffffffU : (unsigned int)total;
+    return r;
 }
 
 API CUresult cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice dev) {
@@ -458,7 +545,10 @@ static CUresult sync_device(int dev) {
 API CUresult cuCtxSynchronize(void) {
     int dev;
     CUresult r = current_device(&dev);
-    return r != CUDA_SUCCESS ? r : sync_device(dev);
+    if (r != CUDA_SUCCESS) return r;
+    r = sync_device(dev);
+    pools_sync();
+    return r;
 }
 
 API CUresult cuStreamSynchronize(CUstream stream) {
@@ -675,7 +765,9 @@ API CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool, CUdevice dev) {
 
 API CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream stream) {
     (void)stream;
-    return alloc_current(bytesize, dptr);
+    int dev;
+    CUresult r = current_device(&dev);
+    return r != CUDA_SUCCESS ? r : pool_alloc(&g_pools[dev], bytesize, dptr);
 }
 API CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream stream) {
     return cuMemAllocAsync(dptr, bytesize, stream);
@@ -686,7 +778,7 @@ API CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemor
     (void)stream;
     if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
     if (pool == NULL || pool->magic != POOL_MAGIC) return CUDA_ERROR_INVALID_VALUE;
-    return alloc_on(pool->dev, bytesize, 0, dptr);
+    return pool_alloc(pool, bytesize, dptr);
 }
 API CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
                                           CUstream stream) {
@@ -698,6 +790,125 @@ API CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream stream) {
     return free_ptr(dptr);
 }
 API CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream stream) { return cuMemFreeAsync(dptr, stream); }
+
+API CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t min_bytes_to_keep) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (pool == NULL || pool->magic != POOL_MAGIC) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&pool->lock);
+    pool_release_locked(st, pool, min_bytes_to_keep);
+    pthread_mutex_unlock(&pool->lock);
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuMemPoolGetAttribute(CUmemoryPool pool, CUmemPool_attribute attr, void *value) {
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (pool == NULL || pool->magic != POOL_MAGIC || value == NULL) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&pool->lock);
+    CUresult r = CUDA_SUCCESS;
+    switch (attr) {
+    case CU_MEMPOOL_ATTR_RELEASE_THRESHOLD: *(cuuint64_t *)value = pool->threshold; break;
+    case CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT: *(cuuint64_t *)value = pool->reserved; break;
+    case CU_MEMPOOL_ATTR_USED_MEM_CURRENT: *(cuuint64_t *)value = pool->used; break;
+    default: r = CUDA_ERROR_NOT_SUPPORTED; break;
+    }
+    pthread_mutex_unlock(&pool->lock);
+    return r;
+}
+
+API CUresult cuMemPoolSetAttribute(CUmemoryPool pool, CUmemPool_attribute attr, void *value) {
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (pool == NULL || pool->magic != POOL_MAGIC || value == NULL) return CUDA_ERROR_INVALID_VALUE;
+    if (attr != CU_MEMPOOL_ATTR_RELEASE_THRESHOLD) return CUDA_ERROR_NOT_SUPPORTED;
+    pthread_mutex_lock(&pool->lock);
+    pool->threshold = *(cuuint64_t *)value;
+    pthread_mutex_unlock(&pool->lock);
+    return CUDA_SUCCESS;
+}
+
+/* ---- CUDA arrays ------------------------------------------------------------
+ * The mock charges an array its texels: width x height x depth (each at
+ * least 1) x channels x element size, per mipmap level; a real driver adds
+ * layout padding it does not report. */
+
+static size_t element_bytes(CUarray_format f) {
+    switch (f) {
+    case CU_AD_FORMAT_UNSIGNED_INT8:
+    case CU_AD_FORMAT_SIGNED_INT8: return 1;
+    case CU_AD_FORMAT_UNSIGNED_INT16:
+    case CU_AD_FORMAT_SIGNED_INT16:
+    case CU_AD_FORMAT_HALF: return 2;
+    case CU_AD_FORMAT_UNSIGNED_INT32:
+    case CU_AD_FORMAT_SIGNED_INT32:
+    case CU_AD_FORMAT_FLOAT: return 4;
+    default: return 0;
+    }
+}
+
+static size_t array_bytes(const CUDA_ARRAY3D_DESCRIPTOR *d, unsigned int levels) {
+    size_t elem = element_bytes(d->Format);
+    if (elem == 0 || d->Width == 0 || (d->NumChannels != 1 && d->NumChannels != 2 &&
+                                       d->NumChannels != 4))
+        return 0;
+    size_t total = 0;
+    for (unsigned int l = 0; l < levels; l++) {
+        size_t w = d->Width >> l, h = d->Height >> l, z = d->Depth >> l;
+        total += (w ? w : 1) * (h ? h : 1) * (z ? z : 1) * d->NumChannels * elem;
+    }
+    return total;
+}
+
+static CUresult array_create(void **out, uint32_t magic, const CUDA_ARRAY3D_DESCRIPTOR *d,
+                             unsigned int levels) {
+    int dev;
+    CUresult r = current_device(&dev);
+    if (r != CUDA_SUCCESS) return r;
+    size_t size = d == NULL || out == NULL || levels == 0 ? 0 : array_bytes(d, levels);
+    if (size == 0) return CUDA_ERROR_INVALID_VALUE;
+    atomic_fetch_add(&g_alloc_calls, 1);
+    struct mock_state *st = ready();
+    if (!charge(st, dev, size)) return CUDA_ERROR_OUT_OF_MEMORY;
+    struct mock_array *a = malloc(sizeof *a);
+    if (a == NULL) {
+        credit(st, dev, size);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *a = (struct mock_array){.magic = magic, .dev = dev, .size = size};
+    *out = a;
+    return CUDA_SUCCESS;
+}
+
+static CUresult array_destroy(void *handle, uint32_t magic) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    struct mock_array *a = handle;
+    if (a == NULL || a->magic != magic) return CUDA_ERROR_INVALID_HANDLE;
+    credit(st, a->dev, a->size);
+    a->magic = 0;
+    free(a);
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuArrayCreate_v2(CUarray *handle, const CUDA_ARRAY_DESCRIPTOR *desc) {
+    if (desc == NULL) return CUDA_ERROR_INVALID_VALUE;
+    CUDA_ARRAY3D_DESCRIPTOR d = {desc->Width, desc->Height, 0, desc->Format, desc->NumChannels, 0};
+    return array_create((void **)handle, ARRAY_MAGIC, &d, 1);
+}
+
+API CUresult cuArray3DCreate_v2(CUarray *handle, const CUDA_ARRAY3D_DESCRIPTOR *desc) {
+    return array_create((void **)handle, ARRAY_MAGIC, desc, 1);
+}
+
+API CUresult cuArrayDestroy(CUarray handle) { return array_destroy(handle, ARRAY_MAGIC); }
+
+API CUresult cuMipmappedArrayCreate(CUmipmappedArray *handle, const CUDA_ARRAY3D_DESCRIPTOR *desc,
+                                    unsigned int levels) {
+    return array_create((void **)handle, MIPMAP_MAGIC, desc, levels);
+}
+
+API CUresult cuMipmappedArrayDestroy(CUmipmappedArray handle) {
+    return array_destroy(handle, MIPMAP_MAGIC);
+}
 
 /* ---- kernels -------------------------------------------------------------- */
 
@@ -781,8 +992,158 @@ API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gx, unsig
     return cuLaunchCooperativeKernel(f, gx, gy, gz, bx, by, bz, shmem, stream, params);
 }
 
+/* ---- graphs with memory nodes ----------------------------------------------
+ * A graph's allocation nodes get their address when added; the device's graph
+ * memory pool maps physical memory for them at launch (growing its reserve,
+ * charged to the device, to the graph's allocations) and keeps it after the
+ * graph's free nodes ran, until cuDeviceGraphMemTrim (CUDA Programming Guide,
+ * "Graph Memory Nodes").  An instantiated graph is also a zero-length kernel
+ * (struct vslice_mock_kernel first), so cuGraphLaunch accepts either. */
+#define GRAPH_MAGIC 0x68707267U
+#define GRAPH_ALLOCS 64
+struct mock_graph {
+    uint32_t magic;
+    int dev;
+    int count;
+    CUdeviceptr ptr[GRAPH_ALLOCS];
+    size_t size[GRAPH_ALLOCS];
+    int freed[GRAPH_ALLOCS];
+};
+struct mock_graph_exec {
+    struct vslice_mock_kernel kernel; /* duration 0 */
+    uint32_t magic;
+    struct mock_graph *graph;
+};
+static struct {
+    pthread_mutex_t lock;
+    uint64_t reserved, used;
+} g_graph_mem[MOCK_MAX_DEVICES] = {[0 ... MOCK_MAX_DEVICES - 1] = {PTHREAD_MUTEX_INITIALIZER, 0, 0}};
+
+API CUresult cuGraphCreate(CUgraph *graph, unsigned int flags) {
+    (void)flags;
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (graph == NULL) return CUDA_ERROR_INVALID_VALUE;
+    struct mock_graph *g = calloc(1, sizeof *g);
+    if (g == NULL) return CUDA_ERROR_OUT_OF_MEMORY;
+    g->magic = GRAPH_MAGIC;
+    g->dev = -1;
+    *graph = (CUgraph)(void *)g;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuGraphAddMemAllocNode(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps,
+                                    size_t ndeps, CUDA_MEM_ALLOC_NODE_PARAMS *params) {
+    (void)deps, (void)ndeps;
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    struct mock_graph *g = (struct mock_graph *)(void *)graph;
+    if (g == NULL || g->magic != GRAPH_MAGIC || node == NULL || params == NULL ||
+        params->bytesize == 0 || params->poolProps.location.type != CU_MEM_LOCATION_TYPE_DEVICE ||
+        g->count >= GRAPH_ALLOCS)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_device(st, params->poolProps.location.id)) return CUDA_ERROR_INVALID_DEVICE;
+    if (g->dev >= 0 && g->dev != params->poolProps.location.id) return CUDA_ERROR_NOT_SUPPORTED;
+    atomic_fetch_add(&g_alloc_calls, 1);
+    void *p = mmap(NULL, params->bytesize, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    g->dev = params->poolProps.location.id;
+    g->ptr[g->count] = params->dptr = (CUdeviceptr)(uintptr_t)p;
+    g->size[g->count] = params->bytesize;
+    *node = (CUgraphNode)(uintptr_t)(g->count + 1);
+    g->count++;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuGraphAddMemFreeNode(CUgraphNode *node, CUgraph graph, const CUgraphNode *deps,
+                                   size_t ndeps, CUdeviceptr dptr) {
+    (void)deps, (void)ndeps;
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    struct mock_graph *g = (struct mock_graph *)(void *)graph;
+    if (g == NULL || g->magic != GRAPH_MAGIC || node == NULL) return CUDA_ERROR_INVALID_VALUE;
+    for (int i = 0; i < g->count; i++) {
+        if (g->ptr[i] != dptr || g->freed[i]) continue;
+        g->freed[i] = 1;
+        *node = (CUgraphNode)(uintptr_t)(GRAPH_ALLOCS + i + 1);
+        return CUDA_SUCCESS;
+    }
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
+API CUresult cuGraphInstantiateWithFlags(CUgraphExec *exec, CUgraph graph, unsigned long long flags) {
+    (void)flags;
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    struct mock_graph *g = (struct mock_graph *)(void *)graph;
+    if (g == NULL || g->magic != GRAPH_MAGIC || exec == NULL) return CUDA_ERROR_INVALID_VALUE;
+    struct mock_graph_exec *e = malloc(sizeof *e);
+    if (e == NULL) return CUDA_ERROR_OUT_OF_MEMORY;
+    *e = (struct mock_graph_exec){{VSLICE_MOCK_KERNEL_MAGIC, 0}, GRAPH_MAGIC, g};
+    *exec = (CUgraphExec)(void *)e;
+    return CUDA_SUCCESS;
+}
+
+/* Maps the graph's allocations from the device's graph pool: its reserve
+ * grows to hold them; what the graph does not free stays in use. */
+static CUresult graph_mem_launch(struct mock_graph *g) {
+    struct mock_state *st = ready();
+    if (g->dev < 0 || g->count == 0) return CUDA_SUCCESS;
+    uint64_t total = 0, kept = 0;
+    for (int i = 0; i < g->count; i++) {
+        total += g->size[i];
+        if (!g->freed[i]) kept += g->size[i];
+    }
+    pthread_mutex_lock(&g_graph_mem[g->dev].lock);
+    uint64_t spare = g_graph_mem[g->dev].reserved - g_graph_mem[g->dev].used;
+    uint64_t grow = total > spare ? total - spare : 0;
+    CUresult r = CUDA_SUCCESS;
+    if (grow > 0 && !charge(st, g->dev, grow)) {
+        r = CUDA_ERROR_OUT_OF_MEMORY;
+    } else {
+        g_graph_mem[g->dev].reserved += grow;
+        g_graph_mem[g->dev].used += kept;
+    }
+    pthread_mutex_unlock(&g_graph_mem[g->dev].lock);
+    return r;
+}
+
+API CUresult cuDeviceGraphMemTrim(CUdevice dev) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
+    pthread_mutex_lock(&g_graph_mem[dev].lock);
+    uint64_t spare = g_graph_mem[dev].reserved - g_graph_mem[dev].used;
+    if (spare > 0) credit(st, dev, spare);
+    g_graph_mem[dev].reserved -= spare;
+    pthread_mutex_unlock(&g_graph_mem[dev].lock);
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuDeviceGetGraphMemAttribute(CUdevice dev, CUgraphMem_attribute attr, void *value) {
+    struct mock_state *st = ready();
+    if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
+    if (value == NULL) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&g_graph_mem[dev].lock);
+    CUresult r = CUDA_SUCCESS;
+    switch (attr) {
+    case CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT: *(cuuint64_t *)value = g_graph_mem[dev].used; break;
+    case CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT:
+        *(cuuint64_t *)value = g_graph_mem[dev].reserved;
+        break;
+    default: r = CUDA_ERROR_NOT_SUPPORTED; break;
+    }
+    pthread_mutex_unlock(&g_graph_mem[dev].lock);
+    return r;
+}
+
 API CUresult cuGraphLaunch(CUgraphExec graph, CUstream stream) {
     (void)stream;
+    const struct mock_graph_exec *e = (const struct mock_graph_exec *)(const void *)graph;
+    if (e != NULL && e->kernel.magic == VSLICE_MOCK_KERNEL_MAGIC && e->kernel.duration_ns == 0 &&
+        e->magic == GRAPH_MAGIC) {
+        CUresult r = graph_mem_launch(e->graph);
+        if (r != CUDA_SUCCESS) return r;
+    }
     return run_kernel(graph);
 }
 API CUresult cuGraphLaunch_ptsz(CUgraphExec graph, CUstream stream) { return cuGraphLaunch(graph, stream); }
@@ -814,6 +1175,7 @@ static const struct proc_entry g_procs[] = {
     {"cuDeviceGetUuid", 11040, FN(cuDeviceGetUuid_v2), NULL},
     {"cuDeviceGetUuid", 9020, FN(cuDeviceGetUuid), NULL},
     {"cuDeviceTotalMem", 3020, FN(cuDeviceTotalMem_v2), NULL},
+    {"cuDeviceTotalMem", 2000, FN(cuDeviceTotalMem), NULL},
     {"cuDeviceGetAttribute", 2000, FN(cuDeviceGetAttribute), NULL},
     {"cuDevicePrimaryCtxRetain", 7000, FN(cuDevicePrimaryCtxRetain), NULL},
     {"cuDevicePrimaryCtxRelease", 11000, FN(cuDevicePrimaryCtxRelease_v2), NULL},
@@ -847,10 +1209,24 @@ static const struct proc_entry g_procs[] = {
     {"cuMemAllocAsync", 11020, FN(cuMemAllocAsync), FN(cuMemAllocAsync_ptsz)},
     {"cuMemAllocFromPoolAsync", 11020, FN(cuMemAllocFromPoolAsync), FN(cuMemAllocFromPoolAsync_ptsz)},
     {"cuMemFreeAsync", 11020, FN(cuMemFreeAsync), FN(cuMemFreeAsync_ptsz)},
+    {"cuMemPoolTrimTo", 11020, FN(cuMemPoolTrimTo), NULL},
+    {"cuMemPoolGetAttribute", 11020, FN(cuMemPoolGetAttribute), NULL},
+    {"cuMemPoolSetAttribute", 11020, FN(cuMemPoolSetAttribute), NULL},
+    {"cuArrayCreate", 3020, FN(cuArrayCreate_v2), NULL},
+    {"cuArray3DCreate", 3020, FN(cuArray3DCreate_v2), NULL},
+    {"cuArrayDestroy", 2000, FN(cuArrayDestroy), NULL},
+    {"cuMipmappedArrayCreate", 5000, FN(cuMipmappedArrayCreate), NULL},
+    {"cuMipmappedArrayDestroy", 5000, FN(cuMipmappedArrayDestroy), NULL},
     {"cuLaunchKernel", 4000, FN(cuLaunchKernel), FN(cuLaunchKernel_ptsz)},
     {"cuLaunchKernelEx", 11060, FN(cuLaunchKernelEx), FN(cuLaunchKernelEx_ptsz)},
     {"cuLaunchCooperativeKernel", 9000, FN(cuLaunchCooperativeKernel), FN(cuLaunchCooperativeKernel_ptsz)},
     {"cuGraphLaunch", 10000, FN(cuGraphLaunch), FN(cuGraphLaunch_ptsz)},
+    {"cuGraphCreate", 10000, FN(cuGraphCreate), NULL},
+    {"cuGraphAddMemAllocNode", 11040, FN(cuGraphAddMemAllocNode), NULL},
+    {"cuGraphAddMemFreeNode", 11040, FN(cuGraphAddMemFreeNode), NULL},
+    {"cuGraphInstantiateWithFlags", 11040, FN(cuGraphInstantiateWithFlags), NULL},
+    {"cuDeviceGraphMemTrim", 11040, FN(cuDeviceGraphMemTrim), NULL},
+    {"cuDeviceGetGraphMemAttribute", 11040, FN(cuDeviceGetGraphMemAttribute), NULL},
     {"cuGetProcAddress", 12050, NULL, NULL}, /* filled in below: _v2 */
     {"cuGetProcAddress", 11030, FN(cuGetProcAddress), NULL},
 };

@@ -15,6 +15,7 @@ int main(void) {
     printf("magic 0 %u\nversion 0 %u\n", VGPU_CACHE_MAGIC, VGPU_CACHE_VERSION);
     F(vgpu_cache, header);
     F(vgpu_cache, devices);
+    F(vgpu_cache, accounts);
     F(vgpu_cache, slots);
     F(vgpu_cache_header, magic);
     F(vgpu_cache_header, version);
@@ -27,13 +28,16 @@ int main(void) {
     F(vgpu_cache_header, creator_pid);
     F(vgpu_cache_header, created_ns);
     F(vgpu_cache_device, limit_bytes);
-    F(vgpu_cache_device, used_bytes);
+    F(vgpu_cache_account, used);
     F(vgpu_cache_device, sm_limit_percent);
     F(vgpu_cache_device, sm_observed_ns);
     F(vgpu_cache_slot, pid);
+    F(vgpu_cache_slot, generation);
     F(vgpu_cache_slot, start_ticks);
     F(vgpu_cache_slot, last_kernel_ns);
     F(vgpu_cache_slot, launches);
-    F(vgpu_cache_slot, charged_bytes);
+    F(vgpu_cache_slot, op_seq);
+    F(vgpu_cache_slot, op);
+    F(vgpu_cache_slot, charged);
     return 0;
 }

@@ -1,9 +1,8 @@
 /*
- * lockholder.c - takes the shared cache's lock and keeps it until killed.
- *
- * Follows the documented protocol (LAYOUT.md: slot changes are made under
- * flock(LOCK_EX) on the file), so a test can kill a lock holder with SIGKILL
- * at a moment it chooses and time how long libvgpu processes stay blocked.
+ * lockholder.c - takes flock(LOCK_EX) on the shared cache and keeps it until
+ * killed: a process following version 1's protocol (slot changes under the
+ * file's flock) that never lets go.  Layout version 2 takes no lock, and a
+ * test checks that such a holder delays no libvgpu process.
  */
 #include <fcntl.h>
 #include <stdio.h>

@@ -16,13 +16,29 @@
  * write ID | fill SIZE | meminfo | meminfo1 | nvml | nvml2 | nvmlat N | drivercalls |
  * launch KIND US COUNT | saturate KIND US SECONDS | sync | device N |
  * procaddr NAME VERSION FLAGS | procaddr1 NAME VERSION FLAGS | ready | wait |
- * sleep MS.  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
+ * sleep MS | totalmem | asyncptsz SIZE | forkfree ID | exitrace THREADS SIZE |
+ * exec COMMAND... | array W H | array3d W H D | mipmap W H LEVELS | poolkeep |
+ * trim KEEP | graph SIZE | graphtrim | execbare PROGRAM ARGS... | timedalloc SIZE.  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
+ *
+ * forkfree: a forked child frees allocation ID (inherited from this process)
+ * and exits; exitrace: THREADS threads allocate and free SIZE in a loop while
+ * main returns (exit runs with them still allocating); exec: replaces this
+ * process with a new probe running the rest of the arguments.  Arrays are
+ * 8-bit, one channel (W x H x D bytes per level).  poolkeep sets the device's
+ * default pool to keep what is freed into it (release threshold: all);
+ * trim is cuMemPoolTrimTo on that pool.  graph builds a graph that allocates
+ * SIZE on device 0 and frees it, instantiates and launches it (rc: the first
+ * call that failed); graphtrim is cuDeviceGraphMemTrim(0).  execbare replaces
+ * this process with PROGRAM (found on PATH) without LD_PRELOAD: an image that
+ * does not load libvgpu.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -52,6 +68,21 @@ CUresult cuMemUnmap(CUdeviceptr, size_t);
 CUresult cuMemSetAccess(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
 CUresult cuMemAllocAsync(CUdeviceptr *, size_t, CUstream);
 CUresult cuMemFreeAsync(CUdeviceptr, CUstream);
+CUresult cuMemAllocAsync_ptsz(CUdeviceptr *, size_t, CUstream);
+CUresult cuDeviceTotalMem_v2(size_t *, CUdevice);
+CUresult cuArrayCreate_v2(CUarray *, const CUDA_ARRAY_DESCRIPTOR *);
+CUresult cuArray3DCreate_v2(CUarray *, const CUDA_ARRAY3D_DESCRIPTOR *);
+CUresult cuArrayDestroy(CUarray);
+CUresult cuMipmappedArrayCreate(CUmipmappedArray *, const CUDA_ARRAY3D_DESCRIPTOR *, unsigned int);
+CUresult cuMipmappedArrayDestroy(CUmipmappedArray);
+CUresult cuMemPoolTrimTo(CUmemoryPool, size_t);
+CUresult cuMemPoolSetAttribute(CUmemoryPool, CUmemPool_attribute, void *);
+CUresult cuGraphCreate(CUgraph *, unsigned int);
+CUresult cuGraphAddMemAllocNode(CUgraphNode *, CUgraph, const CUgraphNode *, size_t,
+                                CUDA_MEM_ALLOC_NODE_PARAMS *);
+CUresult cuGraphAddMemFreeNode(CUgraphNode *, CUgraph, const CUgraphNode *, size_t, CUdeviceptr);
+CUresult cuGraphInstantiateWithFlags(CUgraphExec *, CUgraph, unsigned long long);
+CUresult cuDeviceGraphMemTrim(CUdevice);
 CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *, CUdevice);
 CUresult cuMemAllocFromPoolAsync(CUdeviceptr *, size_t, CUmemoryPool, CUstream);
 CUresult cuLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
@@ -100,6 +131,25 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t, nvmlMemory_v2_t *);
     X(cuMemSetAccess, CUresult (*)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t), 12000)   \
     X(cuMemAllocAsync, CUresult (*)(CUdeviceptr *, size_t, CUstream), 12000)                       \
     X(cuMemFreeAsync, CUresult (*)(CUdeviceptr, CUstream), 12000)                                  \
+    X(cuMemAllocAsync_ptsz, CUresult (*)(CUdeviceptr *, size_t, CUstream), 12000)                  \
+    X(cuDeviceTotalMem_v2, CUresult (*)(size_t *, CUdevice), 12000)                                \
+    X(cuArrayCreate_v2, CUresult (*)(CUarray *, const CUDA_ARRAY_DESCRIPTOR *), 12000)             \
+    X(cuArray3DCreate_v2, CUresult (*)(CUarray *, const CUDA_ARRAY3D_DESCRIPTOR *), 12000)         \
+    X(cuArrayDestroy, CUresult (*)(CUarray), 12000)                                                \
+    X(cuMipmappedArrayCreate,                                                                      \
+      CUresult (*)(CUmipmappedArray *, const CUDA_ARRAY3D_DESCRIPTOR *, unsigned int), 12000)     \
+    X(cuMipmappedArrayDestroy, CUresult (*)(CUmipmappedArray), 12000)                              \
+    X(cuMemPoolTrimTo, CUresult (*)(CUmemoryPool, size_t), 12000)                                  \
+    X(cuMemPoolSetAttribute, CUresult (*)(CUmemoryPool, CUmemPool_attribute, void *), 12000)       \
+    X(cuGraphCreate, CUresult (*)(CUgraph *, unsigned int), 12000)                                 \
+    X(cuGraphAddMemAllocNode,                                                                      \
+      CUresult (*)(CUgraphNode *, CUgraph, const CUgraphNode *, size_t,                            \
+                   CUDA_MEM_ALLOC_NODE_PARAMS *),                                                  \
+      12000)                                                                                       \
+    X(cuGraphAddMemFreeNode,                                                                       \
+      CUresult (*)(CUgraphNode *, CUgraph, const CUgraphNode *, size_t, CUdeviceptr), 12000)       \
+    X(cuGraphInstantiateWithFlags, CUresult (*)(CUgraphExec *, CUgraph, unsigned long long), 12000) \
+    X(cuDeviceGraphMemTrim, CUresult (*)(CUdevice), 12000)                                         \
     X(cuDeviceGetDefaultMemPool, CUresult (*)(CUmemoryPool *, CUdevice), 12000)                    \
     X(cuMemAllocFromPoolAsync, CUresult (*)(CUdeviceptr *, size_t, CUmemoryPool, CUstream), 12000) \
     X(cuLaunchKernel,                                                                              \
@@ -132,7 +182,7 @@ static struct {
     unsigned long long (*driver_calls)(void);
 } api;
 
-enum kind { K_V2, K_V1, K_ASYNC, K_VMM, K_RAW };
+enum kind { K_V2, K_V1, K_ASYNC, K_VMM, K_RAW, K_ARRAY, K_MIPMAP };
 struct allocation {
     enum kind kind;
     CUdeviceptr ptr;
@@ -250,6 +300,18 @@ static CUresult launch(const char *kind) {
     return CUDA_ERROR_INVALID_VALUE;
 }
 
+static size_t race_size;
+
+static void *race_allocs(void *arg) {
+    (void)arg;
+    if (api.cuCtxSetCurrent(ctx) != CUDA_SUCCESS) return NULL;
+    for (;;) {
+        CUdeviceptr p = 0;
+        if (api.cuMemAlloc_v2(&p, race_size) == CUDA_SUCCESS) api.cuMemFree_v2(p);
+    }
+    return NULL;
+}
+
 static void use_device(int dev) {
     if (api.cuDevicePrimaryCtxRetain(&ctx, dev) != CUDA_SUCCESS) die("cuDevicePrimaryCtxRetain");
     if (api.cuCtxSetCurrent(ctx) != CUDA_SUCCESS) die("cuCtxSetCurrent");
@@ -356,6 +418,8 @@ int main(int argc, char **argv) {
             switch (a->kind) {
             case K_V1: r = api.cuMemFree((CUdeviceptr_v1)a->ptr); break;
             case K_ASYNC: r = api.cuMemFreeAsync(a->ptr, NULL); break;
+            case K_ARRAY: r = api.cuArrayDestroy((CUarray)(uintptr_t)a->ptr); break;
+            case K_MIPMAP: r = api.cuMipmappedArrayDestroy((CUmipmappedArray)(uintptr_t)a->ptr); break;
             case K_VMM:
                 api.cuMemUnmap(a->ptr, a->size);
                 api.cuMemAddressFree(a->ptr, a->size);
@@ -461,6 +525,109 @@ int main(int argc, char **argv) {
                    info.dli_sname != NULL ? info.dli_sname : "-",
                    info.dli_fname != NULL ? base_name(info.dli_fname) : "-");
             i += 3;
+        } else if (strcmp(c, "array") == 0 || strcmp(c, "array3d") == 0 ||
+                   strcmp(c, "mipmap") == 0) {
+            CUDA_ARRAY3D_DESCRIPTOR d = {parse_size(ARG(1)), parse_size(ARG(2)), 0,
+                                         CU_AD_FORMAT_UNSIGNED_INT8, 1, 0};
+            CUresult r;
+            enum kind kind = K_ARRAY;
+            void *h = NULL;
+            if (strcmp(c, "array") == 0) {
+                CUDA_ARRAY_DESCRIPTOR d2 = {d.Width, d.Height, CU_AD_FORMAT_UNSIGNED_INT8, 1};
+                r = api.cuArrayCreate_v2((CUarray *)&h, &d2);
+            } else if (strcmp(c, "array3d") == 0) {
+                d.Depth = parse_size(ARG(3));
+                r = api.cuArray3DCreate_v2((CUarray *)&h, &d);
+            } else {
+                kind = K_MIPMAP;
+                r = api.cuMipmappedArrayCreate((CUmipmappedArray *)&h, &d, (unsigned)atoi(ARG(3)));
+            }
+            print_alloc(c, r, kind, (CUdeviceptr)(uintptr_t)h, 0);
+            i += c[5] == '\0' ? 2 : 3;
+        } else if (strcmp(c, "poolkeep") == 0 || strcmp(c, "trim") == 0) {
+            CUmemoryPool pool = NULL;
+            if (api.cuDeviceGetDefaultMemPool(&pool, 0) != CUDA_SUCCESS) die("no pool");
+            CUresult r;
+            if (c[0] == 'p') {
+                cuuint64_t all = ~0ULL;
+                r = api.cuMemPoolSetAttribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &all);
+            } else {
+                r = api.cuMemPoolTrimTo(pool, parse_size(ARG(1)));
+                i += 1;
+            }
+            printf("%s rc=%d\n", c, r);
+        } else if (strcmp(c, "graph") == 0) {
+            CUgraph graph = NULL;
+            CUgraphNode alloc_node = NULL, free_node = NULL;
+            CUgraphExec exec = NULL;
+            CUDA_MEM_ALLOC_NODE_PARAMS params;
+            memset(&params, 0, sizeof params);
+            params.poolProps.allocType = CU_MEM_ALLOCATION_TYPE_PINNED;
+            params.poolProps.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+            params.poolProps.location.id = 0;
+            params.bytesize = parse_size(ARG(1));
+            CUresult r = api.cuGraphCreate(&graph, 0);
+            if (r == CUDA_SUCCESS) r = api.cuGraphAddMemAllocNode(&alloc_node, graph, NULL, 0, &params);
+            if (r == CUDA_SUCCESS)
+                r = api.cuGraphAddMemFreeNode(&free_node, graph, &alloc_node, 1, params.dptr);
+            if (r == CUDA_SUCCESS) r = api.cuGraphInstantiateWithFlags(&exec, graph, 0);
+            if (r == CUDA_SUCCESS) r = api.cuGraphLaunch(exec, NULL);
+            if (r == CUDA_SUCCESS) r = api.cuCtxSynchronize();
+            printf("graph rc=%d\n", r);
+            i += 1;
+        } else if (strcmp(c, "graphtrim") == 0) {
+            printf("graphtrim rc=%d\n", api.cuDeviceGraphMemTrim(0));
+        } else if (strcmp(c, "totalmem") == 0) {
+            size_t total = 0;
+            CUresult r = api.cuDeviceTotalMem_v2(&total, 0);
+            printf("totalmem rc=%d total=%zu\n", r, total);
+        } else if (strcmp(c, "asyncptsz") == 0) {
+            CUdeviceptr p = 0;
+            size_t size = parse_size(ARG(1));
+            CUresult r_ = api.cuMemAllocAsync_ptsz(&p, size, NULL);
+            print_alloc(c, r_, K_ASYNC, p, size);
+            i += 1;
+        } else if (strcmp(c, "forkfree") == 0) {
+            struct allocation *a = &allocs[atoi(ARG(1))];
+            pid_t child = fork();
+            if (child == 0) _exit(api.cuMemFree_v2(a->ptr) == CUDA_SUCCESS ? 0 : 1);
+            int status = 0;
+            waitpid(child, &status, 0);
+            printf("forkfree rc=%d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+            i += 1;
+        } else if (strcmp(c, "exitrace") == 0) {
+            int threads = atoi(ARG(1));
+            race_size = parse_size(ARG(2));
+            for (int t = 0; t < threads; t++) {
+                pthread_t th;
+                if (pthread_create(&th, NULL, race_allocs, NULL) != 0) die("pthread_create");
+            }
+            usleep(2000);
+            printf("exitrace rc=0\n");
+            return 0; /* exit runs while the threads allocate and free */
+        } else if (strcmp(c, "exec") == 0) {
+            char self[4096];
+            ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+            if (n <= 0) die("readlink");
+            self[n] = '\0';
+            argv[i] = self;
+            execv(self, argv + i);
+            die("execv");
+        } else if (strcmp(c, "timedalloc") == 0) {
+            /* how long the call took, in this process: a bound the test can check
+             * without counting the load of the machine against process start-up */
+            CUdeviceptr p = 0;
+            size_t size = parse_size(ARG(1));
+            int64_t t0 = now_ns();
+            CUresult r_ = api.cuMemAlloc_v2(&p, size);
+            long long us = (long long)((now_ns() - t0) / 1000);
+            if (r_ == CUDA_SUCCESS) record(K_V2, p, size, 0);
+            printf("timedalloc rc=%d us=%lld\n", r_, us);
+            i += 1;
+        } else if (strcmp(c, "execbare") == 0) {
+            unsetenv("LD_PRELOAD");
+            execvp(ARG(1), argv + i + 1);
+            die("execvp");
         } else if (strcmp(c, "ready") == 0) {
             printf("ready pid=%d\n", (int)getpid());
         } else if (strcmp(c, "wait") == 0) {
