@@ -48,6 +48,7 @@ VGPU_GLIBC_PIN(pthread_mutexattr_setpshared, "GLIBC_2.2.5")
 VGPU_GLIBC_PIN(pthread_mutexattr_setrobust, "GLIBC_2.12")
 VGPU_GLIBC_PIN(pthread_mutex_consistent, "GLIBC_2.12")
 VGPU_GLIBC_PIN(pthread_sigmask, "GLIBC_2.2.5")
+VGPU_GLIBC_PIN(pthread_mutex_trylock, "GLIBC_2.2.5")
 
 #endif
 
