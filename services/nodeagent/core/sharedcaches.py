@@ -45,8 +45,7 @@ FILE_BYTES: Final = SLOTS_OFFSET + MAX_SLOTS * SLOT_BYTES
 # sm_policy, creator_pid, reserved, created_ns, 16 reserved bytes
 _HEADER: Final = struct.Struct("<8Iiiq16x")
 # limit_bytes, used_bytes, sm_limit_percent, reserved, then the compute limiter's
-# state: tick_us, credit_ns, pending_ns, charge_ns, cost_ns, launches,
-# launches_tick, observed_acc, launch_acc, observed_ns, 24 reserved bytes
+# state (private to libvgpu, 72 bytes read as 5q, 2Q, 2d), observed_ns, 24 reserved bytes
 _DEVICE: Final = struct.Struct("<QQII5qQQddq24x")
 # pid, reserved, start_ticks, last_kernel_ns, launches, charged_bytes[16]
 _SLOT: Final = struct.Struct(f"<iIQqQ{MAX_DEVICES}Q")

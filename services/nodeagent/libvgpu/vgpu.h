@@ -84,7 +84,6 @@ VGPU_HIDDEN int vgpu_container_pids(int32_t *pids, int max);
 
 VGPU_HIDDEN extern int vgpu_sm_active; /* any device under a compute cap */
 VGPU_HIDDEN void vgpu_limiter_setup(void);
-VGPU_HIDDEN void vgpu_limiter_gate(void);
 
 VGPU_HIDDEN int64_t vgpu_now_ns(void);
 
