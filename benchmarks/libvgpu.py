@@ -1,18 +1,20 @@
 """What libvgpu costs, and how closely its compute limit holds, measured on the mock driver.
 
-Prints, in one run, the per-call cost of a kernel launch (no SM limit) and of an
-alloc+free pair with and without libvgpu preloaded, their difference and ratio,
-the per-allocation time while 8 processes allocate at once, and the compute-share
-table: for each kernel length (1 us, 5 us, 2 ms, 200 ms, 5 us then 50 ms, 1 s),
-number of processes sharing one container's limit (1, 2, 4) and limit (10, 30, 50,
-90 %), the device share the container got over the run, its error in points against
-the limit (or against what the same programs get with no limit, when that is less:
-a host too loaded to launch 1 us kernels fast enough cannot reach 90 %), the worst
-error of any 2 s window (60 s for 1 s kernels), the longest stretch the device was
-busy without a gap, and the longest single launch call (time blocked by the
-limiter). The issue's budgets: launch +50 ns, alloc+free +1 us, 8 processes +20 us
-per allocation (HAMi-core measured 12.7 ms), compute share within 3 points; busy and
-blocked no more than twice the limiter's 1 s window, beyond what one kernel needs.
+Prints, in one run, the per-call cost of a kernel launch (no SM limit, and through the
+limiter) and of an alloc+free pair with and without libvgpu preloaded, their
+difference and ratio, the per-allocation time while 8 processes allocate at once, and
+the compute-share table: for each kernel length (1 us, 5 us, 2 ms, 200 ms, 5 us then
+50 ms, 1 s), number of processes sharing one container's limit (1, 2, 4) and limit
+(10, 30, 50, 90 %), the device share the container got over the run, its error in
+points against the limit (or against what the same programs get with no limit, when
+that is less: a host too loaded to launch 1 us kernels fast enough cannot reach
+90 %), the worst error of any 2 s window (10 s for 200 ms kernels, 60 s for 1 s
+ones), the longest stretch the device was busy without a gap, and the longest single
+launch call (time blocked by the limiter). The issue's budgets: launch +50 ns,
+alloc+free +1 us, 8 processes +20 us per allocation (HAMi-core measured 12.7 ms),
+compute share within 3 points; busy and blocked no more than twice the limiter's 1 s
+window, or than one kernel and one period of a process's kernels (processes x kernel
+length / limit) where those are longer.
 
     python benchmarks/libvgpu.py [--quick] [--no-compute] [--kernels 5us,2ms]
         [--processes 1,2] [--limits 30,90]
@@ -111,7 +113,7 @@ KERNELS = (
     Kernels("1us", 1, 5.0),
     Kernels("5us", 5, 5.0),
     Kernels("2ms", 2000, 5.0),
-    Kernels("200ms", 200_000, 20.0),
+    Kernels("200ms", 200_000, 20.0, window_s=10.0),
     Kernels("5us>50ms", 5, 2.0, then_us=50_000, then_seconds=8.0),
     Kernels("1s", 1_000_000, 65.0, window_s=60.0),
 )
@@ -238,7 +240,9 @@ def share_table(
                 error = result.percent - target
                 worst = max(abs(result.window_low - target), abs(result.window_high - target))
                 kernel_s = (kernels.then_us or kernels.us) / 1e6
-                bound = max(2 * LIMITER_WINDOW_S, kernel_s * (100 - percent) / percent + kernel_s)
+                # a launch may wait for the other processes' kernels and its own
+                # predecessor's share: one period of its own kernels, n x kernel / P
+                bound = max(2 * LIMITER_WINDOW_S, n * kernel_s * 100 / percent)
                 ok = abs(error) <= 3.0 and result.blocked_s <= bound
                 ok = ok and result.streak_s <= max(2 * LIMITER_WINDOW_S, kernel_s)
                 print(

@@ -47,19 +47,22 @@
  *
  * 4. Bounded in-flight work.  A wrong estimate (5 us kernels followed by 50 ms
  *    ones) would otherwise admit thousands of long kernels before any of them
- *    completed.  So (a) at most INFLIGHT_NS x P% of estimated work, and at
- *    least MIN_INFLIGHT launches, may be unconfirmed - admitted after the last
- *    timed launch known to have completed - and a timed launch is made every
- *    quarter of that window, so completion is seen continuously; (b) the
+ *    completed.  So (a) few launches may be unconfirmed - admitted after the
+ *    last timed launch known to have completed: enough for P% of QUEUE_NS of
+ *    estimated work, but no more than a switch to SWITCH_NS (50 ms) kernels
+ *    could run for P% of 2 x WINDOW_NS, at least MIN_INFLIGHT, and shared out
+ *    among the container's processes that launched lately; a timed launch is
+ *    made every quarter of that window, so completion is seen continuously;
+ *    (b) the
  *    container's queue is modelled (sm_queue_end_ns: each admitted launch adds
  *    its estimate), and when a timed launch is more than LATE_NS past its
  *    modelled end, no launch is admitted until it completes.  Two samples in a
  *    row four times the estimate are a new kind of work: the estimate jumps,
  *    and the launches admitted since the first at the old estimate are charged
  *    the difference, up to three quarters of the debt cap (what is admitted
- *    past that is forgiven, the price of the bound on waiting).  With P% of
- *    200 us in flight, a switch from 5 us to 50 ms kernels queues at most
- *    about P% of 2 s of them.
+ *    past that is forgiven, the price of the bound on waiting).  So a switch
+ *    from short kernels to 50 ms ones queues at most about P% of 2 s of them;
+ *    to longer ones, as many launches of them.
  *
  * Launches into a stream being captured into a graph run nothing: they pass
  * uncharged and untimed (events would become graph nodes); the graph's launch
@@ -83,15 +86,18 @@
 
 #define WINDOW_NS 1000000000LL   /* debt cap: P% of 2 x this; the bound on waits */
 #define CREDIT_NS 100000000LL    /* credit cap: P% of this */
-#define INFLIGHT_NS 200000LL     /* unconfirmed work: P% of this (at 100%) */
+#define QUEUE_NS 10000000LL      /* unconfirmed work may be P% of this... */
+#define SWITCH_NS 50000000LL     /* ...in at most P% of 2 x WINDOW_NS / this launches */
 #define MIN_INFLIGHT 4           /* launches, whatever their cost */
-#define MAX_INFLIGHT 4096
 #define LATE_NS 200000LL         /* a timed launch this late stops admission */
 #define REFILL_NS 20000LL        /* least time between refills of the bucket */
 #define UNTIMED_COST_NS 100000LL /* the estimate when the driver cannot time kernels */
 #define MAX_HOST_GAP_NS 50000LL  /* a sample whose submission took longer is unclear */
 #define PROBES 16                /* timed launches in flight per process and device */
 #define YIELD_NS 250000LL        /* shorter waits yield instead of sleeping */
+#define STALE_WAITER_NS 20000000LL /* a waiter that has not looked for this long is gone */
+#define ACTIVE_NS 5000000000LL   /* a process launched this lately shares the window */
+#define ACTIVE_EVERY_NS 100000000LL
 
 int vgpu_sm_active;
 static uint32_t g_percent[VGPU_MAX_DEVICES]; /* 0 = not limited */
@@ -219,10 +225,32 @@ static void charge(struct vgpu_cache_device *dev, int64_t ns) {
 
 /* ---- timed launches (this process) ---------------------------------------------------- */
 
+/* Processes of the container that launched lately (under g_lock): the
+ * in-flight window is the container's, shared out among them. */
+static int64_t g_active = 1, g_active_at;
+
+static void count_active(int64_t now) {
+    if (now - g_active_at < ACTIVE_EVERY_NS) return;
+    g_active_at = now;
+    int64_t n = 0;
+    for (int i = 0; i < VGPU_MAX_SLOTS; i++) {
+        const struct vgpu_cache_slot *slot = &vgpu_cache->slots[i];
+        if (LOAD(&slot->pid) > 0 &&
+            now - __atomic_load_n(&slot->last_kernel_ns, __ATOMIC_RELAXED) < ACTIVE_NS)
+            n++;
+    }
+    g_active = n > 0 ? n : 1;
+}
+
+/* Launches that may be unconfirmed: enough for P% of QUEUE_NS of work, so a
+ * host late by a few ms does not leave the device idle, but never so many that
+ * a switch to SWITCH_NS kernels queues more than P% of 2 x WINDOW_NS. */
 static int64_t inflight_launches(const struct local *l, int64_t percent) {
     if (l->cost_ns == 0) return 1;
-    int64_t n = INFLIGHT_NS / 100 * percent / l->cost_ns;
-    return n < MIN_INFLIGHT ? MIN_INFLIGHT : n > MAX_INFLIGHT ? MAX_INFLIGHT : n;
+    int64_t n = QUEUE_NS / 100 * percent / l->cost_ns;
+    int64_t most = 2 * WINDOW_NS / 100 * percent / SWITCH_NS;
+    n = (n < most ? n : most) / g_active;
+    return n < MIN_INFLIGHT ? MIN_INFLIGHT : n;
 }
 
 static struct probe *oldest(struct local *l) {
@@ -402,16 +430,28 @@ static void gate(struct ticket *t, CUstream stream) {
     struct local *l = &g_local[d];
     pthread_mutex_lock(&g_lock);
     if (g_event_create == NULL && l->cost_ns == 0) l->cost_ns = UNTIMED_COST_NS;
-    int64_t now;
+    int64_t now, waiting = 0; /* when this launch began to wait for tokens */
     for (;;) {
         now = vgpu_now_ns();
         refill(dev, percent, now);
+        count_active(now);
         if (g_event_create != NULL) reap(dev, l, now, 0);
         int64_t tokens = LOAD(&dev->sm_tokens_ns);
+        /* first come, first served among the container's waiting launches:
+         * whoever polls first when the bucket turns positive would otherwise
+         * win, and a process could lose round after round of long kernels */
+        int64_t oldest_waiter = LOAD(&dev->sm_waiter_ns);
+        int fresh = now - LOAD(&dev->sm_waiter_seen_ns) < STALE_WAITER_NS;
+        int behind = oldest_waiter != 0 && fresh && (waiting == 0 || oldest_waiter < waiting);
         struct probe *p = oldest(l);
         int64_t wait = 0;
-        if (tokens <= 0) {
-            wait = -tokens * 100 / percent + 1;
+        if (tokens <= 0 || behind) {
+            if (waiting == 0) waiting = now;
+            if (oldest_waiter == 0 || !fresh || oldest_waiter >= waiting) {
+                STORE(&dev->sm_waiter_ns, waiting);
+                STORE(&dev->sm_waiter_seen_ns, now);
+            }
+            wait = tokens <= 0 ? -tokens * 100 / percent + 1 : YIELD_NS;
         } else if (p != NULL && ((int64_t)(l->issued - l->confirmed) >= inflight_launches(l, percent) ||
                                  now > p->expected_ns + LATE_NS)) {
             /* too much unconfirmed work, or the oldest timed launch is late:
@@ -429,6 +469,9 @@ static void gate(struct ticket *t, CUstream stream) {
         sleep_ns(wait > 2000000 ? 2000000 : wait);
         pthread_mutex_lock(&g_lock);
     }
+    if (waiting != 0)
+        __atomic_compare_exchange_n(&dev->sm_waiter_ns, &waiting, 0, 0, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_ACQUIRE);
     int64_t cost = l->cost_ns;
     charge(dev, cost);
     ADD(&dev->sm_launches, 1);

@@ -60,8 +60,8 @@ struct vgpu_cache_device {
     int64_t sm_cost_ns;       /* the last per-launch cost a process learned, ns */
     uint64_t sm_launches;     /* launches through the limiter, all processes */
     uint64_t sm_samples;      /* kernels timed with events, all processes */
-    uint64_t sm_reserved1;
-    uint64_t sm_reserved2;
+    int64_t sm_waiter_ns;     /* when the oldest launch waiting for tokens began to wait (0: none) */
+    int64_t sm_waiter_seen_ns;/* when that launch last looked (a dead waiter goes stale) */
     int64_t sm_observed_ns;   /* device time charged to the container, from timed kernels, ns */
     uint8_t reserved[24];
 };
