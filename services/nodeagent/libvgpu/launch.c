@@ -43,7 +43,9 @@
  *
  * 3. A starting estimate that cannot starve: there is none.  A process's first
  *    launch is timed and charged nothing; its next launch waits until the
- *    first has completed and its cost is known.
+ *    first has completed and its cost is known.  One process of the container
+ *    at a time does so (sm_first_pid); the others start from the cost it
+ *    learned, with one launch in flight until they have timed their own.
  *
  * 4. Bounded in-flight work.  A wrong estimate (5 us kernels followed by 50 ms
  *    ones) would otherwise admit thousands of long kernels before any of them
@@ -81,6 +83,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "hooks.h"
 
@@ -143,6 +146,7 @@ struct local {
     CUevent spare[2 * PROBES];
     int spares;
     int unclear;          /* samples dropped in a row for a slow submission */
+    int timed;            /* the process has timed a kernel of its own */
     int suspect;          /* the last sample was four times the estimate */
     uint64_t suspect_seq; /* and the launch it timed */
     int64_t recent[3];    /* the last samples */
@@ -246,7 +250,7 @@ static void count_active(int64_t now) {
  * host late by a few ms does not leave the device idle, but never so many that
  * a switch to SWITCH_NS kernels queues more than P% of 2 x WINDOW_NS. */
 static int64_t inflight_launches(const struct local *l, int64_t percent) {
-    if (l->cost_ns == 0) return 1;
+    if (!l->timed) return 1; /* until the process has timed a kernel of its own */
     int64_t n = QUEUE_NS / 100 * percent / l->cost_ns;
     int64_t most = 2 * WINDOW_NS / 100 * percent / SWITCH_NS;
     n = (n < most ? n : most) / g_active;
@@ -280,7 +284,14 @@ static void drop_oldest(struct local *l) {
 static void learn(struct vgpu_cache_device *dev, struct local *l, const struct probe *p,
                   int64_t sample, int64_t now) {
     int64_t old = l->cost_ns;
-    if (old != 0 && sample > 4 * old) {
+    if (!l->timed) {
+        /* its first own sample: the first launch went uncharged, or was
+         * charged a sibling's estimate */
+        l->cost_ns = sample;
+        l->recent[0] = l->recent[1] = l->recent[2] = sample;
+        l->recent_at = 3;
+        charge(dev, sample - p->charged_ns);
+    } else if (sample > 4 * old) {
         /* one long sample may be the host or another context in the way: a
          * second in a row is a new kind of work.  The launches admitted since
          * the first at the old estimate most likely cost this too, and the
@@ -300,11 +311,6 @@ static void learn(struct vgpu_cache_device *dev, struct local *l, const struct p
         STORE(&dev->sm_queue_end_ns, (end > now ? end : now) + extra);
         l->cost_ns = sample;
         l->recent[0] = l->recent[1] = l->recent[2] = sample; /* the old kind is over */
-    } else if (old == 0) {
-        l->cost_ns = sample;
-        l->recent[0] = l->recent[1] = l->recent[2] = sample;
-        l->recent_at = 3;
-        charge(dev, sample - p->charged_ns); /* the first launch went uncharged */
     } else {
         /* the median of the last three samples damps the odd sample that a
          * preempted host or a race with the queue lengthened */
@@ -316,6 +322,7 @@ static void learn(struct vgpu_cache_device *dev, struct local *l, const struct p
         if (l->cost_ns < 1) l->cost_ns = 1;
     }
     l->suspect = 0;
+    l->timed = 1;
     STORE(&dev->sm_cost_ns, l->cost_ns);
     /* the debt cap follows the longest kernel lately: it decays by a quarter a
      * sample, so one 1 s kernel does not keep the cap at 1 s for ever */
@@ -349,7 +356,7 @@ static void reap(struct vgpu_cache_device *dev, struct local *l, int64_t now, in
             if (sample < 1) sample = 1;
             /* a submission the host was slow to make may hold idle device time
              * that the sample cannot tell apart; a run of them is taken anyway */
-            if (p->gap_ns <= MAX_HOST_GAP_NS || l->cost_ns == 0 || ++l->unclear >= 8) {
+            if (p->gap_ns <= MAX_HOST_GAP_NS || !l->timed || ++l->unclear >= 8) {
                 l->unclear = 0;
                 learn(dev, l, p, sample, now);
             }
@@ -413,6 +420,24 @@ static void sleep_ns(int64_t ns) {
 
 /* ---- the gate ------------------------------------------------------------------------ */
 
+/* Whether this process, which knows no cost yet, may launch: one process at a
+ * time times the container's first kernel (n processes starting together
+ * would otherwise queue n uncharged kernels); the others start from the cost
+ * it learned, one launch in flight until they have timed one of their own. */
+static int first_kernel(struct vgpu_cache_device *dev, struct local *l, int64_t now) {
+    int64_t known = LOAD(&dev->sm_cost_ns);
+    if (known > 0) {
+        l->cost_ns = known;
+        return 1;
+    }
+    int32_t me = (int32_t)getpid(), owner = LOAD(&dev->sm_first_pid);
+    if (owner != me && owner != 0 && now - LOAD(&dev->sm_first_seen_ns) < STALE_WAITER_NS)
+        return 0;
+    STORE(&dev->sm_first_pid, me);
+    STORE(&dev->sm_first_seen_ns, now);
+    return 1;
+}
+
 static void gate(struct ticket *t, CUstream stream) {
     t->probe = NULL;
     t->outer = 0;
@@ -445,7 +470,9 @@ static void gate(struct ticket *t, CUstream stream) {
         int behind = oldest_waiter != 0 && fresh && (waiting == 0 || oldest_waiter < waiting);
         struct probe *p = oldest(l);
         int64_t wait = 0;
-        if (tokens <= 0 || behind) {
+        if (l->cost_ns == 0 && !first_kernel(dev, l, now)) {
+            wait = 1000000; /* another process is timing the container's first kernel */
+        } else if (tokens <= 0 || behind) {
             if (waiting == 0) waiting = now;
             if (oldest_waiter == 0 || !fresh || oldest_waiter >= waiting) {
                 STORE(&dev->sm_waiter_ns, waiting);
@@ -482,7 +509,7 @@ static void gate(struct ticket *t, CUstream stream) {
      * window has gone untimed, so that completions confirm the window steadily */
     int64_t every = inflight_launches(l, percent) / 4;
     if (g_event_create != NULL &&
-        (l->cost_ns == 0 || (int64_t)(l->issued - l->last_probe) >= every))
+        (!l->timed || (int64_t)(l->issued - l->last_probe) >= every))
         t->probe = arm(l, stream, cost, now, end);
     if (t->probe == NULL && l->count == 0) l->confirmed = l->issued; /* cannot confirm: trust */
     if (t->probe == NULL && l->cost_ns == 0) l->cost_ns = UNTIMED_COST_NS;

@@ -63,7 +63,10 @@ struct vgpu_cache_device {
     int64_t sm_waiter_ns;     /* when the oldest launch waiting for tokens began to wait (0: none) */
     int64_t sm_waiter_seen_ns;/* when that launch last looked (a dead waiter goes stale) */
     int64_t sm_observed_ns;   /* device time charged to the container, from timed kernels, ns */
-    uint8_t reserved[24];
+    int32_t sm_first_pid;     /* the process timing the container's first kernel */
+    uint32_t sm_reserved;
+    int64_t sm_first_seen_ns; /* when it last looked (a dead one goes stale) */
+    uint8_t reserved[8];
 };
 
 struct vgpu_cache_slot {
