@@ -52,8 +52,8 @@
  *    completed.  So (a) few launches may be unconfirmed - admitted after the
  *    last timed launch known to have completed: enough for P% of QUEUE_NS of
  *    estimated work, but no more than a switch to SWITCH_NS (50 ms) kernels
- *    could run for P% of 2 x WINDOW_NS, at least MIN_INFLIGHT, and shared out
- *    among the container's processes that launched lately; a timed launch is
+ *    could run for P% of 2 x WINDOW_NS, at least MIN_INFLIGHT, all shared out
+ *    among the container's processes that launched lately (one each at least); a timed launch is
  *    made every quarter of that window, so completion is seen continuously;
  *    (b) the
  *    container's queue is modelled (sm_queue_end_ns: each admitted launch adds
@@ -253,8 +253,9 @@ static int64_t inflight_launches(const struct local *l, int64_t percent) {
     if (!l->timed) return 1; /* until the process has timed a kernel of its own */
     int64_t n = QUEUE_NS / 100 * percent / l->cost_ns;
     int64_t most = 2 * WINDOW_NS / 100 * percent / SWITCH_NS;
-    n = (n < most ? n : most) / g_active;
-    return n < MIN_INFLIGHT ? MIN_INFLIGHT : n;
+    n = n < most ? n : most;
+    n = (n < MIN_INFLIGHT ? MIN_INFLIGHT : n) / g_active;
+    return n < 1 ? 1 : n;
 }
 
 static struct probe *oldest(struct local *l) {
