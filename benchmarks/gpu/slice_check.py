@@ -13,6 +13,14 @@ Four checks, each in a child process with libvgpu preloaded:
    a libcuda handle, a renamed copy of libcuda and NVML, and a library that
    depends on libcuda: each must be libvgpu's, and 60 + 60 MiB under a 100 MiB
    slice must stop at the second allocation.
+5. Short kernels, then a switch to long ones, under ``CUDA_DEVICE_SM_LIMIT=30``:
+   5 s of element-wise adds (about 10 us each: Python cannot launch much shorter
+   ones fast enough to fill 30 %), then 5 s of 8192^2 matmuls (tens of ms each).
+   NVML's device utilization, sampled every 100 ms, must
+   average 30 +- 5 over the short phase (the old limiter gave them a tenth of
+   that), the device must never read fully busy for more than 2 s straight after
+   the switch, and no launch may block for more than 2.5 s (the limiter's bounds:
+   twice its 1 s window, plus scheduling slack).
 
     make native && python benchmarks/gpu/slice_check.py [--device 0]
 
@@ -160,6 +168,74 @@ def check_lookups(device: int, tmp: Path) -> bool:
     return ok
 
 
+SWITCH = """
+import time, torch
+small = torch.zeros(1 << 22, device="cuda")  # an add of about 10 us
+big = torch.randn(8192, 8192, device="cuda")
+torch.cuda.synchronize()
+print("phase short", time.time(), flush=True)
+end = time.time() + {seconds}
+while time.time() < end:
+    small.add_(1.0)
+print("phase long", time.time(), flush=True)
+longest = 0.0
+end = time.time() + {seconds}
+while time.time() < end:
+    t = time.perf_counter()
+    big = big @ big
+    big = big / big.norm()
+    longest = max(longest, time.perf_counter() - t)
+print("longest_call_s", longest, flush=True)
+torch.cuda.synchronize()
+"""
+SWITCH_S = 5.0
+
+
+def check_switch(device: int, tmp: Path) -> bool:
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(device)
+    env = slice_env(device, tmp / "switch.cache", CUDA_DEVICE_SM_LIMIT=str(SM_PERCENT))
+    child = subprocess.Popen(
+        [sys.executable, "-c", SWITCH.format(seconds=SWITCH_S)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    marks: dict[str, float] = {}
+    samples: list[tuple[float, int]] = []
+    os.set_blocking(child.stdout.fileno(), False)
+    lines = ""
+    while child.poll() is None:
+        samples.append((time.time(), pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+        lines += child.stdout.read() or ""
+        time.sleep(0.1)
+    lines += child.stdout.read() or ""
+    for line in lines.splitlines():
+        words = line.split()
+        marks[words[-2] if words[0] == "phase" else words[0]] = float(words[-1])
+    if not {"short", "long", "longest_call_s"} <= marks.keys():
+        print(f"4. short kernels then long: the program failed ({child.returncode})")
+        return False
+    # skip the first second of the short phase: NVML averages over up to 1 s
+    short = [u for t, u in samples if marks["short"] + 1 <= t < marks["long"]]
+    streak = longest_streak = 0.0
+    for t, u in samples:
+        streak = streak + 0.1 if t >= marks["long"] and u >= 95 else 0.0
+        longest_streak = max(longest_streak, streak)
+    mean_short = statistics.mean(short) if short else 0.0
+    print(
+        f"4. SM limit {SM_PERCENT}%: short kernels {mean_short:.1f}% busy; after the switch "
+        f"to long ones, longest fully busy stretch {longest_streak:.1f} s, longest launch "
+        f"{marks['longest_call_s']:.2f} s"
+    )
+    return (
+        abs(mean_short - SM_PERCENT) <= 5
+        and longest_streak <= 2.0
+        and marks["longest_call_s"] <= 2.5
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", type=int, default=0, help="GPU index (default 0)")
@@ -174,6 +250,7 @@ def main() -> int:
             check_nvidia_smi(options.device, tmp),
             check_compute(options.device, tmp),
             check_lookups(options.device, tmp),
+            check_switch(options.device, tmp),
         ]
     print("PASS" if all(results) else "FAIL")
     return 0 if all(results) else 1

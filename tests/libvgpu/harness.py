@@ -191,6 +191,33 @@ def busy_fractions(
     return fractions
 
 
+def busy_intervals(trace: Path) -> list[tuple[int, int]]:
+    """The mock's trace as sorted ``(start_ns, end_ns)`` runs of a busy device.
+
+    Intervals of every process that touch or overlap are merged, so each run is
+    a stretch the device never idled in.
+    """
+    raw = sorted(
+        (int(start), int(end))
+        for _device, _pid, start, end in (line.split() for line in trace.read_text().splitlines())
+    )
+    assert raw, "no kernel ran"
+    runs = [raw[0]]
+    for start, end in raw[1:]:
+        last_start, last_end = runs[-1]
+        if start <= last_end:
+            runs[-1] = (last_start, max(last_end, end))
+        else:
+            runs.append((start, end))
+    return runs
+
+
+def busy_percent(runs: list[tuple[int, int]], *, start_ns: int, stop_ns: int) -> float:
+    """Percent of ``[start_ns, stop_ns)`` that ``runs`` (from ``busy_intervals``) kept busy."""
+    busy = sum(max(0, min(e, stop_ns) - max(s, start_ns)) for s, e in runs)
+    return 100.0 * busy / (stop_ns - start_ns)
+
+
 def wait_for(predicate: object, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

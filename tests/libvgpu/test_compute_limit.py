@@ -2,16 +2,30 @@
 
 A saturating program launches mock kernels of a known length as fast as it can;
 the mock records when each kernel occupied the device, and every 2 s window
-(stepped by 50 ms) must stay within 3 points of the limit.
+(stepped by 50 ms) must stay within 3 points of the limit. Short kernels must get
+their whole share, a switch to long kernels must not flood the device nor block
+the program for long, and the cost per launch the limiter learns must match the
+kernels' length.
 """
 
 from __future__ import annotations
+
+import struct
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from tests.libvgpu import harness
 
 TOLERANCE_POINTS = 3.0
+# the limiter's window (launch.c, WINDOW_NS): no process is kept busy, or kept
+# waiting, for more than twice it
+WINDOW_S = 1.0
+# sm_cost_ns of device 0 in the shared cache (LAYOUT.md): header, then offset 56
+COST_OFFSET = 64 + 56
 
 
 def saturate(
@@ -91,3 +105,83 @@ def test_the_force_policy_keeps_the_limit_on(container: harness.Container) -> No
 
 def test_without_a_limit_the_device_is_saturated(container: harness.Container) -> None:
     assert min(saturate(container, seconds=2.5)) > 97.0
+
+
+def run_share(container: harness.Container, *, kernel_us: int, seconds: float) -> float:
+    """Percent of the run a saturating program kept the device busy."""
+    trace = container.root / "trace"
+    container.env["VSLICE_MOCKGPU_TRACE"] = str(trace)
+    args = ("saturate", "kernel", str(kernel_us), str(seconds))
+    (line,) = container.start("probe", *args).finish(timeout_s=seconds + 30).of("saturate")
+    assert line.int("rc") == 0
+    runs = harness.busy_intervals(trace)
+    return harness.busy_percent(runs, start_ns=runs[0][0], stop_ns=line.int("stop_ns"))
+
+
+# At 10 % a program of short kernels needs a tenth of a CPU to launch them, so the
+# share holds on a loaded machine; benchmarks/libvgpu.py shows every limit.
+@pytest.mark.parametrize("kernel_us", [1, 5])
+def test_short_kernels_get_their_whole_share(container: harness.Container, kernel_us: int) -> None:
+    container.env["CUDA_DEVICE_SM_LIMIT"] = "10"
+    share = run_share(container, kernel_us=kernel_us, seconds=3.0)
+    assert abs(share - 10) <= TOLERANCE_POINTS, f"{kernel_us} us kernels got {share:.1f}% of 10%"
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A program that launched 5 us kernels, then 50 ms ones, under a 30 % limit."""
+
+    runs: list[tuple[int, int]]  # busy runs of the device, ns
+    switch_ns: int | None  # when the 50 ms kernels began; None if it never finished
+    longest_wait_ns: int | None  # longest launch call among the 50 ms kernels
+
+
+@pytest.fixture(scope="module")
+def switched(native: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Switch]:
+    root = tmp_path_factory.mktemp("switch")
+    container = harness.Container(root=root)
+    container.env.update(
+        {"CUDA_DEVICE_SM_LIMIT": "30", "VSLICE_MOCKGPU_TRACE": str(root / "trace")}
+    )
+    running = container.start("probe", "switch", "kernel", "5", "1.5", "50000", "3")
+    try:
+        (line,) = running.finish(timeout_s=25).of("switch")
+        assert line.int("rc") == 0
+        yield Switch(
+            harness.busy_intervals(root / "trace"), line.int("switch_ns"), line.int("max_call2_ns")
+        )
+    except subprocess.TimeoutExpired:
+        # still blocked in a launch: SIGTERM makes it exit, which writes its trace
+        running.proc.terminate()
+        running.proc.communicate(timeout=10)
+        yield Switch(harness.busy_intervals(root / "trace"), None, None)
+
+
+def test_after_a_switch_to_long_kernels_the_device_is_never_busy_twice_the_window_straight(
+    switched: Switch,
+) -> None:
+    longest = max(end - start for start, end in switched.runs) / 1e9
+    assert longest <= 2 * WINDOW_S, f"the device was busy {longest:.2f} s straight"
+
+
+def test_after_a_switch_to_long_kernels_no_launch_waits_twice_the_window(
+    switched: Switch,
+) -> None:
+    assert switched.longest_wait_ns is not None, "a launch was still waiting 20 s after the switch"
+    # a quarter of the window on top, for a loaded machine's scheduling delays
+    assert switched.longest_wait_ns / 1e9 <= 2.25 * WINDOW_S
+
+
+@pytest.mark.parametrize(
+    ("kernel_us", "percent", "seconds"),
+    [(1, 30, 1.0), (5, 30, 1.0), (2000, 30, 1.0), (200_000, 50, 1.0), (1_000_000, 90, 1.2)],
+)
+def test_the_learned_cost_per_launch_is_the_kernels_length(
+    container: harness.Container, kernel_us: int, percent: int, seconds: float
+) -> None:
+    container.env["CUDA_DEVICE_SM_LIMIT"] = str(percent)
+    args = ("saturate", "kernel", str(kernel_us), str(seconds))
+    (line,) = container.start("probe", *args).finish(timeout_s=seconds + 30).of("saturate")
+    assert line.int("rc") == 0
+    (cost_ns,) = struct.unpack_from("<q", Path(container.cache).read_bytes(), COST_OFFSET)
+    assert abs(cost_ns / 1000 - kernel_us) <= 0.1 * kernel_us, f"learned {cost_ns} ns"

@@ -30,5 +30,12 @@ def test_the_benchmark_prints_every_figure_in_one_run(native: None) -> None:
         (row,) = [line for line in out.splitlines() if line.startswith(label)]
         p50_without, p99_without, p50_with, p99_with = map(float, row[36:].split())
         assert p50_without <= p99_without and p50_with <= p99_with, row
-    for percent in (10, 30, 50, 90):
-        assert f"{percent:3d}%: busy" in out
+    shares = [line.split() for line in out.splitlines() if line.startswith(("5us ", "2ms "))]
+    assert sorted((row[0], int(row[2])) for row in shares) == sorted(
+        (kernels, percent) for kernels in ("5us", "2ms") for percent in (10, 30, 50, 90)
+    )
+    for kernels, _procs, percent, baseline, share, error, *_rest, verdict in shares:
+        # the error is the share less the limit, or less the unlimited share when lower
+        target = min(float(percent), float(baseline))
+        assert abs(float(share) - target - float(error)) <= 0.015 + 1e-9, (kernels, percent)
+        assert verdict in ("within", "OUT")

@@ -7,50 +7,165 @@
  * launch time into this process's slot (the node agent reads it to see which
  * containers are active).
  *
- * Under CUDA_DEVICE_SM_LIMIT=P the gate is a token bucket of device-busy
- * time, shared by the container's processes through the shared cache:
- *   - tokens refill at P% of wall-clock time, capped at BURST_NS so an idle
- *     period cannot be saved up for a flood;
- *   - every TICK_US one process observes, through NVML's per-process
- *     utilization, how much device time the container's kernels really took,
- *     and pays that from the bucket;
- *   - between observations each launch is charged the learned device time per
- *     launch (observed busy time / launches, decaying over ~0.5 s), so a burst
- *     of launches cannot queue far more work than the bucket holds before the
- *     next observation sees it;
- *   - a launch waits while the bucket minus charged-but-unobserved time is
- *     not positive.
- * Costs are device time, never grid sizes or SM counts, so the cap means the
- * same on every card (HAMi-core #274 derived its cost from the SM count).
+ * ---- Theory of operation (CUDA_DEVICE_SM_LIMIT=P) ----------------------------
+ *
+ * The cap is on device time: the container's kernels may keep the device busy
+ * P% of wall-clock time.  Costs are device time, never grid sizes or SM counts,
+ * so the cap means the same on every card (HAMi-core #274 derived its cost from
+ * the SM count).
+ *
+ * 1. A token bucket of device time, shared by the container's processes
+ *    through the shared cache.  It refills at P% of wall-clock time.  Credit
+ *    is capped at P% of CREDIT_NS (an idle container saves up at most that for
+ *    a burst) and debt at P% of 2 x WINDOW_NS, or one kernel when that is
+ *    longer (the longest kernel timed lately, sm_max_cost_ns): whatever the
+ *    estimates did, no process is kept busy more than about 2 x WINDOW_NS
+ *    above its share, and no launch waits more than 2 x WINDOW_NS (a single
+ *    kernel longer than P% of that makes its successor wait its length
+ *    x (100 - P) / P, as it must).  A launch is admitted while the bucket is
+ *    positive and is charged the process's learned cost per launch.
+ *
+ * 2. The cost per launch is learned from completed work, not from NVML, whose
+ *    per-process utilisation is a rounded percent per sample period and reads
+ *    0 for short kernels (HAMi-core's limiter starves them for that reason).
+ *    Now and then a launch is timed: an event is recorded on its stream just
+ *    before it and one just after, and once the second has completed,
+ *    cuEventElapsedTime is the kernel's run time.  If the device had already
+ *    passed the first event when the kernel was submitted (an idle stream),
+ *    the host time between the starts of the two calls is subtracted, as the
+ *    device spent it waiting for the host (a sample whose submission took
+ *    the host over 50 us is unclear and skipped).  The estimate follows the
+ *    median of the last three samples (an exponential average over about
+ *    four), so the odd lengthened sample does not move it; a jump is point 4.
+ *    Events time 1 us to 1 s kernels alike (their resolution is about 0.5 us
+ *    on a real card, where an idle stream's sample also holds part of the
+ *    launch call: short kernels are then overestimated, never under).
+ *
+ * 3. A starting estimate that cannot starve: there is none.  A process's first
+ *    launch is timed and charged nothing; its next launch waits until the
+ *    first has completed and its cost is known.  One process of the container
+ *    at a time does so (sm_first_pid); the others start from the cost it
+ *    learned, with one launch in flight until they have timed their own.
+ *
+ * 4. Bounded in-flight work.  A wrong estimate (5 us kernels followed by 50 ms
+ *    ones) would otherwise admit thousands of long kernels before any of them
+ *    completed.  So (a) few launches may be unconfirmed - admitted after the
+ *    last timed launch known to have completed: enough for P% of QUEUE_NS of
+ *    estimated work, but no more than a switch to SWITCH_NS (50 ms) kernels
+ *    could run for P% of 2 x WINDOW_NS, at least MIN_INFLIGHT, all shared out
+ *    among the container's processes that launched lately (one each at least); a timed launch is
+ *    made every quarter of that window, so completion is seen continuously;
+ *    (b) the
+ *    container's queue is modelled (sm_queue_end_ns: each admitted launch adds
+ *    its estimate), and when a timed launch is more than LATE_NS past its
+ *    modelled end, no launch is admitted until it completes.  Two samples in a
+ *    row four times the estimate are a new kind of work: the estimate jumps,
+ *    and the launches admitted since the first at the old estimate are charged
+ *    the difference, up to three quarters of the debt cap (what is admitted
+ *    past that is forgiven, the price of the bound on waiting).  So a switch
+ *    from short kernels to 50 ms ones queues at most about P% of 2 s of them;
+ *    to longer ones, as many launches of them.
+ *
+ * Launches into a stream being captured into a graph run nothing: they pass
+ * uncharged and untimed (events would become graph nodes); the graph's launch
+ * is charged.  Timing assumes the timed stream's order stands for the
+ * process's work; a program spreading work over many streams is confirmed by
+ * whichever stream completes, and on a card time-sliced with other containers
+ * a sample also holds the other containers' slices, so the estimate errs
+ * high (the share comes out low, never high).
+ *
  * GPU_CORE_UTILIZATION_POLICY: disable ignores the cap; default applies it
  * for 0 < P < 100; force applies it for 0 < P <= 100 (HAMi-core #350: the
  * default policy must engage by itself).
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
+#include <sched.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "hooks.h"
 
-#define TICK_US 10000LL             /* observation period, microseconds */
-#define BURST_NS 20000000LL         /* most busy time saved up, nanoseconds */
-#define INITIAL_COST_NS 1000000LL   /* per-launch charge before anything is observed */
-#define LEARN_WINDOW_NS 500000000.0 /* decay time of the per-launch cost estimate */
-#define MAX_SAMPLES 256
+#define WINDOW_NS 1000000000LL   /* debt cap: P% of 2 x this; the bound on waits */
+#define CREDIT_NS 100000000LL    /* credit cap: P% of this */
+#define QUEUE_NS 10000000LL      /* unconfirmed work may be P% of this... */
+#define SWITCH_NS 50000000LL     /* ...in at most P% of 2 x WINDOW_NS / this launches */
+#define MIN_INFLIGHT 4           /* launches, whatever their cost */
+#define LATE_NS 200000LL         /* a timed launch this late stops admission */
+#define REFILL_NS 20000LL        /* least time between refills of the bucket */
+#define UNTIMED_COST_NS 100000LL /* the estimate when the driver cannot time kernels */
+#define MAX_HOST_GAP_NS 50000LL  /* a sample whose submission took longer is unclear */
+#define PROBES 16                /* timed launches in flight per process and device */
+#define YIELD_NS 250000LL        /* shorter waits yield instead of sleeping */
+#define STALE_WAITER_NS 20000000LL /* a waiter that has not looked for this long is gone */
+#define ACTIVE_NS 5000000000LL   /* a process launched this lately shares the window */
+#define ACTIVE_EVERY_NS 100000000LL
 
 int vgpu_sm_active;
 static uint32_t g_percent[VGPU_MAX_DEVICES]; /* 0 = not limited */
 
-typedef nvmlReturn_t (*nvml_init_fn)(void);
-typedef nvmlReturn_t (*nvml_handle_fn)(unsigned int, nvmlDevice_t *);
-typedef nvmlReturn_t (*nvml_uuid_handle_fn)(const char *, nvmlDevice_t *);
-typedef nvmlReturn_t (*nvml_putil_fn)(nvmlDevice_t, nvmlProcessUtilizationSample_t *,
-                                      unsigned int *, unsigned long long);
-static nvml_putil_fn g_process_utilization;
-static nvmlDevice_t g_nvml_devices[VGPU_MAX_DEVICES];
+typedef CUresult (*event_create_fn)(CUevent *, unsigned int);
+typedef CUresult (*event_record_fn)(CUevent, CUstream);
+typedef CUresult (*event_query_fn)(CUevent);
+typedef CUresult (*event_elapsed_fn)(float *, CUevent, CUevent);
+typedef CUresult (*capturing_fn)(CUstream, CUstreamCaptureStatus *);
+typedef CUresult (*event_destroy_fn)(CUevent);
+static event_create_fn g_event_create;
+static event_destroy_fn g_event_destroy;
+static event_record_fn g_event_record;
+static event_query_fn g_event_query;
+static event_elapsed_fn g_event_elapsed;
+static capturing_fn g_is_capturing;
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_ACQ_REL)
+
+/* One timed launch: events a (before) and b (after) on its stream. */
+struct probe {
+    CUevent a, b;
+    uint64_t seq;        /* the process's launch number */
+    int64_t charged_ns;  /* what the launch was charged */
+    int64_t admitted_ns; /* host clock at admission */
+    int64_t expected_ns; /* modelled end of the container's work then */
+    int64_t gap_ns;      /* host time between the calls recording a and launching */
+    int armed;           /* b recorded: may be polled */
+    int cancelled;       /* the launch failed: drop it */
+    int idle;            /* the device had passed a before the launch */
+};
+
+/* This process's view of one device (under g_lock). */
+struct local {
+    int64_t cost_ns;  /* learned device time per launch; 0 = not yet known */
+    uint64_t issued;  /* launches admitted */
+    uint64_t confirmed;    /* launches known complete (up to a completed probe) */
+    uint64_t last_probe;   /* launch number of the last timed launch */
+    unsigned head, count;  /* ring of probes, oldest at head */
+    struct probe ring[PROBES];
+    CUevent spare[2 * PROBES];
+    int spares;
+    int unclear;          /* samples dropped in a row for a slow submission */
+    int timed;            /* the process has timed a kernel of its own */
+    int suspect;          /* the last sample was four times the estimate */
+    uint64_t suspect_seq; /* and the launch it timed */
+    int64_t recent[3];    /* the last samples */
+    unsigned recent_at;
+};
+static struct local g_local[VGPU_MAX_DEVICES];
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* What the gate tells the launch path to do after the real launch. */
+struct ticket {
+    struct probe *probe; /* record its second event, or NULL */
+    CUstream stream;
+    int dev;
+    int outer; /* this launch passed the gate (and set t_in_launch) */
+};
+/* Set between the gate and the real launch's return: a driver whose launch
+ * entry points call each other through exported symbols (the mock's _ptsz
+ * variants do) must not be gated, charged and timed twice. */
+static __thread int t_in_launch;
 
 void vgpu_limiter_setup(void) {
     uint32_t policy = vgpu_cache->header.sm_policy;
@@ -62,128 +177,373 @@ void vgpu_limiter_setup(void) {
         vgpu_sm_active |= on;
     }
     if (!vgpu_sm_active) return;
-    nvml_init_fn init = (nvml_init_fn)vgpu_resolve_nvml("nvmlInit_v2");
-    nvml_handle_fn handle = (nvml_handle_fn)vgpu_resolve_nvml("nvmlDeviceGetHandleByIndex_v2");
-    nvml_uuid_handle_fn by_uuid =
-        (nvml_uuid_handle_fn)vgpu_resolve_nvml("nvmlDeviceGetHandleByUUID");
-    g_process_utilization = (nvml_putil_fn)vgpu_resolve_nvml("nvmlDeviceGetProcessUtilization");
-    if (init == NULL || handle == NULL || g_process_utilization == NULL || init() != NVML_SUCCESS) {
-        vgpu_log(VGPU_LOG_ERROR, "compute limit needs NVML's process utilization, which is "
-                 "unavailable: launches are paced by estimated cost only");
-        g_process_utilization = NULL;
-        return;
-    }
-    /* NVML ignores CUDA_VISIBLE_DEVICES: when it lists UUIDs, CUDA device d is
-     * the NVML device of its d-th UUID, not NVML's d-th device */
-    for (int d = 0; d < VGPU_MAX_DEVICES; d++) {
-        if (g_percent[d] == 0) continue;
-        nvmlReturn_t r = d < vgpu_cfg.visible_count && by_uuid != NULL
-                             ? by_uuid(vgpu_cfg.visible_uuid[d], &g_nvml_devices[d])
-                             : handle((unsigned int)d, &g_nvml_devices[d]);
-        if (r != NVML_SUCCESS) g_nvml_devices[d] = NULL;
+    g_event_create = (event_create_fn)vgpu_driver_symbol("cuEventCreate");
+    g_event_record = (event_record_fn)vgpu_driver_symbol("cuEventRecord");
+    g_event_query = (event_query_fn)vgpu_driver_symbol("cuEventQuery");
+    g_event_elapsed = (event_elapsed_fn)vgpu_driver_symbol("cuEventElapsedTime");
+    g_is_capturing = (capturing_fn)vgpu_driver_symbol("cuStreamIsCapturing");
+    g_event_destroy = (event_destroy_fn)vgpu_driver_symbol("cuEventDestroy_v2");
+    if (g_event_create == NULL || g_event_record == NULL || g_event_query == NULL ||
+        g_event_elapsed == NULL) {
+        vgpu_log(VGPU_LOG_ERROR, "compute limit: the driver cannot time kernels with events; "
+                 "each launch is charged %lld us", UNTIMED_COST_NS / 1000);
+        g_event_create = NULL;
     }
     for (int d = 0; d < VGPU_MAX_DEVICES; d++)
         if (g_percent[d] != 0)
             VGPU_LOG(VGPU_LOG_INFO, "device %d: compute limited to %u%%", d, g_percent[d]);
 }
 
-/* Busy time (ns) of the container's processes on device d in (since_us, now_us]. */
-static int64_t observe(int d, int64_t since_us, int64_t now_us) {
-    if (g_process_utilization == NULL || g_nvml_devices[d] == NULL) return 0;
-    nvmlProcessUtilizationSample_t samples[MAX_SAMPLES];
-    unsigned int count = MAX_SAMPLES;
-    if (g_process_utilization(g_nvml_devices[d], samples, &count, (unsigned long long)since_us) !=
-        NVML_SUCCESS)
-        return 0;
-    int32_t pids[VGPU_MAX_SLOTS];
-    int npids = vgpu_container_pids(pids, VGPU_MAX_SLOTS);
-    int64_t busy = 0;
-    for (int p = 0; p < npids; p++) {
-        /* NVML may return several samples per process; their mean is the
-         * process's share of the window */
-        unsigned long long sum = 0;
-        unsigned int n = 0;
-        for (unsigned int i = 0; i < count; i++) {
-            if ((int32_t)samples[i].pid != pids[p]) continue;
-            sum += samples[i].smUtil;
-            n++;
-        }
-        if (n > 0) busy += (int64_t)(sum * (unsigned long long)(now_us - since_us) * 10ULL / n);
-    }
-    return busy;
+/* ---- the bucket (shared) ------------------------------------------------------------ */
+
+static int64_t debt_cap(struct vgpu_cache_device *dev, int64_t percent) {
+    int64_t cap = 2 * WINDOW_NS / 100 * percent, cost = LOAD(&dev->sm_max_cost_ns);
+    return cost > cap ? cost : cap;
 }
 
-static void tick(int d, struct vgpu_cache_device *dev, int64_t last_us, int64_t now_us) {
-    int64_t percent = g_percent[d];
-    if (last_us == 0) {
-        STORE(&dev->sm_credit_ns, percent * TICK_US * 10);
-        STORE(&dev->sm_cost_ns, INITIAL_COST_NS);
+/* Adds the time since the last refill at P% and clamps the bucket to its caps.
+ * One process refills at a time (the one that moves sm_tick_ns). */
+static void refill(struct vgpu_cache_device *dev, int64_t percent, int64_t now) {
+    int64_t last = LOAD(&dev->sm_tick_ns);
+    if (now - last < REFILL_NS ||
+        !__atomic_compare_exchange_n(&dev->sm_tick_ns, &last, now, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE))
+        return;
+    if (last == 0) return; /* a new bucket starts empty: no burst at start */
+    int64_t dt = now - last > WINDOW_NS ? WINDOW_NS : now - last;
+    int64_t credit = CREDIT_NS / 100 * percent, debt = debt_cap(dev, percent);
+    int64_t old = LOAD(&dev->sm_tokens_ns), next;
+    do {
+        next = old + dt / 100 * percent;
+        if (next > credit) next = credit;
+        if (next < -debt) next = -debt;
+    } while (!__atomic_compare_exchange_n(&dev->sm_tokens_ns, &old, next, 0, __ATOMIC_ACQ_REL,
+                                          __ATOMIC_ACQUIRE));
+}
+
+static void charge(struct vgpu_cache_device *dev, int64_t ns) {
+    if (ns == 0) return;
+    ADD(&dev->sm_tokens_ns, -ns);
+    ADD(&dev->sm_observed_ns, ns);
+}
+
+/* ---- timed launches (this process) ---------------------------------------------------- */
+
+/* Processes of the container that launched lately (under g_lock): the
+ * in-flight window is the container's, shared out among them. */
+static int64_t g_active = 1, g_active_at;
+
+static void count_active(int64_t now) {
+    if (now - g_active_at < ACTIVE_EVERY_NS) return;
+    g_active_at = now;
+    int64_t n = 0;
+    for (int i = 0; i < VGPU_MAX_SLOTS; i++) {
+        const struct vgpu_cache_slot *slot = &vgpu_cache->slots[i];
+        if (LOAD(&slot->pid) > 0 &&
+            now - __atomic_load_n(&slot->last_kernel_ns, __ATOMIC_RELAXED) < ACTIVE_NS)
+            n++;
+    }
+    g_active = n > 0 ? n : 1;
+}
+
+/* Launches that may be unconfirmed: enough for P% of QUEUE_NS of work, so a
+ * host late by a few ms does not leave the device idle, but never so many that
+ * a switch to SWITCH_NS kernels queues more than P% of 2 x WINDOW_NS. */
+static int64_t inflight_launches(const struct local *l, int64_t percent) {
+    if (!l->timed) return 1; /* until the process has timed a kernel of its own */
+    int64_t n = QUEUE_NS / 100 * percent / l->cost_ns;
+    int64_t most = 2 * WINDOW_NS / 100 * percent / SWITCH_NS;
+    n = n < most ? n : most;
+    n = (n < MIN_INFLIGHT ? MIN_INFLIGHT : n) / g_active;
+    return n < 1 ? 1 : n;
+}
+
+static struct probe *oldest(struct local *l) {
+    return l->count == 0 ? NULL : &l->ring[l->head];
+}
+
+static void forget_oldest(struct local *l) {
+    struct probe *p = &l->ring[l->head];
+    if (g_event_destroy != NULL) {
+        g_event_destroy(p->a);
+        g_event_destroy(p->b);
+    }
+    l->head = (l->head + 1) % PROBES;
+    l->count--;
+}
+
+static void drop_oldest(struct local *l) {
+    struct probe *p = &l->ring[l->head];
+    if (l->spares + 2 <= 2 * PROBES) {
+        l->spare[l->spares++] = p->a;
+        l->spare[l->spares++] = p->b;
+    }
+    l->head = (l->head + 1) % PROBES;
+    l->count--;
+}
+
+static void learn(struct vgpu_cache_device *dev, struct local *l, const struct probe *p,
+                  int64_t sample, int64_t now) {
+    int64_t old = l->cost_ns;
+    if (!l->timed) {
+        /* its first own sample: the first launch went uncharged, or was
+         * charged a sibling's estimate */
+        l->cost_ns = sample;
+        l->recent[0] = l->recent[1] = l->recent[2] = sample;
+        l->recent_at = 3;
+        charge(dev, sample - p->charged_ns);
+    } else if (sample > 4 * old) {
+        /* one long sample may be the host or another context in the way: a
+         * second in a row is a new kind of work.  The launches admitted since
+         * the first at the old estimate most likely cost this too, and the
+         * modelled queue is that much longer */
+        if (!l->suspect) {
+            l->suspect = 1;
+            l->suspect_seq = p->seq;
+            return;
+        }
+        int64_t extra = (sample - old) * (int64_t)(l->issued - l->suspect_seq);
+        /* three quarters of the debt cap, so that with the time it took to
+         * tell, paying it keeps the wait under twice the window */
+        int64_t cap = 3 * debt_cap(dev, g_percent[dev - vgpu_cache->devices]) / 4;
+        if (extra > cap) extra = cap;
+        charge(dev, extra);
+        int64_t end = LOAD(&dev->sm_queue_end_ns);
+        STORE(&dev->sm_queue_end_ns, (end > now ? end : now) + extra);
+        l->cost_ns = sample;
+        l->recent[0] = l->recent[1] = l->recent[2] = sample; /* the old kind is over */
+    } else {
+        /* the median of the last three samples damps the odd sample that a
+         * preempted host or a race with the queue lengthened */
+        l->recent[l->recent_at++ % 3] = sample;
+        int64_t a = l->recent[0], b = l->recent[1], c = l->recent[2];
+        int64_t median = a > b ? (b > c ? b : a > c ? c : a) : (a > c ? a : b > c ? c : b);
+        if (l->recent_at < 3) median = sample;
+        l->cost_ns = old + (median - old) / 4;
+        if (l->cost_ns < 1) l->cost_ns = 1;
+    }
+    l->suspect = 0;
+    l->timed = 1;
+    STORE(&dev->sm_cost_ns, l->cost_ns);
+    /* the debt cap follows the longest kernel lately: it decays by a quarter a
+     * sample, so one 1 s kernel does not keep the cap at 1 s for ever */
+    int64_t top = LOAD(&dev->sm_max_cost_ns);
+    STORE(&dev->sm_max_cost_ns, sample > top ? sample : top - (top - sample) / 4);
+    ADD(&dev->sm_samples, 1);
+}
+
+/* Takes in the timed launches that have completed, oldest first.  Unless
+ * force, one is only polled once its modelled end has passed. */
+static void reap(struct vgpu_cache_device *dev, struct local *l, int64_t now, int force) {
+    struct probe *p;
+    while ((p = oldest(l)) != NULL) {
+        if (p->cancelled) {
+            drop_oldest(l);
+            continue;
+        }
+        if (!p->armed || (!force && now < p->expected_ns)) return;
+        CUresult done = g_event_query(p->b);
+        if (done == CUDA_ERROR_NOT_READY) return;
+        if (done != CUDA_SUCCESS) {
+            /* its context is gone (or the events were never valid there): it
+             * confirms nothing and its events are not reused */
+            forget_oldest(l);
+            continue;
+        }
+        float ms = 0;
+        if (g_event_elapsed(&ms, p->a, p->b) == CUDA_SUCCESS) {
+            int64_t sample = (int64_t)((double)ms * 1e6);
+            if (p->idle) sample -= p->gap_ns;
+            if (sample < 1) sample = 1;
+            /* a submission the host was slow to make may hold idle device time
+             * that the sample cannot tell apart; a run of them is taken anyway */
+            if (p->gap_ns <= MAX_HOST_GAP_NS || !l->timed || ++l->unclear >= 8) {
+                l->unclear = 0;
+                learn(dev, l, p, sample, now);
+            }
+        }
+        if (p->seq + 1 > l->confirmed) l->confirmed = p->seq + 1;
+        drop_oldest(l);
+        force = 0;
+    }
+}
+
+static int spare_event(struct local *l, CUevent *e) {
+    if (l->spares > 0) {
+        *e = l->spare[--l->spares];
+        return 1;
+    }
+    return g_event_create(e, CU_EVENT_DEFAULT) == CUDA_SUCCESS;
+}
+
+/* Starts timing the launch about to be made: records the first event. */
+static struct probe *arm(struct local *l, CUstream stream, int64_t charged, int64_t now,
+                         int64_t expected) {
+    if (l->count == PROBES) return NULL;
+    struct probe *p = &l->ring[(l->head + l->count) % PROBES];
+    if (!spare_event(l, &p->a)) return NULL;
+    if (!spare_event(l, &p->b)) {
+        l->spare[l->spares++] = p->a;
+        return NULL;
+    }
+    p->gap_ns = vgpu_now_ns(); /* until the launch's submission, in gate() */
+    if (g_event_record(p->a, stream) != CUDA_SUCCESS) {
+        /* most likely events of another context: make new ones next time */
+        if (g_event_destroy != NULL) {
+            g_event_destroy(p->a);
+            g_event_destroy(p->b);
+        }
+        return NULL;
+    }
+    p->idle = g_event_query(p->a) == CUDA_SUCCESS;
+    p->seq = l->issued;
+    p->charged_ns = charged;
+    p->admitted_ns = now;
+    p->expected_ns = expected;
+    p->armed = 0;
+    p->cancelled = 0;
+    l->last_probe = l->issued;
+    l->count++;
+    return p;
+}
+
+/* Waits below YIELD_NS yield the CPU rather than sleep: a sleep lasts at least
+ * the timer slack (50 us), which is many short kernels. */
+static void sleep_ns(int64_t ns) {
+    if (ns < YIELD_NS) {
+        sched_yield();
         return;
     }
-    int64_t dt_ns = (now_us - last_us) * 1000;
-    int64_t observed = observe(d, last_us, now_us);
-    int64_t charged = __atomic_exchange_n(&dev->sm_charge_ns, 0, __ATOMIC_ACQ_REL);
-    uint64_t launches = LOAD(&dev->sm_launches);
-    uint64_t new_launches = launches - dev->sm_launches_tick;
-    dev->sm_launches_tick = launches;
-
-    int64_t refill = dt_ns > BURST_NS * 100 ? BURST_NS * 100 : dt_ns;
-    int64_t credit = LOAD(&dev->sm_credit_ns) + refill * percent / 100 - observed;
-    STORE(&dev->sm_credit_ns, credit > BURST_NS ? BURST_NS : credit);
-
-    int64_t cost = LOAD(&dev->sm_cost_ns);
-    int64_t pending = LOAD(&dev->sm_pending_ns) + charged - observed;
-    if (charged == 0 && observed == 0) pending = 0; /* nothing queued, nothing ran */
-    if (pending < 0) pending = 0;
-    if (pending > BURST_NS + cost) pending = BURST_NS + cost;
-    STORE(&dev->sm_pending_ns, pending);
-
-    double decay = (double)dt_ns >= LEARN_WINDOW_NS ? 0.0 : 1.0 - (double)dt_ns / LEARN_WINDOW_NS;
-    dev->sm_observed_acc = dev->sm_observed_acc * decay + (double)observed;
-    dev->sm_launch_acc = dev->sm_launch_acc * decay + (double)new_launches;
-    if (dev->sm_launch_acc >= 1.0 && dev->sm_observed_acc > 0.0)
-        STORE(&dev->sm_cost_ns, (int64_t)(dev->sm_observed_acc / dev->sm_launch_acc));
-    __atomic_fetch_add(&dev->sm_observed_ns, observed, __ATOMIC_RELAXED);
-}
-
-static void sleep_us(int64_t us) {
-    struct timespec ts = {.tv_sec = us / 1000000, .tv_nsec = (us % 1000000) * 1000};
+    struct timespec ts = {.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
 }
 
-void vgpu_limiter_gate(void) {
+/* ---- the gate ------------------------------------------------------------------------ */
+
+/* Whether this process, which knows no cost yet, may launch: one process at a
+ * time times the container's first kernel (n processes starting together
+ * would otherwise queue n uncharged kernels); the others start from the cost
+ * it learned, one launch in flight until they have timed one of their own. */
+static int first_kernel(struct vgpu_cache_device *dev, struct local *l, int64_t now) {
+    int64_t known = LOAD(&dev->sm_cost_ns);
+    if (known > 0) {
+        l->cost_ns = known;
+        return 1;
+    }
+    int32_t me = (int32_t)getpid(), owner = LOAD(&dev->sm_first_pid);
+    if (owner != me && owner != 0 && now - LOAD(&dev->sm_first_seen_ns) < STALE_WAITER_NS)
+        return 0;
+    STORE(&dev->sm_first_pid, me);
+    STORE(&dev->sm_first_seen_ns, now);
+    return 1;
+}
+
+static void gate(struct ticket *t, CUstream stream) {
+    t->probe = NULL;
+    t->outer = 0;
+    if (t_in_launch) return;
     CUdevice d;
     if (vgpu_real_cuCtxGetDevice == NULL || vgpu_real_cuCtxGetDevice(&d) != CUDA_SUCCESS ||
         d < 0 || d >= VGPU_MAX_DEVICES || g_percent[d] == 0)
         return;
+    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
+    if (g_is_capturing != NULL && g_is_capturing(stream, &capture) == CUDA_SUCCESS &&
+        capture != CU_STREAM_CAPTURE_STATUS_NONE)
+        return; /* recorded into a graph, not run: the graph's launch pays */
+    int64_t percent = g_percent[d];
     struct vgpu_cache_device *dev = &vgpu_cache->devices[d];
+    struct local *l = &g_local[d];
+    pthread_mutex_lock(&g_lock);
+    if (g_event_create == NULL && l->cost_ns == 0) l->cost_ns = UNTIMED_COST_NS;
+    int64_t now, waiting = 0; /* when this launch began to wait for tokens */
     for (;;) {
-        int64_t now_us = vgpu_now_ns() / 1000;
-        int64_t last_us = LOAD(&dev->sm_tick_us);
-        if (now_us - last_us >= TICK_US &&
-            __atomic_compare_exchange_n(&dev->sm_tick_us, &last_us, now_us, 0, __ATOMIC_ACQ_REL,
-                                        __ATOMIC_ACQUIRE)) {
-            tick(d, dev, last_us, now_us);
-            last_us = now_us;
+        now = vgpu_now_ns();
+        refill(dev, percent, now);
+        count_active(now);
+        if (g_event_create != NULL) reap(dev, l, now, 0);
+        int64_t tokens = LOAD(&dev->sm_tokens_ns);
+        /* first come, first served among the container's waiting launches:
+         * whoever polls first when the bucket turns positive would otherwise
+         * win, and a process could lose round after round of long kernels */
+        int64_t oldest_waiter = LOAD(&dev->sm_waiter_ns);
+        int fresh = now - LOAD(&dev->sm_waiter_seen_ns) < STALE_WAITER_NS;
+        int behind = oldest_waiter != 0 && fresh && (waiting == 0 || oldest_waiter < waiting);
+        struct probe *p = oldest(l);
+        int64_t wait = 0;
+        if (l->cost_ns == 0 && !first_kernel(dev, l, now)) {
+            wait = 1000000; /* another process is timing the container's first kernel */
+        } else if (tokens <= 0 || behind) {
+            if (waiting == 0) waiting = now;
+            if (oldest_waiter == 0 || !fresh || oldest_waiter >= waiting) {
+                STORE(&dev->sm_waiter_ns, waiting);
+                STORE(&dev->sm_waiter_seen_ns, now);
+            }
+            wait = tokens <= 0 ? -tokens * 100 / percent + 1 : YIELD_NS;
+        } else if (p != NULL && ((int64_t)(l->issued - l->confirmed) >= inflight_launches(l, percent) ||
+                                 now > p->expected_ns + LATE_NS)) {
+            /* too much unconfirmed work, or the oldest timed launch is late:
+             * wait for it to complete */
+            reap(dev, l, now, 1);
+            if (oldest(l) == p) {
+                int64_t until = p->expected_ns - now;
+                int64_t overdue = (now - p->admitted_ns) / 8;
+                wait = until > 0 ? until : overdue;
+                if (wait < 2000) wait = 2000;
+            }
         }
-        int64_t available =
-            LOAD(&dev->sm_credit_ns) - LOAD(&dev->sm_pending_ns) - LOAD(&dev->sm_charge_ns);
-        if (available > 0) {
-            __atomic_fetch_add(&dev->sm_charge_ns, LOAD(&dev->sm_cost_ns), __ATOMIC_ACQ_REL);
-            __atomic_fetch_add(&dev->sm_launches, 1, __ATOMIC_ACQ_REL);
-            return;
-        }
-        int64_t wait_us = last_us + TICK_US - now_us;
-        sleep_us(wait_us < 100 ? 100 : wait_us > TICK_US ? TICK_US : wait_us);
+        if (wait == 0) break;
+        pthread_mutex_unlock(&g_lock);
+        sleep_ns(wait > 2000000 ? 2000000 : wait);
+        pthread_mutex_lock(&g_lock);
     }
+    if (waiting != 0)
+        __atomic_compare_exchange_n(&dev->sm_waiter_ns, &waiting, 0, 0, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_ACQUIRE);
+    int64_t cost = l->cost_ns;
+    charge(dev, cost);
+    ADD(&dev->sm_launches, 1);
+    int64_t end = LOAD(&dev->sm_queue_end_ns);
+    end = (end > now ? end : now) + cost;
+    STORE(&dev->sm_queue_end_ns, end);
+    /* time this launch if the cost is unknown or a quarter of the in-flight
+     * window has gone untimed, so that completions confirm the window steadily */
+    int64_t every = inflight_launches(l, percent) / 4;
+    if (g_event_create != NULL &&
+        (!l->timed || (int64_t)(l->issued - l->last_probe) >= every))
+        t->probe = arm(l, stream, cost, now, end);
+    if (t->probe == NULL && l->count == 0) l->confirmed = l->issued; /* cannot confirm: trust */
+    if (t->probe == NULL && l->cost_ns == 0) l->cost_ns = UNTIMED_COST_NS;
+    l->issued++;
+    t->dev = d;
+    t->stream = stream;
+    t->outer = t_in_launch = 1;
+    pthread_mutex_unlock(&g_lock);
+    /* both ends of the gap are taken as their calls begin, so the time from a
+     * call's start to its submission cancels out */
+    if (t->probe != NULL) t->probe->gap_ns = vgpu_now_ns() - t->probe->gap_ns;
+}
+
+/* After the real launch: finish timing it, or give back its charge if it failed. */
+static void settle(struct ticket *t, CUresult r) {
+    if (t->outer) t_in_launch = 0;
+    struct probe *p = t->probe;
+    if (p == NULL) return;
+    pthread_mutex_lock(&g_lock);
+    if (r == CUDA_SUCCESS && g_event_record(p->b, t->stream) == CUDA_SUCCESS) {
+        p->armed = 1;
+    } else {
+        p->cancelled = 1;
+        if (r != CUDA_SUCCESS) charge(&vgpu_cache->devices[t->dev], -p->charged_ns);
+    }
+    pthread_mutex_unlock(&g_lock);
 }
 
 /* ---- the launch paths ------------------------------------------------------------- */
 
-static inline void before_launch(void) {
+static inline void before_launch(struct ticket *t, CUstream stream) {
     vgpu_init();
-    if (UNLIKELY(vgpu_sm_active)) vgpu_limiter_gate();
+    if (UNLIKELY(vgpu_sm_active)) gate(t, stream);
     struct vgpu_cache_slot *s = vgpu_slot();
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME_COARSE, &ts);
@@ -194,71 +554,97 @@ static inline void before_launch(void) {
                      __ATOMIC_RELAXED);
 }
 
+static inline CUresult after_launch(struct ticket *t, CUresult r) {
+    if (UNLIKELY(vgpu_sm_active)) settle(t, r);
+    return r;
+}
+
+/* The _ptsz variants' null stream is the calling thread's default stream; the
+ * events that time their kernels must go to the same one. */
+static inline CUstream per_thread(CUstream stream) {
+    return stream == NULL ? CU_STREAM_PER_THREAD : stream;
+}
+
+static inline CUstream config_stream(const CUlaunchConfig *config) {
+    return config != NULL ? config->hStream : NULL;
+}
+
 #define NO_DRIVER(fn)                                                                              \
-    if (UNLIKELY(vgpu_real_##fn == NULL)) return CUDA_ERROR_NOT_FOUND
+    if (UNLIKELY(vgpu_real_##fn == NULL)) return after_launch(&t, CUDA_ERROR_NOT_FOUND)
 
 VGPU_API CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz,
                                  unsigned int bx, unsigned int by, unsigned int bz,
                                  unsigned int shmem, CUstream stream, void **params, void **extra) {
-    before_launch();
+    struct ticket t;
+    before_launch(&t, stream);
     NO_DRIVER(cuLaunchKernel);
-    return vgpu_real_cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra);
+    return after_launch(
+        &t, vgpu_real_cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra));
 }
 
 VGPU_API CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gx, unsigned int gy,
                                       unsigned int gz, unsigned int bx, unsigned int by,
                                       unsigned int bz, unsigned int shmem, CUstream stream,
                                       void **params, void **extra) {
-    before_launch();
+    struct ticket t;
+    before_launch(&t, per_thread(stream));
     NO_DRIVER(cuLaunchKernel_ptsz);
-    return vgpu_real_cuLaunchKernel_ptsz(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra);
+    return after_launch(&t, vgpu_real_cuLaunchKernel_ptsz(f, gx, gy, gz, bx, by, bz, shmem, stream,
+                                                          params, extra));
 }
 
 VGPU_API CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params,
                                    void **extra) {
-    before_launch();
+    struct ticket t;
+    before_launch(&t, config_stream(config));
     NO_DRIVER(cuLaunchKernelEx);
-    return vgpu_real_cuLaunchKernelEx(config, f, params, extra);
+    return after_launch(&t, vgpu_real_cuLaunchKernelEx(config, f, params, extra));
 }
 
 VGPU_API CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f, void **params,
                                         void **extra) {
-    before_launch();
+    struct ticket t;
+    before_launch(&t, per_thread(config_stream(config)));
     NO_DRIVER(cuLaunchKernelEx_ptsz);
-    return vgpu_real_cuLaunchKernelEx_ptsz(config, f, params, extra);
+    return after_launch(&t, vgpu_real_cuLaunchKernelEx_ptsz(config, f, params, extra));
 }
 
 VGPU_API CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gx, unsigned int gy,
                                             unsigned int gz, unsigned int bx, unsigned int by,
                                             unsigned int bz, unsigned int shmem, CUstream stream,
                                             void **params) {
-    before_launch();
+    struct ticket t;
+    before_launch(&t, stream);
     NO_DRIVER(cuLaunchCooperativeKernel);
-    return vgpu_real_cuLaunchCooperativeKernel(f, gx, gy, gz, bx, by, bz, shmem, stream, params);
+    return after_launch(&t, vgpu_real_cuLaunchCooperativeKernel(f, gx, gy, gz, bx, by, bz, shmem,
+                                                                stream, params));
 }
 
 VGPU_API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gx, unsigned int gy,
                                                  unsigned int gz, unsigned int bx, unsigned int by,
                                                  unsigned int bz, unsigned int shmem,
                                                  CUstream stream, void **params) {
-    before_launch();
+    struct ticket t;
+    before_launch(&t, per_thread(stream));
     NO_DRIVER(cuLaunchCooperativeKernel_ptsz);
-    return vgpu_real_cuLaunchCooperativeKernel_ptsz(f, gx, gy, gz, bx, by, bz, shmem, stream,
-                                                    params);
+    return after_launch(&t, vgpu_real_cuLaunchCooperativeKernel_ptsz(f, gx, gy, gz, bx, by, bz,
+                                                                     shmem, stream, params));
 }
 
 VGPU_API CUresult cuGraphLaunch(CUgraphExec graph, CUstream stream) {
-    before_launch();
+    struct ticket t;
+    before_launch(&t, stream);
     NO_DRIVER(cuGraphLaunch);
-    CUresult r = vgpu_real_cuGraphLaunch(graph, stream);
+    CUresult r = after_launch(&t, vgpu_real_cuGraphLaunch(graph, stream));
     vgpu_graph_launched(); /* its memory nodes may have grown the graph memory pool */
     return r;
 }
 
 VGPU_API CUresult cuGraphLaunch_ptsz(CUgraphExec graph, CUstream stream) {
-    before_launch();
+    struct ticket t;
+    before_launch(&t, per_thread(stream));
     NO_DRIVER(cuGraphLaunch_ptsz);
-    CUresult r = vgpu_real_cuGraphLaunch_ptsz(graph, stream);
+    CUresult r = after_launch(&t, vgpu_real_cuGraphLaunch_ptsz(graph, stream));
     vgpu_graph_launched(); /* its memory nodes may have grown the graph memory pool */
     return r;
 }

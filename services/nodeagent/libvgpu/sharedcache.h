@@ -56,18 +56,21 @@ struct vgpu_cache_device {
     uint64_t reserved1;        /* version 1's used_bytes: now in struct vgpu_cache_account */
     uint32_t sm_limit_percent; /* compute cap, percent; 0 = none */
     uint32_t reserved0;
-    /* compute limiter state, shared so the cap holds for the container */
-    int64_t sm_tick_us;       /* CLOCK_REALTIME of the last limiter tick, microseconds */
-    int64_t sm_credit_ns;     /* busy-time tokens left, from observed busy time */
-    int64_t sm_pending_ns;    /* charged at launch, not yet observed on the device */
-    int64_t sm_charge_ns;     /* charged since the last tick */
-    int64_t sm_cost_ns;       /* learned device time per launch */
+    /* compute limiter state, shared so the cap holds for the container (launch.c) */
+    int64_t sm_tick_ns;       /* CLOCK_REALTIME of the last refill of the bucket, ns */
+    int64_t sm_tokens_ns;     /* device time the container may still queue, ns (< 0: debt) */
+    int64_t sm_queue_end_ns;  /* when the work admitted so far should end, CLOCK_REALTIME ns */
+    int64_t sm_max_cost_ns;   /* largest per-launch cost learned lately (sets the debt cap) */
+    int64_t sm_cost_ns;       /* the last per-launch cost a process learned, ns */
     uint64_t sm_launches;     /* launches through the limiter, all processes */
-    uint64_t sm_launches_tick;/* sm_launches at the last tick */
-    double sm_observed_acc;   /* decaying sum of observed busy ns */
-    double sm_launch_acc;     /* decaying sum of launches */
-    int64_t sm_observed_ns;   /* total busy ns observed for the container */
-    uint8_t reserved[24];
+    uint64_t sm_samples;      /* kernels timed with events, all processes */
+    int64_t sm_waiter_ns;     /* when the oldest launch waiting for tokens began to wait (0: none) */
+    int64_t sm_waiter_seen_ns;/* when that launch last looked (a dead waiter goes stale) */
+    int64_t sm_observed_ns;   /* device time charged to the container, from timed kernels, ns */
+    int32_t sm_first_pid;     /* the process timing the container's first kernel */
+    uint32_t sm_reserved;
+    int64_t sm_first_seen_ns; /* when it last looked (a dead one goes stale) */
+    uint8_t reserved[8];
 };
 
 /* A 16-byte word changed only by a 16-byte compare-and-swap: a count of bytes

@@ -105,7 +105,6 @@ VGPU_HIDDEN void vgpu_graph_launched(void);
 
 VGPU_HIDDEN extern int vgpu_sm_active; /* any device under a compute cap */
 VGPU_HIDDEN void vgpu_limiter_setup(void);
-VGPU_HIDDEN void vgpu_limiter_gate(void);
 
 VGPU_HIDDEN int64_t vgpu_now_ns(void);
 

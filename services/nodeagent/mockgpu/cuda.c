@@ -9,7 +9,17 @@
  * the device for the time their struct vslice_mock_kernel says (mockgpu.h).
  * Every kernel interval is recorded in the state, and appended to the text
  * file $VSLICE_MOCKGPU_TRACE ("<device> <pid> <start_ns> <end_ns>" per line,
- * CLOCK_REALTIME) when that variable is set.
+ * CLOCK_REALTIME) when that variable is set.  A process's kernels that run
+ * back to back are written as one interval, and lines are buffered until a
+ * synchronize, a full buffer or exit, so that tracing a million 1 us kernels
+ * a second neither slows the launches nor fills the disk.
+ *
+ * Events are timestamped where they fall in the device's queue: an event
+ * recorded while kernels are queued completes when the last of them ends, one
+ * recorded on an idle device completes at once.  So, as on a real card, the
+ * elapsed time between an event recorded just before a launch and one just
+ * after it is the kernel's run time, plus any time the device spent between
+ * the two records waiting for the host to submit the kernel.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -157,16 +167,63 @@ struct queue {
     int64_t ends[VSLICE_MOCK_QUEUE_DEPTH];
     uint64_t count;
     int64_t last_end_ns;
+    int64_t trace_start_ns; /* the interval not yet written to the trace (0 = none) */
+    int64_t trace_end_ns;
 };
 static struct queue g_queues[MOCK_MAX_DEVICES];
 static pthread_once_t g_queue_once = PTHREAD_ONCE_INIT;
 static int g_trace_fd = -1;
 
+/* Trace lines wait here (under g_trace_lock) until TRACE_FLUSH bytes, a
+ * synchronize or exit; one write of whole lines is one O_APPEND write, so the
+ * lines of processes sharing the file never interleave. */
+#define TRACE_BUFFER 65536
+#define TRACE_FLUSH (TRACE_BUFFER - 256)
+static char g_trace_buf[TRACE_BUFFER];
+static size_t g_trace_len;
+static pthread_mutex_t g_trace_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void trace_flush_locked(void) {
+    if (g_trace_len > 0 && write(g_trace_fd, g_trace_buf, g_trace_len) != (ssize_t)g_trace_len)
+        perror("mockgpu: trace");
+    g_trace_len = 0;
+}
+
+static void trace_line(int dev, int64_t start, int64_t end) {
+    pthread_mutex_lock(&g_trace_lock);
+    g_trace_len += (size_t)snprintf(g_trace_buf + g_trace_len, TRACE_BUFFER - g_trace_len,
+                                    "%d %d %lld %lld\n", dev, (int)getpid(), (long long)start,
+                                    (long long)end);
+    if (g_trace_len >= TRACE_FLUSH) trace_flush_locked();
+    pthread_mutex_unlock(&g_trace_lock);
+}
+
+/* Writes out device dev's pending interval and the buffer; q->lock held. */
+static void trace_sync(int dev) {
+    struct queue *q = &g_queues[dev];
+    if (g_trace_fd < 0) return;
+    if (q->trace_start_ns != 0) trace_line(dev, q->trace_start_ns, q->trace_end_ns);
+    q->trace_start_ns = 0;
+    pthread_mutex_lock(&g_trace_lock);
+    trace_flush_locked();
+    pthread_mutex_unlock(&g_trace_lock);
+}
+
+static void trace_at_exit(void) {
+    for (int i = 0; i < MOCK_MAX_DEVICES; i++) {
+        pthread_mutex_lock(&g_queues[i].lock);
+        trace_sync(i);
+        pthread_mutex_unlock(&g_queues[i].lock);
+    }
+}
+
 static void queue_init(void) {
     for (int i = 0; i < MOCK_MAX_DEVICES; i++) pthread_mutex_init(&g_queues[i].lock, NULL);
     const char *trace = getenv("VSLICE_MOCKGPU_TRACE");
-    if (trace != NULL && *trace != '\0')
+    if (trace != NULL && *trace != '\0') {
         g_trace_fd = open(trace, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+        if (g_trace_fd >= 0) atexit(trace_at_exit);
+    }
 }
 
 static void sleep_until_ns(int64_t t) {
@@ -537,6 +594,7 @@ static CUresult sync_device(int dev) {
     struct queue *q = &g_queues[dev];
     pthread_mutex_lock(&q->lock);
     int64_t until = q->last_end_ns;
+    trace_sync(dev);
     pthread_mutex_unlock(&q->lock);
     if (until > mock_now_ns()) sleep_until_ns(until);
     return CUDA_SUCCESS;
@@ -944,13 +1002,16 @@ static CUresult run_kernel(const void *handle) {
     q->ends[q->count % VSLICE_MOCK_QUEUE_DEPTH] = end;
     q->count++;
     q->last_end_ns = end;
-    pthread_mutex_unlock(&q->lock);
     if (g_trace_fd >= 0) {
-        char line[96];
-        int n = snprintf(line, sizeof line, "%d %d %lld %lld\n", dev, (int)getpid(), (long long)start,
-                         (long long)end);
-        if (write(g_trace_fd, line, (size_t)n) != n) perror("mockgpu: trace");
+        if (q->trace_start_ns != 0 && q->trace_end_ns == start) {
+            q->trace_end_ns = end; /* back to back with this process's last kernel */
+        } else {
+            if (q->trace_start_ns != 0) trace_line(dev, q->trace_start_ns, q->trace_end_ns);
+            q->trace_start_ns = start;
+            q->trace_end_ns = end;
+        }
     }
+    pthread_mutex_unlock(&q->lock);
     return CUDA_SUCCESS;
 }
 
@@ -1148,6 +1209,97 @@ API CUresult cuGraphLaunch(CUgraphExec graph, CUstream stream) {
 }
 API CUresult cuGraphLaunch_ptsz(CUgraphExec graph, CUstream stream) { return cuGraphLaunch(graph, stream); }
 
+/* ---- events and stream capture -------------------------------------------- */
+
+#define EVENT_MAGIC 0x746e7665U
+
+struct CUevent_st {
+    uint32_t magic;
+    unsigned int flags;
+    _Atomic int64_t done_ns; /* when the device reaches the event; 0 = never recorded */
+};
+
+API CUresult cuEventCreate(CUevent *event, unsigned int flags) {
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (event == NULL || (flags & ~0xfU) != 0) return CUDA_ERROR_INVALID_VALUE;
+    struct CUevent_st *e = calloc(1, sizeof *e);
+    if (e == NULL) return CUDA_ERROR_OUT_OF_MEMORY;
+    e->magic = EVENT_MAGIC;
+    e->flags = flags;
+    *event = e;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuEventDestroy_v2(CUevent event) {
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (event == NULL || event->magic != EVENT_MAGIC) return CUDA_ERROR_INVALID_HANDLE;
+    event->magic = 0;
+    free(event);
+    return CUDA_SUCCESS;
+}
+
+/* The device is one queue shared by every process (mockgpu.h), so an event is
+ * reached when every kernel queued before it, by any process, has ended. */
+API CUresult cuEventRecord(CUevent event, CUstream stream) {
+    (void)stream;
+    int dev;
+    CUresult r = current_device(&dev);
+    if (r != CUDA_SUCCESS) return r;
+    if (event == NULL || event->magic != EVENT_MAGIC) return CUDA_ERROR_INVALID_HANDLE;
+    int64_t now = mock_now_ns();
+    int64_t busy = atomic_load(&dev_of(mock_state_get(), dev)->busy_until_ns);
+    atomic_store(&event->done_ns, busy > now ? busy : now);
+    return CUDA_SUCCESS;
+}
+API CUresult cuEventRecord_ptsz(CUevent event, CUstream stream) { return cuEventRecord(event, stream); }
+
+API CUresult cuEventQuery(CUevent event) {
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (event == NULL || event->magic != EVENT_MAGIC) return CUDA_ERROR_INVALID_HANDLE;
+    int64_t done = atomic_load(&event->done_ns);
+    return done == 0 || done <= mock_now_ns() ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
+}
+
+API CUresult cuEventSynchronize(CUevent event) {
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (event == NULL || event->magic != EVENT_MAGIC) return CUDA_ERROR_INVALID_HANDLE;
+    int64_t done = atomic_load(&event->done_ns);
+    if (done > mock_now_ns()) sleep_until_ns(done);
+    return CUDA_SUCCESS;
+}
+
+/* Milliseconds between two completed events, with the real driver's errors:
+ * NOT_READY while either is pending, INVALID_HANDLE when one was never
+ * recorded or was created with CU_EVENT_DISABLE_TIMING. */
+API CUresult cuEventElapsedTime(float *ms, CUevent start, CUevent end) {
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (ms == NULL) return CUDA_ERROR_INVALID_VALUE;
+    if (start == NULL || end == NULL || start->magic != EVENT_MAGIC || end->magic != EVENT_MAGIC)
+        return CUDA_ERROR_INVALID_HANDLE;
+    int64_t a = atomic_load(&start->done_ns), b = atomic_load(&end->done_ns);
+    if (a == 0 || b == 0 || ((start->flags | end->flags) & CU_EVENT_DISABLE_TIMING))
+        return CUDA_ERROR_INVALID_HANDLE;
+    int64_t now = mock_now_ns();
+    if (a > now || b > now) return CUDA_ERROR_NOT_READY;
+    *ms = (float)((double)(b - a) / 1e6);
+    return CUDA_SUCCESS;
+}
+API CUresult cuEventElapsedTime_v2(float *ms, CUevent start, CUevent end) {
+    return cuEventElapsedTime(ms, start, end);
+}
+
+/* The mock has no graphs to capture into: no stream is ever capturing. */
+API CUresult cuStreamIsCapturing(CUstream stream, CUstreamCaptureStatus *status) {
+    (void)stream;
+    if (ready() == NULL) return CUDA_ERROR_NOT_INITIALIZED;
+    if (status == NULL) return CUDA_ERROR_INVALID_VALUE;
+    *status = CU_STREAM_CAPTURE_STATUS_NONE;
+    return CUDA_SUCCESS;
+}
+API CUresult cuStreamIsCapturing_ptsz(CUstream stream, CUstreamCaptureStatus *status) {
+    return cuStreamIsCapturing(stream, status);
+}
+
 /* ---- mock-only hooks ------------------------------------------------------ */
 
 API CUresult vsliceMockRawAlloc(CUdeviceptr *dptr, size_t bytesize) { return alloc_current(bytesize, dptr); }
@@ -1227,6 +1379,14 @@ static const struct proc_entry g_procs[] = {
     {"cuGraphInstantiateWithFlags", 11040, FN(cuGraphInstantiateWithFlags), NULL},
     {"cuDeviceGraphMemTrim", 11040, FN(cuDeviceGraphMemTrim), NULL},
     {"cuDeviceGetGraphMemAttribute", 11040, FN(cuDeviceGetGraphMemAttribute), NULL},
+    {"cuEventCreate", 2000, FN(cuEventCreate), NULL},
+    {"cuEventDestroy", 4000, FN(cuEventDestroy_v2), NULL},
+    {"cuEventRecord", 2000, FN(cuEventRecord), FN(cuEventRecord_ptsz)},
+    {"cuEventQuery", 2000, FN(cuEventQuery), NULL},
+    {"cuEventSynchronize", 2000, FN(cuEventSynchronize), NULL},
+    {"cuEventElapsedTime", 12080, FN(cuEventElapsedTime_v2), NULL},
+    {"cuEventElapsedTime", 2000, FN(cuEventElapsedTime), NULL},
+    {"cuStreamIsCapturing", 10000, FN(cuStreamIsCapturing), FN(cuStreamIsCapturing_ptsz)},
     {"cuGetProcAddress", 12050, NULL, NULL}, /* filled in below: _v2 */
     {"cuGetProcAddress", 11030, FN(cuGetProcAddress), NULL},
 };

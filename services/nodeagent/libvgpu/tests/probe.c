@@ -14,7 +14,8 @@
  * Commands: alloc SIZE | alloc1 SIZE | managed SIZE | pitch W H | pitch1 W H |
  * vmm SIZE [DEV] | vmmhost SIZE | async SIZE | pool SIZE | raw SIZE | free ID |
  * write ID | fill SIZE | meminfo | meminfo1 | nvml | nvml2 | nvmlat N | drivercalls |
- * launch KIND US COUNT | saturate KIND US SECONDS | sync | device N |
+ * launch KIND US COUNT | saturate KIND US SECONDS |
+ * switch KIND US1 SECONDS1 US2 SECONDS2 | sync | device N |
  * procaddr NAME VERSION FLAGS | procaddr1 NAME VERSION FLAGS | ready | wait |
  * sleep MS | totalmem | asyncptsz SIZE | forkfree ID | exitrace THREADS SIZE |
  * exec COMMAND... | array W H | array3d W H D | mipmap W H LEVELS | poolkeep |
@@ -35,6 +36,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -284,10 +286,10 @@ static const char *base_name(const char *path) {
     return s != NULL ? s + 1 : path;
 }
 
-static struct vslice_mock_kernel kernel;
+static struct vslice_mock_kernel kernel, kernel2;
 
-static CUresult launch(const char *kind) {
-    CUfunction f = (CUfunction)(void *)&kernel;
+static CUresult launch_of(const char *kind, struct vslice_mock_kernel *k) {
+    CUfunction f = (CUfunction)(void *)k;
     if (strcmp(kind, "kernel") == 0) return api.cuLaunchKernel(f, 1, 1, 1, 1, 1, 1, 0, NULL, NULL, NULL);
     if (strcmp(kind, "ex") == 0) {
         CUlaunchConfig cfg = {1, 1, 1, 1, 1, 1, 0, NULL, NULL, 0};
@@ -295,9 +297,27 @@ static CUresult launch(const char *kind) {
     }
     if (strcmp(kind, "coop") == 0)
         return api.cuLaunchCooperativeKernel(f, 1, 1, 1, 1, 1, 1, 0, NULL, NULL);
-    if (strcmp(kind, "graph") == 0) return api.cuGraphLaunch((CUgraphExec)(void *)&kernel, NULL);
+    if (strcmp(kind, "graph") == 0) return api.cuGraphLaunch((CUgraphExec)(void *)k, NULL);
     die("unknown launch kind");
     return CUDA_ERROR_INVALID_VALUE;
+}
+
+static CUresult launch(const char *kind) { return launch_of(kind, &kernel); }
+
+/* Launches k as fast as the launch calls return until stop_ns; *longest_ns is
+ * the longest single call (time spent blocked in a limiter or a full queue). */
+static CUresult launch_until(const char *kind, struct vslice_mock_kernel *k, int64_t stop_ns,
+                             long *n, int64_t *longest_ns) {
+    CUresult r = CUDA_SUCCESS;
+    int64_t t = now_ns();
+    while (r == CUDA_SUCCESS && t < stop_ns) {
+        r = launch_of(kind, k);
+        int64_t after = now_ns();
+        if (after - t > *longest_ns) *longest_ns = after - t;
+        t = after;
+        (*n)++;
+    }
+    return r;
 }
 
 static size_t race_size;
@@ -317,8 +337,16 @@ static void use_device(int dev) {
     if (api.cuCtxSetCurrent(ctx) != CUDA_SUCCESS) die("cuCtxSetCurrent");
 }
 
+/* SIGTERM ends the program through exit(), so the mock driver's exit handler
+ * writes out its trace even when a test stops a program stuck in a launch. */
+static void exit_on_term(int sig) {
+    (void)sig;
+    exit(3);
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
+    signal(SIGTERM, exit_on_term);
     resolve(argc, argv);
     if (api.cuInit == NULL || api.cuInit(0) != CUDA_SUCCESS) die("cuInit");
     use_device(0);
@@ -493,18 +521,38 @@ int main(int argc, char **argv) {
         } else if (strcmp(c, "saturate") == 0) {
             kernel.duration_ns = strtoull(ARG(2), NULL, 10) * 1000ULL;
             int64_t start = now_ns();
-            int64_t stop = start + (int64_t)(atof(ARG(3)) * 1e9);
             long n = 0;
-            CUresult r = CUDA_SUCCESS;
-            while (r == CUDA_SUCCESS && now_ns() < stop) {
-                r = launch(ARG(1));
-                n++;
-            }
+            int64_t longest = 0;
+            CUresult r = launch_until(ARG(1), &kernel, start + (int64_t)(atof(ARG(3)) * 1e9), &n,
+                                      &longest);
             int64_t end = now_ns();
             api.cuCtxSynchronize();
-            printf("saturate rc=%d launches=%ld start_ns=%lld stop_ns=%lld\n", r, n,
-                   (long long)start, (long long)end);
+            printf("saturate rc=%d launches=%ld start_ns=%lld stop_ns=%lld max_call_ns=%lld\n", r,
+                   n, (long long)start, (long long)end, (long long)longest);
             i += 3;
+        } else if (strcmp(c, "switch") == 0) {
+            /* US1 kernels for SECONDS1, then a different kernel of US2 for
+             * SECONDS2; no synchronize at the end (the mock's trace already
+             * holds every queued kernel), so a flood of queued work cannot
+             * hold the program up */
+            kernel.duration_ns = strtoull(ARG(2), NULL, 10) * 1000ULL;
+            kernel2.magic = VSLICE_MOCK_KERNEL_MAGIC;
+            kernel2.duration_ns = strtoull(ARG(4), NULL, 10) * 1000ULL;
+            int64_t start = now_ns();
+            long n = 0;
+            int64_t longest = 0, longest2 = 0;
+            CUresult r = launch_until(ARG(1), &kernel, start + (int64_t)(atof(ARG(3)) * 1e9), &n,
+                                      &longest);
+            int64_t middle = now_ns();
+            if (r == CUDA_SUCCESS)
+                r = launch_until(ARG(1), &kernel2, middle + (int64_t)(atof(ARG(5)) * 1e9), &n,
+                                 &longest2);
+            int64_t end = now_ns();
+            printf("switch rc=%d launches=%ld start_ns=%lld switch_ns=%lld stop_ns=%lld "
+                   "max_call_ns=%lld max_call2_ns=%lld\n",
+                   r, n, (long long)start, (long long)middle, (long long)end, (long long)longest,
+                   (long long)longest2);
+            i += 5;
         } else if (strcmp(c, "sync") == 0) {
             printf("sync rc=%d\n", api.cuCtxSynchronize());
         } else if (strcmp(c, "device") == 0) {
