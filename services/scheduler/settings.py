@@ -124,8 +124,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         parser.error(f"--reservation-ttl {args.reservation_ttl}: must be above 0 seconds")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    if args.policy == "fgd" and not args.workload_trace:
-        parser.error("--policy fgd needs --workload-trace (FGD's target workload)")
+    if args.policy in ("fgd", "steer") and not args.workload_trace:
+        parser.error(f"--policy {args.policy} needs --workload-trace (FGD's target workload)")
     if args.claim_wait <= 0:
         parser.error("--claim-wait must be > 0")
     if args.max_attempts < 1:
