@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--plot", help="draw the allocation curves of the policies into this PNG")
     rp.add_argument("--jobs", type=int, default=0, help="parallel processes (default: CPU count)")
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sc = sub.add_parser(
+        "scale-trace",
+        help="write a fleet and a pod list N times as large (every node and pod repeated"
+        " with fresh names), for replays at scale",
+    )
+    sc.add_argument("trace", help="pod list CSV (openb_pod_list_*.csv format)")
+    sc.add_argument("--fleet", required=True, help="node list CSV (openb_node_list_*.csv format)")
+    sc.add_argument("--factor", type=int, required=True, help="copies of each node and pod")
+    sc.add_argument("--out", required=True, help="directory for the two files (same names)")
     for name, text in (
         ("up", "start nats-server, admission, 2 scheduler replicas, a mock node agent, metrics"),
         ("status", "show the stack's processes and the fleet's allocation"),
@@ -112,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "replay":
             return _replay(args)
+        if args.command == "scale-trace":
+            return _scale(args)
         if args.command in ("up", "status", "down"):
             return _stack(args)
         if args.command == "run":
@@ -123,6 +134,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vslice: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _scale(args: argparse.Namespace) -> int:
+    if args.factor < 1:
+        print(f"vslice scale-trace: --factor {args.factor}: must be >= 1", file=sys.stderr)
+        return 2
+    fleet, pods = traces.write_scaled(args.fleet, args.trace, args.out, args.factor)
+    nodes = traces.read_fleet(fleet)
+    gpus = sum(len(n.devices) for n in nodes)
+    print(f"{fleet}: {len(nodes)} nodes, {gpus} GPUs\n{pods}: {len(traces.read_pods(pods))} pods")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
