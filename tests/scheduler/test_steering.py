@@ -158,3 +158,14 @@ def test_a_workload_without_gpu_shapes_is_refused_with_a_clear_error(bad):
 def test_the_steer_policy_needs_a_target_workload():
     with pytest.raises(ValueError, match="'steer' needs a target workload"):
         Scheduler(cluster(node("n", 1)), policy="steer")
+
+
+@pytest.mark.parametrize("allowed", [(False, True), (True, False)])
+def test_a_node_left_out_of_the_filter_is_never_chosen_even_when_nothing_scores(allowed):
+    # Neither node holds the 2-GPU task by FGD's view of a 1-GPU node (every delta is inf),
+    # yet the choice stays among the nodes the filter allowed.
+    c = cluster(node("a", 1), node("b", 1))
+    request = pod("x", gpus=2, pct=100, cores=100)
+    ok = np.array(allowed)
+    n, _ = SteerScorer(SHARING).choose(c, task_of(request), ok, [0.5, 0.1])
+    assert ok[n]

@@ -55,6 +55,10 @@ class Knobs:
     target workload's shapes by their GPU demand (count x milli x GPUs) instead of by count,
     dropping CPU-only shapes (they add the same constant to every node). ``tiebreak``:
     least leftover GPU then CPU among equal scores (off = seeded node order only).
+    ``quantum``: round the score down to multiples of this many milli-GPU before comparing
+    (0 = off; FGD's sigmoid is about 40 near zero). ``ratio_scale``: multiplies the CPU per
+    milli-GPU ratio of the stranding term. The last two are kept for the benchmark's table
+    of what was tried; neither helped.
     """
 
     strand: float = 1.0
@@ -195,7 +199,9 @@ class SteerScorer:
         """The node for ``task`` among ``ok`` (at least one True) and, for a sharing task,
         the GPU slots to prefer (least free first among those of least delta).
 
-        ``ranks``: (N,) the seeded node order that breaks the last ties (lower first).
+        ``ranks``: (N,) the seeded node order that breaks the last ties (lower first). The
+        GPU a task takes, for the stranding term and the tie-break, is counted on a device of
+        unknown memory (``Task.milli_on(0)``: a MiB-sized slice counts as a whole GPU).
         """
         if len(self._ranks) != len(ranks):
             self._ranks = np.asarray(ranks, dtype=np.float64)
@@ -216,7 +222,7 @@ class SteerScorer:
             score = np.floor(score / self.knobs.quantum)
         masked = np.where(ok, score, UNFIT)
         low = masked.min()
-        top = np.flatnonzero(masked <= low + 1e-6)
+        top = np.flatnonzero(ok & (masked <= low + 1e-6))
         if len(top) > 1 and self.knobs.tiebreak:
             cpu_left = (cluster.cpu_total - cluster.cpu_used)[top]
             order = np.lexsort((order_of[top], cpu_left, free[top]))
