@@ -223,7 +223,8 @@ def main() -> None:
     )
     print(
         f"\ntotal wall {time.perf_counter() - started:.1f} s; "
-        f"peak RSS (self + largest child) {peak / 1024:.0f} MiB"
+        f"peak RSS (self + largest child) {peak / 1024:.0f} MiB; load average (1 min) "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (decision times scale with it)"
     )
 
 

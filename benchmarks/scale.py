@@ -143,10 +143,6 @@ def main() -> None:
         for f in factors
         for p in policies
     ]
-    # a fresh process per run, so each peak RSS is that run's alone
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
-        results = dict(zip(((w[3], w[2]) for w in work), pool.map(run, work), strict=True))
     print(
         f"decision time after filling to {100 * args.fill:.0f} % arrived "
         f"({args.warmup} untimed, then {args.decisions} timed decisions per run; "
@@ -157,18 +153,25 @@ def main() -> None:
         f"{'p99/1x':>8}{'RSS MiB':>9}{'(before)':>9}"
     )
     print(head)
-    print("-" * len(head))
-    for f in factors:
-        for p in policies:
-            r = results[(f, p)]
+    print("-" * len(head), flush=True)
+    results: dict[tuple[int, str], dict[str, float]] = {}
+    # a fresh process per run, so each peak RSS is that run's alone
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+        for w, r in zip(work, pool.map(run, work), strict=True):
+            f, p = w[3], w[2]
+            results[(f, p)] = r
             base = results.get((1, p))
             ratio = f"{r['p99'] / base['p99']:>8.1f}" if base and base["p99"] else f"{'-':>8}"
             print(
                 f"{f:>5}x{r['nodes']:>8.0f}{r['gpus']:>8.0f}  {p:<14}{r['p50']:>8.2f}"
-                f"{r['p99']:>8.2f}{ratio}{r['rss_peak']:>9.0f}{r['rss_before']:>9.0f}"
+                f"{r['p99']:>8.2f}{ratio}{r['rss_peak']:>9.0f}{r['rss_before']:>9.0f}",
+                flush=True,
             )
     worst = max(results.items(), key=lambda kv: kv[1]["p99"])
     print(f"\nworst p99: {worst[0][1]} at {worst[0][0]}x, {worst[1]['p99']:.2f} ms (goal <= 5 ms)")
+    # timings on a shared machine are only as good as its idleness: say how busy it was
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
