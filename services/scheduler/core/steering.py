@@ -11,9 +11,12 @@ three things, each measured on the openb traces (benchmarks/placement.py prints 
    per free milli-GPU is below the workload's ratio will strand GPU once its CPU runs
    out. Its expected stranded GPU is ``max(0, G - C / r)`` (G free milli-GPU, C free CPU
    milli-cores, r the target workload's CPU milli-cores per milli-GPU, CPU-only shapes
-   included); its growth is added to delta with weight ``Knobs.strand``. This steers
-   CPU-only and CPU-heavy pods to CPU-rich nodes, the largest share of FGD's leftover
-   (most of the idle GPU left by FGD sits on nodes short of CPU).
+   included); its growth is added to delta with weight ``Knobs.strand`` (0.3). This
+   steers CPU-only and CPU-heavy pods to CPU-rich nodes and GPU pods light on CPU to
+   CPU-poor ones, the largest share of FGD's leftover (most of the idle GPU left by FGD
+   sits on nodes short of CPU). The weight is kept below FGD's penalty for breaking an idle
+   multi-GPU node: at 0.5 and above, on the multi-GPU-heavy openb variants, the reward for
+   taking stranded GPUs opens big nodes for small pods and 4/8-GPU pods fail early.
 3. Tie-break. Among the nodes of least score: least free milli-GPU left after placing,
    then least free CPU left, then the seeded node order (as FGD). A sharing task takes,
    among the GPUs of least delta, the one with least free milli-GPU.
@@ -51,17 +54,23 @@ UNFIT = float("inf")
 class Knobs:
     """The policy's settings (defaults: the measured best on the openb default trace).
 
-    ``strand``: weight of the CPU-stranding term (0 = off). ``gpu_weighted``: weigh the
+    ``strand``: weight of the CPU-stranding term (0 = off). ``strand_gpu_pods``: apply
+    it to GPU pods too (off: CPU-only pods only). ``strand_growth_only``: count only its
+    growth, never a fall (no reward for taking stranded GPUs). ``strand_idle``: let it
+    reward placements on idle nodes. ``gpu_weighted``: weigh the
     target workload's shapes by their GPU demand (count x milli x GPUs) instead of by count,
     dropping CPU-only shapes (they add the same constant to every node). ``tiebreak``:
     least leftover GPU then CPU among equal scores (off = seeded node order only).
     ``quantum``: round the score down to multiples of this many milli-GPU before comparing
     (0 = off; FGD's sigmoid is about 40 near zero). ``ratio_scale``: multiplies the CPU per
-    milli-GPU ratio of the stranding term. The last two are kept for the benchmark's table
-    of what was tried; neither helped.
+    milli-GPU ratio of the stranding term. All but ``strand`` and ``tiebreak`` are kept
+    for the benchmark's table of what was tried (benchmarks/placement.py); none helped.
     """
 
-    strand: float = 1.0
+    strand: float = 0.3
+    strand_gpu_pods: bool = True
+    strand_growth_only: bool = False
+    strand_idle: bool = True
     gpu_weighted: bool = False
     tiebreak: bool = True
     quantum: float = 0.0
@@ -210,13 +219,19 @@ class SteerScorer:
         free = np.clip(cluster.free_milli, 0, None).sum(axis=1).astype(np.float64)
         total = task.gpu_count * task.milli_on(0)
         score = delta
-        if self.knobs.strand and self.ratio > 0:  # a workload asking no CPU strands none
+        strands = self.knobs.strand and (self.knobs.strand_gpu_pods or not task.gpu_count)
+        if strands and self.ratio > 0:  # a workload asking no CPU strands none
             cpu_free = np.where(
                 cluster.cpu_total > 0, cluster.cpu_total - cluster.cpu_used, 1 << 40
             ).astype(np.float64)
             grow = stranded(free - total, cpu_free - task.cpu_milli, self.ratio) - stranded(
                 free, cpu_free, self.ratio
             )
+            if self.knobs.strand_growth_only:
+                grow = np.maximum(grow, 0.0)
+            if not self.knobs.strand_idle:
+                idle = (cluster.free_milli == MILLI).sum(axis=1) == cluster.dev_valid.sum(axis=1)
+                grow = np.where(idle, np.maximum(grow, 0.0), grow)
             score = delta + self.knobs.strand * grow
         if self.knobs.quantum:
             score = np.floor(score / self.knobs.quantum)
