@@ -169,3 +169,33 @@ def test_a_node_left_out_of_the_filter_is_never_chosen_even_when_nothing_scores(
     ok = np.array(allowed)
     n, _ = SteerScorer(SHARING).choose(c, task_of(request), ok, [0.5, 0.1])
     assert ok[n]
+
+
+TYPED = Workload(
+    shapes=(Shape(cpu_milli=2000, gpu_milli=1000, gpu_count=1, gpu_types=("V100",)),),
+    weights=(1.0,),
+)
+
+
+@pytest.mark.parametrize(
+    ("workload", "gpu_type", "expected"),
+    [
+        # untyped workload: the stranding term sends the CPU-only pod to the CPU-rich node
+        (WHOLE, "V100M16", "rich"),
+        # the workload asks V100 by name: no stranding term on V100 nodes, so the tie goes
+        # to the node with less CPU left
+        (TYPED, "V100M16", "short"),
+        # ... but it still counts on nodes of a type no typed shape asks for
+        (TYPED, "T4", "rich"),
+    ],
+)
+def test_stranding_is_not_counted_on_gpu_types_that_typed_shapes_ask_for(
+    workload, gpu_type, expected
+):
+    c = cluster(
+        node("short", 2, type=gpu_type, cpu_milli=7000),
+        node("rich", 2, type=gpu_type, cpu_milli=64000),
+    )
+    request = pod("cpu-only", gpus=0, cpu=4000)
+    assert _fgd_scores(c, workload, request)[0] == _fgd_scores(c, workload, request)[1]
+    assert _decide(c, "steer", workload, request, 0).node == expected
