@@ -89,10 +89,26 @@ POLICIES = "steer,fgd,bestfit"
 # (seed 42 unless said). ``--ablation`` measures the default column again in this run.
 TRIED: list[tuple[str, dict[str, object] | None, float, str]] = [
     ("fgd (sigmoid score, node order on ties)", None, 95.21, "mg40 96.71"),
-    ("fine score, no stranding, no tie-break", {"strand": 0.0, "tiebreak": False}, 94.32, ""),
-    ("fine score, no stranding [42]", {"strand": 0.0}, 94.11, "mg40 96.76"),
+    (
+        "fine score, no stranding, no tie-break",
+        {"strand": 0.0, "tiebreak": False},
+        94.32,
+        "mg40 96.74 gs25 93.53",
+    ),
+    ("fine score, no stranding [42]", {"strand": 0.0}, 94.11, "mg40 96.76 gs25 93.45"),
     ("fine score quantised to 40, no stranding", {"strand": 0.0, "quantum": 40.0}, 94.93, ""),
-    ("stranding 0.3 (steer) [42]", {}, 95.76, "mg40 96.85 mg30 96.69 mg20 96.21"),
+    (
+        "stranding 0.3 (steer) [42]",
+        {},
+        95.76,
+        "mg40 96.85 mg30 96.69 mg20 96.21 gs25 93.45 gs33 87.21",
+    ),
+    (
+        "stranding 0.3, also on typed GPUs [42]",
+        {"strand_typed": True},
+        95.76,
+        "gs25 89.78; 3 seeds: gs20 91.92 gs25 89.60 gs33 84.98",
+    ),
     ("stranding 0.5", {"strand": 0.5}, 95.83, "mg40 96.86 mg30 90.21 mg20 95.48"),
     ("stranding 1", {"strand": 1.0}, 95.82, "mg40 91.27; 3 seeds: mg30 89.67"),
     ("stranding 2", {"strand": 2.0}, 95.83, ""),
@@ -133,6 +149,9 @@ NOTES = (
     " pods open big nodes and 4/8-GPU pods fail early (final allocation is higher, but at"
     " arrived 100 % it is 7 points below fgd). Without the reward the default gain goes too;"
     " 0.3 is the largest weight measured safe on multigpu20/30/40 (0.5 is not, on multigpu30).",
+    "mgNN = multigpuNN, gsNN = gpuspecNN (fgd, 3 seeds: mg20 95.50, mg30 96.21, mg40 96.77,"
+    " gs20 94.73, gs25 93.90, gs33 87.83). On the gpuspec variants even the fine score alone"
+    " stays below fgd (gs25 93.45-93.53 against 93.90): steer's open problem.",
 )
 
 
@@ -174,7 +193,7 @@ def ablation(trace: str, fleet: str, seeds: list[int], *, jobs: int, live: bool)
             values = list(pool.map(_variant, work))
         for i, (name, _, _, _) in enumerate(TRIED):
             measured[name] = 100 * statistics.fmean(values[i * len(seeds) : (i + 1) * len(seeds)])
-    head = f"{'tried (steer knobs)':<44}{'default then':>13}{'now':>8}  multi-GPU variants"
+    head = f"{'tried (steer knobs)':<44}{'default then':>13}{'now':>8}  other variants"
     rows = [head, "-" * (len(head) + 14)]
     for name, _, then, elsewhere in TRIED:
         now = f"{measured[name]:>8.2f}" if name in measured else f"{'-':>8}"
