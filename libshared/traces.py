@@ -210,3 +210,60 @@ def read_fleet(path: str | Path, *, split_count: int = REPLAY_SPLIT_COUNT) -> li
 def read_pods(path: str | Path) -> list[TracePod]:
     """Read and parse a pod list file."""
     return parse_pods(Path(path).read_text(), path=str(path))
+
+
+def _replicated(text: str, *, key: str, factor: int, path: str) -> str:
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor {factor!r}: must be an integer >= 1")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    fields = list(csv.DictReader(io.StringIO(text)).fieldnames or [])
+    if key not in fields:
+        raise TraceFormatError(path=path, line=1, field=key, value=None, reason="missing column")
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for copy in range(factor):
+        for line, row in enumerate(rows, start=2):
+            if not row.get(key):
+                raise TraceFormatError(path=path, line=line, field=key, value="", reason="missing")
+            writer.writerow({**row, key: f"{row[key]}-x{copy}"})
+    return out.getvalue()
+
+
+def scaled_fleet(text: str, factor: int, *, path: str = "<fleet>") -> str:
+    """A node list CSV ``factor`` times as large: every node of ``text`` repeated ``factor``
+    times, copy ``i`` of node ``sn`` named ``sn-x<i>`` (so every name is fresh), all other
+    columns kept. For ``factor`` = 10 the openb fleet becomes 12,130 nodes and 62,120 GPUs.
+
+    Raises ``ValueError`` for a ``factor`` below 1, ``TraceFormatError`` for a node without
+    a name (``sn``) or a node list that does not parse (``parse_fleet``'s errors).
+    """
+    parse_fleet(text, path=path)
+    return _replicated(text, key="sn", factor=factor, path=path)
+
+
+def scaled_pods(text: str, factor: int, *, path: str = "<pods>") -> str:
+    """The pod list matching ``scaled_fleet(..., factor)``: every pod repeated ``factor``
+    times (copy ``i`` of pod ``name`` named ``name-x<i>``), so the shapes keep their
+    frequencies (FGD's target workload is unchanged) and the replay's arrivals, 130 % of the
+    larger capacity, are ``factor`` times as many.
+
+    Raises ``ValueError`` for a ``factor`` below 1, ``TraceFormatError`` for a pod without a
+    ``name`` or a pod list that does not parse (``parse_pods``'s errors).
+    """
+    parse_pods(text, path=path)
+    return _replicated(text, key="name", factor=factor, path=path)
+
+
+def write_scaled(
+    fleet: str | Path, pods: str | Path, out_dir: str | Path, factor: int
+) -> tuple[Path, Path]:
+    """Write ``scaled_fleet`` and ``scaled_pods`` of the two files into ``out_dir`` (created
+    if missing) under the input files' names; returns the two paths. Raises ``OSError``,
+    ``ValueError`` and ``TraceFormatError`` as the readers and ``scaled_*`` do."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fleet_out, pods_out = out / Path(fleet).name, out / Path(pods).name
+    fleet_out.write_text(scaled_fleet(Path(fleet).read_text(), factor, path=str(fleet)))
+    pods_out.write_text(scaled_pods(Path(pods).read_text(), factor, path=str(pods)))
+    return fleet_out, pods_out

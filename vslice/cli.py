@@ -308,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="parallel processes (default: CPU count)",
     )
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sc = sub.add_parser(
+        "scale-trace",
+        help="write a fleet and a pod list N times as large (every node and pod repeated"
+        " with fresh names), for replays at scale",
+    )
+    sc.add_argument("trace", help="pod list CSV (openb_pod_list_*.csv format)")
+    sc.add_argument("--fleet", required=True, help="node list CSV (openb_node_list_*.csv format)")
+    sc.add_argument("--factor", type=int, required=True, help="copies of each node and pod")
+    sc.add_argument("--out", required=True, help="directory for the two files (same names)")
     _add_up(sub)
     st = sub.add_parser(
         "status",
@@ -411,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse(argv)
         if args.command == "replay":
             return _replay(args)
+        if args.command == "scale-trace":
+            return _scale(args)
         if args.command in ("up", "status", "down"):
             return _stack(args)
         if args.command == "run":
@@ -438,6 +449,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vslice: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _scale(args: argparse.Namespace) -> int:
+    if args.factor < 1:
+        print(f"vslice scale-trace: --factor {args.factor}: must be >= 1", file=sys.stderr)
+        return 2
+    fleet, pods = traces.write_scaled(args.fleet, args.trace, args.out, args.factor)
+    nodes = traces.read_fleet(fleet)
+    gpus = sum(len(n.devices) for n in nodes)
+    print(f"{fleet}: {len(nodes)} nodes, {gpus} GPUs\n{pods}: {len(traces.read_pods(pods))} pods")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -502,9 +524,9 @@ def up_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> UpSetti
                 raise stacks.StackError(f"{var}={env[var]!r}: {exc}") from None
     policy = env.get("VSLICE_POLICY") or "hami"
     trace = env.get("VSLICE_WORKLOAD_TRACE") or None
-    if policy == "fgd" and not trace:
+    if policy in ("fgd", "steer") and not trace:
         raise stacks.StackError(
-            "--policy fgd needs --workload-trace CSV (FGD's target workload, a pod list)"
+            f"--policy {policy} needs --workload-trace CSV (FGD's target workload, a pod list)"
         )
     if trace and not Path(trace).is_file():
         raise stacks.StackError(f"--workload-trace {trace}: no such file")

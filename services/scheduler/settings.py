@@ -148,8 +148,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             f"--extender-host {args.extender_host}: an extender off loopback needs "
             "--tls-cert, --tls-key and --tls-client-ca (kube-scheduler's client certificate)"
         )
-    if args.policy == "fgd" and not args.workload_trace:
-        parser.error("--policy fgd needs --workload-trace (FGD's target workload)")
+    if args.policy in ("fgd", "steer") and not args.workload_trace:
+        parser.error(f"--policy {args.policy} needs --workload-trace (FGD's target workload)")
     if args.claim_wait <= 0:
         parser.error("--claim-wait must be > 0")
     if args.max_attempts < 1:

@@ -199,3 +199,74 @@ def test_the_default_openb_fleet_has_1213_nodes_and_6212_gpus() -> None:
     assert [len(n.devices) for n in nodes] == [int(r["gpu"]) for r in rows]
     uuids = [d.uuid for n in nodes for d in n.devices]
     assert len(set(uuids)) == len(uuids)
+
+
+# --- the scaled fleet and trace ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factor", [1, 2, 10])
+def test_a_scaled_fleet_repeats_every_node_with_fresh_names_and_the_same_devices(
+    factor: int,
+) -> None:
+    text = FLEET_HEADER + "n-a,64000,262144,2,V100M16\nn-b,96000,393216,8,T4\n"
+    nodes = traces.parse_fleet(traces.scaled_fleet(text, factor))
+    assert len(nodes) == 2 * factor
+    assert len({n.node for n in nodes}) == 2 * factor
+    assert {n.node for n in nodes}.isdisjoint({"n-a", "n-b"})
+    assert sum(len(n.devices) for n in nodes) == 10 * factor
+    by_name = {n.node: n for n in nodes}
+    for copy in range(factor):
+        b = by_name[f"n-b-x{copy}"]
+        assert (b.cpu_milli, b.memory_mib, len(b.devices)) == (96000, 393216, 8)
+        assert {d.type for d in b.devices} == {"T4"}
+
+
+@pytest.mark.parametrize("factor", [1, 3])
+def test_a_scaled_pod_list_keeps_every_column_and_the_shape_frequencies(factor: int) -> None:
+    text = PODS_HEADER + "p1,4000,1024,1,500,V100M16|V100M32,LS\np2,8000,2048,2,1000,,BE\n"
+    scaled = traces.scaled_pods(text, factor)
+    rows = list(csv.DictReader(scaled.splitlines()))
+    assert [r["name"] for r in rows[:2]] == ["p1-x0", "p2-x0"]
+    assert {r["qos"] for r in rows} == {"LS", "BE"}
+    pods = traces.parse_pods(scaled)
+    assert len(pods) == 2 * factor
+    shapes = sorted((p.cpu_milli, p.num_gpu, p.gpu_milli, p.gpu_spec) for p in pods)
+    assert shapes == sorted([(4000, 1, 500, ("V100M16", "V100M32")), (8000, 2, 1000, ())] * factor)
+
+
+@pytest.mark.parametrize("factor", [0, -1, 1.5, True])
+def test_a_scale_factor_below_one_or_not_an_integer_is_refused_naming_it(factor) -> None:
+    with pytest.raises(ValueError, match=f"factor {factor!r}"):
+        traces.scaled_fleet(FLEET_HEADER + "n,1000,1024,1,T4\n", factor)
+
+
+def test_a_fleet_row_without_a_name_is_refused_when_scaling() -> None:
+    with pytest.raises(TraceFormatError, match="sn"):
+        traces.scaled_fleet(FLEET_HEADER + ",1000,1024,1,T4\n", 2)
+
+
+def test_a_pod_row_without_a_name_is_refused_when_scaling() -> None:
+    with pytest.raises(TraceFormatError, match="name"):
+        traces.scaled_pods(PODS_HEADER + ",4000,1024,1,500,,LS\n", 2)
+
+
+def test_write_scaled_writes_both_files_under_their_names(tmp_path: Path) -> None:
+    fleet = tmp_path / "openb_node_list_gpu_node.csv"
+    pods = tmp_path / "openb_pod_list_default.csv"
+    fleet.write_text(FLEET_HEADER + "n,1000,1024,1,T4\n")
+    pods.write_text(PODS_HEADER + "p,1000,1024,1,500,,LS\n")
+    out_fleet, out_pods = traces.write_scaled(fleet, pods, tmp_path / "x4", 4)
+    assert (out_fleet.name, out_pods.name) == (fleet.name, pods.name)
+    assert len(traces.read_fleet(out_fleet)) == 4
+    assert len(traces.read_pods(out_pods)) == 4
+
+
+@pytest.mark.skipif(
+    not Path(os.environ.get("VSLICE_TRACES", REPO.parent / "shared/traces/openb")).is_dir(),
+    reason="openb traces not present",
+)
+def test_ten_times_openb_is_12130_nodes_and_62120_gpus() -> None:
+    tdir = Path(os.environ.get("VSLICE_TRACES", REPO.parent / "shared/traces/openb"))
+    text = (tdir / "openb_node_list_gpu_node.csv").read_text()
+    nodes = traces.parse_fleet(traces.scaled_fleet(text, 10))
+    assert (len(nodes), sum(len(n.devices) for n in nodes)) == (12130, 62120)

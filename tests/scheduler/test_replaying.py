@@ -125,6 +125,40 @@ def test_a_malformed_trace_is_reported_with_file_line_and_field(tmp_path, capsys
     assert "num_gpu" in capsys.readouterr().err
 
 
+def test_scale_trace_writes_a_fleet_and_trace_n_times_as_large_that_replay(tmp_path, capsys):
+    fleet_file, pods_file = tmp_path / "fleet.csv", tmp_path / "pods.csv"
+    fleet_file.write_text(FLEET)
+    pods_file.write_text(PODS)
+    out = tmp_path / "x3"
+    code = cli.main(
+        [
+            "scale-trace",
+            str(pods_file),
+            "--fleet",
+            str(fleet_file),
+            "--factor",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert "9 nodes, 21 GPUs" in capsys.readouterr().out
+    fleet, pods = traces.read_fleet(out / "fleet.csv"), traces.read_pods(out / "pods.csv")
+    assert (len(fleet), len(pods)) == (9, 18)
+    result = replaying.run_seed(fleet, pods, policy="steer", seed=42)
+    assert result.pods_placed > 0
+
+
+@pytest.mark.parametrize("factor", ["0", "-2"])
+def test_scale_trace_refuses_a_factor_below_one_naming_it(tmp_path, capsys, factor):
+    code = cli.main(
+        ["scale-trace", "p.csv", "--fleet", "f.csv", "--factor", factor, "--out", str(tmp_path)]
+    )
+    assert code == 2
+    assert f"--factor {factor}" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(NO_TRACES, reason="openb traces not beside the checkout (CI always has them)")
 def test_bestfit_on_the_default_openb_trace_lands_on_the_papers_figure():
     fleet = traces.read_fleet(TRACES / "openb_node_list_gpu_node.csv")

@@ -13,7 +13,7 @@ from tests.scheduler.conftest import cluster, node, pod
 def scheduler(policy: str) -> Scheduler:
     c = cluster(node("a"), node("b"))
     workload = Workload(shapes=(Shape(cpu_milli=0, gpu_milli=200, gpu_count=1),), weights=(1.0,))
-    return Scheduler(c, policy=policy, workload=workload if policy == "fgd" else None, seed=1)
+    return Scheduler(c, policy=policy, workload=workload, seed=1)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -16,6 +16,7 @@ name                node choice                      device choice
 ``gpupacking``      FGD paper's GpuPacking           least free GPU that fits
 ``gpuclustering``   FGD paper's GpuClustering        least free GPU that fits
 ``random``          uniform among nodes that fit     uniform among GPUs that fit
+``steer``           fine FGD + CPU stranding         least growth, then least free
 ==================  ===============================  =====================================
 
 A pod's ``hami.io/node-scheduler-policy`` / ``hami.io/gpu-scheduler-policy`` annotations
@@ -38,7 +39,7 @@ import numpy as np
 from libshared.events import Placement, Unschedulable
 from libshared.ledgers import PodCharge, Slice
 from libshared.resources import PodRequest
-from services.scheduler.core import fitting, scoring
+from services.scheduler.core import fitting, scoring, steering
 from services.scheduler.core.clusters import MILLI, BoolArray, Cluster, IntArray
 from services.scheduler.core.fragmentation import FgdScorer, FragMeasure, Task, Workload
 
@@ -47,7 +48,16 @@ HAMI_POLICIES = {
     "hami-binpack": ("binpack", "binpack"),
     "hami-spread": ("spread", "spread"),
 }
-POLICIES = (*HAMI_POLICIES, "fgd", "bestfit", "dotprod", "gpupacking", "gpuclustering", "random")
+POLICIES = (
+    *HAMI_POLICIES,
+    "fgd",
+    "bestfit",
+    "dotprod",
+    "gpupacking",
+    "gpuclustering",
+    "random",
+    "steer",
+)
 # The reason given for a withdrawn node (its registration was deleted). Not one of HAMi's
 # names: HAMi has no such state, its nodes leave the cluster.
 WITHDRAWN = "NodeWithdrawn"
@@ -100,14 +110,17 @@ class Scheduler:
         init=False, default_factory=lambda: np.zeros(0, dtype=np.int64)
     )
     fgd: FgdScorer | None = field(init=False, default=None)
+    steer: steering.SteerScorer | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise UnknownPolicy(f"policy {self.policy!r} is not one of {', '.join(POLICIES)}")
-        if self.policy == "fgd":
-            if self.workload is None:
-                raise ValueError("policy 'fgd' needs a target workload")
+        if self.policy in ("fgd", "steer") and self.workload is None:
+            raise ValueError(f"policy {self.policy!r} needs a target workload")
+        if self.policy == "fgd" and self.workload is not None:
             self.fgd = FgdScorer(FragMeasure(self.workload))
+        if self.policy == "steer" and self.workload is not None:
+            self.steer = steering.SteerScorer(self.workload)
         self.rng = random.Random(self.seed)
 
     # -- filter --------------------------------------------------------------------------
@@ -263,6 +276,9 @@ class Scheduler:
             if task.gpu_count == 1 and best[n] and min(best[n]) < MILLI:
                 row = c.free_milli[n].tolist()
                 prefer = [s for s, g in enumerate(row) if g in best[n]]
+        elif self.policy == "steer":
+            assert self.steer is not None
+            n, prefer = self.steer.choose(c, task, ok, self._rank_order())
         elif self.policy == "random":
             candidates = np.flatnonzero(ok)
             n = int(candidates[self.rng.randrange(len(candidates))])
@@ -319,9 +335,13 @@ class Scheduler:
         top = np.flatnonzero(ok & (scores == scores[ok].max()))
         if len(top) == 1:
             return int(top[0])
+        return int(min(top.tolist(), key=self._rank_order().__getitem__))
+
+    def _rank_order(self) -> list[float]:
+        """Each node's place in the seeded tie-breaking order (lower first), drawn once."""
         while len(self._ranks) < self.cluster.size:
             self._ranks.append(self.rng.random())
-        return int(min(top.tolist(), key=self._ranks.__getitem__))
+        return self._ranks
 
     def _placement(self, pod: PodRequest, n: int, picked: list[list[int]]) -> Placement:
         c = self.cluster

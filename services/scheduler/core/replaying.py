@@ -103,8 +103,7 @@ def run_seed(
     """Run one experiment; ``progress(n)`` is called with the number of pods just handled."""
     started = time.perf_counter()
     cluster = Cluster(max_devices=max((len(n.devices) for n in fleet), default=1) or 1)
-    for node in fleet:
-        cluster.upsert_node(node)
+    cluster.upsert_nodes(list(fleet))
     capacity = capacity_milli(fleet)
     scheduler = Scheduler(
         cluster, policy=policy, workload=workload or trace_workload(pods), seed=seed
