@@ -27,7 +27,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from libshared import permissions
+from libshared import permissions, waiting
 from libshared.subjects import DEFAULT_PREFIX, Subjects
 
 log = logging.getLogger("vslice.bus")
@@ -239,9 +239,14 @@ async def _bucket(js: JetStreamContext, bucket: str, replicas: int) -> KeyValue:
         except BucketNotFoundError:
             pass
         try:
-            return await js.create_key_value(
+            created = await js.create_key_value(
                 config=api.KeyValueConfig(bucket=bucket, history=1, replicas=replicas)
             )
+            if replicas > 1:
+                # a replicated bucket elects its leader after the create returns: its first
+                # writes would find no responders
+                await waiting.bucket_ready(js, bucket)
+            return created
         except BadRequestError:
             # another process created it with a different config, or at the same moment
             await asyncio.sleep(0.05 * (attempt + 1))

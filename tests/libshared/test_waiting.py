@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nats
 import pytest
 from nats.js.api import ClusterInfo, PeerInfo, StreamConfig, StreamInfo, StreamState
 
-from libshared import waiting
+from libshared import connecting, waiting
 from libshared.natsserver import NatsServer
 
 
@@ -52,7 +51,7 @@ async def test_a_bucket_on_one_server_is_ready_at_once_and_a_missing_one_times_o
     tmp_path: Path,
 ) -> None:
     async with NatsServer(data_dir=tmp_path) as server:
-        nc = await nats.connect(server.url)
+        nc = await connecting.connect(server.bus_settings(), name="t")
         try:
             js = nc.jetstream()
             await js.create_key_value(bucket="one")

@@ -11,7 +11,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from libshared import events
+from libshared import connecting, events
 from libshared.connecting import BusSettings
 from libshared.traces import TracePod
 from services.admission import app as admission_app
@@ -39,17 +39,25 @@ async def admission(bus: BusSettings) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def metrics(bus: BusSettings, **overrides: object) -> AsyncIterator[str]:
-    """The metrics service serving on a free loopback port; yields its base URL."""
+    """The metrics service serving on a free loopback port; yields its base URL. The
+    buckets are created first, as the scheduler would (metrics only opens them)."""
+    nc = await connecting.connect(bus, name="bucket-creator")
+    try:
+        await connecting.ensure_bus(nc.jetstream(), bus)
+    finally:
+        await nc.close()
     stop = asyncio.Event()
     port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     base = MetricsSettings(bus=bus, host="127.0.0.1", port=0, stats_interval_s=0.2)
     settings = dataclasses.replace(base, **overrides)
     task = asyncio.create_task(metrics_app.main(settings, stop=stop, on_serving=port.set_result))
     try:
-        done, _ = await asyncio.wait({task, port}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, port}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             task.result()
-        yield f"http://127.0.0.1:{await port}"
+        if port not in done:
+            raise TimeoutError("the metrics service did not serve within 60 s")
+        yield f"http://127.0.0.1:{port.result()}"
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
