@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tqdm import tqdm
+
 from libshared import traces
 from libshared.errors import VsliceError
 from services.scheduler.core.deciding import POLICIES
@@ -440,6 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"trust material in {args.dir}: CA ca.pem, nats.conf, {len(seeds)} identities")
             return 0
     except KeyboardInterrupt:
+        # a progress bar the interrupt left open would redraw itself after this line
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
         print("\nvslice: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except running.RunError as exc:

@@ -137,6 +137,8 @@ def text(data: Mapping[str, Any], *, table: bool = False) -> str:
     for name, proc in data["processes"].items():
         state = "running" if proc["state"] == "running" else "NOT RUNNING"
         lines.append(f"  {name:<14} pid {proc['pid']:<8} {state}")
+    if any(p["state"] != "running" for p in data["processes"].values()):
+        lines.append("  (`vslice up` starts the stopped ones again, NATS data kept)")
     fleet = data["fleet"]
     if not data["up"]:
         lines.append("fleet: unknown (nats-server is not running)")

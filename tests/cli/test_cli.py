@@ -22,6 +22,8 @@ from libshared import events
 from libshared.connecting import BusSettings
 from libshared.devices import Device, NodeDevices
 from libshared.ledgers import NodeLedger, PodCharge, Slice
+from libshared.natsserver import NatsServer
+from libshared.permissions import Role
 from tests.bus import helpers
 from tests.bus.conftest import repo_root
 from vslice import cli, replays, running, stacks, statuses
@@ -375,14 +377,17 @@ def test_status_json_gives_the_nats_url_and_each_process_with_its_pid_and_state(
 
 
 async def test_vslice_status_reads_a_running_stacks_fleet_and_prints_json(
-    nc: Client, bus_settings: BusSettings, tmp_path: Path
+    nc: Client, nats_server: NatsServer, bus_settings: BusSettings, tmp_path: Path
 ) -> None:
     await helpers.register(nc, bus_settings, helpers.fleet(nodes=40, gpus=2))
+    prefix = bus_settings.prefix
+    nats_server.identity(f"operator-{prefix}", Role.OPERATOR, prefix=prefix)  # status reads so
     stacks.write_state(
         tmp_path,
         stacks.Stack(
-            nats_url=bus_settings.urls[0], prefix=bus_settings.prefix,
+            nats_url=bus_settings.urls[0], prefix=prefix,
             pids={"nats": os.getpid()}, state_dir=str(tmp_path),
+            trust_dir=str(nats_server.store.root),
         ),
     )  # fmt: skip
 
