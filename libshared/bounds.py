@@ -19,7 +19,7 @@ of bounded size, so ``worst_ledger_bytes()`` stays well under ``MAX_PAYLOAD_BYTE
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -81,9 +81,9 @@ def describe(exc: msgspec.MsgspecError, raw: bytes) -> str:
         return text
     message, path = where[0], where[1].rstrip("`")
     try:
-        value: object = msgspec.json.decode(raw)
+        value: Any = msgspec.json.decode(raw)
         for name, index in _PATH.findall(path):
-            value = value[name] if name else value[int(index)]  # type: ignore[index]
+            value = value[name] if name else value[int(index)]
     except (msgspec.DecodeError, KeyError, IndexError, TypeError, ValueError):
         return f"${path}: {message}"
     shown = repr(value)

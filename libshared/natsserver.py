@@ -169,7 +169,8 @@ class NatsServer:
             log_file=str(self.log_path),
         )
         if self.cluster_name:
-            cluster = dict(config.get("cluster") or {})  # type: ignore[call-overload]
+            given = config.get("cluster")
+            cluster = dict(given) if isinstance(given, dict) else {}
             cluster.update(
                 name=self.cluster_name,
                 listen=f"127.0.0.1:{self.cluster_port}",

@@ -13,6 +13,7 @@ from nats.js import api
 from libshared import connecting, events
 from libshared import leases as leasing
 from libshared.connecting import BusSettings
+from libshared.ledgers import NodeLedger
 from libshared.natsserver import NatsServer
 from libshared.permissions import Role
 from libshared.subjects import pod_key
@@ -56,8 +57,8 @@ async def placed(nc: Client, settings: BusSettings, uid: str) -> set[str]:
     return pods(await helpers.ledgers(nc, settings))
 
 
-def pods(ledgers: dict[str, object]) -> set[str]:
-    return {uid for ledger in ledgers.values() for uid in ledger.pods()}  # type: ignore[attr-defined]
+def pods(ledgers: dict[str, NodeLedger]) -> set[str]:
+    return {uid for ledger in ledgers.values() for uid in ledger.pods()}
 
 
 async def test_a_stale_lease_releases_its_pod_a_renewed_one_and_a_pod_without_lease_stay(
