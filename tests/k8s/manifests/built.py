@@ -18,6 +18,17 @@ REPO = Path(__file__).resolve().parents[3]
 K8S = REPO / "k8s"
 BASE = K8S
 OVERLAY = K8S / "overlays" / "external-nats"
+# Kubernetes minor -> the kube-scheduler patch release its component pins (each one a
+# published registry.k8s.io/kube-scheduler tag); k8s/ itself takes the newest.
+KUBE_SCHEDULER = {
+    "1.29": "v1.29.15",
+    "1.30": "v1.30.14",
+    "1.31": "v1.31.14",
+    "1.32": "v1.32.11",
+    "1.33": "v1.33.7",
+    "1.34": "v1.34.1",
+}
+NEWEST = max(KUBE_SCHEDULER, key=lambda minor: tuple(int(p) for p in minor.split(".")))
 NAMESPACE = "vslice-system"
 IMAGE = "ghcr.io/vslice/vslice:0.1.0"
 WORKLOADS = ("Deployment", "DaemonSet", "StatefulSet", "Job")
@@ -31,9 +42,15 @@ def kubectl() -> str:
     return path
 
 
+def minor_overlay(minor: str) -> Path:
+    """The kustomization of vslice for a cluster of Kubernetes ``minor``."""
+    return K8S / "overlays" / f"kube-{minor}"
+
+
 @functools.cache
-def build(directory: Path) -> tuple[dict[str, Any], ...]:
-    """``kubectl kustomize directory`` as objects; fails naming kubectl's error."""
+def kustomize(directory: Path) -> subprocess.CompletedProcess[str]:
+    """``kubectl kustomize directory`` (stdout: the objects, stderr: kustomize's warnings);
+    fails naming kubectl's error."""
     done = subprocess.run(
         [kubectl(), "kustomize", str(directory)],
         capture_output=True,
@@ -43,7 +60,13 @@ def build(directory: Path) -> tuple[dict[str, Any], ...]:
     )
     if done.returncode != 0:
         pytest.fail(f"kubectl kustomize {directory} failed: {done.stderr}")
-    return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
+    return done
+
+
+@functools.cache
+def build(directory: Path) -> tuple[dict[str, Any], ...]:
+    """``kubectl kustomize directory`` as objects; fails naming kubectl's error."""
+    return tuple(d for d in yaml.safe_load_all(kustomize(directory).stdout) if d)
 
 
 @dataclass(frozen=True)
@@ -101,6 +124,10 @@ def base() -> Objects:
 
 def overlay() -> Objects:
     return Objects(build(OVERLAY))
+
+
+def for_minor(minor: str) -> Objects:
+    return Objects(build(minor_overlay(minor)))
 
 
 def key(obj: dict[str, Any]) -> tuple[str, str, str]:

@@ -1,9 +1,10 @@
-"""The k8s/ manifests as objects: both kustomizations build with the kubectl on PATH,
-every object validates offline against the Kubernetes 1.30 schemas (strict: no unknown
-fields), names resolve (namespaces, ServiceAccounts, ConfigMaps, Service selectors and
-ports), images are pinned, NATS is a 3-node JetStream cluster over TLS whose config --
-with the authorization and certificates the certificate Job writes -- nats-server
-accepts, and the external-nats overlay is the base without NATS, pointed elsewhere."""
+"""The k8s/ manifests as objects: every kustomization builds with the kubectl on PATH without a
+warning, every object validates offline against the schemas of each supported Kubernetes
+minor (strict: no unknown fields) with that minor's kube-scheduler, names resolve
+(namespaces, ServiceAccounts, ConfigMaps, Service selectors and ports), images are pinned,
+NATS is a 3-node JetStream cluster over TLS whose config -- with the authorization and
+certificates the certificate Job writes -- nats-server accepts, and the external-nats
+overlay is the base without NATS, pointed elsewhere."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ from libshared.natsserver import find_binary
 from tests.k8s.manifests import built
 from vslice import kubecerts
 
-KUBERNETES = "1.30"
 BUILDS = {"base": built.base, "external-nats": built.overlay}
+KUSTOMIZATIONS = {
+    "k8s": built.BASE,
+    "external-nats": built.OVERLAY,
+    **{f"kube-{minor}": built.minor_overlay(minor) for minor in built.KUBE_SCHEDULER},
+}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"}
 NATS_OBJECTS = {
     ("StatefulSet", "vslice-system", "nats"),
@@ -43,19 +48,95 @@ BUS_CLIENTS = {
 RELOADER = r"natsio/nats-server-config-reloader:0\.\d+\.\d+"
 
 
-@pytest.mark.parametrize("name", BUILDS)
-def test_every_object_validates_strictly_against_the_kubernetes_schemas(name: str) -> None:
-    objects = BUILDS[name]()
+def _validate_strictly(objects: built.Objects, minor: str) -> None:
+    """Every object against ``minor``'s own schemas (kubernetes-validate ships one set per
+    minor: a schema of another minor is never taken instead), no unknown field allowed."""
     assert len(objects.items) >= 25
     for obj in objects.items:
         try:
-            version = kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+            version = kubernetes_validate.validate(obj, minor, strict=True)
         except kubernetes_validate.ValidationError as exc:
             path = ".".join(str(p) for p in exc.path)
-            pytest.fail(f"{built.key(obj)}: {path}: {exc.message}")
+            pytest.fail(f"{minor}: {built.key(obj)}: {path}: {exc.message}")
         except kubernetes_validate.SchemaNotFoundError as exc:
-            pytest.fail(f"{built.key(obj)}: {exc.message}")
-        assert version == KUBERNETES
+            pytest.fail(f"{minor}: {built.key(obj)}: {exc.message}")
+        assert version == minor
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_kustomization_builds_without_a_warning(name: str) -> None:
+    done = built.kustomize(KUSTOMIZATIONS[name])
+    assert done.stderr == "", done.stderr  # kustomize's deprecations land here
+
+
+@pytest.mark.parametrize("minor", built.KUBE_SCHEDULER)
+def test_each_minors_build_validates_against_its_schemas_with_its_kube_scheduler(
+    minor: str,
+) -> None:
+    objects = built.for_minor(minor)
+    _validate_strictly(objects, minor)
+    images = {c["name"]: c["image"] for _, c in objects.containers()}
+    assert (
+        images["kube-scheduler"] == f"registry.k8s.io/kube-scheduler:{built.KUBE_SCHEDULER[minor]}"
+    )
+    assert built.KUBE_SCHEDULER[minor].startswith(f"v{minor}.")
+    # the overlay is the base with another kube-scheduler tag, nothing else
+    assert _without_kube_scheduler_image(objects) == _without_kube_scheduler_image(built.base())
+
+
+def _without_kube_scheduler_image(objects: built.Objects) -> list[dict[str, Any]]:
+    out = copy.deepcopy(list(objects.items))
+    for obj in out:
+        if built.key(obj) == ("Deployment", built.NAMESPACE, "vslice-kube-scheduler"):
+            (container,) = obj["spec"]["template"]["spec"]["containers"]
+            container["image"] = "<kube-scheduler>"
+    return sorted(out, key=built.key)
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_the_default_builds_validate_against_the_newest_minor_with_its_kube_scheduler(
+    name: str,
+) -> None:
+    objects = BUILDS[name]()
+    _validate_strictly(objects, built.NEWEST)
+    images = {c["name"]: c["image"] for _, c in objects.containers()}
+    tag = built.KUBE_SCHEDULER[built.NEWEST]
+    assert images["kube-scheduler"] == f"registry.k8s.io/kube-scheduler:{tag}"
+
+
+def test_a_minors_component_sets_kube_scheduler_on_a_kustomization_of_ones_own(
+    tmp_path: Path,
+) -> None:
+    # the external-nats overlay for a 1.31 cluster, as an operator would write it
+    ours = tmp_path / "site"
+    ours.mkdir()
+    overlay = os.path.relpath(built.OVERLAY, ours)
+    component = os.path.relpath(built.K8S / "components" / "kube-scheduler-1.31", ours)
+    (ours / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [overlay],
+                "components": [component],
+            }
+        )
+    )
+    done = built.kustomize(ours)
+    assert done.stderr == ""
+    objects = built.Objects(built.build(ours))
+    images = {c["name"]: c["image"] for _, c in objects.containers()}
+    assert (
+        images["kube-scheduler"] == f"registry.k8s.io/kube-scheduler:{built.KUBE_SCHEDULER['1.31']}"
+    )
+    assert not objects.has("StatefulSet", "nats")
+
+
+def test_every_component_and_overlay_of_a_minor_is_in_the_table() -> None:
+    components = {p.name for p in (built.K8S / "components").iterdir() if p.is_dir()}
+    assert components == {f"kube-scheduler-{minor}" for minor in built.KUBE_SCHEDULER}
+    overlays = {p.name for p in (built.K8S / "overlays").iterdir() if p.name.startswith("kube-")}
+    assert overlays == {f"kube-{minor}" for minor in built.KUBE_SCHEDULER}
 
 
 @pytest.mark.parametrize("name", BUILDS)
@@ -135,7 +216,7 @@ def test_images_are_pinned_and_vslice_uses_one_image(name: str) -> None:
             assert re.fullmatch(RELOADER, image), image
             continue
         assert image == built.IMAGE, (container, image)
-    assert re.fullmatch(r"registry\.k8s\.io/kube-scheduler:v1\.30\.\d+", images["kube-scheduler"])
+    assert re.fullmatch(r"registry\.k8s\.io/kube-scheduler:v1\.\d+\.\d+", images["kube-scheduler"])
     if name == "base":
         assert re.fullmatch(r"nats:2\.\d+\.\d+(-alpine)?", images["nats"])
 

@@ -150,6 +150,34 @@ def test_kube_scheduler_runs_the_vslice_profile_with_leader_election() -> None:
     assert built.base().get("Deployment", "vslice-kube-scheduler")["spec"]["replicas"] >= 2
 
 
+def test_kube_scheduler_scores_every_feasible_node_so_the_extender_sees_the_best_gpu_node() -> None:
+    config = _scheduler_config()
+    assert config["percentageOfNodesToScore"] == 100
+    for profile in config["profiles"]:  # no profile lowers it again
+        assert profile.get("percentageOfNodesToScore", 100) == 100
+
+
+def test_a_disruption_budget_keeps_one_kube_scheduler_through_a_drain() -> None:
+    objects = built.base()
+    deployment = objects.get("Deployment", "vslice-kube-scheduler")
+    budget = objects.get("PodDisruptionBudget", "vslice-kube-scheduler")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert 1 <= budget["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+    # a replica that never became ready does not block the drain
+    assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    budgeted = {
+        b["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+        for b in objects.of("PodDisruptionBudget")
+    }
+    several = {
+        d["metadata"]["name"]
+        for d in objects.of("Deployment") + objects.of("StatefulSet")
+        if d["spec"]["replicas"] >= 2
+    }
+    assert several <= budgeted
+
+
 def test_the_extender_filters_and_binds_on_the_scheduler_service_and_owns_the_gpu_names() -> None:
     (extender,) = _scheduler_config()["extenders"]
     assert (extender["filterVerb"], extender["bindVerb"]) == ("filter", "bind")
