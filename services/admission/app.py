@@ -1,7 +1,9 @@
 """Wiring of the admission service: the bus handler and/or the HTTPS webhook, until SIGTERM.
 
 The bus handler runs when ``settings.bus`` is set, the webhook when
-``settings.webhook.port`` is; both read pods with the same resource model. On the way out
+``settings.webhook.port`` is; both read pods with the same resource model. ``/healthz``
+and ``/readyz`` (``libshared.probes``) on ``settings.health.port``: ready once connected
+to NATS and the webhook serves. On the way out
 the webhook stops first (not ready, then closed), then the bus connection drains.
 """
 
@@ -11,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 
-from libshared import connecting
+from libshared import connecting, probes
 from services.admission.adapters import bus, webhook
 from services.admission.settings import Settings
 
@@ -30,10 +32,13 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
     if settings.webhook.port and not (cert and key):
         raise ValueError("the webhook needs tls_cert and tls_key (HTTPS only)")
     stop = connecting.stop_on_signals(stop)
+    health = probes.Probes()
     async with contextlib.AsyncExitStack() as stack:
+        await probes.serving(health, settings.health, stack)
         if settings.bus is not None:
             nc = await connecting.connect(settings.bus, name="admission")
             stack.push_async_callback(connecting.drain_quietly, nc)
+            health.ready_when("nats", probes.connected(nc))
             reviewer = bus.Reviewer(
                 nc=nc, subjects=settings.bus.subjects, resources=settings.resources
             )
@@ -41,8 +46,10 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
             log.info("admission serving", extra={"subject": settings.bus.subjects.admission_review})
         if settings.webhook.port:
             assert cert and key  # checked above
+            hook = webhook.Webhook(settings=settings.mutation)
+            health.ready_when("webhook", lambda: "" if hook.ready else "webhook: not serving")
             server = webhook.Server(
-                webhook=webhook.Webhook(settings=settings.mutation),
+                webhook=hook,
                 cert=cert,
                 key=key,
                 host=settings.webhook.host,
@@ -51,6 +58,8 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
             )
             stack.push_async_callback(server.stop)  # also after a failed start
             await server.start()
+        health.started()
         await stop.wait()
+        health.stopping()
         log.info("draining")
     log.info("stopped")

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from libshared import connecting
+from libshared import connecting, probes
 from libshared.resources import ResourceSettings
 from services.admission.core import mutating
 
@@ -42,12 +42,14 @@ class WebhookSettings:
 @dataclass(frozen=True)
 class Settings:
     """Bus settings (``None``: no bus), the resource model's defaults (HAMi's
-    ``defaultMemory``, ``defaultCores``, ``defaultGPUNum``), the webhook and the log level."""
+    ``defaultMemory``, ``defaultCores``, ``defaultGPUNum``), the webhook, the log level and
+    where ``/healthz`` and ``/readyz`` are served (``health``: ``libshared.probes``)."""
 
     bus: connecting.BusSettings | None = field(default_factory=connecting.BusSettings)
     resources: ResourceSettings = field(default_factory=ResourceSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     log_level: str = "info"
+    health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
 
     @property
     def mutation(self) -> mutating.MutationSettings:
@@ -115,6 +117,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         default=env.get("VSLICE_SM_POLICY") or None,
         help="GPU_CORE_UTILIZATION_POLICY added to GPU containers (default: none added)",
     )
+    probes.add_arguments(parser, env)
     args = parser.parse_args(list(argv or []))
     if not 0 <= args.webhook_port <= 65535:
         parser.error(f"--webhook-port {args.webhook_port}: must be 0-65535")
@@ -162,4 +165,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             core_policy=args.sm_policy,
         ),
         log_level=args.log_level,
+        health=probes.from_arguments(parser, args),
     )

@@ -8,12 +8,14 @@ Nothing here computes a figure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
+from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
-from libshared import connecting
+from libshared import connecting, probes
 from services.metrics.adapters import bus, http
 from services.metrics.core.views import FleetView
 from services.metrics.settings import Settings
@@ -41,7 +43,15 @@ async def main(
         legacy=settings.legacy_metrics,
     )
     registry.register(collector)
-    nc = await connecting.connect(settings.bus, name="metrics")
+    health = probes.Probes()
+    served = contextlib.AsyncExitStack()
+    await probes.serving(health, settings.health, served)
+    try:
+        nc = await connecting.connect(settings.bus, name="metrics")
+    except BaseException:
+        await served.aclose()
+        raise
+    health.ready_when("nats", probes.connected(nc))
     runner = None
     try:
         js = nc.jetstream(timeout=settings.bus.request_timeout_s)
@@ -56,20 +66,18 @@ async def main(
             observe_requests=settings.observe_requests,
         )
         await watcher.start()
-
-        def unready() -> str:
-            if stop.is_set():
-                return "stopping"
-            return "" if nc.is_connected else "not connected to the bus"
-
+        for bucket in (settings.bus.subjects.nodes_bucket, settings.bus.subjects.ledger_bucket):
+            health.ready_when(f"{bucket} watch", _watch_current(js, watcher, f"KV_{bucket}"))
         app = http.application(
-            view, registry, collector, usage_ttl_s=settings.usage_ttl_s, unready=unready
+            view, registry, collector, usage_ttl_s=settings.usage_ttl_s, health=health
         )
         runner, port = await http.serve(app, host=settings.host, port=settings.port)
         log.info("metrics serving", extra={"host": settings.host, "port": port})
+        health.started()
         if on_serving is not None:
             on_serving(port)
         await stop.wait()
+        health.stopping()
         log.info("draining")
         await runner.cleanup()
         runner = None
@@ -78,4 +86,14 @@ async def main(
         if runner is not None:
             await runner.cleanup()
         await connecting.drain_quietly(nc)
+        await served.aclose()
     log.info("stopped")
+
+
+def _watch_current(js: JetStreamContext, watcher: bus.Watcher, stream: str) -> probes.Check:
+    """``/readyz`` fails while the watch of ``stream`` lags its end (``probes.WatchCurrent``)."""
+
+    def seen() -> int:
+        return watcher.seen.get(stream, 0)
+
+    return probes.WatchCurrent(js=js, stream=stream, seen=seen)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from libshared import connecting
+from libshared import connecting, probes
 
 DEFAULT_PORT = 9394  # the port HAMi's vGPU monitor serves its /metrics on (docs/metrics.md)
 
@@ -25,7 +25,9 @@ class Settings:
     the schedule subject: with no replica up, clients then wait out their timeout instead
     of getting NATS' "no responders" at once). ``zone``: HAMi's constant ``zone`` label.
     ``legacy_metrics``: serve HAMi's metric names of v2.8 and before as well (HAMi's
-    ``--legacy-metrics``), for dashboards that still query them.
+    ``--legacy-metrics``), for dashboards that still query them. ``health``: a port of
+    their own for ``/healthz`` and ``/readyz`` (``libshared.probes``), which ``port`` serves
+    as well.
     """
 
     bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
@@ -37,6 +39,7 @@ class Settings:
     zone: str = "vGPU"
     legacy_metrics: bool = False
     log_level: str = "info"
+    health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
 
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -72,6 +75,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         help="serve HAMi's metric names of v2.8 and before as well (HAMi's --legacy-metrics)",
     )
     parser.add_argument("--log-level", default=env.get("VSLICE_LOG_LEVEL", "info"))
+    probes.add_arguments(parser, env)
     args = parser.parse_args(list(argv or []))
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must be 0-65535")
@@ -93,4 +97,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         zone=args.zone,
         legacy_metrics=args.legacy_metrics,
         log_level=args.log_level,
+        health=probes.from_arguments(parser, args),
     )

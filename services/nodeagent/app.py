@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 import nats.errors
 
-from libshared import connecting, events, traces
+from libshared import connecting, events, probes, traces
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
 from libshared.subjects import valid_node
@@ -35,6 +35,7 @@ log = logging.getLogger("vslice.nodeagent")
 MIB = 1 << 20
 NVML_ESCAPE_MARGIN_MIB = 512  # a CUDA context's own memory, which no allocation charges
 XID_WAIT_S = 1.0
+USAGE_STALL_S = 60.0  # /healthz fails when no usage report went out for this long
 
 
 def hosted_nodes(settings: Settings) -> list[NodeDevices]:
@@ -93,10 +94,15 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         await serve_slices(settings, settings.slices, stop)
         return
     nodes = hosted_nodes(settings)
+    health = probes.Probes()
     async with contextlib.AsyncExitStack() as stack:
-        await open_agent(settings, stack, nodes)
+        await probes.serving(health, settings.health, stack)
+        agent = await open_agent(settings, stack, nodes)
+        health.ready_when("nats", probes.connected(agent.nc))
+        health.started()
         log.info("nodeagent serving", extra={"agent": settings.name, "nodes": len(nodes)})
         await stop.wait()
+        health.stopping()
     log.info("stopped", extra={"agent": settings.name})
 
 
@@ -176,11 +182,15 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         )
 
     tasks: list[asyncio.Task[None]] = []
+    health = probes.Probes()
+    reported = [time.monotonic()]  # when the last usage report went out
     async with contextlib.AsyncExitStack() as stack:
+        await probes.serving(health, settings.health, stack)
         stack.callback(backend.close)
         agent = None
         if settings.use_bus:
             agent = await open_agent(settings, stack, [registration()], slicer=slicer)
+            health.ready_when("nats", probes.connected(agent.nc))
         nc = None if agent is None else agent.nc
         plugin = None
         if plugin_settings is not None:
@@ -205,6 +215,14 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
             )
             await plugin.start()
             stack.push_async_callback(plugin.stop)
+            registered = plugin
+
+            def with_kubelet() -> str:
+                if registered.registered_with is None:
+                    return "device plugin: not registered with kubelet"
+                return ""
+
+            health.ready_when("kubelet", with_kubelet)
         log.info(
             "node registered",
             extra={
@@ -232,6 +250,19 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
             if nc is not None:
                 await nc.publish(settings.bus.subjects.usage(node), events.ENCODER.encode(usage))
             slicer.sweep()
+            reported[0] = time.monotonic()
+
+        # NVML calls run in threads: one that hangs stalls the usage loop, not the event
+        # loop, so the loop's own ticker would not see it
+        usage_stall_s = max(USAGE_STALL_S, 5 * real.usage_interval_s)
+
+        def usage_flowing() -> str:
+            since = time.monotonic() - reported[0]
+            if since > usage_stall_s:
+                return f"usage: no report for {since:.0f} s (limit {usage_stall_s:g} s)"
+            return ""
+
+        health.alive_when("usage", usage_flowing)
 
         async def watch_health() -> None:
             xids = await asyncio.to_thread(backend.wait_xids, XID_WAIT_S)
@@ -264,8 +295,12 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
             await asyncio.gather(*tasks, return_exceptions=True)
 
         stack.push_async_callback(cancel_tasks)
+        for name, task in zip(("usage loop", "xid loop", "rediscover loop"), tasks, strict=True):
+            health.task(name, task)
+        health.started()
         log.info("nodeagent serving", extra={"agent": settings.name, "node": node})
         await stop.wait()
+        health.stopping()
     log.info("stopped", extra={"agent": settings.name})
 
 

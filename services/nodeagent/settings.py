@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from libshared import connecting
+from libshared import connecting, probes
 from services.nodeagent.core.fleets import DEFAULT_SPLIT_COUNT, FleetSpec, parse_devices
 from services.nodeagent.core.registrations import Scaling
 
@@ -83,7 +83,8 @@ class Settings:
     """``fleet_csv``: openb node list to host (wins over ``spec``); ``split_count`` for it
     (``None``: the replay default of ``libshared.traces``); ``name``: the agent (and its
     durable consumer's) name; ``unregister``: on SIGTERM delete the hosted nodes from the
-    nodes bucket (a fleet leaving the stack; a restarting agent keeps them)."""
+    nodes bucket (a fleet leaving the stack; a restarting agent keeps them); ``health``:
+    where ``/healthz`` and ``/readyz`` are served (``libshared.probes``)."""
 
     bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
     spec: FleetSpec = field(default_factory=FleetSpec)
@@ -95,6 +96,7 @@ class Settings:
     device_plugin: DevicePluginSettings | None = None
     use_bus: bool = True
     unregister: bool = False
+    health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
 
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -188,6 +190,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         help="talk to the Kubernetes API: in-cluster config, else $KUBECONFIG (env VSLICE_KUBE)",
     )
     argv = list(argv or [])
+    probes.add_arguments(parser, env)
     args = parser.parse_args(argv)
     try:
         bus = connecting.from_arguments(args)
@@ -258,4 +261,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         device_plugin=device_plugin,
         use_bus=device_plugin is None or nats_given,
         unregister=args.unregister,
+        health=probes.from_arguments(parser, args),
     )

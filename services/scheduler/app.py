@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 
-from libshared import connecting, kubeclients, tlsfiles, traces
+from libshared import connecting, kubeclients, probes, tlsfiles, traces
 from libshared import leases as leasing
 from services.scheduler.adapters import bus, extender, kube, upkeep
 from services.scheduler.core import replaying
@@ -41,7 +41,17 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
     """Run a replica until ``stop`` is set; without one, until SIGTERM/SIGINT."""
     stop = connecting.stop_on_signals(stop)
     scheduler = build_scheduler(settings)
-    nc = await connecting.connect(settings.bus, name=f"scheduler-{settings.name}")
+    # /readyz: 503 until connected, the buckets open, the view read and Kubernetes
+    # reconciled; then while connected and the ledger watch is current
+    health = probes.Probes()
+    served = contextlib.AsyncExitStack()
+    await probes.serving(health, settings.health, served)
+    try:
+        nc = await connecting.connect(settings.bus, name=f"scheduler-{settings.name}")
+    except BaseException:
+        await served.aclose()
+        raise
+    health.ready_when("nats", probes.connected(nc))
     try:
         js = nc.jetstream(timeout=settings.bus.request_timeout_s)
         opened = await connecting.ensure_bus(js, settings.bus)
@@ -59,20 +69,28 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
             max_in_flight=settings.max_in_flight,
         )
         await replica.start()
+        ledger_stream = f"KV_{settings.bus.subjects.ledger_bucket}"
+        health.ready_when(
+            "ledger watch",
+            probes.WatchCurrent(js=js, stream=ledger_stream, seen=lambda: replica.view.seen_seq),
+        )
         leases = await leasing.open_leases(js, settings.bus, create=True)
         upkept = upkeep.Upkeep(replica=replica, leases=leases, claims=opened.pods)
         upkept.start()
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(upkept.stop)
             await _kubernetes(settings, replica, stack)
+            health.started()
             log.info(
                 "scheduler serving", extra={"replica": settings.name, "policy": settings.policy}
             )
             await stop.wait()
+            health.stopping()
             log.info("draining", extra={"replica": settings.name})
         await replica.stop()
     finally:
         await connecting.drain_quietly(nc)
+        await served.aclose()
     log.info("stopped", extra={"replica": settings.name})
 
 

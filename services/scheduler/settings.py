@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from libshared import connecting, kubeclients
+from libshared import connecting, kubeclients, probes
 from services.scheduler.core.deciding import POLICIES
 
 
@@ -41,6 +41,9 @@ class Settings:
     (required off loopback);
     ``kube`` talks to the API server (``None``: off); ``reservation_ttl_s``: how long a
     reservation may wait for its bind before it is released, seconds.
+
+    ``health``: where ``/healthz`` and ``/readyz`` are served over HTTP (``libshared.probes``;
+    the port 0: not served).
     """
 
     bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
@@ -62,6 +65,7 @@ class Settings:
     tls_key: str | None = None
     kube: kubeclients.KubeSettings | None = None
     reservation_ttl_s: float = 60.0
+    health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
 
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -132,6 +136,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         default=float(env.get("VSLICE_RESERVATION_TTL", "60") or 60),
         help="seconds a reservation waits for its bind (env VSLICE_RESERVATION_TTL)",
     )
+    probes.add_arguments(parser, env)
     args = parser.parse_args(list(argv or []))
     if not 0 <= args.extender_port <= 65535:
         parser.error(f"--extender-port {args.extender_port}: must be 0-65535")
@@ -187,6 +192,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         tls_key=args.tls_key,
         kube=kubeclients.KubeSettings() if args.kube else None,
         reservation_ttl_s=args.reservation_ttl,
+        health=probes.from_arguments(parser, args),
         **extra,
     )
 

@@ -101,6 +101,8 @@ class Watcher:
     _subs: list[Subscription] = field(init=False, default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
     _pending: dict[str, float] = field(init=False, default_factory=dict)
+    # the last sequence taken in from each bucket's stream (``KV_<bucket>``)
+    seen: dict[str, int] = field(init=False, default_factory=dict)
 
     async def start(self, *, timeout_s: float = 30.0) -> None:
         """Watch both buckets until each delivered its current content, then subscribe to
@@ -149,6 +151,7 @@ class Watcher:
 
         async def on_entry(msg: Msg) -> None:
             meta = msg.metadata
+            self.seen[stream] = max(self.seen.get(stream, 0), meta.sequence.stream)
             if not (msg.headers and MARKER_HEADER in msg.headers):
                 op = msg.headers.get(KV_OP) if msg.headers else None
                 value = None if op in (KV_DEL, KV_PURGE) else msg.data

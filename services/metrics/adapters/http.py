@@ -9,8 +9,9 @@ build step, nothing fetched from elsewhere), its data from ``services.metrics.co
 ``limit``; 400 with the parameter named for a bad one), ``GET /api/nodes/{node}`` (one
 node's GPUs and slices; 404 for an unknown node), ``GET /api/fleet`` (everything in one
 object, for tools), and ``GET /favicon.svg`` / ``/favicon.ico``, ``GET /healthz`` (200
-while the process serves), ``GET /readyz`` (200 while the wiring says the view is fed --
-connected to the bus and not stopping -- else 503 with the reason). Thin glue: every
+while the process serves and its loop is responsive), ``GET /readyz`` (200 while the view
+is fed -- connected to the bus, the bucket watches current, not stopping -- else 503 with
+the reasons; ``libshared.probes``). Thin glue: every
 figure comes from the core. A background task records the fleet figures every
 ``history_interval_s`` seconds for the history.
 
@@ -39,6 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from libshared import probes
 from services.metrics.core import dashboards, exporting, views
 from services.metrics.core.views import FleetView
 
@@ -124,11 +126,18 @@ def application(
     clock: Callable[[], float] = time.time,
     unready: Callable[[], str] = lambda: "",
     history_interval_s: float = HISTORY_INTERVAL_S,
+    health: probes.Probes | None = None,
 ) -> web.Application:
     """The aiohttp application serving ``registry`` (which holds ``collector``, drawing
     from ``view``) and the dashboard of ``view``, recording its history every
-    ``history_interval_s`` seconds while it runs; ``unready`` says why the service is not
-    ready (``""``: it is), for ``/readyz``."""
+    ``history_interval_s`` seconds while it runs. ``/healthz`` and ``/readyz`` are
+    ``health``'s (``libshared.probes``); without it, ready when ``unready`` says so
+    (``""``), else 503 with its reason."""
+    own = health is None  # then its ticker runs with this application
+    if health is None:
+        health = probes.Probes()
+        health.ready_when("wiring", unready)
+        health.started()
     body = page()
     icon = page("favicon.svg")
     scraping = asyncio.Lock()
@@ -204,15 +213,6 @@ def application(
         out.headers["Cache-Control"] = "max-age=86400"
         return out
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(request: web.Request) -> web.Response:
-        why = unready()
-        if why:
-            return web.Response(text=why + "\n", status=503)
-        return web.Response(text="ok\n")
-
     async def recording(app: web.Application) -> AsyncIterator[None]:
         async def record() -> None:
             while True:
@@ -221,10 +221,13 @@ def application(
                 await asyncio.sleep(history_interval_s)
 
         task = asyncio.create_task(record())
+        await health.start()
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if own:
+            await health.stop()
 
     app = web.Application(client_max_size=1024)
     app.cleanup_ctx.append(recording)
@@ -236,8 +239,7 @@ def application(
     app.router.add_get("/api/nodes/{node}", node)
     app.router.add_get("/favicon.svg", favicon)
     app.router.add_get("/favicon.ico", favicon)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    app.add_routes(health.routes())
     return app
 
 
