@@ -329,7 +329,10 @@ def test_every_service_on_the_bus_uses_the_same_nats_and_bucket_replicas() -> No
         assert sources["VSLICE_NATS_URL"] == {"name": "vslice-bus", "key": "nats-url"}
         assert sources["VSLICE_BUCKET_REPLICAS"] == {"name": "vslice-bus", "key": "bucket-replicas"}
     ((_, admission),) = [(w, c) for w, c in _vslice_containers() if c["name"] == "admission"]
-    assert "env" not in admission and objects.has("ConfigMap", "vslice-bus")
+    # the webhook uses no bus: nothing in its environment names NATS or the buckets
+    names = {e["name"] for e in admission.get("env", [])}
+    assert not {n for n in names if "NATS" in n or "BUCKET" in n}, names
+    assert objects.has("ConfigMap", "vslice-bus")
 
 
 def _leaf(secret: str) -> kubecerts.Leaf:
@@ -464,3 +467,34 @@ def test_the_node_agent_shares_the_host_pid_namespace_to_see_the_pods_processes(
     # /proc/<pid>/environ and mount namespace, which only the host's /proc shows
     spec = built.base().get("DaemonSet", "vslice-nodeagent")["spec"]["template"]["spec"]
     assert spec.get("hostPID") is True
+
+
+@pytest.mark.parametrize("container", ["admission", "scheduler", "nodeagent", "metrics"])
+def test_each_service_is_probed_over_http_on_healthz_and_readyz_at_the_port_it_serves_them(
+    container: str,
+) -> None:
+    objects = built.base()
+    ((_, spec),) = [(w, c) for w, c in _vslice_containers() if c["name"] == container]
+    ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
+    liveness, readiness = spec["livenessProbe"], spec["readinessProbe"]
+    # HTTP, never tcpSocket: a stalled process still accepts a TCP connection
+    assert "tcpSocket" not in liveness and "tcpSocket" not in readiness
+    assert liveness["httpGet"]["path"] == "/healthz"
+    assert readiness["httpGet"]["path"] == "/readyz"
+    for probe in (liveness, readiness):
+        assert probe["httpGet"].get("scheme", "HTTP") == "HTTP"  # no client certificate
+        assert probe["httpGet"]["port"] == liveness["httpGet"]["port"]
+    port = ports[liveness["httpGet"]["port"]]
+    module = spec["command"][2]
+    parse = importlib.import_module(module + ".settings").parse
+    pending = PENDING.get(module, {})
+    unknown = set(_flags(spec.get("args", []))) - set(
+        re.findall(r"--[a-z][a-z0-9-]*", _help(module))
+    )
+    settings = parse(_without(list(spec.get("args", [])), unknown, pending), objects.env(spec))
+    if container == "metrics":  # its own port serves the probes' routes too
+        assert port == settings.port
+    else:
+        assert (settings.health.port, settings.health.host) == (port, "0.0.0.0")
+    # a liveness failure restarts the pod: it must not fire on one slow answer
+    assert liveness.get("failureThreshold", 3) * liveness.get("periodSeconds", 10) >= 30
