@@ -1,10 +1,15 @@
 """``compose/docker-compose.yaml`` is a valid compose file -- Debian's ``docker-compose config``
 renders it (no Docker engine needed) -- with the stack of ``ARCHITECTURE.md``: NATS with
 JetStream, admission, two scheduler replicas, a mock node agent and metrics, each vslice
-service running a command that ``vslice up`` also runs (host names aside)."""
+service built from the one Dockerfile, running a command that ``vslice up`` also runs (host
+names aside; the replicas' seeds drawn from their names), with a healthcheck on its
+``/readyz``; ``.dockerignore`` keeps the virtual environment, builds and history out of the
+image."""
 
 from __future__ import annotations
 
+import fnmatch
+import importlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,6 +32,9 @@ HOST_VALUED = {
     "--identity",
     "--nkey-seed",
     "--nats-tls-ca",
+    # `vslice up` numbers its replicas' seeds; compose's replicas share one command, so
+    # each draws its seed from its container's name (`auto`)
+    "--seed",
 }
 SERVICES = ("admission", "scheduler", "nodeagent", "metrics")
 
@@ -144,3 +152,92 @@ def test_the_dockerfile_installs_the_packages_the_services_run_from() -> None:
     for package in ("libshared", "services", "vslice"):
         assert f"COPY {package} {package}" in text
     assert "pip install" in text and "USER " in text
+
+
+def test_every_vslice_service_builds_the_one_image_from_the_dockerfile(
+    rendered: dict[str, Any],
+) -> None:
+    services = rendered["services"]
+    for name in ("certs", *SERVICES):
+        build = services[name]["build"]
+        assert build["dockerfile"] == "compose/Dockerfile", name
+        assert Path(build["context"]) == repo_root(), name
+        assert services[name]["image"] == "ghcr.io/vslice/vslice:0.1.0", name
+
+
+def test_the_scheduler_replicas_draw_their_seeds_from_their_names(
+    rendered: dict[str, Any],
+) -> None:
+    command = flags([str(w) for w in rendered["services"]["scheduler"]["command"]])
+    assert command["--seed"] == "auto"
+    assert "--name" not in command  # each replica is named after its container
+
+
+def test_every_service_has_a_healthcheck_on_its_http_health_endpoint(
+    rendered: dict[str, Any],
+) -> None:
+    services = rendered["services"]
+    for name in SERVICES:
+        env = services[name]["environment"]
+        port = int(env["VSLICE_HEALTH_PORT"])
+        check = services[name]["healthcheck"]
+        assert check["test"][0] == "CMD", name
+        assert f"http://127.0.0.1:{port}/readyz" in " ".join(check["test"]), name
+        assert env["VSLICE_HEALTH_HOST"] == "127.0.0.1", name  # probed from inside
+        assert services[name]["depends_on"]["nats"]["condition"] == "service_healthy", name
+    nats = services["nats"]["healthcheck"]["test"]
+    assert "http://127.0.0.1:8222/healthz" in nats  # nats.conf's monitoring port (vslice certs)
+    assert services["nats"]["image"].endswith("-alpine")  # wget for it
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_each_services_parser_takes_the_compose_health_environment(
+    rendered: dict[str, Any], service: str
+) -> None:
+    parse = importlib.import_module(f"services.{service}.settings").parse
+    command = [str(w) for w in rendered["services"][service]["command"]][3:]
+    settings = parse(command, dict(rendered["services"][service]["environment"]))
+    assert settings.health.port == 8080
+    assert settings.health.host == "127.0.0.1"
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Whether Docker's ``.dockerignore`` rules (the last matching line wins, ``!`` keeps,
+    ``**`` spans directories, a directory takes what is under it) leave ``path`` out."""
+    out = False
+    for pattern in patterns:
+        keep = pattern.startswith("!")
+        pattern = pattern.removeprefix("!").strip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        candidates = [pattern, pattern.replace("**/", "")]
+        if any(fnmatch.fnmatchcase(p, c) for p in prefixes for c in candidates):
+            out = not keep
+    return out
+
+
+def test_the_dockerignore_keeps_builds_and_the_venv_out_and_the_sources_in() -> None:
+    lines = (repo_root() / ".dockerignore").read_text().splitlines()
+    patterns = [x.strip() for x in lines if x.strip() and not x.startswith("#")]
+    for path in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "services/nodeagent/libvgpu/libvgpu.so",
+        "services/nodeagent/mockgpu/libcuda.so.1",
+        "services/nodeagent/libvgpu/build/probe",
+        "libshared/__pycache__/x.cpython-311.pyc",
+        "vslice.egg-info/PKG-INFO",
+        "test-artifacts/a.png",
+    ):
+        assert _ignored(path, patterns), path
+    dockerfile = (repo_root() / "compose" / "Dockerfile").read_text()
+    copied = [
+        source
+        for line in dockerfile.splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+        for source in line.split()[1:-1]
+    ]
+    assert copied
+    for source in copied:  # what the image copies, and a file inside each directory
+        for path in (source, f"{source}/__init__.py", f"{source}/Makefile", f"{source}/memory.c"):
+            assert not _ignored(path, patterns), path
