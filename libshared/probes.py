@@ -300,3 +300,65 @@ class WatchCurrent:
                 f"{behind:.0f} s ago (now {last})"
             )
         return ""
+
+
+@dataclass
+class ConsumerCurrent:
+    """A durable pull consumer is current while nothing waits for it (``num_pending``, the
+    stream's messages it has not been handed yet, is 0) or while it keeps taking messages:
+    the check fails when messages have waited ``stale_s`` seconds with the consumer's
+    delivered sequence unchanged, naming how many wait. One request per call."""
+
+    js: JetStreamContext
+    stream: str
+    durable: str
+    stale_s: float = field(default_factory=lambda: STALE_S)
+    clock: Callable[[], float] = time.monotonic
+    _delivered: int = -1
+    _since: float | None = None
+
+    async def __call__(self) -> str:
+        info = await self.js.consumer_info(self.stream, self.durable)
+        pending = info.num_pending or 0
+        delivered = info.delivered.stream_seq if info.delivered is not None else 0
+        delivered = delivered or 0
+        now = self.clock()
+        if pending == 0:
+            self._since = None
+            return ""
+        if self._since is None or delivered != self._delivered:
+            self._delivered, self._since = delivered, now
+            return ""
+        waited = now - self._since
+        if waited > self.stale_s:
+            return (
+                f"consumer {self.durable} of {self.stream}: {pending} messages waiting, "
+                f"none taken for {waited:.0f} s"
+            )
+        return ""
+
+
+@dataclass
+class Beat:
+    """A loop that must keep going: ``mark()`` each time it completes a round; the check
+    fails once no round completed for ``limit_s`` seconds (counted from creation before
+    the first)."""
+
+    name: str
+    limit_s: float
+    clock: Callable[[], float] = time.monotonic
+    _last: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.limit_s > 0:
+            raise ValueError(f"Beat {self.name!r}: limit_s {self.limit_s} must be above 0")
+        self._last = self.clock()
+
+    def mark(self) -> None:
+        self._last = self.clock()
+
+    def __call__(self) -> str:
+        since = self.clock() - self._last
+        if since > self.limit_s:
+            return f"{self.name}: no round for {since:.0f} s (limit {self.limit_s:g} s)"
+        return ""

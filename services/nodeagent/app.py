@@ -98,7 +98,7 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
     async with contextlib.AsyncExitStack() as stack:
         await probes.serving(health, settings.health, stack)
         agent = await open_agent(settings, stack, nodes)
-        health.ready_when("nats", probes.connected(agent.nc))
+        _agent_checks(health, agent)
         health.started()
         log.info("nodeagent serving", extra={"agent": settings.name, "nodes": len(nodes)})
         await stop.wait()
@@ -183,14 +183,16 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
 
     tasks: list[asyncio.Task[None]] = []
     health = probes.Probes()
-    reported = [time.monotonic()]  # when the last usage report went out
+    # NVML calls run in threads: one that hangs stalls the usage loop, not the event loop,
+    # so the loop's own ticker would not see it
+    reported = probes.Beat("usage", max(USAGE_STALL_S, 5 * real.usage_interval_s))
     async with contextlib.AsyncExitStack() as stack:
         await probes.serving(health, settings.health, stack)
         stack.callback(backend.close)
         agent = None
         if settings.use_bus:
             agent = await open_agent(settings, stack, [registration()], slicer=slicer)
-            health.ready_when("nats", probes.connected(agent.nc))
+            _agent_checks(health, agent)
         nc = None if agent is None else agent.nc
         plugin = None
         if plugin_settings is not None:
@@ -250,19 +252,9 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
             if nc is not None:
                 await nc.publish(settings.bus.subjects.usage(node), events.ENCODER.encode(usage))
             slicer.sweep()
-            reported[0] = time.monotonic()
+            reported.mark()
 
-        # NVML calls run in threads: one that hangs stalls the usage loop, not the event
-        # loop, so the loop's own ticker would not see it
-        usage_stall_s = max(USAGE_STALL_S, 5 * real.usage_interval_s)
-
-        def usage_flowing() -> str:
-            since = time.monotonic() - reported[0]
-            if since > usage_stall_s:
-                return f"usage: no report for {since:.0f} s (limit {usage_stall_s:g} s)"
-            return ""
-
-        health.alive_when("usage", usage_flowing)
+        health.alive_when("usage", reported)
 
         async def watch_health() -> None:
             xids = await asyncio.to_thread(backend.wait_xids, XID_WAIT_S)
@@ -302,6 +294,17 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         await stop.wait()
         health.stopping()
     log.info("stopped", extra={"agent": settings.name})
+
+
+def _agent_checks(health: probes.Probes, agent: bus.Agent) -> None:
+    """Ready while connected and the placements consumer keeps taking what waits."""
+    health.ready_when("nats", probes.connected(agent.nc))
+    health.ready_when(
+        "placements",
+        probes.ConsumerCurrent(
+            js=agent.js, stream=agent.subjects.alloc_stream, durable=agent.durable
+        ),
+    )
 
 
 def enforce(usage: events.NodeUsage, *, kill: bool) -> events.NodeUsage:

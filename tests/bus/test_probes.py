@@ -239,3 +239,39 @@ async def test_a_watch_is_current_until_it_lags_the_stream_for_longer_than_stale
         )
     finally:
         await nc.close()
+
+
+async def test_a_consumer_is_current_until_messages_wait_on_it_longer_than_stale_s(
+    nats_server: NatsServer, prefix: str
+) -> None:
+    operator = nats_server.bus_settings(prefix=prefix)
+    nc = await connecting.connect(operator, name="consumer-check")
+    try:
+        js = nc.jetstream()
+        await connecting.ensure_bus(js, operator)
+        s = operator.subjects
+        sub = await js.pull_subscribe(
+            s.alloc_decided("n1"), durable="probed", stream=s.alloc_stream
+        )
+        now = [100.0]
+        check = probes.ConsumerCurrent(
+            js=js, stream=s.alloc_stream, durable="probed", stale_s=5.0, clock=lambda: now[0]
+        )
+        assert await check() == ""  # nothing waits
+        await js.publish(s.alloc_decided("n1"), b"{}")
+        await js.publish(s.alloc_decided("n1"), b"{}")
+        assert await check() == ""  # waiting, just now
+        now[0] += 6.0
+        assert await check() == (
+            f"consumer probed of {s.alloc_stream}: 2 messages waiting, none taken for 6 s"
+        )
+        (msg,) = await sub.fetch(1, timeout=10)
+        await msg.ack()
+        assert await check() == ""  # it took one: it gets stale_s again
+        now[0] += 6.0
+        assert (await check()).endswith("1 messages waiting, none taken for 6 s")
+        (msg,) = await sub.fetch(1, timeout=10)
+        await msg.ack()
+        assert await check() == ""  # nothing waits
+    finally:
+        await nc.close()

@@ -229,3 +229,17 @@ def test_a_health_port_out_of_range_is_refused_naming_it(
     with pytest.raises(SystemExit):
         probes.from_arguments(parser, parser.parse_args(["--health-port", "70000"]))
     assert "--health-port 70000: must be 0-65535" in capsys.readouterr().err
+
+
+def test_a_beat_fails_once_its_loop_missed_the_limit_and_passes_again_after_a_round() -> None:
+    clock = Clock()
+    beat = probes.Beat("usage", 60.0, clock=clock)
+    assert beat() == ""
+    clock.now += 60.0
+    assert beat() == ""
+    clock.now += 1.0
+    assert beat() == "usage: no round for 61 s (limit 60 s)"
+    beat.mark()
+    assert beat() == ""
+    with pytest.raises(ValueError, match="limit_s 0"):
+        probes.Beat("usage", 0)
