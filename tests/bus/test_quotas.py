@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
@@ -25,6 +24,7 @@ from services.scheduler import app as scheduler_app
 from services.scheduler.adapters import bus, quotas
 from services.scheduler.settings import Settings
 from tests.bus import helpers
+from tests.bus.racing import RacingKV
 
 NAMESPACE = "team-a"
 
@@ -34,26 +34,6 @@ def pod(uid: str, memory_mib: int = 4000, *, namespace: str = NAMESPACE) -> PodR
         name="main", index=0, init=False, gpu_count=1, memory_mib=memory_mib, cores_percent=10
     )
     return PodRequest(uid=uid, namespace=namespace, name=uid, containers=(c,))
-
-
-class RacingKV:
-    """A quota bucket whose first read on each of ``parties`` replicas waits until every
-    one of them has read: all of them then decide on the same revision, and all but one
-    lose the compare-and-set."""
-
-    def __init__(self, kv: KeyValue, barrier: asyncio.Barrier) -> None:
-        self._kv, self._barrier, self._first = kv, barrier, True
-
-    async def get(self, key: str) -> Any:
-        entry = await self._kv.get(key)
-        if self._first:
-            self._first = False
-            async with asyncio.timeout(30):
-                await self._barrier.wait()
-        return entry
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._kv, name)
 
 
 @contextlib.asynccontextmanager

@@ -53,6 +53,7 @@ from services.scheduler.core import quotas as rules
 log = logging.getLogger("vslice.scheduler.quotas")
 
 WATCH_BACKOFF_S = 1.0  # pause before listing the ResourceQuotas again after a failed watch
+MAX_BACKOFF_S = 30.0  # longest pause between failed lists (RBAC without resourcequotas)
 TEMPORARY = "temporary: "  # the prefix of a refusal that says nothing about the quota
 _JSON = msgspec.json.Decoder()
 
@@ -324,10 +325,16 @@ class QuotaWatch:
 
     async def start(self) -> None:
         """List the ResourceQuotas and write every namespace's limits, then watch in the
-        background. Raises ``ApiException`` / ``aiohttp.ClientError`` when the list
-        fails, ``nats.errors.Error`` when the bucket cannot be written."""
-        await self._relist()
-        self._task = asyncio.create_task(self._watch_loop(), name="vslice-quota-watch")
+        background. A list that fails (the API refuses it, the bucket cannot be written)
+        is logged and tried again in the background: the limits last written stay in
+        force meanwhile, and the replica schedules on."""
+        listed = False
+        try:
+            await self._relist()
+            listed = True
+        except Exception as exc:  # any failure: the watch loop lists again
+            log.warning("quota list failed", extra={"error": str(exc)})
+        self._task = asyncio.create_task(self._watch_loop(listed), name="vslice-quota-watch")
 
     async def stop(self) -> None:
         """Stop watching."""
@@ -386,8 +393,20 @@ class QuotaWatch:
                 return
         await self.gate.set_limits(namespace, limits, placed)
 
-    async def _watch_loop(self) -> None:
+    async def _watch_loop(self, listed: bool) -> None:
+        backoff_s = WATCH_BACKOFF_S
         while True:
+            if not listed:
+                try:
+                    await self._relist()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("quota list failed", extra={"error": str(exc)})
+                    await asyncio.sleep(backoff_s)
+                    backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
+                    continue
+                backoff_s = WATCH_BACKOFF_S
             try:
                 async with watch.Watch(return_type="object") as w:
                     stream = w.stream(
@@ -406,10 +425,5 @@ class QuotaWatch:
                 raise
             except Exception as exc:  # any failure: list again, so nothing is missed
                 log.warning("quota watch failed; listing again", extra={"error": str(exc)})
+            listed = False
             await asyncio.sleep(WATCH_BACKOFF_S)
-            try:
-                await self._relist()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("quota list failed", extra={"error": str(exc)})

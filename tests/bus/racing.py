@@ -1,0 +1,28 @@
+"""A quota bucket that makes replicas race: for the tests of namespace quotas."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from nats.js.kv import KeyValue
+
+
+class RacingKV:
+    """A quota bucket whose first read on each of ``parties`` replicas waits until every
+    one of them has read: all of them then decide on the same revision, and all but one
+    lose the compare-and-set."""
+
+    def __init__(self, kv: KeyValue, barrier: asyncio.Barrier) -> None:
+        self._kv, self._barrier, self._first = kv, barrier, True
+
+    async def get(self, key: str) -> Any:
+        entry = await self._kv.get(key)
+        if self._first:
+            self._first = False
+            async with asyncio.timeout(30):
+                await self._barrier.wait()
+        return entry
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kv, name)
