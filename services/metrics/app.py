@@ -14,7 +14,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 
 from libshared import connecting
-from services.metrics.adapters import bus, http
+from services.metrics.adapters import bus, http, quotas
 from services.metrics.core.views import FleetView
 from services.metrics.settings import Settings
 
@@ -43,6 +43,7 @@ async def main(
     registry.register(collector)
     nc = await connecting.connect(settings.bus, name="metrics")
     runner = None
+    feed: quotas.QuotaFeed | None = None
     try:
         js = nc.jetstream(timeout=settings.bus.request_timeout_s)
         await connecting.ensure_bus(js, settings.bus, create=False)
@@ -56,6 +57,11 @@ async def main(
             observe_requests=settings.observe_requests,
         )
         await watcher.start()
+        feed = quotas.QuotaFeed(
+            js=js, subjects=settings.bus.subjects, rejected=instruments.rejected
+        )
+        feed.start()
+        collector.quotas = feed.series
 
         def unready() -> str:
             if stop.is_set():
@@ -75,6 +81,8 @@ async def main(
         runner = None
         await watcher.stop()
     finally:
+        if feed is not None:
+            await feed.stop()
         if runner is not None:
             await runner.cleanup()
         await connecting.drain_quietly(nc)
