@@ -48,6 +48,7 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         js = nc.jetstream(timeout=settings.bus.request_timeout_s)
         opened = await connecting.ensure_bus(js, settings.bus)
         gate = quotas.QuotaGate(kv=await quotas.open_quotas(js, settings.bus, create=True))
+        await gate.watch()
         replica = bus.Replica(
             nc=nc,
             js=js,
@@ -80,6 +81,7 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
             await stop.wait()
             log.info("draining", extra={"replica": settings.name})
         await replica.stop()
+        await gate.close()
     finally:
         await connecting.drain_quietly(nc)
     log.info("stopped", extra={"replica": settings.name})

@@ -1,4 +1,5 @@
-"""A quota bucket that makes replicas race: for the tests of namespace quotas."""
+"""Quota buckets that make replicas race, or count their reads: for the tests of
+namespace quotas."""
 
 from __future__ import annotations
 
@@ -23,6 +24,20 @@ class RacingKV:
             async with asyncio.timeout(30):
                 await self._barrier.wait()
         return entry
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kv, name)
+
+
+class CountingKV:
+    """A bucket that counts its reads."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv, self.gets = kv, 0
+
+    async def get(self, key: str) -> Any:
+        self.gets += 1
+        return await self._kv.get(key)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._kv, name)

@@ -24,7 +24,7 @@ from services.scheduler import app as scheduler_app
 from services.scheduler.adapters import bus, quotas
 from services.scheduler.settings import Settings
 from tests.bus import helpers
-from tests.bus.racing import RacingKV
+from tests.bus.racing import CountingKV, RacingKV
 
 NAMESPACE = "team-a"
 
@@ -192,3 +192,38 @@ async def test_the_upkeep_drops_a_charge_whose_pod_never_committed_and_keeps_cla
         assert {c.pod_uid for c in (await stored(kv)).charges} == {"placed", "inflight"}
         assert await upkeep.once() == 0
         assert isinstance(await r.schedule(pod("late", 1000)), events.Placement)
+
+
+async def test_a_gate_following_the_keys_reads_no_quota_for_a_namespace_without_one(
+    nats_server: NatsServer, prefix: str, bus_settings: BusSettings, nc: Client
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=1))
+    kv = await quotas.open_quotas(nc.jetstream(), bus_settings, create=True)
+    async with replicas(nats_server, prefix, 1) as (r,):
+        counting = CountingKV(kv)
+        gate = quotas.QuotaGate(kv=counting)  # type: ignore[arg-type]
+        await gate.watch()
+        r.quotas = gate
+        try:
+            assert gate.known == set()
+            assert isinstance(await r.schedule(pod("free", namespace="team-b")), events.Placement)
+            assert (await r.release("free")).node == "node-0"
+            assert counting.gets == 0
+            # a quota written later is enforced once the gate's watch has seen its key
+            await set_quota(nc, bus_settings, 4000)
+            async with asyncio.timeout(30):
+                while pod_key(NAMESPACE) not in (gate.known or set()):
+                    await asyncio.sleep(0.02)
+            assert isinstance(await r.schedule(pod("a")), events.Placement)
+            refused = await r.schedule(pod("b"))
+            assert isinstance(refused, events.Unschedulable)
+            assert refused.reason.startswith("ResourceQuotaNotFit: namespace team-a")
+            assert counting.gets >= 2
+            # the key deleted: no quota any more
+            await kv.delete(pod_key(NAMESPACE))
+            async with asyncio.timeout(30):
+                while pod_key(NAMESPACE) in (gate.known or set()):
+                    await asyncio.sleep(0.02)
+            assert isinstance(await r.schedule(pod("b")), events.Placement)
+        finally:
+            await gate.close()

@@ -8,9 +8,13 @@ fits, and writes the value with the charge by ``kv.update(key, value, last=revis
 Of two replicas racing for the last slice of a quota only one compare-and-set lands; the
 other re-reads, sees the winner's charge and refuses -- HAMi, which counts usage in one
 scheduler's memory, has no such guarantee across replicas. A namespace without a key has
-no quota and costs one read. A reservation whose ledger commit does not follow is taken
-back (``unreserve``) and a released pod's charge dropped; a replica that dies in between
-leaves a charge that ``QuotaUpkeep`` drops once the pod is in no ledger and holds no claim.
+no quota: a gate that ``watch``es the bucket's keys skips it without a read (one that does
+not reads the key each time). A quota is enforced from the moment the replica's watch
+sees its key (its own ``QuotaWatch`` marks it at once); a pod reserved just before is
+charged afterwards from the ledger, as are pods placed before the quota. A reservation
+whose ledger commit does not follow is taken back (``unreserve``) and a released pod's
+charge dropped; a replica that dies in between leaves a charge that ``QuotaUpkeep`` drops
+once the pod is in no ledger and holds no claim.
 
 ``QuotaWatch`` lists and watches the cluster's ResourceQuotas (kubernetes-asyncio) and
 writes each namespace's tightest limits, charging the pods the ledger already holds there.
@@ -41,7 +45,7 @@ from nats.js.errors import (
     KeyWrongLastSequenceError,
     NoKeysError,
 )
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from libshared import ledgers
 from libshared import quotas as schema
@@ -86,13 +90,61 @@ async def open_quotas(
 class QuotaGate:
     """Reservations against the namespaces' quotas in ``kv`` (see the module docstring).
     ``max_attempts``: compare-and-set attempts before a reservation is refused as
-    temporary. ``reserved`` / ``refused`` / ``conflicts`` count what it did."""
+    temporary. ``reserved`` / ``refused`` / ``conflicts`` count what it did. ``known``:
+    the bucket's keys while ``watch`` runs (None before: every reservation reads)."""
 
     kv: KeyValue
     max_attempts: int = 16
     reserved: int = 0
     refused: int = 0
     conflicts: int = 0
+    known: set[str] | None = None
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
+
+    async def watch(self, *, timeout_s: float = 30.0) -> None:
+        """Follow the bucket's keys in the background (until ``close()``), so that a
+        namespace without a quota costs no read; returns once the current keys are
+        known. Raises ``TimeoutError`` when they are not read within ``timeout_s``."""
+        ready = asyncio.Event()
+        self._task = asyncio.create_task(self._follow(ready), name="vslice-quota-keys")
+        async with asyncio.timeout(timeout_s):
+            await ready.wait()
+
+    async def close(self) -> None:
+        """Stop following the keys (every reservation reads again)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.known = None
+
+    async def _follow(self, ready: asyncio.Event) -> None:
+        while True:
+            keys: set[str] = set()
+            try:
+                watcher = await self.kv.watchall(headers_only=True)
+                try:
+                    async for entry in watcher:
+                        if entry is None:  # the current keys are read
+                            self.known = keys
+                            ready.set()
+                        elif entry.operation in (KV_DEL, KV_PURGE):
+                            keys.discard(entry.key)
+                        else:
+                            keys.add(entry.key)
+                finally:
+                    with contextlib.suppress(nats.errors.Error):
+                        await watcher.stop()  # type: ignore[no-untyped-call]
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("quota keys not followed", extra={"error": str(exc)})
+            # the watch ended: read every key until it is followed again
+            self.known = None
+            await asyncio.sleep(WATCH_BACKOFF_S)
+
+    def _skip(self, namespace: str) -> bool:
+        """True when the followed keys show ``namespace`` has no quota value."""
+        return self.known is not None and pod_key(namespace) not in self.known
 
     async def _read(self, namespace: str) -> tuple[schema.NamespaceQuota | None, int]:
         """The namespace's value and its revision; ``(None, 0)`` when it has none.
@@ -112,6 +164,8 @@ class QuotaGate:
         ...`` (``core.quotas.refusal``; an undecodable value refuses too), or
         ``temporary: ...`` when the bucket cannot be read or written. Never raises."""
         ns = placement.namespace
+        if self._skip(ns):
+            return None
         charge = rules.placement_charge(placement)
         for _ in range(self.max_attempts):
             try:
@@ -151,6 +205,8 @@ class QuotaGate:
     async def unreserve(self, namespace: str, pod_uid: str) -> None:
         """Drop ``pod_uid``'s charge from ``namespace``'s quota, if it has one. Never
         raises: a failure is logged and left to ``QuotaUpkeep``."""
+        if self._skip(namespace):
+            return
         for _ in range(self.max_attempts):
             try:
                 quota, revision = await self._read(namespace)
@@ -190,6 +246,7 @@ class QuotaGate:
                 quota, revision = None, -1
             new = rules.limited(quota, namespace, limits, placed)
             if new is None:
+                self._mark(key)
                 return False
             try:
                 if revision == 0:
@@ -201,6 +258,7 @@ class QuotaGate:
             except KeyWrongLastSequenceError:
                 self.conflicts += 1
                 continue
+            self._mark(key)
             log.info(
                 "quota limits",
                 extra={
@@ -211,6 +269,11 @@ class QuotaGate:
             )
             return True
         return False
+
+    def _mark(self, key: str) -> None:
+        """Take ``key`` as a quota value's at once (the watch may tell later)."""
+        if self.known is not None:
+            self.known.add(key)
 
     async def reconcile(
         self,

@@ -60,9 +60,10 @@ async def replicas(
                 name=s.name,
             )
             if quota:
-                replica.quotas = quotas.QuotaGate(
-                    kv=await quotas.open_quotas(js, settings, create=True)
-                )
+                gate = quotas.QuotaGate(kv=await quotas.open_quotas(js, settings, create=True))
+                await gate.watch()
+                stack.push_async_callback(gate.close)
+                replica.quotas = gate
             await replica.start()
             api = await kubeclients.api_client(kubeclients.KubeSettings(host=api_url))
             stack.push_async_callback(api.close)
