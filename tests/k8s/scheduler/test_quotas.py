@@ -8,6 +8,8 @@ quota admits more."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -28,6 +30,7 @@ from tests.k8s.scheduler.pods import pod, registration
 
 NODES = ["n1", "n2"]
 NAMESPACE = "team-a"
+WAIT_S = 30.0
 REFUSAL = (
     "ResourceQuotaNotFit: namespace team-a asks 4000 MiB of nvidia.com/gpumem with 8000 MiB"
     " in use of its quota 8000 MiB (ResourceQuota limits.nvidia.com/gpumem)"
@@ -58,13 +61,21 @@ async def quota_value(nc: Client, bus: BusSettings) -> schema.NamespaceQuota | N
     return schema.DECODER.decode(entry.value or b"")
 
 
-async def wait_limit(nc: Client, bus: BusSettings, memory_mib: int) -> None:
-    for _ in range(500):
+async def wait_value(
+    nc: Client, bus: BusSettings, check: Callable[[schema.NamespaceQuota], bool], what: str
+) -> schema.NamespaceQuota:
+    """The namespace's value once ``check`` holds (polled; a generous 30 s deadline)."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
         value = await quota_value(nc, bus)
-        if value is not None and value.memory_mib == memory_mib:
-            return
+        if value is not None and check(value):
+            return value
         await asyncio.sleep(0.02)
-    raise AssertionError(f"the quota bucket never showed the limit {memory_mib}")
+    raise AssertionError(f"the quota bucket never showed {what} within {WAIT_S} s")
+
+
+async def wait_limit(nc: Client, bus: BusSettings, memory_mib: int) -> None:
+    await wait_value(nc, bus, lambda v: v.memory_mib == memory_mib, f"the limit {memory_mib}")
 
 
 async def stack(
@@ -113,14 +124,10 @@ async def test_a_gpumem_quota_of_8000_admits_two_4000_mib_pods_and_refuses_the_t
         await session.delete(f"{api_url}/api/v1/namespaces/{NAMESPACE}/pods/first")
         await eventually(
             lambda: x.kube.stats.deleted + y.kube.stats.deleted >= 1,
+            timeout_s=WAIT_S,
             what="the deleted pod released",
         )
-        for _ in range(200):
-            value = await quota_value(nc, bus_settings)
-            if value is not None and value.used() == (4000, 10):
-                break
-            await asyncio.sleep(0.02)
-        assert value is not None and value.used() == (4000, 10)
+        await wait_value(nc, bus_settings, lambda v: v.used() == (4000, 10), "4000 MiB used")
         # both replicas read the namespace's quota before either writes it
         barrier = asyncio.Barrier(2)
         gates = [x.replica.quotas, y.replica.quotas]
@@ -173,3 +180,42 @@ async def test_a_raised_resource_quota_admits_the_pod_it_refused(
         assert stored is not None
         again = await filter_pod(session, x.url, stored, NODES)
         assert len(again["NodeNames"]) == 1, again
+
+
+async def test_a_deleted_resource_quota_lifts_the_limit_and_keeps_counting(
+    nc: Client, bus_settings: BusSettings, api: ApiServer, session: aiohttp.ClientSession
+) -> None:
+    api_url = await stack(nc, bus_settings, api, session)
+    async with harness.replicas(bus_settings, api_url, 1, quota=True) as (x,):
+        await wait_limit(nc, bus_settings, 8000)
+        for name in ("a", "b"):
+            _, answer = await admitted(session, x.url, api_url, name)
+            assert answer["NodeNames"], answer
+        await session.delete(f"{api_url}/api/v1/namespaces/{NAMESPACE}/resourcequotas/gpu")
+        await wait_value(nc, bus_settings, lambda v: v.memory_mib is None, "no limit")
+        _, answer = await admitted(session, x.url, api_url, "c")
+        assert answer["NodeNames"], answer
+        value = await quota_value(nc, bus_settings)
+        assert value is not None and value.used() == (12000, 30)  # usage still counted
+
+
+async def test_a_replica_whose_api_serves_no_resource_quotas_schedules_and_lists_them_later(
+    nc: Client, bus_settings: BusSettings, api: ApiServer, session: aiohttp.ClientSession
+) -> None:
+    declared = api.resources.pop("v1/resourcequotas")
+    await helpers.register(nc, bus_settings, [registration(n, memory_mib=16384) for n in NODES])
+    api_url = str(api.url).rstrip("/")
+    async with harness.replicas(bus_settings, api_url, 1, quota=True) as (x,):
+        _, answer = await admitted(session, x.url, api_url, "before")
+        assert answer["NodeNames"], answer
+        api.resources["v1/resourcequotas"] = declared
+        status, _ = await post(
+            session,
+            f"{api_url}/api/v1/namespaces/{NAMESPACE}/resourcequotas",
+            resource_quota("4000"),
+        )
+        assert status in (200, 201)
+        await wait_limit(nc, bus_settings, 4000)  # listed again in the background
+        _, refused = await admitted(session, x.url, api_url, "after")
+        assert refused["NodeNames"] == []
+        assert all(r.startswith("ResourceQuotaNotFit") for r in refused["FailedNodes"].values())
