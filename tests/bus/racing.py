@@ -41,3 +41,16 @@ class CountingKV:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._kv, name)
+
+
+class UnreadableKV:
+    """A quota bucket whose reads time out (a NATS node failing over)."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    async def get(self, key: str) -> Any:
+        raise TimeoutError(f"reading {key} timed out")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kv, name)

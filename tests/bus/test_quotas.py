@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import pytest
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
@@ -24,7 +25,7 @@ from services.scheduler import app as scheduler_app
 from services.scheduler.adapters import bus, quotas
 from services.scheduler.settings import Settings
 from tests.bus import helpers
-from tests.bus.racing import CountingKV, RacingKV
+from tests.bus.racing import CountingKV, RacingKV, UnreadableKV
 
 NAMESPACE = "team-a"
 
@@ -227,3 +228,16 @@ async def test_a_gate_following_the_keys_reads_no_quota_for_a_namespace_without_
             assert isinstance(await r.schedule(pod("b")), events.Placement)
         finally:
             await gate.close()
+
+
+async def test_a_quota_that_cannot_be_read_defers_the_pod_as_temporary_and_commits_nothing(
+    nats_server: NatsServer, prefix: str, bus_settings: BusSettings, nc: Client
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=1))
+    kv = await set_quota(nc, bus_settings, 8000)
+    async with replicas(nats_server, prefix, 1) as (r,):
+        r.quotas = quotas.QuotaGate(kv=UnreadableKV(kv))  # type: ignore[arg-type]
+        with pytest.raises(bus.TemporaryError, match="quota of namespace team-a unreadable"):
+            await r.schedule(pod("a"))
+        assert r.view.cluster.placement_of("a") is None
+    assert (await stored(kv)).charges == ()

@@ -63,7 +63,7 @@ from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
 from libshared.resources import PodRequest
 from libshared.subjects import SCHEDULERS_QUEUE, Subjects, deadline_of, pod_key
-from services.scheduler.adapters.quotas import QuotaGate
+from services.scheduler.adapters.quotas import QuotaGate, QuotaUnavailable
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
 
@@ -676,8 +676,12 @@ class Replica:
 
     async def _reserve_quota(self, placement: events.Placement) -> str | None:
         """Charge ``placement`` to its namespace's quota before its ledger commit: None
-        when it fits (or there is no quota), else the refusal's reason."""
-        return None if self.quotas is None else await self.quotas.reserve(placement)
+        when it fits (or there is no quota), else the refusal's reason. Raises
+        ``TemporaryError`` when the quota cannot be read or written."""
+        try:
+            return None if self.quotas is None else await self.quotas.reserve(placement)
+        except QuotaUnavailable as exc:
+            raise TemporaryError(str(exc)) from exc
 
     async def _unreserve_quota(self, namespace: str, pod_uid: str) -> None:
         """Drop ``pod_uid``'s quota charge, unless the pod holds slices (another replica

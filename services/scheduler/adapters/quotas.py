@@ -58,8 +58,12 @@ log = logging.getLogger("vslice.scheduler.quotas")
 
 WATCH_BACKOFF_S = 1.0  # pause before listing the ResourceQuotas again after a failed watch
 MAX_BACKOFF_S = 30.0  # longest pause between failed lists (RBAC without resourcequotas)
-TEMPORARY = "temporary: "  # the prefix of a refusal that says nothing about the quota
 _JSON = msgspec.json.Decoder()
+
+
+class QuotaUnavailable(Exception):
+    """The namespace's quota could not be read or written: nothing is known about whether
+    the pod fits, and the request may be sent again."""
 
 
 async def open_quotas(
@@ -161,8 +165,10 @@ class QuotaGate:
     async def reserve(self, placement: Placement) -> str | None:
         """Charge ``placement`` to its namespace's quota; None when it fits (or the
         namespace has no quota), else the reason it is refused: ``ResourceQuotaNotFit:
-        ...`` (``core.quotas.refusal``; an undecodable value refuses too), or
-        ``temporary: ...`` when the bucket cannot be read or written. Never raises."""
+        ...`` (``core.quotas.refusal``; an undecodable value refuses too). Raises
+        ``QuotaUnavailable`` when the bucket cannot be read or written, or every
+        compare-and-set was lost (a write whose outcome is unknown may have landed: the
+        upkeep drops it if the pod never commits)."""
         ns = placement.namespace
         if self._skip(ns):
             return None
@@ -171,7 +177,7 @@ class QuotaGate:
             try:
                 quota, revision = await self._read(ns)
             except (nats.errors.Error, TimeoutError) as exc:
-                return f"{TEMPORARY}quota of namespace {ns} unreadable: {exc}"
+                raise QuotaUnavailable(f"quota of namespace {ns} unreadable: {exc}") from exc
             except msgspec.MsgspecError as exc:
                 log.error("bad quota value", extra={"namespace": ns, "error": str(exc)})
                 self.refused += 1
@@ -196,11 +202,10 @@ class QuotaGate:
                 self.conflicts += 1
                 continue
             except (nats.errors.Error, TimeoutError) as exc:
-                # it may have landed: the upkeep drops it if the pod never commits
-                return f"{TEMPORARY}quota of namespace {ns} not written: {exc}"
+                raise QuotaUnavailable(f"quota of namespace {ns} not written: {exc}") from exc
             self.reserved += 1
             return None
-        return f"{TEMPORARY}quota of namespace {ns}: {self.max_attempts} races lost"
+        raise QuotaUnavailable(f"quota of namespace {ns}: {self.max_attempts} races lost")
 
     async def unreserve(self, namespace: str, pod_uid: str) -> None:
         """Drop ``pod_uid``'s charge from ``namespace``'s quota, if it has one. Never

@@ -14,6 +14,10 @@ HAMi's rules (Project-HAMi/HAMi), restated:
   ResourceQuota limits is unlimited (``QuotaManager.FitQuota``, ``LimitSet``). A refusal
   is HAMi's ``ResourceQuotaNotFit`` (``pkg/device/common/common.go``).
 
+Kubernetes' own quota admission counts an extended resource only as ``requests.<name>``
+(Kubernetes documentation, "Resource Quotas", "Resource quota for extended resources"),
+so ``limits.nvidia.com/gpumem`` is enforced by the scheduler alone, as in HAMi.
+
 Where vslice differs: several ResourceQuotas in one namespace are each enforced, as the
 API server enforces them (Kubernetes documentation, "Resource Quotas": the tightest
 limit binds), where HAMi keeps whichever it read last; and the check is made once for the
