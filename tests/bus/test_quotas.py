@@ -241,3 +241,24 @@ async def test_a_quota_that_cannot_be_read_defers_the_pod_as_temporary_and_commi
             await r.schedule(pod("a"))
         assert r.view.cluster.placement_of("a") is None
     assert (await stored(kv)).charges == ()
+
+
+async def test_a_bad_quota_value_refuses_its_namespace_only_naming_the_problem(
+    nats_server: NatsServer, prefix: str, bus_settings: BusSettings, nc: Client
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=1))
+    kv = await set_quota(nc, bus_settings, 8000)
+    async with replicas(nats_server, prefix, 1) as (r,):
+        for bad, says in (
+            (b'{"namespace": "team-a", "memory_mib": -1}', "memory_mib"),
+            (b'{"namespace": "team-z"}', "names 'team-z'"),
+        ):
+            await kv.put(pod_key(NAMESPACE), bad)
+            refused = await r.schedule(pod(f"p-{len(says)}"))
+            assert isinstance(refused, events.Unschedulable)
+            assert refused.reason.startswith(
+                "ResourceQuotaNotFit: namespace team-a: its quota value does not decode"
+            )
+            assert says in refused.reason
+        other = await r.schedule(pod("elsewhere", namespace="team-b"))
+        assert isinstance(other, events.Placement)

@@ -153,14 +153,20 @@ class QuotaGate:
     async def _read(self, namespace: str) -> tuple[schema.NamespaceQuota | None, int]:
         """The namespace's value and its revision; ``(None, 0)`` when it has none.
         Raises ``nats.errors.Error`` / ``TimeoutError`` when the bucket cannot be read,
-        ``msgspec.MsgspecError`` when the value does not decode."""
+        ``msgspec.MsgspecError`` when the value does not decode or names another
+        namespace."""
         try:
             entry = await self.kv.get(pod_key(namespace))
         except (KeyNotFoundError, KeyDeletedError):
             return None, 0
         if not entry.value:
             return None, 0
-        return schema.DECODER.decode(entry.value), entry.revision or 0
+        quota = schema.DECODER.decode(entry.value)
+        if quota.namespace != namespace:
+            raise msgspec.ValidationError(
+                f"the value under namespace {namespace!r}'s key names {quota.namespace!r}"
+            )
+        return quota, entry.revision or 0
 
     async def reserve(self, placement: Placement) -> str | None:
         """Charge ``placement`` to its namespace's quota; None when it fits (or the
