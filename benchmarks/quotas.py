@@ -4,11 +4,12 @@ gate (the baseline), with a gate whose namespace has no quota (it follows the bu
 keys, so it should cost nothing), and with a gate enforcing a quota (one read and one
 compare-and-set of the namespace's key per schedule and per release).
 
-Prints one row per run: pods/s, schedule latency p50/p99 (ms) and the ratio of pods/s to
-the baseline of the same run. Figures vary with what else runs on the machine: compare
-rows of one run.
+Prints one row per mode: pods/s (the median of ``--rounds`` runs, interleaved with the
+other modes' in a rotating order after one warm-up run), schedule latency p50/p99 (ms,
+over every round) and the ratio of pods/s to the baseline of the same run. Figures vary
+with what else runs on the machine: compare rows of one run.
 
-    .venv/bin/python benchmarks/quotas.py --pods 300
+    .venv/bin/python benchmarks/quotas.py --pods 200 --rounds 3
 """
 
 from __future__ import annotations
@@ -105,12 +106,19 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def main_async(pods: int) -> None:
+async def main_async(pods: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, NatsServer(data_dir=Path(tmp)) as server:
+        await run(server, "no gate", max(1, pods // 5))  # warm-up, not reported
+        modes = ("no gate", "gate, namespace unlimited", "quota")
+        got: dict[str, list[tuple[float, list[float]]]] = {m: [] for m in modes}
+        for i in range(rounds):  # interleaved and rotated: no mode always runs first
+            for mode in modes[i % 3 :] + modes[: i % 3]:
+                got[mode].append(await run(server, mode, pods))
         print(f"{'run':<28}{'pods/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'ratio':>8}")
         baseline = 0.0
-        for mode in ("no gate", "gate, namespace unlimited", "quota"):
-            rate, lat = await run(server, mode, pods)
+        for mode in modes:
+            rate = sorted(r for r, _ in got[mode])[len(got[mode]) // 2]  # median round
+            lat = [x for _, lats in got[mode] for x in lats]
             baseline = baseline or rate
             print(
                 f"{mode:<28}{rate:>8.0f}{_percentile(lat, 0.5):>8.2f}"
@@ -120,9 +128,10 @@ async def main_async(pods: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--pods", type=int, default=300)
+    parser.add_argument("--pods", type=int, default=300, help="pods per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per mode (median shown)")
     args = parser.parse_args()
-    asyncio.run(main_async(args.pods))
+    asyncio.run(main_async(args.pods, args.rounds))
 
 
 if __name__ == "__main__":
