@@ -172,6 +172,8 @@ def permissions(role: Role, *, subjects: Subjects, identity: str, node: str = ""
                 *_kv_read(s.nodes_bucket),
                 *_kv_write(s.leases_bucket),
                 *_create(f"KV_{s.leases_bucket}"),
+                *_kv_write(s.quotas_bucket),
+                *_create(f"KV_{s.quotas_bucket}"),
                 # purging old delete markers of claims and leases (``adapters.upkeep``)
                 f"$JS.API.STREAM.PURGE.KV_{s.pods_bucket}",
                 f"$JS.API.STREAM.PURGE.KV_{s.leases_bucket}",
@@ -208,6 +210,7 @@ def permissions(role: Role, *, subjects: Subjects, identity: str, node: str = ""
                 *_kv_read(s.nodes_bucket),
                 *_kv_read(s.ledger_bucket),
                 *_kv_read(s.pods_bucket),
+                *_kv_read(s.quotas_bucket),
                 s.sched_stats,
             ),
             subscribe=(

@@ -109,6 +109,13 @@ class Subjects(msgspec.Struct, frozen=True, kw_only=True):
         return f"{self.prefix}-leases"
 
     @property
+    def quotas_bucket(self) -> str:
+        """KV bucket: key ``pod_key(namespace)``, value its ``NamespaceQuota`` (limits on
+        GPU memory and cores, and the charge of each pod holding slices there); every
+        change a compare-and-set (``libshared.quotas``)."""
+        return f"{self.prefix}-quotas"
+
+    @property
     def alloc_stream(self) -> str:
         """JetStream stream holding every ``<prefix>.alloc.>`` message."""
         return f"{self.prefix}-alloc"

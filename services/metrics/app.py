@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from libshared import connecting, probes
-from services.metrics.adapters import bus, http
+from services.metrics.adapters import bus, http, quotas
 from services.metrics.core.views import FleetView
 from services.metrics.settings import Settings
 
@@ -53,6 +53,7 @@ async def main(
         raise
     health.ready_when("nats", probes.connected(nc))
     runner = None
+    feed: quotas.QuotaFeed | None = None
     try:
         js = nc.jetstream(timeout=settings.bus.request_timeout_s)
         await connecting.ensure_bus(js, settings.bus, create=False)
@@ -68,6 +69,11 @@ async def main(
         await watcher.start()
         for bucket in (settings.bus.subjects.nodes_bucket, settings.bus.subjects.ledger_bucket):
             health.ready_when(f"{bucket} watch", _watch_current(js, watcher, f"KV_{bucket}"))
+        feed = quotas.QuotaFeed(
+            js=js, subjects=settings.bus.subjects, rejected=instruments.rejected
+        )
+        feed.start()
+        collector.quotas = feed.series
         app = http.application(
             view, registry, collector, usage_ttl_s=settings.usage_ttl_s, health=health
         )
@@ -83,6 +89,8 @@ async def main(
         runner = None
         await watcher.stop()
     finally:
+        if feed is not None:
+            await feed.stop()
         if runner is not None:
             await runner.cleanup()
         await connecting.drain_quietly(nc)

@@ -5,7 +5,9 @@ drains its connection -- no new requests, the ones in hand answered -- within th
 timeout, and returns. With ``--kube`` the replica first reconciles the ledger with the
 pods (restart recovery) and then watches them; with ``--extender-port`` it serves the
 kube-scheduler extender once that is done. Its upkeep (``adapters.upkeep``) releases the
-slices of ``vslice run`` clients whose lease went stale and deletes orphan claims.
+slices of ``vslice run`` clients whose lease went stale and deletes orphan claims; its
+quota upkeep keeps the namespaces' quota charges in step with the ledger, and with
+``--kube`` the cluster's ResourceQuotas set the namespaces' limits (``adapters.quotas``).
 Nothing here decides anything.
 """
 
@@ -17,7 +19,7 @@ import logging
 
 from libshared import connecting, kubeclients, probes, tlsfiles, traces
 from libshared import leases as leasing
-from services.scheduler.adapters import bus, extender, kube, upkeep
+from services.scheduler.adapters import bus, extender, kube, quotas, upkeep
 from services.scheduler.core import replaying
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
@@ -55,6 +57,8 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
     try:
         js = nc.jetstream(timeout=settings.bus.request_timeout_s)
         opened = await connecting.ensure_bus(js, settings.bus)
+        gate = quotas.QuotaGate(kv=await quotas.open_quotas(js, settings.bus, create=True))
+        await gate.watch()
         replica = bus.Replica(
             nc=nc,
             js=js,
@@ -67,6 +71,7 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
             sync_timeout_s=settings.sync_timeout_s,
             claim_wait_s=settings.claim_wait_s,
             max_in_flight=settings.max_in_flight,
+            quotas=gate,
         )
         await replica.start()
         ledger_stream = f"KV_{settings.bus.subjects.ledger_bucket}"
@@ -77,8 +82,13 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         leases = await leasing.open_leases(js, settings.bus, create=True)
         upkept = upkeep.Upkeep(replica=replica, leases=leases, claims=opened.pods)
         upkept.start()
+        quota_upkeep = quotas.QuotaUpkeep(
+            gate=gate, claims=opened.pods, ledger_view=lambda: replica.view.cluster.ledgers
+        )
+        quota_upkeep.start()
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(upkept.stop)
+            stack.push_async_callback(quota_upkeep.stop)
             await _kubernetes(settings, replica, stack)
             health.started()
             log.info(
@@ -88,6 +98,7 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
             health.stopping()
             log.info("draining", extra={"replica": settings.name})
         await replica.stop()
+        await gate.close()
     finally:
         await connecting.drain_quietly(nc)
         await served.aclose()
@@ -111,6 +122,15 @@ async def _kubernetes(
         )
         await side.start()
         stack.push_async_callback(side.stop)
+        if replica.quotas is not None:
+            watched = quotas.QuotaWatch(
+                api=api,
+                gate=replica.quotas,
+                ledger_view=lambda: replica.view.cluster.ledgers,
+                request_timeout_s=settings.kube.request_timeout_s,
+            )
+            await watched.start()
+            stack.push_async_callback(watched.stop)
         log.info("pods reconciled", extra={"api": kubeclients.describe(settings.kube)})
     if settings.extender_port:
         tls = None

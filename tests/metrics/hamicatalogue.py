@@ -164,8 +164,9 @@ LEGACY = [
     Row("MigInfo", "gauge", (*OLD_CONTAINER, "instanceid"), f"{M}:175"),
 ]
 
-# Families vslice serves without series: no MIG mode, and no ResourceQuota on the bus (the
-# quota families get series from a source plugged into ViewCollector.quotas)
+# Families vslice serves without series: no MIG mode, and on a stack whose namespaces have
+# no quota, none of the quota families (series once a namespace has a value in the quotas
+# bucket: tests/metrics/test_quotas.py)
 NO_MIG = {
     "hami_node_gpu_mig_instance_info",
     "hami_mig_device_info",

@@ -5,7 +5,7 @@ type and label names -- HAMi's current names and, with ``VSLICE_LEGACY_METRICS``
 names of v2.8 and before.
 
 The MIG families have no series (vslice has no MIG mode) and the quota families none on
-this stack (the bus carries no ResourceQuota): their label names are checked from the
+this stack (no namespace has a quota): their label names are checked from the
 exporter's declarations, and the quota families' from a scrape with a quota source.
 """
 

@@ -66,7 +66,8 @@ def build_info() -> exporting.BuildInfo:
 
 
 def no_quotas() -> list[exporting.Quota]:
-    """The ResourceQuota source of a service that has none (the bus carries none yet)."""
+    """The ResourceQuota source of a collector given none (the service wires the quotas
+    bucket's feed, ``adapters.quotas``)."""
     return []
 
 

@@ -19,9 +19,9 @@ exporter with HAMi's names, types (all gauges), label names and values:
   ``hami_vgpu_core_allocated_ratio`` (percent); per ResourceQuota resource
   (``hami_resource_quota_used``: labels ``namespace``, ``quota_name``, ``limit``;
   ``hami_resource_quota_limit``: ``namespace``, ``quota_name``, only for a limit that is
-  set) from ``quotas`` -- the metrics service reads only the bus, which carries no
-  ResourceQuota yet, so its wiring passes none and the two families are served without
-  series until a source is wired to ``ViewCollector.quotas``; and per realized MIG
+  set) from ``quotas`` -- the metrics service's wiring passes the namespaces' values of
+  the ``<prefix>-quotas`` bucket (``core.quotas``), so a namespace without a quota has
+  no series; and per realized MIG
   instance ``hami_node_gpu_mig_instance_info`` -- vslice has no MIG mode, so it is
   served without series;
 - the vGPU monitor's (``cmd/vGPUmonitor/metrics.go``), per device with a fresh NVML

@@ -63,6 +63,7 @@ from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
 from libshared.resources import PodRequest
 from libshared.subjects import SCHEDULERS_QUEUE, Subjects, deadline_of, pod_key
+from services.scheduler.adapters.quotas import QuotaGate, QuotaUnavailable
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
 
@@ -158,6 +159,7 @@ class Replica:
     sync_timeout_s: float = 2.0
     claim_wait_s: float = 2.0
     max_in_flight: int = 32
+    quotas: QuotaGate | None = None  # namespace quotas, charged before each commit
     view: View = field(init=False)
     stats: events.Stats = field(init=False)
     _changed: asyncio.Event = field(init=False, default_factory=asyncio.Event)
@@ -385,6 +387,7 @@ class Replica:
         claim: int | None = None  # revision of the claim this replica holds
         claimed_at = 0.0  # monotonic time before that claim was written
         caught_up = False
+        reserved = False  # a quota charge was reserved for the pod
         lost: list[str] = []
         for _ in range(self.max_attempts):
             if claim is None:
@@ -419,7 +422,11 @@ class Replica:
                     base = self.view.revisions.get(node, 0)
                     if deadline is not None and time.time() > deadline:
                         expired = True
+                    elif (refused := await self._reserve_quota(decision)) is not None:
+                        decision = events.Unschedulable(pod_uid=pod.uid, reason=refused)
+                        caught_up = True  # the quota was read afresh: no catching up
                     else:
+                        reserved = True
                         committed = await self._commit(ledger, last=base)
                         if committed is None:  # learnt from the strict re-read
                             now = self.view.cluster.placement_of(pod.uid)
@@ -434,6 +441,8 @@ class Replica:
                 if self.view.seen_seq != seen:
                     continue
             if isinstance(decision, events.Unschedulable) or expired:
+                if reserved:
+                    await self._unreserve_quota(pod.namespace, pod.uid)
                 await self._unclaim(key, claim)
                 if expired:
                     raise Expired(f"pod {pod.uid}: the client's deadline passed")
@@ -461,6 +470,8 @@ class Replica:
             if isinstance(got, int):
                 claim = got
             lost.append(node)
+        if reserved:
+            await self._unreserve_quota(pod.namespace, pod.uid)
         await self._unclaim(key, claim)
         return events.Unschedulable(pod_uid=pod.uid, reason=str(Conflicts(lost)))
 
@@ -654,10 +665,29 @@ class Replica:
                 await self._announce(
                     self.subjects.alloc_released(node), events.Release(pod_uid=pod_uid)
                 )
+                if slices:
+                    await self._unreserve_quota(slices[0].namespace, pod_uid)
                 await self._unclaim(key, claim)
                 return events.Ack(pod_uid=pod_uid, node=node, slices=len(slices))
             lost.append(node)
         raise Conflicts(lost)
+
+    # -- namespace quotas (services.scheduler.adapters.quotas) ---------------------------
+
+    async def _reserve_quota(self, placement: events.Placement) -> str | None:
+        """Charge ``placement`` to its namespace's quota before its ledger commit: None
+        when it fits (or there is no quota), else the refusal's reason. Raises
+        ``TemporaryError`` when the quota cannot be read or written."""
+        try:
+            return None if self.quotas is None else await self.quotas.reserve(placement)
+        except QuotaUnavailable as exc:
+            raise TemporaryError(str(exc)) from exc
+
+    async def _unreserve_quota(self, namespace: str, pod_uid: str) -> None:
+        """Drop ``pod_uid``'s quota charge, unless the pod holds slices (another replica
+        placed it meanwhile)."""
+        if self.quotas is not None and self.view.cluster.placement_of(pod_uid) is None:
+            await self.quotas.unreserve(namespace, pod_uid)
 
     async def _announce(self, subject: str, message: events.Placement | events.Release) -> None:
         # The ledger is the truth; the stream only tells node agents. A lost announcement

@@ -20,7 +20,9 @@ protocol:
 
 A pod written for HAMi is mutated, filtered to one node, bound (Binding and annotations in
 the API server), and ``Allocate`` gives its container the slice; then 50 such pods
-created at once all bind within 5 s with no memory booked twice.
+created at once all bind within 5 s with no memory booked twice; in a namespace whose
+ResourceQuota sets ``limits.nvidia.com/gpumem: 8000`` two 4,000 MiB pods bind and the
+third is refused with HAMi's ``ResourceQuotaNotFit`` and the figures.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import pytest
 
 from libshared import annotations as keys
 from libshared import connecting
+from libshared import quotas as schema
 from libshared.natsserver import NatsServer
 from libshared.permissions import Role
 from tests.bus import helpers
@@ -596,3 +599,51 @@ async def test_hami_pods_are_mutated_filtered_bound_and_given_their_slice_end_to
             f"[e2e] a pod fitting nowhere, filtered {sum(scheduler.attempts.values()) - before}"
             f" times: {len(failed)} FilteringFailed Events"
         )
+
+        # -- a namespace with a ResourceQuota of 8000 MiB: two 4000 MiB pods, not three ---
+        quota = {
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": {"name": "gpu", "namespace": "team-a"},
+            "spec": {"hard": {"limits.nvidia.com/gpumem": "8000"}},
+        }
+        async with session.post(
+            f"{api_url}/api/v1/namespaces/team-a/resourcequotas", json=quota
+        ) as resp:
+            assert resp.status in (200, 201), await resp.text()
+        limits = await nc.jetstream().key_value(bus.subjects.quotas_bucket)
+
+        async def quota_limit() -> int | None:
+            try:
+                entry = await limits.get("team-a")
+            except Exception:  # not written yet
+                return None
+            return schema.DECODER.decode(entry.value or b"").memory_mib
+
+        await until(lambda: quota_limit(), "the ResourceQuota in the quotas bucket", logs)
+        quota_pods = [f"quota-{i}" for i in range(3)]
+        for name in quota_pods:
+            body = hami_pod(name)
+            body["metadata"]["namespace"] = "team-a"
+            body["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpumem"] = 4000
+            async with session.post(f"{api_url}/api/v1/namespaces/team-a/pods", json=body) as resp:
+                assert resp.status in (200, 201), await resp.text()
+
+        def bound_in(ns: str, name: str) -> str:
+            return str(((api.pod(ns, name) or {}).get("spec") or {}).get("nodeName", ""))
+
+        await until(
+            lambda: (
+                sum(bool(bound_in("team-a", n)) for n in quota_pods) == 2
+                and any("ResourceQuotaNotFit" in scheduler.errors.get(n, "") for n in quota_pods)
+            ),
+            "two quota pods bound and the third refused",
+            logs,
+            timeout_s=60,
+        )
+        (refused,) = [n for n in quota_pods if not bound_in("team-a", n)]
+        assert (
+            "ResourceQuotaNotFit: namespace team-a asks 4000 MiB of nvidia.com/gpumem with 8000"
+            " MiB in use of its quota 8000 MiB" in scheduler.errors[refused]
+        )
+        print(f"[e2e] quota of 8000 MiB in team-a: 2 pods bound, {refused} refused")

@@ -25,6 +25,7 @@ EXPECTED: dict[str, set[tuple[str, str, str, str]]] = {
         *(("", "pods", v, "") for v in ("get", "list", "watch", "patch")),
         ("", "pods/binding", "create", ""),
         *(("", "nodes", v, "") for v in ("get", "list", "watch")),
+        *(("", "resourcequotas", v, "") for v in ("list", "watch")),
         ("", "events", "create", ""),
         ("", "events", "patch", ""),
         ("events.k8s.io", "events", "create", ""),

@@ -15,7 +15,7 @@ import aiohttp
 from libshared import connecting, kubeclients
 from libshared.connecting import BusSettings
 from services.scheduler import app as scheduler_app
-from services.scheduler.adapters import bus, extender, kube
+from services.scheduler.adapters import bus, extender, kube, quotas
 from services.scheduler.settings import Settings
 
 
@@ -39,9 +39,11 @@ async def replicas(
     sweep_s: float | None = None,
     max_body_bytes: int = extender.MAX_BODY_BYTES,
     events_interval_s: float = 30.0,
+    quota: bool = False,
 ) -> AsyncIterator[list[Served]]:
     """``count`` replicas, each with its own NATS connection, API client and extender port;
-    they start one after the other (each reconciles the ledger with the pods first)."""
+    they start one after the other (each reconciles the ledger with the pods first).
+    With ``quota`` each enforces namespace quotas from the ResourceQuotas it watches."""
     async with contextlib.AsyncExitStack() as stack:
         out = []
         for i in range(count):
@@ -57,9 +59,22 @@ async def replicas(
                 scheduler=scheduler_app.build_scheduler(s),
                 name=s.name,
             )
+            if quota:
+                gate = quotas.QuotaGate(kv=await quotas.open_quotas(js, settings, create=True))
+                await gate.watch()
+                stack.push_async_callback(gate.close)
+                replica.quotas = gate
             await replica.start()
             api = await kubeclients.api_client(kubeclients.KubeSettings(host=api_url))
             stack.push_async_callback(api.close)
+            if replica.quotas is not None:
+                watched = quotas.QuotaWatch(
+                    api=api,
+                    gate=replica.quotas,
+                    ledger_view=lambda replica=replica: replica.view.cluster.ledgers,
+                )
+                await watched.start()
+                stack.push_async_callback(watched.stop)
             side = kube.Kube(
                 api=api,
                 replica=replica,

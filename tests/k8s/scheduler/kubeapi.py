@@ -13,6 +13,7 @@ that kmock 0.8 does not do itself:
 - a merge patch naming ``metadata.uid`` is a precondition: 409 when it does not match;
 - ``admit``: an optional admission step for created pods (the end-to-end test sends them
   to the mutating webhook and applies its JSONPatch), a refusal answered 400;
+- the ResourceQuotas the scheduler watches are served like any namespaced object;
 - kmock keeps every request for assertions and finds each new one's reaction by scanning
   all the requests it keeps, so a request costs more the more came before (about 0.3 s
   after a thousand on this machine): this server keeps only the requests not dispatched
@@ -59,6 +60,9 @@ class ApiServer(kmock.KubernetesEmulator):
         self.resources["v1/pods"] = kmock.ResourceInfo(kind="Pod", namespaced=True)
         self.resources["v1/nodes"] = kmock.ResourceInfo(kind="Node", namespaced=False)
         self.resources["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True)
+        self.resources["v1/resourcequotas"] = kmock.ResourceInfo(
+            kind="ResourceQuota", namespaced=True
+        )
 
     async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         watch = raw.query.get("watch")
