@@ -107,6 +107,8 @@ def test_up_serves_status_shows_the_allocation_and_down_stops_everything(
     assert not any(stacks.alive(pid) for pid in pids.values())
     assert not (tmp_path / "state" / stacks.STATE_FILE).exists()
     assert (tmp_path / "state" / "logs" / "scheduler-1.log").exists()
+    nats_log = (tmp_path / "state" / "logs" / stacks.NATS_LOG).read_text()
+    assert "Server is ready" in nats_log  # nats-server's own log, kept with the others
 
     twice = vslice("down", "--state-dir", state)
     assert twice.returncode == 0 and "nothing up" in twice.stdout
