@@ -172,7 +172,15 @@ class Collapse(logging.Filter):
                 self._sweep(now)
 
     def _sweep(self, now: float) -> None:
-        for key in [k for k, s in self._seen.items() if now - s.first_s >= self.window_s]:
+        # Kinds are kept in the order their windows opened, so the ended ones come first
+        # and the sweep stops at the first open window (records from threads may arrive a
+        # little out of order; such a window ends at a later sweep).
+        ended = []
+        for key, seen in self._seen.items():
+            if now - seen.first_s < self.window_s:
+                break
+            ended.append(key)
+        for key in ended:
             self._summarize(key)
 
     def _summarize(self, key: tuple[object, ...]) -> None:
@@ -186,10 +194,16 @@ class Collapse(logging.Filter):
 
 
 def _key(record: logging.LogRecord) -> tuple[object, ...]:
-    extras = sorted(
-        (k, repr(v)) for k, v in vars(record).items() if k not in _STANDARD and k[:1] != "_"
+    # the fields in the order the call site passed them: one call site, one order
+    extras = tuple(
+        (k, v if isinstance(v, _PLAIN) else repr(v))
+        for k, v in vars(record).items()
+        if k not in _STANDARD and k[:1] != "_"
     )
-    return (record.name, record.levelno, record.getMessage(), tuple(extras))
+    return (record.name, record.levelno, record.getMessage(), extras)
+
+
+_PLAIN = (str, int, float, bool, type(None))
 
 
 def setup(
