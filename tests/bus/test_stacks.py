@@ -109,6 +109,18 @@ def test_up_serves_status_shows_the_allocation_and_down_stops_everything(
     assert (tmp_path / "state" / "logs" / "scheduler-1.log").exists()
     nats_log = (tmp_path / "state" / "logs" / stacks.NATS_LOG).read_text()
     assert "Server is ready" in nats_log  # nats-server's own log, kept with the others
+    replica_lines = [
+        json.loads(line)
+        for name in ("scheduler-1", "scheduler-2")
+        for line in (tmp_path / "state" / "logs" / f"{name}.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+    (decision,) = [r for r in replica_lines if r.get("event") == "schedule"]
+    assert (decision["pod_uid"], decision["node"], decision["outcome"]) == (
+        "p1",
+        placed.node,
+        "placed",
+    )
 
     twice = vslice("down", "--state-dir", state)
     assert twice.returncode == 0 and "nothing up" in twice.stdout
