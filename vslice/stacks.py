@@ -603,6 +603,8 @@ def _stack_commands(
         policy=policy,
         workload_trace=workload_trace,
         agent_args=[*mock_agent_args(environ), *slice_agent_args(state_dir, environ)],
+        # the services' level (e.g. info,vslice.decisions=warning) from up's environment
+        log_level=(os.environ if environ is None else environ).get("VSLICE_LOG_LEVEL") or "info",
         metrics_port=port,
         metrics_host=host,
         explain=True,

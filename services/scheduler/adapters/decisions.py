@@ -111,6 +111,8 @@ def scheduled(
     replica: str,
 ) -> None:
     """Write the ``schedule`` line of ``pod``'s ``decision`` (latency from ``taking``)."""
+    if not log.isEnabledFor(logging.INFO):
+        return  # turned down: the line is not even built
     fields = decision_fields(pod, decision, policy=policy)
     fields["replica"] = replica
     fields["latency_ms"] = _latency_ms(_current.get())
@@ -120,6 +122,8 @@ def scheduled(
 def conflict(*, node: str, revision: int, replica: str) -> None:
     """Write the ``conflict`` line: a compare-and-set on ``node``'s ledger against
     ``revision`` lost to another writer, while handling this task's request (if any)."""
+    if not log.isEnabledFor(logging.INFO):
+        return  # turned down: the line is not even built
     request = _current.get()
     fields: dict[str, object] = {
         "event": "conflict",
@@ -137,6 +141,8 @@ def conflict(*, node: str, revision: int, replica: str) -> None:
 
 def released(ack: events.Ack, *, replica: str) -> None:
     """Write the ``release`` line of ``ack`` (latency from ``taking``)."""
+    if not log.isEnabledFor(logging.INFO):
+        return  # turned down: the line is not even built
     log.info(
         "release",
         extra={
