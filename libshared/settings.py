@@ -99,10 +99,11 @@ class Loader(Generic[T]):
                 target = groups.get(opt.group) or self.parser.add_argument_group(opt.group)
                 groups[opt.group] = target
             helped = opt.help + (f" (env {', else '.join(opt.env)})" if opt.env else "")
+            helped = helped.strip().replace("%", "%%")  # argparse %-formats help
             if opt.switch:
                 action = "store_false" if opt.default else "store_true"
                 target.add_argument(
-                    opt.flag, dest=opt.name, action=action, default=None, help=helped
+                    opt.flag, dest=opt.name, action=action, default=None, help=helped or None
                 )
             else:
                 target.add_argument(
@@ -110,7 +111,7 @@ class Loader(Generic[T]):
                     dest=opt.name,
                     default=None,
                     choices=opt.choices,
-                    help=f"{helped} [default: {opt.default}]" if helped else None,
+                    help=helped + (f" [default: {opt.default}]" if opt.default else ""),
                 )
 
     def load(self, argv: Sequence[str] | None, environ: Mapping[str, str]) -> T:
@@ -241,7 +242,7 @@ def _choices(kind: msgspec.inspect.Type) -> tuple[str, ...] | None:
     return None
 
 
-def _check_bus(options: ServiceOptions) -> connecting.BusSettings:
+def _bus_settings(options: ServiceOptions) -> connecting.BusSettings:
     urls = tuple(u.strip() for u in (options.nats_url or "").split(",") if u.strip())
     return connecting.BusSettings(
         urls=urls or (connecting.DEFAULT_URL,),
@@ -275,7 +276,11 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
 
     nats_url: Annotated[
         str | None,
-        option("--nats-url", env="VSLICE_NATS_URL", help="NATS URL(s), comma-separated"),
+        option(
+            "--nats-url",
+            env="VSLICE_NATS_URL",
+            help=f"NATS URL(s), comma-separated; default {connecting.DEFAULT_URL}",
+        ),
     ] = None
     prefix: Annotated[
         str,
@@ -349,4 +354,4 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
                 value=self.nats_tls_cert,
                 reason="--nats-tls-cert and --nats-tls-key: give both or neither",
             )
-        return _check_bus(self)
+        return _bus_settings(self)

@@ -87,8 +87,16 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
             "name (replicas of one Deployment then break ties apart)",
         ),
     ] = "0"
-    max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 8
-    max_devices: Annotated[int, msgspec.Meta(ge=1)] = 8
+    max_attempts: Annotated[
+        int,
+        msgspec.Meta(ge=1),
+        settings.option(
+            "--max-attempts", help="decide-and-commit attempts before a lost race is answered"
+        ),
+    ] = 8
+    max_devices: Annotated[
+        int, msgspec.Meta(ge=1), settings.option("--max-devices", help="most GPUs on one node")
+    ] = 8
     claim_wait: Annotated[
         float,
         msgspec.Meta(gt=0),
