@@ -126,15 +126,17 @@ class Loader(Generic[T]):
         came_from: dict[str, str] = {}
         for opt in self.options:
             given = args.get(opt.name)
+            if given is None:
+                for name in opt.env:
+                    if environ.get(name, ""):
+                        given = environ[name]
+                        came_from[opt.name] = name
+                        given = connecting.env_flag(environ, name) if opt.switch else given
+                        break
+            if isinstance(given, str) and opt.number is not None:
+                given = given.strip()  # " 8443" from a manifest is a port, as int() reads it
             if given is not None:
                 raw[opt.name] = given
-                continue
-            for name in opt.env:
-                text = environ.get(name, "")
-                if text:
-                    raw[opt.name] = connecting.env_flag(environ, name) if opt.switch else text
-                    came_from[opt.name] = name
-                    break
         try:
             loaded = msgspec.convert(raw, self.spec, strict=False)
         except msgspec.ValidationError as exc:

@@ -48,6 +48,11 @@ def test_a_flag_wins_over_its_variable_which_wins_over_the_default() -> None:
     assert (flagged.port, flagged.ttl) == (9090, 2.5)
 
 
+def test_a_number_may_come_with_spaces_around_it() -> None:
+    assert LOADER.load([], {"DEMO_PORT": " 8443\n"}).port == 8443
+    assert LOADER.load(["--ttl", " 2.5"], {}).ttl == 2.5
+
+
 def test_an_empty_variable_counts_as_unset_and_the_first_of_two_variables_wins() -> None:
     assert LOADER.load([], {"DEMO_PORT": ""}).port == 80
     assert LOADER.load([], {"NODE_NAME": "a"}).node == "a"
