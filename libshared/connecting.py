@@ -5,13 +5,13 @@ restart must not end a service), a bounded drain for SIGTERM, and errors logged 
 printed. ``ensure_bus`` creates what ``ARCHITECTURE.md`` ("The bus") names -- the
 ``<prefix>-nodes``, ``<prefix>-ledger`` and ``<prefix>-pods`` KV buckets and the
 ``<prefix>-alloc`` stream -- idempotently, so whichever service starts first creates
-them and replicas racing to do so all succeed. Bus settings are one frozen object, read
-from flags and the environment by ``add_arguments``/``from_arguments``.
+them and replicas racing to do so all succeed (its waits and retries are tenacity's).
+Bus settings are one frozen object, read from flags and the environment by
+``libshared.settings.ServiceOptions``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import logging
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nats
+import tenacity
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
@@ -87,7 +88,7 @@ class BusSettings:
         return Path(path).stem if path else ""
 
     def credential_arguments(self) -> list[str]:
-        """The flags that give a service these credentials (``add_arguments``'s)."""
+        """The flags that give a service these credentials (``libshared.settings``)."""
         out = []
         for flag, value in (
             ("--identity", self.identity),
@@ -114,67 +115,6 @@ def env_flag(environ: Mapping[str, str], name: str) -> bool:
     """An on/off setting from the environment: on for ``1``, ``true``, ``yes``, ``on`` (any
     case, spaces ignored), off for anything else or when ``name`` is unset."""
     return environ.get(name, "").strip().lower() in TRUE
-
-
-def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
-    """Add ``--nats-url``, ``--prefix``, ``--replicas`` with defaults from ``VSLICE_NATS_URL``
-    (comma list), ``VSLICE_PREFIX``, ``VSLICE_BUCKET_REPLICAS``."""
-    parser.add_argument(
-        "--nats-url",
-        default=environ.get("VSLICE_NATS_URL", DEFAULT_URL),
-        help="NATS URL(s), comma-separated (env VSLICE_NATS_URL)",
-    )
-    parser.add_argument(
-        "--prefix",
-        default=environ.get("VSLICE_PREFIX", DEFAULT_PREFIX),
-        help="subject and bucket prefix (env VSLICE_PREFIX)",
-    )
-    parser.add_argument(
-        "--replicas",
-        type=int,
-        default=int(environ.get("VSLICE_BUCKET_REPLICAS", "1")),
-        help="JetStream replicas of buckets and streams created (env VSLICE_BUCKET_REPLICAS)",
-    )
-    for flag, env, what in (
-        ("--identity", "VSLICE_IDENTITY", "bus identity (inbox prefix); default: seed file stem"),
-        ("--nkey-seed", "VSLICE_NKEY_SEED", "NKEY seed file of this service's identity"),
-        ("--nats-creds", "VSLICE_NATS_CREDS", "NATS credentials file (JWT + seed)"),
-        ("--nats-tls-ca", "VSLICE_NATS_TLS_CA", "CA certificate of the NATS server (turns TLS on)"),
-        (
-            "--nats-tls-cert",
-            "VSLICE_NATS_TLS_CERT",
-            "client certificate (if the server asks)",
-        ),
-        ("--nats-tls-key", "VSLICE_NATS_TLS_KEY", "client certificate's key"),
-    ):
-        parser.add_argument(flag, default=environ.get(env, ""), help=f"{what} (env {env})")
-
-
-def from_arguments(args: argparse.Namespace) -> BusSettings:
-    """The ``BusSettings`` of parsed arguments (see ``add_arguments``).
-
-    Raises ``ValueError`` for an invalid prefix or a replica count outside 1-5.
-    """
-    urls = tuple(u.strip() for u in str(args.nats_url).split(",") if u.strip())
-    if not 1 <= args.replicas <= 5:
-        raise ValueError(f"--replicas {args.replicas}: must be 1-5")
-    settings = BusSettings(
-        urls=urls or (DEFAULT_URL,),
-        prefix=args.prefix,
-        replicas=args.replicas,
-        identity=getattr(args, "identity", ""),
-        nkey_seed_path=getattr(args, "nkey_seed", ""),
-        creds_path=getattr(args, "nats_creds", ""),
-        tls_ca_path=getattr(args, "nats_tls_ca", ""),
-        tls_cert_path=getattr(args, "nats_tls_cert", ""),
-        tls_key_path=getattr(args, "nats_tls_key", ""),
-    )
-    _ = settings.subjects  # validates the prefix
-    if settings.identity:
-        permissions.inbox_prefix(settings.identity)  # validates the identity
-    if bool(settings.tls_cert_path) != bool(settings.tls_key_path):
-        raise ValueError("--nats-tls-cert and --nats-tls-key: give both or neither")
-    return settings
 
 
 def tls_context(settings: BusSettings) -> ssl.SSLContext | None:
@@ -233,24 +173,33 @@ async def connect(
 
 
 async def _bucket(js: JetStreamContext, bucket: str, replicas: int) -> KeyValue:
-    for attempt in range(5):
-        try:
-            return await js.key_value(bucket)
-        except BucketNotFoundError:
-            pass
-        try:
-            created = await js.create_key_value(
-                config=api.KeyValueConfig(bucket=bucket, history=1, replicas=replicas)
-            )
-            if replicas > 1:
-                # a replicated bucket elects its leader after the create returns: its first
-                # writes would find no responders
-                await waiting.bucket_ready(js, bucket)
-            return created
-        except BadRequestError:
-            # another process created it with a different config, or at the same moment
-            await asyncio.sleep(0.05 * (attempt + 1))
-    return await js.key_value(bucket)
+    # BadRequestError: another process created it with a different config, or at the same
+    # moment; open or create again a little later, and after the last try just open it
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(BadRequestError),
+        stop=tenacity.stop_after_attempt(5),
+        wait=tenacity.wait_incrementing(start=0.05, increment=0.05),
+        reraise=True,
+    )
+    try:
+        return await retrying(_open_or_create, js, bucket, replicas)
+    except BadRequestError:
+        return await js.key_value(bucket)
+
+
+async def _open_or_create(js: JetStreamContext, bucket: str, replicas: int) -> KeyValue:
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        pass
+    created = await js.create_key_value(
+        config=api.KeyValueConfig(bucket=bucket, history=1, replicas=replicas)
+    )
+    if replicas > 1:
+        # a replicated bucket elects its leader after the create returns: its first
+        # writes would find no responders
+        await waiting.bucket_ready(js, bucket)
+    return created
 
 
 @dataclass(frozen=True)
@@ -313,36 +262,37 @@ async def ensure_bus(
 
 async def _wait_bus(js: JetStreamContext, settings: BusSettings, wait_s: float) -> Bus:
     subjects = settings.subjects
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    delay = 0.05
-    while True:
-        try:
-            return Bus(
-                nodes=await js.key_value(subjects.nodes_bucket),
-                ledger=await js.key_value(subjects.ledger_bucket),
-                pods=await js.key_value(subjects.pods_bucket),
-            )
-        except BucketNotFoundError:
-            if loop.time() >= deadline:
-                raise
-            log.info("waiting for the scheduler to create the buckets")
-            await asyncio.sleep(delay)
-            delay = min(1.0, delay * 2)
+
+    async def opened() -> Bus:
+        return Bus(
+            nodes=await js.key_value(subjects.nodes_bucket),
+            ledger=await js.key_value(subjects.ledger_bucket),
+            pods=await js.key_value(subjects.pods_bucket),
+        )
+
+    def waiting_for(state: tenacity.RetryCallState) -> None:
+        log.info("waiting for the scheduler to create the buckets")
+
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(BucketNotFoundError),
+        stop=tenacity.stop_after_delay(wait_s),
+        wait=tenacity.wait_exponential(multiplier=0.05, min=0.05, max=1.0),
+        before_sleep=waiting_for,
+        reraise=True,
+    )
+    return await retrying(opened)
 
 
 async def open_bucket(js: JetStreamContext, bucket: str, *, wait_s: float = 60.0) -> KeyValue:
     """Open an existing bucket, waiting up to ``wait_s`` seconds for it to be created.
     Raises ``BucketNotFoundError`` when it is still missing then."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    while True:
-        try:
-            return await js.key_value(bucket)
-        except BucketNotFoundError:
-            if loop.time() >= deadline:
-                raise
-            await asyncio.sleep(0.1)
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(BucketNotFoundError),
+        stop=tenacity.stop_after_delay(wait_s),
+        wait=tenacity.wait_fixed(0.1),
+        reraise=True,
+    )
+    return await retrying(js.key_value, bucket)
 
 
 def stop_on_signals(stop: asyncio.Event | None = None) -> asyncio.Event:

@@ -16,9 +16,8 @@ What it leaves to others: renewing (``vslice.running``), releasing
 
 from __future__ import annotations
 
-import asyncio
-
 import msgspec
+import tenacity
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError
 from nats.js.kv import KeyValue
@@ -60,26 +59,28 @@ async def open_leases(
 
     Raises ``BucketNotFoundError`` when, without ``create``, it is still missing then."""
     bucket = settings.subjects.leases_bucket
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    while True:
+
+    async def opened() -> KeyValue:
         try:
             return await js.key_value(bucket)
         except BucketNotFoundError:
-            if not create and loop.time() >= deadline:
+            if not create:
                 raise
-        if create:
-            try:
-                return await js.create_key_value(
-                    config=api.KeyValueConfig(
-                        bucket=bucket,
-                        history=1,
-                        ttl=MAX_AGE_S,
-                        max_bytes=MAX_BYTES,
-                        replicas=settings.replicas,
-                    )
-                )
-            except BadRequestError:
-                if loop.time() >= deadline:
-                    raise
-        await asyncio.sleep(0.1)
+        # BadRequestError: created meanwhile by another, or with another config
+        return await js.create_key_value(
+            config=api.KeyValueConfig(
+                bucket=bucket,
+                history=1,
+                ttl=MAX_AGE_S,
+                max_bytes=MAX_BYTES,
+                replicas=settings.replicas,
+            )
+        )
+
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type((BucketNotFoundError, BadRequestError)),
+        stop=tenacity.stop_after_delay(wait_s),
+        wait=tenacity.wait_fixed(0.1),
+        reraise=True,
+    )
+    return await retrying(opened)

@@ -93,7 +93,8 @@ def free_port() -> int:
 class NatsServer:
     """One nats-server with JetStream on 127.0.0.1.
 
-    ``data_dir``: JetStream storage and the log file (``nats.log``) live here.
+    ``data_dir``: JetStream storage and, unless ``log_file`` names another place, the
+    server's log (``nats.log``) live here.
     ``port`` / ``http_port`` / ``cluster_port``: 0 = pick a free one at start.
     ``routes``: ``nats://host:port`` cluster routes (empty: a standalone server).
     ``trust``: the trust store (default ``<data_dir>/trust``); ``tls``: clients connect
@@ -111,6 +112,7 @@ class NatsServer:
     binary: Path | None = None
     trust: TrustStore | None = None
     tls: bool = True
+    log_file: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -178,6 +180,7 @@ class NatsServer:
             )
             config["cluster"] = cluster
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(config, indent=1))
         tmp.chmod(0o600)
@@ -217,8 +220,8 @@ class NatsServer:
 
     @property
     def log_path(self) -> Path:
-        """The server's log file."""
-        return Path(self.data_dir) / "nats.log"
+        """The server's log file: ``log_file``, else ``<data_dir>/nats.log``."""
+        return Path(self.log_file) if self.log_file else Path(self.data_dir) / "nats.log"
 
     @property
     def running(self) -> bool:

@@ -22,7 +22,6 @@ Liveness, Readiness and Startup Probes" (any code from 200 to 399 passes).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import inspect
@@ -52,32 +51,6 @@ class HealthSettings:
 
     port: int = 0
     host: str = "127.0.0.1"
-
-
-def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
-    """Add ``--health-port`` (``$VSLICE_HEALTH_PORT``, default 0: off) and
-    ``--health-host`` (``$VSLICE_HEALTH_HOST``, default 127.0.0.1) to ``parser``."""
-    group = parser.add_argument_group("health")
-    group.add_argument(
-        "--health-port",
-        type=int,
-        default=int(environ.get("VSLICE_HEALTH_PORT", "0") or 0),
-        help="serve /healthz and /readyz over HTTP on this port; 0 = off (env VSLICE_HEALTH_PORT)",
-    )
-    group.add_argument(
-        "--health-host",
-        default=environ.get("VSLICE_HEALTH_HOST", "127.0.0.1"),
-        help="address of /healthz and /readyz (env VSLICE_HEALTH_HOST; 0.0.0.0 in a pod)",
-    )
-
-
-def from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> HealthSettings:
-    """The ``HealthSettings`` of parsed ``args``; exits through ``parser.error`` (status 2)
-    for a port outside 0-65535."""
-    port: int = args.health_port
-    if not 0 <= port <= 65535:
-        parser.error(f"--health-port {port}: must be 0-65535")
-    return HealthSettings(port=port, host=args.health_host)
 
 
 @dataclass

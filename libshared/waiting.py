@@ -11,10 +11,8 @@ What it leaves to others: creating streams and buckets (``libshared.connecting``
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import nats.errors
+import tenacity
 from nats.js.api import StreamInfo
 from nats.js.client import JetStreamContext
 
@@ -53,21 +51,33 @@ async def stream_ready(
 ) -> StreamInfo:
     """Wait until ``stream`` takes writes (``readiness``); returns its info. Raises
     ``NotReadyError`` after ``timeout_s`` seconds, naming what it still lacked."""
-    deadline = time.monotonic() + timeout_s
-    state = "no answer yet"
-    while True:
+
+    async def attempt() -> tuple[str, StreamInfo | None]:
         try:
             info = await js.stream_info(stream)
-            state = readiness(info)
-            if not state:
-                return info
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            state = f"stream info: {type(exc).__name__}"
+            return f"stream info: {type(exc).__name__}", None
         except nats.errors.Error as exc:  # e.g. a cluster still forming: no JetStream yet
-            state = f"stream info: {exc}"
-        if time.monotonic() >= deadline:
-            raise NotReadyError(stream=stream, timeout_s=timeout_s, state=state)
-        await asyncio.sleep(interval_s)
+            return f"stream info: {exc}", None
+        return readiness(info), info
+
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_result(lambda outcome: bool(outcome[0])),
+        stop=tenacity.stop_after_delay(timeout_s),
+        wait=tenacity.wait_fixed(interval_s),
+        retry_error_callback=_last_result,
+    )
+    last: tuple[str, StreamInfo | None] = await retrying(attempt)
+    state, info = last
+    if state or info is None:
+        raise NotReadyError(stream=stream, timeout_s=timeout_s, state=state)
+    return info
+
+
+def _last_result(retry_state: tenacity.RetryCallState) -> tuple[str, StreamInfo | None]:
+    assert retry_state.outcome is not None  # called once an attempt has ended
+    result: tuple[str, StreamInfo | None] = retry_state.outcome.result()
+    return result
 
 
 async def bucket_ready(js: JetStreamContext, bucket: str, *, timeout_s: float = 30.0) -> StreamInfo:

@@ -3,15 +3,16 @@
 ``up`` starts a nats-server with JetStream (``libshared.natsserver``), the admission
 service, two scheduler replicas and the node agent of this machine (real slices under
 ``<state dir>/host``: NVML's GPUs when there are any, else mock GPUs), each in its own
-session with its log in ``<state dir>/logs/``, and records their pids and the NATS URL in
-``<state dir>/stack.json``. ``up`` on a stack some of whose processes died (a killed
-nats-server, a crashed replica) starts those again -- nats-server on its port, with its
-identities and JetStream data, so nothing it acknowledged is lost -- instead of answering
-that the stack is up. ``status`` says which of them still run and reads the fleet's
-allocation from the ``<prefix>-nodes`` and ``<prefix>-ledger`` buckets. ``down`` stops
-them (SIGTERM, SIGKILL after a timeout) and removes the state file and NATS data; the
-logs stay for a post-mortem. ``service_commands`` is the one list of service commands, so
-the temporary stack of a bus replay and the compose file run the same ones.
+session with its log in ``<state dir>/logs/`` (nats-server's too, ``nats.log``), and
+records their pids and the NATS URL in ``<state dir>/stack.json``. ``up`` on a stack some
+of whose processes died (a killed nats-server, a crashed replica) starts those again --
+nats-server on its port, with its identities and JetStream data, so nothing it
+acknowledged is lost -- instead of answering that the stack is up. ``status`` says which
+of them still run and reads the fleet's allocation from the ``<prefix>-nodes`` and
+``<prefix>-ledger`` buckets. ``down`` stops them (SIGTERM, SIGKILL after a timeout) and
+removes the state file and NATS data; the logs stay for a post-mortem.
+``service_commands`` is the one list of service commands, so the temporary stack of a bus
+replay and the compose file run the same ones.
 
 ``up`` also starts the metrics service (``/metrics`` and the dashboard, ``services.metrics``)
 on ``$VSLICE_METRICS_PORT``, else 9394 when free, else a free port, and records its URL.
@@ -60,6 +61,7 @@ from libshared.trust import TrustStore
 from services.nodeagent.core import fleets
 
 STATE_FILE = "stack.json"
+NATS_LOG = "nats.log"  # nats-server's own (text) log, beside the services' JSON logs
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 DEFAULT_MOCK_MEMORY_MIB = 16384
@@ -529,7 +531,11 @@ def up(
     logs = state_dir / "logs"
     trust = TrustStore(state_dir / "trust").ensure()
     server = NatsServer(
-        data_dir=state_dir / "nats", name="vslice-nats", trust=trust, port=nats_port
+        data_dir=state_dir / "nats",
+        name="vslice-nats",
+        trust=trust,
+        port=nats_port,
+        log_file=logs / NATS_LOG,
     )
     server.port = server.port or free_port()
     server.http_port = server.http_port or free_port()
@@ -597,6 +603,8 @@ def _stack_commands(
         policy=policy,
         workload_trace=workload_trace,
         agent_args=[*mock_agent_args(environ), *slice_agent_args(state_dir, environ)],
+        # the services' level (e.g. info,vslice.decisions=warning) from up's environment
+        log_level=(os.environ if environ is None else environ).get("VSLICE_LOG_LEVEL") or "info",
         metrics_port=port,
         metrics_host=host,
         explain=True,
@@ -645,6 +653,7 @@ def restart(state_dir: Path, known: Stack, *, environ: Mapping[str, str] | None 
         tls=known.tls,
         port=port,
         http_port=known.nats_http_port or free_port(),
+        log_file=state_dir / "logs" / NATS_LOG,
     )
     identities = provision(server, prefix=known.prefix, node=local_node())
     logs = state_dir / "logs"

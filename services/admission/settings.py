@@ -8,14 +8,18 @@ Kubernetes the webhook needs no NATS. With the webhook off, the bus is always us
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-from libshared import connecting, probes
+import msgspec
+
+from libshared import connecting, probes, settings
 from libshared.resources import ResourceSettings
 from services.admission.core import mutating
+
+HOOK = "Kubernetes mutating admission webhook"  # the webhook's options in --help
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,85 @@ class Settings:
         )
 
 
+class Options(settings.ServiceOptions, frozen=True, kw_only=True):
+    """The admission service's flags and variables (``libshared.settings``)."""
+
+    default_memory_mib: Annotated[
+        int,
+        msgspec.Meta(ge=0),
+        settings.option("--default-memory-mib", env="VSLICE_DEFAULT_MEMORY_MIB"),
+    ] = 0
+    default_cores: Annotated[
+        int,
+        msgspec.Meta(ge=0, le=100),
+        settings.option("--default-cores", env="VSLICE_DEFAULT_CORES"),
+    ] = 0
+    default_gpu_num: Annotated[
+        int,
+        msgspec.Meta(ge=0),
+        settings.option("--default-gpu-num", env="VSLICE_DEFAULT_GPU_NUM"),
+    ] = 1
+    webhook_port: Annotated[
+        int,
+        msgspec.Meta(ge=0, le=65535),
+        settings.option(
+            "--webhook-port",
+            env="VSLICE_WEBHOOK_PORT",
+            help="serve POST /mutate over HTTPS on this port; 0 = off",
+            group=HOOK,
+        ),
+    ] = 0
+    webhook_host: Annotated[
+        str, settings.option("--webhook-host", env="VSLICE_WEBHOOK_HOST", group=HOOK)
+    ] = "0.0.0.0"
+    tls_cert: Annotated[
+        str | None,
+        settings.option(
+            "--tls-cert", env="VSLICE_TLS_CERT", help="PEM certificate chain", group=HOOK
+        ),
+    ] = None
+    tls_key: Annotated[
+        str | None, settings.option("--tls-key", env="VSLICE_TLS_KEY", help="PEM key", group=HOOK)
+    ] = None
+    tls_reload: Annotated[
+        float,
+        msgspec.Meta(gt=0),
+        settings.option(
+            "--tls-reload",
+            env="VSLICE_TLS_RELOAD_S",
+            help="seconds between checks for a renewed certificate",
+            group=HOOK,
+        ),
+    ] = 60.0
+    scheduler_name: Annotated[
+        str,
+        msgspec.Meta(min_length=1),
+        settings.option(
+            "--scheduler-name",
+            env="VSLICE_SCHEDULER_NAME",
+            help="spec.schedulerName written into GPU pods",
+            group=HOOK,
+        ),
+    ] = "vslice-scheduler"
+    sm_policy: Annotated[
+        Literal["default", "force", "disable"] | None,
+        settings.option(
+            "--sm-policy",
+            env="VSLICE_SM_POLICY",
+            help="GPU_CORE_UTILIZATION_POLICY added to GPU containers (default: none added)",
+            group=HOOK,
+        ),
+    ] = None
+
+
+LOADER = settings.Loader(
+    Options,
+    prog="python -m services.admission",
+    description="vslice admission: the bus handler of local mode and the Kubernetes "
+    "mutating admission webhook",
+)
+
+
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from ``argv`` and ``environ`` (default ``os.environ``); flags win.
 
@@ -68,102 +151,35 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     ``VSLICE_DEFAULT_MEMORY_MIB``, ``VSLICE_DEFAULT_CORES``, ``VSLICE_DEFAULT_GPU_NUM``,
     ``VSLICE_WEBHOOK_PORT``, ``VSLICE_WEBHOOK_HOST``, ``VSLICE_TLS_CERT``,
     ``VSLICE_TLS_KEY``, ``VSLICE_TLS_RELOAD_S``, ``VSLICE_SCHEDULER_NAME``,
-    ``VSLICE_SM_POLICY``, ``VSLICE_LOG_LEVEL``. Exits (``SystemExit`` 2) on an invalid
-    flag or value, or a webhook port without a certificate and key.
+    ``VSLICE_SM_POLICY``, ``VSLICE_LOG_LEVEL`` (``Options``). Exits (``SystemExit`` 2) on
+    an invalid flag or value, naming it, or a webhook port without a certificate and key.
     """
-    env = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
-        prog="python -m services.admission",
-        description="vslice admission: the bus handler of local mode and the Kubernetes "
-        "mutating admission webhook",
-    )
-    connecting.add_arguments(parser, env)
-    if "VSLICE_NATS_URL" not in env:
-        parser.set_defaults(nats_url=None)  # tells "no NATS given" from the default URL
-    parser.add_argument(
-        "--default-memory-mib", type=int, default=env.get("VSLICE_DEFAULT_MEMORY_MIB", "0")
-    )
-    parser.add_argument("--default-cores", type=int, default=env.get("VSLICE_DEFAULT_CORES", "0"))
-    parser.add_argument(
-        "--default-gpu-num", type=int, default=env.get("VSLICE_DEFAULT_GPU_NUM", "1")
-    )
-    parser.add_argument("--log-level", default=env.get("VSLICE_LOG_LEVEL", "info"))
-    hook = parser.add_argument_group("Kubernetes mutating admission webhook")
-    hook.add_argument(
-        "--webhook-port",
-        type=int,
-        default=env.get("VSLICE_WEBHOOK_PORT", "0"),
-        help="serve POST /mutate over HTTPS on this port; 0 = off (env VSLICE_WEBHOOK_PORT)",
-    )
-    hook.add_argument("--webhook-host", default=env.get("VSLICE_WEBHOOK_HOST", "0.0.0.0"))
-    hook.add_argument(
-        "--tls-cert", default=env.get("VSLICE_TLS_CERT") or None, help="PEM certificate chain"
-    )
-    hook.add_argument("--tls-key", default=env.get("VSLICE_TLS_KEY") or None, help="PEM key")
-    hook.add_argument(
-        "--tls-reload",
-        type=float,
-        default=env.get("VSLICE_TLS_RELOAD_S", "60"),
-        help="seconds between checks for a renewed certificate",
-    )
-    hook.add_argument(
-        "--scheduler-name",
-        default=env.get("VSLICE_SCHEDULER_NAME", "vslice-scheduler"),
-        help="spec.schedulerName written into GPU pods (env VSLICE_SCHEDULER_NAME)",
-    )
-    hook.add_argument(
-        "--sm-policy",
-        choices=mutating.CORE_POLICIES,
-        default=env.get("VSLICE_SM_POLICY") or None,
-        help="GPU_CORE_UTILIZATION_POLICY added to GPU containers (default: none added)",
-    )
-    probes.add_arguments(parser, env)
-    args = parser.parse_args(list(argv or []))
-    if not 0 <= args.webhook_port <= 65535:
-        parser.error(f"--webhook-port {args.webhook_port}: must be 0-65535")
-    if args.webhook_port and not (args.tls_cert and args.tls_key):
-        parser.error(
-            f"--webhook-port {args.webhook_port} needs --tls-cert and --tls-key: the API "
+    opts = LOADER.parse(argv, os.environ if environ is None else environ)
+    if opts.webhook_port and not (opts.tls_cert and opts.tls_key):
+        LOADER.error(
+            f"--webhook-port {opts.webhook_port} needs --tls-cert and --tls-key: the API "
             "server calls admission webhooks over HTTPS only"
         )
-    if args.sm_policy is not None and args.sm_policy not in mutating.CORE_POLICIES:
-        parser.error(f"--sm-policy {args.sm_policy!r}: must be one of {mutating.CORE_POLICIES}")
-    if not args.tls_reload > 0:
-        parser.error(f"--tls-reload {args.tls_reload}: must be above 0 seconds")
-    if not args.scheduler_name:
-        parser.error("--scheduler-name: must not be empty")
-    for flag, value, low in (
-        ("--default-memory-mib", args.default_memory_mib, 0),
-        ("--default-cores", args.default_cores, 0),
-        ("--default-gpu-num", args.default_gpu_num, 0),
-    ):
-        if value < low:
-            parser.error(f"{flag} {value}: must be >= {low}")
-    if args.default_cores > 100:
-        parser.error(f"--default-cores {args.default_cores}: must be <= 100")
-    nats_given = args.nats_url is not None
-    if not nats_given:
-        args.nats_url = connecting.DEFAULT_URL
     try:
-        bus = connecting.from_arguments(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+        bus = opts.bus()
+    except settings.SettingsError as exc:
+        LOADER.error(str(exc))
     return Settings(
-        bus=bus if nats_given or not args.webhook_port else None,
+        bus=bus if opts.nats_url is not None or not opts.webhook_port else None,
         resources=ResourceSettings(
-            default_memory_mib=args.default_memory_mib,
-            default_cores_percent=args.default_cores,
-            default_gpu_num=args.default_gpu_num,
+            default_memory_mib=opts.default_memory_mib,
+            default_cores_percent=opts.default_cores,
+            default_gpu_num=opts.default_gpu_num,
         ),
         webhook=WebhookSettings(
-            port=args.webhook_port,
-            host=args.webhook_host,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_reload_s=args.tls_reload,
-            scheduler_name=args.scheduler_name,
-            core_policy=args.sm_policy,
+            port=opts.webhook_port,
+            host=opts.webhook_host,
+            tls_cert=opts.tls_cert,
+            tls_key=opts.tls_key,
+            tls_reload_s=opts.tls_reload,
+            scheduler_name=opts.scheduler_name,
+            core_policy=opts.sm_policy,
         ),
-        log_level=args.log_level,
-        health=probes.from_arguments(parser, args),
+        log_level=opts.log_level,
+        health=opts.health(),
     )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from libshared import connecting, probes
+import msgspec
+
+from libshared import connecting, probes, settings
 
 DEFAULT_PORT = 9394  # the port HAMi's vGPU monitor serves its /metrics on (docs/metrics.md)
 
@@ -42,60 +44,66 @@ class Settings:
     health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
 
 
+class Options(settings.ServiceOptions, frozen=True, kw_only=True):
+    """The metrics service's flags and variables (``libshared.settings``)."""
+
+    host: Annotated[str, settings.option("--host", env="VSLICE_METRICS_HOST")] = "0.0.0.0"
+    port: Annotated[
+        int, msgspec.Meta(ge=0, le=65535), settings.option("--port", env="VSLICE_METRICS_PORT")
+    ] = DEFAULT_PORT
+    usage_ttl: Annotated[
+        float, msgspec.Meta(gt=0), settings.option("--usage-ttl", help="seconds")
+    ] = 30.0
+    stats_interval: Annotated[
+        float, msgspec.Meta(gt=0), settings.option("--stats-interval", help="seconds")
+    ] = 5.0
+    observe_requests: Annotated[
+        bool,
+        settings.option(
+            "--no-observe-requests",
+            help="do not subscribe to schedule requests (no scheduling latency histogram)",
+        ),
+    ] = True
+    zone: Annotated[str, settings.option("--zone", help="HAMi's `zone` label")] = "vGPU"
+    legacy_metrics: Annotated[
+        bool,
+        settings.option(
+            "--legacy-metrics",
+            env="VSLICE_LEGACY_METRICS",
+            help="serve HAMi's metric names of v2.8 and before as well (HAMi's --legacy-metrics)",
+        ),
+    ] = False
+
+
+LOADER = settings.Loader(
+    Options,
+    prog="python -m services.metrics",
+    description="vslice metrics: HAMi-compatible /metrics and the fleet dashboard",
+)
+
+
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from ``argv`` and ``environ`` (default ``os.environ``); flags win.
 
     Environment: ``VSLICE_NATS_URL``, ``VSLICE_PREFIX``, ``VSLICE_BUCKET_REPLICAS``,
     ``VSLICE_METRICS_HOST``, ``VSLICE_METRICS_PORT``, ``VSLICE_LEGACY_METRICS``,
-    ``VSLICE_LOG_LEVEL``. Exits
-    (``SystemExit`` 2) on an invalid flag or value.
+    ``VSLICE_LOG_LEVEL`` (``Options``). Exits (``SystemExit`` 2) on an invalid flag or
+    value, naming it.
     """
-    env = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
-        prog="python -m services.metrics",
-        description="vslice metrics: HAMi-compatible /metrics and the fleet dashboard",
-    )
-    connecting.add_arguments(parser, env)
-    parser.add_argument("--host", default=env.get("VSLICE_METRICS_HOST", "0.0.0.0"))
-    parser.add_argument(
-        "--port", type=int, default=int(env.get("VSLICE_METRICS_PORT", str(DEFAULT_PORT)))
-    )
-    parser.add_argument("--usage-ttl", type=float, default=30.0, help="seconds")
-    parser.add_argument("--stats-interval", type=float, default=5.0, help="seconds")
-    parser.add_argument(
-        "--no-observe-requests",
-        action="store_true",
-        help="do not subscribe to schedule requests (no scheduling latency histogram)",
-    )
-    parser.add_argument("--zone", default="vGPU", help="HAMi's `zone` label")
-    parser.add_argument(
-        "--legacy-metrics",
-        action="store_true",
-        default=connecting.env_flag(env, "VSLICE_LEGACY_METRICS"),
-        help="serve HAMi's metric names of v2.8 and before as well (HAMi's --legacy-metrics)",
-    )
-    parser.add_argument("--log-level", default=env.get("VSLICE_LOG_LEVEL", "info"))
-    probes.add_arguments(parser, env)
-    args = parser.parse_args(list(argv or []))
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port {args.port}: must be 0-65535")
-    if args.usage_ttl <= 0:
-        parser.error(f"--usage-ttl {args.usage_ttl}: must be > 0")
-    if args.stats_interval <= 0:
-        parser.error(f"--stats-interval {args.stats_interval}: must be > 0")
+    opts = LOADER.parse(argv, os.environ if environ is None else environ)
     try:
-        bus = connecting.from_arguments(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+        bus = opts.bus()
+    except settings.SettingsError as exc:
+        LOADER.error(str(exc))
     return Settings(
         bus=bus,
-        host=args.host,
-        port=args.port,
-        usage_ttl_s=args.usage_ttl,
-        stats_interval_s=args.stats_interval,
-        observe_requests=not args.no_observe_requests,
-        zone=args.zone,
-        legacy_metrics=args.legacy_metrics,
-        log_level=args.log_level,
-        health=probes.from_arguments(parser, args),
+        host=opts.host,
+        port=opts.port,
+        usage_ttl_s=opts.usage_ttl,
+        stats_interval_s=opts.stats_interval,
+        observe_requests=opts.observe_requests,
+        zone=opts.zone,
+        legacy_metrics=opts.legacy_metrics,
+        log_level=opts.log_level,
+        health=opts.health(),
     )

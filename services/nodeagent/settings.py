@@ -17,15 +17,16 @@ the ledger check of Allocate, usage reports -- when a NATS URL is given (``--nat
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from libshared import connecting, probes
+import msgspec
+
+from libshared import connecting, probes, settings
 from services.nodeagent.core.fleets import DEFAULT_SPLIT_COUNT, FleetSpec, parse_devices
 from services.nodeagent.core.registrations import Scaling
 
@@ -99,167 +100,239 @@ class Settings:
     health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
 
 
-def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Settings from ``argv`` and ``environ`` (default ``os.environ``); flags win.
+def _memory_scaling(value: float) -> None:
+    Scaling(memory_scaling=value)  # raises ValueError naming HAMi's deviceMemoryScaling
 
-    Exits (``SystemExit`` 2) on an invalid flag or value.
+
+def _core_scaling(value: float) -> None:
+    Scaling(core_scaling=value)  # raises ValueError naming HAMi's deviceCoreScaling
+
+
+REAL = "real slices (one node)"  # groups of options in --help
+K8S = "Kubernetes"
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Options(settings.ServiceOptions, frozen=True, kw_only=True):
+    """The node agent's flags and variables (``libshared.settings``); ``name`` and
+    ``node_prefix`` default to the host name."""
+
+    fleet: Annotated[
+        str | None, settings.option("--fleet", env="VSLICE_FLEET", help="node list CSV")
+    ] = None
+    nodes: Annotated[int, msgspec.Meta(ge=1)] = 1
+    gpus: Annotated[int, msgspec.Meta(ge=1)] = 2
+    memory_mib: Annotated[int, msgspec.Meta(ge=1)] = 16384
+    gpu_type: str = "MOCK-GPU-16G"
+    split_count: Annotated[int, msgspec.Meta(ge=0)] | None = None  # 0: the default
+    devices: Annotated[
+        str,
+        settings.option(
+            "--devices",
+            env="VSLICE_MOCKGPU_DEVICES",
+            help="one node with these mock GPUs: <uuid>:<memory_mib>[,...] "
+            "(wins over --gpus/--memory-mib)",
+            check=parse_devices,
+        ),
+    ] = ""
+    node_prefix: Annotated[str, settings.option("--node-prefix", env="VSLICE_NODE_PREFIX")] = ""
+    name: Annotated[str, settings.option("--name", env="VSLICE_AGENT_NAME")] = ""
+    unregister: Annotated[
+        bool,
+        settings.option(
+            "--unregister",
+            help="on SIGTERM delete the hosted nodes from the nodes bucket: no new pod goes there",
+        ),
+    ] = False
+    host_root: Annotated[
+        str | None,
+        settings.option(
+            "--host-root",
+            env="VSLICE_HOST_ROOT",
+            help="prepare slices under this directory; without it the agent only answers "
+            "placements",
+            group=REAL,
+        ),
+    ] = None
+    backend: Annotated[
+        Literal["auto", "nvml", "mock"], settings.option("--backend", group=REAL)
+    ] = "auto"
+    memory_scaling: Annotated[
+        float,
+        settings.option(
+            "--memory-scaling",
+            help="deviceMemoryScaling",
+            group=REAL,
+            check=_memory_scaling,
+        ),
+    ] = 1.0
+    core_scaling: Annotated[
+        float,
+        settings.option(
+            "--core-scaling",
+            help="deviceCoreScaling",
+            group=REAL,
+            check=_core_scaling,
+        ),
+    ] = 1.0
+    libvgpu: Annotated[str, settings.option("--libvgpu", env="VSLICE_LIBVGPU", group=REAL)] = (
+        DEFAULT_LIBVGPU
+    )
+    mock_dir: Annotated[
+        str, settings.option("--mock-dir", env="VSLICE_MOCKGPU_DIR", group=REAL)
+    ] = DEFAULT_MOCK_DIR
+    mock_state: Annotated[
+        str | None, settings.option("--mock-state", env="VSLICE_MOCKGPU_STATE", group=REAL)
+    ] = None
+    nvml_library: Annotated[
+        str | None,
+        settings.option("--nvml-library", help="load this NVML library by path", group=REAL),
+    ] = None
+    usage_interval: Annotated[
+        Seconds,
+        settings.option(
+            "--usage-interval",
+            env="VSLICE_USAGE_INTERVAL_S",
+            help="seconds between usage reports",
+            group=REAL,
+        ),
+    ] = 2.0
+    grace: Annotated[
+        Seconds,
+        settings.option(
+            "--grace",
+            env="VSLICE_GRACE_S",
+            help="seconds a released slice's directory stays",
+            group=REAL,
+        ),
+    ] = 5.0
+    enforce: Annotated[
+        Literal["report", "kill"],
+        settings.option(
+            "--enforce",
+            env="VSLICE_ENFORCE",
+            help="kill: end processes over their slice",
+            group=REAL,
+        ),
+    ] = "report"
+    escape_margin_mib: Annotated[
+        Annotated[int, msgspec.Meta(ge=0)] | None,
+        settings.option("--escape-margin-mib", group=REAL),
+    ] = None
+    sm_policy: Annotated[
+        Literal["default", "force", "disable"], settings.option("--sm-policy", group=REAL)
+    ] = "default"
+    rediscover: Annotated[Seconds, settings.option("--rediscover", help="seconds", group=REAL)] = (
+        30.0
+    )
+    device_plugin: Annotated[
+        bool,
+        settings.option(
+            "--device-plugin",
+            env="VSLICE_DEVICE_PLUGIN",
+            help="serve kubelet's device-plugin API for nvidia.com/gpu",
+            group=K8S,
+        ),
+    ] = False
+    kubelet_dir: Annotated[
+        str,
+        settings.option(
+            "--kubelet-dir",
+            env="VSLICE_KUBELET_DIR",
+            help="kubelet's device-plugin directory",
+            group=K8S,
+        ),
+    ] = DEFAULT_KUBELET_DIR
+    node_name: Annotated[
+        str,
+        settings.option(
+            "--node-name",
+            env=("VSLICE_NODE_NAME", "NODE_NAME"),
+            help="the Kubernetes node",
+            group=K8S,
+        ),
+    ] = ""
+    kube: Annotated[
+        bool,
+        settings.option(
+            "--kube",
+            env="VSLICE_KUBE",
+            help="talk to the Kubernetes API: in-cluster config, else $KUBECONFIG",
+            group=K8S,
+        ),
+    ] = False
+
+
+LOADER = settings.Loader(
+    Options, prog="python -m services.nodeagent", description="vslice node agent"
+)
+
+
+def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``argv`` and ``environ`` (default ``os.environ``); flags win
+    (``Options`` names every flag and variable).
+
+    Exits (``SystemExit`` 2) on an invalid flag or value, naming it.
     """
-    env = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
-        prog="python -m services.nodeagent", description="vslice node agent (mock backend)"
-    )
-    connecting.add_arguments(parser, env)
-    parser.add_argument("--fleet", default=env.get("VSLICE_FLEET") or None, help="node list CSV")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus", type=int, default=2)
-    parser.add_argument("--memory-mib", type=int, default=16384)
-    parser.add_argument("--gpu-type", default="MOCK-GPU-16G")
-    parser.add_argument("--split-count", type=int, default=None)
-    parser.add_argument(
-        "--devices",
-        default=env.get("VSLICE_MOCKGPU_DEVICES", ""),
-        help="one node with these mock GPUs: <uuid>:<memory_mib>[,...] "
-        "(env VSLICE_MOCKGPU_DEVICES; wins over --gpus/--memory-mib)",
-    )
-    parser.add_argument(
-        "--node-prefix", default=env.get("VSLICE_NODE_PREFIX", socket.gethostname())
-    )
-    parser.add_argument("--name", default=env.get("VSLICE_AGENT_NAME", socket.gethostname()))
-    parser.add_argument("--log-level", default=env.get("VSLICE_LOG_LEVEL", "info"))
-    parser.add_argument(
-        "--unregister",
-        action="store_true",
-        help="on SIGTERM delete the hosted nodes from the nodes bucket: no new pod goes there",
-    )
-    real = parser.add_argument_group("real slices (one node)")
-    real.add_argument(
-        "--host-root",
-        default=env.get("VSLICE_HOST_ROOT") or None,
-        help="prepare slices under this directory (env VSLICE_HOST_ROOT); without it the "
-        "agent only answers placements",
-    )
-    real.add_argument("--backend", choices=("auto", "nvml", "mock"), default="auto")
-    real.add_argument("--memory-scaling", type=float, default=1.0, help="deviceMemoryScaling")
-    real.add_argument("--core-scaling", type=float, default=1.0, help="deviceCoreScaling")
-    real.add_argument("--libvgpu", default=env.get("VSLICE_LIBVGPU", DEFAULT_LIBVGPU))
-    real.add_argument("--mock-dir", default=env.get("VSLICE_MOCKGPU_DIR", DEFAULT_MOCK_DIR))
-    real.add_argument("--mock-state", default=env.get("VSLICE_MOCKGPU_STATE") or None)
-    real.add_argument("--nvml-library", default=None, help="load this NVML library by path")
-    real.add_argument(
-        "--usage-interval",
-        type=float,
-        default=float(env.get("VSLICE_USAGE_INTERVAL_S", "2")),
-        help="seconds between usage reports (env VSLICE_USAGE_INTERVAL_S)",
-    )
-    real.add_argument(
-        "--grace",
-        type=float,
-        default=float(env.get("VSLICE_GRACE_S", "5")),
-        help="seconds a released slice's directory stays (env VSLICE_GRACE_S)",
-    )
-    real.add_argument(
-        "--enforce",
-        choices=("report", "kill"),
-        default=env.get("VSLICE_ENFORCE", "report"),
-        help="kill: end processes over their slice (env VSLICE_ENFORCE)",
-    )
-    real.add_argument("--escape-margin-mib", type=int, default=None)
-    real.add_argument("--sm-policy", choices=("default", "force", "disable"), default="default")
-    real.add_argument("--rediscover", type=float, default=30.0, help="seconds")
-    k8s = parser.add_argument_group("Kubernetes")
-    k8s.add_argument(
-        "--device-plugin",
-        action="store_true",
-        default=connecting.env_flag(env, "VSLICE_DEVICE_PLUGIN"),
-        help="serve kubelet's device-plugin API for nvidia.com/gpu (env VSLICE_DEVICE_PLUGIN)",
-    )
-    k8s.add_argument(
-        "--kubelet-dir",
-        default=env.get("VSLICE_KUBELET_DIR", DEFAULT_KUBELET_DIR),
-        help="kubelet's device-plugin directory (env VSLICE_KUBELET_DIR)",
-    )
-    k8s.add_argument(
-        "--node-name",
-        default=env.get("VSLICE_NODE_NAME") or env.get("NODE_NAME", ""),
-        help="the Kubernetes node (env VSLICE_NODE_NAME, else NODE_NAME)",
-    )
-    k8s.add_argument(
-        "--kube",
-        action="store_true",
-        default=connecting.env_flag(env, "VSLICE_KUBE"),
-        help="talk to the Kubernetes API: in-cluster config, else $KUBECONFIG (env VSLICE_KUBE)",
-    )
-    argv = list(argv or [])
-    probes.add_arguments(parser, env)
-    args = parser.parse_args(argv)
+    opts = LOADER.parse(argv, os.environ if environ is None else environ)
     try:
-        bus = connecting.from_arguments(args)
-        devices = parse_devices(args.devices)
+        bus = opts.bus()
+        devices = parse_devices(opts.devices)
         scaling = Scaling(
-            split_count=args.split_count or DEFAULT_SPLIT_COUNT,
-            memory_scaling=args.memory_scaling,
-            core_scaling=args.core_scaling,
+            split_count=opts.split_count or DEFAULT_SPLIT_COUNT,
+            memory_scaling=opts.memory_scaling,
+            core_scaling=opts.core_scaling,
         )
     except ValueError as exc:
-        parser.error(str(exc))
-    for flag, value in (
-        ("--usage-interval", args.usage_interval),
-        ("--grace", args.grace),
-        ("--rediscover", args.rediscover),
-    ):
-        if not value > 0:
-            parser.error(f"{flag} {value}: must be above 0 seconds")
-    if args.escape_margin_mib is not None and args.escape_margin_mib < 0:
-        parser.error(f"--escape-margin-mib {args.escape_margin_mib}: must be 0 or more")
+        LOADER.error(str(exc))
     device_plugin = None
-    if args.device_plugin:
+    if opts.device_plugin:
         for missing, why in (
-            (not args.host_root, "--host-root (where slices are prepared)"),
-            (not args.kube, "--kube (Allocate reads the pods from the Kubernetes API)"),
-            (not args.node_name, "--node-name or NODE_NAME (the Kubernetes node)"),
+            (not opts.host_root, "--host-root (where slices are prepared)"),
+            (not opts.kube, "--kube (Allocate reads the pods from the Kubernetes API)"),
+            (not opts.node_name, "--node-name or NODE_NAME (the Kubernetes node)"),
         ):
             if missing:
-                parser.error(f"--device-plugin needs {why}")
+                LOADER.error(f"--device-plugin needs {why}")
         device_plugin = DevicePluginSettings(
-            node_name=args.node_name, kubelet_dir=str(Path(args.kubelet_dir).resolve())
+            node_name=opts.node_name, kubelet_dir=str(Path(opts.kubelet_dir).resolve())
         )
-    nats_given = "VSLICE_NATS_URL" in env or any(a.startswith("--nats-url") for a in argv)
     slices = None
-    if args.host_root:
+    if opts.host_root:
         slices = SliceSettings(
-            host_root=str(Path(args.host_root).resolve()),
-            backend=args.backend,
+            host_root=str(Path(opts.host_root).resolve()),
+            backend=opts.backend,
             scaling=scaling,
-            libvgpu=args.libvgpu,
-            mock_dir=args.mock_dir,
-            mock_state=args.mock_state,
-            nvml_library=args.nvml_library,
-            usage_interval_s=args.usage_interval,
-            grace_s=args.grace,
-            enforce=args.enforce,
-            escape_margin_mib=args.escape_margin_mib,
-            sm_policy=args.sm_policy,
-            rediscover_s=args.rediscover,
+            libvgpu=opts.libvgpu,
+            mock_dir=opts.mock_dir,
+            mock_state=opts.mock_state,
+            nvml_library=opts.nvml_library,
+            usage_interval_s=opts.usage_interval,
+            grace_s=opts.grace,
+            enforce=opts.enforce,
+            escape_margin_mib=opts.escape_margin_mib,
+            sm_policy=opts.sm_policy,
+            rediscover_s=opts.rediscover,
         )
     spec = FleetSpec(
-        nodes=args.nodes,
-        gpus=args.gpus,
-        memory_mib=args.memory_mib,
-        gpu_type=args.gpu_type,
-        split_count=args.split_count or DEFAULT_SPLIT_COUNT,
-        name_prefix=args.node_prefix,
+        nodes=opts.nodes,
+        gpus=opts.gpus,
+        memory_mib=opts.memory_mib,
+        gpu_type=opts.gpu_type,
+        split_count=opts.split_count or DEFAULT_SPLIT_COUNT,
+        name_prefix=opts.node_prefix or socket.gethostname(),
         devices=devices,
     )
     return Settings(
         bus=bus,
         spec=spec,
-        fleet_csv=args.fleet,
-        split_count=args.split_count,
-        name=args.name,
-        log_level=args.log_level,
+        fleet_csv=opts.fleet,
+        split_count=opts.split_count,
+        name=opts.name or socket.gethostname(),
+        log_level=opts.log_level,
+        health=opts.health(),
         slices=slices,
         device_plugin=device_plugin,
-        use_bus=device_plugin is None or nats_given,
-        unregister=args.unregister,
-        health=probes.from_arguments(parser, args),
+        use_bus=device_plugin is None or opts.nats_url is not None,
+        unregister=opts.unregister,
     )

@@ -6,15 +6,17 @@ Every field has a default, so ``Settings()`` is a replica of the default stack (
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import socket
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-from libshared import connecting, kubeclients, probes
+import msgspec
+
+from libshared import connecting, kubeclients, probes, settings
 from services.scheduler.core.deciding import POLICIES
 
 
@@ -68,132 +70,170 @@ class Settings:
     health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
 
 
+K8S = "Kubernetes"  # the extender's options in --help
+
+
+class Options(settings.ServiceOptions, frozen=True, kw_only=True):
+    """A replica's flags and variables (``libshared.settings``)."""
+
+    policy: Annotated[
+        Literal[POLICIES], settings.option("--policy", env="VSLICE_POLICY")  # type: ignore[valid-type]
+    ] = "hami"
+    workload_trace: Annotated[
+        str | None, settings.option("--workload-trace", env="VSLICE_WORKLOAD_TRACE")
+    ] = None
+    seed: Annotated[
+        str,
+        settings.option(
+            "--seed",
+            env="VSLICE_SEED",
+            help="tie-breaking seed: an integer, or `auto` for one drawn from the replica's "
+            "name (replicas of one Deployment then break ties apart)",
+        ),
+    ] = "0"
+    max_attempts: Annotated[
+        int,
+        msgspec.Meta(ge=1),
+        settings.option(
+            "--max-attempts", help="decide-and-commit attempts before a lost race is answered"
+        ),
+    ] = 8
+    max_devices: Annotated[
+        int, msgspec.Meta(ge=1), settings.option("--max-devices", help="most GPUs on one node")
+    ] = 8
+    claim_wait: Annotated[
+        float,
+        msgspec.Meta(gt=0),
+        settings.option("--claim-wait", help="seconds before a dead claim is taken over"),
+    ] = 2.0
+    max_in_flight: Annotated[
+        int,
+        msgspec.Meta(ge=1),
+        settings.option("--max-in-flight", help="requests handled at once"),
+    ] = 32
+    explain: Annotated[bool, settings.option("--no-explain", help="leave per-node reasons out")] = (
+        True
+    )
+    name: Annotated[str | None, settings.option("--name", help="replica name in logs")] = None
+    extender_port: Annotated[
+        int,
+        msgspec.Meta(ge=0, le=65535),
+        settings.option(
+            "--extender-port",
+            env="VSLICE_EXTENDER_PORT",
+            help="serve the kube-scheduler extender (/filter, /bind) on this port; 0 = off",
+            group=K8S,
+        ),
+    ] = 0
+    extender_host: Annotated[
+        str,
+        settings.option(
+            "--extender-host",
+            env="VSLICE_EXTENDER_HOST",
+            help="address the extender listens on (default loopback: any other address "
+            "needs --tls-cert, --tls-key and --tls-client-ca)",
+            group=K8S,
+        ),
+    ] = "127.0.0.1"
+    tls_cert: Annotated[
+        str | None, settings.option("--tls-cert", env="VSLICE_TLS_CERT", group=K8S)
+    ] = None
+    tls_key: Annotated[
+        str | None, settings.option("--tls-key", env="VSLICE_TLS_KEY", group=K8S)
+    ] = None
+    tls_client_ca: Annotated[
+        str | None,
+        settings.option(
+            "--tls-client-ca",
+            env="VSLICE_TLS_CLIENT_CA",
+            help="CA whose client certificates alone may call the extender: kube-scheduler's"
+            " tlsConfig certFile/keyFile",
+            group=K8S,
+        ),
+    ] = None
+    kube: Annotated[
+        bool,
+        settings.option(
+            "--kube",
+            env="VSLICE_KUBE",
+            help="talk to the Kubernetes API: in-cluster config, else $KUBECONFIG",
+            group=K8S,
+        ),
+    ] = False
+    reservation_ttl: Annotated[
+        float,
+        msgspec.Meta(gt=0),
+        settings.option(
+            "--reservation-ttl",
+            env="VSLICE_RESERVATION_TTL",
+            help="seconds a reservation waits for its bind",
+            group=K8S,
+        ),
+    ] = 60.0
+
+
+LOADER = settings.Loader(
+    Options, prog="python -m services.scheduler", description="a vslice scheduler replica"
+)
+
+
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from ``argv`` (default: none) and ``environ`` (default: ``os.environ``).
 
     Environment: ``VSLICE_NATS_URL``, ``VSLICE_PREFIX``, ``VSLICE_BUCKET_REPLICAS``,
     ``VSLICE_POLICY``, ``VSLICE_WORKLOAD_TRACE``, ``VSLICE_SEED``, ``VSLICE_LOG_LEVEL``,
-    ``VSLICE_EXTENDER_PORT``, ``VSLICE_TLS_CERT``, ``VSLICE_TLS_KEY``, ``VSLICE_KUBE``
-    (``1``/``true``), ``VSLICE_RESERVATION_TTL`` (and ``KUBECONFIG`` for ``--kube``
-    outside a cluster).
-    Exits (``SystemExit`` 2, argparse's way) on an invalid flag or value.
+    ``VSLICE_EXTENDER_PORT``, ``VSLICE_EXTENDER_HOST``, ``VSLICE_TLS_CERT``,
+    ``VSLICE_TLS_KEY``, ``VSLICE_TLS_CLIENT_CA``, ``VSLICE_KUBE`` (``1``/``true``),
+    ``VSLICE_RESERVATION_TTL`` (``Options``; and ``KUBECONFIG`` for ``--kube`` outside a
+    cluster). Exits (``SystemExit`` 2, argparse's way) on an invalid flag or value,
+    naming it.
     """
-    env = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
-        prog="python -m services.scheduler", description="a vslice scheduler replica"
-    )
-    connecting.add_arguments(parser, env)
-    parser.add_argument("--policy", default=env.get("VSLICE_POLICY", "hami"), choices=POLICIES)
-    parser.add_argument("--workload-trace", default=env.get("VSLICE_WORKLOAD_TRACE") or None)
-    parser.add_argument(
-        "--seed",
-        default=env.get("VSLICE_SEED", "0"),
-        help="tie-breaking seed: an integer, or `auto` for one drawn from the replica's name "
-        "(replicas of one Deployment then break ties apart; env VSLICE_SEED)",
-    )
-    parser.add_argument("--max-attempts", type=int, default=8)
-    parser.add_argument("--max-devices", type=int, default=8)
-    parser.add_argument(
-        "--claim-wait", type=float, default=2.0, help="seconds before a dead claim is taken over"
-    )
-    parser.add_argument(
-        "--max-in-flight", type=int, default=32, help="requests handled at once (default 32)"
-    )
-    parser.add_argument("--no-explain", action="store_true", help="leave per-node reasons out")
-    parser.add_argument("--name", default=None, help="replica name in logs")
-    parser.add_argument("--log-level", default=env.get("VSLICE_LOG_LEVEL", "info"))
-    k8s = parser.add_argument_group("Kubernetes")
-    k8s.add_argument(
-        "--extender-port",
-        type=int,
-        default=int(env.get("VSLICE_EXTENDER_PORT", "0") or 0),
-        help="serve the kube-scheduler extender (/filter, /bind) on this port; 0 = off "
-        "(env VSLICE_EXTENDER_PORT)",
-    )
-    k8s.add_argument(
-        "--extender-host",
-        default=env.get("VSLICE_EXTENDER_HOST", "127.0.0.1"),
-        help="address the extender listens on (env VSLICE_EXTENDER_HOST; default loopback:"
-        " any other address needs --tls-cert, --tls-key and --tls-client-ca)",
-    )
-    k8s.add_argument("--tls-cert", default=env.get("VSLICE_TLS_CERT") or None)
-    k8s.add_argument("--tls-key", default=env.get("VSLICE_TLS_KEY") or None)
-    k8s.add_argument(
-        "--tls-client-ca",
-        default=env.get("VSLICE_TLS_CLIENT_CA") or None,
-        help="CA whose client certificates alone may call the extender: kube-scheduler's"
-        " tlsConfig certFile/keyFile (env VSLICE_TLS_CLIENT_CA)",
-    )
-    k8s.add_argument(
-        "--kube",
-        action="store_true",
-        default=connecting.env_flag(env, "VSLICE_KUBE"),
-        help="talk to the Kubernetes API: in-cluster config, else $KUBECONFIG (env VSLICE_KUBE)",
-    )
-    k8s.add_argument(
-        "--reservation-ttl",
-        type=float,
-        default=float(env.get("VSLICE_RESERVATION_TTL", "60") or 60),
-        help="seconds a reservation waits for its bind (env VSLICE_RESERVATION_TTL)",
-    )
-    probes.add_arguments(parser, env)
-    args = parser.parse_args(list(argv or []))
-    if not 0 <= args.extender_port <= 65535:
-        parser.error(f"--extender-port {args.extender_port}: must be 0-65535")
-    if not args.reservation_ttl > 0:
-        parser.error(f"--reservation-ttl {args.reservation_ttl}: must be above 0 seconds")
-    if bool(args.tls_cert) != bool(args.tls_key):
-        parser.error("--tls-cert and --tls-key go together")
-    if args.tls_client_ca and not args.tls_cert:
-        parser.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS)")
-    if args.extender_port and not _loopback(args.extender_host) and not args.tls_client_ca:
+    opts = LOADER.parse(argv, os.environ if environ is None else environ)
+    if bool(opts.tls_cert) != bool(opts.tls_key):
+        LOADER.error("--tls-cert and --tls-key go together")
+    if opts.tls_client_ca and not opts.tls_cert:
+        LOADER.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS)")
+    if opts.extender_port and not _loopback(opts.extender_host) and not opts.tls_client_ca:
         # /filter reserves GPUs and /bind creates Bindings with the scheduler's cluster-wide
         # rights: off loopback only a caller with a certificate from the CA may reach them
-        parser.error(
-            f"--extender-host {args.extender_host}: an extender off loopback needs "
+        LOADER.error(
+            f"--extender-host {opts.extender_host}: an extender off loopback needs "
             "--tls-cert, --tls-key and --tls-client-ca (kube-scheduler's client certificate)"
         )
-    if args.policy in ("fgd", "steer") and not args.workload_trace:
-        parser.error(f"--policy {args.policy} needs --workload-trace (FGD's target workload)")
-    if args.claim_wait <= 0:
-        parser.error("--claim-wait must be > 0")
-    if args.max_attempts < 1:
-        parser.error("--max-attempts must be >= 1")
-    if args.max_in_flight < 1:
-        parser.error(f"--max-in-flight {args.max_in_flight}: must be >= 1")
+    if opts.policy in ("fgd", "steer") and not opts.workload_trace:
+        LOADER.error(f"--policy {opts.policy} needs --workload-trace (FGD's target workload)")
     try:
-        bus = connecting.from_arguments(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    extra = {"name": args.name} if args.name else {}
-    name = args.name or Settings().name
-    if args.seed.strip().lower() == "auto":
+        bus = opts.bus()
+    except settings.SettingsError as exc:
+        LOADER.error(str(exc))
+    name = opts.name or Settings().name
+    if opts.seed.strip().lower() == "auto":
         seed = zlib.crc32(name.encode())
     else:
         try:
-            seed = int(args.seed)
+            seed = int(opts.seed)
         except ValueError:
-            parser.error(f"--seed {args.seed!r}: must be an integer or 'auto'")
+            LOADER.error(f"--seed {opts.seed!r}: must be an integer or 'auto'")
     return Settings(
         bus=bus,
-        policy=args.policy,
-        workload_trace=args.workload_trace,
+        policy=opts.policy,
+        workload_trace=opts.workload_trace,
         seed=seed,
-        max_attempts=args.max_attempts,
-        max_devices=args.max_devices,
-        explain=not args.no_explain,
-        claim_wait_s=args.claim_wait,
-        max_in_flight=args.max_in_flight,
-        log_level=args.log_level,
-        extender_port=args.extender_port,
-        extender_host=args.extender_host,
-        tls_cert=args.tls_cert,
-        tls_client_ca=args.tls_client_ca,
-        tls_key=args.tls_key,
-        kube=kubeclients.KubeSettings() if args.kube else None,
-        reservation_ttl_s=args.reservation_ttl,
-        health=probes.from_arguments(parser, args),
-        **extra,
+        max_attempts=opts.max_attempts,
+        max_devices=opts.max_devices,
+        explain=opts.explain,
+        claim_wait_s=opts.claim_wait,
+        max_in_flight=opts.max_in_flight,
+        log_level=opts.log_level,
+        health=opts.health(),
+        extender_port=opts.extender_port,
+        extender_host=opts.extender_host,
+        tls_cert=opts.tls_cert,
+        tls_client_ca=opts.tls_client_ca,
+        tls_key=opts.tls_key,
+        kube=kubeclients.KubeSettings() if opts.kube else None,
+        reservation_ttl_s=opts.reservation_ttl,
+        name=name,
     )
 
 

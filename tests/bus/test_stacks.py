@@ -19,6 +19,7 @@ import nats.errors
 import pytest
 
 from libshared import connecting, events
+from libshared.natsserver import NatsServer
 from tests.bus import helpers
 from tests.bus.conftest import repo_root
 from vslice import stacks
@@ -107,6 +108,20 @@ def test_up_serves_status_shows_the_allocation_and_down_stops_everything(
     assert not any(stacks.alive(pid) for pid in pids.values())
     assert not (tmp_path / "state" / stacks.STATE_FILE).exists()
     assert (tmp_path / "state" / "logs" / "scheduler-1.log").exists()
+    nats_log = (tmp_path / "state" / "logs" / stacks.NATS_LOG).read_text()
+    assert "Server is ready" in nats_log  # nats-server's own log, kept with the others
+    replica_lines = [
+        json.loads(line)
+        for name in ("scheduler-1", "scheduler-2")
+        for line in (tmp_path / "state" / "logs" / f"{name}.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+    (decision,) = [r for r in replica_lines if r.get("event") == "schedule"]
+    assert (decision["pod_uid"], decision["node"], decision["outcome"]) == (
+        "p1",
+        placed.node,
+        "placed",
+    )
 
     twice = vslice("down", "--state-dir", state)
     assert twice.returncode == 0 and "nothing up" in twice.stdout
@@ -209,3 +224,20 @@ def test_the_metrics_port_comes_from_the_environment_else_9394_else_a_free_one()
             holder.bind(("127.0.0.1", stacks.DEFAULT_METRICS_PORT))
         port = stacks.metrics_port("127.0.0.1", {})
     assert port != stacks.DEFAULT_METRICS_PORT and 0 < port < 65536
+
+
+@pytest.mark.parametrize(
+    ("environ", "level"),
+    [({}, "info"), ({"VSLICE_LOG_LEVEL": "info,vslice.decisions=warning"}, None)],
+)
+def test_up_gives_every_service_the_log_level_of_its_environment(
+    tmp_path: Path, environ: dict[str, str], level: str | None
+) -> None:
+    server = NatsServer(data_dir=tmp_path / "nats", port=4222)
+    commands = stacks._stack_commands(
+        server, {}, "vslice", tmp_path, environ, "127.0.0.1", 9394, replicas=2
+    )
+    wanted = level or environ["VSLICE_LOG_LEVEL"]
+    assert sorted(commands) == ["admission", "metrics", "nodeagent", "scheduler-1", "scheduler-2"]
+    for argv in commands.values():
+        assert argv[argv.index("--log-level") + 1] == wanted

@@ -5,7 +5,6 @@ probe still passes; the flags and their environment variables."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import socket
@@ -19,7 +18,7 @@ import aiohttp
 import aiohttp.web
 import pytest
 
-from libshared import probes
+from libshared import probes, settings
 from libshared.natsserver import free_port
 
 
@@ -216,19 +215,17 @@ def test_a_blocked_process_fails_the_http_probe_while_a_tcp_probe_still_passes(
 def test_the_health_port_and_host_come_from_flags_over_the_environment(
     argv: list[str], environ: dict[str, str], expected: probes.HealthSettings
 ) -> None:
-    parser = argparse.ArgumentParser()
-    probes.add_arguments(parser, environ)
-    assert probes.from_arguments(parser, parser.parse_args(argv)) == expected
+    loader = settings.Loader(settings.ServiceOptions, prog="svc")
+    assert loader.load(argv, environ).health() == expected
 
 
 def test_a_health_port_out_of_range_is_refused_naming_it(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    parser = argparse.ArgumentParser()
-    probes.add_arguments(parser, {})
+    loader = settings.Loader(settings.ServiceOptions, prog="svc")
     with pytest.raises(SystemExit):
-        probes.from_arguments(parser, parser.parse_args(["--health-port", "70000"]))
-    assert "--health-port 70000: must be 0-65535" in capsys.readouterr().err
+        loader.parse(["--health-port", "70000"], {})
+    assert "--health-port 70000: Expected `int` <= 65535" in capsys.readouterr().err
 
 
 def test_a_beat_fails_once_its_loop_missed_the_limit_and_passes_again_after_a_round() -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 import nats.errors
+import tenacity
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -290,12 +291,21 @@ class Agent:
         # A ledger that cannot be read counts as holding the pod: preparing a slice that
         # turns out released costs a directory until the release arrives, while skipping
         # a live one would leave its pod waiting for an answer.
-        for attempt in range(3):
-            try:
-                ledger = await self.ledger_of(node)
-            except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
-                log.warning("ledger unreadable", extra={"node": node, "error": str(exc)})
-                await asyncio.sleep(0.2 * (attempt + 1))
-                continue
-            return ledger is not None and pod_uid in ledger.pods()
-        return True
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(
+                (nats.errors.Error, TimeoutError, msgspec.DecodeError)
+            ),
+            stop=tenacity.stop_after_attempt(3),
+            wait=tenacity.wait_incrementing(start=0.2, increment=0.2),
+            after=lambda state: _unreadable(node, state),
+        )
+        try:
+            ledger: NodeLedger | None = await retrying(self.ledger_of, node)
+        except tenacity.RetryError:
+            return True
+        return ledger is not None and pod_uid in ledger.pods()
+
+
+def _unreadable(node: str, state: tenacity.RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    log.warning("ledger unreadable", extra={"node": node, "error": str(error)})

@@ -63,6 +63,7 @@ from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
 from libshared.resources import PodRequest
 from libshared.subjects import SCHEDULERS_QUEUE, Subjects, deadline_of, pod_key
+from services.scheduler.adapters import decisions
 from services.scheduler.adapters.quotas import QuotaGate, QuotaUnavailable
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
@@ -348,6 +349,7 @@ class Replica:
             rev = await self.bus.ledger.update(node, events.ENCODER.encode(ledger), last=last)
         except KeyWrongLastSequenceError:
             self._count(conflicts=1)
+            decisions.conflict(node=node, revision=last, replica=self.name)
             if not await self._reread(node) or self.view.revisions.get(node, 0) <= last:
                 # The re-read failed (a NATS node failing over): retrying at once would
                 # lose again against the same stale revision.
@@ -742,6 +744,7 @@ class Replica:
             log.warning("malformed schedule request", extra={"error": str(why)})
             await self._reply(msg, events.BusError(reason=f"malformed PodRequest: {why}"))
             return
+        decisions.taking(pod.uid, pod)
         deadline = deadline_of(msg.headers)
         try:
             _check(pod, deadline)
@@ -763,6 +766,7 @@ class Replica:
             return
         placed = isinstance(decision, events.Placement)
         self._count(schedule_requests=1, placed=int(placed), unschedulable=int(not placed))
+        decisions.scheduled(decision, pod=pod, policy=self.scheduler.policy, replica=self.name)
         await self._reply(msg, decision)
 
     async def _on_release(self, msg: Msg) -> None:
@@ -774,6 +778,7 @@ class Replica:
             log.warning("malformed release request", extra={"error": why})
             await self._reply(msg, events.BusError(reason=f"malformed Release: {why}"))
             return
+        decisions.taking(request.pod_uid)
         try:
             ack = await self.release(request.pod_uid)
         except TemporaryError as exc:
@@ -787,6 +792,7 @@ class Replica:
             await self._reply(msg, events.BusError(reason=f"release failed: {exc}"))
             return
         self._count(released=int(ack.node is not None))
+        decisions.released(ack, replica=self.name)
         await self._reply(msg, ack)
 
     async def on_stats(self, msg: Msg) -> None:

@@ -29,7 +29,7 @@ from aiohttp import web
 from libshared import events
 from libshared.errors import InvalidRequest
 from libshared.resources import parse_pod
-from services.scheduler.adapters import bus
+from services.scheduler.adapters import bus, decisions
 from services.scheduler.adapters.kube import Kube
 from services.scheduler.core import extending, recording
 
@@ -167,6 +167,7 @@ class Extender:
             return extending.invalid_request(args, exc)
         if not pod.gpu_containers:
             return extending.pass_through(args)  # HAMi records nothing for such a pod
+        decisions.taking(pod.uid, pod)
         held = self.kube.held_nodes() if self.kube is not None else {}
         candidates = [n for n in args.candidates if n not in held]
         current = self.replica.view.cluster.placement_of(pod.uid)
@@ -181,6 +182,9 @@ class Extender:
             decision = await self.replica.schedule(pod, nodes=candidates)
         else:
             decision = events.Unschedulable(pod_uid=pod.uid, reason="no candidate node")
+        decisions.scheduled(
+            decision, pod=pod, policy=self.replica.scheduler.policy, replica=self.replica.name
+        )
         failed = dict(held)
         failed.update(self.replica.scheduler.filter(pod, candidates).failed)
         if isinstance(decision, events.Placement) and decision.node in candidates:

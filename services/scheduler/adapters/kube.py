@@ -48,7 +48,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from libshared import events
 from libshared.errors import InvalidRequest
 from libshared.resources import parse_pod
-from services.scheduler.adapters import bus
+from services.scheduler.adapters import bus, decisions
 from services.scheduler.core import extending, recording
 
 log = logging.getLogger("vslice.scheduler.kube")
@@ -346,12 +346,14 @@ class Kube:
         task.add_done_callback(self._releases.discard)
 
     async def _release(self, pod_uid: str, reason: str, counter: str) -> None:
+        decisions.taking(pod_uid)
         try:
             ack = await self.replica.release(pod_uid)
         except Exception as exc:  # retried by the next sweep
             log.warning("release failed", extra={"pod_uid": pod_uid, "error": str(exc)})
             return
         self._unbound_since.pop(pod_uid, None)
+        decisions.released(ack, replica=self.replica.name)
         if ack.node is not None:
             setattr(self.stats, counter, getattr(self.stats, counter) + 1)
             log.info(

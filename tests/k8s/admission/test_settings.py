@@ -75,7 +75,7 @@ def test_without_the_webhook_the_bus_is_used_as_before() -> None:
         (["--webhook-port", "8443"], {}, "needs --tls-cert and --tls-key"),
         (["--webhook-port", "8443", "--tls-cert", "/c"], {}, "needs --tls-cert and --tls-key"),
         (["--webhook-port", "70000", *TLS_FLAGS], {}, "--webhook-port 70000"),
-        ([], {"VSLICE_WEBHOOK_PORT": "https"}, "invalid int value: 'https'"),
+        ([], {"VSLICE_WEBHOOK_PORT": "https"}, "--webhook-port 'https' (from VSLICE_WEBHOOK_PORT)"),
         (["--sm-policy", "always"], {}, "invalid choice: 'always'"),
         ([], {"VSLICE_SM_POLICY": "always"}, "--sm-policy 'always'"),
         (["--scheduler-name", ""], {}, "--scheduler-name"),
