@@ -18,15 +18,19 @@ from libshared import bounds
 from libshared.ledgers import PodCharge, Slice
 from libshared.resources import PodRequest
 
+# One pod's slices: one per GPU of each container.
+MAX_POD_SLICES = bounds.MAX_CONTAINERS * bounds.MAX_GPUS
+
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True, tag="placement"):
-    """A pod's slices on one node, plus its node-level CPU/memory charge."""
+    """A pod's slices on one node, plus its node-level CPU/memory charge (bounded as the
+    ``PodRequest`` and the ledger it comes from)."""
 
-    pod_uid: str
-    namespace: str
-    pod: str
-    node: str
-    slices: tuple[Slice, ...]
+    pod_uid: bounds.Uid
+    namespace: bounds.Namespace
+    pod: bounds.PodName
+    node: bounds.NodeName
+    slices: Annotated[tuple[Slice, ...], msgspec.Meta(max_length=MAX_POD_SLICES)]
     charge: PodCharge
 
 
@@ -51,9 +55,9 @@ class Ack(msgspec.Struct, frozen=True, kw_only=True, tag="ack"):
     """A release done: ``node`` the pod was freed on and how many ``slices`` it held;
     ``node=None`` when the pod held nothing (releasing twice is not an error)."""
 
-    pod_uid: str
-    node: str | None = None
-    slices: int = 0
+    pod_uid: bounds.Uid
+    node: bounds.NodeName | None = None
+    slices: Annotated[int, msgspec.Meta(ge=0, le=MAX_POD_SLICES)] = 0
 
 
 class AdmissionReview(msgspec.Struct, frozen=True, kw_only=True, tag="admission-review"):

@@ -21,8 +21,9 @@ log = logging.getLogger("vslice.admission")
 async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set; without one, until SIGTERM/SIGINT.
 
-    Raises ``ValueError`` when neither the bus nor the webhook is configured, and what
-    ``webhook.Server.start`` raises for an unreadable certificate or a taken port.
+    Raises ``ValueError`` when neither the bus nor the webhook is configured, what
+    ``webhook.Server.start`` raises for an unreadable certificate or a taken port, and
+    ``connecting.BusClosedError`` once drained when the bus connection closed for good.
     """
     if settings.bus is None and not settings.webhook.port:
         raise ValueError("nothing to serve: no bus and no webhook port")
@@ -31,11 +32,15 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         raise ValueError("the webhook needs tls_cert and tls_key (HTTPS only)")
     stop = connecting.stop_on_signals(stop)
     async with contextlib.AsyncExitStack() as stack:
+        lifeline = None
         if settings.bus is not None:
-            nc = await connecting.connect(settings.bus, name="admission")
-            stack.push_async_callback(connecting.drain_quietly, nc)
+            conn = await connecting.connect_service(
+                settings.bus, name="admission", service="admission", stop=stop
+            )
+            stack.push_async_callback(conn.close)
+            lifeline = conn.lifeline
             reviewer = bus.Reviewer(
-                nc=nc, subjects=settings.bus.subjects, resources=settings.resources
+                nc=conn.nc, subjects=settings.bus.subjects, resources=settings.resources
             )
             await reviewer.start()
             log.info("admission serving", extra={"subject": settings.bus.subjects.admission_review})
@@ -54,3 +59,5 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         await stop.wait()
         log.info("draining")
     log.info("stopped")
+    if lifeline is not None:
+        lifeline.check()

@@ -28,7 +28,9 @@ async def main(
     on_serving: Callable[[int], None] | None = None,
 ) -> None:
     """Serve until ``stop`` is set; without one, until SIGTERM/SIGINT. ``on_serving`` is
-    called with the HTTP port once the view holds the buckets' content and HTTP serves."""
+    called with the HTTP port once the view holds the buckets' content and HTTP serves.
+    Raises ``connecting.BusClosedError`` once drained when its connection closed for
+    good."""
     stop = connecting.stop_on_signals(stop)
     view = FleetView()
     registry = CollectorRegistry(auto_describe=False)
@@ -41,7 +43,10 @@ async def main(
         legacy=settings.legacy_metrics,
     )
     registry.register(collector)
-    nc = await connecting.connect(settings.bus, name="metrics")
+    conn = await connecting.connect_service(
+        settings.bus, name="metrics", service="metrics", stop=stop
+    )
+    nc = conn.nc
     runner = None
     try:
         js = nc.jetstream(timeout=settings.bus.request_timeout_s)
@@ -77,5 +82,6 @@ async def main(
     finally:
         if runner is not None:
             await runner.cleanup()
-        await connecting.drain_quietly(nc)
+        await conn.close()
     log.info("stopped")
+    conn.lifeline.check()

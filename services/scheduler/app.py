@@ -38,10 +38,14 @@ def build_scheduler(settings: Settings) -> Scheduler:
 
 
 async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """Run a replica until ``stop`` is set; without one, until SIGTERM/SIGINT."""
+    """Run a replica until ``stop`` is set; without one, until SIGTERM/SIGINT. Raises
+    ``connecting.BusClosedError`` once drained when its connection closed for good."""
     stop = connecting.stop_on_signals(stop)
     scheduler = build_scheduler(settings)
-    nc = await connecting.connect(settings.bus, name=f"scheduler-{settings.name}")
+    conn = await connecting.connect_service(
+        settings.bus, name=settings.name, service="scheduler", stop=stop
+    )
+    nc = conn.nc
     try:
         js = nc.jetstream(timeout=settings.bus.request_timeout_s)
         opened = await connecting.ensure_bus(js, settings.bus)
@@ -72,8 +76,9 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
             log.info("draining", extra={"replica": settings.name})
         await replica.stop()
     finally:
-        await connecting.drain_quietly(nc)
+        await conn.close()
     log.info("stopped", extra={"replica": settings.name})
+    conn.lifeline.check()
 
 
 async def _kubernetes(
