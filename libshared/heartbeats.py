@@ -48,7 +48,7 @@ MAX_INTERVAL_S = 60.0
 STALE_INTERVALS = 3  # a heartbeat older than this many intervals: the service is unhealthy
 MAX_AGE_S = 3600.0  # the stream forgets a subject silent this long (a service gone for good)
 MAX_MSG_BYTES = 4096  # the stream refuses anything larger (a heartbeat is ~200 bytes)
-MAX_BYTES = 4 << 20  # the whole stream, in memory: ~20,000 services
+MAX_BYTES = 1 << 20  # the whole stream, in memory (reserved): ~5,000 services
 MAX_PID = 1 << 22  # Linux's pid_max ceiling
 
 _TOKEN = re.compile(r"[^A-Za-z0-9_-]")
