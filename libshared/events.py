@@ -34,12 +34,34 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True, tag="placement"):
     charge: PodCharge
 
 
-class Unschedulable(msgspec.Struct, frozen=True, kw_only=True, tag="unschedulable"):
-    """No node fits: ``reason`` for people, ``node_reasons`` per rejected node."""
+# An Unschedulable's per-node reasons: at most this many nodes, each reason at most this
+# long (HAMi's counted reasons, "2/8 CardInsufficientMemory, ...", take well under it), so
+# the answer about a pod on a fleet of any size stays within max_payload.
+MAX_NODE_REASONS = 1024
+MAX_REASON = 512
+NodeReason = Annotated[str, msgspec.Meta(max_length=MAX_REASON)]
 
-    pod_uid: str
-    reason: str
-    node_reasons: dict[str, str] = {}
+
+class Unschedulable(msgspec.Struct, frozen=True, kw_only=True, tag="unschedulable"):
+    """No node fits: ``reason`` for people (every node counted), ``node_reasons`` per
+    rejected node, for the first ``MAX_NODE_REASONS`` of them (``node_reasons_of``)."""
+
+    pod_uid: bounds.Uid
+    reason: Annotated[str, msgspec.Meta(max_length=4 * MAX_REASON)]
+    node_reasons: Annotated[
+        dict[bounds.NodeName, NodeReason], msgspec.Meta(max_length=MAX_NODE_REASONS)
+    ] = {}
+
+
+def node_reasons_of(reasons: dict[str, str]) -> dict[str, str]:
+    """``reasons`` (node -> reason) within ``Unschedulable``'s bounds: the first
+    ``MAX_NODE_REASONS`` nodes, each reason cut to ``MAX_REASON`` characters. Pure."""
+    out: dict[str, str] = {}
+    for node, why in reasons.items():
+        if len(out) == MAX_NODE_REASONS:
+            break
+        out[node] = why[:MAX_REASON]
+    return out
 
 
 Decision = Placement | Unschedulable

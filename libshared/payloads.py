@@ -52,6 +52,7 @@ KV_VALUES: dict[str, Any] = {
 MESSAGES: dict[str, Any] = {
     "vslice.sched.schedule": resources.PodRequest,
     "vslice.sched.schedule (reply)": events.Placement,
+    "vslice.sched.schedule (unschedulable)": events.Unschedulable,
     "vslice.sched.release": events.Release,
     "vslice.sched.release (reply)": events.Ack,
     "vslice.alloc.<node>.decided": events.Placement,
@@ -61,7 +62,6 @@ MESSAGES: dict[str, Any] = {
 # Messages with a field no bound limits yet, and the field.
 UNBOUNDED: dict[str, Any] = {
     "vslice.admission.review": events.AdmissionReview,  # a whole pod object
-    "vslice.sched.schedule (unschedulable)": events.Unschedulable,  # a reason per node
     "vslice.alloc.<node>.ready": events.Ready,
     "vslice.alloc.<node>.failed": events.Failed,
     "vslice.usage.<node>": events.NodeUsage,

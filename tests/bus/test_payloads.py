@@ -17,7 +17,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from libshared import bounds, connecting, heartbeats, ledgers, payloads
+from libshared import bounds, connecting, events, heartbeats, ledgers, payloads
 from libshared import leases as leasing
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
@@ -180,3 +180,15 @@ async def test_the_largest_messages_are_answered_and_stored_through_a_real_serve
     ack = await js.publish(subjects.health("operator", "i1"), beat)
     assert (await js.get_msg(subjects.health_stream, ack.seq)).data == beat
     assert nc.is_connected
+
+
+def test_an_unschedulable_answer_about_a_fleet_of_any_size_keeps_within_its_bounds() -> None:
+    fleet = {f"node-{i:05d}": "2/8 CardInsufficientMemory" + "!" * i for i in range(5000)}
+    kept = events.node_reasons_of(fleet)
+    assert list(kept) == list(fleet)[: events.MAX_NODE_REASONS]
+    assert max(len(why) for why in kept.values()) == events.MAX_REASON
+    answer = events.Unschedulable(pod_uid="p", reason="0/5000 nodes fit", node_reasons=kept)
+    assert events.SCHEDULE_REPLY.decode(events.ENCODER.encode(answer)) == answer
+    whole = events.Unschedulable(pod_uid="p", reason="0/5000 nodes fit", node_reasons=fleet)
+    with pytest.raises(msgspec.ValidationError):
+        events.SCHEDULE_REPLY.decode(events.ENCODER.encode(whole))
