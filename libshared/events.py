@@ -142,7 +142,7 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
     with that replica's placement), dead claims taken over (``takeovers``), and malformed
     or failed requests (``errors``)."""
 
-    name: str
+    name: bounds.PodName
     schedule_requests: int = 0
     placed: int = 0
     unschedulable: int = 0

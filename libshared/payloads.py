@@ -58,6 +58,7 @@ MESSAGES: dict[str, Any] = {
     "vslice.alloc.<node>.decided": events.Placement,
     "vslice.node.<node>.slice": events.SliceQuery,
     "vslice.health.<identity>.<instance>": heartbeats.Heartbeat,
+    "vslice.sched.stats (reply)": events.Stats,
 }
 # Messages with a field no bound limits yet, and the field.
 UNBOUNDED: dict[str, Any] = {
@@ -65,7 +66,6 @@ UNBOUNDED: dict[str, Any] = {
     "vslice.alloc.<node>.ready": events.Ready,
     "vslice.alloc.<node>.failed": events.Failed,
     "vslice.usage.<node>": events.NodeUsage,
-    "vslice.sched.stats": events.Stats,
 }
 
 
