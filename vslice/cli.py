@@ -559,7 +559,7 @@ def _stack(args: argparse.Namespace) -> int:
     known = stacks.read_state(state_dir)
     if known is not None and all(stacks.alive(p) for p in known.pids.values()):
         print(f"already up in {state_dir} (NATS {known.nats_url}); `vslice down` stops it")
-        return 0
+        return _unhealthy(state_dir, known)
     stack = stacks.up(
         state_dir,
         environ=wanted.environ,
@@ -578,6 +578,25 @@ def _stack(args: argparse.Namespace) -> int:
     print(f"{wanted.replicas} scheduler replica{plural}, policy {wanted.policy}")
     for name, pid in stack.pids.items():
         print(f"  {name:<14} pid {pid}")
+    return 0
+
+
+def _unhealthy(state_dir: Path, stack: stacks.Stack) -> int:
+    """What ``up`` says of a stack whose processes all run: each one silent on the bus
+    (its heartbeat stale or missing), which ``up`` does not restart; exits
+    ``EXIT_UNHEALTHY`` when there is one."""
+    beats = None
+    with contextlib.suppress(stacks.StackError):
+        beats = asyncio.run(stacks.read_heartbeats(stack.settings("operator")))
+    processes = {name: {"pid": pid, "state": "running"} for name, pid in stack.pids.items()}
+    silent = {n: h for n, h in statuses.health(processes, beats).items() if h["state"] != "healthy"}
+    for name, h in silent.items():
+        print(f"  {name} (pid {stack.pids[name]}) runs but is UNHEALTHY: {h['reason']}")
+    if silent:
+        print(
+            f"  (see its log in {state_dir}/logs; once it is stopped, `vslice up` starts it again)"
+        )
+        return EXIT_UNHEALTHY
     return 0
 
 

@@ -161,7 +161,7 @@ def vslice_status(state_dir: Path, *argv: str) -> subprocess.CompletedProcess[st
     )  # fmt: skip
 
 
-def test_status_calls_a_service_silent_on_the_bus_unhealthy_though_its_pid_lives(
+def test_status_and_up_call_a_service_silent_on_the_bus_unhealthy_though_its_pid_lives(
     nats_server: NatsServer, prefix: str, tmp_path: Path
 ) -> None:
     operator = operator_of(nats_server, prefix)
@@ -198,6 +198,12 @@ def test_status_calls_a_service_silent_on_the_bus_unhealthy_though_its_pid_lives
         assert shown.returncode == 1
         (line,) = [x for x in shown.stdout.splitlines() if x.strip().startswith("admission")]
         assert "running, UNHEALTHY: no heartbeat for" in line, shown.stdout
+        again = subprocess.run(
+            [sys.executable, "-m", "vslice.cli", "up", "--state-dir", str(tmp_path)],
+            cwd=repo_root(), capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert again.returncode == 1, again.stdout + again.stderr  # up cannot mend it
+        assert f"admission (pid {proc.pid}) runs but is UNHEALTHY" in again.stdout
 
         os.kill(proc.pid, signal.SIGCONT)  # beating again: healthy again
         wait_for(lambda: health()[1]["state"] == "healthy", 60, "healthy again")
