@@ -12,8 +12,9 @@ characters (Kubernetes' are 36). Sizes are bounded far above any GPU made today.
 
 The bounds also bound the largest KV value: a node ledger holds at most
 ``MAX_DEVICES_PER_NODE * MAX_SPLIT_COUNT`` slices and ``MAX_PODS_PER_NODE`` charges, each
-of bounded size, so ``worst_ledger_bytes()`` stays well under ``MAX_PAYLOAD_BYTES``, the
-``max_payload`` every vslice nats-server is configured with.
+of bounded size, so its largest value (``libshared.payloads.worst_bytes``) stays well
+under ``MAX_PAYLOAD_BYTES``, the ``max_payload`` every vslice nats-server is configured
+with.
 """
 
 from __future__ import annotations

@@ -2,24 +2,35 @@
 
 Every service connects through ``connect``: reconnects enabled without a limit (a NATS
 restart must not end a service), a bounded drain for SIGTERM, and errors logged instead of
-printed. ``ensure_bus`` creates what ``ARCHITECTURE.md`` ("The bus") names -- the
-``<prefix>-nodes``, ``<prefix>-ledger`` and ``<prefix>-pods`` KV buckets and the
-``<prefix>-alloc`` stream -- idempotently, so whichever service starts first creates
-them and replicas racing to do so all succeed (its waits and retries are tenacity's).
-Bus settings are one frozen object, read from flags and the environment by
-``libshared.settings.ServiceOptions``.
+printed. A connection can still close for good -- the server closes it after a protocol
+error (a payload over ``max_payload``, a revoked identity) and nats.py does not reconnect
+then -- and a service left so would stay up deaf. A service passes a ``Lifeline``: the
+close sets the service's stop event, and ``Lifeline.check`` raises ``BusClosedError``
+once it has drained, so the process exits with ``EXIT_BUS_CLOSED`` for its supervisor
+(``vslice up``, Kubernetes, compose) to start it again; ``connect_service`` connects
+so and starts the service's heartbeats (``libshared.heartbeats``).
+
+``ensure_bus`` creates what ``ARCHITECTURE.md`` ("The bus") names -- the
+``<prefix>-nodes``, ``<prefix>-ledger`` and ``<prefix>-pods`` KV buckets, the
+``<prefix>-alloc`` stream and the ``<prefix>-health`` stream of heartbeats --
+idempotently, so whichever service starts first creates them and replicas racing to do
+so all succeed (its waits and retries are tenacity's). Bus settings are one frozen
+object, read from flags and the environment by ``libshared.settings.ServiceOptions``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
+import socket
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nats
 import tenacity
@@ -28,12 +39,18 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from libshared import permissions, waiting
+from libshared import heartbeats, permissions, waiting
+from libshared.errors import VsliceError
 from libshared.subjects import DEFAULT_PREFIX, Subjects
 
 log = logging.getLogger("vslice.bus")
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+# Refusals of a reconnecting identity in a row before its connection counts as lost.
+MAX_REFUSALS = 20
+# The exit status of a service whose connection closed for good: sysexits' EX_TEMPFAIL
+# ("try again later"), for its supervisor to start it again.
+EXIT_BUS_CLOSED = 75
 # The allocation stream's limits: a day of messages, and a ceiling on bytes and count so
 # churn cannot grow it without bound (about 4 MB per 5 minutes of churn was seen). The
 # node agents' durable consumers read it within seconds; what ages out is history.
@@ -72,6 +89,7 @@ class BusSettings:
     replicas: int = 1
     request_timeout_s: float = 5.0
     drain_timeout_s: float = 3.0
+    heartbeat_s: float = heartbeats.DEFAULT_INTERVAL_S
     identity: str = ""
     nkey_seed_path: str = ""
     creds_path: str = ""
@@ -100,6 +118,8 @@ class BusSettings:
         ):
             if value:
                 out += [flag, value]
+        if self.heartbeat_s != heartbeats.DEFAULT_INTERVAL_S:
+            out += ["--heartbeat-s", f"{self.heartbeat_s:g}"]
         return out
 
     @property
@@ -134,16 +154,84 @@ async def _error_cb(exc: Exception) -> None:
     log.warning("nats: %s: %s", type(exc).__name__, exc)
 
 
+class BusClosedError(VsliceError):
+    """The service's bus connection closed for good without the service asking (the
+    server closed it after ``reason``, e.g. ``Maximum Payload Violation`` or
+    ``Authorization Violation``); the service exits with ``EXIT_BUS_CLOSED``."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"{name}: the bus connection closed for good ({reason})")
+
+
+class Lifeline:
+    """Watches one service's connection for a close the service did not ask for.
+
+    ``stop``: the service's stop event. The service asks for a close by setting ``stop``
+    first (SIGTERM, or its own end); a close before that is a loss: it is logged, kept in
+    ``lost`` (the reason; "" while none) and sets ``stop``, so the service leaves its
+    serving loop, and ``check`` then raises ``BusClosedError``.
+
+    A connection the server refuses on every reconnect (its identity revoked: the server
+    drops it without a protocol error, and nats.py retries forever) is lost too, after
+    ``max_refusals`` refusals in a row (about half a second apart).
+    """
+
+    def __init__(
+        self, stop: asyncio.Event, *, name: str = "", max_refusals: int = MAX_REFUSALS
+    ) -> None:
+        self.stop = stop
+        self.name = name
+        self.max_refusals = max_refusals
+        self.refusals = 0
+        self.lost = ""
+        self.client: Client | None = None
+
+    def _lose(self, reason: str) -> None:
+        if self.stop.is_set() or self.lost:
+            return
+        self.lost = reason
+        log.error(
+            "bus connection closed for good", extra={"connection": self.name, "error": reason}
+        )
+        self.stop.set()
+
+    async def closed(self) -> None:
+        """nats.py's ``closed_cb``: the connection is closed and will not reconnect."""
+        error = self.client.last_error if self.client is not None else None
+        self._lose(f"{type(error).__name__}: {error}" if error is not None else "closed")
+
+    async def reconnected(self) -> None:
+        """nats.py's ``reconnected_cb``: the server accepts the identity again."""
+        self.refusals = 0
+
+    async def error(self, exc: Exception) -> None:
+        """Counts the server's refusals of the identity (see the class)."""
+        if "authorization violation" not in str(exc).lower():
+            return
+        self.refusals += 1
+        if self.refusals >= self.max_refusals:
+            self._lose(f"refused {self.refusals} times in a row: {exc}")
+
+    def check(self) -> None:
+        """Raise ``BusClosedError`` when the connection was lost (see the class)."""
+        if self.lost:
+            raise BusClosedError(self.name, self.lost)
+
+
 async def connect(
     settings: BusSettings,
     *,
     name: str,
     error_cb: Callable[[Exception], Awaitable[None]] | None = None,
+    lifeline: Lifeline | None = None,
 ) -> Client:
     """Connect as ``settings``' identity (NKEY seed or credentials file, TLS when a CA is
     given, replies on the identity's own inbox prefix) with unlimited reconnects.
     ``error_cb`` receives the server's asynchronous errors (a permissions violation among
-    them); by default they are logged.
+    them); by default they are logged. ``lifeline`` learns of a close for good (see
+    ``Lifeline``).
 
     Raises ``nats.errors.NoServersError`` when no server answers at first, and
     ``nats.errors.Error`` when the server refuses the identity.
@@ -159,17 +247,84 @@ async def connect(
         options["tls"] = context
     if identity:
         options["inbox_prefix"] = permissions.inbox_prefix(identity)
-    return await nats.connect(
+    report = error_cb or _error_cb
+    if lifeline is not None:
+        watch = lifeline
+        lifeline.name = lifeline.name or name
+        options["closed_cb"] = lifeline.closed
+        options["reconnected_cb"] = lifeline.reconnected
+
+        async def report_and_count(exc: Exception) -> None:
+            await (error_cb or _error_cb)(exc)
+            await watch.error(exc)
+
+        report = report_and_count
+    nc = await nats.connect(
         servers=list(settings.urls),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=2,
         drain_timeout=max(1, int(settings.drain_timeout_s)),
-        error_cb=error_cb or _error_cb,
+        error_cb=report,
         allow_reconnect=True,
         **options,
     )
+    if lifeline is not None:
+        lifeline.client = nc
+    return nc
+
+
+@dataclass
+class ServiceConnection:
+    """A service's connection (``connect_service``): ``nc``, its ``lifeline`` and the
+    task publishing its heartbeats (``beat``)."""
+
+    nc: Client
+    lifeline: Lifeline
+    beat: asyncio.Task[None]
+
+    async def close(self) -> None:
+        """Stop the heartbeats and drain the connection (``drain_quietly``)."""
+        self.beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.beat
+        await drain_quietly(self.nc)
+
+
+async def connect_service(
+    settings: BusSettings, *, name: str, service: str, stop: asyncio.Event
+) -> ServiceConnection:
+    """Connect service ``service`` (admission, scheduler, nodeagent, metrics) as
+    instance ``name`` with a ``Lifeline`` on ``stop``, and publish its heartbeats every
+    ``settings.heartbeat_s`` seconds (``libshared.heartbeats``) until ``close``. The
+    instance is ``name`` and the host name, so replicas on several hosts beat apart.
+    Raises what ``connect`` raises."""
+    lifeline = Lifeline(stop, name=name)
+    nc = await connect(settings, name=name, lifeline=lifeline)
+    beat = heartbeats.start(
+        nc,
+        settings.subjects,
+        service=service,
+        instance=f"{name}-{socket.gethostname()}",
+        identity=settings.identity_name,
+        interval_s=settings.heartbeat_s,
+    )
+    return ServiceConnection(nc=nc, lifeline=lifeline, beat=beat)
+
+
+def run_service(main: Coroutine[Any, Any, None], *, service: str) -> int:
+    """Run a service's ``main`` to its end; returns its exit status: 0, or
+    ``EXIT_BUS_CLOSED`` (logged) when it ended on ``BusClosedError``."""
+    try:
+        asyncio.run(main)
+    except BusClosedError as exc:
+        logging.getLogger(f"vslice.{service}").error(
+            "exiting: the bus connection closed for good",
+            extra={"error": exc.reason, "exit_code": EXIT_BUS_CLOSED},
+        )
+        return EXIT_BUS_CLOSED
+    return 0
 
 
 async def _bucket(js: JetStreamContext, bucket: str, replicas: int) -> KeyValue:
@@ -257,7 +412,34 @@ async def ensure_bus(
                     max_msgs=ALLOC_MAX_MSGS if c.max_msgs in (None, -1, 0) else c.max_msgs,
                 )
             )
+    await _health_stream(js, settings)
     return Bus(nodes=nodes, ledger=ledger, pods=pods)
+
+
+async def _health_stream(js: JetStreamContext, settings: BusSettings) -> None:
+    """Create the ``<prefix>-health`` stream when missing: the last heartbeat of each
+    subject, in memory (heartbeats are only worth their last few seconds), none older
+    than ``heartbeats.MAX_AGE_S``."""
+    subjects = settings.subjects
+    try:
+        await js.stream_info(subjects.health_stream)
+        return
+    except NotFoundError:
+        pass
+    with contextlib.suppress(BadRequestError):  # created meanwhile by another
+        await js.add_stream(
+            api.StreamConfig(
+                name=subjects.health_stream,
+                subjects=[subjects.health_all],
+                storage=api.StorageType.MEMORY,
+                num_replicas=settings.replicas,
+                max_msgs_per_subject=1,
+                max_age=heartbeats.MAX_AGE_S,
+                max_bytes=heartbeats.MAX_BYTES,
+                max_msg_size=heartbeats.MAX_MSG_BYTES,
+                discard=api.DiscardPolicy.OLD,
+            )
+        )
 
 
 async def _wait_bus(js: JetStreamContext, settings: BusSettings, wait_s: float) -> Bus:
@@ -307,8 +489,11 @@ def stop_on_signals(stop: asyncio.Event | None = None) -> asyncio.Event:
 
 
 async def drain_quietly(nc: Client) -> None:
-    """Drain ``nc`` on the way out; a connection that is already gone is only logged."""
+    """Drain ``nc`` on the way out; a connection that is already gone is only logged (and
+    closed, so a reconnecting one stops retrying)."""
     try:
         await nc.drain()
     except Exception as exc:  # any failure here: the service is exiting either way
         log.warning("drain failed", extra={"error": str(exc)})
+        with contextlib.suppress(Exception):
+            await nc.close()

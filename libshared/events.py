@@ -18,24 +18,50 @@ from libshared import bounds
 from libshared.ledgers import PodCharge, Slice
 from libshared.resources import PodRequest
 
+# One pod's slices: one per GPU of each container.
+MAX_POD_SLICES = bounds.MAX_CONTAINERS * bounds.MAX_GPUS
+
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True, tag="placement"):
-    """A pod's slices on one node, plus its node-level CPU/memory charge."""
+    """A pod's slices on one node, plus its node-level CPU/memory charge (bounded as the
+    ``PodRequest`` and the ledger it comes from)."""
 
-    pod_uid: str
-    namespace: str
-    pod: str
-    node: str
-    slices: tuple[Slice, ...]
+    pod_uid: bounds.Uid
+    namespace: bounds.Namespace
+    pod: bounds.PodName
+    node: bounds.NodeName
+    slices: Annotated[tuple[Slice, ...], msgspec.Meta(max_length=MAX_POD_SLICES)]
     charge: PodCharge
 
 
-class Unschedulable(msgspec.Struct, frozen=True, kw_only=True, tag="unschedulable"):
-    """No node fits: ``reason`` for people, ``node_reasons`` per rejected node."""
+# An Unschedulable's per-node reasons: at most this many nodes, each reason at most this
+# long (HAMi's counted reasons, "2/8 CardInsufficientMemory, ...", take well under it), so
+# the answer about a pod on a fleet of any size stays within max_payload.
+MAX_NODE_REASONS = 1024
+MAX_REASON = 512
+NodeReason = Annotated[str, msgspec.Meta(max_length=MAX_REASON)]
 
-    pod_uid: str
-    reason: str
-    node_reasons: dict[str, str] = {}
+
+class Unschedulable(msgspec.Struct, frozen=True, kw_only=True, tag="unschedulable"):
+    """No node fits: ``reason`` for people (every node counted), ``node_reasons`` per
+    rejected node, for the first ``MAX_NODE_REASONS`` of them (``node_reasons_of``)."""
+
+    pod_uid: bounds.Uid
+    reason: Annotated[str, msgspec.Meta(max_length=4 * MAX_REASON)]
+    node_reasons: Annotated[
+        dict[bounds.NodeName, NodeReason], msgspec.Meta(max_length=MAX_NODE_REASONS)
+    ] = {}
+
+
+def node_reasons_of(reasons: dict[str, str]) -> dict[str, str]:
+    """``reasons`` (node -> reason) within ``Unschedulable``'s bounds: the first
+    ``MAX_NODE_REASONS`` nodes, each reason cut to ``MAX_REASON`` characters. Pure."""
+    out: dict[str, str] = {}
+    for node, why in reasons.items():
+        if len(out) == MAX_NODE_REASONS:
+            break
+        out[node] = why[:MAX_REASON]
+    return out
 
 
 Decision = Placement | Unschedulable
@@ -51,9 +77,9 @@ class Ack(msgspec.Struct, frozen=True, kw_only=True, tag="ack"):
     """A release done: ``node`` the pod was freed on and how many ``slices`` it held;
     ``node=None`` when the pod held nothing (releasing twice is not an error)."""
 
-    pod_uid: str
-    node: str | None = None
-    slices: int = 0
+    pod_uid: bounds.Uid
+    node: bounds.NodeName | None = None
+    slices: Annotated[int, msgspec.Meta(ge=0, le=MAX_POD_SLICES)] = 0
 
 
 class AdmissionReview(msgspec.Struct, frozen=True, kw_only=True, tag="admission-review"):
@@ -116,7 +142,7 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
     with that replica's placement), dead claims taken over (``takeovers``), and malformed
     or failed requests (``errors``)."""
 
-    name: str
+    name: bounds.PodName
     schedule_requests: int = 0
     placed: int = 0
     unschedulable: int = 0

@@ -16,12 +16,15 @@ What it leaves to others: renewing (``vslice.running``), releasing
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 import tenacity
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
+from libshared import bounds
 from libshared.connecting import BusSettings
 
 DEFAULT_TTL_S = 15.0
@@ -34,12 +37,15 @@ MAX_BYTES = 4 << 20  # reserved on disk by nats-server: ~25,000 leases
 class Lease(msgspec.Struct, frozen=True, kw_only=True):
     """The lease of pod ``pod_uid`` on ``node``: released when not renewed for ``ttl_s``
     seconds (bounded to ``MIN_TTL_S``-``MAX_TTL_S`` by whoever reads it); ``holder``
-    names the client (``vslice run`` and its pid) for ``vslice status``."""
+    names the client (``vslice run`` and its pid) for ``vslice status``. Names are
+    bounded as ``libshared.bounds`` bounds them (a lease is a KV value)."""
 
-    pod_uid: str
-    node: str = ""
+    pod_uid: bounds.Uid
+    node: Annotated[
+        str, msgspec.Meta(max_length=bounds.MAX_NAME, pattern=r"^[A-Za-z0-9_=/-]*$")
+    ] = ""
     ttl_s: float = DEFAULT_TTL_S
-    holder: str = ""
+    holder: bounds.PodName = ""
 
     def bounded_ttl_s(self) -> float:
         """``ttl_s`` within ``MIN_TTL_S``-``MAX_TTL_S`` (a lease cannot ask for forever)."""

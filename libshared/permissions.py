@@ -151,6 +151,8 @@ def permissions(role: Role, *, subjects: Subjects, identity: str, node: str = ""
     s = subjects
     p = s.prefix
     inbox = f"{inbox_prefix(identity)}.>"
+    # its heartbeats, under its own identity only (``libshared.heartbeats``)
+    beat = s.health(identity, "*")
     if role is Role.NODEAGENT:
         if not (node == ANY_NODE or valid_node(node)):
             raise ValueError(f"node {node!r}: a node agent identity needs its node name")
@@ -160,7 +162,7 @@ def permissions(role: Role, *, subjects: Subjects, identity: str, node: str = ""
         return Permissions(publish=(">",), subscribe=(">",), allow_responses=True)
     if role is Role.ADMISSION:
         return Permissions(
-            publish=(s.sched_schedule, s.sched_release),
+            publish=(s.sched_schedule, s.sched_release, beat),
             subscribe=(s.admission_review, inbox),
             allow_responses=True,
         )
@@ -182,9 +184,12 @@ def permissions(role: Role, *, subjects: Subjects, identity: str, node: str = ""
                 *_create(f"KV_{s.nodes_bucket}"),
                 *_create(s.alloc_stream),
                 f"$JS.API.STREAM.INFO.{s.alloc_stream}",
+                *_create(s.health_stream),
+                f"$JS.API.STREAM.INFO.{s.health_stream}",
                 s.alloc_decided("*"),
                 s.alloc_released("*"),
                 s.sched_stats,
+                beat,
             ),
             subscribe=(s.sched_schedule, s.sched_release, s.sched_stats, inbox),
             allow_responses=True,
@@ -200,6 +205,7 @@ def permissions(role: Role, *, subjects: Subjects, identity: str, node: str = ""
                 s.alloc_failed(node),
                 s.usage(node),
                 s.node_registered(node),
+                beat,
             ),
             subscribe=(f"{p}.node.{node}.>", inbox),
             allow_responses=True,
@@ -212,6 +218,7 @@ def permissions(role: Role, *, subjects: Subjects, identity: str, node: str = ""
                 *_kv_read(s.pods_bucket),
                 *_kv_read(s.quotas_bucket),
                 s.sched_stats,
+                beat,
             ),
             subscribe=(
                 s.usage("*"),

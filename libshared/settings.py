@@ -28,7 +28,7 @@ from typing import Annotated, Any, Generic, NoReturn, TypeVar
 
 import msgspec
 
-from libshared import connecting, logs, permissions, probes
+from libshared import connecting, heartbeats, logs, permissions, probes
 from libshared.errors import VsliceError
 from libshared.subjects import DEFAULT_PREFIX
 
@@ -250,6 +250,7 @@ def _bus_settings(options: ServiceOptions) -> connecting.BusSettings:
         urls=urls or (connecting.DEFAULT_URL,),
         prefix=options.prefix,
         replicas=options.replicas,
+        heartbeat_s=options.heartbeat_s,
         identity=options.identity,
         nkey_seed_path=options.nkey_seed,
         creds_path=options.nats_creds,
@@ -297,6 +298,15 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
             help="JetStream replicas of buckets and streams created (1-5)",
         ),
     ] = 1
+    heartbeat_s: Annotated[
+        float,
+        msgspec.Meta(ge=heartbeats.MIN_INTERVAL_S, le=heartbeats.MAX_INTERVAL_S),
+        option(
+            "--heartbeat-s",
+            env="VSLICE_HEARTBEAT_S",
+            help="seconds between the service's heartbeats",
+        ),
+    ] = heartbeats.DEFAULT_INTERVAL_S
     identity: Annotated[
         Text,
         option(

@@ -155,6 +155,23 @@ class Subjects(msgspec.Struct, frozen=True, kw_only=True):
         """``NodeUsage`` of a node (core NATS)."""
         return f"{self.prefix}.usage.{node}"
 
+    # -- health --------------------------------------------------------------------------
+
+    def health(self, identity: str, instance: str) -> str:
+        """``Heartbeat`` of service ``instance`` connected as ``identity`` (core NATS,
+        kept last per subject by ``health_stream``; ``libshared.heartbeats``)."""
+        return f"{self.prefix}.health.{identity}.{instance}"
+
+    @property
+    def health_all(self) -> str:
+        """Wildcard subject of every heartbeat."""
+        return f"{self.prefix}.health.>"
+
+    @property
+    def health_stream(self) -> str:
+        """JetStream stream keeping the last heartbeat of each ``health`` subject."""
+        return f"{self.prefix}-health"
+
 
 def deadline_headers(timeout_s: float, *, now: float) -> dict[str, str]:
     """Headers for a request the client waits ``timeout_s`` seconds for, sent at ``now``."""

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from libshared import bounds
 from libshared import permissions as perms
 from libshared.errors import VsliceError
 from libshared.subjects import Subjects
@@ -332,12 +333,29 @@ class TrustStore:
         _write_private(self.identities_path, msgspec.json.encode([*kept, record]))
         return seed_path
 
+    def remove_identity(self, name: str) -> bool:
+        """Revoke identity ``name``: drop it from the list (its seed file stays; the
+        server no longer knows its key); returns whether it existed. A running server
+        drops its connections on the next reload and refuses them from then on. Raises
+        ``TrustError`` when the list cannot be read."""
+        known = self.identities()
+        kept = [r for r in known if r.name != name]
+        if len(kept) == len(known):
+            return False
+        _write_private(self.identities_path, msgspec.json.encode(kept))
+        return True
+
     def server_config(self, *, tls: bool = True, cluster_tls: bool = False) -> dict[str, object]:
         """nats-server's configuration (a dict to write as JSON): one NKEY user per
         identity with its role's permissions, and TLS with the server certificate when
-        ``tls`` (``cluster_tls``: routes too, each side verifying the other's certificate).
-        Raises ``TrustError`` when an identity's record is invalid."""
-        config: dict[str, object] = {"authorization": authorization(self.identities())}
+        ``tls`` (``cluster_tls``: routes too, each side verifying the other's certificate),
+        and ``max_payload`` ``bounds.MAX_PAYLOAD_BYTES``, above the largest value the
+        bounds admit (``libshared.payloads``). Raises ``TrustError`` when an identity's
+        record is invalid."""
+        config: dict[str, object] = {
+            "authorization": authorization(self.identities()),
+            "max_payload": bounds.MAX_PAYLOAD_BYTES,
+        }
         tls_block = {
             "cert_file": str(self.cert_path),
             "key_file": str(self.key_path),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import difflib
 import json
 import os
@@ -324,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="show the stack's processes and the fleet's allocation",
         description="Show the stack's processes and the fleet's allocation, in totals per"
-        " node group (a node's name without its trailing number).",
+        " node group (a node's name without its trailing number). A service is healthy while"
+        " it runs and its heartbeat is fresh (at most 3 heartbeat intervals old); exits 1"
+        " when a process is stopped or unhealthy, else 0.",
     )
     st.add_argument("--state-dir", default=None, help=STATE_DIR_HELP)
     st.add_argument(
@@ -556,7 +559,7 @@ def _stack(args: argparse.Namespace) -> int:
     known = stacks.read_state(state_dir)
     if known is not None and all(stacks.alive(p) for p in known.pids.values()):
         print(f"already up in {state_dir} (NATS {known.nats_url}); `vslice down` stops it")
-        return 0
+        return _unhealthy(state_dir, known)
     stack = stacks.up(
         state_dir,
         environ=wanted.environ,
@@ -578,19 +581,47 @@ def _stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unhealthy(state_dir: Path, stack: stacks.Stack) -> int:
+    """What ``up`` says of a stack whose processes all run: each one silent on the bus
+    (its heartbeat stale or missing), which ``up`` does not restart; exits
+    ``EXIT_UNHEALTHY`` when there is one."""
+    beats = None
+    with contextlib.suppress(stacks.StackError):
+        beats = asyncio.run(stacks.read_heartbeats(stack.settings("operator")))
+    processes = {name: {"pid": pid, "state": "running"} for name, pid in stack.pids.items()}
+    silent = {n: h for n, h in statuses.health(processes, beats).items() if h["state"] != "healthy"}
+    for name, h in silent.items():
+        print(f"  {name} (pid {stack.pids[name]}) runs but is UNHEALTHY: {h['reason']}")
+    if silent:
+        print(
+            f"  (see its log in {state_dir}/logs; once it is stopped, `vslice up` starts it again)"
+        )
+        return EXIT_UNHEALTHY
+    return 0
+
+
 def status_data(state_dir: Path, *, nodes: bool = False) -> dict[str, Any]:
     """``statuses.status`` of the stack in ``state_dir``, with its fleet read from the bus
     when its nats-server runs. Raises ``StackError`` for an unreadable state file."""
     stack = stacks.read_state(state_dir)
     devices = None
     error = None
+    beats = None
     if stack is not None and stacks.alive(stack.pids.get("nats", -1)):
         try:
             devices = asyncio.run(stacks.allocation(stack.settings("operator")))
         except stacks.StackError as exc:
             error = str(exc)
+        with contextlib.suppress(stacks.StackError):  # then no service counts as healthy
+            beats = asyncio.run(stacks.read_heartbeats(stack.settings("operator")))
     data = statuses.status(
-        state_dir, stack, alive=stacks.alive, devices=devices, fleet_error=error, nodes=nodes
+        state_dir,
+        stack,
+        alive=stacks.alive,
+        devices=devices,
+        fleet_error=error,
+        nodes=nodes,
+        beats=beats,
     )
     # how an operator connects (README, "Who may do what on the bus")
     operator = stack.settings("operator") if stack is not None else None
@@ -603,24 +634,28 @@ def status_data(state_dir: Path, *, nodes: bool = False) -> dict[str, Any]:
 SLICE_LINES = 50  # above this many live slices, status lists them only with --nodes
 
 
+EXIT_UNHEALTHY = 1  # `vslice status`: a process of the stack is stopped or unhealthy
+
+
 def _status(state_dir: Path, *, nodes: bool, as_json: bool) -> int:
+    data = status_data(state_dir, nodes=nodes or not as_json)
+    code = EXIT_UNHEALTHY if data["nats_url"] is not None and not data["healthy"] else 0
     if as_json:
-        print(json.dumps(status_data(state_dir, nodes=nodes), indent=1))
-    else:
-        data = status_data(state_dir, nodes=True)
-        print(statuses.text(data, table=nodes))
-        stack = stacks.read_state(state_dir)
-        if data["up"] and stack is not None:
-            try:
-                live = asyncio.run(stacks.live_slices(stack.settings("operator")))
-            except stacks.StackError as exc:
-                print(f"slices: {exc}")
-                return 0
-            if nodes or len(live) <= SLICE_LINES:
-                print("\n".join(stacks.slice_lines(live)))
-            else:
-                print(f"{len(live)} live slices (`vslice status --nodes` lists them)")
-    return 0
+        print(json.dumps(data, indent=1))
+        return code
+    print(statuses.text(data, table=nodes))
+    stack = stacks.read_state(state_dir)
+    if data["up"] and stack is not None:
+        try:
+            live = asyncio.run(stacks.live_slices(stack.settings("operator")))
+        except stacks.StackError as exc:
+            print(f"slices: {exc}")
+            return code
+        if nodes or len(live) <= SLICE_LINES:
+            print("\n".join(stacks.slice_lines(live)))
+        else:
+            print(f"{len(live)} live slices (`vslice status --nodes` lists them)")
+    return code
 
 
 def _replay(args: argparse.Namespace) -> int:

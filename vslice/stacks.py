@@ -48,7 +48,7 @@ from nats.aio.client import Client
 from nats.js.errors import BucketNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
-from libshared import connecting, events
+from libshared import connecting, events, heartbeats
 from libshared import leases as leasing
 from libshared import permissions as perms
 from libshared.connecting import BusSettings
@@ -621,6 +621,8 @@ def _wait_started(
 ) -> None:
     services = {k: v for k, v in procs.items() if k != "nats"}
     asyncio.run(wait_serving(operator, schedulers=schedulers, nodes=1, procs=services, logs=logs))
+    # so that a `status` right after `up` finds every service healthy
+    asyncio.run(wait_heartbeats(operator, {k: p.pid for k, p in services.items()}))
     if "metrics" in procs:
         wait_http(
             f"{metrics_url}/healthz",
@@ -810,6 +812,42 @@ async def allocation(settings: BusSettings, *, timeout_s: float = 3.0) -> list[D
                 )
             )
     return out
+
+
+async def read_heartbeats(
+    settings: BusSettings, *, timeout_s: float = 3.0
+) -> list[heartbeats.Seen]:
+    """The last heartbeat of every service on the bus of ``settings`` (an identity that may
+    read the health stream: the operator). Raises ``StackError`` when the bus cannot be
+    read in ``timeout_s`` seconds."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            nc = await connecting.connect(settings, name="vslice-status")
+            try:
+                return await heartbeats.latest(nc.jetstream(), settings.subjects)
+            finally:
+                await nc.close()
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        raise StackError(f"cannot read heartbeats from {settings.urls[0]}: {exc!r}") from exc
+
+
+async def wait_heartbeats(
+    settings: BusSettings, pids: Mapping[str, int], *, timeout_s: float = START_TIMEOUT_S
+) -> None:
+    """Wait until each process of ``pids`` (name -> pid) has published a heartbeat.
+    Raises ``StackError`` naming the silent ones after ``timeout_s`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    silent = dict(pids)
+    while True:
+        with contextlib.suppress(StackError):
+            seen = {b.heartbeat.pid for b in await read_heartbeats(settings)}
+            silent = {n: p for n, p in silent.items() if p not in seen}
+        if not silent:
+            return
+        if loop.time() >= deadline:
+            raise StackError(f"no heartbeat after {timeout_s:.0f} s from {', '.join(silent)}")
+        await asyncio.sleep(0.2)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,13 @@ group (a node's name without its trailing number: ``openb-node-0042`` is in
 ``--json`` prints; other keys (credentials, certificates) are added beside the ones here,
 so it stays a plain ``dict``.
 
-What it leaves to others: reading the state file and the buckets (``vslice.stacks``).
-Pure.
+Health comes from heartbeats (``libshared.heartbeats``), not from pids alone: a service
+is healthy while it runs and its last heartbeat (matched by pid) is younger than
+``heartbeats.STALE_INTERVALS`` intervals; a stopped process, a silent one and one whose
+heartbeats could not be read are not. ``healthy`` is true only when every process is.
+
+What it leaves to others: reading the state file, the buckets and the heartbeats
+(``vslice.stacks``). Pure.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from libshared import heartbeats
 from vslice.stacks import DeviceUse, Stack
 
 GROUP_SUFFIX = re.compile(r"[-_.]?\d+$")
@@ -67,6 +73,44 @@ def group_totals(devices: Sequence[DeviceUse]) -> list[GroupTotal]:
     ]
 
 
+def health(
+    processes: Mapping[str, Mapping[str, Any]], beats: Sequence[heartbeats.Seen] | None
+) -> dict[str, dict[str, Any]]:
+    """The health of each process (``status``'s ``processes``) by name::
+
+        {name: {"state": "healthy" | "unhealthy" | "stopped",
+                "heartbeat_age_s": float | None, "reason": str}}
+
+    ``nats`` is healthy while it runs (the heartbeats are read through it); every other
+    process while it runs and the freshest heartbeat with its pid is not stale.
+    ``beats``: the last heartbeats (None: they could not be read). Pure."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, proc in processes.items():
+        if proc["state"] != "running":
+            out[name] = {"state": "stopped", "heartbeat_age_s": None, "reason": "not running"}
+            continue
+        if name == "nats":
+            out[name] = {"state": "healthy", "heartbeat_age_s": None, "reason": ""}
+            continue
+        if beats is None:
+            reason = "heartbeats unreadable"
+            out[name] = {"state": "unhealthy", "heartbeat_age_s": None, "reason": reason}
+            continue
+        mine = [b for b in beats if b.heartbeat.pid == proc["pid"]]
+        if not mine:
+            out[name] = {"state": "unhealthy", "heartbeat_age_s": None, "reason": "no heartbeat"}
+            continue
+        last = min(mine, key=lambda b: b.age_s)
+        age = round(last.age_s, 1)
+        if last.stale:
+            every = last.heartbeat.interval_s
+            reason = f"no heartbeat for {last.age_s:.0f} s (one every {every:g} s)"
+            out[name] = {"state": "unhealthy", "heartbeat_age_s": age, "reason": reason}
+        else:
+            out[name] = {"state": "healthy", "heartbeat_age_s": age, "reason": ""}
+    return out
+
+
 def status(
     state_dir: Path,
     stack: Stack | None,
@@ -75,6 +119,7 @@ def status(
     devices: Sequence[DeviceUse] | None,
     fleet_error: str | None = None,
     nodes: bool = False,
+    beats: Sequence[heartbeats.Seen] | None = None,
 ) -> dict[str, Any]:
     """The status of the stack recorded in ``state_dir`` (``stack``; None: none recorded)
     as a JSON-ready dict::
@@ -82,13 +127,17 @@ def status(
         {"state_dir": str, "up": bool, "nats_url": str | None, "prefix": str | None,
          "metrics_url": str | None, "policy": str | None,
          "processes": {name: {"pid": int, "state": "running" | "stopped"}},
+         "health": {name: {"state": str, "heartbeat_age_s": float | None,
+                           "reason": str}},  # see ``health``
+         "healthy": bool,
          "fleet": {"error": str | None, "nodes": int, "gpus": int, "slices": int,
                    "memory_mib": int, "memory_total_mib": int, "cores_percent": int,
                    "cores_total_percent": int, "groups": [GroupTotal as a dict, ...],
                    "devices": [DeviceUse as a dict, ...]  # only with nodes=True
                   }}
 
-    ``devices``: the fleet's devices (None: not read, ``fleet_error`` says why)."""
+    ``devices``: the fleet's devices (None: not read, ``fleet_error`` says why);
+    ``beats``: the services' last heartbeats (None: not read)."""
     processes = {
         name: {"pid": pid, "state": "running" if alive(pid) else "stopped"}
         for name, pid in (stack.pids.items() if stack is not None else ())
@@ -108,6 +157,7 @@ def status(
     }
     if nodes:
         fleet["devices"] = [asdict(d) for d in held]
+    well = health(processes, beats)
     return {
         "state_dir": str(state_dir),
         "up": stack is not None and processes.get("nats", {}).get("state") == "running",
@@ -116,6 +166,8 @@ def status(
         "metrics_url": (stack.metrics_url or None) if stack else None,
         "policy": stack.policy if stack else None,
         "processes": processes,
+        "health": well,
+        "healthy": stack is not None and all(h["state"] == "healthy" for h in well.values()),
         "fleet": fleet,
     }
 
@@ -134,11 +186,22 @@ def text(data: Mapping[str, Any], *, table: bool = False) -> str:
     if data["metrics_url"]:
         url = data["metrics_url"]
         lines.append(f"dashboard {url}/ (Prometheus {url}/metrics)")
+    well = data.get("health", {})
     for name, proc in data["processes"].items():
         state = "running" if proc["state"] == "running" else "NOT RUNNING"
+        h = well.get(name, {})
+        if h.get("state") == "unhealthy":
+            state += f", UNHEALTHY: {h['reason']}"
+        elif h.get("heartbeat_age_s") is not None:
+            state += f", heartbeat {h['heartbeat_age_s']:.0f} s ago"
         lines.append(f"  {name:<14} pid {proc['pid']:<8} {state}")
     if any(p["state"] != "running" for p in data["processes"].values()):
         lines.append("  (`vslice up` starts the stopped ones again, NATS data kept)")
+    if any(h["state"] == "unhealthy" for h in well.values()):
+        lines.append(
+            f"  (an UNHEALTHY process runs but is silent on the bus: see its log in"
+            f" {data['state_dir']}/logs; once it is stopped, `vslice up` starts it again)"
+        )
     fleet = data["fleet"]
     if not data["up"]:
         lines.append("fleet: unknown (nats-server is not running)")

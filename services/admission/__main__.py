@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 import sys
 
-from libshared import logs
+from libshared import connecting, logs
 from services.admission import app, settings
 
 
@@ -16,14 +15,13 @@ def run(argv: list[str]) -> int:
     config = settings.parse(argv)
     logs.setup("admission", level=config.log_level)
     try:
-        asyncio.run(app.main(config))
+        return connecting.run_service(app.main(config), service="admission")
     except (OSError, ssl.SSLError, ValueError) as exc:
         # an unreadable certificate, a taken port, an unreachable bus: say so, exit 1
         logging.getLogger("vslice.admission").error(
             "cannot serve", extra={"error": f"{type(exc).__name__}: {exc}"}
         )
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ log = logging.getLogger("vslice.admission")
 async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set; without one, until SIGTERM/SIGINT.
 
-    Raises ``ValueError`` when neither the bus nor the webhook is configured, and what
-    ``webhook.Server.start`` raises for an unreadable certificate or a taken port.
+    Raises ``ValueError`` when neither the bus nor the webhook is configured, what
+    ``webhook.Server.start`` raises for an unreadable certificate or a taken port, and
+    ``connecting.BusClosedError`` once drained when the bus connection closed for good.
     """
     if settings.bus is None and not settings.webhook.port:
         raise ValueError("nothing to serve: no bus and no webhook port")
@@ -35,12 +36,16 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
     health = probes.Probes()
     async with contextlib.AsyncExitStack() as stack:
         await probes.serving(health, settings.health, stack)
+        lifeline = None
         if settings.bus is not None:
-            nc = await connecting.connect(settings.bus, name="admission")
-            stack.push_async_callback(connecting.drain_quietly, nc)
-            health.ready_when("nats", probes.connected(nc))
+            conn = await connecting.connect_service(
+                settings.bus, name="admission", service="admission", stop=stop
+            )
+            stack.push_async_callback(conn.close)
+            lifeline = conn.lifeline
+            health.ready_when("nats", probes.connected(conn.nc))
             reviewer = bus.Reviewer(
-                nc=nc, subjects=settings.bus.subjects, resources=settings.resources
+                nc=conn.nc, subjects=settings.bus.subjects, resources=settings.resources
             )
             await reviewer.start()
             log.info("admission serving", extra={"subject": settings.bus.subjects.admission_review})
@@ -63,3 +68,5 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         health.stopping()
         log.info("draining")
     log.info("stopped")
+    if lifeline is not None:
+        lifeline.check()

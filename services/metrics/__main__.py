@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
-from libshared import logs
+from libshared import connecting, logs
 from services.metrics import app, settings
 
 
@@ -13,8 +12,7 @@ def run(argv: list[str]) -> int:
     """Parse settings, log as JSON, serve until SIGTERM; returns the exit code."""
     config = settings.parse(argv)
     logs.setup("metrics", level=config.log_level)
-    asyncio.run(app.main(config))
-    return 0
+    return connecting.run_service(app.main(config), service="metrics")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ async def main(
     on_serving: Callable[[int], None] | None = None,
 ) -> None:
     """Serve until ``stop`` is set; without one, until SIGTERM/SIGINT. ``on_serving`` is
-    called with the HTTP port once the view holds the buckets' content and HTTP serves."""
+    called with the HTTP port once the view holds the buckets' content and HTTP serves.
+    Raises ``connecting.BusClosedError`` once drained when its connection closed for
+    good."""
     stop = connecting.stop_on_signals(stop)
     view = FleetView()
     registry = CollectorRegistry(auto_describe=False)
@@ -47,10 +49,13 @@ async def main(
     served = contextlib.AsyncExitStack()
     await probes.serving(health, settings.health, served)
     try:
-        nc = await connecting.connect(settings.bus, name="metrics")
+        conn = await connecting.connect_service(
+            settings.bus, name="metrics", service="metrics", stop=stop
+        )
     except BaseException:
         await served.aclose()
         raise
+    nc = conn.nc
     health.ready_when("nats", probes.connected(nc))
     runner = None
     feed: quotas.QuotaFeed | None = None
@@ -93,9 +98,10 @@ async def main(
             await feed.stop()
         if runner is not None:
             await runner.cleanup()
-        await connecting.drain_quietly(nc)
+        await conn.close()
         await served.aclose()
     log.info("stopped")
+    conn.lifeline.check()
 
 
 def _watch_current(js: JetStreamContext, watcher: bus.Watcher, stream: str) -> probes.Check:

@@ -3,10 +3,9 @@ real slices (``--host-root``)."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
-from libshared import logs
+from libshared import connecting, logs
 from services.nodeagent import app, settings
 
 
@@ -14,8 +13,7 @@ def run(argv: list[str]) -> int:
     """Parse settings, log as JSON, serve until SIGTERM; returns the exit code."""
     config = settings.parse(argv)
     logs.setup("nodeagent", level=config.log_level)
-    asyncio.run(app.main(config))
-    return 0
+    return connecting.run_service(app.main(config), service="nodeagent")
 
 
 if __name__ == "__main__":

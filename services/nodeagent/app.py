@@ -88,7 +88,8 @@ def open_gpus(settings: Settings, real: SliceSettings) -> gpus.Gpus:
 
 
 async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """Register the nodes and answer their allocations until ``stop`` (default: SIGTERM)."""
+    """Register the nodes and answer their allocations until ``stop`` (default: SIGTERM).
+    Raises ``connecting.BusClosedError`` once drained when the connection closed for good."""
     stop = connecting.stop_on_signals(stop)
     if settings.slices is not None:
         await serve_slices(settings, settings.slices, stop)
@@ -97,13 +98,14 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
     health = probes.Probes()
     async with contextlib.AsyncExitStack() as stack:
         await probes.serving(health, settings.health, stack)
-        agent = await open_agent(settings, stack, nodes)
+        agent, lifeline = await open_agent(settings, stack, nodes, stop=stop)
         _agent_checks(health, agent)
         health.started()
         log.info("nodeagent serving", extra={"agent": settings.name, "nodes": len(nodes)})
         await stop.wait()
         health.stopping()
     log.info("stopped", extra={"agent": settings.name})
+    lifeline.check()
 
 
 async def open_agent(
@@ -111,13 +113,19 @@ async def open_agent(
     stack: contextlib.AsyncExitStack,
     nodes: list[NodeDevices],
     *,
+    stop: asyncio.Event,
     slicer: Slicer | None = None,
-) -> bus.Agent:
-    """Connect, register ``nodes`` and start answering their allocations; ``stack`` stops
-    the agent, unregisters its nodes (``settings.unregister``) and drains the connection,
-    in that order. Raises ``nats.errors.Error`` when the bus cannot be reached."""
-    nc = await connecting.connect(settings.bus, name=f"nodeagent-{settings.name}")
-    stack.push_async_callback(connecting.drain_quietly, nc)
+) -> tuple[bus.Agent, connecting.Lifeline]:
+    """Connect (heartbeats on, a lifeline on ``stop``: ``connecting.connect_service``),
+    register ``nodes`` and start answering their allocations; ``stack`` stops the agent,
+    unregisters its nodes (``settings.unregister``) and drains the connection, in that
+    order. Returns the agent and its lifeline (``check`` it once ``stack`` is closed).
+    Raises ``nats.errors.Error`` when the bus cannot be reached."""
+    conn = await connecting.connect_service(
+        settings.bus, name=f"nodeagent-{settings.name}", service="nodeagent", stop=stop
+    )
+    stack.push_async_callback(conn.close)
+    nc = conn.nc
     js = nc.jetstream(timeout=settings.bus.request_timeout_s)
     opened = await connecting.ensure_bus(js, settings.bus, create=False)
     agent = bus.Agent(
@@ -134,7 +142,7 @@ async def open_agent(
         stack.push_async_callback(agent.unregister)
     await agent.start()
     stack.push_async_callback(agent.stop)
-    return agent
+    return agent, conn.lifeline
 
 
 async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Event) -> None:
@@ -186,12 +194,15 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
     # NVML calls run in threads: one that hangs stalls the usage loop, not the event loop,
     # so the loop's own ticker would not see it
     reported = probes.Beat("usage", max(USAGE_STALL_S, 5 * real.usage_interval_s))
+    lifeline = None
     async with contextlib.AsyncExitStack() as stack:
         await probes.serving(health, settings.health, stack)
         stack.callback(backend.close)
         agent = None
         if settings.use_bus:
-            agent = await open_agent(settings, stack, [registration()], slicer=slicer)
+            agent, lifeline = await open_agent(
+                settings, stack, [registration()], slicer=slicer, stop=stop
+            )
             _agent_checks(health, agent)
         nc = None if agent is None else agent.nc
         plugin = None
@@ -294,6 +305,8 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         await stop.wait()
         health.stopping()
     log.info("stopped", extra={"agent": settings.name})
+    if lifeline is not None:
+        lifeline.check()
 
 
 def _agent_checks(health: probes.Probes, agent: bus.Agent) -> None:

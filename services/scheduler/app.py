@@ -40,7 +40,8 @@ def build_scheduler(settings: Settings) -> Scheduler:
 
 
 async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """Run a replica until ``stop`` is set; without one, until SIGTERM/SIGINT."""
+    """Run a replica until ``stop`` is set; without one, until SIGTERM/SIGINT. Raises
+    ``connecting.BusClosedError`` once drained when its connection closed for good."""
     stop = connecting.stop_on_signals(stop)
     scheduler = build_scheduler(settings)
     # /readyz: 503 until connected, the buckets open, the view read and Kubernetes
@@ -49,10 +50,13 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
     served = contextlib.AsyncExitStack()
     await probes.serving(health, settings.health, served)
     try:
-        nc = await connecting.connect(settings.bus, name=f"scheduler-{settings.name}")
+        conn = await connecting.connect_service(
+            settings.bus, name=settings.name, service="scheduler", stop=stop
+        )
     except BaseException:
         await served.aclose()
         raise
+    nc = conn.nc
     health.ready_when("nats", probes.connected(nc))
     try:
         js = nc.jetstream(timeout=settings.bus.request_timeout_s)
@@ -100,9 +104,10 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         await replica.stop()
         await gate.close()
     finally:
-        await connecting.drain_quietly(nc)
+        await conn.close()
         await served.aclose()
     log.info("stopped", extra={"replica": settings.name})
+    conn.lifeline.check()
 
 
 async def _kubernetes(

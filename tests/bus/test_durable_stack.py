@@ -1,4 +1,5 @@
-"""A local stack survives a killed nats-server: ``vslice up`` completes it, data kept."""
+"""A local stack survives a killed nats-server: ``vslice up`` completes it, data kept, and
+what was placed before is released after."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ async def place(settings: connecting.BusSettings, uid: str, memory_mib: int) -> 
         await nc.close()
 
 
-def test_placements_acknowledged_before_nats_server_is_killed_are_kept_when_up_restarts_it(
+def test_placements_acknowledged_before_nats_server_is_killed_are_kept_and_released_after_up(
     tmp_path: Path,
 ) -> None:
     state = str(tmp_path / "state")
@@ -42,6 +43,7 @@ def test_placements_acknowledged_before_nats_server_is_killed_are_kept_when_up_r
             time.sleep(0.05)
         hinted = vslice("status", "--state-dir", state)
         assert "NOT RUNNING" in hinted.stdout and "`vslice up` starts the stopped" in hinted.stdout
+        assert hinted.returncode == 1  # not healthy: a monitor sees it
         again = vslice("up", "--state-dir", state, env=env)
         assert again.returncode == 0, again.stdout + again.stderr
         assert "restarted" in again.stdout and "nats" in again.stdout
@@ -57,6 +59,12 @@ def test_placements_acknowledged_before_nats_server_is_killed_are_kept_when_up_r
         assert (device.slices, device.memory_mib) == (3, 1000 + 1001 + 1002)
         status = vslice("status", "--state-dir", state)
         assert "3/10" in status.stdout and "3003/8000" in status.stdout, status.stdout
+        assert status.returncode == 0, status.stdout  # every service beats again
+        # a placement made before the kill is released after it
+        ack = asyncio.run(stacks.release(operator, "p1"))
+        assert (ack.node, ack.slices) == (stacks.local_node(), 1)
+        (device,) = asyncio.run(stacks.allocation(after.settings("operator")))
+        assert (device.slices, device.memory_mib) == (2, 1000 + 1002)
         # the services reconnected: the restarted stack places again
         assert isinstance(asyncio.run(place(operator, "p3", 500)), events.Placement)
     finally:

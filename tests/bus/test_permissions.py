@@ -35,6 +35,7 @@ class Probe:
 
     nc: Client
     subjects: Subjects
+    identity: str = ""
     errors: list[str] = field(default_factory=list)
     refused: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -52,7 +53,13 @@ async def _connect(settings: BusSettings) -> Probe:
             refused.set()
 
     nc = await connecting.connect(settings, name="probe", error_cb=on_error)
-    return Probe(nc=nc, subjects=settings.subjects, errors=errors, refused=refused)
+    return Probe(
+        nc=nc,
+        subjects=settings.subjects,
+        identity=settings.identity_name,
+        errors=errors,
+        refused=refused,
+    )
 
 
 @pytest.fixture
@@ -135,6 +142,8 @@ ACTIONS: dict[str, Callable[[Probe], Awaitable[None]]] = {
     "read every allocation message": lambda c: _subscribe(c, c.subjects.alloc_all),
     "read usage reports": lambda c: _subscribe(c, c.subjects.usage("*")),
     "read every reply inbox": lambda c: _subscribe(c, "_INBOX.>"),
+    "beat as itself": lambda c: _publish(c, c.subjects.health(c.identity, "i1")),
+    "beat as another identity": lambda c: _publish(c, c.subjects.health("admission-x", "i1")),
     "read the scheduler's inbox": lambda c: _subscribe(
         c, permissions.inbox_prefix("scheduler") + ".>"
     ),
@@ -142,7 +151,7 @@ ACTIONS: dict[str, Callable[[Probe], Awaitable[None]]] = {
 
 # role -> the actions it may do; every other action of ACTIONS is denied to it.
 ALLOWED: dict[Role, set[str]] = {
-    Role.ADMISSION: {"request a schedule", "request a release", "serve reviews"},
+    Role.ADMISSION: {"request a schedule", "request a release", "serve reviews", "beat as itself"},
     Role.SCHEDULER: {
         "read the ledger",
         "write the ledger",
@@ -155,6 +164,7 @@ ALLOWED: dict[Role, set[str]] = {
         "read a registration",
         "publish a placement",
         "listen to schedule requests",
+        "beat as itself",
     },
     Role.NODEAGENT: {
         "read the ledger",
@@ -162,12 +172,14 @@ ALLOWED: dict[Role, set[str]] = {
         "publish its node's ready",
         "publish its node's usage",
         "serve its node's slice queries",
+        "beat as itself",
     },
     Role.METRICS: {
         "read the ledger",
         "read a registration",
         "read usage reports",
         "listen to schedule requests",  # the latency histogram (read-only: cannot answer)
+        "beat as itself",
     },
     Role.CLI: {
         "read a registration",

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from libshared.events import Placement, Unschedulable
+from libshared.events import Placement, Unschedulable, node_reasons_of
 from libshared.ledgers import PodCharge, Slice
 from libshared.resources import PodRequest
 from services.scheduler.core import fitting, scoring, steering
@@ -249,7 +249,7 @@ class Scheduler:
         return Unschedulable(
             pod_uid=pod.uid,
             reason=f"0/{n_offered} nodes fit: " + ", ".join(parts),
-            node_reasons=reasons,
+            node_reasons=node_reasons_of(reasons),  # bounded: a fleet's answer fits a message
         )
 
     def _gpu_policy(self, pod: PodRequest) -> str:
