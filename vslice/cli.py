@@ -26,7 +26,7 @@ from tqdm import tqdm
 from libshared import traces
 from libshared.errors import VsliceError
 from services.scheduler.core.deciding import POLICIES
-from vslice import busreplays, certs, replays, running, stacks, statuses
+from vslice import busreplays, certs, repairs, replays, running, stacks, statuses
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
 PLOT_FORMATS = (".png", ".svg", ".pdf")
@@ -366,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rel.add_argument("pod", help="the pod UID (`vslice status` lists them)")
     rel.add_argument("--state-dir", default=None, help="the stack's state dir (as for `up`)")
+    fix = sub.add_parser(
+        "repair",
+        help="rebuild a quarantined node's ledger (unreadable or deleted) from the allocation"
+        " stream and the claims (operator identity)",
+    )
+    fix.add_argument("node", help="the node (`vslice status` lists quarantined ones)")
+    fix.add_argument("--state-dir", default=None, help="the stack's state dir (as for `up`)")
     run = sub.add_parser(
         "run",
         help="run a command inside a slice of this machine's GPU (needs `vslice up`)",
@@ -430,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "release":
             return _release(args)
+        if args.command == "repair":
+            return _repair(args)
         if args.command == "certs":
             seeds = certs.provision(
                 Path(args.dir),
@@ -491,6 +500,14 @@ def _release(args: argparse.Namespace) -> int:
         print(f"{args.pod} held no slice (its lease, if any, is ended)")
     else:
         print(f"released {args.pod}: {ack.slices} slice(s) on {ack.node}")
+    return 0
+
+
+def _repair(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir) if args.state_dir else stacks.default_state_dir()
+    stack = stacks.running(state_dir)
+    done = asyncio.run(repairs.repair(stack.settings("operator"), args.node))
+    print(repairs.summary(done))
     return 0
 
 

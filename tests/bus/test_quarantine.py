@@ -1,0 +1,179 @@
+"""A bad bucket value costs one node, not the fleet: a registration or ledger value that
+does not decode, fails the bounds or names another node quarantines that node only (no
+new pod, releases refused with a clear error, named in filters); every other node keeps
+scheduling, on running replicas and on ones started afterwards; a good value lifts the
+quarantine. A deleted ledger key quarantines its node until ``vslice repair NODE``
+rebuilds its ledger from the allocation stream and the claims."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import msgspec
+import pytest
+from nats.aio.client import Client
+
+from libshared import connecting, events, quarantines
+from libshared.connecting import BusSettings
+from libshared.ledgers import NodeLedger
+from services.scheduler.adapters import bus
+from tests.bus import helpers
+from tests.bus.test_claims import replicas
+from vslice import repairs
+
+
+async def until(check: Callable[[], bool], what: str, *, timeout_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+def reason(r: bus.Replica, node: str) -> str | None:
+    return r.view.cluster.quarantine_reason(node)
+
+
+def garbage_ledgers(node: str) -> list[bytes]:
+    """Ledger values of ``node`` that must quarantine it: not JSON, out of bounds, another
+    node's name."""
+    good = msgspec.json.decode(events.ENCODER.encode(NodeLedger(node=node)), type=dict[str, object])
+    return [
+        b"\x00\xffnot json at all",
+        msgspec.json.encode({**good, "slices": [{"pod_uid": "x", "memory_mib": -5}]}),
+        msgspec.json.encode({**good, "node": "node-2"}),
+    ]
+
+
+async def place_on(r: bus.Replica, uid: str, node: str) -> events.Placement:
+    placed = await r.schedule(helpers.pod(uid, memory_mib=1000), nodes=[node])
+    assert isinstance(placed, events.Placement) and placed.node == node, placed
+    return placed
+
+
+@pytest.mark.parametrize("bad", range(3), ids=["garbage", "out-of-bounds", "other-node"])
+async def test_an_unreadable_ledger_quarantines_its_node_only_until_a_good_value_comes(
+    nc: Client, bus_settings: BusSettings, bad: int
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=3, gpus=1, split=100))
+    opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
+    async with replicas(bus_settings, 2) as rs:
+        held = await place_on(rs[0], "held", "node-0")
+        good = (await opened.ledger.get("node-0")).value
+        assert good is not None
+        await opened.ledger.put("node-0", garbage_ledgers("node-0")[bad])
+        await until(
+            lambda: all(reason(r, "node-0") == quarantines.LEDGER_UNREADABLE for r in rs),
+            "the node is not quarantined",
+        )
+        # every other node keeps scheduling, over the bus and on both replicas, the
+        # unpinned requests too
+        for i in range(6):
+            placed = await helpers.schedule(nc, bus_settings, helpers.pod(f"p{i}", memory_mib=500))
+            assert isinstance(placed, events.Placement) and placed.node != "node-0", placed
+        pinned = await rs[1].schedule(helpers.pod("pinned", memory_mib=500), nodes=["node-0"])
+        assert isinstance(pinned, events.Unschedulable)
+        assert pinned.node_reasons["node-0"] == quarantines.LEDGER_UNREADABLE
+        assert rs[0].scheduler.filter(helpers.pod("f", memory_mib=1), ["node-0"]).failed == {
+            "node-0": quarantines.LEDGER_UNREADABLE
+        }
+        refused = await helpers.release(nc, bus_settings, "held")
+        assert isinstance(refused, events.BusError)
+        assert "quarantined (NodeLedgerUnreadable)" in refused.reason
+        assert "vslice repair node-0" in refused.reason
+        # a released pod on a sound node is released as ever
+        other = await helpers.release(nc, bus_settings, "p0")
+        assert isinstance(other, events.Ack) and other.node not in (None, "node-0")
+
+        async with replicas(bus_settings, 1) as (late,):
+            assert reason(late, "node-0") == quarantines.LEDGER_UNREADABLE
+            placed = await late.schedule(helpers.pod("late", memory_mib=500))
+            assert isinstance(placed, events.Placement) and placed.node != "node-0"
+
+        await opened.ledger.put("node-0", good)
+        await until(lambda: all(reason(r, "node-0") is None for r in rs), "still quarantined")
+        ack = await helpers.release(nc, bus_settings, "held")
+        assert isinstance(ack, events.Ack) and ack.node == "node-0" and ack.slices == 1
+        assert held.node == "node-0"
+        again = await rs[1].schedule(helpers.pod("again", memory_mib=500), nodes=["node-0"])
+        assert isinstance(again, events.Placement)
+
+
+async def test_an_unreadable_registration_quarantines_its_node_until_it_registers_again(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    nodes = helpers.fleet(nodes=2, gpus=1, split=100)
+    await helpers.register(nc, bus_settings, nodes)
+    opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
+    async with replicas(bus_settings, 1) as (r,):
+        await opened.nodes.put("node-0", b'{"node": "node-0", "devices": [{"uuid": 7}]}')
+        await until(lambda: reason(r, "node-0") is not None, "not quarantined")
+        assert reason(r, "node-0") == quarantines.REGISTRATION_UNREADABLE
+        detail = r.view.cluster.quarantined["node-0"][quarantines.REGISTRATION_UNREADABLE]
+        assert "$.devices[0]" in detail, detail
+        for i in range(4):
+            placed = await r.schedule(helpers.pod(f"p{i}", memory_mib=500))
+            assert isinstance(placed, events.Placement) and placed.node == "node-1", placed
+        async with replicas(bus_settings, 1) as (late,):
+            assert reason(late, "node-0") == quarantines.REGISTRATION_UNREADABLE
+        await helpers.register(nc, bus_settings, nodes[:1])
+        await until(lambda: reason(r, "node-0") is None, "still quarantined")
+        placed = await r.schedule(helpers.pod("back", memory_mib=500), nodes=["node-0"])
+        assert isinstance(placed, events.Placement)
+
+
+async def test_a_deleted_ledger_key_quarantines_its_node_until_repair_rebuilds_it(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=1, split=100))
+    opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
+    async with replicas(bus_settings, 2) as rs:
+        kept = [await place_on(rs[i % 2], f"kept{i}", "node-0") for i in range(3)]
+        await place_on(rs[0], "gone", "node-0")
+        assert isinstance(await rs[1].release("gone"), events.Ack)
+        before = (await helpers.ledgers(nc, bus_settings))["node-0"]
+        await opened.ledger.delete("node-0")
+        await until(
+            lambda: all(reason(r, "node-0") == quarantines.LEDGER_DELETED for r in rs),
+            "the deleted ledger did not quarantine the node",
+        )
+        for i in range(6):  # no "lost the ledger race": the other node takes them
+            placed = await rs[i % 2].schedule(helpers.pod(f"p{i}", memory_mib=500))
+            assert isinstance(placed, events.Placement) and placed.node == "node-1", placed
+        async with replicas(bus_settings, 1) as (late,):
+            # a replica started after the deletion does not forget the node's slices by
+            # offering it empty
+            assert reason(late, "node-0") == quarantines.LEDGER_DELETED
+
+        done = await repairs.repair(bus_settings, "node-0")
+        assert done.ledger is not None and done.problem is not None
+        assert "deleted" in done.problem and done.dropped == ()
+        assert done.ledger.pods() == {p.pod_uid for p in kept} == before.pods()
+        assert sorted(done.ledger.slices, key=lambda s: s.pod_uid) == sorted(
+            before.slices, key=lambda s: s.pod_uid
+        )
+        assert "rebuilt its ledger" in repairs.summary(done)
+        await until(lambda: all(reason(r, "node-0") is None for r in rs), "still quarantined")
+        ack = await rs[0].release("kept0")
+        assert ack.node == "node-0" and ack.slices == 1
+        again = await repairs.repair(bus_settings, "node-0")
+        assert again.ledger is None and "nothing to repair" in repairs.summary(again)
+
+
+async def test_repair_rebuilds_an_unreadable_ledger_and_leaves_out_pods_without_a_claim(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=1, split=100))
+    opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
+    async with replicas(bus_settings, 1) as (r,):
+        await place_on(r, "a", "node-0")
+        await place_on(r, "b", "node-0")
+        await opened.ledger.put("node-0", b"garbage")
+        await until(lambda: reason(r, "node-0") is not None, "not quarantined")
+        # b's release was committed by hand with its announcement lost: only its claim is gone
+        await opened.pods.delete("b")
+        done = await repairs.repair(bus_settings, "node-0")
+        assert done.ledger is not None and done.ledger.pods() == {"a"} and done.dropped == ("b",)
+        assert "JSON is malformed" in (done.problem or "")
+        await until(lambda: reason(r, "node-0") is None, "still quarantined")
+        assert r.view.cluster.placement_of("b") is None
