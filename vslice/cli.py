@@ -599,15 +599,21 @@ def status_data(state_dir: Path, *, nodes: bool = False) -> dict[str, Any]:
     """``statuses.status`` of the stack in ``state_dir``, with its fleet read from the bus
     when its nats-server runs. Raises ``StackError`` for an unreadable state file."""
     stack = stacks.read_state(state_dir)
-    devices = None
+    fleet = None
     error = None
     if stack is not None and stacks.alive(stack.pids.get("nats", -1)):
         try:
-            devices = asyncio.run(stacks.allocation(stack.settings("operator")))
+            fleet = asyncio.run(stacks.read_fleet(stack.settings("operator")))
         except stacks.StackError as exc:
             error = str(exc)
     data = statuses.status(
-        state_dir, stack, alive=stacks.alive, devices=devices, fleet_error=error, nodes=nodes
+        state_dir,
+        stack,
+        alive=stacks.alive,
+        devices=fleet.devices if fleet else None,
+        fleet_error=error,
+        nodes=nodes,
+        quarantined=fleet.quarantined if fleet else None,
     )
     # how an operator connects (README, "Who may do what on the bus")
     operator = stack.settings("operator") if stack is not None else None

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 import pytest
 from nats.aio.client import Client
 
 from libshared import connecting, events, quarantines
+from libshared import leases as leasing
 from libshared.connecting import BusSettings
 from libshared.ledgers import NodeLedger
-from services.scheduler.adapters import bus
+from libshared.subjects import pod_key
+from services.scheduler.adapters import bus, upkeep
 from tests.bus import helpers
 from tests.bus.test_claims import replicas
-from vslice import repairs
+from vslice import repairs, stacks, statuses
 
 
 async def until(check: Callable[[], bool], what: str, *, timeout_s: float = 20.0) -> None:
@@ -177,3 +180,80 @@ async def test_repair_rebuilds_an_unreadable_ledger_and_leaves_out_pods_without_
         assert "JSON is malformed" in (done.problem or "")
         await until(lambda: reason(r, "node-0") is None, "still quarantined")
         assert r.view.cluster.placement_of("b") is None
+
+
+# (bucket, key, corrupt: True = garbage bytes, False = key deleted), and the quarantine
+# reason node-0 must get (None: no node is quarantined)
+BUCKET_FAULTS = [
+    ("nodes", "node-0", True, quarantines.REGISTRATION_UNREADABLE),
+    ("nodes", "node-0", False, None),  # a withdrawal, as ever
+    ("ledger", "node-0", True, quarantines.LEDGER_UNREADABLE),
+    ("ledger", "node-0", False, quarantines.LEDGER_DELETED),
+    ("pods", "leased", True, None),
+    ("pods", "leased", False, None),
+    ("leases", "leased", True, None),
+    ("leases", "leased", False, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("bucket", "key", "corrupt", "quarantined"),
+    BUCKET_FAULTS,
+    ids=[f"{b}-{'corrupt' if c else 'deleted'}" for b, _, c, _ in BUCKET_FAULTS],
+)
+async def test_one_bad_key_in_any_bucket_leaves_other_nodes_scheduling_and_status_readable(
+    nc: Client, bus_settings: BusSettings, bucket: str, key: str, corrupt: bool,
+    quarantined: str | None,
+) -> None:  # fmt: skip
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=1, split=100))
+    js = nc.jetstream()
+    opened = await connecting.ensure_bus(js, bus_settings)
+    leases = await leasing.open_leases(js, bus_settings, create=True)
+    kvs = {"nodes": opened.nodes, "ledger": opened.ledger, "pods": opened.pods, "leases": leases}
+    async with replicas(bus_settings, 1) as (r,):
+        kept = upkeep.Upkeep(replica=r, leases=leases, claims=opened.pods, orphan_grace_s=1)
+        leased = await place_on(r, "leased", "node-0")
+        await leases.put("leased", leasing.ENCODER.encode(leasing.Lease(pod_uid="leased")))
+        await place_on(r, "plain", "node-1")
+        if corrupt:
+            await kvs[bucket].put(key, b"\xff{not json")
+        else:
+            await kvs[bucket].delete(key)
+        if bucket in ("nodes", "ledger"):
+            await until(
+                lambda: (
+                    reason(r, "node-0") == quarantined
+                    and (corrupt or bucket == "ledger" or not bool(r.view.cluster.offered[0]))
+                ),
+                "the fault is not in the view",
+            )
+        for i in range(4):
+            placed = await helpers.schedule(nc, bus_settings, helpers.pod(f"p{i}", memory_mib=500))
+            assert isinstance(placed, events.Placement), placed
+            assert bucket not in ("nodes", "ledger") or placed.node == "node-1", placed
+        assert await r.schedule(helpers.pod("leased", memory_mib=1000)) == leased  # re-sent
+        await kept.expire_leases(now=0.0)
+        orphans = await kept.delete_orphan_claims(now=0.0)
+        orphans += await kept.delete_orphan_claims(now=10.0)
+        assert pod_key("plain") not in orphans and pod_key("p0") not in orphans
+        if bucket == "ledger":  # its pods' claims are what a repair keeps
+            assert orphans == []
+
+        fleet = await stacks.read_fleet(bus_settings)
+        live = await stacks.live_slices(bus_settings)
+        data = statuses.status(
+            Path("/s"), STACK, alive=lambda pid: True, devices=fleet.devices, nodes=True,
+            quarantined=fleet.quarantined,
+        )  # fmt: skip
+        text = statuses.text(data, table=True) + "\n".join(stacks.slice_lines(live))
+        assert {s.pod_uid for s in live} >= {"plain", "p0", "p1", "p2", "p3"}
+        if quarantined is None:
+            assert fleet.quarantined == {}
+        else:
+            assert fleet.quarantined["node-0"].startswith(quarantined), fleet.quarantined
+            assert f"node-0                  {quarantined}: " in text, text
+        if quarantined != quarantines.REGISTRATION_UNREADABLE and bucket != "nodes":
+            assert {d.node for d in fleet.devices} == {"node-0", "node-1"}
+
+
+STACK = stacks.Stack(nats_url="nats://127.0.0.1:4222", prefix="t", pids={"nats": 1}, state_dir="/s")

@@ -30,6 +30,7 @@ import nats.errors
 from nats.js.kv import KeyValue
 
 from libshared import leases as leasing
+from libshared import quarantines
 from libshared.subjects import pod_key
 from services.scheduler.adapters.bus import Replica
 from services.scheduler.core import upkeeping
@@ -156,10 +157,20 @@ class Upkeep:
 
     async def delete_orphan_claims(self, *, now: float) -> list[str]:
         """Delete every claim with no ledger entry behind it for ``orphan_grace_s``;
-        returns their keys."""
+        returns their keys. None is deleted while a node's ledger is quarantined."""
+        view = self.replica.view
+        unknown = [
+            node
+            for node, held in view.cluster.quarantined.items()
+            if quarantines.LEDGER_UNREADABLE in held or quarantines.LEDGER_DELETED in held
+        ]
+        if unknown:
+            # the pods of a quarantined ledger are unknown here: their claims are what
+            # `vslice repair` rebuilds it from, so none is taken for an orphan meanwhile
+            log.info("orphan claims kept: ledgers quarantined", extra={"nodes": sorted(unknown)})
+            return []
         entries = await snapshot(self.claims, headers_only=True)
         self._claim_revs.observe({k: e.revision or 0 for k, e in entries.items()}, now=now)
-        view = self.replica.view
         # a ledger waiting for its node's registration holds its pods' claims all the same
         ledgers = [*view.cluster.ledgers, *(ledger for ledger, _ in view.pending.values())]
         held = {pod_key(uid) for ledger in ledgers for uid in ledger.pods()}
