@@ -54,7 +54,7 @@ def _read(decoder: msgspec.json.Decoder[_T], key: str, raw: bytes, reason: str) 
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise Unreadable(key, reason, bounds.describe(exc, raw)) from exc
     if value.node != key:
-        raise Unreadable(key, reason, f"$.node={value.node!r}: the key is {key!r}")
+        raise Unreadable(key, reason, f"value names node {value.node!r}, its key is {key!r}")
     return value
 
 
