@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -18,7 +19,7 @@ from nats.aio.client import Client
 from libshared import connecting, events, quarantines
 from libshared import leases as leasing
 from libshared.connecting import BusSettings
-from libshared.ledgers import NodeLedger
+from libshared.ledgers import NodeLedger, Slice
 from libshared.subjects import pod_key
 from services.scheduler.adapters import bus, upkeep
 from tests.bus import helpers
@@ -40,10 +41,17 @@ def reason(r: bus.Replica, node: str) -> str | None:
 def garbage_ledgers(node: str) -> list[bytes]:
     """Ledger values of ``node`` that must quarantine it: not JSON, out of bounds, another
     node's name."""
-    good = msgspec.json.decode(events.ENCODER.encode(NodeLedger(node=node)), type=dict[str, object])
+    one = Slice(
+        pod_uid="x", namespace="ns", pod="x", container="main", container_index=0,
+        uuid="GPU-0-0", device_index=0, memory_mib=100, cores_percent=10,
+    )  # fmt: skip
+    good = msgspec.json.decode(
+        events.ENCODER.encode(NodeLedger(node=node, slices=(one,))), type=dict[str, Any]
+    )
+    slice_dict = good["slices"][0]
     return [
         b"\x00\xffnot json at all",
-        msgspec.json.encode({**good, "slices": [{"pod_uid": "x", "memory_mib": -5}]}),
+        msgspec.json.encode({**good, "slices": [{**slice_dict, "cores_percent": 500}]}),
         msgspec.json.encode({**good, "node": "node-2"}),
     ]
 
@@ -69,6 +77,8 @@ async def test_an_unreadable_ledger_quarantines_its_node_only_until_a_good_value
             lambda: all(reason(r, "node-0") == quarantines.LEDGER_UNREADABLE for r in rs),
             "the node is not quarantined",
         )
+        detail = rs[0].view.cluster.quarantined["node-0"][quarantines.LEDGER_UNREADABLE]
+        assert ["JSON is malformed", "cores_percent=500", "node-2"][bad] in detail, detail
         # every other node keeps scheduling, over the bus and on both replicas, the
         # unpinned requests too
         for i in range(6):
@@ -102,18 +112,36 @@ async def test_an_unreadable_ledger_quarantines_its_node_only_until_a_good_value
         assert isinstance(again, events.Placement)
 
 
+def bad_registrations() -> list[tuple[bytes, str]]:
+    """Registrations of node-0 that must quarantine it, and what the detail names."""
+    nine = helpers.fleet(nodes=1, gpus=9)[0]  # within the bounds, past the replica's 8
+    good = msgspec.json.decode(events.ENCODER.encode(nine), type=dict[str, Any])
+    devices = good["devices"]
+    return [
+        (b'{"node": "node-0", "devices": [{"uuid": 7}]}', "$.devices[0]"),
+        (msgspec.json.encode({**good, "devices": devices[:1], "node": "node-1"}), "node-1"),
+        (
+            msgspec.json.encode({**good, "devices": [{**devices[0], "memory_mib": -1}]}),
+            "$.devices[0].memory_mib=-1",
+        ),
+        (msgspec.json.encode(good), "9 devices"),
+    ]
+
+
+@pytest.mark.parametrize("bad", range(4), ids=["wrong-type", "other-node", "negative", "nine"])
 async def test_an_unreadable_registration_quarantines_its_node_until_it_registers_again(
-    nc: Client, bus_settings: BusSettings
+    nc: Client, bus_settings: BusSettings, bad: int
 ) -> None:
     nodes = helpers.fleet(nodes=2, gpus=1, split=100)
     await helpers.register(nc, bus_settings, nodes)
     opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
+    value, named = bad_registrations()[bad]
     async with replicas(bus_settings, 1) as (r,):
-        await opened.nodes.put("node-0", b'{"node": "node-0", "devices": [{"uuid": 7}]}')
+        await opened.nodes.put("node-0", value)
         await until(lambda: reason(r, "node-0") is not None, "not quarantined")
         assert reason(r, "node-0") == quarantines.REGISTRATION_UNREADABLE
         detail = r.view.cluster.quarantined["node-0"][quarantines.REGISTRATION_UNREADABLE]
-        assert "$.devices[0]" in detail, detail
+        assert named in detail, detail
         for i in range(4):
             placed = await r.schedule(helpers.pod(f"p{i}", memory_mib=500))
             assert isinstance(placed, events.Placement) and placed.node == "node-1", placed

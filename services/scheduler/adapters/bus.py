@@ -273,11 +273,17 @@ class Replica:
                 log.info("node withdrawn", extra={"node": key})
             return
         try:
-            self.view.put_node(quarantines.read_registration(key, value))
+            reg = quarantines.read_registration(key, value)
+            most = self.view.cluster.max_devices
+            if len(reg.devices) > most:
+                raise quarantines.Unreadable(
+                    key,
+                    quarantines.REGISTRATION_UNREADABLE,
+                    f"$.devices: {len(reg.devices)} devices, this replica's view holds {most}",
+                )
+            self.view.put_node(reg)
         except quarantines.Unreadable as exc:
             self._quarantine(exc)
-        except ValueError as exc:  # more devices than the view holds
-            log.error("node not taken in", extra={"node": key, "error": str(exc)})
         self._notify()
 
     def _quarantine(self, bad: quarantines.Unreadable) -> None:
