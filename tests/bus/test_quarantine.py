@@ -15,12 +15,16 @@ from typing import Any
 import msgspec
 import pytest
 from nats.aio.client import Client
+from prometheus_client import CollectorRegistry
 
 from libshared import connecting, events, quarantines
 from libshared import leases as leasing
 from libshared.connecting import BusSettings
 from libshared.ledgers import NodeLedger, Slice
 from libshared.subjects import pod_key
+from services.metrics.adapters import bus as metrics_bus
+from services.metrics.core import exporting
+from services.metrics.core.views import FleetView
 from services.scheduler.adapters import bus, upkeep
 from tests.bus import helpers
 from tests.bus.test_claims import replicas
@@ -282,6 +286,25 @@ async def test_one_bad_key_in_any_bucket_leaves_other_nodes_scheduling_and_statu
             assert f"node-0                  {quarantined}: " in text, text
         if quarantined != quarantines.REGISTRATION_UNREADABLE and bucket != "nodes":
             assert {d.node for d in fleet.devices} == {"node-0", "node-1"}
+
+        # the metrics exporter, started after the fault, reports the same quarantine
+        watcher = metrics_bus.Watcher(
+            nc=nc, js=js, subjects=bus_settings.subjects, view=FleetView(),
+            instruments=metrics_bus.Instruments.create(CollectorRegistry()),
+            observe_requests=False,
+        )  # fmt: skip
+        await watcher.start()
+        try:
+            snapshot = watcher.view.snapshot(now=0, usage_ttl_s=1)
+            (family,) = [
+                f
+                for f in exporting.vslice_families(snapshot, stats=[])
+                if f.name == "vslice_node_quarantined"
+            ]
+            shown = {(s.labels["node"], s.labels["reason"]) for s in family.samples}
+            assert shown == (set() if quarantined is None else {("node-0", quarantined)})
+        finally:
+            await watcher.stop()
 
 
 STACK = stacks.Stack(nats_url="nats://127.0.0.1:4222", prefix="t", pids={"nats": 1}, state_dir="/s")
