@@ -308,3 +308,36 @@ async def test_one_bad_key_in_any_bucket_leaves_other_nodes_scheduling_and_statu
 
 
 STACK = stacks.Stack(nats_url="nats://127.0.0.1:4222", prefix="t", pids={"nats": 1}, state_dir="/s")
+
+
+async def test_a_stale_lease_on_a_quarantined_ledger_is_kept_and_its_pod_released_after_repair(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=1, split=100))
+    js = nc.jetstream()
+    opened = await connecting.ensure_bus(js, bus_settings)
+    leases = await leasing.open_leases(js, bus_settings, create=True)
+    async with replicas(bus_settings, 1) as (r,):
+        kept = upkeep.Upkeep(replica=r, leases=leases, claims=opened.pods)
+        for uid, node in (("dead-0", "node-0"), ("dead-1", "node-1")):
+            await place_on(r, uid, node)
+            lease = leasing.Lease(pod_uid=uid, node=node, ttl_s=1)
+            await leases.put(uid, leasing.ENCODER.encode(lease))
+        await opened.ledger.delete("node-0")
+        await until(lambda: reason(r, "node-0") is not None, "not quarantined")
+        assert await kept.expire_leases(now=0.0) == []
+        # the pod on the sound node is released; the other's lease waits for the repair
+        assert await kept.expire_leases(now=100.0) == ["dead-1"]
+        assert await kept.expire_leases(now=200.0) == []
+        assert sorted(await leases.keys()) == ["dead-0"]
+        async with replicas(bus_settings, 1) as (late,):  # knows no slice of node-0 at all
+            late_kept = upkeep.Upkeep(replica=late, leases=leases, claims=opened.pods)
+            assert await late_kept.expire_leases(now=0.0) == []
+            assert await late_kept.expire_leases(now=100.0) == []
+            assert sorted(await leases.keys()) == ["dead-0"]
+
+        done = await repairs.repair(bus_settings, "node-0")
+        assert done.ledger is not None and done.ledger.pods() == {"dead-0"}
+        await until(lambda: reason(r, "node-0") is None, "still quarantined")
+        assert await kept.expire_leases(now=300.0) == ["dead-0"]
+        assert (await helpers.ledgers(nc, bus_settings))["node-0"].pods() == set()

@@ -119,6 +119,8 @@ class Upkeep:
                 ttls[key] = lease.bounded_ttl_s()
             uids[key] = lease.pod_uid
         for key in upkeeping.expired_leases(ttls, self._lease_revs, now=now):
+            if self._held_back(uids[key]):
+                continue  # ended once its node's ledger is readable again
             try:
                 # the compare-and-set makes the lease ours to end: a renewal meanwhile, or
                 # another replica that ended it first, wins
@@ -130,6 +132,22 @@ class Upkeep:
             if await self._release(uid, why="lease expired: slice released"):
                 out.append(uid)
         return sorted(out)
+
+    def _held_back(self, pod_uid: str) -> bool:
+        """True while ``pod_uid``'s release cannot be committed and must not be forgotten:
+        its node's ledger is quarantined, or a ledger is quarantined and the view does not
+        know where the pod is (it may be there). Such a lease stays until the repair, so
+        its pod is released then."""
+        cluster = self.replica.view.cluster
+        unknown = {
+            node
+            for node, held in cluster.quarantined.items()
+            if quarantines.LEDGER_UNREADABLE in held or quarantines.LEDGER_DELETED in held
+        }
+        if not unknown:
+            return False
+        placed = cluster.placement_of(pod_uid)
+        return placed is None or placed[0] in unknown
 
     async def _release_late(self, *, now: float) -> list[str]:
         # A dead client's schedule request may still commit after its lease ended (within
