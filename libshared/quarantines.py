@@ -88,5 +88,7 @@ def deletion_of(exc: Exception) -> int | None:
     carries: nats-py raises it with the marker as its ``entry`` for a deleted key. None for
     a key never written, or whose marker was purged since."""
     entry = getattr(exc, "entry", None)
+    if entry is None:
+        return None
     revision = getattr(entry, "revision", None)
-    return revision if isinstance(revision, int) else None if entry is None else 0
+    return revision if isinstance(revision, int) else 0

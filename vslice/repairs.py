@@ -186,10 +186,13 @@ async def _repair(
 def summary(done: Repair) -> str:
     """``vslice repair``'s words for a ``Repair``. Pure."""
     if done.ledger is None:
-        return f"{done.node}: its ledger is readable, nothing to repair"
+        return (
+            f"{done.node}: its ledger is readable, nothing to repair (an unreadable"
+            " registration is written again by the node's agent: restart it)"
+        )
     pods = len(done.ledger.pods())
     lines = [
-        f"{done.node}: was {done.problem}",
+        f"{done.node} was quarantined: {done.problem}",
         f"rebuilt its ledger at revision {done.revision}: {pods} pod(s),"
         f" {len(done.ledger.slices)} slice(s); the replicas offer it again",
     ]

@@ -93,3 +93,15 @@ def test_pods_on_a_quarantined_node_keep_their_slices_and_placement() -> None:
     s.cluster.quarantine(held.node, quarantines.LEDGER_DELETED, "deleted")
     assert s.decide(pod("held", mem=5000)) == held
     assert int(s.cluster.dev_mem_used[n].sum()) == 5000
+
+
+def test_only_ledger_quarantines_make_a_nodes_holdings_unknown() -> None:
+    c = scheduler("hami").cluster
+    assert c.unknown_ledgers() == set()
+    c.quarantine("a", quarantines.REGISTRATION_UNREADABLE, "x")
+    assert c.unknown_ledgers() == set()  # its ledger is still read
+    c.quarantine("b", quarantines.LEDGER_DELETED, "y")
+    c.quarantine("never-registered", quarantines.LEDGER_UNREADABLE, "z")
+    assert c.unknown_ledgers() == {"b", "never-registered"}
+    c.lift("b", quarantines.LEDGER_DELETED)
+    assert c.unknown_ledgers() == {"never-registered"}

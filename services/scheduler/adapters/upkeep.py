@@ -30,7 +30,6 @@ import nats.errors
 from nats.js.kv import KeyValue
 
 from libshared import leases as leasing
-from libshared import quarantines
 from libshared.subjects import pod_key
 from services.scheduler.adapters.bus import Replica
 from services.scheduler.core import upkeeping
@@ -139,11 +138,7 @@ class Upkeep:
         know where the pod is (it may be there). Such a lease stays until the repair, so
         its pod is released then."""
         cluster = self.replica.view.cluster
-        unknown = {
-            node
-            for node, held in cluster.quarantined.items()
-            if quarantines.LEDGER_UNREADABLE in held or quarantines.LEDGER_DELETED in held
-        }
+        unknown = cluster.unknown_ledgers()
         if not unknown:
             return False
         placed = cluster.placement_of(pod_uid)
@@ -177,11 +172,7 @@ class Upkeep:
         """Delete every claim with no ledger entry behind it for ``orphan_grace_s``;
         returns their keys. None is deleted while a node's ledger is quarantined."""
         view = self.replica.view
-        unknown = [
-            node
-            for node, held in view.cluster.quarantined.items()
-            if quarantines.LEDGER_UNREADABLE in held or quarantines.LEDGER_DELETED in held
-        ]
+        unknown = view.cluster.unknown_ledgers()
         if unknown:
             # the pods of a quarantined ledger are unknown here: their claims are what
             # `vslice repair` rebuilds it from, so none is taken for an orphan meanwhile

@@ -221,6 +221,12 @@ class Cluster:
             return None
         return next((r for r in quarantines.REASONS if r in held), next(iter(held)))
 
+    def unknown_ledgers(self) -> set[str]:
+        """The nodes whose ledger is quarantined (unreadable, or its key deleted): what
+        their pods hold is not known to this view. Pure."""
+        bad = (quarantines.LEDGER_UNREADABLE, quarantines.LEDGER_DELETED)
+        return {n for n, held in self.quarantined.items() if any(r in held for r in bad)}
+
     def set_ledger(self, ledger: NodeLedger) -> None:
         """Replace a registered node's ledger and recompute its usage.
 
