@@ -34,7 +34,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 from tqdm import tqdm
 
 from libshared import annotations as keys
-from libshared import connecting, events, permissions, traces
+from libshared import connecting, events, permissions, quarantines, traces
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
@@ -326,10 +326,12 @@ async def _registered_nodes(settings: BusSettings) -> list[NodeDevices]:
         out = []
         with contextlib.suppress(NoKeysError):
             for key in await nodes.keys():
-                with contextlib.suppress(KeyNotFoundError, KeyDeletedError):
+                # a node whose registration cannot be read is quarantined: not one of
+                # the stack's nodes a replay must keep off
+                with contextlib.suppress(KeyNotFoundError, KeyDeletedError, quarantines.Unreadable):
                     entry = await nodes.get(key)
                     if entry.value:
-                        out.append(stacks.NODES.decode(entry.value))
+                        out.append(quarantines.read_registration(key, entry.value))
         return out
     finally:
         await nc.close()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from libshared import traces
 from libshared.errors import VsliceError
 from services.scheduler.core.deciding import POLICIES
-from vslice import busreplays, certs, replays, running, stacks, statuses
+from vslice import busreplays, certs, repairs, replays, running, stacks, statuses
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
 PLOT_FORMATS = (".png", ".svg", ".pdf")
@@ -369,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rel.add_argument("pod", help="the pod UID (`vslice status` lists them)")
     rel.add_argument("--state-dir", default=None, help="the stack's state dir (as for `up`)")
+    fix = sub.add_parser(
+        "repair",
+        help="rebuild a quarantined node's ledger (unreadable or deleted) from the allocation"
+        " stream and the claims (operator identity)",
+    )
+    fix.add_argument("node", help="the node (`vslice status` lists quarantined ones)")
+    fix.add_argument("--state-dir", default=None, help="the stack's state dir (as for `up`)")
     run = sub.add_parser(
         "run",
         help="run a command inside a slice of this machine's GPU (needs `vslice up`)",
@@ -433,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "release":
             return _release(args)
+        if args.command == "repair":
+            return _repair(args)
         if args.command == "certs":
             seeds = certs.provision(
                 Path(args.dir),
@@ -494,6 +503,14 @@ def _release(args: argparse.Namespace) -> int:
         print(f"{args.pod} held no slice (its lease, if any, is ended)")
     else:
         print(f"released {args.pod}: {ack.slices} slice(s) on {ack.node}")
+    return 0
+
+
+def _repair(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir) if args.state_dir else stacks.default_state_dir()
+    stack = stacks.running(state_dir)
+    done = asyncio.run(repairs.repair(stack.settings("operator"), args.node))
+    print(repairs.summary(done))
     return 0
 
 
@@ -604,12 +621,12 @@ def status_data(state_dir: Path, *, nodes: bool = False) -> dict[str, Any]:
     """``statuses.status`` of the stack in ``state_dir``, with its fleet read from the bus
     when its nats-server runs. Raises ``StackError`` for an unreadable state file."""
     stack = stacks.read_state(state_dir)
-    devices = None
+    fleet = None
     error = None
     beats = None
     if stack is not None and stacks.alive(stack.pids.get("nats", -1)):
         try:
-            devices = asyncio.run(stacks.allocation(stack.settings("operator")))
+            fleet = asyncio.run(stacks.read_fleet(stack.settings("operator")))
         except stacks.StackError as exc:
             error = str(exc)
         with contextlib.suppress(stacks.StackError):  # then no service counts as healthy
@@ -618,10 +635,11 @@ def status_data(state_dir: Path, *, nodes: bool = False) -> dict[str, Any]:
         state_dir,
         stack,
         alive=stacks.alive,
-        devices=devices,
+        devices=fleet.devices if fleet else None,
         fleet_error=error,
         nodes=nodes,
         beats=beats,
+        quarantined=fleet.quarantined if fleet else None,
     )
     # how an operator connects (README, "Who may do what on the bus")
     operator = stack.settings("operator") if stack is not None else None

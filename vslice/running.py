@@ -43,7 +43,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from libshared import annotations as hami_annotations
-from libshared import connecting, events, resources
+from libshared import connecting, events, quarantines, resources
 from libshared import leases as leasing
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
@@ -372,6 +372,12 @@ async def _slice(
     )
     placed = events.SCHEDULE_REPLY.decode(decided.data)
     if isinstance(placed, events.Unschedulable):
+        why = placed.node_reasons.get(node, "")
+        if why in quarantines.REASONS:
+            raise RunError(
+                f"node {node} is quarantined ({why}): `vslice status` says why,"
+                f" `vslice repair {node}` rebuilds an unreadable or deleted ledger"
+            )
         free = free_devices(registered, await _ledger(checks.operator, node))
         raise RunError(f"no slice fits: {refusal_text(request, free, placed)}")
     if isinstance(placed, events.BusError):

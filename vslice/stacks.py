@@ -46,9 +46,9 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 from nats.js.errors import BucketNotFoundError, NoKeysError
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from libshared import connecting, events, heartbeats
+from libshared import connecting, events, heartbeats, quarantines
 from libshared import leases as leasing
 from libshared import permissions as perms
 from libshared.connecting import BusSettings
@@ -772,29 +772,54 @@ NODES = msgspec.json.Decoder(NodeDevices)
 LEDGERS = msgspec.json.Decoder(NodeLedger)
 
 
+@dataclass(frozen=True)
+class Fleet:
+    """What the nodes and ledger buckets say: every readable registered device's use
+    (``devices``), and the nodes ``quarantined``: node -> ``"<reason>: <detail>"``
+    (``libshared.quarantines``; a node with an unreadable ledger keeps its devices in
+    ``devices``, shown with nothing held)."""
+
+    devices: list[DeviceUse]
+    quarantined: dict[str, str]
+
+
 async def allocation(settings: BusSettings, *, timeout_s: float = 3.0) -> list[DeviceUse]:
-    """Every registered device's use, from the nodes and ledger buckets, sorted by node
-    and device index. Raises ``StackError`` when the bus cannot be read in ``timeout_s``."""
+    """``read_fleet(settings).devices``: every readable registered device's use, sorted by
+    node and device index. Raises ``StackError`` when the bus cannot be read in
+    ``timeout_s``."""
+    return (await read_fleet(settings, timeout_s=timeout_s)).devices
+
+
+async def read_fleet(settings: BusSettings, *, timeout_s: float = 3.0) -> Fleet:
+    """The fleet as the nodes and ledger buckets hold it; a value that cannot be read
+    quarantines its node in the answer and never raises. Raises ``StackError`` when the
+    bus cannot be read in ``timeout_s``."""
     try:
         async with asyncio.timeout(timeout_s):
             nc = await connecting.connect(settings, name="vslice-status")
             try:
                 bus = await connecting.ensure_bus(nc.jetstream(), settings)
-                nodes, ledgers = [], {}
-                with contextlib.suppress(NoKeysError):
-                    for key in sorted(await bus.nodes.keys()):
-                        entry = await bus.nodes.get(key)
-                        if entry.value:
-                            nodes.append(NODES.decode(entry.value))
-                with contextlib.suppress(NoKeysError):
-                    for key in await bus.ledger.keys():
-                        entry = await bus.ledger.get(key)
-                        if entry.value:
-                            ledgers[key] = LEDGERS.decode(entry.value)
+                registered = await _snapshot(bus.nodes)
+                stored = await _snapshot(bus.ledger, deletes=True)
             finally:
                 await nc.close()
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         raise StackError(f"cannot read the fleet from {settings.urls[0]}: {exc!r}") from exc
+    quarantined: dict[str, str] = {}
+    nodes: list[NodeDevices] = []
+    ledgers: dict[str, NodeLedger] = {}
+    for key, entry in sorted(registered.items()):
+        try:
+            nodes.append(quarantines.read_registration(key, entry.value or b""))
+        except quarantines.Unreadable as bad:
+            quarantined[key] = f"{bad.reason}: {bad.detail}"
+    for key, entry in sorted(stored.items()):
+        try:
+            if entry.operation in (KV_DEL, KV_PURGE):
+                raise quarantines.deleted(key, entry.revision or 0)
+            ledgers[key] = quarantines.read_ledger(key, entry.value or b"")
+        except quarantines.Unreadable as bad:
+            quarantined.setdefault(key, f"{bad.reason}: {bad.detail}")
     out = []
     for node in nodes:
         ledger = ledgers.get(node.node)
@@ -811,7 +836,7 @@ async def allocation(settings: BusSettings, *, timeout_s: float = 3.0) -> list[D
                     split_count=dev.split_count,
                 )
             )
-    return out
+    return Fleet(devices=out, quarantined=quarantined)
 
 
 async def read_heartbeats(
@@ -865,8 +890,9 @@ class LiveSlice:
     renewed_s_ago: float | None = None
 
 
-async def _snapshot(kv: KeyValue) -> dict[str, KeyValue.Entry]:
-    watcher = await kv.watchall(ignore_deletes=True)
+async def _snapshot(kv: KeyValue, *, deletes: bool = False) -> dict[str, KeyValue.Entry]:
+    # with ``deletes``, a deleted key's marker is kept (its ``operation`` says so)
+    watcher = await kv.watchall(ignore_deletes=not deletes)
     out: dict[str, KeyValue.Entry] = {}
     try:
         async for entry in watcher:
@@ -908,8 +934,8 @@ async def live_slices(settings: BusSettings, *, timeout_s: float = 5.0) -> list[
     out = []
     for entry in ledgers.values():
         try:
-            ledger = LEDGERS.decode(entry.value) if entry.value else None
-        except (msgspec.DecodeError, msgspec.ValidationError):
+            ledger = quarantines.read_ledger(entry.key, entry.value) if entry.value else None
+        except quarantines.Unreadable:
             ledger = None  # an unreadable ledger: `status` shows the rest
         if ledger is None:
             continue
@@ -1024,10 +1050,13 @@ def status_text(state_dir: Path) -> str:
         return "\n".join(lines)
     settings = stack.settings("operator")
     try:
-        devices = asyncio.run(allocation(settings))
+        fleet = asyncio.run(read_fleet(settings))
     except StackError as exc:
         lines.append(f"fleet: {exc}")
         return "\n".join(lines)
+    devices = fleet.devices
+    for node, why in sorted(fleet.quarantined.items()):
+        lines.append(f"quarantined {node}: {why} (`vslice repair {node}` for a ledger)")
     lines.append(f"{'node':<24}{'device':<28}{'slices':>8}{'memory MiB':>20}{'cores %':>9}")
     for d in devices:
         mem = f"{d.memory_mib}/{d.memory_total_mib}"

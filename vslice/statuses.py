@@ -120,6 +120,7 @@ def status(
     fleet_error: str | None = None,
     nodes: bool = False,
     beats: Sequence[heartbeats.Seen] | None = None,
+    quarantined: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The status of the stack recorded in ``state_dir`` (``stack``; None: none recorded)
     as a JSON-ready dict::
@@ -133,11 +134,13 @@ def status(
          "fleet": {"error": str | None, "nodes": int, "gpus": int, "slices": int,
                    "memory_mib": int, "memory_total_mib": int, "cores_percent": int,
                    "cores_total_percent": int, "groups": [GroupTotal as a dict, ...],
+                   "quarantined": {node: "<reason>: <detail>"},
                    "devices": [DeviceUse as a dict, ...]  # only with nodes=True
                   }}
 
     ``devices``: the fleet's devices (None: not read, ``fleet_error`` says why);
-    ``beats``: the services' last heartbeats (None: not read)."""
+    ``beats``: the services' last heartbeats (None: not read). ``quarantined``: the nodes
+    whose registration or ledger cannot be read (``vslice.stacks.Fleet``)."""
     processes = {
         name: {"pid": pid, "state": "running" if alive(pid) else "stopped"}
         for name, pid in (stack.pids.items() if stack is not None else ())
@@ -154,6 +157,7 @@ def status(
         "cores_percent": sum(g.cores_percent for g in groups),
         "cores_total_percent": sum(g.cores_total_percent for g in groups),
         "groups": [asdict(g) for g in groups],
+        "quarantined": dict(sorted((quarantined or {}).items())),
     }
     if nodes:
         fleet["devices"] = [asdict(d) for d in held]
@@ -209,6 +213,13 @@ def text(data: Mapping[str, Any], *, table: bool = False) -> str:
     if fleet["error"]:
         lines.append(f"fleet: {fleet['error']}")
         return "\n".join(lines)
+    held_back = fleet.get("quarantined") or {}
+    if held_back:
+        lines.append(
+            f"{len(held_back)} node(s) quarantined, offered no new pod"
+            " (`vslice repair NODE` rebuilds an unreadable or deleted ledger):"
+        )
+        lines += [f"  {node:<24}{why}" for node, why in held_back.items()]
     if not fleet["gpus"]:
         lines.append("fleet: no node registered")
         return "\n".join(lines)

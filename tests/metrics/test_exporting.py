@@ -4,11 +4,15 @@ vslice's own figures."""
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from libshared import events
+from libshared.quarantines import LEDGER_DELETED as DELETED
+from libshared.quarantines import LEDGER_UNREADABLE as LEDGER
+from libshared.quarantines import REGISTRATION_UNREADABLE as REGISTRATION
 from services.metrics.adapters.http import ViewCollector
-from services.metrics.core.views import FleetView
+from services.metrics.core.views import FleetView, RejectedValue
 from tests.metrics import fixtures as fx
 from tests.metrics.promtext import labelled, samples
 
@@ -239,3 +243,22 @@ def test_build_info_is_one_series_without_zone() -> None:
         "platform",
     }
     assert labels["version"] and labels["go_version"].startswith("python")
+
+
+def test_each_quarantined_node_is_reported_with_its_reason_until_a_good_value_lifts_it() -> None:
+    view, _ = fleet()
+    good = fx.registration("n1", fx.device("G0", 0, memory_mib=16000), fx.device("G1", 1))
+    assert labelled("vslice_node_quarantined", scrape(view)) == []
+    with pytest.raises(RejectedValue):
+        view.put_node("n1", b'{"node": "n1", "devices": "none"}')
+    with pytest.raises(RejectedValue):
+        view.put_ledger("n1", b"\x00garbage", 20)
+    view.put_ledger("n9", None, 21)  # a deleted ledger key
+    text = scrape(view)
+    assert labelled("vslice_node_quarantined", text, node="n1", reason=REGISTRATION) == [1]
+    assert labelled("vslice_node_quarantined", text, node="n1", reason=LEDGER) == [1]
+    assert labelled("vslice_node_quarantined", text, node="n9", reason=DELETED) == [1]
+    view.put_node("n1", good)
+    view.put_ledger("n1", fx.ledger("n1"), 22)
+    view.put_ledger("n9", fx.ledger("n9"), 23)
+    assert labelled("vslice_node_quarantined", scrape(view)) == []

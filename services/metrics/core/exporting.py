@@ -63,7 +63,9 @@ vslice's own: ``vslice_fleet_fragmentation_ratio`` (percent, ``fragmentation``),
 ``vslice_fleet_free_gpus`` and ``vslice_fleet_stranded_gpus`` (GPUs),
 ``vslice_node_fragmentation_ratio`` (percent, per node), ``vslice_ledger_revision`` and
 ``vslice_ledger_revision_lag`` (stream sequences the view is behind the ledger),
-``vslice_node_usage_age_seconds``, ``vslice_node_escaped_processes``, and from the
+``vslice_node_usage_age_seconds``, ``vslice_node_escaped_processes``,
+``vslice_node_quarantined`` (1 per quarantined node and ``reason``:
+``NodeRegistrationUnreadable``, ``NodeLedgerUnreadable``, ``NodeLedgerDeleted``), and from the
 replicas' ``Stats``: ``vslice_scheduler_requests_total``,
 ``vslice_scheduler_decisions_total`` (``outcome``: placed, unschedulable, error),
 ``vslice_scheduler_releases_total``, ``vslice_scheduler_cas_conflicts_total``,
@@ -506,7 +508,14 @@ def vslice_families(snapshot: Snapshot, *, stats: Sequence[events.Stats]) -> lis
         [],
     )
     lag.add_metric([], max(0, snapshot.ledger_last_seq - snapshot.ledger_seq))
-    out: list[Metric] = [ratio, free, stranded, per_node, age, escaped, revision, lag]
+    held_back = _gauge(
+        "vslice_node_quarantined",
+        "1 for a node offered no new pod because a bucket value of it cannot be read",
+        ["node", "reason"],
+    )
+    for node_name, why in snapshot.quarantined:
+        held_back.add_metric([node_name, why], 1)
+    out: list[Metric] = [ratio, free, stranded, per_node, age, escaped, revision, lag, held_back]
     out += _stats_families(stats)
     return out
 

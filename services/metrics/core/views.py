@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from libshared import events
+from libshared import events, quarantines
 from libshared.devices import Device, NodeDevices
 from libshared.ledgers import NodeLedger, Slice
 from services.metrics.core import fragmentation
@@ -88,11 +88,13 @@ class NodeRow:
 class Snapshot:
     """The joined fleet at one moment: nodes by name, the ledger stream sequence the view
     has taken in (``ledger_seq``) and the stream's last sequence when last asked
-    (``ledger_last_seq``, 0 = not asked yet)."""
+    (``ledger_last_seq``, 0 = not asked yet), and the quarantined nodes with their
+    ``libshared.quarantines`` reason codes (a node may have two)."""
 
     nodes: tuple[NodeRow, ...]
     ledger_seq: int
     ledger_last_seq: int
+    quarantined: tuple[tuple[str, str], ...] = ()  # (node, reason code), by node and reason
 
     @property
     def devices(self) -> list[DeviceRow]:
@@ -105,7 +107,9 @@ class FleetView:
     """Latest bucket values, usage reports and replica stats (see the module docstring).
 
     ``usage``: node -> (report, arrival Unix time); ``stats``: replica name -> (``Stats``,
-    arrival Unix time); ``ledger_seq``: highest ledger stream sequence taken in.
+    arrival Unix time); ``ledger_seq``: highest ledger stream sequence taken in;
+    ``quarantined``: node -> reason code -> detail, for each node whose registration or
+    ledger value was rejected or whose ledger key was deleted (lifted by a good value).
     """
 
     nodes: dict[str, NodeDevices] = field(default_factory=dict)
@@ -115,50 +119,63 @@ class FleetView:
     stats: dict[str, tuple[events.Stats, float]] = field(default_factory=dict)
     ledger_seq: int = 0
     ledger_last_seq: int = 0
+    quarantined: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def _lift(self, key: str, reason: str) -> None:
+        held = self.quarantined.get(key)
+        if held is not None:
+            held.pop(reason, None)
+            if not held:
+                del self.quarantined[key]
+
+    def _reject(self, source: str, bad: quarantines.Unreadable) -> RejectedValue:
+        self.quarantined.setdefault(bad.node, {})[bad.reason] = bad.detail
+        return RejectedValue(source=source, key=bad.node, reason=bad.detail)
 
     # -- taking values in -------------------------------------------------------------------
 
     def put_node(self, key: str, value: bytes | None) -> None:
         """Take in the ``<prefix>-nodes`` value of ``key``; None or empty deletes the node.
 
-        Raises ``RejectedValue`` for undecodable JSON or a value naming another node; the
-        view keeps the node's previous value then.
+        Raises ``RejectedValue`` for undecodable JSON, a value out of bounds or naming
+        another node; the view keeps the node's previous value then, and quarantines it
+        (``REGISTRATION_UNREADABLE``) until a good value or a deletion comes.
         """
+        self._lift(key, quarantines.REGISTRATION_UNREADABLE)
         if not value:
             self.nodes.pop(key, None)
             self.usage.pop(key, None)  # a node gone takes its usage with it
             return
         try:
-            reg = NODE_DEVICES.decode(value)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise RejectedValue(source="nodes", key=key, reason=str(exc)) from exc
-        if reg.node != key:
-            raise RejectedValue(source="nodes", key=key, reason=f"value names node {reg.node!r}")
+            reg = quarantines.read_registration(key, value)
+        except quarantines.Unreadable as bad:
+            raise self._reject("nodes", bad) from bad
         self.nodes[key] = reg
 
     def put_ledger(self, key: str, value: bytes | None, revision: int) -> None:
         """Take in the ``<prefix>-ledger`` value of ``key`` at stream sequence ``revision``;
-        None or empty deletes the node's ledger. An older revision than the one held is
-        ignored.
+        None or empty deletes the node's ledger and quarantines the node
+        (``LEDGER_DELETED``). An older revision than the one held is ignored.
 
-        Raises ``RejectedValue`` for undecodable JSON or a value naming another node; the
-        view keeps the node's previous ledger then (its slices stay shown).
+        Raises ``RejectedValue`` for undecodable JSON, a value out of bounds or naming
+        another node; the view keeps the node's previous ledger then (its slices stay
+        shown) and quarantines it (``LEDGER_UNREADABLE``) until a good value comes.
         """
         self.ledger_seq = max(self.ledger_seq, revision)
         if revision and revision < self.revisions.get(key, 0):
             return
+        self._lift(key, quarantines.LEDGER_UNREADABLE)
+        self._lift(key, quarantines.LEDGER_DELETED)
         if not value:
             self.ledgers.pop(key, None)
             self.revisions[key] = revision
+            bad = quarantines.deleted(key, revision)
+            self.quarantined.setdefault(key, {})[bad.reason] = bad.detail
             return
         try:
-            ledger = NODE_LEDGER.decode(value)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise RejectedValue(source="ledger", key=key, reason=str(exc)) from exc
-        if ledger.node != key:
-            raise RejectedValue(
-                source="ledger", key=key, reason=f"value names node {ledger.node!r}"
-            )
+            ledger = quarantines.read_ledger(key, value)
+        except quarantines.Unreadable as bad:
+            raise self._reject("ledger", bad) from bad
         self.ledgers[key] = ledger
         self.revisions[key] = revision
 
@@ -232,7 +249,14 @@ class FleetView:
                 )
             )
         return Snapshot(
-            nodes=tuple(rows), ledger_seq=self.ledger_seq, ledger_last_seq=self.ledger_last_seq
+            nodes=tuple(rows),
+            ledger_seq=self.ledger_seq,
+            ledger_last_seq=self.ledger_last_seq,
+            quarantined=tuple(
+                (node, reason)
+                for node, held in sorted(self.quarantined.items())
+                for reason in sorted(held)
+            ),
         )
 
 

@@ -17,6 +17,11 @@ the node's ledger entry, and a ``Placement`` the ledger no longer holds (a stale
 redelivery of a pod released since) is acknowledged without preparing anything. A
 placement is acknowledged only after it was answered, so one that was being prepared
 when the agent died is delivered again; preparing is idempotent.
+
+A ledger value that cannot be read, or a deleted ledger key (``libshared.quarantines``),
+does not stop the agent: it logs a warning, leaves the host root as it is (releasing the
+slices of pods it cannot see would take live pods' slices away), serves on, and
+reconciles once a re-read every ``ledger_retry_s`` finds the value readable again.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
-from libshared import events, permissions
+from libshared import events, permissions, quarantines
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
@@ -48,7 +53,6 @@ log = logging.getLogger("vslice.nodeagent")
 PER_NODE_FILTERS = 32  # above this many hosted nodes, filter by wildcard instead
 FETCH_BATCH = 128
 COALESCE_S = 0.02  # pause after a fetch that brought less than a full batch, seconds
-LEDGER = msgspec.json.Decoder(NodeLedger)
 
 
 @dataclass
@@ -63,12 +67,15 @@ class Agent:
     name: str
     nodes: list[NodeDevices]
     slicer: Slicer | None = None
+    ledger_retry_s: float = 5.0
     prepared: dict[str, events.Ready] = field(default_factory=dict)
     answers: dict[str, events.Ready | events.Failed] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
     _queries: list[Subscription] = field(init=False, default_factory=list)
     _answered: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _sub: JetStreamContext.PullSubscription | None = field(init=False, default=None)
+    _retry: asyncio.Task[None] | None = field(init=False, default=None)
+    reconciled: asyncio.Event = field(init=False, default_factory=asyncio.Event)
 
     @property
     def durable(self) -> str:
@@ -109,24 +116,49 @@ class Agent:
         log.info("unregistered", extra={"nodes": len(self.nodes)})
 
     async def ledger_of(self, node: str) -> NodeLedger | None:
-        """The node's ledger entry (None: the node holds nothing). Raises
-        ``nats.errors.Error`` / ``msgspec.DecodeError`` when it cannot be read."""
+        """The node's ledger entry (None: the node never had one: it holds nothing).
+        Raises ``nats.errors.Error`` when it cannot be read, ``quarantines.Unreadable``
+        when its value does not decode or its key was deleted (what the node holds is
+        unknown then)."""
         try:
             entry = await self.bus.ledger.get(node)
-        except (KeyNotFoundError, KeyDeletedError):
+        except (KeyNotFoundError, KeyDeletedError) as exc:
+            deleted_at = quarantines.deletion_of(exc)
+            if deleted_at is not None:
+                raise quarantines.deleted(node, deleted_at) from exc
             return None
-        return LEDGER.decode(entry.value) if entry.value else None
+        return quarantines.read_ledger(node, entry.value or b"")
 
-    async def reconcile(self) -> None:
-        """Make the host root agree with the ledger (only with a slicer)."""
+    async def reconcile(self) -> bool:
+        """Make the host root agree with the ledger (only with a slicer). Returns False,
+        changing nothing, when the ledger is unreadable or deleted (a warning is logged).
+        Raises ``nats.errors.Error`` when the bus cannot be read."""
         if self.slicer is None:
-            return
-        ledger = await self.ledger_of(self.slicer.node)
+            return True
+        try:
+            ledger = await self.ledger_of(self.slicer.node)
+        except quarantines.Unreadable as exc:
+            log.warning(
+                "ledger unreadable: host root left as it is until it is readable",
+                extra={"node": exc.node, "reason": exc.reason, "error": exc.detail},
+            )
+            return False
         prepared, orphans = self.slicer.reconcile(ledger)
         log.info(
             "reconciled with the ledger",
             extra={"prepared": len(prepared), "released": len(orphans)},
         )
+        self.reconciled.set()
+        return True
+
+    async def _reconcile_later(self) -> None:
+        while True:
+            await asyncio.sleep(self.ledger_retry_s)
+            try:
+                if await self.reconcile():
+                    return
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("ledger re-read failed", extra={"error": str(exc)})
 
     def _filters(self) -> list[str]:
         s = self.subjects
@@ -135,9 +167,10 @@ class Agent:
         return [f(n.node) for n in self.nodes for f in (s.alloc_decided, s.alloc_released)]
 
     async def start(self) -> None:
-        """Reconcile with the ledger, create (or reuse) the durable consumer and start
-        consuming."""
-        await self.reconcile()
+        """Reconcile with the ledger (later, when it is unreadable now), create (or reuse)
+        the durable consumer and start consuming."""
+        if not await self.reconcile():
+            self._retry = asyncio.create_task(self._reconcile_later())
         config = api.ConsumerConfig(
             durable_name=self.durable,
             filter_subjects=self._filters(),
@@ -202,6 +235,9 @@ class Agent:
             with contextlib.suppress(nats.errors.Error):
                 await query.unsubscribe()
         self._queries.clear()
+        if self._retry is not None:
+            self._retry.cancel()
+            await asyncio.gather(self._retry, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -292,15 +328,15 @@ class Agent:
         # turns out released costs a directory until the release arrives, while skipping
         # a live one would leave its pod waiting for an answer.
         retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception_type(
-                (nats.errors.Error, TimeoutError, msgspec.DecodeError)
-            ),
+            retry=tenacity.retry_if_exception_type((nats.errors.Error, TimeoutError)),
             stop=tenacity.stop_after_attempt(3),
             wait=tenacity.wait_incrementing(start=0.2, increment=0.2),
             after=lambda state: _unreadable(node, state),
         )
         try:
             ledger: NodeLedger | None = await retrying(self.ledger_of, node)
+        except quarantines.Unreadable:
+            return True  # no new placement commits there until it is readable
         except tenacity.RetryError:
             return True
         return ledger is not None and pod_uid in ledger.pods()

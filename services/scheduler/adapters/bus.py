@@ -57,7 +57,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
-from libshared import bounds, events
+from libshared import bounds, events, quarantines
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
@@ -75,8 +75,6 @@ MARKER_HEADER = "Nats-Marker-Reason"  # server-placed TTL markers (nats-server 2
 HEARTBEAT_S = 0.5
 REREAD_BACKOFF_S = 0.2  # pause before re-reading a node's ledger again after a failed read
 CLAIM_POLL_S = 0.05  # how often a replica waiting for a claim's holder re-reads the claim
-NODE_DEVICES = msgspec.json.Decoder(NodeDevices)
-NODE_LEDGER = msgspec.json.Decoder(NodeLedger)
 
 
 @dataclass
@@ -86,6 +84,8 @@ class View:
     ledger-stream sequence the view has taken in.
 
     Ledgers of nodes not registered yet wait in ``pending`` until the node registers.
+    A readable value lifts the quarantine an unreadable one (or a deleted ledger key) put
+    its node in (``quarantine``).
     """
 
     cluster: Cluster
@@ -99,6 +99,7 @@ class View:
         Raises ``ValueError`` (from the core) for a node with too many devices.
         """
         self.cluster.upsert_node(reg)
+        self.cluster.lift(reg.node, quarantines.REGISTRATION_UNREADABLE)
         waiting = self.pending.pop(reg.node, None)
         if waiting is not None:
             self.put_ledger(waiting[0], waiting[1])
@@ -109,6 +110,7 @@ class View:
         node = ledger.node
         if revision <= self.revisions.get(node, 0):
             return False
+        self.cluster.lift(node, quarantines.LEDGER_UNREADABLE, quarantines.LEDGER_DELETED)
         if node not in self.cluster.node_index:
             held = self.pending.get(node)
             if held is None or held[1] < revision:
@@ -117,6 +119,12 @@ class View:
         self.cluster.set_ledger(ledger)
         self.revisions[node] = revision
         return True
+
+    def quarantine(self, bad: quarantines.Unreadable) -> bool:
+        """Offer ``bad.node`` no new pod until a readable value of the same bucket comes;
+        its last good devices and ledger stay in the view. True when newly quarantined for
+        that reason."""
+        return self.cluster.quarantine(bad.node, bad.reason, bad.detail)
 
 
 class TemporaryError(Exception):
@@ -128,6 +136,18 @@ class TemporaryError(Exception):
 
 class Expired(Exception):
     """The client's deadline for a schedule request passed before anything was committed."""
+
+
+class Quarantined(Exception):
+    """The pod's node is quarantined: its ledger cannot be changed until a readable value
+    comes back (``vslice repair NODE``). ``node``, ``reason`` (a ``quarantines`` code)."""
+
+    def __init__(self, node: str, reason: str) -> None:
+        self.node, self.reason = node, reason
+        super().__init__(
+            f"node {node!r} is quarantined ({reason}): its ledger is not changed until it is"
+            f" readable again (`vslice repair {node}` rebuilds it)"
+        )
 
 
 class Conflicts(Exception):
@@ -251,31 +271,48 @@ class Replica:
         if not value:
             # deleted or purged: no new pod goes there; the pods it holds keep their
             # slices in the ledger until they are released
+            self.view.cluster.lift(key, quarantines.REGISTRATION_UNREADABLE)
             if self.view.cluster.withdraw_node(key):
                 log.info("node withdrawn", extra={"node": key})
             return
         try:
-            reg = NODE_DEVICES.decode(value)
-            if reg.node != key:
-                raise ValueError(f"value names node {reg.node!r}")
+            reg = quarantines.read_registration(key, value)
+            most = self.view.cluster.max_devices
+            if len(reg.devices) > most:
+                raise quarantines.Unreadable(
+                    key,
+                    quarantines.REGISTRATION_UNREADABLE,
+                    f"$.devices: {len(reg.devices)} devices, this replica's view holds {most}",
+                )
             self.view.put_node(reg)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            log.error("bad node registration", extra={"node": key, "error": str(exc)})
+        except quarantines.Unreadable as exc:
+            self._quarantine(exc)
         self._notify()
 
+    def _quarantine(self, bad: quarantines.Unreadable) -> None:
+        self.view.quarantine(bad)
+        log.warning(
+            "node quarantined",
+            extra={"node": bad.node, "reason": bad.reason, "error": bad.detail},
+        )
+
     def _ledger_entry(self, key: str, value: bytes | None, revision: int) -> None:
-        # A revision the view holds already (this replica's own commit coming back) is
-        # not decoded again.
-        if value and revision > self.view.revisions.get(key, 0):
-            try:
-                ledger = NODE_LEDGER.decode(value)
-                if ledger.node != key:
-                    raise ValueError(f"value names node {ledger.node!r}")
-                self.view.put_ledger(ledger, revision)
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-                log.error("bad ledger value", extra={"node": key, "error": str(exc)})
+        self._take_ledger(key, value, revision)
         self.view.seen_seq = max(self.view.seen_seq, revision)
         self._notify()
+
+    def _take_ledger(self, key: str, value: bytes | None, revision: int) -> None:
+        # A revision the view holds already (this replica's own commit coming back) is
+        # not decoded again. A deleted key quarantines the node: what its pods hold is
+        # unknown, and an empty ledger would offer their memory to others.
+        if revision <= self.view.revisions.get(key, 0):
+            return
+        try:
+            if not value:
+                raise quarantines.deleted(key, revision)
+            self.view.put_ledger(quarantines.read_ledger(key, value), revision)
+        except quarantines.Unreadable as exc:
+            self._quarantine(exc)
 
     def _notify(self) -> None:
         """Wake every task waiting for the view to change."""
@@ -326,15 +363,17 @@ class Replica:
         ``strict``, ``TemporaryError`` is raised instead)."""
         try:
             entry = await self.bus.ledger.get(node)
-        except KeyNotFoundError:
+        except KeyNotFoundError as exc:
+            deleted_at = quarantines.deletion_of(exc)
+            if deleted_at is not None:
+                self._take_ledger(node, None, deleted_at)
             return True
         except (nats.errors.Error, TimeoutError) as exc:
             if strict:
                 raise TemporaryError(f"ledger unavailable: {exc}") from exc
             log.warning("ledger re-read failed", extra={"node": node, "error": str(exc)})
             return False
-        if entry.value:
-            self.view.put_ledger(NODE_LEDGER.decode(entry.value), entry.revision or 0)
+        self._take_ledger(node, entry.value, entry.revision or 0)
         return True
 
     async def _commit(self, ledger: NodeLedger, *, last: int) -> bool | None:
@@ -343,8 +382,12 @@ class Replica:
         True when committed (the view takes it in at once); False when the race was lost
         (the key is re-read, so the next decision sees the winner's commit); None when
         the outcome is unknown: the key is re-read strictly to learn it, which raises
-        ``TemporaryError`` while it cannot be read, and the caller looks at the view."""
+        ``TemporaryError`` while it cannot be read, and the caller looks at the view.
+        Raises ``Quarantined`` for a quarantined node (nothing is written)."""
         node = ledger.node
+        reason = self.view.cluster.quarantine_reason(node)
+        if reason is not None:
+            raise Quarantined(node, reason)
         try:
             rev = await self.bus.ledger.update(node, events.ENCODER.encode(ledger), last=last)
         except KeyWrongLastSequenceError:
@@ -484,7 +527,8 @@ class Replica:
         the pod runs on those devices whether they fit or not.
 
         Raises ``KeyError`` for a node that never registered, ``Conflicts`` after
-        ``max_attempts`` lost races, ``TemporaryError`` when the ledger cannot be read.
+        ``max_attempts`` lost races, ``TemporaryError`` when the ledger cannot be read,
+        ``Quarantined`` when the node is quarantined.
         """
         await self._catch_up()
         lost: list[str] = []
@@ -642,8 +686,9 @@ class Replica:
         """Free exactly ``pod_uid``'s slices and charge; ``Ack(node=None)`` when it held
         nothing. Then delete the pod's claim, at the revision read before the ledger
         commit: a re-schedule of the same UID that took the claim over meanwhile keeps
-        its newer claim. Raises ``Conflicts`` after ``max_attempts`` lost races and
-        ``TemporaryError`` when the ledger or the claim cannot be read."""
+        its newer claim. Raises ``Conflicts`` after ``max_attempts`` lost races,
+        ``TemporaryError`` when the ledger or the claim cannot be read, and ``Quarantined``
+        when the pod's node is quarantined (its release waits for the repair)."""
         await self._catch_up()
         key = pod_key(pod_uid)
         claim: int | None = None
@@ -781,6 +826,11 @@ class Replica:
         decisions.taking(request.pod_uid)
         try:
             ack = await self.release(request.pod_uid)
+        except Quarantined as exc:
+            self._count(errors=1)
+            log.warning("release refused", extra={"pod_uid": request.pod_uid, "error": str(exc)})
+            await self._reply(msg, events.BusError(reason=f"release failed: {exc}"))
+            return
         except TemporaryError as exc:
             self._count(errors=1)
             log.warning("release deferred", extra={"pod_uid": request.pod_uid, "error": str(exc)})

@@ -118,6 +118,8 @@ class Upkeep:
                 ttls[key] = lease.bounded_ttl_s()
             uids[key] = lease.pod_uid
         for key in upkeeping.expired_leases(ttls, self._lease_revs, now=now):
+            if self._held_back(uids[key]):
+                continue  # ended once its node's ledger is readable again
             try:
                 # the compare-and-set makes the lease ours to end: a renewal meanwhile, or
                 # another replica that ended it first, wins
@@ -129,6 +131,18 @@ class Upkeep:
             if await self._release(uid, why="lease expired: slice released"):
                 out.append(uid)
         return sorted(out)
+
+    def _held_back(self, pod_uid: str) -> bool:
+        """True while ``pod_uid``'s release cannot be committed and must not be forgotten:
+        its node's ledger is quarantined, or a ledger is quarantined and the view does not
+        know where the pod is (it may be there). Such a lease stays until the repair, so
+        its pod is released then."""
+        cluster = self.replica.view.cluster
+        unknown = cluster.unknown_ledgers()
+        if not unknown:
+            return False
+        placed = cluster.placement_of(pod_uid)
+        return placed is None or placed[0] in unknown
 
     async def _release_late(self, *, now: float) -> list[str]:
         # A dead client's schedule request may still commit after its lease ended (within
@@ -156,10 +170,16 @@ class Upkeep:
 
     async def delete_orphan_claims(self, *, now: float) -> list[str]:
         """Delete every claim with no ledger entry behind it for ``orphan_grace_s``;
-        returns their keys."""
+        returns their keys. None is deleted while a node's ledger is quarantined."""
+        view = self.replica.view
+        unknown = view.cluster.unknown_ledgers()
+        if unknown:
+            # the pods of a quarantined ledger are unknown here: their claims are what
+            # `vslice repair` rebuilds it from, so none is taken for an orphan meanwhile
+            log.info("orphan claims kept: ledgers quarantined", extra={"nodes": sorted(unknown)})
+            return []
         entries = await snapshot(self.claims, headers_only=True)
         self._claim_revs.observe({k: e.revision or 0 for k, e in entries.items()}, now=now)
-        view = self.replica.view
         # a ledger waiting for its node's registration holds its pods' claims all the same
         ledgers = [*view.cluster.ledgers, *(ledger for ledger, _ in view.pending.values())]
         held = {pod_key(uid) for ledger in ledgers for uid in ledger.pods()}

@@ -16,6 +16,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from libshared import quarantines
 from libshared.devices import NodeDevices
 from libshared.events import Placement
 from libshared.ledgers import NodeLedger, PodCharge, Slice, booked
@@ -58,6 +59,7 @@ class Cluster:
     pod_nodes: dict[str, int] = field(default_factory=dict)
     types: list[str] = field(default_factory=list)
     type_index: dict[str, int] = field(default_factory=dict)
+    quarantined: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         d = self.max_devices
@@ -78,6 +80,7 @@ class Cluster:
         self.mem_used = np.zeros(0, dtype=np.int64)
         self.version = np.zeros(0, dtype=np.int64)
         self.offered = np.zeros(0, dtype=bool)
+        self.sound = np.zeros(0, dtype=bool)
 
     def _grow(self, rows: int) -> None:
         # Registration is rare; growing by one row at a time keeps the code plain
@@ -101,6 +104,7 @@ class Cluster:
         self.mem_used = _grown(self.mem_used, rows, 0)
         self.version = _grown(self.version, rows, 0)
         self.offered = _grown(self.offered, rows, False)
+        self.sound = _grown(self.sound, rows, True)
 
     @property
     def size(self) -> int:
@@ -133,6 +137,7 @@ class Cluster:
             self.registrations.append(reg)
             self.ledgers.append(NodeLedger(node=reg.node))
             self._grow(n + 1)
+            self.sound[n] = reg.node not in self.quarantined
         else:
             self.registrations[n] = reg
         self.dev_valid[n] = False
@@ -177,6 +182,50 @@ class Cluster:
         self.offered[n] = False
         self.version[n] += 1
         return True
+
+    def quarantine(self, node: str, reason: str, detail: str) -> bool:
+        """Quarantine ``node`` for ``reason`` (a ``libshared.quarantines`` code), ``detail``
+        saying what was wrong: it takes no new pod until every quarantine of it is lifted.
+        Returns True when the node was not quarantined for ``reason`` before. Pure."""
+        held = self.quarantined.setdefault(node, {})
+        new = reason not in held
+        held[reason] = detail
+        n = self.node_index.get(node)
+        if n is not None and self.sound[n]:
+            self.sound[n] = False
+            self.version[n] += 1
+        return new
+
+    def lift(self, node: str, *reasons: str) -> bool:
+        """Lift ``node``'s quarantines for ``reasons``; it is offered again once none is
+        left (and it is registered and not withdrawn). Returns True when one was lifted.
+        Pure."""
+        held = self.quarantined.get(node)
+        if not held or not any(r in held for r in reasons):
+            return False
+        for r in reasons:
+            held.pop(r, None)
+        if not held:
+            del self.quarantined[node]
+            n = self.node_index.get(node)
+            if n is not None:
+                self.sound[n] = True
+                self.version[n] += 1
+        return True
+
+    def quarantine_reason(self, node: str) -> str | None:
+        """The reason code ``node`` is quarantined for (the first of
+        ``quarantines.REASONS`` it has), None when it is not."""
+        held = self.quarantined.get(node)
+        if not held:
+            return None
+        return next((r for r in quarantines.REASONS if r in held), next(iter(held)))
+
+    def unknown_ledgers(self) -> set[str]:
+        """The nodes whose ledger is quarantined (unreadable, or its key deleted): what
+        their pods hold is not known to this view. Pure."""
+        bad = (quarantines.LEDGER_UNREADABLE, quarantines.LEDGER_DELETED)
+        return {n for n, held in self.quarantined.items() if any(r in held for r in bad)}
 
     def set_ledger(self, ledger: NodeLedger) -> None:
         """Replace a registered node's ledger and recompute its usage.

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from libshared import quarantines
 from libshared.events import Placement, Unschedulable, node_reasons_of
 from libshared.ledgers import PodCharge, Slice
 from libshared.resources import PodRequest
@@ -128,7 +129,7 @@ class Scheduler:
     def _candidates(self, pod: PodRequest) -> BoolArray:
         c = self.cluster
         cpu_ok, mem_ok = fitting.node_resources_ok(c, pod)
-        ok = c.offered & cpu_ok & mem_ok
+        ok = c.offered & c.sound & cpu_ok & mem_ok
         ok &= c.dev_valid.any(axis=1) | (len(pod.gpu_containers) == 0)
         gpus = pod.gpu_containers
         if not gpus:
@@ -161,6 +162,8 @@ class Scheduler:
                 continue
             if not c.offered[n]:
                 why = WITHDRAWN
+            elif not c.sound[n]:
+                why = c.quarantine_reason(c.nodes[n]) or quarantines.LEDGER_UNREADABLE
             elif not cpu_ok[n]:
                 why = fitting.INSUFFICIENT_CPU
             elif not mem_ok[n]:
@@ -178,14 +181,20 @@ class Scheduler:
 
     def filter(self, pod: PodRequest, nodes: list[str] | None = None) -> FilterResult:
         """Which of ``nodes`` (default: all) can hold the pod, with reasons for the rest
-        (``WITHDRAWN`` for a withdrawn node).
+        (``WITHDRAWN`` for a withdrawn node, the quarantine's reason code for a quarantined
+        one: ``NodeLedgerUnreadable``, ``NodeLedgerDeleted``, ``NodeRegistrationUnreadable``).
 
-        Unknown node names are reported as failed with ``"unknown node"``.
+        Unknown node names are reported as failed with ``"unknown node"`` (or the reason
+        code of a node quarantined before it ever registered readably).
         """
         c = self.cluster
         ok = self._candidates(pod)
         idx = list(range(c.size)) if nodes is None else [c.node_index.get(x, -1) for x in nodes]
-        failed = {x: "unknown node" for x, i in zip(nodes or [], idx, strict=False) if i < 0}
+        failed = {
+            x: c.quarantine_reason(x) or "unknown node"
+            for x, i in zip(nodes or [], idx, strict=False)
+            if i < 0
+        }
         known = [i for i in idx if i >= 0]
         failed.update(self._reasons(pod, ok, known))
         return FilterResult(feasible=[c.nodes[i] for i in known if ok[i]], failed=failed)
@@ -230,7 +239,8 @@ class Scheduler:
     def _unschedulable(self, pod: PodRequest, ok: BoolArray, *, explain: bool) -> Unschedulable:
         c = self.cluster
         cpu_ok, mem_ok = fitting.node_resources_ok(c, pod)
-        offered = c.offered
+        offered = c.offered & c.sound
+        n_quarantined = int((c.offered & ~c.sound).sum())
         n_offered = int(offered.sum())
         n_cpu = int((offered & ~cpu_ok).sum())
         n_mem = int((offered & cpu_ok & ~mem_ok).sum())
@@ -244,7 +254,9 @@ class Scheduler:
             )
             if k
         ]
-        among = np.flatnonzero(offered).tolist()
+        if n_quarantined:
+            parts.append(f"{n_quarantined} quarantined")
+        among = np.flatnonzero(c.offered).tolist()
         reasons = self._reasons(pod, ok, among) if explain else {}
         return Unschedulable(
             pod_uid=pod.uid,
