@@ -12,7 +12,11 @@ In Kubernetes (``--device-plugin``) that node is the Kubernetes node ``--node-na
 API in ``--kubelet-dir`` and reads pods and writes annotations through the API
 (``--kube``: in-cluster config, else ``$KUBECONFIG``). It uses the bus too -- registration,
 the ledger check of Allocate, usage reports -- when a NATS URL is given (``--nats-url`` or
-``VSLICE_NATS_URL``); without one it runs on the Kubernetes API alone.
+``VSLICE_NATS_URL``); without one it runs on the Kubernetes API alone. How Allocate names
+the GPUs to the container runtime is HAMi's ``--device-list-strategy`` (``envvar``,
+``volume-mounts``, ``cdi-annotations``, comma-separated), with ``--pass-device-specs`` and
+``--nvidia-dev-root``; each reads ``VSLICE_<NAME>``, else HAMi's variable
+(``DEVICE_LIST_STRATEGY``, ``PASS_DEVICE_SPECS``, ``NVIDIA_DEV_ROOT``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from libshared import connecting
+from services.nodeagent.core import devicelists
 from services.nodeagent.core.fleets import DEFAULT_SPLIT_COUNT, FleetSpec, parse_devices
 from services.nodeagent.core.registrations import Scaling
 
@@ -72,10 +77,13 @@ class SliceSettings:
 @dataclass(frozen=True)
 class DevicePluginSettings:
     """The kubelet device plugin: ``node_name`` (the Kubernetes node), ``kubelet_dir``
-    (kubelet's device-plugin directory)."""
+    (kubelet's device-plugin directory), ``device_list`` (how Allocate names the GPUs)."""
 
     node_name: str
     kubelet_dir: str = DEFAULT_KUBELET_DIR
+    device_list: devicelists.DeviceListSettings = field(
+        default_factory=devicelists.DeviceListSettings
+    )
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,19 @@ class Settings:
     device_plugin: DevicePluginSettings | None = None
     use_bus: bool = True
     unregister: bool = False
+
+
+def _names(name: str) -> tuple[str, str]:
+    return (f"VSLICE_{name}", name)
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    """``VSLICE_<name>``, else HAMi's ``<name>``, from ``environ`` (unset or blank: None)."""
+    for n in _names(name):
+        value = environ.get(n, "").strip()
+        if value:
+            return value
+    return None
 
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -182,6 +203,26 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         help="the Kubernetes node (env VSLICE_NODE_NAME, else NODE_NAME)",
     )
     k8s.add_argument(
+        "--device-list-strategy",
+        default=_env(env, "DEVICE_LIST_STRATEGY") or ",".join(devicelists.DEFAULT_STRATEGIES),
+        help="how Allocate names the GPUs to the runtime: envvar, volume-mounts, "
+        "cdi-annotations, comma-separated (env VSLICE_DEVICE_LIST_STRATEGY, else "
+        "DEVICE_LIST_STRATEGY)",
+    )
+    k8s.add_argument(
+        "--pass-device-specs",
+        action="store_true",
+        default=any(connecting.env_flag(env, n) for n in _names("PASS_DEVICE_SPECS")),
+        help="pass the GPUs' device nodes to kubelet too (env VSLICE_PASS_DEVICE_SPECS, else "
+        "PASS_DEVICE_SPECS)",
+    )
+    k8s.add_argument(
+        "--nvidia-dev-root",
+        default=_env(env, "NVIDIA_DEV_ROOT") or "/",
+        help="host directory the /dev device nodes are under (env VSLICE_NVIDIA_DEV_ROOT, "
+        "else NVIDIA_DEV_ROOT)",
+    )
+    k8s.add_argument(
         "--kube",
         action="store_true",
         default=connecting.env_flag(env, "VSLICE_KUBE"),
@@ -217,8 +258,18 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         ):
             if missing:
                 parser.error(f"--device-plugin needs {why}")
+        try:
+            device_list = devicelists.DeviceListSettings(
+                strategies=devicelists.parse_strategies(args.device_list_strategy),
+                pass_device_specs=args.pass_device_specs,
+                dev_root=args.nvidia_dev_root,
+            )
+        except ValueError as exc:
+            parser.error(str(exc).replace("dev_root=", "--nvidia-dev-root "))
         device_plugin = DevicePluginSettings(
-            node_name=args.node_name, kubelet_dir=str(Path(args.kubelet_dir).resolve())
+            node_name=args.node_name,
+            kubelet_dir=str(Path(args.kubelet_dir).resolve()),
+            device_list=device_list,
         )
     nats_given = "VSLICE_NATS_URL" in env or any(a.startswith("--nats-url") for a in argv)
     slices = None
