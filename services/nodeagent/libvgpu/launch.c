@@ -626,9 +626,9 @@ static inline uint64_t config_kind(const CUlaunchConfig *c, CUfunction f) {
                    c->blockDimZ, c->sharedMemBytes);
 }
 
-static inline void before_launch(struct ticket *t, CUstream stream, uint64_t kind) {
-    vgpu_init();
-    if (UNLIKELY(vgpu_sm_active)) gate(t, stream, kind);
+/* Marks the launch in this process's slot (the node agent sees active
+ * containers by it). */
+static inline void mark_launched(void) {
     struct vgpu_cache_slot *s = vgpu_slot();
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME_COARSE, &ts);
@@ -638,6 +638,15 @@ static inline void before_launch(struct ticket *t, CUstream stream, uint64_t kin
     __atomic_store_n(&s->launches, __atomic_load_n(&s->launches, __ATOMIC_RELAXED) + 1,
                      __ATOMIC_RELAXED);
 }
+
+/* The gate, then the mark; the kind is hashed only under a limit, so the
+ * unlimited path pays nothing for it. */
+#define BEFORE_LAUNCH(t, stream, kind)                                                             \
+    do {                                                                                           \
+        vgpu_init();                                                                               \
+        if (UNLIKELY(vgpu_sm_active)) gate(&(t), (stream), (kind));                                \
+        mark_launched();                                                                           \
+    } while (0)
 
 static inline CUresult after_launch(struct ticket *t, CUresult r) {
     if (UNLIKELY(vgpu_sm_active)) settle(t, r);
@@ -661,7 +670,7 @@ VGPU_API CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy,
                                  unsigned int bx, unsigned int by, unsigned int bz,
                                  unsigned int shmem, CUstream stream, void **params, void **extra) {
     struct ticket t;
-    before_launch(&t, stream, kind_of(f, gx, gy, gz, bx, by, bz, shmem));
+    BEFORE_LAUNCH(t, stream, kind_of(f, gx, gy, gz, bx, by, bz, shmem));
     NO_DRIVER(cuLaunchKernel);
     return after_launch(
         &t, vgpu_real_cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra));
@@ -672,7 +681,7 @@ VGPU_API CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gx, unsigned in
                                       unsigned int bz, unsigned int shmem, CUstream stream,
                                       void **params, void **extra) {
     struct ticket t;
-    before_launch(&t, per_thread(stream), kind_of(f, gx, gy, gz, bx, by, bz, shmem));
+    BEFORE_LAUNCH(t, per_thread(stream), kind_of(f, gx, gy, gz, bx, by, bz, shmem));
     NO_DRIVER(cuLaunchKernel_ptsz);
     return after_launch(&t, vgpu_real_cuLaunchKernel_ptsz(f, gx, gy, gz, bx, by, bz, shmem, stream,
                                                           params, extra));
@@ -681,7 +690,7 @@ VGPU_API CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gx, unsigned in
 VGPU_API CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params,
                                    void **extra) {
     struct ticket t;
-    before_launch(&t, config_stream(config), config_kind(config, f));
+    BEFORE_LAUNCH(t, config_stream(config), config_kind(config, f));
     NO_DRIVER(cuLaunchKernelEx);
     return after_launch(&t, vgpu_real_cuLaunchKernelEx(config, f, params, extra));
 }
@@ -689,7 +698,7 @@ VGPU_API CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, v
 VGPU_API CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f, void **params,
                                         void **extra) {
     struct ticket t;
-    before_launch(&t, per_thread(config_stream(config)), config_kind(config, f));
+    BEFORE_LAUNCH(t, per_thread(config_stream(config)), config_kind(config, f));
     NO_DRIVER(cuLaunchKernelEx_ptsz);
     return after_launch(&t, vgpu_real_cuLaunchKernelEx_ptsz(config, f, params, extra));
 }
@@ -699,7 +708,7 @@ VGPU_API CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gx, unsig
                                             unsigned int bz, unsigned int shmem, CUstream stream,
                                             void **params) {
     struct ticket t;
-    before_launch(&t, stream, kind_of(f, gx, gy, gz, bx, by, bz, shmem));
+    BEFORE_LAUNCH(t, stream, kind_of(f, gx, gy, gz, bx, by, bz, shmem));
     NO_DRIVER(cuLaunchCooperativeKernel);
     return after_launch(&t, vgpu_real_cuLaunchCooperativeKernel(f, gx, gy, gz, bx, by, bz, shmem,
                                                                 stream, params));
@@ -710,7 +719,7 @@ VGPU_API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gx, 
                                                  unsigned int bz, unsigned int shmem,
                                                  CUstream stream, void **params) {
     struct ticket t;
-    before_launch(&t, per_thread(stream), kind_of(f, gx, gy, gz, bx, by, bz, shmem));
+    BEFORE_LAUNCH(t, per_thread(stream), kind_of(f, gx, gy, gz, bx, by, bz, shmem));
     NO_DRIVER(cuLaunchCooperativeKernel_ptsz);
     return after_launch(&t, vgpu_real_cuLaunchCooperativeKernel_ptsz(f, gx, gy, gz, bx, by, bz,
                                                                      shmem, stream, params));
@@ -718,7 +727,7 @@ VGPU_API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gx, 
 
 VGPU_API CUresult cuGraphLaunch(CUgraphExec graph, CUstream stream) {
     struct ticket t;
-    before_launch(&t, stream, kind_of(graph, 0, 0, 0, 0, 0, 0, 0));
+    BEFORE_LAUNCH(t, stream, kind_of(graph, 0, 0, 0, 0, 0, 0, 0));
     NO_DRIVER(cuGraphLaunch);
     CUresult r = after_launch(&t, vgpu_real_cuGraphLaunch(graph, stream));
     vgpu_graph_launched(); /* its memory nodes may have grown the graph memory pool */
@@ -727,7 +736,7 @@ VGPU_API CUresult cuGraphLaunch(CUgraphExec graph, CUstream stream) {
 
 VGPU_API CUresult cuGraphLaunch_ptsz(CUgraphExec graph, CUstream stream) {
     struct ticket t;
-    before_launch(&t, per_thread(stream), kind_of(graph, 0, 0, 0, 0, 0, 0, 0));
+    BEFORE_LAUNCH(t, per_thread(stream), kind_of(graph, 0, 0, 0, 0, 0, 0, 0));
     NO_DRIVER(cuGraphLaunch_ptsz);
     CUresult r = after_launch(&t, vgpu_real_cuGraphLaunch_ptsz(graph, stream));
     vgpu_graph_launched(); /* its memory nodes may have grown the graph memory pool */
