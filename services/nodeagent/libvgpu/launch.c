@@ -51,24 +51,22 @@
  *    ones) would otherwise admit thousands of long kernels before any of them
  *    completed.  So (a) the launches that may be unconfirmed - admitted after
  *    the last timed launch known to have completed - are enough for P% of
- *    KNOWN_QUEUE_NS (2 ms) of estimated work, so few that the same kernels
- *    turned JUMP (1000) times longer would run no more than P% of 2 x
- *    WINDOW_NS, at least MIN_INFLIGHT, shared out among the container's
- *    processes that launched lately (one each at least).  While the cost of
- *    the work is in doubt, no more may follow than P% of QUEUE_NS of work, nor
- *    more than a switch to SWITCH_NS (50 ms) kernels could run for P% of
- *    2 x WINDOW_NS.  The cost is
- *    in doubt until the process has timed a kernel, after a sample four times
- *    the estimate, and after a launch of a kind of kernel new to the process
- *    (function, grid, block and shared memory, or graph) until that launch is
- *    seen completing; a switch to other kernels is such a launch, so it
- *    queues few of them, while a steady stream of known kinds keeps up to
- *    P% of KNOWN_QUEUE_NS queued (a loaded host that stalls the launching
- *    thread for a millisecond would leave the device idle behind a queue
- *    bounded by the switch: 36 launches at 90 % are 36 us of 1 us kernels).  A new
- *    kind's launch is timed, and a timed launch is made every quarter of the
- *    window (at most every PROBE_EVERY launches), so completion is seen
- *    continuously; (b) the
+ *    KNOWN_QUEUE_NS (2 ms) of estimated work: so few that the same kernels
+ *    turned JUMP (1000) times longer would run no more than P% of
+ *    2 x WINDOW_NS, and enough that a host stalling the launching thread for
+ *    a millisecond or two does not leave the device idle (the switch bound
+ *    below allows 36 launches at 90 %: 36 us of 1 us kernels).  While the
+ *    cost of the work is in doubt, no more may follow than P% of QUEUE_NS of
+ *    work, nor more than a switch to SWITCH_NS (50 ms) kernels could run for
+ *    P% of 2 x WINDOW_NS.  The cost is in doubt until the process has timed a
+ *    kernel, after a sample four times the estimate, and after a launch of a
+ *    kind of kernel new to the process (function, grid, block and shared
+ *    memory, or graph) until that launch is seen completing: a switch to
+ *    other kernels is such a launch, so it queues few of them.  Either window
+ *    is at least MIN_INFLIGHT, shared out among the container's processes
+ *    that launched lately (one each at least).  A new kind's launch is timed,
+ *    and a timed launch is made every quarter of the window (at most every
+ *    PROBE_EVERY launches), so completion is seen continuously; (b) the
  *    container's queue is modelled (sm_queue_end_ns: each admitted launch adds
  *    its estimate), and when a timed launch is more than LATE_NS past its
  *    modelled end, no launch is admitted until it completes.  Two samples in a
