@@ -17,7 +17,12 @@ window, or than one kernel and one period of a process's kernels (processes x ke
 length / limit) where those are longer.
 
     python benchmarks/libvgpu.py [--quick] [--no-compute] [--kernels 5us,2ms]
-        [--processes 1,2] [--limits 30,90]
+        [--processes 1,2] [--limits 30,90] [--against OLD_LIBVGPU.so] [--rounds N]
+
+``--against`` runs every compute-share row with that library too, alternately with the
+current one (``old`` and ``new`` rows), so that a change to the limiter is measured
+against its predecessor under the same host load; ``--rounds N`` repeats each pair N
+times (the rows then show each round).
 Also the p50 and p99 latency of a refused allocation while 8 and 32 processes are
 refused at once (the slice's last bytes held, each asking for more than is left; no
 budget: HAMi-core took its global lock, and version 1 of the shared cache a flock, to
@@ -50,7 +55,12 @@ MOCK_DIR = ROOT / "services" / "nodeagent" / "mockgpu"
 BUILD = LIBVGPU_DIR / "build"
 
 
-def environment(env: dict[str, str], tmp: Path, *, preload: bool) -> dict[str, str]:
+LIBVGPU = LIBVGPU_DIR / "libvgpu.so"
+
+
+def environment(
+    env: dict[str, str], tmp: Path, *, preload: bool, library: Path = LIBVGPU
+) -> dict[str, str]:
     full_env = {
         "LD_LIBRARY_PATH": str(MOCK_DIR),
         "VSLICE_MOCKGPU_STATE": str(tmp / "mockgpu.state"),
@@ -58,7 +68,7 @@ def environment(env: dict[str, str], tmp: Path, *, preload: bool) -> dict[str, s
         **env,
     }
     if preload:
-        full_env["LD_PRELOAD"] = str(LIBVGPU_DIR / "libvgpu.so")
+        full_env["LD_PRELOAD"] = str(library)
     return full_env
 
 
@@ -73,10 +83,12 @@ def run(program: str, *args: str, preload: bool, env: dict[str, str], tmp: Path)
     return proc.stdout
 
 
-def start(program: str, *args: str, env: dict[str, str], tmp: Path) -> subprocess.Popen[str]:
+def start(
+    program: str, *args: str, env: dict[str, str], tmp: Path, library: Path = LIBVGPU
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [str(BUILD / program), *args],
-        env=environment(env, tmp, preload=True),
+        env=environment(env, tmp, preload=True, library=library),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -221,7 +233,9 @@ def busy_between(
     return upto(hi) - upto(lo)
 
 
-def share_run(kernels: Kernels, *, processes: int, percent: int, seconds: float) -> Share:
+def share_run(
+    kernels: Kernels, *, processes: int, percent: int, seconds: float, library: Path = LIBVGPU
+) -> Share:
     """Runs ``processes`` saturating programs in one container; percent 0 = no limit."""
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -236,7 +250,7 @@ def share_run(kernels: Kernels, *, processes: int, percent: int, seconds: float)
             )  # fmt: skip
         else:
             args = ("saturate", "kernel", str(kernels.us), str(seconds))
-        procs = [start("probe", *args, env=env, tmp=tmp) for _ in range(processes)]
+        procs = [start("probe", *args, env=env, tmp=tmp, library=library) for _ in range(processes)]
         outs = [proc.communicate(timeout=seconds + kernels.then_seconds + 600)[0] for proc in procs]
         values = [dict(w.split("=", 1) for w in out.split()[1:]) for out in outs]
         first_stop = min(int(v["stop_ns"]) for v in values)
@@ -264,14 +278,23 @@ def share_run(kernels: Kernels, *, processes: int, percent: int, seconds: float)
 
 
 def share_table(
-    kernel_set: list[Kernels], processes: list[int], limits: list[int], quick: bool
+    kernel_set: list[Kernels],
+    processes: list[int],
+    limits: list[int],
+    quick: bool,
+    against: Path | None = None,
+    rounds: int = 1,
 ) -> None:
+    """Prints one row per workload, process count and limit; with ``against``, a row for
+    that library (``old``) and one for the current (``new``), run alternately ``rounds``
+    times."""
+    libraries = [("", LIBVGPU)] if against is None else [("old", against), ("new", LIBVGPU)]
     print(
-        f"{'kernels':9} {'procs':>5} {'limit':>5} {'no limit':>8} {'share':>7} {'error':>6} "
-        f"{'window':>6} {'busy':>7} {'blocked':>7} {'bound':>6}  verdict"
+        f"{'kernels':9} {'lib':>3} {'procs':>5} {'limit':>5} {'no limit':>8} {'share':>7} "
+        f"{'error':>6} {'window':>6} {'busy':>7} {'blocked':>7} {'bound':>6}  verdict"
     )
-    units = ("", "", "%", "%", "%", "points", "points", "s", "s", "s")
-    widths = (9, 5, 5, 8, 7, 6, 6, 7, 7, 6)
+    units = ("", "", "", "%", "%", "%", "points", "points", "s", "s", "s")
+    widths = (9, 3, 5, 5, 8, 7, 6, 6, 7, 7, 6)
     print(
         " ".join(
             f"{u:>{w}}" if i else f"{u:{w}}"
@@ -288,17 +311,26 @@ def share_table(
                 if short
                 else 100.0
             )
-            configs = [(percent, seconds) for percent in limits]
+            configs = [
+                (percent, seconds, name, library)
+                for percent in limits
+                for _ in range(rounds)
+                for name, library in libraries
+            ]
             if kernels.us >= 100_000:  # one launch a second or fewer: run the limits at once
                 with concurrent.futures.ThreadPoolExecutor(len(configs)) as pool:
                     run_one = functools.partial(share_run, kernels, processes=n)
-                    futures = [pool.submit(run_one, percent=p, seconds=s) for p, s in configs]
+                    futures = [
+                        pool.submit(run_one, percent=p, seconds=s, library=lib)
+                        for p, s, _, lib in configs
+                    ]
                     results = [future.result() for future in futures]
             else:
                 results = [
-                    share_run(kernels, processes=n, percent=p, seconds=s) for p, s in configs
+                    share_run(kernels, processes=n, percent=p, seconds=s, library=lib)
+                    for p, s, _, lib in configs
                 ]
-            for percent, result in zip(limits, results, strict=True):
+            for (percent, _, name, _), result in zip(configs, results, strict=True):
                 target = min(float(percent), baseline)
                 error = result.percent - target
                 worst = max(abs(result.window_low - target), abs(result.window_high - target))
@@ -310,7 +342,8 @@ def share_table(
                 ok = abs(error) <= 3.0 and result.blocked_s <= bound
                 ok = ok and result.streak_s <= max(2 * LIMITER_WINDOW_S, kernel_s)
                 print(
-                    f"{kernels.label:9} {n:5d} {percent:5d} {baseline:8.1f} {result.percent:7.2f} "
+                    f"{kernels.label:9} {name:>3} {n:5d} {percent:5d} {baseline:8.1f} "
+                    f"{result.percent:7.2f} "
                     f"{error:+6.2f} {worst:6.2f} {result.streak_s:7.3f} "
                     f"{result.blocked_s:7.3f} {bound:6.1f}  {'within' if ok else 'OUT'}",
                     flush=True,
@@ -332,6 +365,12 @@ def main() -> int:
     parser.add_argument("--kernels", help="comma list of: " + ",".join(k.label for k in KERNELS))
     parser.add_argument("--processes", help="comma list (default 1,2,4; --quick: 1)")
     parser.add_argument("--limits", help="comma list of percents (default 10,30,50,90)")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="an earlier libvgpu.so: compute rows run with both, alternately",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="old/new pairs per row")
     options = parser.parse_args()
     for folder in (MOCK_DIR, LIBVGPU_DIR):
         subprocess.run(["make", "-s", "-C", str(folder)], check=True, capture_output=True)
@@ -366,7 +405,7 @@ def main() -> int:
         ]
         limits = [int(p) for p in (options.limits or "10,30,50,90").split(",")]
         print("compute share: saturating programs in one container under CUDA_DEVICE_SM_LIMIT")
-        share_table(kernel_set, processes, limits, options.quick)
+        share_table(kernel_set, processes, limits, options.quick, options.against, options.rounds)
     return 0
 
 

@@ -217,7 +217,9 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
 
             plugin = deviceplugin.DevicePlugin(
                 settings=deviceplugin.PluginSettings(
-                    node=node, kubelet_dir=plugin_settings.kubelet_dir
+                    node=node,
+                    kubelet_dir=plugin_settings.kubelet_dir,
+                    device_list=plugin_settings.device_list,
                 ),
                 pods=kube.Kube(api),
                 slicer=slicer,
@@ -225,6 +227,7 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
                 libvgpu=lib.resolve(),
                 preload=hostroots.install_preload(root, allocating.preload_text()),
                 ledger=read_ledger if agent is not None else None,
+                minors=registrations.minors(found),
             )
             await plugin.start()
             stack.push_async_callback(plugin.stop)
@@ -253,7 +256,7 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
             if agent is not None:
                 await agent.register([now])
             if plugin is not None:
-                await plugin.update(now)
+                await plugin.update(now, minors=registrations.minors(found))
 
         async def report() -> None:
             devices, processes = await asyncio.to_thread(backend.read)

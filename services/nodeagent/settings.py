@@ -12,7 +12,11 @@ In Kubernetes (``--device-plugin``) that node is the Kubernetes node ``--node-na
 API in ``--kubelet-dir`` and reads pods and writes annotations through the API
 (``--kube``: in-cluster config, else ``$KUBECONFIG``). It uses the bus too -- registration,
 the ledger check of Allocate, usage reports -- when a NATS URL is given (``--nats-url`` or
-``VSLICE_NATS_URL``); without one it runs on the Kubernetes API alone.
+``VSLICE_NATS_URL``); without one it runs on the Kubernetes API alone. How Allocate names
+the GPUs to the container runtime is HAMi's ``--device-list-strategy`` (``envvar``,
+``volume-mounts``, ``cdi-annotations``, comma-separated), with ``--pass-device-specs`` and
+``--nvidia-dev-root``; each reads ``VSLICE_<NAME>``, else HAMi's variable
+(``DEVICE_LIST_STRATEGY``, ``PASS_DEVICE_SPECS``, ``NVIDIA_DEV_ROOT``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from libshared import connecting, probes, settings
+from services.nodeagent.core import devicelists
 from services.nodeagent.core.fleets import DEFAULT_SPLIT_COUNT, FleetSpec, parse_devices
 from services.nodeagent.core.registrations import Scaling
 
@@ -73,10 +78,13 @@ class SliceSettings:
 @dataclass(frozen=True)
 class DevicePluginSettings:
     """The kubelet device plugin: ``node_name`` (the Kubernetes node), ``kubelet_dir``
-    (kubelet's device-plugin directory)."""
+    (kubelet's device-plugin directory), ``device_list`` (how Allocate names the GPUs)."""
 
     node_name: str
     kubelet_dir: str = DEFAULT_KUBELET_DIR
+    device_list: devicelists.DeviceListSettings = field(
+        default_factory=devicelists.DeviceListSettings
+    )
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,10 @@ def _core_scaling(value: float) -> None:
 REAL = "real slices (one node)"  # groups of options in --help
 K8S = "Kubernetes"
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+def _names(name: str) -> tuple[str, str]:
+    return (f"VSLICE_{name}", name)
 
 
 class Options(settings.ServiceOptions, frozen=True, kw_only=True):
@@ -252,6 +264,34 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
             group=K8S,
         ),
     ] = ""
+    device_list_strategy: Annotated[
+        str,
+        settings.option(
+            "--device-list-strategy",
+            env=_names("DEVICE_LIST_STRATEGY"),
+            help="how Allocate names the GPUs to the runtime: envvar, volume-mounts, "
+            "cdi-annotations, comma-separated",
+            group=K8S,
+        ),
+    ] = ",".join(devicelists.DEFAULT_STRATEGIES)
+    pass_device_specs: Annotated[
+        bool,
+        settings.option(
+            "--pass-device-specs",
+            env=_names("PASS_DEVICE_SPECS"),
+            help="pass the GPUs' device nodes to kubelet too",
+            group=K8S,
+        ),
+    ] = False
+    nvidia_dev_root: Annotated[
+        str,
+        settings.option(
+            "--nvidia-dev-root",
+            env=_names("NVIDIA_DEV_ROOT"),
+            help="host directory the /dev device nodes are under",
+            group=K8S,
+        ),
+    ] = "/"
     kube: Annotated[
         bool,
         settings.option(
@@ -294,8 +334,18 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         ):
             if missing:
                 LOADER.error(f"--device-plugin needs {why}")
+        try:
+            device_list = devicelists.DeviceListSettings(
+                strategies=devicelists.parse_strategies(opts.device_list_strategy),
+                pass_device_specs=opts.pass_device_specs,
+                dev_root=opts.nvidia_dev_root,
+            )
+        except ValueError as exc:
+            LOADER.error(str(exc).replace("dev_root=", "--nvidia-dev-root "))
         device_plugin = DevicePluginSettings(
-            node_name=opts.node_name, kubelet_dir=str(Path(opts.kubelet_dir).resolve())
+            node_name=opts.node_name,
+            kubelet_dir=str(Path(opts.kubelet_dir).resolve()),
+            device_list=device_list,
         )
     slices = None
     if opts.host_root:

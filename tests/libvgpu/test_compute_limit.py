@@ -172,6 +172,38 @@ def test_after_a_switch_to_long_kernels_no_launch_waits_twice_the_window(
     assert switched.longest_wait_ns / 1e9 <= 2.25 * WINDOW_S
 
 
+@pytest.fixture(scope="module")
+def grown(native: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Switch]:
+    """The same kernel (function and grid) made 1000 times longer: 5 us, then 5 ms, at 90 %."""
+    root = tmp_path_factory.mktemp("grow")
+    container = harness.Container(root=root)
+    container.env.update(
+        {"CUDA_DEVICE_SM_LIMIT": "90", "VSLICE_MOCKGPU_TRACE": str(root / "trace")}
+    )
+    running = container.start("probe", "grow", "kernel", "5", "1.5", "5000", "3")
+    try:
+        (line,) = running.finish(timeout_s=25).of("grow")
+        assert line.int("rc") == 0
+        yield Switch(
+            harness.busy_intervals(root / "trace"), line.int("switch_ns"), line.int("max_call2_ns")
+        )
+    except subprocess.TimeoutExpired:
+        running.proc.terminate()
+        running.proc.communicate(timeout=10)
+        yield Switch(harness.busy_intervals(root / "trace"), None, None)
+
+
+# a known kind of kernel keeps more launches in flight than a new one (launch.c, point
+# 4): no more than the same kernels grown 1000 times longer run in 2 windows at P %
+def test_a_known_kernel_grown_1000_times_longer_never_keeps_the_device_busy_twice_the_window(
+    grown: Switch,
+) -> None:
+    longest = max(end - start for start, end in grown.runs) / 1e9
+    assert longest <= 2 * WINDOW_S, f"the device was busy {longest:.2f} s straight"
+    assert grown.longest_wait_ns is not None, "a launch was still waiting 20 s after the growth"
+    assert grown.longest_wait_ns / 1e9 <= 2.25 * WINDOW_S
+
+
 @pytest.mark.parametrize(
     ("kernel_us", "percent", "seconds"),
     [(1, 30, 1.0), (5, 30, 1.0), (2000, 30, 1.0), (200_000, 50, 1.0), (1_000_000, 90, 1.2)],

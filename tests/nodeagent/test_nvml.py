@@ -35,13 +35,13 @@ def nvml(tmp_path: Path, *args: str) -> object:
     return json.loads(out.stdout)
 
 
-def test_nvml_discovers_every_gpu_with_its_uuid_memory_and_type(
+def test_nvml_discovers_every_gpu_with_its_uuid_memory_minor_and_type(
     native: None, tmp_path: Path
 ) -> None:
     found = nvml(tmp_path, "discover")
-    assert [(g["uuid"], g["index"], g["memory_mib"]) for g in found] == [
-        ("GPU-11111111-aaaa", 0, 1024),
-        ("GPU-22222222-bbbb", 1, 4096),
+    assert [(g["uuid"], g["index"], g["memory_mib"], g["minor"]) for g in found] == [
+        ("GPU-11111111-aaaa", 0, 1024, 0),  # the mock NVML's minor is the index
+        ("GPU-22222222-bbbb", 1, 4096, 1),
     ]
     assert {g["type"] for g in found} == {"NVIDIA-vslice mock GPU"}
 

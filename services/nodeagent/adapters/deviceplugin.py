@@ -13,7 +13,9 @@ device-plugin directory and registers it with kubelet's ``Registration`` service
   serves at that moment), preparing the container's slice on disk exactly as ``vslice
   run`` does (``Slicer``), returning its environment and mounts, and patching the pod's
   ``hami.io/bind-phase`` (``success`` once every container is allocated, ``failed`` when
-  the slice cannot be given) and devices-to-allocate;
+  the slice cannot be given) and devices-to-allocate; the container's GPUs are named to
+  the runtime by the node's device list strategies (``services.nodeagent.core.devicelists``:
+  ``NVIDIA_VISIBLE_DEVICES``, ``/dev/null`` mounts, CDI annotations, device specs);
 - writes the node's ``hami.io/node-nvidia-register`` annotation at start and on every
   change;
 - re-registers when kubelet restarts (its socket is a new file: another inode) and serves
@@ -31,8 +33,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +50,7 @@ from services.nodeagent.adapters import kube
 from services.nodeagent.adapters.kubeletapi import api_pb2 as api
 from services.nodeagent.adapters.kubeletapi import api_pb2_grpc as rpc
 from services.nodeagent.adapters.slicing import Slicer
-from services.nodeagent.core import allocating, preparing, registrations
+from services.nodeagent.core import allocating, devicelists, preparing, registrations
 
 log = logging.getLogger("vslice.nodeagent")
 
@@ -65,7 +69,8 @@ class PluginSettings:
     take; ``release_interval_s``: seconds between checks for pods that left the node;
     ``annotate_retry_s``: seconds before writing the node annotation again after a
     failure; ``stop_grace_s``: seconds calls in flight get to finish at stop (the open
-    ``ListAndWatch`` streams are cut after it)."""
+    ``ListAndWatch`` streams are cut after it); ``device_list``: how Allocate names the
+    GPUs to the runtime (HAMi's ``--device-list-strategy``, ``--pass-device-specs``)."""
 
     node: str
     kubelet_dir: str = DEFAULT_KUBELET_DIR
@@ -76,6 +81,19 @@ class PluginSettings:
     release_interval_s: float = 10.0
     annotate_retry_s: float = 2.0
     stop_grace_s: float = 0.5
+    device_list: devicelists.DeviceListSettings = field(
+        default_factory=devicelists.DeviceListSettings
+    )
+
+
+def _present(strategy: devicelists.DeviceListSettings) -> frozenset[str]:
+    """Which of the optional control nodes exist under the device root, as this process
+    sees it (HAMi ``apiDeviceSpecs`` stats them the same way before passing them)."""
+    return frozenset(
+        p
+        for p in devicelists.CONTROL_NODES
+        if os.path.exists(os.path.join(strategy.dev_root, p.lstrip("/")))
+    )
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
@@ -101,7 +119,9 @@ class DevicePlugin(rpc.DevicePluginServicer):
     ``pods``: the Kubernetes API; ``slicer``: the node's slices on disk; ``registration``:
     the node's devices now; ``libvgpu``: the installed libvgpu file to mount (the versioned
     copy); ``preload``: the ``ld.so.preload`` file to mount; ``ledger``: reads the node's
-    ledger entry, to refuse pods whose annotations it does not back (None: no bus).
+    ledger entry, to refuse pods whose annotations it does not back (None: no bus);
+    ``minors``: each GPU's device minor (UUID -> the ``N`` of ``/dev/nvidiaN``), for
+    device specs.
     """
 
     def __init__(
@@ -114,6 +134,7 @@ class DevicePlugin(rpc.DevicePluginServicer):
         libvgpu: Path,
         preload: Path,
         ledger: LedgerReader | None = None,
+        minors: Mapping[str, int] | None = None,
     ) -> None:
         self.settings = settings
         self.pods = pods
@@ -122,6 +143,7 @@ class DevicePlugin(rpc.DevicePluginServicer):
         self.preload = preload
         self.ledger = ledger
         self.registration = registration
+        self.minors = dict(minors or {})
         self.version = 0
         self.registered_with: tuple[int, int, int] | None = None
         self.registrations = 0  # successful Register calls, for logs and tests
@@ -239,9 +261,14 @@ class DevicePlugin(rpc.DevicePluginServicer):
 
     # -- devices -----------------------------------------------------------------------
 
-    async def update(self, registration: NodeDevices) -> None:
-        """Take ``registration`` as the node's devices: a changed list (GPUs, health) goes
-        to every ``ListAndWatch`` stream and into the node annotation."""
+    async def update(
+        self, registration: NodeDevices, minors: Mapping[str, int] | None = None
+    ) -> None:
+        """Take ``registration`` as the node's devices (and ``minors``, when given, as
+        their device minors): a changed list (GPUs, health) goes to every
+        ``ListAndWatch`` stream and into the node annotation."""
+        if minors is not None:
+            self.minors = dict(minors)
         if registration == self.registration:
             return
         async with self._changed:
@@ -478,12 +505,25 @@ class DevicePlugin(rpc.DevicePluginServicer):
             await self._fail(pod, answer.reason)
             raise AllocateError(grpc.StatusCode.FAILED_PRECONDITION, answer.reason)
         [plan] = preparing.plan(placement, self.slicer.layout)
+        strategy = self.settings.device_list
+        try:
+            device_list = devicelists.device_list(
+                [s.uuid for s in plan.slices],
+                settings=strategy,
+                response_id=str(uuid.uuid4()),
+                minors=self.minors,
+                present=_present(strategy) if strategy.pass_device_specs else frozenset(),
+            )
+        except ValueError as exc:
+            await self._fail(pod, str(exc))
+            raise AllocateError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
         out = allocating.container_response(
             plan,
             layout=self.slicer.layout,
             libvgpu=str(self.libvgpu),
             preload=str(self.preload),
             disable_control=match.container.disable_control,
+            device_list=device_list,
         )
         return api.ContainerAllocateResponse(
             envs=out.envs,
@@ -493,6 +533,15 @@ class DevicePlugin(rpc.DevicePluginServicer):
                 )
                 for m in out.mounts
             ],
+            devices=[
+                api.DeviceSpec(
+                    container_path=d.container_path,
+                    host_path=d.host_path,
+                    permissions=d.permissions,
+                )
+                for d in out.devices
+            ],
+            annotations=out.annotations,
         )
 
     async def _fail(self, pod: allocating.PendingPod, reason: str) -> None:

@@ -116,6 +116,10 @@ class NvmlGpus:
                     numa = numa_of(_text(pynvml.nvmlDeviceGetPciInfo(h).busId))
                 except pynvml.NVMLError:
                     numa = 0
+                try:
+                    minor: int | None = int(pynvml.nvmlDeviceGetMinorNumber(h))
+                except pynvml.NVMLError:
+                    minor = None  # device specs then refuse this GPU; nothing else needs it
                 out.append(
                     Gpu(
                         uuid=_text(pynvml.nvmlDeviceGetUUID(h)),
@@ -124,6 +128,7 @@ class NvmlGpus:
                         type=f"NVIDIA-{name}",
                         memory_mib=int(pynvml.nvmlDeviceGetMemoryInfo(h).total) // MIB,
                         numa=numa,
+                        minor=minor,
                     )
                 )
             return out
@@ -239,9 +244,10 @@ class MockGpus:
         self.nvml = nvml
 
     def discover(self) -> list[Gpu]:
-        """The listed devices, in list order."""
+        """The listed devices, in list order; each one's minor is its index, as the mock
+        NVML answers ``nvmlDeviceGetMinorNumber``."""
         return [
-            Gpu(uuid=u, index=i, model="vslice mock GPU", type=self.gpu_type, memory_mib=m)
+            Gpu(uuid=u, index=i, model="vslice mock GPU", type=self.gpu_type, memory_mib=m, minor=i)
             for i, (u, m) in enumerate(self.devices)
         ]
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from libshared import annotations as keys
@@ -53,7 +53,7 @@ from libshared.devices import Device
 from libshared.errors import AnnotationDecodeError, InvalidRequest
 from libshared.ledgers import NodeLedger, Slice
 from libshared.resources import GPU, ResourceSettings, parse_container, pod_containers
-from services.nodeagent.core import preparing
+from services.nodeagent.core import devicelists, preparing
 
 RESOURCE_NAME = GPU  # the extended resource the device plugin advertises
 API_VERSION = "v1beta1"
@@ -407,22 +407,19 @@ def failed_annotations() -> dict[str, str | None]:
 # -- the container's response --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Mount:
-    """A host path the runtime bind-mounts into the container."""
-
-    container_path: str
-    host_path: str
-    read_only: bool
+Mount = devicelists.Mount
 
 
 @dataclass(frozen=True)
 class ContainerResponse:
-    """What one container gets: ``envs`` and ``mounts``. No device nodes: the NVIDIA
-    container runtime adds the GPUs that ``NVIDIA_VISIBLE_DEVICES`` names."""
+    """What one container gets: ``envs``, ``mounts``, and where the device list strategy
+    asks for them ``annotations`` (CDI) and ``devices`` (device specs); without specs the
+    NVIDIA container runtime (or CDI) adds the GPUs the list names."""
 
     envs: dict[str, str]
     mounts: tuple[Mount, ...]
+    annotations: dict[str, str] = field(default_factory=dict)
+    devices: tuple[devicelists.DeviceSpec, ...] = ()
 
 
 def preload_text() -> str:
@@ -437,6 +434,7 @@ def container_response(
     libvgpu: str,
     preload: str,
     disable_control: bool,
+    device_list: devicelists.DeviceList | None = None,
 ) -> ContainerResponse:
     """The response for a container whose slice ``plan`` was prepared under ``layout``:
     the environment ``vslice run`` gives (``preparing.container_env``) with paths as the
@@ -445,9 +443,15 @@ def container_response(
     (the installed versioned file, read-only), the container's cache directory
     (read-write: its processes share the cache file), ``preload`` at
     ``/etc/ld.so.preload`` unless ``disable_control`` (HAMi-core's
-    ``CUDA_DISABLE_CONTROL=true``), and on mock GPUs the mock driver. Pure."""
+    ``CUDA_DISABLE_CONTROL=true``), and on mock GPUs the mock driver. With
+    ``device_list`` (``devicelists.device_list`` of the plan's GPUs) its parts name the
+    GPUs in place of the plan's ``NVIDIA_VISIBLE_DEVICES``; without it that variable
+    stays (the ``envvar`` strategy). Pure."""
     envs = dict(plan.env)
     envs.pop("LD_PRELOAD", None)
+    if device_list is not None:
+        envs.pop(devicelists.VISIBLE_DEVICES, None)
+        envs.update(device_list.envs)
     envs["CUDA_DEVICE_MEMORY_SHARED_CACHE"] = f"{CONTAINER_CACHE_DIR}/{preparing.CACHE_FILE}"
     mounts = [
         Mount(container_path=CONTAINER_LIBVGPU, host_path=libvgpu, read_only=True),
@@ -466,7 +470,14 @@ def container_response(
         mounts.append(
             Mount(container_path=CONTAINER_MOCK_STATE, host_path=layout.mock.state, read_only=False)
         )
-    return ContainerResponse(envs=envs, mounts=tuple(mounts))
+    if device_list is None:
+        return ContainerResponse(envs=envs, mounts=tuple(mounts))
+    return ContainerResponse(
+        envs=envs,
+        mounts=(*device_list.mounts, *mounts),
+        annotations=dict(device_list.annotations),
+        devices=device_list.devices,
+    )
 
 
 # -- GetPreferredAllocation ----------------------------------------------------------------

@@ -33,7 +33,8 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     """One physical GPU as discovered: ``memory_mib`` is the physical memory in MiB,
     ``numa`` the NUMA node of its PCI device (0 when unknown), ``model`` the product name
     (``"Tesla T4"``); ``type`` is what the scheduler matches ``nvidia.com/use-gputype``
-    against."""
+    against; ``minor`` is its device minor (``/dev/nvidia<minor>``; NVML
+    ``nvmlDeviceGetMinorNumber``), None when unknown."""
 
     uuid: str
     index: int
@@ -42,6 +43,7 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     memory_mib: int
     numa: int = 0
     healthy: bool = True
+    minor: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,11 @@ class Scaling:
             raise ValueError(f"deviceMemoryScaling={self.memory_scaling}: must be above 0")
         if not (math.isfinite(self.core_scaling) and self.core_scaling > 0):
             raise ValueError(f"deviceCoreScaling={self.core_scaling}: must be above 0")
+
+
+def minors(gpus: Iterable[Gpu]) -> dict[str, int]:
+    """UUID -> device minor of every GPU of ``gpus`` whose minor is known. Pure."""
+    return {g.uuid: g.minor for g in gpus if g.minor is not None}
 
 
 def is_device_fault(xid: int) -> bool:

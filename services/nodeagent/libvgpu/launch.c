@@ -49,13 +49,24 @@
  *
  * 4. Bounded in-flight work.  A wrong estimate (5 us kernels followed by 50 ms
  *    ones) would otherwise admit thousands of long kernels before any of them
- *    completed.  So (a) few launches may be unconfirmed - admitted after the
- *    last timed launch known to have completed: enough for P% of QUEUE_NS of
- *    estimated work, but no more than a switch to SWITCH_NS (50 ms) kernels
- *    could run for P% of 2 x WINDOW_NS, at least MIN_INFLIGHT, all shared out
- *    among the container's processes that launched lately (one each at least); a timed launch is
- *    made every quarter of that window, so completion is seen continuously;
- *    (b) the
+ *    completed.  So (a) the launches that may be unconfirmed - admitted after
+ *    the last timed launch known to have completed - are enough for P% of
+ *    KNOWN_QUEUE_NS (2 ms) of estimated work: so few that the same kernels
+ *    turned JUMP (1000) times longer would run no more than P% of
+ *    2 x WINDOW_NS, and enough that a host stalling the launching thread for
+ *    a millisecond or two does not leave the device idle (the switch bound
+ *    below allows 36 launches at 90 %: 36 us of 1 us kernels).  While the
+ *    cost of the work is in doubt, no more may follow than P% of QUEUE_NS of
+ *    work, nor more than a switch to SWITCH_NS (50 ms) kernels could run for
+ *    P% of 2 x WINDOW_NS.  The cost is in doubt until the process has timed a
+ *    kernel, after a sample four times the estimate, and after a launch of a
+ *    kind of kernel new to the process (function, grid, block and shared
+ *    memory, or graph) until that launch is seen completing: a switch to
+ *    other kernels is such a launch, so it queues few of them.  Either window
+ *    is at least MIN_INFLIGHT, shared out among the container's processes
+ *    that launched lately (one each at least).  A new kind's launch is timed,
+ *    and a timed launch is made every quarter of the window (at most every
+ *    PROBE_EVERY launches), so completion is seen continuously; (b) the
  *    container's queue is modelled (sm_queue_end_ns: each admitted launch adds
  *    its estimate), and when a timed launch is more than LATE_NS past its
  *    modelled end, no launch is admitted until it completes.  Two samples in a
@@ -64,7 +75,11 @@
  *    the difference, up to three quarters of the debt cap (what is admitted
  *    past that is forgiven, the price of the bound on waiting).  So a switch
  *    from short kernels to 50 ms ones queues at most about P% of 2 s of them;
- *    to longer ones, as many launches of them.
+ *    to longer ones, as many launches of them.  A kernel of a known kind
+ *    that turns long (the same function and grid, given more work) is not
+ *    told by its kind: up to JUMP times longer, the window of known work
+ *    bounds it as above; a longer jump queues up to that window of launches
+ *    before the late launch of (b) and the jump stop it.
  *
  * Launches into a stream being captured into a graph run nothing: they pass
  * uncharged and untimed (events would become graph nodes); the graph's launch
@@ -89,8 +104,10 @@
 
 #define WINDOW_NS 1000000000LL   /* debt cap: P% of 2 x this; the bound on waits */
 #define CREDIT_NS 100000000LL    /* credit cap: P% of this */
-#define QUEUE_NS 10000000LL      /* unconfirmed work may be P% of this... */
+#define QUEUE_NS 10000000LL      /* unconfirmed work in doubt may be P% of this... */
 #define SWITCH_NS 50000000LL     /* ...in at most P% of 2 x WINDOW_NS / this launches */
+#define JUMP 1000                /* known work: P% of 2 x WINDOW_NS / JUMP of it */
+#define KNOWN_QUEUE_NS (2 * WINDOW_NS / JUMP)
 #define MIN_INFLIGHT 4           /* launches, whatever their cost */
 #define LATE_NS 200000LL         /* a timed launch this late stops admission */
 #define REFILL_NS 20000LL        /* least time between refills of the bucket */
@@ -101,6 +118,8 @@
 #define STALE_WAITER_NS 20000000LL /* a waiter that has not looked for this long is gone */
 #define ACTIVE_NS 5000000000LL   /* a process launched this lately shares the window */
 #define ACTIVE_EVERY_NS 100000000LL
+#define KINDS 256                /* kinds of kernel a process remembers, per device */
+#define PROBE_EVERY 64           /* launches between timed launches, at most */
 
 int vgpu_sm_active;
 static uint32_t g_percent[VGPU_MAX_DEVICES]; /* 0 = not limited */
@@ -151,6 +170,10 @@ struct local {
     uint64_t suspect_seq; /* and the launch it timed */
     int64_t recent[3];    /* the last samples */
     unsigned recent_at;
+    uint64_t kinds[KINDS]; /* kinds launched, by hash slot (0 = none) */
+    int novel;             /* a launch of a new kind was made... */
+    uint64_t novel_first;  /* ...the first of a run of them not yet confirmed */
+    uint64_t novel_last;   /* ...and the last */
 };
 static struct local g_local[VGPU_MAX_DEVICES];
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -246,16 +269,51 @@ static void count_active(int64_t now) {
     g_active = n > 0 ? n : 1;
 }
 
-/* Launches that may be unconfirmed: enough for P% of QUEUE_NS of work, so a
- * host late by a few ms does not leave the device idle, but never so many that
- * a switch to SWITCH_NS kernels queues more than P% of 2 x WINDOW_NS. */
+/* Whether a launch of a kind new to the process is not yet seen completing. */
+static int novel_pending(const struct local *l) {
+    return l->novel && l->confirmed <= l->novel_last;
+}
+
+/* Whether the cost of the process's launches in flight is in doubt (point 4). */
+static int in_doubt(const struct local *l) {
+    return !l->timed || l->suspect || novel_pending(l);
+}
+
+/* Launches that may be unconfirmed: enough for P% of KNOWN_QUEUE_NS of work,
+ * so a host late by a millisecond or two does not leave the device idle; while
+ * the cost is in doubt, P% of QUEUE_NS but never so many that a switch to
+ * SWITCH_NS kernels queues more than P% of 2 x WINDOW_NS. */
 static int64_t inflight_launches(const struct local *l, int64_t percent) {
     if (!l->timed) return 1; /* until the process has timed a kernel of its own */
-    int64_t n = QUEUE_NS / 100 * percent / l->cost_ns;
-    int64_t most = 2 * WINDOW_NS / 100 * percent / SWITCH_NS;
-    n = n < most ? n : most;
+    int64_t n = KNOWN_QUEUE_NS / 100 * percent / l->cost_ns;
+    if (in_doubt(l)) {
+        int64_t most = 2 * WINDOW_NS / 100 * percent / SWITCH_NS;
+        n = QUEUE_NS / 100 * percent / l->cost_ns;
+        n = n < most ? n : most;
+    }
     n = (n < MIN_INFLIGHT ? MIN_INFLIGHT : n) / g_active;
     return n < 1 ? 1 : n;
+}
+
+/* Launches that count against that window: since the last confirmation, or
+ * after a new kind only those from its first launch on (the known work
+ * queued before it had its own, larger window). */
+static int64_t unconfirmed(const struct local *l) {
+    uint64_t from = l->confirmed;
+    if (!l->suspect && novel_pending(l) && l->novel_first > from) from = l->novel_first;
+    return (int64_t)(l->issued - from);
+}
+
+/* Notes the kind of the launch about to be made; 1 if it is new to the
+ * process (or was forgotten: a slot holds the last kind hashed to it). */
+static int note_kind(struct local *l, uint64_t kind) {
+    uint64_t *slot = &l->kinds[kind % KINDS];
+    if (*slot == kind) return 0;
+    *slot = kind;
+    if (!novel_pending(l)) l->novel_first = l->issued;
+    l->novel = 1;
+    l->novel_last = l->issued;
+    return 1;
 }
 
 static struct probe *oldest(struct local *l) {
@@ -439,7 +497,7 @@ static int first_kernel(struct vgpu_cache_device *dev, struct local *l, int64_t 
     return 1;
 }
 
-static void gate(struct ticket *t, CUstream stream) {
+static void gate(struct ticket *t, CUstream stream, uint64_t kind) {
     t->probe = NULL;
     t->outer = 0;
     if (t_in_launch) return;
@@ -480,7 +538,7 @@ static void gate(struct ticket *t, CUstream stream) {
                 STORE(&dev->sm_waiter_seen_ns, now);
             }
             wait = tokens <= 0 ? -tokens * 100 / percent + 1 : YIELD_NS;
-        } else if (p != NULL && ((int64_t)(l->issued - l->confirmed) >= inflight_launches(l, percent) ||
+        } else if (p != NULL && (unconfirmed(l) >= inflight_launches(l, percent) ||
                                  now > p->expected_ns + LATE_NS)) {
             /* too much unconfirmed work, or the oldest timed launch is late:
              * wait for it to complete */
@@ -506,11 +564,14 @@ static void gate(struct ticket *t, CUstream stream) {
     int64_t end = LOAD(&dev->sm_queue_end_ns);
     end = (end > now ? end : now) + cost;
     STORE(&dev->sm_queue_end_ns, end);
-    /* time this launch if the cost is unknown or a quarter of the in-flight
-     * window has gone untimed, so that completions confirm the window steadily */
+    /* time this launch if the cost is unknown, it is of a new kind, or a
+     * quarter of the in-flight window has gone untimed, so that completions
+     * confirm the window steadily */
+    int novel = note_kind(l, kind);
     int64_t every = inflight_launches(l, percent) / 4;
+    if (every > PROBE_EVERY) every = PROBE_EVERY;
     if (g_event_create != NULL &&
-        (!l->timed || (int64_t)(l->issued - l->last_probe) >= every))
+        (!l->timed || novel || (int64_t)(l->issued - l->last_probe) >= every))
         t->probe = arm(l, stream, cost, now, end);
     if (t->probe == NULL && l->count == 0) l->confirmed = l->issued; /* cannot confirm: trust */
     if (t->probe == NULL && l->cost_ns == 0) l->cost_ns = UNTIMED_COST_NS;
@@ -541,9 +602,31 @@ static void settle(struct ticket *t, CUresult r) {
 
 /* ---- the launch paths ------------------------------------------------------------- */
 
-static inline void before_launch(struct ticket *t, CUstream stream) {
-    vgpu_init();
-    if (UNLIKELY(vgpu_sm_active)) gate(t, stream);
+/* A kind of launch: what is launched and its shape, hashed (never 0). */
+static inline uint64_t mix(uint64_t h, uint64_t v) {
+    h ^= v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    return h * 0xbf58476d1ce4e5b9ULL;
+}
+
+static inline uint64_t kind_of(const void *what, unsigned gx, unsigned gy, unsigned gz,
+                               unsigned bx, unsigned by, unsigned bz, unsigned shmem) {
+    uint64_t h = mix((uint64_t)(uintptr_t)what, (uint64_t)gx << 32 | gy);
+    h = mix(h, (uint64_t)gz << 32 | bx);
+    h = mix(h, (uint64_t)by << 32 | bz);
+    h = mix(h, shmem);
+    h ^= h >> 31;
+    return h != 0 ? h : 1;
+}
+
+static inline uint64_t config_kind(const CUlaunchConfig *c, CUfunction f) {
+    if (c == NULL) return kind_of(f, 0, 0, 0, 0, 0, 0, 0);
+    return kind_of(f, c->gridDimX, c->gridDimY, c->gridDimZ, c->blockDimX, c->blockDimY,
+                   c->blockDimZ, c->sharedMemBytes);
+}
+
+/* Marks the launch in this process's slot (the node agent sees active
+ * containers by it). */
+static inline void mark_launched(void) {
     struct vgpu_cache_slot *s = vgpu_slot();
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME_COARSE, &ts);
@@ -553,6 +636,15 @@ static inline void before_launch(struct ticket *t, CUstream stream) {
     __atomic_store_n(&s->launches, __atomic_load_n(&s->launches, __ATOMIC_RELAXED) + 1,
                      __ATOMIC_RELAXED);
 }
+
+/* The gate, then the mark; the kind is hashed only under a limit, so the
+ * unlimited path pays nothing for it. */
+#define BEFORE_LAUNCH(t, stream, kind)                                                             \
+    do {                                                                                           \
+        vgpu_init();                                                                               \
+        if (UNLIKELY(vgpu_sm_active)) gate(&(t), (stream), (kind));                                \
+        mark_launched();                                                                           \
+    } while (0)
 
 static inline CUresult after_launch(struct ticket *t, CUresult r) {
     if (UNLIKELY(vgpu_sm_active)) settle(t, r);
@@ -576,7 +668,7 @@ VGPU_API CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy,
                                  unsigned int bx, unsigned int by, unsigned int bz,
                                  unsigned int shmem, CUstream stream, void **params, void **extra) {
     struct ticket t;
-    before_launch(&t, stream);
+    BEFORE_LAUNCH(t, stream, kind_of(f, gx, gy, gz, bx, by, bz, shmem));
     NO_DRIVER(cuLaunchKernel);
     return after_launch(
         &t, vgpu_real_cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra));
@@ -587,7 +679,7 @@ VGPU_API CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gx, unsigned in
                                       unsigned int bz, unsigned int shmem, CUstream stream,
                                       void **params, void **extra) {
     struct ticket t;
-    before_launch(&t, per_thread(stream));
+    BEFORE_LAUNCH(t, per_thread(stream), kind_of(f, gx, gy, gz, bx, by, bz, shmem));
     NO_DRIVER(cuLaunchKernel_ptsz);
     return after_launch(&t, vgpu_real_cuLaunchKernel_ptsz(f, gx, gy, gz, bx, by, bz, shmem, stream,
                                                           params, extra));
@@ -596,7 +688,7 @@ VGPU_API CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gx, unsigned in
 VGPU_API CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params,
                                    void **extra) {
     struct ticket t;
-    before_launch(&t, config_stream(config));
+    BEFORE_LAUNCH(t, config_stream(config), config_kind(config, f));
     NO_DRIVER(cuLaunchKernelEx);
     return after_launch(&t, vgpu_real_cuLaunchKernelEx(config, f, params, extra));
 }
@@ -604,7 +696,7 @@ VGPU_API CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, v
 VGPU_API CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f, void **params,
                                         void **extra) {
     struct ticket t;
-    before_launch(&t, per_thread(config_stream(config)));
+    BEFORE_LAUNCH(t, per_thread(config_stream(config)), config_kind(config, f));
     NO_DRIVER(cuLaunchKernelEx_ptsz);
     return after_launch(&t, vgpu_real_cuLaunchKernelEx_ptsz(config, f, params, extra));
 }
@@ -614,7 +706,7 @@ VGPU_API CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gx, unsig
                                             unsigned int bz, unsigned int shmem, CUstream stream,
                                             void **params) {
     struct ticket t;
-    before_launch(&t, stream);
+    BEFORE_LAUNCH(t, stream, kind_of(f, gx, gy, gz, bx, by, bz, shmem));
     NO_DRIVER(cuLaunchCooperativeKernel);
     return after_launch(&t, vgpu_real_cuLaunchCooperativeKernel(f, gx, gy, gz, bx, by, bz, shmem,
                                                                 stream, params));
@@ -625,7 +717,7 @@ VGPU_API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gx, 
                                                  unsigned int bz, unsigned int shmem,
                                                  CUstream stream, void **params) {
     struct ticket t;
-    before_launch(&t, per_thread(stream));
+    BEFORE_LAUNCH(t, per_thread(stream), kind_of(f, gx, gy, gz, bx, by, bz, shmem));
     NO_DRIVER(cuLaunchCooperativeKernel_ptsz);
     return after_launch(&t, vgpu_real_cuLaunchCooperativeKernel_ptsz(f, gx, gy, gz, bx, by, bz,
                                                                      shmem, stream, params));
@@ -633,7 +725,7 @@ VGPU_API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gx, 
 
 VGPU_API CUresult cuGraphLaunch(CUgraphExec graph, CUstream stream) {
     struct ticket t;
-    before_launch(&t, stream);
+    BEFORE_LAUNCH(t, stream, kind_of(graph, 0, 0, 0, 0, 0, 0, 0));
     NO_DRIVER(cuGraphLaunch);
     CUresult r = after_launch(&t, vgpu_real_cuGraphLaunch(graph, stream));
     vgpu_graph_launched(); /* its memory nodes may have grown the graph memory pool */
@@ -642,7 +734,7 @@ VGPU_API CUresult cuGraphLaunch(CUgraphExec graph, CUstream stream) {
 
 VGPU_API CUresult cuGraphLaunch_ptsz(CUgraphExec graph, CUstream stream) {
     struct ticket t;
-    before_launch(&t, per_thread(stream));
+    BEFORE_LAUNCH(t, per_thread(stream), kind_of(graph, 0, 0, 0, 0, 0, 0, 0));
     NO_DRIVER(cuGraphLaunch_ptsz);
     CUresult r = after_launch(&t, vgpu_real_cuGraphLaunch_ptsz(graph, stream));
     vgpu_graph_launched(); /* its memory nodes may have grown the graph memory pool */

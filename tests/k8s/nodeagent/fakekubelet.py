@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,13 @@ VERSION = "v1beta1"
 class Allocation:
     """One container's answer: the replica IDs it was given, ``envs``, ``mounts`` as
     ``(container_path, host_path, read_only)`` and device specs as ``(container_path,
-    host_path, permissions)``."""
+    host_path, permissions)``, and the container's ``annotations`` (CDI requests)."""
 
     device_ids: tuple[str, ...]
     envs: dict[str, str]
     mounts: tuple[tuple[str, str, bool], ...]
     devices: tuple[tuple[str, str, str], ...] = ()
+    annotations: dict[str, str] = field(default_factory=dict)
 
     def mount(self, container_path: str) -> tuple[str, bool] | None:
         """``(host_path, read_only)`` of the mount at ``container_path``, None if absent."""
@@ -64,6 +65,7 @@ def _allocation(ids: Sequence[str], r: api.ContainerAllocateResponse) -> Allocat
         envs=dict(r.envs),
         mounts=tuple((m.container_path, m.host_path, m.read_only) for m in r.mounts),
         devices=tuple((d.container_path, d.host_path, d.permissions) for d in r.devices),
+        annotations=dict(r.annotations),
     )
 
 

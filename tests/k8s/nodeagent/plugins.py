@@ -12,7 +12,8 @@ a stand-in libvgpu file (mounted, never loaded: no container runs), the Kubernet
         ...
 
 ``devices`` is the ``VSLICE_MOCKGPU_DEVICES`` format; ``ledger`` (optional) reads the
-node's ledger entry, as the agent does on the bus.
+node's ledger entry, as the agent does on the bus; ``device_list`` (optional) is the
+node's device list strategy, each mock GPU's device minor its index.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from libshared.devices import NodeDevices
 from services.nodeagent.adapters import deviceplugin, gpus, hostroots, kube
 from services.nodeagent.adapters.slicing import Slicer
-from services.nodeagent.core import allocating, fleets, preparing, registrations
+from services.nodeagent.core import allocating, devicelists, fleets, preparing, registrations
 
 
 def node_devices(
@@ -46,6 +47,7 @@ async def running_plugin(
     devices: str,
     split_count: int = 10,
     ledger: deviceplugin.LedgerReader | None = None,
+    device_list: devicelists.DeviceListSettings | None = None,
 ) -> AsyncIterator[deviceplugin.DevicePlugin]:
     """A started device plugin (stopped, its API client closed, on the way out)."""
     root = workdir / "host"
@@ -63,6 +65,7 @@ async def running_plugin(
             release_interval_s=0.1,
             annotate_retry_s=0.1,
             stop_grace_s=0.05,
+            device_list=device_list or devicelists.DeviceListSettings(),
         ),
         pods=kube.Kube(api),
         slicer=slicer,
@@ -70,6 +73,9 @@ async def running_plugin(
         libvgpu=lib.resolve(),
         preload=hostroots.install_preload(root, allocating.preload_text()),
         ledger=ledger,
+        minors=registrations.minors(
+            gpus.MockGpus(fleets.parse_devices(devices), gpu_type="MOCK").discover()
+        ),
     )
     try:
         await plugin.start()

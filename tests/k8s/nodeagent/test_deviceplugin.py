@@ -14,7 +14,7 @@ import pytest
 
 from libshared import annotations as keys
 from libshared.ledgers import NodeLedger, Slice
-from services.nodeagent.core import sharedcaches
+from services.nodeagent.core import devicelists, sharedcaches
 from tests.k8s.nodeagent import plugins
 from tests.k8s.nodeagent.conftest import (
     G0,
@@ -346,3 +346,89 @@ async def test_a_plugin_started_before_kubelet_registers_once_kubelet_is_up(
             assert plugin.registrations == 1
         finally:
             await kubelet.stop()
+
+
+@pytest.mark.parametrize(
+    ("strategies", "visible", "volume_mounted", "cdi"),
+    [
+        (("envvar",), G1, False, False),
+        (("volume-mounts",), "/var/run/nvidia-container-devices", True, False),
+        (("cdi-annotations",), None, False, True),
+        (("cdi-annotations", "envvar"), G1, False, True),
+    ],
+)
+async def test_allocate_names_the_gpu_to_the_runtime_by_the_nodes_device_list_strategy(
+    tmp_path: Path,
+    emulator: kmock.KubernetesEmulator,
+    strategies: tuple[str, ...],
+    visible: str | None,
+    volume_mounted: bool,
+    cdi: bool,
+) -> None:
+    kubelet = FakeKubelet(tmp_path / "dp")
+    await kubelet.start()
+    try:
+        async with plugins.running_plugin(
+            tmp_path,
+            node=NODE,
+            api_url=str(emulator.url),
+            kubelet_dir=kubelet.directory,
+            devices=MOCKGPU_DEVICES,
+            split_count=SPLIT,
+            device_list=devicelists.DeviceListSettings(
+                strategies=strategies, pass_device_specs=True
+            ),
+        ):
+            await kubelet.wait_registered()
+            await kubelet.list_and_watch()
+            pod = bound_pod("p", node=NODE, containers=[[(G1, 3000, 30)]])
+            emulator.objects["v1/pods", "default", "p"] = pod
+            got = await kubelet.admit(1)
+            annotations = emulator.objects["v1/pods", "default", "p"].raw["metadata"]["annotations"]
+    finally:
+        await kubelet.stop()
+    assert annotations[keys.BIND_PHASE] == "success"
+    assert got.envs.get("NVIDIA_VISIBLE_DEVICES") == visible
+    assert got.envs["CUDA_DEVICE_MEMORY_LIMIT_0"] == "3000m"  # the slice, whatever the list
+    assert (got.mount(f"/var/run/nvidia-container-devices/{G1}") == ("/dev/null", False)) == (
+        volume_mounted
+    )
+    assert got.mount("/etc/ld.so.preload") is not None
+    if cdi:
+        [(key, value)] = got.annotations.items()
+        assert key.startswith("cdi.k8s.io/nvidia-device-plugin_")
+        assert value == f"nvidia.com/gpu={G1}"
+    else:
+        assert got.annotations == {}
+    # device specs were asked for: the GPU's node (mock minor = index 1), never with CDI alone
+    nodes = {c for c, _, _ in got.devices}
+    assert ("/dev/nvidia1" in nodes) == (strategies != ("cdi-annotations",))
+    assert "/dev/nvidia0" not in nodes
+
+
+async def test_two_allocates_under_cdi_get_distinct_annotation_keys(
+    tmp_path: Path, emulator: kmock.KubernetesEmulator
+) -> None:
+    kubelet = FakeKubelet(tmp_path / "dp")
+    await kubelet.start()
+    try:
+        async with plugins.running_plugin(
+            tmp_path,
+            node=NODE,
+            api_url=str(emulator.url),
+            kubelet_dir=kubelet.directory,
+            devices=MOCKGPU_DEVICES,
+            split_count=SPLIT,
+            device_list=devicelists.DeviceListSettings(strategies=("cdi-annotations",)),
+        ):
+            await kubelet.wait_registered()
+            await kubelet.list_and_watch()
+            keys_seen = []
+            for name in ("p", "q"):
+                pod = bound_pod(name, node=NODE, containers=[[(G0, 1000, 10)]])
+                emulator.objects["v1/pods", "default", name] = pod
+                got = await kubelet.admit(1)
+                keys_seen.extend(got.annotations)
+    finally:
+        await kubelet.stop()
+    assert len(set(keys_seen)) == 2

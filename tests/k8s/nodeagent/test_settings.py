@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.nodeagent import settings
+from services.nodeagent.core import devicelists
 
 PLUGIN = ["--device-plugin", "--kube", "--host-root", "/tmp/h", "--backend", "mock"]
 
@@ -67,5 +68,70 @@ def test_a_device_plugin_without_what_it_needs_is_refused_naming_the_flag(
 ) -> None:
     with pytest.raises(SystemExit) as exited:
         settings.parse(argv, environ={})
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_device_list_flags_and_hamis_environment_agree() -> None:
+    flagged = settings.parse(
+        [
+            *PLUGIN,
+            "--node-name",
+            "n",
+            "--device-list-strategy",
+            "cdi-annotations,envvar",
+            "--pass-device-specs",
+            "--nvidia-dev-root",
+            "/run/nvidia/driver",
+        ],
+        environ={},
+    )
+    from_hami_env = settings.parse(
+        [*PLUGIN, "--node-name", "n"],
+        environ={
+            "DEVICE_LIST_STRATEGY": "cdi-annotations,envvar",
+            "PASS_DEVICE_SPECS": "true",
+            "NVIDIA_DEV_ROOT": "/run/nvidia/driver",
+        },
+    )
+    expected = devicelists.DeviceListSettings(
+        strategies=("cdi-annotations", "envvar"),
+        pass_device_specs=True,
+        dev_root="/run/nvidia/driver",
+    )
+    assert flagged.device_plugin is not None and from_hami_env.device_plugin is not None
+    assert flagged.device_plugin.device_list == from_hami_env.device_plugin.device_list == expected
+
+
+def test_the_device_list_defaults_to_envvar_without_specs_and_vslices_variable_wins() -> None:
+    parsed = settings.parse([*PLUGIN, "--node-name", "n"], environ={})
+    assert parsed.device_plugin is not None
+    assert parsed.device_plugin.device_list == devicelists.DeviceListSettings(
+        strategies=("envvar",), pass_device_specs=False, dev_root="/"
+    )
+    parsed = settings.parse(
+        [*PLUGIN, "--node-name", "n"],
+        environ={
+            "VSLICE_DEVICE_LIST_STRATEGY": "volume-mounts",
+            "DEVICE_LIST_STRATEGY": "envvar",
+        },
+    )
+    assert parsed.device_plugin is not None
+    assert parsed.device_plugin.device_list.strategies == ("volume-mounts",)
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--device-list-strategy", "cdi"], {}, "--device-list-strategy 'cdi': unknown strategy"),
+        ([], {"DEVICE_LIST_STRATEGY": "envvar,mounts"}, "unknown strategy 'mounts'"),
+        (["--nvidia-dev-root", "dev"], {}, "--nvidia-dev-root 'dev': must be an absolute path"),
+    ],
+)
+def test_a_bad_device_list_setting_is_refused_naming_the_flag_and_value(
+    argv: list[str], environ: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        settings.parse([*PLUGIN, "--node-name", "n", *argv], environ=environ)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err

@@ -15,7 +15,8 @@
  * vmm SIZE [DEV] | vmmhost SIZE | async SIZE | pool SIZE | raw SIZE | free ID |
  * write ID | fill SIZE | meminfo | meminfo1 | nvml | nvml2 | nvmlat N | drivercalls |
  * launch KIND US COUNT | saturate KIND US SECONDS |
- * switch KIND US1 SECONDS1 US2 SECONDS2 | sync | device N |
+ * switch KIND US1 SECONDS1 US2 SECONDS2 | grow KIND US1 SECONDS1 US2 SECONDS2 |
+ * sync | device N |
  * procaddr NAME VERSION FLAGS | procaddr1 NAME VERSION FLAGS | ready | wait |
  * sleep MS | totalmem | asyncptsz SIZE | forkfree ID | exitrace THREADS SIZE |
  * exec COMMAND... | array W H | array3d W H D | mipmap W H LEVELS | poolkeep |
@@ -530,11 +531,13 @@ int main(int argc, char **argv) {
             printf("saturate rc=%d launches=%ld start_ns=%lld stop_ns=%lld max_call_ns=%lld\n", r,
                    n, (long long)start, (long long)end, (long long)longest);
             i += 3;
-        } else if (strcmp(c, "switch") == 0) {
+        } else if (strcmp(c, "switch") == 0 || strcmp(c, "grow") == 0) {
             /* US1 kernels for SECONDS1, then a different kernel of US2 for
-             * SECONDS2; no synchronize at the end (the mock's trace already
-             * holds every queued kernel), so a flood of queued work cannot
-             * hold the program up */
+             * SECONDS2 (grow: the same kernel, made to run US2); no
+             * synchronize at the end (the mock's trace already holds every
+             * queued kernel), so a flood of queued work cannot hold the
+             * program up */
+            int grow = c[0] == 'g';
             kernel.duration_ns = strtoull(ARG(2), NULL, 10) * 1000ULL;
             kernel2.magic = VSLICE_MOCK_KERNEL_MAGIC;
             kernel2.duration_ns = strtoull(ARG(4), NULL, 10) * 1000ULL;
@@ -544,13 +547,14 @@ int main(int argc, char **argv) {
             CUresult r = launch_until(ARG(1), &kernel, start + (int64_t)(atof(ARG(3)) * 1e9), &n,
                                       &longest);
             int64_t middle = now_ns();
+            if (grow) kernel.duration_ns = kernel2.duration_ns;
             if (r == CUDA_SUCCESS)
-                r = launch_until(ARG(1), &kernel2, middle + (int64_t)(atof(ARG(5)) * 1e9), &n,
-                                 &longest2);
+                r = launch_until(ARG(1), grow ? &kernel : &kernel2,
+                                 middle + (int64_t)(atof(ARG(5)) * 1e9), &n, &longest2);
             int64_t end = now_ns();
-            printf("switch rc=%d launches=%ld start_ns=%lld switch_ns=%lld stop_ns=%lld "
+            printf("%s rc=%d launches=%ld start_ns=%lld switch_ns=%lld stop_ns=%lld "
                    "max_call_ns=%lld max_call2_ns=%lld\n",
-                   r, n, (long long)start, (long long)middle, (long long)end, (long long)longest,
+                   c, r, n, (long long)start, (long long)middle, (long long)end, (long long)longest,
                    (long long)longest2);
             i += 5;
         } else if (strcmp(c, "sync") == 0) {
