@@ -68,6 +68,11 @@ HostMemoryMiB = Annotated[int, msgspec.Meta(ge=0, le=MAX_HOST_MEMORY_MIB)]
 Priority = Annotated[int, msgspec.Meta(ge=0, le=100)]
 Weight = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]  # a device-score weight
 
+# What decoding untrusted JSON may raise: msgspec's errors, and RecursionError for a value
+# nested deeper than its recursion limit (``[[[[...`` or ``{"a":{"a":...``, a few KB, far
+# under ``max_payload``), which is not a ``msgspec.DecodeError``. Every door catches both.
+DECODE_ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError, RecursionError)
+
 _PATH = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
 
 
@@ -84,7 +89,7 @@ def describe(exc: msgspec.MsgspecError, raw: bytes) -> str:
         value: Any = msgspec.json.decode(raw)
         for name, index in _PATH.findall(path):
             value = value[name] if name else value[int(index)]
-    except (msgspec.DecodeError, KeyError, IndexError, TypeError, ValueError):
+    except (msgspec.DecodeError, RecursionError, KeyError, IndexError, TypeError, ValueError):
         return f"${path}: {message}"
     shown = repr(value)
     if len(shown) > 80:

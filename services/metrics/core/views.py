@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from libshared import events
+from libshared import bounds, events
 from libshared.devices import Device, NodeDevices
 from libshared.ledgers import NodeLedger, Slice
 from services.metrics.core import fragmentation
@@ -130,7 +130,7 @@ class FleetView:
             return
         try:
             reg = NODE_DEVICES.decode(value)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except bounds.DECODE_ERRORS as exc:
             raise RejectedValue(source="nodes", key=key, reason=str(exc)) from exc
         if reg.node != key:
             raise RejectedValue(source="nodes", key=key, reason=f"value names node {reg.node!r}")
@@ -153,7 +153,7 @@ class FleetView:
             return
         try:
             ledger = NODE_LEDGER.decode(value)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except bounds.DECODE_ERRORS as exc:
             raise RejectedValue(source="ledger", key=key, reason=str(exc)) from exc
         if ledger.node != key:
             raise RejectedValue(
@@ -173,7 +173,7 @@ class FleetView:
         """
         try:
             report = events.NODE_USAGE.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except bounds.DECODE_ERRORS as exc:
             raise RejectedValue(source="usage", key=node, reason=str(exc)) from exc
         if report.node != node:
             raise RejectedValue(

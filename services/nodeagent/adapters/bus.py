@@ -34,7 +34,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
-from libshared import events, permissions
+from libshared import bounds, events, permissions
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
@@ -109,7 +109,8 @@ class Agent:
 
     async def ledger_of(self, node: str) -> NodeLedger | None:
         """The node's ledger entry (None: the node holds nothing). Raises
-        ``nats.errors.Error`` / ``msgspec.DecodeError`` when it cannot be read."""
+        ``nats.errors.Error`` / ``msgspec.DecodeError`` / ``RecursionError``
+        (``bounds.DECODE_ERRORS``) when it cannot be read."""
         try:
             entry = await self.bus.ledger.get(node)
         except (KeyNotFoundError, KeyDeletedError):
@@ -165,7 +166,7 @@ class Agent:
         node = msg.subject.split(".")[-2]
         try:
             query = events.SLICE_QUERY.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except bounds.DECODE_ERRORS as exc:
             answer: events.Ready | events.Failed = events.Failed(
                 pod_uid="", node=node, reason=f"malformed slice query: {exc}"
             )
@@ -251,7 +252,7 @@ class Agent:
     async def _handle(self, node: str, data: bytes) -> None:
         try:
             event = events.ALLOC_EVENT.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except bounds.DECODE_ERRORS as exc:
             log.error("malformed allocation", extra={"node": node, "error": str(exc)})
             return
         if isinstance(event, events.Release):
@@ -293,7 +294,7 @@ class Agent:
         for attempt in range(3):
             try:
                 ledger = await self.ledger_of(node)
-            except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
+            except (nats.errors.Error, TimeoutError, msgspec.DecodeError, RecursionError) as exc:
                 log.warning("ledger unreadable", extra={"node": node, "error": str(exc)})
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
