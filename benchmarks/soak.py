@@ -283,8 +283,13 @@ async def soak(*, minutes: float, warmup_s: float, clients: int, gpus: int) -> d
             print(f"warm after {start.at_s:.0f} s: {asdict(churn)}", flush=True)
             end_at = began + warmup_s + minutes * 60
             while (left := end_at - time.monotonic()) > 0:
-                await asyncio.sleep(min(60.0, left))
-                print(f"{time.monotonic() - began:.0f} s: {asdict(churn)}", flush=True)
+                await asyncio.sleep(min(30.0, left))
+                rss = " ".join(f"{n} {rss_mib(p):.0f}" for n, p in stack.pids.items())
+                print(
+                    f"{time.monotonic() - began:.0f} s: placed {churn.placed},"
+                    f" released {churn.released}, runs {churn.runs}; RSS MiB: {rss}",
+                    flush=True,
+                )
             end = await sample(stack, time.monotonic() - began)
             stop.set()
             await asyncio.gather(*loops, runner)
