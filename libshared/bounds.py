@@ -69,10 +69,15 @@ HostMemoryMiB = Annotated[int, msgspec.Meta(ge=0, le=MAX_HOST_MEMORY_MIB)]
 Priority = Annotated[int, msgspec.Meta(ge=0, le=100)]
 Weight = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]  # a device-score weight
 
+# What decoding untrusted JSON may raise: msgspec's errors, and RecursionError for a value
+# nested deeper than its recursion limit (``[[[[...`` or ``{"a":{"a":...``, a few KB, far
+# under ``max_payload``), which is not a ``msgspec.DecodeError``. Every door catches both.
+DECODE_ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError, RecursionError)
+
 _PATH = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
 
 
-def describe(exc: msgspec.MsgspecError, raw: bytes) -> str:
+def describe(exc: Exception, raw: bytes) -> str:
     """The decode error ``exc`` of ``raw`` as one line naming the field and the value it
     had, e.g. ``$.containers[0].memory_percent=-100: Expected `int` >= 0``. Pure; falls back
     to the error's own text when the path or value cannot be read."""
@@ -85,7 +90,7 @@ def describe(exc: msgspec.MsgspecError, raw: bytes) -> str:
         value: Any = msgspec.json.decode(raw)
         for name, index in _PATH.findall(path):
             value = value[name] if name else value[int(index)]
-    except (msgspec.DecodeError, KeyError, IndexError, TypeError, ValueError):
+    except (msgspec.DecodeError, RecursionError, KeyError, IndexError, TypeError, ValueError):
         return f"${path}: {message}"
     shown = repr(value)
     if len(shown) > 80:

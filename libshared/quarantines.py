@@ -51,7 +51,7 @@ class Unreadable(ValueError):
 def _read(decoder: msgspec.json.Decoder[_T], key: str, raw: bytes, reason: str) -> _T:
     try:
         value = decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except bounds.DECODE_ERRORS as exc:  # ValidationError is a DecodeError
         raise Unreadable(key, reason, bounds.describe(exc, raw)) from exc
     if value.node != key:
         raise Unreadable(key, reason, f"value names node {value.node!r}, its key is {key!r}")

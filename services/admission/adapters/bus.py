@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from libshared import events
+from libshared import bounds, events
 from libshared.resources import ResourceSettings
 from libshared.subjects import ADMISSION_QUEUE, Subjects
 from services.admission.core import reviewing
@@ -35,7 +35,7 @@ def decode_pod(data: bytes) -> dict[str, Any]:
     """
     try:
         body = _BODY.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except bounds.DECODE_ERRORS as exc:
         raise ValueError(f"request is not a JSON object: {exc}") from exc
     if body.get("type") == "admission-review":
         pod = body.get("pod")

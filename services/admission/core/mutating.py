@@ -48,7 +48,7 @@ from typing import Any, Literal
 import msgspec
 
 from libshared import annotations as keys
-from libshared import resources
+from libshared import bounds, resources
 from libshared.errors import InvalidRequest
 
 API_VERSION = "admission.k8s.io/v1"
@@ -157,7 +157,7 @@ def decode_review(data: bytes) -> AdmissionReview:
         review = _DECODER.decode(data)
     except msgspec.ValidationError as exc:
         raise ReviewError(f"not an AdmissionReview: {exc}") from exc
-    except msgspec.DecodeError as exc:
+    except bounds.DECODE_ERRORS as exc:
         raise ReviewError(f"body is not JSON: {exc}") from exc
     return _checked(review)
 

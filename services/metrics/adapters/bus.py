@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgspec
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -41,7 +40,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from libshared import events
+from libshared import bounds, events
 from libshared.subjects import Subjects
 from services.metrics.core.views import FleetView, RejectedValue
 
@@ -198,7 +197,7 @@ class Watcher:
     async def _on_request(self, msg: Msg) -> None:
         try:
             uid = events.POD_REQUEST.decode(msg.data).uid
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except bounds.DECODE_ERRORS:
             return  # the replicas answer it with an error; nothing to time
         now = time.monotonic()
         if uid not in self._pending and len(self._pending) < PENDING_MAX:
@@ -207,7 +206,7 @@ class Watcher:
     async def _on_placed(self, msg: Msg) -> None:
         try:
             uid = events.PLACEMENT.decode(msg.data).pod_uid
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except bounds.DECODE_ERRORS:
             return
         seen = self._pending.pop(uid, None)
         if seen is not None:
@@ -239,7 +238,7 @@ class Watcher:
                             continue
                         try:
                             self.view.put_stats(events.STATS.decode(msg.data), received_at=now)
-                        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        except bounds.DECODE_ERRORS as exc:
                             self._reject(RejectedValue(source="stats", key=inbox, reason=str(exc)))
         finally:
             await sub.unsubscribe()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from libshared import events, quarantines
+from libshared import bounds, events, quarantines
 from libshared.devices import Device, NodeDevices
 from libshared.ledgers import NodeLedger, Slice
 from services.metrics.core import fragmentation
@@ -190,7 +190,7 @@ class FleetView:
         """
         try:
             report = events.NODE_USAGE.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except bounds.DECODE_ERRORS as exc:
             raise RejectedValue(source="usage", key=node, reason=str(exc)) from exc
         if report.node != node:
             raise RejectedValue(

@@ -31,7 +31,6 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-import msgspec
 import nats.errors
 import tenacity
 from nats.aio.client import Client
@@ -40,7 +39,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
-from libshared import events, permissions, quarantines
+from libshared import bounds, events, permissions, quarantines
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
@@ -199,7 +198,7 @@ class Agent:
         node = msg.subject.split(".")[-2]
         try:
             query = events.SLICE_QUERY.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except bounds.DECODE_ERRORS as exc:
             answer: events.Ready | events.Failed = events.Failed(
                 pod_uid="", node=node, reason=f"malformed slice query: {exc}"
             )
@@ -288,7 +287,7 @@ class Agent:
     async def _handle(self, node: str, data: bytes) -> None:
         try:
             event = events.ALLOC_EVENT.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except bounds.DECODE_ERRORS as exc:
             log.error("malformed allocation", extra={"node": node, "error": str(exc)})
             return
         if isinstance(event, events.Release):
