@@ -224,7 +224,26 @@ def setup(
     root.setLevel(root_level)
     for name, value in loggers.items():
         logging.getLogger(name).setLevel(value)
+    quiet_tls_eof()
     return handler
+
+
+_TLS_EOF = "returning true from eof_received() has no effect when using ssl"
+
+
+def _not_tls_eof(record: logging.LogRecord) -> bool:
+    return record.getMessage() != _TLS_EOF
+
+
+def quiet_tls_eof() -> None:
+    """Drop asyncio's warning that ``eof_received()`` returned true over TLS. nats-py
+    connects in plain TCP and upgrades to TLS after the server's INFO (``loop.start_tls``),
+    so asyncio's stream protocol believes it is not over TLS and asks to keep a half-closed
+    connection open; asyncio then warns, once per closed connection, about nothing the
+    program can act on. Idempotent."""
+    log = logging.getLogger("asyncio")
+    if _not_tls_eof not in log.filters:
+        log.addFilter(_not_tls_eof)
 
 
 class _CollapsingHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
-from libshared import traces
+from libshared import logs, traces
 from libshared.errors import VsliceError
 from services.scheduler.core.deciding import POLICIES
 from vslice import busreplays, certs, repairs, replays, running, stacks, statuses
@@ -428,6 +428,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vslice`` console script; returns the exit code."""
+    logs.quiet_tls_eof()
     try:
         args = parse(argv)
         if args.command == "replay":

@@ -222,3 +222,16 @@ def test_a_collapse_filter_with_a_bad_window_or_size_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match="must be"):
         logs.Collapse(window_s=window_s, max_keys=max_keys)
+
+
+def test_asyncios_tls_eof_warning_is_dropped_and_its_other_warnings_are_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logs.quiet_tls_eof()
+    logs.quiet_tls_eof()
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        logging.getLogger("asyncio").warning(
+            "returning true from eof_received() has no effect when using ssl"
+        )
+        logging.getLogger("asyncio").warning("Executing %s took %.3f seconds", "task", 0.2)
+    assert [r.getMessage() for r in caplog.records] == ["Executing task took 0.200 seconds"]
