@@ -426,6 +426,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose pipe closed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vslice`` console script; returns the exit code."""
     logs.quiet_tls_eof()
@@ -463,6 +466,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except running.RunError as exc:
         print(f"vslice run: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # the reader went away (`vslice status | head`): stop quietly, as cat does; point
+        # stdout at /dev/null so the interpreter's own flush at exit cannot fail again
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (VsliceError, OSError) as exc:
         print(f"vslice: {exc}", file=sys.stderr)
         return 2

@@ -521,3 +521,26 @@ def test_a_fleet_csv_with_a_wrong_header_is_refused_naming_the_expected_columns(
     err = capsys.readouterr().err
     assert "fleet.csv:1: header='node,gpus': missing column(s) sn, cpu_milli, memory_mib" in err
     assert "expected sn,cpu_milli,memory_mib,gpu,model" in err
+
+
+def test_a_reader_that_closes_the_pipe_early_ends_vslice_quietly_with_141() -> None:
+    program = (
+        "import sys\n"
+        "from vslice import cli\n"
+        "def flood(args):\n"
+        "    for n in range(10**6):\n"
+        "        print('node', n)\n"
+        "    return 0\n"
+        "cli._stack = flood\n"
+        "sys.exit(cli.main(['status']))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(10) == b"node 0\nnod"
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 141
+    assert err == b""
