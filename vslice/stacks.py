@@ -688,6 +688,10 @@ def restart(state_dir: Path, known: Stack, *, environ: Mapping[str, str] | None 
         _wait_started(
             identities["operator"], procs, logs, f"http://{host}:{mport}", schedulers=replicas
         )
+        # the kept services beat again too: a restarted nats-server lost the in-memory
+        # health stream, so a `status` right after finds every service healthy
+        kept = {n: p for n, p in pids.items() if n != "nats" and n in commands}
+        asyncio.run(wait_heartbeats(identities["operator"], kept))
     except BaseException:
         stop(list(procs.values()))
         raise
