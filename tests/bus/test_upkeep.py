@@ -4,13 +4,14 @@ stream has every limit."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 from nats.aio.client import Client
 from nats.js import api
 
-from libshared import connecting, events
+from libshared import connecting, events, kvreads
 from libshared import leases as leasing
 from libshared.connecting import BusSettings
 from libshared.ledgers import NodeLedger
@@ -123,6 +124,27 @@ async def test_a_released_pod_leaves_no_claim_marker_once_purged(
     assert (await js.stream_info(stream)).state.messages == 5  # one delete marker a pod
     await kept.purge_markers()
     assert (await js.stream_info(stream)).state.messages == 0
+
+
+async def consumers(kept: upkeep.Upkeep, bucket: str) -> int:
+    return (await kept.replica.js.stream_info(f"KV_{bucket}")).state.consumer_count
+
+
+async def test_the_snapshots_consumers_are_gone_from_the_server_seconds_after_they_are_read(
+    kept: upkeep.Upkeep,
+) -> None:
+    # nats.py's default keeps an ephemeral watcher's consumer 5 minutes after it stopped:
+    # one per snapshot, hundreds through a churn soak
+    s = kept.replica.subjects
+    await kept.leases.put(pod_key("run-a"), leasing.ENCODER.encode(leasing.Lease(pod_uid="run-a")))
+    before = {b: await consumers(kept, b) for b in (s.leases_bucket, s.pods_bucket)}
+    for _ in range(3):
+        assert set(await upkeep.snapshot(kept.leases)) == {pod_key("run-a")}
+        await upkeep.snapshot(kept.claims, headers_only=True)
+    assert await consumers(kept, s.leases_bucket) > before[s.leases_bucket]
+    async with asyncio.timeout(kvreads.IDLE_S + 25):
+        while {b: await consumers(kept, b) for b in before} != before:
+            await asyncio.sleep(0.5)
 
 
 async def test_the_allocation_stream_has_an_age_a_byte_and_a_message_limit_even_if_made_without(

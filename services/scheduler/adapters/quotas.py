@@ -43,11 +43,10 @@ from nats.js.errors import (
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
 )
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from libshared import ledgers
+from libshared import kvreads, ledgers
 from libshared import quotas as schema
 from libshared.connecting import BusSettings
 from libshared.events import Placement
@@ -350,9 +349,9 @@ class QuotaUpkeep:
     async def once(self) -> int:
         """One pass over every namespace's value; how many it changed. Raises
         ``nats.errors.Error`` / ``TimeoutError`` when a bucket cannot be read."""
-        try:
-            keys = await self.gate.kv.keys()
-        except NoKeysError:
+        # not kv.keys(): its consumer would stay on the server 5 minutes (libshared.kvreads)
+        keys = list(await kvreads.latest(self.gate.kv, meta_only=True))
+        if not keys:
             return 0
         placed = rules.placed_charges(self.ledger_view())
         changed = 0
