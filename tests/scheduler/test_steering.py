@@ -1,6 +1,6 @@
-"""The ``steer`` policy's three rules, each on a small fleet where its choice differs from
-FGD's for the stated reason: the fine score, CPU stranding, and the least-leftover
-tie-break."""
+"""The ``steer`` policy's rules, each on a small fleet where its choice differs from FGD's
+for the stated reason (CPU stranding), or matches it (FGD's scale and node order on ties);
+and the earlier rules kept as knobs (the fine score, the least-leftover tie-break)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pytest
 
 from libshared.events import Placement
 from services.scheduler.core.deciding import Scheduler, task_of
-from services.scheduler.core.fragmentation import Shape, Workload
+from services.scheduler.core.fragmentation import Shape, Workload, sigmoid_score
 from services.scheduler.core.steering import (
     Knobs,
     SteerScorer,
     cpu_per_milli_gpu,
+    fgd_scale,
     gpu_weighted,
     stranded,
 )
@@ -43,17 +44,25 @@ def _fgd_scores(c, workload: Workload, request) -> list[int]:
     return scorer.scores(c, task_of(request))[0].tolist()
 
 
-def _decide(c, policy: str, workload: Workload, request, seed: int) -> Placement:
-    d = Scheduler(c, policy=policy, workload=workload, seed=seed).decide(request)
+FINE = Knobs(fgd_scale=False, tiebreak=True)  # the earlier rule: fine score, tie-break
+
+
+def _decide(
+    c, policy: str, workload: Workload, request, seed: int, knobs: Knobs | None = None
+) -> Placement:
+    s = Scheduler(c, policy=policy, workload=workload, seed=seed)
+    if knobs is not None:
+        s.steer = SteerScorer(workload, knobs=knobs)
+    d = s.decide(request)
     assert isinstance(d, Placement)
     return d
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
-def test_a_finer_score_separates_placements_that_fgd_scores_alike(seed):
+def test_the_fine_score_knob_separates_placements_that_fgd_scores_alike(seed):
     # A 0.2 task: on "a" (400 free) F falls by 192, on "b" (480 free) by 196. FGD's
-    # sigmoid scores both 54 and leaves the choice to node order; steer takes "b", although
-    # "b" has more GPU left, so the tie-break is not the reason.
+    # sigmoid scores both 54 and leaves the choice to node order; the fine score takes "b",
+    # although "b" has more GPU left, so the tie-break is not the reason.
     c = cluster(node("a", 1), node("b", 1))
     _fill(c, "fa", "a", 60)
     _fill(c, "fb", "b", 52)
@@ -62,7 +71,28 @@ def test_a_finer_score_separates_placements_that_fgd_scores_alike(seed):
     assert scores[0] == scores[1] == 54
     deltas, _ = SteerScorer(SHARING).deltas(c, task_of(request))
     assert deltas[1] < deltas[0]
-    assert _decide(c, "steer", SHARING, request, seed).node == "b"
+    assert _decide(c, "steer", SHARING, request, seed, FINE).node == "b"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5, 6, 7])
+def test_placements_that_fgd_scores_alike_go_to_the_seeded_node_order_as_under_fgd(seed):
+    # Same fleet: steer scores on FGD's scale (54 on both, no CPU asked so no stranding),
+    # so its choice is fgd's for every seed; across the seeds both nodes are chosen.
+    c = cluster(node("a", 1), node("b", 1))
+    _fill(c, "fa", "a", 60)
+    _fill(c, "fb", "b", 52)
+    request = pod("x", pct=20, cores=20)
+    fgd = _decide(c, "fgd", SHARING, request, seed).node
+    assert _decide(c, "steer", SHARING, request, seed).node == fgd
+
+
+def test_the_seeded_node_order_picks_each_of_two_tied_nodes_for_some_seed():
+    c = cluster(node("a", 1), node("b", 1))
+    _fill(c, "fa", "a", 60)
+    _fill(c, "fb", "b", 52)
+    request = pod("x", pct=20, cores=20)
+    chosen = {_decide(c, "steer", SHARING, request, seed).node for seed in range(8)}
+    assert chosen == {"a", "b"}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
@@ -89,12 +119,14 @@ def test_a_cpu_only_pod_goes_where_its_cpu_strands_no_gpu(seed):
     ],
 )
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_ties_go_to_the_node_with_least_gpu_then_cpu_left(fleet, expected, seed):
+def test_the_tiebreak_knob_sends_ties_to_the_node_with_least_gpu_then_cpu_left(
+    fleet, expected, seed
+):
     c = cluster(*(node(name, gpus, cpu_milli=cpu) for name, gpus, cpu in fleet))
     request = pod("x", gpus=1, pct=100, cores=100, cpu=2000)
     scores = _fgd_scores(c, WHOLE, request)
     assert scores[0] == scores[1]
-    assert _decide(c, "steer", WHOLE, request, seed).node == expected
+    assert _decide(c, "steer", WHOLE, request, seed, FINE).node == expected
 
 
 def test_a_sharing_task_takes_the_least_free_of_the_gpus_that_grow_f_least():
@@ -183,7 +215,7 @@ TYPED = Workload(
         # untyped workload: the stranding term sends the CPU-only pod to the CPU-rich node
         (WHOLE, "V100M16", "rich"),
         # the workload asks V100 by name: no stranding term on V100 nodes, so the tie goes
-        # to the node with less CPU left
+        # to the node with less CPU left (the tie-break knob on, to make the tie visible)
         (TYPED, "V100M16", "short"),
         # ... but it still counts on nodes of a type no typed shape asks for
         (TYPED, "T4", "rich"),
@@ -198,4 +230,15 @@ def test_stranding_is_not_counted_on_gpu_types_that_typed_shapes_ask_for(
     )
     request = pod("cpu-only", gpus=0, cpu=4000)
     assert _fgd_scores(c, workload, request)[0] == _fgd_scores(c, workload, request)[1]
-    assert _decide(c, "steer", workload, request, 0).node == expected
+    assert _decide(c, "steer", workload, request, 0, FINE).node == expected
+
+
+@pytest.mark.parametrize("x", [-5000.0, -196.0, -192.0, -1.0, 0.0, 40.0, 150.0, 4600.0, 1e9])
+def test_the_fgd_scale_is_fgds_integer_sigmoid_score_negated(x):
+    assert fgd_scale(np.array([x])).tolist() == [-sigmoid_score(min(x, 1e5))]
+
+
+def test_a_node_that_cannot_hold_the_task_stays_below_every_fit_on_the_fgd_scale():
+    got = fgd_scale(np.array([float("inf"), 1e9]))
+    assert got[0] == float("inf")
+    assert got[1] == 0.0

@@ -16,7 +16,7 @@ name                node choice                      device choice
 ``gpupacking``      FGD paper's GpuPacking           least free GPU that fits
 ``gpuclustering``   FGD paper's GpuClustering        least free GPU that fits
 ``random``          uniform among nodes that fit     uniform among GPUs that fit
-``steer``           fine FGD + CPU stranding         least growth, then least free
+``steer``           FGD + CPU stranding              least growth, then least free
 ==================  ===============================  =====================================
 
 A pod's ``hami.io/node-scheduler-policy`` / ``hami.io/gpu-scheduler-policy`` annotations

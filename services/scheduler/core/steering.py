@@ -1,27 +1,32 @@
-"""The ``steer`` placement policy: FGD's fragmentation gradient, scored finely, plus CPU
-stranding, with a tie-break toward the fullest node.
+"""The ``steer`` placement policy: FGD's fragmentation gradient plus CPU stranding, scored
+on FGD's own scale.
 
-FGD (``fragmentation``) is kept as the paper's faithful reproduction; this policy changes
-three things, each measured on the openb traces (benchmarks/placement.py prints the table):
+FGD (``fragmentation``) is kept as the paper's faithful reproduction; this policy adds one
+term to FGD's fragmentation growth and keeps the rest of FGD's choice, each rule measured on
+the openb traces (benchmarks/placement.py prints the table of what was tried):
 
-1. Fine score. FGD scores floor(100 * sigmoid(-delta / 1000)): about 40 milli-GPU per
-   point near zero and a flat 0 once fragmentation grows by more than ~4.6 GPUs, so many
-   placements tie and go to node order. Here the score is delta itself (milli-GPU, float).
-2. CPU stranding. GPU pods and CPU-only pods share a node's CPU; a node whose free CPU
+1. CPU stranding. GPU pods and CPU-only pods share a node's CPU; a node whose free CPU
    per free milli-GPU is below the workload's ratio will strand GPU once its CPU runs
    out. Its expected stranded GPU is ``max(0, G - C / r)`` (G free milli-GPU, C free CPU
    milli-cores, r the target workload's CPU milli-cores per milli-GPU, CPU-only shapes
-   included); its growth is added to delta with weight ``Knobs.strand`` (0.3). This
-   steers CPU-only and CPU-heavy pods to CPU-rich nodes and GPU pods light on CPU to
-   CPU-poor ones, the largest share of FGD's leftover (most of the idle GPU left by FGD
-   sits on nodes short of CPU). The weight is kept below FGD's penalty for breaking an idle
-   multi-GPU node: at 0.5 and above, on the multi-GPU-heavy openb variants, the reward for
-   taking stranded GPUs opens big nodes for small pods and 4/8-GPU pods fail early. The
-   term is left out on nodes of a GPU type that the workload's typed shapes ask for: it
-   is blind to types, and there it hands typed pods' GPUs to untyped pods.
-3. Tie-break. Among the nodes of least score: least free milli-GPU left after placing,
-   then least free CPU left, then the seeded node order (as FGD). A sharing task takes,
-   among the GPUs of least delta, the one with least free milli-GPU.
+   included); its growth is added to FGD's growth delta (milli-GPU) with weight
+   ``Knobs.strand`` (0.3). This steers CPU-only and CPU-heavy pods to CPU-rich nodes and
+   GPU pods light on CPU to CPU-poor ones, the largest share of FGD's leftover (most of the
+   idle GPU left by FGD sits on nodes short of CPU). The weight is kept below FGD's penalty
+   for breaking an idle multi-GPU node: at 0.5 and above, on the multi-GPU-heavy openb
+   variants, the reward for taking stranded GPUs opens big nodes for small pods and 4/8-GPU
+   pods fail early. The term is left out on nodes of a GPU type that the workload's typed
+   shapes ask for: it is blind to types, and there it hands typed pods' GPUs to untyped pods.
+2. FGD's scale. The sum is scored as FGD scores delta, floor(100 * sigmoid(-x / 1000))
+   (``fragmentation.sigmoid_score``): about 40 milli-GPU per point near zero, a flat 0
+   beyond ~4.6 GPUs. A finer score (x itself) and a finer tie-break were measured worse:
+   the coarse score leaves near-equal placements to the seeded node order, which keeps
+   landing them on the same nodes (packing them), and on the typed openb variants
+   (gpuspec10/25/33) the fine score fell 0.2-1.1 points below fgd.
+3. Ties: the seeded node order, as FGD. A sharing task takes, among the GPUs of least
+   delta, the one with least free milli-GPU.
+
+With ``strand = 0`` the node choice is FGD's.
 
 Pure: no I/O. Per-task deltas are cached against node versions as FGD's are, so a
 decision recomputes only the nodes that changed since the task shape was last scored;
@@ -68,8 +73,11 @@ class Knobs:
     least leftover GPU then CPU among equal scores (off = seeded node order only).
     ``quantum``: round the score down to multiples of this many milli-GPU before comparing
     (0 = off; FGD's sigmoid is about 40 near zero). ``ratio_scale``: multiplies the CPU per
-    milli-GPU ratio of the stranding term. All but ``strand`` and ``tiebreak`` are kept
+    milli-GPU ratio of the stranding term. ``fgd_scale``: score on FGD's integer sigmoid
+    scale (off: the fine score, milli-GPU). All but ``strand`` and ``fgd_scale`` are kept
     for the benchmark's table of what was tried (benchmarks/placement.py); none helped.
+    ``fgd_scale=False, tiebreak=True`` is the earlier rule (fine score, least leftover GPU
+    then CPU among equal scores).
     """
 
     strand: float = 0.3
@@ -78,9 +86,10 @@ class Knobs:
     strand_idle: bool = True
     strand_typed: bool = False
     gpu_weighted: bool = False
-    tiebreak: bool = True
+    tiebreak: bool = False
     quantum: float = 0.0
     ratio_scale: float = 1.0
+    fgd_scale: bool = True
 
 
 def gpu_weighted(workload: Workload) -> Workload:
@@ -114,6 +123,14 @@ def stranded(gpu_free: FloatArray, cpu_free: FloatArray, ratio: float) -> FloatA
     """Expected milli-GPU left idle when the CPU runs out: max(0, G - C / ratio), per node
     (``ratio`` > 0: CPU milli-cores per milli-GPU)."""
     return np.maximum(0.0, gpu_free - cpu_free / ratio)
+
+
+def fgd_scale(x: FloatArray) -> FloatArray:
+    """(N,) ``-fragmentation.sigmoid_score(x)`` per node (-100..0, lower is better) for a
+    growth ``x`` in milli-GPU; inf (cannot fit) stays inf, below every fit as FGD's -1."""
+    finite = np.isfinite(x)
+    safe = np.clip(np.where(finite, x, 0.0), -1e5, 1e5)  # exp stays finite
+    return np.where(finite, -np.floor(100.0 / (1.0 + np.exp(safe / 1000.0))), UNFIT)
 
 
 @dataclass
@@ -259,6 +276,8 @@ class SteerScorer:
             score = delta + self.knobs.strand * grow
         if self.knobs.quantum:
             score = np.floor(score / self.knobs.quantum)
+        if self.knobs.fgd_scale:
+            score = fgd_scale(score)
         masked = np.where(ok, score, UNFIT)
         low = masked.min()
         top = np.flatnonzero(ok & (masked <= low + 1e-6))
