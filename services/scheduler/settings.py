@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from libshared import connecting, kubeclients, probes
+from services.scheduler.core import partitioning
 from services.scheduler.core.deciding import POLICIES
 
 
@@ -26,6 +27,11 @@ class Settings:
     pod list CSV whose shapes are FGD's target workload (required for ``fgd``). ``seed``:
     tie-breaking seed (``--seed auto``: the CRC-32 of the replica's name, so replicas
     started with one command still break ties apart and race less for one node).
+    ``replica_index`` (0 .. ``replicas`` - 1) and ``replicas``: which of how many replicas
+    decide at once; each prefers the near-best nodes of its own shard
+    (``services.scheduler.core.partitioning``; ``replicas`` 1: decides as a lone replica).
+    ``shard_epsilon``: how near the best a node of the shard must score, as a fraction
+    (0-1) of the fitting nodes' score range.
     ``max_attempts``: decide-and-commit attempts before a lost ledger
     race is answered ``Unschedulable``. ``max_devices``: most GPUs on one node.
     ``explain``: per-node reasons in ``Unschedulable``. ``sync_timeout_s``: longest wait
@@ -50,6 +56,9 @@ class Settings:
     policy: str = "hami"
     workload_trace: str | None = None
     seed: int = 0
+    replica_index: int = 0
+    replicas: int = 1
+    shard_epsilon: float = partitioning.DEFAULT_EPSILON
     max_attempts: int = 8
     max_devices: int = 8
     explain: bool = True
@@ -72,7 +81,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     """Settings from ``argv`` (default: none) and ``environ`` (default: ``os.environ``).
 
     Environment: ``VSLICE_NATS_URL``, ``VSLICE_PREFIX``, ``VSLICE_BUCKET_REPLICAS``,
-    ``VSLICE_POLICY``, ``VSLICE_WORKLOAD_TRACE``, ``VSLICE_SEED``, ``VSLICE_LOG_LEVEL``,
+    ``VSLICE_POLICY``, ``VSLICE_WORKLOAD_TRACE``, ``VSLICE_SEED``, ``VSLICE_REPLICA_INDEX``,
+    ``VSLICE_REPLICA_COUNT``, ``VSLICE_SHARD_EPSILON``, ``VSLICE_LOG_LEVEL``,
     ``VSLICE_EXTENDER_PORT``, ``VSLICE_TLS_CERT``, ``VSLICE_TLS_KEY``, ``VSLICE_KUBE``
     (``1``/``true``), ``VSLICE_RESERVATION_TTL`` (and ``KUBECONFIG`` for ``--kube``
     outside a cluster).
@@ -90,6 +100,24 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         default=env.get("VSLICE_SEED", "0"),
         help="tie-breaking seed: an integer, or `auto` for one drawn from the replica's name "
         "(replicas of one Deployment then break ties apart; env VSLICE_SEED)",
+    )
+    parser.add_argument(
+        "--replica-index",
+        default=env.get("VSLICE_REPLICA_INDEX", "0"),
+        help="this replica's index, 0 .. --replica-count - 1, or `auto` for one drawn from the "
+        "replica's name (env VSLICE_REPLICA_INDEX)",
+    )
+    parser.add_argument(
+        "--replica-count",
+        default=env.get("VSLICE_REPLICA_COUNT", "1"),
+        help="scheduler replicas deciding at once; each prefers near-best nodes of its own "
+        "shard (default 1: no shards; env VSLICE_REPLICA_COUNT; --replicas is the buckets')",
+    )
+    parser.add_argument(
+        "--shard-epsilon",
+        default=env.get("VSLICE_SHARD_EPSILON", str(partitioning.DEFAULT_EPSILON)),
+        help="how near the best score a node of the replica's shard must be, as a fraction "
+        "0-1 of the fitting nodes' score range (env VSLICE_SHARD_EPSILON)",
     )
     parser.add_argument("--max-attempts", type=int, default=8)
     parser.add_argument("--max-devices", type=int, default=8)
@@ -174,11 +202,15 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             seed = int(args.seed)
         except ValueError:
             parser.error(f"--seed {args.seed!r}: must be an integer or 'auto'")
+    partition = _partition(parser, args, name)
     return Settings(
         bus=bus,
         policy=args.policy,
         workload_trace=args.workload_trace,
         seed=seed,
+        replica_index=partition.index,
+        replicas=partition.count,
+        shard_epsilon=partition.epsilon,
         max_attempts=args.max_attempts,
         max_devices=args.max_devices,
         explain=not args.no_explain,
@@ -195,6 +227,36 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         health=probes.from_arguments(parser, args),
         **extra,
     )
+
+
+def _partition(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, name: str
+) -> partitioning.Partition:
+    """The replica's partition from its flags; ``parser.error`` (exit 2) names the flag
+    and value when one is not a number or out of range. ``--replica-index auto``: the
+    CRC-32 of ``name`` modulo ``--replica-count`` (replicas of a Deployment, whose names are
+    random, may then share a shard)."""
+    try:
+        count = int(args.replica_count)
+    except ValueError:
+        parser.error(f"--replica-count {args.replica_count!r}: must be an integer")
+    try:
+        epsilon = float(args.shard_epsilon)
+    except ValueError:
+        parser.error(f"--shard-epsilon {args.shard_epsilon!r}: must be a number 0-1")
+    if count < 1:
+        parser.error(f"--replica-count {count}: must be >= 1")
+    if args.replica_index.strip().lower() == "auto":
+        index = zlib.crc32(name.encode()) % count
+    else:
+        try:
+            index = int(args.replica_index)
+        except ValueError:
+            parser.error(f"--replica-index {args.replica_index!r}: must be an integer or 'auto'")
+    try:
+        return partitioning.Partition(index=index, count=count, epsilon=epsilon)
+    except partitioning.PartitionError as exc:
+        parser.error(f"--{exc.field.replace(' ', '-')} {exc.value!r}: {exc.reason}")
 
 
 def _loopback(host: str) -> bool:
