@@ -270,18 +270,24 @@ def main() -> None:
             )
         for replicas, concurrency, profile, tls, partitioned in runs:
             extra = [] if partitioned else UNPARTITIONED
-            result, driven = busreplays.run_seed(
-                args.trace,
-                args.fleet,
-                policy=policy,
-                seed=args.seed,
-                replicas=replicas,
-                concurrency=concurrency,
-                quiet=True,
-                scheduler_args=[*args.scheduler_arg, *extra],
-                profile_dir=profile,
-                tls=tls,
-            )
+            try:
+                result, driven = busreplays.run_seed(
+                    args.trace,
+                    args.fleet,
+                    policy=policy,
+                    seed=args.seed,
+                    replicas=replicas,
+                    concurrency=concurrency,
+                    quiet=True,
+                    scheduler_args=[*args.scheduler_arg, *extra],
+                    profile_dir=profile,
+                    tls=tls,
+                )
+            except Exception as exc:  # one failed run (a timeout under load) ends no table
+                print(f"{replicas} replicas, {concurrency} in flight: failed: {exc!r}"[:200])
+                rows.append({"mode": "bus", "policy": policy, "replicas": replicas,
+                             "partitioned": partitioned, "failed": repr(exc)})  # fmt: skip
+                continue
             figures = _figures(
                 result,
                 driven,

@@ -11,7 +11,7 @@ import pytest
 
 from libshared.events import Placement
 from libshared.resources import PodRequest
-from services.scheduler.core import partitioning
+from services.scheduler.core import partitioning, scoring
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import POLICIES, Scheduler
 from services.scheduler.core.fragmentation import Shape, Workload
@@ -167,3 +167,20 @@ def test_a_partition_out_of_range_is_refused_naming_the_field(
 ) -> None:
     with pytest.raises(partitioning.PartitionError, match=named):
         partitioning.Partition(**fields)  # type: ignore[arg-type]
+
+
+def test_the_kept_hami_node_scores_equal_a_fresh_computation_after_every_change() -> None:
+    c = _fleet(12)
+    s = Scheduler(c, policy="hami")
+    placed = []
+    for i, request in enumerate(_pods(60, seed=9)):
+        d = s.decide(request)
+        if isinstance(d, Placement):
+            c.apply(d)
+            placed.append(d.pod_uid)
+        if i % 7 == 6 and placed:
+            c.release(placed.pop(0))
+        if i == 30:
+            c.upsert_node(node("n3", gpus=2))  # a node re-registered with fewer GPUs
+        assert np.array_equal(s._hami_scores(), scoring.hami_node_score(c))
+    assert len(placed) > 10

@@ -112,6 +112,10 @@ class Scheduler:
     partition: partitioning.Partition = field(default_factory=partitioning.Partition)
     rng: random.Random = field(init=False)
     _shards: IntArray = field(init=False, default_factory=lambda: np.zeros(0, dtype=np.int64))
+    _hami: np.ndarray = field(init=False, default_factory=lambda: np.zeros(0))
+    _hami_versions: IntArray = field(
+        init=False, default_factory=lambda: np.zeros(0, dtype=np.int64)
+    )
     _ranks: list[float] = field(init=False, default_factory=list)
     _class_cache: list[frozenset[str]] = field(init=False, default_factory=list)
     _class_versions: IntArray = field(
@@ -273,7 +277,7 @@ class Scheduler:
         prefer: list[int] | None = None
         if node_policy is not None:
             # HAMi scores a node by its usage before the pod (scoring.hami_node_score)
-            score = scoring.hami_node_score(c)
+            score = self._hami_scores()
             ok = self._narrow(ok, score if node_policy == "binpack" else -score)
             score = np.where(ok, score, -np.inf if node_policy == "binpack" else np.inf)
             n = int(np.argmax(score) if node_policy == "binpack" else np.argmin(score))
@@ -318,6 +322,22 @@ class Scheduler:
         if pod.gpu_policy is not None:
             prefer = None
         return n, prefer, self._gpu_policy(pod)
+
+    def _hami_scores(self) -> np.ndarray:
+        """``scoring.hami_node_score`` of every node, recomputed for the nodes changed since
+        (a placement changes one node: the fleet's other rows are kept). Callers must not
+        change the array returned."""
+        c = self.cluster
+        if len(self._hami) < c.size:
+            self._hami = np.concatenate([self._hami, np.zeros(c.size - len(self._hami))])
+            grown = np.full(c.size, -1, dtype=np.int64)
+            grown[: len(self._hami_versions)] = self._hami_versions
+            self._hami_versions = grown
+        stale = np.flatnonzero(self._hami_versions != c.version)
+        if len(stale):
+            self._hami[stale] = scoring.hami_node_score(c, stale)
+            self._hami_versions[stale] = c.version[stale]
+        return self._hami
 
     def _narrow(self, ok: BoolArray, score: np.ndarray) -> BoolArray:
         """``ok`` narrowed to this replica's near-best shard (``Partition.narrow``;
