@@ -102,7 +102,7 @@ class Driven:
     """What driving one arrival sequence gave: per arrival whether it was placed and its
     end-to-end latency (ms), the wall time (s), the replicas' summed ``Stats``, and the CPU
     seconds each process of the stack used while the pods were driven (``cpu_s``, by
-    process name; ``client`` is the driving process; filled by ``run_seed`` on Linux)."""
+    process name; ``client`` is the driving process; filled on Linux, from ``/proc``)."""
 
     placed: list[bool]
     latency_ms: list[float]
@@ -467,12 +467,17 @@ def run_attached(
     try:
         asyncio.run(_wait_registered(settings, names, pid=agent, logs=logs))
         bar = tqdm(total=len(specs), desc=f"{stack.policy} seed {seed}", unit="pod", disable=quiet)
+        pids = {**stack.pids, AGENT: agent}
+        before = {name: stacks.cpu_seconds(pid) for name, pid in pids.items()}
+        client = time.process_time()
         try:
             driven = asyncio.run(
                 drive(settings, specs, concurrency=concurrency, progress=bar.update)
             )
         finally:
             bar.close()
+        driven.cpu_s = {name: stacks.cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        driven.cpu_s["client"] = time.process_time() - client
     finally:
         if driven is None or not keep:
             # a failed run may have placed any of its pods
@@ -502,8 +507,11 @@ def replay_over_bus(
 ) -> list[dict[str, Any]]:
     """One report per policy: ``replaying.summarize``'s fields plus ``pods_per_s``,
     ``latency_ms_p50``/``latency_ms_p99`` (end to end, ms), ``replicas``, ``concurrency``,
-    ``conflicts`` (lost ledger compare-and-sets) and ``claims_lost`` (pods another replica
-    was placing). With ``attach`` (a state dir) the replay runs on that running stack
+    ``conflicts`` (lost ledger compare-and-sets), ``conflict_rate`` (conflicts per placed
+    pod), ``claims_lost`` (pods another replica was placing) and ``cpu_ms_per_pod`` (CPU
+    milliseconds, user + system from ``/proc``, of every process of the stack and the
+    driving client while the pods were driven, per placed pod; 0 where ``/proc`` is
+    missing). With ``attach`` (a state dir) the replay runs on that running stack
     (``run_attached``; its replicas decide with its policy, which ``policies`` must name
     alone) and the report names it in ``attached``. Raises what ``run_seed`` and
     ``run_attached`` raise, and ``ReplayError`` for policies an attached stack does not
@@ -548,6 +556,7 @@ def replay_over_bus(
         report = replaying.summarize(policy, results)
         report["curve_band"] = replays.band(report, results)
         latencies = [t for d in runs for t in d.latency_ms]
+        placed = max(1, sum(sum(d.placed) for d in runs))
         report.update(
             trace=trace,
             fleet=fleet,
@@ -558,7 +567,9 @@ def replay_over_bus(
             latency_ms_p50=_percentile(latencies, 0.50),
             latency_ms_p99=_percentile(latencies, 0.99),
             conflicts=sum(d.stats.conflicts for d in runs),
+            conflict_rate=sum(d.stats.conflicts for d in runs) / placed,
             claims_lost=sum(d.stats.claims_lost for d in runs),
+            cpu_ms_per_pod=1000 * sum(sum(d.cpu_s.values()) for d in runs) / placed,
         )
         if stack is not None:
             report["attached"] = stack.state_dir

@@ -725,8 +725,9 @@ def _replay(args: argparse.Namespace) -> int:
             print(
                 f"{r['policy']} over the bus: {r['pods_per_s']:.0f} pods/s, latency p50"
                 f" {r['latency_ms_p50']:.1f} ms p99 {r['latency_ms_p99']:.1f} ms,"
-                f" {r['replicas']} replicas, {r['conflicts']} lost ledger races,"
-                f" {r['claims_lost']} lost claims"
+                f" {r['replicas']} replicas, {r['conflicts']} lost ledger races"
+                f" ({100 * r['conflict_rate']:.1f} % of placements),"
+                f" {r['claims_lost']} lost claims, {r['cpu_ms_per_pod']:.2f} CPU ms per pod"
             )
     if attach is not None:
         kept = "; its fleet and pods stay until `vslice down`" if args.keep else ""

@@ -153,8 +153,9 @@ def service_commands(
     Replica ``i`` gets the tie-breaking seed ``seed + i - 1``: each replica breaks ties
     between equally scored nodes in an order of its own, so replicas deciding at the same
     moment spread over the tied nodes instead of racing for the same one (with FGD on the
-    openb fleet, about a tenth of the lost races), while ``scheduler-1`` decides as the
-    in-process replay with ``seed`` does."""
+    openb fleet, about a tenth of the lost races). Replica ``i`` is also told it is
+    index ``i - 1`` of ``replicas``, so each prefers the near-best nodes of a shard of its
+    own (``services.scheduler.core.partitioning``)."""
     creds = dict(credentials or {})
 
     def bus(kind: str) -> list[str]:
@@ -167,6 +168,7 @@ def service_commands(
         cmd = [sys.executable, "-m", "services.scheduler", *bus("scheduler")]
         cmd += ["--name", f"scheduler-{i}"]
         cmd += ["--policy", policy, "--seed", str(seed + i - 1)]
+        cmd += ["--replica-index", str(i - 1), "--replica-count", str(replicas)]
         if not explain:
             cmd.append("--no-explain")
         if workload_trace:

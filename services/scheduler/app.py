@@ -20,7 +20,7 @@ import logging
 from libshared import connecting, kubeclients, probes, tlsfiles, traces
 from libshared import leases as leasing
 from services.scheduler.adapters import bus, extender, kube, quotas, upkeep
-from services.scheduler.core import replaying
+from services.scheduler.core import partitioning, replaying
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
 from services.scheduler.settings import Settings
@@ -36,7 +36,16 @@ def build_scheduler(settings: Settings) -> Scheduler:
     if settings.workload_trace:
         workload = replaying.trace_workload(traces.read_pods(settings.workload_trace))
     cluster = Cluster(max_devices=settings.max_devices)
-    return Scheduler(cluster, policy=settings.policy, workload=workload, seed=settings.seed)
+    partition = partitioning.Partition(
+        index=settings.replica_index, count=settings.replicas, epsilon=settings.shard_epsilon
+    )
+    return Scheduler(
+        cluster,
+        policy=settings.policy,
+        workload=workload,
+        seed=settings.seed,
+        partition=partition,
+    )
 
 
 async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None:

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from libshared import connecting, kubeclients, probes, settings
+from services.scheduler.core import partitioning
 from services.scheduler.core.deciding import POLICIES
 
 
@@ -28,6 +29,11 @@ class Settings:
     pod list CSV whose shapes are FGD's target workload (required for ``fgd``). ``seed``:
     tie-breaking seed (``--seed auto``: the CRC-32 of the replica's name, so replicas
     started with one command still break ties apart and race less for one node).
+    ``replica_index`` (0 .. ``replicas`` - 1) and ``replicas``: which of how many replicas
+    decide at once; each prefers the near-best nodes of its own shard
+    (``services.scheduler.core.partitioning``; ``replicas`` 1: decides as a lone replica).
+    ``shard_epsilon``: how near the best a node of the shard must score, as a fraction
+    (0-1) of the fitting nodes' score range.
     ``max_attempts``: decide-and-commit attempts before a lost ledger
     race is answered ``Unschedulable``. ``max_devices``: most GPUs on one node.
     ``explain``: per-node reasons in ``Unschedulable``. ``sync_timeout_s``: longest wait
@@ -52,6 +58,9 @@ class Settings:
     policy: str = "hami"
     workload_trace: str | None = None
     seed: int = 0
+    replica_index: int = 0
+    replicas: int = 1
+    shard_epsilon: float = partitioning.DEFAULT_EPSILON
     max_attempts: int = 8
     max_devices: int = 8
     explain: bool = True
@@ -91,6 +100,34 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
             "name (replicas of one Deployment then break ties apart)",
         ),
     ] = "0"
+    replica_index: Annotated[
+        str,
+        settings.option(
+            "--replica-index",
+            env="VSLICE_REPLICA_INDEX",
+            help="this replica's index, 0 .. --replica-count - 1, or `auto` for one drawn from "
+            "the replica's name",
+        ),
+    ] = "0"
+    replica_count: Annotated[
+        int,
+        msgspec.Meta(ge=1),
+        settings.option(
+            "--replica-count",
+            env="VSLICE_REPLICA_COUNT",
+            help="scheduler replicas deciding at once; each prefers near-best nodes of its own "
+            "shard (default 1: no shards; --replicas is the buckets')",
+        ),
+    ] = 1
+    shard_epsilon: Annotated[
+        float,
+        settings.option(
+            "--shard-epsilon",
+            env="VSLICE_SHARD_EPSILON",
+            help="how near the best score a node of the replica's shard must be, as a fraction "
+            "0-1 of the fitting nodes' score range",
+        ),
+    ] = partitioning.DEFAULT_EPSILON
     max_attempts: Annotated[
         int,
         msgspec.Meta(ge=1),
@@ -181,7 +218,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     """Settings from ``argv`` (default: none) and ``environ`` (default: ``os.environ``).
 
     Environment: ``VSLICE_NATS_URL``, ``VSLICE_PREFIX``, ``VSLICE_BUCKET_REPLICAS``,
-    ``VSLICE_POLICY``, ``VSLICE_WORKLOAD_TRACE``, ``VSLICE_SEED``, ``VSLICE_LOG_LEVEL``,
+    ``VSLICE_POLICY``, ``VSLICE_WORKLOAD_TRACE``, ``VSLICE_SEED``, ``VSLICE_REPLICA_INDEX``,
+    ``VSLICE_REPLICA_COUNT``, ``VSLICE_SHARD_EPSILON``, ``VSLICE_LOG_LEVEL``,
     ``VSLICE_EXTENDER_PORT``, ``VSLICE_EXTENDER_HOST``, ``VSLICE_TLS_CERT``,
     ``VSLICE_TLS_KEY``, ``VSLICE_TLS_CLIENT_CA``, ``VSLICE_KUBE`` (``1``/``true``),
     ``VSLICE_RESERVATION_TTL`` (``Options``; and ``KUBECONFIG`` for ``--kube`` outside a
@@ -214,11 +252,15 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             seed = int(opts.seed)
         except ValueError:
             LOADER.error(f"--seed {opts.seed!r}: must be an integer or 'auto'")
+    partition = _partition(opts, name)
     return Settings(
         bus=bus,
         policy=opts.policy,
         workload_trace=opts.workload_trace,
         seed=seed,
+        replica_index=partition.index,
+        replicas=partition.count,
+        shard_epsilon=partition.epsilon,
         max_attempts=opts.max_attempts,
         max_devices=opts.max_devices,
         explain=opts.explain,
@@ -235,6 +277,25 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         reservation_ttl_s=opts.reservation_ttl,
         name=name,
     )
+
+
+def _partition(opts: Options, name: str) -> partitioning.Partition:
+    """The replica's partition from its options; ``LOADER.error`` (exit 2) names the flag
+    and value when one is out of range. ``--replica-index auto``: the CRC-32 of ``name``
+    modulo ``--replica-count`` (replicas of a Deployment, whose names are random, may then
+    share a shard)."""
+    count = opts.replica_count
+    if opts.replica_index.strip().lower() == "auto":
+        index = zlib.crc32(name.encode()) % count
+    else:
+        try:
+            index = int(opts.replica_index)
+        except ValueError:
+            LOADER.error(f"--replica-index {opts.replica_index!r}: must be an integer or 'auto'")
+    try:
+        return partitioning.Partition(index=index, count=count, epsilon=opts.shard_epsilon)
+    except partitioning.PartitionError as exc:
+        LOADER.error(f"--{exc.field.replace(' ', '-')} {exc.value!r}: {exc.reason}")
 
 
 def _loopback(host: str) -> bool:

@@ -96,4 +96,44 @@ def test_the_cli_replays_over_two_replicas_and_writes_the_report(
     # decision moves several pods (the 1 % bound is for the full openb trace), so 10 % here
     assert abs(report["pods_placed"] - local["pods_placed"]) <= 0.10 * local["pods_total"]
     assert report["conflicts"] >= 0 and "over the bus" in capsys.readouterr().out
+    assert report["conflict_rate"] == report["conflicts"] / report["pods_placed"]
+    assert report["cpu_ms_per_pod"] > 0  # every process of the stack, from /proc
     assert len(traces.read_pods(trace)) == 300
+
+
+def untyped_trace(tmp_path: Path, *, nodes: int = 24, pods: int = 400) -> tuple[str, str]:
+    """A fleet of ``nodes`` like nodes of 4 GPUs and ``pods`` one-GPU pods of any type:
+    where every node could take every pod, so shards decide the races."""
+    rng = random.Random(11)
+    fleet_rows = [NODE_HEADER, *(f"node-{i:02d},64000,262144,4,T4" for i in range(nodes))]
+    pod_rows = [POD_HEADER]
+    for i in range(pods):
+        milli = rng.choice((250, 500, 1000))
+        pod_rows.append(f"pod-{i:03d},1000,8192,1,{milli},,LS,Running,0,0,0")
+    fleet, trace = tmp_path / "nodes.csv", tmp_path / "pods.csv"
+    fleet.write_text("\n".join(fleet_rows) + "\n")
+    trace.write_text("\n".join(pod_rows) + "\n")
+    return str(trace), str(fleet)
+
+
+def test_two_partitioned_hami_replicas_lose_far_fewer_ledger_races_than_replicas_alone(
+    tmp_path: Path,
+) -> None:
+    trace, fleet = untyped_trace(tmp_path)
+    rates = {}
+    for partitioned in (False, True):
+        # alone: every replica decides as if it were the only one (as before shards)
+        alone = [] if partitioned else ["--replica-count", "1", "--replica-index", "0"]
+        result, driven = busreplays.run_seed(
+            trace,
+            fleet,
+            policy="hami",
+            seed=3,
+            replicas=2,
+            concurrency=8,
+            quiet=True,
+            scheduler_args=alone,
+        )
+        assert result.pods_placed > 100
+        rates[partitioned] = driven.stats.conflicts / result.pods_placed
+    assert rates[True] <= 0.05 and rates[True] <= rates[False] / 3, rates

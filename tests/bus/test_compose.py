@@ -35,6 +35,8 @@ HOST_VALUED = {
     # `vslice up` numbers its replicas' seeds; compose's replicas share one command, so
     # each draws its seed from its container's name (`auto`)
     "--seed",
+    # and its replica index likewise (`auto`): `vslice up` numbers them 0 .. replicas - 1
+    "--replica-index",
 }
 SERVICES = ("admission", "scheduler", "nodeagent", "metrics")
 

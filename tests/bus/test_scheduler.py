@@ -123,6 +123,48 @@ def test_seed_is_an_integer_or_auto_from_the_replica_name(
     assert "--seed 'seven'" in capsys.readouterr().err
 
 
+def test_the_replica_index_and_count_come_from_flags_environment_or_the_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from services.scheduler import app, settings
+
+    alone = settings.parse([], {})
+    assert (alone.replica_index, alone.replicas) == (0, 1)
+    flags = ["--replica-index", "2", "--replica-count", "3", "--shard-epsilon", "0.2"]
+    s = settings.parse(flags, {})
+    assert (s.replica_index, s.replicas, s.shard_epsilon) == (2, 3, 0.2)
+    built = app.build_scheduler(s).partition
+    assert (built.index, built.count, built.epsilon) == (2, 3, 0.2)
+    env = settings.parse([], {"VSLICE_REPLICA_INDEX": "1", "VSLICE_REPLICA_COUNT": "2"})
+    assert (env.replica_index, env.replicas) == (1, 2)
+    named = [
+        settings.parse(["--replica-index", "auto", "--replica-count", "4", "--name", f"r{i}"], {})
+        for i in range(8)
+    ]
+    assert {n.replica_index for n in named} <= {0, 1, 2, 3}
+    assert len({n.replica_index for n in named}) > 1  # drawn from the name, not fixed
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--replica-index", "2", "--replica-count", "2"], "--replica-index 2"),
+        (["--replica-count", "0"], "--replica-count 0"),
+        (["--replica-count", "two"], "--replica-count 'two'"),
+        (["--replica-index", "first"], "--replica-index 'first'"),
+        (["--shard-epsilon", "2"], "--shard-epsilon 2.0"),
+    ],
+)
+def test_a_bad_replica_flag_exits_naming_the_flag_and_value(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.scheduler import settings
+
+    with pytest.raises(SystemExit):
+        settings.parse(argv, {})
+    assert named in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("body", "named"),
     [

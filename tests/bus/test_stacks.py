@@ -197,6 +197,11 @@ def test_every_service_command_of_a_stack_runs_a_vslice_service_module() -> None
         for i in (1, 2, 3)
     ]
     assert seeds == ["0", "1", "2"]  # each replica breaks ties in an order of its own
+    shards = [
+        (argv[argv.index("--replica-index") + 1], argv[argv.index("--replica-count") + 1])
+        for argv in (commands[f"scheduler-{i}"] for i in (1, 2, 3))
+    ]
+    assert shards == [("0", "3"), ("1", "3"), ("2", "3")]  # each prefers a shard of its own
     with_metrics = stacks.service_commands("nats://h:1", metrics_port=9999)
     assert with_metrics["metrics"][2] == "services.metrics"
     assert with_metrics["metrics"][-4:] == ["--host", "127.0.0.1", "--port", "9999"]

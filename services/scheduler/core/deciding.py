@@ -27,6 +27,10 @@ usage before the pod (``scoring.hami_node_score``). Ties between equally
 scored nodes go to the node first in a seeded random order of the nodes, as in the FGD
 paper's simulator (HAMi policies keep the lowest node index; ``random`` draws anew each
 time).
+
+Replicas deciding at once (``partitioning.Partition`` with a count above 1) narrow every
+policy's choice but ``random``'s to the nodes of their own shard that score near the best,
+so they do not all race for one node; a lone replica decides as described above.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from libshared import quarantines
 from libshared.events import Placement, Unschedulable, node_reasons_of
 from libshared.ledgers import PodCharge, Slice
 from libshared.resources import PodRequest
-from services.scheduler.core import fitting, scoring, steering
+from services.scheduler.core import fitting, partitioning, scoring, steering
 from services.scheduler.core.clusters import MILLI, BoolArray, Cluster, IntArray
 from services.scheduler.core.fragmentation import FgdScorer, FragMeasure, Task, Workload
 
@@ -97,14 +101,22 @@ class Scheduler:
     """Decides placements for one ``Cluster`` view with one policy.
 
     ``workload`` is FGD's target workload (required for ``fgd``); ``seed`` seeds the
-    tie-breaking generator. Raises ``UnknownPolicy`` for an unknown policy name.
+    tie-breaking generator; ``partition``: which replica of how many decides with this
+    view (``partitioning``; the default, one replica, changes no choice). Raises
+    ``UnknownPolicy`` for an unknown policy name.
     """
 
     cluster: Cluster
     policy: str = "hami"
     workload: Workload | None = None
     seed: int = 0
+    partition: partitioning.Partition = field(default_factory=partitioning.Partition)
     rng: random.Random = field(init=False)
+    _shards: IntArray = field(init=False, default_factory=lambda: np.zeros(0, dtype=np.int64))
+    _hami: np.ndarray = field(init=False, default_factory=lambda: np.zeros(0))
+    _hami_versions: IntArray = field(
+        init=False, default_factory=lambda: np.zeros(0, dtype=np.int64)
+    )
     _ranks: list[float] = field(init=False, default_factory=list)
     _class_cache: list[frozenset[str]] = field(init=False, default_factory=list)
     _class_versions: IntArray = field(
@@ -277,12 +289,14 @@ class Scheduler:
         prefer: list[int] | None = None
         if node_policy is not None:
             # HAMi scores a node by its usage before the pod (scoring.hami_node_score)
-            score = scoring.hami_node_score(c)
+            score = self._hami_scores()
+            ok = self._narrow(ok, score if node_policy == "binpack" else -score)
             score = np.where(ok, score, -np.inf if node_policy == "binpack" else np.inf)
             n = int(np.argmax(score) if node_policy == "binpack" else np.argmin(score))
         elif self.policy == "fgd":
             assert self.fgd is not None
             scores, best = self.fgd.scores(c, task)
+            ok = self._narrow(ok, scores.astype(np.float64))
             n = self._pick_max(np.where(ok, scores, -(1 << 40)), ok)
             prefer = []  # FGD's own order: its best devices, else the least used
             if task.gpu_count == 1 and best[n] and min(best[n]) < MILLI:
@@ -290,7 +304,8 @@ class Scheduler:
                 prefer = [s for s, g in enumerate(row) if g in best[n]]
         elif self.policy == "steer":
             assert self.steer is not None
-            n, prefer = self.steer.choose(c, task, ok, self._rank_order())
+            narrow = None if self.partition.alone else self._narrow
+            n, prefer = self.steer.choose(c, task, ok, self._rank_order(), narrow=narrow)
         elif self.policy == "random":
             candidates = np.flatnonzero(ok)
             n = int(candidates[self.rng.randrange(len(candidates))])
@@ -312,12 +327,40 @@ class Scheduler:
             else:
                 cls = scoring.affinity_class(task.gpu_count, task.milli_on(0) if first else 0)
                 scores_f = scoring.gpuclustering_score(c, cls=cls, node_classes=self._classes())
+            ok = self._narrow(ok, np.asarray(scores_f, dtype=np.float64))
             n = self._pick_max(np.where(ok, scores_f, -np.inf), ok)
             row = c.free_milli[n].tolist()
             prefer = sorted(range(len(row)), key=lambda s: (row[s], s))
         if pod.gpu_policy is not None:
             prefer = None
         return n, prefer, self._gpu_policy(pod)
+
+    def _hami_scores(self) -> np.ndarray:
+        """``scoring.hami_node_score`` of every node, recomputed for the nodes changed since
+        (a placement changes one node: the fleet's other rows are kept). Callers must not
+        change the array returned."""
+        c = self.cluster
+        if len(self._hami) < c.size:
+            self._hami = np.concatenate([self._hami, np.zeros(c.size - len(self._hami))])
+            grown = np.full(c.size, -1, dtype=np.int64)
+            grown[: len(self._hami_versions)] = self._hami_versions
+            self._hami_versions = grown
+        stale = np.flatnonzero(self._hami_versions != c.version)
+        if len(stale):
+            self._hami[stale] = scoring.hami_node_score(c, stale)
+            self._hami_versions[stale] = c.version[stale]
+        return self._hami
+
+    def _narrow(self, ok: BoolArray, score: np.ndarray) -> BoolArray:
+        """``ok`` narrowed to this replica's near-best shard (``Partition.narrow``;
+        ``score``: higher is better); ``ok`` itself for a lone replica."""
+        if self.partition.alone:
+            return ok
+        c = self.cluster
+        if len(self._shards) < c.size:  # a node keeps its index in the view
+            grown = self.partition.shards(c.nodes[len(self._shards) : c.size])
+            self._shards = np.concatenate([self._shards, grown])
+        return self.partition.narrow(ok, score, self._shards)
 
     def _classes(self) -> list[frozenset[str]]:
         """GpuClustering classes of the pods on each node, recomputed for changed nodes."""

@@ -24,8 +24,9 @@ MAX_SPEC_CPU_MILLI = 128_000  # 128 CPU, the simulator's MaxSpecCpu
 MAX_SPEC_GPU_MILLI = 8 * MILLI  # 8 GPUs, the simulator's MaxSpecGpu
 
 
-def hami_node_score(cluster: Cluster) -> FloatArray:
-    """HAMi's node score (0-30) of every node from its usage *before* the pod:
+def hami_node_score(cluster: Cluster, rows: IntArray | None = None) -> FloatArray:
+    """HAMi's node score (0-30) of every node (or of the nodes ``rows``, in their order:
+    the same values, for a caller that keeps the others) from its usage *before* the pod:
     ``10 * (sum used/sum split + sum used cores/sum cores + sum used MiB/sum MiB)`` over the
     node's devices, in float32 as HAMi computes it; 0 when any of the three sums is 0.
 
@@ -35,14 +36,15 @@ def hami_node_score(cluster: Cluster) -> FloatArray:
     lowest (``NodeScoreList.Less``).
     """
     c = cluster
-    valid = c.dev_valid
+    at = slice(None) if rows is None else rows
+    valid = c.dev_valid[at]
     f = np.float32
-    split = np.where(valid, c.dev_split, 0).sum(axis=1)
-    cores = np.where(valid, c.dev_cores, 0).sum(axis=1)
-    mem = np.where(valid, c.dev_mem, 0).sum(axis=1)
-    used = np.where(valid, c.dev_used, 0).sum(axis=1)
-    cores_used = np.where(valid, c.dev_cores_used, 0).sum(axis=1)
-    mem_used = np.where(valid, c.dev_mem_used, 0).sum(axis=1)
+    split = np.where(valid, c.dev_split[at], 0).sum(axis=1)
+    cores = np.where(valid, c.dev_cores[at], 0).sum(axis=1)
+    mem = np.where(valid, c.dev_mem[at], 0).sum(axis=1)
+    used = np.where(valid, c.dev_used[at], 0).sum(axis=1)
+    cores_used = np.where(valid, c.dev_cores_used[at], 0).sum(axis=1)
+    mem_used = np.where(valid, c.dev_mem_used[at], 0).sum(axis=1)
     empty = (split == 0) | (cores == 0) | (mem == 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         score = (

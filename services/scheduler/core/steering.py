@@ -38,7 +38,7 @@ What it leaves to others: filtering (``deciding``), the measure F (``fragmentati
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -242,7 +242,13 @@ class SteerScorer:
         return self._typed
 
     def choose(
-        self, cluster: Cluster, task: Task, ok: BoolArray, ranks: Sequence[float]
+        self,
+        cluster: Cluster,
+        task: Task,
+        ok: BoolArray,
+        ranks: Sequence[float],
+        *,
+        narrow: Callable[[BoolArray, FloatArray], BoolArray] | None = None,
     ) -> tuple[int, list[int] | None]:
         """The node for ``task`` among ``ok`` (at least one True) and, for a sharing task,
         the GPU slots to prefer (least free first among those of least delta).
@@ -250,6 +256,8 @@ class SteerScorer:
         ``ranks``: (N,) the seeded node order that breaks the last ties (lower first). The
         GPU a task takes, for the stranding term and the tie-break, is counted on a device of
         unknown memory (``Task.milli_on(0)``: a MiB-sized slice counts as a whole GPU).
+        ``narrow(ok, score)``: the nodes to choose among, given every node's score (higher
+        is better), when replicas decide at once (``partitioning.Partition.narrow``).
         """
         if len(self._ranks) != len(ranks):
             self._ranks = np.asarray(ranks, dtype=np.float64)
@@ -278,6 +286,8 @@ class SteerScorer:
             score = np.floor(score / self.knobs.quantum)
         if self.knobs.fgd_scale:
             score = fgd_scale(score)
+        if narrow is not None:
+            ok = narrow(ok, -score)
         masked = np.where(ok, score, UNFIT)
         low = masked.min()
         top = np.flatnonzero(ok & (masked <= low + 1e-6))
