@@ -22,6 +22,7 @@ no ledger.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -532,7 +533,7 @@ class ThreeReplicas(Interleavings):
 
 RUNS = settings(
     database=None,
-    max_examples=200,
+    max_examples=int(os.environ.get("VSLICE_TEST_PROTOCOL_EXAMPLES", "200")),
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
