@@ -19,6 +19,8 @@ SCHEDULERS_QUEUE = "schedulers"
 # Header a client puts on a schedule request: the wall-clock time (Unix seconds) after which
 # it no longer waits for the answer and may re-send. A replica drops a copy past it, so a
 # copy delayed behind a stall cannot place a pod its client has since re-sent or released.
+# A request without it is given one at the door, and is kept from placing a released or
+# refused pod by the claim's tombstone or refusal (services.scheduler.core.protocol).
 DEADLINE_HEADER = "Vslice-Deadline"
 ADMISSION_QUEUE = "admission"
 
@@ -94,7 +96,9 @@ class Subjects(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def pods_bucket(self) -> str:
-        """KV bucket: key ``pod_key(uid)``, value the node the pod is claimed for (UTF-8).
+        """KV bucket: key ``pod_key(uid)``, value the pod's claim: the token of the replica
+        request placing it, a release's tombstone or the last Unschedulable answer
+        (``services.scheduler.core.protocol``).
 
         Created with ``kv.create`` before the ledger compare-and-set, so one pod UID is
         placed on one node even when replicas decide it at the same moment.

@@ -9,8 +9,8 @@ what the bus still knows:
   ``Release`` of it (the replicas announce each commit there), for up to
   ``connecting.ALLOC_MAX_AGE_S`` (a day);
 - the ``<prefix>-pods`` bucket holds the claim of every pod placed and not released (a
-  release frees the slices before it deletes the claim), so a placement whose release
-  announcement was lost, but whose claim is gone, is left out;
+  release turns it into a tombstone before it frees the slices), so a placement whose
+  release announcement was lost, but whose claim is gone or a tombstone, is left out;
 - the other nodes' readable ledgers: a pod held on another node is left out.
 
 The rebuilt ledger is written by compare-and-set on the revision of the bad value (or of
@@ -36,11 +36,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 
-from libshared import connecting, events, quarantines
+from libshared import connecting, events, kvreads, quarantines
 from libshared.connecting import BusSettings
 from libshared.errors import VsliceError
 from libshared.ledgers import NodeLedger
 from libshared.subjects import pod_key
+from services.scheduler.core import protocol
+
+HELD = protocol.ClaimKind.HELD
 
 
 class RepairError(VsliceError):
@@ -163,9 +166,10 @@ async def _repair(
             problem = bad.detail
         else:
             return Repair(node=node, ledger=None, revision=None, problem=None)
-    claimed: set[str] = set()
-    with contextlib.suppress(NoKeysError):
-        claimed = set(await bus.pods.keys())
+    # a pod still placed holds its claim; a release's tombstone or a refusal marker
+    # (``services.scheduler.core.protocol``) holds none
+    claims = await kvreads.latest(bus.pods)
+    claimed = {k for k, e in claims.items() if protocol.decode_claim(e.value or b"").kind is HELD}
     elsewhere: set[str] = set()
     with contextlib.suppress(NoKeysError):
         for key in await bus.ledger.keys():

@@ -9,16 +9,16 @@ import time
 from collections.abc import AsyncIterator
 
 import nats.errors
-import pytest
+import nats.js.errors
 from nats.aio.client import Client
-from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
 from libshared import connecting, events
 from libshared.connecting import BusSettings
 from libshared.ledgers import NodeLedger
 from libshared.subjects import pod_key
 from services.scheduler import app as scheduler_app
-from services.scheduler.adapters import bus
+from services.scheduler.adapters import bus, upkeep
+from services.scheduler.core import protocol
 from services.scheduler.settings import Settings
 from tests.bus import helpers
 
@@ -88,7 +88,7 @@ async def test_a_claim_left_by_a_dead_replica_is_taken_over_after_the_claim_wait
         assert (claim.value or b"").startswith(b"r0 ")  # the taker's token replaced it
 
 
-async def test_release_deletes_the_claim_so_the_pod_can_be_placed_again(
+async def test_release_leaves_a_tombstone_that_refuses_the_uid_until_the_upkeep_deletes_it(
     nc: Client, bus_settings: BusSettings
 ) -> None:
     await helpers.register(nc, bus_settings, helpers.fleet(nodes=1, gpus=1))
@@ -97,12 +97,18 @@ async def test_release_deletes_the_claim_so_the_pod_can_be_placed_again(
         first = await r.schedule(helpers.pod("again", memory_mib=1000))
         assert isinstance(first, events.Placement)
         assert (await r.release("again")).node == "node-0"
-        with pytest.raises((KeyNotFoundError, KeyDeletedError)):
-            await opened.pods.get(pod_key("again"))
+        claim = await opened.pods.get(pod_key("again"))
+        assert protocol.decode_claim(claim.value or b"").kind is protocol.ClaimKind.RELEASED
         started = time.monotonic()
-        second = await r.schedule(helpers.pod("again", memory_mib=1000))
-        assert isinstance(second, events.Placement)
-        assert time.monotonic() - started < 1.0  # no wait for a stale claim
+        late = await r.schedule(helpers.pod("again", memory_mib=1000))
+        assert isinstance(late, events.Unschedulable) and "was released" in late.reason
+        assert time.monotonic() - started < 1.0  # refused at once, no wait for a holder
+        assert (await helpers.ledgers(nc, bus_settings))["node-0"].slices == ()
+        # once the tombstone outlived its TTL the upkeep deletes it: the UID may come back
+        keep = upkeep.Upkeep(replica=r, leases=opened.pods, claims=opened.pods)
+        keep.tombstone_ttl_s = 0.0
+        await keep.delete_orphan_claims(now=time.monotonic())
+        assert isinstance(await r.schedule(helpers.pod("again", memory_mib=1000)), events.Placement)
 
 
 def test_pod_keys_are_uids_when_valid_and_hashes_otherwise() -> None:
@@ -111,7 +117,7 @@ def test_pod_keys_are_uids_when_valid_and_hashes_otherwise() -> None:
     assert pod_key("h-x") != "h-x"
 
 
-async def test_a_release_racing_a_claim_takeover_leaves_the_newer_claim_in_place(
+async def test_a_release_racing_a_re_schedule_of_its_uid_ends_with_the_pod_released(
     nc: Client, bus_settings: BusSettings
 ) -> None:
     await helpers.register(nc, bus_settings, helpers.fleet(nodes=1, gpus=1))
@@ -121,17 +127,23 @@ async def test_a_release_racing_a_claim_takeover_leaves_the_newer_claim_in_place
         assert isinstance(await r.schedule(helpers.pod("raced", memory_mib=1000)), events.Placement)
         read = (await opened.pods.get(key)).revision
         commit = r._commit
+        taken: list[BaseException] = []
 
-        async def taken_over_meanwhile(ledger: NodeLedger, **kw: int | None) -> bool | None:
-            # between the release's claim read and its ledger commit another replica
-            # re-scheduling the same UID takes the claim over
-            await opened.pods.update(key, b"other-replica", last=read)
+        async def re_claimed_meanwhile(ledger: NodeLedger, **kw: int | None) -> bool | None:
+            # between the release's tombstone and its ledger commit another replica
+            # re-scheduling the same UID tries to take the claim it read before over
+            try:
+                await opened.pods.update(key, b"other-replica 0", last=read)
+            except nats.js.errors.KeyWrongLastSequenceError as exc:
+                taken.append(exc)
             return await commit(ledger, **kw)
 
-        r._commit = taken_over_meanwhile  # type: ignore[method-assign]
+        r._commit = re_claimed_meanwhile  # type: ignore[method-assign]
         assert (await r.release("raced")).node == "node-0"
+        assert len(taken) == 1  # the tombstone came first: the take-over lost
         claim = await opened.pods.get(key)
-        assert claim.value == b"other-replica" and (claim.revision or 0) > (read or 0)
+        assert protocol.decode_claim(claim.value or b"").kind is protocol.ClaimKind.RELEASED
+        assert (await helpers.ledgers(nc, bus_settings))["node-0"].slices == ()
 
 
 async def test_a_replica_handles_up_to_max_in_flight_requests_at_once(

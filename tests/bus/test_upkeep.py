@@ -20,6 +20,7 @@ from libshared.permissions import Role
 from libshared.subjects import pod_key
 from services.scheduler import app as scheduler_app
 from services.scheduler.adapters import bus, upkeep
+from services.scheduler.core import protocol
 from services.scheduler.settings import Settings
 from tests.bus import helpers
 
@@ -82,19 +83,32 @@ async def test_a_stale_lease_releases_its_pod_a_renewed_one_and_a_pod_without_le
     assert kept.released == 2
 
 
-async def test_a_pod_placed_after_its_lease_ended_is_released_all_the_same(
+async def test_a_schedule_request_handled_after_its_lease_ended_places_nothing(
     kept: upkeep.Upkeep, nc: Client, bus_settings: BusSettings
 ) -> None:
     """The client put its lease, sent its schedule request and died; the lease ended
-    before the replica committed the placement."""
+    before a replica handled the request: the release's tombstone refuses it."""
     lease = leasing.Lease(pod_uid="run-late", ttl_s=1)
     await kept.leases.put(pod_key("run-late"), leasing.ENCODER.encode(lease))
     assert await kept.expire_leases(now=0.0) == []
     assert await kept.expire_leases(now=1.0) == ["run-late"]  # nothing held yet
-    assert "run-late" in await placed(nc, bus_settings, "run-late")
-    assert await kept.expire_leases(now=30.0) == ["run-late"]
+    answer = await helpers.schedule(nc, bus_settings, helpers.pod("run-late", memory_mib=1000))
+    assert isinstance(answer, events.Unschedulable) and "was released" in answer.reason
     assert "run-late" not in pods(await helpers.ledgers(nc, bus_settings))
-    assert await kept.expire_leases(now=31.0) == []
+    assert await kept.expire_leases(now=30.0) == []
+
+
+async def test_a_pod_in_a_ledger_behind_its_tombstone_is_released_again(
+    kept: upkeep.Upkeep, nc: Client, bus_settings: BusSettings
+) -> None:
+    """A holder committed after the release's tombstone and died before taking its
+    slices back: the upkeep frees them."""
+    await placed(nc, bus_settings, "left")
+    await kept.claims.put(pod_key("left"), protocol.TOMBSTONE)
+    assert "left" in pods(await helpers.ledgers(nc, bus_settings))
+    await kept.delete_orphan_claims(now=0.0)
+    assert "left" not in pods(await helpers.ledgers(nc, bus_settings))
+    assert kept.released == 1
 
 
 async def test_an_orphan_claim_is_deleted_after_the_grace_and_its_marker_purged(
@@ -113,7 +127,7 @@ async def test_an_orphan_claim_is_deleted_after_the_grace_and_its_marker_purged(
     assert (await js.stream_info(stream)).state.messages == 1  # the held claim alone
 
 
-async def test_a_released_pod_leaves_no_claim_marker_once_purged(
+async def test_a_released_pod_leaves_no_claim_once_its_tombstone_expired_and_was_purged(
     kept: upkeep.Upkeep, nc: Client, bus_settings: BusSettings
 ) -> None:
     js = nc.jetstream()
@@ -121,7 +135,11 @@ async def test_a_released_pod_leaves_no_claim_marker_once_purged(
     for n in range(5):
         await placed(nc, bus_settings, f"churn-{n}")
         assert isinstance(await helpers.release(nc, bus_settings, f"churn-{n}"), events.Ack)
-    assert (await js.stream_info(stream)).state.messages == 5  # one delete marker a pod
+    assert (await js.stream_info(stream)).state.messages == 5  # one tombstone a pod
+    ttl = kept.tombstone_ttl_s
+    assert await kept.delete_orphan_claims(now=0.0) == []
+    assert await kept.delete_orphan_claims(now=ttl - 1) == []  # past the orphans' grace
+    assert len(await kept.delete_orphan_claims(now=ttl)) == 5
     await kept.purge_markers()
     assert (await js.stream_info(stream)).state.messages == 0
 

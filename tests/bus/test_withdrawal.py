@@ -105,3 +105,22 @@ async def test_the_view_of_a_replica_started_after_the_deletion_never_offers_the
         for i in range(3):
             placed = await r.schedule(helpers.pod(f"p{i}", memory_mib=1000))
             assert isinstance(placed, events.Placement) and placed.node == "node-1"
+
+
+async def test_a_release_after_the_node_was_withdrawn_and_the_replicas_restarted_frees_its_slices(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=1))
+    opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
+    async with replicas(bus_settings, 1) as (r,):
+        placed = await r.schedule(helpers.pod("stays", memory_mib=1000))
+        assert isinstance(placed, events.Placement)
+    await opened.nodes.purge(placed.node)  # withdrawn while no replica runs
+    async with replicas(bus_settings, 1) as (r,):
+        assert placed.node not in r.view.cluster.node_index  # the view never knew it
+        again = await r.schedule(helpers.pod("stays", memory_mib=1000))
+        assert again == placed  # a re-sent request is answered where the pod is
+        ack = await r.release("stays")
+        assert (ack.node, ack.slices) == (placed.node, 1)
+        ledgers = await helpers.ledgers(nc, bus_settings)
+        assert all("stays" not in ledger.pods() for ledger in ledgers.values())

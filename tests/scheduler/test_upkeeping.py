@@ -40,3 +40,34 @@ def test_a_claim_is_an_orphan_only_without_a_ledger_entry_and_after_the_grace() 
         "orphan",
         "young",
     ]
+
+
+@pytest.mark.parametrize(
+    ("unchanged_s", "deleted"),
+    [
+        (59.0, []),
+        (60.0, ["refused"]),  # a refusal marker goes after the orphans' grace
+        (599.0, ["refused"]),
+        (600.0, ["refused", "released"]),  # a tombstone only after its TTL
+    ],
+)
+def test_a_tombstone_outlives_the_orphan_grace_until_its_own_ttl(
+    unchanged_s: float, deleted: list[str]
+) -> None:
+    revisions = upkeeping.Revisions()
+    revisions.observe({"refused": 1, "released": 2}, now=0.0)
+    found = upkeeping.orphan_claims(
+        ["refused", "released"],
+        set(),
+        revisions,
+        now=unchanged_s,
+        grace_s=60.0,
+        tombstones={"released"},
+        tombstone_ttl_s=600.0,
+    )
+    assert found == deleted
+
+
+def test_only_pods_held_behind_a_tombstone_are_released_again() -> None:
+    held = {"k-a": "a", "k-b": "b", "k-c": "c"}
+    assert upkeeping.tombstoned_pods(held, {"k-c", "k-a", "k-gone"}) == ["a", "c"]

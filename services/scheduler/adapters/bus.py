@@ -25,6 +25,17 @@ Before answering ``Unschedulable`` a replica waits until its view has caught up 
 ledger stream as it was when the request arrived, so a release committed before the
 request is never missed.
 
+Late requests cannot bring a pod back (``services.scheduler.core.protocol`` holds the
+rules): a release first turns the pod's claim into a tombstone, then frees the slices, so a
+schedule request for the UID handled afterwards -- one delayed behind a paused replica,
+say -- is refused, and a holder that commits after the tombstone fails its confirmation
+and takes its slices back. An ``Unschedulable`` answer leaves a refusal marker in the claim,
+repeated to requests without the client's deadline header (a late copy of the request
+already answered may be one). Every request has a deadline: its client's
+(``DEADLINE_HEADER``), else one given at the door (``default_deadline_s`` after it reached
+the handler); it is checked before the claim and right before the ledger compare-and-set.
+Release frees a pod's slices wherever the ledger holds them, a withdrawn node's too.
+
 Each replica handles up to ``max_in_flight`` requests at once; their claims,
 announcements and replies overlap, while decisions and ledger commits go one at a time.
 
@@ -38,6 +49,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -55,16 +67,17 @@ from nats.js.errors import (
     KeyWrongLastSequenceError,
     NoKeysError,
 )
-from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 from libshared import bounds, events, quarantines
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
-from libshared.ledgers import NodeLedger
+from libshared.ledgers import NodeLedger, PodCharge
 from libshared.resources import PodRequest
 from libshared.subjects import SCHEDULERS_QUEUE, Subjects, deadline_of, pod_key
 from services.scheduler.adapters import decisions
 from services.scheduler.adapters.quotas import QuotaGate, QuotaUnavailable
+from services.scheduler.core import protocol
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
 
@@ -75,6 +88,11 @@ MARKER_HEADER = "Nats-Marker-Reason"  # server-placed TTL markers (nats-server 2
 HEARTBEAT_S = 0.5
 REREAD_BACKOFF_S = 0.2  # pause before re-reading a node's ledger again after a failed read
 CLAIM_POLL_S = 0.05  # how often a replica waiting for a claim's holder re-reads the claim
+
+# what a request that does not decode raises: JSON nested past msgspec's limit raises
+# RecursionError (``libshared.bounds.DECODE_ERRORS``); a PodRequest also ValueError
+MALFORMED: tuple[type[Exception], ...] = (*bounds.DECODE_ERRORS, msgspec.ValidationError)
+MALFORMED_SCHEDULE: tuple[type[Exception], ...] = (*MALFORMED, ValueError)
 
 
 @dataclass
@@ -125,6 +143,19 @@ class View:
         its last good devices and ledger stay in the view. True when newly quarantined for
         that reason."""
         return self.cluster.quarantine(bad.node, bad.reason, bad.detail)
+
+    def find(self, pod_uid: str) -> tuple[NodeLedger, int] | None:
+        """The ledger holding ``pod_uid`` and its revision, or None. Ledgers of nodes the
+        view does not know (withdrawn before this replica started) count too: their pods
+        hold their slices until released."""
+        held = self.cluster.placement_of(pod_uid)
+        if held is not None:
+            node = held[0]
+            return self.cluster.ledgers[self.cluster.node_index[node]], self.revisions.get(node, 0)
+        for ledger, revision in self.pending.values():
+            if pod_uid in ledger.pods():
+                return ledger, revision
+        return None
 
 
 class TemporaryError(Exception):
@@ -181,6 +212,7 @@ class Replica:
     claim_wait_s: float = 2.0
     max_in_flight: int = 32
     quotas: QuotaGate | None = None  # namespace quotas, charged before each commit
+    default_deadline_s: float = protocol.DEFAULT_DEADLINE_S
     view: View = field(init=False)
     stats: events.Stats = field(init=False)
     _changed: asyncio.Event = field(init=False, default_factory=asyncio.Event)
@@ -190,6 +222,10 @@ class Replica:
     _subs: list[Subscription] = field(init=False, default_factory=list)
     _requests: list[Subscription] = field(init=False, default_factory=list)
     _tokens: Iterator[int] = field(init=False, default_factory=itertools.count)
+    # tells this process's claims from those of an earlier one of the same name
+    _incarnation: str = field(init=False, default_factory=lambda: secrets.token_hex(4))
+    # token -> the refusal marker its request took over (put back should it expire)
+    _taken_markers: dict[bytes, bytes] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -222,6 +258,7 @@ class Replica:
             await self.nc.subscribe(s.sched_release, queue=SCHEDULERS_QUEUE, cb=self.on_release),
         ]
         self._subs.append(await self.nc.subscribe(s.sched_stats, cb=self.on_stats))
+        await self.nc.flush()  # the server has the subscriptions before anyone is told
         log.info(
             "replica ready",
             extra={"nodes": self.view.cluster.size, "ledger_seq": self.view.seen_seq},
@@ -410,7 +447,12 @@ class Replica:
     # -- the two operations ---------------------------------------------------------------
 
     async def schedule(
-        self, pod: PodRequest, *, deadline: float | None = None, nodes: list[str] | None = None
+        self,
+        pod: PodRequest,
+        *,
+        deadline: float | None = None,
+        nodes: list[str] | None = None,
+        stale_copy_possible: bool = False,
     ) -> events.Placement | events.Unschedulable:
         """Place ``pod`` and commit it; the existing placement when it already holds slices,
         or the placement of the replica that holds the pod's claim. ``nodes`` restricts a
@@ -423,12 +465,37 @@ class Replica:
         replica that does not get it answers with the holder's placement.
 
         Returns ``Unschedulable`` when nothing fits, or after ``max_attempts`` lost races
-        (its reason says so). Raises ``TemporaryError`` when the bus cannot be read, and
-        ``Expired`` when the client's ``deadline`` (Unix seconds) passes before a claim or a
-        commit: nothing is committed for a request its client has given up on.
+        (its reason says so), and leaves that answer in the claim (``protocol``); also when
+        the pod's claim is a release's tombstone, or a refusal a request that may be a late
+        copy (``stale_copy_possible``: it came without its client's deadline) must repeat.
+        Raises ``TemporaryError`` when the bus cannot be read, and ``Expired`` when the
+        client's ``deadline`` (Unix seconds) passes before a claim or a commit: nothing is
+        committed for a request its client has given up on.
         """
         key = pod_key(pod.uid)
-        token = f"{self.name} {next(self._tokens)}".encode()
+        token = protocol.token(self.name, f"{self._incarnation}.{next(self._tokens)}")
+        try:
+            return await self._schedule(
+                pod,
+                key=key,
+                token=token,
+                deadline=deadline,
+                nodes=nodes,
+                stale_copy_possible=stale_copy_possible,
+            )
+        finally:
+            self._taken_markers.pop(token, None)
+
+    async def _schedule(
+        self,
+        pod: PodRequest,
+        *,
+        key: str,
+        token: bytes,
+        deadline: float | None,
+        nodes: list[str] | None,
+        stale_copy_possible: bool,
+    ) -> events.Placement | events.Unschedulable:
         claim: int | None = None  # revision of the claim this replica holds
         claimed_at = 0.0  # monotonic time before that claim was written
         caught_up = False
@@ -438,19 +505,26 @@ class Replica:
             if claim is None:
                 _check(pod, deadline)
                 claimed_at = time.monotonic()
-                got = await self._claim(pod, key, token)
-                if isinstance(got, events.Placement):
+                placed_before = self.view.find(pod.uid) is not None
+                got = await self._claim(pod, key, token, stale_copy_possible)
+                if isinstance(got, events.Placement | events.Unschedulable):
                     return got
                 if got is None:  # the holder gave its claim up: claim again
                     lost.append("claim")
                     continue
                 claim = got
-            if self.view.cluster.placement_of(pod.uid) is not None:
-                # Claimed here, yet the view shows the pod placed: the view lags its
-                # release, or a stalled former holder committed after this replica took
-                # its claim over and is taking its slices back. Wait for that; a holder
-                # that died after committing leaves a placement to adopt.
+            now_held = self.view.cluster.placement_of(pod.uid)
+            if now_held is not None:
+                # Claimed here, yet the view shows the pod placed. Placed after the claim:
+                # a stalled former holder committed after this replica took its claim
+                # over; its confirmation fails and it takes its slices back, or, dead,
+                # leaves them: wait for that, then take them back here (they were never
+                # answered). Placed before: a pod committed without a claim (``adopt``)
+                # or a view lagging a release: wait, then adopt the placement.
                 if await self._await_gone(pod.uid):
+                    continue
+                if not placed_before:
+                    await self._take_back(pod.uid, now_held[0])
                     continue
                 held = self.scheduler.decide(pod, explain=False)
                 assert isinstance(held, events.Placement)  # a held pod decides so
@@ -465,7 +539,7 @@ class Replica:
                     node = decision.node
                     ledger = self.view.cluster.ledger_with(decision)
                     base = self.view.revisions.get(node, 0)
-                    if deadline is not None and time.time() > deadline:
+                    if not protocol.may_commit(deadline, now=time.time()):
                         expired = True
                     elif (refused := await self._reserve_quota(decision)) is not None:
                         decision = events.Unschedulable(pod_uid=pod.uid, reason=refused)
@@ -485,12 +559,13 @@ class Replica:
                 caught_up = True
                 if self.view.seen_seq != seen:
                     continue
-            if isinstance(decision, events.Unschedulable) or expired:
-                if reserved:
-                    await self._unreserve_quota(pod.namespace, pod.uid)
-                await self._unclaim(key, claim)
-                if expired:
-                    raise Expired(f"pod {pod.uid}: the client's deadline passed")
+            if reserved and (expired or isinstance(decision, events.Unschedulable)):
+                await self._unreserve_quota(pod.namespace, pod.uid)
+            if expired:
+                await self._unclaim(key, claim, restore=self._taken_markers.get(token))
+                raise Expired(f"pod {pod.uid}: the client's deadline passed")
+            if isinstance(decision, events.Unschedulable):
+                await self._refuse(key, claim, decision.reason)
                 return decision
             if not committed:
                 lost.append(node)
@@ -500,25 +575,30 @@ class Replica:
             # landed well within claim_wait_s of the claim is in any such view, so only a
             # slower one confirms the claim (a lease's reasoning; clocks only need to
             # run at about the same rate).
-            slow = time.monotonic() - claimed_at >= self.claim_wait_s / 2
+            slow = protocol.must_confirm(
+                elapsed_s=time.monotonic() - claimed_at, claim_wait_s=self.claim_wait_s
+            )
             if not slow or await self._confirm(key, token, claim):
                 await self._announce(self.subjects.alloc_decided(node), decision)
                 return decision
-            # Another replica took the claim over while this commit was slow: give the
-            # slices back and answer with its placement.
+            # Another replica took the claim over, or a release tombstoned it, while this
+            # commit was slow: give the slices back and answer as the claim says.
             await self._take_back(pod.uid, node)
             claim = None
             claimed_at = time.monotonic()
-            got = await self._await_holder(pod, key, token)
-            if isinstance(got, events.Placement):
+            got = await self._await_holder(pod, key, token, stale_copy_possible)
+            if isinstance(got, events.Unschedulable) and reserved:
+                await self._unreserve_quota(pod.namespace, pod.uid)
+            if isinstance(got, events.Placement | events.Unschedulable):
                 return got
             if isinstance(got, int):
                 claim = got
             lost.append(node)
         if reserved:
             await self._unreserve_quota(pod.namespace, pod.uid)
-        await self._unclaim(key, claim)
-        return events.Unschedulable(pod_uid=pod.uid, reason=str(Conflicts(lost)))
+        answer = events.Unschedulable(pod_uid=pod.uid, reason=str(Conflicts(lost)))
+        await self._refuse(key, claim, answer.reason)
+        return answer
 
     async def adopt(self, placement: events.Placement) -> bool:
         """Commit ``placement`` exactly as given: slices a pod already uses (restored from
@@ -550,8 +630,8 @@ class Replica:
         raise Conflicts(lost)
 
     async def _claim(
-        self, pod: PodRequest, key: str, token: bytes
-    ) -> int | events.Placement | None:
+        self, pod: PodRequest, key: str, token: bytes, stale_copy_possible: bool
+    ) -> int | events.Placement | events.Unschedulable | None:
         """Claim ``pod`` with ``token`` as the claim's value: the claim's revision when
         this replica got it, else what ``_await_holder`` returns. A create whose answer
         was lost is settled by reading the claim back (its token tells whose it is).
@@ -580,36 +660,59 @@ class Replica:
         else:
             raise TemporaryError(f"pod {pod.uid}: its claim could not be written")
         self._count(claims_lost=1)
-        return await self._await_holder(pod, key, token)
+        return await self._await_holder(pod, key, token, stale_copy_possible)
 
     async def _await_holder(
-        self, pod: PodRequest, key: str, token: bytes
-    ) -> int | events.Placement | None:
+        self, pod: PodRequest, key: str, token: bytes, stale_copy_possible: bool
+    ) -> int | events.Placement | events.Unschedulable | None:
         """Wait for the holder of ``pod``'s claim to commit. Returns its placement once the
         view shows it; None when the claim is gone; the revision of the claim when this
         replica took it over (``token`` as its value; unchanged for ``claim_wait_s`` and
-        the pod in no ledger).
+        the pod in no ledger, or a refusal it may decide afresh); ``Unschedulable`` when
+        the claim is a tombstone or a refusal to repeat (``protocol.on_claim``).
 
         Raises ``TemporaryError`` when the pods bucket cannot be read.
         """
         revision, deadline = -1, 0.0
         while True:
-            if self.view.cluster.placement_of(pod.uid) is not None:
-                decision = self.scheduler.decide(pod, explain=False)
-                assert isinstance(decision, events.Placement)  # a held pod decides so
-                return decision
             try:
                 entry = await self.bus.pods.get(key)
             except (KeyNotFoundError, KeyDeletedError):
-                return None
+                entry = None
             except (nats.errors.Error, TimeoutError) as exc:
                 raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
+            claim = None if entry is None else protocol.decode_claim(entry.value or b"")
+            found = protocol.on_claim(claim, mine=token, stale_copy_possible=stale_copy_possible)
+            if found is protocol.Found.REFUSE:
+                assert claim is not None  # REFUSE names a claim
+                return events.Unschedulable(
+                    pod_uid=pod.uid, reason=protocol.refused_reason(pod.uid, claim)
+                )
+            held = self._held(pod)
+            if held is not None:
+                return held
+            if entry is None:
+                return None
+            if found is protocol.Found.OURS:
+                return entry.revision or 0
+            if found is protocol.Found.TAKE_OVER:
+                try:
+                    self._taken_markers[token] = entry.value or b""
+                    return await self.bus.pods.update(key, token, last=entry.revision)
+                except KeyWrongLastSequenceError:
+                    continue
+                except (nats.errors.Error, TimeoutError) as exc:
+                    raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
             now = time.monotonic()
             if entry.revision != revision:
                 revision, deadline = entry.revision or 0, now + self.claim_wait_s
             elif now >= deadline:
                 await self._catch_up()
-                if self.view.cluster.placement_of(pod.uid) is None:
+                if protocol.may_take_over(
+                    unchanged_s=now - deadline + self.claim_wait_s,
+                    claim_wait_s=self.claim_wait_s,
+                    placed=self.view.find(pod.uid) is not None,
+                ):
                     try:
                         taken = await self.bus.pods.update(key, token, last=revision)
                     except KeyWrongLastSequenceError:
@@ -621,6 +724,23 @@ class Replica:
                     return taken
                 continue
             await self._view_change(CLAIM_POLL_S)
+
+    def _held(self, pod: PodRequest) -> events.Placement | None:
+        """The placement ``pod`` holds in the view's ledgers (a withdrawn node's too)."""
+        found = self.view.find(pod.uid)
+        if found is None:
+            return None
+        ledger = found[0]
+        return events.Placement(
+            pod_uid=pod.uid,
+            namespace=pod.namespace,
+            pod=pod.name,
+            node=ledger.node,
+            slices=tuple(s for s in ledger.slices if s.pod_uid == pod.uid),
+            charge=next(
+                (c for c in ledger.charges if c.pod_uid == pod.uid), PodCharge(pod_uid=pod.uid)
+            ),
+        )
 
     async def _await_gone(self, pod_uid: str) -> bool:
         """True once the view shows ``pod_uid`` in no ledger, False after ``claim_wait_s``."""
@@ -634,13 +754,23 @@ class Replica:
 
     async def _confirm(self, key: str, token: bytes, claim: int) -> bool:
         """Compare-and-set the claim after the ledger commit; False when another replica
-        took it over meanwhile. An unknown outcome counts as confirmed: the commit stands."""
+        took it over, or a release tombstoned it, meanwhile. An unknown outcome is settled
+        by reading the claim back (its token tells); raises ``TemporaryError`` when that
+        fails too: the pod is then not answered, and the claim's holder settles the commit
+        (``_schedule`` takes back a placement it did not make)."""
         try:
             await self.bus.pods.update(key, token, last=claim)
         except KeyWrongLastSequenceError:
             return False
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("claim confirmation uncertain", extra={"key": key, "error": str(exc)})
+            try:
+                entry = await self.bus.pods.get(key)
+            except (KeyNotFoundError, KeyDeletedError):
+                return False
+            except (nats.errors.Error, TimeoutError) as again:
+                raise TemporaryError(f"pods bucket unavailable: {again}") from again
+            return entry.value == token
         return True
 
     async def _take_back(self, pod_uid: str, node: str) -> None:
@@ -649,73 +779,125 @@ class Replica:
         lost: list[str] = []
         for _ in range(self.max_attempts):
             async with self._commits:
-                held = self.view.cluster.placement_of(pod_uid)
-                if held is None or held[0] != node:
+                held = self.view.find(pod_uid)
+                if held is None or held[0].node != node:
                     return
-                ledger = self.view.cluster.ledgers[self.view.cluster.node_index[node]]
-                base = self.view.revisions.get(node, 0)
+                ledger, base = held
                 if await self._commit(ledger.without(pod_uid), last=base):
                     return
             lost.append(node)
         raise Conflicts(lost)
 
-    async def _claim_revision(self, key: str) -> int | None:
-        """The revision of the claim ``key``, None when there is none. Raises
-        ``TemporaryError`` when the pods bucket cannot be read."""
-        try:
-            entry = await self.bus.pods.get(key)
-        except (KeyNotFoundError, KeyDeletedError):
-            return None
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
-        return entry.revision or None
-
-    async def _unclaim(self, key: str, claim: int | None) -> None:
-        """Delete the claim at revision ``claim`` if this replica holds one (a failure is
-        logged: a claim left behind is taken over after ``claim_wait_s``)."""
+    async def _unclaim(self, key: str, claim: int | None, *, restore: bytes | None = None) -> None:
+        """Delete the claim at revision ``claim`` if this replica holds one, or put back
+        the refusal marker ``restore`` it took over (so late copies of the request that
+        was refused stay refused). A failure is logged: a claim left behind is taken over
+        after ``claim_wait_s``."""
         if claim is None:
             return
         try:
-            await self.bus.pods.delete(key, last=claim)
+            if restore is not None:
+                await self.bus.pods.update(key, restore, last=claim)
+            else:
+                await self.bus.pods.delete(key, last=claim)
         except KeyWrongLastSequenceError:
             pass
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("claim not deleted", extra={"key": key, "error": str(exc)})
 
+    async def _refuse(self, key: str, claim: int | None, reason: str) -> None:
+        """Replace the claim held at revision ``claim`` by a refusal marker with
+        ``reason`` (``protocol.refusal``); a failure is logged: the claim is then taken
+        over after ``claim_wait_s``, or deleted by the upkeep."""
+        if claim is None:
+            return
+        try:
+            await self.bus.pods.update(key, protocol.refusal(reason), last=claim)
+        except KeyWrongLastSequenceError:
+            pass  # taken over or tombstoned meanwhile: that claim stands
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("refusal not written", extra={"key": key, "error": str(exc)})
+
+    async def _tombstone(self, pod_uid: str, key: str) -> None:
+        """Write the tombstone of ``pod_uid`` in its claim (``protocol.on_release``): at
+        once when the pod is placed, was refused or has no claim; after the placement
+        under way settled, or stayed unchanged ``claim_wait_s``, when a request holds it.
+
+        Raises ``TemporaryError`` when the pods bucket cannot be read or written.
+        """
+        revision, since = -1, 0.0
+        while True:
+            try:
+                entry: KeyValue.Entry | None = await self.bus.pods.get(key)
+            except (KeyNotFoundError, KeyDeletedError):
+                entry = None
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
+            claim = None if entry is None else protocol.decode_claim(entry.value or b"")
+            now = time.monotonic()
+            rev = 0 if entry is None else entry.revision or 0
+            if rev != revision:
+                revision, since = rev, now
+            step = protocol.on_release(
+                claim,
+                placed=self.view.find(pod_uid) is not None,
+                unchanged_s=now - since,
+                claim_wait_s=self.claim_wait_s,
+            )
+            if step is protocol.Releasing.FREE:
+                return
+            if step is protocol.Releasing.WAIT:
+                await self._view_change(CLAIM_POLL_S)
+                continue
+            try:
+                if entry is None:
+                    await self.bus.pods.create(key, protocol.TOMBSTONE)
+                else:
+                    await self.bus.pods.update(key, protocol.TOMBSTONE, last=rev)
+                return
+            except KeyWrongLastSequenceError:
+                continue
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
+
     async def release(self, pod_uid: str) -> events.Ack:
-        """Free exactly ``pod_uid``'s slices and charge; ``Ack(node=None)`` when it held
-        nothing. Then delete the pod's claim, at the revision read before the ledger
-        commit: a re-schedule of the same UID that took the claim over meanwhile keeps
-        its newer claim. Raises ``Conflicts`` after ``max_attempts`` lost races,
-        ``TemporaryError`` when the ledger or the claim cannot be read, and ``Quarantined``
-        when the pod's node is quarantined (its release waits for the repair)."""
+        """Free exactly ``pod_uid``'s slices and charge, wherever the ledger holds them (a
+        node withdrawn before this replica started too); ``Ack(node=None)`` when it held
+        nothing. The pod's claim is made its tombstone first (``_tombstone``), so no
+        request for the UID commits after the answer (one that committed in between fails
+        its confirmation and takes its slices back). Raises ``Conflicts`` after
+        ``max_attempts`` lost races, ``TemporaryError`` when the ledger or the claim
+        cannot be read, and ``Quarantined`` when the pod's node is quarantined (its release
+        waits for the repair; its claim is left as it is, for the repair to read)."""
         await self._catch_up()
-        key = pod_key(pod_uid)
-        claim: int | None = None
+        held = self.view.find(pod_uid)
+        reason = None if held is None else self.view.cluster.quarantine_reason(held[0].node)
+        if held is not None and reason is not None:
+            raise Quarantined(held[0].node, reason)
+        await self._tombstone(pod_uid, pod_key(pod_uid))
+        await self._catch_up()  # every commit that landed before the tombstone
         lost: list[str] = []
-        for attempt in range(self.max_attempts):
-            if self.view.cluster.placement_of(pod_uid) is None:
-                return events.Ack(pod_uid=pod_uid)
-            if attempt == 0:
-                claim = await self._claim_revision(key)
+        for _ in range(self.max_attempts):
             async with self._commits:
-                held = self.view.cluster.placement_of(pod_uid)
+                held = self.view.find(pod_uid)
                 if held is None:
                     return events.Ack(pod_uid=pod_uid)
-                node, slices, _ = held
-                ledger = self.view.cluster.ledgers[self.view.cluster.node_index[node]]
-                base = self.view.revisions.get(node, 0)
+                ledger, base = held
+                node = ledger.node
+                mine = [s for s in ledger.slices if s.pod_uid == pod_uid]
+                slices = len(mine)
+                namespace = mine[0].namespace if mine else None
                 committed = await self._commit(ledger.without(pod_uid), last=base)
                 if committed is None:  # learnt from the strict re-read
-                    committed = self.view.cluster.placement_of(pod_uid) is None
+                    now = self.view.find(pod_uid)
+                    committed = now is None or now[0].node != node
             if committed:
                 await self._announce(
                     self.subjects.alloc_released(node), events.Release(pod_uid=pod_uid)
                 )
-                if slices:
-                    await self._unreserve_quota(slices[0].namespace, pod_uid)
-                await self._unclaim(key, claim)
-                return events.Ack(pod_uid=pod_uid, node=node, slices=len(slices))
+                if namespace is not None:
+                    await self._unreserve_quota(namespace, pod_uid)
+                return events.Ack(pod_uid=pod_uid, node=node, slices=slices)
             lost.append(node)
         raise Conflicts(lost)
 
@@ -783,17 +965,23 @@ class Replica:
             pod = events.POD_REQUEST.decode(msg.data)
             if not pod.uid:
                 raise ValueError("PodRequest.uid is empty")
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        except MALFORMED_SCHEDULE as exc:
             self._count(errors=1)
-            why = bounds.describe(exc, msg.data) if isinstance(exc, msgspec.MsgspecError) else exc
+            decoding = isinstance(exc, MALFORMED)
+            why = bounds.describe(exc, msg.data) if decoding else exc
             log.warning("malformed schedule request", extra={"error": str(why)})
             await self._reply(msg, events.BusError(reason=f"malformed PodRequest: {why}"))
             return
         decisions.taking(pod.uid, pod)
-        deadline = deadline_of(msg.headers)
+        client = deadline_of(msg.headers)
+        deadline = protocol.door_deadline(
+            client, now=time.time(), default_s=self.default_deadline_s
+        )
         try:
             _check(pod, deadline)
-            decision = await self.schedule(pod, deadline=deadline)
+            decision = await self.schedule(
+                pod, deadline=deadline, stale_copy_possible=client is None
+            )
         except Expired as exc:
             # the client has stopped waiting (and may have re-sent): no answer is read
             self._count(errors=1)
@@ -817,7 +1005,7 @@ class Replica:
     async def _on_release(self, msg: Msg) -> None:
         try:
             request = events.RELEASE_REQUEST.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except MALFORMED as exc:
             self._count(errors=1)
             why = bounds.describe(exc, msg.data)
             log.warning("malformed release request", extra={"error": why})
@@ -852,5 +1040,5 @@ class Replica:
 
 def _check(pod: PodRequest, deadline: float | None) -> None:
     """Raise ``Expired`` when the client's ``deadline`` (Unix seconds) has passed."""
-    if deadline is not None and time.time() > deadline:
+    if not protocol.may_commit(deadline, now=time.time()):
         raise Expired(f"pod {pod.uid}: the client's deadline passed")

@@ -51,6 +51,7 @@ from libshared import quotas as schema
 from libshared.connecting import BusSettings
 from libshared.events import Placement
 from libshared.subjects import pod_key
+from services.scheduler.core import protocol
 from services.scheduler.core import quotas as rules
 
 log = logging.getLogger("vslice.scheduler.quotas")
@@ -344,7 +345,9 @@ class QuotaUpkeep:
             entry = await self.claims.get(pod_key(pod_uid))
         except (KeyNotFoundError, KeyDeletedError):
             return False
-        return bool(entry.value)
+        # a release's tombstone or a refusal marker holds nothing in flight
+        held = protocol.decode_claim(entry.value or b"").kind is protocol.ClaimKind.HELD
+        return bool(entry.value) and held
 
     async def once(self) -> int:
         """One pass over every namespace's value; how many it changed. Raises

@@ -33,7 +33,7 @@ from libshared import kvreads
 from libshared import leases as leasing
 from libshared.subjects import pod_key
 from services.scheduler.adapters.bus import Replica
-from services.scheduler.core import upkeeping
+from services.scheduler.core import protocol, upkeeping
 
 log = logging.getLogger("vslice.scheduler")
 LATE_WINDOW_S = 60.0  # longer than any schedule request's deadline
@@ -59,6 +59,7 @@ class Upkeep:
     purge_every_s: float = 60.0
     marker_age_s: float = 300.0
     orphan_grace_s: float = upkeeping.ORPHAN_GRACE_S
+    tombstone_ttl_s: float = protocol.TOMBSTONE_TTL_S
     released: int = 0
     orphans_deleted: int = 0
     _lease_revs: upkeeping.Revisions = field(default_factory=upkeeping.Revisions)
@@ -163,8 +164,10 @@ class Upkeep:
         return True
 
     async def delete_orphan_claims(self, *, now: float) -> list[str]:
-        """Delete every claim with no ledger entry behind it for ``orphan_grace_s``;
-        returns their keys. None is deleted while a node's ledger is quarantined."""
+        """Delete every claim with no ledger entry behind it for ``orphan_grace_s`` (a
+        tombstone: ``tombstone_ttl_s``), and release again every pod in a ledger behind a
+        tombstone; returns the keys deleted. None is deleted while a node's ledger is
+        quarantined."""
         view = self.replica.view
         unknown = view.cluster.unknown_ledgers()
         if unknown:
@@ -172,14 +175,27 @@ class Upkeep:
             # `vslice repair` rebuilds it from, so none is taken for an orphan meanwhile
             log.info("orphan claims kept: ledgers quarantined", extra={"nodes": sorted(unknown)})
             return []
-        entries = await snapshot(self.claims, headers_only=True)
+        entries = await snapshot(self.claims)  # values: a tombstone is told by its value
         self._claim_revs.observe({k: e.revision or 0 for k, e in entries.items()}, now=now)
         # a ledger waiting for its node's registration holds its pods' claims all the same
         ledgers = [*view.cluster.ledgers, *(ledger for ledger, _ in view.pending.values())]
-        held = {pod_key(uid) for ledger in ledgers for uid in ledger.pods()}
+        held = {pod_key(uid): uid for ledger in ledgers for uid in ledger.pods()}
+        tombstones = {
+            k
+            for k, e in entries.items()
+            if protocol.decode_claim(e.value or b"").kind is protocol.ClaimKind.RELEASED
+        }
+        for uid in upkeeping.tombstoned_pods(held, tombstones):
+            await self._release(uid, why="placed behind its tombstone: released")
         out = []
         orphans = upkeeping.orphan_claims(
-            entries, held, self._claim_revs, now=now, grace_s=self.orphan_grace_s
+            entries,
+            held.keys(),
+            self._claim_revs,
+            now=now,
+            grace_s=self.orphan_grace_s,
+            tombstones=tombstones,
+            tombstone_ttl_s=self.tombstone_ttl_s,
         )
         for key in orphans:
             try:

@@ -8,19 +8,25 @@ server whose clock is off neither keeps a dead lease alive nor ends a live one.
 - A lease (``libshared.leases``) not renewed for its TTL: its ``vslice run`` client is
   gone, and its pod is released (``expired_leases``).
 - A claim in ``<prefix>-pods`` with no ledger entry behind it for ``grace_s``: a replica
-  died between claim and ledger commit, or between release and unclaim; the claim is
-  deleted (``orphan_claims``). The grace is far longer than a claim lives before its
-  commit (``claim_wait_s``), so a claim in flight is never taken for an orphan.
+  died between claim and ledger commit, or a refusal marker outlived its window
+  (``protocol.REFUSAL_TTL_S``); the claim is deleted (``orphan_claims``). The grace is far
+  longer than a claim lives before its commit (``claim_wait_s``), so a claim in flight is
+  never taken for an orphan. A release's tombstone is kept ``tombstone_ttl_s`` instead
+  (``protocol.TOMBSTONE_TTL_S``), and a pod found in a ledger behind a tombstone (a
+  holder that committed late, then died before taking its slices back) is released
+  again (``tombstoned_pods``).
 
 The I/O (reading the buckets, releasing, deleting) is ``services.scheduler.adapters.upkeep``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 
-ORPHAN_GRACE_S = 60.0
+from services.scheduler.core import protocol
+
+ORPHAN_GRACE_S = protocol.REFUSAL_TTL_S
 
 
 @dataclass
@@ -52,14 +58,26 @@ def expired_leases(ttls_s: Mapping[str, float], revisions: Revisions, *, now: fl
 
 def orphan_claims(
     claims: Iterable[str],
-    held: set[str],
+    held: Set[str],
     revisions: Revisions,
     *,
     now: float,
     grace_s: float = ORPHAN_GRACE_S,
+    tombstones: Set[str] = frozenset(),
+    tombstone_ttl_s: float = protocol.TOMBSTONE_TTL_S,
 ) -> list[str]:
     """The claim keys with no pod in ``held`` (the ledger's pods, as claim keys) that
-    kept their revision for at least ``grace_s`` seconds, sorted."""
+    kept their revision for at least ``grace_s`` seconds (``tombstone_ttl_s`` for the
+    keys in ``tombstones``), sorted."""
     return sorted(
-        k for k in claims if k not in held and revisions.unchanged_s(k, now=now) >= grace_s
+        k
+        for k in claims
+        if k not in held
+        and revisions.unchanged_s(k, now=now) >= (tombstone_ttl_s if k in tombstones else grace_s)
     )
+
+
+def tombstoned_pods(held: Mapping[str, str], tombstones: Set[str]) -> list[str]:
+    """The pod UIDs of ``held`` (claim key -> pod UID of every pod in a ledger) whose
+    claim is a tombstone, sorted: each is released again."""
+    return sorted(uid for key, uid in held.items() if key in tombstones)
