@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nats
 import tenacity
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
@@ -48,6 +47,7 @@ log = logging.getLogger("vslice.bus")
 DEFAULT_URL = "nats://127.0.0.1:4222"
 # Refusals of a reconnecting identity in a row before its connection counts as lost.
 MAX_REFUSALS = 20
+VERDICT_S = 20.0  # longest wait for a failed start-up's lost-or-back verdict, seconds
 # The exit status of a service whose connection closed for good: sysexits' EX_TEMPFAIL
 # ("try again later"), for its supervisor to start it again.
 EXIT_BUS_CLOSED = 75
@@ -219,6 +219,24 @@ class Lifeline:
         if self.lost:
             raise BusClosedError(self.name, self.lost)
 
+    async def verdict(self, *, timeout_s: float = VERDICT_S) -> None:
+        """After a bus call failed: while the connection is down, wait up to
+        ``timeout_s`` seconds for it to come back or be lost for good, then ``check`` --
+        so a service whose identity was revoked while it started exits as lost
+        (``EXIT_BUS_CLOSED``), not with the traceback of a timed-out start-up request."""
+        client = self.client
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (
+            client is not None
+            and not client.is_connected
+            and not self.stop.is_set()
+            and loop.time() < deadline
+        ):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 0.1)
+        self.check()
+
 
 async def connect(
     settings: BusSettings,
@@ -237,7 +255,8 @@ async def connect(
     ``nats.errors.Error`` when the server refuses the identity.
     """
     identity = settings.identity_name
-    options: dict[str, object] = {}
+    # nats-py types reconnect_time_wait as int; it is slept, a float works
+    options: dict[str, Any] = {"reconnect_time_wait": 0.5}
     if settings.nkey_seed_path:
         options["nkeys_seed"] = settings.nkey_seed_path
     if settings.creds_path:
@@ -259,17 +278,23 @@ async def connect(
             await watch.error(exc)
 
         report = report_and_count
-    nc = await nats.connect(
-        servers=list(settings.urls),
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=2,
-        drain_timeout=max(1, int(settings.drain_timeout_s)),
-        error_cb=report,
-        allow_reconnect=True,
-        **options,
-    )
+    nc = Client()
+    try:
+        await nc.connect(
+            servers=list(settings.urls),
+            name=name,
+            max_reconnect_attempts=-1,
+            connect_timeout=2,
+            drain_timeout=max(1, int(settings.drain_timeout_s)),
+            error_cb=report,
+            allow_reconnect=True,
+            **options,
+        )
+    except BaseException:
+        # a connect cut short (a caller's timeout, a refusal) leaves no socket behind
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise
     if lifeline is not None:
         lifeline.client = nc
     return nc

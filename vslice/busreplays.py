@@ -316,6 +316,7 @@ def run_seed(
 
 
 AGENT = "replay-agent"  # the process name of an attached replay's node agent
+AGENT_STOP_S = 60.0  # longest wait for it to unregister its fleet and exit, seconds
 
 
 async def _registered_nodes(settings: BusSettings) -> list[NodeDevices]:
@@ -487,7 +488,8 @@ def run_attached(
             try:
                 asyncio.run(release_all(settings, held, concurrency=concurrency))
             finally:
-                stacks.terminate([agent])
+                # its nodes are deleted before it exits: a fleet of 1,000 takes seconds
+                stacks.terminate([agent], timeout_s=AGENT_STOP_S)
                 stacks.with_process(state_dir, AGENT, None)
     assert driven is not None  # else drive raised
     return seed_result(seed, sequence, driven, capacity), driven

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+import nats.errors
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
@@ -93,6 +94,9 @@ async def main(
         await runner.cleanup()
         runner = None
         await watcher.stop()
+    except (nats.errors.Error, TimeoutError):
+        await conn.lifeline.verdict()  # a connection lost for good exits as such
+        raise
     finally:
         if feed is not None:
             await feed.stop()

@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 
+import nats.errors
+
 from libshared import connecting, kubeclients, probes, tlsfiles, traces
 from libshared import leases as leasing
 from services.scheduler.adapters import bus, extender, kube, quotas, upkeep
@@ -112,6 +114,9 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
             log.info("draining", extra={"replica": settings.name})
         await replica.stop()
         await gate.close()
+    except (nats.errors.Error, TimeoutError):
+        await conn.lifeline.verdict()  # a connection lost for good exits as such
+        raise
     finally:
         await conn.close()
         await served.aclose()

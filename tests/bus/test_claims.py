@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import nats.errors
 import nats.js.errors
+import pytest
 from nats.aio.client import Client
 
 from libshared import connecting, events
@@ -102,13 +103,36 @@ async def test_release_leaves_a_tombstone_that_refuses_the_uid_until_the_upkeep_
         started = time.monotonic()
         late = await r.schedule(helpers.pod("again", memory_mib=1000))
         assert isinstance(late, events.Unschedulable) and "was released" in late.reason
-        assert time.monotonic() - started < 1.0  # refused at once, no wait for a holder
+        # refused at once: no wait for a holder (that would take claim_wait_s, 5 s)
+        assert time.monotonic() - started < 4.0
         assert (await helpers.ledgers(nc, bus_settings))["node-0"].slices == ()
         # once the tombstone outlived its TTL the upkeep deletes it: the UID may come back
         keep = upkeep.Upkeep(replica=r, leases=opened.pods, claims=opened.pods)
         keep.tombstone_ttl_s = 0.0
         await keep.delete_orphan_claims(now=time.monotonic())
         assert isinstance(await r.schedule(helpers.pod("again", memory_mib=1000)), events.Placement)
+
+
+async def test_a_reservation_freed_to_be_placed_again_leaves_no_tombstone(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    # the Kubernetes extender frees a reservation kube-scheduler moved or that expired
+    # unbound, and places the same pod again: that release is not final
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=1, gpus=1))
+    opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
+    async with replicas(bus_settings, 1) as (r,):
+        assert isinstance(await r.schedule(helpers.pod("moved", memory_mib=1000)), events.Placement)
+        ack = await r.release("moved", final=False)
+        assert (ack.node, ack.slices) == ("node-0", 1)
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await opened.pods.get(pod_key("moved"))  # claim deleted, no tombstone
+        again = await r.schedule(helpers.pod("moved", memory_mib=2000))
+        assert isinstance(again, events.Placement), again
+        # the pod's final release (deleted from the API) leaves the tombstone
+        assert (await r.release("moved")).slices == 1
+        late = await r.schedule(helpers.pod("moved", memory_mib=1000))
+        assert isinstance(late, events.Unschedulable) and "was released" in late.reason
+        assert (await helpers.ledgers(nc, bus_settings))["node-0"].slices == ()
 
 
 def test_pod_keys_are_uids_when_valid_and_hashes_otherwise() -> None:

@@ -248,3 +248,22 @@ def test_a_service_is_healthy_only_while_it_runs_and_beat_within_three_intervals
         Path("/s"), stack, alive=lambda pid: pid == 1 or running, devices=[], beats=beats
     )
     assert data["healthy"] is (state == "healthy")
+
+
+async def test_a_failed_start_up_call_waits_for_the_lifelines_verdict() -> None:
+    # a start-up request timed out while the connection was down: the service exits as
+    # lost when the lifeline decides so, and keeps the original error when it came back
+    class Down:
+        is_connected = False
+
+    stop = asyncio.Event()
+    lifeline = connecting.Lifeline(stop, name="s")
+    lifeline.client = Down()  # type: ignore[assignment]
+    asyncio.get_running_loop().call_soon(lifeline._lose, "Authorization Violation")
+    with pytest.raises(connecting.BusClosedError, match="Authorization Violation"):
+        await lifeline.verdict(timeout_s=30)
+
+    back = connecting.Lifeline(asyncio.Event(), name="s")
+    back.client = Down()  # type: ignore[assignment]
+    await back.verdict(timeout_s=0.2)  # still down, never lost: no verdict, no raise
+    assert back.lost == ""

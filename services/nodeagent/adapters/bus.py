@@ -51,6 +51,7 @@ log = logging.getLogger("vslice.nodeagent")
 
 PER_NODE_FILTERS = 32  # above this many hosted nodes, filter by wildcard instead
 FETCH_BATCH = 128
+UNREGISTER_AT_ONCE = 64  # node deletions in flight when an agent leaves
 COALESCE_S = 0.02  # pause after a fetch that brought less than a full batch, seconds
 
 
@@ -105,11 +106,16 @@ class Agent:
         """Delete every hosted node from the nodes bucket -- the schedulers withdraw it:
         no new pod goes there, the slices it holds stay booked until released -- and the
         agent's durable consumer. Failures are logged (the agent is leaving either way)."""
-        for node in self.nodes:
-            try:
-                await self.bus.nodes.delete(node.node)
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.warning("unregister failed", extra={"node": node.node, "error": str(exc)})
+        slots = asyncio.Semaphore(UNREGISTER_AT_ONCE)  # a fleet of 1,000 nodes leaves fast
+
+        async def delete(node: str) -> None:
+            async with slots:
+                try:
+                    await self.bus.nodes.delete(node)
+                except (nats.errors.Error, TimeoutError) as exc:
+                    log.warning("unregister failed", extra={"node": node, "error": str(exc)})
+
+        await asyncio.gather(*(delete(node.node) for node in self.nodes))
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await self.js.delete_consumer(self.subjects.alloc_stream, self.durable)
         log.info("unregistered", extra={"nodes": len(self.nodes)})

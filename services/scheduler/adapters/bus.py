@@ -860,7 +860,19 @@ class Replica:
             except (nats.errors.Error, TimeoutError) as exc:
                 raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
 
-    async def release(self, pod_uid: str) -> events.Ack:
+    async def _held_claim(self, key: str) -> int | None:
+        """The revision of the claim ``key`` when it is a holder's (not a marker), else
+        None. Raises ``TemporaryError`` when the pods bucket cannot be read."""
+        try:
+            entry = await self.bus.pods.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
+        held = protocol.decode_claim(entry.value or b"").kind is protocol.ClaimKind.HELD
+        return entry.revision if held else None
+
+    async def release(self, pod_uid: str, *, final: bool = True) -> events.Ack:
         """Free exactly ``pod_uid``'s slices and charge, wherever the ledger holds them (a
         node withdrawn before this replica started too); ``Ack(node=None)`` when it held
         nothing. The pod's claim is made its tombstone first (``_tombstone``), so no
@@ -868,14 +880,24 @@ class Replica:
         its confirmation and takes its slices back). Raises ``Conflicts`` after
         ``max_attempts`` lost races, ``TemporaryError`` when the ledger or the claim
         cannot be read, and ``Quarantined`` when the pod's node is quarantined (its release
-        waits for the repair; its claim is left as it is, for the repair to read)."""
+        waits for the repair; its claim is left as it is, for the repair to read).
+
+        ``final=False`` frees a Kubernetes reservation the same pod is placed again after
+        (moved off kube-scheduler's candidates, or not bound in time): no tombstone, the
+        claim is deleted after the commit instead, at the revision read before it (a
+        request that took the claim over meanwhile keeps its newer claim)."""
         await self._catch_up()
         held = self.view.find(pod_uid)
         reason = None if held is None else self.view.cluster.quarantine_reason(held[0].node)
         if held is not None and reason is not None:
             raise Quarantined(held[0].node, reason)
-        await self._tombstone(pod_uid, pod_key(pod_uid))
-        await self._catch_up()  # every commit that landed before the tombstone
+        key = pod_key(pod_uid)
+        claim: int | None = None  # the held claim to delete after a release not final
+        if final:
+            await self._tombstone(pod_uid, key)
+            await self._catch_up()  # every commit that landed before the tombstone
+        else:
+            claim = await self._held_claim(key)
         lost: list[str] = []
         for _ in range(self.max_attempts):
             async with self._commits:
@@ -897,6 +919,7 @@ class Replica:
                 )
                 if namespace is not None:
                     await self._unreserve_quota(namespace, pod_uid)
+                await self._unclaim(key, claim)
                 return events.Ack(pod_uid=pod_uid, node=node, slices=slices)
             lost.append(node)
         raise Conflicts(lost)

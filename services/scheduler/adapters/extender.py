@@ -174,7 +174,7 @@ class Extender:
         if current is not None and current[0] not in candidates:
             # kube-scheduler no longer offers the node of the pod's reservation
             log.info("reservation off the candidates; placing again", extra={"pod_uid": pod.uid})
-            await self.replica.release(pod.uid)
+            await self.replica.release(pod.uid, final=False)  # the pod is placed again
         # scored before the decision: the message lists each node as it was offered
         scores = recording.node_scores(self.replica.view.cluster, pod, candidates)
         decision: events.Placement | events.Unschedulable

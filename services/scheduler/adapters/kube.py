@@ -348,7 +348,8 @@ class Kube:
     async def _release(self, pod_uid: str, reason: str, counter: str) -> None:
         decisions.taking(pod_uid)
         try:
-            ack = await self.replica.release(pod_uid)
+            # an expired reservation's pod may be placed again: no tombstone for it
+            ack = await self.replica.release(pod_uid, final=counter != "expired")
         except Exception as exc:  # retried by the next sweep
             log.warning("release failed", extra={"pod_uid": pod_uid, "error": str(exc)})
             return
