@@ -268,3 +268,42 @@ async def test_a_holder_that_commits_after_its_claim_was_taken_over_gives_its_sl
         holders = [node for node, ledger in ledgers.items() if "contested" in ledger.pods()]
         assert holders == [second.node] == ["node-1"]
         assert ledgers["node-0"].slices == ()  # committed, then given back
+
+
+async def test_a_stalled_holder_whose_claim_was_taken_over_leaves_the_takers_slices_on_its_node(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    # one node: the taker commits there first, the stalled holder's commit then loses the
+    # race and finds the pod placed; those slices are the taker's, answered to its client
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=1, gpus=1, split=10))
+    async with replicas(bus_settings, 2, claim_wait_s=0.3) as (stalled, other):
+        commit, gate, entered = stalled._commit, asyncio.Event(), asyncio.Event()
+
+        async def stalls(ledger: NodeLedger, **kw: int) -> bool | None:
+            entered.set()
+            await gate.wait()  # held until the other replica took the claim over
+            return await commit(ledger, **kw)
+
+        stalled._commit = stalls  # type: ignore[method-assign]
+        pod = helpers.pod("same-node", memory_mib=1000)
+        first = asyncio.create_task(stalled.schedule(pod))
+        await entered.wait()  # claimed and decided, its commit held
+        second = await other.schedule(pod)  # waits out the claim, takes it over, places
+        assert isinstance(second, events.Placement) and other.stats.takeovers == 1
+        written: list[str] = []  # what the stalled replica commits from now on
+
+        async def counts(ledger: NodeLedger, **kw: int) -> bool | None:
+            done = await commit(ledger, **kw)
+            if done:
+                written.append(",".join(sorted(ledger.pods())) or "-")
+            return done
+
+        stalled._commit = counts  # type: ignore[method-assign]
+        gate.set()
+        assert await first == second  # the stalled holder answers with the taker's placement
+        # ... and never touched the ledger: taking the taker's slices back (and placing
+        # the pod again itself) would leave the taker's answer without its commit
+        assert written == []
+        ledgers = await helpers.ledgers(nc, bus_settings)
+        assert ledgers["node-0"].pods() == {"same-node"}, ledgers["node-0"]
+        assert len(ledgers["node-0"].slices) == 1

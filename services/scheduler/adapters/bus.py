@@ -144,6 +144,13 @@ class View:
         that reason."""
         return self.cluster.quarantine(bad.node, bad.reason, bad.detail)
 
+    def ledger_at(self, node: str) -> tuple[NodeLedger, int] | None:
+        """``node``'s ledger and its revision (a withdrawn node's too), or None."""
+        i = self.cluster.node_index.get(node)
+        if i is not None:
+            return self.cluster.ledgers[i], self.revisions.get(node, 0)
+        return self.pending.get(node)
+
     def find(self, pod_uid: str) -> tuple[NodeLedger, int] | None:
         """The ledger holding ``pod_uid`` and its revision, or None. Ledgers of nodes the
         view does not know (withdrawn before this replica started) count too: their pods
@@ -524,6 +531,19 @@ class Replica:
                 if await self._await_gone(pod.uid):
                     continue
                 if not placed_before:
+                    if not await self._holds_claim(key, token, claim):
+                        # This replica is the stalled one: its claim was taken over and
+                        # the slices are the new holder's. Answer as the claim says.
+                        claim = None
+                        got = await self._await_holder(pod, key, token, stale_copy_possible)
+                        if isinstance(got, events.Unschedulable) and reserved:
+                            await self._unreserve_quota(pod.namespace, pod.uid)
+                        if isinstance(got, events.Placement | events.Unschedulable):
+                            return got
+                        if isinstance(got, int):
+                            claim = got
+                        lost.append("claim")
+                        continue
                     await self._take_back(pod.uid, now_held[0])
                     continue
                 held = self.scheduler.decide(pod, explain=False)
@@ -773,14 +793,25 @@ class Replica:
             return entry.value == token
         return True
 
+    async def _holds_claim(self, key: str, token: bytes, claim: int) -> bool:
+        """True when the claim ``key`` is still this request's (``token`` at revision
+        ``claim``). Raises ``TemporaryError`` when the pods bucket cannot be read."""
+        try:
+            entry = await self.bus.pods.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            return False
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
+        return entry.value == token and entry.revision == claim
+
     async def _take_back(self, pod_uid: str, node: str) -> None:
         """Remove ``pod_uid``'s slices from ``node``'s ledger (no announcement: the pod was
         never answered from here). Raises ``Conflicts`` after ``max_attempts`` lost races."""
         lost: list[str] = []
         for _ in range(self.max_attempts):
             async with self._commits:
-                held = self.view.find(pod_uid)
-                if held is None or held[0].node != node:
+                held = self.view.ledger_at(node)  # that node's: the pod may be on another too
+                if held is None or pod_uid not in held[0].pods():
                     return
                 ledger, base = held
                 if await self._commit(ledger.without(pod_uid), last=base):
