@@ -29,10 +29,10 @@ from libshared import bounds, events, heartbeats, leases, ledgers, resources
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
 
-# JSON grows a character the most as a 4-byte UTF-8 sequence (a control character would
-# take 6 bytes as ``\\u00XX``, but every bounded string refuses those); then an escaped
-# quote (2 bytes), then ASCII.
-_WIDEST = ("\U0001d519", '"', "a", "0")
+# JSON grows a character the most as a control character (6 bytes as ``\\u00XX``, where
+# the pattern allows one), then as a 4-byte UTF-8 sequence; then an escaped quote (2
+# bytes), then ASCII.
+_WIDEST = ("\x01", "\U0001d519", '"', "a", "0")
 # The longest shortest-repr of a double, as msgspec writes it.
 _LONGEST_FLOAT = -2.2250738585072014e-308
 _INT64_MIN = -(1 << 63)
