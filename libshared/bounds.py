@@ -42,11 +42,19 @@ MAX_CPU_MILLI = 10**9
 MAX_DEVICE_CORES = 10_000  # percent, with deviceCoreScaling up to 100
 MAX_INDEX = 1023
 MAX_PAYLOAD_BYTES = 8 << 20  # nats-server max_payload of every vslice server
+MAX_TEXT = 4096  # a reason or problem for people (an exception's text, clipped: ``clip``)
+MAX_ENV_VARS = 32  # variables of one container's environment (the node agent sets <= 27)
+MAX_ENV_NAME = 128
+MAX_ENV_VALUE = 1024  # NVIDIA_VISIBLE_DEVICES of 16 UUIDs of 63 characters, a host path
+MAX_BYTES = MAX_MEMORY_MIB << 20  # one device's memory (or a process's share), bytes
+MAX_PID = 1 << 22  # Linux PID_MAX_LIMIT on 64-bit
 
 # A UID, name or UUID holds no control character (it ends up in file names, logs, keys).
 _PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _NODE = r"^[A-Za-z0-9_=/-]+$"  # one NATS subject token and a KV key
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"  # a C identifier, as the node agent's variables are
+_ASCII_PRINTABLE = r"^[\x20-\x7e]*$"
 
 Uid = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_UID, pattern=_PRINTABLE)]
 PodName = Annotated[str, msgspec.Meta(max_length=MAX_NAME, pattern=_PRINTABLE)]
@@ -68,11 +76,45 @@ CpuMilli = Annotated[int, msgspec.Meta(ge=0, le=MAX_CPU_MILLI)]
 HostMemoryMiB = Annotated[int, msgspec.Meta(ge=0, le=MAX_HOST_MEMORY_MIB)]
 Priority = Annotated[int, msgspec.Meta(ge=0, le=100)]
 Weight = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]  # a device-score weight
+# A UID or empty (an answer to a query too malformed to name its pod).
+UidOrEmpty = Annotated[str, msgspec.Meta(max_length=MAX_UID, pattern=_PRINTABLE)]
+ContainerOrEmpty = Annotated[str, msgspec.Meta(max_length=MAX_LABEL, pattern=_PRINTABLE)]
+# A reason or problem for people: any characters (an exception's text), clipped (``clip``).
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+# One container's environment: C-identifier names, printable ASCII values (4-byte UTF-8
+# would take four times the bytes of a value this long; the paths and UUIDs vslice puts
+# there are ASCII, and the node agent answers Failed for one that is not).
+EnvName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ENV_NAME, pattern=_ENV_NAME)]
+EnvValue = Annotated[str, msgspec.Meta(max_length=MAX_ENV_VALUE, pattern=_ASCII_PRINTABLE)]
+Environment = Annotated[dict[EnvName, EnvValue], msgspec.Meta(max_length=MAX_ENV_VARS)]
+Bytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)]
+Pid = Annotated[int, msgspec.Meta(ge=0, le=MAX_PID)]
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=100)]  # a percent measured, 0-100
+UnixTime = Annotated[float, msgspec.Meta(ge=0)]  # seconds
 
 # What decoding untrusted JSON may raise: msgspec's errors, and RecursionError for a value
 # nested deeper than its recursion limit (``[[[[...`` or ``{"a":{"a":...``, a few KB, far
 # under ``max_payload``), which is not a ``msgspec.DecodeError``. Every door catches both.
 DECODE_ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError, RecursionError)
+
+
+def clip(text: str, n: int = MAX_TEXT) -> str:
+    """``text`` cut to at most ``n`` characters (``n`` >= 4), ending in ``...`` when cut,
+    so an exception's text fits a ``Text`` field. Pure."""
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def violation(value: Any, tp: Any) -> str:
+    """What in ``value`` (a Struct as it would be sent) breaks a bound of type ``tp``, as
+    ``describe`` names it, or ``""`` when it would pass the receiver's door. For a sender
+    to check before it sends what it built from outside figures. Pure."""
+    raw = msgspec.json.encode(value)
+    try:
+        msgspec.json.decode(raw, type=tp)
+    except DECODE_ERRORS as exc:
+        return describe(exc, raw)
+    return ""
+
 
 _PATH = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
 

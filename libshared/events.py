@@ -82,8 +82,16 @@ class Ack(msgspec.Struct, frozen=True, kw_only=True, tag="ack"):
     slices: Annotated[int, msgspec.Meta(ge=0, le=MAX_POD_SLICES)] = 0
 
 
+# The most bytes an admission review request may have: its pod object is free-form, so
+# the door refuses a body over this before decoding it. A pod is far smaller; Kubernetes
+# itself stores no object over 1.5 MiB (etcd's request limit, ``--max-request-bytes``,
+# https://etcd.io/docs/v3.5/dev-guide/limit/), and the webhook takes at most the same 1 MiB.
+MAX_REVIEW_BYTES = 1 << 20
+
+
 class AdmissionReview(msgspec.Struct, frozen=True, kw_only=True, tag="admission-review"):
-    """A pod (Kubernetes JSON object with ``metadata`` and ``spec``) to admit.
+    """A pod (Kubernetes JSON object with ``metadata`` and ``spec``) to admit, in a body of
+    at most ``MAX_REVIEW_BYTES``.
 
     The admission service also accepts the bare pod object as the request body.
     """
@@ -111,19 +119,25 @@ class BusError(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
 
 class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     """A node agent prepared the pod's slices on ``node``; ``env`` is what each container
-    gets (container name -> variable -> value)."""
+    gets (container name -> variable -> value): at most ``bounds.MAX_CONTAINERS``
+    containers of ``bounds.Environment`` each."""
 
-    pod_uid: str
-    node: str
-    env: dict[str, dict[str, str]] = {}
+    pod_uid: bounds.Uid
+    node: bounds.NodeName
+    env: Annotated[
+        dict[bounds.ContainerName, bounds.Environment],
+        msgspec.Meta(max_length=bounds.MAX_CONTAINERS),
+    ] = {}
 
 
 class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
-    """A node agent could not prepare the pod's slices on ``node``: ``reason``."""
+    """A node agent could not prepare the pod's slices on ``node``: ``reason``, at most
+    ``bounds.MAX_TEXT`` characters (``bounds.clip``). ``pod_uid`` is empty in the answer
+    to a query too malformed to name its pod."""
 
-    pod_uid: str
-    node: str
-    reason: str
+    pod_uid: bounds.UidOrEmpty
+    node: bounds.NodeName
+    reason: bounds.Text
 
 
 class SliceQuery(msgspec.Struct, frozen=True, kw_only=True):
@@ -131,7 +145,7 @@ class SliceQuery(msgspec.Struct, frozen=True, kw_only=True):
     ``Ready``/``Failed`` of pod ``pod_uid`` once its slice is prepared, waiting at most
     ``wait_s`` seconds (0-60). The answer goes to the asker's inbox alone."""
 
-    pod_uid: Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+    pod_uid: bounds.Uid
     wait_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 30.0
 
 
@@ -153,6 +167,19 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
     errors: int = 0
 
 
+# A usage report's collections: a row per container slice and device (a device holds at
+# most ``MAX_SPLIT_COUNT`` of them), each naming at most ``MAX_USAGE_PIDS`` processes (a
+# CUDA context each: libvgpu has 1,024 slots per container, a container rarely runs more
+# than a few), and at most ``MAX_ESCAPES`` escapes and ``MAX_PROBLEMS`` problems. The node
+# agent clips its report to these (``services.nodeagent.core.usages.clipped``) and logs
+# what it left out, so the largest report (``libshared.payloads``) fits max_payload.
+MAX_USAGE_ROWS = bounds.MAX_DEVICES_PER_NODE * bounds.MAX_SPLIT_COUNT
+MAX_USAGE_PIDS = 32
+MAX_ESCAPES = 256
+MAX_PROBLEMS = 64
+MAX_PROBLEM = 1024
+
+
 class ContainerUsage(msgspec.Struct, frozen=True, kw_only=True):
     """What one container's processes use of one device of its slice, read back from its
     shared cache file (libvgpu's charges) and NVML.
@@ -162,22 +189,22 @@ class ContainerUsage(msgspec.Struct, frozen=True, kw_only=True):
     compute cap, percent (0: none); ``utilization_percent``: the container's share of the
     device's busy time over the last sampling period, percent 0-100 (None when unknown);
     ``last_kernel_at``: Unix time (seconds) of the container's last kernel launch (None:
-    none yet); ``pids``: host PIDs of its live processes.
+    none yet); ``pids``: host PIDs of its live processes (the first ``MAX_USAGE_PIDS``).
     """
 
-    pod_uid: str
-    namespace: str
-    pod: str
-    container: str
-    container_index: int
-    uuid: str
-    device_index: int
-    used_bytes: int
-    limit_bytes: int
-    sm_limit_percent: int = 0
-    utilization_percent: float | None = None
-    last_kernel_at: float | None = None
-    pids: tuple[int, ...] = ()
+    pod_uid: bounds.Uid
+    namespace: bounds.Namespace
+    pod: bounds.PodName
+    container: bounds.ContainerName
+    container_index: bounds.Index
+    uuid: bounds.DeviceUuid
+    device_index: bounds.Index
+    used_bytes: bounds.Bytes
+    limit_bytes: bounds.Bytes
+    sm_limit_percent: bounds.Percent = 0
+    utilization_percent: bounds.Fraction | None = None
+    last_kernel_at: bounds.UnixTime | None = None
+    pids: Annotated[tuple[bounds.Pid, ...], msgspec.Meta(max_length=MAX_USAGE_PIDS)] = ()
 
 
 class DeviceUsage(msgspec.Struct, frozen=True, kw_only=True):
@@ -186,13 +213,13 @@ class DeviceUsage(msgspec.Struct, frozen=True, kw_only=True):
     memory controller's (``nvmlUtilization_t.memory``, percent of that period the device
     memory was read or written; None when unknown)."""
 
-    uuid: str
-    index: int
-    type: str
-    used_bytes: int
-    total_bytes: int
-    utilization_percent: float | None = None
-    memory_utilization_percent: float | None = None
+    uuid: bounds.DeviceUuid
+    index: bounds.Index
+    type: bounds.DeviceType
+    used_bytes: bounds.Bytes
+    total_bytes: bounds.Bytes
+    utilization_percent: bounds.Fraction | None = None
+    memory_utilization_percent: bounds.Fraction | None = None
 
 
 class Escape(msgspec.Struct, frozen=True, kw_only=True):
@@ -201,12 +228,12 @@ class Escape(msgspec.Struct, frozen=True, kw_only=True):
     the process belongs to (``pod_uid``/``container``; empty when it belongs to none), and
     whether the node agent ``killed`` it (``--enforce=kill``)."""
 
-    pid: int
-    uuid: str
-    used_bytes: int
-    limit_bytes: int
-    pod_uid: str = ""
-    container: str = ""
+    pid: bounds.Pid
+    uuid: bounds.DeviceUuid
+    used_bytes: bounds.Bytes
+    limit_bytes: bounds.Bytes
+    pod_uid: bounds.UidOrEmpty = ""
+    container: bounds.ContainerOrEmpty = ""
     killed: bool = False
 
 
@@ -214,15 +241,21 @@ class NodeUsage(msgspec.Struct, frozen=True, kw_only=True, tag="node-usage"):
     """A node agent's periodic usage report on ``<prefix>.usage.<node>`` (core NATS).
 
     ``at``: Unix time (seconds) of the reading; ``problems``: cache files that could not
-    be read (path and reason), skipped in ``containers``.
+    be read (path and reason), skipped in ``containers``. Each collection is bounded
+    (``MAX_USAGE_ROWS`` and the constants above it).
     """
 
-    node: str
-    at: float
-    devices: tuple[DeviceUsage, ...] = ()
-    containers: tuple[ContainerUsage, ...] = ()
-    escapes: tuple[Escape, ...] = ()
-    problems: tuple[str, ...] = ()
+    node: bounds.NodeName
+    at: bounds.UnixTime
+    devices: Annotated[
+        tuple[DeviceUsage, ...], msgspec.Meta(max_length=bounds.MAX_DEVICES_PER_NODE)
+    ] = ()
+    containers: Annotated[tuple[ContainerUsage, ...], msgspec.Meta(max_length=MAX_USAGE_ROWS)] = ()
+    escapes: Annotated[tuple[Escape, ...], msgspec.Meta(max_length=MAX_ESCAPES)] = ()
+    problems: Annotated[
+        tuple[Annotated[str, msgspec.Meta(max_length=MAX_PROBLEM)], ...],
+        msgspec.Meta(max_length=MAX_PROBLEMS),
+    ] = ()
 
 
 ScheduleReply = Placement | Unschedulable | BusError

@@ -11,9 +11,11 @@ collection at its ``max_length``, every number at its longest decimal form -- an
 it is admissible) and commit it through a real server.
 
 ``KV_VALUES`` and ``MESSAGES`` list what travels, by bucket and by subject; ``MAX_VALUE_BYTES``
-is the budget each must fit (three quarters of ``max_payload``); ``UNBOUNDED`` names
-the messages with a field no bound limits yet (their size follows the fleet, not
-the bounds). ``worst`` raises ``UnboundedError`` naming the field for those. Pure.
+is the budget each must fit (three quarters of ``max_payload``); ``CAPPED`` lists the
+messages with a free-form field (a pod object) that their door bounds by bytes instead,
+refusing a body over the cap before decoding it; ``UNBOUNDED`` names the messages with a
+field no bound limits yet (their size would follow the fleet, not the bounds; none
+today). ``worst`` raises ``UnboundedError`` naming the field for those. Pure.
 """
 
 from __future__ import annotations
@@ -59,14 +61,17 @@ MESSAGES: dict[str, Any] = {
     "vslice.node.<node>.slice": events.SliceQuery,
     "vslice.health.<identity>.<instance>": heartbeats.Heartbeat,
     "vslice.sched.stats (reply)": events.Stats,
-}
-# Messages with a field no bound limits yet, and the field.
-UNBOUNDED: dict[str, Any] = {
-    "vslice.admission.review": events.AdmissionReview,  # a whole pod object
     "vslice.alloc.<node>.ready": events.Ready,
     "vslice.alloc.<node>.failed": events.Failed,
     "vslice.usage.<node>": events.NodeUsage,
 }
+# What each subject carries whose fields are free-form, and the byte cap its door refuses
+# anything over before decoding: an admission review holds a whole pod object.
+CAPPED: dict[str, tuple[Any, int]] = {
+    "vslice.admission.review": (events.AdmissionReview, events.MAX_REVIEW_BYTES),
+}
+# Messages with a field no bound limits yet, and the field (none today).
+UNBOUNDED: dict[str, Any] = {}
 
 
 class UnboundedError(VsliceError):

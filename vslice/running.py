@@ -43,7 +43,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from libshared import annotations as hami_annotations
-from libshared import connecting, events, quarantines, resources
+from libshared import bounds, connecting, events, quarantines, resources
 from libshared import leases as leasing
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
@@ -52,6 +52,8 @@ from libshared.ledgers import NodeLedger
 from libshared.subjects import deadline_headers, pod_key
 from services.nodeagent import settings as nodeagent_settings
 from vslice import stacks
+
+log = logging.getLogger("vslice.run")
 
 READY_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 10.0
@@ -336,6 +338,31 @@ async def _request(nc: Client, subject: str, body: bytes, *, timeout_s: float) -
         raise RunError(f"no answer on {subject} within {timeout_s:.0f} s") from exc
 
 
+async def ask_node(
+    nc: Client, settings: BusSettings, node: str, *, uid: str, wait_s: float
+) -> events.Ready | events.Failed:
+    """The node agent's ``Ready``/``Failed`` for pod ``uid`` on ``node``, waiting up to
+    ``wait_s`` seconds (0-60) for the slice to be prepared.
+
+    Asked of the node agent itself: only its identity may serve this subject (the server
+    enforces it), and the answer comes to this client's inbox alone. Raises ``RunError``
+    when none comes, or for an answer that does not decode or breaks a bound of its type
+    (the field and value named, ``bounds.describe``; logged too).
+    """
+    answered = await _request(
+        nc,
+        settings.subjects.node_slice(node),
+        events.ENCODER.encode(events.SliceQuery(pod_uid=uid, wait_s=wait_s)),
+        timeout_s=wait_s + 5,
+    )
+    try:
+        return events.NODE_ANSWER.decode(answered.data)
+    except bounds.DECODE_ERRORS as exc:
+        why = bounds.describe(exc, answered.data)
+        log.warning("node agent answer refused", extra={"node": node, "error": why})
+        raise RunError(f"no node agent answer for {uid}: refused {why}") from exc
+
+
 async def _slice(
     nc: Client,
     settings: BusSettings,
@@ -386,18 +413,10 @@ async def _slice(
         await _release(nc, settings, uid)
         raise RunError(f"the scheduler answered for {placed.pod_uid} on {placed.node}")
     try:
-        # Asked of the node agent itself: only its identity may serve this subject (the
-        # server enforces it), and the answer comes to this client's inbox alone.
-        answered = await _request(
-            nc,
-            s.node_slice(node),
-            events.ENCODER.encode(events.SliceQuery(pod_uid=uid, wait_s=READY_TIMEOUT_S)),
-            timeout_s=READY_TIMEOUT_S + 5,
-        )
-        answer = events.NODE_ANSWER.decode(answered.data)
-    except (RunError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        answer = await ask_node(nc, settings, node, uid=uid, wait_s=READY_TIMEOUT_S)
+    except RunError:
         await _release(nc, settings, uid)
-        raise RunError(f"no node agent answer for {uid}: {exc}") from exc
+        raise
     if isinstance(answer, events.Failed):
         await _release(nc, settings, uid)
         raise RunError(f"the node agent could not prepare the slice: {answer.reason}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 import nats.errors
 
-from libshared import connecting, events, probes, traces
+from libshared import bounds, connecting, events, probes, traces
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
 from libshared.subjects import valid_node
@@ -263,7 +263,14 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
             usage = slicer.usage(devices, processes, margin_bytes=margin * MIB)
             if usage.escapes:
                 usage = enforce(usage, kill=real.enforce == "kill")
-            if nc is not None:
+            usage, left_out = usages.clipped(usage)
+            if left_out:
+                log.warning("usage report clipped to its bounds", extra={"left_out": left_out})
+            problem = bounds.violation(usage, events.NodeUsage)
+            if problem:
+                # a figure no receiver would take (NVML's, say): the report would be refused
+                log.error("usage report over its bounds, not sent", extra={"error": problem})
+            elif nc is not None:
                 await nc.publish(settings.bus.subjects.usage(node), events.ENCODER.encode(usage))
             slicer.sweep()
             reported.mark()

@@ -88,6 +88,19 @@ def _lengthen(*path: str | int) -> Callable[[dict[str, Any]], None]:
     return grow
 
 
+def _one_more_key(field: str) -> Callable[[dict[str, Any]], None]:
+    def grow(value: dict[str, Any]) -> None:
+        first = next(iter(value[field]))
+        value[field]["b" + first[1:]] = value[field][first]
+
+    return grow
+
+
+def _one_more_variable(value: dict[str, Any]) -> None:
+    env = next(iter(value["env"].values()))
+    env["Z" + next(iter(env))[1:]] = ""
+
+
 @pytest.mark.parametrize(
     ("tp", "grow"),
     [
@@ -99,6 +112,13 @@ def _lengthen(*path: str | int) -> Callable[[dict[str, Any]], None]:
         pytest.param(NodeDevices, _lengthen("devices", 0, "uuid"), id="nodes-longer-uuid"),
         pytest.param(leasing.Lease, _lengthen("holder"), id="lease-longer-holder"),
         pytest.param(heartbeats.Heartbeat, _lengthen("host"), id="heartbeat-longer-host"),
+        pytest.param(events.Failed, _lengthen("reason"), id="failed-longer-reason"),
+        pytest.param(events.Ready, _one_more_key("env"), id="ready-one-more-container"),
+        pytest.param(events.Ready, _one_more_variable, id="ready-one-more-variable"),
+        pytest.param(events.NodeUsage, _append_first("containers"), id="usage-one-more-row"),
+        pytest.param(events.NodeUsage, _append_first("escapes"), id="usage-one-more-escape"),
+        pytest.param(events.NodeUsage, _append_first("problems"), id="usage-one-more-problem"),
+        pytest.param(events.NodeUsage, _lengthen("problems", 0), id="usage-longer-problem"),
     ],
 )
 def test_the_largest_value_is_the_largest_one_more_entry_or_character_is_refused(
@@ -117,11 +137,28 @@ def test_the_largest_strings_are_written_in_the_widest_characters_their_pattern_
     assert payloads.worst(ledgers.NodeLedger)["node"] == "a" * bounds.MAX_NAME  # a subject token
 
 
-@pytest.mark.parametrize("where", sorted(payloads.UNBOUNDED))
+class _Loose(msgspec.Struct):
+    pod_uid: bounds.Uid
+    notes: dict[str, list[str]]
+
+
+@pytest.mark.parametrize("where", ["a sample", *sorted(payloads.UNBOUNDED)])
 def test_a_message_with_an_unbounded_field_is_named_with_that_fields_path(where: str) -> None:
     with pytest.raises(payloads.UnboundedError) as caught:
-        payloads.worst(payloads.UNBOUNDED[where])
+        payloads.worst(payloads.UNBOUNDED.get(where, _Loose))
     assert caught.value.path.startswith("$.") and caught.value.path in str(caught.value)
+
+
+def test_no_message_is_left_unbounded_and_a_capped_ones_cap_fits_the_budget() -> None:
+    assert payloads.UNBOUNDED == {}
+    for where, (_, cap) in payloads.CAPPED.items():
+        assert cap <= payloads.MAX_VALUE_BYTES, where
+
+
+def test_an_unpatterned_string_is_written_in_control_characters_six_bytes_each() -> None:
+    reason = payloads.worst(events.Failed)["reason"]
+    assert len(reason) == bounds.MAX_TEXT
+    assert len(msgspec.json.encode(reason)) == 6 * bounds.MAX_TEXT + 2
 
 
 async def test_the_largest_kv_values_are_written_and_compare_and_set_through_a_real_server(
@@ -165,6 +202,11 @@ async def test_the_largest_messages_are_answered_and_stored_through_a_real_serve
     try:
         for where, tp in payloads.MESSAGES.items():
             raw = msgspec.json.encode(payloads.worst(tp))
+            reply = await nc.request(echo, raw, timeout=LARGE_TIMEOUT_S, headers={"x": where})
+            assert reply.data == raw, where
+        for where, (_, cap) in payloads.CAPPED.items():
+            raw = b'{"pod": "' + b"x" * (cap - 11) + b'"}'
+            assert len(raw) == cap
             reply = await nc.request(echo, raw, timeout=LARGE_TIMEOUT_S, headers={"x": where})
             assert reply.data == raw, where
     finally:

@@ -6,6 +6,7 @@ restart rebuilds everything from the buckets, and a ``NodeUsage`` report shows u
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
@@ -189,6 +191,42 @@ async def test_usage_from_a_node_usage_report_appears_in_hami_vgpu_memory_used_b
     assert labelled("hami_container_device_utilization_ratio", text, **labels) == [55.0]
     assert labelled("hami_vgpu_memory_used_bytes", text, pod="pod-not-in-ledger") == []
     assert labelled("vslice_metrics_rejected_messages_total", text, source="usage") == [1]
+
+
+async def test_a_usage_report_over_its_bounds_is_refused_naming_the_field_and_the_next_is_taken(
+    nc: Client, bus_settings: BusSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=1, gpus=1))
+    held = fx.slice_of("p1", "GPU-0-0", memory_mib=3000)
+    kv = await nc.jetstream().key_value(bus_settings.subjects.ledger_bucket)
+    await kv.put("node-0", fx.ledger("node-0", held))
+    subject = bus_settings.subjects.usage("node-0")
+    over = events.ENCODER.encode(
+        events.NodeUsage(
+            node="node-0",
+            at=time.time(),
+            containers=(fx.line(held, used_bytes=7 * MIB),),
+            problems=("x" * (events.MAX_PROBLEM + 1),),
+        )
+    )
+    good = fx.usage("node-0", time.time(), fx.line(held, used_bytes=1234 * MIB))
+    caplog.set_level(logging.ERROR, logger="vslice.metrics")
+    async with stack.metrics(bus_settings, observe_requests=False) as url:
+        await nc.publish(subject, over)
+
+        async def reported() -> str:
+            await nc.publish(subject, good)
+            await nc.flush()
+            return await stack.get(url + "/metrics")
+
+        text = await stack.until(
+            reported, lambda t: bool(labelled("hami_vgpu_memory_used_bytes", t)), timeout_s=30
+        )
+    assert labelled("hami_vgpu_memory_used_bytes", text, pod="pod-p1") == [1234 * MIB]
+    assert labelled("vslice_metrics_rejected_messages_total", text, source="usage") == [1]
+    (refused,) = [r for r in caplog.records if r.getMessage() == "rejected"]
+    assert getattr(refused, "error", "").startswith("$.problems[0]=")
+    assert f"length <= {events.MAX_PROBLEM}" in refused.error
 
 
 async def test_healthz_and_readyz_answer_while_the_service_serves_on_the_bus(

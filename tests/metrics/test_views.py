@@ -112,13 +112,13 @@ def test_a_containers_devices_are_numbered_in_device_index_order() -> None:
             "usage",
             "n1",
             fx.usage("n1", 1.0, fx.line(fx.slice_of("a", "G0"), used_bytes=-5)),
-            "containers[0].used_bytes=-5: must be >= 0",
+            "$.containers[0].used_bytes=-5: Expected `int` >= 0",
         ),
         (
             "usage",
             "n1",
             fx.usage("n1", 1.0, fx.line(fx.slice_of("a", "G0"), used_bytes=1, utilization=140.0)),
-            "containers[0].utilization_percent=140.0: must be <= 100",
+            "$.containers[0].utilization_percent=140.0: Expected `float` <= 100",
         ),
         (
             "usage",
@@ -137,7 +137,7 @@ def test_a_containers_devices_are_numbered_in_device_index_order() -> None:
                     ),
                 ),
             ),
-            "devices[0].memory_utilization_percent=101.0: must be <= 100",
+            "$.devices[0].memory_utilization_percent=101.0: Expected `float` <= 100",
         ),
     ],
 )

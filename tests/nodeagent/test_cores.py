@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from libshared import annotations, events
@@ -487,3 +488,39 @@ def test_mock_gpus_come_from_the_device_list_else_the_first_node_of_a_fleet_file
     assert [(g.uuid, g.memory_mib) for g in app.open_gpus(listed, listed.slices).discover()] == [
         ("GPU-x", 1000)
     ]
+
+
+def test_a_usage_report_over_its_bounds_is_clipped_saying_what_was_left_out() -> None:
+    row = events.ContainerUsage(
+        pod_uid="p",
+        namespace="default",
+        pod="p",
+        container="main",
+        container_index=0,
+        uuid="GPU-0",
+        device_index=0,
+        used_bytes=1,
+        limit_bytes=2,
+        pids=tuple(range(1, events.MAX_USAGE_PIDS + 3)),
+    )
+    escape = events.Escape(pid=7, uuid="GPU-0", used_bytes=3, limit_bytes=2)
+    usage = events.NodeUsage(
+        node="n1",
+        at=1.0,
+        containers=(row,) * (events.MAX_USAGE_ROWS + 1),
+        escapes=(escape,) * (events.MAX_ESCAPES + 4),
+        problems=("k: " + "x" * events.MAX_PROBLEM,) * (events.MAX_PROBLEMS + 5),
+    )
+    kept, left = usages.clipped(usage)
+    assert left == [
+        "1 container rows",
+        f"{2 * events.MAX_USAGE_ROWS} pids of {events.MAX_USAGE_ROWS} rows",
+        "4 escapes",
+        "5 problems",
+        "the tail of problems over the length bound",
+    ]
+    assert events.NODE_USAGE.decode(events.ENCODER.encode(kept)) == kept
+    assert kept.containers[0].pids == row.pids[: events.MAX_USAGE_PIDS]
+    assert kept.problems[0].endswith("...") and len(kept.problems[0]) == events.MAX_PROBLEM
+    small = msgspec.structs.replace(usage, containers=(), escapes=(), problems=())
+    assert usages.clipped(small) == (small, [])

@@ -2,8 +2,9 @@
 
 The request body is an ``AdmissionReview`` (``{"type": "admission-review", "pod": {...}}``)
 or the bare pod object; the reply is the ``PodRequest`` (untagged JSON), a ``Denial``, or a
-``BusError`` for a body that is not a JSON object. A malformed message is logged and
-answered, never fatal.
+``BusError`` for a body that is not a JSON object or is over ``events.MAX_REVIEW_BYTES``
+(refused before decoding: the pod object is free-form, so its size is bounded by bytes).
+A malformed message is logged and answered, never fatal.
 """
 
 from __future__ import annotations
@@ -31,8 +32,14 @@ _BODY: msgspec.json.Decoder[dict[str, Any]] = msgspec.json.Decoder(dict[str, Any
 def decode_pod(data: bytes) -> dict[str, Any]:
     """The pod object of a review request body (``AdmissionReview`` or bare pod).
 
-    Raises ``ValueError`` naming what is wrong with the body.
+    Raises ``ValueError`` naming what is wrong with the body, one over
+    ``events.MAX_REVIEW_BYTES`` before it is decoded.
     """
+    if len(data) > events.MAX_REVIEW_BYTES:
+        raise ValueError(
+            f"request of {len(data)} bytes is over {events.MAX_REVIEW_BYTES} (1 MiB);"
+            " a pod object is far smaller"
+        )
     try:
         body = _BODY.decode(data)
     except bounds.DECODE_ERRORS as exc:

@@ -206,7 +206,7 @@ class Agent:
             query = events.SLICE_QUERY.decode(msg.data)
         except bounds.DECODE_ERRORS as exc:
             answer: events.Ready | events.Failed = events.Failed(
-                pod_uid="", node=node, reason=f"malformed slice query: {exc}"
+                pod_uid="", node=node, reason=bounds.clip(f"malformed slice query: {exc}")
             )
         else:
             answer = await self._wait_answer(node, query)
@@ -306,7 +306,9 @@ class Agent:
         answer: events.Ready | events.Failed
         if event.node != node:
             answer = events.Failed(
-                pod_uid=event.pod_uid, node=node, reason=f"placement names node {event.node!r}"
+                pod_uid=event.pod_uid,
+                node=node,
+                reason=bounds.clip(f"placement names node {event.node!r}"),
             )
         elif self.slicer is not None:
             if not await self._held(node, event.pod_uid):
@@ -315,6 +317,16 @@ class Agent:
             answer = self.slicer.prepare(event)
         else:
             answer = events.Ready(pod_uid=event.pod_uid, node=node, env=environments.pod_env(event))
+        problem = bounds.violation(answer, type(answer))
+        if problem:
+            # an environment no receiver would take (a value over its length, a non-ASCII
+            # path): the pod fails, saying why, instead of its answer being refused unread
+            log.error("answer over its bounds", extra={"pod_uid": event.pod_uid, "error": problem})
+            answer = events.Failed(
+                pod_uid=event.pod_uid,
+                node=node,
+                reason=bounds.clip(f"the node agent's answer is over its bounds: {problem}"),
+            )
         if isinstance(answer, events.Ready):
             self.prepared[event.pod_uid] = answer
             subject = self.subjects.alloc_ready(node)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libshared import events
+from libshared import bounds, events
 from libshared.ledgers import NodeLedger, PodCharge, Slice
 from services.nodeagent.adapters import hostroots
 from services.nodeagent.core import preparing, usages
@@ -62,7 +62,9 @@ class Slicer:
                 )
         except (ValueError, OSError) as exc:
             log.error("prepare failed", extra={"pod_uid": placement.pod_uid, "error": str(exc)})
-            return events.Failed(pod_uid=placement.pod_uid, node=self.node, reason=str(exc))
+            return events.Failed(
+                pod_uid=placement.pod_uid, node=self.node, reason=bounds.clip(str(exc))
+            )
         for p in plans:
             self.containers[p.key] = usages.Container(
                 key=p.key,

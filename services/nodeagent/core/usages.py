@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from libshared import events
+from libshared import bounds, events
 from libshared.ledgers import Slice
 from services.nodeagent.core.sharedcaches import SharedCache
 
@@ -179,6 +179,48 @@ def report(
             margin_bytes=margin_bytes,
         ),
         problems=problems,
+    )
+
+
+def clipped(usage: events.NodeUsage) -> tuple[events.NodeUsage, list[str]]:
+    """``usage`` within ``NodeUsage``'s bounds, and what was left out (one line per kind,
+    empty when nothing was): the first ``events.MAX_USAGE_ROWS`` container rows, the first
+    ``events.MAX_USAGE_PIDS`` pids of each, the first ``events.MAX_ESCAPES`` escapes and
+    ``events.MAX_PROBLEMS`` problems, each problem cut to ``events.MAX_PROBLEM``
+    characters. Devices are not clipped: a node registers at most as many as a report
+    holds. Pure."""
+    left: list[str] = []
+    rows = usage.containers
+    if len(rows) > events.MAX_USAGE_ROWS:
+        left.append(f"{len(rows) - events.MAX_USAGE_ROWS} container rows")
+        rows = rows[: events.MAX_USAGE_ROWS]
+    cut = [r for r in rows if len(r.pids) > events.MAX_USAGE_PIDS]
+    if cut:
+        left.append(
+            f"{sum(len(r.pids) - events.MAX_USAGE_PIDS for r in cut)} pids of {len(cut)} rows"
+        )
+        rows = tuple(
+            msgspec.structs.replace(r, pids=r.pids[: events.MAX_USAGE_PIDS])
+            if len(r.pids) > events.MAX_USAGE_PIDS
+            else r
+            for r in rows
+        )
+    escaped = usage.escapes
+    if len(escaped) > events.MAX_ESCAPES:
+        left.append(f"{len(escaped) - events.MAX_ESCAPES} escapes")
+        escaped = escaped[: events.MAX_ESCAPES]
+    problems = usage.problems
+    if len(problems) > events.MAX_PROBLEMS:
+        left.append(f"{len(problems) - events.MAX_PROBLEMS} problems")
+        problems = problems[: events.MAX_PROBLEMS]
+    if any(len(p) > events.MAX_PROBLEM for p in problems):
+        left.append("the tail of problems over the length bound")
+        problems = tuple(bounds.clip(p, events.MAX_PROBLEM) for p in problems)
+    if not left:
+        return usage, []
+    return (
+        msgspec.structs.replace(usage, containers=rows, escapes=escaped, problems=problems),
+        left,
     )
 
 
