@@ -47,6 +47,7 @@ log = logging.getLogger("vslice.bus")
 DEFAULT_URL = "nats://127.0.0.1:4222"
 # Refusals of a reconnecting identity in a row before its connection counts as lost.
 MAX_REFUSALS = 20
+CLOSE_S = 5.0  # longest wait for a client's close on the way out, seconds
 VERDICT_S = 20.0  # longest wait for a failed start-up's lost-or-back verdict, seconds
 # The exit status of a service whose connection closed for good: sysexits' EX_TEMPFAIL
 # ("try again later"), for its supervisor to start it again.
@@ -511,6 +512,14 @@ def stop_on_signals(stop: asyncio.Event | None = None) -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+async def close_quietly(nc: Client, *, timeout_s: float = CLOSE_S) -> None:
+    """Close ``nc``, giving up after ``timeout_s`` seconds: a close on the way out of a
+    cancelled task (Ctrl-C) could wait forever for a flush nats-py never finishes, with
+    nothing left on the event loop to wake it. Never raises."""
+    with contextlib.suppress(Exception):  # TimeoutError included: leaving either way
+        await asyncio.wait_for(nc.close(), timeout_s)
 
 
 async def drain_quietly(nc: Client) -> None:

@@ -198,7 +198,7 @@ async def drive(
                 },
             )
     finally:
-        await nc.close()
+        await connecting.close_quietly(nc)  # also when Ctrl-C cancelled the run
     return Driven(placed=placed, latency_ms=latency, wall_s=wall, stats=total)
 
 
@@ -335,7 +335,7 @@ async def _registered_nodes(settings: BusSettings) -> list[NodeDevices]:
                         out.append(quarantines.read_registration(key, entry.value))
         return out
     finally:
-        await nc.close()
+        await connecting.close_quietly(nc)
 
 
 async def _wait_registered(
@@ -367,7 +367,7 @@ async def _wait_registered(
             f"the fleet's {len(names)} nodes not registered after {timeout_s} s"
         )
     finally:
-        await nc.close()
+        await connecting.close_quietly(nc)
 
 
 async def release_all(settings: BusSettings, uids: Sequence[str], *, concurrency: int) -> int:
@@ -398,7 +398,7 @@ async def release_all(settings: BusSettings, uids: Sequence[str], *, concurrency
             for _ in range(max(1, concurrency)):
                 tg.create_task(worker())
     finally:
-        await nc.close()
+        await connecting.close_quietly(nc)
     return freed
 
 

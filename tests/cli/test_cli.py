@@ -24,6 +24,7 @@ from libshared.devices import Device, NodeDevices
 from libshared.ledgers import NodeLedger, PodCharge, Slice
 from libshared.natsserver import NatsServer
 from libshared.permissions import Role
+from tests import signals
 from tests.bus import helpers
 from tests.bus.conftest import repo_root
 from vslice import cli, replays, running, stacks, statuses
@@ -301,7 +302,7 @@ def test_ctrl_c_during_a_parallel_replay_prints_no_traceback_from_any_process(
     ]  # fmt: skip
     with subprocess.Popen(
         argv, cwd=repo_root(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=signals.interruptible,
     ) as proc:  # fmt: skip
         assert proc.stderr is not None
         try:
@@ -444,11 +445,11 @@ def test_ctrl_c_during_a_bus_replay_ends_with_one_line_and_stops_its_stack(
     )
     argv = [
         sys.executable, "-m", "vslice.cli", "replay", str(tmp_path / "pods.csv"),
-        "--fleet", str(tmp_path / "fleet.csv"), "--seeds", "1-60", "--concurrency", "1",
+        "--fleet", str(tmp_path / "fleet.csv"), "--seeds", "1-3", "--concurrency", "1",
     ]  # fmt: skip
     with subprocess.Popen(
         argv, cwd=repo_root(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=signals.interruptible,
     ) as proc:  # fmt: skip
         assert proc.stderr is not None
         try:

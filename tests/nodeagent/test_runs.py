@@ -28,6 +28,7 @@ from libshared import connecting, events
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.ledgers import PodCharge, Slice
+from tests import signals
 from tests.bus import helpers
 from tests.libvgpu import harness
 from tests.metrics import promtext
@@ -85,6 +86,7 @@ class Up:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=signals.interruptible,  # the interrupt test sends SIGINT
         )
 
 
