@@ -923,6 +923,11 @@ class Replica:
         if held is not None and reason is not None:
             raise Quarantined(held[0].node, reason)
         key = pod_key(pod_uid)
+        # What the pod held before its tombstone: a placement another replica answered
+        # before its holder confirmed it is taken back by that holder once the tombstone
+        # fails its confirmation -- freed by this release all the same, and so answered.
+        before = None if held is None else held[0].node
+        count = 0 if held is None else sum(1 for x in held[0].slices if x.pod_uid == pod_uid)
         claim: int | None = None  # the held claim to delete after a release not final
         if final:
             await self._tombstone(pod_uid, key)
@@ -933,6 +938,8 @@ class Replica:
         for _ in range(self.max_attempts):
             async with self._commits:
                 held = self.view.find(pod_uid)
+                if held is None and final and before is not None:
+                    return events.Ack(pod_uid=pod_uid, node=before, slices=count)
                 if held is None:
                     return events.Ack(pod_uid=pod_uid)
                 ledger, base = held
