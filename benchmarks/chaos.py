@@ -384,9 +384,9 @@ def check(
     return lost, double, len(leaked), problems
 
 
-async def serves(settings: BusSettings, uid: str, uuids: Sequence[str]) -> bool:
-    """True when the stack admits, places and releases pod ``uid`` (each request retried
-    for up to ``RESOLVE_S`` seconds)."""
+async def serves(settings: BusSettings, uid: str, uuids: Sequence[str]) -> str:
+    """Why the stack does not serve: '' when it admits, places and releases pod ``uid``
+    (each request retried for up to ``RESOLVE_S`` seconds), else what went wrong."""
     tally = Tally()
     nc = await connecting.connect(settings, name="chaos-after")
     try:
@@ -396,15 +396,17 @@ async def serves(settings: BusSettings, uid: str, uuids: Sequence[str]) -> bool:
             await ask(nc, s.admission_review, events.ENCODER.encode(spec), tally)
         )
         if not isinstance(review, PodRequest):
-            return False
+            return f"admission answered {review!r}"
         body = events.ENCODER.encode(review)
         placed = events.SCHEDULE_REPLY.decode(await ask(nc, s.sched_schedule, body, tally))
         if not isinstance(placed, events.Placement):
-            return False
+            return f"schedule answered {placed!r}"
         ack = events.RELEASE_REPLY.decode(await ask(nc, s.sched_release, release_body(uid), tally))
-        return isinstance(ack, events.Ack) and ack.node == placed.node
-    except Unresolved:
-        return False
+        if not (isinstance(ack, events.Ack) and ack.node == placed.node):
+            return f"release answered {ack!r} for a pod placed on {placed.node}"
+        return ""
+    except Unresolved as exc:
+        return f"no usable answer on {exc} within {RESOLVE_S:g} s"
     finally:
         await nc.close()
 
@@ -533,7 +535,7 @@ async def _drive(
     # the last restart has to be serving before the ledger is read
     final = stacks.read_state(state_dir)
     assert final is not None
-    every_alive = all(stacks.alive(p) for p in final.pids.values())
+    dead = sorted(name for name, pid in final.pids.items() if not stacks.alive(pid))
     nodes, ledgers = await read_fleet(operator)
     lost, double, leaked, problems = check(tally, nodes, ledgers)
     problems = [
@@ -541,7 +543,10 @@ async def _drive(
         *(f"restart after killing {k.name}: {k.error}" for k in kills if k.error),
         *problems,
     ]
-    ok = every_alive and await serves(cli, f"chaos-after-{seed}", uuids)
+    why = f"not running afterwards: {', '.join(dead)}" if dead else ""
+    why = why or await serves(cli, f"chaos-after-{seed}", uuids)
+    if why:
+        problems.append(f"stack not serving afterwards: {why}")
     return Outcome(
         seconds=elapsed,
         clients=clients,
@@ -560,7 +565,7 @@ async def _drive(
         unresolved=len(tally.unresolved),
         kills=kills,
         problems=problems,
-        serving_after=ok,
+        serving_after=not why,
     )
 
 

@@ -284,10 +284,12 @@ def share_table(
     quick: bool,
     against: Path | None = None,
     rounds: int = 1,
+    *,
+    seconds: float | None = None,
 ) -> None:
     """Prints one row per workload, process count and limit; with ``against``, a row for
     that library (``old``) and one for the current (``new``), run alternately ``rounds``
-    times."""
+    times; ``seconds`` is each run's length instead of the workload's."""
     libraries = [("", LIBVGPU)] if against is None else [("old", against), ("new", LIBVGPU)]
     print(
         f"{'kernels':9} {'lib':>3} {'procs':>5} {'limit':>5} {'no limit':>8} {'share':>7} "
@@ -302,17 +304,17 @@ def share_table(
         )
     )
     for kernels in kernel_set:
-        seconds = QUICK_SECONDS[kernels.label] if quick else kernels.seconds
+        run_s = seconds or (QUICK_SECONDS[kernels.label] if quick else kernels.seconds)
         for n in processes:
             short = kernels.us < 100 and not kernels.then_us
             # what the same programs get with no limit (short kernels are host-bound)
             baseline = (
-                share_run(kernels, processes=n, percent=0, seconds=seconds).percent
+                share_run(kernels, processes=n, percent=0, seconds=run_s).percent
                 if short
                 else 100.0
             )
             configs = [
-                (percent, seconds, name, library)
+                (percent, run_s, name, library)
                 for percent in limits
                 for _ in range(rounds)
                 for name, library in libraries
@@ -371,6 +373,9 @@ def main() -> int:
         help="an earlier libvgpu.so: compute rows run with both, alternately",
     )
     parser.add_argument("--rounds", type=int, default=1, help="old/new pairs per row")
+    parser.add_argument(
+        "--seconds", type=float, help="seconds of each compute-share run (default per workload)"
+    )
     options = parser.parse_args()
     for folder in (MOCK_DIR, LIBVGPU_DIR):
         subprocess.run(["make", "-s", "-C", str(folder)], check=True, capture_output=True)
@@ -405,7 +410,15 @@ def main() -> int:
         ]
         limits = [int(p) for p in (options.limits or "10,30,50,90").split(",")]
         print("compute share: saturating programs in one container under CUDA_DEVICE_SM_LIMIT")
-        share_table(kernel_set, processes, limits, options.quick, options.against, options.rounds)
+        share_table(
+            kernel_set,
+            processes,
+            limits,
+            options.quick,
+            options.against,
+            options.rounds,
+            seconds=options.seconds,
+        )
     return 0
 
 

@@ -279,7 +279,26 @@ def flagged(start: Sample, end: Sample) -> list[str]:
     return out
 
 
-async def soak(*, minutes: float, warmup_s: float, clients: int, gpus: int) -> dict[str, object]:
+@dataclass
+class Soaked:
+    """One soak's outcome: its settings, what the loops did, the samples taken idle, after
+    the warm-up (``start``) and at the end, the rows that grew over 10 % (``flagged``; by
+    design until their bounds: ``bounded``), whether each process was alive at the end, and
+    the printed table."""
+
+    minutes: float
+    clients: int
+    churn: Churn
+    idle: Sample
+    start: Sample
+    end: Sample
+    flagged: list[str]
+    bounded: list[str]
+    alive_at_end: dict[str, bool]
+    table: list[str]
+
+
+async def soak(*, minutes: float, warmup_s: float, clients: int, gpus: int) -> Soaked:
     """One soak (see the module docstring); returns its samples, churn and flags."""
     with tempfile.TemporaryDirectory() as tmp:
         state_dir = Path(tmp) / "state"
@@ -321,18 +340,19 @@ async def soak(*, minutes: float, warmup_s: float, clients: int, gpus: int) -> d
             alive = {name: stacks.alive(pid) for name, pid in stack.pids.items()}
         finally:
             vslice(["down", "--state-dir", str(state_dir)], env)
-    return {
-        "minutes": minutes,
-        "clients": clients,
-        "churn": asdict(churn),
-        "idle": asdict(idle),
-        "start": asdict(start),
-        "end": asdict(end),
-        "flagged": [row for row in flagged(start, end) if not by_design(row)],
-        "bounded": [row for row in flagged(start, end) if by_design(row)],
-        "alive_at_end": alive,
-        "table": table(start, end),
-    }
+    grew = flagged(start, end)
+    return Soaked(
+        minutes=minutes,
+        clients=clients,
+        churn=churn,
+        idle=idle,
+        start=start,
+        end=end,
+        flagged=[row for row in grew if not by_design(row)],
+        bounded=[row for row in grew if by_design(row)],
+        alive_at_end=alive,
+        table=table(start, end),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -347,29 +367,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = asyncio.run(
         soak(minutes=args.minutes, warmup_s=args.warmup, clients=args.clients, gpus=args.gpus)
     )
-    churn = result["churn"]
-    assert isinstance(churn, dict)
+    churn = result.churn
     print(
         f"{args.minutes:g} min after {args.warmup:.0f} s of warm-up, {args.clients} clients:"
-        f" placed {churn['placed']}, released {churn['released']},"
-        f" unschedulable {churn['unschedulable']}, errors {churn['errors']};"
-        f" vslice run {churn['runs']} ok, {churn['run_failures']} failed"
+        f" placed {churn.placed}, released {churn.released},"
+        f" unschedulable {churn.unschedulable}, errors {churn.errors};"
+        f" vslice run {churn.runs} ok, {churn.run_failures} failed"
     )
-    for line in result["table"]:  # type: ignore[attr-defined]
+    for line in result.table:
         print(line)
-    print(f"grew over 10 %: {', '.join(result['flagged']) or 'nothing'}")  # type: ignore[arg-type]
+    print(f"grew over 10 %: {', '.join(result.flagged) or 'nothing'}")
     print(
         f"grew over 10 % by design, until their bounds:"
-        f" {', '.join(result['bounded']) or 'nothing'}"  # type: ignore[arg-type]
+        f" {', '.join(result.bounded) or 'nothing'}"
         " (KV_<prefix>-pods and -leases: one delete marker per released pod or lease until"
         " upkeep purges markers older than 5 minutes; the allocation stream: kept a day, at"
         " most 32 MiB / 100,000 messages)"
     )
-    if churn["last_failure"]:
-        print(f"last vslice run failure: {churn['last_failure']}")
+    if churn.last_failure:
+        print(f"last vslice run failure: {churn.last_failure}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    return 0 if all(result["alive_at_end"].values()) else 1  # type: ignore[attr-defined]
+        args.json.write_text(json.dumps(asdict(result), indent=1))
+    return 0 if all(result.alive_at_end.values()) else 1
 
 
 if __name__ == "__main__":

@@ -248,12 +248,14 @@ def test_two_runs_on_one_gpu_see_their_own_totals_and_a_third_that_does_not_fit_
 ) -> None:
     # the holders outlast the third run's whole way through the stack, even on a loaded
     # machine (a holder that ended first would free its memory for the third)
-    first = up.start("--gpumem", "768", "--", *PROBE, "hold", "100", "20")
-    second = up.start("--gpumem", "1024", "--", *PROBE, "hold", "200", "20")
+    done = up.state / "third-done"
+    first = up.start("--gpumem", "768", "--", *PROBE, "hold", "100", "60", str(done))
+    second = up.start("--gpumem", "1024", "--", *PROBE, "hold", "200", "60", str(done))
     try:
         totals = sorted([held(first)["total"], held(second)["total"]])
         third = up.run("--gpumem", "512", "--", *PROBE, "meminfo")
     finally:
+        done.touch()
         codes = [finish(first, timeout_s=90), finish(second, timeout_s=90)]
     assert totals == [768 * MIB, 1024 * MIB]
     assert third.returncode == 3
@@ -439,6 +441,11 @@ def test_a_node_agent_restart_loses_and_duplicates_no_slice(up: Up) -> None:
                 while "p-before" not in readies and time.monotonic() < wait_s:
                     await asyncio.sleep(0.05)
                 os.kill(agent_pid, signal.SIGKILL)
+                # The killed agent's last pull request lives on in the server until its
+                # 1 s fetch timeout: a placement published before then goes to it and is
+                # redelivered only after the ack wait (30 s). Let it expire first, so the
+                # placement waits in the stream for the restarted agent.
+                await asyncio.sleep(1.5)
                 assert isinstance(await helpers.release(nc, bus, "p-before"), events.Ack)
                 down = await helpers.schedule(nc, bus, helpers.pod("p-down", memory_mib=300))
                 assert isinstance(down, events.Placement)

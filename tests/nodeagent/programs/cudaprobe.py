@@ -3,8 +3,8 @@
 ``python cudaprobe.py meminfo``: print ``meminfo free=<bytes> total=<bytes>``.
 ``python cudaprobe.py fill <MiB>``: allocate ``<MiB>`` MiB at a time until the driver
 refuses, printing each result and the error's name (``CUDA_ERROR_OUT_OF_MEMORY``).
-``python cudaprobe.py hold <MiB> <seconds>``: allocate once, print ``held`` and what
-``cuMemGetInfo`` says, sleep, exit.
+``python cudaprobe.py hold <MiB> <seconds> [<path>]``: allocate once, print ``held`` and
+what ``cuMemGetInfo`` says, sleep ``seconds`` (or until ``path`` exists), exit.
 It loads ``libcuda.so.1`` the way any CUDA program does, so it runs on whatever driver
 the library path gives it (the mock in tests), with or without libvgpu preloaded.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import time
+from pathlib import Path
 
 MIB = 1 << 20
 
@@ -44,7 +45,9 @@ def main(argv: list[str]) -> int:
         check(cuda, cuda.cuMemAlloc_v2(ctypes.byref(ptr), size), "cuMemAlloc")
         print(f"held {argv[1]} MiB", flush=True)
         meminfo(cuda)
-        time.sleep(float(argv[2]))
+        until = time.monotonic() + float(argv[2])
+        while time.monotonic() < until and not (len(argv) > 3 and Path(argv[3]).exists()):
+            time.sleep(min(0.05, max(0.0, until - time.monotonic())))
     else:
         print(f"unknown command {command!r}", file=sys.stderr)
         return 2
