@@ -19,7 +19,7 @@ from libshared.ledgers import NodeLedger
 from libshared.subjects import pod_key
 from services.scheduler import app as scheduler_app
 from services.scheduler.adapters import bus, upkeep
-from services.scheduler.core import protocol
+from services.scheduler.core import committing, protocol
 from services.scheduler.settings import Settings
 from tests.bus import helpers
 
@@ -176,15 +176,16 @@ async def test_a_replica_handles_up_to_max_in_flight_requests_at_once(
     await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=2, split=10))
     async with replicas(bus_settings, 1, max_in_flight=3) as (r,):
         entered, gate = 0, asyncio.Event()
-        claim = r._claim
+        perform = r._perform
 
-        async def held_at_the_claim(*args: object) -> int | events.Placement | None:
+        async def held_at_the_claim(op: committing.Op) -> object:
             nonlocal entered
-            entered += 1
-            await gate.wait()
-            return await claim(*args)  # type: ignore[arg-type]
+            if isinstance(op, committing.WriteClaim) and op.last is None:  # the claim
+                entered += 1
+                await gate.wait()
+            return await perform(op)
 
-        r._claim = held_at_the_claim  # type: ignore[method-assign]
+        r._perform = held_at_the_claim  # type: ignore[method-assign]
         sent = [
             asyncio.create_task(
                 helpers.schedule(nc, bus_settings, helpers.pod(f"p{i}", memory_mib=500))

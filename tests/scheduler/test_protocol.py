@@ -4,11 +4,14 @@ while Hypothesis shuffles their steps with clients that give up and re-send (wit
 without the deadline header) or release, requests held in a paused replica's inbox, a
 clock that runs out deadlines and claim waits, lost replies and crashes.
 
-The replicas are step-by-step transcriptions of ``services.scheduler.adapters.bus``'s
-schedule and release: every ``yield`` is a point where anything else may happen, and every
-choice is made by ``services.scheduler.core.protocol``. What they leave out: views that
-lag the buckets (a step here reads the bucket itself; the adapter catches its view up
-before every decision that needs it) and several commits of one replica at once.
+The replicas run the core's own steps (``services.scheduler.core.committing``, which the
+adapter ``services.scheduler.adapters.bus`` runs on NATS): every operation they yield --
+a read or write of a claim, a ledger compare-and-set, the commit lock, the clock -- is a
+point where anything else may happen, and this test performs it on the in-memory buckets.
+Several requests of one replica run at once, as on the bus, one at a time through the
+commit lock. What is left out: views that lag the buckets (the view here reads the buckets
+themselves; the adapter catches its view up before every decision that needs it). Claim
+writes whose answer is lost (landed or not) are in.
 
 Invariants, after every step: no device over its memory; no pod answered on two nodes; no
 pod in two ledgers but for a commit its maker has not confirmed yet (or crashed before
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -37,7 +40,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from services.scheduler.core import protocol
+from libshared import events
+from libshared.ledgers import NodeLedger, PodCharge, Slice
+from libshared.resources import ContainerRequest, PodRequest
+from services.scheduler.core import committing, protocol
 
 CLAIM_WAIT_S = 2.0
 CLIENT_TIMEOUT_S = 3.0
@@ -105,9 +111,14 @@ class Copy:
 
 @dataclass
 class Op:
+    """One request in a replica's hands: the core's steps, the operation they wait on."""
+
     copy: Copy
-    steps: Generator[None, None, Answer | None]
+    steps: committing.Steps
+    pending: committing.Op | None = None
+    started: bool = False
     lost: bool = False
+    committed: set[tuple[str, str]] = field(default_factory=set)  # (uid, node) it committed
 
 
 @dataclass
@@ -117,199 +128,145 @@ class Replica:
     inbox: list[Copy] = field(default_factory=list)
     ops: list[Op] = field(default_factory=list)
     requests: itertools.count[int] = field(default_factory=itertools.count)
+    locked_by: Op | None = None  # the request holding the commit lock
 
 
-Step = Generator[None, None, Answer | None]
+RULES = committing.Rules(max_attempts=MAX_ATTEMPTS, claim_wait_s=CLAIM_WAIT_S, explain=False)
+
+
+def request(uid: str) -> PodRequest:
+    return PodRequest(
+        uid=uid,
+        namespace="default",
+        name=uid,
+        containers=(
+            ContainerRequest(
+                name="main", index=0, init=False, gpu_count=1, memory_mib=NEED_MIB[uid]
+            ),
+        ),
+    )
 
 
 class World:
-    """The buckets, the clock, and the steps of a replica's schedule and release."""
+    """The buckets and the clock; a replica's view of them (``core.committing.Face``,
+    always caught up); the operations of the core's steps performed on them."""
 
     def __init__(self) -> None:
         self.now = 0.0
         self.claims: Bucket[bytes] = Bucket()
-        self.ledgers: Bucket[frozenset[str]] = Bucket()
-        # (uid, node) of every commit its maker has not confirmed or given back yet
+        self.ledgers: Bucket[NodeLedger] = Bucket()
+        # (uid, node) of every commit whose request has not answered or given it back yet
         self.unconfirmed: set[tuple[str, str]] = set()
+        # the next claim write's answer is lost: it lands (True) or not (False)
+        self.lose_next_write: bool | None = None
 
-    def ledger(self, node: str) -> frozenset[str]:
+    def node_ledger(self, node: str) -> NodeLedger:
         held = self.ledgers.get(node)
-        return frozenset() if held is None else held[0]
+        return NodeLedger(node=node) if held is None else held[0]
+
+    def ledger(self, node: str) -> set[str]:
+        return self.node_ledger(node).pods()
 
     def holders(self, uid: str) -> list[str]:
         return [n for n in NODES if uid in self.ledger(n)]
 
     def free_mib(self, node: str) -> int:
-        return MEMORY_MIB - sum(NEED_MIB[u] for u in self.ledger(node))
+        return MEMORY_MIB - sum(s.memory_mib for s in self.node_ledger(node).slices)
 
-    # -- schedule (Replica.schedule) --------------------------------------------------
+    # -- the view (committing.Face) -------------------------------------------------------
 
-    def schedule(self, r: Replica, copy: Copy) -> Step:
-        uid, key = copy.uid, copy.uid
-        stale = copy.client_deadline is None
-        deadline = protocol.door_deadline(copy.client_deadline, now=self.now)
-        token = protocol.token(r.name, f"{r.incarnation}.{next(r.requests)}")
-        taken: bytes | None = None  # the refusal marker this request took over
-        claim: int | None = None
-        claimed_at = 0.0
-        for _ in range(MAX_ATTEMPTS):
-            if claim is None:
-                if not protocol.may_commit(deadline, now=self.now):
-                    return None  # expired: no answer
-                claimed_at = self.now
-                placed_before = bool(self.holders(uid))
-                got = yield from self._claim(uid, key, token, stale)
-                if isinstance(got, Answer):
-                    return got
-                if got is None:
-                    continue
-                claim, taken = got
-            held = self.holders(uid)
-            if held:
-                # claimed here, yet placed: a doomed commit of a former holder (placed
-                # after the claim) is taken back; one placed before is adopted
-                if not placed_before:
-                    yield from self._take_back(uid, held[0])
-                    continue
-                self.claims.update(key, token, last=claim)
-                return Answer("placed", held[0])
-            fits = [n for n in NODES if self.free_mib(n) >= NEED_MIB[uid]]
-            if not fits:
-                yield
-                reason = "0/2 nodes fit"
-                self.claims.update(key, protocol.refusal(reason), last=claim)
-                return Answer("unschedulable", reason=reason)
-            node = fits[0]
-            base = self.ledgers.revision(node)
-            value = self.ledger(node) | {uid}
-            yield  # a decision and its commit are apart: the replica may stall here
-            if not protocol.may_commit(deadline, now=self.now):
-                if taken is not None:
-                    self.claims.update(key, taken, last=claim)
+    @property
+    def seen_seq(self) -> int:
+        return self.ledgers.seq
+
+    def decide(
+        self, pod: PodRequest, *, nodes: list[str] | None, explain: bool
+    ) -> events.Placement | events.Unschedulable:
+        held = self.holders(pod.uid)
+        fits = held or [n for n in NODES if self.free_mib(n) >= NEED_MIB[pod.uid]]
+        if not fits:
+            return events.Unschedulable(pod_uid=pod.uid, reason="0/2 nodes fit")
+        if held:
+            placed = committing.held_placement(self, pod)
+            assert placed is not None
+            return placed
+        return events.Placement(
+            pod_uid=pod.uid,
+            namespace=pod.namespace,
+            pod=pod.name,
+            node=fits[0],
+            slices=(
+                Slice(
+                    pod_uid=pod.uid,
+                    namespace=pod.namespace,
+                    pod=pod.name,
+                    container="main",
+                    container_index=0,
+                    uuid=f"GPU-{fits[0]}",
+                    device_index=0,
+                    memory_mib=NEED_MIB[pod.uid],
+                    cores_percent=0,
+                ),
+            ),
+            charge=PodCharge(pod_uid=pod.uid),
+        )
+
+    def node_of(self, pod_uid: str) -> str | None:
+        held = self.holders(pod_uid)
+        return held[0] if held else None
+
+    def find(self, pod_uid: str) -> tuple[NodeLedger, int] | None:
+        node = self.node_of(pod_uid)
+        return None if node is None else (self.node_ledger(node), self.ledgers.revision(node))
+
+    def ledger_at(self, node: str) -> tuple[NodeLedger, int] | None:
+        return self.node_ledger(node), self.ledgers.revision(node)
+
+    def ledger_with(self, placement: events.Placement) -> tuple[NodeLedger, int]:
+        cur = self.node_ledger(placement.node).without(placement.pod_uid)
+        ledger = NodeLedger(node=cur.node, slices=(*cur.slices, *placement.slices))
+        return ledger, self.ledgers.revision(placement.node)
+
+    def quarantine_reason(self, node: str) -> str | None:
+        return None
+
+    # -- the operations (what adapters.bus.Replica._perform does on NATS) -----------------
+
+    def perform(self, op: committing.Op) -> object:
+        match op:
+            case committing.Clock():
+                return committing.Times(monotonic=self.now, wall=self.now)
+            case committing.ReadClaim(key=key):
+                entry = self.claims.get(key)
+                return None if entry is None else committing.Entry(*entry)
+            case committing.WriteClaim(key=key, value=value, last=last):
+                lands, self.lose_next_write = self.lose_next_write, None
+                if lands is not None:
+                    if lands:
+                        self.perform(op)
+                    return committing.Outcome.UNKNOWN
+                if last is None:
+                    rev = self.claims.create(key, value)
                 else:
-                    self.claims.delete(key, last=claim)
-                return None
-            if self.ledgers.update(node, value, last=base) is None:
-                yield
-                continue
-            self.unconfirmed.add((uid, node))
-            yield
-            slow = protocol.must_confirm(elapsed_s=self.now - claimed_at, claim_wait_s=CLAIM_WAIT_S)
-            if not slow or self.claims.update(key, token, last=claim) is not None:
-                self.unconfirmed.discard((uid, node))
-                return Answer("placed", node)
-            yield
-            # taken over or tombstoned meanwhile: give the slices back, answer as the
-            # claim says
-            yield from self._take_back(uid, node)
-            claim, taken = None, None
-            got = yield from self._await_holder(uid, key, token, stale)
-            if isinstance(got, Answer):
-                return got
-            if got is not None:
-                claim, taken = got
-        reason = "lost the ledger race"
-        if claim is not None:
-            self.claims.update(key, protocol.refusal(reason), last=claim)
-        return Answer("unschedulable", reason=reason)
+                    rev = self.claims.update(key, value, last=last)
+                return committing.Outcome.LOST if rev is None else committing.Wrote(rev)
+            case committing.DeleteClaim(key=key, last=last):
+                deleted = self.claims.delete(key, last=last)
+                return committing.Wrote(0) if deleted else committing.Outcome.LOST
+            case committing.CommitLedger(ledger=ledger, last=last):
+                before = self.ledger(ledger.node)
+                if self.ledgers.update(ledger.node, ledger, last=last) is None:
+                    return False
+                after = ledger.pods()
+                self.unconfirmed |= {(uid, ledger.node) for uid in after - before}
+                self.unconfirmed -= {(uid, ledger.node) for uid in before - after}
+                return True
+        # CatchUp, Reread, WaitView: the view is always caught up; Announce, quotas, notes:
+        # nothing here reads them
+        return None
 
-    def _claim(
-        self, uid: str, key: str, token: bytes, stale: bool
-    ) -> Generator[None, None, tuple[int, bytes | None] | Answer | None]:
-        rev = self.claims.create(key, token)
-        yield
-        if rev is not None:
-            return rev, None
-        return (yield from self._await_holder(uid, key, token, stale))
 
-    def _await_holder(
-        self, uid: str, key: str, token: bytes, stale: bool
-    ) -> Generator[None, None, tuple[int, bytes | None] | Answer | None]:
-        revision, since = -1, 0.0
-        while True:
-            entry = self.claims.get(key)
-            claim = None if entry is None else protocol.decode_claim(entry[0])
-            found = protocol.on_claim(claim, mine=token, stale_copy_possible=stale)
-            if found is protocol.Found.REFUSE:
-                assert claim is not None
-                return Answer("unschedulable", reason=protocol.refused_reason(uid, claim))
-            held = self.holders(uid)
-            if held:
-                return Answer("placed", held[0])
-            if entry is None:
-                return None
-            if found is protocol.Found.OURS:
-                return entry[1], None
-            if found is protocol.Found.TAKE_OVER:
-                rev = self.claims.update(key, token, last=entry[1])
-                yield
-                if rev is not None:
-                    return rev, entry[0]
-                continue
-            if entry[1] != revision:
-                revision, since = entry[1], self.now
-            elif protocol.may_take_over(
-                unchanged_s=self.now - since,
-                claim_wait_s=CLAIM_WAIT_S,
-                placed=bool(self.holders(uid)),
-            ):
-                rev = self.claims.update(key, token, last=revision)
-                yield
-                if rev is not None:
-                    return rev, None
-                continue
-            yield  # wait for the holder
-
-    def _take_back(self, uid: str, node: str) -> Generator[None, None, None]:
-        for _ in range(MAX_ATTEMPTS * 4):
-            if uid not in self.ledger(node):
-                break
-            base = self.ledgers.revision(node)
-            yield
-            if self.ledgers.update(node, self.ledger(node) - {uid}, last=base) is not None:
-                break
-        self.unconfirmed.discard((uid, node))
-
-    # -- release (Replica.release) ------------------------------------------------------
-
-    def release(self, uid: str) -> Step:
-        key = uid
-        revision, since = -1, 0.0
-        while True:  # _tombstone
-            entry = self.claims.get(key)
-            claim = None if entry is None else protocol.decode_claim(entry[0])
-            rev = 0 if entry is None else entry[1]
-            if rev != revision:
-                revision, since = rev, self.now
-            step = protocol.on_release(
-                claim,
-                placed=bool(self.holders(uid)),
-                unchanged_s=self.now - since,
-                claim_wait_s=CLAIM_WAIT_S,
-            )
-            yield
-            if step is protocol.Releasing.FREE:
-                break
-            if step is protocol.Releasing.WAIT:
-                continue
-            if entry is None:
-                written = self.claims.create(key, protocol.TOMBSTONE)
-            else:
-                written = self.claims.update(key, protocol.TOMBSTONE, last=rev)
-            yield
-            if written is not None:
-                break
-        for _ in range(MAX_ATTEMPTS * 4):
-            held = self.holders(uid)
-            if not held:
-                return Answer("released")
-            node = held[0]
-            base = self.ledgers.revision(node)
-            value = self.ledger(node) - {uid}
-            yield
-            if self.ledgers.update(node, value, last=base) is not None:
-                return Answer("released", node)
-        return None  # conflicts: an error answer, no ack
+Face: type[committing.Face] = World  # the world is the view the protocol reads
 
 
 class Interleavings(RuleBasedStateMachine):
@@ -386,11 +343,17 @@ class Interleavings(RuleBasedStateMachine):
         if not r.inbox:
             return
         copy = r.inbox.pop(0)
-        steps = (
-            self.world.schedule(r, copy)
-            if copy.kind == "schedule"
-            else self.world.release(copy.uid)
-        )
+        if copy.kind == "schedule":
+            req = committing.Request(
+                pod=request(copy.uid),
+                key=copy.uid,
+                token=protocol.token(r.name, f"{r.incarnation}.{next(r.requests)}"),
+                deadline=protocol.door_deadline(copy.client_deadline, now=self.world.now),
+                stale_copy_possible=copy.client_deadline is None,
+            )
+            steps = committing.schedule(self.world, RULES, req)
+        else:
+            steps = committing.release(self.world, RULES, copy.uid, copy.uid)
         r.ops.append(Op(copy=copy, steps=steps))
 
     @rule(at=st.integers(0, 2), which=st.integers(0, 7))
@@ -417,24 +380,71 @@ class Interleavings(RuleBasedStateMachine):
         if r.ops:
             r.ops[which % len(r.ops)].lost = True
 
+    @rule(lands=st.booleans())
+    def lose_a_write_answer(self, lands: bool) -> None:
+        """The next claim write's answer never comes (a NATS timeout); it landed or not."""
+        self.world.lose_next_write = lands
+
     @rule(at=st.integers(0, 2))
     def crash(self, at: int) -> None:
         r = self.replicas[at % len(self.replicas)]
         r.ops, r.inbox = [], []  # a restarted replica: requests in hand are gone
+        r.locked_by = None
         r.incarnation += 1
 
     def _advance(self, r: Replica, op: Op) -> None:
+        """Perform the operation ``op`` waits on and run its steps to the next one (a
+        request waiting for the commit lock another holds stays where it is)."""
+        if isinstance(op.pending, committing.Lock) and r.locked_by not in (None, op):
+            return
         try:
-            next(op.steps)
+            if not op.started:
+                op.started = True
+                op.pending = next(op.steps)
+                return
+            result = self._perform(r, op)
+            op.pending = op.steps.send(result)
         except StopIteration as done:
-            r.ops.remove(op)
-            if done.value is not None:
-                self._deliver(op, done.value)
+            self._end(r, op)
+            self._deliver(op, done.value)
+        except (committing.Expired, committing.Conflicts, committing.TemporaryError):
+            self._end(r, op)  # answered with an error, or not at all
 
-    def _deliver(self, op: Op, answer: Answer) -> None:
+    def _perform(self, r: Replica, op: Op) -> object:
+        pending = op.pending
+        if isinstance(pending, committing.Lock):
+            r.locked_by = op
+            return None
+        if isinstance(pending, committing.Unlock):
+            r.locked_by = None
+            return None
+        assert pending is not None
+        if not isinstance(pending, committing.CommitLedger):
+            return self.world.perform(pending)
+        node = pending.ledger.node
+        before = self.world.ledger(node)
+        result = self.world.perform(pending)
+        if result:
+            op.committed |= {(uid, node) for uid in pending.ledger.pods() - before}
+        return result
+
+    def _end(self, r: Replica, op: Op) -> None:
+        r.ops.remove(op)
+        if r.locked_by is op:
+            r.locked_by = None
+
+    def _deliver(self, op: Op, value: object) -> None:
         uid = op.copy.uid
-        if answer.kind == "placed":
+        if isinstance(value, events.Placement):
+            answer = Answer("placed", value.node)
+            if (uid, value.node) in op.committed:
+                self.world.unconfirmed.discard((uid, value.node))  # its maker answered it
             assert uid not in self.release_acked, f"{uid} placed after its release was acked"
+        elif isinstance(value, events.Unschedulable):
+            answer = Answer("unschedulable", reason=value.reason)
+        else:
+            assert isinstance(value, events.Ack)
+            answer = Answer("released", value.node)
         if op.lost or self.waiting.get(uid) is not op.copy:
             return  # nobody reads it
         if self.world.now > op.copy.sent_at + CLIENT_TIMEOUT_S:
@@ -489,6 +499,7 @@ class Interleavings(RuleBasedStateMachine):
         # released, so there is room; then every request still queued is handled (the
         # late copies), and the upkeep releases whatever sits behind a tombstone.
         self.world.now += 1000.0
+        self.world.lose_next_write = None
         self._finish_ops()
         refused = {
             uid
@@ -497,7 +508,7 @@ class Interleavings(RuleBasedStateMachine):
         }
         for uid in UIDS:
             if uid not in refused and uid not in self.release_asked:
-                _drain(self.world, self.world.release(uid))
+                _release(self.world, uid)
                 self.release_asked.add(uid)
         for r in self.replicas:
             while r.inbox:
@@ -509,22 +520,27 @@ class Interleavings(RuleBasedStateMachine):
                 protocol.decode_claim(entry[0]).kind is protocol.ClaimKind.RELEASED
             )
             if dead and self.world.holders(uid):
-                _drain(self.world, self.world.release(uid))
+                _release(self.world, uid)
         for uid in self.release_acked:
             assert not self.world.holders(uid), f"{uid} came back after its release was acked"
         for uid in refused - self.release_asked:
             assert not self.world.holders(uid), f"{uid} answered Unschedulable, then placed"
 
 
-def _drain(world: World, steps: Step) -> Answer | None:
-    """Run an operation alone to its end, the clock running."""
-    for _ in range(1000):
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-        world.now += 0.5
+def _drain(world: World, steps: committing.Steps) -> object:
+    """Run an operation alone to its end, the clock running (no other holds the lock)."""
+    try:
+        op = next(steps)
+        for _ in range(1000):
+            op = steps.send(world.perform(op))
+            world.now += 0.5
+    except StopIteration as done:
+        return done.value
     raise AssertionError("an operation never finished")
+
+
+def _release(world: World, uid: str) -> object:
+    return _drain(world, committing.release(world, RULES, uid, uid))
 
 
 class ThreeReplicas(Interleavings):

@@ -1,43 +1,22 @@
-"""The scheduler on the bus: watch the buckets into a view, decide, commit by compare-and-set.
+"""The scheduler on the bus: watch the buckets into a view, perform the commit protocol's
+steps on NATS, answer the request subjects.
 
 A replica keeps a ``Cluster`` (the core's view) of ``<prefix>-nodes`` and
 ``<prefix>-ledger`` by watching both buckets, and the ledger revision each node's view
 was built from. It trusts the view only for choosing: a placement is committed by
 ``kv.update(node, ledger, last=revision)`` on that node's ledger key, which fails when any
-other replica changed the node in between. The loser re-reads the key and decides again,
-up to ``max_attempts`` times, then answers ``Unschedulable`` naming the lost races. There
-is no leader and no lock across replicas: two replicas can never both commit against the
-same revision, so no memory is ever booked twice (the double booking of HAMi #2232).
+other replica changed the node in between, so no memory is ever booked twice (the double
+booking of HAMi #2232); there is no leader and no lock across replicas. A pod is claimed in
+``<prefix>-pods`` before it is placed, and a release leaves a tombstone there.
 
-A compare-and-set on one node's key cannot stop two replicas that got the same pod UID at
-the same moment from placing it on two different nodes. So a replica first claims the pod
-in ``<prefix>-pods`` with ``kv.create`` (key ``pod_key(uid)``, value a token naming the
-replica and the request), which only one replica can do; the others wait until their view
-shows the winner's placement and answer with it. A pod in a ledger always has its claim
-(placing claims before committing, releasing frees the slices before deleting the claim,
-at the revision it read), so the claim also makes a re-sent request idempotent on any
-replica: a pod placed before the re-send still holds its claim, and the re-send is
-answered with its placement. A claim left by a replica that died before committing is
-taken over, by compare-and-set, once it stayed unchanged for ``claim_wait_s`` and a
-caught-up view shows the pod in no ledger; should its slow holder commit after all, its
-confirmation of the claim fails and it takes its slices back, so the pod ends on one node.
-Before answering ``Unschedulable`` a replica waits until its view has caught up with the
-ledger stream as it was when the request arrived, so a release committed before the
-request is never missed.
-
-Late requests cannot bring a pod back (``services.scheduler.core.protocol`` holds the
-rules): a release first turns the pod's claim into a tombstone, then frees the slices, so a
-schedule request for the UID handled afterwards -- one delayed behind a paused replica,
-say -- is refused, and a holder that commits after the tombstone fails its confirmation
-and takes its slices back. An ``Unschedulable`` answer leaves a refusal marker in the claim,
-repeated to requests without the client's deadline header (a late copy of the request
-already answered may be one). Every request has a deadline: its client's
-(``DEADLINE_HEADER``), else one given at the door (``default_deadline_s`` after it reached
-the handler); it is checked before the claim and right before the ledger compare-and-set.
-Release frees a pod's slices wherever the ledger holds them, a withdrawn node's too.
-
-Each replica handles up to ``max_in_flight`` requests at once; their claims,
-announcements and replies overlap, while decisions and ledger commits go one at a time.
+What to do, step by step, is ``services.scheduler.core.committing`` (its module docstring
+is the protocol's theory of operation; the rules are ``services.scheduler.core.protocol``):
+``schedule``, ``release`` and ``adopt`` yield operations, which ``Replica._perform``
+carries out here -- KV reads and writes, the ledger compare-and-set (a lost race re-reads
+the key), catching the view up with the ledger stream, waiting for the view to change,
+announcing on the allocation stream, charging quotas. Each replica handles up to
+``max_in_flight`` requests at once; their claims, announcements and replies overlap, while
+decisions and ledger commits go one at a time (the commit lock).
 
 What it leaves to others: the decision (``services.scheduler.core``), wiring and signals
 (``services.scheduler.app``).
@@ -67,17 +46,17 @@ from nats.js.errors import (
     KeyWrongLastSequenceError,
     NoKeysError,
 )
-from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
 from libshared import bounds, events, quarantines
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
-from libshared.ledgers import NodeLedger, PodCharge
+from libshared.ledgers import NodeLedger
 from libshared.resources import PodRequest
 from libshared.subjects import SCHEDULERS_QUEUE, Subjects, deadline_of, pod_key
 from services.scheduler.adapters import decisions
 from services.scheduler.adapters.quotas import QuotaGate, QuotaUnavailable
-from services.scheduler.core import protocol
+from services.scheduler.core import committing, protocol
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
 
@@ -165,35 +144,45 @@ class View:
         return None
 
 
-class TemporaryError(Exception):
-    """The bus could not be read well enough to answer; the request may be sent again.
-
-    Answered as a ``BusError`` whose reason starts with ``"temporary:"``.
-    """
-
-
-class Expired(Exception):
-    """The client's deadline for a schedule request passed before anything was committed."""
+# the protocol's errors, raised by its steps (and by the performer: TemporaryError)
+TemporaryError = committing.TemporaryError
+Expired = committing.Expired
+Quarantined = committing.Quarantined
+Conflicts = committing.Conflicts
 
 
-class Quarantined(Exception):
-    """The pod's node is quarantined: its ledger cannot be changed until a readable value
-    comes back (``vslice repair NODE``). ``node``, ``reason`` (a ``quarantines`` code)."""
+@dataclass
+class ReplicaFace:
+    """The replica's view and scheduler as the protocol reads them
+    (``core.committing.Face``)."""
 
-    def __init__(self, node: str, reason: str) -> None:
-        self.node, self.reason = node, reason
-        super().__init__(
-            f"node {node!r} is quarantined ({reason}): its ledger is not changed until it is"
-            f" readable again (`vslice repair {node}` rebuilds it)"
-        )
+    view: View
+    scheduler: Scheduler
 
+    @property
+    def seen_seq(self) -> int:
+        return self.view.seen_seq
 
-class Conflicts(Exception):
-    """Every attempt lost the ledger race: ``nodes`` lists the node of each lost attempt."""
+    def decide(
+        self, pod: PodRequest, *, nodes: list[str] | None, explain: bool
+    ) -> events.Placement | events.Unschedulable:
+        return self.scheduler.decide(pod, nodes=nodes, explain=explain)
 
-    def __init__(self, nodes: list[str]) -> None:
-        self.nodes = nodes
-        super().__init__(f"lost the ledger race {len(nodes)} times (nodes {', '.join(nodes)})")
+    def node_of(self, pod_uid: str) -> str | None:
+        held = self.view.cluster.placement_of(pod_uid)
+        return None if held is None else held[0]
+
+    def find(self, pod_uid: str) -> tuple[NodeLedger, int] | None:
+        return self.view.find(pod_uid)
+
+    def ledger_at(self, node: str) -> tuple[NodeLedger, int] | None:
+        return self.view.ledger_at(node)
+
+    def ledger_with(self, placement: events.Placement) -> tuple[NodeLedger, int]:
+        return self.view.cluster.ledger_with(placement), self.view.revisions.get(placement.node, 0)
+
+    def quarantine_reason(self, node: str) -> str | None:
+        return self.view.cluster.quarantine_reason(node)
 
 
 @dataclass
@@ -231,13 +220,20 @@ class Replica:
     _tokens: Iterator[int] = field(init=False, default_factory=itertools.count)
     # tells this process's claims from those of an earlier one of the same name
     _incarnation: str = field(init=False, default_factory=lambda: secrets.token_hex(4))
-    # token -> the refusal marker its request took over (put back should it expire)
-    _taken_markers: dict[bytes, bytes] = field(init=False, default_factory=dict)
+    _face: ReplicaFace = field(init=False)
+    _rules: committing.Rules = field(init=False)
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight {self.max_in_flight}: must be >= 1")
         self.view = View(cluster=self.scheduler.cluster)
+        self._face = ReplicaFace(self.view, self.scheduler)
+        self._rules = committing.Rules(
+            max_attempts=self.max_attempts,
+            claim_wait_s=self.claim_wait_s,
+            claim_poll_s=CLAIM_POLL_S,
+            explain=self.explain,
+        )
         self.stats = events.Stats(name=self.name)
         self._slots = asyncio.Semaphore(self.max_in_flight)
 
@@ -427,11 +423,8 @@ class Replica:
         (the key is re-read, so the next decision sees the winner's commit); None when
         the outcome is unknown: the key is re-read strictly to learn it, which raises
         ``TemporaryError`` while it cannot be read, and the caller looks at the view.
-        Raises ``Quarantined`` for a quarantined node (nothing is written)."""
+        The core checks the node's quarantine before (``committing``)."""
         node = ledger.node
-        reason = self.view.cluster.quarantine_reason(node)
-        if reason is not None:
-            raise Quarantined(node, reason)
         try:
             rev = await self.bus.ledger.update(node, events.ENCODER.encode(ledger), last=last)
         except KeyWrongLastSequenceError:
@@ -451,7 +444,7 @@ class Replica:
         self._notify()
         return True
 
-    # -- the two operations ---------------------------------------------------------------
+    # -- the two operations: the core's steps, performed on the bus ---------------------
 
     async def schedule(
         self,
@@ -464,160 +457,27 @@ class Replica:
         """Place ``pod`` and commit it; the existing placement when it already holds slices,
         or the placement of the replica that holds the pod's claim. ``nodes`` restricts a
         new placement to those nodes (kube-scheduler's candidates); an existing placement
-        is returned wherever it is.
-
-        The pod is claimed first (one ``kv.create``): a replica that gets the claim knows
-        no other replica holds or places the pod (a placed pod keeps its claim until its
-        release has freed its slices), so a new pod costs no read of the ledger stream; a
-        replica that does not get it answers with the holder's placement.
+        is returned wherever it is. The steps are ``core.committing.schedule``'s.
 
         Returns ``Unschedulable`` when nothing fits, or after ``max_attempts`` lost races
         (its reason says so), and leaves that answer in the claim (``protocol``); also when
         the pod's claim is a release's tombstone, or a refusal a request that may be a late
         copy (``stale_copy_possible``: it came without its client's deadline) must repeat.
-        Raises ``TemporaryError`` when the bus cannot be read, and ``Expired`` when the
-        client's ``deadline`` (Unix seconds) passes before a claim or a commit: nothing is
-        committed for a request its client has given up on.
+        Raises ``TemporaryError`` when the bus cannot be read, ``Expired`` when the
+        client's ``deadline`` (Unix seconds) passes before a claim or a commit (nothing is
+        committed for a request its client has given up on), ``Quarantined`` when the
+        chosen node is quarantined.
         """
-        key = pod_key(pod.uid)
-        token = protocol.token(self.name, f"{self._incarnation}.{next(self._tokens)}")
-        try:
-            return await self._schedule(
-                pod,
-                key=key,
-                token=token,
-                deadline=deadline,
-                nodes=nodes,
-                stale_copy_possible=stale_copy_possible,
-            )
-        finally:
-            self._taken_markers.pop(token, None)
-
-    async def _schedule(
-        self,
-        pod: PodRequest,
-        *,
-        key: str,
-        token: bytes,
-        deadline: float | None,
-        nodes: list[str] | None,
-        stale_copy_possible: bool,
-    ) -> events.Placement | events.Unschedulable:
-        claim: int | None = None  # revision of the claim this replica holds
-        claimed_at = 0.0  # monotonic time before that claim was written
-        caught_up = False
-        reserved = False  # a quota charge was reserved for the pod
-        lost: list[str] = []
-        for _ in range(self.max_attempts):
-            if claim is None:
-                _check(pod, deadline)
-                claimed_at = time.monotonic()
-                placed_before = self.view.find(pod.uid) is not None
-                got = await self._claim(pod, key, token, stale_copy_possible)
-                if isinstance(got, events.Placement | events.Unschedulable):
-                    return got
-                if got is None:  # the holder gave its claim up: claim again
-                    lost.append("claim")
-                    continue
-                claim = got
-            now_held = self.view.cluster.placement_of(pod.uid)
-            if now_held is not None:
-                # Claimed here, yet the view shows the pod placed. Placed after the claim:
-                # a stalled former holder committed after this replica took its claim
-                # over; its confirmation fails and it takes its slices back, or, dead,
-                # leaves them: wait for that, then take them back here (they were never
-                # answered). Placed before: a pod committed without a claim (``adopt``)
-                # or a view lagging a release: wait, then adopt the placement.
-                if await self._await_gone(pod.uid):
-                    continue
-                if not placed_before:
-                    if not await self._holds_claim(key, token, claim):
-                        # This replica is the stalled one: its claim was taken over and
-                        # the slices are the new holder's. Answer as the claim says.
-                        claim = None
-                        got = await self._await_holder(pod, key, token, stale_copy_possible)
-                        if isinstance(got, events.Unschedulable) and reserved:
-                            await self._unreserve_quota(pod.namespace, pod.uid)
-                        if isinstance(got, events.Placement | events.Unschedulable):
-                            return got
-                        if isinstance(got, int):
-                            claim = got
-                        lost.append("claim")
-                        continue
-                    await self._take_back(pod.uid, now_held[0])
-                    continue
-                held = self.scheduler.decide(pod, explain=False)
-                assert isinstance(held, events.Placement)  # a held pod decides so
-                await self._confirm(key, token, claim)
-                return held
-            expired = False
-            async with self._commits:
-                if self.view.cluster.placement_of(pod.uid) is not None:
-                    continue  # the view changed while waiting for the lock: see above
-                decision = self.scheduler.decide(pod, nodes=nodes, explain=self.explain)
-                if isinstance(decision, events.Placement):
-                    node = decision.node
-                    ledger = self.view.cluster.ledger_with(decision)
-                    base = self.view.revisions.get(node, 0)
-                    if not protocol.may_commit(deadline, now=time.time()):
-                        expired = True
-                    elif (refused := await self._reserve_quota(decision)) is not None:
-                        decision = events.Unschedulable(pod_uid=pod.uid, reason=refused)
-                        caught_up = True  # the quota was read afresh: no catching up
-                    else:
-                        reserved = True
-                        committed = await self._commit(ledger, last=base)
-                        if committed is None:  # learnt from the strict re-read
-                            now = self.view.cluster.placement_of(pod.uid)
-                            committed = now is not None and now[0] == node
-            if isinstance(decision, events.Unschedulable) and not caught_up:
-                # Nothing fits in this view: before saying so, make the view hold every
-                # commit (a release, say) made before the request arrived, as a caught-up
-                # view would have decided; decide again if that changed anything.
-                seen = self.view.seen_seq
-                await self._catch_up()
-                caught_up = True
-                if self.view.seen_seq != seen:
-                    continue
-            if reserved and (expired or isinstance(decision, events.Unschedulable)):
-                await self._unreserve_quota(pod.namespace, pod.uid)
-            if expired:
-                await self._unclaim(key, claim, restore=self._taken_markers.get(token))
-                raise Expired(f"pod {pod.uid}: the client's deadline passed")
-            if isinstance(decision, events.Unschedulable):
-                await self._refuse(key, claim, decision.reason)
-                return decision
-            if not committed:
-                lost.append(node)
-                continue
-            # A claim can be taken over only after it stayed unchanged for claim_wait_s
-            # and the taker's caught-up view showed the pod in no ledger. A commit that
-            # landed well within claim_wait_s of the claim is in any such view, so only a
-            # slower one confirms the claim (a lease's reasoning; clocks only need to
-            # run at about the same rate).
-            slow = protocol.must_confirm(
-                elapsed_s=time.monotonic() - claimed_at, claim_wait_s=self.claim_wait_s
-            )
-            if not slow or await self._confirm(key, token, claim):
-                await self._announce(self.subjects.alloc_decided(node), decision)
-                return decision
-            # Another replica took the claim over, or a release tombstoned it, while this
-            # commit was slow: give the slices back and answer as the claim says.
-            await self._take_back(pod.uid, node)
-            claim = None
-            claimed_at = time.monotonic()
-            got = await self._await_holder(pod, key, token, stale_copy_possible)
-            if isinstance(got, events.Unschedulable) and reserved:
-                await self._unreserve_quota(pod.namespace, pod.uid)
-            if isinstance(got, events.Placement | events.Unschedulable):
-                return got
-            if isinstance(got, int):
-                claim = got
-            lost.append(node)
-        if reserved:
-            await self._unreserve_quota(pod.namespace, pod.uid)
-        answer = events.Unschedulable(pod_uid=pod.uid, reason=str(Conflicts(lost)))
-        await self._refuse(key, claim, answer.reason)
+        request = committing.Request(
+            pod=pod,
+            key=pod_key(pod.uid),
+            token=protocol.token(self.name, f"{self._incarnation}.{next(self._tokens)}"),
+            deadline=deadline,
+            nodes=nodes,
+            stale_copy_possible=stale_copy_possible,
+        )
+        answer = await self._run(committing.schedule(self._face, self._rules, request))
+        assert isinstance(answer, events.Placement | events.Unschedulable)
         return answer
 
     async def adopt(self, placement: events.Placement) -> bool:
@@ -630,354 +490,117 @@ class Replica:
         ``max_attempts`` lost races, ``TemporaryError`` when the ledger cannot be read,
         ``Quarantined`` when the node is quarantined.
         """
-        await self._catch_up()
-        lost: list[str] = []
-        for _ in range(self.max_attempts):
-            held = self.view.cluster.placement_of(placement.pod_uid)
-            if held is not None:
-                return held[0] == placement.node
-            async with self._commits:
-                ledger = self.view.cluster.ledger_with(placement)
-                base = self.view.revisions.get(placement.node, 0)
-                committed = await self._commit(ledger, last=base)
-            if committed is None:
-                await self._reread(placement.node, strict=True)
-                continue
-            if committed:
-                await self._announce(self.subjects.alloc_decided(placement.node), placement)
-                return True
-            lost.append(placement.node)
-        raise Conflicts(lost)
-
-    async def _claim(
-        self, pod: PodRequest, key: str, token: bytes, stale_copy_possible: bool
-    ) -> int | events.Placement | events.Unschedulable | None:
-        """Claim ``pod`` with ``token`` as the claim's value: the claim's revision when
-        this replica got it, else what ``_await_holder`` returns. A create whose answer
-        was lost is settled by reading the claim back (its token tells whose it is).
-
-        Raises ``TemporaryError`` when the pods bucket cannot be written or read.
-        """
-        uncertain = False
-        for _ in range(3):
-            try:
-                return await self.bus.pods.create(key, token)
-            except KeyWrongLastSequenceError:
-                pass
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.warning("claim uncertain", extra={"key": key, "error": str(exc)})
-                uncertain = True
-            if uncertain:
-                try:
-                    entry = await self.bus.pods.get(key)
-                except (KeyNotFoundError, KeyDeletedError):
-                    continue  # it did not land: create again
-                except (nats.errors.Error, TimeoutError) as exc:
-                    raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
-                if entry.value == token:
-                    return entry.revision or 0
-            break
-        else:
-            raise TemporaryError(f"pod {pod.uid}: its claim could not be written")
-        self._count(claims_lost=1)
-        return await self._await_holder(pod, key, token, stale_copy_possible)
-
-    async def _await_holder(
-        self, pod: PodRequest, key: str, token: bytes, stale_copy_possible: bool
-    ) -> int | events.Placement | events.Unschedulable | None:
-        """Wait for the holder of ``pod``'s claim to commit. Returns its placement once the
-        view shows it; None when the claim is gone; the revision of the claim when this
-        replica took it over (``token`` as its value; unchanged for ``claim_wait_s`` and
-        the pod in no ledger, or a refusal it may decide afresh); ``Unschedulable`` when
-        the claim is a tombstone or a refusal to repeat (``protocol.on_claim``).
-
-        Raises ``TemporaryError`` when the pods bucket cannot be read.
-        """
-        revision, deadline = -1, 0.0
-        while True:
-            try:
-                entry = await self.bus.pods.get(key)
-            except (KeyNotFoundError, KeyDeletedError):
-                entry = None
-            except (nats.errors.Error, TimeoutError) as exc:
-                raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
-            claim = None if entry is None else protocol.decode_claim(entry.value or b"")
-            found = protocol.on_claim(claim, mine=token, stale_copy_possible=stale_copy_possible)
-            if found is protocol.Found.REFUSE:
-                assert claim is not None  # REFUSE names a claim
-                return events.Unschedulable(
-                    pod_uid=pod.uid, reason=protocol.refused_reason(pod.uid, claim)
-                )
-            held = self._held(pod)
-            if held is not None:
-                return held
-            if entry is None:
-                return None
-            if found is protocol.Found.OURS:
-                return entry.revision or 0
-            if found is protocol.Found.TAKE_OVER:
-                try:
-                    self._taken_markers[token] = entry.value or b""
-                    return await self.bus.pods.update(key, token, last=entry.revision)
-                except KeyWrongLastSequenceError:
-                    continue
-                except (nats.errors.Error, TimeoutError) as exc:
-                    raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
-            now = time.monotonic()
-            if entry.revision != revision:
-                revision, deadline = entry.revision or 0, now + self.claim_wait_s
-            elif now >= deadline:
-                await self._catch_up()
-                if protocol.may_take_over(
-                    unchanged_s=now - deadline + self.claim_wait_s,
-                    claim_wait_s=self.claim_wait_s,
-                    placed=self.view.find(pod.uid) is not None,
-                ):
-                    try:
-                        taken = await self.bus.pods.update(key, token, last=revision)
-                    except KeyWrongLastSequenceError:
-                        continue
-                    except (nats.errors.Error, TimeoutError) as exc:
-                        raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
-                    self._count(takeovers=1)
-                    log.warning("took over a stale claim", extra={"pod_uid": pod.uid})
-                    return taken
-                continue
-            await self._view_change(CLAIM_POLL_S)
-
-    def _held(self, pod: PodRequest) -> events.Placement | None:
-        """The placement ``pod`` holds in the view's ledgers (a withdrawn node's too)."""
-        found = self.view.find(pod.uid)
-        if found is None:
-            return None
-        ledger = found[0]
-        return events.Placement(
-            pod_uid=pod.uid,
-            namespace=pod.namespace,
-            pod=pod.name,
-            node=ledger.node,
-            slices=tuple(s for s in ledger.slices if s.pod_uid == pod.uid),
-            charge=next(
-                (c for c in ledger.charges if c.pod_uid == pod.uid), PodCharge(pod_uid=pod.uid)
-            ),
-        )
-
-    async def _await_gone(self, pod_uid: str) -> bool:
-        """True once the view shows ``pod_uid`` in no ledger, False after ``claim_wait_s``."""
-        deadline = time.monotonic() + self.claim_wait_s
-        while self.view.cluster.placement_of(pod_uid) is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            await self._view_change(min(left, CLAIM_POLL_S))
-        return True
-
-    async def _confirm(self, key: str, token: bytes, claim: int) -> bool:
-        """Compare-and-set the claim after the ledger commit; False when another replica
-        took it over, or a release tombstoned it, meanwhile. An unknown outcome is settled
-        by reading the claim back (its token tells); raises ``TemporaryError`` when that
-        fails too: the pod is then not answered, and the claim's holder settles the commit
-        (``_schedule`` takes back a placement it did not make)."""
-        try:
-            await self.bus.pods.update(key, token, last=claim)
-        except KeyWrongLastSequenceError:
-            return False
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("claim confirmation uncertain", extra={"key": key, "error": str(exc)})
-            try:
-                entry = await self.bus.pods.get(key)
-            except (KeyNotFoundError, KeyDeletedError):
-                return False
-            except (nats.errors.Error, TimeoutError) as again:
-                raise TemporaryError(f"pods bucket unavailable: {again}") from again
-            return entry.value == token
-        return True
-
-    async def _holds_claim(self, key: str, token: bytes, claim: int) -> bool:
-        """True when the claim ``key`` is still this request's (``token`` at revision
-        ``claim``). Raises ``TemporaryError`` when the pods bucket cannot be read."""
-        try:
-            entry = await self.bus.pods.get(key)
-        except (KeyNotFoundError, KeyDeletedError):
-            return False
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
-        return entry.value == token and entry.revision == claim
-
-    async def _take_back(self, pod_uid: str, node: str) -> None:
-        """Remove ``pod_uid``'s slices from ``node``'s ledger (no announcement: the pod was
-        never answered from here). Raises ``Conflicts`` after ``max_attempts`` lost races."""
-        lost: list[str] = []
-        for _ in range(self.max_attempts):
-            async with self._commits:
-                held = self.view.ledger_at(node)  # that node's: the pod may be on another too
-                if held is None or pod_uid not in held[0].pods():
-                    return
-                ledger, base = held
-                if await self._commit(ledger.without(pod_uid), last=base):
-                    return
-            lost.append(node)
-        raise Conflicts(lost)
-
-    async def _unclaim(self, key: str, claim: int | None, *, restore: bytes | None = None) -> None:
-        """Delete the claim at revision ``claim`` if this replica holds one, or put back
-        the refusal marker ``restore`` it took over (so late copies of the request that
-        was refused stay refused). A failure is logged: a claim left behind is taken over
-        after ``claim_wait_s``."""
-        if claim is None:
-            return
-        try:
-            if restore is not None:
-                await self.bus.pods.update(key, restore, last=claim)
-            else:
-                await self.bus.pods.delete(key, last=claim)
-        except KeyWrongLastSequenceError:
-            pass
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("claim not deleted", extra={"key": key, "error": str(exc)})
-
-    async def _refuse(self, key: str, claim: int | None, reason: str) -> None:
-        """Replace the claim held at revision ``claim`` by a refusal marker with
-        ``reason`` (``protocol.refusal``); a failure is logged: the claim is then taken
-        over after ``claim_wait_s``, or deleted by the upkeep."""
-        if claim is None:
-            return
-        try:
-            await self.bus.pods.update(key, protocol.refusal(reason), last=claim)
-        except KeyWrongLastSequenceError:
-            pass  # taken over or tombstoned meanwhile: that claim stands
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("refusal not written", extra={"key": key, "error": str(exc)})
-
-    async def _tombstone(self, pod_uid: str, key: str) -> None:
-        """Write the tombstone of ``pod_uid`` in its claim (``protocol.on_release``): at
-        once when the pod is placed, was refused or has no claim; after the placement
-        under way settled, or stayed unchanged ``claim_wait_s``, when a request holds it.
-
-        Raises ``TemporaryError`` when the pods bucket cannot be read or written.
-        """
-        revision, since = -1, 0.0
-        while True:
-            try:
-                entry: KeyValue.Entry | None = await self.bus.pods.get(key)
-            except (KeyNotFoundError, KeyDeletedError):
-                entry = None
-            except (nats.errors.Error, TimeoutError) as exc:
-                raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
-            claim = None if entry is None else protocol.decode_claim(entry.value or b"")
-            now = time.monotonic()
-            rev = 0 if entry is None else entry.revision or 0
-            if rev != revision:
-                revision, since = rev, now
-            step = protocol.on_release(
-                claim,
-                placed=self.view.find(pod_uid) is not None,
-                unchanged_s=now - since,
-                claim_wait_s=self.claim_wait_s,
-            )
-            if step is protocol.Releasing.FREE:
-                return
-            if step is protocol.Releasing.WAIT:
-                await self._view_change(CLAIM_POLL_S)
-                continue
-            try:
-                if entry is None:
-                    await self.bus.pods.create(key, protocol.TOMBSTONE)
-                else:
-                    await self.bus.pods.update(key, protocol.TOMBSTONE, last=rev)
-                return
-            except KeyWrongLastSequenceError:
-                continue
-            except (nats.errors.Error, TimeoutError) as exc:
-                raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
-
-    async def _held_claim(self, key: str) -> int | None:
-        """The revision of the claim ``key`` when it is a holder's (not a marker), else
-        None. Raises ``TemporaryError`` when the pods bucket cannot be read."""
-        try:
-            entry = await self.bus.pods.get(key)
-        except (KeyNotFoundError, KeyDeletedError):
-            return None
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
-        held = protocol.decode_claim(entry.value or b"").kind is protocol.ClaimKind.HELD
-        return entry.revision if held else None
+        return bool(await self._run(committing.adopt(self._face, self._rules, placement)))
 
     async def release(self, pod_uid: str, *, final: bool = True) -> events.Ack:
         """Free exactly ``pod_uid``'s slices and charge, wherever the ledger holds them (a
         node withdrawn before this replica started too); ``Ack(node=None)`` when it held
-        nothing. The pod's claim is made its tombstone first (``_tombstone``), so no
-        request for the UID commits after the answer (one that committed in between fails
-        its confirmation and takes its slices back). Raises ``Conflicts`` after
-        ``max_attempts`` lost races, ``TemporaryError`` when the ledger or the claim
-        cannot be read, and ``Quarantined`` when the pod's node is quarantined (its release
-        waits for the repair; its claim is left as it is, for the repair to read).
+        nothing. The pod's claim is made its tombstone first, so no request for the UID
+        commits after the answer (one that committed in between fails its confirmation
+        and takes its slices back). Raises ``Conflicts`` after ``max_attempts`` lost
+        races, ``TemporaryError`` when the ledger or the claim cannot be read, and
+        ``Quarantined`` when the pod's node is quarantined (its release waits for the
+        repair; its claim is left as it is, for the repair to read).
 
         ``final=False`` frees a Kubernetes reservation the same pod is placed again after
         (moved off kube-scheduler's candidates, or not bound in time): no tombstone, the
         claim is deleted after the commit instead, at the revision read before it (a
-        request that took the claim over meanwhile keeps its newer claim)."""
-        await self._catch_up()
-        held = self.view.find(pod_uid)
-        reason = None if held is None else self.view.cluster.quarantine_reason(held[0].node)
-        if held is not None and reason is not None:
-            raise Quarantined(held[0].node, reason)
-        key = pod_key(pod_uid)
-        # What the pod held before its tombstone: a placement another replica answered
-        # before its holder confirmed it is taken back by that holder once the tombstone
-        # fails its confirmation -- freed by this release all the same, and so answered.
-        before = None if held is None else held[0].node
-        count = 0 if held is None else sum(1 for x in held[0].slices if x.pod_uid == pod_uid)
-        claim: int | None = None  # the held claim to delete after a release not final
-        if final:
-            await self._tombstone(pod_uid, key)
-            await self._catch_up()  # every commit that landed before the tombstone
-        else:
-            claim = await self._held_claim(key)
-        lost: list[str] = []
-        for _ in range(self.max_attempts):
-            async with self._commits:
-                held = self.view.find(pod_uid)
-                if held is None and final and before is not None:
-                    return events.Ack(pod_uid=pod_uid, node=before, slices=count)
-                if held is None:
-                    return events.Ack(pod_uid=pod_uid)
-                ledger, base = held
-                node = ledger.node
-                mine = [s for s in ledger.slices if s.pod_uid == pod_uid]
-                slices = len(mine)
-                namespace = mine[0].namespace if mine else None
-                committed = await self._commit(ledger.without(pod_uid), last=base)
-                if committed is None:  # learnt from the strict re-read
-                    now = self.view.find(pod_uid)
-                    committed = now is None or now[0].node != node
-            if committed:
-                await self._announce(
-                    self.subjects.alloc_released(node), events.Release(pod_uid=pod_uid)
-                )
-                if namespace is not None:
-                    await self._unreserve_quota(namespace, pod_uid)
-                await self._unclaim(key, claim)
-                return events.Ack(pod_uid=pod_uid, node=node, slices=slices)
-            lost.append(node)
-        raise Conflicts(lost)
+        request that took the claim over meanwhile keeps its newer claim). The steps are
+        ``core.committing.release``'s."""
+        steps = committing.release(self._face, self._rules, pod_uid, pod_key(pod_uid), final=final)
+        ack = await self._run(steps)
+        assert isinstance(ack, events.Ack)
+        return ack
 
-    # -- namespace quotas (services.scheduler.adapters.quotas) ---------------------------
-
-    async def _reserve_quota(self, placement: events.Placement) -> str | None:
-        """Charge ``placement`` to its namespace's quota before its ledger commit: None
-        when it fits (or there is no quota), else the refusal's reason. Raises
-        ``TemporaryError`` when the quota cannot be read or written."""
+    async def _run(self, steps: committing.Steps) -> object:
+        """Perform ``steps``' operations in turn and return what they return; what an
+        operation raises ends them. The commit lock is given back however they end."""
+        locked = False
+        result: object = None
         try:
-            return None if self.quotas is None else await self.quotas.reserve(placement)
-        except QuotaUnavailable as exc:
-            raise TemporaryError(str(exc)) from exc
+            while True:
+                try:
+                    op = steps.send(result)
+                except StopIteration as stop:
+                    return stop.value
+                result = None
+                if isinstance(op, committing.Lock):
+                    await self._commits.acquire()
+                    locked = True
+                elif isinstance(op, committing.Unlock):
+                    self._commits.release()
+                    locked = False
+                else:
+                    result = await self._perform(op)
+        finally:
+            if locked:
+                self._commits.release()
+            steps.close()
 
-    async def _unreserve_quota(self, namespace: str, pod_uid: str) -> None:
-        """Drop ``pod_uid``'s quota charge, unless the pod holds slices (another replica
-        placed it meanwhile)."""
-        if self.quotas is not None and self.view.cluster.placement_of(pod_uid) is None:
-            await self.quotas.unreserve(namespace, pod_uid)
+    async def _perform(self, op: committing.Op) -> object:
+        """Carry out one operation of the core's steps on the bus (see each operation's
+        docstring for its result). Raises ``TemporaryError`` when a read fails."""
+        match op:
+            case committing.Clock():
+                return committing.Times(monotonic=time.monotonic(), wall=time.time())
+            case committing.ReadClaim(key=key):
+                try:
+                    entry = await self.bus.pods.get(key)
+                except (KeyNotFoundError, KeyDeletedError):
+                    return None
+                except (nats.errors.Error, TimeoutError) as exc:
+                    raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
+                return committing.Entry(value=entry.value or b"", revision=entry.revision or 0)
+            case committing.WriteClaim(key=key, value=value, last=last):
+                try:
+                    if last is None:
+                        revision = await self.bus.pods.create(key, value)
+                    else:
+                        revision = await self.bus.pods.update(key, value, last=last)
+                except KeyWrongLastSequenceError:
+                    return committing.Outcome.LOST
+                except (nats.errors.Error, TimeoutError) as exc:
+                    log.warning("claim write uncertain", extra={"key": key, "error": str(exc)})
+                    return committing.Outcome.UNKNOWN
+                return committing.Wrote(revision=revision)
+            case committing.DeleteClaim(key=key, last=last):
+                try:
+                    await self.bus.pods.delete(key, last=last)
+                except KeyWrongLastSequenceError:
+                    return committing.Outcome.LOST
+                except (nats.errors.Error, TimeoutError) as exc:
+                    log.warning("claim not deleted", extra={"key": key, "error": str(exc)})
+                    return committing.Outcome.UNKNOWN
+                return committing.Wrote(revision=0)
+            case committing.CommitLedger(ledger=ledger, last=last):
+                return await self._commit(ledger, last=last)
+            case committing.CatchUp():
+                await self._catch_up()
+            case committing.Reread(node=node):
+                await self._reread(node, strict=True)
+            case committing.WaitView(timeout_s=timeout_s):
+                await self._view_change(timeout_s)
+            case committing.Announce(node=node, message=message):
+                if isinstance(message, events.Release):
+                    await self._announce(self.subjects.alloc_released(node), message)
+                else:
+                    await self._announce(self.subjects.alloc_decided(node), message)
+            case committing.ReserveQuota(placement=placement):
+                try:
+                    return None if self.quotas is None else await self.quotas.reserve(placement)
+                except QuotaUnavailable as exc:
+                    raise TemporaryError(str(exc)) from exc
+            case committing.UnreserveQuota(namespace=namespace, pod_uid=pod_uid):
+                if self.quotas is not None:
+                    await self.quotas.unreserve(namespace, pod_uid)
+            case committing.Note(what=committing.Noted.CLAIM_LOST):
+                self._count(claims_lost=1)
+            case committing.Note(what=committing.Noted.TOOK_OVER, pod_uid=pod_uid):
+                self._count(takeovers=1)
+                log.warning("took over a stale claim", extra={"pod_uid": pod_uid})
+            case _:  # pragma: no cover - every operation is matched above
+                raise AssertionError(f"unknown operation {op!r}")
+        return None
 
     async def _announce(self, subject: str, message: events.Placement | events.Release) -> None:
         # The ledger is the truth; the stream only tells node agents. A lost announcement
@@ -1101,5 +724,4 @@ class Replica:
 
 def _check(pod: PodRequest, deadline: float | None) -> None:
     """Raise ``Expired`` when the client's ``deadline`` (Unix seconds) has passed."""
-    if not protocol.may_commit(deadline, now=time.time()):
-        raise Expired(f"pod {pod.uid}: the client's deadline passed")
+    committing.check_deadline(pod, deadline, now=time.time())
