@@ -221,21 +221,25 @@ class Replica:
     # tells this process's claims from those of an earlier one of the same name
     _incarnation: str = field(init=False, default_factory=lambda: secrets.token_hex(4))
     _face: ReplicaFace = field(init=False)
-    _rules: committing.Rules = field(init=False)
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight {self.max_in_flight}: must be >= 1")
         self.view = View(cluster=self.scheduler.cluster)
         self._face = ReplicaFace(self.view, self.scheduler)
-        self._rules = committing.Rules(
+        self.stats = events.Stats(name=self.name)
+        self._slots = asyncio.Semaphore(self.max_in_flight)
+
+    @property
+    def _rules(self) -> committing.Rules:
+        """The protocol's settings, as the fields are now (tests and callers may change
+        them after the replica is made)."""
+        return committing.Rules(
             max_attempts=self.max_attempts,
             claim_wait_s=self.claim_wait_s,
             claim_poll_s=CLAIM_POLL_S,
             explain=self.explain,
         )
-        self.stats = events.Stats(name=self.name)
-        self._slots = asyncio.Semaphore(self.max_in_flight)
 
     def _count(self, **deltas: int) -> None:
         self.stats = msgspec.structs.replace(
