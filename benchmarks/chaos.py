@@ -384,12 +384,21 @@ def check(
     return lost, double, len(leaked), problems
 
 
-async def serves(settings: BusSettings, uid: str, uuids: Sequence[str]) -> str:
-    """Why the stack does not serve: '' when it admits, places and releases pod ``uid``
-    (each request retried for up to ``RESOLVE_S`` seconds), else what went wrong."""
+async def serves(
+    settings: BusSettings, uid: str, uuids: Sequence[str], *, held: Sequence[str] = ()
+) -> str:
+    """Why the stack does not serve: '' when it releases the pods ``held`` (what the
+    clients still hold, which may fill the fleet) and then admits, places and releases pod
+    ``uid`` (each request retried for up to ``RESOLVE_S`` seconds), else what went wrong."""
     tally = Tally()
     nc = await connecting.connect(settings, name="chaos-after")
     try:
+        for other in held:
+            freed = events.RELEASE_REPLY.decode(
+                await ask(nc, settings.subjects.sched_release, release_body(other), tally)
+            )
+            if not (isinstance(freed, events.Ack) and freed.node is not None):
+                return f"release of held pod {other} answered {freed!r}"
         spec = running.pod_spec(running.SliceRequest(memory_mib=100), uid=uid, uuids=uuids)
         s = settings.subjects
         review = events.decode_review_reply(
@@ -544,7 +553,7 @@ async def _drive(
         *problems,
     ]
     why = f"not running afterwards: {', '.join(dead)}" if dead else ""
-    why = why or await serves(cli, f"chaos-after-{seed}", uuids)
+    why = why or await serves(cli, f"chaos-after-{seed}", uuids, held=sorted(tally.holdings))
     if why:
         problems.append(f"stack not serving afterwards: {why}")
     return Outcome(
