@@ -67,7 +67,6 @@ REQUEST_TIMEOUT_S = 5.0
 RESOLVE_S = 90.0  # a request unanswered after this long is reported as unresolved
 MEMORY_CHOICES_MIB = (1000, 2000, 3000, 4000, 6000)
 CORES_CHOICES = (0, 10, 20, 30, 50)
-TEMPORARY = "temporary:"
 NODES = msgspec.json.Decoder(NodeDevices)
 LEDGER = msgspec.json.Decoder(NodeLedger)
 
@@ -180,7 +179,7 @@ def random_spec(rng: random.Random, uid: str, uuids: Sequence[str]) -> bytes:
 
 async def ask(nc: Client, subject: str, body: bytes, tally: Tally) -> bytes:
     """Send a request until a usable answer comes (same body, so the same pod): timeouts,
-    no responders, a connection being re-established and ``temporary:`` errors are retried.
+    no responders, a connection being re-established and errors that say so are retried.
     Raises ``Unresolved`` after ``RESOLVE_S`` seconds."""
     deadline = time.monotonic() + RESOLVE_S
     while time.monotonic() < deadline:
@@ -192,10 +191,11 @@ async def ask(nc: Client, subject: str, body: bytes, tally: Tally) -> bytes:
             tally.retries += 1
             await asyncio.sleep(0.2)
             continue
-        if msg.data and TEMPORARY.encode() not in msg.data[:64]:
+        retry_after_s = events.retry_after_of(msg.data) if msg.data else 0.2
+        if retry_after_s is None:
             return bytes(msg.data)
         tally.retries += 1
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(retry_after_s)
     raise Unresolved(subject)
 
 

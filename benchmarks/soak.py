@@ -152,7 +152,7 @@ async def sample(stack: stacks.Stack, at_s: float) -> Sample:
 
 
 async def ask(nc: Client, subject: str, body: bytes) -> bytes:
-    """One request, retried on timeouts and ``temporary:`` answers (the same pod)."""
+    """One request, retried on timeouts and answers that say it may be (the same pod)."""
     for _ in range(20):
         try:
             headers = deadline_headers(REQUEST_TIMEOUT_S, now=time.time())
@@ -160,9 +160,10 @@ async def ask(nc: Client, subject: str, body: bytes) -> bytes:
         except (nats.errors.Error, TimeoutError):
             await asyncio.sleep(0.2)
             continue
-        if not msg.data.startswith(b'{"type":"error","reason":"temporary:'):
+        retry_after_s = events.retry_after_of(msg.data)
+        if retry_after_s is None:
             return bytes(msg.data)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(retry_after_s)
     raise TimeoutError(subject)
 
 

@@ -12,6 +12,21 @@ class VsliceError(Exception):
     """Base of every error vslice raises on purpose."""
 
 
+# how long a client waits before sending a request answered temporary again (seconds)
+RETRY_AFTER_S = 0.25
+
+
+class TemporaryError(VsliceError):
+    """The bus could not be read or written well enough to answer; the same request may
+    be sent again after ``retry_after_s`` seconds (kopf's ``TemporaryError(delay=...)``
+    has the same shape). On the wire it is a ``libshared.events.BusError`` with
+    ``retry_after_s`` set; clients read that field, never the reason's text."""
+
+    def __init__(self, message: str, *, retry_after_s: float = RETRY_AFTER_S) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
 class InvalidRequest(VsliceError):
     """A pod's GPU request is malformed or impossible.
 

@@ -112,9 +112,24 @@ class Denial(msgspec.Struct, frozen=True, kw_only=True, tag="denial"):
 
 class BusError(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
     """The reply to a message a service could not read or handle: ``reason`` names the
-    problem (e.g. the decode error with its JSON path)."""
+    problem (e.g. the decode error with its JSON path). ``retry_after_s`` (seconds) is set
+    when the same request may be sent again after that long (a
+    ``libshared.errors.TemporaryError``); None when sending it again cannot help."""
 
     reason: str
+    retry_after_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] | None = None
+
+
+_BUS_ERROR = msgspec.json.Decoder(BusError)
+
+
+def retry_after_of(data: bytes) -> float | None:
+    """``retry_after_s`` when ``data`` is a ``BusError`` that may be retried, else None
+    (any other reply, or one that does not decode)."""
+    try:
+        return _BUS_ERROR.decode(data).retry_after_s
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
 
 
 class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):

@@ -24,6 +24,7 @@ import msgspec
 
 from libshared import bounds
 from libshared.devices import NodeDevices
+from libshared.errors import VsliceError
 from libshared.ledgers import NodeLedger
 
 LEDGER_UNREADABLE = "NodeLedgerUnreadable"
@@ -37,7 +38,7 @@ MAX_SHOWN = 200  # characters of a value's text kept in a detail
 _T = TypeVar("_T", NodeDevices, NodeLedger)
 
 
-class Unreadable(ValueError):
+class Unreadable(VsliceError, ValueError):
     """A bucket value that cannot be taken in: ``node`` (its key), ``reason`` (one of
     ``REASONS``) and ``detail`` (the field and value at fault, or the decoder's words)."""
 

@@ -127,8 +127,8 @@ async def _one(nc: Client, subjects: Any, spec: bytes) -> bool:
     body = events.ENCODER.encode(review)
     for _ in range(TEMPORARY_RETRIES):
         reply = events.SCHEDULE_REPLY.decode(await _request(nc, subjects.sched_schedule, body))
-        if isinstance(reply, events.BusError) and reply.reason.startswith("temporary:"):
-            await asyncio.sleep(0.1)
+        if isinstance(reply, events.BusError) and reply.retry_after_s is not None:
+            await asyncio.sleep(reply.retry_after_s)
             continue
         if isinstance(reply, events.BusError):
             raise ReplayError(f"pod {review.uid}: {reply.reason}")
@@ -386,9 +386,9 @@ async def release_all(settings: BusSettings, uids: Sequence[str], *, concurrency
                 reply = events.RELEASE_REPLY.decode(
                     await _request(nc, settings.subjects.sched_release, body)
                 )
-                if not (isinstance(reply, events.BusError) and "temporary:" in reply.reason):
+                if not (isinstance(reply, events.BusError) and reply.retry_after_s is not None):
                     break
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(reply.retry_after_s)
             if isinstance(reply, events.BusError):
                 raise ReplayError(f"release failed: {reply.reason}")
             freed += reply.node is not None

@@ -57,6 +57,7 @@ log = logging.getLogger("vslice.run")
 
 READY_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 10.0
+TEMPORARY_RETRIES = 20  # schedule requests answered with retry_after_s, sent again
 CONTAINER = "main"
 NODE_DEVICES = msgspec.json.Decoder(NodeDevices)
 NODE_LEDGER = msgspec.json.Decoder(NodeLedger)
@@ -394,10 +395,13 @@ async def _slice(
         raise RunError(f"refused: {reviewed.field}={reviewed.value!r}: {reviewed.reason}")
     if isinstance(reviewed, events.BusError):
         raise RunError(f"admission failed: {reviewed.reason}")
-    decided = await _request(
-        nc, s.sched_schedule, events.ENCODER.encode(reviewed), timeout_s=REQUEST_TIMEOUT_S
-    )
-    placed = events.SCHEDULE_REPLY.decode(decided.data)
+    body = events.ENCODER.encode(reviewed)
+    for _ in range(TEMPORARY_RETRIES):  # the same pod: a re-send is answered alike
+        decided = await _request(nc, s.sched_schedule, body, timeout_s=REQUEST_TIMEOUT_S)
+        placed = events.SCHEDULE_REPLY.decode(decided.data)
+        if not (isinstance(placed, events.BusError) and placed.retry_after_s is not None):
+            break
+        await asyncio.sleep(placed.retry_after_s)
     if isinstance(placed, events.Unschedulable):
         why = placed.node_reasons.get(node, "")
         if why in quarantines.REASONS:

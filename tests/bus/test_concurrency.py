@@ -38,7 +38,6 @@ CLUSTER_REQUESTS = int(os.environ.get("VSLICE_TEST_BUS_CLUSTER_REQUESTS", "2000"
 CLIENTS = 16
 REPLICAS = 3
 TIMEOUT_S = 5.0
-TEMPORARY = b'{"type":"error","reason":"temporary:'
 
 
 def start_replica(bus: BusSettings, name: str, *extra: str) -> subprocess.Popen[bytes]:
@@ -150,10 +149,11 @@ async def client(cid: int, nc: Client, bus: BusSettings, book: Book) -> None:
                 # stuck behind a failover cannot place a pod this client has re-sent
                 headers = deadline_headers(TIMEOUT_S, now=time.time())
                 msg = await nc.request(subject, body, timeout=TIMEOUT_S, headers=headers)
-                if not msg.data.startswith(TEMPORARY):
+                retry_after_s = events.retry_after_of(msg.data)
+                if retry_after_s is None:
                     break
                 book.retries += 1  # the replica could not read the ledger: send again
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(retry_after_s)
             except nats.errors.TimeoutError:
                 book.retries += 1  # the replica died with it: send again, same pod
             except nats.errors.NoRespondersError:

@@ -13,7 +13,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
-from libshared import connecting, events
+from libshared import connecting, errors, events
 from libshared import quotas as schema
 from libshared.connecting import BusSettings
 from libshared.ledgers import NodeLedger
@@ -241,6 +241,20 @@ async def test_a_quota_that_cannot_be_read_defers_the_pod_as_temporary_and_commi
             await r.schedule(pod("a"))
         assert r.view.cluster.placement_of("a") is None
     assert (await stored(kv)).charges == ()
+
+
+async def test_a_pod_deferred_over_the_bus_is_answered_with_when_to_send_it_again(
+    nats_server: NatsServer, prefix: str, bus_settings: BusSettings, nc: Client
+) -> None:
+    await helpers.register(nc, bus_settings, helpers.fleet(nodes=1))
+    kv = await set_quota(nc, bus_settings, 8000)
+    async with replicas(nats_server, prefix, 1) as (r,):
+        r.quotas = quotas.QuotaGate(kv=UnreadableKV(kv))  # type: ignore[arg-type]
+        deferred = await helpers.schedule(nc, bus_settings, pod("a"))
+        assert isinstance(deferred, events.BusError), deferred
+        assert deferred.retry_after_s == errors.RETRY_AFTER_S  # a field, not the text
+        r.quotas = quotas.QuotaGate(kv=kv)  # readable again: the same request places
+        assert isinstance(await helpers.schedule(nc, bus_settings, pod("a")), events.Placement)
 
 
 async def test_a_bad_quota_value_refuses_its_namespace_only_naming_the_problem(

@@ -49,7 +49,7 @@ import msgspec
 
 from libshared import annotations as keys
 from libshared import bounds, resources
-from libshared.errors import InvalidRequest
+from libshared.errors import InvalidRequest, VsliceError
 
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
@@ -73,7 +73,7 @@ ENV_CORE_POLICY = "GPU_CORE_UTILIZATION_POLICY"
 CORE_POLICIES = ("default", "force", "disable")
 
 
-class ReviewError(ValueError):
+class ReviewError(VsliceError, ValueError):
     """The body is not an ``admission.k8s.io/v1`` AdmissionReview request; the message
     names what is wrong (the JSON path for a type error). The adapter answers HTTP 400."""
 

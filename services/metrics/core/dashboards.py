@@ -46,6 +46,7 @@ from typing import Any
 import msgspec
 
 from libshared import fgd
+from libshared.errors import VsliceError
 from services.metrics.core import exporting, fragmentation
 from services.metrics.core.views import DeviceRow, NodeRow, SliceRow, Snapshot
 
@@ -59,7 +60,7 @@ MAX_NAMES = 500  # namespaces and GPU types the summary lists for the page's fil
 SliceKey = tuple[str, str, str]  # pod uid, container, device uuid
 
 
-class QueryError(ValueError):
+class QueryError(VsliceError, ValueError):
     """A node page query parameter that cannot be used: ``field``, ``value``, ``reason``."""
 
     def __init__(self, *, field: str, value: str, reason: str) -> None:

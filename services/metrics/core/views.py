@@ -24,6 +24,7 @@ import msgspec
 
 from libshared import bounds, events, quarantines
 from libshared.devices import Device, NodeDevices
+from libshared.errors import VsliceError
 from libshared.ledgers import NodeLedger, Slice
 from services.metrics.core import fragmentation
 
@@ -32,7 +33,7 @@ NODE_LEDGER = msgspec.json.Decoder(NodeLedger)
 MIB = 1024 * 1024
 
 
-class RejectedValue(ValueError):
+class RejectedValue(VsliceError, ValueError):
     """A bucket value or usage report that cannot be taken in: ``source`` (``nodes``,
     ``ledger`` or ``usage``), ``key`` (node name or subject) and ``reason``."""
 

@@ -45,6 +45,7 @@ import grpc
 from libshared import annotations as keys
 from libshared import events
 from libshared.devices import NodeDevices
+from libshared.errors import VsliceError
 from libshared.ledgers import NodeLedger, PodCharge
 from services.nodeagent.adapters import kube
 from services.nodeagent.adapters.kubeletapi import api_pb2 as api
@@ -104,7 +105,7 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
-class AllocateError(Exception):
+class AllocateError(VsliceError):
     """An Allocate that cannot be answered: ``code`` for kubelet, ``reason`` for people."""
 
     def __init__(self, code: grpc.StatusCode, reason: str) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import pynvml
 
+from libshared.errors import VsliceError
 from services.nodeagent.core.registrations import Gpu
 from services.nodeagent.core.usages import DeviceReading, ProcessReading
 
@@ -34,7 +35,7 @@ MIB = 1 << 20
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 
 
-class GpuError(Exception):
+class GpuError(VsliceError):
     """NVML could not be loaded or answered with an error: ``reason`` says which call."""
 
     def __init__(self, reason: str) -> None:

@@ -19,9 +19,10 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
 from libshared import kubeclients
+from libshared.errors import VsliceError
 
 
-class KubeError(Exception):
+class KubeError(VsliceError):
     """A Kubernetes API call failed: ``what`` was asked, ``status`` is the HTTP status
     (0: no answer)."""
 

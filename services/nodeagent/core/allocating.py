@@ -50,7 +50,7 @@ from typing import Any
 
 from libshared import annotations as keys
 from libshared.devices import Device
-from libshared.errors import AnnotationDecodeError, InvalidRequest
+from libshared.errors import AnnotationDecodeError, InvalidRequest, VsliceError
 from libshared.ledgers import NodeLedger, Slice
 from libshared.resources import GPU, ResourceSettings, parse_container, pod_containers
 from services.nodeagent.core import devicelists, preparing
@@ -73,7 +73,7 @@ CONTAINER_MOCK_STATE = f"{CONTAINER_ROOT}/mockgpu.state"
 LD_SO_PRELOAD = "/etc/ld.so.preload"
 
 
-class NoCandidate(Exception):
+class NoCandidate(VsliceError):
     """No pending pod fits an Allocate request: ``reason`` says why, for the gRPC error."""
 
     def __init__(self, reason: str) -> None:

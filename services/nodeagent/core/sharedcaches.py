@@ -35,6 +35,8 @@ from typing import Final, Literal
 
 import msgspec
 
+from libshared.errors import VsliceError
+
 MAGIC: Final = 0x434C5356  # "VSLC"
 VERSION: Final = 2
 HEADER_BYTES: Final = 64
@@ -77,7 +79,7 @@ assert _SLOT.size == SLOT_BYTES
 assert FILE_BYTES == 362816
 
 
-class SharedCacheError(ValueError):
+class SharedCacheError(VsliceError, ValueError):
     """The bytes are not a complete version-2 shared cache.
 
     ``field`` names the first field found wrong (``"header"``, ``"magic"``,

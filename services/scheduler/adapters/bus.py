@@ -51,6 +51,7 @@ from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 from libshared import bounds, events, quarantines
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
+from libshared.errors import TemporaryError
 from libshared.ledgers import NodeLedger
 from libshared.resources import PodRequest
 from libshared.subjects import SCHEDULERS_QUEUE, Subjects, deadline_of, pod_key
@@ -144,8 +145,8 @@ class View:
         return None
 
 
-# the protocol's errors, raised by its steps (and by the performer: TemporaryError)
-TemporaryError = committing.TemporaryError
+# the protocol's errors, raised by its steps (and by the performer: TemporaryError,
+# libshared.errors')
 Expired = committing.Expired
 Quarantined = committing.Quarantined
 Conflicts = committing.Conflicts
@@ -678,7 +679,9 @@ class Replica:
         except TemporaryError as exc:
             self._count(errors=1)
             log.warning("schedule deferred", extra={"pod_uid": pod.uid, "error": str(exc)})
-            await self._reply(msg, events.BusError(reason=f"temporary: {exc}"))
+            await self._reply(
+                msg, events.BusError(reason=f"temporary: {exc}", retry_after_s=exc.retry_after_s)
+            )
             return
         except Exception as exc:
             self._count(errors=1)
@@ -710,7 +713,9 @@ class Replica:
         except TemporaryError as exc:
             self._count(errors=1)
             log.warning("release deferred", extra={"pod_uid": request.pod_uid, "error": str(exc)})
-            await self._reply(msg, events.BusError(reason=f"temporary: {exc}"))
+            await self._reply(
+                msg, events.BusError(reason=f"temporary: {exc}", retry_after_s=exc.retry_after_s)
+            )
             return
         except Exception as exc:
             self._count(errors=1)

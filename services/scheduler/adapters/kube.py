@@ -46,7 +46,7 @@ from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from libshared import events
-from libshared.errors import InvalidRequest
+from libshared.errors import InvalidRequest, VsliceError
 from libshared.resources import parse_pod
 from services.scheduler.adapters import bus, decisions
 from services.scheduler.core import extending, recording
@@ -82,7 +82,7 @@ class KubeStats(msgspec.Struct, kw_only=True):
     events_dropped: int = 0
 
 
-class BindError(Exception):
+class BindError(VsliceError):
     """A bind that did not happen: the message goes to kube-scheduler as the
     ``ExtenderBindingResult.Error``."""
 

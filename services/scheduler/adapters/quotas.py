@@ -49,6 +49,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from libshared import kvreads, ledgers
 from libshared import quotas as schema
 from libshared.connecting import BusSettings
+from libshared.errors import VsliceError
 from libshared.events import Placement
 from libshared.subjects import pod_key
 from services.scheduler.core import protocol
@@ -61,7 +62,7 @@ MAX_BACKOFF_S = 30.0  # longest pause between failed lists (RBAC without resourc
 _JSON = msgspec.json.Decoder()
 
 
-class QuotaUnavailable(Exception):
+class QuotaUnavailable(VsliceError):
     """The namespace's quota could not be read or written: nothing is known about whether
     the pod fits, and the request may be sent again."""
 

@@ -28,9 +28,9 @@ shuffling the steps of two or three replicas. The rules each step applies are
   the answer.
 
 Errors: ``Expired`` (the deadline passed before a commit), ``Quarantined`` (the node's
-ledger cannot be changed), ``Conflicts`` (every attempt lost the race), ``TemporaryError``
-(the bus could not be read or written well enough to answer; raised by the operations'
-performer too).
+ledger cannot be changed), ``Conflicts`` (every attempt lost the race),
+``libshared.errors.TemporaryError`` (the bus could not be read or written well enough to
+answer; raised by the operations' performer too).
 
 What it leaves to others: performing the operations and the view's upkeep
 (``services.scheduler.adapters.bus``), the decision (``services.scheduler.core.deciding``).
@@ -44,23 +44,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from libshared import events
+from libshared.errors import TemporaryError, VsliceError
 from libshared.ledgers import NodeLedger, PodCharge
 from libshared.resources import PodRequest
 from services.scheduler.core import protocol
 
 
-class TemporaryError(Exception):
-    """The bus could not be read well enough to answer; the request may be sent again.
-
-    Answered as a ``BusError`` whose reason starts with ``"temporary:"``.
-    """
-
-
-class Expired(Exception):
+class Expired(VsliceError):
     """The client's deadline for a schedule request passed before anything was committed."""
 
 
-class Quarantined(Exception):
+class Quarantined(VsliceError):
     """The pod's node is quarantined: its ledger cannot be changed until a readable value
     comes back (``vslice repair NODE``). ``node``, ``reason`` (a ``quarantines`` code)."""
 
@@ -72,7 +66,7 @@ class Quarantined(Exception):
         )
 
 
-class Conflicts(Exception):
+class Conflicts(VsliceError):
     """Every attempt lost the ledger race: ``nodes`` lists the node of each lost attempt."""
 
     def __init__(self, nodes: list[str]) -> None:

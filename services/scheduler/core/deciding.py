@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from libshared import quarantines
+from libshared.errors import VsliceError
 from libshared.events import Placement, Unschedulable, node_reasons_of
 from libshared.ledgers import PodCharge, Slice
 from libshared.resources import PodRequest
@@ -68,7 +69,7 @@ POLICIES = (
 WITHDRAWN = "NodeWithdrawn"
 
 
-class UnknownPolicy(ValueError):
+class UnknownPolicy(VsliceError, ValueError):
     """The policy name is not one of ``POLICIES``."""
 
 

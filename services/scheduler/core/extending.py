@@ -33,7 +33,7 @@ import msgspec
 
 from libshared import annotations as keys
 from libshared.devices import NodeDevices
-from libshared.errors import AnnotationDecodeError, InvalidRequest
+from libshared.errors import AnnotationDecodeError, InvalidRequest, VsliceError
 from libshared.events import Placement
 from libshared.ledgers import PodCharge, Slice
 from libshared.resources import PodRequest, parse_pod
@@ -52,7 +52,7 @@ def kubernetes_uid(uid: str) -> bool:
     return bool(_KUBE_UID.match(uid))
 
 
-class BadBody(ValueError):
+class BadBody(VsliceError, ValueError):
     """A request body kube-scheduler would never send: ``field`` (its path, e.g.
     ``ExtenderArgs.Pod.metadata.uid``), ``value`` (as given, shortened) and ``reason``."""
 

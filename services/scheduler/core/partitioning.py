@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from libshared.errors import VsliceError
+
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -43,7 +45,7 @@ FloatArray = npt.NDArray[np.float64]
 DEFAULT_EPSILON = 1.0
 
 
-class PartitionError(ValueError):
+class PartitionError(VsliceError, ValueError):
     """A partition field out of range; carries the field's name and value."""
 
     def __init__(self, field: str, value: object, reason: str) -> None:
