@@ -92,13 +92,13 @@ async def main(settings: Settings, *, stop: asyncio.Event | None = None) -> None
         ledger_stream = f"KV_{settings.bus.subjects.ledger_bucket}"
         health.ready_when(
             "ledger watch",
-            probes.WatchCurrent(js=js, stream=ledger_stream, seen=lambda: replica.view.seen_seq),
+            probes.WatchCurrent(js=js, stream=ledger_stream, seen=lambda: replica.seen_seq),
         )
         leases = await leasing.open_leases(js, settings.bus, create=True)
         upkept = upkeep.Upkeep(replica=replica, leases=leases, claims=opened.pods)
         upkept.start()
         quota_upkeep = quotas.QuotaUpkeep(
-            gate=gate, claims=opened.pods, ledger_view=lambda: replica.view.cluster.ledgers
+            gate=gate, claims=opened.pods, ledger_view=replica.ledgers
         )
         quota_upkeep.start()
         async with contextlib.AsyncExitStack() as stack:
@@ -145,7 +145,7 @@ async def _kubernetes(
             watched = quotas.QuotaWatch(
                 api=api,
                 gate=replica.quotas,
-                ledger_view=lambda: replica.view.cluster.ledgers,
+                ledger_view=replica.ledgers,
                 request_timeout_s=settings.kube.request_timeout_s,
             )
             await watched.start()

@@ -57,7 +57,7 @@ from libshared.resources import PodRequest
 from libshared.subjects import SCHEDULERS_QUEUE, Subjects, deadline_of, pod_key
 from services.scheduler.adapters import decisions
 from services.scheduler.adapters.quotas import QuotaGate, QuotaUnavailable
-from services.scheduler.core import committing, protocol
+from services.scheduler.core import committing, protocol, recording
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
 
@@ -135,9 +135,8 @@ class View:
         """The ledger holding ``pod_uid`` and its revision, or None. Ledgers of nodes the
         view does not know (withdrawn before this replica started) count too: their pods
         hold their slices until released."""
-        held = self.cluster.placement_of(pod_uid)
-        if held is not None:
-            node = held[0]
+        node = self.cluster.node_of(pod_uid)
+        if node is not None:
             return self.cluster.ledgers[self.cluster.node_index[node]], self.revisions.get(node, 0)
         for ledger, revision in self.pending.values():
             if pod_uid in ledger.pods():
@@ -170,8 +169,7 @@ class ReplicaFace:
         return self.scheduler.decide(pod, nodes=nodes, explain=explain)
 
     def node_of(self, pod_uid: str) -> str | None:
-        held = self.view.cluster.placement_of(pod_uid)
-        return None if held is None else held[0]
+        return self.view.cluster.node_of(pod_uid)
 
     def find(self, pod_uid: str) -> tuple[NodeLedger, int] | None:
         return self.view.find(pod_uid)
@@ -246,6 +244,53 @@ class Replica:
         self.stats = msgspec.structs.replace(
             self.stats, **{k: getattr(self.stats, k) + v for k, v in deltas.items()}
         )
+
+    # -- what callers read of the view (pure; no I/O) ------------------------------------
+
+    @property
+    def policy(self) -> str:
+        """The placement policy this replica decides with."""
+        return self.scheduler.policy
+
+    @property
+    def seen_seq(self) -> int:
+        """The highest ledger-stream sequence the view has taken in."""
+        return self.view.seen_seq
+
+    def placement_of(self, pod_uid: str) -> events.Placement | None:
+        """The placement ``pod_uid`` holds in the view, or None."""
+        return self.view.cluster.placement_of(pod_uid)
+
+    def node_of(self, pod_uid: str) -> str | None:
+        """The node whose ledger holds ``pod_uid`` in the view, or None."""
+        return self.view.cluster.node_of(pod_uid)
+
+    def ledgers(self, *, waiting: bool = False) -> list[NodeLedger]:
+        """The registered nodes' ledgers; with ``waiting``, also those that wait for their
+        node's registration."""
+        held = list(self.view.cluster.ledgers)
+        return [*held, *(ledger for ledger, _ in self.view.pending.values())] if waiting else held
+
+    def ledger_pods(self) -> dict[str, str]:
+        """Pod UID -> node, for every pod the view's ledgers hold."""
+        c = self.view.cluster
+        return {uid: c.nodes[n] for uid, n in c.pod_nodes.items()}
+
+    def unknown_ledgers(self) -> set[str]:
+        """The nodes whose ledger is quarantined (what their pods hold is unknown)."""
+        return set(self.view.cluster.unknown_ledgers())
+
+    def registrations(self) -> list[NodeDevices]:
+        """Every registered node's devices."""
+        return list(self.view.cluster.registrations)
+
+    def filtered(self, pod: PodRequest, nodes: list[str]) -> dict[str, str]:
+        """Node -> why ``pod`` does not fit it, for those of ``nodes`` it does not fit."""
+        return dict(self.scheduler.filter(pod, nodes).failed)
+
+    def node_scores(self, pod: PodRequest, nodes: list[str]) -> dict[str, float]:
+        """Each of ``nodes``' score for ``pod`` as the scheduling events report it."""
+        return recording.node_scores(self.view.cluster, pod, nodes)
 
     # -- watching ------------------------------------------------------------------------
 

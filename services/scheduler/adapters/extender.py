@@ -170,23 +170,23 @@ class Extender:
         decisions.taking(pod.uid, pod)
         held = self.kube.held_nodes() if self.kube is not None else {}
         candidates = [n for n in args.candidates if n not in held]
-        current = self.replica.view.cluster.placement_of(pod.uid)
-        if current is not None and current[0] not in candidates:
+        current = self.replica.node_of(pod.uid)
+        if current is not None and current not in candidates:
             # kube-scheduler no longer offers the node of the pod's reservation
             log.info("reservation off the candidates; placing again", extra={"pod_uid": pod.uid})
             await self.replica.release(pod.uid, final=False)  # the pod is placed again
         # scored before the decision: the message lists each node as it was offered
-        scores = recording.node_scores(self.replica.view.cluster, pod, candidates)
+        scores = self.replica.node_scores(pod, candidates)
         decision: events.Placement | events.Unschedulable
         if candidates:
             decision = await self.replica.schedule(pod, nodes=candidates)
         else:
             decision = events.Unschedulable(pod_uid=pod.uid, reason="no candidate node")
         decisions.scheduled(
-            decision, pod=pod, policy=self.replica.scheduler.policy, replica=self.replica.name
+            decision, pod=pod, policy=self.replica.policy, replica=self.replica.name
         )
         failed = dict(held)
-        failed.update(self.replica.scheduler.filter(pod, candidates).failed)
+        failed.update(self.replica.filtered(pod, candidates))
         if isinstance(decision, events.Placement) and decision.node in candidates:
             self.stats.reserved += 1
             if self.kube is not None:

@@ -339,7 +339,7 @@ class Kube:
     def _spawn_release(self, pod_uid: str, reason: str, counter: str) -> None:
         if not extending.kubernetes_uid(pod_uid):
             return
-        if self.replica.view.cluster.placement_of(pod_uid) is None:
+        if self.replica.node_of(pod_uid) is None:
             return
         task = asyncio.create_task(self._release(pod_uid, reason, counter))
         self._releases.add(task)
@@ -365,8 +365,7 @@ class Kube:
     # -- reconciling -------------------------------------------------------------------
 
     def _ledger_pods(self) -> dict[str, str]:
-        c = self.replica.view.cluster
-        return {uid: c.nodes[n] for uid, n in c.pod_nodes.items()}
+        return self.replica.ledger_pods()
 
     async def _sweep_loop(self) -> None:
         assert self.sweep_s is not None
@@ -386,11 +385,10 @@ class Kube:
         once); ``ledger``: the ledger's pods as read before that list (default: now).
         """
         async with self._reconciling:
-            c = self.replica.view.cluster
             plan = extending.reconcile(
                 pods=self.pods,
                 ledger=self._ledger_pods() if ledger is None else ledger,
-                registrations={reg.node: reg for reg in c.registrations},
+                registrations={reg.node: reg for reg in self.replica.registrations()},
                 unbound_since=self._unbound_since,
                 now=time.monotonic(),
                 ttl_s=self.ttl_s,
@@ -418,7 +416,7 @@ class Kube:
 
     async def _restore(self, placement: events.Placement) -> None:
         where = {"pod": f"{placement.namespace}/{placement.pod}", "node": placement.node}
-        if self.replica.view.cluster.placement_of(placement.pod_uid) is not None:
+        if self.replica.node_of(placement.pod_uid) is not None:
             return  # committed since the ledger was read: nothing lost
         try:
             held = await self.replica.adopt(placement)
@@ -515,10 +513,10 @@ class Kube:
         if not request.gpu_containers:
             await self._create_binding(args)
             return
-        held = self.replica.view.cluster.placement_of(args.pod_uid)
+        held = self.replica.placement_of(args.pod_uid)
         decision: events.Placement | events.Unschedulable
-        if held is not None and held[0] == args.node:
-            decision = self.replica.scheduler.decide(request)  # the reservation, no I/O
+        if held is not None and held.node == args.node:
+            decision = held  # the reservation, no I/O
         else:
             try:
                 decision = await self.replica.schedule(request, nodes=[args.node])
@@ -548,7 +546,7 @@ class Kube:
             await self._release(args.pod_uid, "bind failed", "expired")
             message = _api_error(exc) if isinstance(exc, ApiException) else str(exc)
             raise BindError(f"{where} on node {args.node}: {message}") from exc
-        if self.replica.view.cluster.placement_of(args.pod_uid) is None:
+        if self.replica.node_of(args.pod_uid) is None:
             # released by a sweeper racing this bind: the pod runs on these slices now
             await self._restore(decision)
 

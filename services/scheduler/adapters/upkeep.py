@@ -132,12 +132,11 @@ class Upkeep:
         its node's ledger is quarantined, or a ledger is quarantined and the view does not
         know where the pod is (it may be there). Such a lease stays until the repair, so
         its pod is released then."""
-        cluster = self.replica.view.cluster
-        unknown = cluster.unknown_ledgers()
+        unknown = self.replica.unknown_ledgers()
         if not unknown:
             return False
-        placed = cluster.placement_of(pod_uid)
-        return placed is None or placed[0] in unknown
+        node = self.replica.node_of(pod_uid)
+        return node is None or node in unknown
 
     async def _release_late(self, *, now: float) -> list[str]:
         # A dead client's schedule request may still commit after its lease ended (within
@@ -147,7 +146,7 @@ class Upkeep:
         for uid, ended in sorted(self._ended.items()):
             if now - ended > LATE_WINDOW_S:
                 del self._ended[uid]
-            elif self.replica.view.cluster.placement_of(uid) is not None and await self._release(
+            elif self.replica.node_of(uid) is not None and await self._release(
                 uid, why="placed after its lease ended: released"
             ):
                 out.append(uid)
@@ -168,8 +167,7 @@ class Upkeep:
         tombstone: ``tombstone_ttl_s``), and release again every pod in a ledger behind a
         tombstone; returns the keys deleted. None is deleted while a node's ledger is
         quarantined."""
-        view = self.replica.view
-        unknown = view.cluster.unknown_ledgers()
+        unknown = self.replica.unknown_ledgers()
         if unknown:
             # the pods of a quarantined ledger are unknown here: their claims are what
             # `vslice repair` rebuilds it from, so none is taken for an orphan meanwhile
@@ -178,7 +176,7 @@ class Upkeep:
         entries = await snapshot(self.claims)  # values: a tombstone is told by its value
         self._claim_revs.observe({k: e.revision or 0 for k, e in entries.items()}, now=now)
         # a ledger waiting for its node's registration holds its pods' claims all the same
-        ledgers = [*view.cluster.ledgers, *(ledger for ledger, _ in view.pending.values())]
+        ledgers = self.replica.ledgers(waiting=True)
         held = {pod_key(uid): uid for ledger in ledgers for uid in ledger.pods()}
         tombstones = {
             k

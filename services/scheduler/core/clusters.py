@@ -19,7 +19,7 @@ import numpy.typing as npt
 from libshared import quarantines
 from libshared.devices import NodeDevices
 from libshared.events import Placement
-from libshared.ledgers import NodeLedger, PodCharge, Slice, booked
+from libshared.ledgers import NodeLedger, PodCharge, booked
 
 MILLI = 1000  # one whole GPU in milli-GPU, the FGD paper's unit
 
@@ -320,12 +320,26 @@ class Cluster:
         self._recount(n)
         return ledger
 
-    def placement_of(self, pod_uid: str) -> tuple[str, tuple[Slice, ...], PodCharge | None] | None:
-        """The node, slices and charge a pod holds, or None."""
+    def node_of(self, pod_uid: str) -> str | None:
+        """The node whose ledger holds ``pod_uid``, or None."""
+        n = self.pod_nodes.get(pod_uid)
+        return None if n is None else self.nodes[n]
+
+    def placement_of(self, pod_uid: str) -> Placement | None:
+        """The placement ``pod_uid`` holds: its node, slices and charge (a zero charge when
+        it has none), namespace and pod name as its slices give them; None when no ledger
+        holds it."""
         n = self.pod_nodes.get(pod_uid)
         if n is None:
             return None
         ledger = self.ledgers[n]
         slices = tuple(s for s in ledger.slices if s.pod_uid == pod_uid)
         charge = next((c for c in ledger.charges if c.pod_uid == pod_uid), None)
-        return self.nodes[n], slices, charge
+        return Placement(
+            pod_uid=pod_uid,
+            namespace=slices[0].namespace if slices else "",
+            pod=slices[0].pod if slices else "",
+            node=self.nodes[n],
+            slices=slices,
+            charge=charge or PodCharge(pod_uid=pod_uid),
+        )

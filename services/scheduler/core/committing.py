@@ -381,8 +381,9 @@ def schedule(face: Face, rules: Rules, req: Request) -> Steps:
                     continue
                 yield from take_back(face, rules, pod.uid, now_held)
                 continue
-            held = face.decide(pod, nodes=None, explain=False)
-            assert isinstance(held, events.Placement)  # a held pod decides so
+            held = held_placement(face, pod)
+            if held is None:
+                continue  # released while this request waited: it decides afresh
             yield from _confirm(req, claim)
             return held
         expired = False

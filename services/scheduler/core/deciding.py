@@ -38,6 +38,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 
 from libshared import quarantines
@@ -227,15 +228,7 @@ class Scheduler:
         c = self.cluster
         held = c.placement_of(pod.uid)
         if held is not None:
-            node, slices, charge = held
-            return Placement(
-                pod_uid=pod.uid,
-                namespace=pod.namespace,
-                pod=pod.name,
-                node=node,
-                slices=slices,
-                charge=charge or PodCharge(pod_uid=pod.uid),
-            )
+            return msgspec.structs.replace(held, namespace=pod.namespace, pod=pod.name)
         ok = self._candidates(pod)
         if nodes is not None:
             allowed = np.zeros(c.size, dtype=bool)

@@ -244,7 +244,7 @@ async def test_bind_writes_hamis_annotations_then_the_binding(
         assert placement is not None
         assert stored["spec"]["nodeName"] == node
         annos = stored["metadata"]["annotations"]
-        (s,) = placement[1]
+        (s,) = placement.slices
         assert annos[keys.VGPU_NODE] == node
         assert annos[keys.VGPU_DEVICES_ALLOCATED] == f"{s.uuid},NVIDIA,3000,30:;"
         assert annos[keys.VGPU_DEVICES_TO_ALLOCATE] == annos[keys.VGPU_DEVICES_ALLOCATED]
