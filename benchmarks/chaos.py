@@ -48,7 +48,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import msgspec
 import nats.errors
 from nats.aio.client import Client
 
@@ -67,8 +66,6 @@ REQUEST_TIMEOUT_S = 5.0
 RESOLVE_S = 90.0  # a request unanswered after this long is reported as unresolved
 MEMORY_CHOICES_MIB = (1000, 2000, 3000, 4000, 6000)
 CORES_CHOICES = (0, 10, 20, 30, 50)
-NODES = msgspec.json.Decoder(NodeDevices)
-LEDGER = msgspec.json.Decoder(NodeLedger)
 
 
 class Unresolved(Exception):
@@ -294,10 +291,12 @@ async def read_fleet(
             nc = await connecting.connect(settings, name="chaos-check")
             try:
                 bus = await connecting.ensure_bus(nc.jetstream(), settings)
-                nodes = [NODES.decode(e.value) for e in await _entries(bus.nodes)]
+                nodes = [events.NODE_DEVICES.decode(e.value) for e in await _entries(bus.nodes)]
                 ledgers = {
                     le.node: le
-                    for le in (LEDGER.decode(e.value) for e in await _entries(bus.ledger))
+                    for le in (
+                        events.NODE_LEDGER.decode(e.value) for e in await _entries(bus.ledger)
+                    )
                 }
                 return nodes, ledgers
             finally:

@@ -57,3 +57,28 @@ class NodeDevices(msgspec.Struct, frozen=True, kw_only=True):
     devices: Annotated[tuple[Device, ...], msgspec.Meta(max_length=bounds.MAX_DEVICES_PER_NODE)]
     cpu_milli: bounds.CpuMilli | None = None
     memory_mib: bounds.HostMemoryMiB | None = None
+
+
+MILLI = 1000  # one whole GPU in milli-GPU, the FGD paper's unit
+
+
+def free_milli(
+    *,
+    healthy: bool,
+    split_count: int,
+    slices: int,
+    memory_mib: int,
+    memory_used_mib: int,
+    cores_percent: int,
+    cores_used: int,
+) -> int:
+    """What is left of a device in milli-GPU (0-1000): the smaller of its free memory
+    share and its free compute share, as the FGD paper measures a GPU's free capacity
+    (Weng et al., ATC'23, section 3). 0 for an unhealthy device, one whose ``split_count``
+    slots all hold a slice, or one registered with no memory or cores: nothing more fits.
+    ``memory_mib``/``cores_percent``: the device's; ``*_used``: what its slices book."""
+    if not healthy or slices >= split_count or memory_mib <= 0 or cores_percent <= 0:
+        return 0
+    by_mem = MILLI * max(0, memory_mib - memory_used_mib) // memory_mib
+    by_cores = MILLI * max(0, cores_percent - cores_used) // cores_percent
+    return max(0, min(MILLI, by_mem, by_cores))

@@ -15,7 +15,8 @@ from typing import Annotated, Any
 import msgspec
 
 from libshared import bounds
-from libshared.ledgers import PodCharge, Slice
+from libshared.devices import NodeDevices
+from libshared.ledgers import NodeLedger, PodCharge, Slice
 from libshared.resources import PodRequest
 
 # One pod's slices: one per GPU of each container.
@@ -281,6 +282,9 @@ ENCODER = msgspec.json.Encoder()
 """Encodes any bus message (tagged Structs, ``PodRequest``) to JSON bytes."""
 
 POD_REQUEST = msgspec.json.Decoder(PodRequest)
+# the values of the nodes and ledger buckets
+NODE_DEVICES = msgspec.json.Decoder(NodeDevices)
+NODE_LEDGER = msgspec.json.Decoder(NodeLedger)
 SCHEDULE_REPLY = msgspec.json.Decoder(ScheduleReply)
 RELEASE_REQUEST = msgspec.json.Decoder(Release)
 RELEASE_REPLY = msgspec.json.Decoder(ReleaseReply)

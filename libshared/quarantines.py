@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import msgspec
 
-from libshared import bounds
+from libshared import bounds, events
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
 from libshared.ledgers import NodeLedger
@@ -32,8 +32,6 @@ LEDGER_DELETED = "NodeLedgerDeleted"
 REGISTRATION_UNREADABLE = "NodeRegistrationUnreadable"
 REASONS = (REGISTRATION_UNREADABLE, LEDGER_UNREADABLE, LEDGER_DELETED)
 
-_REGISTRATION = msgspec.json.Decoder(NodeDevices)
-_LEDGER = msgspec.json.Decoder(NodeLedger)
 MAX_SHOWN = 200  # characters of a value's text kept in a detail
 _T = TypeVar("_T", NodeDevices, NodeLedger)
 
@@ -64,7 +62,7 @@ def read_registration(key: str, raw: bytes) -> NodeDevices:
 
     Raises ``Unreadable`` (``REGISTRATION_UNREADABLE``) when ``raw`` is not JSON, fails the
     schema's bounds, or names another node than ``key``."""
-    return _read(_REGISTRATION, key, raw, REGISTRATION_UNREADABLE)
+    return _read(events.NODE_DEVICES, key, raw, REGISTRATION_UNREADABLE)
 
 
 def read_ledger(key: str, raw: bytes) -> NodeLedger:
@@ -72,7 +70,7 @@ def read_ledger(key: str, raw: bytes) -> NodeLedger:
 
     Raises ``Unreadable`` (``LEDGER_UNREADABLE``) when ``raw`` is not JSON, fails the
     schema's bounds, or names another node than ``key``."""
-    return _read(_LEDGER, key, raw, LEDGER_UNREADABLE)
+    return _read(events.NODE_LEDGER, key, raw, LEDGER_UNREADABLE)
 
 
 def deleted(key: str, revision: int) -> Unreadable:

@@ -59,8 +59,6 @@ READY_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 10.0
 TEMPORARY_RETRIES = 20  # schedule requests answered with retry_after_s, sent again
 CONTAINER = "main"
-NODE_DEVICES = msgspec.json.Decoder(NodeDevices)
-NODE_LEDGER = msgspec.json.Decoder(NodeLedger)
 EXIT_NO_SLICE = 3  # the slice was refused or could not be prepared
 # Variables that list paths: the slice's entries go first, the caller's stay after them.
 PATH_LISTS = {"LD_PRELOAD": " ", "LD_LIBRARY_PATH": ":"}
@@ -380,7 +378,7 @@ async def _slice(
     except (KeyNotFoundError, BucketNotFoundError) as exc:
         raise RunError(f"node {node} is not registered: is its node agent running?") from exc
     try:
-        registered = NODE_DEVICES.decode(entry.value or b"")
+        registered = events.NODE_DEVICES.decode(entry.value or b"")
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise RunError(f"node {node}: unreadable registration ({exc})") from exc
     spec = pod_spec(request, uid=uid, uuids=[d.uuid for d in registered.devices])
@@ -451,7 +449,7 @@ async def _ledger(operator: BusSettings | None, node: str) -> NodeLedger | None:
     except (KeyNotFoundError, nats.errors.Error, TimeoutError, OSError):
         return None
     try:
-        return NODE_LEDGER.decode(entry.value or b"")
+        return events.NODE_LEDGER.decode(entry.value or b"")
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
 

@@ -774,10 +774,6 @@ class DeviceUse:
     split_count: int
 
 
-NODES = msgspec.json.Decoder(NodeDevices)
-LEDGERS = msgspec.json.Decoder(NodeLedger)
-
-
 @dataclass(frozen=True)
 class Fleet:
     """What the nodes and ledger buckets say: every readable registered device's use

@@ -36,18 +36,15 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext, api
-from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
+from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from libshared import bounds, events
+from libshared import bounds, events, watching
 from libshared.subjects import Subjects
 from services.metrics.core.views import FleetView, RejectedValue
 
 log = logging.getLogger("vslice.metrics")
 
-HEARTBEAT_S = 0.5
-MARKER_HEADER = "Nats-Marker-Reason"  # server-placed TTL markers (nats-server 2.11+)
 STATS_WAIT_S = 0.5  # how long replicas get to answer one stats request
 PENDING_TTL_S = 120.0  # a schedule request never placed is forgotten after this
 FORGET_AFTER_S = 300.0  # usage and stats not renewed for this long are forgotten
@@ -139,35 +136,13 @@ class Watcher:
 
     # -- buckets ---------------------------------------------------------------------------
 
-    async def _watch(
-        self, bucket: str, handle: Callable[[str, bytes | None, int], None], ready: asyncio.Event
-    ) -> None:
-        # An ordered consumer from the last value of each key, with a heartbeat so a lost
-        # NATS node is noticed within a second and the consumer resumes where it was.
-        pre, stream = f"$KV.{bucket}.", f"KV_{bucket}"
-        if (await self.js.stream_info(stream)).state.last_seq == 0:
-            ready.set()
+    async def _watch(self, bucket: str, handle: watching.Handler, ready: asyncio.Event) -> None:
+        stream = f"KV_{bucket}"
 
-        async def on_entry(msg: Msg) -> None:
-            meta = msg.metadata
-            self.seen[stream] = max(self.seen.get(stream, 0), meta.sequence.stream)
-            if not (msg.headers and MARKER_HEADER in msg.headers):
-                op = msg.headers.get(KV_OP) if msg.headers else None
-                value = None if op in (KV_DEL, KV_PURGE) else msg.data
-                handle(msg.subject[len(pre) :], value, meta.sequence.stream)
-            if meta.num_pending == 0:
-                ready.set()
+        def seen(sequence: int) -> None:
+            self.seen[stream] = max(self.seen.get(stream, 0), sequence)
 
-        self._subs.append(
-            await self.js.subscribe(
-                f"{pre}>",
-                stream=stream,
-                cb=on_entry,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-                idle_heartbeat=HEARTBEAT_S,
-            )
-        )
+        self._subs.append(await watching.watch(self.js, bucket, handle, ready, seen=seen))
 
     def _reject(self, exc: RejectedValue) -> None:
         self.instruments.rejected.labels(source=exc.source).inc()

@@ -24,21 +24,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from libshared import devices
 from libshared.devices import Device
 
-MILLI = 1000  # one whole GPU in milli-GPU, the FGD paper's unit
+MILLI = devices.MILLI  # one whole GPU in milli-GPU, the FGD paper's unit
 
 
 def free_milli(device: Device, *, slices: int, memory_mib: int, cores: int) -> int:
     """The free share of ``device`` holding ``slices`` slices of ``memory_mib`` MiB and
-    ``cores`` percent in all, in milli-GPU (0-1000; see the module docstring)."""
-    if not device.healthy or slices >= device.split_count:
-        return 0
-    if device.memory_mib <= 0 or device.cores_percent <= 0:
-        return 0
-    mem = MILLI * max(0, device.memory_mib - memory_mib) // device.memory_mib
-    core = MILLI * max(0, device.cores_percent - cores) // device.cores_percent
-    return max(0, min(MILLI, mem, core))
+    ``cores`` percent in all, in milli-GPU (0-1000; ``libshared.devices.free_milli``)."""
+    return devices.free_milli(
+        healthy=device.healthy,
+        split_count=device.split_count,
+        slices=slices,
+        memory_mib=device.memory_mib,
+        memory_used_mib=memory_mib,
+        cores_percent=device.cores_percent,
+        cores_used=cores,
+    )
 
 
 @dataclass(frozen=True)

@@ -20,16 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import msgspec
-
 from libshared import bounds, events, quarantines
 from libshared.devices import Device, NodeDevices
 from libshared.errors import VsliceError
 from libshared.ledgers import NodeLedger, Slice
 from services.metrics.core import fragmentation
 
-NODE_DEVICES = msgspec.json.Decoder(NodeDevices)
-NODE_LEDGER = msgspec.json.Decoder(NodeLedger)
 MIB = 1024 * 1024
 
 

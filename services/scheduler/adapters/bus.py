@@ -39,16 +39,15 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 from nats.js.errors import (
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NoKeysError,
 )
-from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
-from libshared import bounds, events, quarantines
+from libshared import bounds, events, quarantines, watching
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
 from libshared.errors import TemporaryError
@@ -63,9 +62,6 @@ from services.scheduler.core.deciding import Scheduler
 
 log = logging.getLogger("vslice.scheduler")
 
-KV_OP_HEADER = KV_OP
-MARKER_HEADER = "Nats-Marker-Reason"  # server-placed TTL markers (nats-server 2.11+)
-HEARTBEAT_S = 0.5
 REREAD_BACKOFF_S = 0.2  # pause before re-reading a node's ledger again after a failed read
 CLAIM_POLL_S = 0.05  # how often a replica waiting for a claim's holder re-reads the claim
 
@@ -327,35 +323,8 @@ class Replica:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
 
-    async def _watch(
-        self, bucket: str, handle: Callable[[str, bytes | None, int], None], ready: asyncio.Event
-    ) -> None:
-        # kv.watchall() has no heartbeat setting: its ordered consumer notices a lost NATS
-        # node only after 10 s. This one checks every HEARTBEAT_S and resumes from the
-        # last sequence it saw, so a failover leaves the view stale for about a second.
-        pre, stream = f"$KV.{bucket}.", f"KV_{bucket}"
-        if (await self.js.stream_info(stream)).state.last_seq == 0:
-            ready.set()
-
-        async def on_entry(msg: Msg) -> None:
-            meta = msg.metadata
-            op = msg.headers.get(KV_OP_HEADER) if msg.headers else None
-            if not (msg.headers and MARKER_HEADER in msg.headers):
-                value = None if op in (KV_DEL, KV_PURGE) else msg.data
-                handle(msg.subject[len(pre) :], value, meta.sequence.stream)
-            if meta.num_pending == 0:
-                ready.set()
-
-        self._subs.append(
-            await self.js.subscribe(
-                f"{pre}>",
-                stream=stream,
-                cb=on_entry,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-                idle_heartbeat=HEARTBEAT_S,
-            )
-        )
+    async def _watch(self, bucket: str, handle: watching.Handler, ready: asyncio.Event) -> None:
+        self._subs.append(await watching.watch(self.js, bucket, handle, ready))
 
     def _node_entry(self, key: str, value: bytes | None, revision: int) -> None:
         if not value:

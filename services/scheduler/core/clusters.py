@@ -16,12 +16,12 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from libshared import quarantines
+from libshared import devices, quarantines
 from libshared.devices import NodeDevices
 from libshared.events import Placement
 from libshared.ledgers import NodeLedger, PodCharge, booked
 
-MILLI = 1000  # one whole GPU in milli-GPU, the FGD paper's unit
+MILLI = devices.MILLI  # one whole GPU in milli-GPU, the FGD paper's unit
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -273,12 +273,15 @@ class Cluster:
 
         0 for an unhealthy device or one whose split slots are all taken: nothing more fits.
         """
-        if not self.dev_healthy[n, slot] or self.dev_used[n, slot] >= self.dev_split[n, slot]:
-            return 0
-        cores, mem = int(self.dev_cores[n, slot]), int(self.dev_mem[n, slot])
-        by_cores = MILLI * (cores - int(self.dev_cores_used[n, slot])) // cores if cores > 0 else 0
-        by_mem = MILLI * (mem - int(self.dev_mem_used[n, slot])) // mem if mem > 0 else 0
-        return max(0, min(by_cores, by_mem))
+        return devices.free_milli(
+            healthy=bool(self.dev_healthy[n, slot]),
+            split_count=int(self.dev_split[n, slot]),
+            slices=int(self.dev_used[n, slot]),
+            memory_mib=int(self.dev_mem[n, slot]),
+            memory_used_mib=int(self.dev_mem_used[n, slot]),
+            cores_percent=int(self.dev_cores[n, slot]),
+            cores_used=int(self.dev_cores_used[n, slot]),
+        )
 
     # -- changes -------------------------------------------------------------------------
 
