@@ -14,27 +14,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import msgspec
-import nats.errors
-
-from libshared import bounds, connecting, events, probes, traces
+from libshared import connecting, probes, traces
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
 from libshared.subjects import valid_node
-from services.nodeagent.adapters import bus, deviceplugin, gpus, hostroots, kube
+from services.nodeagent.adapters import bus, deviceplugin, gpus, hostroots, kube, loops
 from services.nodeagent.adapters.slicing import Slicer
-from services.nodeagent.core import allocating, fleets, preparing, registrations, usages
-from services.nodeagent.settings import Settings, SliceSettings
+from services.nodeagent.core import allocating, fleets, preparing, registrations
+from services.nodeagent.settings import DevicePluginSettings, Settings, SliceSettings
 
 log = logging.getLogger("vslice.nodeagent")
 
-MIB = 1 << 20
 NVML_ESCAPE_MARGIN_MIB = 512  # a CUDA context's own memory, which no allocation charges
-XID_WAIT_S = 1.0
 USAGE_STALL_S = 60.0  # /healthz fails when no usage report went out for this long
 
 
@@ -182,134 +175,51 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
     margin = real.escape_margin_mib
     if margin is None:
         margin = 0 if backend.kind == "mock" else NVML_ESCAPE_MARGIN_MIB
-    unhealthy: set[str] = set()
-
-    def registration() -> NodeDevices:
-        return registrations.node_devices(
-            node, found, scaling=real.scaling, unhealthy=frozenset(unhealthy)
-        )
-
-    tasks: list[asyncio.Task[None]] = []
-    health = probes.Probes()
     # NVML calls run in threads: one that hangs stalls the usage loop, not the event loop,
     # so the loop's own ticker would not see it
     reported = probes.Beat("usage", max(USAGE_STALL_S, 5 * real.usage_interval_s))
+    node_loops = loops.NodeLoops(
+        node=node,
+        backend=backend,
+        slicer=slicer,
+        found=found,
+        scaling=real.scaling,
+        margin_mib=margin,
+        kill=real.enforce == "kill",
+        usage_every_s=real.usage_interval_s,
+        rediscover_s=real.rediscover_s,
+        reported=reported,
+        subjects=settings.bus.subjects,
+    )
+    health = probes.Probes()
     lifeline = None
     async with contextlib.AsyncExitStack() as stack:
         await probes.serving(health, settings.health, stack)
         stack.callback(backend.close)
-        agent = None
         if settings.use_bus:
-            agent, lifeline = await open_agent(
-                settings, stack, [registration()], slicer=slicer, stop=stop
+            node_loops.agent, lifeline = await open_agent(
+                settings, stack, [node_loops.registration()], slicer=slicer, stop=stop
             )
-            _agent_checks(health, agent)
-        nc = None if agent is None else agent.nc
-        plugin = None
+            node_loops.nc = node_loops.agent.nc
+            _agent_checks(health, node_loops.agent)
         if plugin_settings is not None:
-            api = await kube.api_client()
-            stack.push_async_callback(api.close)
-            ledger_agent = agent
-
-            async def read_ledger() -> NodeLedger | None:
-                assert ledger_agent is not None
-                return await ledger_agent.ledger_of(node)
-
-            plugin = deviceplugin.DevicePlugin(
-                settings=deviceplugin.PluginSettings(
-                    node=node,
-                    kubelet_dir=plugin_settings.kubelet_dir,
-                    device_list=plugin_settings.device_list,
-                ),
-                pods=kube.Kube(api),
-                slicer=slicer,
-                registration=registration(),
-                libvgpu=lib.resolve(),
-                preload=hostroots.install_preload(root, allocating.preload_text()),
-                ledger=read_ledger if agent is not None else None,
-                minors=registrations.minors(found),
+            node_loops.plugin = await _device_plugin(
+                plugin_settings, node_loops, stack, health, root=root, lib=lib
             )
-            await plugin.start()
-            stack.push_async_callback(plugin.stop)
-            registered = plugin
-
-            def with_kubelet() -> str:
-                if registered.registered_with is None:
-                    return "device plugin: not registered with kubelet"
-                return ""
-
-            health.ready_when("kubelet", with_kubelet)
         log.info(
             "node registered",
             extra={
                 "node": node,
                 "backend": backend.kind,
                 "gpus": len(found),
-                "bus": agent is not None,
-                "device_plugin": plugin is not None,
-                "hami_register": registrations.hami_register(registration()),
+                "bus": node_loops.agent is not None,
+                "device_plugin": node_loops.plugin is not None,
+                "hami_register": registrations.hami_register(node_loops.registration()),
             },
         )
-
-        async def announce() -> None:
-            now = registration()
-            if agent is not None:
-                await agent.register([now])
-            if plugin is not None:
-                await plugin.update(now, minors=registrations.minors(found))
-
-        async def report() -> None:
-            devices, processes = await asyncio.to_thread(backend.read)
-            usage = slicer.usage(devices, processes, margin_bytes=margin * MIB)
-            if usage.escapes:
-                usage = enforce(usage, kill=real.enforce == "kill")
-            usage, left_out = usages.clipped(usage)
-            if left_out:
-                log.warning("usage report clipped to its bounds", extra={"left_out": left_out})
-            problem = bounds.violation(usage, events.NodeUsage)
-            if problem:
-                # a figure no receiver would take (NVML's, say): the report would be refused
-                log.error("usage report over its bounds, not sent", extra={"error": problem})
-            elif nc is not None:
-                await nc.publish(settings.bus.subjects.usage(node), events.ENCODER.encode(usage))
-            slicer.sweep()
-            reported.mark()
-
         health.alive_when("usage", reported)
-
-        async def watch_health() -> None:
-            xids = await asyncio.to_thread(backend.wait_xids, XID_WAIT_S)
-            faults = {u for u, x in xids if registrations.is_device_fault(x)}
-            for uuid, xid in xids:
-                fault = registrations.is_device_fault(xid)
-                log.warning("XID", extra={"uuid": uuid, "xid": xid, "fault": fault})
-            if faults - unhealthy:
-                unhealthy.update(faults)
-                await announce()
-
-        async def rediscover() -> None:
-            nonlocal found
-            await asyncio.sleep(real.rediscover_s)
-            now = await asyncio.to_thread(backend.discover)
-            if now != found:
-                found = now
-                log.info("device list changed", extra={"gpus": len(found)})
-                await announce()
-
-        tasks = [
-            asyncio.create_task(_forever("usage", report, every_s=real.usage_interval_s)),
-            asyncio.create_task(_forever("health", watch_health)),
-            asyncio.create_task(_forever("rediscover", rediscover)),
-        ]
-
-        async def cancel_tasks() -> None:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        stack.push_async_callback(cancel_tasks)
-        for name, task in zip(("usage loop", "xid loop", "rediscover loop"), tasks, strict=True):
-            health.task(name, task)
+        node_loops.start(health)
+        stack.push_async_callback(node_loops.stop)
         health.started()
         log.info("nodeagent serving", extra={"agent": settings.name, "node": node})
         await stop.wait()
@@ -317,6 +227,50 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
     log.info("stopped", extra={"agent": settings.name})
     if lifeline is not None:
         lifeline.check()
+
+
+async def _device_plugin(
+    plugin_settings: DevicePluginSettings,
+    node_loops: loops.NodeLoops,
+    stack: contextlib.AsyncExitStack,
+    health: probes.Probes,
+    *,
+    root: Path,
+    lib: Path,
+) -> deviceplugin.DevicePlugin:
+    """Start kubelet's device plugin for the node (ready once kubelet registered it)."""
+    api = await kube.api_client()
+    stack.push_async_callback(api.close)
+    agent = node_loops.agent
+
+    async def read_ledger() -> NodeLedger | None:
+        assert agent is not None
+        return await agent.ledger_of(node_loops.node)
+
+    plugin = deviceplugin.DevicePlugin(
+        settings=deviceplugin.PluginSettings(
+            node=node_loops.node,
+            kubelet_dir=plugin_settings.kubelet_dir,
+            device_list=plugin_settings.device_list,
+        ),
+        pods=kube.Kube(api),
+        slicer=node_loops.slicer,
+        registration=node_loops.registration(),
+        libvgpu=lib.resolve(),
+        preload=hostroots.install_preload(root, allocating.preload_text()),
+        ledger=read_ledger if agent is not None else None,
+        minors=registrations.minors(node_loops.found),
+    )
+    await plugin.start()
+    stack.push_async_callback(plugin.stop)
+
+    def with_kubelet() -> str:
+        if plugin.registered_with is None:
+            return "device plugin: not registered with kubelet"
+        return ""
+
+    health.ready_when("kubelet", with_kubelet)
+    return plugin
 
 
 def _agent_checks(health: probes.Probes, agent: bus.Agent) -> None:
@@ -328,42 +282,3 @@ def _agent_checks(health: probes.Probes, agent: bus.Agent) -> None:
             js=agent.js, stream=agent.subjects.alloc_stream, durable=agent.durable
         ),
     )
-
-
-def enforce(usage: events.NodeUsage, *, kill: bool) -> events.NodeUsage:
-    """Log every escape of ``usage``; with ``kill``, SIGKILL the escaped processes of a
-    slice (``usages.to_kill``) and mark them ``killed``."""
-    victims = set(usages.to_kill(usage.escapes)) if kill else set()
-    killed = {pid for pid in victims if hostroots.kill(pid)}
-    for e in usage.escapes:
-        log.warning(
-            "process over its slice",
-            extra={
-                "pid": e.pid,
-                "uuid": e.uuid,
-                "used_bytes": e.used_bytes,
-                "limit_bytes": e.limit_bytes,
-                "pod_uid": e.pod_uid,
-                "killed": e.pid in killed,
-            },
-        )
-    return msgspec.structs.replace(
-        usage,
-        escapes=tuple(msgspec.structs.replace(e, killed=e.pid in killed) for e in usage.escapes),
-    )
-
-
-async def _forever(name: str, step: Callable[[], Awaitable[None]], *, every_s: float = 0.0) -> None:
-    """Run ``step`` again and again (``every_s`` apart); a failing step is logged, never
-    fatal."""
-    while True:
-        started = time.monotonic()
-        try:
-            await step()
-        except asyncio.CancelledError:
-            raise
-        except (Exception, nats.errors.Error) as exc:
-            log.exception("%s step failed", name, extra={"error": str(exc)})
-            await asyncio.sleep(1.0)
-        with contextlib.suppress(ValueError):
-            await asyncio.sleep(max(0.0, every_s - (time.monotonic() - started)))

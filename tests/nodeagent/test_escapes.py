@@ -5,7 +5,7 @@ by loading the driver with ``dlmopen`` into a new namespace (preloads are not lo
 there), as a static binary, or started without ``LD_PRELOAD`` in an image without
 ``/etc/ld.so.preload``. Each runs here on the mock GPU in a slice the agent prepared
 (``Slicer``); the mock NVML then shows its memory, and the agent's check
-(``Slicer.usage`` and ``app.enforce``, what its usage step runs) must report it as an
+(``Slicer.usage`` and ``loops.enforce``, what its usage step runs) must report it as an
 escape and kill it.
 """
 
@@ -22,8 +22,7 @@ import pytest
 
 from libshared import events
 from libshared.ledgers import PodCharge, Slice
-from services.nodeagent import app
-from services.nodeagent.adapters import hostroots
+from services.nodeagent.adapters import hostroots, loops
 from services.nodeagent.adapters.slicing import Slicer
 from services.nodeagent.core import allocating, preparing, usages
 from tests.libvgpu import harness
@@ -118,7 +117,7 @@ def test_the_host_side_check_catches_and_kills_what_no_interposer_can_stop(
         (line,) = harness.parse(proc.stdout.readline())
         assert line.int("rc") == harness.CUDA_SUCCESS  # past the slice: libvgpu never saw it
         devices, processes = nvml_readings(slicer)
-        usage = app.enforce(slicer.usage(devices, processes, margin_bytes=0), kill=True)
+        usage = loops.enforce(slicer.usage(devices, processes, margin_bytes=0), kill=True)
         assert [
             (e.pid, e.uuid, e.used_bytes, e.limit_bytes, e.pod_uid, e.killed) for e in usage.escapes
         ] == [(proc.pid, GPU, 2 * SLICE_MIB * MIB, SLICE_MIB * MIB, "p1", True)]
@@ -246,7 +245,7 @@ def test_in_a_pod_a_process_belongs_to_the_pod_whose_cache_it_sees_at_the_contai
         devices, processes = nvml_readings(slicer)
         (host_pid,) = [p.pid for p in processes]
         assert hostroots.parent_of(host_pid) == proc.pid  # unshare forked it
-        usage = app.enforce(slicer.usage(devices, processes, margin_bytes=0), kill=True)
+        usage = loops.enforce(slicer.usage(devices, processes, margin_bytes=0), kill=True)
         if escaped:
             assert [(e.pid, e.used_bytes, e.pod_uid, e.killed) for e in usage.escapes] == [
                 (host_pid, size_mib * MIB, "p2", True)

@@ -296,3 +296,11 @@ def to_kill(found: Sequence[events.Escape]) -> list[int]:
     every slice is only reported: the node agent cannot tell it is not the host's own).
     Pure."""
     return sorted({e.pid for e in found if e.pod_uid})
+
+
+def with_killed(usage: events.NodeUsage, killed: set[int]) -> events.NodeUsage:
+    """``usage`` with each escape marked ``killed`` when its pid is in ``killed``. Pure."""
+    return msgspec.structs.replace(
+        usage,
+        escapes=tuple(msgspec.structs.replace(e, killed=e.pid in killed) for e in usage.escapes),
+    )

@@ -1,0 +1,167 @@
+"""The node agent's three loops over a machine's GPUs, and the state they share: the
+usage report (read NVML or the mock, report each slice's use and the processes over their
+slice, end those with ``--enforce=kill``), the XID watch (a device fault marks the device
+unhealthy and registers the node again) and the rediscovery of the device list.
+
+What it leaves to others: which processes are over their slice and which of them are
+ended (``services.nodeagent.core.usages``), the registration's content
+(``services.nodeagent.core.registrations``), wiring (``services.nodeagent.app``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import nats.errors
+from nats.aio.client import Client
+
+from libshared import bounds, events, probes
+from libshared.devices import NodeDevices
+from libshared.subjects import Subjects
+from services.nodeagent.adapters import deviceplugin, gpus, hostroots
+from services.nodeagent.adapters.bus import Agent
+from services.nodeagent.adapters.slicing import Slicer
+from services.nodeagent.core import registrations, usages
+from services.nodeagent.core.registrations import Gpu
+
+log = logging.getLogger("vslice.nodeagent")
+
+MIB = 1 << 20
+XID_WAIT_S = 1.0
+
+
+def enforce(usage: events.NodeUsage, *, kill: bool) -> events.NodeUsage:
+    """Log every escape of ``usage``; with ``kill``, SIGKILL the escaped processes of a
+    slice (``usages.to_kill``) and mark them ``killed`` (``usages.with_killed``)."""
+    victims = set(usages.to_kill(usage.escapes)) if kill else set()
+    killed = {pid for pid in victims if hostroots.kill(pid)}
+    for e in usage.escapes:
+        log.warning(
+            "process over its slice",
+            extra={
+                "pid": e.pid,
+                "uuid": e.uuid,
+                "used_bytes": e.used_bytes,
+                "limit_bytes": e.limit_bytes,
+                "pod_uid": e.pod_uid,
+                "killed": e.pid in killed,
+            },
+        )
+    return usages.with_killed(usage, killed)
+
+
+@dataclass
+class NodeLoops:
+    """One machine's node: ``found`` (the GPUs discovered last), ``unhealthy`` (UUIDs a
+    device fault was seen on), where registrations go (``agent`` on the bus, ``plugin``
+    for kubelet) and where usage goes (``nc``, ``subjects``). ``margin_mib``: what a
+    process may use beyond its slice before it is an escape (MiB); ``kill``: end escapes;
+    ``usage_every_s``, ``rediscover_s``: the loops' periods (seconds)."""
+
+    node: str
+    backend: gpus.Gpus
+    slicer: Slicer
+    found: list[Gpu]
+    scaling: registrations.Scaling
+    margin_mib: int
+    kill: bool
+    usage_every_s: float
+    rediscover_s: float
+    reported: probes.Beat
+    nc: Client | None = None
+    subjects: Subjects | None = None
+    agent: Agent | None = None
+    plugin: deviceplugin.DevicePlugin | None = None
+    unhealthy: set[str] = field(default_factory=set)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def registration(self) -> NodeDevices:
+        """The node's devices as registered now."""
+        return registrations.node_devices(
+            self.node, self.found, scaling=self.scaling, unhealthy=frozenset(self.unhealthy)
+        )
+
+    async def announce(self) -> None:
+        """Register the node again, on the bus and with kubelet."""
+        now = self.registration()
+        if self.agent is not None:
+            await self.agent.register([now])
+        if self.plugin is not None:
+            await self.plugin.update(now, minors=registrations.minors(self.found))
+
+    async def report(self) -> None:
+        """One usage report: read the devices, report, end escapes, sweep ended slices."""
+        devices, processes = await asyncio.to_thread(self.backend.read)
+        usage = self.slicer.usage(devices, processes, margin_bytes=self.margin_mib * MIB)
+        if usage.escapes:
+            usage = enforce(usage, kill=self.kill)
+        usage, left_out = usages.clipped(usage)
+        if left_out:
+            log.warning("usage report clipped to its bounds", extra={"left_out": left_out})
+        problem = bounds.violation(usage, events.NodeUsage)
+        if problem:
+            # a figure no receiver would take (NVML's, say): the report would be refused
+            log.error("usage report over its bounds, not sent", extra={"error": problem})
+        elif self.nc is not None and self.subjects is not None:
+            await self.nc.publish(self.subjects.usage(self.node), events.ENCODER.encode(usage))
+        self.slicer.sweep()
+        self.reported.mark()
+
+    async def watch_health(self) -> None:
+        """Wait for XIDs up to ``XID_WAIT_S``; a device fault makes its GPU unhealthy."""
+        xids = await asyncio.to_thread(self.backend.wait_xids, XID_WAIT_S)
+        faults = {u for u, x in xids if registrations.is_device_fault(x)}
+        for uuid, xid in xids:
+            fault = registrations.is_device_fault(xid)
+            log.warning("XID", extra={"uuid": uuid, "xid": xid, "fault": fault})
+        if faults - self.unhealthy:
+            self.unhealthy.update(faults)
+            await self.announce()
+
+    async def rediscover(self) -> None:
+        """After ``rediscover_s``, list the GPUs again; a change registers the node again."""
+        await asyncio.sleep(self.rediscover_s)
+        now = await asyncio.to_thread(self.backend.discover)
+        if now != self.found:
+            self.found = now
+            log.info("device list changed", extra={"gpus": len(self.found)})
+            await self.announce()
+
+    def start(self, health: probes.Probes) -> None:
+        """Start the three loops, each a task the health probes watch."""
+        self._tasks = [
+            asyncio.create_task(forever("usage", self.report, every_s=self.usage_every_s)),
+            asyncio.create_task(forever("health", self.watch_health)),
+            asyncio.create_task(forever("rediscover", self.rediscover)),
+        ]
+        for name, task in zip(
+            ("usage loop", "xid loop", "rediscover loop"), self._tasks, strict=True
+        ):
+            health.task(name, task)
+
+    async def stop(self) -> None:
+        """Cancel the loops and wait for them to end."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def forever(name: str, step: Callable[[], Awaitable[None]], *, every_s: float = 0.0) -> None:
+    """Run ``step`` again and again (``every_s`` apart); a failing step is logged, never
+    fatal."""
+    while True:
+        started = time.monotonic()
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except (Exception, nats.errors.Error) as exc:
+            log.exception("%s step failed", name, extra={"error": str(exc)})
+            await asyncio.sleep(1.0)
+        with contextlib.suppress(ValueError):
+            await asyncio.sleep(max(0.0, every_s - (time.monotonic() - started)))
