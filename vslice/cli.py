@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -462,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
         print("\nvslice: interrupted", file=sys.stderr)
+        _quiet_from_now_on()
         return EXIT_INTERRUPTED
     except running.RunError as exc:
         print(f"vslice run: {exc}", file=sys.stderr)
@@ -476,6 +478,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vslice: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _quiet_from_now_on() -> None:
+    """Drop what the interpreter would still report on its way out after a Ctrl-C.
+
+    Ctrl-C can land inside ``asyncio.run`` while it builds its event loop: the half-built
+    loop's finalizer then fails ("Exception ignored in BaseEventLoop.__del__") and the
+    coroutine it never started warns that it was never awaited, both when they are
+    collected, after the one line that ends the run. The process is ending: those reports
+    are not news to the person who pressed Ctrl-C."""
+    sys.unraisablehook = lambda _: None
+    warnings.simplefilter("ignore")
 
 
 def _scale(args: argparse.Namespace) -> int:

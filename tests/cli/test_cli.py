@@ -545,3 +545,27 @@ def test_a_reader_that_closes_the_pipe_early_ends_vslice_quietly_with_141() -> N
     proc.stderr.close()
     assert proc.wait(timeout=60) == 141
     assert err == b""
+
+
+def test_ctrl_c_while_asyncio_builds_its_event_loop_ends_with_one_line(tmp_path: Path) -> None:
+    # Ctrl-C landing inside asyncio.run() while it makes its loop left a half-built loop
+    # whose finalizer failed, and a never-awaited coroutine, both reported after the line
+    stacks.write_state(
+        tmp_path,
+        stacks.Stack(
+            nats_url="nats://127.0.0.1:1", prefix="vslice", pids={"nats": os.getpid()},
+            state_dir=str(tmp_path),
+        ),
+    )  # fmt: skip
+    code = (
+        "import asyncio.selector_events as se, sys\n"
+        "def interrupted(self): raise KeyboardInterrupt\n"
+        "se.BaseSelectorEventLoop._make_self_pipe = interrupted\n"
+        "from vslice import cli\n"
+        f"sys.exit(cli.main(['release', 'p', '--state-dir', {str(tmp_path)!r}]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo_root(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == cli.EXIT_INTERRUPTED, done.stderr
+    assert done.stderr.strip() == "vslice: interrupted", done.stderr
