@@ -21,6 +21,15 @@ Four checks, each in a child process with libvgpu preloaded:
    that), the device must never read fully busy for more than 2 s straight after
    the switch, and no launch may block for more than 2.5 s (the limiter's bounds:
    twice its 1 s window, plus scheduling slack).
+6. Two processes filling one 4000 MiB slice at once (one shared cache file, as
+   two containers of one pod have it): together they must stop at 4000 MiB.
+   What PyTorch reads as the card's size under the slice (``total_memory``,
+   ``mem_get_info``) is printed beside it.
+7. Launch overhead: 20,000 element-wise adds without libvgpu, with libvgpu and
+   no limit, and with libvgpu under ``CUDA_DEVICE_SM_LIMIT=100`` (figures only).
+
+Every child runs under a time limit, and a check that fails or hangs does not stop
+the ones after it.
 
     make native && python benchmarks/gpu/slice_check.py [--device 0]
 
@@ -84,11 +93,23 @@ def slice_env(device: int, cache: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+CHILD_TIMEOUT_S = 120.0
+
+
+def run_child(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Runs one child with its output captured, killed after ``CHILD_TIMEOUT_S``."""
+    try:
+        return subprocess.run(
+            argv, env=env, capture_output=True, text=True, check=False, timeout=CHILD_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as error:
+        out = error.stdout.decode() if isinstance(error.stdout, bytes) else error.stdout or ""
+        return subprocess.CompletedProcess(argv, -9, out, f"killed after {CHILD_TIMEOUT_S:.0f} s")
+
+
 def check_memory(device: int, tmp: Path) -> bool:
     env = slice_env(device, tmp / "mem.cache", CUDA_DEVICE_MEMORY_LIMIT=f"{SLICE_MIB}m")
-    out = subprocess.run(
-        [sys.executable, "-c", ALLOCATE], env=env, capture_output=True, text=True, check=False
-    )
+    out = run_child([sys.executable, "-c", ALLOCATE], env)
     print("1. PyTorch allocation loop:", out.stdout.strip() or out.stderr.strip()[-500:])
     if not out.stdout.startswith("OOM after "):
         return False
@@ -97,12 +118,9 @@ def check_memory(device: int, tmp: Path) -> bool:
 
 def check_nvidia_smi(device: int, tmp: Path) -> bool:
     env = slice_env(device, tmp / "smi.cache", CUDA_DEVICE_MEMORY_LIMIT=f"{SLICE_MIB}m")
-    out = subprocess.run(
+    out = run_child(
         ["nvidia-smi", "-i", "0", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+        env,
     ).stdout.strip()
     print(f"2. nvidia-smi memory.total under the slice: {out} MiB")
     return out == str(SLICE_MIB)
@@ -120,7 +138,12 @@ def check_compute(device: int, tmp: Path) -> bool:
     while time.monotonic() < end:
         samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
         time.sleep(0.1)
-    child.wait()
+    try:
+        child.wait(timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        print("3. the saturating child did not end: killed")
+        return False
     windows = [statistics.mean(samples[i : i + 20]) for i in range(0, len(samples) - 19)]
     print(
         f"3. SM limit {SM_PERCENT}%: NVML utilization over {SAMPLE_S:.0f} s: mean "
@@ -147,12 +170,8 @@ def check_lookups(device: int, tmp: Path) -> bool:
     ok = True
     for mode in LOOKUP_MODES:
         env = slice_env(device, tmp / f"{mode}.cache", CUDA_DEVICE_MEMORY_LIMIT="100m")
-        out = subprocess.run(
-            [str(LOOKUPS), mode, str(tmp / "libgpu-driver.so"), str(tmp / "libgpu-ml.so")],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
+        out = run_child(
+            [str(LOOKUPS), mode, str(tmp / "libgpu-driver.so"), str(tmp / "libgpu-ml.so")], env
         )
         words = [
             dict(w.split("=", 1) for w in line.split()[1:]) for line in out.stdout.splitlines()
@@ -206,7 +225,12 @@ def check_switch(device: int, tmp: Path) -> bool:
     samples: list[tuple[float, int]] = []
     os.set_blocking(child.stdout.fileno(), False)
     lines = ""
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
     while child.poll() is None:
+        if time.monotonic() > deadline:
+            child.kill()
+            print("5. short kernels then long: the child did not end: killed")
+            return False
         samples.append((time.time(), pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
         lines += child.stdout.read() or ""
         time.sleep(0.1)
@@ -215,7 +239,7 @@ def check_switch(device: int, tmp: Path) -> bool:
         words = line.split()
         marks[words[-2] if words[0] == "phase" else words[0]] = float(words[-1])
     if not {"short", "long", "longest_call_s"} <= marks.keys():
-        print(f"4. short kernels then long: the program failed ({child.returncode})")
+        print(f"5. short kernels then long: the program failed ({child.returncode})")
         return False
     # skip the first second of the short phase: NVML averages over up to 1 s
     short = [u for t, u in samples if marks["short"] + 1 <= t < marks["long"]]
@@ -225,7 +249,7 @@ def check_switch(device: int, tmp: Path) -> bool:
         longest_streak = max(longest_streak, streak)
     mean_short = statistics.mean(short) if short else 0.0
     print(
-        f"4. SM limit {SM_PERCENT}%: short kernels {mean_short:.1f}% busy; after the switch "
+        f"5. SM limit {SM_PERCENT}%: short kernels {mean_short:.1f}% busy; after the switch "
         f"to long ones, longest fully busy stretch {longest_streak:.1f} s, longest launch "
         f"{marks['longest_call_s']:.2f} s"
     )
@@ -234,6 +258,67 @@ def check_switch(device: int, tmp: Path) -> bool:
         and longest_streak <= 2.0
         and marks["longest_call_s"] <= 2.5
     )
+
+
+SIZES = """
+import torch
+free, total = torch.cuda.mem_get_info()
+props = torch.cuda.get_device_properties(0)
+print(f"total_memory {props.total_memory >> 20} MiB, mem_get_info free {free >> 20} MiB "
+      f"total {total >> 20} MiB")
+"""
+
+
+def check_shared_slice(device: int, tmp: Path) -> bool:
+    env = slice_env(device, tmp / "shared.cache", CUDA_DEVICE_MEMORY_LIMIT=f"{SLICE_MIB}m")
+    sizes = run_child([sys.executable, "-c", SIZES], env)
+    view = sizes.stdout.strip() or sizes.stderr[-300:]
+    print("6. PyTorch's view of the card under the slice:", view)
+    # both children hold what they got until both have hit the cap
+    hold = ALLOCATE + "\nimport time; time.sleep(15)\n"
+    children = [
+        subprocess.Popen([sys.executable, "-c", hold], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    got = []
+    for child in children:
+        try:
+            out, _ = child.communicate(timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            out = ""
+        got.append(int(out.split()[2]) if out.startswith("OOM after ") else -1)
+    print(f"6. two processes on one {SLICE_MIB} MiB slice: {got[0]} + {got[1]} MiB")
+    return min(got) >= 0 and sum(got) <= SLICE_MIB
+
+
+LAUNCHES = """
+import time, torch
+x = torch.zeros(1024, device="cuda")
+for _ in range(2000):
+    x.add_(1.0)
+torch.cuda.synchronize()
+t = time.perf_counter()
+for _ in range(20000):
+    x.add_(1.0)
+torch.cuda.synchronize()
+print(f"{(time.perf_counter() - t) / 20000 * 1e6:.2f}")
+"""
+
+
+def check_launch_overhead(device: int, tmp: Path) -> bool:
+    plain = dict(os.environ, CUDA_VISIBLE_DEVICES=str(device))
+    runs = {
+        "no libvgpu": plain,
+        "libvgpu, no limit": slice_env(device, tmp / "o1.cache"),
+        "libvgpu, SM limit 100": slice_env(device, tmp / "o2.cache", CUDA_DEVICE_SM_LIMIT="100"),
+    }
+    figures = {}
+    for name, env in runs.items():
+        out = run_child([sys.executable, "-c", LAUNCHES], env)
+        figures[name] = out.stdout.strip() or f"failed: {out.stderr[-200:]}"
+    print("7. microseconds per add launch (20,000):", figures)
+    return all(f.replace(".", "", 1).isdigit() for f in figures.values())
 
 
 def main() -> int:
@@ -245,13 +330,28 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        results = [
-            check_memory(options.device, tmp),
-            check_nvidia_smi(options.device, tmp),
-            check_compute(options.device, tmp),
-            check_lookups(options.device, tmp),
-            check_switch(options.device, tmp),
-        ]
+        results = []
+        for check in (
+            check_memory,
+            check_nvidia_smi,
+            check_compute,
+            check_lookups,
+            check_switch,
+            check_shared_slice,
+            check_launch_overhead,
+        ):
+            started = time.monotonic()
+            try:
+                passed = check(options.device, tmp)
+            except Exception as error:  # one broken check must not hide the others
+                print(f"{check.__name__}: {type(error).__name__}: {error}")
+                passed = False
+            print(
+                f"   {check.__name__}: {'pass' if passed else 'FAIL'} "
+                f"({time.monotonic() - started:.1f} s)",
+                flush=True,
+            )
+            results.append(passed)
     print("PASS" if all(results) else "FAIL")
     return 0 if all(results) else 1
 
