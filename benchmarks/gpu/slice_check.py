@@ -5,10 +5,11 @@ Four checks, each in a child process with libvgpu preloaded:
 1. A PyTorch loop allocating 100 MiB tensors under a 4000 MiB slice stops with
    ``torch.cuda.OutOfMemoryError`` having allocated at most 4000 MiB.
 2. ``nvidia-smi`` under the slice reports a 4000 MiB card.
-3. Saturating PyTorch loops under ``CUDA_DEVICE_SM_LIMIT=30`` (matmul with a norm
-   and a division; matmul alone): this process samples the device's utilization
-   with NVML every 100 ms for 12 s and prints the mean and the range over 2 s
-   windows (the target is 30 +- 3), and each second what the limiter charged.
+3. Saturating PyTorch loops under ``CUDA_DEVICE_SM_LIMIT=30`` (a matmul with a
+   norm and a division; matmuls alone; two processes of matmuls sharing the
+   limit): once they launch, this process samples the device's utilization with
+   NVML every 100 ms for 12 s and prints the mean and the range over 2 s windows
+   (the target is 30 +- 3), and each second what the limiter charged.
 4. ``build/lookups`` (libvgpu's test program, run on the real driver) finds the
    capped functions through dlsym(RTLD_NEXT) from a later library, RTLD_DEFAULT,
    a libcuda handle, a renamed copy of libcuda and NVML, and a library that
@@ -54,8 +55,10 @@ from pathlib import Path
 import pynvml
 
 ROOT = Path(__file__).resolve().parents[2]
-LIBVGPU = ROOT / "services" / "nodeagent" / "libvgpu" / "libvgpu.so"
-LOOKUPS = LIBVGPU.parent / "build" / "lookups"
+LIBVGPU_DIR = ROOT / "services" / "nodeagent" / "libvgpu"
+# VSLICE_LIBVGPU: another build to check (an older one, as a baseline)
+LIBVGPU = Path(os.environ.get("VSLICE_LIBVGPU") or LIBVGPU_DIR / "libvgpu.so")
+LOOKUPS = LIBVGPU_DIR / "build" / "lookups"
 LOOKUP_MODES = ("next", "default", "handle", "copy", "dependent")
 SLICE_MIB = 4000
 SM_PERCENT = 30
@@ -74,6 +77,8 @@ except torch.cuda.OutOfMemoryError as error:
 SATURATE = """
 import time, torch
 a = torch.randn(4096, 4096, device="cuda")
+torch.cuda.synchronize()
+print("launching", flush=True)
 end = time.time() + {seconds}
 while time.time() < end:
     a = a @ a
@@ -136,12 +141,17 @@ WORKLOADS = {
 import time, torch
 a = torch.randn(4096, 4096, device="cuda")
 c = torch.empty_like(a)
+torch.cuda.synchronize()
+print("launching", flush=True)
 end = time.time() + {seconds}
 while time.time() < end:
     torch.matmul(a, a, out=c)
 torch.cuda.synchronize()
 """,
 }
+# (workload, processes): two processes of one container share its limit
+RUNS = (("mixed", 1), ("matmul", 1), ("matmul", 2))
+WARM_UP_S = 2.0  # after the first launches: NVML averages over up to 1 s
 DEVICE0 = 64  # offset of device 0 in the shared cache (build/layout prints it)
 # (name, offset in the device record): the limiter's state, read each second
 LIMITER_FIELDS = (("tokens", 32), ("cost", 56), ("launches", 64), ("observed", 96))
@@ -162,13 +172,25 @@ def check_compute(device: int, tmp: Path) -> bool:
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(device)
     passed = True
-    for name, program in WORKLOADS.items():
-        cache = tmp / f"sm-{name}.cache"
+    for workload, processes in RUNS:
+        name = workload if processes == 1 else f"{workload} x{processes}"
+        cache = tmp / f"sm-{workload}-{processes}.cache"
         env = slice_env(device, cache, CUDA_DEVICE_SM_LIMIT=str(SM_PERCENT))
-        child = subprocess.Popen(
-            [sys.executable, "-c", program.format(seconds=SAMPLE_S + 6)], env=env
-        )
-        time.sleep(4)  # warm-up: context creation, first kernels
+        code = WORKLOADS[workload].format(seconds=SAMPLE_S + WARM_UP_S + 4)
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True
+            )
+            for _ in range(processes)
+        ]
+        # sampling starts once every child launches (context creation and library
+        # loading take seconds, more on a cold machine)
+        started = [c.stdout.readline().strip() == "launching" for c in children if c.stdout]
+        if not all(started):
+            print(f"3. {name}: a child ended before launching")
+            passed = False
+            continue
+        time.sleep(WARM_UP_S)
         samples: list[int] = []
         seconds: list[str] = []
         before = limiter_state(cache)
@@ -186,10 +208,12 @@ def check_compute(device: int, tmp: Path) -> bool:
                 before = now
             time.sleep(0.1)
         try:
-            child.wait(timeout=CHILD_TIMEOUT_S)
+            for child in children:
+                child.wait(timeout=CHILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            child.kill()
-            print(f"3. {name}: the saturating child did not end: killed")
+            for child in children:
+                child.kill()
+            print(f"3. {name}: a saturating child did not end: killed")
             passed = False
             continue
         windows = [statistics.mean(samples[i : i + 20]) for i in range(0, len(samples) - 19)]

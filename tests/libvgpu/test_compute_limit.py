@@ -137,6 +137,26 @@ def test_short_kernels_get_their_whole_share(container: harness.Container, kerne
     assert abs(share - 10) <= TOLERANCE_POINTS, f"{kernel_us} us kernels got {share:.1f}% of 10%"
 
 
+# A training step launches kernels of very different lengths: a matmul of
+# milliseconds, then a norm and an element-wise op of microseconds (on an H200, a
+# 4096^2 matmul with a norm and a division gave 19 % busy for a 30 % limit when one
+# cost per launch stood for them all).
+@pytest.mark.parametrize(("long_us", "short_us", "shorts"), [(2700, 20, 3), (500, 5, 8)])
+def test_kernels_of_different_lengths_in_one_loop_get_the_share(
+    container: harness.Container, long_us: int, short_us: int, shorts: int
+) -> None:
+    container.env["CUDA_DEVICE_SM_LIMIT"] = "30"
+    trace = container.root / "trace"
+    container.env["VSLICE_MOCKGPU_TRACE"] = str(trace)
+    args = ("mixed", "kernel", str(long_us), str(short_us), str(shorts), "4")
+    (line,) = container.start("probe", *args).finish(timeout_s=40).of("mixed")
+    assert line.int("rc") == 0
+    fractions = harness.busy_fractions(
+        trace, start_ns=line.int("start_ns"), stop_ns=line.int("stop_ns")
+    )
+    assert_within(fractions, 30)
+
+
 @dataclass(frozen=True)
 class Switch:
     """A program that launched 5 us kernels, then 50 ms ones, under a 30 % limit."""

@@ -25,7 +25,8 @@
  *    x (100 - P) / P, as it must).  A launch is admitted while the bucket is
  *    positive and is charged the process's learned cost per launch.
  *
- * 2. The cost per launch is learned from completed work, not from NVML, whose
+ * 2. The cost per launch is learned per kind of launch (function, grid, block
+ *    and shared memory, or graph), from completed work, not from NVML, whose
  *    per-process utilisation is a rounded percent per sample period and reads
  *    0 for short kernels (HAMi-core's limiter starves them for that reason).
  *    Now and then a launch is timed: an event is recorded on its stream just
@@ -37,9 +38,19 @@
  *    the host over 50 us is unclear and skipped).  The estimate follows the
  *    median of the last three samples (an exponential average over about
  *    four), so the odd lengthened sample does not move it; a jump is point 4.
+ *    One cost for all of a process's launches was wrong for any real loop: on
+ *    an H200, a 4096^2 matmul (2.7 ms) with a norm and a division (tens of us)
+ *    got 19 % busy for a 30 % limit, in 2 s windows from 5 to 33 %, as the one
+ *    estimate swung between the kinds; charged per kind, 29.4 to 29.9 %.  A
+ *    kind not yet timed is charged the process's average cost per launch, and
+ *    the difference is settled once its first launch is timed.  An idle
+ *    stream's sample may lower a kind's estimate but not raise it while busy
+ *    streams' samples come in (see below).
  *    Events time 1 us to 1 s kernels alike (their resolution is about 0.5 us
  *    on a real card, where an idle stream's sample also holds part of the
- *    launch call: short kernels are then overestimated, never under).
+ *    launch call: short kernels are then overestimated, never under; on an
+ *    H200, a Python loop of 8 us element-wise kernels, each on an idle stream,
+ *    got 16 to 19 % busy for a 30 % limit).
  *
  * 3. A starting estimate that cannot starve: there is none.  A process's first
  *    launch is timed and charged nothing; its next launch waits until the
@@ -97,6 +108,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -152,11 +164,30 @@ struct probe {
     int armed;           /* b recorded: may be polled */
     int cancelled;       /* the launch failed: drop it */
     int idle;            /* the device had passed a before the launch */
+    uint64_t kind;       /* the kind launched, and its slot in struct local's kinds */
+    unsigned slot;
+    uint64_t kind_seq;   /* launches of that kind admitted before this one */
+};
+
+/* What a process knows of one kind of launch (point 2): its own cost, so that a
+ * loop of a 3 ms matmul and 20 us element-wise kernels charges each its length. */
+struct kind {
+    uint64_t hash;        /* the kind (0: the slot is free) */
+    int64_t cost_ns;      /* learned device time per launch; 0 = not yet timed */
+    uint64_t launches;    /* launches of it admitted */
+    int64_t recent[3];    /* its last samples */
+    unsigned recent_at;
+    int suspect;          /* its last sample was four times the estimate... */
+    uint64_t suspect_from; /* ...and the launches of it admitted before that one */
+    uint64_t guessed;     /* launches of it charged before its cost was known... */
+    int64_t guessed_ns;   /* ...and what they were charged */
+    unsigned idle_run;    /* idle-stream samples since its last busy-stream one */
 };
 
 /* This process's view of one device (under g_lock). */
 struct local {
-    int64_t cost_ns;  /* learned device time per launch; 0 = not yet known */
+    int64_t cost_ns;  /* device time per launch, the process's average over kinds;
+                         0 = not yet known */
     uint64_t issued;  /* launches admitted */
     uint64_t confirmed;    /* launches known complete (up to a completed probe) */
     uint64_t last_probe;   /* launch number of the last timed launch */
@@ -166,11 +197,9 @@ struct local {
     int spares;
     int unclear;          /* samples dropped in a row for a slow submission */
     int timed;            /* the process has timed a kernel of its own */
-    int suspect;          /* the last sample was four times the estimate */
-    uint64_t suspect_seq; /* and the launch it timed */
-    int64_t recent[3];    /* the last samples */
-    unsigned recent_at;
-    uint64_t kinds[KINDS]; /* kinds launched, by hash slot (0 = none) */
+    int suspect;          /* a kind's last sample was four times its estimate... */
+    unsigned suspect_slot; /* ...this kind's */
+    struct kind kinds[KINDS]; /* kinds launched, by hash slot */
     int novel;             /* a launch of a new kind was made... */
     uint64_t novel_first;  /* ...the first of a run of them not yet confirmed */
     uint64_t novel_last;   /* ...and the last */
@@ -307,9 +336,11 @@ static int64_t unconfirmed(const struct local *l) {
 /* Notes the kind of the launch about to be made; 1 if it is new to the
  * process (or was forgotten: a slot holds the last kind hashed to it). */
 static int note_kind(struct local *l, uint64_t kind) {
-    uint64_t *slot = &l->kinds[kind % KINDS];
-    if (*slot == kind) return 0;
-    *slot = kind;
+    struct kind *k = &l->kinds[kind % KINDS];
+    if (k->hash == kind) return 0;
+    if (l->suspect && l->suspect_slot == kind % KINDS) l->suspect = 0;
+    memset(k, 0, sizeof *k);
+    k->hash = kind;
     if (!novel_pending(l)) l->novel_first = l->issued;
     l->novel = 1;
     l->novel_last = l->issued;
@@ -340,47 +371,69 @@ static void drop_oldest(struct local *l) {
     l->count--;
 }
 
+/* A difference between what launches were charged and what they cost, charged
+ * (or given back), and the modelled queue lengthened by it.  At most three
+ * quarters of the debt cap either way, so that with the time it took to tell,
+ * paying it keeps the wait under twice the window. */
+static void correct(struct vgpu_cache_device *dev, int64_t extra, int64_t now) {
+    int64_t cap = 3 * debt_cap(dev, g_percent[dev - vgpu_cache->devices]) / 4;
+    if (extra > cap) extra = cap;
+    if (extra < -cap) extra = -cap;
+    charge(dev, extra);
+    if (extra <= 0) return;
+    int64_t end = LOAD(&dev->sm_queue_end_ns);
+    STORE(&dev->sm_queue_end_ns, (end > now ? end : now) + extra);
+}
+
 static void learn(struct vgpu_cache_device *dev, struct local *l, const struct probe *p,
                   int64_t sample, int64_t now) {
-    int64_t old = l->cost_ns;
-    if (!l->timed) {
-        /* its first own sample: the first launch went uncharged, or was
-         * charged a sibling's estimate */
-        l->cost_ns = sample;
-        l->recent[0] = l->recent[1] = l->recent[2] = sample;
-        l->recent_at = 3;
-        charge(dev, sample - p->charged_ns);
-    } else if (sample > 4 * old) {
-        /* one long sample may be the host or another context in the way: a
-         * second in a row is a new kind of work.  The launches admitted since
-         * the first at the old estimate most likely cost this too, and the
-         * modelled queue is that much longer */
-        if (!l->suspect) {
-            l->suspect = 1;
-            l->suspect_seq = p->seq;
-            return;
+    struct kind *k = &l->kinds[p->slot];
+    if (k->hash == p->kind) {
+        /* an idle stream's sample also holds the device's start of the launch
+         * (a few us on a real card, most of a short kernel's length): while
+         * samples from a busy stream come in, it may lower the estimate only */
+        if (!p->idle) k->idle_run = 0;
+        else if (k->idle_run < 8) k->idle_run++;
+        int64_t took = p->idle && k->idle_run < 8 && k->cost_ns > 0 && sample > k->cost_ns
+                           ? k->cost_ns : sample;
+        if (k->cost_ns == 0) {
+            /* its first sample: its launches so far were charged a guess (the
+             * process's average, or nothing for the process's first launch) */
+            k->cost_ns = took;
+            k->recent[0] = k->recent[1] = k->recent[2] = took;
+            k->recent_at = 3;
+            correct(dev, took * (int64_t)k->guessed - k->guessed_ns, now);
+        } else if (took > 4 * k->cost_ns) {
+            /* one long sample may be the host or another context in the way: a
+             * second in a row is a new kind of work.  The launches of this kind
+             * admitted since the first at the old estimate most likely cost this
+             * too */
+            if (!k->suspect) {
+                k->suspect = 1;
+                k->suspect_from = p->kind_seq;
+                l->suspect = 1;
+                l->suspect_slot = p->slot;
+                return;
+            }
+            correct(dev, (took - k->cost_ns) * (int64_t)(k->launches - k->suspect_from), now);
+            k->cost_ns = took;
+            k->recent[0] = k->recent[1] = k->recent[2] = took; /* the old length is over */
+        } else {
+            /* the median of the last three samples damps the odd sample that a
+             * preempted host or a race with the queue lengthened */
+            k->recent[k->recent_at++ % 3] = took;
+            int64_t a = k->recent[0], b = k->recent[1], c = k->recent[2];
+            int64_t median = a > b ? (b > c ? b : a > c ? c : a) : (a > c ? a : b > c ? c : b);
+            if (k->recent_at < 3) median = took;
+            k->cost_ns += (median - k->cost_ns) / 4;
+            if (k->cost_ns < 1) k->cost_ns = 1;
         }
-        int64_t extra = (sample - old) * (int64_t)(l->issued - l->suspect_seq);
-        /* three quarters of the debt cap, so that with the time it took to
-         * tell, paying it keeps the wait under twice the window */
-        int64_t cap = 3 * debt_cap(dev, g_percent[dev - vgpu_cache->devices]) / 4;
-        if (extra > cap) extra = cap;
-        charge(dev, extra);
-        int64_t end = LOAD(&dev->sm_queue_end_ns);
-        STORE(&dev->sm_queue_end_ns, (end > now ? end : now) + extra);
-        l->cost_ns = sample;
-        l->recent[0] = l->recent[1] = l->recent[2] = sample; /* the old kind is over */
-    } else {
-        /* the median of the last three samples damps the odd sample that a
-         * preempted host or a race with the queue lengthened */
-        l->recent[l->recent_at++ % 3] = sample;
-        int64_t a = l->recent[0], b = l->recent[1], c = l->recent[2];
-        int64_t median = a > b ? (b > c ? b : a > c ? c : a) : (a > c ? a : b > c ? c : b);
-        if (l->recent_at < 3) median = sample;
-        l->cost_ns = old + (median - old) / 4;
-        if (l->cost_ns < 1) l->cost_ns = 1;
+        k->guessed = 0;
+        k->guessed_ns = 0;
+        k->suspect = 0;
+        if (l->suspect && l->suspect_slot == p->slot) l->suspect = 0;
     }
-    l->suspect = 0;
+    if (!l->timed) l->cost_ns = sample; /* its first own sample */
     l->timed = 1;
     STORE(&dev->sm_cost_ns, l->cost_ns);
     /* the debt cap follows the longest kernel lately: it decays by a quarter a
@@ -558,7 +611,19 @@ static void gate(struct ticket *t, CUstream stream, uint64_t kind) {
     if (waiting != 0)
         __atomic_compare_exchange_n(&dev->sm_waiter_ns, &waiting, 0, 0, __ATOMIC_ACQ_REL,
                                     __ATOMIC_ACQUIRE);
-    int64_t cost = l->cost_ns;
+    /* a launch is charged its kind's cost; a kind not yet timed, the process's
+     * average (corrected once it is timed) */
+    int novel = note_kind(l, kind);
+    struct kind *k = &l->kinds[kind % KINDS];
+    int64_t cost = k->cost_ns > 0 ? k->cost_ns : l->cost_ns;
+    if (k->cost_ns == 0) {
+        k->guessed++;
+        k->guessed_ns += cost;
+    }
+    uint64_t kind_seq = k->launches++;
+    /* the process's average follows what its launches cost, over about 16 */
+    if (l->timed) l->cost_ns += (cost - l->cost_ns) / 16;
+    if (l->cost_ns < 1 && l->timed) l->cost_ns = 1;
     charge(dev, cost);
     ADD(&dev->sm_launches, 1);
     int64_t end = LOAD(&dev->sm_queue_end_ns);
@@ -567,12 +632,16 @@ static void gate(struct ticket *t, CUstream stream, uint64_t kind) {
     /* time this launch if the cost is unknown, it is of a new kind, or a
      * quarter of the in-flight window has gone untimed, so that completions
      * confirm the window steadily */
-    int novel = note_kind(l, kind);
     int64_t every = inflight_launches(l, percent) / 4;
     if (every > PROBE_EVERY) every = PROBE_EVERY;
     if (g_event_create != NULL &&
         (!l->timed || novel || (int64_t)(l->issued - l->last_probe) >= every))
         t->probe = arm(l, stream, cost, now, end);
+    if (t->probe != NULL) {
+        t->probe->kind = kind;
+        t->probe->slot = kind % KINDS;
+        t->probe->kind_seq = kind_seq;
+    }
     if (t->probe == NULL && l->count == 0) l->confirmed = l->issued; /* cannot confirm: trust */
     if (t->probe == NULL && l->cost_ns == 0) l->cost_ns = UNTIMED_COST_NS;
     l->issued++;

@@ -16,11 +16,14 @@
  * write ID | fill SIZE | meminfo | meminfo1 | nvml | nvml2 | nvmlat N | drivercalls |
  * launch KIND US COUNT | saturate KIND US SECONDS |
  * switch KIND US1 SECONDS1 US2 SECONDS2 | grow KIND US1 SECONDS1 US2 SECONDS2 |
- * sync | device N |
+ * mixed KIND US1 US2 N SECONDS | sync | device N |
  * procaddr NAME VERSION FLAGS | procaddr1 NAME VERSION FLAGS | ready | wait |
  * sleep MS | totalmem | asyncptsz SIZE | forkfree ID | exitrace THREADS SIZE |
  * exec COMMAND... | array W H | array3d W H D | mipmap W H LEVELS | poolkeep |
  * trim KEEP | graph SIZE | graphtrim | execbare PROGRAM ARGS... | timedalloc SIZE.  SIZE takes k/m/g suffixes; KIND is kernel, ex, coop or graph.
+ *
+ * mixed: a training step's pattern until SECONDS have passed, one US1 kernel
+ * then N kernels of US2 (another function), over and over.
  *
  * forkfree: a forked child frees allocation ID (inherited from this process)
  * and exits; exitrace: THREADS threads allocate and free SIZE in a loop while
@@ -556,6 +559,24 @@ int main(int argc, char **argv) {
                    "max_call_ns=%lld max_call2_ns=%lld\n",
                    c, r, n, (long long)start, (long long)middle, (long long)end, (long long)longest,
                    (long long)longest2);
+            i += 5;
+        } else if (strcmp(c, "mixed") == 0) {
+            kernel.duration_ns = strtoull(ARG(2), NULL, 10) * 1000ULL;
+            kernel2.magic = VSLICE_MOCK_KERNEL_MAGIC;
+            kernel2.duration_ns = strtoull(ARG(3), NULL, 10) * 1000ULL;
+            long shorts = atol(ARG(4));
+            int64_t start = now_ns(), stop = start + (int64_t)(atof(ARG(5)) * 1e9);
+            long n = 0;
+            CUresult r = CUDA_SUCCESS;
+            while (r == CUDA_SUCCESS && now_ns() < stop) {
+                r = launch_of(ARG(1), &kernel);
+                for (long k = 0; k < shorts && r == CUDA_SUCCESS; k++) r = launch_of(ARG(1), &kernel2);
+                n += 1 + shorts;
+            }
+            int64_t end = now_ns();
+            api.cuCtxSynchronize();
+            printf("mixed rc=%d launches=%ld start_ns=%lld stop_ns=%lld\n", r, n,
+                   (long long)start, (long long)end);
             i += 5;
         } else if (strcmp(c, "sync") == 0) {
             printf("sync rc=%d\n", api.cuCtxSynchronize());
