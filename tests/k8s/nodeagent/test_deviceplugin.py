@@ -343,6 +343,8 @@ async def test_a_plugin_started_before_kubelet_registers_once_kubelet_is_up(
         try:
             await kubelet.wait_registered()
             assert len(await kubelet.list_and_watch()) == 2 * SPLIT
+            # kubelet has the request (and dials back) before the plugin has the answer
+            await eventually(lambda: plugin.registrations >= 1, "the plugin counts its Register")
             assert plugin.registrations == 1
         finally:
             await kubelet.stop()
