@@ -182,6 +182,8 @@ class Kernels:
     window_s: float = 2.0
     then_us: int = 0  # a switch: after ``seconds``, kernels of then_us for then_seconds
     then_seconds: float = 0.0
+    short_us: int = 0  # a loop: each ``us`` kernel followed by ``shorts`` of short_us
+    shorts: int = 0
 
 
 KERNELS = (
@@ -190,9 +192,14 @@ KERNELS = (
     Kernels("2ms", 2000, 5.0),
     Kernels("200ms", 200_000, 20.0, window_s=10.0),
     Kernels("5us>50ms", 5, 2.0, then_us=50_000, then_seconds=8.0),
+    # a training step: a 2.7 ms matmul, then a norm and an element-wise op of 20 us
+    Kernels("2.7ms+3x20us", 2700, 5.0, short_us=20, shorts=3),
     Kernels("1s", 1_000_000, 65.0, window_s=60.0),
 )
-QUICK_SECONDS = {"1us": 2.5, "5us": 2.5, "2ms": 2.5, "200ms": 8.0, "5us>50ms": 1.0, "1s": 62.0}
+QUICK_SECONDS = {
+    "1us": 2.5, "5us": 2.5, "2ms": 2.5, "200ms": 8.0, "5us>50ms": 1.0, "2.7ms+3x20us": 2.5,
+    "1s": 62.0,
+}  # fmt: skip
 LIMITER_WINDOW_S = 1.0  # launch.c WINDOW_NS
 
 
@@ -247,6 +254,11 @@ def share_run(
             args: tuple[str, ...] = (
                 "switch", "kernel", str(kernels.us), str(seconds),
                 str(kernels.then_us), str(kernels.then_seconds),
+            )  # fmt: skip
+        elif kernels.shorts:
+            args = (
+                "mixed", "kernel", str(kernels.us), str(kernels.short_us), str(kernels.shorts),
+                str(seconds),
             )  # fmt: skip
         else:
             args = ("saturate", "kernel", str(kernels.us), str(seconds))

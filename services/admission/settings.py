@@ -20,49 +20,7 @@ from libshared.resources import ResourceSettings
 from services.admission.core import mutating
 
 HOOK = "Kubernetes mutating admission webhook"  # the webhook's options in --help
-
-
-@dataclass(frozen=True)
-class WebhookSettings:
-    """The HTTPS webhook.
-
-    ``port``: 0 = off. ``host``: address to listen on. ``tls_cert``/``tls_key``: PEM files
-    (the mounted Secret), required when ``port`` is set: the API server calls webhooks
-    over HTTPS only. ``tls_reload_s``: how often the files are checked for a renewed
-    certificate, seconds. ``scheduler_name``: written into ``spec.schedulerName``.
-    ``core_policy``: ``GPU_CORE_UTILIZATION_POLICY`` added to GPU containers (``None``:
-    none added).
-    """
-
-    port: int = 0
-    host: str = "0.0.0.0"
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_reload_s: float = 60.0
-    scheduler_name: str = "vslice-scheduler"
-    core_policy: str | None = None
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Bus settings (``None``: no bus), the resource model's defaults (HAMi's
-    ``defaultMemory``, ``defaultCores``, ``defaultGPUNum``), the webhook, the log level and
-    where ``/healthz`` and ``/readyz`` are served (``health``: ``libshared.probes``)."""
-
-    bus: connecting.BusSettings | None = field(default_factory=connecting.BusSettings)
-    resources: ResourceSettings = field(default_factory=ResourceSettings)
-    webhook: WebhookSettings = field(default_factory=WebhookSettings)
-    log_level: str = "info"
-    health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
-
-    @property
-    def mutation(self) -> mutating.MutationSettings:
-        """What the webhook writes, from the webhook settings and the resource model."""
-        return mutating.MutationSettings(
-            scheduler_name=self.webhook.scheduler_name,
-            resources=self.resources,
-            core_policy=self.webhook.core_policy,
-        )
+MODEL = ResourceSettings()  # the resource model's defaults (HAMi's), written there
 
 
 class Options(settings.ServiceOptions, frozen=True, kw_only=True):
@@ -72,17 +30,17 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
         int,
         msgspec.Meta(ge=0),
         settings.option("--default-memory-mib", env="VSLICE_DEFAULT_MEMORY_MIB"),
-    ] = 0
+    ] = MODEL.default_memory_mib
     default_cores: Annotated[
         int,
         msgspec.Meta(ge=0, le=100),
         settings.option("--default-cores", env="VSLICE_DEFAULT_CORES"),
-    ] = 0
+    ] = MODEL.default_cores_percent
     default_gpu_num: Annotated[
         int,
         msgspec.Meta(ge=0),
         settings.option("--default-gpu-num", env="VSLICE_DEFAULT_GPU_NUM"),
-    ] = 1
+    ] = MODEL.default_gpu_num
     webhook_port: Annotated[
         int,
         msgspec.Meta(ge=0, le=65535),
@@ -134,6 +92,54 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
             group=HOOK,
         ),
     ] = None
+
+
+# Each default is written once, in the options above; the settings objects below take
+# theirs from here.
+DEFAULTS = Options()
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """The HTTPS webhook.
+
+    ``port``: 0 = off. ``host``: address to listen on. ``tls_cert``/``tls_key``: PEM files
+    (the mounted Secret), required when ``port`` is set: the API server calls webhooks
+    over HTTPS only. ``tls_reload_s``: how often the files are checked for a renewed
+    certificate, seconds. ``scheduler_name``: written into ``spec.schedulerName``.
+    ``core_policy``: ``GPU_CORE_UTILIZATION_POLICY`` added to GPU containers (``None``:
+    none added).
+    """
+
+    port: int = DEFAULTS.webhook_port
+    host: str = DEFAULTS.webhook_host
+    tls_cert: str | None = DEFAULTS.tls_cert
+    tls_key: str | None = DEFAULTS.tls_key
+    tls_reload_s: float = DEFAULTS.tls_reload
+    scheduler_name: str = DEFAULTS.scheduler_name
+    core_policy: str | None = DEFAULTS.sm_policy
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Bus settings (``None``: no bus), the resource model's defaults (HAMi's
+    ``defaultMemory``, ``defaultCores``, ``defaultGPUNum``), the webhook, the log level and
+    where ``/healthz`` and ``/readyz`` are served (``health``: ``libshared.probes``)."""
+
+    bus: connecting.BusSettings | None = field(default_factory=connecting.BusSettings)
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    log_level: str = DEFAULTS.log_level
+    health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
+
+    @property
+    def mutation(self) -> mutating.MutationSettings:
+        """What the webhook writes, from the webhook settings and the resource model."""
+        return mutating.MutationSettings(
+            scheduler_name=self.webhook.scheduler_name,
+            resources=self.resources,
+            core_policy=self.webhook.core_policy,
+        )
 
 
 LOADER = settings.Loader(

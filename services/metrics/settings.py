@@ -14,36 +14,6 @@ from libshared import connecting, probes, settings
 DEFAULT_PORT = 9394  # the port HAMi's vGPU monitor serves its /metrics on (docs/metrics.md)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The metrics service.
-
-    ``host``/``port``: where ``/metrics`` and the dashboard are served (port 0: a free
-    one, logged). ``usage_ttl_s``: a node's usage report older than this is ignored,
-    seconds. ``stats_interval_s``: how often the scheduler replicas' ``Stats`` and the
-    ledger stream's last sequence are read, seconds; a replica silent for three intervals
-    is dropped. ``observe_requests``: measure scheduling latency by watching schedule
-    requests and the placements announced on the allocation stream (a second subscriber on
-    the schedule subject: with no replica up, clients then wait out their timeout instead
-    of getting NATS' "no responders" at once). ``zone``: HAMi's constant ``zone`` label.
-    ``legacy_metrics``: serve HAMi's metric names of v2.8 and before as well (HAMi's
-    ``--legacy-metrics``), for dashboards that still query them. ``health``: a port of
-    their own for ``/healthz`` and ``/readyz`` (``libshared.probes``), which ``port`` serves
-    as well.
-    """
-
-    bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
-    host: str = "0.0.0.0"
-    port: int = DEFAULT_PORT
-    usage_ttl_s: float = 30.0
-    stats_interval_s: float = 5.0
-    observe_requests: bool = True
-    zone: str = "vGPU"
-    legacy_metrics: bool = False
-    log_level: str = "info"
-    health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
-
-
 class Options(settings.ServiceOptions, frozen=True, kw_only=True):
     """The metrics service's flags and variables (``libshared.settings``)."""
 
@@ -73,6 +43,41 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
             help="serve HAMi's metric names of v2.8 and before as well (HAMi's --legacy-metrics)",
         ),
     ] = False
+
+
+# Each default is written once, in the options above; the settings objects below take
+# theirs from here.
+DEFAULTS = Options()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The metrics service.
+
+    ``host``/``port``: where ``/metrics`` and the dashboard are served (port 0: a free
+    one, logged). ``usage_ttl_s``: a node's usage report older than this is ignored,
+    seconds. ``stats_interval_s``: how often the scheduler replicas' ``Stats`` and the
+    ledger stream's last sequence are read, seconds; a replica silent for three intervals
+    is dropped. ``observe_requests``: measure scheduling latency by watching schedule
+    requests and the placements announced on the allocation stream (a second subscriber on
+    the schedule subject: with no replica up, clients then wait out their timeout instead
+    of getting NATS' "no responders" at once). ``zone``: HAMi's constant ``zone`` label.
+    ``legacy_metrics``: serve HAMi's metric names of v2.8 and before as well (HAMi's
+    ``--legacy-metrics``), for dashboards that still query them. ``health``: a port of
+    their own for ``/healthz`` and ``/readyz`` (``libshared.probes``), which ``port`` serves
+    as well.
+    """
+
+    bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
+    host: str = DEFAULTS.host
+    port: int = DEFAULTS.port
+    usage_ttl_s: float = DEFAULTS.usage_ttl
+    stats_interval_s: float = DEFAULTS.stats_interval
+    observe_requests: bool = DEFAULTS.observe_requests
+    zone: str = DEFAULTS.zone
+    legacy_metrics: bool = DEFAULTS.legacy_metrics
+    log_level: str = DEFAULTS.log_level
+    health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
 
 
 LOADER = settings.Loader(

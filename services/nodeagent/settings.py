@@ -41,73 +41,6 @@ DEFAULT_MOCK_DIR = str(PACKAGE / "mockgpu")
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet/device-plugins"
 
 
-@dataclass(frozen=True)
-class SliceSettings:
-    """The real-slice node: ``host_root`` (absolute), GPU ``backend``, ``scaling`` (HAMi's
-    deviceSplitCount / deviceMemoryScaling / deviceCoreScaling), ``libvgpu`` (the built
-    library to install), ``mock_dir`` (mock ``libcuda.so.1`` / ``libnvidia-ml.so.1``),
-    ``mock_state`` (the mock card's state file; default ``<host_root>/mockgpu.state``),
-    ``nvml_library`` (an NVML to load by path instead of ``libnvidia-ml.so.1``),
-    ``usage_interval_s`` (seconds between usage reports), ``grace_s`` (seconds a released
-    slice's directory is kept), ``enforce`` (``kill``: end escaped processes),
-    ``escape_margin_mib`` (NVML MiB allowed above libvgpu's charge per process; None: 0 on
-    the mock, 512 on NVML, for the CUDA context), ``sm_policy``
-    (``GPU_CORE_UTILIZATION_POLICY``), ``rediscover_s`` (seconds between device list
-    checks)."""
-
-    host_root: str
-    backend: Literal["auto", "nvml", "mock"] = "auto"
-    scaling: Scaling = field(default_factory=Scaling)
-    libvgpu: str = DEFAULT_LIBVGPU
-    mock_dir: str = DEFAULT_MOCK_DIR
-    mock_state: str | None = None
-    nvml_library: str | None = None
-    usage_interval_s: float = 2.0
-    grace_s: float = 5.0
-    enforce: Literal["report", "kill"] = "report"
-    escape_margin_mib: int | None = None
-    sm_policy: Literal["default", "force", "disable"] = "default"
-    rediscover_s: float = 30.0
-
-    @property
-    def mock_state_path(self) -> str:
-        """The mock card's state file."""
-        return self.mock_state or str(Path(self.host_root) / "mockgpu.state")
-
-
-@dataclass(frozen=True)
-class DevicePluginSettings:
-    """The kubelet device plugin: ``node_name`` (the Kubernetes node), ``kubelet_dir``
-    (kubelet's device-plugin directory), ``device_list`` (how Allocate names the GPUs)."""
-
-    node_name: str
-    kubelet_dir: str = DEFAULT_KUBELET_DIR
-    device_list: devicelists.DeviceListSettings = field(
-        default_factory=devicelists.DeviceListSettings
-    )
-
-
-@dataclass(frozen=True)
-class Settings:
-    """``fleet_csv``: openb node list to host (wins over ``spec``); ``split_count`` for it
-    (``None``: the replay default of ``libshared.traces``); ``name``: the agent (and its
-    durable consumer's) name; ``unregister``: on SIGTERM delete the hosted nodes from the
-    nodes bucket (a fleet leaving the stack; a restarting agent keeps them); ``health``:
-    where ``/healthz`` and ``/readyz`` are served (``libshared.probes``)."""
-
-    bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
-    spec: FleetSpec = field(default_factory=FleetSpec)
-    fleet_csv: str | None = None
-    split_count: int | None = None
-    name: str = field(default_factory=socket.gethostname)
-    log_level: str = "info"
-    slices: SliceSettings | None = None
-    device_plugin: DevicePluginSettings | None = None
-    use_bus: bool = True
-    unregister: bool = False
-    health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
-
-
 def _memory_scaling(value: float) -> None:
     Scaling(memory_scaling=value)  # raises ValueError naming HAMi's deviceMemoryScaling
 
@@ -117,6 +50,7 @@ def _core_scaling(value: float) -> None:
 
 
 REAL = "real slices (one node)"  # groups of options in --help
+FLEET = FleetSpec()  # the mock fleet's defaults, written there
 K8S = "Kubernetes"
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -132,10 +66,10 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
     fleet: Annotated[
         str | None, settings.option("--fleet", env="VSLICE_FLEET", help="node list CSV")
     ] = None
-    nodes: Annotated[int, msgspec.Meta(ge=1)] = 1
-    gpus: Annotated[int, msgspec.Meta(ge=1)] = 2
-    memory_mib: Annotated[int, msgspec.Meta(ge=1)] = 16384
-    gpu_type: str = "MOCK-GPU-16G"
+    nodes: Annotated[int, msgspec.Meta(ge=1)] = FLEET.nodes
+    gpus: Annotated[int, msgspec.Meta(ge=1)] = FLEET.gpus
+    memory_mib: Annotated[int, msgspec.Meta(ge=1)] = FLEET.memory_mib
+    gpu_type: str = FLEET.gpu_type
     split_count: Annotated[int, msgspec.Meta(ge=0)] | None = None  # 0: the default
     devices: Annotated[
         str,
@@ -301,6 +235,78 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
             group=K8S,
         ),
     ] = False
+
+
+# Each default is written once, in the options above; the settings objects below take
+# theirs from here.
+DEFAULTS = Options()
+
+
+@dataclass(frozen=True)
+class SliceSettings:
+    """The real-slice node: ``host_root`` (absolute), GPU ``backend``, ``scaling`` (HAMi's
+    deviceSplitCount / deviceMemoryScaling / deviceCoreScaling), ``libvgpu`` (the built
+    library to install), ``mock_dir`` (mock ``libcuda.so.1`` / ``libnvidia-ml.so.1``),
+    ``mock_state`` (the mock card's state file; default ``<host_root>/mockgpu.state``),
+    ``nvml_library`` (an NVML to load by path instead of ``libnvidia-ml.so.1``),
+    ``usage_interval_s`` (seconds between usage reports), ``grace_s`` (seconds a released
+    slice's directory is kept), ``enforce`` (``kill``: end escaped processes),
+    ``escape_margin_mib`` (NVML MiB allowed above libvgpu's charge per process; None: 0 on
+    the mock, 512 on NVML, for the CUDA context), ``sm_policy``
+    (``GPU_CORE_UTILIZATION_POLICY``), ``rediscover_s`` (seconds between device list
+    checks)."""
+
+    host_root: str
+    backend: Literal["auto", "nvml", "mock"] = DEFAULTS.backend
+    scaling: Scaling = field(default_factory=Scaling)
+    libvgpu: str = DEFAULTS.libvgpu
+    mock_dir: str = DEFAULTS.mock_dir
+    mock_state: str | None = DEFAULTS.mock_state
+    nvml_library: str | None = DEFAULTS.nvml_library
+    usage_interval_s: float = DEFAULTS.usage_interval
+    grace_s: float = DEFAULTS.grace
+    enforce: Literal["report", "kill"] = DEFAULTS.enforce
+    escape_margin_mib: int | None = DEFAULTS.escape_margin_mib
+    sm_policy: Literal["default", "force", "disable"] = DEFAULTS.sm_policy
+    rediscover_s: float = DEFAULTS.rediscover
+
+    @property
+    def mock_state_path(self) -> str:
+        """The mock card's state file."""
+        return self.mock_state or str(Path(self.host_root) / "mockgpu.state")
+
+
+@dataclass(frozen=True)
+class DevicePluginSettings:
+    """The kubelet device plugin: ``node_name`` (the Kubernetes node), ``kubelet_dir``
+    (kubelet's device-plugin directory), ``device_list`` (how Allocate names the GPUs)."""
+
+    node_name: str
+    kubelet_dir: str = DEFAULTS.kubelet_dir
+    device_list: devicelists.DeviceListSettings = field(
+        default_factory=devicelists.DeviceListSettings
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """``fleet_csv``: openb node list to host (wins over ``spec``); ``split_count`` for it
+    (``None``: the replay default of ``libshared.traces``); ``name``: the agent (and its
+    durable consumer's) name; ``unregister``: on SIGTERM delete the hosted nodes from the
+    nodes bucket (a fleet leaving the stack; a restarting agent keeps them); ``health``:
+    where ``/healthz`` and ``/readyz`` are served (``libshared.probes``)."""
+
+    bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
+    spec: FleetSpec = field(default_factory=FleetSpec)
+    fleet_csv: str | None = DEFAULTS.fleet
+    split_count: int | None = None
+    name: str = field(default_factory=socket.gethostname)
+    log_level: str = DEFAULTS.log_level
+    slices: SliceSettings | None = None
+    device_plugin: DevicePluginSettings | None = None
+    use_bus: bool = True
+    unregister: bool = DEFAULTS.unregister
+    health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
 
 
 LOADER = settings.Loader(

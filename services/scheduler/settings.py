@@ -17,68 +17,10 @@ from typing import Annotated, Literal
 import msgspec
 
 from libshared import connecting, kubeclients, probes, settings
-from services.scheduler.core import partitioning
+from services.scheduler.core import committing, partitioning
 from services.scheduler.core.deciding import POLICIES
 
-
-@dataclass(frozen=True)
-class Settings:
-    """A scheduler replica.
-
-    ``policy``: one of ``services.scheduler.core.deciding.POLICIES``. ``workload_trace``:
-    pod list CSV whose shapes are FGD's target workload (required for ``fgd``). ``seed``:
-    tie-breaking seed (``--seed auto``: the CRC-32 of the replica's name, so replicas
-    started with one command still break ties apart and race less for one node).
-    ``replica_index`` (0 .. ``replicas`` - 1) and ``replicas``: which of how many replicas
-    decide at once; each prefers the near-best nodes of its own shard
-    (``services.scheduler.core.partitioning``; ``replicas`` 1: decides as a lone replica).
-    ``shard_epsilon``: how near the best a node of the shard must score, as a fraction
-    (0-1) of the fitting nodes' score range.
-    ``max_attempts``: decide-and-commit attempts before a lost ledger
-    race is answered ``Unschedulable``. ``max_devices``: most GPUs on one node.
-    ``explain``: per-node reasons in ``Unschedulable``. ``sync_timeout_s``: longest wait
-    for the view to catch up with the ledger before deciding, seconds. ``claim_wait_s``:
-    how long a pod's unchanged claim whose pod is in no ledger is waited for before it is
-    taken over (its holder presumably died), seconds. ``max_in_flight``: requests handled
-    at once (their bus round trips overlap; decisions and commits still go one at a
-    time). ``name``: this replica in logs.
-
-    Kubernetes: ``extender_port`` serves the kube-scheduler extender there (0: off) on
-    ``extender_host``, over TLS when ``tls_cert`` and ``tls_key`` (PEM paths) are set,
-    taking only callers with a client certificate from ``tls_client_ca`` when it is set
-    (required off loopback);
-    ``kube`` talks to the API server (``None``: off); ``reservation_ttl_s``: how long a
-    reservation may wait for its bind before it is released, seconds.
-
-    ``health``: where ``/healthz`` and ``/readyz`` are served over HTTP (``libshared.probes``;
-    the port 0: not served).
-    """
-
-    bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
-    policy: str = "hami"
-    workload_trace: str | None = None
-    seed: int = 0
-    replica_index: int = 0
-    replicas: int = 1
-    shard_epsilon: float = partitioning.DEFAULT_EPSILON
-    max_attempts: int = 8
-    max_devices: int = 8
-    explain: bool = True
-    sync_timeout_s: float = 2.0
-    claim_wait_s: float = 2.0
-    max_in_flight: int = 32
-    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    log_level: str = "info"
-    extender_port: int = 0
-    extender_host: str = "127.0.0.1"
-    tls_cert: str | None = None
-    tls_client_ca: str | None = None
-    tls_key: str | None = None
-    kube: kubeclients.KubeSettings | None = None
-    reservation_ttl_s: float = 60.0
-    health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
-
-
+RULES = committing.Rules  # the protocol's defaults
 K8S = "Kubernetes"  # the extender's options in --help
 
 
@@ -134,7 +76,7 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
         settings.option(
             "--max-attempts", help="decide-and-commit attempts before a lost race is answered"
         ),
-    ] = 8
+    ] = RULES.max_attempts
     max_devices: Annotated[
         int, msgspec.Meta(ge=1), settings.option("--max-devices", help="most GPUs on one node")
     ] = 8
@@ -142,14 +84,24 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
         float,
         msgspec.Meta(gt=0),
         settings.option("--claim-wait", help="seconds before a dead claim is taken over"),
-    ] = 2.0
+    ] = RULES.claim_wait_s
+    sync_timeout: Annotated[
+        float,
+        msgspec.Meta(gt=0),
+        settings.option(
+            "--sync-timeout",
+            env="VSLICE_SYNC_TIMEOUT",
+            help="seconds to wait for the view to catch up with the ledger before deciding "
+            "(then every ledger key is read afresh)",
+        ),
+    ] = RULES.sync_timeout_s
     max_in_flight: Annotated[
         int,
         msgspec.Meta(ge=1),
         settings.option("--max-in-flight", help="requests handled at once"),
-    ] = 32
+    ] = RULES.max_in_flight
     explain: Annotated[bool, settings.option("--no-explain", help="leave per-node reasons out")] = (
-        True
+        RULES.explain
     )
     name: Annotated[str | None, settings.option("--name", help="replica name in logs")] = None
     extender_port: Annotated[
@@ -209,6 +161,69 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
     ] = 60.0
 
 
+# Each default is written once: in the options above (or committing.Rules, the
+# protocol's), and the settings object below takes it from here.
+DEFAULTS = Options()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A scheduler replica.
+
+    ``policy``: one of ``services.scheduler.core.deciding.POLICIES``. ``workload_trace``:
+    pod list CSV whose shapes are FGD's target workload (required for ``fgd``). ``seed``:
+    tie-breaking seed (``--seed auto``: the CRC-32 of the replica's name, so replicas
+    started with one command still break ties apart and race less for one node).
+    ``replica_index`` (0 .. ``replicas`` - 1) and ``replicas``: which of how many replicas
+    decide at once; each prefers the near-best nodes of its own shard
+    (``services.scheduler.core.partitioning``; ``replicas`` 1: decides as a lone replica).
+    ``shard_epsilon``: how near the best a node of the shard must score, as a fraction
+    (0-1) of the fitting nodes' score range.
+    ``max_attempts``: decide-and-commit attempts before a lost ledger
+    race is answered ``Unschedulable``. ``max_devices``: most GPUs on one node.
+    ``explain``: per-node reasons in ``Unschedulable``. ``sync_timeout_s``: longest wait
+    for the view to catch up with the ledger before deciding, seconds. ``claim_wait_s``:
+    how long a pod's unchanged claim whose pod is in no ledger is waited for before it is
+    taken over (its holder presumably died), seconds. ``max_in_flight``: requests handled
+    at once (their bus round trips overlap; decisions and commits still go one at a
+    time). ``name``: this replica in logs.
+
+    Kubernetes: ``extender_port`` serves the kube-scheduler extender there (0: off) on
+    ``extender_host``, over TLS when ``tls_cert`` and ``tls_key`` (PEM paths) are set,
+    taking only callers with a client certificate from ``tls_client_ca`` when it is set
+    (required off loopback);
+    ``kube`` talks to the API server (``None``: off); ``reservation_ttl_s``: how long a
+    reservation may wait for its bind before it is released, seconds.
+
+    ``health``: where ``/healthz`` and ``/readyz`` are served over HTTP (``libshared.probes``;
+    the port 0: not served).
+    """
+
+    bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
+    policy: str = DEFAULTS.policy
+    workload_trace: str | None = DEFAULTS.workload_trace
+    seed: int = int(DEFAULTS.seed)
+    replica_index: int = int(DEFAULTS.replica_index)
+    replicas: int = DEFAULTS.replica_count
+    shard_epsilon: float = DEFAULTS.shard_epsilon
+    max_attempts: int = DEFAULTS.max_attempts
+    max_devices: int = DEFAULTS.max_devices
+    explain: bool = DEFAULTS.explain
+    sync_timeout_s: float = DEFAULTS.sync_timeout
+    claim_wait_s: float = DEFAULTS.claim_wait
+    max_in_flight: int = DEFAULTS.max_in_flight
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    log_level: str = DEFAULTS.log_level
+    extender_port: int = DEFAULTS.extender_port
+    extender_host: str = DEFAULTS.extender_host
+    tls_cert: str | None = None
+    tls_client_ca: str | None = None
+    tls_key: str | None = None
+    kube: kubeclients.KubeSettings | None = None
+    reservation_ttl_s: float = DEFAULTS.reservation_ttl
+    health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
+
+
 LOADER = settings.Loader(
     Options, prog="python -m services.scheduler", description="a vslice scheduler replica"
 )
@@ -222,9 +237,9 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     ``VSLICE_REPLICA_COUNT``, ``VSLICE_SHARD_EPSILON``, ``VSLICE_LOG_LEVEL``,
     ``VSLICE_EXTENDER_PORT``, ``VSLICE_EXTENDER_HOST``, ``VSLICE_TLS_CERT``,
     ``VSLICE_TLS_KEY``, ``VSLICE_TLS_CLIENT_CA``, ``VSLICE_KUBE`` (``1``/``true``),
-    ``VSLICE_RESERVATION_TTL`` (``Options``; and ``KUBECONFIG`` for ``--kube`` outside a
-    cluster). Exits (``SystemExit`` 2, argparse's way) on an invalid flag or value,
-    naming it.
+    ``VSLICE_RESERVATION_TTL``, ``VSLICE_SYNC_TIMEOUT`` (``Options``; and ``KUBECONFIG``
+    for ``--kube`` outside a cluster). Exits (``SystemExit`` 2, argparse's way) on an
+    invalid flag or value, naming it.
     """
     opts = LOADER.parse(argv, os.environ if environ is None else environ)
     if bool(opts.tls_cert) != bool(opts.tls_key):
@@ -265,6 +280,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         max_devices=opts.max_devices,
         explain=opts.explain,
         claim_wait_s=opts.claim_wait,
+        sync_timeout_s=opts.sync_timeout,
         max_in_flight=opts.max_in_flight,
         log_level=opts.log_level,
         health=opts.health(),

@@ -3,6 +3,7 @@ flag, the value and the variable it came from; every service reads its log level
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,7 @@ from services.admission import settings as admission
 from services.metrics import settings as metrics
 from services.nodeagent import settings as nodeagent
 from services.scheduler import settings as scheduler
+from services.scheduler.core import committing
 
 
 def _even(value: int) -> None:
@@ -181,3 +183,29 @@ def test_every_service_refuses_a_bad_log_level_naming_it(
         SERVICES[service]([], {"VSLICE_LOG_LEVEL": "chatty"})
     assert exited.value.code == 2
     assert "--log-level 'chatty' (from VSLICE_LOG_LEVEL)" in capsys.readouterr().err
+
+
+# Each default is written once (in the service's options, or the core rule they name): a
+# service started with no flag and no variable runs with exactly its settings object's
+# defaults. The mock fleet's node names are the host's, by design, not FleetSpec's "mock".
+@pytest.mark.parametrize("service", [admission, metrics, nodeagent, scheduler])
+def test_a_service_with_no_flag_and_no_variable_runs_on_its_settings_defaults(
+    service: Any,
+) -> None:
+    parsed, default = service.parse([], {}), service.Settings()
+    if service is nodeagent:
+        parsed = dataclasses.replace(
+            parsed, spec=dataclasses.replace(parsed.spec, name_prefix=default.spec.name_prefix)
+        )
+    assert parsed == default
+
+
+def test_the_replicas_defaults_are_the_commit_protocols_rules() -> None:
+    rules, replica = committing.Rules(), scheduler.Settings()
+    assert (rules.max_attempts, rules.claim_wait_s, rules.sync_timeout_s) == (
+        replica.max_attempts,
+        replica.claim_wait_s,
+        replica.sync_timeout_s,
+    )
+    assert (rules.max_in_flight, rules.explain) == (replica.max_in_flight, replica.explain)
+    assert scheduler.parse(["--sync-timeout", "0.5"], {}).sync_timeout_s == 0.5

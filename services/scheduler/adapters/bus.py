@@ -63,7 +63,6 @@ from services.scheduler.core.deciding import Scheduler
 log = logging.getLogger("vslice.scheduler")
 
 REREAD_BACKOFF_S = 0.2  # pause before re-reading a node's ledger again after a failed read
-CLAIM_POLL_S = 0.05  # how often a replica waiting for a claim's holder re-reads the claim
 
 # what a request that does not decode raises: JSON nested past msgspec's limit raises
 # RecursionError (``libshared.bounds.DECODE_ERRORS``); a PodRequest also ValueError
@@ -197,11 +196,12 @@ class Replica:
     subjects: Subjects
     scheduler: Scheduler
     name: str
-    max_attempts: int = 8
-    explain: bool = True
-    sync_timeout_s: float = 2.0
-    claim_wait_s: float = 2.0
-    max_in_flight: int = 32
+    # defaults: committing.Rules, where each is written once
+    max_attempts: int = committing.Rules.max_attempts
+    explain: bool = committing.Rules.explain
+    sync_timeout_s: float = committing.Rules.sync_timeout_s
+    claim_wait_s: float = committing.Rules.claim_wait_s
+    max_in_flight: int = committing.Rules.max_in_flight
     quotas: QuotaGate | None = None  # namespace quotas, charged before each commit
     default_deadline_s: float = protocol.DEFAULT_DEADLINE_S
     view: View = field(init=False)
@@ -232,8 +232,9 @@ class Replica:
         return committing.Rules(
             max_attempts=self.max_attempts,
             claim_wait_s=self.claim_wait_s,
-            claim_poll_s=CLAIM_POLL_S,
             explain=self.explain,
+            sync_timeout_s=self.sync_timeout_s,
+            max_in_flight=self.max_in_flight,
         )
 
     def _count(self, **deltas: int) -> None:

@@ -279,14 +279,24 @@ class Face(Protocol):
 
 @dataclass(frozen=True)
 class Rules:
-    """One replica's settings: attempts before giving up, how long a claim may stay
-    unchanged before it is taken over (seconds), how often a waiting request polls, and
-    whether decisions explain themselves."""
+    """One replica's settings, and the one place their defaults are written (the
+    replica's flags and ``Replica``'s fields take them from here)."""
 
     max_attempts: int = 8
+    """Decide-and-commit attempts before a lost ledger race is answered Unschedulable."""
     claim_wait_s: float = 2.0
+    """Seconds a claim may stay unchanged, its pod in no ledger, before it is taken over
+    (its holder presumably died)."""
     claim_poll_s: float = 0.05
+    """Seconds between looks of a request waiting for another's claim."""
     explain: bool = True
+    """Whether an Unschedulable answer carries per-node reasons."""
+    sync_timeout_s: float = 2.0
+    """Longest wait, seconds, for the view to catch up with the ledger before deciding
+    (then every ledger key is read afresh)."""
+    max_in_flight: int = 32
+    """Requests a replica handles at once (their bus round trips overlap; decisions and
+    commits still go one at a time)."""
 
 
 @dataclass

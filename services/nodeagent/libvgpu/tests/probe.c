@@ -567,16 +567,20 @@ int main(int argc, char **argv) {
             long shorts = atol(ARG(4));
             int64_t start = now_ns(), stop = start + (int64_t)(atof(ARG(5)) * 1e9);
             long n = 0;
+            int64_t longest = 0;
             CUresult r = CUDA_SUCCESS;
             while (r == CUDA_SUCCESS && now_ns() < stop) {
-                r = launch_of(ARG(1), &kernel);
-                for (long k = 0; k < shorts && r == CUDA_SUCCESS; k++) r = launch_of(ARG(1), &kernel2);
+                for (long k = 0; k <= shorts && r == CUDA_SUCCESS; k++) {
+                    int64_t t = now_ns();
+                    r = launch_of(ARG(1), k == 0 ? &kernel : &kernel2);
+                    if (now_ns() - t > longest) longest = now_ns() - t;
+                }
                 n += 1 + shorts;
             }
             int64_t end = now_ns();
             api.cuCtxSynchronize();
-            printf("mixed rc=%d launches=%ld start_ns=%lld stop_ns=%lld\n", r, n,
-                   (long long)start, (long long)end);
+            printf("mixed rc=%d launches=%ld start_ns=%lld stop_ns=%lld max_call_ns=%lld\n", r, n,
+                   (long long)start, (long long)end, (long long)longest);
             i += 5;
         } else if (strcmp(c, "sync") == 0) {
             printf("sync rc=%d\n", api.cuCtxSynchronize());
