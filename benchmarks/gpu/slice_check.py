@@ -29,6 +29,9 @@ Four checks, each in a child process with libvgpu preloaded:
    ``mem_get_info``) is printed beside it.
 7. Launch overhead: 20,000 element-wise adds without libvgpu, with libvgpu and
    no limit, and with libvgpu under ``CUDA_DEVICE_SM_LIMIT=100`` (figures only).
+8. Where short kernels lose their share: their length back to back and in an
+   idle-stream event sample, and under a 30 % limit what the limiter charged and
+   learned each second beside NVML's busy percent.
 
 Every child runs under a time limit, and a check that fails or hangs does not stop
 the ones after it.
@@ -397,6 +400,89 @@ def check_launch_overhead(device: int, tmp: Path) -> bool:
     return all(f.replace(".", "", 1).isdigit() for f in figures.values())
 
 
+SHORT_TIMES = """
+import torch
+x = torch.zeros(1 << 22, device="cuda")
+a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+for _ in range(100):
+    x.add_(1.0)
+torch.cuda.synchronize()
+a.record()
+for _ in range(2000):
+    x.add_(1.0)
+b.record()
+torch.cuda.synchronize()
+busy = a.elapsed_time(b) / 2000 * 1000
+idle = []
+for _ in range(200):
+    torch.cuda.synchronize()
+    a.record()
+    x.add_(1.0)
+    b.record()
+    b.synchronize()
+    idle.append(a.elapsed_time(b) * 1000)
+idle.sort()
+print(f"{busy:.2f} {idle[len(idle) // 2]:.2f}")
+"""
+
+SHORT_LOOP = """
+import time, torch
+x = torch.zeros(1 << 22, device="cuda")
+torch.cuda.synchronize()
+print("launching", flush=True)
+end = time.time() + {seconds}
+while time.time() < end:
+    x.add_(1.0)
+torch.cuda.synchronize()
+"""
+
+
+def check_short_kernels(device: int, tmp: Path) -> bool:
+    """Where a host-bound loop of short kernels loses its share: the kernel's length back
+    to back (events around 2,000 launches), an event sample of one launch on an idle
+    stream, and under a 30 % limit each second NVML's busy percent, what the limiter
+    charged, and its learned cost per launch (figures; passes when the share is within 5
+    points)."""
+    plain = dict(os.environ, CUDA_VISIBLE_DEVICES=str(device))
+    times = run_child([sys.executable, "-c", SHORT_TIMES], plain).stdout.split()
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(device)
+    cache = tmp / "short.cache"
+    env = slice_env(device, cache, CUDA_DEVICE_SM_LIMIT=str(SM_PERCENT))
+    child = subprocess.Popen(
+        [sys.executable, "-c", SHORT_LOOP.format(seconds=8)], env=env, stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    if child.stdout is None or child.stdout.readline().strip() != "launching":
+        child.kill()
+        print("8. short kernels: the child ended before launching")
+        return False
+    time.sleep(1.0)
+    samples: list[int] = []
+    seconds: list[str] = []
+    before = limiter_state(cache)
+    for _ in range(50):
+        samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        if len(samples) % 10 == 0:
+            now = limiter_state(cache)
+            seconds.append(
+                f"{statistics.mean(samples[-10:]):.0f}%"
+                f"/{(now['observed'] - before['observed']) / 1e7:.0f}%"
+                f"/{now['cost'] / 1e3:.1f}us/{now['launches'] - before['launches']}"
+            )
+            before = now
+        time.sleep(0.1)
+    child.wait(timeout=CHILD_TIMEOUT_S)
+    share = statistics.mean(samples)
+    print(
+        f"8. 4M-float adds: {times[0] if times else '?'} us each back to back, "
+        f"{times[1] if len(times) > 1 else '?'} us in an event sample on an idle stream; "
+        f"under {SM_PERCENT}%: {share:.1f}% busy; each second NVML/charged/cost/launches: "
+        + " ".join(seconds)
+    )
+    return abs(share - SM_PERCENT) <= 5
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", type=int, default=0, help="GPU index (default 0)")
@@ -418,6 +504,7 @@ def main() -> int:
             check_switch,
             check_shared_slice,
             check_launch_overhead,
+            check_short_kernels,
         ):
             if options.only and check.__name__.removeprefix("check_") not in options.only:
                 continue
