@@ -16,7 +16,7 @@ ledger races and lost claims, and the CPU milliseconds per pod each process spen
 the pods were driven (nats-server, admission, the scheduler replicas together, the node
 agent, the driving client, and their total): on a machine with C cores a run cannot pass
 C * 1000 / total pods/s. Each bus run starts a temporary stack of its own
-(``vslice.busreplays``). Figures vary with what else runs on the machine: compare rows of
+(``vslice.replays_bus``). Figures vary with what else runs on the machine: compare rows of
 one run, not runs of different days.
 
 ``--profile DIR`` adds one more run with every service under cProfile (slower: compare its
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from services.scheduler.core import replaying
-from vslice import busreplays, replays
+from vslice import replays_bus, replays_local
 
 PROCESSES = ("nats", "admission", "scheduler", "nodeagent", "client")
 # appended to every replica's flags: each decides as if alone (argparse: the last wins)
@@ -107,7 +107,7 @@ class BusFigures:
 
 def _figures(
     result: replaying.SeedResult,
-    d: busreplays.Driven,
+    d: replays_bus.Driven,
     *,
     local_alloc: float | None,
     **run: Any,
@@ -247,7 +247,7 @@ def main() -> None:
         print(f"{policy + ', openb':<117}CPU ms per placed pod\n{head}\n{'-' * len(head)}")
         local_alloc = None
         if not args.no_in_process:
-            (local,) = replays.replay_in_process(
+            (local,) = replays_local.replay_in_process(
                 args.trace, args.fleet, [policy], [args.seed], jobs=1, quiet=True
             )
             pods, wall = local["pods_total"], local["wall_s_per_seed"]
@@ -271,7 +271,7 @@ def main() -> None:
         for replicas, concurrency, profile, tls, partitioned in runs:
             extra = [] if partitioned else UNPARTITIONED
             try:
-                result, driven = busreplays.run_seed(
+                result, driven = replays_bus.run_seed(
                     args.trace,
                     args.fleet,
                     policy=policy,

@@ -26,7 +26,7 @@ from libshared.events import Placement
 from services.scheduler.core import replaying, steering
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
-from vslice import replays
+from vslice import replays_local
 
 REFERENCE = {  # allocation % at arrived 100 %, mean of seeds 42-51 (FGD paper's simulator)
     "default": {
@@ -285,13 +285,13 @@ def main() -> None:
     gains: list[tuple[str, float]] = []
     for name in names:
         seeds_text = args.seeds_default if name == "default" else args.seeds
-        seeds = replays.parse_seeds(seeds_text)
+        seeds = replays_local.parse_seeds(seeds_text)
         trace = str(tdir / f"openb_pod_list_{name}.csv")
-        reports = replays.replay_in_process(
+        reports = replays_local.replay_in_process(
             trace, fleet, policies, seeds, jobs=args.jobs, quiet=True
         )
         print(f"\n== {name}  ({len(seeds)} seeds: {seeds_text}; fleet {gpus} GPUs)", flush=True)
-        lines = replays.table(reports, gpus).splitlines()
+        lines = replays_local.table(reports, gpus).splitlines()
         ref = REFERENCE.get(name, {})
         print(lines[0] + f"{'reference':>11}{'diff':>8}")
         print(lines[1] + "-" * 19)
@@ -313,7 +313,7 @@ def main() -> None:
             print(f"{name:<14}{gain:>+8.2f}{'' if gain >= 0 else '   below fgd'}")
     if "default" in names:
         print("\n== what was tried for steer (default trace, seeds 42-44 when built)")
-        seeds = replays.parse_seeds(args.seeds_default)
+        seeds = replays_local.parse_seeds(args.seeds_default)
         trace = str(tdir / "openb_pod_list_default.csv")
         print(ablation(trace, fleet, seeds, jobs=args.jobs, live=args.ablation))
     peak = (

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from libshared import logs, traces
 from libshared.errors import VsliceError
 from services.scheduler.core.deciding import POLICIES
-from vslice import busreplays, certs, repairs, replays, running, stacks, statuses
+from vslice import certs, repairs, replays_bus, replays_local, running, stacks, statuses
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
 PLOT_FORMATS = (".png", ".svg", ".pdf")
@@ -148,7 +148,7 @@ def _policy(text: str) -> str:
 
 def _seeds(text: str) -> list[int]:
     try:
-        return replays.parse_seeds(text)
+        return replays_local.parse_seeds(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
@@ -712,11 +712,11 @@ def _replay(args: argparse.Namespace) -> int:
         args.policy = args.policy or [stacks.running(attach).policy]
     args.policy = args.policy or ["fgd"]
     if args.in_process:
-        reports = replays.replay_in_process(
+        reports = replays_local.replay_in_process(
             args.trace, args.fleet, args.policy, args.seeds, jobs=args.jobs, quiet=args.quiet
         )
     else:
-        reports = busreplays.replay_over_bus(
+        reports = replays_bus.replay_over_bus(
             args.trace,
             args.fleet,
             args.policy,
@@ -727,13 +727,13 @@ def _replay(args: argparse.Namespace) -> int:
             attach=attach,
             keep=args.keep,
         )
-    print(replays.table(reports, gpus))
+    print(replays_local.table(reports, gpus))
     if not args.in_process and args.compare_in_process:
-        local = replays.replay_in_process(
+        local = replays_local.replay_in_process(
             args.trace, args.fleet, args.policy, args.seeds, jobs=args.jobs, quiet=args.quiet
         )
         print()
-        print(replays.comparison_table(reports, local))
+        print(replays_local.comparison_table(reports, local))
     for r in reports:
         if r.get("mode") == "bus":
             print(
@@ -747,10 +747,10 @@ def _replay(args: argparse.Namespace) -> int:
         kept = "; its fleet and pods stay until `vslice down`" if args.keep else ""
         print(f"replayed on the stack in {attach} (`vslice status` shows it){kept}")
     if args.json_out:
-        replays.write_json(args.json_out, reports)
+        replays_local.write_json(args.json_out, reports)
         print(f"report: {args.json_out}")
     if args.plot:
-        replays.plot(args.plot, reports)
+        replays_local.plot(args.plot, reports)
         print(f"plot: {args.plot}")
     return 0
 

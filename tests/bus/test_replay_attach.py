@@ -17,9 +17,9 @@ from libshared import connecting
 from libshared.connecting import BusSettings
 from libshared.ledgers import NodeLedger
 from tests.bus import helpers
-from tests.bus.test_busreplays import small_trace
+from tests.bus.test_replays_bus import small_trace
 from tests.bus.test_stacks import free_port, vslice
-from vslice import busreplays, cli, stacks
+from vslice import cli, replays_bus, stacks
 
 
 def replay(
@@ -82,7 +82,7 @@ def test_an_attached_replay_shows_in_the_stack_and_leaves_it_as_found_unless_kep
         assert 0 < report["pods_placed"] < report["pods_total"]  # type: ignore[operator]
         # gone again: the fleet's agent, its nodes and the replay's pods
         after = stacks.read_state(Path(state))
-        assert after is not None and busreplays.AGENT not in after.pids
+        assert after is not None and replays_bus.AGENT not in after.pids
         status = vslice("status", "--nodes", "--state-dir", state).stdout
         assert "node-00" not in status and "GPU-mock-a" in status
         assert not any(replay_pods(bus).values())
@@ -90,7 +90,7 @@ def test_an_attached_replay_shows_in_the_stack_and_leaves_it_as_found_unless_kep
         code, report = replay(trace, fleet, state, tmp_path / "two.json", "--seeds", "6", "--keep")
         assert code == 0, capsys.readouterr().err
         now = stacks.read_state(Path(state))
-        assert now is not None and stacks.alive(now.pids[busreplays.AGENT])
+        assert now is not None and stacks.alive(now.pids[replays_bus.AGENT])
         kept = now
         held = replay_pods(bus)
         placed = sum(len(uids) for uids in held.values())
@@ -130,7 +130,7 @@ def test_attach_needs_a_running_stack_and_the_stacks_policy(
     stacks.write_state(
         recorded, stacks.Stack(nats_url="nats://x:1", prefix="p", pids=here, state_dir="x")
     )
-    with pytest.raises(busreplays.ReplayError, match="decides with policy 'hami'"):
-        busreplays.replay_over_bus(trace, fleet, ["fgd"], [1], attach=recorded)
-    with pytest.raises(busreplays.ReplayError, match="one seed"):
-        busreplays.replay_over_bus(trace, fleet, ["hami"], [1, 2], attach=recorded, keep=True)
+    with pytest.raises(replays_bus.ReplayError, match="decides with policy 'hami'"):
+        replays_bus.replay_over_bus(trace, fleet, ["fgd"], [1], attach=recorded)
+    with pytest.raises(replays_bus.ReplayError, match="one seed"):
+        replays_bus.replay_over_bus(trace, fleet, ["hami"], [1, 2], attach=recorded, keep=True)

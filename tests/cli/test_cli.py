@@ -27,7 +27,7 @@ from libshared.permissions import Role
 from tests import signals
 from tests.bus import helpers
 from tests.bus.conftest import repo_root
-from vslice import cli, replays, running, stacks, statuses
+from vslice import cli, replays_local, running, stacks, statuses
 
 TRACES = Path(os.environ.get("VSLICE_TRACES") or repo_root().parent / "shared" / "traces" / "openb")
 FLEET_CSV = "sn,cpu_milli,memory_mib,gpu,model\nn-0,64000,262144,2,T4\nn-1,64000,262144,2,T4\n"
@@ -150,7 +150,7 @@ def test_a_refused_value_is_refused_before_the_trace_is_read(
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("the replay started")
 
-    monkeypatch.setattr(replays, "replay_in_process", no_work)
+    monkeypatch.setattr(replays_local, "replay_in_process", no_work)
     code, _ = refused(
         capsys, "replay", str(tmp_path / "absent.csv"), "--fleet", "f", "--in-process",
         "--plot", str(tmp_path / "no" / "x.png"),
@@ -282,7 +282,7 @@ def test_ctrl_c_during_a_replay_ends_with_one_line_and_exit_130(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(replays, "replay_in_process", interrupted)
+    monkeypatch.setattr(replays_local, "replay_in_process", interrupted)
     (tmp_path / "pods.csv").write_text(PODS_CSV)
     (tmp_path / "fleet.csv").write_text(FLEET_CSV)
     argv = ["replay", str(tmp_path / "pods.csv"), "--fleet", str(tmp_path / "fleet.csv")]
@@ -413,7 +413,7 @@ def test_the_plot_has_a_whole_run_panel_and_a_zoomed_panel_with_the_seed_band(
 ) -> None:
     (tmp_path / "pods.csv").write_text(PODS_CSV)
     (tmp_path / "fleet.csv").write_text(FLEET_CSV)
-    reports = replays.replay_in_process(
+    reports = replays_local.replay_in_process(
         str(tmp_path / "pods.csv"), str(tmp_path / "fleet.csv"), ["fgd", "bestfit"], [1, 2, 3],
         jobs=1, quiet=True,
     )  # fmt: skip
@@ -425,13 +425,13 @@ def test_the_plot_has_a_whole_run_panel_and_a_zoomed_panel_with_the_seed_band(
             for (_, lo, hi), (_, mean) in zip(band, r["curve"], strict=True)
         )
     path = tmp_path / "plot.svg"
-    replays.plot(str(path), reports)
+    replays_local.plot(str(path), reports)
     svg = path.read_text()
     # two panels (axes), one per title; the zoomed one spans 80-100 % allocation
     assert svg.count('id="axes_') == 2
     assert "zoom: allocation 80-100 %" in svg
     png = tmp_path / "plot.png"
-    replays.plot(str(png), reports)
+    replays_local.plot(str(png), reports)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -20,7 +20,7 @@ from services.metrics import app as metrics_app
 from services.metrics.settings import Settings as MetricsSettings
 from services.scheduler.settings import Settings as SchedulerSettings
 from tests.bus import helpers
-from vslice import busreplays
+from vslice import replays_bus
 
 T = TypeVar("T")
 
@@ -99,10 +99,12 @@ def pods(count: int, *, seed: int = 5) -> list[TracePod]:
     return out
 
 
-async def replay(bus: BusSettings, trace: list[TracePod]) -> busreplays.Driven:
-    """Send ``trace`` through admission and the replicas (``busreplays.drive``)."""
-    specs = [events.ENCODER.encode(busreplays.pod_spec(p, f"uid-{i}")) for i, p in enumerate(trace)]
-    return await busreplays.drive(bus, specs, concurrency=4)
+async def replay(bus: BusSettings, trace: list[TracePod]) -> replays_bus.Driven:
+    """Send ``trace`` through admission and the replicas (``replays_bus.drive``)."""
+    specs = [
+        events.ENCODER.encode(replays_bus.pod_spec(p, f"uid-{i}")) for i, p in enumerate(trace)
+    ]
+    return await replays_bus.drive(bus, specs, concurrency=4)
 
 
 @contextlib.asynccontextmanager

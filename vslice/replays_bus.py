@@ -1,5 +1,6 @@
-"""Replaying a trace over the bus: a temporary stack, the trace's arrivals through admission
-and the scheduler replicas, the in-process replay's report plus throughput and latency.
+"""The replay experiment's bus driver (its in-process one: ``vslice.replays_local``): a
+temporary stack, the trace's arrivals through admission and the scheduler replicas, the
+in-process replay's report plus throughput and latency.
 
 Per (policy, seed) it starts a stack of its own in a temporary directory -- nats-server,
 admission, ``replicas`` scheduler replicas (policy, seed and FGD's target workload from the
@@ -42,7 +43,7 @@ from libshared.natsserver import NatsServer, free_port
 from libshared.subjects import deadline_headers
 from libshared.traces import TracePod
 from services.scheduler.core import replaying
-from vslice import replays, stacks
+from vslice import replays_local, stacks
 
 PREFIX = "vreplay"
 # Runs `python -c PROFILED <out> -m <module> <args>`: the module under cProfile, timed in
@@ -556,7 +557,7 @@ def replay_over_bus(
             results.append(result)
             runs.append(driven)
         report = replaying.summarize(policy, results)
-        report["curve_band"] = replays.band(report, results)
+        report["curve_band"] = replays_local.band(report, results)
         latencies = [t for d in runs for t in d.latency_ms]
         placed = max(1, sum(sum(d.placed) for d in runs))
         report.update(

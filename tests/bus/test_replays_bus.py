@@ -13,7 +13,7 @@ import pytest
 from libshared import traces
 from libshared.resources import ResourceSettings, parse_pod
 from libshared.traces import TracePod
-from vslice import busreplays, cli, replays
+from vslice import cli, replays_bus, replays_local
 
 NODE_HEADER = "sn,cpu_milli,memory_mib,gpu,model"
 POD_HEADER = (
@@ -59,7 +59,7 @@ def small_trace(tmp_path: Path) -> tuple[str, str]:
     ],
 )
 def test_admission_turns_a_trace_pods_spec_into_the_in_process_request(pod: TracePod) -> None:
-    spec = busreplays.pod_spec(pod, "uid-1")
+    spec = replays_bus.pod_spec(pod, "uid-1")
     assert parse_pod(spec, settings=ResourceSettings()) == pod.request("uid-1")
 
 
@@ -68,8 +68,8 @@ def test_one_replica_at_concurrency_1_places_what_the_in_process_replay_places(
     tmp_path: Path, policy: str
 ) -> None:
     trace, fleet = small_trace(tmp_path)
-    (local,) = replays.replay_in_process(trace, fleet, [policy], [3], jobs=1, quiet=True)
-    (bus,) = busreplays.replay_over_bus(
+    (local,) = replays_local.replay_in_process(trace, fleet, [policy], [3], jobs=1, quiet=True)
+    (bus,) = replays_bus.replay_over_bus(
         trace, fleet, [policy], [3], replicas=1, concurrency=1, quiet=True
     )
     assert bus["pods_total"] == local["pods_total"] > 50
@@ -89,7 +89,7 @@ def test_the_cli_replays_over_two_replicas_and_writes_the_report(
     argv += ["--concurrency", "8", "--quiet", "--json", str(out)]
     assert cli.main(argv) == 0
     report = json.loads(out.read_text())
-    local = replays.replay_in_process(trace, fleet, ["fgd"], [5], jobs=1, quiet=True)[0]
+    local = replays_local.replay_in_process(trace, fleet, ["fgd"], [5], jobs=1, quiet=True)[0]
     assert report["replicas"] == 2 and report["concurrency"] == 8
     assert report["pods_total"] == local["pods_total"]
     # concurrent arrivals may be decided in another order, and a replica's view may trail
@@ -126,7 +126,7 @@ def test_two_partitioned_hami_replicas_lose_far_fewer_ledger_races_than_replicas
     for partitioned in (False, True):
         # alone: every replica decides as if it were the only one (as before shards)
         alone = [] if partitioned else ["--replica-count", "1", "--replica-index", "0"]
-        result, driven = busreplays.run_seed(
+        result, driven = replays_bus.run_seed(
             trace,
             fleet,
             policy="hami",

@@ -1,7 +1,10 @@
-"""Running replays for people: seeds in parallel processes, a progress bar, reports, plots.
+"""The replay experiment's in-process driver: seeds in parallel processes, a progress bar,
+reports, plots.
 
-The decision logic is ``services.scheduler.core.replaying``; this module only fans seeds
-out over processes, shows progress (tqdm) and writes JSON and PNG files.
+One name per role: the experiment is ``services.scheduler.core.replaying`` (pure: the
+arrivals, the decisions, the report); this module drives it in process, fanning seeds out
+over processes, showing progress (tqdm) and writing JSON and PNG files; its bus driver is
+``vslice.replays_bus``.
 """
 
 from __future__ import annotations
