@@ -155,6 +155,15 @@ def test_kernels_of_different_lengths_in_one_loop_get_the_share(
     fractions = harness.busy_fractions(
         trace, start_ns=line.int("start_ns"), stop_ns=line.int("stop_ns")
     )
+    if os.getloadavg()[0] > (os.cpu_count() or 1):
+        # the microsecond kernels need the launching thread on a core every few hundred
+        # microseconds (the work in flight is bounded to P % of 2 ms): on an
+        # oversubscribed host the device idles below the limit; the cap holds whatever
+        # the load (one cost for all kernels kept the device 95..99 % busy)
+        assert max(fractions) <= 30 + TOLERANCE_POINTS, f"busy up to {max(fractions):.2f}%"
+        share = sum(fractions) / len(fractions)
+        assert share >= 30 / 2, f"busy {share:.2f}% on average for 30%"
+        return
     assert_within(fractions, 30)
 
 
@@ -201,6 +210,22 @@ def test_after_a_switch_to_long_kernels_no_launch_waits_twice_the_window(
     assert switched.longest_wait_ns is not None, "a launch was still waiting 20 s after the switch"
     # a quarter of the window on top, for a loaded machine's scheduling delays
     assert switched.longest_wait_ns / 1e9 <= 2.25 * WINDOW_S
+
+
+# Launches waiting for tokens go one after another, each paying its kernel: four
+# processes switching to 50 ms kernels at 10 % once waited the 2 s debt plus the
+# others' kernels, up to 3.45 s (benchmarks/libvgpu.py, 5us>50ms, 4 processes).
+def test_after_four_processes_switch_to_long_kernels_no_launch_waits_twice_the_window(
+    container: harness.Container,
+) -> None:
+    container.env["CUDA_DEVICE_SM_LIMIT"] = "10"
+    args = ("switch", "kernel", "5", "1.5", "50000", "4")
+    runs = [container.start("probe", *args) for _ in range(4)]
+    lines = [run.finish(timeout_s=40).of("switch")[0] for run in runs]
+    assert all(line.int("rc") == 0 for line in lines)
+    longest = max(line.int("max_call2_ns") for line in lines) / 1e9
+    # a quarter of the window on top, for a loaded machine's scheduling delays
+    assert longest <= 2.25 * WINDOW_S, f"a launch waited {longest:.2f} s"
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,12 @@
  *    estimates did, no process is kept busy more than about 2 x WINDOW_NS
  *    above its share, and no launch waits more than 2 x WINDOW_NS (a single
  *    kernel longer than P% of that makes its successor wait its length
- *    x (100 - P) / P, as it must).  A launch is admitted while the bucket is
- *    positive and is charged the process's learned cost per launch.
+ *    x (100 - P) / P, as it must).  Launches waiting for tokens go one after
+ *    another, each paying its kernel before the next: with n waiting the debt
+ *    kept is the cap less n - 1 of the longest kernels (sm_waiting counts them),
+ *    so the last of them too waits no more than about 2 x WINDOW_NS (with 4
+ *    processes switching to 50 ms kernels at 10 %, 3.45 s before).  A launch is
+ *    admitted while the bucket is positive and is charged its learned cost.
  *
  * 2. The cost per launch is learned per kind of launch (function, grid, block
  *    and shared memory, or graph), from completed work, not from NVML, whose
@@ -253,6 +257,23 @@ static int64_t debt_cap(struct vgpu_cache_device *dev, int64_t percent) {
     return cost > cap ? cost : cap;
 }
 
+static int64_t g_active = 1; /* processes of the container that launched lately */
+
+/* The debt the bucket may carry now.  Launches waiting for tokens are served one
+ * after another, each paying its kernel before the next may go: with n of them
+ * waiting, the last would wait the debt plus n - 1 kernels.  So the debt kept is
+ * the cap less n - 1 of the longest kernels lately (at least one kernel): no launch
+ * waits much more than 2 x WINDOW_NS whatever the number of processes.  n is
+ * bounded by the processes launching lately, as a killed waiter leaves the count
+ * high. */
+static int64_t debt_now(struct vgpu_cache_device *dev, int64_t percent) {
+    int64_t cap = debt_cap(dev, percent), cost = LOAD(&dev->sm_max_cost_ns);
+    int64_t waiting = (int64_t)LOAD(&dev->sm_waiting);
+    if (waiting > g_active) waiting = g_active;
+    int64_t debt = waiting > 1 ? cap - (waiting - 1) * cost : cap;
+    return debt > cost ? debt : cost;
+}
+
 /* Adds the time since the last refill at P% and clamps the bucket to its caps.
  * One process refills at a time (the one that moves sm_tick_ns). */
 static void refill(struct vgpu_cache_device *dev, int64_t percent, int64_t now) {
@@ -263,7 +284,7 @@ static void refill(struct vgpu_cache_device *dev, int64_t percent, int64_t now) 
         return;
     if (last == 0) return; /* a new bucket starts empty: no burst at start */
     int64_t dt = now - last > WINDOW_NS ? WINDOW_NS : now - last;
-    int64_t credit = CREDIT_NS / 100 * percent, debt = debt_cap(dev, percent);
+    int64_t credit = CREDIT_NS / 100 * percent, debt = debt_now(dev, percent);
     int64_t old = LOAD(&dev->sm_tokens_ns), next;
     do {
         next = old + dt / 100 * percent;
@@ -283,7 +304,7 @@ static void charge(struct vgpu_cache_device *dev, int64_t ns) {
 
 /* Processes of the container that launched lately (under g_lock): the
  * in-flight window is the container's, shared out among them. */
-static int64_t g_active = 1, g_active_at;
+static int64_t g_active_at;
 
 static void count_active(int64_t now) {
     if (now - g_active_at < ACTIVE_EVERY_NS) return;
@@ -585,7 +606,10 @@ static void gate(struct ticket *t, CUstream stream, uint64_t kind) {
         if (l->cost_ns == 0 && !first_kernel(dev, l, now)) {
             wait = 1000000; /* another process is timing the container's first kernel */
         } else if (tokens <= 0 || behind) {
-            if (waiting == 0) waiting = now;
+            if (waiting == 0) {
+                waiting = now;
+                __atomic_fetch_add(&dev->sm_waiting, 1, __ATOMIC_ACQ_REL);
+            }
             if (oldest_waiter == 0 || !fresh || oldest_waiter >= waiting) {
                 STORE(&dev->sm_waiter_ns, waiting);
                 STORE(&dev->sm_waiter_seen_ns, now);
@@ -608,6 +632,7 @@ static void gate(struct ticket *t, CUstream stream, uint64_t kind) {
         sleep_ns(wait > 2000000 ? 2000000 : wait);
         pthread_mutex_lock(&g_lock);
     }
+    if (waiting != 0) __atomic_fetch_sub(&dev->sm_waiting, 1, __ATOMIC_ACQ_REL);
     if (waiting != 0)
         __atomic_compare_exchange_n(&dev->sm_waiter_ns, &waiting, 0, 0, __ATOMIC_ACQ_REL,
                                     __ATOMIC_ACQUIRE);

@@ -68,7 +68,8 @@ struct vgpu_cache_device {
     int64_t sm_waiter_seen_ns;/* when that launch last looked (a dead waiter goes stale) */
     int64_t sm_observed_ns;   /* device time charged to the container, from timed kernels, ns */
     int32_t sm_first_pid;     /* the process timing the container's first kernel */
-    uint32_t sm_reserved;
+    uint32_t sm_waiting;      /* launches waiting for tokens now, all processes (a killed
+                                 waiter leaves it high: read it bounded, launch.c) */
     int64_t sm_first_seen_ns; /* when it last looked (a dead one goes stale) */
     uint8_t reserved[8];
 };
