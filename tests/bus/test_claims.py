@@ -15,7 +15,6 @@ from nats.aio.client import Client
 
 from libshared import connecting, events
 from libshared.connecting import BusSettings
-from libshared.ledgers import NodeLedger
 from libshared.subjects import pod_key
 from services.scheduler import app as scheduler_app
 from services.scheduler.adapters import bus, upkeep
@@ -150,19 +149,19 @@ async def test_a_release_racing_a_re_schedule_of_its_uid_ends_with_the_pod_relea
     async with replicas(bus_settings, 1) as (r,):
         assert isinstance(await r.schedule(helpers.pod("raced", memory_mib=1000)), events.Placement)
         read = (await opened.pods.get(key)).revision
-        commit = r._commit
         taken: list[BaseException] = []
 
-        async def re_claimed_meanwhile(ledger: NodeLedger, **kw: int | None) -> bool | None:
+        async def re_claimed_meanwhile(op: committing.Op, perform: bus.Perform) -> object:
             # between the release's tombstone and its ledger commit another replica
             # re-scheduling the same UID tries to take the claim it read before over
-            try:
-                await opened.pods.update(key, b"other-replica 0", last=read)
-            except nats.js.errors.KeyWrongLastSequenceError as exc:
-                taken.append(exc)
-            return await commit(ledger, **kw)
+            if isinstance(op, committing.CommitLedger):
+                try:
+                    await opened.pods.update(key, b"other-replica 0", last=read)
+                except nats.js.errors.KeyWrongLastSequenceError as exc:
+                    taken.append(exc)
+            return await perform(op)
 
-        r._commit = re_claimed_meanwhile  # type: ignore[method-assign]
+        r.interpose = re_claimed_meanwhile
         assert (await r.release("raced")).node == "node-0"
         assert len(taken) == 1  # the tombstone came first: the take-over lost
         claim = await opened.pods.get(key)
@@ -176,16 +175,15 @@ async def test_a_replica_handles_up_to_max_in_flight_requests_at_once(
     await helpers.register(nc, bus_settings, helpers.fleet(nodes=2, gpus=2, split=10))
     async with replicas(bus_settings, 1, max_in_flight=3) as (r,):
         entered, gate = 0, asyncio.Event()
-        perform = r._perform
 
-        async def held_at_the_claim(op: committing.Op) -> object:
+        async def held_at_the_claim(op: committing.Op, perform: bus.Perform) -> object:
             nonlocal entered
             if isinstance(op, committing.WriteClaim) and op.last is None:  # the claim
                 entered += 1
                 await gate.wait()
             return await perform(op)
 
-        r._perform = held_at_the_claim  # type: ignore[method-assign]
+        r.interpose = held_at_the_claim
         sent = [
             asyncio.create_task(
                 helpers.schedule(nc, bus_settings, helpers.pod(f"p{i}", memory_mib=500))
@@ -232,13 +230,13 @@ async def test_a_fast_commit_writes_the_claim_once_and_a_slow_one_confirms_it(
     async with replicas(bus_settings, 1, claim_wait_s=0.4) as (r,):
         assert isinstance(await r.schedule(helpers.pod("fast", memory_mib=1000)), events.Placement)
         assert (await js.stream_info(stream)).state.last_seq == 1  # the create alone
-        commit = r._commit
 
-        async def slow(ledger: NodeLedger, **kw: int) -> bool | None:
-            await asyncio.sleep(0.3)  # past half the claim wait
-            return await commit(ledger, **kw)
+        async def slow(op: committing.Op, perform: bus.Perform) -> object:
+            if isinstance(op, committing.CommitLedger):
+                await asyncio.sleep(0.3)  # past half the claim wait
+            return await perform(op)
 
-        r._commit = slow  # type: ignore[method-assign]
+        r.interpose = slow
         assert isinstance(await r.schedule(helpers.pod("slow", memory_mib=1000)), events.Placement)
         assert (await js.stream_info(stream)).state.last_seq == 3  # create and confirmation
 
@@ -251,13 +249,14 @@ async def test_a_holder_that_commits_after_its_claim_was_taken_over_gives_its_sl
         # the stalled holder places on node-0, the taker (which does not offer it) on
         # node-1, so both commits land
         other.view.cluster.withdraw_node("node-0")
-        commit, gate = stalled._commit, asyncio.Event()
+        gate = asyncio.Event()
 
-        async def stalls(ledger: NodeLedger, **kw: int) -> bool | None:
-            await gate.wait()  # held until the other replica took the claim over
-            return await commit(ledger, **kw)
+        async def stalls(op: committing.Op, perform: bus.Perform) -> object:
+            if isinstance(op, committing.CommitLedger):
+                await gate.wait()  # held until the other replica took the claim over
+            return await perform(op)
 
-        stalled._commit = stalls  # type: ignore[method-assign]
+        stalled.interpose = stalls
         pod = helpers.pod("contested", memory_mib=1000)
         first = asyncio.create_task(stalled.schedule(pod))
         await asyncio.sleep(0.05)
@@ -278,28 +277,25 @@ async def test_a_stalled_holder_whose_claim_was_taken_over_leaves_the_takers_sli
     # race and finds the pod placed; those slices are the taker's, answered to its client
     await helpers.register(nc, bus_settings, helpers.fleet(nodes=1, gpus=1, split=10))
     async with replicas(bus_settings, 2, claim_wait_s=0.3) as (stalled, other):
-        commit, gate, entered = stalled._commit, asyncio.Event(), asyncio.Event()
+        gate, entered = asyncio.Event(), asyncio.Event()
+        written: list[str] = []  # what the stalled replica commits once let go
 
-        async def stalls(ledger: NodeLedger, **kw: int) -> bool | None:
+        async def stalls(op: committing.Op, perform: bus.Perform) -> object:
+            if not isinstance(op, committing.CommitLedger):
+                return await perform(op)
             entered.set()
             await gate.wait()  # held until the other replica took the claim over
-            return await commit(ledger, **kw)
+            done = await perform(op)
+            if done:
+                written.append(",".join(sorted(op.ledger.pods())) or "-")
+            return done
 
-        stalled._commit = stalls  # type: ignore[method-assign]
+        stalled.interpose = stalls
         pod = helpers.pod("same-node", memory_mib=1000)
         first = asyncio.create_task(stalled.schedule(pod))
         await entered.wait()  # claimed and decided, its commit held
         second = await other.schedule(pod)  # waits out the claim, takes it over, places
         assert isinstance(second, events.Placement) and other.stats.takeovers == 1
-        written: list[str] = []  # what the stalled replica commits from now on
-
-        async def counts(ledger: NodeLedger, **kw: int) -> bool | None:
-            done = await commit(ledger, **kw)
-            if done:
-                written.append(",".join(sorted(ledger.pods())) or "-")
-            return done
-
-        stalled._commit = counts  # type: ignore[method-assign]
         gate.set()
         assert await first == second  # the stalled holder answers with the taker's placement
         # ... and never touched the ledger: taking the taker's slices back (and placing

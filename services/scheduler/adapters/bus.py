@@ -30,7 +30,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,13 @@ REREAD_BACKOFF_S = 0.2  # pause before re-reading a node's ledger again after a 
 MALFORMED: tuple[type[Exception], ...] = (*bounds.DECODE_ERRORS, msgspec.ValidationError)
 MALFORMED_SCHEDULE: tuple[type[Exception], ...] = (*MALFORMED, ValueError)
 
+
+Perform = Callable[[committing.Op], Awaitable[object]]
+"""Carries out one operation of the commit protocol on the bus, returning its result."""
+Interpose = Callable[[committing.Op, Perform], Awaitable[object]]
+"""``interpose(op, perform)``: called instead of ``perform(op)`` for every operation but
+the commit lock's; returns the operation's result (normally ``await perform(op)``, after
+whatever it adds: a delay, a write of its own, a count)."""
 
 @dataclass
 class View:
@@ -203,6 +210,9 @@ class Replica:
     claim_wait_s: float = committing.Rules.claim_wait_s
     max_in_flight: int = committing.Rules.max_in_flight
     quotas: QuotaGate | None = None  # namespace quotas, charged before each commit
+    # wraps the performing of each operation of the commit protocol (``Interpose``):
+    # where a fault injector or a test delays, fails or races a named step
+    interpose: Interpose | None = None
     default_deadline_s: float = protocol.DEFAULT_DEADLINE_S
     view: View = field(init=False)
     stats: events.Stats = field(init=False)
@@ -550,6 +560,8 @@ class Replica:
                 elif isinstance(op, committing.Unlock):
                     self._commits.release()
                     locked = False
+                elif self.interpose is not None:
+                    result = await self.interpose(op, self._perform)
                 else:
                     result = await self._perform(op)
         finally:
