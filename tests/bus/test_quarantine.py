@@ -27,7 +27,7 @@ from services.metrics.core import exporting
 from services.metrics.core.views import FleetView
 from services.scheduler.adapters import bus, upkeep
 from tests.bus import helpers
-from tests.bus.test_claims import replicas
+from tests.scheduler.bus.test_claims import replicas
 from vslice import repairs, stacks, statuses
 
 

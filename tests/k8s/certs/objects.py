@@ -10,7 +10,7 @@ from typing import Any
 import kmock
 import yaml
 
-from tests.k8s.scheduler.kubeapi import ApiServer
+from tests.scheduler.k8s.kubeapi import ApiServer
 from vslice import kubecerts
 
 SECRETS = kmock.resource("", "v1", "secrets")

@@ -27,7 +27,7 @@ from cryptography import x509
 from libshared import kubeclients, trust
 from libshared.natsserver import find_binary, free_port
 from tests.k8s.certs.objects import SECRETS, ca_bundles, data, secrets, serve_trust_objects
-from tests.k8s.scheduler.kubeapi import ApiServer
+from tests.scheduler.k8s.kubeapi import ApiServer
 from vslice import kubecerts
 
 

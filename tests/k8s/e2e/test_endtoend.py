@@ -1,7 +1,7 @@
 """End to end, the way a cluster runs vslice, with every component speaking its real
 protocol:
 
-- the API server: kmock's emulator (``tests/k8s/scheduler/kubeapi.py``, HTTP), which sends
+- the API server: kmock's emulator (``tests/scheduler/k8s/kubeapi.py``, HTTP), which sends
   each new pod to the admission webhook (HTTPS ``/mutate``, ``python -m
   services.admission``) and applies its JSONPatch, as the API server does;
 - the certificate Job (``python -m vslice.kubecerts``) run first against it: the
@@ -59,8 +59,8 @@ from tests.bus import helpers
 from tests.k8s.certs.objects import WEBHOOKS, mount, serve_trust_objects
 from tests.k8s.e2e.kubescheduler import FakeKubeScheduler
 from tests.k8s.nodeagent.fakekubelet import FakeKubelet
-from tests.k8s.scheduler.kubeapi import ApiServer, Refused
 from tests.libvgpu import harness
+from tests.scheduler.k8s.kubeapi import ApiServer, Refused
 
 NODES = ("n1", "n2")
 GPUS = 10  # per node: at 30 % cores a GPU holds 3 such pods, so 2 nodes hold 60

@@ -14,7 +14,7 @@ from libshared.errors import AnnotationDecodeError, InvalidRequest
 from libshared.events import Placement
 from libshared.ledgers import PodCharge, Slice
 from services.scheduler.core import extending
-from tests.k8s.scheduler.pods import pod, registration
+from tests.scheduler.k8s.pods import pod, registration
 
 UID = "0b6a3a0c-6f0e-4a36-9a52-1f1f3f6e2a11"
 UID2 = "4f3c1d2e-1111-4a36-9a52-1f1f3f6e2a22"

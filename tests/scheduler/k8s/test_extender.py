@@ -19,10 +19,10 @@ from libshared.connecting import BusSettings
 from libshared.ledgers import NodeLedger
 from services.scheduler.core import extending
 from tests.bus import helpers
-from tests.k8s.scheduler import harness
-from tests.k8s.scheduler.harness import bind_pod, create_pod, eventually, filter_pod, post
-from tests.k8s.scheduler.kubeapi import ApiServer
-from tests.k8s.scheduler.pods import pod, registration
+from tests.scheduler.k8s import harness
+from tests.scheduler.k8s.harness import bind_pod, create_pod, eventually, filter_pod, post
+from tests.scheduler.k8s.kubeapi import ApiServer
+from tests.scheduler.k8s.pods import pod, registration
 
 NODES = ["n1", "n2"]
 

@@ -17,9 +17,9 @@ from libshared import kubeclients
 from libshared.connecting import BusSettings
 from services.scheduler import app, settings
 from tests.bus import helpers
-from tests.k8s.scheduler.harness import bind_pod, create_pod, eventually, filter_pod
-from tests.k8s.scheduler.kubeapi import ApiServer
-from tests.k8s.scheduler.pods import pod, registration
+from tests.scheduler.k8s.harness import bind_pod, create_pod, eventually, filter_pod
+from tests.scheduler.k8s.kubeapi import ApiServer
+from tests.scheduler.k8s.pods import pod, registration
 
 
 def test_kubernetes_flags_have_the_contracts_names_and_defaults() -> None:

@@ -25,7 +25,7 @@ from services.scheduler import app as scheduler_app
 from services.scheduler.adapters import bus, quotas
 from services.scheduler.settings import Settings
 from tests.bus import helpers
-from tests.bus.racing import CountingKV, RacingKV, UnreadableKV
+from tests.scheduler.bus.racing import CountingKV, RacingKV, UnreadableKV
 
 NAMESPACE = "team-a"
 

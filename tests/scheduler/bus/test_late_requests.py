@@ -28,7 +28,7 @@ from services.scheduler import app as scheduler_app
 from services.scheduler.adapters import bus
 from services.scheduler.settings import Settings
 from tests.bus import helpers
-from tests.bus.test_concurrency import replica_stats, start_replica, wait_replicas
+from tests.scheduler.bus.test_concurrency import replica_stats, start_replica, wait_replicas
 
 GIVE_UP_S = 0.5  # how long the clients here wait for an answer
 PODS = 8

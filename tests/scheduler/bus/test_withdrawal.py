@@ -18,8 +18,8 @@ from services.nodeagent.core.fleets import FleetSpec
 from services.nodeagent.settings import Settings as AgentSettings
 from services.scheduler.adapters import bus
 from tests.bus import helpers
-from tests.bus.test_claims import replicas
 from tests.bus.test_nodeagent import agent, registered
+from tests.scheduler.bus.test_claims import replicas
 
 
 async def until(check: Callable[[], bool], what: str, *, timeout_s: float = 10.0) -> None:
