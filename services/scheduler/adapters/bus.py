@@ -77,6 +77,7 @@ Interpose = Callable[[committing.Op, Perform], Awaitable[object]]
 the commit lock's; returns the operation's result (normally ``await perform(op)``, after
 whatever it adds: a delay, a write of its own, a count)."""
 
+
 @dataclass
 class View:
     """The replica's view of both buckets: the core's ``Cluster`` plus, per node, the
