@@ -438,7 +438,11 @@ def test_the_plot_has_a_whole_run_panel_and_a_zoomed_panel_with_the_seed_band(
 def test_ctrl_c_during_a_bus_replay_ends_with_one_line_and_stops_its_stack(
     tmp_path: Path,
 ) -> None:
-    (tmp_path / "fleet.csv").write_text(FLEET_CSV)
+    # 80 GPUs: about 260 pods a seed (arrivals stop at 1.3 x the fleet's GPUs), so the
+    # replay is still running when Ctrl-C lands on a loaded machine (4 GPUs gave 14 pods a
+    # seed, and all three seeds were done before the signal)
+    nodes = "".join(f"n-{i},64000,262144,2,T4\n" for i in range(40))
+    (tmp_path / "fleet.csv").write_text("sn,cpu_milli,memory_mib,gpu,model\n" + nodes)
     rows = "".join(f"p-{i},1000,1024,1,{200 + 100 * (i % 5)},\n" for i in range(4000))
     (tmp_path / "pods.csv").write_text(
         "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec\n" + rows
