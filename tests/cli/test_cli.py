@@ -463,8 +463,17 @@ def test_ctrl_c_during_a_bus_replay_ends_with_one_line_and_stops_its_stack(
                 assert time.monotonic() < deadline and proc.poll() is None, seen
                 seen += proc.stderr.read(1)
             os.killpg(proc.pid, signal.SIGINT)
-            err = seen + proc.stderr.read()
-            code = proc.wait(timeout=60)
+            try:
+                _, rest = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                # say what still runs in the replay's process group (holding its stderr)
+                left = subprocess.run(
+                    ["ps", "-o", "pid,stat,args", "-g", str(proc.pid)],
+                    capture_output=True, text=True, check=False,
+                ).stdout  # fmt: skip
+                raise AssertionError(f"not ended 120 s after Ctrl-C:\n{left}\n{seen}") from None
+            err = seen + rest
+            code = proc.returncode
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
