@@ -632,10 +632,11 @@ static void gate(struct ticket *t, CUstream stream, uint64_t kind) {
         sleep_ns(wait > 2000000 ? 2000000 : wait);
         pthread_mutex_lock(&g_lock);
     }
-    if (waiting != 0) __atomic_fetch_sub(&dev->sm_waiting, 1, __ATOMIC_ACQ_REL);
-    if (waiting != 0)
+    if (waiting != 0) {
+        __atomic_fetch_sub(&dev->sm_waiting, 1, __ATOMIC_ACQ_REL);
         __atomic_compare_exchange_n(&dev->sm_waiter_ns, &waiting, 0, 0, __ATOMIC_ACQ_REL,
                                     __ATOMIC_ACQUIRE);
+    }
     /* a launch is charged its kind's cost; a kind not yet timed, the process's
      * average (corrected once it is timed) */
     int novel = note_kind(l, kind);
@@ -647,8 +648,10 @@ static void gate(struct ticket *t, CUstream stream, uint64_t kind) {
     }
     uint64_t kind_seq = k->launches++;
     /* the process's average follows what its launches cost, over about 16 */
-    if (l->timed) l->cost_ns += (cost - l->cost_ns) / 16;
-    if (l->cost_ns < 1 && l->timed) l->cost_ns = 1;
+    if (l->timed) {
+        l->cost_ns += (cost - l->cost_ns) / 16;
+        if (l->cost_ns < 1) l->cost_ns = 1;
+    }
     charge(dev, cost);
     ADD(&dev->sm_launches, 1);
     int64_t end = LOAD(&dev->sm_queue_end_ns);
