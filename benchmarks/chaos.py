@@ -50,8 +50,9 @@ from pathlib import Path
 
 import nats.errors
 from nats.aio.client import Client
+from nats.js.kv import KeyValue
 
-from libshared import connecting, events
+from libshared import connecting, events, kvreads
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
@@ -307,18 +308,9 @@ async def read_fleet(
             await asyncio.sleep(0.5)
 
 
-async def _entries(kv: object) -> list[object]:
-    watcher = await kv.watchall(ignore_deletes=True)  # type: ignore[attr-defined]
-    out = []
-    try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            if entry.value:
-                out.append(entry)
-    finally:
-        await watcher.stop()
-    return out
+async def _entries(kv: KeyValue) -> list[KeyValue.Entry]:
+    # kvreads, not kv.watchall(): the latter may end before the content (libshared.kvreads)
+    return [e for _, e in sorted((await kvreads.latest(kv)).items()) if e.value]
 
 
 def check(

@@ -1,35 +1,103 @@
-"""One-off reads of a whole KV bucket that leave no consumer behind on the server.
+"""One-off reads of a whole KV bucket: every key's latest entry, complete, with no
+consumer left behind on the server.
 
-nats.py reads a bucket's keys (``KeyValue.keys``, ``watchall``) through an ephemeral push
-consumer that nats-server deletes only after ``inactive_threshold`` without interest,
-5 minutes by default (``nats/js/kv.py``, ``KeyValue.watch``). A service that lists a
-bucket every few seconds so kept hundreds of abandoned consumers alive, each replaying
-the bucket's last message per key, and nats-server's memory grew with them through a
-churn soak (``benchmarks/soak.py``). These reads ask for ``IDLE_S`` instead.
+Why not nats.py's own (``KeyValue.keys``, ``watchall``):
+
+- Their end-of-content marker (``None``) can come before the content. ``KeyValue.watch``
+  sends it at once when the consumer's info says nothing is pending *on the server* and
+  the client has handed over nothing yet; on a loaded machine the server has already
+  pushed every entry then, and they are still queued in the client. The read returns
+  an empty or partial bucket (a status that showed no devices, a ledger re-read that
+  missed nodes, a quota gate that believed a namespace had no quota). Here a read ends
+  with the entry the server sent with nothing pending after it, or, when the consumer
+  matched nothing at all (the server says none pending and none delivered), at once.
+- Their ephemeral push consumer stays on nats-server ``inactive_threshold`` after the
+  read, 5 minutes by default: a service that lists a bucket every few seconds kept
+  hundreds alive through a churn soak (``benchmarks/soak.py``). These reads ask for
+  ``IDLE_S`` instead.
+
+Server-placed TTL markers (nats-server 2.11+, header ``Nats-Marker-Reason``) are read as
+the purge or delete they stand for.
 """
 
 from __future__ import annotations
 
-from nats.js.kv import KeyValue
+import asyncio
+import contextlib
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 # Seconds nats-server keeps a read's consumer once the read stopped (its interest gone).
 IDLE_S = 5.0
+MARKER_HEADER = "Nats-Marker-Reason"
+# a server marker's reason -> the operation it stands for
+MARKER_OPS = {"MaxAge": KV_PURGE, "Purge": KV_PURGE, "Remove": KV_DEL}
 
 
 async def latest(
-    kv: KeyValue, *, meta_only: bool = False, idle_s: float = IDLE_S
+    kv: KeyValue, *, meta_only: bool = False, deletes: bool = False, idle_s: float = IDLE_S
 ) -> dict[str, KeyValue.Entry]:
-    """Every live key of ``kv`` with its latest entry (deleted and purged keys left out;
-    empty values with ``meta_only``). Its consumer is gone from the server ``idle_s``
-    seconds after it returns. Raises ``nats.errors.Error`` / ``TimeoutError`` when the
-    bucket cannot be read."""
-    watcher = await kv.watchall(meta_only=meta_only, ignore_deletes=True, inactive_threshold=idle_s)
+    """Every key of ``kv`` with its latest entry, as the bucket was when the read began
+    (and any later write that arrived before it ended). Deleted and purged keys are left
+    out, or kept with their marker's ``operation`` with ``deletes``; values are empty with
+    ``meta_only``. Its consumer is gone from the server ``idle_s`` seconds after it
+    returns. Raises ``nats.errors.Error`` / ``TimeoutError`` when the bucket cannot be
+    read (a caller bounds the wait with ``asyncio.timeout``)."""
+    # nats.py keeps a bucket's stream, subject prefix and JetStream context private
+    js, stream, pre, name = kv._js, kv._stream, kv._pre, kv._name
     out: dict[str, KeyValue.Entry] = {}
+    done = asyncio.Event()
+
+    async def on_entry(msg: Msg) -> None:
+        meta = msg.metadata
+        headers = msg.headers or {}
+        op = headers.get(KV_OP)
+        skip = False
+        if op is None and MARKER_HEADER in headers:
+            op = MARKER_OPS.get(headers[MARKER_HEADER])
+            skip = op is None  # a reason this reader does not know: not an entry
+        key = msg.subject[len(pre) :]
+        if skip:
+            pass
+        elif op in (KV_DEL, KV_PURGE) and not deletes:
+            out.pop(key, None)
+        else:
+            out[key] = KeyValue.Entry(
+                bucket=name,
+                key=key,
+                value=msg.data,
+                revision=meta.sequence.stream,
+                delta=meta.num_pending,
+                created=meta.timestamp,  # type: ignore[arg-type]
+                operation=op,
+            )
+        if meta.num_pending == 0:
+            done.set()
+
+    sub = await js.subscribe(
+        f"{pre}>",
+        stream=stream,
+        cb=on_entry,
+        ordered_consumer=True,
+        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+        headers_only=meta_only or None,
+        inactive_threshold=idle_s,
+    )
     try:
-        async for entry in watcher:
-            if entry is None:  # the bucket's content as it was is read
-                break
-            out[entry.key] = entry
+        info = await sub.consumer_info()
+        if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
+            done.set()  # the server had nothing for this consumer: an empty bucket
+        await done.wait()
     finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
     return out
+
+
+async def keys(kv: KeyValue, *, idle_s: float = IDLE_S) -> list[str]:
+    """The live keys of ``kv``, sorted (an empty bucket: ``[]``, never ``NoKeysError``).
+    Raises as ``latest``."""
+    return sorted(await latest(kv, meta_only=True, idle_s=idle_s))

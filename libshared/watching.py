@@ -13,12 +13,14 @@ Used by the scheduler replicas' view and the metrics service's fleet view.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
-from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 HEARTBEAT_S = 0.5
 MARKER_HEADER = "Nats-Marker-Reason"  # server-placed TTL markers (nats-server 2.11+)
@@ -55,7 +57,7 @@ async def watch(
         if meta.num_pending == 0:
             ready.set()
 
-    return await js.subscribe(
+    sub = await js.subscribe(
         f"{pre}>",
         stream=stream,
         cb=on_entry,
@@ -63,3 +65,27 @@ async def watch(
         deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
         idle_heartbeat=HEARTBEAT_S,
     )
+    if not ready.is_set():
+        # the stream held messages but none is a key's last any more (they aged out or
+        # were removed since): the server says it had nothing for this consumer
+        try:
+            info = await sub.consumer_info()
+        except BaseException:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+            raise
+        if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
+            ready.set()
+    return sub
+
+
+async def watch_kv(
+    kv: KeyValue,
+    handle: Handler,
+    ready: asyncio.Event,
+    *,
+    seen: Callable[[int], None] | None = None,
+) -> Subscription:
+    """``watch`` for a bucket opened with ``js.key_value`` (same arguments and errors)."""
+    # nats.py keeps a bucket's JetStream context and name private
+    return await watch(kv._js, kv._name, handle, ready, seen=seen)

@@ -34,7 +34,7 @@ import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from libshared import connecting, events, kvreads, quarantines
 from libshared.connecting import BusSettings
@@ -171,12 +171,9 @@ async def _repair(
     claims = await kvreads.latest(bus.pods)
     claimed = {k for k, e in claims.items() if protocol.decode_claim(e.value or b"").kind is HELD}
     elsewhere: set[str] = set()
-    with contextlib.suppress(NoKeysError):
-        for key in await bus.ledger.keys():
-            if key == node:
-                continue
-            with contextlib.suppress(KeyNotFoundError, KeyDeletedError, quarantines.Unreadable):
-                other = await bus.ledger.get(key)
+    for key, other in (await kvreads.latest(bus.ledger)).items():
+        if key != node:
+            with contextlib.suppress(quarantines.Unreadable):
                 elsewhere |= quarantines.read_ledger(key, other.value or b"").pods()
     history = await _history(js, settings, node, timeout_s=timeout_s)
     ledger, dropped = rebuilt_ledger(node, history, claimed=claimed, held_elsewhere=elsewhere)

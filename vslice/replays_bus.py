@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 from tqdm import tqdm
 
 from libshared import annotations as keys
-from libshared import connecting, events, permissions, quarantines, traces
+from libshared import connecting, events, kvreads, permissions, quarantines, traces
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
@@ -326,14 +325,12 @@ async def _registered_nodes(settings: BusSettings) -> list[NodeDevices]:
     try:
         nodes = await connecting.open_bucket(nc.jetstream(), settings.subjects.nodes_bucket)
         out = []
-        with contextlib.suppress(NoKeysError):
-            for key in await nodes.keys():
-                # a node whose registration cannot be read is quarantined: not one of
-                # the stack's nodes a replay must keep off
-                with contextlib.suppress(KeyNotFoundError, KeyDeletedError, quarantines.Unreadable):
-                    entry = await nodes.get(key)
-                    if entry.value:
-                        out.append(quarantines.read_registration(key, entry.value))
+        for key, entry in sorted((await kvreads.latest(nodes)).items()):
+            # a node whose registration cannot be read is quarantined: not one of the
+            # stack's nodes a replay must keep off
+            with contextlib.suppress(quarantines.Unreadable):
+                if entry.value:
+                    out.append(quarantines.read_registration(key, entry.value))
         return out
     finally:
         await connecting.close_quietly(nc)
@@ -357,10 +354,7 @@ async def _wait_registered(
             if not stacks.alive(pid):
                 tail = (logs / f"{AGENT}.log").read_text(errors="replace")[-2000:]
                 raise stacks.StackError(f"{AGENT} exited:\n{tail}")
-            try:
-                keys = set(await nodes.keys())
-            except NoKeysError:
-                keys = set()
+            keys = set(await kvreads.keys(nodes))
             if names <= keys:
                 return
             await asyncio.sleep(0.1)

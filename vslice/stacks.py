@@ -45,10 +45,10 @@ from pathlib import Path
 import msgspec
 import nats.errors
 from nats.aio.client import Client
-from nats.js.errors import BucketNotFoundError, NoKeysError
+from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from libshared import connecting, events, heartbeats, quarantines
+from libshared import connecting, events, heartbeats, kvreads, quarantines
 from libshared import leases as leasing
 from libshared import permissions as perms
 from libshared.connecting import BusSettings
@@ -450,10 +450,7 @@ async def wait_serving(
                 if answered < schedulers:
                     missing = f"scheduler replicas ({answered}/{schedulers} answer)"
                     continue
-                try:
-                    registered = len(await bus.nodes.keys())
-                except NoKeysError:
-                    registered = 0
+                registered = len(await kvreads.keys(bus.nodes))
                 if registered < nodes:
                     missing = f"node registrations ({registered}/{nodes})"
                     await asyncio.sleep(0.1)
@@ -894,16 +891,7 @@ class LiveSlice:
 
 async def _snapshot(kv: KeyValue, *, deletes: bool = False) -> dict[str, KeyValue.Entry]:
     # with ``deletes``, a deleted key's marker is kept (its ``operation`` says so)
-    watcher = await kv.watchall(ignore_deletes=not deletes)
-    out: dict[str, KeyValue.Entry] = {}
-    try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            out[entry.key] = entry
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
-    return out
+    return await kvreads.latest(kv, deletes=deletes)
 
 
 def _age_s(entry: KeyValue.Entry | None, now: datetime.datetime) -> float | None:

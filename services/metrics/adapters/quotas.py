@@ -21,10 +21,10 @@ import msgspec
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from prometheus_client import Counter
 
 from libshared import quotas as schema
+from libshared import watching
 from libshared.subjects import Subjects
 from services.metrics.core import exporting
 from services.metrics.core import quotas as series
@@ -64,33 +64,32 @@ class QuotaFeed:
     async def _run(self) -> None:
         while True:
             try:
-                kv = await self.js.key_value(self.subjects.quotas_bucket)
-                await self._follow(kv)
+                await self.js.key_value(self.subjects.quotas_bucket)  # raises until created
+                await self._follow()
             except BucketNotFoundError:
                 pass  # no replica created it yet
             except (nats.errors.Error, TimeoutError) as exc:
                 log.warning("quota watch failed", extra={"error": str(exc)})
             await asyncio.sleep(RETRY_S)
 
-    async def _follow(self, kv: KeyValue) -> None:
-        watcher = await kv.watchall()
+    async def _follow(self) -> None:
+        # libshared.watching, not kv.watchall(): the latter's "content read" marker can
+        # come before the content on a loaded machine (libshared.kvreads)
+        def handle(key: str, value: bytes | None, revision: int) -> None:
+            if not value:  # deleted or purged
+                self.values.pop(key, None)
+                return
+            try:
+                self.values[key] = schema.DECODER.decode(value)
+            except msgspec.MsgspecError as exc:
+                self.values.pop(key, None)
+                if self.rejected is not None:
+                    self.rejected.labels(source="quota").inc()
+                log.error("rejected", extra={"source": "quota", "key": key, "error": str(exc)})
+
+        sub = await watching.watch(self.js, self.subjects.quotas_bucket, handle, self.ready)
         try:
-            async for entry in watcher:
-                if entry is None:  # the current content is read
-                    self.ready.set()
-                    continue
-                if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                    self.values.pop(entry.key, None)
-                    continue
-                try:
-                    self.values[entry.key] = schema.DECODER.decode(entry.value)
-                except msgspec.MsgspecError as exc:
-                    self.values.pop(entry.key, None)
-                    if self.rejected is not None:
-                        self.rejected.labels(source="quota").inc()
-                    log.error(
-                        "rejected", extra={"source": "quota", "key": entry.key, "error": str(exc)}
-                    )
+            await asyncio.Event().wait()  # until stop() cancels the task
         finally:
             with contextlib.suppress(nats.errors.Error):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                await sub.unsubscribe()

@@ -44,10 +44,9 @@ from nats.js.errors import (
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
 )
 
-from libshared import bounds, events, quarantines, watching
+from libshared import bounds, events, kvreads, quarantines, watching
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
 from libshared.errors import TemporaryError
@@ -420,9 +419,7 @@ class Replica:
 
     async def _resync(self, target: int) -> None:
         try:
-            keys = await self.bus.ledger.keys()
-        except NoKeysError:
-            keys = []
+            keys = await kvreads.keys(self.bus.ledger)
         except (nats.errors.Error, TimeoutError) as exc:
             raise TemporaryError(f"ledger unavailable: {exc}") from exc
         for key in keys:

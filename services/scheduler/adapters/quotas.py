@@ -44,9 +44,9 @@ from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
 )
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
-from libshared import kvreads, ledgers
+from libshared import kvreads, ledgers, watching
 from libshared import quotas as schema
 from libshared.connecting import BusSettings
 from libshared.errors import VsliceError
@@ -126,26 +126,36 @@ class QuotaGate:
 
     async def _follow(self, ready: asyncio.Event) -> None:
         while True:
-            keys: set[str] = set()
             try:
-                watcher = await self.kv.watchall(headers_only=True)
-                try:
-                    async for entry in watcher:
-                        if entry is None:  # the current keys are read
-                            self.known = keys
-                            ready.set()
-                        elif entry.operation in (KV_DEL, KV_PURGE):
-                            keys.discard(entry.key)
-                        else:
-                            keys.add(entry.key)
-                finally:
-                    with contextlib.suppress(nats.errors.Error):
-                        await watcher.stop()  # type: ignore[no-untyped-call]
+                await self._follow_once(ready)
             except (nats.errors.Error, TimeoutError) as exc:
                 log.warning("quota keys not followed", extra={"error": str(exc)})
-            # the watch ended: read every key until it is followed again
-            self.known = None
+            # the watch could not start: every reservation reads until it is followed again
             await asyncio.sleep(WATCH_BACKOFF_S)
+
+    async def _follow_once(self, ready: asyncio.Event) -> None:
+        # libshared.watching, not kv.watchall(): the latter's "content read" marker can
+        # come before the content on a loaded machine, and a namespace whose key was not
+        # read yet would have had its quota skipped (libshared.kvreads)
+        keys: set[str] = set()
+
+        def handle(key: str, value: bytes | None, revision: int) -> None:
+            if value is None:
+                keys.discard(key)
+            else:
+                keys.add(key)
+
+        loaded = asyncio.Event()
+        sub = await watching.watch_kv(self.kv, handle, loaded)
+        try:
+            await loaded.wait()
+            self.known = keys
+            ready.set()
+            await asyncio.Event().wait()  # until close() cancels the task
+        finally:
+            self.known = None
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     def _skip(self, namespace: str) -> bool:
         """True when the followed keys show ``namespace`` has no quota value."""
