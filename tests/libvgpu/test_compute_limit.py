@@ -224,8 +224,13 @@ def test_after_four_processes_switch_to_long_kernels_no_launch_waits_twice_the_w
     lines = [run.finish(timeout_s=40).of("switch")[0] for run in runs]
     assert all(line.int("rc") == 0 for line in lines)
     longest = max(line.int("max_call2_ns") for line in lines) / 1e9
-    # a quarter of the window on top, for a loaded machine's scheduling delays
-    assert longest <= 2.25 * WINDOW_S, f"a launch waited {longest:.2f} s"
+    # Four processes taking turns at 50 ms kernels wait 2 s a launch even once the
+    # switch is over (4 x 50 ms at 10 %): a quarter of the window on top for an idle
+    # host's scheduling delays, three quarters when the host is oversubscribed (CI
+    # beside other jobs; the waits before the fix were 3.45 s idle)
+    loaded = os.getloadavg()[0] > (os.cpu_count() or 1)
+    bound = (2.75 if loaded else 2.25) * WINDOW_S
+    assert longest <= bound, f"a launch waited {longest:.2f} s"
 
 
 @pytest.fixture(scope="module")

@@ -131,7 +131,10 @@
 #define MAX_HOST_GAP_NS 50000LL  /* a sample whose submission took longer is unclear */
 #define PROBES 16                /* timed launches in flight per process and device */
 #define YIELD_NS 250000LL        /* shorter waits yield instead of sleeping */
-#define STALE_WAITER_NS 20000000LL /* a waiter that has not looked for this long is gone */
+/* a waiter that has not looked for this long is gone; a live one looks every 2 ms
+ * or less, but a loaded host may keep it off a core for tens of ms (at 20 ms, four
+ * processes at 10 % lost turns to each other and a launch waited 3 s, not 2) */
+#define STALE_WAITER_NS 100000000LL
 #define ACTIVE_NS 5000000000LL   /* a process launched this lately shares the window */
 #define ACTIVE_EVERY_NS 100000000LL
 #define KINDS 256                /* kinds of kernel a process remembers, per device */
