@@ -45,9 +45,8 @@ from pathlib import Path
 
 import nats.errors
 from nats.aio.client import Client
-from nats.js.errors import NoKeysError
 
-from libshared import connecting, events
+from libshared import connecting, events, kvreads
 from libshared.connecting import BusSettings
 from libshared.resources import ContainerRequest, PodRequest
 from libshared.subjects import deadline_headers
@@ -134,10 +133,7 @@ async def sample(stack: stacks.Stack, at_s: float) -> Sample:
         js = nc.jetstream()
         for bucket in (s.nodes_bucket, s.ledger_bucket, s.pods_bucket, s.leases_bucket):
             kv = await js.key_value(bucket)
-            try:
-                out.keys[bucket] = len(await kv.keys())
-            except NoKeysError:
-                out.keys[bucket] = 0
+            out.keys[bucket] = len(await kvreads.keys(kv))
             info = await js.stream_info(f"KV_{bucket}")
             out.stream_messages[bucket] = info.state.messages
             out.stream_bytes[bucket] = info.state.bytes

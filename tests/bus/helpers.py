@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator
 import msgspec
 import nats.errors
 from nats.aio.client import Client
-from nats.js.errors import NoKeysError
 
-from libshared import connecting, events
+from libshared import connecting, events, kvreads
 from libshared.connecting import BusSettings
 from libshared.devices import Device, NodeDevices
 from libshared.ledgers import NodeLedger
@@ -88,24 +87,10 @@ async def ledgers(nc: Client, settings: BusSettings) -> dict[str, NodeLedger]:
     for attempt in range(40):
         try:
             bus = await connecting.ensure_bus(nc.jetstream(), settings)
-            try:
-                keys = await bus.ledger.keys()
-            except NoKeysError:
-                # A watch opened while a NATS node fails over can report no keys for a
-                # stream that holds some: believe it when the stream agrees, or when it
-                # says so for a few seconds (keys deleted leave markers in the stream).
-                info = await nc.jetstream().stream_info(f"KV_{settings.subjects.ledger_bucket}")
-                if info.state.messages == 0 or attempt >= 20:
-                    return {}
-                await asyncio.sleep(0.25)
-                continue
-            out = {}
-            for key in keys:
-                entry = await bus.ledger.get(key)
-                assert entry.value is not None
-                out[key] = LEDGER.decode(entry.value)
-            return out
-        except nats.errors.Error:
+            async with asyncio.timeout(10):
+                entries = await kvreads.latest(bus.ledger)
+            return {key: LEDGER.decode(e.value or b"") for key, e in entries.items()}
+        except (nats.errors.Error, TimeoutError):
             if attempt == 39:
                 raise
             await asyncio.sleep(0.25)

@@ -31,9 +31,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
-from nats.js.errors import NoKeysError
 
-from libshared import bounds, connecting, events, leases, permissions
+from libshared import bounds, connecting, events, kvreads, leases, permissions
 from libshared.connecting import BusSettings
 from libshared.devices import Device, NodeDevices
 from libshared.ledgers import NodeLedger, PodCharge, Slice
@@ -251,11 +250,7 @@ async def read_fleet(stack: Stack) -> tuple[list[NodeDevices], dict[str, NodeLed
     out: list[dict[str, bytes]] = []
     for kv in (bus.nodes, bus.ledger):
         values = {}
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            keys = []
-        for key in keys:
+        for key in await kvreads.keys(kv):
             entry = await kv.get(key)
             if key != BAD_NODE and entry.value:
                 values[key] = entry.value

@@ -119,7 +119,7 @@ async def test_an_orphan_claim_is_deleted_after_the_grace_and_its_marker_purged(
     assert await kept.delete_orphan_claims(now=0.0) == []
     assert await kept.delete_orphan_claims(now=59.0) == []
     assert await kept.delete_orphan_claims(now=60.0) == [pod_key("orphan")]
-    assert await kept.claims.keys() == [pod_key("held")]
+    assert await kvreads.keys(kept.claims) == [pod_key("held")]
     stream = f"KV_{bus_settings.subjects.pods_bucket}"
     js = nc.jetstream()
     assert (await js.stream_info(stream)).state.messages == 2  # the claim and a marker

@@ -11,7 +11,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
 
-from libshared import connecting, events
+from libshared import connecting, events, kvreads
 from libshared.connecting import BusSettings
 from services.nodeagent import settings as agent_settings
 from services.nodeagent.core.fleets import FleetSpec
@@ -83,7 +83,7 @@ async def test_a_node_agent_with_unregister_deletes_its_nodes_when_it_stops(
             await until(lambda: offered(r, "leave-1"), "the agent's nodes are not offered")
             await js.consumer_info(bus_settings.subjects.alloc_stream, "nodeagent-l")
         await until(lambda: not offered(r, "leave-0") and not offered(r, "leave-1"), "offered")
-        assert sorted(await opened.nodes.keys()) == ["stay-0"]
+        assert await kvreads.keys(opened.nodes) == ["stay-0"]
         assert offered(r, "stay-0")
         with pytest.raises(NotFoundError):
             await js.consumer_info(bus_settings.subjects.alloc_stream, "nodeagent-l")
