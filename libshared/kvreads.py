@@ -27,8 +27,9 @@ import contextlib
 
 import nats.errors
 from nats.aio.msg import Msg
-from nats.js import api
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
+
+from libshared import watching
 
 # Seconds nats-server keeps a read's consumer once the read stopped (its interest gone).
 IDLE_S = 5.0
@@ -47,7 +48,7 @@ async def latest(
     returns. Raises ``nats.errors.Error`` / ``TimeoutError`` when the bucket cannot be
     read (a caller bounds the wait with ``asyncio.timeout``)."""
     # nats.py keeps a bucket's stream, subject prefix and JetStream context private
-    js, stream, pre, name = kv._js, kv._stream, kv._pre, kv._name
+    js, pre, name = kv._js, kv._pre, kv._name
     out: dict[str, KeyValue.Entry] = {}
     done = asyncio.Event()
 
@@ -77,19 +78,10 @@ async def latest(
         if meta.num_pending == 0:
             done.set()
 
-    sub = await js.subscribe(
-        f"{pre}>",
-        stream=stream,
-        cb=on_entry,
-        ordered_consumer=True,
-        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-        headers_only=meta_only or None,
-        inactive_threshold=idle_s,
+    sub = await watching.subscribe_last(
+        js, name, on_entry, done, headers_only=meta_only or None, inactive_threshold=idle_s
     )
     try:
-        info = await sub.consumer_info()
-        if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
-            done.set()  # the server had nothing for this consumer: an empty bucket
         await done.wait()
     finally:
         with contextlib.suppress(nats.errors.Error):

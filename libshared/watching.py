@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -57,17 +58,32 @@ async def watch(
         if meta.num_pending == 0:
             ready.set()
 
+    return await subscribe_last(js, bucket, on_entry, ready, idle_heartbeat=HEARTBEAT_S)
+
+
+async def subscribe_last(
+    js: JetStreamContext,
+    bucket: str,
+    on_entry: Callable[[Msg], Awaitable[None]],
+    ready: asyncio.Event,
+    **options: Any,
+) -> Subscription:
+    """Subscribe ``on_entry`` to the last message of each key of ``bucket`` and then each
+    change, on an ordered consumer (``options``: more of ``js.subscribe``'s). ``on_entry``
+    sets ``ready`` on a message with nothing pending after it; this sets it at once when
+    the server says it had nothing for the consumer (nothing pending, nothing delivered:
+    an empty bucket, or one whose messages were all removed). Both are the server's
+    counts: the client's own (what nats.py's ``watchall`` trusts) may lag what the
+    server already pushed (``libshared.kvreads``). Raises what JetStream raises."""
     sub = await js.subscribe(
-        f"{pre}>",
-        stream=stream,
+        f"$KV.{bucket}.>",
+        stream=f"KV_{bucket}",
         cb=on_entry,
         ordered_consumer=True,
         deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-        idle_heartbeat=HEARTBEAT_S,
+        **options,
     )
     if not ready.is_set():
-        # the stream held messages but none is a key's last any more (they aged out or
-        # were removed since): the server says it had nothing for this consumer
         try:
             info = await sub.consumer_info()
         except BaseException:
