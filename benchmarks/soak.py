@@ -54,9 +54,9 @@ from vslice import stacks
 
 ROOT = Path(__file__).resolve().parents[1]
 GROWTH_FLAG = 1.10  # end / start above this is flagged
-# Consumers a stream may gain without a flag: nats.py's ``purge_deletes`` (each replica's
-# upkeep, once a minute per bucket) keeps its watcher's consumer 5 minutes, so up to
-# about 5 per replica and bucket come and go (``services.scheduler.adapters.upkeep``).
+# Consumers a stream may gain without a flag: each read of a whole bucket (the replicas'
+# upkeep, every few seconds) keeps its consumer ``libshared.kvreads.IDLE_S`` after it, so
+# a sample may catch a few of them (``services.scheduler.adapters.upkeep``).
 CONSUMER_SLACK = 12
 REQUEST_TIMEOUT_S = 10.0
 HOLD_AT_MOST = 4  # pods one client holds at a time

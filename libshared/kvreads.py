@@ -18,12 +18,19 @@ Why not nats.py's own (``KeyValue.keys``, ``watchall``):
 
 Server-placed TTL markers (nats-server 2.11+, header ``Nats-Marker-Reason``) are read as
 the purge or delete they stand for.
+
+``purge_markers`` replaces ``KeyValue.purge_deletes``, which reads the bucket with a
+``watchall`` it never stops: its subscription stays, and every later write of the bucket
+piles up in the client behind its full 256-entry queue. A replica purging two buckets once
+a minute so held every claim and lease written since (hundreds of MiB in a 15-minute
+churn soak, ``benchmarks/soak.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -93,3 +100,30 @@ async def keys(kv: KeyValue, *, idle_s: float = IDLE_S) -> list[str]:
     """The live keys of ``kv``, sorted (an empty bucket: ``[]``, never ``NoKeysError``).
     Raises as ``latest``."""
     return sorted(await latest(kv, meta_only=True, idle_s=idle_s))
+
+
+async def purge_markers(
+    kv: KeyValue, *, older_than_s: float, now: datetime.datetime | None = None
+) -> int:
+    """Remove from ``kv``'s stream every delete or purge marker older than
+    ``older_than_s`` seconds (all of them when it is 0 or less) together with its key's
+    earlier messages; returns how many keys it removed. A key written again after its
+    marker was read keeps that write: each purge stops at the marker's sequence. Leaves
+    no subscription behind. Raises ``nats.errors.Error`` / ``TimeoutError`` when the
+    bucket cannot be read or purged."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    markers = await latest(kv, meta_only=True, deletes=True)
+    removed = 0
+    for key, entry in sorted(markers.items()):
+        if entry.operation not in (KV_DEL, KV_PURGE) or entry.revision is None:
+            continue
+        created = entry.created
+        young = isinstance(created, datetime.datetime) and (
+            (now - created).total_seconds() < older_than_s
+        )
+        if older_than_s > 0 and young:
+            continue
+        # nats.py keeps a bucket's stream and subject prefix private
+        await kv._js.purge_stream(kv._stream, seq=entry.revision + 1, subject=f"{kv._pre}{key}")
+        removed += 1
+    return removed

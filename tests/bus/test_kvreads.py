@@ -5,6 +5,7 @@ client handled one, which made nats.py's ``watchall`` / ``keys`` end with nothin
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -122,3 +123,44 @@ async def test_hundreds_of_reads_in_a_row_each_return_the_whole_bucket(
     async with asyncio.timeout(120):
         reads = [await kvreads.keys(nodes, idle_s=1) for _ in range(600)]
     assert [r for r in reads if r != ["node-0", "node-1"]] == []
+
+
+async def test_purging_markers_removes_the_old_ones_and_leaves_no_subscription(
+    nc: Client, bus_settings: BusSettings
+) -> None:
+    js = nc.jetstream()
+    pods = (await connecting.ensure_bus(js, bus_settings)).pods
+    stream = f"KV_{bus_settings.subjects.pods_bucket}"
+    for key in ("gone-a", "gone-b", "kept"):
+        await pods.put(key, b"x")
+    await pods.delete("gone-a")
+    await pods.purge("gone-b")
+    subscriptions = len(nc._subs)
+    async with asyncio.timeout(20):
+        assert await kvreads.purge_markers(pods, older_than_s=60) == 0  # both too young
+        assert (await js.stream_info(stream)).state.messages == 3
+        later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=61)
+        assert await kvreads.purge_markers(pods, older_than_s=60, now=later) == 2
+        assert (await js.stream_info(stream)).state.messages == 1
+        assert await kvreads.keys(pods) == ["kept"]
+    # nats.py's purge_deletes left its watch subscribed, taking in every later write
+    assert len(nc._subs) == subscriptions
+
+
+async def test_a_key_written_again_after_its_marker_was_read_keeps_the_write(
+    nc: Client, bus_settings: BusSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pods = (await connecting.ensure_bus(nc.jetstream(), bus_settings)).pods
+    await pods.put("pod-a", b"claim")
+    await pods.delete("pod-a")
+    read = kvreads.latest
+
+    async def then_written(kv: Any, **kw: Any) -> dict[str, Any]:
+        out = await read(kv, **kw)
+        await pods.put("pod-a", b"claimed again")  # between the read and the purge
+        return out
+
+    monkeypatch.setattr(kvreads, "latest", then_written)
+    async with asyncio.timeout(20):
+        assert await kvreads.purge_markers(pods, older_than_s=0) == 1
+    assert (await pods.get("pod-a")).value == b"claimed again"

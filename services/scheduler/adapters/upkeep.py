@@ -208,4 +208,5 @@ class Upkeep:
     async def purge_markers(self) -> None:
         """Purge the delete markers older than ``marker_age_s`` from both buckets."""
         for kv in (self.claims, self.leases):
-            await kv.purge_deletes(olderthan=int(self.marker_age_s))
+            # not kv.purge_deletes(): its watch stays subscribed (libshared.kvreads)
+            await kvreads.purge_markers(kv, older_than_s=self.marker_age_s)
