@@ -40,9 +40,10 @@ from libshared import watching
 
 # Seconds nats-server keeps a read's consumer once the read stopped (its interest gone).
 IDLE_S = 5.0
-MARKER_HEADER = "Nats-Marker-Reason"
-# a server marker's reason -> the operation it stands for
+# a server marker's reason (header ``watching.MARKER_HEADER``) -> the operation it stands
+# for; a reason not listed here is not an entry
 MARKER_OPS = {"MaxAge": KV_PURGE, "Purge": KV_PURGE, "Remove": KV_DEL}
+UNKNOWN_MARKER = "unknown-marker"
 
 
 async def latest(
@@ -63,22 +64,20 @@ async def latest(
         meta = msg.metadata
         headers = msg.headers or {}
         op = headers.get(KV_OP)
-        skip = False
-        if op is None and MARKER_HEADER in headers:
-            op = MARKER_OPS.get(headers[MARKER_HEADER])
-            skip = op is None  # a reason this reader does not know: not an entry
+        if op is None and watching.MARKER_HEADER in headers:
+            op = MARKER_OPS.get(headers[watching.MARKER_HEADER], UNKNOWN_MARKER)
         key = msg.subject[len(pre) :]
-        if skip:
-            pass
-        elif op in (KV_DEL, KV_PURGE) and not deletes:
+        if op in (KV_DEL, KV_PURGE) and not deletes:
             out.pop(key, None)
-        else:
+        elif op != UNKNOWN_MARKER:
             out[key] = KeyValue.Entry(
                 bucket=name,
                 key=key,
                 value=msg.data,
                 revision=meta.sequence.stream,
                 delta=meta.num_pending,
+                # nats.py annotates ``created`` as int yet fills it with this datetime
+                # itself (``KeyValue.watch``); callers read it as a datetime
                 created=meta.timestamp,  # type: ignore[arg-type]
                 operation=op,
             )
