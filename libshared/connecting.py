@@ -38,7 +38,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from libshared import heartbeats, permissions, waiting
+from libshared import heartbeats, kvwrites, permissions, tasks, waiting
 from libshared.errors import VsliceError
 from libshared.subjects import DEFAULT_PREFIX, Subjects
 
@@ -63,8 +63,9 @@ ALLOC_MAX_BYTES = 32 << 20
 ALLOC_MAX_MSGS = 100_000
 # The state buckets (nodes, ledger, claims) keep one entry per key (history 1) and no age
 # or byte limit: a registration or ledger must not expire or be refused for space; what
-# grew without bound there were the claims' delete markers, which the scheduler replicas
-# purge (``services.scheduler.adapters.upkeep``).
+# grew without bound there were the claims' tombstones and delete markers, which now
+# carry a per-message TTL the server keeps (``libshared.kvwrites``); the scheduler
+# replicas sweep what has none (``services.scheduler.adapters.upkeep``).
 
 
 @dataclass(frozen=True)
@@ -312,9 +313,7 @@ class ServiceConnection:
 
     async def close(self) -> None:
         """Stop the heartbeats and drain the connection (``drain_quietly``)."""
-        self.beat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.beat
+        await tasks.stop(self.beat)
         await drain_quietly(self.nc)
 
 
@@ -410,6 +409,9 @@ async def ensure_bus(
     nodes = await _bucket(js, subjects.nodes_bucket, settings.replicas)
     ledger = await _bucket(js, subjects.ledger_bucket, settings.replicas)
     pods = await _bucket(js, subjects.pods_bucket, settings.replicas)
+    # a release's tombstone and a removed claim's marker expire on the server by their
+    # per-message TTL (libshared.kvwrites); a bucket made without it gets it
+    await kvwrites.allow_ttl(js, subjects.pods_bucket)
     try:
         info = await js.stream_info(subjects.alloc_stream)
     except NotFoundError:

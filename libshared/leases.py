@@ -24,7 +24,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
-from libshared import bounds
+from libshared import bounds, kvwrites
 from libshared.connecting import BusSettings
 
 DEFAULT_TTL_S = 15.0
@@ -68,10 +68,14 @@ async def open_leases(
 
     async def opened() -> KeyValue:
         try:
-            return await js.key_value(bucket)
+            kv = await js.key_value(bucket)
         except BucketNotFoundError:
             if not create:
                 raise
+        else:
+            if create:  # an ended lease's marker expires by its TTL (libshared.kvwrites)
+                await kvwrites.allow_ttl(js, bucket)
+            return kv
         # BadRequestError: created meanwhile by another, or with another config
         return await js.create_key_value(
             config=api.KeyValueConfig(

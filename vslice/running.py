@@ -43,7 +43,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from libshared import annotations as hami_annotations
-from libshared import bounds, connecting, events, quarantines, resources
+from libshared import bounds, connecting, events, kvwrites, quarantines, resources
 from libshared import leases as leasing
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
@@ -571,7 +571,7 @@ async def _run(
 
 async def _end_lease(leases: KeyValue, key: str) -> None:
     with contextlib.suppress(nats.errors.Error, TimeoutError):
-        await leases.delete(key)
+        await kvwrites.purge(leases, key)  # its marker expires (libshared.kvwrites)
 
 
 async def _child(command: list[str], env: dict[str, str]) -> int:

@@ -48,7 +48,7 @@ from nats.aio.client import Client
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from libshared import connecting, events, heartbeats, kvreads, quarantines
+from libshared import connecting, events, heartbeats, kvreads, kvwrites, quarantines
 from libshared import leases as leasing
 from libshared import permissions as perms
 from libshared.connecting import BusSettings
@@ -986,7 +986,7 @@ async def release(settings: BusSettings, pod_uid: str, *, timeout_s: float = 10.
             raise StackError(f"release of {pod_uid} failed: {answer}")
         with contextlib.suppress(nats.errors.Error, BucketNotFoundError, TimeoutError):
             leases = await leasing.open_leases(nc.jetstream(), settings, create=False, wait_s=1)
-            await leases.delete(pod_key(pod_uid))
+            await kvwrites.purge(leases, pod_key(pod_uid))  # its marker expires
         return answer
     except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
         raise StackError(f"release of {pod_uid}: no answer from the schedulers ({exc!r})") from exc

@@ -39,7 +39,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from libshared import bounds, events, watching
+from libshared import bounds, events, tasks, watching
 from libshared.subjects import Subjects
 from services.metrics.core.views import FleetView, RejectedValue
 
@@ -125,10 +125,7 @@ class Watcher:
     async def stop(self) -> None:
         """Stop polling and unsubscribe."""
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await tasks.stop(task)
         for sub in self._subs:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()

@@ -24,7 +24,7 @@ from nats.js.errors import BucketNotFoundError
 from prometheus_client import Counter
 
 from libshared import quotas as schema
-from libshared import watching
+from libshared import tasks, watching
 from libshared.subjects import Subjects
 from services.metrics.core import exporting
 from services.metrics.core import quotas as series
@@ -57,9 +57,7 @@ class QuotaFeed:
     async def stop(self) -> None:
         """Stop watching."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await tasks.stop(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -39,7 +39,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
-from libshared import bounds, events, permissions, quarantines
+from libshared import bounds, events, permissions, quarantines, tasks
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
@@ -241,11 +241,9 @@ class Agent:
                 await query.unsubscribe()
         self._queries.clear()
         if self._retry is not None:
-            self._retry.cancel()
-            await asyncio.gather(self._retry, return_exceptions=True)
+            await tasks.stop(self._retry)
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await tasks.stop(self._task)
         if self._sub is not None:
             # a fetch cancelled mid-request leaves the subscription waiting, which would
             # hold the connection's drain until its timeout

@@ -46,7 +46,7 @@ from nats.js.errors import (
     KeyWrongLastSequenceError,
 )
 
-from libshared import bounds, events, kvreads, quarantines, watching
+from libshared import bounds, events, kvreads, kvwrites, quarantines, watching
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
 from libshared.errors import TemporaryError
@@ -581,12 +581,18 @@ class Replica:
                 except (nats.errors.Error, TimeoutError) as exc:
                     raise TemporaryError(f"pods bucket unavailable: {exc}") from exc
                 return committing.Entry(value=entry.value or b"", revision=entry.revision or 0)
-            case committing.WriteClaim(key=key, value=value, last=last):
+            case committing.WriteClaim(key=key, value=value, last=last, ttl_s=ttl_s):
                 try:
                     if last is None:
-                        revision = await self.bus.pods.create(key, value)
+                        revision = await (
+                            self.bus.pods.create(key, value)
+                            if ttl_s is None
+                            else self.bus.pods.create(key, value, msg_ttl=ttl_s)
+                        )
                     else:
-                        revision = await self.bus.pods.update(key, value, last=last)
+                        revision = await kvwrites.update(
+                            self.bus.pods, key, value, last=last, ttl_s=ttl_s
+                        )
                 except KeyWrongLastSequenceError:
                     return committing.Outcome.LOST
                 except (nats.errors.Error, TimeoutError) as exc:
@@ -595,7 +601,8 @@ class Replica:
                 return committing.Wrote(revision=revision)
             case committing.DeleteClaim(key=key, last=last):
                 try:
-                    await self.bus.pods.delete(key, last=last)
+                    # a marker the server removes itself (libshared.kvwrites)
+                    await kvwrites.purge(self.bus.pods, key, last=last)
                 except KeyWrongLastSequenceError:
                     return committing.Outcome.LOST
                 except (nats.errors.Error, TimeoutError) as exc:

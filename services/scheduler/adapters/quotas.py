@@ -46,7 +46,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from libshared import kvreads, ledgers, watching
+from libshared import kvreads, ledgers, tasks, watching
 from libshared import quotas as schema
 from libshared.connecting import BusSettings
 from libshared.errors import VsliceError
@@ -118,9 +118,7 @@ class QuotaGate:
     async def close(self) -> None:
         """Stop following the keys (every reservation reads again)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await tasks.stop(self._task)
             self._task = None
         self.known = None
 
@@ -347,9 +345,7 @@ class QuotaUpkeep:
     async def stop(self) -> None:
         """Stop the background task."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await tasks.stop(self._task)
 
     async def _claimed(self, pod_uid: str) -> bool:
         try:
@@ -426,9 +422,7 @@ class QuotaWatch:
     async def stop(self) -> None:
         """Stop watching."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await tasks.stop(self._task)
 
     async def _relist(self) -> None:
         resp = await self._raw.list_resource_quota_for_all_namespaces(

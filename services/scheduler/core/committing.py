@@ -109,11 +109,14 @@ class Entry:
 @dataclass(frozen=True)
 class WriteClaim:
     """Write ``value`` at ``key``: create it (``last`` None) or compare-and-set it against
-    revision ``last``. Result: ``Wrote``, or an ``Outcome``."""
+    revision ``last``; with ``ttl_s``, the server removes the write that many seconds
+    later unless the key was written again (a tombstone, a refusal marker). Result:
+    ``Wrote``, or an ``Outcome``."""
 
     key: str
     value: bytes
     last: int | None = None
+    ttl_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -642,7 +645,7 @@ def _unclaim(key: str, claim: int | None, *, restore: bytes | None = None) -> St
     if claim is None:
         return None
     if restore is not None:
-        yield WriteClaim(key, restore, last=claim)
+        yield WriteClaim(key, restore, last=claim, ttl_s=protocol.REFUSAL_TTL_S)
     else:
         yield DeleteClaim(key, last=claim)
     return None
@@ -652,7 +655,7 @@ def _refuse(key: str, claim: int | None, reason: str) -> Steps:
     """Replace the claim held at revision ``claim`` by a refusal marker with ``reason``;
     a failure is left (taken over after ``claim_wait_s``, or deleted by the upkeep)."""
     if claim is not None:
-        yield WriteClaim(key, protocol.refusal(reason), last=claim)
+        yield WriteClaim(key, protocol.refusal(reason), last=claim, ttl_s=protocol.REFUSAL_TTL_S)
     return None
 
 
@@ -746,7 +749,12 @@ def _tombstone(face: Face, rules: Rules, pod_uid: str, key: str) -> Steps:
         if step is protocol.Releasing.WAIT:
             yield WaitView(rules.claim_poll_s)
             continue
-        wrote = yield WriteClaim(key, protocol.TOMBSTONE, last=None if entry is None else rev)
+        wrote = yield WriteClaim(
+            key,
+            protocol.TOMBSTONE,
+            last=None if entry is None else rev,
+            ttl_s=protocol.TOMBSTONE_TTL_S,
+        )
         if wrote is Outcome.LOST:
             continue
         if wrote is Outcome.UNKNOWN:

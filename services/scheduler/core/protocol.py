@@ -16,15 +16,17 @@ The value of a pod's key is one of three (``Claim``):
   schedule request for the UID that arrives late (delayed behind a paused replica, or
   re-sent by a client that gave up) finds it and is refused instead of bringing the pod
   back; a holder that commits after it loses its confirmation and takes its slices back.
-  It is kept ``TOMBSTONE_TTL_S`` (the upkeep deletes it once unchanged that long), far
+  It is kept ``TOMBSTONE_TTL_S`` (written with that per-message TTL: nats-server removes
+  it then, unless the key was written again), far
   longer than any request may wait (``MAX_DEADLINE_S``), so a request that could still
   commit always finds it. A UID is therefore not scheduled again within that time:
   Kubernetes never re-uses a UID, and ``vslice run`` draws a fresh one for every run.
 - ``REFUSED``: the reason of the last ``Unschedulable`` answer. A request with the
   client's deadline header takes it over and decides afresh; one without it (its client's
-  earlier copy may be this one, late) is answered the same reason again, until the upkeep
-  deletes the marker after ``REFUSAL_TTL_S``. So a pod once answered Unschedulable is not
-  placed by a late copy of the request its client already has an answer for.
+  earlier copy may be this one, late) is answered the same reason again, until the server
+  removes the marker after ``REFUSAL_TTL_S`` (its per-message TTL). So a pod once
+  answered Unschedulable is not placed by a late copy of the request its client already
+  has an answer for.
 
 Deadlines: a request carries its client's deadline (``libshared.subjects.DEADLINE_HEADER``)
 or is given one at the door (``door_deadline``); a replica checks it before claiming and
@@ -32,7 +34,7 @@ again immediately before the ledger compare-and-set (``may_commit``), so a reque
 reply will never be read commits nothing.
 
 What it leaves to others: reading and writing the buckets, views and waiting
-(``services.scheduler.adapters.bus``), deleting old tombstones and markers
+(``services.scheduler.adapters.bus``), deleting orphan claims
 (``services.scheduler.core.upkeeping``).
 """
 

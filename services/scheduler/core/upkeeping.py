@@ -8,8 +8,10 @@ server whose clock is off neither keeps a dead lease alive nor ends a live one.
 - A lease (``libshared.leases``) not renewed for its TTL: its ``vslice run`` client is
   gone, and its pod is released (``expired_leases``).
 - A claim in ``<prefix>-pods`` with no ledger entry behind it for ``grace_s``: a replica
-  died between claim and ledger commit, or a refusal marker outlived its window
-  (``protocol.REFUSAL_TTL_S``); the claim is deleted (``orphan_claims``). The grace is far
+  died between claim and ledger commit, or a refusal marker written without a TTL
+  outlived its window (``protocol.REFUSAL_TTL_S``); the claim is deleted
+  (``orphan_claims``). Claims written with a per-message TTL are nats-server's to remove
+  (``unchanged_for`` says when a replica may forget them). The grace is far
   longer than a claim lives before its commit (``claim_wait_s``), so a claim in flight is
   never taken for an orphan. A release's tombstone is kept ``tombstone_ttl_s`` instead
   (``protocol.TOMBSTONE_TTL_S``), and a pod found in a ledger behind a tombstone (a
@@ -50,10 +52,17 @@ class Revisions:
         return now - known[1] if known else 0.0
 
 
+def unchanged_for(ttls_s: Mapping[str, float], revisions: Revisions, *, now: float) -> list[str]:
+    """The keys of ``ttls_s`` (key -> TTL seconds) unchanged for at least their TTL,
+    sorted: an ended lease; a claim written with a per-message TTL, which nats-server
+    has removed by then (the replica first saw it after it was written)."""
+    return sorted(k for k, ttl in ttls_s.items() if revisions.unchanged_s(k, now=now) >= ttl)
+
+
 def expired_leases(ttls_s: Mapping[str, float], revisions: Revisions, *, now: float) -> list[str]:
     """The lease keys (of ``ttls_s``: key -> TTL seconds) unchanged for at least their
     TTL, sorted."""
-    return sorted(k for k, ttl in ttls_s.items() if revisions.unchanged_s(k, now=now) >= ttl)
+    return unchanged_for(ttls_s, revisions, now=now)
 
 
 def orphan_claims(

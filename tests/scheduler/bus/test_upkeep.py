@@ -144,6 +144,95 @@ async def test_a_released_pod_leaves_no_claim_once_its_tombstone_expired_and_was
     assert (await js.stream_info(stream)).state.messages == 0
 
 
+async def followed(kept: upkeep.Upkeep) -> upkeep.ClaimsView:
+    """Start the upkeep's claims view (as ``Upkeep.start`` does) and wait until it
+    follows the bucket."""
+    view = upkeep.ClaimsView(kept.claims)
+    kept._view = view
+    view.start()
+    async with asyncio.timeout(20):
+        while view.entries is None:
+            await asyncio.sleep(0.01)
+    return view
+
+
+async def test_tombstones_carry_their_ttl_and_the_view_leaves_them_to_the_server(
+    kept: upkeep.Upkeep, nc: Client, bus_settings: BusSettings
+) -> None:
+    """Under churn the replicas no longer delete each tombstone nor read the bucket whole:
+    the server removes a tombstone by its TTL, and the view forgets it then."""
+    js = nc.jetstream()
+    stream = f"KV_{bus_settings.subjects.pods_bucket}"
+    view = await followed(kept)
+    try:
+        for n in range(5):
+            await placed(nc, bus_settings, f"churn-{n}")
+            assert isinstance(await helpers.release(nc, bus_settings, f"churn-{n}"), events.Ack)
+        raw = await js.get_last_msg(stream, f"$KV.{bus_settings.subjects.pods_bucket}.churn-0")
+        assert raw.headers is not None
+        assert float(raw.headers[api.Header.MSG_TTL.value]) == protocol.TOMBSTONE_TTL_S
+        async with asyncio.timeout(20):
+            while len(view.entries or {}) < 5 or not all(
+                c.tombstone for c in (view.entries or {}).values()
+            ):
+                await asyncio.sleep(0.01)
+        assert all(c.ttl_s == protocol.TOMBSTONE_TTL_S for c in view.entries.values())
+        t0 = max(c.since for c in view.entries.values())
+        assert await kept.delete_orphan_claims(now=t0 + kept.tombstone_ttl_s - 1) == []
+        assert len(view.entries) == 5
+        assert await kept.delete_orphan_claims(now=t0 + kept.tombstone_ttl_s) == []
+        assert view.entries == {}  # forgotten, not deleted: the server removes them
+        assert (await js.stream_info(stream)).state.messages == 5
+    finally:
+        await view.stop()
+
+
+async def test_the_view_follows_writes_and_removals_and_deletes_an_orphan_claim(
+    kept: upkeep.Upkeep, nc: Client, bus_settings: BusSettings
+) -> None:
+    view = await followed(kept)
+    try:
+        await placed(nc, bus_settings, "held")
+        await kept.claims.put(pod_key("orphan"), b"node-0")
+        async with asyncio.timeout(20):
+            while set(view.entries or {}) != {pod_key("held"), pod_key("orphan")}:
+                await asyncio.sleep(0.01)
+        assert view.entries[pod_key("orphan")].ttl_s is None
+        t0 = view.entries[pod_key("orphan")].since
+        assert await kept.delete_orphan_claims(now=t0 + 59.0) == []
+        assert await kept.delete_orphan_claims(now=t0 + 60.0) == [pod_key("orphan")]
+        async with asyncio.timeout(20):
+            while set(view.entries or {}) != {pod_key("held")}:
+                await asyncio.sleep(0.01)
+        stream = f"KV_{bus_settings.subjects.pods_bucket}"
+        marker = await nc.jetstream().get_last_msg(
+            stream, f"$KV.{bus_settings.subjects.pods_bucket}.{pod_key('orphan')}"
+        )
+        assert marker.headers is not None and marker.headers["KV-Operation"] == "PURGE"
+        assert float(marker.headers[api.Header.MSG_TTL.value]) > 0  # the server removes it
+    finally:
+        await view.stop()
+
+
+async def test_a_running_upkeep_removes_an_orphan_claim_through_its_view(
+    kept: upkeep.Upkeep, nc: Client, bus_settings: BusSettings
+) -> None:
+    kept.period_s = kept.claims_every_s = 0.05
+    kept.orphan_grace_s = 0.5
+    await placed(nc, bus_settings, "held")
+    await kept.claims.put(pod_key("orphan"), b"node-0")
+    kept.start()
+    try:
+        async with asyncio.timeout(30):
+            while await kvreads.keys(kept.claims) != [pod_key("held")]:
+                await asyncio.sleep(0.05)
+        assert kept.orphans_deleted == 1 and kept._view is not None
+        assert kept._view.entries is not None  # it followed the bucket
+    finally:
+        await kept.stop()
+    assert kept._view is None
+
+
 async def consumers(kept: upkeep.Upkeep, bucket: str) -> int:
     return (await kept.replica.js.stream_info(f"KV_{bucket}")).state.consumer_count
 
