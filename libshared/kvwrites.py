@@ -38,14 +38,7 @@ async def purge(
     headers = {KV_OP: KV_PURGE, api.Header.ROLLUP.value: "sub"}
     if last is not None:
         headers[api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(last)
-    # nats.py keeps a bucket's JetStream context and subject prefix private
-    try:
-        ack = await kv._js.publish(f"{kv._pre}{key}", b"", headers=headers, msg_ttl=max(1.0, ttl_s))
-    except nats.js.errors.APIError as exc:
-        if exc.err_code in WRONG_LAST:
-            raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
-        raise
-    return ack.seq
+    return await _publish(kv, key, b"", headers, ttl_s)
 
 
 async def update(
@@ -56,6 +49,13 @@ async def update(
     again; ``KeyValue.update`` with the TTL it lacks. Returns the new revision. Raises as
     ``purge``."""
     headers = {api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(last)}
+    return await _publish(kv, key, value, headers, ttl_s)
+
+
+async def _publish(
+    kv: KeyValue, key: str, value: bytes, headers: dict[str, str], ttl_s: float | None
+) -> int:
+    # nats.py keeps a bucket's JetStream context and subject prefix private
     ttl = None if ttl_s is None else max(1.0, ttl_s)
     try:
         ack = await kv._js.publish(f"{kv._pre}{key}", value, headers=headers, msg_ttl=ttl)

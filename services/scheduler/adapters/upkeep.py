@@ -55,7 +55,7 @@ async def snapshot(kv: KeyValue, *, headers_only: bool = False) -> dict[str, Key
     return await kvreads.latest(kv, meta_only=headers_only)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per claim key: tens of thousands under churn
 class Claimed:
     """One claim as a replica knows it: its ``revision``, when this replica first saw
     that revision (``since``, monotonic seconds), whether it is a release's
