@@ -19,6 +19,13 @@ async def _stream_msgs(nc: Client, bucket: str) -> int:
     return (await nc.jetstream().stream_info(f"KV_{bucket}")).state.messages
 
 
+async def _until_left(nc: Client, bucket: str, left: int) -> None:
+    """Wait until the server's TTL expiry (about once a second) leaves ``left`` messages."""
+    async with asyncio.timeout(30):
+        while await _stream_msgs(nc, bucket) != left:
+            await asyncio.sleep(0.1)
+
+
 async def test_a_purge_removes_every_revision_and_the_server_removes_its_marker(
     nc: Client, bus_settings: BusSettings
 ) -> None:
@@ -33,9 +40,7 @@ async def test_a_purge_removes_every_revision_and_the_server_removes_its_marker(
     assert got["a"].operation == "PURGE" and got["b"].value == b"kept"
     raw = await nc.jetstream().get_last_msg(pods._stream, f"{pods._pre}a")
     assert raw.headers is not None and raw.headers.get(api.Header.MSG_TTL.value) == "1"
-    async with asyncio.timeout(30):  # the server's expiry runs about once a second
-        while await _stream_msgs(nc, bus_settings.subjects.pods_bucket) != 1:
-            await asyncio.sleep(0.1)
+    await _until_left(nc, bus_settings.subjects.pods_bucket, 1)
     left = await kvreads.latest(pods, deletes=True)
     assert {k: e.value for k, e in left.items()} == {"b": b"kept"}
 
@@ -74,9 +79,7 @@ async def test_a_bucket_made_without_message_ttls_is_given_them(
     assert (await js.stream_info(f"KV_{bucket}")).config.allow_msg_ttl
     await kvwrites.allow_ttl(js, bucket)  # already on: nothing to do
     await kvwrites.purge(kv, "a", ttl_s=1)
-    async with asyncio.timeout(30):
-        while await _stream_msgs(nc, bucket):
-            await asyncio.sleep(0.1)
+    await _until_left(nc, bucket, 0)
 
 
 async def test_an_update_with_a_ttl_is_removed_by_the_server_and_one_that_lost_writes_nothing(
@@ -89,7 +92,5 @@ async def test_an_update_with_a_ttl_is_removed_by_the_server_and_one_that_lost_w
     assert (await pods.get("a")).value == b"claim"
     await kvwrites.update(pods, "a", b"tombstone", last=rev, ttl_s=1)
     assert (await pods.get("a")).value == b"tombstone"
-    async with asyncio.timeout(30):
-        while await _stream_msgs(nc, bus_settings.subjects.pods_bucket):
-            await asyncio.sleep(0.1)
+    await _until_left(nc, bus_settings.subjects.pods_bucket, 0)
     assert await kvreads.keys(pods) == []
