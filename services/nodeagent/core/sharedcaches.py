@@ -54,8 +54,8 @@ FILE_BYTES: Final = SLOTS_OFFSET + MAX_SLOTS * SLOT_BYTES
 # sm_policy, creator_pid, reserved, created_ns, 16 reserved bytes
 _HEADER: Final = struct.Struct("<8Iiiq16x")
 # limit_bytes, reserved (version 1: used_bytes), sm_limit_percent, reserved, then the compute
-# limiter's state (private to libvgpu, 72 bytes read as 5q, 2Q, 2d), observed_ns, 24 reserved
-# bytes (16 of them the limiter's)
+# limiter's state (private to libvgpu, 72 bytes read as 5q, 2Q, 2d), observed_ns, 24 bytes
+# more of the limiter's state
 _DEVICE: Final = struct.Struct("<QQII5qQQddq24x")
 # used_bytes, tag of the last change
 _ACCOUNT: Final = struct.Struct("<QQ")

@@ -23,10 +23,13 @@
  *    above its share, and no launch waits more than 2 x WINDOW_NS (a single
  *    kernel longer than P% of that makes its successor wait its length
  *    x (100 - P) / P, as it must).  Launches waiting for tokens go one after
- *    another, each paying its kernel before the next: with n waiting the debt
- *    kept is the cap less n - 1 of the longest kernels (sm_waiting counts them),
- *    so the last of them too waits no more than about 2 x WINDOW_NS (with 4
- *    processes switching to 50 ms kernels at 10 %, 3.45 s before).  A launch is
+ *    another in the order they began to wait (tickets: a process could lose
+ *    turn after turn to whoever looked first), each paying its kernel before
+ *    the next: with n waiting the debt kept is what lets the newest of them
+ *    wait AIM_NS (1.75 s) in all, less n - 1 of the longest kernels
+ *    (sm_waiting counts them), so the last of them too waits no more than
+ *    2 x WINDOW_NS (with 4 processes switching to 50 ms kernels at 10 %, 3.45 s
+ *    before; to 25 ms kernels now, 1.68 s at most in 60 runs).  A launch is
  *    admitted while the bucket is positive and is charged its learned cost.
  *
  * 2. The cost per launch is learned per kind of launch (function, grid, block
@@ -42,6 +45,13 @@
  *    the host over 50 us is unclear and skipped).  The estimate follows the
  *    median of the last three samples (an exponential average over about
  *    four), so the odd lengthened sample does not move it; a jump is point 4.
+ *    A kind's first sample is provisional: a first launch is often slow, and n
+ *    processes switching kernels at once queue theirs back to back, so that a
+ *    first sample may hold several; the next sample replaces it, and the
+ *    launches charged it are settled.  A sample is crowded when another launch
+ *    of the container was admitted while it was being submitted: it is an
+ *    upper bound, which may lower an estimate, not raise it (unless eight in a
+ *    row are), nor raise the longest kernel (below).
  *    One cost for all of a process's launches was wrong for any real loop: on
  *    an H200, a 4096^2 matmul (2.7 ms) with a norm and a division (tens of us)
  *    got 19 % busy for a 30 % limit, in 2 s windows from 5 to 33 %, as the one
@@ -119,6 +129,7 @@
 #include "hooks.h"
 
 #define WINDOW_NS 1000000000LL   /* debt cap: P% of 2 x this; the bound on waits */
+#define AIM_NS (7 * WINDOW_NS / 4) /* launches waiting together: the newest waits about this */
 #define CREDIT_NS 100000000LL    /* credit cap: P% of this */
 #define QUEUE_NS 10000000LL      /* unconfirmed work in doubt may be P% of this... */
 #define SWITCH_NS 50000000LL     /* ...in at most P% of 2 x WINDOW_NS / this launches */
@@ -171,6 +182,9 @@ struct probe {
     int armed;           /* b recorded: may be polled */
     int cancelled;       /* the launch failed: drop it */
     int idle;            /* the device had passed a before the launch */
+    int crowded;         /* another launch of the container was admitted between a and
+                            this one's submission: the sample may hold its kernel too */
+    uint64_t launches;   /* the container's launches (sm_launches) with this one */
     uint64_t kind;       /* the kind launched, and its slot in struct local's kinds */
     unsigned slot;
     uint64_t kind_seq;   /* launches of that kind admitted before this one */
@@ -189,6 +203,9 @@ struct kind {
     uint64_t guessed;     /* launches of it charged before its cost was known... */
     int64_t guessed_ns;   /* ...and what they were charged */
     unsigned idle_run;    /* idle-stream samples since its last busy-stream one */
+    unsigned crowd_run;   /* crowded samples in a row */
+    int provisional;      /* its cost is from crowded samples only... */
+    uint64_t provisional_n; /* ...and the launches charged it */
 };
 
 /* This process's view of one device (under g_lock). */
@@ -264,16 +281,25 @@ static int64_t g_active = 1; /* processes of the container that launched lately 
 
 /* The debt the bucket may carry now.  Launches waiting for tokens are served one
  * after another, each paying its kernel before the next may go: with n of them
- * waiting, the last would wait the debt plus n - 1 kernels.  So the debt kept is
- * the cap less n - 1 of the longest kernels lately (at least one kernel): no launch
- * waits much more than 2 x WINDOW_NS whatever the number of processes.  n is
- * bounded by the processes launching lately, as a killed waiter leaves the count
- * high. */
-static int64_t debt_now(struct vgpu_cache_device *dev, int64_t percent) {
+ * waiting, the last would wait the debt plus n - 1 kernels, on top of what it has
+ * waited already (n processes switching to long kernels at once wait while their
+ * first ones run back to back, before any is charged).  So the debt kept is what
+ * lets the newest of them wait AIM_NS in all: P% of that, less n - 1 of the
+ * longest kernels lately and P% of the time it has waited (at least one kernel,
+ * at most the cap).  AIM_NS is below 2 x WINDOW_NS so that a host's scheduling
+ * delays stay within it: no launch waits more than 2 x WINDOW_NS whatever the
+ * number of processes, unless n kernels take longer than that at P% (4 x 50 ms
+ * at 10 % is 2 s a turn).  n is bounded by the processes launching lately, as a
+ * killed waiter leaves the count high. */
+static int64_t debt_now(struct vgpu_cache_device *dev, int64_t percent, int64_t now) {
     int64_t cap = debt_cap(dev, percent), cost = LOAD(&dev->sm_max_cost_ns);
     int64_t waiting = (int64_t)LOAD(&dev->sm_waiting);
     if (waiting > g_active) waiting = g_active;
-    int64_t debt = waiting > 1 ? cap - (waiting - 1) * cost : cap;
+    if (waiting <= 1) return cap;
+    int64_t waited = now - LOAD(&dev->sm_newest_wait_ns);
+    if (waited < 0 || waited > AIM_NS) waited = waited < 0 ? 0 : AIM_NS;
+    int64_t debt = (AIM_NS - waited) / 100 * percent - (waiting - 1) * cost;
+    if (debt > cap) debt = cap;
     return debt > cost ? debt : cost;
 }
 
@@ -287,7 +313,7 @@ static void refill(struct vgpu_cache_device *dev, int64_t percent, int64_t now) 
         return;
     if (last == 0) return; /* a new bucket starts empty: no burst at start */
     int64_t dt = now - last > WINDOW_NS ? WINDOW_NS : now - last;
-    int64_t credit = CREDIT_NS / 100 * percent, debt = debt_now(dev, percent);
+    int64_t credit = CREDIT_NS / 100 * percent, debt = debt_now(dev, percent, now);
     int64_t old = LOAD(&dev->sm_tokens_ns), next;
     do {
         next = old + dt / 100 * percent;
@@ -420,6 +446,14 @@ static void learn(struct vgpu_cache_device *dev, struct local *l, const struct p
         else if (k->idle_run < 8) k->idle_run++;
         int64_t took = p->idle && k->idle_run < 8 && k->cost_ns > 0 && sample > k->cost_ns
                            ? k->cost_ns : sample;
+        /* a crowded sample is this kernel and maybe others: an upper bound, which
+         * says nothing new when above the estimate (a jump still shows; a run of
+         * them is taken anyway) */
+        if (!p->crowded) k->crowd_run = 0;
+        else if (k->crowd_run < 8) k->crowd_run++;
+        int crowded = p->crowded && k->crowd_run < 8;
+        if (crowded && k->cost_ns > 0 && took > k->cost_ns && took <= 4 * k->cost_ns)
+            took = k->cost_ns;
         if (k->cost_ns == 0) {
             /* its first sample: its launches so far were charged a guess (the
              * process's average, or nothing for the process's first launch) */
@@ -427,6 +461,23 @@ static void learn(struct vgpu_cache_device *dev, struct local *l, const struct p
             k->recent[0] = k->recent[1] = k->recent[2] = took;
             k->recent_at = 3;
             correct(dev, took * (int64_t)k->guessed - k->guessed_ns, now);
+            k->provisional = 1;
+            k->provisional_n = k->guessed;
+        } else if (k->provisional) {
+            /* known from its first sample only, which may hold more than the
+             * kernel: a first launch is often slow (module load, cold caches),
+             * and n processes switching kernels at once queue theirs back to
+             * back, so that a first sample holds up to n of them, told or not
+             * (another process's launch admitted just before this one may be
+             * submitted after its first event).  The next sample replaces the
+             * estimate (a crowded one may only lower it), and what the
+             * launches since were charged is settled */
+            int64_t next = crowded && took > k->cost_ns ? k->cost_ns : took;
+            correct(dev, (next - k->cost_ns) * (int64_t)k->provisional_n, now);
+            k->cost_ns = next;
+            k->recent[0] = k->recent[1] = k->recent[2] = next;
+            k->provisional = crowded;
+            k->provisional_n = 0;
         } else if (took > 4 * k->cost_ns) {
             /* one long sample may be the host or another context in the way: a
              * second in a row is a new kind of work.  The launches of this kind
@@ -461,8 +512,11 @@ static void learn(struct vgpu_cache_device *dev, struct local *l, const struct p
     l->timed = 1;
     STORE(&dev->sm_cost_ns, l->cost_ns);
     /* the debt cap follows the longest kernel lately: it decays by a quarter a
-     * sample, so one 1 s kernel does not keep the cap at 1 s for ever */
+     * sample, so one 1 s kernel does not keep the cap at 1 s for ever; a crowded
+     * sample does not raise it (kept high, it would forgive the debt of n
+     * processes waiting that this limit must keep, below) */
     int64_t top = LOAD(&dev->sm_max_cost_ns);
+    if (sample > top && p->crowded && (k->hash != p->kind || k->crowd_run < 8)) sample = top;
     STORE(&dev->sm_max_cost_ns, sample > top ? sample : top - (top - sample) / 4);
     ADD(&dev->sm_samples, 1);
 }
@@ -537,6 +591,7 @@ static struct probe *arm(struct local *l, CUstream stream, int64_t charged, int6
     p->expected_ns = expected;
     p->armed = 0;
     p->cancelled = 0;
+    p->crowded = 0;
     l->last_probe = l->issued;
     l->count++;
     return p;
@@ -574,6 +629,54 @@ static int first_kernel(struct vgpu_cache_device *dev, struct local *l, int64_t 
     return 1;
 }
 
+/* ---- the queue of launches waiting for tokens (shared) ---------------------------------
+ *
+ * First come, first served among the container's launches waiting for tokens:
+ * whoever polled first when the bucket turned positive would otherwise win, and
+ * a process could lose turn after turn of long kernels.  A waiting launch takes
+ * a ticket (sm_ticket_next) and goes when its ticket is served
+ * (sm_ticket_serving) and the bucket is positive; going, it serves the next.
+ * The head of the queue says it is alive (sm_serving_seen_ns) each time it
+ * looks while it waits for tokens; one silent for STALE_WAITER_NS (gone, kept
+ * off a core, or waiting for something else: its own kernels to complete, or
+ * another process to time the container's first kernel) is passed over by
+ * whoever waits behind it, and when it comes back it goes as soon as the
+ * bucket allows (it is older than every other waiter).  A launch that finds others waiting takes a ticket
+ * even when the bucket is positive.  Tickets are compared by difference, so
+ * they may wrap. */
+
+/* Takes this launch's ticket; the head of an empty queue says it is alive at once,
+ * so that nobody behind it takes it for stale. */
+static uint32_t take_ticket(struct vgpu_cache_device *dev, int64_t now) {
+    uint32_t ticket = ADD(&dev->sm_ticket_next, 1);
+    STORE(&dev->sm_newest_wait_ns, now);
+    if (ticket == LOAD(&dev->sm_ticket_serving)) STORE(&dev->sm_serving_seen_ns, now);
+    return ticket;
+}
+
+/* Whether a launch must wait for others before it (holding a ticket, or not
+ * yet), once the bucket is positive.  A head silent too long is passed over. */
+static int in_line(struct vgpu_cache_device *dev, int holding, uint32_t ticket, int64_t now) {
+    uint32_t serving = LOAD(&dev->sm_ticket_serving);
+    int32_t ahead = holding ? (int32_t)(ticket - serving)
+                            : (int32_t)(LOAD(&dev->sm_ticket_next) - serving);
+    /* nobody waits, this launch is the head, or it was passed over */
+    if (ahead <= 0) return 0;
+    if (now - LOAD(&dev->sm_serving_seen_ns) >= STALE_WAITER_NS &&
+        __atomic_compare_exchange_n(&dev->sm_ticket_serving, &serving, serving + 1, 0,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        STORE(&dev->sm_serving_seen_ns, now); /* the next head has as long to show up */
+    return 1;
+}
+
+/* A waiting launch goes: the next ticket is served (unless this one was passed over). */
+static void served(struct vgpu_cache_device *dev, uint32_t ticket, int64_t now) {
+    uint32_t mine = ticket;
+    if (__atomic_compare_exchange_n(&dev->sm_ticket_serving, &mine, ticket + 1, 0,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        STORE(&dev->sm_serving_seen_ns, now);
+}
+
 static void gate(struct ticket *t, CUstream stream, uint64_t kind) {
     t->probe = NULL;
     t->outer = 0;
@@ -592,30 +695,24 @@ static void gate(struct ticket *t, CUstream stream, uint64_t kind) {
     pthread_mutex_lock(&g_lock);
     if (g_event_create == NULL && l->cost_ns == 0) l->cost_ns = UNTIMED_COST_NS;
     int64_t now, waiting = 0; /* when this launch began to wait for tokens */
+    uint32_t ticket = 0;      /* its place in the container's queue of waiting launches */
     for (;;) {
         now = vgpu_now_ns();
         refill(dev, percent, now);
         count_active(now);
         if (g_event_create != NULL) reap(dev, l, now, 0);
         int64_t tokens = LOAD(&dev->sm_tokens_ns);
-        /* first come, first served among the container's waiting launches:
-         * whoever polls first when the bucket turns positive would otherwise
-         * win, and a process could lose round after round of long kernels */
-        int64_t oldest_waiter = LOAD(&dev->sm_waiter_ns);
-        int fresh = now - LOAD(&dev->sm_waiter_seen_ns) < STALE_WAITER_NS;
-        int behind = oldest_waiter != 0 && fresh && (waiting == 0 || oldest_waiter < waiting);
         struct probe *p = oldest(l);
         int64_t wait = 0;
         if (l->cost_ns == 0 && !first_kernel(dev, l, now)) {
             wait = 1000000; /* another process is timing the container's first kernel */
-        } else if (tokens <= 0 || behind) {
+        } else if (tokens <= 0 || in_line(dev, waiting != 0, ticket, now)) {
             if (waiting == 0) {
                 waiting = now;
+                ticket = take_ticket(dev, now);
                 __atomic_fetch_add(&dev->sm_waiting, 1, __ATOMIC_ACQ_REL);
-            }
-            if (oldest_waiter == 0 || !fresh || oldest_waiter >= waiting) {
-                STORE(&dev->sm_waiter_ns, waiting);
-                STORE(&dev->sm_waiter_seen_ns, now);
+            } else if (ticket == LOAD(&dev->sm_ticket_serving)) {
+                STORE(&dev->sm_serving_seen_ns, now); /* the head, alive */
             }
             wait = tokens <= 0 ? -tokens * 100 / percent + 1 : YIELD_NS;
         } else if (p != NULL && (unconfirmed(l) >= inflight_launches(l, percent) ||
@@ -637,8 +734,7 @@ static void gate(struct ticket *t, CUstream stream, uint64_t kind) {
     }
     if (waiting != 0) {
         __atomic_fetch_sub(&dev->sm_waiting, 1, __ATOMIC_ACQ_REL);
-        __atomic_compare_exchange_n(&dev->sm_waiter_ns, &waiting, 0, 0, __ATOMIC_ACQ_REL,
-                                    __ATOMIC_ACQUIRE);
+        served(dev, ticket, now);
     }
     /* a launch is charged its kind's cost; a kind not yet timed, the process's
      * average (corrected once it is timed) */
@@ -655,8 +751,9 @@ static void gate(struct ticket *t, CUstream stream, uint64_t kind) {
         l->cost_ns += (cost - l->cost_ns) / 16;
         if (l->cost_ns < 1) l->cost_ns = 1;
     }
+    if (k->cost_ns > 0 && k->provisional) k->provisional_n++;
     charge(dev, cost);
-    ADD(&dev->sm_launches, 1);
+    uint64_t launches = ADD(&dev->sm_launches, 1) + 1;
     int64_t end = LOAD(&dev->sm_queue_end_ns);
     end = (end > now ? end : now) + cost;
     STORE(&dev->sm_queue_end_ns, end);
@@ -672,6 +769,7 @@ static void gate(struct ticket *t, CUstream stream, uint64_t kind) {
         t->probe->kind = kind;
         t->probe->slot = kind % KINDS;
         t->probe->kind_seq = kind_seq;
+        t->probe->launches = launches;
     }
     if (t->probe == NULL && l->count == 0) l->confirmed = l->issued; /* cannot confirm: trust */
     if (t->probe == NULL && l->cost_ns == 0) l->cost_ns = UNTIMED_COST_NS;
@@ -693,6 +791,7 @@ static void settle(struct ticket *t, CUresult r) {
     pthread_mutex_lock(&g_lock);
     if (r == CUDA_SUCCESS && g_event_record(p->b, t->stream) == CUDA_SUCCESS) {
         p->armed = 1;
+        p->crowded = LOAD(&vgpu_cache->devices[t->dev].sm_launches) != p->launches;
     } else {
         p->cancelled = 1;
         if (r != CUDA_SUCCESS) charge(&vgpu_cache->devices[t->dev], -p->charged_ns);

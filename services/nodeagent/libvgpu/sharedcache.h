@@ -64,14 +64,15 @@ struct vgpu_cache_device {
     int64_t sm_cost_ns;       /* the last per-launch cost a process learned, ns */
     uint64_t sm_launches;     /* launches through the limiter, all processes */
     uint64_t sm_samples;      /* kernels timed with events, all processes */
-    int64_t sm_waiter_ns;     /* when the oldest launch waiting for tokens began to wait (0: none) */
-    int64_t sm_waiter_seen_ns;/* when that launch last looked (a dead waiter goes stale) */
+    uint32_t sm_ticket_next;  /* launches waiting for tokens take tickets in turn... */
+    uint32_t sm_ticket_serving; /* ...and go in that order: the ticket at the head now */
+    int64_t sm_serving_seen_ns; /* when the head's launch last looked (a dead one goes stale) */
     int64_t sm_observed_ns;   /* device time charged to the container, from timed kernels, ns */
     int32_t sm_first_pid;     /* the process timing the container's first kernel */
     uint32_t sm_waiting;      /* launches waiting for tokens now, all processes (a killed
                                  waiter leaves it high: read it bounded, launch.c) */
     int64_t sm_first_seen_ns; /* when it last looked (a dead one goes stale) */
-    uint8_t reserved[8];
+    int64_t sm_newest_wait_ns; /* when the newest launch waiting for tokens began to wait */
 };
 
 /* A 16-byte word changed only by a 16-byte compare-and-swap: a count of bytes
