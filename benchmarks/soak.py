@@ -49,7 +49,6 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
 from libshared import connecting, events, kvreads, watching
 from libshared.connecting import BusSettings
@@ -133,9 +132,8 @@ async def live_keys(js: JetStreamContext, bucket: str) -> int:
     live: set[str] = set()
 
     async def on_entry(msg: Msg) -> None:
-        headers = msg.headers or {}
         key = msg.subject[len(pre) :]
-        if headers.get(KV_OP) in (KV_DEL, KV_PURGE) or watching.MARKER_HEADER in headers:
+        if watching.is_removal(msg.headers):
             live.discard(key)
         else:
             live.add(key)

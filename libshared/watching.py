@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import nats.errors
@@ -27,6 +27,14 @@ HEARTBEAT_S = 0.5
 MARKER_HEADER = "Nats-Marker-Reason"  # server-placed TTL markers (nats-server 2.11+)
 
 Handler = Callable[[str, bytes | None, int], None]
+
+
+def is_removal(headers: Mapping[str, str] | None) -> bool:
+    """Whether a bucket message with these headers removes its key: a delete or purge
+    (``KV-Operation``), or a marker the server placed (``Nats-Marker-Reason``)."""
+    if not headers:
+        return False
+    return headers.get(KV_OP) in (KV_DEL, KV_PURGE) or MARKER_HEADER in headers
 
 
 async def watch(

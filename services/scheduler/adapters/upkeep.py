@@ -36,7 +36,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
-from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
 from libshared import kvreads, kvwrites, tasks, watching
 from libshared import leases as leasing
@@ -129,7 +129,7 @@ class ClaimsView:
         async def on_entry(msg: Msg) -> None:
             meta, headers = msg.metadata, msg.headers or {}
             key = msg.subject[len(pre) :]
-            if headers.get(KV_OP) in (KV_DEL, KV_PURGE) or watching.MARKER_HEADER in headers:
+            if watching.is_removal(headers):
                 entries.pop(key, None)
             else:
                 kind = protocol.decode_claim(msg.data).kind
