@@ -204,8 +204,9 @@ struct kind {
     int64_t guessed_ns;   /* ...and what they were charged */
     unsigned idle_run;    /* idle-stream samples since its last busy-stream one */
     unsigned crowd_run;   /* crowded samples in a row */
-    int provisional;      /* its cost is from crowded samples only... */
-    uint64_t provisional_n; /* ...and the launches charged it */
+    int provisional;      /* its cost is from its first sample, or crowded ones, only... */
+    uint64_t provisional_n; /* ...and the launches charged at it... */
+    int64_t provisional_ns; /* ...and what they were charged in all */
 };
 
 /* This process's view of one device (under g_lock). */
@@ -424,15 +425,16 @@ static void drop_oldest(struct local *l) {
 /* A difference between what launches were charged and what they cost, charged
  * (or given back), and the modelled queue lengthened by it.  At most three
  * quarters of the debt cap either way, so that with the time it took to tell,
- * paying it keeps the wait under twice the window. */
-static void correct(struct vgpu_cache_device *dev, int64_t extra, int64_t now) {
+ * paying it keeps the wait under twice the window.  Returns what was charged. */
+static int64_t correct(struct vgpu_cache_device *dev, int64_t extra, int64_t now) {
     int64_t cap = 3 * debt_cap(dev, g_percent[dev - vgpu_cache->devices]) / 4;
     if (extra > cap) extra = cap;
     if (extra < -cap) extra = -cap;
     charge(dev, extra);
-    if (extra <= 0) return;
+    if (extra <= 0) return extra;
     int64_t end = LOAD(&dev->sm_queue_end_ns);
     STORE(&dev->sm_queue_end_ns, (end > now ? end : now) + extra);
+    return extra;
 }
 
 static void learn(struct vgpu_cache_device *dev, struct local *l, const struct probe *p,
@@ -460,9 +462,10 @@ static void learn(struct vgpu_cache_device *dev, struct local *l, const struct p
             k->cost_ns = took;
             k->recent[0] = k->recent[1] = k->recent[2] = took;
             k->recent_at = 3;
-            correct(dev, took * (int64_t)k->guessed - k->guessed_ns, now);
+            int64_t extra = correct(dev, took * (int64_t)k->guessed - k->guessed_ns, now);
             k->provisional = 1;
             k->provisional_n = k->guessed;
+            k->provisional_ns = k->guessed_ns + extra;
         } else if (k->provisional) {
             /* known from its first sample only, which may hold more than the
              * kernel: a first launch is often slow (module load, cold caches),
@@ -473,11 +476,14 @@ static void learn(struct vgpu_cache_device *dev, struct local *l, const struct p
              * estimate (a crowded one may only lower it), and what the
              * launches since were charged is settled */
             int64_t next = crowded && took > k->cost_ns ? k->cost_ns : took;
-            correct(dev, (next - k->cost_ns) * (int64_t)k->provisional_n, now);
+            int64_t settled = next * (int64_t)k->provisional_n - k->provisional_ns;
+            settled = correct(dev, settled, now);
             k->cost_ns = next;
             k->recent[0] = k->recent[1] = k->recent[2] = next;
             k->provisional = crowded;
-            k->provisional_n = 0;
+            /* still in doubt: settled against this estimate from now on */
+            k->provisional_ns = k->provisional_ns + settled;
+            if (!crowded) k->provisional_n = k->provisional_ns = 0;
         } else if (took > 4 * k->cost_ns) {
             /* one long sample may be the host or another context in the way: a
              * second in a row is a new kind of work.  The launches of this kind
@@ -751,7 +757,10 @@ static void gate(struct ticket *t, CUstream stream, uint64_t kind) {
         l->cost_ns += (cost - l->cost_ns) / 16;
         if (l->cost_ns < 1) l->cost_ns = 1;
     }
-    if (k->cost_ns > 0 && k->provisional) k->provisional_n++;
+    if (k->cost_ns > 0 && k->provisional) {
+        k->provisional_n++;
+        k->provisional_ns += k->cost_ns;
+    }
     charge(dev, cost);
     uint64_t launches = ADD(&dev->sm_launches, 1) + 1;
     int64_t end = LOAD(&dev->sm_queue_end_ns);
