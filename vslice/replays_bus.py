@@ -34,7 +34,7 @@ from nats.aio.client import Client
 from tqdm import tqdm
 
 from libshared import annotations as keys
-from libshared import connecting, events, kvreads, permissions, quarantines, traces
+from libshared import connecting, events, kvreads, permissions, quarantines, tasks, traces
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
@@ -283,7 +283,7 @@ def run_seed(
             procs = {name: stacks.spawn(name, argv, logs) for name, argv in commands.items()}
             try:
                 settings = identities["cli"]
-                asyncio.run(
+                tasks.run_interruptibly(
                     stacks.wait_serving(
                         identities["operator"],
                         schedulers=replicas,
@@ -301,7 +301,7 @@ def run_seed(
                 before = {name: stacks.cpu_seconds(pid) for name, pid in pids.items()}
                 client = time.process_time()
                 try:
-                    driven = asyncio.run(
+                    driven = tasks.run_interruptibly(
                         drive(settings, specs, concurrency=concurrency, progress=bar.update)
                     )
                 finally:
@@ -438,7 +438,7 @@ def run_attached(
     sequence = replaying.arrivals(pods, seed=seed, capacity=capacity)
     settings = stack.settings("cli")
     names = {n.node for n in fleet}
-    registered = asyncio.run(_registered_nodes(settings))
+    registered = tasks.run_interruptibly(_registered_nodes(settings))
     clash = sorted(names & {n.node for n in registered})
     if clash:
         raise stacks.StackError(f"fleet nodes already registered in the stack: {clash[:5]}")
@@ -461,13 +461,13 @@ def run_attached(
     stacks.with_process(state_dir, AGENT, agent)
     driven: Driven | None = None
     try:
-        asyncio.run(_wait_registered(settings, names, pid=agent, logs=logs))
+        tasks.run_interruptibly(_wait_registered(settings, names, pid=agent, logs=logs))
         bar = tqdm(total=len(specs), desc=f"{stack.policy} seed {seed}", unit="pod", disable=quiet)
         pids = {**stack.pids, AGENT: agent}
         before = {name: stacks.cpu_seconds(pid) for name, pid in pids.items()}
         client = time.process_time()
         try:
-            driven = asyncio.run(
+            driven = tasks.run_interruptibly(
                 drive(settings, specs, concurrency=concurrency, progress=bar.update)
             )
         finally:
@@ -481,7 +481,7 @@ def run_attached(
             if driven is not None:
                 held = [u for u, p in zip(uids, driven.placed, strict=True) if p]
             try:
-                asyncio.run(release_all(settings, held, concurrency=concurrency))
+                tasks.run_interruptibly(release_all(settings, held, concurrency=concurrency))
             finally:
                 # its nodes are deleted before it exits: a fleet of 1,000 takes seconds
                 stacks.terminate([agent], timeout_s=AGENT_STOP_S)
