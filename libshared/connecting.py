@@ -400,10 +400,8 @@ async def ensure_bus(
     them: ``libshared.permissions``).
 
     Raises ``nats.js.errors.Error`` subclasses when JetStream refuses, and
-    ``BucketNotFoundError`` (a bucket) or ``NotFoundError`` (the alloc stream) when,
-    without ``create``, one is still missing after ``wait_s``: the creator makes the
-    buckets first and the stream last, so a service that found only the buckets and
-    went on failed to consume the stream (seen on a loaded machine).
+    ``BucketNotFoundError`` when, without ``create``, a bucket is still missing after
+    ``wait_s``.
     """
     subjects = settings.subjects
     if not create:
@@ -476,19 +474,17 @@ async def _wait_bus(js: JetStreamContext, settings: BusSettings, wait_s: float) 
     subjects = settings.subjects
 
     async def opened() -> Bus:
-        bus = Bus(
+        return Bus(
             nodes=await js.key_value(subjects.nodes_bucket),
             ledger=await js.key_value(subjects.ledger_bucket),
             pods=await js.key_value(subjects.pods_bucket),
         )
-        await js.stream_info(subjects.alloc_stream)  # made last: NotFoundError until then
-        return bus
 
     def waiting_for(state: tenacity.RetryCallState) -> None:
         log.info("waiting for the scheduler to create the buckets")
 
     retrying = tenacity.AsyncRetrying(
-        retry=tenacity.retry_if_exception_type(NotFoundError),  # BucketNotFoundError is one
+        retry=tenacity.retry_if_exception_type(BucketNotFoundError),
         stop=tenacity.stop_after_delay(wait_s),
         wait=tenacity.wait_exponential(multiplier=0.05, min=0.05, max=1.0),
         before_sleep=waiting_for,

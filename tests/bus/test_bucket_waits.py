@@ -8,7 +8,7 @@ import logging
 
 import pytest
 from nats.aio.client import Client
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError
 
 from libshared import connecting
 from libshared import leases as leasing
@@ -36,23 +36,6 @@ async def test_a_service_that_may_not_create_the_buckets_waits_for_them(
     )
     leases_kv = await asyncio.wait_for(leases, 30)
     assert (await leases_kv.status()).bucket == bus_settings.subjects.leases_bucket
-
-
-async def test_a_service_that_may_not_create_the_bus_waits_for_the_alloc_stream_too(
-    nc: Client, bus_settings: BusSettings
-) -> None:
-    # the creator makes the buckets first and the alloc stream last: a node agent that
-    # found the buckets alone went on, and its consumer of the stream failed (404)
-    js = nc.jetstream()
-    subjects = bus_settings.subjects
-    for bucket in (subjects.nodes_bucket, subjects.ledger_bucket, subjects.pods_bucket):
-        await js.create_key_value(bucket=bucket)
-    with pytest.raises(NotFoundError):
-        await connecting.ensure_bus(js, bus_settings, create=False, wait_s=0.3)
-    await connecting.ensure_bus(js, bus_settings)  # makes the stream
-    opened = await connecting.ensure_bus(js, bus_settings, create=False, wait_s=5)
-    assert (await opened.nodes.status()).bucket == subjects.nodes_bucket
-    assert (await js.stream_info(subjects.alloc_stream)).config.name == subjects.alloc_stream
 
 
 @pytest.mark.parametrize("which", ["bus", "leases", "bucket"])
