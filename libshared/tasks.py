@@ -33,32 +33,36 @@ async def stop(task: asyncio.Task[object] | None, *, retry_s: float = RETRY_S) -
         task.exception()  # retrieved: no "exception was never retrieved" warning
 
 
+class _Interrupted(Exception):
+    """Ctrl-C ended the main coroutine of ``run_interruptibly``."""
+
+
 def run_interruptibly(main: Coroutine[Any, Any, T], *, retry_s: float = RETRY_S) -> T:
     """``asyncio.run(main)`` whose Ctrl-C always ends ``main``: SIGINT cancels it, again
     every ``retry_s`` seconds until it is done (``asyncio.run`` cancels once, and a
     swallowed cancellation let a bus replay run to its end and exit 0), and then raises
     ``KeyboardInterrupt``. Outside the main thread, plain ``asyncio.run``."""
 
-    async def guarded() -> tuple[bool, T | None]:
+    async def guarded() -> T:
         loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(main)
         interrupted = asyncio.Event()
         try:
             loop.add_signal_handler(signal.SIGINT, interrupted.set)
         except (RuntimeError, ValueError):  # not the main thread: no signal handlers
-            return False, await task
+            return await task
         waiter = asyncio.ensure_future(interrupted.wait())
         try:
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if interrupted.is_set():
                 await stop(task, retry_s=retry_s)
-                return True, None
-            return False, task.result()
+                raise _Interrupted
+            return task.result()
         finally:
             waiter.cancel()
             loop.remove_signal_handler(signal.SIGINT)
 
-    interrupted, result = asyncio.run(guarded())
-    if interrupted:
-        raise KeyboardInterrupt
-    return result  # type: ignore[return-value]
+    try:
+        return asyncio.run(guarded())
+    except _Interrupted:
+        raise KeyboardInterrupt from None

@@ -12,26 +12,34 @@ import pytest
 from libshared import tasks
 
 
-async def test_a_loop_that_swallows_its_first_cancellations_is_stopped() -> None:
-    swallowed = 0
+class Stubborn:
+    """A request loop that takes its first two cancellations for failed requests and goes
+    on, as one whose cancellation Python 3.11's ``wait_for`` swallowed does."""
 
-    async def stubborn() -> None:
-        nonlocal swallowed
-        while True:
+    def __init__(self) -> None:
+        self.swallowed = 0
+
+    async def loop(self, rounds: int, pause_s: float) -> str:
+        for _ in range(rounds):
             try:
-                await asyncio.sleep(3600)
+                await asyncio.sleep(pause_s)
             except asyncio.CancelledError:
-                if swallowed < 2:  # taken for a failed request: the loop goes on
-                    swallowed += 1
-                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                    continue
-                raise
+                if self.swallowed == 2:
+                    raise
+                self.swallowed += 1
+                task = asyncio.current_task()
+                assert task is not None
+                task.uncancel()
+        return "finished"
 
-    task = asyncio.create_task(stubborn())
+
+async def test_a_loop_that_swallows_its_first_cancellations_is_stopped() -> None:
+    stubborn = Stubborn()
+    task = asyncio.create_task(stubborn.loop(rounds=10, pause_s=3600))
     await asyncio.sleep(0)
     async with asyncio.timeout(20):
         await tasks.stop(task, retry_s=0.05)
-    assert task.cancelled() and swallowed == 2
+    assert task.cancelled() and stubborn.swallowed == 2
 
 
 async def test_a_finished_or_failed_task_and_none_stop_at_once() -> None:
@@ -46,26 +54,17 @@ async def test_a_finished_or_failed_task_and_none_stop_at_once() -> None:
 
 
 def test_ctrl_c_ends_a_run_whose_main_swallows_its_first_cancellations() -> None:
-    swallowed = 0
+    stubborn = Stubborn()
 
-    async def stubborn() -> str:
-        nonlocal swallowed
+    async def interrupted() -> str:
         # Ctrl-C, once the loop runs: the process's own SIGINT
         asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGINT)
-        for _ in range(100):  # 10 s of requests, if nothing ends it
-            try:
-                await asyncio.sleep(0.1)
-            except asyncio.CancelledError:
-                if swallowed < 2:  # taken for a failed request: the loop goes on
-                    swallowed += 1
-                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                    continue
-                raise
-        return "finished"  # what asyncio.run let happen: exit 0 after a Ctrl-C
+        # 10 s of requests if nothing ends them: what asyncio.run let happen (exit 0)
+        return await stubborn.loop(rounds=100, pause_s=0.1)
 
     with pytest.raises(KeyboardInterrupt):
-        tasks.run_interruptibly(stubborn(), retry_s=0.05)
-    assert swallowed == 2
+        tasks.run_interruptibly(interrupted(), retry_s=0.05)
+    assert stubborn.swallowed == 2
     # the default Ctrl-C is back once the run is over
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
