@@ -394,10 +394,11 @@ class Bus:
 async def ensure_bus(
     js: JetStreamContext, settings: BusSettings, *, create: bool = True, wait_s: float = 60.0
 ) -> Bus:
-    """Open the nodes, ledger and pods buckets and the alloc stream; with ``create``
-    (the scheduler's and the operator's identities may) create the missing ones, else
-    wait up to ``wait_s`` seconds for them to appear (every other role may only open
-    them: ``libshared.permissions``).
+    """Open the nodes, ledger and pods buckets; with ``create`` (the scheduler's and the
+    operator's identities may) create the missing ones and the alloc stream (last),
+    else wait up to ``wait_s`` seconds for the buckets to appear (every other role may
+    only open them: ``libshared.permissions``; not every role may read the stream's
+    info, so a consumer of the stream waits for it itself, as the node agent does).
 
     Raises ``nats.js.errors.Error`` subclasses when JetStream refuses, and
     ``BucketNotFoundError`` when, without ``create``, a bucket is still missing after

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,11 +24,11 @@ from tests.bus import helpers
 
 
 @contextlib.asynccontextmanager
-async def agent(settings: AgentSettings) -> AsyncIterator[None]:
+async def agent(settings: AgentSettings) -> AsyncIterator[asyncio.Task[None]]:
     stop = asyncio.Event()
     task = asyncio.create_task(app.main(settings, stop=stop))
     try:
-        yield
+        yield task
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
@@ -101,6 +102,58 @@ async def test_placements_decided_while_the_agent_is_down_are_answered_when_it_r
                 break
             await asyncio.sleep(0.05)
     assert sorted(ready_uids) == ["x1", "x2"]
+
+
+class Heard(logging.Handler):
+    """Sets ``event`` when a record with ``message`` is logged."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == self.message:
+            self.event.set()
+
+
+async def test_an_agent_started_before_the_alloc_stream_exists_waits_for_it_and_serves(
+    nc: Client, bus_settings: BusSettings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the creator makes the buckets first and the alloc stream last; an agent that
+    # finds the buckets alone must wait for the stream, not fail its start
+    subjects = bus_settings.subjects
+    js = nc.jetstream()
+    for bucket in (subjects.nodes_bucket, subjects.ledger_bucket, subjects.pods_bucket):
+        await js.create_key_value(bucket=bucket)
+    fleet = tmp_path / "nodes.csv"
+    fleet.write_text("sn,cpu_milli,memory_mib,gpu,model\nn-b,64000,262144,1,T4\n")
+    readies: asyncio.Queue[str] = asyncio.Queue()
+
+    async def on_ready(msg: object) -> None:
+        await readies.put(events.NODE_ANSWER.decode(msg.data).pod_uid)
+
+    await nc.subscribe(subjects.alloc_ready("n-b"), cb=on_ready)
+    caplog.set_level(logging.INFO, logger="vslice.nodeagent")
+    heard = Heard("waiting for the alloc stream")
+    logging.getLogger("vslice.nodeagent").addHandler(heard)
+    try:
+        settings = AgentSettings(bus=bus_settings, fleet_csv=str(fleet), name="early")
+        async with agent(settings) as running:
+            waited = asyncio.create_task(heard.event.wait())
+            done, _ = await asyncio.wait(
+                {waited, running}, timeout=20, return_when=asyncio.FIRST_COMPLETED
+            )
+            waited.cancel()
+            assert waited in done, f"the agent did not wait for the stream: {running}"
+            await connecting.ensure_bus(js, bus_settings)  # the stream, last
+            async with helpers.replica(SchedulerSettings(bus=bus_settings, name="r")):
+                reply = await helpers.schedule(nc, bus_settings, helpers.pod("e1", memory_mib=500))
+                assert isinstance(reply, events.Placement) and reply.node == "n-b"
+                assert await asyncio.wait_for(readies.get(), 20) == "e1"
+            assert not running.done()
+    finally:
+        logging.getLogger("vslice.nodeagent").removeHandler(heard)
 
 
 def test_a_device_list_makes_one_node_with_exactly_those_devices() -> None:

@@ -37,7 +37,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
-from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
 
 from libshared import bounds, events, permissions, quarantines, tasks
 from libshared.connecting import Bus
@@ -68,6 +68,7 @@ class Agent:
     nodes: list[NodeDevices]
     slicer: Slicer | None = None
     ledger_retry_s: float = 5.0
+    stream_wait_s: float = 60.0
     prepared: dict[str, events.Ready] = field(default_factory=dict)
     answers: dict[str, events.Ready | events.Failed] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
@@ -173,7 +174,9 @@ class Agent:
 
     async def start(self) -> None:
         """Reconcile with the ledger (later, when it is unreadable now), create (or reuse)
-        the durable consumer and start consuming."""
+        the durable consumer (waiting for the alloc stream: ``_consumer``) and start
+        consuming. Raises ``nats.js.errors.NotFoundError`` when the stream does not
+        appear within ``stream_wait_s`` seconds."""
         if not await self.reconcile():
             self._retry = asyncio.create_task(self._reconcile_later())
         config = api.ConsumerConfig(
@@ -184,9 +187,7 @@ class Agent:
             # a message a dead agent had fetched is redelivered after this (seconds)
             ack_wait=30.0,
         )
-        sub = await self.js.pull_subscribe(
-            "", durable=self.durable, stream=self.subjects.alloc_stream, config=config
-        )
+        sub = await self._consumer(config)
         self._sub = sub
         self._task = asyncio.create_task(self._consume(sub))
         if len(self.nodes) <= PER_NODE_FILTERS:
@@ -194,6 +195,35 @@ class Agent:
                 self._queries.append(
                     await self.nc.subscribe(self.subjects.node_slice(node.node), cb=self._on_query)
                 )
+
+    async def _consumer(self, config: api.ConsumerConfig) -> JetStreamContext.PullSubscription:
+        """Create (or reuse) the durable consumer of the alloc stream, waiting up to
+        ``stream_wait_s`` seconds for the stream: its creator (the scheduler or the
+        operator, ``connecting.ensure_bus(create=True)``) makes it after the buckets
+        that ``ensure_bus(create=False)`` waits for, and an agent may not read the
+        stream's info to wait there (``libshared.permissions``). Raises
+        ``nats.js.errors.NotFoundError`` when the stream is still missing then."""
+
+        def waiting(state: tenacity.RetryCallState) -> None:
+            log.info(
+                "waiting for the alloc stream",
+                extra={"stream": self.subjects.alloc_stream, "attempt": state.attempt_number},
+            )
+
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(NotFoundError),
+            stop=tenacity.stop_after_delay(self.stream_wait_s),
+            wait=tenacity.wait_exponential(multiplier=0.05, min=0.05, max=1.0),
+            before_sleep=waiting,
+            reraise=True,
+        )
+        return await retrying(
+            self.js.pull_subscribe,
+            "",
+            durable=self.durable,
+            stream=self.subjects.alloc_stream,
+            config=config,
+        )
 
     async def _on_query(self, msg: Msg) -> None:
         """Answer a ``SliceQuery`` with the pod's ``Ready``/``Failed`` once known, waiting
