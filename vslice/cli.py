@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from libshared import logs, traces
 from libshared.errors import VsliceError
+from services.nodeagent.core import nodeconfigs
 from services.scheduler.core.deciding import POLICIES
 from vslice import certs, repairs, replays_bus, replays_local, running, stacks, statuses
 
@@ -165,6 +166,7 @@ UP_ENV = {
     "metrics_host": "VSLICE_METRICS_HOST",
     "nats_port": "VSLICE_NATS_PORT",
     "workload_trace": "VSLICE_WORKLOAD_TRACE",
+    "node_config": "VSLICE_NODE_CONFIG",
 }
 STATE_DIR_HELP = (
     "where pids, logs and NATS data live (default $VSLICE_STATE_DIR, "
@@ -223,6 +225,12 @@ def _add_up(sub: Any) -> None:
         metavar="UUID:MIB[,...]",
         help="mock GPUs one by one, instead of --mock-gpus and --mock-gpu-memory"
         " (default $VSLICE_MOCKGPU_DEVICES)",
+    )
+    up.add_argument(
+        "--node-config",
+        metavar="JSON",
+        help="HAMi's device plugin config.json for this node: split count, memory and core"
+        " scaling, filtered GPUs; read again when it changes (default $VSLICE_NODE_CONFIG)",
     )
     up.add_argument(
         "--metrics-port",
@@ -550,6 +558,19 @@ class UpSettings:
     workload_trace: str | None = None
 
 
+def _node_config(path: str) -> str:
+    """``path`` made absolute, once it reads as a device config (``nodeconfigs.parse``).
+    Raises ``StackError`` naming the file and, for a refused one, the key and value."""
+    try:
+        with open(path, "rb") as f:
+            nodeconfigs.parse(f.read(nodeconfigs.MAX_BYTES + 1), source=path)
+    except OSError as exc:
+        raise stacks.StackError(f"--node-config {path}: {exc.strerror or exc}") from None
+    except nodeconfigs.NodeConfigError as exc:
+        raise stacks.StackError(f"--node-config {exc}") from None
+    return str(Path(path).resolve())
+
+
 def up_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> UpSettings:
     """What ``up`` starts, from its flags, else the environment. Raises ``StackError``
     naming a malformed variable. Pure."""
@@ -579,6 +600,8 @@ def up_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> UpSetti
         )
     if trace and not Path(trace).is_file():
         raise stacks.StackError(f"--workload-trace {trace}: no such file")
+    if env.get("VSLICE_NODE_CONFIG"):
+        env["VSLICE_NODE_CONFIG"] = _node_config(env["VSLICE_NODE_CONFIG"])
     return UpSettings(
         environ=env,
         replicas=int(env.get("VSLICE_REPLICAS") or 2),

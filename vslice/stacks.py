@@ -279,12 +279,16 @@ def local_node() -> str:
 
 def slice_agent_args(state_dir: Path, environ: Mapping[str, str] | None = None) -> list[str]:
     """Node agent flags for real slices under ``<state_dir>/host``, with the GPU backend
-    of ``$VSLICE_GPU_BACKEND`` (``auto``, ``nvml`` or ``mock``; default ``auto``)."""
+    of ``$VSLICE_GPU_BACKEND`` (``auto``, ``nvml`` or ``mock``; default ``auto``) and the
+    device config of ``$VSLICE_NODE_CONFIG`` (HAMi's ``config.json``) when set."""
     env = os.environ if environ is None else environ
     backend = env.get("VSLICE_GPU_BACKEND", "auto")
     if backend not in ("auto", "nvml", "mock"):
         raise StackError(f"VSLICE_GPU_BACKEND={backend!r}: expected auto, nvml or mock")
-    return ["--host-root", str((state_dir / "host").resolve()), "--backend", backend]
+    args = ["--host-root", str((state_dir / "host").resolve()), "--backend", backend]
+    if env.get("VSLICE_NODE_CONFIG"):
+        args += ["--node-config", str(Path(env["VSLICE_NODE_CONFIG"]).resolve())]
+    return args
 
 
 def mock_agent_args(environ: Mapping[str, str] | None = None) -> list[str]:

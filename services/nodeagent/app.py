@@ -22,7 +22,7 @@ from libshared.ledgers import NodeLedger
 from libshared.subjects import valid_node
 from services.nodeagent.adapters import bus, deviceplugin, gpus, hostroots, kube, loops
 from services.nodeagent.adapters.slicing import Slicer
-from services.nodeagent.core import allocating, fleets, preparing, registrations
+from services.nodeagent.core import allocating, fleets, nodeconfigs, preparing, registrations
 from services.nodeagent.settings import DevicePluginSettings, Settings, SliceSettings
 
 log = logging.getLogger("vslice.nodeagent")
@@ -143,8 +143,9 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
     on the bus, as kubelet's device plugin (``settings.device_plugin``), or both.
 
     Raises ``gpus.GpuError`` (no NVML with ``--backend nvml``), ``OSError`` (libvgpu not
-    built, host root not writable, kubelet's directory not writable) or ``ValueError``
-    (an unusable node name) at start.
+    built, host root not writable, kubelet's directory not writable, ``--node-config``
+    unreadable) or ``ValueError`` (an unusable node name, a refused ``--node-config``:
+    ``nodeconfigs.NodeConfigError``) at start.
     """
     plugin_settings = settings.device_plugin
     if plugin_settings is not None:
@@ -161,6 +162,12 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         raise OSError(
             f"cannot install libvgpu from {real.libvgpu} (`make native` builds it): {exc}"
         ) from exc
+    node_settings = nodeconfigs.NodeSettings(scaling=real.scaling)
+    config_seen = b""
+    if real.node_config is not None:
+        config_seen, node_settings = await asyncio.to_thread(
+            loops.read_node_config, real.node_config, node, real.scaling
+        )
     backend = await asyncio.to_thread(open_gpus, settings, real)
     found = await asyncio.to_thread(backend.discover)
     mock = None
@@ -183,7 +190,11 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         backend=backend,
         slicer=slicer,
         found=found,
-        scaling=real.scaling,
+        settings=node_settings,
+        defaults=real.scaling,
+        config_path=real.node_config,
+        config_poll_s=real.node_config_poll_s,
+        config_seen=config_seen,
         margin_mib=margin,
         kill=real.enforce == "kill",
         usage_every_s=real.usage_interval_s,

@@ -31,7 +31,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from libshared import connecting, probes, settings
-from services.nodeagent.core import devicelists
+from services.nodeagent.core import devicelists, nodeconfigs
 from services.nodeagent.core.fleets import DEFAULT_SPLIT_COUNT, FleetSpec, parse_devices
 from services.nodeagent.core.registrations import Scaling
 
@@ -121,6 +121,22 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
             check=_core_scaling,
         ),
     ] = 1.0
+    node_config: Annotated[
+        str | None,
+        settings.option(
+            "--node-config",
+            env="VSLICE_NODE_CONFIG",
+            help="HAMi's device plugin config.json: this node's split count, scaling and "
+            "filtered devices, over the flags above; read again when it changes",
+            group=REAL,
+        ),
+    ] = None
+    node_config_poll: Annotated[
+        Seconds,
+        settings.option(
+            "--node-config-poll", help="seconds between checks of --node-config", group=REAL
+        ),
+    ] = 5.0
     libvgpu: Annotated[str, settings.option("--libvgpu", env="VSLICE_LIBVGPU", group=REAL)] = (
         DEFAULT_LIBVGPU
     )
@@ -254,7 +270,9 @@ class SliceSettings:
     ``escape_margin_mib`` (NVML MiB allowed above libvgpu's charge per process; None: 0 on
     the mock, 512 on NVML, for the CUDA context), ``sm_policy``
     (``GPU_CORE_UTILIZATION_POLICY``), ``rediscover_s`` (seconds between device list
-    checks)."""
+    checks), ``node_config`` (HAMi's device plugin ``config.json``, per-node values over
+    ``scaling``: ``core.nodeconfigs``; None: none), ``node_config_poll_s`` (seconds between
+    checks of it for a change)."""
 
     host_root: str
     backend: Literal["auto", "nvml", "mock"] = DEFAULTS.backend
@@ -269,6 +287,8 @@ class SliceSettings:
     escape_margin_mib: int | None = DEFAULTS.escape_margin_mib
     sm_policy: Literal["default", "force", "disable"] = DEFAULTS.sm_policy
     rediscover_s: float = DEFAULTS.rediscover
+    node_config: str | None = DEFAULTS.node_config
+    node_config_poll_s: float = DEFAULTS.node_config_poll
 
     @property
     def mock_state_path(self) -> str:
@@ -314,6 +334,19 @@ LOADER = settings.Loader(
 )
 
 
+def _check_node_config(path: str, node: str, defaults: Scaling) -> None:
+    """Exit (``SystemExit`` 2) when ``path`` cannot be read or is refused for ``node``
+    (the message names the key and value): a bad file stops the agent before it starts,
+    while one changed later is only logged (``adapters.loops``)."""
+    try:
+        with open(path, "rb") as f:
+            nodeconfigs.load(f.read(nodeconfigs.MAX_BYTES + 1), node, defaults, source=path)
+    except OSError as exc:
+        LOADER.error(f"--node-config {path}: {exc.strerror or exc}")
+    except nodeconfigs.NodeConfigError as exc:
+        LOADER.error(f"--node-config {exc}")
+
+
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from ``argv`` and ``environ`` (default ``os.environ``); flags win
     (``Options`` names every flag and variable).
@@ -353,6 +386,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             kubelet_dir=str(Path(opts.kubelet_dir).resolve()),
             device_list=device_list,
         )
+    if opts.node_config and not opts.host_root:
+        LOADER.error("--node-config needs --host-root (it configures this machine's node)")
     slices = None
     if opts.host_root:
         slices = SliceSettings(
@@ -368,6 +403,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             enforce=opts.enforce,
             escape_margin_mib=opts.escape_margin_mib,
             sm_policy=opts.sm_policy,
+            node_config=str(Path(opts.node_config).resolve()) if opts.node_config else None,
+            node_config_poll_s=opts.node_config_poll,
             rediscover_s=opts.rediscover,
         )
     spec = FleetSpec(
@@ -379,6 +416,9 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         name_prefix=opts.node_prefix or socket.gethostname(),
         devices=devices,
     )
+    if slices is not None and slices.node_config is not None:
+        node = device_plugin.node_name if device_plugin else f"{spec.name_prefix}-0"
+        _check_node_config(slices.node_config, node, scaling)
     return Settings(
         bus=bus,
         spec=spec,

@@ -197,6 +197,28 @@ def test_a_malformed_environment_variable_of_up_is_refused_naming_it(
     assert not (tmp_path / "nats").exists()  # nothing started
 
 
+def test_up_takes_a_node_config_checked_before_anything_starts(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = tmp_path / "config.json"
+    good.write_text('{"nodeconfig": [{"name": "x-0", "devicesplitcount": 3}]}')
+    monkeypatch.chdir(tmp_path)
+    wanted = cli.up_settings(cli.parse(["up", "--node-config", "config.json"]), {})
+    assert wanted.environ["VSLICE_NODE_CONFIG"] == str(good)
+    agent = stacks.slice_agent_args(tmp_path / "state", wanted.environ)
+    assert agent[agent.index("--node-config") + 1] == str(good)
+    assert "--node-config" not in stacks.slice_agent_args(tmp_path / "state", {})
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"nodeconfig": [{"name": "x-0", "devicesplitcount": -2}]}')
+    state = tmp_path / "stack"
+    for path, named in ((bad, "(value: -2)"), (tmp_path / "none.json", "No such file")):
+        assert cli.main(["up", "--state-dir", str(state), "--node-config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"--node-config {path}" in err and named in err
+    assert not state.exists()  # nothing started
+
+
 def test_a_csv_with_a_wrong_header_is_refused_naming_the_expected_columns(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

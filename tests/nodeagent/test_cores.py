@@ -461,11 +461,15 @@ def test_a_host_root_makes_a_real_slice_agent_and_bad_values_name_their_flag(
     assert parsed.slices.scaling == Scaling(split_count=4, memory_scaling=1.5)
     assert parsed.slices.enforce == "kill"
     assert parsed.slices.mock_state_path == "/tmp/h/mockgpu.state"
+    assert parsed.slices.node_config is None
     assert settings.parse([], environ={}).slices is None
     for argv, flag in (
         (["--host-root", "/h", "--memory-scaling", "0"], "deviceMemoryScaling"),
         (["--host-root", "/h", "--usage-interval", "0"], "--usage-interval"),
         (["--host-root", "/h", "--escape-margin-mib", "-1"], "--escape-margin-mib"),
+        (["--node-config", "/c.json"], "--node-config needs --host-root"),
+        (["--host-root", "/h", "--node-config", "/nonexistent/c.json"], "/nonexistent/c.json"),
+        (["--host-root", "/h", "--node-config", "/c", "--node-config-poll", "0"], "poll"),
     ):
         with pytest.raises(SystemExit):
             settings.parse(argv, environ={})

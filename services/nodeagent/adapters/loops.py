@@ -26,13 +26,24 @@ from libshared.subjects import Subjects
 from services.nodeagent.adapters import deviceplugin, gpus, hostroots
 from services.nodeagent.adapters.bus import Agent
 from services.nodeagent.adapters.slicing import Slicer
-from services.nodeagent.core import registrations, usages
-from services.nodeagent.core.registrations import Gpu
+from services.nodeagent.core import nodeconfigs, registrations, usages
+from services.nodeagent.core.registrations import Gpu, Scaling
 
 log = logging.getLogger("vslice.nodeagent")
 
 MIB = 1 << 20
 XID_WAIT_S = 1.0
+
+
+def read_node_config(
+    path: str, node: str, defaults: Scaling
+) -> tuple[bytes, nodeconfigs.NodeSettings]:
+    """The file at ``path`` (at most ``nodeconfigs.MAX_BYTES`` + 1 bytes read) and
+    ``node``'s settings from it. Raises ``OSError`` (unreadable) or
+    ``nodeconfigs.NodeConfigError`` (refused: the message names the key and value)."""
+    with open(path, "rb") as f:
+        data = f.read(nodeconfigs.MAX_BYTES + 1)
+    return data, nodeconfigs.load(data, node, defaults, source=path)
 
 
 def enforce(usage: events.NodeUsage, *, kill: bool) -> events.NodeUsage:
@@ -61,13 +72,16 @@ class NodeLoops:
     device fault was seen on), where registrations go (``agent`` on the bus, ``plugin``
     for kubelet) and where usage goes (``nc``, ``subjects``). ``margin_mib``: what a
     process may use beyond its slice before it is an escape (MiB); ``kill``: end escapes;
-    ``usage_every_s``, ``rediscover_s``: the loops' periods (seconds)."""
+    ``usage_every_s``, ``rediscover_s``: the loops' periods (seconds). ``settings``: what
+    the node registers with (``defaults`` with the entry of ``config_path``, HAMi's device
+    plugin config, over them: ``core.nodeconfigs``); ``config_seen``: that file's bytes as
+    last read; it is read again every ``config_poll_s`` seconds."""
 
     node: str
     backend: gpus.Gpus
     slicer: Slicer
     found: list[Gpu]
-    scaling: registrations.Scaling
+    settings: nodeconfigs.NodeSettings
     margin_mib: int
     kill: bool
     usage_every_s: float
@@ -78,13 +92,59 @@ class NodeLoops:
     agent: Agent | None = None
     plugin: deviceplugin.DevicePlugin | None = None
     unhealthy: set[str] = field(default_factory=set)
+    defaults: Scaling = field(default_factory=Scaling)
+    config_path: str | None = None
+    config_poll_s: float = 5.0
+    config_seen: bytes = b""
+    _config_problem: str = ""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def registration(self) -> NodeDevices:
-        """The node's devices as registered now."""
+        """The node's devices as registered now: the GPUs found that its settings keep."""
         return registrations.node_devices(
-            self.node, self.found, scaling=self.scaling, unhealthy=frozenset(self.unhealthy)
+            self.node,
+            self.settings.gpus(self.found),
+            scaling=self.settings.scaling,
+            unhealthy=frozenset(self.unhealthy),
         )
+
+    async def reload_config(self) -> None:
+        """After ``config_poll_s``, read ``config_path`` again; new settings register the
+        node again. A file that cannot be read or is refused leaves the settings as they
+        are (logged once per problem)."""
+        await asyncio.sleep(self.config_poll_s)
+        assert self.config_path is not None
+        try:
+            data, settings = await asyncio.to_thread(
+                read_node_config, self.config_path, self.node, self.defaults
+            )
+        except (OSError, nodeconfigs.NodeConfigError) as exc:
+            if str(exc) != self._config_problem:
+                self._config_problem = str(exc)
+                log.error(
+                    "node config not applied; the node keeps its settings",
+                    extra={"path": self.config_path, "error": str(exc)},
+                )
+            return
+        self._config_problem = ""
+        if data == self.config_seen:
+            return
+        self.config_seen = data
+        if settings == self.settings:
+            return
+        self.settings = settings
+        log.info(
+            "node config applied",
+            extra={
+                "path": self.config_path,
+                "split_count": settings.scaling.split_count,
+                "memory_scaling": settings.scaling.memory_scaling,
+                "core_scaling": settings.scaling.core_scaling,
+                "filtered": sorted(settings.filter_uuids)
+                + sorted(map(str, settings.filter_indices)),
+            },
+        )
+        await self.announce()
 
     async def announce(self) -> None:
         """Register the node again, on the bus and with kubelet."""
@@ -133,15 +193,18 @@ class NodeLoops:
             await self.announce()
 
     def start(self, health: probes.Probes) -> None:
-        """Start the three loops, each a task the health probes watch."""
+        """Start the three loops (four with a node config), each a task the health probes
+        watch."""
         self._tasks = [
             asyncio.create_task(forever("usage", self.report, every_s=self.usage_every_s)),
             asyncio.create_task(forever("health", self.watch_health)),
             asyncio.create_task(forever("rediscover", self.rediscover)),
         ]
-        for name, task in zip(
-            ("usage loop", "xid loop", "rediscover loop"), self._tasks, strict=True
-        ):
+        names = ["usage loop", "xid loop", "rediscover loop"]
+        if self.config_path is not None:
+            self._tasks.append(asyncio.create_task(forever("node config", self.reload_config)))
+            names.append("node config loop")
+        for name, task in zip(names, self._tasks, strict=True):
             health.task(name, task)
 
     async def stop(self) -> None:

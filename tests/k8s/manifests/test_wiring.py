@@ -24,6 +24,7 @@ import yaml
 
 from libshared import permissions as perms
 from services.admission.core import mutating
+from services.nodeagent.core import nodeconfigs
 from tests.k8s.admission import test_mutating as tables
 from tests.k8s.admission.reviews import ctr, pod
 from tests.k8s.manifests import built
@@ -83,7 +84,7 @@ def _vslice_containers() -> list[tuple[dict[str, Any], dict[str, Any]]]:
 
 @pytest.mark.parametrize("container", ["admission", "scheduler", "nodeagent", "metrics"])
 def test_each_container_runs_a_service_whose_parser_accepts_its_flags_and_env(
-    container: str,
+    container: str, tmp_path: Path
 ) -> None:
     objects = built.base()
     ((_, spec),) = [(w, c) for w, c in _vslice_containers() if c["name"] == container]
@@ -99,7 +100,7 @@ def test_each_container_runs_a_service_whose_parser_accepts_its_flags_and_env(
     if known & pending.keys():
         assert not unknown, f"{module} has part of the contract's flags; missing {unknown}"
     parse = importlib.import_module(module + ".settings").parse
-    settings = parse(_without(args, unknown, pending), objects.env(spec))
+    settings = parse(_without(args, unknown, pending), _pod_env(spec, tmp_path))
     ports = {p["containerPort"] for p in spec.get("ports", [])}
     if container == "admission":
         assert settings.bus is None  # the webhook needs no NATS
@@ -299,6 +300,36 @@ def test_match_conditions_send_the_webhook_exactly_the_pods_it_acts_on() -> None
             assert outcome.verdict == "skipped" and outcome.patch == ()
 
 
+def _pod_env(container: dict[str, Any], tmp_path: Path) -> dict[str, str]:
+    """The container's environment (``built.env``), with a file its parser reads
+    (``VSLICE_NODE_CONFIG``) written under ``tmp_path`` from the ConfigMap mounted there."""
+    env = built.base().env(container)
+    if "VSLICE_NODE_CONFIG" in env:
+        mounted = tmp_path / "config.json"
+        mounted.write_text(_mounted_file(container, env["VSLICE_NODE_CONFIG"]))
+        env["VSLICE_NODE_CONFIG"] = str(mounted)
+    return env
+
+
+def _mounted_file(container: dict[str, Any], path: str) -> str:
+    """The text of the ConfigMap key mounted at ``path`` in the node agent's pod."""
+    objects = built.base()
+    ds = objects.get("DaemonSet", "vslice-nodeagent")
+    spec = ds["spec"]["template"]["spec"]
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == Path(path).parent]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    data: dict[str, str] = objects.get("ConfigMap", volume["configMap"]["name"])["data"]
+    return data[Path(path).name]
+
+
+def test_the_node_agent_reads_hamis_device_config_from_a_configmap_it_mounts() -> None:
+    ds = built.base().get("DaemonSet", "vslice-nodeagent")
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    text = _mounted_file(container, env["VSLICE_NODE_CONFIG"])
+    assert nodeconfigs.parse(text.encode()).nodeconfig == []  # no node overridden
+
+
 def test_the_node_agent_mounts_the_kubelet_dir_and_host_root_its_flags_name() -> None:
     ds = built.base().get("DaemonSet", "vslice-nodeagent")
     spec = ds["spec"]["template"]["spec"]
@@ -369,16 +400,15 @@ def test_every_secret_is_mounted_read_only_and_none_mounts_the_ca_key() -> None:
     [("scheduler", "scheduler"), ("nodeagent", "nodeagent"), ("metrics", "metrics")],
 )
 def test_each_bus_service_connects_over_tls_as_its_own_identity_from_the_jobs_secrets(
-    container: str, identity: str
+    container: str, identity: str, tmp_path: Path
 ) -> None:
-    objects = built.base()
     ((w, spec),) = [(w, c) for w, c in _vslice_containers() if c["name"] == container]
     module = spec["command"][2]
     parse = importlib.import_module(module + ".settings").parse
     args = list(spec.get("args", []))
     pending = PENDING.get(module, {})
     unknown = set(_flags(args)) - set(re.findall(r"--[a-z][a-z0-9-]*", _help(module)))
-    bus = parse(_without(args, unknown, pending), objects.env(spec)).bus
+    bus = parse(_without(args, unknown, pending), _pod_env(spec, tmp_path)).bus
     (wanted,) = [i for i in kubecerts.IDENTITIES if i.name == identity]
     assert bus.identity_name == wanted.name
     mounts = built.secret_mounts(w, spec)
@@ -471,9 +501,8 @@ def test_the_node_agent_shares_the_host_pid_namespace_to_see_the_pods_processes(
 
 @pytest.mark.parametrize("container", ["admission", "scheduler", "nodeagent", "metrics"])
 def test_each_service_is_probed_over_http_on_healthz_and_readyz_at_the_port_it_serves_them(
-    container: str,
+    container: str, tmp_path: Path
 ) -> None:
-    objects = built.base()
     ((_, spec),) = [(w, c) for w, c in _vslice_containers() if c["name"] == container]
     ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
     liveness, readiness = spec["livenessProbe"], spec["readinessProbe"]
@@ -491,7 +520,8 @@ def test_each_service_is_probed_over_http_on_healthz_and_readyz_at_the_port_it_s
     unknown = set(_flags(spec.get("args", []))) - set(
         re.findall(r"--[a-z][a-z0-9-]*", _help(module))
     )
-    settings = parse(_without(list(spec.get("args", [])), unknown, pending), objects.env(spec))
+    args = list(spec.get("args", []))
+    settings = parse(_without(args, unknown, pending), _pod_env(spec, tmp_path))
     if container == "metrics":  # its own port serves the probes' routes too
         assert port == settings.port
     else:

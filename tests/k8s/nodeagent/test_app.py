@@ -190,3 +190,81 @@ async def test_with_the_bus_the_agent_registers_there_and_allocates_only_what_th
         finally:
             await nc.close()
     await kubelet.stop()
+
+
+async def test_a_node_config_shapes_what_kubelet_sees_and_a_change_applies_without_a_restart(
+    native: None, tmp_path: Path, emulator: kmock.KubernetesEmulator
+) -> None:
+    # HAMi's device plugin config.json: this node's split count over --split-count, and
+    # GPU 1 filtered out by index; then changed while the agent runs, then broken
+    config = tmp_path / "config.json"
+    config.write_text(
+        '{"nodeconfig": [{"name": "other", "devicesplitcount": 9},'
+        f' {{"name": "{NODE}", "devicesplitcount": 3, "filterdevices": {{"index": [1]}}}}]}}'
+    )
+    kubelet = FakeKubelet(tmp_path / "dp")
+    await kubelet.start()
+    flags = ("--node-config", str(config), "--node-config-poll", "0.1")
+    try:
+        async with agent_process(tmp_path, emulator, kubelet, *flags):
+            devices = await kubelet.wait_devices(bool)
+            assert sorted(devices) == [f"{G0}-{i}" for i in range(3)]
+
+            def annotation() -> str:
+                meta = emulator.objects["v1/nodes", None, NODE].raw["metadata"]
+                return str((meta.get("annotations") or {}).get(keys.NODE_NVIDIA_REGISTER, ""))
+
+            await eventually(lambda: G0 in annotation(), "node annotation", timeout_s=30)
+            assert G1 not in annotation()
+
+            config.write_text(
+                f'{{"nodeconfig": [{{"name": "{NODE}", "devicememoryscaling": 2,'
+                ' "devicesplitcount": 5}]}'
+            )
+            devices = await kubelet.wait_devices(lambda d: len(d) == 2 * 5)
+            assert {d.rsplit("-", 1)[0] for d in devices} == {G0, G1}
+            await eventually(lambda: "32768" in annotation(), "scaled memory", timeout_s=30)
+
+            log_path = tmp_path / "agent.log"
+            config.write_text(entry(NODE, '"devicesplitcount": 0'))
+            await eventually(
+                lambda: "node config not applied" in log_path.read_text(), "refusal logged"
+            )
+            assert "devicesplitcount" in log_path.read_text()
+            assert len(kubelet.devices) == 2 * 5  # the last good settings stay
+    finally:
+        await kubelet.stop()
+
+
+def entry(node: str, keys: str) -> str:
+    """A config.json with one entry: ``node`` and the JSON members ``keys``."""
+    return f'{{"nodeconfig": [{{"name": "{node}", {keys}}}]}}'
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        (entry("n-0", '"devicesplitcount": 0'), "devicesplitcount"),
+        (entry("n-0", '"operatingmode": "mig"'), "hami-core mode only"),
+        (entry("n-0", '"devicememoryscalling": 2'), "devicememoryscalling"),
+        ("{", "not JSON"),
+    ],
+)
+def test_a_bad_node_config_stops_the_agent_before_it_starts(
+    tmp_path: Path, text: str, named: str
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(text)
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "services.nodeagent", "--host-root", str(tmp_path / "h")),
+            *("--backend", "mock", "--node-prefix", "n", "--node-config", str(config)),
+        ],
+        cwd=harness.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert named in done.stderr and str(config) in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,222 @@
+"""Per-node device configuration: HAMi's device plugin ``nodeconfig``, read and resolved.
+
+HAMi's device plugin reads a ``config.json`` (the ``hami-device-plugin`` ConfigMap;
+HAMi's ``charts/hami/values.yaml``, ``devicePlugin.nodeConfiguration``, and
+``pkg/device/nvidia/device.go``, ``DevicePluginConfigs``) whose ``nodeconfig`` list
+holds, per node name, values that override the plugin's defaults::
+
+    {"nodeconfig": [{"name": "gpu-7", "operatingmode": "hami-core",
+                     "devicememoryscaling": 1.5, "devicecorescaling": 1,
+                     "devicesplitcount": 4, "migstrategy": "none",
+                     "filterdevices": {"uuid": ["GPU-..."], "index": [3]}}]}
+
+vslice's node agent reads the same file and keys (``--node-config``). A key left out
+keeps the agent's default (its ``--memory-scaling``, ``--core-scaling``,
+``--split-count`` flags). What each key does here:
+
+- ``devicememoryscaling`` (> 0): memory registered = physical x factor. Above 1 the node
+  oversubscribes: the scheduler books slices up to the scaled size, and libvgpu caps each
+  process at its slice's limit only, so when the card is physically full an allocation
+  within the slice fails with the driver's out-of-memory error (HAMi documents the same
+  for its ``deviceMemoryScaling``: virtual device memory beyond the physical memory).
+- ``devicecorescaling`` (> 0): compute registered = 100 % x factor.
+- ``devicesplitcount`` (>= 1): how many slices may share one GPU.
+- ``filterdevices``: GPUs (by ``uuid`` or by ``index``) the node does not offer; they are
+  left out of its registration, so no new slice goes there.
+- ``preconfigureddevicememory`` (MiB, >= 0; 0 = as discovered): the memory a GPU is
+  registered with before scaling (HAMi: for GPUs whose memory NVML does not report, such
+  as unified-memory parts).
+- ``operatingmode``: ``hami-core`` (slices enforced by libvgpu) is what vslice builds;
+  ``mig`` and ``mps`` are refused for the node that names them, with that reason.
+- ``migstrategy`` (``none``/``single``/``mixed``), ``enablenumatopology``,
+  ``enablegetpreferredallocation``, ``libcudaloglevel``: accepted for compatibility
+  with HAMi's file, and not used by vslice's agent.
+
+Any other key is refused (a misspelt key would otherwise be silently ignored), as are
+two entries for one node. The file is untrusted input: its size is bounded
+(``MAX_BYTES``), and every error names the entry, the key and the value. Pure: reading
+the file and reloading it belong to the adapters.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import msgspec
+
+from services.nodeagent.core.registrations import Gpu, Scaling
+
+MAX_BYTES = 1 << 20  # a config file larger than this is refused (1 MiB)
+MAX_NODES = 100_000  # entries in ``nodeconfig``
+MAX_FILTERED = 1_024  # UUIDs or indices in one ``filterdevices`` list
+BUILT_MODES = frozenset({"hami-core"})
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+Uuid = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class NodeConfigError(ValueError):
+    """The device configuration is unusable: ``where`` (the file, entry and key) and why."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
+
+
+class FilterDevices(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """GPUs a node does not offer, by UUID and by index (HAMi's ``FilterDevice``)."""
+
+    uuid: Annotated[list[Uuid], msgspec.Meta(max_length=MAX_FILTERED)] = []
+    index: Annotated[
+        list[Annotated[int, msgspec.Meta(ge=0, le=1_023)]], msgspec.Meta(max_length=MAX_FILTERED)
+    ] = []
+
+
+class NodeEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One ``nodeconfig`` entry as HAMi writes it (keys in lower case, no separators);
+    None: the key was left out."""
+
+    name: Name
+    operatingmode: Literal["hami-core", "mig", "mps"] | None = None
+    devicememoryscaling: float | None = None
+    devicecorescaling: float | None = None
+    devicesplitcount: Annotated[int, msgspec.Meta(ge=1, le=1_000)] | None = None
+    preconfigureddevicememory: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)] | None = None
+    migstrategy: Literal["none", "single", "mixed"] | None = None
+    filterdevices: FilterDevices | None = None
+    enablenumatopology: bool | None = None
+    enablegetpreferredallocation: bool | None = None
+    libcudaloglevel: Annotated[int, msgspec.Meta(ge=0, le=4)] | None = None
+
+
+class DeviceConfigFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole file: ``{"nodeconfig": [...]}``."""
+
+    nodeconfig: Annotated[list[NodeEntry], msgspec.Meta(max_length=MAX_NODES)] = []
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What one node registers with, the defaults overridden by its entry: ``scaling``
+    (split count, memory and core scaling), ``filter_uuids`` / ``filter_indices`` (GPUs
+    left out), ``memory_mib`` (> 0: every GPU's memory before scaling, MiB; 0 = as
+    discovered), ``mode`` (always ``hami-core`` once resolved)."""
+
+    scaling: Scaling
+    filter_uuids: frozenset[str] = frozenset()
+    filter_indices: frozenset[int] = frozenset()
+    memory_mib: int = 0
+    mode: str = "hami-core"
+
+    def gpus(self, found: Sequence[Gpu]) -> list[Gpu]:
+        """The GPUs of ``found`` the node offers, with their memory as configured."""
+        kept = [
+            g
+            for g in found
+            if g.uuid not in self.filter_uuids and g.index not in self.filter_indices
+        ]
+        if self.memory_mib:
+            return [msgspec.structs.replace(g, memory_mib=self.memory_mib) for g in kept]
+        return kept
+
+
+def parse(data: bytes, *, source: str = "<node config>") -> DeviceConfigFile:
+    """Decode and check a ``config.json`` (see the module docstring).
+
+    Raises ``NodeConfigError`` naming ``source``, the entry and the key: larger than
+    ``MAX_BYTES``, not JSON of that shape, an unknown key, a value out of range, a
+    scaling that is not a finite number above 0, two entries for one node.
+    """
+    if len(data) > MAX_BYTES:
+        raise NodeConfigError(source, f"{len(data):,} bytes; at most {MAX_BYTES:,} are read")
+    try:
+        config = msgspec.json.decode(data, type=DeviceConfigFile)
+    except msgspec.ValidationError as exc:
+        raise NodeConfigError(source, _with_value(str(exc), data)) from exc
+    except msgspec.DecodeError as exc:
+        raise NodeConfigError(source, f"not JSON: {exc}") from exc
+    seen: set[str] = set()
+    for i, entry in enumerate(config.nodeconfig):
+        where = f"{source}: nodeconfig[{i}] ({entry.name})"
+        if entry.name in seen:
+            raise NodeConfigError(where, f"a second entry for node {entry.name!r}")
+        seen.add(entry.name)
+        for key in ("devicememoryscaling", "devicecorescaling"):
+            value = getattr(entry, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise NodeConfigError(f"{where}.{key}", f"{value!r}: must be a number above 0")
+    return config
+
+
+_PATH = re.compile(r"at `(\$[^`]*)`")
+_STEP = re.compile(r"\.([A-Za-z0-9_-]+)|\[(\d+)\]")
+
+
+def _with_value(message: str, data: bytes) -> str:
+    """msgspec's ``message`` (it names the key by its path) with the value found there,
+    when that value is a scalar."""
+    found = _PATH.search(message)
+    if found is None:
+        return message
+    try:
+        value: object = msgspec.json.decode(data)
+    except msgspec.DecodeError:  # a number no Python type holds, say
+        return message
+    for key, index in _STEP.findall(found.group(1)):
+        if key and isinstance(value, dict) and key in value:
+            value = value[key]
+        elif index and isinstance(value, list) and int(index) < len(value):
+            value = value[int(index)]
+        else:
+            return message
+    if isinstance(value, dict | list):
+        return message
+    return f"{message} (value: {value!r})"
+
+
+def resolve(
+    config: DeviceConfigFile, node: str, defaults: Scaling, *, source: str = "<node config>"
+) -> NodeSettings:
+    """The settings of ``node``: ``defaults`` with its entry's values over them (no entry:
+    the defaults). Raises ``NodeConfigError`` when the entry asks an operating mode vslice
+    does not build (``mig``, ``mps``)."""
+    entry = next((e for e in config.nodeconfig if e.name == node), None)
+    if entry is None:
+        return NodeSettings(scaling=defaults)
+    where = f"{source}: node {node}"
+    mode = entry.operatingmode or "hami-core"
+    if mode not in BUILT_MODES:
+        raise NodeConfigError(
+            f"{where}.operatingmode",
+            f"{mode!r}: vslice's node agent slices in hami-core mode only (mig and mps are "
+            "not built)",
+        )
+    scaling = Scaling(
+        split_count=defaults.split_count
+        if entry.devicesplitcount is None
+        else entry.devicesplitcount,
+        memory_scaling=defaults.memory_scaling
+        if entry.devicememoryscaling is None
+        else entry.devicememoryscaling,
+        core_scaling=defaults.core_scaling
+        if entry.devicecorescaling is None
+        else entry.devicecorescaling,
+    )
+    filtered = entry.filterdevices or FilterDevices()
+    return NodeSettings(
+        scaling=scaling,
+        filter_uuids=frozenset(filtered.uuid),
+        filter_indices=frozenset(filtered.index),
+        memory_mib=entry.preconfigureddevicememory or 0,
+        mode=mode,
+    )
+
+
+def load(data: bytes, node: str, defaults: Scaling, *, source: str) -> NodeSettings:
+    """``resolve(parse(data))`` for ``node``. Raises ``NodeConfigError``."""
+    return resolve(parse(data, source=source), node, defaults, source=source)

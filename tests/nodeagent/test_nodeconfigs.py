@@ -1,0 +1,150 @@
+"""Per-node device configuration (HAMi's device plugin ``nodeconfig``): each key, the
+overrides, and refusals that name the entry, key and value."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.nodeagent.core import nodeconfigs, registrations
+from services.nodeagent.core.nodeconfigs import NodeConfigError
+from services.nodeagent.core.registrations import Gpu, Scaling
+
+DEFAULTS = Scaling(split_count=10, memory_scaling=1.0, core_scaling=1.0)
+
+
+def gpu(i: int, memory_mib: int = 16000) -> Gpu:
+    return Gpu(uuid=f"GPU-{i}", index=i, model="T4", type="NVIDIA-T4", memory_mib=memory_mib)
+
+
+FOUND = [gpu(0), gpu(1), gpu(2), gpu(3)]
+
+
+def config(*entries: dict[str, object]) -> bytes:
+    return json.dumps({"nodeconfig": list(entries)}).encode()
+
+
+def registered(data: bytes, node: str = "n1") -> list[tuple[str, int, int, int]]:
+    settings = nodeconfigs.load(data, node, DEFAULTS, source="config.json")
+    reg = registrations.node_devices(node, settings.gpus(FOUND), scaling=settings.scaling)
+    return [(d.uuid, d.memory_mib, d.cores_percent, d.split_count) for d in reg.devices]
+
+
+# each key on its own: (entry beside "name": "n1", what n1's GPU-0 registers)
+KEYS = [
+    ({}, ("GPU-0", 16000, 100, 10)),
+    ({"devicememoryscaling": 1.5}, ("GPU-0", 24000, 100, 10)),
+    ({"devicememoryscaling": 0.5}, ("GPU-0", 8000, 100, 10)),
+    ({"devicecorescaling": 2}, ("GPU-0", 16000, 200, 10)),
+    ({"devicesplitcount": 4}, ("GPU-0", 16000, 100, 4)),
+    ({"preconfigureddevicememory": 1000}, ("GPU-0", 1000, 100, 10)),
+    ({"preconfigureddevicememory": 1000, "devicememoryscaling": 2}, ("GPU-0", 2000, 100, 10)),
+    ({"preconfigureddevicememory": 0}, ("GPU-0", 16000, 100, 10)),
+    ({"operatingmode": "hami-core"}, ("GPU-0", 16000, 100, 10)),
+    ({"migstrategy": "mixed", "enablenumatopology": True}, ("GPU-0", 16000, 100, 10)),
+    ({"enablegetpreferredallocation": True, "libcudaloglevel": 3}, ("GPU-0", 16000, 100, 10)),
+]
+
+
+@pytest.mark.parametrize(("entry", "first"), KEYS, ids=[json.dumps(e) for e, _ in KEYS])
+def test_each_key_changes_what_the_node_registers(
+    entry: dict[str, object], first: tuple[str, int, int, int]
+) -> None:
+    devices = registered(config({"name": "n1", **entry}))
+    assert devices[0] == first
+    assert len(devices) == 4
+
+
+def test_filterdevices_leaves_gpus_out_by_uuid_and_by_index() -> None:
+    data = config({"name": "n1", "filterdevices": {"uuid": ["GPU-1"], "index": [3]}})
+    assert [d[0] for d in registered(data)] == ["GPU-0", "GPU-2"]
+    only_index = config({"name": "n1", "filterdevices": {"index": [0]}})
+    assert [d[0] for d in registered(only_index)] == ["GPU-1", "GPU-2", "GPU-3"]
+
+
+def test_another_nodes_entry_leaves_the_defaults() -> None:
+    data = config({"name": "other", "devicesplitcount": 2, "devicememoryscaling": 3})
+    assert registered(data) == [(f"GPU-{i}", 16000, 100, 10) for i in range(4)]
+    assert registered(config()) == registered(data)
+
+
+def test_the_nodes_values_override_the_agents_defaults_and_the_rest_stay() -> None:
+    defaults = Scaling(split_count=7, memory_scaling=2.0, core_scaling=1.5)
+    got = nodeconfigs.load(
+        config({"name": "n1", "devicesplitcount": 3}), "n1", defaults, source="f"
+    )
+    assert got.scaling == Scaling(split_count=3, memory_scaling=2.0, core_scaling=1.5)
+
+
+def test_hamis_own_example_file_is_read() -> None:
+    # the shape of HAMi's charts/hami/values.yaml example, values of our own
+    data = b"""{
+      "nodeconfig": [
+        {
+          "name": "n1",
+          "operatingmode": "hami-core",
+          "devicememoryscaling": 1,
+          "devicesplitcount": 5,
+          "preconfigureddevicememory": 0,
+          "enablenumatopology": false,
+          "migstrategy": "none",
+          "filterdevices": {"uuid": [], "index": []},
+          "enablegetpreferredallocation": false
+        }
+      ]
+    }"""
+    assert registered(data)[0] == ("GPU-0", 16000, 100, 5)
+
+
+# (file, what the error must name)
+BAD = [
+    (b"{", "not JSON"),
+    (b"[]", "Expected `object`"),
+    (config({"name": "n1", "devicememoryscalling": 2}), "devicememoryscalling"),
+    (config({"name": "n1", "devicememoryscaling": 0}), "devicememoryscaling"),
+    (config({"name": "n1", "devicememoryscaling": -1.5}), "-1.5"),
+    (config({"name": "n1", "devicecorescaling": 0.0}), "devicecorescaling"),
+    (b'{"nodeconfig": [{"name": "n1", "devicememoryscaling": 1e999}]}', "devicememoryscaling"),
+    (config({"name": "n1", "devicesplitcount": 0}), "devicesplitcount` (value: 0)"),
+    (config({"name": "n1", "devicesplitcount": 2.5}), "devicesplitcount` (value: 2.5)"),
+    (config({"name": "n1", "devicesplitcount": "4"}), "devicesplitcount` (value: '4')"),
+    (config({"name": "n1", "operatingmode": "vgpu"}), "operatingmode` (value: 'vgpu')"),
+    (config({"name": "n1", "migstrategy": "some"}), "migstrategy` (value: 'some')"),
+    (config({"name": "n1", "filterdevices": {"index": [-1]}}), "index[0]` (value: -1)"),
+    (config({"name": "n1", "filterdevices": {"uuids": []}}), "uuids"),
+    (config({"name": "n1", "filterdevices": {"uuid": [""]}}), "uuid"),
+    (config({"name": "n1", "preconfigureddevicememory": -5}), "(value: -5)"),
+    (config({"devicesplitcount": 4}), "name"),
+    (config({"name": ""}), "name"),
+    (config({"name": "n1"}, {"name": "n1", "devicesplitcount": 2}), "a second entry for node 'n1'"),
+    (b'{"nodeconfig": [], "extra": 1}', "extra"),
+]
+
+
+@pytest.mark.parametrize(("data", "named"), BAD, ids=[str(i) for i in range(len(BAD))])
+def test_a_bad_file_is_refused_naming_the_key_and_value(data: bytes, named: str) -> None:
+    with pytest.raises(NodeConfigError) as caught:
+        nodeconfigs.parse(data, source="config.json")
+    assert named in str(caught.value)
+    assert str(caught.value).startswith("config.json")
+
+
+def test_an_error_names_the_entry_it_is_in() -> None:
+    data = config({"name": "n0"}, {"name": "n1", "devicecorescaling": -1})
+    with pytest.raises(NodeConfigError, match=r"nodeconfig\[1\] \(n1\)\.devicecorescaling"):
+        nodeconfigs.parse(data, source="config.json")
+
+
+def test_a_file_over_the_size_bound_is_refused_before_it_is_decoded() -> None:
+    data = b" " * (nodeconfigs.MAX_BYTES + 1)
+    with pytest.raises(NodeConfigError, match="at most 1,048,576"):
+        nodeconfigs.parse(data)
+
+
+@pytest.mark.parametrize("mode", ["mig", "mps"])
+def test_a_mode_vslice_does_not_build_is_refused_for_the_node_that_names_it(mode: str) -> None:
+    data = config({"name": "n1", "operatingmode": mode}, {"name": "n2"})
+    with pytest.raises(NodeConfigError, match=f"node n1.operatingmode: '{mode}'"):
+        nodeconfigs.load(data, "n1", DEFAULTS, source="config.json")
+    assert nodeconfigs.load(data, "n2", DEFAULTS, source="config.json").mode == "hami-core"
