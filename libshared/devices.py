@@ -24,6 +24,9 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     ``pair_scores``: ``(UUID, score)`` of how well it links to each other device of the
     node (HAMi's ``hami.io/node-nvidia-score``; higher is better), read by the
     ``topology-aware`` GPU policy; empty when unknown (every pair then scores 0, as in HAMi).
+    ``cordoned``: no new slice goes there, the slices it holds stay (HAMi's node annotation
+    ``hami.io/device-cordon``, a comma-separated UUID list, which the node agent reads;
+    the scheduler's reason is ``CardCordoned``).
     """
 
     uuid: bounds.DeviceUuid
@@ -39,6 +42,7 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
         tuple[tuple[bounds.DeviceUuid, int], ...],
         msgspec.Meta(max_length=bounds.MAX_DEVICES_PER_NODE),
     ] = ()
+    cordoned: bool = False
 
     def pair_score(self, uuid: str) -> int:
         """This device's link score to device ``uuid`` (0 when unknown)."""

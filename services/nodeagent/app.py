@@ -258,13 +258,16 @@ async def _device_plugin(
         assert agent is not None
         return await agent.ledger_of(node_loops.node)
 
+    pods = kube.Kube(api)
+    node_loops.kube_api = pods  # the node's hami.io/device-cordon annotation
+    node_loops.cordon_poll_s = plugin_settings.cordon_poll_s
     plugin = deviceplugin.DevicePlugin(
         settings=deviceplugin.PluginSettings(
             node=node_loops.node,
             kubelet_dir=plugin_settings.kubelet_dir,
             device_list=plugin_settings.device_list,
         ),
-        pods=kube.Kube(api),
+        pods=pods,
         slicer=node_loops.slicer,
         registration=node_loops.registration(),
         libvgpu=lib.resolve(),

@@ -242,6 +242,14 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
             group=K8S,
         ),
     ] = "/"
+    cordon_poll: Annotated[
+        Seconds,
+        settings.option(
+            "--cordon-poll",
+            help="seconds between reads of the node's hami.io/device-cordon annotation",
+            group=K8S,
+        ),
+    ] = 10.0
     kube: Annotated[
         bool,
         settings.option(
@@ -299,10 +307,12 @@ class SliceSettings:
 @dataclass(frozen=True)
 class DevicePluginSettings:
     """The kubelet device plugin: ``node_name`` (the Kubernetes node), ``kubelet_dir``
-    (kubelet's device-plugin directory), ``device_list`` (how Allocate names the GPUs)."""
+    (kubelet's device-plugin directory), ``cordon_poll_s`` (seconds between reads of the
+    node's ``hami.io/device-cordon``), ``device_list`` (how Allocate names the GPUs)."""
 
     node_name: str
     kubelet_dir: str = DEFAULTS.kubelet_dir
+    cordon_poll_s: float = DEFAULTS.cordon_poll
     device_list: devicelists.DeviceListSettings = field(
         default_factory=devicelists.DeviceListSettings
     )
@@ -384,6 +394,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         device_plugin = DevicePluginSettings(
             node_name=opts.node_name,
             kubelet_dir=str(Path(opts.kubelet_dir).resolve()),
+            cordon_poll_s=opts.cordon_poll,
             device_list=device_list,
         )
     if opts.node_config and not opts.host_root:

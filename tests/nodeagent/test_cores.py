@@ -528,3 +528,31 @@ def test_a_usage_report_over_its_bounds_is_clipped_saying_what_was_left_out() ->
     assert kept.problems[0].endswith("...") and len(kept.problems[0]) == events.MAX_PROBLEM
     small = msgspec.structs.replace(usage, containers=(), escapes=(), problems=())
     assert usages.clipped(small) == (small, [])
+
+
+@pytest.mark.parametrize(
+    ("value", "uuids"),
+    [
+        ("dev-1, ", {"dev-1"}),  # HAMi's TestFit_DeviceCordon value
+        ("dev-0,dev-1", {"dev-0", "dev-1"}),
+        ("", set()),
+        (" , ,", set()),
+        (" GPU-a ,GPU-b,,GPU-a", {"GPU-a", "GPU-b"}),
+    ],
+)
+def test_the_device_cordon_annotation_reads_as_hamis_comma_list(
+    value: str, uuids: set[str]
+) -> None:
+    assert registrations.parse_cordon(value) == uuids
+
+
+def test_a_cordoned_gpu_registers_cordoned_and_an_overlong_annotation_is_refused() -> None:
+    reg = registrations.node_devices(
+        "n1", [gpu(0), gpu(1)], scaling=Scaling(), cordoned=frozenset({"GPU-1", "GPU-9"})
+    )
+    assert [(d.uuid, d.cordoned, d.healthy) for d in reg.devices] == [
+        ("GPU-0", False, True),
+        ("GPU-1", True, True),
+    ]
+    with pytest.raises(ValueError, match=r"hami\.io/device-cordon: 65,537 characters"):
+        registrations.parse_cordon("x" * (registrations.MAX_CORDON_CHARS + 1))

@@ -18,6 +18,7 @@ def node(
     host_mib: int | None = None,
     numa: list[int] | None = None,
     unhealthy: tuple[int, ...] = (),
+    cordoned: tuple[int, ...] = (),
 ) -> NodeDevices:
     devices = tuple(
         Device(
@@ -28,6 +29,7 @@ def node(
             split_count=split,
             numa=(numa or [0] * gpus)[i],
             healthy=i not in unhealthy,
+            cordoned=i in cordoned,
         )
         for i in range(gpus)
     )

@@ -24,6 +24,8 @@ def _occupy(c, n_name, slot, *, mem, cores, uid="holder"):
     ("setup", "request_kwargs", "reason"),
     [
         ("unhealthy", {"mem": 1000, "cores": 10}, fitting.CARD_NOT_HEALTH),
+        ("cordoned", {"mem": 1000, "cores": 10}, fitting.CARD_CORDONED),
+        ("cordoned", {"mem": 1000, "cores": 10, "use_types": ("H100",)}, fitting.CARD_CORDONED),
         ("plain", {"mem": 1000, "cores": 10, "use_types": ("H100",)}, fitting.CARD_TYPE_MISMATCH),
         ("plain", {"mem": 1000, "cores": 10, "nouse_types": ("a100",)}, fitting.CARD_TYPE_MISMATCH),
         ("plain", {"mem": 1000, "cores": 10, "use_uuids": ("other",)}, fitting.CARD_UUID_MISMATCH),
@@ -42,7 +44,15 @@ def _occupy(c, n_name, slot, *, mem, cores, uid="holder"):
 )
 def test_each_fit_rule_rejects_with_hamis_reason(setup, request_kwargs, reason):
     split = 1 if setup == "split1_used" else 10
-    c = cluster(node("n", 1, split=split, unhealthy=(0,) if setup == "unhealthy" else ()))
+    c = cluster(
+        node(
+            "n",
+            1,
+            split=split,
+            unhealthy=(0,) if setup == "unhealthy" else (),
+            cordoned=(0,) if setup == "cordoned" else (),
+        )
+    )
     if setup == "split1_used":
         _occupy(c, "n", 0, mem=100, cores=10)
     if setup == "small_used":
@@ -197,3 +207,9 @@ def test_vector_reasons_and_exact_reasons_are_the_same_strings_on_random_fleets(
             d = s.decide(p)
             if isinstance(d, Placement):
                 c.apply(d)
+
+
+def test_a_cordoned_device_has_nothing_free_for_the_fragmentation_policies():
+    c = cluster(node("n", 2, cordoned=(0,)))
+    assert c.free_milli[0].tolist()[:2] == [0, 1000]
+    assert Scheduler(c, policy="hami").filter(pod("q", mem=1000, cores=10)).feasible == ["n"]

@@ -39,6 +39,7 @@ class Dev:
     type: str = "NVIDIA"
     health: bool = True
     index: int = 0
+    cordoned: bool = False  # in HAMi's hami.io/device-cordon annotation of the node
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ def _cluster(nodes: dict[str, list[Dev]]) -> Cluster:
                         split_count=d.count,
                         numa=d.numa,
                         healthy=d.health,
+                        cordoned=d.cordoned,
                     )
                     for d in devs
                 ),
@@ -232,6 +234,54 @@ FIT = [
         Annos(),
         None,
         "1/1 CardNotHealth",
+    ),
+]
+
+
+# --- pkg/device/nvidia/device_test.go TestFit_DeviceCordon: the node's hami.io/device-cordon
+# lists dev-1 (or both); the node agent turns the annotation into Device.cordoned
+# (services.nodeagent.core.registrations.parse_cordon, tested with HAMi's "dev-1, ")
+FIT += [
+    (
+        "cordoned device is skipped, healthy sibling still fits",
+        [
+            Dev("dev-0", count=100, totalmem=128),
+            Dev("dev-1", count=100, totalmem=128, cordoned=True),
+        ],
+        Req(1, mem=64, cores=50),
+        Annos(),
+        ["dev-0"],
+        "",
+    ),
+    (
+        "all devices cordoned fails with CardCordoned reason",
+        [
+            Dev("dev-0", count=100, totalmem=128, cordoned=True),
+            Dev("dev-1", count=100, totalmem=128, cordoned=True),
+        ],
+        Req(1, mem=64, cores=50),
+        Annos(),
+        None,
+        "2/2 CardCordoned",
+    ),
+    (
+        "running pods on a cordoned device are unaffected",
+        [
+            Dev("dev-0", count=100, totalmem=128),
+            Dev("dev-1", count=100, totalmem=128, used=1, usedcores=50, usedmem=64, cordoned=True),
+        ],
+        Req(1, mem=64, cores=50),
+        Annos(),
+        ["dev-0"],
+        "",
+    ),
+    (
+        "no annotation or no node info means nothing cordoned",
+        [Dev("dev-0", count=100, totalmem=128), Dev("dev-1", count=100, totalmem=128)],
+        Req(1, mem=64, cores=50),
+        Annos(),
+        ["dev-1"],
+        "",
     ),
 ]
 

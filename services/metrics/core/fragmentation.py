@@ -8,7 +8,7 @@ which the metrics service does not have. The figure here is the paper's measure 
 workload of one shape -- one whole GPU -- divided by the free capacity:
 
 - a device's free share ``free_milli`` (milli-GPU, 1000 = a whole GPU) is the smaller of
-  its free memory share and its free compute share; 0 when it is unhealthy or every one of
+  its free memory share and its free compute share; 0 when it is unhealthy, cordoned or every one of
   its ``split_count`` slots holds a slice (the same rule as the scheduler's view);
 - for a whole-GPU shape every idle milli-GPU of a device with ``0 < free_milli < 1000`` is
   fragmented ("stranded"); a fully free device is not;
@@ -34,7 +34,7 @@ def free_milli(device: Device, *, slices: int, memory_mib: int, cores: int) -> i
     """The free share of ``device`` holding ``slices`` slices of ``memory_mib`` MiB and
     ``cores`` percent in all, in milli-GPU (0-1000; ``libshared.devices.free_milli``)."""
     return devices.free_milli(
-        healthy=device.healthy,
+        healthy=device.healthy and not device.cordoned,
         split_count=device.split_count,
         slices=slices,
         memory_mib=device.memory_mib,

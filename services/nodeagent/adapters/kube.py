@@ -1,5 +1,5 @@
 """The node agent's calls to the Kubernetes API (kubernetes-asyncio): the pods bound to its
-node, and annotation patches on a pod and on the node.
+node, the node's annotations, and annotation patches on a pod and on the node.
 
 Pods are read as plain JSON (no model classes): the device plugin's decisions
 (``services.nodeagent.core.allocating``) take the objects as the API serves them. Patches
@@ -109,6 +109,22 @@ class Kube:
                 _request_timeout=self.timeout_s,
             ),
         )
+
+    async def node_annotations(self, node: str) -> dict[str, str]:
+        """The node's annotations, read now from the API server. Raises ``KubeError``
+        (also for a node object without a readable ``metadata.annotations`` map)."""
+        what = f"read node {node}"
+        body = await self._call(
+            what,
+            self.core.read_node(node, _preload_content=False, _request_timeout=self.timeout_s),
+        )
+        try:
+            found = (json.loads(body).get("metadata") or {}).get("annotations") or {}
+        except (ValueError, AttributeError) as exc:
+            raise KubeError(what, 200, f"unreadable node: {exc}") from exc
+        if not isinstance(found, dict):
+            raise KubeError(what, 200, "metadata.annotations is not a map")
+        return {str(k): str(v) for k, v in found.items()}
 
     async def annotate_node(self, node: str, annotations: Mapping[str, str | None]) -> None:
         """Merge-patch the node's annotations. Raises ``KubeError``."""

@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from libshared import bounds, events, probes
 from libshared.devices import NodeDevices
 from libshared.subjects import Subjects
-from services.nodeagent.adapters import deviceplugin, gpus, hostroots
+from services.nodeagent.adapters import deviceplugin, gpus, hostroots, kube
 from services.nodeagent.adapters.bus import Agent
 from services.nodeagent.adapters.slicing import Slicer
 from services.nodeagent.core import nodeconfigs, registrations, usages
@@ -96,6 +96,9 @@ class NodeLoops:
     config_path: str | None = None
     config_poll_s: float = 5.0
     config_seen: bytes = b""
+    kube_api: kube.Kube | None = None
+    cordon_poll_s: float = 10.0
+    cordoned: frozenset[str] = frozenset()
     _config_problem: str = ""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -106,7 +109,25 @@ class NodeLoops:
             self.settings.gpus(self.found),
             scaling=self.settings.scaling,
             unhealthy=frozenset(self.unhealthy),
+            cordoned=self.cordoned,
         )
+
+    async def read_cordon(self) -> None:
+        """Read the node's ``hami.io/device-cordon`` annotation (with ``kube_api``); a change
+        registers the node again. Raises ``kube.KubeError`` when the node cannot be read,
+        ``ValueError`` for an annotation over its bound (the cordon stays as it was)."""
+        assert self.kube_api is not None
+        annotations = await self.kube_api.node_annotations(self.node)
+        cordoned = registrations.parse_cordon(annotations.get(registrations.DEVICE_CORDON, ""))
+        if cordoned == self.cordoned:
+            return
+        self.cordoned = cordoned
+        known = {g.uuid for g in self.found}
+        log.info(
+            "devices cordoned",
+            extra={"uuids": sorted(cordoned & known), "unknown": sorted(cordoned - known)},
+        )
+        await self.announce()
 
     async def reload_config(self) -> None:
         """After ``config_poll_s``, read ``config_path`` again; new settings register the
@@ -193,8 +214,8 @@ class NodeLoops:
             await self.announce()
 
     def start(self, health: probes.Probes) -> None:
-        """Start the three loops (four with a node config), each a task the health probes
-        watch."""
+        """Start the three loops (and the node config's and the cordon's, with a node
+        config and the Kubernetes API), each a task the health probes watch."""
         self._tasks = [
             asyncio.create_task(forever("usage", self.report, every_s=self.usage_every_s)),
             asyncio.create_task(forever("health", self.watch_health)),
@@ -204,6 +225,11 @@ class NodeLoops:
         if self.config_path is not None:
             self._tasks.append(asyncio.create_task(forever("node config", self.reload_config)))
             names.append("node config loop")
+        if self.kube_api is not None:
+            self._tasks.append(
+                asyncio.create_task(forever("cordon", self.read_cordon, every_s=self.cordon_poll_s))
+            )
+            names.append("cordon loop")
         for name, task in zip(names, self._tasks, strict=True):
             health.task(name, task)
 

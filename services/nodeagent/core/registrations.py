@@ -80,13 +80,15 @@ def node_devices(
     *,
     scaling: Scaling,
     unhealthy: frozenset[str] = frozenset(),
+    cordoned: frozenset[str] = frozenset(),
     cpu_milli: int | None = None,
     host_memory_mib: int | None = None,
 ) -> NodeDevices:
     """The registration of ``node``: one ``Device`` per GPU, ordered by index, with memory
     ``floor(memory_mib x memory_scaling)`` MiB, compute ``floor(100 x core_scaling)``
     percent, ``split_count`` slices, and ``healthy`` false for a GPU in ``unhealthy``
-    (UUIDs that had a device fault) or discovered unhealthy. Pure.
+    (UUIDs that had a device fault) or discovered unhealthy, and ``cordoned`` true for a
+    GPU in ``cordoned`` (``parse_cordon``). Pure.
 
     Raises ``ValueError`` when two GPUs share a UUID or an index.
     """
@@ -107,12 +109,30 @@ def node_devices(
                 split_count=scaling.split_count,
                 numa=g.numa,
                 healthy=g.healthy and g.uuid not in unhealthy,
+                cordoned=g.uuid in cordoned,
             )
             for g in ordered
         ),
         cpu_milli=cpu_milli,
         memory_mib=host_memory_mib,
     )
+
+
+DEVICE_CORDON = "hami.io/device-cordon"  # HAMi: pkg/device/nvidia/device.go
+MAX_CORDON_CHARS = 65_536  # a longer annotation value is refused
+
+
+def parse_cordon(value: str) -> frozenset[str]:
+    """The GPU UUIDs of HAMi's ``hami.io/device-cordon`` node annotation: a comma-separated
+    list, each entry trimmed of white space, empty ones skipped (HAMi's
+    ``cordonedDevices``); no new slice goes to those GPUs, the slices they hold stay.
+    Raises ``ValueError`` naming the annotation when ``value`` is longer than
+    ``MAX_CORDON_CHARS``. Pure."""
+    if len(value) > MAX_CORDON_CHARS:
+        raise ValueError(
+            f"{DEVICE_CORDON}: {len(value):,} characters; at most {MAX_CORDON_CHARS:,} are read"
+        )
+    return frozenset(u for u in (part.strip() for part in value.split(",")) if u)
 
 
 def hami_register(registration: NodeDevices) -> str:

@@ -39,10 +39,12 @@ class Cluster:
     """Devices and usage of every node; ``max_devices`` pads the per-node device arrays.
 
     Arrays (N nodes, D = ``max_devices``): ``dev_valid`` (slot holds a device),
-    ``dev_healthy``, ``dev_type`` (index into ``types``), ``dev_mem``/``dev_mem_used`` (MiB),
+    ``dev_healthy``, ``dev_cordoned`` (no new slice: ``Device.cordoned``), ``dev_type``
+    (index into ``types``), ``dev_mem``/``dev_mem_used`` (MiB),
     ``dev_cores``/``dev_cores_used`` (percent), ``dev_split``/``dev_used`` (slices),
     ``dev_numa``, ``free_milli`` (what is left of the device in milli-GPU: the smaller of its
-    free cores and free memory share; 0 when full, unhealthy or out of split slots; -1 for an
+    free cores and free memory share; 0 when full, unhealthy, cordoned or out of split
+    slots; -1 for an
     empty slot), ``cpu_total``/``cpu_used`` (milli-cores, total 0 = unchecked),
     ``mem_total``/``mem_used`` (MiB, 0 = unchecked), ``offered`` (the node takes new pods:
     False once withdrawn), ``version``.
@@ -65,6 +67,7 @@ class Cluster:
         d = self.max_devices
         self.dev_valid = np.zeros((0, d), dtype=bool)
         self.dev_healthy = np.zeros((0, d), dtype=bool)
+        self.dev_cordoned = np.zeros((0, d), dtype=bool)
         self.dev_type = np.zeros((0, d), dtype=np.int64)
         self.dev_mem = np.zeros((0, d), dtype=np.int64)
         self.dev_mem_used = np.zeros((0, d), dtype=np.int64)
@@ -89,6 +92,7 @@ class Cluster:
             return
         self.dev_valid = _grown(self.dev_valid, rows, False)
         self.dev_healthy = _grown(self.dev_healthy, rows, False)
+        self.dev_cordoned = _grown(self.dev_cordoned, rows, False)
         self.dev_type = _grown(self.dev_type, rows, -1)
         self.dev_mem = _grown(self.dev_mem, rows, 0)
         self.dev_mem_used = _grown(self.dev_mem_used, rows, 0)
@@ -141,10 +145,12 @@ class Cluster:
         else:
             self.registrations[n] = reg
         self.dev_valid[n] = False
+        self.dev_cordoned[n] = False
         self.dev_type[n] = -1
         for slot, dev in enumerate(reg.devices):
             self.dev_valid[n, slot] = True
             self.dev_healthy[n, slot] = dev.healthy
+            self.dev_cordoned[n, slot] = dev.cordoned
             self.dev_type[n, slot] = self._type_id(dev.type)
             self.dev_mem[n, slot] = dev.memory_mib
             self.dev_cores[n, slot] = dev.cores_percent
@@ -271,10 +277,11 @@ class Cluster:
     def device_free_milli(self, n: int, slot: int) -> int:
         """What is left of a device in milli-GPU: min(free cores share, free memory share).
 
-        0 for an unhealthy device or one whose split slots are all taken: nothing more fits.
+        0 for an unhealthy or cordoned device or one whose split slots are all taken:
+        nothing more fits.
         """
         return devices.free_milli(
-            healthy=bool(self.dev_healthy[n, slot]),
+            healthy=bool(self.dev_healthy[n, slot]) and not self.dev_cordoned[n, slot],
             split_count=int(self.dev_split[n, slot]),
             slices=int(self.dev_used[n, slot]),
             memory_mib=int(self.dev_mem[n, slot]),

@@ -5,13 +5,14 @@ Rules, order and reason strings are HAMi's (Project-HAMi/HAMi: pkg/device/nvidia
 pkg/device/common/common.go ``GenReason``), checked per device in this order:
 
 1. ``CardNotHealth``                 the device is unhealthy
-2. ``CardTypeMismatch``              ``nvidia.com/use-gputype`` / ``nouse-gputype``
-3. ``CardUuidMismatch``              ``nvidia.com/use-gpuuuid`` / ``nouse-gpuuuid``
-4. ``CardTimeSlicingExhausted``      all ``deviceSplitCount`` slots are taken
-5. ``CardInsufficientMemory``        free MiB < requested MiB (percent of the card's MiB)
-6. ``CardInsufficientCore``          free cores < requested cores (a request over 100 is 100)
-7. ``ExclusiveDeviceAllocateConflict`` 100 cores asked on a 100-core device that has slices
-8. ``CardComputeUnitsExhausted``     0 cores asked on a device whose cores are all booked
+2. ``CardCordoned``                  the device is cordoned (``hami.io/device-cordon``)
+3. ``CardTypeMismatch``              ``nvidia.com/use-gputype`` / ``nouse-gputype``
+4. ``CardUuidMismatch``              ``nvidia.com/use-gpuuuid`` / ``nouse-gpuuuid``
+5. ``CardTimeSlicingExhausted``      all ``deviceSplitCount`` slots are taken
+6. ``CardInsufficientMemory``        free MiB < requested MiB (percent of the card's MiB)
+7. ``CardInsufficientCore``          free cores < requested cores (a request over 100 is 100)
+8. ``ExclusiveDeviceAllocateConflict`` 100 cores asked on a 100-core device that has slices
+9. ``CardComputeUnitsExhausted``     0 cores asked on a device whose cores are all booked
 
 Per container: more GPUs than the node has -> ``NodeInsufficientDevice`` alone; devices
 are tried in HAMi's order (``walk``); ``nvidia.com/numa-bind`` keeps a container's GPUs on
@@ -36,6 +37,7 @@ from libshared.resources import ContainerRequest, PodRequest
 from services.scheduler.core.clusters import BoolArray, Cluster, IntArray
 
 CARD_NOT_HEALTH = "CardNotHealth"
+CARD_CORDONED = "CardCordoned"
 CARD_TYPE_MISMATCH = "CardTypeMismatch"
 CARD_UUID_MISMATCH = "CardUuidMismatch"
 CARD_TIME_SLICING_EXHAUSTED = "CardTimeSlicingExhausted"
@@ -53,6 +55,7 @@ INSUFFICIENT_MEMORY = "Insufficient memory"
 DEVICE_REASONS = (
     "",
     CARD_NOT_HEALTH,
+    CARD_CORDONED,
     CARD_TYPE_MISMATCH,
     CARD_UUID_MISMATCH,
     CARD_TIME_SLICING_EXHAUSTED,
@@ -112,6 +115,7 @@ def device_codes(
     cores = slice_cores(container)
     conds = [
         ~(c.dev_valid & c.dev_healthy),
+        c.dev_cordoned,
         ~(type_mask(c, pod) if types_ok is None else types_ok),
         ~(uuid_mask(c, pod) if uuids_ok is None else uuids_ok),
         c.dev_used >= c.dev_split,
@@ -339,6 +343,9 @@ def fit_container(
         dev = devices[slot]
         if not dev.healthy:
             reasons[CARD_NOT_HEALTH] += 1
+            continue
+        if dev.cordoned:
+            reasons[CARD_CORDONED] += 1
             continue
         if not (pod.type_allowed(dev.type) and pod.mode_allowed(dev.mode)):
             reasons[CARD_TYPE_MISMATCH] += 1

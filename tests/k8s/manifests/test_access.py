@@ -30,9 +30,10 @@ EXPECTED: dict[str, set[tuple[str, str, str, str]]] = {
         ("", "events", "patch", ""),
         ("events.k8s.io", "events", "create", ""),
     },
-    # services/nodeagent/adapters/kube.py: patch_node, list_pod_for_all_namespaces,
-    # patch_namespaced_pod, and nothing more
+    # services/nodeagent/adapters/kube.py: read_node, patch_node,
+    # list_pod_for_all_namespaces, patch_namespaced_pod, and nothing more
     "vslice-nodeagent": {
+        ("", "nodes", "get", ""),
         ("", "nodes", "patch", ""),
         ("", "pods", "list", ""),
         ("", "pods", "patch", ""),

@@ -268,3 +268,46 @@ def test_a_bad_node_config_stops_the_agent_before_it_starts(
     assert done.returncode == 2
     assert named in done.stderr and str(config) in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_gpu_in_the_nodes_device_cordon_annotation_registers_cordoned_until_removed(
+    native: None, tmp_path: Path, emulator: kmock.KubernetesEmulator
+) -> None:
+    # HAMi's hami.io/device-cordon: a comma-separated UUID list, trimmed, empties skipped
+    prefix = "dc" + uuid.uuid4().hex[:8]
+    kubelet = FakeKubelet(tmp_path / "dp")
+    await kubelet.start()
+    with NatsServer(data_dir=tmp_path / "nats") as server:
+        bus_settings = server.bus_settings(prefix=prefix)
+        agent = server.identity(f"agent-{prefix}", Role.NODEAGENT, prefix=prefix, node=NODE)
+        nc = await connecting.connect(bus_settings, name="test")
+        try:
+            opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
+            node_meta = emulator.objects["v1/nodes", None, NODE].raw["metadata"]
+            node_meta["annotations"]["hami.io/device-cordon"] = f" {G1}, ,GPU-elsewhere"
+
+            async def cordoned() -> set[str]:
+                try:
+                    entry = await opened.nodes.get(NODE)
+                except Exception:  # not registered yet
+                    return {"-"}
+                registered = msgspec.json.decode(entry.value, type=NodeDevices)
+                return {d.uuid for d in registered.devices if d.cordoned}
+
+            async def until(want: set[str]) -> None:
+                deadline = asyncio.get_running_loop().time() + 30
+                while (got := await cordoned()) != want:
+                    assert asyncio.get_running_loop().time() < deadline, got
+                    await asyncio.sleep(0.05)
+
+            flags = ("--nats-url", server.url, "--prefix", prefix, *agent.credential_arguments())
+            async with agent_process(tmp_path, emulator, kubelet, *flags, "--cordon-poll", "0.1"):
+                await until({G1})
+                devices = await kubelet.wait_devices(lambda d: len(d) == 2 * SPLIT)
+                assert set(devices.values()) == {"Healthy"}  # kubelet keeps every replica
+                fresh = emulator.objects["v1/nodes", None, NODE].raw["metadata"]
+                fresh["annotations"].pop("hami.io/device-cordon")
+                await until(set())
+        finally:
+            await nc.close()
+    await kubelet.stop()
