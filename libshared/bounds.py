@@ -70,6 +70,15 @@ GpuCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_GPUS)]
 MemoryMiB = Annotated[int, msgspec.Meta(ge=0, le=MAX_MEMORY_MIB)]
 DeviceMemoryMiB = Annotated[int, msgspec.Meta(ge=1, le=MAX_MEMORY_MIB)]
 Percent = Annotated[int, msgspec.Meta(ge=0, le=100)]
+MAX_MIG_SLOTS = 8  # memory slices of a MIG-capable GPU (8 on A100/H100/H200, 4 on A30)
+MAX_MIG_PROFILES = 32  # GPU instance profiles one device publishes
+MigSlots = Annotated[int, msgspec.Meta(ge=0, le=MAX_MIG_SLOTS)]
+MigSlot = Annotated[int, msgspec.Meta(ge=0, le=MAX_MIG_SLOTS - 1)]
+MigSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_MIG_SLOTS)]
+# a GPU instance profile's name as NVIDIA writes it ("3g.20gb"); "" = not a MIG slice
+MigProfileName = Annotated[
+    str, msgspec.Meta(max_length=16, pattern=r"^(|[0-9]{1,2}g\.[0-9]{1,4}gb)$")
+]
 DeviceCores = Annotated[int, msgspec.Meta(ge=1, le=MAX_DEVICE_CORES)]
 SplitCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_SPLIT_COUNT)]
 CpuMilli = Annotated[int, msgspec.Meta(ge=0, le=MAX_CPU_MILLI)]

@@ -15,6 +15,19 @@ import msgspec
 from libshared import bounds
 
 
+class MigProfileSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One GPU instance profile a MIG-mode device offers (HAMi's MIG capability contract:
+    ``name``, ``memoryMB``, ``sliceCount``, ``placements``): ``memory_mib``, ``compute``
+    (compute slices), ``size`` (memory slices an instance occupies) and ``starts`` (the
+    slots an instance may start at; ``libshared.migs`` has NVIDIA's per model)."""
+
+    name: bounds.MigProfileName
+    memory_mib: bounds.DeviceMemoryMiB
+    compute: bounds.MigSize
+    size: bounds.MigSize
+    starts: Annotated[tuple[bounds.MigSlot, ...], msgspec.Meta(max_length=bounds.MAX_MIG_SLOTS)]
+
+
 class Device(msgspec.Struct, frozen=True, kw_only=True):
     """One physical GPU of a node.
 
@@ -27,6 +40,10 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     ``cordoned``: no new slice goes there, the slices it holds stay (HAMi's node annotation
     ``hami.io/device-cordon``, a comma-separated UUID list, which the node agent reads;
     the scheduler's reason is ``CardCordoned``).
+    ``mig_slots``, ``mig_profiles``: on a device in ``mode`` ``mig``, its memory slices and
+    the GPU instance profiles it offers (only the allowed ones: HAMi's
+    ``migProfileAllowlist`` is applied where they are published); a slice there is one GPU
+    instance (``libshared.ledgers.Slice.mig_profile``).
     """
 
     uuid: bounds.DeviceUuid
@@ -43,6 +60,10 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
         msgspec.Meta(max_length=bounds.MAX_DEVICES_PER_NODE),
     ] = ()
     cordoned: bool = False
+    mig_slots: bounds.MigSlots = 0
+    mig_profiles: Annotated[
+        tuple[MigProfileSpec, ...], msgspec.Meta(max_length=bounds.MAX_MIG_PROFILES)
+    ] = ()
 
     def pair_score(self, uuid: str) -> int:
         """This device's link score to device ``uuid`` (0 when unknown)."""

@@ -20,8 +20,11 @@ node agent on such a card should publish instead. Pure data and pure functions.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+
+from libshared.devices import Device, MigProfileSpec
+from libshared.ledgers import Slice
 
 _NAME = re.compile(r"^(\d+)g\.(\d+)gb$")
 
@@ -30,19 +33,20 @@ _NAME = re.compile(r"^(\d+)g\.(\d+)gb$")
 class Profile:
     """One GPU instance profile: ``name`` (``"3g.20gb"``), ``compute`` (compute slices,
     the ``g``), ``size`` (memory slices it occupies), ``starts`` (the slots it may start
-    at), ``memory_mib`` (from the name: GB x 1,024)."""
+    at), ``memory_mib`` (0: from the name, GB x 1,024)."""
 
     name: str
     compute: int
     size: int
     starts: tuple[int, ...]
+    memory_mib: int = 0
 
-    @property
-    def memory_mib(self) -> int:
-        """The profile's memory, MiB (the ``gb`` of its name x 1,024)."""
-        found = _NAME.match(self.name)
-        assert found is not None, self.name
-        return int(found.group(2)) * 1024
+    def __post_init__(self) -> None:
+        if not self.memory_mib:
+            found = _NAME.match(self.name)
+            if found is None:
+                raise ValueError(f"MIG profile {self.name!r}: no memory given or named")
+            object.__setattr__(self, "memory_mib", int(found.group(2)) * 1024)
 
     def placements(self) -> list[tuple[int, int]]:
         """``(start, size)`` of every legal placement."""
@@ -166,3 +170,50 @@ def check(geometry: Geometry, instances: Sequence[Instance]) -> str:
             return f"{inst.profile} at {inst.start} shares a slot with another instance"
         mask |= span
     return ""
+
+
+def published(
+    geometry: Geometry, allowlist: Collection[str] | None = None
+) -> tuple[MigProfileSpec, ...]:
+    """What a MIG-mode device registers (``Device.mig_profiles``): the profiles of
+    ``geometry`` that ``allowlist`` names (None: all; HAMi's ``migProfileAllowlist``)."""
+    return tuple(
+        MigProfileSpec(
+            name=p.name, memory_mib=p.memory_mib, compute=p.compute, size=p.size, starts=p.starts
+        )
+        for p in geometry.profiles
+        if allowlist is None or p.name in allowlist
+    )
+
+
+def of_device(device: Device) -> Geometry | None:
+    """The geometry a MIG-mode device published (None: not in ``mig`` mode, or no
+    profile). A profile whose placements reach past ``mig_slots`` is left out: a node's
+    registration is untrusted input."""
+    if device.mode != "mig" or not device.mig_profiles or not device.mig_slots:
+        return None
+    profiles = tuple(
+        Profile(p.name, p.compute, p.size, tuple(sorted(set(p.starts))), p.memory_mib)
+        for p in device.mig_profiles
+        if p.starts and max(p.starts) + p.size <= device.mig_slots
+    )
+    if not profiles:
+        return None
+    return Geometry(model=device.uuid, slots=device.mig_slots, profiles=profiles)
+
+
+def instances_on(slices: Iterable[Slice], uuid: str, geometry: Geometry) -> list[Instance]:
+    """The GPU instances the MIG slices of ``slices`` hold on device ``uuid`` of
+    ``geometry``, one per pod, profile and start (a pod's init and app containers may
+    name the same one). An instance of a profile the device no longer offers is taken to
+    reach to the last slot: what it holds is never offered twice."""
+    seen: dict[tuple[str, str, int], Instance] = {}
+    for s in slices:
+        if s.uuid != uuid or not s.mig_profile or s.mig_start < 0:
+            continue
+        key = (s.pod_uid, s.mig_profile, s.mig_start)
+        if key not in seen:
+            profile = geometry.profile(s.mig_profile)
+            size = profile.size if profile else max(1, geometry.slots - s.mig_start)
+            seen[key] = Instance(s.mig_profile, s.mig_start, size)
+    return list(seen.values())

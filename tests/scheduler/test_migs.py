@@ -3,13 +3,20 @@ smallest allowed profile, legal starts, and the start that keeps the largest pro
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libshared import migs
+from libshared.devices import Device, MigProfileSpec, NodeDevices
+from libshared.events import Placement, Unschedulable
+from libshared.ledgers import Slice
 from libshared.migs import GEOMETRIES, Instance
 from services.scheduler.core import migplacing
+from services.scheduler.core.clusters import Cluster
+from services.scheduler.core.deciding import Scheduler
+from tests.scheduler.conftest import cluster, node, pod
 
 A100 = GEOMETRIES["A100-40GB"]
 
@@ -197,3 +204,115 @@ def test_choices_never_overlap_and_a_refusal_means_no_free_start(
         assert got.profile == profile
         instances.append(got.instance())
         assert migs.check(geometry, instances) == ""
+
+
+# --- the scheduler on a node whose GPU is in MIG mode ----------------------------------------
+
+
+def mig_node(
+    name: str = "m", model: str = "A100-40GB", allow: set[str] | None = None
+) -> NodeDevices:
+    geometry = GEOMETRIES[model]
+    full = max(p.memory_mib for p in geometry.profiles)
+    device = Device(
+        uuid=f"GPU-{name}",
+        index=0,
+        type=f"NVIDIA-{model}",
+        memory_mib=full,
+        split_count=7,
+        mode="mig",
+        mig_slots=geometry.slots,
+        mig_profiles=migs.published(geometry, allow),
+    )
+    return NodeDevices(node=name, devices=(device,))
+
+
+def placed(s: Scheduler, c: Cluster, uid: str, mib: int, **selectors: object) -> Slice:
+    decision = s.decide(pod(uid, mem=mib, cores=30, **selectors))
+    assert isinstance(decision, Placement), decision
+    c.apply(decision)
+    (only,) = decision.slices
+    return only
+
+
+def test_each_request_gets_a_gpu_instance_recorded_in_its_slice_until_none_fits() -> None:
+    c = cluster(mig_node())
+    s = Scheduler(c, policy="hami")
+    first = placed(s, c, "a", 9000)
+    assert (first.mig_profile, first.mig_start, first.memory_mib, first.cores_percent) == (
+        "1g.10gb",
+        6,
+        10240,
+        0,
+    )
+    second = placed(s, c, "b", 20000)  # 3g at 4 would take slot 6: only 0 is free
+    assert (second.mig_profile, second.mig_start) == ("3g.20gb", 0)
+    third = placed(s, c, "c", 4000)
+    assert (third.mig_profile, third.mig_start) == ("1g.5gb", 4)
+    refused = s.decide(pod("d", mem=20000, cores=30))
+    assert isinstance(refused, Unschedulable)
+    assert s.filter(pod("d", mem=20000)).failed["m"] == "1/1 CardInsufficientMemory"
+    assert s.filter(pod("e", mem=4000)).feasible == ["m"]  # slot 5 is still free
+    held = migs.instances_on(c.ledgers[0].slices, "GPU-m", GEOMETRIES["A100-40GB"])
+    assert migs.check(GEOMETRIES["A100-40GB"], held) == ""
+    assert sorted((i.profile, i.start) for i in held) == [
+        ("1g.10gb", 6),
+        ("1g.5gb", 4),
+        ("3g.20gb", 0),
+    ]
+
+
+def test_a_released_instance_frees_its_slots() -> None:
+    c = cluster(mig_node())
+    s = Scheduler(c, policy="hami")
+    placed(s, c, "big", 40000)
+    assert isinstance(s.decide(pod("small", mem=4000)), Unschedulable)
+    c.release("big")
+    assert placed(s, c, "small", 4000).mig_profile == "1g.5gb"
+
+
+def test_only_the_published_profiles_are_offered() -> None:
+    # the allowlist is applied where the profiles are published (the node agent)
+    c = cluster(mig_node(allow={"2g.10gb", "7g.40gb"}))
+    got = placed(Scheduler(c, policy="hami"), c, "a", 4000)
+    assert (got.mig_profile, got.memory_mib) == ("2g.10gb", 10240)
+
+
+def test_a_pod_that_asks_for_slicing_is_kept_off_a_mig_gpu() -> None:
+    c = cluster(mig_node(), node("n", 1))
+    s = Scheduler(c, policy="hami")
+    sliced = s.decide(pod("h", mem=4000, vgpu_mode="hami-core"))
+    assert isinstance(sliced, Placement) and sliced.node == "n"
+    assert sliced.slices[0].mig_profile == ""
+    mig = s.decide(pod("g", mem=4000, vgpu_mode="mig"))
+    assert isinstance(mig, Placement) and mig.node == "m"
+
+
+def test_published_profiles_past_the_gpus_slots_are_left_out() -> None:
+    bad = MigProfileSpec(name="3g.20gb", memory_mib=20480, compute=3, size=4, starts=(6,))
+    good = MigProfileSpec(name="1g.5gb", memory_mib=5120, compute=1, size=1, starts=(0, 1))
+    dev = Device(
+        uuid="GPU-x", index=0, type="t", memory_mib=40960, mode="mig", mig_slots=8,
+        mig_profiles=(bad, good),
+    )  # fmt: skip
+    geometry = migs.of_device(dev)
+    assert geometry is not None and [p.name for p in geometry.profiles] == ["1g.5gb"]
+    assert migs.of_device(msgspec.structs.replace(dev, mode="hami-core")) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("mig_profile", "7g"), ("mig_profile", "1g.5gb; rm"), ("mig_start", 8), ("mig_start", -2)],
+)
+def test_a_slice_with_a_malformed_mig_placement_is_refused_on_decode(
+    field: str, value: object
+) -> None:
+    good = Slice(
+        pod_uid="u", namespace="ns", pod="p", container="c", container_index=0, uuid="GPU-m",
+        device_index=0, memory_mib=5120, cores_percent=0, mig_profile="1g.5gb", mig_start=3,
+    )  # fmt: skip
+    raw = msgspec.json.decode(msgspec.json.encode(good))
+    assert msgspec.json.decode(msgspec.json.encode(raw), type=Slice) == good
+    raw[field] = value
+    with pytest.raises(msgspec.ValidationError, match=field):
+        msgspec.json.decode(msgspec.json.encode(raw), type=Slice)

@@ -44,10 +44,10 @@ class Cluster:
     ``dev_cores``/``dev_cores_used`` (percent), ``dev_split``/``dev_used`` (slices),
     ``dev_numa``, ``free_milli`` (what is left of the device in milli-GPU: the smaller of its
     free cores and free memory share; 0 when full, unhealthy, cordoned or out of split
-    slots; -1 for an
-    empty slot), ``cpu_total``/``cpu_used`` (milli-cores, total 0 = unchecked),
-    ``mem_total``/``mem_used`` (MiB, 0 = unchecked), ``offered`` (the node takes new pods:
-    False once withdrawn), ``version``.
+    slots; -1 for an empty slot), ``cpu_total``/``cpu_used`` (milli-cores, total 0 =
+    unchecked), ``mem_total``/``mem_used`` (MiB, 0 = unchecked), ``offered`` (the node
+    takes new pods: False once withdrawn), ``version``; ``mig_nodes``: the indices of the
+    nodes with a MIG-mode device (``libshared.migs``).
 
     A withdrawn node keeps its row, devices and ledger: the slices it holds stay booked
     until their pods are released, and registering it again offers it again.
@@ -62,6 +62,7 @@ class Cluster:
     types: list[str] = field(default_factory=list)
     type_index: dict[str, int] = field(default_factory=dict)
     quarantined: dict[str, dict[str, str]] = field(default_factory=dict)
+    mig_nodes: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         d = self.max_devices
@@ -156,6 +157,10 @@ class Cluster:
             self.dev_cores[n, slot] = dev.cores_percent
             self.dev_split[n, slot] = dev.split_count
             self.dev_numa[n, slot] = dev.numa
+        if any(d.mode == "mig" and d.mig_profiles for d in reg.devices):
+            self.mig_nodes.add(n)
+        else:
+            self.mig_nodes.discard(n)
         self.cpu_total[n] = reg.cpu_milli or 0
         self.mem_total[n] = reg.memory_mib or 0
         self.offered[n] = True

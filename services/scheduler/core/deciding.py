@@ -396,9 +396,15 @@ class Scheduler:
         c = self.cluster
         devices = c.registrations[n].devices
         slices = []
+        # MIG-mode devices: the GPU instance of each slice, chosen as fitting chose it
+        # (init containers each on the node as it is, app containers one after another)
+        base = fitting.node_use(c, n) if n in c.mig_nodes else None
+        app = base.copy() if base is not None else None
         for container, slots in zip(pod.gpu_containers, picked, strict=True):
+            use = (base.copy() if container.init else app) if base is not None else None
             for slot in slots:
                 dev = devices[slot]
+                choice = fitting.book_slice(use, dev, slot, container) if use else None
                 slices.append(
                     Slice(
                         pod_uid=pod.uid,
@@ -408,10 +414,16 @@ class Scheduler:
                         container_index=container.index,
                         uuid=dev.uuid,
                         device_index=slot,
-                        memory_mib=container.memory_on(dev.memory_mib),
-                        cores_percent=container.cores_percent,
+                        memory_mib=(
+                            choice.profile.memory_mib
+                            if choice
+                            else container.memory_on(dev.memory_mib)
+                        ),
+                        cores_percent=0 if choice else container.cores_percent,
                         priority=container.priority,
                         init=container.init,
+                        mig_profile=choice.profile.name if choice else "",
+                        mig_start=choice.start if choice else -1,
                     )
                 )
         return Placement(

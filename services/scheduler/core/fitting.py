@@ -25,16 +25,21 @@ CPU and host memory as kube-scheduler's NodeResourcesFit (``Insufficient cpu`` /
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from libshared import migs
 from libshared.annotations import NVIDIA_VENDOR
 from libshared.devices import Device
+from libshared.migs import Geometry, Instance
 from libshared.resources import ContainerRequest, PodRequest
+from services.scheduler.core import migplacing
 from services.scheduler.core.clusters import BoolArray, Cluster, IntArray
+from services.scheduler.core.migplacing import MigChoice
 
 CARD_NOT_HEALTH = "CardNotHealth"
 CARD_CORDONED = "CardCordoned"
@@ -124,7 +129,17 @@ def device_codes(
         (c.dev_cores == 100) & (cores == 100) & (c.dev_used > 0),
         (c.dev_cores != 0) & (c.dev_cores_used == c.dev_cores) & (cores == 0),
     ]
-    return np.select(conds, list(range(1, len(conds) + 1)), default=0).astype(np.int64)
+    codes = np.select(conds, list(range(1, len(conds) + 1)), default=0).astype(np.int64)
+    usage_from = DEVICE_REASONS.index(CARD_TIME_SLICING_EXHAUSTED)
+    for n in sorted(c.mig_nodes):  # their usage checks are the GPU instances'
+        use = node_use(c, n)
+        for slot, dev in enumerate(c.registrations[n].devices):
+            if mig_geometry(dev) is not None and (
+                codes[n, slot] == 0 or codes[n, slot] >= usage_from
+            ):
+                why = _usage_reason(dev, slot, container, use)
+                codes[n, slot] = DEVICE_REASONS.index(why) if why else 0
+    return codes
 
 
 def node_resources_ok(cluster: Cluster, pod: PodRequest) -> tuple[BoolArray, BoolArray]:
@@ -137,30 +152,70 @@ def node_resources_ok(cluster: Cluster, pod: PodRequest) -> tuple[BoolArray, Boo
 
 @dataclass
 class DeviceUse:
-    """Scratch usage of one node's devices (per slot) while a pod is fitted."""
+    """Scratch usage of one node's devices (per slot) while a pod is fitted; ``mig``: the
+    GPU instances on each MIG-mode device's slot."""
 
     mem_used: list[int]
     cores_used: list[int]
     used: list[int]
+    mig: dict[int, list[Instance]] = field(default_factory=dict)
 
     def copy(self) -> DeviceUse:
         """An independent copy (HAMi fits each init container on a fresh copy of the node)."""
-        return DeviceUse(list(self.mem_used), list(self.cores_used), list(self.used))
+        return DeviceUse(
+            list(self.mem_used),
+            list(self.cores_used),
+            list(self.used),
+            {slot: list(held) for slot, held in self.mig.items()},
+        )
 
-    def add(self, slot: int, *, memory_mib: int, cores_percent: int) -> None:
-        """Book one slice on ``slot`` (HAMi ``AddResourceUsage``: used+1, cores, MiB)."""
+    def add(
+        self, slot: int, *, memory_mib: int, cores_percent: int, instance: Instance | None = None
+    ) -> None:
+        """Book one slice on ``slot`` (HAMi ``AddResourceUsage``: used+1, cores, MiB), and
+        on a MIG-mode device the GPU ``instance`` it is."""
         self.mem_used[slot] += memory_mib
         self.cores_used[slot] += cores_percent
         self.used[slot] += 1
+        if instance is not None:
+            self.mig.setdefault(slot, []).append(instance)
+
+
+def mig_geometry(dev: Device) -> Geometry | None:
+    """The MIG geometry ``dev`` published (None: not a MIG-mode device)."""
+    return None if dev.mode != "mig" else _published_geometry(dev)
+
+
+@functools.lru_cache(maxsize=4096)
+def _published_geometry(dev: Device) -> Geometry | None:
+    return migs.of_device(dev)
+
+
+def mig_choice(
+    dev: Device, use: DeviceUse, slot: int, container: ContainerRequest
+) -> MigChoice | None:
+    """Where ``container``'s slice goes on MIG-mode device ``dev`` at ``slot`` holding the
+    instances of ``use`` (``migplacing.choose``: the smallest profile it offers holding the
+    container's memory, at the start keeping the most room); None when none fits."""
+    geometry = mig_geometry(dev)
+    if geometry is None:
+        return None
+    return migplacing.choose(geometry, use.mig.get(slot, []), container.memory_on(dev.memory_mib))
 
 
 def node_use(cluster: Cluster, n: int) -> DeviceUse:
     """Node ``n``'s booked device usage as a scratch ``DeviceUse``."""
     c = cluster
+    mig: dict[int, list[Instance]] = {}
+    for slot, dev in enumerate(c.registrations[n].devices):
+        geometry = mig_geometry(dev)
+        if geometry is not None:
+            mig[slot] = migs.instances_on(c.ledgers[n].slices, dev.uuid, geometry)
     return DeviceUse(
         mem_used=[int(x) for x in c.dev_mem_used[n]],
         cores_used=[int(x) for x in c.dev_cores_used[n]],
         used=[int(x) for x in c.dev_used[n]],
+        mig=mig,
     )
 
 
@@ -179,6 +234,9 @@ def _usage_reason(
     if mutex and use.used[slot] > 0:
         # gpu-scheduler-policy mutex: only devices nobody uses
         return EXCLUSIVE_DEVICE_ALLOCATE_CONFLICT
+    if mig_geometry(dev) is not None:
+        # a GPU instance of the smallest profile holding the memory, at a free start
+        return None if mig_choice(dev, use, slot, container) else CARD_INSUFFICIENT_MEMORY
     if dev.memory_mib - use.mem_used[slot] < container.memory_on(dev.memory_mib):
         return CARD_INSUFFICIENT_MEMORY
     if dev.cores_percent - use.cores_used[slot] < cores:
@@ -512,13 +570,29 @@ def fit_node(
             return None, why
         for slot in picked:
             dev = c.registrations[n].devices[slot]
-            use.add(
-                slot,
-                memory_mib=container.memory_on(dev.memory_mib),
-                cores_percent=slice_cores(container),
-            )
+            book_slice(use, dev, slot, container)
         chosen.append(picked)
     return chosen, ""
+
+
+def book_slice(
+    use: DeviceUse, dev: Device, slot: int, container: ContainerRequest
+) -> MigChoice | None:
+    """Book ``container``'s slice on ``dev`` at ``slot`` in ``use``: its memory and cores,
+    or on a MIG-mode device the GPU instance ``mig_choice`` gives (its profile's memory, no
+    cores: the instance's compute is its own), which is returned."""
+    choice = mig_choice(dev, use, slot, container) if mig_geometry(dev) else None
+    if choice is not None:
+        use.add(
+            slot, memory_mib=choice.profile.memory_mib, cores_percent=0, instance=choice.instance()
+        )
+    else:
+        use.add(
+            slot,
+            memory_mib=container.memory_on(dev.memory_mib),
+            cores_percent=slice_cores(container),
+        )
+    return choice
 
 
 def explain(codes: IntArray, cluster: Cluster, n: int, need: int) -> str:
