@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import csv
 import io
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from libshared import migs
 from libshared.devices import Device, NodeDevices
 from libshared.errors import TraceFormatError
 from libshared.resources import ContainerRequest, PodRequest
@@ -31,6 +33,8 @@ GPU_MEMORY_MIB = {
     "G1": 16384,
     "G2": 24576,
     "G3": 32768,
+    # MIG-capable models (libshared.migs): the whole card, as its largest profile names it
+    **{model: max(p.memory_mib for p in g.profiles) for model, g in migs.GEOMETRIES.items()},
 }
 REPLAY_SPLIT_COUNT = 100  # the paper's simulator has no per-GPU pod limit; 100 never binds
 # The columns of each file (the openb files' names), and those it cannot do without; other
@@ -38,6 +42,7 @@ REPLAY_SPLIT_COUNT = 100  # the paper's simulator has no per-GPU pod limit; 100 
 POD_COLUMNS = ("name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli", "gpu_spec")
 POD_REQUIRED = ("cpu_milli", "memory_mib", "num_gpu")
 FLEET_COLUMNS = ("sn", "cpu_milli", "memory_mib", "gpu", "model")
+FLEET_MODES = ("hami-core", "mig")  # the optional ``mode`` column; empty = hami-core
 
 
 def _rows(
@@ -134,7 +139,13 @@ def parse_fleet(
 ) -> list[NodeDevices]:
     """Parse a node list CSV into ``NodeDevices`` (device UUIDs ``<node>-gpu<i>``).
 
-    Raises ``TraceFormatError`` for a missing or non-numeric field or an unknown GPU model.
+    An optional ``mode`` column puts a node's GPUs in ``mig`` mode (empty or ``hami-core``:
+    sliced): they then offer every MIG profile of their model (``libshared.migs``; the
+    model must be one of ``migs.GEOMETRIES``, e.g. ``A100-40GB``) and hold as many slices
+    as the smallest profile has starts.
+
+    Raises ``TraceFormatError`` for a missing or non-numeric field, an unknown GPU model,
+    an unknown mode, or ``mig`` on a model without MIG.
     """
     nodes = []
     for line, row in enumerate(
@@ -149,13 +160,30 @@ def parse_fleet(
             raise TraceFormatError(
                 path=path, line=line, field="model", value=model, reason="unknown GPU model"
             )
+        mode = (row.get("mode") or "").strip() or "hami-core"
+        if mode not in FLEET_MODES:
+            raise TraceFormatError(
+                path=path, line=line, field="mode", value=mode, reason=f"not one of {FLEET_MODES}"
+            )
+        geometry = migs.GEOMETRIES.get(model) if mode == "mig" else None
+        if mode == "mig" and geometry is None:
+            raise TraceFormatError(
+                path=path,
+                line=line,
+                field="model",
+                value=model,
+                reason=f"mig mode needs a MIG model: {', '.join(migs.GEOMETRIES)}",
+            )
         devices = tuple(
             Device(
                 uuid=f"{name}-gpu{i}",
                 index=i,
                 type=model,
                 memory_mib=GPU_MEMORY_MIB[model],
-                split_count=split_count,
+                split_count=split_count if geometry is None else len(geometry.profiles[0].starts),
+                mode=mode,
+                mig_slots=0 if geometry is None else geometry.slots,
+                mig_profiles=() if geometry is None else migs.published(geometry),
             )
             for i in range(gpus)
         )
@@ -267,3 +295,38 @@ def write_scaled(
     fleet_out.write_text(scaled_fleet(Path(fleet).read_text(), factor, path=str(fleet)))
     pods_out.write_text(scaled_pods(Path(pods).read_text(), factor, path=str(pods)))
     return fleet_out, pods_out
+
+
+def mig_fleet(
+    text: str,
+    *,
+    share: float,
+    models: tuple[str, ...] = ("V100M16", "V100M32"),
+    to: str = "A100-40GB",
+    seed: int = 0,
+    path: str = "<fleet>",
+) -> str:
+    """A node list CSV where ``share`` (0..1) of the nodes with a GPU of ``models``
+    (chosen with ``seed``) have those GPUs replaced by as many ``to`` GPUs in ``mig``
+    mode (the ``mode`` column; every other node ``hami-core``). Raises ``ValueError`` for
+    a share outside 0..1 or a ``to`` without MIG, ``TraceFormatError`` for a node list that
+    does not parse."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share {share!r}: must be within 0..1")
+    if to not in migs.GEOMETRIES:
+        raise ValueError(f"{to}: not a MIG model ({', '.join(migs.GEOMETRIES)})")
+    parse_fleet(text, path=path)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    fields = [f for f in (csv.DictReader(io.StringIO(text)).fieldnames or []) if f != "mode"]
+    eligible = [i for i, r in enumerate(rows) if (r.get("model") or "").strip() in models]
+    chosen = set(random.Random(seed).sample(eligible, round(share * len(eligible))))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=[*fields, "mode"], lineterminator="\n")
+    writer.writeheader()
+    for i, row in enumerate(rows):
+        row = {k: v for k, v in row.items() if k in fields}
+        if i in chosen:
+            writer.writerow({**row, "model": to, "mode": "mig"})
+        else:
+            writer.writerow({**row, "mode": "hami-core"})
+    return out.getvalue()

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
-from libshared import logs, traces
+from libshared import logs, migs, traces
 from libshared.errors import VsliceError
 from services.nodeagent.core import nodeconfigs
 from services.scheduler.core.deciding import POLICIES
@@ -329,6 +329,32 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--fleet", required=True, help="node list CSV (openb_node_list_*.csv format)")
     sc.add_argument("--factor", type=int, required=True, help="copies of each node and pod")
     sc.add_argument("--out", required=True, help="directory for the two files (same names)")
+    mf = sub.add_parser(
+        "mig-fleet",
+        help="write a node list where a share of the V100 nodes have MIG-mode A100s instead"
+        " (the `mode` column), for a replay of sliced and MIG GPUs side by side",
+    )
+    mf.add_argument("fleet", help="node list CSV (openb_node_list_*.csv format)")
+    mf.add_argument("--out", required=True, help="the node list to write")
+    mf.add_argument(
+        "--share",
+        type=_fraction,
+        default=0.5,
+        help="share of the nodes of the --from models replaced, 0..1 (default 0.5)",
+    )
+    mf.add_argument(
+        "--from",
+        dest="from_models",
+        default="V100M16,V100M32",
+        help="models replaced, comma-separated (default V100M16,V100M32)",
+    )
+    mf.add_argument(
+        "--to",
+        choices=sorted(migs.GEOMETRIES),
+        default="A100-40GB",
+        help="the MIG model they become (default A100-40GB)",
+    )
+    mf.add_argument("--seed", type=int, default=0, help="which nodes are chosen (default 0)")
     _add_up(sub)
     st = sub.add_parser(
         "status",
@@ -447,6 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _replay(args)
         if args.command == "scale-trace":
             return _scale(args)
+        if args.command == "mig-fleet":
+            return _mig_fleet(args)
         if args.command in ("up", "status", "down"):
             return _stack(args)
         if args.command == "run":
@@ -508,6 +536,35 @@ def _scale(args: argparse.Namespace) -> int:
     nodes = traces.read_fleet(fleet)
     gpus = sum(len(n.devices) for n in nodes)
     print(f"{fleet}: {len(nodes)} nodes, {gpus} GPUs\n{pods}: {len(traces.read_pods(pods))} pods")
+    return 0
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: must be within 0..1")
+    return value
+
+
+def _mig_fleet(args: argparse.Namespace) -> int:
+    models = tuple(m.strip() for m in args.from_models.split(",") if m.strip())
+    source = Path(args.fleet)
+    text = traces.mig_fleet(
+        source.read_text(),
+        share=args.share,
+        models=models,
+        to=args.to,
+        seed=args.seed,
+        path=str(source),
+    )
+    Path(args.out).write_text(text)
+    nodes = traces.parse_fleet(text, path=args.out)
+    mig = sum(1 for n in nodes for d in n.devices if d.mode == "mig")
+    total = sum(len(n.devices) for n in nodes)
+    print(f"{args.out}: {len(nodes)} nodes, {total} GPUs, {mig} of them {args.to} in MIG mode")
     return 0
 
 

@@ -190,6 +190,17 @@ def table(reports: list[dict[str, Any]], gpus: int) -> str:
             f"{(1 - r['alloc_at_100']) * gpus:>14.0f}{r['pods_placed']:>9.0f}"
             f"{r['decision_ms_p50']:>8.3f}{r['decision_ms_p99']:>8.3f}{r['wall_s_per_seed']:>8.2f}"
         )
+    for r in reports:
+        modes = r.get("by_mode") or {}
+        if "mig" not in modes:
+            continue
+        parts = []
+        for mode, row in modes.items():
+            part = f"{mode}: {row['gpus']:.0f} GPUs, {100 * row['allocated']:.2f} % allocated"
+            if "occupied" in row:
+                part += f", {100 * row['occupied']:.2f} % of memory slices held"
+            parts.append(part)
+        rows.append(f"  {r['policy']} at 100 %: " + "; ".join(parts))
     return "\n".join(rows)
 
 

@@ -175,3 +175,66 @@ def test_fgd_on_the_default_openb_trace_lands_on_the_papers_figure():
     result = replaying.run_seed(fleet, pods, policy="fgd", seed=42)
     # reference simulator: 95.23 +- 0.11 over seeds 42-51
     assert 0.9463 <= result.allocated_at(1.0) <= 0.9583
+
+
+def test_mig_fleet_puts_a_share_of_the_v100_nodes_in_mig_mode_and_the_replay_reports_each_mode(
+    tmp_path, capsys
+):
+    fleet_file, pods_file = tmp_path / "fleet.csv", tmp_path / "pods.csv"
+    fleet_file.write_text(
+        FLEET + "".join(f"v{i},32000,131072,2,V100M32\n" for i in range(3))
+    )  # four V100 nodes in all
+    pods_file.write_text(PODS)
+    out = tmp_path / "mig.csv"
+    assert cli.main(["mig-fleet", str(fleet_file), "--out", str(out), "--share", "0.5"]) == 0
+    assert "4 of them A100-40GB in MIG mode" in capsys.readouterr().out
+    fleet = traces.read_fleet(out)
+    modes = {n.node: {d.mode for d in n.devices} for n in fleet}
+    assert sum(m == {"mig"} for m in modes.values()) == 2  # half of the four V100 nodes
+    assert modes["n0"] == modes["n2"] == {"hami-core"}
+    a100 = next(d for n in fleet for d in n.devices if d.mode == "mig")
+    assert (a100.type, a100.memory_mib, a100.mig_slots) == ("A100-40GB", 40960, 8)
+    assert a100.mig_profiles[0].name == "1g.5gb"
+
+    result = replaying.run_seed(fleet, traces.read_pods(pods_file), policy="hami", seed=42)
+    assert set(result.by_mode) == {"hami-core", "mig"}
+    mig = result.by_mode["mig"]
+    assert mig["gpus"] == 4 and 0 <= mig["allocated"] <= mig["occupied"] <= 1
+    assert (
+        cli.main(
+            [
+                "replay",
+                str(pods_file),
+                "--fleet",
+                str(out),
+                "--in-process",
+                "--quiet",
+                "--seeds",
+                "42",
+            ]
+        )
+        == 0
+    )
+    assert "mig: 4 GPUs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("row", "named"),
+    [
+        ("a,1000,1000,1,T4,mig", "model='T4': mig mode needs a MIG model"),
+        ("a,1000,1000,1,A100-40GB,slices", "mode='slices'"),
+    ],
+)
+def test_a_fleet_mode_is_checked_naming_the_field(row, named):
+    with pytest.raises(traces.TraceFormatError) as caught:
+        traces.parse_fleet("sn,cpu_milli,memory_mib,gpu,model,mode\n" + row + "\n")
+    assert named in str(caught.value)
+
+
+def test_mig_fleet_refuses_a_share_outside_zero_to_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["mig-fleet", "f.csv", "--out", str(tmp_path / "o"), "--share", "1.5"])
+    assert exited.value.code == 2
+    assert "--share: 1.5: must be within 0..1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"share -0\.1"):
+        traces.mig_fleet(FLEET, share=-0.1)

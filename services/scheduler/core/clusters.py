@@ -10,13 +10,14 @@ derive from a node and recompute only the nodes that changed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from libshared import devices, quarantines
+from libshared import devices, migs, quarantines
 from libshared.devices import NodeDevices
 from libshared.events import Placement
 from libshared.ledgers import NodeLedger, PodCharge, booked
@@ -63,6 +64,13 @@ class Cluster:
     type_index: dict[str, int] = field(default_factory=dict)
     quarantined: dict[str, dict[str, str]] = field(default_factory=dict)
     mig_nodes: set[int] = field(default_factory=set)
+    # per MIG node: (version, {slot: instances}) and (version, {(slot, MiB): fits})
+    _mig_held: dict[int, tuple[int, dict[int, list[migs.Instance]]]] = field(
+        default_factory=dict, repr=False
+    )
+    _mig_fits: dict[int, tuple[int, dict[tuple[int, int], bool]]] = field(
+        default_factory=dict, repr=False
+    )
 
     def __post_init__(self) -> None:
         d = self.max_devices
@@ -166,6 +174,34 @@ class Cluster:
         self.offered[n] = True
         self._recount(n)
         return n
+
+    def mig_instances(self, n: int) -> dict[int, list[migs.Instance]]:
+        """The GPU instances node ``n``'s ledger holds on each of its MIG-mode devices, by
+        slot (computed once per node version; callers must not change the lists)."""
+        cached = self._mig_held.get(n)
+        version = int(self.version[n])
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        held: dict[int, list[migs.Instance]] = {}
+        for slot, dev in enumerate(self.registrations[n].devices):
+            geometry = migs.of_device(dev) if dev.mode == "mig" else None
+            if geometry is not None:
+                held[slot] = migs.instances_on(self.ledgers[n].slices, dev.uuid, geometry)
+        self._mig_held[n] = (version, held)
+        return held
+
+    def mig_fits(self, n: int, slot: int, memory_mib: int, fits: Callable[[], bool]) -> bool:
+        """``fits()`` for a request of ``memory_mib`` on node ``n``'s MIG device ``slot``,
+        remembered until the node changes (its version)."""
+        version = int(self.version[n])
+        cached = self._mig_fits.get(n)
+        if cached is None or cached[0] != version:
+            cached = self._mig_fits[n] = (version, {})
+        key = (slot, memory_mib)
+        found = cached[1].get(key)
+        if found is None:
+            found = cached[1][key] = fits()
+        return found
 
     def upsert_nodes(self, regs: list[NodeDevices]) -> list[int]:
         """``upsert_node`` for many nodes, growing the arrays once (a fleet of N new nodes

@@ -130,15 +130,24 @@ def device_codes(
         (c.dev_cores != 0) & (c.dev_cores_used == c.dev_cores) & (cores == 0),
     ]
     codes = np.select(conds, list(range(1, len(conds) + 1)), default=0).astype(np.int64)
-    usage_from = DEVICE_REASONS.index(CARD_TIME_SLICING_EXHAUSTED)
-    for n in sorted(c.mig_nodes):  # their usage checks are the GPU instances'
-        use = node_use(c, n)
+    # on MIG-mode devices the memory check is the GPU instances': a free start for the
+    # smallest profile holding the request (remembered per node version and size)
+    short = DEVICE_REASONS.index(CARD_INSUFFICIENT_MEMORY)
+    for n in c.mig_nodes:
         for slot, dev in enumerate(c.registrations[n].devices):
-            if mig_geometry(dev) is not None and (
-                codes[n, slot] == 0 or codes[n, slot] >= usage_from
-            ):
-                why = _usage_reason(dev, slot, container, use)
-                codes[n, slot] = DEVICE_REASONS.index(why) if why else 0
+            geometry = mig_geometry(dev)
+            if geometry is None or not (codes[n, slot] == 0 or codes[n, slot] >= short):
+                continue
+            asked = container.memory_on(dev.memory_mib)
+
+            def fits(
+                g: Geometry = geometry, n: int = n, slot: int = slot, mib: int = asked
+            ) -> bool:
+                profile = migplacing.smallest_profile(g, mib)
+                held = c.mig_instances(n).get(slot, [])
+                return profile is not None and bool(migs.free_starts(profile, migs.occupied(held)))
+
+            codes[n, slot] = 0 if c.mig_fits(n, slot, asked, fits) else short
     return codes
 
 
@@ -207,10 +216,8 @@ def node_use(cluster: Cluster, n: int) -> DeviceUse:
     """Node ``n``'s booked device usage as a scratch ``DeviceUse``."""
     c = cluster
     mig: dict[int, list[Instance]] = {}
-    for slot, dev in enumerate(c.registrations[n].devices):
-        geometry = mig_geometry(dev)
-        if geometry is not None:
-            mig[slot] = migs.instances_on(c.ledgers[n].slices, dev.uuid, geometry)
+    if n in c.mig_nodes:
+        mig = {slot: list(held) for slot, held in c.mig_instances(n).items()}
     return DeviceUse(
         mem_used=[int(x) for x in c.dev_mem_used[n]],
         cores_used=[int(x) for x in c.dev_cores_used[n]],

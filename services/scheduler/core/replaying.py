@@ -72,7 +72,10 @@ def arrivals(
 
 @dataclass
 class SeedResult:
-    """One seed: the curve [(arrived, allocated)], counts and per-decision times (ms)."""
+    """One seed: the curve [(arrived, allocated)], counts and per-decision times (ms);
+    ``by_mode``: per device mode (``hami-core``, ``mig``) at arrived = 100 %: ``gpus``,
+    ``allocated`` (milli-GPU the placed pods asked there over that mode's capacity) and,
+    for ``mig``, ``occupied`` (memory slices held by GPU instances over all of them)."""
 
     seed: int
     curve: list[tuple[float, float]]
@@ -80,6 +83,7 @@ class SeedResult:
     pods_placed: int
     decision_ms: list[float] = field(repr=False)
     wall_s: float
+    by_mode: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def allocated_at(self, arrived: float) -> float:
         """Allocation ratio at the last arrival whose arrived ratio is <= ``arrived``."""
@@ -89,6 +93,45 @@ class SeedResult:
                 break
             value = alloc
         return value
+
+
+@dataclass(frozen=True)
+class FleetModes:
+    """The fleet's devices by mode: ``mode_of`` (UUID -> mode), ``sizes`` (UUID of a
+    MIG-mode device -> {profile: memory slices}), ``gpus`` (mode -> devices), ``slots``
+    (memory slices of every MIG-mode device)."""
+
+    mode_of: dict[str, str]
+    sizes: dict[str, dict[str, int]]
+    gpus: dict[str, int]
+    slots: int
+
+    @staticmethod
+    def of(fleet: Sequence[NodeDevices]) -> FleetModes:
+        """The modes of ``fleet``'s devices."""
+        mode_of: dict[str, str] = {}
+        sizes: dict[str, dict[str, int]] = {}
+        gpus: dict[str, int] = {}
+        slots = 0
+        for node in fleet:
+            for d in node.devices:
+                mode_of[d.uuid] = d.mode
+                gpus[d.mode] = gpus.get(d.mode, 0) + 1
+                if d.mode == "mig":
+                    sizes[d.uuid] = {p.name: p.size for p in d.mig_profiles}
+                    slots += d.mig_slots
+        return FleetModes(mode_of=mode_of, sizes=sizes, gpus=gpus, slots=slots)
+
+    def report(self, asked: dict[str, int], slots_held: int) -> dict[str, dict[str, float]]:
+        """``SeedResult.by_mode`` from the milli-GPU placed per mode and the memory slices
+        held."""
+        out: dict[str, dict[str, float]] = {}
+        for mode, gpus in sorted(self.gpus.items()):
+            row = {"gpus": float(gpus), "allocated": asked.get(mode, 0) / (gpus * MILLI)}
+            if mode == "mig":
+                row["occupied"] = slots_held / self.slots if self.slots else 0.0
+            out[mode] = row
+        return out
 
 
 def run_seed(
@@ -112,6 +155,10 @@ def run_seed(
     curve: list[tuple[float, float]] = []
     times: list[float] = []
     requested = allocated = placed = 0
+    modes = FleetModes.of(fleet)
+    asked = dict.fromkeys(modes.gpus, 0)  # milli-GPU placed per device mode
+    slots_held = 0  # memory slices of the GPU instances placed
+    snapshot = (dict(asked), slots_held)  # as they stood at arrived = 100 %
     for i, pod in enumerate(sequence):
         request = pod.request(f"{seed}-{i}")
         t0 = time.perf_counter()
@@ -123,6 +170,13 @@ def run_seed(
         if isinstance(decision, Placement):
             allocated += pod.milli_total
             placed += 1
+            for sl in decision.slices:
+                mode = modes.mode_of.get(sl.uuid, "hami-core")
+                asked[mode] = asked.get(mode, 0) + pod.gpu_milli
+                if sl.mig_profile:
+                    slots_held += modes.sizes[sl.uuid].get(sl.mig_profile, 0)
+        if requested <= capacity:
+            snapshot = (dict(asked), slots_held)
         curve.append((requested / capacity, allocated / capacity))
         if progress is not None and (i + 1) % 100 == 0:
             progress(100)
@@ -135,6 +189,7 @@ def run_seed(
         pods_placed=placed,
         decision_ms=times,
         wall_s=time.perf_counter() - started,
+        by_mode=modes.report(*snapshot),
     )
 
 
@@ -151,7 +206,7 @@ def summarize(
     """The replay report: means over seeds, the mean curve on an ``arrived`` grid, timings.
 
     Ratios are fractions 0-1; ``alloc_at_100_sd`` is the sample standard deviation (0 for
-    one seed); times in ms and s.
+    one seed); times in ms and s; ``by_mode``: ``SeedResult.by_mode``'s means.
     """
     at100 = [r.allocated_at(1.0) for r in results]
     final = [r.curve[-1][1] if r.curve else 0.0 for r in results]
@@ -174,6 +229,13 @@ def summarize(
         "decision_ms_p99": _percentile(times, 0.99),
         "wall_s": sum(r.wall_s for r in results),
         "wall_s_per_seed": sum(r.wall_s for r in results) / n,
+        "by_mode": {
+            mode: {
+                key: statistics.fmean(r.by_mode[mode][key] for r in results)
+                for key in results[0].by_mode[mode]
+            }
+            for mode in (results[0].by_mode if results else {})
+        },
         "per_seed": [
             {
                 "seed": r.seed,
