@@ -8,8 +8,11 @@ never read as "nothing allocated" (HAMi #2958 silently dropped such capacity).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
+from libshared import bounds
 from libshared.devices import Device
 from libshared.errors import AnnotationDecodeError
 
@@ -28,6 +31,7 @@ DEVICE_SCORING_WEIGHTS = "hami.io/device-scoring-weights"
 VGPU_NODE = "hami.io/vgpu-node"
 VGPU_DEVICES_ALLOCATED = "hami.io/vgpu-devices-allocated"
 VGPU_DEVICES_TO_ALLOCATE = "hami.io/vgpu-devices-to-allocate"
+VGPU_MIG_ALLOCATIONS = "hami.io/vgpu-mig-allocations"  # the GPU instances of MIG slices
 BIND_PHASE = "hami.io/bind-phase"
 BIND_TIME = "hami.io/bind-time"
 # hami.io/bind-phase values: the scheduler writes "allocating" at bind; the device plugin
@@ -240,4 +244,64 @@ def decode_pair_scores(value: str) -> dict[str, dict[str, int]]:
                 key=NODE_NVIDIA_SCORE, value=value, reason="an entry has no uuid"
             )
         out[e.uuid] = dict(e.score)
+    return out
+
+
+MAX_MIG_ALLOCATIONS_BYTES = 64 << 10  # a longer hami.io/vgpu-mig-allocations is refused
+MAX_MIG_ALLOCATIONS = 256
+
+
+class MigPlacement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A GPU instance's memory slices: ``[start, start + size)``."""
+
+    start: Annotated[int, msgspec.Meta(ge=0, le=bounds.MAX_MIG_SLOTS - 1)]
+    size: Annotated[int, msgspec.Meta(ge=1, le=bounds.MAX_MIG_SLOTS)]
+
+
+class MigAllocation(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """One entry of ``hami.io/vgpu-mig-allocations`` in HAMi's JSON shape: the scheduler
+    writes the container, device, parent GPU, profile and placement; the device plugin
+    adds ``mig_uuid`` and the GPU and compute instance IDs once the instance exists
+    (HAMi docs/develop/mig-dynamic-deallocate.md, "Reservation Contract"). Key names as
+    HAMi writes them: ``containerIndex``, ``deviceIndex``, ``gpuUUID``, ``profile``,
+    ``placement``, ``migUUID``, ``gpuInstanceID``, ``computeInstanceID``."""
+
+    container_index: bounds.Index
+    device_index: bounds.Index
+    gpu_uuid: bounds.DeviceUuid = msgspec.field(name="gpuUUID")
+    profile: bounds.MigProfileName
+    placement: MigPlacement
+    mig_uuid: bounds.DeviceUuid = msgspec.field(default="", name="migUUID")
+    gpu_instance_id: Annotated[int, msgspec.Meta(ge=-1, le=1 << 16)] = msgspec.field(
+        default=-1, name="gpuInstanceID"
+    )
+    compute_instance_id: Annotated[int, msgspec.Meta(ge=-1, le=1 << 16)] = msgspec.field(
+        default=-1, name="computeInstanceID"
+    )
+
+
+def encode_mig_allocations(allocations: list[MigAllocation]) -> str:
+    """``hami.io/vgpu-mig-allocations``: a JSON list of ``MigAllocation``."""
+    return msgspec.json.encode(allocations).decode()
+
+
+def decode_mig_allocations(value: str) -> list[MigAllocation]:
+    """Decode ``hami.io/vgpu-mig-allocations``. Raises ``AnnotationDecodeError`` naming
+    the key and value when it is longer than ``MAX_MIG_ALLOCATIONS_BYTES``, not a JSON
+    list of that shape (the path of the bad field in the reason), or has more than
+    ``MAX_MIG_ALLOCATIONS`` entries."""
+    key = VGPU_MIG_ALLOCATIONS
+    if len(value) > MAX_MIG_ALLOCATIONS_BYTES:
+        raise AnnotationDecodeError(
+            key=key,
+            value=value,
+            reason=f"{len(value):,} characters; at most {MAX_MIG_ALLOCATIONS_BYTES:,}",
+        )
+    try:
+        out = msgspec.json.decode(
+            value,
+            type=Annotated[list[MigAllocation], msgspec.Meta(max_length=MAX_MIG_ALLOCATIONS)],
+        )
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise AnnotationDecodeError(key=key, value=value, reason=str(exc)) from exc
     return out

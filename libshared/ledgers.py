@@ -22,9 +22,10 @@ class Slice(msgspec.Struct, frozen=True, kw_only=True):
     ``init``: the slice is an init container's. Init containers run one after another and
     before the app containers, so a pod books, per device, the larger of its init slices'
     peak and its app slices' sum (``booked``), as HAMi does.
-    ``mig_profile``, ``mig_start``: on a MIG-mode device, the GPU instance the slice is
-    (profile and first memory slice; HAMi's ``hami.io/vgpu-mig-allocations`` ``profile``
-    and ``placement.start``); ``""`` and -1 on a sliced device.
+    ``mig_profile``, ``mig_start``, ``mig_size``: on a MIG-mode device, the GPU instance
+    the slice is (profile, first memory slice and memory slices taken; HAMi's
+    ``hami.io/vgpu-mig-allocations`` ``profile`` and ``placement``); ``""``, -1 and 0 on a
+    sliced device.
     """
 
     pod_uid: bounds.Uid
@@ -40,6 +41,7 @@ class Slice(msgspec.Struct, frozen=True, kw_only=True):
     init: bool = False
     mig_profile: bounds.MigProfileName = ""
     mig_start: Annotated[int, msgspec.Meta(ge=-1, le=bounds.MAX_MIG_SLOTS - 1)] = -1
+    mig_size: Annotated[int, msgspec.Meta(ge=0, le=bounds.MAX_MIG_SLOTS)] = 0
 
 
 def booked(slices: tuple[Slice, ...] | list[Slice]) -> dict[str, tuple[int, int, int]]:

@@ -205,7 +205,8 @@ def of_device(device: Device) -> Geometry | None:
 def instances_on(slices: Iterable[Slice], uuid: str, geometry: Geometry) -> list[Instance]:
     """The GPU instances the MIG slices of ``slices`` hold on device ``uuid`` of
     ``geometry``, one per pod, profile and start (a pod's init and app containers may
-    name the same one). An instance of a profile the device no longer offers is taken to
+    name the same one), each as large as its slice says (``mig_size``), else as its
+    profile is; one of a profile the device no longer offers and of no size is taken to
     reach to the last slot: what it holds is never offered twice."""
     seen: dict[tuple[str, str, int], Instance] = {}
     for s in slices:
@@ -214,6 +215,7 @@ def instances_on(slices: Iterable[Slice], uuid: str, geometry: Geometry) -> list
         key = (s.pod_uid, s.mig_profile, s.mig_start)
         if key not in seen:
             profile = geometry.profile(s.mig_profile)
-            size = profile.size if profile else max(1, geometry.slots - s.mig_start)
+            size = s.mig_size or (profile.size if profile else geometry.slots - s.mig_start)
+            size = max(1, min(size, geometry.slots - s.mig_start))
             seen[key] = Instance(s.mig_profile, s.mig_start, size)
     return list(seen.values())

@@ -245,6 +245,7 @@ def test_each_request_gets_a_gpu_instance_recorded_in_its_slice_until_none_fits(
         10240,
         0,
     )
+    assert first.mig_size == 2  # a double-memory 1g takes two memory slices
     second = placed(s, c, "b", 20000)  # 3g at 4 would take slot 6: only 0 is free
     assert (second.mig_profile, second.mig_start) == ("3g.20gb", 0)
     third = placed(s, c, "c", 4000)

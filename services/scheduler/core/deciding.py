@@ -424,6 +424,7 @@ class Scheduler:
                         init=container.init,
                         mig_profile=choice.profile.name if choice else "",
                         mig_start=choice.start if choice else -1,
+                        mig_size=choice.profile.size if choice else 0,
                     )
                 )
         return Placement(

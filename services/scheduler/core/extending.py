@@ -319,7 +319,8 @@ def invalid_request(args: FilterArgs, error: InvalidRequest) -> ExtenderFilterRe
 
 
 def bind_annotations(placement: Placement, *, containers: int, now_s: float) -> dict[str, str]:
-    """HAMi's bind-time pod annotations for ``placement``.
+    """HAMi's bind-time pod annotations for ``placement`` (with
+    ``hami.io/vgpu-mig-allocations`` when a slice is a GPU instance).
 
     ``containers``: the pod's init containers plus containers (the annotation has one entry
     per container, GPU or not); ``now_s``: Unix seconds for ``hami.io/bind-time``. Raises
@@ -340,13 +341,27 @@ def bind_annotations(placement: Placement, *, containers: int, now_s: float) -> 
             )
         )
     devices = keys.encode_pod_devices(grants)
-    return {
+    out = {
         keys.VGPU_NODE: placement.node,
         keys.VGPU_DEVICES_ALLOCATED: devices,
         keys.VGPU_DEVICES_TO_ALLOCATE: devices,
         keys.BIND_PHASE: keys.BIND_PHASE_ALLOCATING,
         keys.BIND_TIME: str(int(now_s)),
     }
+    migs = [
+        keys.MigAllocation(
+            container_index=s.container_index,
+            device_index=s.device_index,
+            gpu_uuid=s.uuid,
+            profile=s.mig_profile,
+            placement=keys.MigPlacement(start=s.mig_start, size=s.mig_size),
+        )
+        for s in placement.slices
+        if s.mig_profile
+    ]
+    if migs:
+        out[keys.VGPU_MIG_ALLOCATIONS] = keys.encode_mig_allocations(migs)
+    return out
 
 
 # -- pods and the ledger ----------------------------------------------------------------

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -92,6 +93,29 @@ async def agent_process(
     assert not (kubelet.directory / "vslice-nvidia.sock").exists()
 
 
+@dataclass
+class OnTheBus:
+    """A nats-server for one test: ``opened`` (the test's own view of the buckets) and
+    ``flags`` (the agent's bus flags and its identity's, for ``NODE``)."""
+
+    opened: connecting.Bus
+    flags: tuple[str, ...]
+
+
+@contextlib.asynccontextmanager
+async def on_the_bus(tmp_path: Path, prefix: str) -> AsyncIterator[OnTheBus]:
+    with NatsServer(data_dir=tmp_path / "nats") as server:
+        bus_settings = server.bus_settings(prefix=prefix)
+        agent = server.identity(f"agent-{prefix}", Role.NODEAGENT, prefix=prefix, node=NODE)
+        nc = await connecting.connect(bus_settings, name="test")
+        try:
+            opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
+            flags = ("--nats-url", server.url, "--prefix", prefix, *agent.credential_arguments())
+            yield OnTheBus(opened=opened, flags=flags)
+        finally:
+            await nc.close()
+
+
 async def test_the_node_agent_serves_kubelet_on_mock_gpus_without_the_bus(
     native: None, tmp_path: Path, emulator: kmock.KubernetesEmulator
 ) -> None:
@@ -150,45 +174,37 @@ async def test_with_the_bus_the_agent_registers_there_and_allocates_only_what_th
     prefix = "dp" + uuid.uuid4().hex[:8]
     kubelet = FakeKubelet(tmp_path / "dp")
     await kubelet.start()
-    with NatsServer(data_dir=tmp_path / "nats") as server:
-        bus_settings = server.bus_settings(prefix=prefix)
-        agent = server.identity(f"agent-{prefix}", Role.NODEAGENT, prefix=prefix, node=NODE)
-        nc = await connecting.connect(bus_settings, name="test")
-        try:
-            opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
-            held = Slice(
-                pod_uid="uid-honest",
-                namespace="default",
-                pod="honest",
-                container="c0",
-                container_index=0,
-                uuid=G0,
-                device_index=0,
-                memory_mib=3000,
-                cores_percent=30,
-            )
-            ledger = NodeLedger(node=NODE, slices=(held,))
-            await opened.ledger.put(NODE, events.ENCODER.encode(ledger))
-            # the scheduler placed "honest"; "greedy" wrote itself a slice, and bound earlier
-            emulator.objects["v1/pods", "default", "greedy"] = bound_pod(
-                "greedy", node=NODE, containers=[[(G0, 16000, 100)]], bind_time=1
-            )
-            emulator.objects["v1/pods", "default", "honest"] = bound_pod(
-                "honest", node=NODE, containers=[[(G0, 3000, 30)]], bind_time=2
-            )
-            flags = ("--nats-url", server.url, "--prefix", prefix, *agent.credential_arguments())
-            async with agent_process(tmp_path, emulator, kubelet, *flags):
-                await kubelet.wait_devices(lambda d: len(d) == 2 * SPLIT)
-                got = await kubelet.admit(1)
-                assert got.envs["CUDA_DEVICE_MEMORY_LIMIT_0"] == "3000m"
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await kubelet.admit(1)
-                assert "16000 MiB 100 % not in the ledger" in str(caught.value.details())
-                entry = await opened.nodes.get(NODE)
-                registered = msgspec.json.decode(entry.value, type=NodeDevices)
-                assert [d.uuid for d in registered.devices] == [G0, G1]
-        finally:
-            await nc.close()
+    async with on_the_bus(tmp_path, prefix) as bus:
+        held = Slice(
+            pod_uid="uid-honest",
+            namespace="default",
+            pod="honest",
+            container="c0",
+            container_index=0,
+            uuid=G0,
+            device_index=0,
+            memory_mib=3000,
+            cores_percent=30,
+        )
+        ledger = NodeLedger(node=NODE, slices=(held,))
+        await bus.opened.ledger.put(NODE, events.ENCODER.encode(ledger))
+        # the scheduler placed "honest"; "greedy" wrote itself a slice, and bound earlier
+        emulator.objects["v1/pods", "default", "greedy"] = bound_pod(
+            "greedy", node=NODE, containers=[[(G0, 16000, 100)]], bind_time=1
+        )
+        emulator.objects["v1/pods", "default", "honest"] = bound_pod(
+            "honest", node=NODE, containers=[[(G0, 3000, 30)]], bind_time=2
+        )
+        async with agent_process(tmp_path, emulator, kubelet, *bus.flags):
+            await kubelet.wait_devices(lambda d: len(d) == 2 * SPLIT)
+            got = await kubelet.admit(1)
+            assert got.envs["CUDA_DEVICE_MEMORY_LIMIT_0"] == "3000m"
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await kubelet.admit(1)
+            assert "16000 MiB 100 % not in the ledger" in str(caught.value.details())
+            entry = await bus.opened.nodes.get(NODE)
+            registered = msgspec.json.decode(entry.value, type=NodeDevices)
+            assert [d.uuid for d in registered.devices] == [G0, G1]
     await kubelet.stop()
 
 
@@ -277,37 +293,29 @@ async def test_a_gpu_in_the_nodes_device_cordon_annotation_registers_cordoned_un
     prefix = "dc" + uuid.uuid4().hex[:8]
     kubelet = FakeKubelet(tmp_path / "dp")
     await kubelet.start()
-    with NatsServer(data_dir=tmp_path / "nats") as server:
-        bus_settings = server.bus_settings(prefix=prefix)
-        agent = server.identity(f"agent-{prefix}", Role.NODEAGENT, prefix=prefix, node=NODE)
-        nc = await connecting.connect(bus_settings, name="test")
-        try:
-            opened = await connecting.ensure_bus(nc.jetstream(), bus_settings)
-            node_meta = emulator.objects["v1/nodes", None, NODE].raw["metadata"]
-            node_meta["annotations"]["hami.io/device-cordon"] = f" {G1}, ,GPU-elsewhere"
+    async with on_the_bus(tmp_path, prefix) as bus:
+        node_meta = emulator.objects["v1/nodes", None, NODE].raw["metadata"]
+        node_meta["annotations"]["hami.io/device-cordon"] = f" {G1}, ,GPU-elsewhere"
 
-            async def cordoned() -> set[str]:
-                try:
-                    entry = await opened.nodes.get(NODE)
-                except Exception:  # not registered yet
-                    return {"-"}
-                registered = msgspec.json.decode(entry.value, type=NodeDevices)
-                return {d.uuid for d in registered.devices if d.cordoned}
+        async def cordoned() -> set[str]:
+            try:
+                entry = await bus.opened.nodes.get(NODE)
+            except Exception:  # not registered yet
+                return {"-"}
+            registered = msgspec.json.decode(entry.value, type=NodeDevices)
+            return {d.uuid for d in registered.devices if d.cordoned}
 
-            async def until(want: set[str]) -> None:
-                deadline = asyncio.get_running_loop().time() + 30
-                while (got := await cordoned()) != want:
-                    assert asyncio.get_running_loop().time() < deadline, got
-                    await asyncio.sleep(0.05)
+        async def until(want: set[str]) -> None:
+            deadline = asyncio.get_running_loop().time() + 30
+            while (got := await cordoned()) != want:
+                assert asyncio.get_running_loop().time() < deadline, got
+                await asyncio.sleep(0.05)
 
-            flags = ("--nats-url", server.url, "--prefix", prefix, *agent.credential_arguments())
-            async with agent_process(tmp_path, emulator, kubelet, *flags, "--cordon-poll", "0.1"):
-                await until({G1})
-                devices = await kubelet.wait_devices(lambda d: len(d) == 2 * SPLIT)
-                assert set(devices.values()) == {"Healthy"}  # kubelet keeps every replica
-                fresh = emulator.objects["v1/nodes", None, NODE].raw["metadata"]
-                fresh["annotations"].pop("hami.io/device-cordon")
-                await until(set())
-        finally:
-            await nc.close()
+        async with agent_process(tmp_path, emulator, kubelet, *bus.flags, "--cordon-poll", "0.1"):
+            await until({G1})
+            devices = await kubelet.wait_devices(lambda d: len(d) == 2 * SPLIT)
+            assert set(devices.values()) == {"Healthy"}  # kubelet keeps every replica
+            fresh = emulator.objects["v1/nodes", None, NODE].raw["metadata"]
+            fresh["annotations"].pop("hami.io/device-cordon")
+            await until(set())
     await kubelet.stop()

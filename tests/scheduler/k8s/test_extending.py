@@ -230,6 +230,77 @@ def test_bind_annotations_have_an_entry_for_every_container_init_first() -> None
     assert got[keys.VGPU_DEVICES_ALLOCATED] == ";GPU-n1-0,NVIDIA,1000,10:GPU-n1-1,NVIDIA,1000,10:;"
 
 
+def test_a_gpu_instance_is_told_in_hamis_mig_allocations_annotation() -> None:
+    instance = Slice(
+        pod_uid=UID, namespace="default", pod="p", container="main", container_index=1,
+        uuid="GPU-n1-0", device_index=0, memory_mib=10240, cores_percent=0,
+        mig_profile="1g.10gb", mig_start=6, mig_size=2,
+    )  # fmt: skip
+    sliced = msgspec.structs.replace(instance, uuid="GPU-n1-1", device_index=1, mig_profile="")
+    got = extending.bind_annotations(
+        Placement(
+            pod_uid=UID, namespace="default", pod="p", node="n1", slices=(instance, sliced),
+            charge=PodCharge(pod_uid=UID),
+        ),
+        containers=2,
+        now_s=0,
+    )  # fmt: skip
+    assert json.loads(got[keys.VGPU_MIG_ALLOCATIONS]) == [
+        {
+            "containerIndex": 1,
+            "deviceIndex": 0,
+            "gpuUUID": "GPU-n1-0",
+            "profile": "1g.10gb",
+            "placement": {"start": 6, "size": 2},
+        }
+    ]
+    (back,) = keys.decode_mig_allocations(got[keys.VGPU_MIG_ALLOCATIONS])
+    assert (back.profile, back.placement.start, back.mig_uuid, back.gpu_instance_id) == (
+        "1g.10gb",
+        6,
+        "",
+        -1,
+    )
+    assert keys.VGPU_MIG_ALLOCATIONS not in extending.bind_annotations(
+        placement((0, "GPU-n1-1", 3000, 30)), containers=1, now_s=0
+    )
+
+
+GOOD_MIG = (
+    '{"containerIndex":0,"deviceIndex":0,"gpuUUID":"G","profile":"1g.5gb",'
+    '"placement":{"start":0,"size":1}}'
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("{", "Expected `array`"),
+        ("[", "truncated"),
+        ('[{"containerIndex": 0}]', "deviceIndex"),
+        (
+            '[{"containerIndex":0,"deviceIndex":0,"gpuUUID":"G","profile":"1g.5gb",'
+            '"placement":{"start":8,"size":1}}]',
+            "placement.start",
+        ),
+        (
+            '[{"containerIndex":0,"deviceIndex":0,"gpuUUID":"G","profile":"x",'
+            '"placement":{"start":0,"size":1}}]',
+            "profile",
+        ),
+        ("[" + ",".join([GOOD_MIG] * 300) + "]", "length <= 256"),
+        (" " * (70 << 10), "at most 65,536"),
+    ],
+)
+def test_a_malformed_mig_allocations_annotation_is_refused_naming_it(
+    value: str, named: str
+) -> None:
+    with pytest.raises(AnnotationDecodeError) as caught:
+        keys.decode_mig_allocations(value)
+    assert "hami.io/vgpu-mig-allocations" in str(caught.value)
+    assert named in caught.value.reason
+
+
 def test_bind_annotations_refuse_a_slice_of_a_container_the_pod_does_not_have() -> None:
     with pytest.raises(ValueError, match="container index 1"):
         extending.bind_annotations(placement((1, "GPU-n1-0", 1, 1)), containers=1, now_s=0)
