@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from libshared import annotations, events
+from libshared import annotations, events, probes
 from libshared.ledgers import PodCharge, Slice
 from services.nodeagent import app, settings
-from services.nodeagent.core import preparing, registrations, sharedcaches, usages
+from services.nodeagent.adapters import kube, loops
+from services.nodeagent.core import nodeconfigs, preparing, registrations, sharedcaches, usages
 from services.nodeagent.core.registrations import Gpu, Scaling
 from services.nodeagent.core.sharedcaches import ProcessSlot, SharedCache
 from vslice import running
@@ -556,3 +558,47 @@ def test_a_cordoned_gpu_registers_cordoned_and_an_overlong_annotation_is_refused
     ]
     with pytest.raises(ValueError, match=r"hami\.io/device-cordon: 65,537 characters"):
         registrations.parse_cordon("x" * (registrations.MAX_CORDON_CHARS + 1))
+
+
+class FlakyNodes:
+    """A Kubernetes API whose node reads answer in turn from ``answers``."""
+
+    def __init__(self, *answers: object) -> None:
+        self.answers = list(answers)
+
+    async def node_annotations(self, node: str) -> dict[str, str]:
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, dict)
+        return answer
+
+
+async def test_an_unreadable_node_keeps_the_cordon_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    down = kube.KubeError("read node n1", 0, "connection refused")
+    node_loops = loops.NodeLoops(
+        node="n1",
+        backend=None,  # type: ignore[arg-type]  # not used by the cordon
+        slicer=None,  # type: ignore[arg-type]
+        found=[gpu(0), gpu(1)],
+        settings=nodeconfigs.NodeSettings(scaling=Scaling()),
+        margin_mib=0,
+        kill=False,
+        usage_every_s=1.0,
+        rediscover_s=1.0,
+        reported=probes.Beat("usage", 60.0),
+        kube_api=FlakyNodes(down, down, {registrations.DEVICE_CORDON: "GPU-1"}, {}),  # type: ignore[arg-type]
+    )
+    caplog.set_level(logging.WARNING, logger="vslice.nodeagent")
+    await node_loops.read_cordon()
+    await node_loops.read_cordon()
+    assert [r.getMessage() for r in caplog.records].count(
+        "device cordon not read; the node keeps its cordon"
+    ) == 1
+    assert node_loops.cordoned == frozenset()
+    await node_loops.read_cordon()
+    assert [d.cordoned for d in node_loops.registration().devices] == [False, True]
+    await node_loops.read_cordon()  # the annotation removed
+    assert not any(d.cordoned for d in node_loops.registration().devices)

@@ -100,6 +100,7 @@ class NodeLoops:
     cordon_poll_s: float = 10.0
     cordoned: frozenset[str] = frozenset()
     _config_problem: str = ""
+    _cordon_problem: str = ""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def registration(self) -> NodeDevices:
@@ -114,11 +115,22 @@ class NodeLoops:
 
     async def read_cordon(self) -> None:
         """Read the node's ``hami.io/device-cordon`` annotation (with ``kube_api``); a change
-        registers the node again. Raises ``kube.KubeError`` when the node cannot be read,
-        ``ValueError`` for an annotation over its bound (the cordon stays as it was)."""
+        registers the node again. A node that cannot be read, or an annotation over its
+        bound, leaves the cordon as it was (logged once per problem)."""
         assert self.kube_api is not None
-        annotations = await self.kube_api.node_annotations(self.node)
-        cordoned = registrations.parse_cordon(annotations.get(registrations.DEVICE_CORDON, ""))
+        try:
+            annotations = await self.kube_api.node_annotations(self.node)
+            value = annotations.get(registrations.DEVICE_CORDON, "")
+            cordoned = registrations.parse_cordon(value)
+        except (kube.KubeError, ValueError) as exc:
+            if str(exc) != self._cordon_problem:
+                self._cordon_problem = str(exc)
+                log.warning(
+                    "device cordon not read; the node keeps its cordon",
+                    extra={"node": self.node, "error": str(exc)},
+                )
+            return
+        self._cordon_problem = ""
         if cordoned == self.cordoned:
             return
         self.cordoned = cordoned
