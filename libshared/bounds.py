@@ -76,9 +76,11 @@ MigSlots = Annotated[int, msgspec.Meta(ge=0, le=MAX_MIG_SLOTS)]
 MigSlot = Annotated[int, msgspec.Meta(ge=0, le=MAX_MIG_SLOTS - 1)]
 MigSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_MIG_SLOTS)]
 # a GPU instance profile's name as NVIDIA writes it ("3g.20gb"); "" = not a MIG slice
-MigProfileName = Annotated[
-    str, msgspec.Meta(max_length=16, pattern=r"^(|[0-9]{1,2}g\.[0-9]{1,4}gb)$")
-]
+_MIG_PROFILE = r"^(|[0-9]{1,2}g\.[0-9]{1,4}gb)$"
+MigProfileName = Annotated[str, msgspec.Meta(max_length=16, pattern=_MIG_PROFILE)]
+# The longest string a structured pattern admits, for the patterns no string of one
+# repeated character matches (``libshared.payloads`` builds the largest values).
+WIDEST_BY_PATTERN = {_MIG_PROFILE: "99g.9999gb"}
 DeviceCores = Annotated[int, msgspec.Meta(ge=1, le=MAX_DEVICE_CORES)]
 SplitCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_SPLIT_COUNT)]
 CpuMilli = Annotated[int, msgspec.Meta(ge=0, le=MAX_CPU_MILLI)]

@@ -115,6 +115,11 @@ def _string(t: inspect.StrType, path: str, variant: int) -> str:
             continue
         if best is None or _encoded(s) > _encoded(best):
             best = s
+    if best is None and t.pattern is not None:
+        # a structured pattern: the longest string bounds names for it
+        example = bounds.WIDEST_BY_PATTERN.get(t.pattern)
+        if example is not None and len(example) <= n and re.search(t.pattern, example):
+            best = example
     if best is None:
         raise UnboundedError(path, f"pattern {t.pattern!r} (no widest string found)")
     return best

@@ -135,6 +135,8 @@ def test_the_largest_strings_are_written_in_the_widest_characters_their_pattern_
     assert len(slice_["pod"]) == bounds.MAX_NAME
     assert len(slice_["pod"].encode()) == 4 * bounds.MAX_NAME  # printable: 4-byte UTF-8
     assert payloads.worst(ledgers.NodeLedger)["node"] == "a" * bounds.MAX_NAME  # a subject token
+    # a structured pattern no repeated character matches: the longest string it admits
+    assert slice_["mig_profile"] == "99g.9999gb"
 
 
 class _Loose(msgspec.Struct):
