@@ -99,8 +99,7 @@ class NodeLoops:
     kube_api: kube.Kube | None = None
     cordon_poll_s: float = 10.0
     cordoned: frozenset[str] = frozenset()
-    _config_problem: str = ""
-    _cordon_problem: str = ""
+    _problems: dict[str, str] = field(default_factory=dict)  # what, last error logged
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def registration(self) -> NodeDevices:
@@ -113,6 +112,13 @@ class NodeLoops:
             cordoned=self.cordoned,
         )
 
+    def _problem(self, what: str, message: str, exc: Exception) -> None:
+        """Log ``message`` (a warning) with ``exc``, once while ``what`` keeps failing the
+        same way."""
+        if self._problems.get(what) != str(exc):
+            self._problems[what] = str(exc)
+            log.warning(message, extra={"node": self.node, "error": str(exc)})
+
     async def read_cordon(self) -> None:
         """Read the node's ``hami.io/device-cordon`` annotation (with ``kube_api``); a change
         registers the node again. A node that cannot be read, or an annotation over its
@@ -123,14 +129,9 @@ class NodeLoops:
             value = annotations.get(registrations.DEVICE_CORDON, "")
             cordoned = registrations.parse_cordon(value)
         except (kube.KubeError, ValueError) as exc:
-            if str(exc) != self._cordon_problem:
-                self._cordon_problem = str(exc)
-                log.warning(
-                    "device cordon not read; the node keeps its cordon",
-                    extra={"node": self.node, "error": str(exc)},
-                )
+            self._problem("cordon", "device cordon not read; the node keeps its cordon", exc)
             return
-        self._cordon_problem = ""
+        self._problems.pop("cordon", None)
         if cordoned == self.cordoned:
             return
         self.cordoned = cordoned
@@ -152,14 +153,9 @@ class NodeLoops:
                 read_node_config, self.config_path, self.node, self.defaults
             )
         except (OSError, nodeconfigs.NodeConfigError) as exc:
-            if str(exc) != self._config_problem:
-                self._config_problem = str(exc)
-                log.error(
-                    "node config not applied; the node keeps its settings",
-                    extra={"path": self.config_path, "error": str(exc)},
-                )
+            self._problem("config", "node config not applied; the node keeps its settings", exc)
             return
-        self._config_problem = ""
+        self._problems.pop("config", None)
         if data == self.config_seen:
             return
         self.config_seen = data
