@@ -19,6 +19,7 @@ node agent on such a card should publish instead. Pure data and pure functions.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,24 +34,20 @@ _NAME = re.compile(r"^(\d+)g\.(\d+)gb$")
 class Profile:
     """One GPU instance profile: ``name`` (``"3g.20gb"``), ``compute`` (compute slices,
     the ``g``), ``size`` (memory slices it occupies), ``starts`` (the slots it may start
-    at), ``memory_mib`` (0: from the name, GB x 1,024)."""
+    at), ``memory_mib``."""
 
     name: str
     compute: int
     size: int
     starts: tuple[int, ...]
-    memory_mib: int = 0
+    memory_mib: int
 
-    def __post_init__(self) -> None:
-        if not self.memory_mib:
-            found = _NAME.match(self.name)
-            if found is None:
-                raise ValueError(f"MIG profile {self.name!r}: no memory given or named")
-            object.__setattr__(self, "memory_mib", int(found.group(2)) * 1024)
 
-    def placements(self) -> list[tuple[int, int]]:
-        """``(start, size)`` of every legal placement."""
-        return [(s, self.size) for s in self.starts]
+def _named(name: str, compute: int, size: int, starts: tuple[int, ...]) -> Profile:
+    """A tabled profile, its memory from its name (GB x 1,024)."""
+    found = _NAME.match(name)
+    assert found is not None, name
+    return Profile(name, compute, size, starts, int(found.group(2)) * 1024)
 
 
 @dataclass(frozen=True)
@@ -76,12 +73,12 @@ def _eight_slots(model: str, gb: int) -> Geometry:
         model=model,
         slots=8,
         profiles=(
-            Profile(f"1g.{one}gb", 1, 1, (0, 1, 2, 3, 4, 5, 6)),
-            Profile(f"1g.{two}gb", 1, 2, (0, 2, 4, 6)),
-            Profile(f"2g.{two}gb", 2, 2, (0, 2, 4)),
-            Profile(f"3g.{four}gb", 3, 4, (0, 4)),
-            Profile(f"4g.{four}gb", 4, 4, (0,)),
-            Profile(f"7g.{gb}gb", 7, 8, (0,)),
+            _named(f"1g.{one}gb", 1, 1, (0, 1, 2, 3, 4, 5, 6)),
+            _named(f"1g.{two}gb", 1, 2, (0, 2, 4, 6)),
+            _named(f"2g.{two}gb", 2, 2, (0, 2, 4)),
+            _named(f"3g.{four}gb", 3, 4, (0, 4)),
+            _named(f"4g.{four}gb", 4, 4, (0,)),
+            _named(f"7g.{gb}gb", 7, 8, (0,)),
         ),
     )
 
@@ -97,9 +94,9 @@ GEOMETRIES: dict[str, Geometry] = {
             model="A30-24GB",
             slots=4,
             profiles=(
-                Profile("1g.6gb", 1, 1, (0, 1, 2, 3)),
-                Profile("2g.12gb", 2, 2, (0, 2)),
-                Profile("4g.24gb", 4, 4, (0,)),
+                _named("1g.6gb", 1, 1, (0, 1, 2, 3)),
+                _named("2g.12gb", 2, 2, (0, 2)),
+                _named("4g.24gb", 4, 4, (0,)),
             ),
         ),
     )
@@ -186,10 +183,12 @@ def published(
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def of_device(device: Device) -> Geometry | None:
     """The geometry a MIG-mode device published (None: not in ``mig`` mode, or no
     profile). A profile whose placements reach past ``mig_slots`` is left out: a node's
-    registration is untrusted input."""
+    registration is untrusted input. Remembered per device value (a registration is
+    immutable)."""
     if device.mode != "mig" or not device.mig_profiles or not device.mig_slots:
         return None
     profiles = tuple(

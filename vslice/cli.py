@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from libshared import logs, migs, traces
 from libshared.errors import VsliceError
+from services.nodeagent.adapters import configfiles
 from services.nodeagent.core import nodeconfigs
 from services.scheduler.core.deciding import POLICIES
 from vslice import certs, repairs, replays_bus, replays_local, running, stacks, statuses
@@ -619,8 +620,7 @@ def _node_config(path: str) -> str:
     """``path`` made absolute, once it reads as a device config (``nodeconfigs.parse``).
     Raises ``StackError`` naming the file and, for a refused one, the key and value."""
     try:
-        with open(path, "rb") as f:
-            nodeconfigs.parse(f.read(nodeconfigs.MAX_BYTES + 1), source=path)
+        nodeconfigs.parse(configfiles.read(path), source=path)
     except OSError as exc:
         raise stacks.StackError(f"--node-config {path}: {exc.strerror or exc}") from None
     except nodeconfigs.NodeConfigError as exc:

@@ -20,7 +20,15 @@ from libshared import connecting, probes, traces
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
 from libshared.subjects import valid_node
-from services.nodeagent.adapters import bus, deviceplugin, gpus, hostroots, kube, loops
+from services.nodeagent.adapters import (
+    bus,
+    configfiles,
+    deviceplugin,
+    gpus,
+    hostroots,
+    kube,
+    loops,
+)
 from services.nodeagent.adapters.slicing import Slicer
 from services.nodeagent.core import allocating, fleets, nodeconfigs, preparing, registrations
 from services.nodeagent.settings import DevicePluginSettings, Settings, SliceSettings
@@ -166,7 +174,7 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
     config_seen = b""
     if real.node_config is not None:
         config_seen, node_settings = await asyncio.to_thread(
-            loops.read_node_config, real.node_config, node, real.scaling
+            configfiles.load, real.node_config, node, real.scaling
         )
     backend = await asyncio.to_thread(open_gpus, settings, real)
     found = await asyncio.to_thread(backend.discover)

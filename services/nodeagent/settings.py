@@ -31,6 +31,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from libshared import connecting, probes, settings
+from services.nodeagent.adapters import configfiles
 from services.nodeagent.core import devicelists, nodeconfigs
 from services.nodeagent.core.fleets import DEFAULT_SPLIT_COUNT, FleetSpec, parse_devices
 from services.nodeagent.core.registrations import Scaling
@@ -349,8 +350,7 @@ def _check_node_config(path: str, node: str, defaults: Scaling) -> None:
     (the message names the key and value): a bad file stops the agent before it starts,
     while one changed later is only logged (``adapters.loops``)."""
     try:
-        with open(path, "rb") as f:
-            nodeconfigs.load(f.read(nodeconfigs.MAX_BYTES + 1), node, defaults, source=path)
+        configfiles.load(path, node, defaults)
     except OSError as exc:
         LOADER.error(f"--node-config {path}: {exc.strerror or exc}")
     except nodeconfigs.NodeConfigError as exc:

@@ -12,6 +12,7 @@ from libshared import annotations, events, probes
 from libshared.ledgers import PodCharge, Slice
 from services.nodeagent import app, settings
 from services.nodeagent.adapters import kube, loops
+from services.nodeagent.adapters.slicing import Slicer
 from services.nodeagent.core import nodeconfigs, preparing, registrations, sharedcaches, usages
 from services.nodeagent.core.registrations import Gpu, Scaling
 from services.nodeagent.core.sharedcaches import ProcessSlot, SharedCache
@@ -574,14 +575,32 @@ class FlakyNodes:
         return answer
 
 
+class NoGpus:
+    """A GPU backend the cordon never reaches: every call fails the test."""
+
+    kind = "none"
+
+    def discover(self) -> list[Gpu]:
+        raise AssertionError("the cordon read the GPUs")
+
+    def read(self) -> tuple[list[usages.DeviceReading], list[usages.ProcessReading]]:
+        raise AssertionError("the cordon read the GPUs")
+
+    def wait_xids(self, timeout_s: float) -> list[tuple[str, int]]:
+        raise AssertionError("the cordon waited for XIDs")
+
+    def close(self) -> None:
+        raise AssertionError("the cordon closed the GPUs")
+
+
 async def test_an_unreadable_node_keeps_the_cordon_and_is_logged_once(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     down = kube.KubeError("read node n1", 0, "connection refused")
     node_loops = loops.NodeLoops(
         node="n1",
-        backend=None,  # type: ignore[arg-type]  # not used by the cordon
-        slicer=None,  # type: ignore[arg-type]
+        backend=NoGpus(),
+        slicer=Slicer(node="n1", layout=preparing.Layout(root=str(tmp_path), libvgpu="-")),
         found=[gpu(0), gpu(1)],
         settings=nodeconfigs.NodeSettings(scaling=Scaling()),
         margin_mib=0,
@@ -589,7 +608,7 @@ async def test_an_unreadable_node_keeps_the_cordon_and_is_logged_once(
         usage_every_s=1.0,
         rediscover_s=1.0,
         reported=probes.Beat("usage", 60.0),
-        kube_api=FlakyNodes(down, down, {registrations.DEVICE_CORDON: "GPU-1"}, {}),  # type: ignore[arg-type]
+        kube_api=FlakyNodes(down, down, {registrations.DEVICE_CORDON: "GPU-1"}, {}),
     )
     caplog.set_level(logging.WARNING, logger="vslice.nodeagent")
     await node_loops.read_cordon()

@@ -21,6 +21,12 @@ from tests.scheduler.conftest import cluster, node, pod
 A100 = GEOMETRIES["A100-40GB"]
 
 
+def instance(geometry: migs.Geometry, name: str, start: int) -> Instance:
+    """An instance of profile ``name`` at ``start`` (size 1 for a name the model lacks)."""
+    profile = geometry.profile(name)
+    return Instance(name, start, profile.size if profile is not None else 1)
+
+
 @pytest.mark.parametrize(
     ("product", "model"),
     [
@@ -96,10 +102,7 @@ LAYOUTS = [
 @pytest.mark.parametrize(("model", "layout", "why"), LAYOUTS)
 def test_placements_are_nvidias(model: str, layout: list[tuple[str, int]], why: str) -> None:
     geometry = GEOMETRIES[model]
-    instances = []
-    for name, start in layout:
-        profile = geometry.profile(name)
-        instances.append(Instance(name, start, profile.size if profile else 1))
+    instances = [instance(geometry, name, start) for name, start in layout]
     got = migs.check(geometry, instances)
     assert (why in got) if why else got == ""
 
@@ -179,7 +182,7 @@ def allowed_order(names: set[str]) -> list[str]:
 def test_choose_takes_a_free_legal_start(
     layout: list[tuple[str, int]], mib: int, want: tuple[str, int] | None
 ) -> None:
-    instances = [Instance(n, s, A100.profile(n).size) for n, s in layout]  # type: ignore[union-attr]
+    instances = [instance(A100, n, s) for n, s in layout]
     got = migplacing.choose(A100, instances, mib)
     assert (None if got is None else (got.profile.name, got.start)) == want
 
@@ -227,8 +230,8 @@ def mig_node(
     return NodeDevices(node=name, devices=(device,))
 
 
-def placed(s: Scheduler, c: Cluster, uid: str, mib: int, **selectors: object) -> Slice:
-    decision = s.decide(pod(uid, mem=mib, cores=30, **selectors))
+def placed(s: Scheduler, c: Cluster, uid: str, mib: int) -> Slice:
+    decision = s.decide(pod(uid, mem=mib, cores=30))
     assert isinstance(decision, Placement), decision
     c.apply(decision)
     (only,) = decision.slices

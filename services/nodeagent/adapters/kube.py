@@ -50,6 +50,14 @@ class Pods(Protocol):
         ...
 
 
+class NodeAnnotations(Protocol):
+    """What the node agent's cordon loop needs from the API."""
+
+    async def node_annotations(self, node: str) -> dict[str, str]:
+        """The node's annotations, read now."""
+        ...
+
+
 async def api_client(host: str | None = None) -> client.ApiClient:
     """An API client: for ``host`` (a URL, no credentials) when given, else the in-cluster
     service account, else ``$KUBECONFIG`` / ``~/.kube/config`` (``libshared.kubeclients``).

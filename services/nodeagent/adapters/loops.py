@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from libshared import bounds, events, probes
 from libshared.devices import NodeDevices
 from libshared.subjects import Subjects
-from services.nodeagent.adapters import deviceplugin, gpus, hostroots, kube
+from services.nodeagent.adapters import configfiles, deviceplugin, gpus, hostroots, kube
 from services.nodeagent.adapters.bus import Agent
 from services.nodeagent.adapters.slicing import Slicer
 from services.nodeagent.core import nodeconfigs, registrations, usages
@@ -33,17 +33,6 @@ log = logging.getLogger("vslice.nodeagent")
 
 MIB = 1 << 20
 XID_WAIT_S = 1.0
-
-
-def read_node_config(
-    path: str, node: str, defaults: Scaling
-) -> tuple[bytes, nodeconfigs.NodeSettings]:
-    """The file at ``path`` (at most ``nodeconfigs.MAX_BYTES`` + 1 bytes read) and
-    ``node``'s settings from it. Raises ``OSError`` (unreadable) or
-    ``nodeconfigs.NodeConfigError`` (refused: the message names the key and value)."""
-    with open(path, "rb") as f:
-        data = f.read(nodeconfigs.MAX_BYTES + 1)
-    return data, nodeconfigs.load(data, node, defaults, source=path)
 
 
 def enforce(usage: events.NodeUsage, *, kill: bool) -> events.NodeUsage:
@@ -96,7 +85,7 @@ class NodeLoops:
     config_path: str | None = None
     config_poll_s: float = 5.0
     config_seen: bytes = b""
-    kube_api: kube.Kube | None = None
+    kube_api: kube.NodeAnnotations | None = None
     cordon_poll_s: float = 10.0
     cordoned: frozenset[str] = frozenset()
     _problems: dict[str, str] = field(default_factory=dict)  # what, last error logged
@@ -150,7 +139,7 @@ class NodeLoops:
         assert self.config_path is not None
         try:
             data, settings = await asyncio.to_thread(
-                read_node_config, self.config_path, self.node, self.defaults
+                configfiles.load, self.config_path, self.node, self.defaults
             )
         except (OSError, nodeconfigs.NodeConfigError) as exc:
             self._problem("config", "node config not applied; the node keeps its settings", exc)

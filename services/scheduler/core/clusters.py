@@ -10,7 +10,6 @@ derive from a node and recompute only the nodes that changed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -21,6 +20,7 @@ from libshared import devices, migs, quarantines
 from libshared.devices import NodeDevices
 from libshared.events import Placement
 from libshared.ledgers import NodeLedger, PodCharge, booked
+from services.scheduler.core.migplacing import smallest_profile
 
 MILLI = devices.MILLI  # one whole GPU in milli-GPU, the FGD paper's unit
 
@@ -68,7 +68,7 @@ class Cluster:
     _mig_held: dict[int, tuple[int, dict[int, list[migs.Instance]]]] = field(
         default_factory=dict, repr=False
     )
-    _mig_fits: dict[int, tuple[int, dict[tuple[int, int], bool]]] = field(
+    _mig_room: dict[int, tuple[int, dict[tuple[int, int], bool]]] = field(
         default_factory=dict, repr=False
     )
 
@@ -184,23 +184,26 @@ class Cluster:
             return cached[1]
         held: dict[int, list[migs.Instance]] = {}
         for slot, dev in enumerate(self.registrations[n].devices):
-            geometry = migs.of_device(dev) if dev.mode == "mig" else None
+            geometry = migs.of_device(dev)
             if geometry is not None:
                 held[slot] = migs.instances_on(self.ledgers[n].slices, dev.uuid, geometry)
         self._mig_held[n] = (version, held)
         return held
 
-    def mig_fits(self, n: int, slot: int, memory_mib: int, fits: Callable[[], bool]) -> bool:
-        """``fits()`` for a request of ``memory_mib`` on node ``n``'s MIG device ``slot``,
-        remembered until the node changes (its version)."""
+    def mig_room(self, n: int, slot: int, memory_mib: int) -> bool:
+        """Whether node ``n``'s MIG-mode device ``slot`` has a free start for the smallest
+        profile it offers holding ``memory_mib`` (remembered until the node changes)."""
         version = int(self.version[n])
-        cached = self._mig_fits.get(n)
+        cached = self._mig_room.get(n)
         if cached is None or cached[0] != version:
-            cached = self._mig_fits[n] = (version, {})
-        key = (slot, memory_mib)
-        found = cached[1].get(key)
+            cached = self._mig_room[n] = (version, {})
+        found = cached[1].get((slot, memory_mib))
         if found is None:
-            found = cached[1][key] = fits()
+            geometry = migs.of_device(self.registrations[n].devices[slot])
+            profile = None if geometry is None else smallest_profile(geometry, memory_mib)
+            held = migs.occupied(self.mig_instances(n).get(slot, []))
+            found = profile is not None and bool(migs.free_starts(profile, held))
+            cached[1][(slot, memory_mib)] = found
         return found
 
     def upsert_nodes(self, regs: list[NodeDevices]) -> list[int]:

@@ -399,12 +399,12 @@ class Scheduler:
         # MIG-mode devices: the GPU instance of each slice, chosen as fitting chose it
         # (init containers each on the node as it is, app containers one after another)
         base = fitting.node_use(c, n) if n in c.mig_nodes else None
-        app = base.copy() if base is not None else None
+        app = None if base is None else base.copy()
         for container, slots in zip(pod.gpu_containers, picked, strict=True):
-            use = (base.copy() if container.init else app) if base is not None else None
+            use = app if base is None or not container.init else base.copy()
             for slot in slots:
                 dev = devices[slot]
-                choice = fitting.book_slice(use, dev, slot, container) if use else None
+                choice = None if use is None else fitting.book_slice(use, dev, slot, container)
                 slices.append(
                     Slice(
                         pod_uid=pod.uid,

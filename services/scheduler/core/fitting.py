@@ -25,7 +25,6 @@ CPU and host memory as kube-scheduler's NodeResourcesFit (``Insufficient cpu`` /
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
@@ -131,23 +130,13 @@ def device_codes(
     ]
     codes = np.select(conds, list(range(1, len(conds) + 1)), default=0).astype(np.int64)
     # on MIG-mode devices the memory check is the GPU instances': a free start for the
-    # smallest profile holding the request (remembered per node version and size)
+    # smallest profile holding the request (``Cluster.mig_room``)
     short = DEVICE_REASONS.index(CARD_INSUFFICIENT_MEMORY)
     for n in c.mig_nodes:
         for slot, dev in enumerate(c.registrations[n].devices):
-            geometry = mig_geometry(dev)
-            if geometry is None or not (codes[n, slot] == 0 or codes[n, slot] >= short):
-                continue
-            asked = container.memory_on(dev.memory_mib)
-
-            def fits(
-                g: Geometry = geometry, n: int = n, slot: int = slot, mib: int = asked
-            ) -> bool:
-                profile = migplacing.smallest_profile(g, mib)
-                held = c.mig_instances(n).get(slot, [])
-                return profile is not None and bool(migs.free_starts(profile, migs.occupied(held)))
-
-            codes[n, slot] = 0 if c.mig_fits(n, slot, asked, fits) else short
+            if dev.mode == "mig" and (codes[n, slot] == 0 or codes[n, slot] >= short):
+                room = c.mig_room(n, slot, container.memory_on(dev.memory_mib))
+                codes[n, slot] = 0 if room else short
     return codes
 
 
@@ -192,12 +181,7 @@ class DeviceUse:
 
 def mig_geometry(dev: Device) -> Geometry | None:
     """The MIG geometry ``dev`` published (None: not a MIG-mode device)."""
-    return None if dev.mode != "mig" else _published_geometry(dev)
-
-
-@functools.lru_cache(maxsize=4096)
-def _published_geometry(dev: Device) -> Geometry | None:
-    return migs.of_device(dev)
+    return None if dev.mode != "mig" else migs.of_device(dev)
 
 
 def mig_choice(
