@@ -97,12 +97,10 @@ class SeedResult:
 
 @dataclass(frozen=True)
 class FleetModes:
-    """The fleet's devices by mode: ``mode_of`` (UUID -> mode), ``sizes`` (UUID of a
-    MIG-mode device -> {profile: memory slices}), ``gpus`` (mode -> devices), ``slots``
-    (memory slices of every MIG-mode device)."""
+    """The fleet's devices by mode: ``mode_of`` (UUID -> mode), ``gpus`` (mode ->
+    devices), ``slots`` (memory slices of every MIG-mode device)."""
 
     mode_of: dict[str, str]
-    sizes: dict[str, dict[str, int]]
     gpus: dict[str, int]
     slots: int
 
@@ -110,7 +108,6 @@ class FleetModes:
     def of(fleet: Sequence[NodeDevices]) -> FleetModes:
         """The modes of ``fleet``'s devices."""
         mode_of: dict[str, str] = {}
-        sizes: dict[str, dict[str, int]] = {}
         gpus: dict[str, int] = {}
         slots = 0
         for node in fleet:
@@ -118,9 +115,8 @@ class FleetModes:
                 mode_of[d.uuid] = d.mode
                 gpus[d.mode] = gpus.get(d.mode, 0) + 1
                 if d.mode == "mig":
-                    sizes[d.uuid] = {p.name: p.size for p in d.mig_profiles}
                     slots += d.mig_slots
-        return FleetModes(mode_of=mode_of, sizes=sizes, gpus=gpus, slots=slots)
+        return FleetModes(mode_of=mode_of, gpus=gpus, slots=slots)
 
     def report(self, asked: dict[str, int], slots_held: int) -> dict[str, dict[str, float]]:
         """``SeedResult.by_mode`` from the milli-GPU placed per mode and the memory slices
@@ -173,8 +169,7 @@ def run_seed(
             for sl in decision.slices:
                 mode = modes.mode_of.get(sl.uuid, "hami-core")
                 asked[mode] = asked.get(mode, 0) + pod.gpu_milli
-                if sl.mig_profile:
-                    slots_held += modes.sizes[sl.uuid].get(sl.mig_profile, 0)
+                slots_held += sl.mig_size  # 0 unless the slice is a GPU instance
         if requested <= capacity:
             snapshot = (dict(asked), slots_held)
         curve.append((requested / capacity, allocated / capacity))
