@@ -253,11 +253,27 @@ class Escape(msgspec.Struct, frozen=True, kw_only=True):
     killed: bool = False
 
 
+class MigInstanceUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """A MIG instance the node agent realized for a slice (HAMi's
+    ``hami_node_gpu_mig_instance_info`` labels): the GPU ``uuid``, the MIG device's
+    ``mig_uuid``, its ``profile``, NVML's ``gpu_instance_id`` and ``compute_instance_id``,
+    and its placement ``[start, start + size)`` in memory slices."""
+
+    uuid: bounds.DeviceUuid
+    mig_uuid: bounds.DeviceUuid
+    profile: bounds.MigProfileName
+    gpu_instance_id: bounds.Index
+    compute_instance_id: bounds.Index
+    start: bounds.MigSlot
+    size: bounds.MigSize
+
+
 class NodeUsage(msgspec.Struct, frozen=True, kw_only=True, tag="node-usage"):
     """A node agent's periodic usage report on ``<prefix>.usage.<node>`` (core NATS).
 
     ``at``: Unix time (seconds) of the reading; ``problems``: cache files that could not
-    be read (path and reason), skipped in ``containers``. Each collection is bounded
+    be read (path and reason), skipped in ``containers``; ``migs``: the MIG instances
+    realized on the node. Each collection is bounded
     (``MAX_USAGE_ROWS`` and the constants above it).
     """
 
@@ -271,6 +287,10 @@ class NodeUsage(msgspec.Struct, frozen=True, kw_only=True, tag="node-usage"):
     problems: Annotated[
         tuple[Annotated[str, msgspec.Meta(max_length=MAX_PROBLEM)], ...],
         msgspec.Meta(max_length=MAX_PROBLEMS),
+    ] = ()
+    migs: Annotated[
+        tuple[MigInstanceUsage, ...],
+        msgspec.Meta(max_length=bounds.MAX_DEVICES_PER_NODE * bounds.MAX_MIG_SLOTS),
     ] = ()
 
 

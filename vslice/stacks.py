@@ -881,8 +881,9 @@ async def wait_heartbeats(
 @dataclass(frozen=True)
 class LiveSlice:
     """A pod holding slices: ``pod_uid`` on ``node``, ``memory_mib`` over its ``slices``,
-    ``age_s`` since its claim (None when unknown), and its ``lease`` (None: placed
-    through Kubernetes, no lease): ``lease_ttl_s`` and ``renewed_s_ago``."""
+    ``age_s`` since its claim (None when unknown), its ``lease`` (None: placed
+    through Kubernetes, no lease): ``lease_ttl_s`` and ``renewed_s_ago``, and ``mig``: the
+    GPU instances its MIG slices hold (``"3g.20gb@4"``: profile at placement start)."""
 
     pod_uid: str
     node: str
@@ -891,6 +892,7 @@ class LiveSlice:
     age_s: float | None
     lease: leasing.Lease | None = None
     renewed_s_ago: float | None = None
+    mig: tuple[str, ...] = ()
 
 
 async def _snapshot(kv: KeyValue, *, deletes: bool = False) -> dict[str, KeyValue.Entry]:
@@ -949,6 +951,9 @@ async def live_slices(settings: BusSettings, *, timeout_s: float = 5.0) -> list[
                     age_s=_age_s(claims.get(pod_key(uid)), now),
                     lease=lease,
                     renewed_s_ago=_age_s(lease_entry, now) if lease is not None else None,
+                    mig=tuple(
+                        sorted({f"{s.mig_profile}@{s.mig_start}" for s in mine if s.mig_profile})
+                    ),
                 )
             )
     return sorted(out, key=lambda s: (s.node, s.pod_uid))
@@ -964,7 +969,10 @@ def slice_lines(live: Sequence[LiveSlice]) -> list[str]:
         else:
             ago = f"{s.renewed_s_ago:.0f}s ago" if s.renewed_s_ago is not None else "?"
             lease = f"{s.lease.holder or 'held'}, renewed {ago}, TTL {s.lease.ttl_s:g}s"
-        lines.append(f"{s.pod_uid:<28}{s.node:<24}{s.slices:>7}{s.memory_mib:>8}{age:>9}  {lease}")
+        mig = f"  MIG {', '.join(s.mig)}" if s.mig else ""
+        lines.append(
+            f"{s.pod_uid:<28}{s.node:<24}{s.slices:>7}{s.memory_mib:>8}{age:>9}  {lease}{mig}"
+        )
     if not live:
         lines.append("(no slice held)")
     return lines

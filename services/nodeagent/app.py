@@ -28,9 +28,11 @@ from services.nodeagent.adapters import (
     hostroots,
     kube,
     loops,
+    migdevices,
 )
 from services.nodeagent.adapters.slicing import Slicer
 from services.nodeagent.core import allocating, fleets, nodeconfigs, preparing, registrations
+from services.nodeagent.core.registrations import Gpu
 from services.nodeagent.settings import DevicePluginSettings, Settings, SliceSettings
 
 log = logging.getLogger("vslice.nodeagent")
@@ -74,14 +76,17 @@ def open_gpus(settings: Settings, real: SliceSettings) -> gpus.Gpus:
                 raise
             log.info("no NVML GPU; using mock GPUs", extra={"reason": exc.reason})
     gpu_type = settings.spec.gpu_type
+    models: tuple[str, ...] = ()
     if settings.spec.devices:
         devices = settings.spec.devices
+        models = settings.spec.models
     else:  # the first node of the fleet file, else of the uniform spec
         first = hosted_nodes(settings)[0]
         devices = tuple((d.uuid, d.memory_mib) for d in first.devices)
         gpu_type = first.devices[0].type if first.devices else gpu_type
     return gpus.open_mock(
         devices,
+        models=models,
         gpu_type=gpu_type,
         library_dir=real.mock_dir,
         state=real.mock_state_path,
@@ -178,15 +183,22 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         )
     backend = await asyncio.to_thread(open_gpus, settings, real)
     found = await asyncio.to_thread(backend.discover)
+    mig = migdevices.NvmlMig() if backend.nvml_loaded else None
+    if mig is not None and node_settings.mode == "mig":
+        found = await asyncio.to_thread(_enable_mig, mig, backend, found)
+    for g in found:
+        why = node_settings.left_out(g)
+        if why:
+            log.warning("GPU not offered", extra={"uuid": g.uuid, "reason": why})
     mock = None
-    if backend.kind == "mock":
+    if isinstance(backend, gpus.MockGpus):
         mock = preparing.MockDriver(
             library_dir=real.mock_dir,
             state=real.mock_state_path,
-            devices=",".join(f"{g.uuid}:{g.memory_mib}" for g in found),
+            devices=backend.device_list(),
         )
     layout = preparing.Layout(root=str(root), libvgpu=str(lib), sm_policy=real.sm_policy, mock=mock)
-    slicer = Slicer(node=node, layout=layout, grace_s=real.grace_s)
+    slicer = Slicer(node=node, layout=layout, grace_s=real.grace_s, mig=mig)
     margin = real.escape_margin_mib
     if margin is None:
         margin = 0 if backend.kind == "mock" else NVML_ESCAPE_MARGIN_MIB
@@ -210,6 +222,7 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         reported=reported,
         subjects=settings.bus.subjects,
     )
+    slicer.mig_gpus = loops.mig_gpus(node_loops.registration())
     health = probes.Probes()
     lifeline = None
     async with contextlib.AsyncExitStack() as stack:
@@ -246,6 +259,25 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
     log.info("stopped", extra={"agent": settings.name})
     if lifeline is not None:
         lifeline.check()
+
+
+def _enable_mig(mig: migdevices.NvmlMig, backend: gpus.Gpus, found: list[Gpu]) -> list[Gpu]:
+    """Ask NVML for MIG mode on every GPU of ``found`` whose model has a MIG geometry and
+    that is not in it yet; returns the GPUs discovered again (a GPU whose mode waits for a
+    reset stays out of MIG mode, and so unoffered, until then)."""
+    asked = False
+    for g in found:
+        if g.mig_enabled or registrations.mig_capacity(g) is None:
+            continue
+        asked = True
+        try:
+            now = mig.enable(g.uuid)
+        except migdevices.MigError as exc:
+            log.warning("MIG mode not enabled", extra={"uuid": g.uuid, "error": exc.reason})
+            continue
+        if not now:
+            log.warning("MIG mode pending a GPU reset", extra={"uuid": g.uuid})
+    return backend.discover() if asked else found
 
 
 async def _device_plugin(

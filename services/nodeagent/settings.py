@@ -33,7 +33,12 @@ import msgspec
 from libshared import connecting, probes, settings
 from services.nodeagent.adapters import configfiles
 from services.nodeagent.core import devicelists, nodeconfigs
-from services.nodeagent.core.fleets import DEFAULT_SPLIT_COUNT, FleetSpec, parse_devices
+from services.nodeagent.core.fleets import (
+    DEFAULT_SPLIT_COUNT,
+    FleetSpec,
+    parse_devices,
+    parse_models,
+)
 from services.nodeagent.core.registrations import Scaling
 
 PACKAGE = Path(__file__).resolve().parent
@@ -77,8 +82,9 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
         settings.option(
             "--devices",
             env="VSLICE_MOCKGPU_DEVICES",
-            help="one node with these mock GPUs: <uuid>:<memory_mib>[,...] "
-            "(wins over --gpus/--memory-mib)",
+            help="one node with these mock GPUs: <uuid>:<memory_mib>[:<product name>[:mig]]"
+            "[,...] (wins over --gpus/--memory-mib; a name such as 'NVIDIA A100-SXM4-40GB'"
+            " and ':mig' start the GPU in MIG mode)",
             check=parse_devices,
         ),
     ] = ""
@@ -426,6 +432,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         split_count=opts.split_count or DEFAULT_SPLIT_COUNT,
         name_prefix=opts.node_prefix or socket.gethostname(),
         devices=devices,
+        models=parse_models(opts.devices),
     )
     if slices is not None and slices.node_config is not None:
         node = device_plugin.node_name if device_plugin else f"{spec.name_prefix}-0"

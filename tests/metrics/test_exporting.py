@@ -4,6 +4,7 @@ vslice's own figures."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -12,6 +13,7 @@ from libshared.quarantines import LEDGER_DELETED as DELETED
 from libshared.quarantines import LEDGER_UNREADABLE as LEDGER
 from libshared.quarantines import REGISTRATION_UNREADABLE as REGISTRATION
 from services.metrics.adapters.http import ViewCollector
+from services.metrics.core import dashboards
 from services.metrics.core.views import FleetView, RejectedValue
 from tests.metrics import fixtures as fx
 from tests.metrics.promtext import labelled, samples
@@ -262,3 +264,61 @@ def test_each_quarantined_node_is_reported_with_its_reason_until_a_good_value_li
     view.put_ledger("n1", fx.ledger("n1"), 22)
     view.put_ledger("n9", fx.ledger("n9"), 23)
     assert labelled("vslice_node_quarantined", scrape(view)) == []
+
+
+def test_a_realized_mig_instance_is_served_with_hamis_mig_labels() -> None:
+    view = FleetView()
+    view.put_node("n1", fx.registration("n1", fx.device("G0", 0, memory_mib=40960)))
+    held = msgspec.structs.replace(
+        fx.slice_of("a", "G0", memory_mib=20480, cores=0),
+        mig_profile="3g.20gb",
+        mig_start=4,
+        mig_size=4,
+    )
+    unrealized = msgspec.structs.replace(
+        fx.slice_of("b", "G0", memory_mib=10240, cores=0),
+        mig_profile="2g.10gb",
+        mig_start=0,
+        mig_size=2,
+    )
+    view.put_ledger("n1", fx.ledger("n1", held, unrealized), 3)
+    realized = events.MigInstanceUsage(
+        uuid="G0",
+        mig_uuid="MIG-1234",
+        profile="3g.20gb",
+        gpu_instance_id=2,
+        compute_instance_id=0,
+        start=4,
+        size=4,
+    )
+    report = events.ENCODER.encode(events.NodeUsage(node="n1", at=NOW, migs=(realized,)))
+    view.put_usage("n1", report, received_at=NOW)
+    text = scrape(view, legacy=True)
+    assert labelled(
+        "hami_node_gpu_mig_instance_info",
+        text,
+        node="n1",
+        device_uuid="G0",
+        device_index="0",
+        mig_uuid="MIG-1234",
+        profile="3g.20gb",
+        gpu_instance_id="2",
+        compute_instance_id="0",
+        placement_start="4",
+        placement_size="4",
+        zone="vGPU",
+    ) == [1]
+    assert len(labelled("hami_node_gpu_mig_instance_info", text)) == 1
+    assert labelled(
+        "hami_mig_device_info", text, pod="pod-a", mig_uuid="MIG-1234", profile="3g.20gb"
+    ) == [1]
+    assert labelled("hami_mig_device_info", text, pod="pod-b") == []  # not realized yet
+    assert labelled("nodeGPUMigInstance", text, migname="3g.20gb") == [1]
+    assert labelled("MigInfo", text, podname="pod-a", instanceid="2") == [1]
+    # the dashboard's node page shows the same: the instance realized, the other not yet
+    detail = dashboards.node_detail(
+        view.snapshot(now=NOW, usage_ttl_s=30), "n1", now=NOW, tracker=dashboards.Tracker()
+    )
+    assert detail is not None
+    shown = {s["pod"]: (s["mig_profile"], s["mig_uuid"]) for s in detail["devices"][0]["slices"]}
+    assert shown == {"pod-a": ("3g.20gb", "MIG-1234"), "pod-b": ("2g.10gb", "")}

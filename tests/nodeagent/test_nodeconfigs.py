@@ -142,9 +142,119 @@ def test_a_file_over_the_size_bound_is_refused_before_it_is_decoded() -> None:
         nodeconfigs.parse(data)
 
 
-@pytest.mark.parametrize("mode", ["mig", "mps"])
-def test_a_mode_vslice_does_not_build_is_refused_for_the_node_that_names_it(mode: str) -> None:
-    data = config({"name": "n1", "operatingmode": mode}, {"name": "n2"})
-    with pytest.raises(NodeConfigError, match=f"node n1.operatingmode: '{mode}'"):
+def test_mps_which_vslice_does_not_build_is_refused_for_the_node_that_names_it() -> None:
+    data = config({"name": "n1", "operatingmode": "mps"}, {"name": "n2"})
+    with pytest.raises(NodeConfigError, match="node n1.operatingmode: 'mps'"):
         nodeconfigs.load(data, "n1", DEFAULTS, source="config.json")
     assert nodeconfigs.load(data, "n2", DEFAULTS, source="config.json").mode == "hami-core"
+
+
+def a100(i: int, *, mig: bool = True, model: str = "NVIDIA A100-SXM4-40GB") -> Gpu:
+    return Gpu(
+        uuid=f"GPU-{i}",
+        index=i,
+        model=model,
+        type="NVIDIA-A100",
+        memory_mib=40960,
+        mig_enabled=mig,
+    )
+
+
+def mig_config(
+    *entries: dict[str, object], allow: list[dict[str, list[str]]] | None = None
+) -> bytes:
+    doc: dict[str, object] = {"nodeconfig": list(entries)}
+    if allow is not None:
+        doc["migProfileAllowlist"] = allow
+    return json.dumps(doc).encode()
+
+
+A100_PROFILES = ["1g.5gb", "1g.10gb", "2g.10gb", "3g.20gb", "4g.20gb", "7g.40gb"]
+
+# (GPU found, node mode, allowlist, what it registers: None = left out, else its profiles)
+MIG_CASES = [
+    (a100(0), "mig", None, A100_PROFILES),
+    (
+        a100(0),
+        "mig",
+        [{"models": ["A100-SXM4-40GB"], "profiles": ["1g.5gb", "3g.20gb"]}],
+        ["1g.5gb", "3g.20gb"],
+    ),
+    (a100(0), "mig", [{"models": ["NVIDIA A100-SXM4-40GB"], "profiles": ["7g.40gb"]}], ["7g.40gb"]),
+    (a100(0), "mig", [{"models": ["H100-SXM5-80GB"], "profiles": ["1g.10gb"]}], None),
+    (a100(0, mig=False), "mig", None, None),
+    (
+        a100(0, model="NVIDIA H100 80GB HBM3"),
+        "mig",
+        None,
+        ["1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"],
+    ),
+    (a100(0, model="NVIDIA A30"), "mig", None, ["1g.6gb", "2g.12gb", "4g.24gb"]),
+    (a100(0, model="Tesla T4", mig=True), "mig", None, None),
+    (a100(0), "hami-core", None, None),
+]
+
+
+@pytest.mark.parametrize(("found", "mode", "allow", "profiles"), MIG_CASES)
+def test_a_mig_node_registers_each_mig_gpu_with_its_allowed_profiles(
+    found: Gpu, mode: str, allow: list[dict[str, list[str]]] | None, profiles: list[str] | None
+) -> None:
+    data = mig_config({"name": "n1", "operatingmode": mode}, allow=allow)
+    settings = nodeconfigs.load(data, "n1", DEFAULTS, source="config.json")
+    assert settings.mode == mode
+    offered = settings.gpus([found])
+    reg = registrations.node_devices(
+        "n1", offered, scaling=settings.scaling, mig=settings.mig(offered)
+    )
+    if profiles is None:
+        assert reg.devices == ()
+        assert settings.left_out(found)
+        return
+    (dev,) = reg.devices
+    assert not settings.left_out(found)
+    assert dev.mode == "mig"
+    assert [p.name for p in dev.mig_profiles] == profiles
+    assert dev.mig_slots == (4 if "A30" in found.model else 8)
+    assert dev.memory_mib == found.memory_mib  # never scaled: an instance is physical
+
+
+def test_a_mig_gpu_on_a_hami_core_node_is_left_out_and_a_plain_one_kept() -> None:
+    settings = nodeconfigs.load(config({"name": "n1"}), "n1", DEFAULTS, source="config.json")
+    kept = settings.gpus([a100(0), a100(1, mig=False)])
+    assert [g.uuid for g in kept] == ["GPU-1"]
+    assert "MIG mode" in settings.left_out(a100(0))
+    reg = registrations.node_devices("n1", kept, scaling=settings.scaling, mig=settings.mig(kept))
+    assert [d.mode for d in reg.devices] == ["hami-core"]
+
+
+def test_memory_scaling_and_preconfigured_memory_leave_a_mig_gpu_as_it_is() -> None:
+    data = mig_config(
+        {
+            "name": "n1",
+            "operatingmode": "mig",
+            "devicememoryscaling": 2,
+            "preconfigureddevicememory": 1000,
+        }
+    )
+    settings = nodeconfigs.load(data, "n1", DEFAULTS, source="config.json")
+    offered = settings.gpus([a100(0)])
+    (dev,) = registrations.node_devices(
+        "n1", offered, scaling=settings.scaling, mig=settings.mig(offered)
+    ).devices
+    assert dev.memory_mib == 40960
+
+
+@pytest.mark.parametrize(
+    ("allow", "named"),
+    [
+        ([{"models": ["A100"], "profiles": ["1g.5GB"]}], "profiles"),
+        ([{"models": ["A100"], "profiles": ["x" * 40]}], "profiles"),
+        ([{"models": ["A100"]}], "profiles"),
+        ([{"models": ["A100"], "profiles": [], "extra": 1}], "extra"),
+        ({"models": []}, "migProfileAllowlist"),
+    ],
+)
+def test_a_bad_allowlist_is_refused_naming_its_key(allow: object, named: str) -> None:
+    data = json.dumps({"nodeconfig": [], "migProfileAllowlist": allow}).encode()
+    with pytest.raises(NodeConfigError, match=named):
+        nodeconfigs.parse(data, source="config.json")

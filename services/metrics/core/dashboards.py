@@ -24,12 +24,18 @@ stands in.
                              "memory_mib": int, "cores_percent": int,
                              "allocated_mib": int, "allocated_cores": int,
                              "used_bytes": int | None, "utilization_percent": float | None,
-                             "free_milli": int,
+                             "free_milli": int, "mode": str,
                              "slices": [{"pod_uid": str, "namespace": str, "pod": str,
                                          "container": str, "container_index": int,
                                          "memory_mib": int, "cores_percent": int,
                                          "used_bytes": int | None,
-                                         "utilization_percent": float | None}]}]}]}
+                                         "utilization_percent": float | None,
+                                         "mig_profile": str, "mig_start": int,
+                                         "mig_uuid": str}]}]}]}
+
+``mode`` is the device's (``hami-core`` or ``mig``); a MIG slice has its ``mig_profile``
+and ``mig_start``, and ``mig_uuid`` once the node agent reports the instance realized
+("" before; "" and -1 on a sliced device).
 
 ``used_bytes`` and ``utilization_percent`` of a device are NVML's host figures when the
 node reported them, else the sums over its slices' usage lines (None when neither is
@@ -409,6 +415,7 @@ def node_detail(
 
 def _device(row: DeviceRow) -> dict[str, Any]:
     dev = row.device
+    realized = {(m.start, m.profile): m.mig_uuid for m in row.migs}
     lines = [s.usage for s in row.slices if s.usage is not None]
     if row.host is not None:
         used: int | None = row.host.used_bytes
@@ -431,6 +438,7 @@ def _device(row: DeviceRow) -> dict[str, Any]:
         "used_bytes": used,
         "utilization_percent": util,
         "free_milli": row.free_milli,
+        "mode": dev.mode if dev else "",
         "slices": [
             {
                 "pod_uid": s.slice.pod_uid,
@@ -442,6 +450,9 @@ def _device(row: DeviceRow) -> dict[str, Any]:
                 "cores_percent": s.slice.cores_percent,
                 "used_bytes": s.usage.used_bytes if s.usage else None,
                 "utilization_percent": s.usage.utilization_percent if s.usage else None,
+                "mig_profile": s.slice.mig_profile,
+                "mig_start": s.slice.mig_start,
+                "mig_uuid": realized.get((s.slice.mig_start, s.slice.mig_profile), ""),
             }
             for s in row.slices
         ],

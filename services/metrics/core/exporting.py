@@ -21,9 +21,10 @@ exporter with HAMi's names, types (all gauges), label names and values:
   ``hami_resource_quota_limit``: ``namespace``, ``quota_name``, only for a limit that is
   set) from ``quotas`` -- the metrics service's wiring passes the namespaces' values of
   the ``<prefix>-quotas`` bucket (``core.quotas``), so a namespace without a quota has
-  no series; and per realized MIG
-  instance ``hami_node_gpu_mig_instance_info`` -- vslice has no MIG mode, so it is
-  served without series;
+  no series; and per MIG instance the node agent realized (its usage report's ``migs``)
+  ``hami_node_gpu_mig_instance_info`` (labels ``node``, ``device_uuid``,
+  ``device_index``, ``mig_uuid``, ``profile``, ``gpu_instance_id``,
+  ``compute_instance_id``, ``placement_start``, ``placement_size``; value 1);
 - the vGPU monitor's (``cmd/vGPUmonitor/metrics.go``), per device with a fresh NVML
   reading (labels ``node``, ``device_index``, ``device_uuid``, ``device_type``):
   ``hami_host_gpu_memory_used_bytes``, ``hami_host_gpu_utilization_ratio`` (percent), and
@@ -39,7 +40,9 @@ exporter with HAMi's names, types (all gauges), label names and values:
   device-memory allocations only, which HAMi-core counts as buffers: buffer = used,
   context and module 0), ``hami_container_last_kernel_elapsed_seconds`` (only once a
   kernel ran, as HAMi checks ``lastKernelTime > 0``; whole seconds, as HAMi counts
-  them); and ``hami_mig_device_info`` (no MIG: served without series);
+  them); and ``hami_mig_device_info`` per container holding a realized MIG instance
+  (its container labels with ``mig_uuid``, ``profile``, ``gpu_instance_id``,
+  ``compute_instance_id``; value 1);
 - ``hami_build_info`` (``pkg/metrics/metrics.go``, ``NewBuildInfoCollector``): 1, with
   labels ``version``, ``revision``, ``build_date``, ``go_version``, ``compiler``,
   ``platform`` (see ``BuildInfo``).
@@ -137,7 +140,10 @@ HAMI: dict[str, tuple[str, list[str]]] = {
         "Fraction (0-1) of a GPU's memory allocated",
         DEVICE_LABELS,
     ),
-    "hami_node_gpu_mig_instance_info": ("A realized MIG instance (none: no MIG)", NODE_MIG_LABELS),
+    "hami_node_gpu_mig_instance_info": (
+        "Realized MIG instance identity and scheduler placement",
+        NODE_MIG_LABELS,
+    ),
     "hami_resource_quota_used": ("ResourceQuota usage of a device resource", QUOTA_USED_LABELS),
     "hami_resource_quota_limit": ("ResourceQuota limit of a device resource", QUOTA_LIMIT_LABELS),
     "hami_vgpu_memory_allocated_bytes": ("Device memory allocated to a container", SLICE_LABELS),
@@ -162,7 +168,7 @@ HAMI: dict[str, tuple[str, list[str]]] = {
         "Seconds since a container's last kernel launch",
         CONTAINER_LABELS,
     ),
-    "hami_mig_device_info": ("A container's MIG instance (none: no MIG)", CONTAINER_MIG_LABELS),
+    "hami_mig_device_info": ("A container's MIG instance", CONTAINER_MIG_LABELS),
     "hami_vgpu_memory_context_bytes": (
         "Device memory of a container's contexts (not charged by libvgpu: 0)",
         CONTAINER_LABELS,
@@ -209,7 +215,7 @@ LEGACY: dict[str, tuple[str, str, list[str]]] = {
     ),
     "nodeGPUMigInstance": (
         "hami_node_gpu_mig_instance_info",
-        "GPU sharing mode (none: no MIG)",
+        "GPU sharing mode",
         ["nodeid", "deviceuuid", "deviceidx", "migname"],
     ),
     "QuotaUsed": (
@@ -252,7 +258,7 @@ LEGACY: dict[str, tuple[str, str, list[str]]] = {
     ),
     "MigInfo": (
         "hami_mig_device_info",
-        "Container MIG device (none: no MIG)",
+        "Container MIG device",
         [*_OLD_CONTAINER, "instanceid"],
     ),
 }
@@ -390,7 +396,28 @@ def hami_families(
                 out.add_legacy("nodeGPUMemoryPercentage", [row.node, row.uuid, idx], ratio)
         if row.host is not None:
             _host(out, row.node, row.host)
+        realized = {m.start: m for m in row.migs}
+        for m in row.migs:
+            out.add(
+                "hami_node_gpu_mig_instance_info",
+                [
+                    row.node,
+                    row.uuid,
+                    idx,
+                    m.mig_uuid,
+                    m.profile,
+                    str(m.gpu_instance_id),
+                    str(m.compute_instance_id),
+                    str(m.start),
+                    str(m.size),
+                ],
+                1,
+            )
+            out.add_legacy("nodeGPUMigInstance", [row.node, row.uuid, idx, m.profile], 1)
         for sr in row.slices:
+            mig = realized.get(sr.slice.mig_start) if sr.slice.mig_profile else None
+            if mig is not None and mig.profile == sr.slice.mig_profile:
+                _mig_container(out, sr, mig)
             s = sr.slice
             key = (s.namespace, row.node, s.pod, str(s.container_index), s.uuid)
             got = per_slice.setdefault(key, [0.0, 0.0])
@@ -425,6 +452,23 @@ def _host(out: _Families, node: str, host: events.DeviceUsage) -> None:
             labels[1:],
             host.memory_utilization_percent,
         )
+
+
+def _mig_container(out: _Families, sr: SliceRow, mig: events.MigInstanceUsage) -> None:
+    s = sr.slice
+    labels = [s.namespace, s.pod, s.container, str(sr.vdevice_index), s.uuid]
+    out.add(
+        "hami_mig_device_info",
+        [
+            *labels,
+            mig.mig_uuid,
+            mig.profile,
+            str(mig.gpu_instance_id),
+            str(mig.compute_instance_id),
+        ],
+        1,
+    )
+    out.add_legacy("MigInfo", [*labels, str(mig.gpu_instance_id)], 1)
 
 
 def _container(

@@ -55,7 +55,8 @@ class SliceRow:
 class DeviceRow:
     """One device of a node: its registration (None when the ledger names a device the node
     did not register), its slices, allocated memory (MiB) and cores (percent), free share
-    in milli-GPU (``fragmentation.free_milli``), and the host's NVML reading when fresh."""
+    in milli-GPU (``fragmentation.free_milli``), the host's NVML reading when fresh, and the
+    MIG instances the node agent realized on it (by placement start) when fresh."""
 
     node: str
     uuid: str
@@ -66,6 +67,7 @@ class DeviceRow:
     allocated_cores: int
     free_milli: int
     host: events.DeviceUsage | None = None
+    migs: tuple[events.MigInstanceUsage, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -280,6 +282,9 @@ def _node_row(
     vindex = _vdevice_indexes(slices)
     lines = {(c.pod_uid, c.container, c.uuid): c for c in (report.containers if report else ())}
     hosts = {d.uuid: d for d in (report.devices if report else ())}
+    migs: dict[str, list[events.MigInstanceUsage]] = {}
+    for m in report.migs if report else ():
+        migs.setdefault(m.uuid, []).append(m)
     devices: dict[str, tuple[int, Device | None]] = {}
     for registered in reg.devices if reg is not None else ():
         devices[registered.uuid] = (registered.index, registered)
@@ -312,6 +317,7 @@ def _node_row(
                 if dev is None
                 else fragmentation.free_milli(dev, slices=len(held), memory_mib=mem, cores=cores),
                 host=hosts.get(uuid),
+                migs=tuple(sorted(migs.get(uuid, ()), key=lambda m: m.start)),
             )
         )
     return NodeRow(

@@ -51,7 +51,7 @@ from services.nodeagent.adapters import kube
 from services.nodeagent.adapters.kubeletapi import api_pb2 as api
 from services.nodeagent.adapters.kubeletapi import api_pb2_grpc as rpc
 from services.nodeagent.adapters.slicing import Slicer
-from services.nodeagent.core import allocating, devicelists, preparing, registrations
+from services.nodeagent.core import allocating, devicelists, registrations
 
 log = logging.getLogger("vslice.nodeagent")
 
@@ -505,7 +505,7 @@ class DevicePlugin(rpc.DevicePluginServicer):
         if isinstance(answer, events.Failed):
             await self._fail(pod, answer.reason)
             raise AllocateError(grpc.StatusCode.FAILED_PRECONDITION, answer.reason)
-        [plan] = preparing.plan(placement, self.slicer.layout)
+        [plan] = self.slicer.plan(placement)
         strategy = self.settings.device_list
         try:
             device_list = devicelists.device_list(

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import pynvml
 
 from libshared.errors import VsliceError
+from services.nodeagent.core import fleets
 from services.nodeagent.core.registrations import Gpu
 from services.nodeagent.core.usages import DeviceReading, ProcessReading
 
@@ -47,6 +48,11 @@ class Gpus(Protocol):
     """What the node agent needs from a GPU backend (all calls block)."""
 
     kind: str
+
+    @property
+    def nvml_loaded(self) -> bool:
+        """Whether NVML (the real one or the mock's) answers: MIG needs it."""
+        ...
 
     def discover(self) -> list[Gpu]:
         """Every GPU of the node; raises ``GpuError`` when the backend cannot answer."""
@@ -88,6 +94,7 @@ class NvmlGpus:
     be loaded or initialized (no driver: the caller falls back to the mock)."""
 
     kind = "nvml"
+    nvml_loaded = True
 
     def __init__(self, library: str | None = None) -> None:
         try:
@@ -121,6 +128,10 @@ class NvmlGpus:
                     minor: int | None = int(pynvml.nvmlDeviceGetMinorNumber(h))
                 except pynvml.NVMLError:
                     minor = None  # device specs then refuse this GPU; nothing else needs it
+                try:
+                    mig_mode = pynvml.nvmlDeviceGetMigMode(h)[0]
+                except pynvml.NVMLError:
+                    mig_mode = pynvml.NVML_DEVICE_MIG_DISABLE  # NOT_SUPPORTED: no MIG
                 out.append(
                     Gpu(
                         uuid=_text(pynvml.nvmlDeviceGetUUID(h)),
@@ -130,6 +141,7 @@ class NvmlGpus:
                         memory_mib=int(pynvml.nvmlDeviceGetMemoryInfo(h).total) // MIB,
                         numa=numa,
                         minor=minor,
+                        mig_enabled=mig_mode == pynvml.NVML_DEVICE_MIG_ENABLE,
                     )
                 )
             return out
@@ -239,18 +251,42 @@ class MockGpus:
         *,
         gpu_type: str,
         nvml: NvmlGpus | None = None,
+        models: Sequence[str] = (),
     ) -> None:
         self.devices = list(devices)
+        self.models = tuple(models)
         self.gpu_type = gpu_type
         self.nvml = nvml
 
+    def device_list(self) -> str:
+        """The ``VSLICE_MOCKGPU_DEVICES`` text of these devices (with their models)."""
+        return fleets.device_list(self.devices, self.models)
+
+    @property
+    def nvml_loaded(self) -> bool:
+        """Whether the mock NVML is loaded."""
+        return self.nvml is not None
+
     def discover(self) -> list[Gpu]:
         """The listed devices, in list order; each one's minor is its index, as the mock
-        NVML answers ``nvmlDeviceGetMinorNumber``."""
-        return [
-            Gpu(uuid=u, index=i, model="vslice mock GPU", type=self.gpu_type, memory_mib=m, minor=i)
-            for i, (u, m) in enumerate(self.devices)
-        ]
+        NVML answers ``nvmlDeviceGetMinorNumber``; product name and MIG mode as the mock
+        NVML reports them (``VSLICE_MOCKGPU_DEVICES``), when it is loaded."""
+        seen = {g.uuid: g for g in self.nvml.discover()} if self.nvml is not None else {}
+        out = []
+        for i, (u, m) in enumerate(self.devices):
+            nvml = seen.get(u)
+            out.append(
+                Gpu(
+                    uuid=u,
+                    index=i,
+                    model=nvml.model if nvml is not None else "vslice mock GPU",
+                    type=self.gpu_type,
+                    memory_mib=m,
+                    minor=i,
+                    mig_enabled=nvml.mig_enabled if nvml is not None else False,
+                )
+            )
+        return out
 
     def read(self) -> tuple[list[DeviceReading], list[ProcessReading]]:
         """The mock NVML's readings, typed as registered; nothing without it."""
@@ -287,12 +323,14 @@ class MockGpus:
 def open_mock(
     devices: Sequence[tuple[str, int]],
     *,
+    models: Sequence[str] = (),
     gpu_type: str,
     library_dir: str | None,
     state: str | None,
 ) -> MockGpus:
     """``MockGpus`` reading the mock card through the mock NVML in ``library_dir`` (state
-    file ``state``), or without readings when that library is missing.
+    file ``state``), or without readings when that library is missing; ``models``: each
+    device's ``<product name>[:mig]`` (``fleets.parse_models``).
 
     The mock NVML reads ``VSLICE_MOCKGPU_STATE`` and ``VSLICE_MOCKGPU_DEVICES`` from the
     process environment on first use, so both are set here, before loading it; a process
@@ -301,13 +339,13 @@ def open_mock(
     library = Path(library_dir or "") / "libnvidia-ml.so.1"
     if not library_dir or not library.exists():
         log.warning("mock NVML not found: no usage readings", extra={"path": str(library)})
-        return MockGpus(devices, gpu_type=gpu_type)
+        return MockGpus(devices, gpu_type=gpu_type, models=models)
     if state:
         os.environ["VSLICE_MOCKGPU_STATE"] = state
-    os.environ["VSLICE_MOCKGPU_DEVICES"] = ",".join(f"{u}:{m}" for u, m in devices)
+    os.environ["VSLICE_MOCKGPU_DEVICES"] = fleets.device_list(devices, models)
     try:
         nvml = NvmlGpus(str(library))
     except GpuError as exc:
         log.warning("mock NVML unusable: no usage readings", extra={"error": exc.reason})
-        return MockGpus(devices, gpu_type=gpu_type)
-    return MockGpus(devices, gpu_type=gpu_type, nvml=nvml)
+        return MockGpus(devices, gpu_type=gpu_type, models=models)
+    return MockGpus(devices, gpu_type=gpu_type, nvml=nvml, models=models)

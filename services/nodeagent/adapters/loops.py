@@ -93,12 +93,14 @@ class NodeLoops:
 
     def registration(self) -> NodeDevices:
         """The node's devices as registered now: the GPUs found that its settings keep."""
+        offered = self.settings.gpus(self.found)
         return registrations.node_devices(
             self.node,
-            self.settings.gpus(self.found),
+            offered,
             scaling=self.settings.scaling,
             unhealthy=frozenset(self.unhealthy),
             cordoned=self.cordoned,
+            mig=self.settings.mig(offered),
         )
 
     def _problem(self, what: str, message: str, exc: Exception) -> None:
@@ -167,6 +169,7 @@ class NodeLoops:
     async def announce(self) -> None:
         """Register the node again, on the bus and with kubelet."""
         now = self.registration()
+        self.slicer.mig_gpus = mig_gpus(now)
         if self.agent is not None:
             await self.agent.register([now])
         if self.plugin is not None:
@@ -235,6 +238,11 @@ class NodeLoops:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def mig_gpus(registration: NodeDevices) -> frozenset[str]:
+    """UUIDs of the devices ``registration`` offers in MIG mode."""
+    return frozenset(d.uuid for d in registration.devices if d.mode == "mig")
 
 
 async def forever(name: str, step: Callable[[], Awaitable[None]], *, every_s: float = 0.0) -> None:

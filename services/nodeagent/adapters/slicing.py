@@ -21,10 +21,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+import msgspec
 
 from libshared import bounds, events
 from libshared.ledgers import NodeLedger, PodCharge, Slice
 from services.nodeagent.adapters import hostroots
+from services.nodeagent.adapters.migdevices import MigError, Realized
 from services.nodeagent.core import preparing, usages
 from services.nodeagent.core.sharedcaches import SharedCache
 
@@ -33,15 +37,83 @@ log = logging.getLogger("vslice.nodeagent")
 MAX_ANCESTORS = 64
 
 
+class MigControl(Protocol):
+    """What the slicer needs of dynamic MIG (``migdevices.NvmlMig``); calls block and
+    raise ``MigError``."""
+
+    def instances(self, uuid: str) -> list[Realized]: ...
+
+    def create(self, uuid: str, profile: str, start: int, size: int) -> Realized: ...
+
+    def destroy(self, uuid: str, gpu_instance_id: int) -> None: ...
+
+
 @dataclass
 class Slicer:
-    """Slices of ``node`` under ``layout.root``."""
+    """Slices of ``node`` under ``layout.root``. With ``mig``, the GPUs of ``mig_gpus``
+    are in MIG mode: a slice there is a GPU instance, created when the slice is prepared
+    and destroyed once no container holds it (``realized``: ``preparing.mig_key`` -> the
+    instance)."""
 
     node: str
     layout: preparing.Layout
     grace_s: float = 5.0
     containers: dict[str, usages.Container] = field(default_factory=dict)
     released: dict[str, float] = field(default_factory=dict)  # key -> monotonic time
+    mig: MigControl | None = None
+    mig_gpus: frozenset[str] = frozenset()
+    realized: dict[tuple[str, int], Realized] = field(default_factory=dict)
+
+    def mig_uuids(self) -> dict[tuple[str, int], str]:
+        """``preparing.mig_key`` -> MIG device UUID of every instance realized."""
+        return {k: r.mig_uuid for k, r in self.realized.items()}
+
+    def plan(self, placement: events.Placement) -> list[preparing.ContainerPlan]:
+        """``preparing.plan`` of ``placement`` with the MIG instances realized for it."""
+        return preparing.plan(placement, self.layout, self.mig_uuids())
+
+    def _realize(self, placement: events.Placement) -> None:
+        """Create (or find) the GPU instance of every MIG slice of ``placement``. Raises
+        ``MigError``, or ``ValueError`` for a MIG slice on a GPU not in MIG mode here."""
+        for s in placement.slices:
+            key = preparing.mig_key(s)
+            if key is None:
+                continue
+            if self.mig is None or s.uuid not in self.mig_gpus:
+                raise ValueError(f"slice {s.uuid} of {s.container}: GPU not in MIG mode here")
+            held = self.realized.get(key)
+            if held is not None and held.profile == s.mig_profile:
+                continue
+            if held is not None:  # left by a released pod, of another profile
+                self.mig.destroy(held.parent, held.gpu_instance_id)
+                del self.realized[key]
+            self.realized[key] = self.mig.create(s.uuid, s.mig_profile, s.mig_start, s.mig_size)
+
+    def sweep_instances(self) -> list[Realized]:
+        """Destroy every realized instance no container holds (released and removed, or
+        found on the GPU with no slice in the ledger); returns those destroyed. One still
+        in use is kept and tried again at the next sweep."""
+        if self.mig is None:
+            return []
+        held = {
+            k
+            for c in self.containers.values()
+            for k in (preparing.mig_key(s) for s in c.slices)
+            if k is not None
+        }
+        gone = []
+        for key, r in sorted(self.realized.items()):
+            if key in held:
+                continue
+            try:
+                self.mig.destroy(r.parent, r.gpu_instance_id)
+            except MigError as exc:
+                level = logging.INFO if exc.in_use else logging.WARNING
+                log.log(level, "MIG instance not destroyed yet", extra={"error": exc.reason})
+                continue
+            del self.realized[key]
+            gone.append(r)
+        return gone
 
     @property
     def root(self) -> Path:
@@ -53,14 +125,15 @@ class Slicer:
         (existing ones are kept as they are) and answer ``Ready`` with each container's
         environment, or ``Failed`` naming what went wrong."""
         try:
-            plans = preparing.plan(placement, self.layout)
+            self._realize(placement)
+            plans = self.plan(placement)
             for p in plans:
                 created = hostroots.prepare(p)
                 log.info(
                     "slice prepared" if created else "slice already prepared",
                     extra={"pod_uid": p.pod_uid, "container": p.container, "dir": p.directory},
                 )
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, MigError) as exc:
             log.error("prepare failed", extra={"pod_uid": placement.pod_uid, "error": str(exc)})
             return events.Failed(
                 pod_uid=placement.pod_uid, node=self.node, reason=bounds.clip(str(exc))
@@ -114,6 +187,7 @@ class Slicer:
         for s in ledger.slices if ledger else ():
             held.setdefault(s.pod_uid, []).append(s)
         self._adopt_legacy(held)
+        self._adopt_instances()
         prepared = []
         for uid, slices in sorted(held.items()):
             answer = self.prepare(
@@ -134,6 +208,20 @@ class Slicer:
         for k in orphans:
             self.released.setdefault(k, now)
         return prepared, orphans
+
+    def _adopt_instances(self) -> None:
+        """Take in the GPU instances the MIG GPUs hold now: those a slice of the ledger
+        names are kept for it, the others are destroyed by the next sweep."""
+        if self.mig is None:
+            return
+        for uuid in sorted(self.mig_gpus):
+            try:
+                found = self.mig.instances(uuid)
+            except MigError as exc:
+                log.warning("MIG instances not listed", extra={"error": exc.reason})
+                continue
+            for r in found:
+                self.realized.setdefault((uuid, r.start), r)
 
     def _adopt_legacy(self, held: dict[str, list[Slice]]) -> None:
         """Mark as its pod's a directory of the earlier naming when that is certain: its
@@ -173,6 +261,7 @@ class Slicer:
             self.containers.pop(key, None)
             removed.append(key)
             log.info("slice directory removed", extra={"key": key})
+        self.sweep_instances()
         return removed
 
     def active(self) -> list[usages.Container]:
@@ -243,7 +332,7 @@ class Slicer:
                     },
                 )
             caches[c.key] = cache
-        return usages.report(
+        report = usages.report(
             node=self.node,
             at=time.time(),
             containers=list(self.containers.values()),
@@ -253,3 +342,17 @@ class Slicer:
             owners=owners,
             margin_bytes=margin_bytes,
         )
+        migs = tuple(
+            events.MigInstanceUsage(
+                uuid=r.parent,
+                mig_uuid=r.mig_uuid,
+                profile=r.profile,
+                gpu_instance_id=r.gpu_instance_id,
+                compute_instance_id=max(0, r.compute_instance_id),
+                start=r.start,
+                size=r.size,
+            )
+            for _, r in sorted(self.realized.items())
+            if r.mig_uuid
+        )
+        return msgspec.structs.replace(report, migs=migs) if migs else report

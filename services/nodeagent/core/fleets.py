@@ -7,6 +7,7 @@ builds values, reads nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from libshared.devices import Device, NodeDevices
@@ -20,7 +21,8 @@ class FleetSpec:
     MiB and 100 % cores, type ``gpu_type``, shared by at most ``split_count`` slices;
     ``cpu_milli`` / ``host_memory_mib`` per node (``None``: not declared). ``devices``
     (``(uuid, memory_mib)`` pairs) replaces ``gpus`` and ``memory_mib`` with these exact
-    devices, for a single node."""
+    devices, for a single node; ``models``: their ``<product name>[:mig]`` on the mock
+    NVML (``parse_models``)."""
 
     nodes: int = 1
     gpus: int = 2
@@ -31,22 +33,55 @@ class FleetSpec:
     cpu_milli: int | None = None
     host_memory_mib: int | None = None
     devices: tuple[tuple[str, int], ...] = ()
+    models: tuple[str, ...] = ()
 
 
-def parse_devices(text: str) -> tuple[tuple[str, int], ...]:
-    """``"<uuid>:<memory_mib>[,...]"`` (the ``VSLICE_MOCKGPU_DEVICES`` format) as
-    ``((uuid, memory_mib), ...)``. Raises ``ValueError`` naming the bad entry."""
+def _entries(text: str) -> list[tuple[str, int, str]]:
+    """``(uuid, memory_mib, tail)`` of each entry of a device list; ``tail``: the entry's
+    ``<product name>[:mig]`` part, "" when it has none."""
     out = []
     for entry in (e.strip() for e in text.split(",")):
         if not entry:
             continue
-        uuid, sep, mib = entry.rpartition(":")
+        uuid, sep, rest = entry.partition(":")
+        mib, _, tail = rest.partition(":")
+        name, _, flag = tail.partition(":")
         if not sep or not uuid or not mib.isdigit() or int(mib) < 1:
-            raise ValueError(f"mock device {entry!r}: expected <uuid>:<memory_mib>")
-        out.append((uuid, int(mib)))
-    if len({u for u, _ in out}) != len(out):
+            raise ValueError(
+                f"mock device {entry!r}: expected <uuid>:<memory_mib>[:<product name>[:mig]]"
+            )
+        if (tail and not name.strip()) or flag not in ("", "mig"):
+            raise ValueError(
+                f"mock device {entry!r}: the part after the memory must be"
+                " <product name> or <product name>:mig"
+            )
+        out.append((uuid, int(mib), tail))
+    if len({u for u, _, _ in out}) != len(out):
         raise ValueError(f"mock devices {text!r}: a UUID appears twice")
-    return tuple(out)
+    return out
+
+
+def parse_devices(text: str) -> tuple[tuple[str, int], ...]:
+    """``"<uuid>:<memory_mib>[:<product name>[:mig]][,...]"`` (the
+    ``VSLICE_MOCKGPU_DEVICES`` format) as ``((uuid, memory_mib), ...)``; ``parse_models``
+    has the rest. Raises ``ValueError`` naming the bad entry."""
+    return tuple((u, m) for u, m, _ in _entries(text))
+
+
+def parse_models(text: str) -> tuple[str, ...]:
+    """The ``<product name>[:mig]`` part of each entry of a device list ("" where an entry
+    has none), in list order: what the mock NVML reports as the product name and whether
+    the GPU starts in MIG mode. Raises ``ValueError`` as ``parse_devices``."""
+    return tuple(t for _, _, t in _entries(text))
+
+
+def device_list(devices: Sequence[tuple[str, int]], models: Sequence[str] = ()) -> str:
+    """The ``VSLICE_MOCKGPU_DEVICES`` text of ``devices`` and their ``models`` (see
+    ``parse_models``; missing ones: none). Pure."""
+    tails = list(models) + [""] * (len(devices) - len(models))
+    return ",".join(
+        f"{u}:{m}:{t}" if t else f"{u}:{m}" for (u, m), t in zip(devices, tails, strict=False)
+    )
 
 
 def build(spec: FleetSpec) -> list[NodeDevices]:

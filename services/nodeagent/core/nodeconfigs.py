@@ -26,11 +26,20 @@ keeps the agent's default (its ``--memory-scaling``, ``--core-scaling``,
 - ``preconfigureddevicememory`` (MiB, >= 0; 0 = as discovered): the memory a GPU is
   registered with before scaling (HAMi: for GPUs whose memory NVML does not report, such
   as unified-memory parts).
-- ``operatingmode``: ``hami-core`` (slices enforced by libvgpu) is what vslice builds;
-  ``mig`` and ``mps`` are refused for the node that names them, with that reason.
+- ``operatingmode``: ``hami-core`` (slices enforced by libvgpu) or ``mig`` (dynamic MIG:
+  each GPU in MIG mode whose model has a tabled geometry, ``libshared.migs``, registers
+  its GPU instance profiles, and the agent creates the instance a slice names when the
+  slice is prepared and destroys it when it is released); ``mps`` is refused for the
+  node that names it, with that reason.
 - ``migstrategy`` (``none``/``single``/``mixed``), ``enablenumatopology``,
   ``enablegetpreferredallocation``, ``libcudaloglevel``: accepted for compatibility
   with HAMi's file, and not used by vslice's agent.
+
+The file may also hold HAMi's ``migProfileAllowlist`` (HAMi: ``charts/hami/values.yaml``,
+``device-config``; ``docs/develop/dynamic-mig-migration.md``): ``[{"models": [...],
+"profiles": [...]}]``; with it, a GPU in MIG mode offers only the profiles listed for its
+model (its NVML product name, with or without the ``NVIDIA `` prefix), and a model not
+listed offers none (so it is not registered); without it, every tabled profile.
 
 Any other key is refused (a misspelt key would otherwise be silently ignored), as are
 two entries for one node. The file is untrusted input: its size is bounded
@@ -42,18 +51,21 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import msgspec
 
+from libshared import bounds
+from services.nodeagent.core import registrations
 from services.nodeagent.core.registrations import Gpu, Scaling
 
 MAX_BYTES = 1 << 20  # a config file larger than this is refused (1 MiB)
 MAX_NODES = 100_000  # entries in ``nodeconfig``
 MAX_FILTERED = 1_024  # UUIDs or indices in one ``filterdevices`` list
-BUILT_MODES = frozenset({"hami-core"})
+BUILT_MODES = frozenset({"hami-core", "mig"})
+MAX_ALLOW = 1_024  # entries of migProfileAllowlist, and models or profiles in one
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
 Uuid = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -94,10 +106,19 @@ class NodeEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     libcudaloglevel: Annotated[int, msgspec.Meta(ge=0, le=4)] | None = None
 
 
+class MigAllow(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One ``migProfileAllowlist`` entry: the GPU ``models`` (product names) it covers and
+    the ``profiles`` (``"1g.10gb"``) they may offer."""
+
+    models: Annotated[list[Name], msgspec.Meta(max_length=MAX_ALLOW)]
+    profiles: Annotated[list[bounds.MigProfileName], msgspec.Meta(max_length=MAX_ALLOW)]
+
+
 class DeviceConfigFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The whole file: ``{"nodeconfig": [...]}``."""
+    """The whole file: ``{"nodeconfig": [...], "migProfileAllowlist": [...]}``."""
 
     nodeconfig: Annotated[list[NodeEntry], msgspec.Meta(max_length=MAX_NODES)] = []
+    migProfileAllowlist: Annotated[list[MigAllow], msgspec.Meta(max_length=MAX_ALLOW)] | None = None
 
 
 @dataclass(frozen=True)
@@ -105,24 +126,58 @@ class NodeSettings:
     """What one node registers with, the defaults overridden by its entry: ``scaling``
     (split count, memory and core scaling), ``filter_uuids`` / ``filter_indices`` (GPUs
     left out), ``memory_mib`` (> 0: every GPU's memory before scaling, MiB; 0 = as
-    discovered), ``mode`` (always ``hami-core`` once resolved)."""
+    discovered), ``mode`` (``hami-core`` or ``mig`` once resolved), ``mig_allowlist``
+    (product name -> the profiles it may offer; None: every tabled profile)."""
 
     scaling: Scaling
     filter_uuids: frozenset[str] = frozenset()
     filter_indices: frozenset[int] = frozenset()
     memory_mib: int = 0
     mode: str = "hami-core"
+    mig_allowlist: Mapping[str, frozenset[str]] | None = None
+
+    def allowed_profiles(self, model: str) -> frozenset[str] | None:
+        """The MIG profiles a GPU of product name ``model`` may offer (None: all); a name
+        matches with or without NVML's ``NVIDIA `` prefix."""
+        if self.mig_allowlist is None:
+            return None
+        bare = model.removeprefix("NVIDIA ").strip()
+        return self.mig_allowlist.get(model, frozenset()) | self.mig_allowlist.get(
+            bare, frozenset()
+        )
 
     def gpus(self, found: Sequence[Gpu]) -> list[Gpu]:
-        """The GPUs of ``found`` the node offers, with their memory as configured."""
-        kept = [
-            g
-            for g in found
-            if g.uuid not in self.filter_uuids and g.index not in self.filter_indices
-        ]
-        if self.memory_mib:
+        """The GPUs of ``found`` the node offers, with their memory as configured: not
+        filtered, and in the node's mode (``left_out`` says why one is not)."""
+        kept = [g for g in found if not self.left_out(g)]
+        if self.memory_mib and self.mode != "mig":
             return [msgspec.structs.replace(g, memory_mib=self.memory_mib) for g in kept]
         return kept
+
+    def left_out(self, gpu: Gpu) -> str:
+        """Why ``gpu`` is not offered ("" when it is): filtered; in MIG mode on a
+        ``hami-core`` node (CUDA sees no device on it until instances exist); on a ``mig``
+        node, not in MIG mode or of a model with no tabled or allowed profile."""
+        if gpu.uuid in self.filter_uuids or gpu.index in self.filter_indices:
+            return "filtered (filterdevices)"
+        if self.mode != "mig":
+            return "in MIG mode on a hami-core node" if gpu.mig_enabled else ""
+        if not gpu.mig_enabled:
+            return "not in MIG mode (nvidia-smi -mig 1 and a GPU reset enable it)"
+        if registrations.mig_capacity(gpu, self.allowed_profiles(gpu.model)) is None:
+            return f"no MIG profile of {gpu.model!r} is tabled and allowed"
+        return ""
+
+    def mig(self, gpus: Sequence[Gpu]) -> dict[str, registrations.MigCapacity]:
+        """UUID -> what each GPU of ``gpus`` offers in MIG mode (empty off a ``mig`` node)."""
+        if self.mode != "mig":
+            return {}
+        out = {}
+        for g in gpus:
+            capacity = registrations.mig_capacity(g, self.allowed_profiles(g.model))
+            if capacity is not None:
+                out[g.uuid] = capacity
+        return out
 
 
 def parse(data: bytes, *, source: str = "<node config>") -> DeviceConfigFile:
@@ -184,17 +239,22 @@ def resolve(
 ) -> NodeSettings:
     """The settings of ``node``: ``defaults`` with its entry's values over them (no entry:
     the defaults). Raises ``NodeConfigError`` when the entry asks an operating mode vslice
-    does not build (``mig``, ``mps``)."""
+    does not build (``mps``)."""
+    allow: dict[str, frozenset[str]] | None = None
+    if config.migProfileAllowlist is not None:
+        allow = {}
+        for item in config.migProfileAllowlist:
+            for model in item.models:
+                allow[model] = allow.get(model, frozenset()) | frozenset(item.profiles)
     entry = next((e for e in config.nodeconfig if e.name == node), None)
     if entry is None:
-        return NodeSettings(scaling=defaults)
+        return NodeSettings(scaling=defaults, mig_allowlist=allow)
     where = f"{source}: node {node}"
     mode = entry.operatingmode or "hami-core"
     if mode not in BUILT_MODES:
         raise NodeConfigError(
             f"{where}.operatingmode",
-            f"{mode!r}: vslice's node agent slices in hami-core mode only (mig and mps are "
-            "not built)",
+            f"{mode!r}: vslice's node agent runs hami-core or mig mode (mps is not built)",
         )
     scaling = Scaling(
         split_count=defaults.split_count
@@ -214,6 +274,7 @@ def resolve(
         filter_indices=frozenset(filtered.index),
         memory_mib=entry.preconfigureddevicememory or 0,
         mode=mode,
+        mig_allowlist=allow,
     )
 
 

@@ -18,6 +18,7 @@ files is ``services.nodeagent.adapters.hostroots``.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -154,12 +155,27 @@ def container_dir(root: str, key: str) -> str:
     return f"{root.rstrip('/')}/{CONTAINERS_DIR}/{key}"
 
 
-def plan(placement: Placement, layout: Layout) -> list[ContainerPlan]:
+def mig_key(s: Slice) -> tuple[str, int] | None:
+    """``(GPU UUID, placement start)`` of the GPU instance a MIG slice names; None for a
+    slice that is not one. Pure."""
+    return (s.uuid, s.mig_start) if s.mig_profile and s.mig_start >= 0 else None
+
+
+def plan(
+    placement: Placement,
+    layout: Layout,
+    mig_uuids: Mapping[tuple[str, int], str] | None = None,
+) -> list[ContainerPlan]:
     """One ``ContainerPlan`` per container of ``placement`` holding slices, in container
-    order. Pure.
+    order. A container whose slices are MIG instances is given their MIG device UUIDs
+    (``mig_uuids``: ``mig_key`` -> ``MIG-...``, the instances realized for them) and no
+    libvgpu: the GPU instance is the limit (HAMi gives a MIG slice no HAMi-core limit).
+    Pure.
 
     Raises ``ValueError`` naming the field for a container with more than 16 slices, a
-    memory size below 1 MiB, cores outside 0-100, or an unusable pod UID / container name.
+    memory size below 1 MiB, cores outside 0-100, an unusable pod UID / container name, a
+    MIG slice whose instance is not in ``mig_uuids``, or a container holding both MIG
+    and sliced devices.
     """
     per: dict[str, list[Slice]] = {}
     for s in sorted(placement.slices, key=lambda s: (s.container_index, s.device_index)):
@@ -174,7 +190,13 @@ def plan(placement: Placement, layout: Layout) -> list[ContainerPlan]:
         key = container_key(placement.pod_uid, container)
         directory = container_dir(layout.root, key)
         cache = f"{directory}/{CACHE_FILE}"
-        env = container_env(tuple(slices), cache=cache, layout=layout)
+        instances = [mig_key(s) for s in slices]
+        if any(instances) and not all(instances):
+            raise ValueError(f"container {container}: holds MIG instances and sliced devices")
+        if any(instances):
+            env = mig_env(tuple(slices), mig_uuids or {}, cache=cache, layout=layout)
+        else:
+            env = container_env(tuple(slices), cache=cache, layout=layout)
         # the same SM limit on every device, as libvgpu reads CUDA_DEVICE_SM_LIMIT, so the
         # file and a process's environment agree
         sm = int(env.get("CUDA_DEVICE_SM_LIMIT", "0"))
@@ -198,6 +220,49 @@ def plan(placement: Placement, layout: Layout) -> list[ContainerPlan]:
     return out
 
 
+def mig_env(
+    slices: tuple[Slice, ...],
+    mig_uuids: Mapping[tuple[str, int], str],
+    *,
+    cache: str,
+    layout: Layout,
+) -> dict[str, str]:
+    """The environment of a container holding MIG ``slices``: the MIG device UUIDs in
+    ``NVIDIA_VISIBLE_DEVICES`` and ``CUDA_VISIBLE_DEVICES`` (CUDA accepts ``MIG-<uuid>``
+    there: CUDA C Programming Guide, "CUDA Environment Variables"), the cache path (it
+    ties the container's processes to it in usage reports) and the mock's variables; no
+    ``LD_PRELOAD`` and no limits. Raises ``ValueError`` for a slice whose instance is not
+    realized. Pure."""
+    visible = []
+    for s in slices:
+        key = mig_key(s)
+        found = mig_uuids.get(key) if key is not None else None
+        if not found:
+            raise ValueError(
+                f"slice {s.uuid} of {s.container}: MIG instance {s.mig_profile} at slot"
+                f" {s.mig_start} not realized"
+            )
+        visible.append(found)
+    env = {
+        "NVIDIA_VISIBLE_DEVICES": ",".join(visible),
+        "CUDA_VISIBLE_DEVICES": ",".join(visible),
+        "CUDA_DEVICE_MEMORY_SHARED_CACHE": cache,
+    }
+    return env | mock_env(layout)
+
+
+def mock_env(layout: Layout) -> dict[str, str]:
+    """On mock GPUs, what puts a container's programs on the mock card (its driver first
+    on the library path, its state file and device list); nothing on real GPUs. Pure."""
+    if layout.mock is None:
+        return {}
+    return {
+        "LD_LIBRARY_PATH": layout.mock.library_dir,
+        "VSLICE_MOCKGPU_STATE": layout.mock.state,
+        "VSLICE_MOCKGPU_DEVICES": layout.mock.devices,
+    }
+
+
 def container_env(slices: tuple[Slice, ...], *, cache: str, layout: Layout) -> dict[str, str]:
     """The environment of a container holding ``slices`` (CUDA device order) whose shared
     cache file is ``cache``. Pure."""
@@ -206,8 +271,4 @@ def container_env(slices: tuple[Slice, ...], *, cache: str, layout: Layout) -> d
     env["CUDA_DEVICE_MEMORY_SHARED_CACHE"] = cache
     env["GPU_CORE_UTILIZATION_POLICY"] = layout.sm_policy
     env["LD_PRELOAD"] = layout.libvgpu
-    if layout.mock is not None:
-        env["LD_LIBRARY_PATH"] = layout.mock.library_dir
-        env["VSLICE_MOCKGPU_STATE"] = layout.mock.state
-        env["VSLICE_MOCKGPU_DEVICES"] = layout.mock.devices
-    return env
+    return env | mock_env(layout)

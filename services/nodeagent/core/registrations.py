@@ -12,13 +12,14 @@ the event loop and publishing belong to the adapters.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import msgspec
 
 from libshared import annotations as hami_annotations
-from libshared.devices import Device, NodeDevices
+from libshared import migs
+from libshared.devices import Device, MigProfileSpec, NodeDevices
 
 DEFAULT_SPLIT_COUNT = 10  # HAMi deviceSplitCount default
 
@@ -31,6 +32,7 @@ APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 109})
 
 class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     """One physical GPU as discovered: ``memory_mib`` is the physical memory in MiB,
+    ``mig_enabled`` whether MIG mode is on (NVML ``nvmlDeviceGetMigMode``, current mode),
     ``numa`` the NUMA node of its PCI device (0 when unknown), ``model`` the product name
     (``"Tesla T4"``); ``type`` is what the scheduler matches ``nvidia.com/use-gputype``
     against; ``minor`` is its device minor (``/dev/nvidia<minor>``; NVML
@@ -44,6 +46,28 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     numa: int = 0
     healthy: bool = True
     minor: int | None = None
+    mig_enabled: bool = False
+
+
+@dataclass(frozen=True)
+class MigCapacity:
+    """What a GPU in MIG mode registers: ``slots`` (its memory slices) and ``profiles``
+    (the GPU instance profiles it offers, smallest first)."""
+
+    slots: int
+    profiles: tuple[MigProfileSpec, ...]
+
+
+def mig_capacity(gpu: Gpu, allowed: Collection[str] | None = None) -> MigCapacity | None:
+    """What ``gpu`` offers in MIG mode: the profiles of its model's geometry
+    (``libshared.migs.geometry_for`` its product name, from NVIDIA's MIG user guide) that
+    ``allowed`` names (None: all; HAMi's ``migProfileAllowlist``). None when the model has
+    no tabled geometry or no profile is allowed. Pure."""
+    geometry = migs.geometry_for(gpu.model)
+    if geometry is None:
+        return None
+    profiles = migs.published(geometry, allowed)
+    return MigCapacity(slots=geometry.slots, profiles=profiles) if profiles else None
 
 
 @dataclass(frozen=True)
@@ -83,12 +107,15 @@ def node_devices(
     cordoned: frozenset[str] = frozenset(),
     cpu_milli: int | None = None,
     host_memory_mib: int | None = None,
+    mig: Mapping[str, MigCapacity] | None = None,
 ) -> NodeDevices:
     """The registration of ``node``: one ``Device`` per GPU, ordered by index, with memory
     ``floor(memory_mib x memory_scaling)`` MiB, compute ``floor(100 x core_scaling)``
     percent, ``split_count`` slices, and ``healthy`` false for a GPU in ``unhealthy``
     (UUIDs that had a device fault) or discovered unhealthy, and ``cordoned`` true for a
-    GPU in ``cordoned`` (``parse_cordon``). Pure.
+    GPU in ``cordoned`` (``parse_cordon``). A GPU in ``mig`` (UUID -> ``MigCapacity``)
+    registers in mode ``mig`` with its slots and profiles, its physical memory unscaled,
+    100 % compute and one split per slot: each slice there is a GPU instance. Pure.
 
     Raises ``ValueError`` when two GPUs share a UUID or an index.
     """
@@ -100,7 +127,14 @@ def node_devices(
     return NodeDevices(
         node=node,
         devices=tuple(
-            Device(
+            _mig_device(
+                g,
+                mig[g.uuid],
+                healthy=g.healthy and g.uuid not in unhealthy,
+                cordoned=g.uuid in cordoned,
+            )
+            if mig and g.uuid in mig
+            else Device(
                 uuid=g.uuid,
                 index=g.index,
                 type=g.type,
@@ -115,6 +149,22 @@ def node_devices(
         ),
         cpu_milli=cpu_milli,
         memory_mib=host_memory_mib,
+    )
+
+
+def _mig_device(g: Gpu, capacity: MigCapacity, *, healthy: bool, cordoned: bool) -> Device:
+    return Device(
+        uuid=g.uuid,
+        index=g.index,
+        type=g.type,
+        memory_mib=max(1, g.memory_mib),
+        split_count=capacity.slots,
+        numa=g.numa,
+        healthy=healthy,
+        cordoned=cordoned,
+        mode="mig",
+        mig_slots=capacity.slots,
+        mig_profiles=capacity.profiles,
     )
 
 
