@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from libshared import annotations as keys
 from libshared import events, migs
+from libshared.devices import Device
+from libshared.errors import AnnotationDecodeError
 from libshared.ledgers import NodeLedger, PodCharge, Slice
 from services.nodeagent.adapters.migdevices import MigError, Realized
 from services.nodeagent.adapters.slicing import Slicer
-from services.nodeagent.core import preparing
+from services.nodeagent.core import allocating, preparing
 
 GPU = "GPU-a100-0"
 GEOMETRY = migs.GEOMETRIES["A100-40GB"]
@@ -58,7 +61,8 @@ class FakeMig:
 
 
 def mig_slice(pod: str, profile: str, start: int, *, container: str = "main") -> Slice:
-    size = GEOMETRY.profile(profile).size if GEOMETRY.profile(profile) else 1
+    found = GEOMETRY.profile(profile)
+    size = found.size if found is not None else 1
     return Slice(
         pod_uid=f"uid-{pod}",
         namespace="default",
@@ -114,7 +118,7 @@ def test_a_mig_slice_without_its_instance_or_beside_a_sliced_device_is_refused(
     tmp_path: Path,
 ) -> None:
     s = mig_slice("p1", "2g.10gb", 2)
-    with pytest.raises(ValueError, match="2g.10gb at slot 2 not realized"):
+    with pytest.raises(ValueError, match=r"2g\.10gb at slot 2 not realized"):
         preparing.plan(placement(s), layout(tmp_path), {(GPU, 4): "MIG-other"})
     sliced = Slice(
         pod_uid="uid-p1",
@@ -229,3 +233,68 @@ def test_the_usage_report_lists_the_realized_instances(tmp_path: Path) -> None:
             size=4,
         ),
     )
+
+
+def pending(migs: str | None) -> dict[str, object]:
+    annos = {
+        keys.BIND_PHASE: keys.BIND_PHASE_ALLOCATING,
+        keys.VGPU_DEVICES_TO_ALLOCATE: f"{GPU},NVIDIA,10240,0:;",
+    }
+    if migs is not None:
+        annos[keys.VGPU_MIG_ALLOCATIONS] = migs
+    return {
+        "metadata": {"name": "p1", "namespace": "default", "uid": "uid-p1", "annotations": annos},
+        "spec": {"nodeName": "n1", "containers": [{"name": "main"}]},
+    }
+
+
+A100_DEVICE = Device(
+    uuid=GPU,
+    index=0,
+    type="NVIDIA-A100",
+    memory_mib=40960,
+    mode="mig",
+    mig_slots=8,
+    mig_profiles=migs.published(GEOMETRY),
+)
+
+
+def test_kubelets_allocate_gives_a_mig_container_its_instance_and_no_libvgpu(
+    tmp_path: Path,
+) -> None:
+    allocation = keys.MigAllocation(
+        container_index=0,
+        device_index=0,
+        gpu_uuid=GPU,
+        profile="2g.10gb",
+        placement=keys.MigPlacement(start=4, size=2),
+    )
+    pod = allocating.pending_pod(pending(keys.encode_mig_allocations([allocation])), node="n1")
+    assert pod is not None
+    match = allocating.choose([f"{GPU}::0"], [pod])
+    (s,) = allocating.container_slices(match, [A100_DEVICE])
+    assert (s.mig_profile, s.mig_start, s.mig_size) == ("2g.10gb", 4, 2)
+    mig = FakeMig()
+    sl = slicer(tmp_path, mig)
+    assert isinstance(sl.prepare(placement(s)), events.Ready)
+    (plan,) = sl.plan(placement(s))
+    out = allocating.container_response(
+        plan, layout=sl.layout, libvgpu="/lib/v.so", preload="/p", disable_control=False
+    )
+    (made,) = mig.instances(GPU)
+    assert out.envs["NVIDIA_VISIBLE_DEVICES"] == made.mig_uuid
+    assert allocating.LD_SO_PRELOAD not in {m.container_path for m in out.mounts}
+    assert allocating.CONTAINER_LIBVGPU not in {m.container_path for m in out.mounts}
+
+
+def test_a_grant_on_a_mig_gpu_without_its_instance_annotation_is_refused() -> None:
+    pod = allocating.pending_pod(pending(None), node="n1")
+    assert pod is not None
+    match = allocating.choose([f"{GPU}::0"], [pod])
+    with pytest.raises(ValueError, match="vgpu-mig-allocations"):
+        allocating.container_slices(match, [A100_DEVICE])
+
+
+def test_an_unreadable_mig_allocation_annotation_is_refused_naming_it() -> None:
+    with pytest.raises(AnnotationDecodeError, match="vgpu-mig-allocations"):
+        allocating.pending_pod(pending('[{"gpuUUID": 5}]'), node="n1")

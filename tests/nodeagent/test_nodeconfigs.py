@@ -144,7 +144,7 @@ def test_a_file_over_the_size_bound_is_refused_before_it_is_decoded() -> None:
 
 def test_mps_which_vslice_does_not_build_is_refused_for_the_node_that_names_it() -> None:
     data = config({"name": "n1", "operatingmode": "mps"}, {"name": "n2"})
-    with pytest.raises(NodeConfigError, match="node n1.operatingmode: 'mps'"):
+    with pytest.raises(NodeConfigError, match=r"node n1\.operatingmode: 'mps'"):
         nodeconfigs.load(data, "n1", DEFAULTS, source="config.json")
     assert nodeconfigs.load(data, "n2", DEFAULTS, source="config.json").mode == "hami-core"
 

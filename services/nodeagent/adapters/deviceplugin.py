@@ -509,7 +509,7 @@ class DevicePlugin(rpc.DevicePluginServicer):
         strategy = self.settings.device_list
         try:
             device_list = devicelists.device_list(
-                [s.uuid for s in plan.slices],
+                plan.env["NVIDIA_VISIBLE_DEVICES"].split(","),
                 settings=strategy,
                 response_id=str(uuid.uuid4()),
                 minors=self.minors,

@@ -143,7 +143,8 @@ class PendingPod:
     ``entries``: devices-to-allocate, one tuple of grants per container (empty once
     allocated or for a container without GPUs), aligned with ``containers``;
     ``bind_time``: ``hami.io/bind-time`` in Unix seconds (None: absent or unreadable);
-    ``created``: ``metadata.creationTimestamp`` (RFC 3339, compared as text).
+    ``created``: ``metadata.creationTimestamp`` (RFC 3339, compared as text); ``migs``:
+    the GPU instances its MIG slices hold (``hami.io/vgpu-mig-allocations``).
     """
 
     uid: str
@@ -153,6 +154,7 @@ class PendingPod:
     created: str
     entries: tuple[tuple[keys.DeviceGrant, ...], ...]
     containers: tuple[ContainerInfo, ...]
+    migs: tuple[keys.MigAllocation, ...] = ()
 
     def next_entry(self) -> int | None:
         """Index of the first entry still holding devices; None when all are done."""
@@ -248,6 +250,7 @@ def pending_pod(pod: Mapping[str, Any], *, node: str) -> PendingPod | None:
         created=str(meta.get("creationTimestamp") or ""),
         entries=tuple(tuple(g) for g in grants),
         containers=tuple(aligned),
+        migs=tuple(keys.decode_mig_allocations(str(annos.get(keys.VGPU_MIG_ALLOCATIONS) or "[]"))),
     )
     return out if out.next_entry() is not None else None
 
@@ -362,16 +365,29 @@ def _choose(size: int, wanted: Counter[str], pods: Sequence[PendingPod]) -> Matc
 def container_slices(match: Match, devices: Sequence[Device]) -> tuple[Slice, ...]:
     """The ledger slices of the matched container, in its device order. Pure.
 
-    Raises ``ValueError`` naming the UUID when a grant names a GPU this node does not have.
+    A grant on a MIG-mode device takes its GPU instance from the pod's
+    ``hami.io/vgpu-mig-allocations`` entry of that container and GPU.
+
+    Raises ``ValueError`` naming the UUID when a grant names a GPU this node does not
+    have, or a MIG-mode GPU with no instance for the container.
     """
     index = {d.uuid: d.index for d in devices}
+    mig_mode = {d.uuid for d in devices if d.mode == "mig"}
+    where = f"pod {match.pod.namespace}/{match.pod.name} container {match.container.name}"
     out = []
     for g in match.grants:
         if g.uuid not in index:
-            raise ValueError(
-                f"pod {match.pod.namespace}/{match.pod.name} container {match.container.name}: "
-                f"GPU {g.uuid} is not on this node"
-            )
+            raise ValueError(f"{where}: GPU {g.uuid} is not on this node")
+        mig = next(
+            (
+                m
+                for m in match.pod.migs
+                if m.gpu_uuid == g.uuid and m.container_index == match.container.index
+            ),
+            None,
+        )
+        if g.uuid in mig_mode and mig is None:
+            raise ValueError(f"{where}: MIG-mode GPU {g.uuid} has no {keys.VGPU_MIG_ALLOCATIONS}")
         out.append(
             Slice(
                 pod_uid=match.pod.uid,
@@ -384,6 +400,9 @@ def container_slices(match: Match, devices: Sequence[Device]) -> tuple[Slice, ..
                 memory_mib=g.memory_mib,
                 cores_percent=g.cores_percent,
                 priority=match.container.priority,
+                mig_profile=mig.profile if mig else "",
+                mig_start=mig.placement.start if mig else -1,
+                mig_size=mig.placement.size if mig else 0,
             )
         )
     return tuple(out)
@@ -443,11 +462,13 @@ def container_response(
     (the installed versioned file, read-only), the container's cache directory
     (read-write: its processes share the cache file), ``preload`` at
     ``/etc/ld.so.preload`` unless ``disable_control`` (HAMi-core's
-    ``CUDA_DISABLE_CONTROL=true``), and on mock GPUs the mock driver. With
+    ``CUDA_DISABLE_CONTROL=true``), and on mock GPUs the mock driver; a MIG container
+    (its plan sets no ``LD_PRELOAD``) gets neither libvgpu nor the preload. With
     ``device_list`` (``devicelists.device_list`` of the plan's GPUs) its parts name the
     GPUs in place of the plan's ``NVIDIA_VISIBLE_DEVICES``; without it that variable
     stays (the ``envvar`` strategy). Pure."""
     envs = dict(plan.env)
+    mig = "LD_PRELOAD" not in envs  # a MIG container: the instance is its limit
     envs.pop("LD_PRELOAD", None)
     if device_list is not None:
         envs.pop(devicelists.VISIBLE_DEVICES, None)
@@ -457,7 +478,9 @@ def container_response(
         Mount(container_path=CONTAINER_LIBVGPU, host_path=libvgpu, read_only=True),
         Mount(container_path=CONTAINER_CACHE_DIR, host_path=plan.directory, read_only=False),
     ]
-    if not disable_control:
+    if mig:
+        mounts = mounts[1:]
+    if not disable_control and not mig:
         mounts.append(Mount(container_path=LD_SO_PRELOAD, host_path=preload, read_only=True))
     if layout.mock is not None:
         envs["LD_LIBRARY_PATH"] = CONTAINER_MOCK_DIR
