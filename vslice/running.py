@@ -48,7 +48,7 @@ from libshared import leases as leasing
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
-from libshared.ledgers import NodeLedger
+from libshared.ledgers import NodeLedger, Slice
 from libshared.subjects import deadline_headers, pod_key
 from services.nodeagent import settings as nodeagent_settings
 from vslice import stacks
@@ -208,6 +208,9 @@ def unschedulable_text(answer: events.Unschedulable) -> str:
 # The variables a slice's environment may hold (``services.nodeagent.core.preparing``);
 # anything else in a node agent's answer is refused, not passed on.
 _MEMORY_LIMIT = re.compile(r"^CUDA_DEVICE_MEMORY_LIMIT_(\d+)$")
+_MIG_UUID = re.compile(
+    r"MIG-[0-9A-Za-z][0-9A-Za-z/-]{0,120}"
+)  # MIG-<uuid> (or MIG-GPU-<uuid>/<gi>/<ci>)
 _KNOWN = frozenset(
     {
         "NVIDIA_VISIBLE_DEVICES",
@@ -241,7 +244,8 @@ def verify_ready(
     """What is wrong with a node agent's ``Ready`` for ``placement`` (empty: nothing).
 
     The answer must be for this pod on this node, and the container's environment must be
-    the one the placement implies: the placement's device UUIDs in order, one memory limit
+    the one the placement implies (for MIG slices: one ``MIG-<uuid>`` per slice and no
+    libvgpu or limit, ``_mig_problems``): the placement's device UUIDs in order, one memory limit
     per device equal to its slice (``<MiB>m``), the SM limit of its cores (absent at 0),
     ``LD_PRELOAD`` naming only libraries in the node agent's own ``<host_root>/lib``, the
     shared cache under ``<host_root>/containers``, library paths under ``host_root`` or
@@ -258,6 +262,26 @@ def verify_ready(
     mine = sorted(
         (s for s in placement.slices if s.container == CONTAINER), key=lambda s: s.device_index
     )
+    if mine and all(s.mig_profile for s in mine):
+        problems += _mig_problems(env, len(mine))
+    else:
+        problems += _sliced_problems(env, mine, host_root)
+    cache = env.get("CUDA_DEVICE_MEMORY_SHARED_CACHE", "")
+    if not _inside(cache, [host_root / "containers"]):
+        problems.append(f"CUDA_DEVICE_MEMORY_SHARED_CACHE={cache!r} is outside the host root")
+    for key in ("LD_LIBRARY_PATH", "VSLICE_MOCKGPU_STATE"):
+        for part in filter(None, env.get(key, "").split(":")):
+            if not _inside(part, [host_root, *library_dirs]):
+                problems.append(f"{key} names {part!r}, outside the node agent's directories")
+    unknown = sorted(k for k in env if k not in _KNOWN and not _MEMORY_LIMIT.match(k))
+    if unknown:
+        problems.append(f"unexpected variables {unknown}")
+    return problems
+
+
+def _sliced_problems(env: Mapping[str, str], mine: Sequence[Slice], host_root: Path) -> list[str]:
+    """What is wrong with the environment of a container holding sliced devices."""
+    problems = []
     uuids = ",".join(s.uuid for s in mine)
     for key in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
         if env.get(key) != uuids:
@@ -276,16 +300,26 @@ def verify_ready(
     lib = host_root / "lib"
     if not preload or not all(_inside(p, [lib]) for p in preload):
         problems.append(f"LD_PRELOAD={env.get('LD_PRELOAD')!r} is not the node agent's libvgpu")
-    cache = env.get("CUDA_DEVICE_MEMORY_SHARED_CACHE", "")
-    if not _inside(cache, [host_root / "containers"]):
-        problems.append(f"CUDA_DEVICE_MEMORY_SHARED_CACHE={cache!r} is outside the host root")
-    for key in ("LD_LIBRARY_PATH", "VSLICE_MOCKGPU_STATE"):
-        for part in filter(None, env.get(key, "").split(":")):
-            if not _inside(part, [host_root, *library_dirs]):
-                problems.append(f"{key} names {part!r}, outside the node agent's directories")
-    unknown = sorted(k for k in env if k not in _KNOWN and not _MEMORY_LIMIT.match(k))
-    if unknown:
-        problems.append(f"unexpected variables {unknown}")
+    return problems
+
+
+def _mig_problems(env: Mapping[str, str], count: int) -> list[str]:
+    """What is wrong with the environment of a container holding ``count`` MIG slices:
+    one MIG device UUID each in both visible-devices variables, and no libvgpu or limit
+    (the GPU instance is the limit)."""
+    problems = []
+    visible = env.get("NVIDIA_VISIBLE_DEVICES", "")
+    named = visible.split(",") if visible else []
+    if len(named) != count or not all(_MIG_UUID.fullmatch(u) for u in named):
+        problems.append(f"NVIDIA_VISIBLE_DEVICES={visible!r}: not {count} MIG device UUID(s)")
+    if env.get("CUDA_VISIBLE_DEVICES") != visible:
+        problems.append(f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')!r} != {visible!r}")
+    for key in ("LD_PRELOAD", "CUDA_DEVICE_SM_LIMIT"):
+        if key in env:
+            problems.append(f"{key}={env[key]!r} on a MIG slice")
+    limits = sorted(k for k in env if _MEMORY_LIMIT.match(k))
+    if limits:
+        problems.append(f"memory limits {limits} on a MIG slice")
     return problems
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from libshared import events
@@ -99,3 +100,49 @@ def test_a_missing_limit_is_refused() -> None:
 def test_an_answer_for_another_pod_or_node_is_refused() -> None:
     assert problems(honest_env(), uid="run-2")
     assert problems(honest_env(), node="vm-1")
+
+
+def mig_placement() -> events.Placement:
+    held = placement(("GPU-a", 10240, 0))
+    (s,) = held.slices
+    mig = Slice(**{**msgspec.structs.asdict(s), "mig_profile": "1g.10gb", "mig_start": 2})
+    return msgspec.structs.replace(held, slices=(mig,))
+
+
+def honest_mig_env() -> dict[str, str]:
+    mig = "MIG-5bbd93c5-5105-4fc6-ae13-91961f65ade3"
+    return {
+        "NVIDIA_VISIBLE_DEVICES": mig,
+        "CUDA_VISIBLE_DEVICES": mig,
+        "CUDA_DEVICE_MEMORY_SHARED_CACHE": str(ROOT / "containers/run-1_main/vgpu.cache"),
+        "LD_LIBRARY_PATH": str(MOCK),
+        "VSLICE_MOCKGPU_STATE": str(ROOT / "mockgpu.state"),
+    }
+
+
+def mig_problems(env: dict[str, str]) -> list[str]:
+    ready = events.Ready(pod_uid="run-1", node="vm-0", env={"main": env})
+    return running.verify_ready(ready, mig_placement(), host_root=ROOT, library_dirs=(MOCK,))
+
+
+def test_the_node_agents_answer_for_a_mig_slice_is_accepted() -> None:
+    assert mig_problems(honest_mig_env()) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"NVIDIA_VISIBLE_DEVICES": "GPU-a"}, "NVIDIA_VISIBLE_DEVICES"),
+        ({"NVIDIA_VISIBLE_DEVICES": "MIG-a,MIG-b"}, "NVIDIA_VISIBLE_DEVICES"),
+        ({"NVIDIA_VISIBLE_DEVICES": "MIG-a;rm -rf"}, "NVIDIA_VISIBLE_DEVICES"),
+        ({"CUDA_VISIBLE_DEVICES": "MIG-other"}, "CUDA_VISIBLE_DEVICES"),
+        ({"LD_PRELOAD": "/tmp/evil.so"}, "LD_PRELOAD"),
+        ({"CUDA_DEVICE_MEMORY_LIMIT_0": "999999m"}, "memory limits"),
+        ({"CUDA_DEVICE_SM_LIMIT": "10"}, "CUDA_DEVICE_SM_LIMIT"),
+        ({"LD_LIBRARY_PATH": "/tmp/fake-driver"}, "LD_LIBRARY_PATH"),
+        ({"PYTHONPATH": "/tmp/x"}, "unexpected variables"),
+    ],
+)
+def test_a_forged_answer_for_a_mig_slice_is_refused(change: dict[str, str], named: str) -> None:
+    found = mig_problems({**honest_mig_env(), **change})
+    assert any(named in p for p in found), found
