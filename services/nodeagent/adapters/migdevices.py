@@ -91,7 +91,8 @@ class NvmlMig:
         return self.enabled(uuid)
 
     def profile_ids(self, uuid: str) -> dict[str, int]:
-        """Profile name -> NVML GPU instance profile ID on GPU ``uuid`` (remembered)."""
+        """Profile name -> NVML GPU instance profile ID on GPU ``uuid`` (remembered once
+        NVML lists some: it lists none while MIG mode is off)."""
         known = self._profile_ids.get(uuid)
         if known is not None:
             return known
@@ -105,7 +106,8 @@ class NvmlMig:
             name = _text(info.name).removeprefix("MIG ").strip()
             if name:
                 out.setdefault(name, int(info.id))
-        self._profile_ids[uuid] = out
+        if out:  # none while MIG mode is off: asked again once it is on
+            self._profile_ids[uuid] = out
         return out
 
     def instances(self, uuid: str) -> list[Realized]:

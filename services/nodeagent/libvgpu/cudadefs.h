@@ -217,6 +217,8 @@ enum {
     NVML_ERROR_NOT_FOUND = 6,
     NVML_ERROR_INSUFFICIENT_SIZE = 7,
     NVML_ERROR_TIMEOUT = 10,
+    NVML_ERROR_IN_USE = 19,
+    NVML_ERROR_INSUFFICIENT_RESOURCES = 23,
     NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25,
     NVML_ERROR_UNKNOWN = 999,
 };
@@ -284,5 +286,122 @@ typedef struct {
 
 #define NVML_DEVICE_UUID_BUFFER_SIZE 80
 #define NVML_DEVICE_NAME_BUFFER_SIZE 96
+#define NVML_DEVICE_NAME_V2_BUFFER_SIZE 96
+
+/* Multi-Instance GPU (nvml.h, "Multi Instance GPU Management"). */
+#define NVML_DEVICE_MIG_DISABLE 0x0
+#define NVML_DEVICE_MIG_ENABLE 0x1
+
+enum {
+    NVML_GPU_INSTANCE_PROFILE_1_SLICE = 0x0,
+    NVML_GPU_INSTANCE_PROFILE_2_SLICE = 0x1,
+    NVML_GPU_INSTANCE_PROFILE_3_SLICE = 0x2,
+    NVML_GPU_INSTANCE_PROFILE_4_SLICE = 0x3,
+    NVML_GPU_INSTANCE_PROFILE_7_SLICE = 0x4,
+    NVML_GPU_INSTANCE_PROFILE_8_SLICE = 0x5,
+    NVML_GPU_INSTANCE_PROFILE_6_SLICE = 0x6,
+    NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1 = 0x7,
+    NVML_GPU_INSTANCE_PROFILE_2_SLICE_REV1 = 0x8,
+    NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV2 = 0x9,
+    NVML_GPU_INSTANCE_PROFILE_COUNT = 0x12,
+};
+
+enum {
+    NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE = 0x0,
+    NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE = 0x1,
+    NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE = 0x2,
+    NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE = 0x3,
+    NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE = 0x4,
+    NVML_COMPUTE_INSTANCE_PROFILE_COUNT = 0x9,
+};
+
+enum { NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED = 0x0 };
+
+typedef struct nvmlGpuInstance_st *nvmlGpuInstance_t;
+typedef struct nvmlComputeInstance_st *nvmlComputeInstance_t;
+
+typedef struct {
+    unsigned int start; /* first memory slice */
+    unsigned int size;  /* memory slices */
+} nvmlGpuInstancePlacement_t;
+
+typedef struct {
+    unsigned int id;
+    unsigned int isP2pSupported;
+    unsigned int sliceCount; /* compute slices */
+    unsigned int instanceCount;
+    unsigned int multiprocessorCount;
+    unsigned int copyEngineCount;
+    unsigned int decoderCount;
+    unsigned int encoderCount;
+    unsigned int jpegCount;
+    unsigned int ofaCount;
+    unsigned long long memorySizeMB; /* MiB */
+} nvmlGpuInstanceProfileInfo_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned int id;
+    unsigned int isP2pSupported;
+    unsigned int sliceCount;
+    unsigned int instanceCount;
+    unsigned int multiprocessorCount;
+    unsigned int copyEngineCount;
+    unsigned int decoderCount;
+    unsigned int encoderCount;
+    unsigned int jpegCount;
+    unsigned int ofaCount;
+    unsigned long long memorySizeMB;
+    char name[NVML_DEVICE_NAME_V2_BUFFER_SIZE]; /* "MIG 1g.10gb" */
+} nvmlGpuInstanceProfileInfo_v2_t;
+#define nvmlGpuInstanceProfileInfo_v2 NVML_STRUCT_VERSION(sizeof(nvmlGpuInstanceProfileInfo_v2_t), 2)
+
+typedef struct {
+    nvmlDevice_t device; /* the parent GPU */
+    unsigned int id;
+    unsigned int profileId;
+    nvmlGpuInstancePlacement_t placement;
+} nvmlGpuInstanceInfo_t;
+
+typedef struct {
+    unsigned int start; /* first compute slice within the GPU instance */
+    unsigned int size;  /* compute slices */
+} nvmlComputeInstancePlacement_t;
+
+typedef struct {
+    unsigned int id;
+    unsigned int sliceCount;
+    unsigned int instanceCount;
+    unsigned int multiprocessorCount;
+    unsigned int sharedCopyEngineCount;
+    unsigned int sharedDecoderCount;
+    unsigned int sharedEncoderCount;
+    unsigned int sharedJpegCount;
+    unsigned int sharedOfaCount;
+} nvmlComputeInstanceProfileInfo_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned int id;
+    unsigned int sliceCount;
+    unsigned int instanceCount;
+    unsigned int multiprocessorCount;
+    unsigned int sharedCopyEngineCount;
+    unsigned int sharedDecoderCount;
+    unsigned int sharedEncoderCount;
+    unsigned int sharedJpegCount;
+    unsigned int sharedOfaCount;
+    char name[NVML_DEVICE_NAME_V2_BUFFER_SIZE];
+} nvmlComputeInstanceProfileInfo_v2_t;
+#define nvmlComputeInstanceProfileInfo_v2 \
+    NVML_STRUCT_VERSION(sizeof(nvmlComputeInstanceProfileInfo_v2_t), 2)
+
+typedef struct {
+    nvmlDevice_t device; /* the parent GPU */
+    nvmlGpuInstance_t gpuInstance;
+    unsigned int id;
+    unsigned int profileId;
+    nvmlComputeInstancePlacement_t placement;
+} nvmlComputeInstanceInfo_t;
 
 #endif

@@ -20,6 +20,10 @@
  * elapsed time between an event recorded just before a launch and one just
  * after it is the kernel's run time, plus any time the device spent between
  * the two records waiting for the host to submit the kernel.
+ *
+ * A MIG device (mockstate.h) named in CUDA_VISIBLE_DEVICES by its "MIG-..."
+ * UUID is one CUDA device: its memory is the GPU instance's, charged to the
+ * instance and to its GPU, and its kernels queue on the instance alone.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -74,8 +78,10 @@ struct vmm_handle {
 };
 
 static atomic_int g_initialized;
-/* CUDA_VISIBLE_DEVICES: ordinal -> index in the shared state (set by cuInit). */
+/* CUDA_VISIBLE_DEVICES: ordinal -> index in the shared state (set by cuInit),
+ * and for a MIG device the serial of its compute instance (0 for a GPU). */
 static int g_visible[MOCK_MAX_DEVICES];
+static uint64_t g_visible_serial[MOCK_MAX_DEVICES];
 static int g_visible_count;
 static struct CUctx_st g_primary[MOCK_MAX_DEVICES];
 static struct CUmemPoolHandle_st g_pools[MOCK_MAX_DEVICES];
@@ -257,20 +263,11 @@ static int valid_device(struct mock_state *st, CUdevice d) {
 static struct mock_device *dev_of(struct mock_state *st, int dev) { return &st->devices[g_visible[dev]]; }
 
 static int charge(struct mock_state *st, int dev, size_t size) {
-    struct mock_device *d = dev_of(st, dev);
-    uint64_t old = atomic_load(&d->used_bytes);
-    do {
-        if (size > d->total_bytes || old > d->total_bytes - size) return 0;
-    } while (!atomic_compare_exchange_weak(&d->used_bytes, &old, old + size));
-    struct mock_proc *self = mock_state_self();
-    if (self != NULL) atomic_fetch_add(&self->used_bytes[g_visible[dev]], size);
-    return 1;
+    return mock_charge(st, (unsigned int)g_visible[dev], g_visible_serial[dev], size);
 }
 
 static void credit(struct mock_state *st, int dev, size_t size) {
-    atomic_fetch_sub(&dev_of(st, dev)->used_bytes, size);
-    struct mock_proc *self = mock_state_self();
-    if (self != NULL) atomic_fetch_sub(&self->used_bytes[g_visible[dev]], size);
+    mock_credit(st, (unsigned int)g_visible[dev], size);
 }
 
 static CUresult alloc_on(int dev, size_t size, int low32, CUdeviceptr *out) {
@@ -386,12 +383,14 @@ static void pools_sync(void) {
 
 /* CUDA_VISIBLE_DEVICES as the CUDA C Programming Guide ("CUDA Environment
  * Variables") describes it: a comma list of device indices or UUIDs (a unique
- * prefix of "GPU-..." is enough); only those devices are visible, in that
- * order, and an entry that names no device ends the list.  Unset: all. */
+ * prefix of "GPU-..." or "MIG-..." is enough); only those devices are
+ * visible, in that order, and an entry that names no device ends the list.
+ * Unset: all GPUs. */
 static int match_visible(struct mock_state *st, const char *tok) {
     char *end;
     long idx = strtol(tok, &end, 10);
     if (end != tok && *end == '\0') return idx >= 0 && (uint32_t)idx < st->device_count ? (int)idx : -1;
+    if (strncmp(tok, "MIG-", 4) == 0) return mock_find_mig(st, tok);
     int found = -1;
     for (uint32_t i = 0; i < st->device_count; i++) {
         if (strncmp(st->devices[i].uuid, tok, strlen(tok)) != 0) continue;
@@ -405,7 +404,10 @@ static void pick_visible(struct mock_state *st) {
     const char *env = getenv("CUDA_VISIBLE_DEVICES");
     g_visible_count = 0;
     if (env == NULL) {
-        for (uint32_t i = 0; i < st->device_count; i++) g_visible[g_visible_count++] = (int)i;
+        for (uint32_t i = 0; i < st->device_count; i++) {
+            g_visible_serial[g_visible_count] = 0;
+            g_visible[g_visible_count++] = (int)i;
+        }
         return;
     }
     char *copy = strdup(env);
@@ -419,6 +421,9 @@ static void pick_visible(struct mock_state *st) {
         int dup = 0;
         for (int k = 0; k < g_visible_count; k++) dup |= g_visible[k] == idx;
         if (dup) break;
+        /* a MIG device from now on means this compute instance, not a later one */
+        g_visible_serial[g_visible_count] =
+            (uint32_t)idx < st->device_count ? 0 : atomic_load(&st->devices[idx].ci_serial);
         g_visible[g_visible_count++] = idx;
     }
     free(copy);
@@ -468,7 +473,7 @@ API CUresult cuDeviceGetName(char *name, int len, CUdevice dev) {
     if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
     if (name == NULL || len <= 0) return CUDA_ERROR_INVALID_VALUE;
     if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
-    snprintf(name, (size_t)len, "vslice mock GPU");
+    mock_device_name(st, (unsigned int)g_visible[dev], name, (size_t)len);
     return CUDA_SUCCESS;
 }
 
@@ -521,7 +526,12 @@ API CUresult cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice d
     if (pi == NULL) return CUDA_ERROR_INVALID_VALUE;
     if (!valid_device(st, dev)) return CUDA_ERROR_INVALID_DEVICE;
     switch (attrib) {
-    case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *pi = 108; break;
+    case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT:
+        /* a MIG device has its compute slices' share, as NVML reports it */
+        *pi = (uint32_t)g_visible[dev] < st->device_count
+                  ? 108
+                  : MOCK_SMS_PER_SLICE * (int)dev_of(st, dev)->compute;
+        break;
     case CU_DEVICE_ATTRIBUTE_TEXTURE_PITCH_ALIGNMENT: *pi = (int)PITCH_ALIGNMENT; break;
     default: *pi = 0; break;
     }
