@@ -223,6 +223,10 @@ _KNOWN = frozenset(
         "LD_LIBRARY_PATH",
         "VSLICE_MOCKGPU_STATE",
         "VSLICE_MOCKGPU_DEVICES",
+        "CUDA_MPS_PIPE_DIRECTORY",
+        "CUDA_MPS_LOG_DIRECTORY",
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT",
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE",
     }
 )
 
@@ -245,7 +249,8 @@ def verify_ready(
 
     The answer must be for this pod on this node, and the container's environment must be
     the one the placement implies (for MIG slices: one ``MIG-<uuid>`` per slice and no
-    libvgpu or limit, ``_mig_problems``): the placement's device UUIDs in order, one memory limit
+    libvgpu or limit, ``_mig_problems``; for MPS clients, ``_mps_problems``): the
+    placement's device UUIDs in order, one memory limit
     per device equal to its slice (``<MiB>m``), the SM limit of its cores (absent at 0),
     ``LD_PRELOAD`` naming only libraries in the node agent's own ``<host_root>/lib``, the
     shared cache under ``<host_root>/containers``, library paths under ``host_root`` or
@@ -264,8 +269,13 @@ def verify_ready(
     )
     if mine and all(s.mig_profile for s in mine):
         problems += _mig_problems(env, len(mine))
+    elif "CUDA_MPS_PIPE_DIRECTORY" in env:
+        problems += _mps_problems(env, mine, host_root)
     else:
         problems += _sliced_problems(env, mine, host_root)
+        mps = sorted(k for k in env if k.startswith("CUDA_MPS_"))
+        if mps:
+            problems.append(f"MPS variables {mps} without an MPS server")
     cache = env.get("CUDA_DEVICE_MEMORY_SHARED_CACHE", "")
     if not _inside(cache, [host_root / "containers"]):
         problems.append(f"CUDA_DEVICE_MEMORY_SHARED_CACHE={cache!r} is outside the host root")
@@ -303,6 +313,38 @@ def _sliced_problems(env: Mapping[str, str], mine: Sequence[Slice], host_root: P
     return problems
 
 
+def _mps_problems(env: Mapping[str, str], mine: Sequence[Slice], host_root: Path) -> list[str]:
+    """What is wrong with the environment of a container whose slices are MPS clients: the
+    slices' UUIDs, each device's memory in ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT``, its cores
+    in ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (absent at 0), the MPS directories under the
+    host root, and no libvgpu or libvgpu limit."""
+    problems = []
+    uuids = ",".join(s.uuid for s in mine)
+    for key in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+        if env.get(key) != uuids:
+            problems.append(f"{key}={env.get(key)!r}, the slice holds {uuids!r}")
+    pinned = ",".join(f"{i}={s.memory_mib}M" for i, s in enumerate(mine))
+    if env.get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT") != pinned:
+        problems.append(
+            f"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT={env.get('CUDA_MPS_PINNED_DEVICE_MEM_LIMIT')!r},"
+            f" the slice holds {pinned!r}"
+        )
+    cores = max((s.cores_percent for s in mine), default=0)
+    threads = env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    if (str(min(cores, 100)) if cores > 0 else None) != threads:
+        problems.append(f"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={threads!r}, the slice holds {cores}%")
+    for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
+        if not _inside(env.get(key, ""), [host_root / "mps"]):
+            problems.append(f"{key}={env.get(key)!r} is not the node agent's MPS server")
+    for key in ("LD_PRELOAD", "CUDA_DEVICE_SM_LIMIT"):
+        if key in env:
+            problems.append(f"{key}={env[key]!r} on an MPS slice")
+    limits = sorted(k for k in env if _MEMORY_LIMIT.match(k))
+    if limits:
+        problems.append(f"memory limits {limits} on an MPS slice")
+    return problems
+
+
 def _mig_problems(env: Mapping[str, str], count: int) -> list[str]:
     """What is wrong with the environment of a container holding ``count`` MIG slices:
     one MIG device UUID each in both visible-devices variables, and no libvgpu or limit
@@ -320,6 +362,9 @@ def _mig_problems(env: Mapping[str, str], count: int) -> list[str]:
     limits = sorted(k for k in env if _MEMORY_LIMIT.match(k))
     if limits:
         problems.append(f"memory limits {limits} on a MIG slice")
+    mps = sorted(k for k in env if k.startswith("CUDA_MPS_"))
+    if mps:
+        problems.append(f"MPS variables {mps} on a MIG slice")
     return problems
 
 

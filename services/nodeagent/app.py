@@ -29,6 +29,7 @@ from services.nodeagent.adapters import (
     kube,
     loops,
     migdevices,
+    mpsservers,
 )
 from services.nodeagent.adapters.slicing import Slicer
 from services.nodeagent.core import allocating, fleets, nodeconfigs, preparing, registrations
@@ -199,6 +200,15 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         )
     layout = preparing.Layout(root=str(root), libvgpu=str(lib), sm_policy=real.sm_policy, mock=mock)
     slicer = Slicer(node=node, layout=layout, grace_s=real.grace_s, mig=mig)
+    mps_server = None
+    if node_settings.mode == "mps":  # decided at start: the daemon runs for the agent's life
+        slicer.mps = preparing.Mps.under(str(root))
+        mps_server = mpsservers.MpsServer(slicer.mps)
+        if backend.kind == "nvml":
+            await asyncio.to_thread(mps_server.start)
+        else:  # the mock driver applies the MPS variables itself
+            for d in (slicer.mps.pipe_dir, slicer.mps.log_dir):
+                Path(d).mkdir(parents=True, exist_ok=True)
     margin = real.escape_margin_mib
     if margin is None:
         margin = 0 if backend.kind == "mock" else NVML_ESCAPE_MARGIN_MIB
@@ -228,6 +238,8 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
     async with contextlib.AsyncExitStack() as stack:
         await probes.serving(health, settings.health, stack)
         stack.callback(backend.close)
+        if mps_server is not None:
+            stack.callback(mps_server.stop)
         if settings.use_bus:
             node_loops.agent, lifeline = await open_agent(
                 settings, stack, [node_loops.registration()], slicer=slicer, stop=stop

@@ -146,3 +146,47 @@ def test_the_node_agents_answer_for_a_mig_slice_is_accepted() -> None:
 def test_a_forged_answer_for_a_mig_slice_is_refused(change: dict[str, str], named: str) -> None:
     found = mig_problems({**honest_mig_env(), **change})
     assert any(named in p for p in found), found
+
+
+def honest_mps_env() -> dict[str, str]:
+    return {
+        "NVIDIA_VISIBLE_DEVICES": "GPU-a",
+        "CUDA_VISIBLE_DEVICES": "GPU-a",
+        "CUDA_MPS_PIPE_DIRECTORY": str(ROOT / "mps/pipe"),
+        "CUDA_MPS_LOG_DIRECTORY": str(ROOT / "mps/log"),
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=1000M",
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "30",
+        "CUDA_DEVICE_MEMORY_SHARED_CACHE": str(ROOT / "containers/run-1_main/vgpu.cache"),
+        "LD_LIBRARY_PATH": str(MOCK),
+        "VSLICE_MOCKGPU_STATE": str(ROOT / "mockgpu.state"),
+    }
+
+
+def test_the_node_agents_answer_for_an_mps_client_is_accepted() -> None:
+    assert problems(honest_mps_env()) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=999999M"}, "PINNED_DEVICE_MEM_LIMIT"),
+        ({"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=1000M,1=1000M"}, "PINNED_DEVICE_MEM_LIMIT"),
+        ({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100"}, "ACTIVE_THREAD_PERCENTAGE"),
+        ({"CUDA_MPS_PIPE_DIRECTORY": "/tmp/rogue-mps"}, "CUDA_MPS_PIPE_DIRECTORY"),
+        ({"CUDA_MPS_LOG_DIRECTORY": str(ROOT / "containers")}, "CUDA_MPS_LOG_DIRECTORY"),
+        ({"NVIDIA_VISIBLE_DEVICES": "GPU-b"}, "NVIDIA_VISIBLE_DEVICES"),
+        ({"LD_PRELOAD": str(ROOT / "lib/libvgpu.so")}, "LD_PRELOAD"),
+        ({"CUDA_DEVICE_MEMORY_LIMIT_0": "1000m"}, "memory limits"),
+        ({"PYTHONPATH": "/tmp/x"}, "unexpected variables"),
+    ],
+)
+def test_a_forged_answer_for_an_mps_client_is_refused(change: dict[str, str], named: str) -> None:
+    found = problems({**honest_mps_env(), **change})
+    assert any(named in p for p in found), found
+
+
+def test_mps_variables_beside_libvgpu_or_a_mig_device_are_refused() -> None:
+    sliced = {**honest_env(), "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=1000M"}
+    assert any("without an MPS server" in p for p in problems(sliced))
+    mig = {**honest_mig_env(), "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "10"}
+    assert any("on a MIG slice" in p for p in mig_problems(mig))

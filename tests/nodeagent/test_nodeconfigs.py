@@ -142,11 +142,19 @@ def test_a_file_over_the_size_bound_is_refused_before_it_is_decoded() -> None:
         nodeconfigs.parse(data)
 
 
-def test_mps_which_vslice_does_not_build_is_refused_for_the_node_that_names_it() -> None:
+def test_an_mps_node_registers_its_gpus_in_mps_mode_and_an_unknown_mode_is_refused() -> None:
     data = config({"name": "n1", "operatingmode": "mps"}, {"name": "n2"})
-    with pytest.raises(NodeConfigError, match=r"node n1\.operatingmode: 'mps'"):
-        nodeconfigs.load(data, "n1", DEFAULTS, source="config.json")
+    settings = nodeconfigs.load(data, "n1", DEFAULTS, source="config.json")
+    assert settings.mode == "mps"
+    reg = registrations.node_devices(
+        "n1", settings.gpus(FOUND), scaling=settings.scaling, mode="mps"
+    )
+    assert {d.mode for d in reg.devices} == {"mps"}
     assert nodeconfigs.load(data, "n2", DEFAULTS, source="config.json").mode == "hami-core"
+    with pytest.raises(NodeConfigError, match=r"operatingmode.*'vgpu'"):
+        nodeconfigs.load(
+            config({"name": "n1", "operatingmode": "vgpu"}), "n1", DEFAULTS, source="c"
+        )
 
 
 def a100(i: int, *, mig: bool = True, model: str = "NVIDIA A100-SXM4-40GB") -> Gpu:

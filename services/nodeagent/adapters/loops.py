@@ -101,6 +101,7 @@ class NodeLoops:
             unhealthy=frozenset(self.unhealthy),
             cordoned=self.cordoned,
             mig=self.settings.mig(offered),
+            mode="mps" if self.slicer.mps is not None else "hami-core",
         )
 
     def _problem(self, what: str, message: str, exc: Exception) -> None:
@@ -152,6 +153,11 @@ class NodeLoops:
         self.config_seen = data
         if settings == self.settings:
             return
+        if "mps" in (settings.mode, self.settings.mode) and settings.mode != self.settings.mode:
+            log.warning(  # the MPS server runs for the agent's life
+                "operating mode mps is entered or left at the node agent's next start",
+                extra={"mode": settings.mode, "running": self.settings.mode},
+            )
         self.settings = settings
         log.info(
             "node config applied",

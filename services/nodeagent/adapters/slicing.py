@@ -53,7 +53,8 @@ class Slicer:
     """Slices of ``node`` under ``layout.root``. With ``mig``, the GPUs of ``mig_gpus``
     are in MIG mode: a slice there is a GPU instance, created when the slice is prepared
     and destroyed once no container holds it (``realized``: ``preparing.mig_key`` -> the
-    instance)."""
+    instance). With ``mps`` (a node in ``mps`` mode) the other slices are clients of that
+    MPS server."""
 
     node: str
     layout: preparing.Layout
@@ -63,6 +64,7 @@ class Slicer:
     mig: MigControl | None = None
     mig_gpus: frozenset[str] = frozenset()
     realized: dict[tuple[str, int], Realized] = field(default_factory=dict)
+    mps: preparing.Mps | None = None
 
     def mig_uuids(self) -> dict[tuple[str, int], str]:
         """``preparing.mig_key`` -> MIG device UUID of every instance realized."""
@@ -70,7 +72,7 @@ class Slicer:
 
     def plan(self, placement: events.Placement) -> list[preparing.ContainerPlan]:
         """``preparing.plan`` of ``placement`` with the MIG instances realized for it."""
-        return preparing.plan(placement, self.layout, self.mig_uuids())
+        return preparing.plan(placement, self.layout, self.mig_uuids(), self.mps)
 
     def _realize(self, placement: events.Placement) -> None:
         """Create (or find) the GPU instance of every MIG slice of ``placement``. Raises

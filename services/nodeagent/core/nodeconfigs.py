@@ -29,8 +29,10 @@ keeps the agent's default (its ``--memory-scaling``, ``--core-scaling``,
 - ``operatingmode``: ``hami-core`` (slices enforced by libvgpu) or ``mig`` (dynamic MIG:
   each GPU in MIG mode whose model has a tabled geometry, ``libshared.migs``, registers
   its GPU instance profiles, and the agent creates the instance a slice names when the
-  slice is prepared and destroys it when it is released); ``mps`` is refused for the
-  node that names it, with that reason.
+  slice is prepared and destroys it when it is released) or ``mps`` (NVIDIA's
+  Multi-Process Service: every slice's processes run as clients of the node's MPS
+  server, which holds each to its slice through ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` and
+  ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``; no libvgpu).
 - ``migstrategy`` (``none``/``single``/``mixed``), ``enablenumatopology``,
   ``enablegetpreferredallocation``, ``libcudaloglevel``: accepted for compatibility
   with HAMi's file, and not used by vslice's agent.
@@ -64,7 +66,6 @@ from services.nodeagent.core.registrations import Gpu, Scaling
 MAX_BYTES = 1 << 20  # a config file larger than this is refused (1 MiB)
 MAX_NODES = 100_000  # entries in ``nodeconfig``
 MAX_FILTERED = 1_024  # UUIDs or indices in one ``filterdevices`` list
-BUILT_MODES = frozenset({"hami-core", "mig"})
 MAX_ALLOW = 1_024  # entries of migProfileAllowlist, and models or profiles in one
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
@@ -126,7 +127,7 @@ class NodeSettings:
     """What one node registers with, the defaults overridden by its entry: ``scaling``
     (split count, memory and core scaling), ``filter_uuids`` / ``filter_indices`` (GPUs
     left out), ``memory_mib`` (> 0: every GPU's memory before scaling, MiB; 0 = as
-    discovered), ``mode`` (``hami-core`` or ``mig`` once resolved), ``mig_allowlist``
+    discovered), ``mode`` (``hami-core``, ``mig`` or ``mps``), ``mig_allowlist``
     (product name -> the profiles it may offer; None: every tabled profile)."""
 
     scaling: Scaling
@@ -161,7 +162,7 @@ class NodeSettings:
         if gpu.uuid in self.filter_uuids or gpu.index in self.filter_indices:
             return "filtered (filterdevices)"
         if self.mode != "mig":
-            return "in MIG mode on a hami-core node" if gpu.mig_enabled else ""
+            return f"in MIG mode on a {self.mode} node" if gpu.mig_enabled else ""
         if not gpu.mig_enabled:
             return "not in MIG mode (nvidia-smi -mig 1 and a GPU reset enable it)"
         if registrations.mig_capacity(gpu, self.allowed_profiles(gpu.model)) is None:
@@ -234,12 +235,9 @@ def _with_value(message: str, data: bytes) -> str:
     return f"{message} (value: {value!r})"
 
 
-def resolve(
-    config: DeviceConfigFile, node: str, defaults: Scaling, *, source: str = "<node config>"
-) -> NodeSettings:
+def resolve(config: DeviceConfigFile, node: str, defaults: Scaling) -> NodeSettings:
     """The settings of ``node``: ``defaults`` with its entry's values over them (no entry:
-    the defaults). Raises ``NodeConfigError`` when the entry asks an operating mode vslice
-    does not build (``mps``)."""
+    the defaults)."""
     allow: dict[str, frozenset[str]] | None = None
     if config.migProfileAllowlist is not None:
         allow = {}
@@ -249,13 +247,7 @@ def resolve(
     entry = next((e for e in config.nodeconfig if e.name == node), None)
     if entry is None:
         return NodeSettings(scaling=defaults, mig_allowlist=allow)
-    where = f"{source}: node {node}"
     mode = entry.operatingmode or "hami-core"
-    if mode not in BUILT_MODES:
-        raise NodeConfigError(
-            f"{where}.operatingmode",
-            f"{mode!r}: vslice's node agent runs hami-core or mig mode (mps is not built)",
-        )
     scaling = Scaling(
         split_count=defaults.split_count
         if entry.devicesplitcount is None
@@ -280,4 +272,4 @@ def resolve(
 
 def load(data: bytes, node: str, defaults: Scaling, *, source: str) -> NodeSettings:
     """``resolve(parse(data))`` for ``node``. Raises ``NodeConfigError``."""
-    return resolve(parse(data, source=source), node, defaults, source=source)
+    return resolve(parse(data, source=source), node, defaults)

@@ -50,6 +50,21 @@ class MockDriver:
 
 
 @dataclass(frozen=True)
+class Mps:
+    """The node's MPS server (operating mode ``mps``): its ``pipe_dir`` and ``log_dir``
+    (``CUDA_MPS_PIPE_DIRECTORY``, ``CUDA_MPS_LOG_DIRECTORY``), which its clients name."""
+
+    pipe_dir: str
+    log_dir: str
+
+    @classmethod
+    def under(cls, root: str) -> Mps:
+        """The server's directories under host root ``root``."""
+        base = f"{root.rstrip('/')}/mps"
+        return cls(pipe_dir=f"{base}/pipe", log_dir=f"{base}/log")
+
+
+@dataclass(frozen=True)
 class Layout:
     """The host root and what is installed there: ``root`` (absolute path), ``libvgpu``
     (path of the installed ``libvgpu.so``), ``sm_policy`` (``GPU_CORE_UTILIZATION_POLICY``
@@ -165,12 +180,14 @@ def plan(
     placement: Placement,
     layout: Layout,
     mig_uuids: Mapping[tuple[str, int], str] | None = None,
+    mps: Mps | None = None,
 ) -> list[ContainerPlan]:
     """One ``ContainerPlan`` per container of ``placement`` holding slices, in container
     order. A container whose slices are MIG instances is given their MIG device UUIDs
     (``mig_uuids``: ``mig_key`` -> ``MIG-...``, the instances realized for them) and no
     libvgpu: the GPU instance is the limit (HAMi gives a MIG slice no HAMi-core limit).
-    Pure.
+    With ``mps`` (a node in ``mps`` mode) every other container is a client of that MPS
+    server (``mps_env``). Pure.
 
     Raises ``ValueError`` naming the field for a container with more than 16 slices, a
     memory size below 1 MiB, cores outside 0-100, an unusable pod UID / container name, a
@@ -195,6 +212,8 @@ def plan(
             raise ValueError(f"container {container}: holds MIG instances and sliced devices")
         if any(instances):
             env = mig_env(tuple(slices), mig_uuids or {}, cache=cache, layout=layout)
+        elif mps is not None:
+            env = mps_env(tuple(slices), mps, cache=cache, layout=layout)
         else:
             env = container_env(tuple(slices), cache=cache, layout=layout)
         # the same SM limit on every device, as libvgpu reads CUDA_DEVICE_SM_LIMIT, so the
@@ -248,6 +267,30 @@ def mig_env(
         "CUDA_VISIBLE_DEVICES": ",".join(visible),
         "CUDA_DEVICE_MEMORY_SHARED_CACHE": cache,
     }
+    return env | mock_env(layout)
+
+
+def mps_env(slices: tuple[Slice, ...], mps: Mps, *, cache: str, layout: Layout) -> dict[str, str]:
+    """The environment of a container whose ``slices`` (CUDA device order) are held by the
+    node's MPS server: the GPUs' UUIDs, the server's directories, each device's memory as
+    ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` (``<ordinal>=<MiB>M``, comma separated) and the
+    slice's cores as ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (absent at 0), as NVIDIA's
+    "Multi-Process Service" guide names them; no libvgpu: the MPS server enforces both.
+    Pure."""
+    uuids = ",".join(s.uuid for s in slices)
+    env = {
+        "NVIDIA_VISIBLE_DEVICES": uuids,
+        "CUDA_VISIBLE_DEVICES": uuids,
+        "CUDA_MPS_PIPE_DIRECTORY": mps.pipe_dir,
+        "CUDA_MPS_LOG_DIRECTORY": mps.log_dir,
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": ",".join(
+            f"{i}={s.memory_mib}M" for i, s in enumerate(slices)
+        ),
+        "CUDA_DEVICE_MEMORY_SHARED_CACHE": cache,
+    }
+    cores = max((s.cores_percent for s in slices), default=0)
+    if cores > 0:
+        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(min(cores, 100))
     return env | mock_env(layout)
 
 

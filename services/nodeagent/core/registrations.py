@@ -108,6 +108,7 @@ def node_devices(
     cpu_milli: int | None = None,
     host_memory_mib: int | None = None,
     mig: Mapping[str, MigCapacity] | None = None,
+    mode: str = "hami-core",
 ) -> NodeDevices:
     """The registration of ``node``: one ``Device`` per GPU, ordered by index, with memory
     ``floor(memory_mib x memory_scaling)`` MiB, compute ``floor(100 x core_scaling)``
@@ -115,7 +116,9 @@ def node_devices(
     (UUIDs that had a device fault) or discovered unhealthy, and ``cordoned`` true for a
     GPU in ``cordoned`` (``parse_cordon``). A GPU in ``mig`` (UUID -> ``MigCapacity``)
     registers in mode ``mig`` with its slots and profiles, its physical memory unscaled,
-    100 % compute and one split per slot: each slice there is a GPU instance. Pure.
+    100 % compute and one split per slot: each slice there is a GPU instance. Every other
+    GPU registers in ``mode`` (``hami-core``, or ``mps`` on a node whose slices are MPS
+    clients). Pure.
 
     Raises ``ValueError`` when two GPUs share a UUID or an index.
     """
@@ -144,6 +147,7 @@ def node_devices(
                 numa=g.numa,
                 healthy=g.healthy and g.uuid not in unhealthy,
                 cordoned=g.uuid in cordoned,
+                mode=mode,
             )
             for g in ordered
         ),

@@ -262,12 +262,54 @@ static int valid_device(struct mock_state *st, CUdevice d) {
  * physical devices; CUDA counts the visible ones). */
 static struct mock_device *dev_of(struct mock_state *st, int dev) { return &st->devices[g_visible[dev]]; }
 
+/* CUDA_MPS_PINNED_DEVICE_MEM_LIMIT, as NVIDIA's MPS server applies it to each client
+ * process: "<ordinal>=<n>M|G[,...]", the ordinals CUDA numbers the visible devices by.
+ * The mock stands in for the MPS server: a process's allocations on a device stop at
+ * its limit (bytes; 0 = none), counted in g_mps_used. Read at cuInit. */
+static uint64_t g_mps_limit[MOCK_MAX_DEVICES];
+static _Atomic uint64_t g_mps_used[MOCK_MAX_DEVICES];
+
+static void read_mps_limits(void) {
+    memset(g_mps_limit, 0, sizeof g_mps_limit);
+    const char *env = getenv("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT");
+    if (env == NULL) return;
+    char *copy = strdup(env);
+    if (copy == NULL) return;
+    char *save = NULL;
+    for (char *tok = strtok_r(copy, ",", &save); tok != NULL; tok = strtok_r(NULL, ",", &save)) {
+        char *end;
+        long ordinal = strtol(tok, &end, 10);
+        if (end == tok || *end != '=' || ordinal < 0 || ordinal >= g_visible_count) continue;
+        char *unit;
+        unsigned long long n = strtoull(end + 1, &unit, 10);
+        if (unit == end + 1 || n == 0) continue;
+        if (*unit == 'G' || *unit == 'g')
+            n <<= 30;
+        else if (*unit == 'M' || *unit == 'm')
+            n <<= 20;
+        else
+            continue;
+        g_mps_limit[ordinal] = n;
+    }
+    free(copy);
+}
+
 static int charge(struct mock_state *st, int dev, size_t size) {
-    return mock_charge(st, (unsigned int)g_visible[dev], g_visible_serial[dev], size);
+    uint64_t limit = g_mps_limit[dev];
+    if (limit != 0) {
+        uint64_t old = atomic_load(&g_mps_used[dev]);
+        do {
+            if (size > limit || old > limit - size) return 0;
+        } while (!atomic_compare_exchange_weak(&g_mps_used[dev], &old, old + size));
+    }
+    if (mock_charge(st, (unsigned int)g_visible[dev], g_visible_serial[dev], size)) return 1;
+    if (limit != 0) atomic_fetch_sub(&g_mps_used[dev], size);
+    return 0;
 }
 
 static void credit(struct mock_state *st, int dev, size_t size) {
     mock_credit(st, (unsigned int)g_visible[dev], size);
+    if (g_mps_limit[dev] != 0) atomic_fetch_sub(&g_mps_used[dev], size);
 }
 
 static CUresult alloc_on(int dev, size_t size, int low32, CUdeviceptr *out) {
@@ -435,6 +477,7 @@ API CUresult cuInit(unsigned int flags) {
     if (st == NULL) return CUDA_ERROR_NOT_INITIALIZED;
     pick_visible(st);
     if (g_visible_count == 0) return CUDA_ERROR_NO_DEVICE;
+    read_mps_limits();
     for (int i = 0; i < g_visible_count; i++) {
         g_primary[i] = (struct CUctx_st){.magic = CTX_MAGIC, .dev = (int)i};
         g_pools[i] = (struct CUmemPoolHandle_st){.magic = POOL_MAGIC, .dev = (int)i};

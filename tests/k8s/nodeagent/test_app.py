@@ -261,7 +261,7 @@ def entry(node: str, keys: str) -> str:
     ("text", "named"),
     [
         (entry("n-0", '"devicesplitcount": 0'), "devicesplitcount"),
-        (entry("n-0", '"operatingmode": "mps"'), "mps is not built"),
+        (entry("n-0", '"operatingmode": "vgpu"'), "operatingmode"),
         (entry("n-0", '"devicememoryscalling": 2'), "devicememoryscalling"),
         ("{", "not JSON"),
     ],
