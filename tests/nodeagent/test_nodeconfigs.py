@@ -266,3 +266,23 @@ def test_a_bad_allowlist_is_refused_naming_its_key(allow: object, named: str) ->
     data = json.dumps({"nodeconfig": [], "migProfileAllowlist": allow}).encode()
     with pytest.raises(NodeConfigError, match=named):
         nodeconfigs.parse(data, source="config.json")
+
+
+@pytest.mark.parametrize(
+    ("model", "allow", "splits"),
+    [
+        ("NVIDIA A100-SXM4-40GB", None, 7),
+        ("NVIDIA A30", None, 4),
+        ("NVIDIA A100-SXM4-40GB", ["3g.20gb", "7g.40gb"], 2),
+        ("NVIDIA A100-SXM4-40GB", ["7g.40gb"], 1),
+    ],
+)
+def test_a_mig_gpu_offers_as_many_splits_as_instances_it_holds_at_once(
+    model: str, allow: list[str] | None, splits: int
+) -> None:
+    capacity = registrations.mig_capacity(a100(0, model=model), allow)
+    assert capacity is not None
+    (dev,) = registrations.node_devices(
+        "n1", [a100(0, model=model)], scaling=DEFAULTS, mig={"GPU-0": capacity}
+    ).devices
+    assert dev.split_count == splits

@@ -57,6 +57,12 @@ class MigCapacity:
     slots: int
     profiles: tuple[MigProfileSpec, ...]
 
+    @property
+    def most_instances(self) -> int:
+        """The most GPU instances the GPU holds at once: as many as its profile with the
+        most starts has (7 ``1g`` on an A100, though it has 8 memory slices)."""
+        return max(len(p.starts) for p in self.profiles)
+
 
 def mig_capacity(gpu: Gpu, allowed: Collection[str] | None = None) -> MigCapacity | None:
     """What ``gpu`` offers in MIG mode: the profiles of its model's geometry
@@ -116,7 +122,8 @@ def node_devices(
     (UUIDs that had a device fault) or discovered unhealthy, and ``cordoned`` true for a
     GPU in ``cordoned`` (``parse_cordon``). A GPU in ``mig`` (UUID -> ``MigCapacity``)
     registers in mode ``mig`` with its slots and profiles, its physical memory unscaled,
-    100 % compute and one split per slot: each slice there is a GPU instance. Every other
+    100 % compute and as many splits as it holds instances (``MigCapacity.most_instances``):
+    each slice there is a GPU instance. Every other
     GPU registers in ``mode`` (``hami-core``, or ``mps`` on a node whose slices are MPS
     clients). Pure.
 
@@ -162,7 +169,7 @@ def _mig_device(g: Gpu, capacity: MigCapacity, *, healthy: bool, cordoned: bool)
         index=g.index,
         type=g.type,
         memory_mib=max(1, g.memory_mib),
-        split_count=capacity.slots,
+        split_count=capacity.most_instances,
         numa=g.numa,
         healthy=healthy,
         cordoned=cordoned,
