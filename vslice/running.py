@@ -289,13 +289,19 @@ def verify_ready(
     return problems
 
 
+def _visible_problems(env: Mapping[str, str], mine: Sequence[Slice]) -> list[str]:
+    """Both visible-devices variables must name the slices' GPUs, in order."""
+    uuids = ",".join(s.uuid for s in mine)
+    return [
+        f"{key}={env.get(key)!r}, the slice holds {uuids!r}"
+        for key in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
+        if env.get(key) != uuids
+    ]
+
+
 def _sliced_problems(env: Mapping[str, str], mine: Sequence[Slice], host_root: Path) -> list[str]:
     """What is wrong with the environment of a container holding sliced devices."""
-    problems = []
-    uuids = ",".join(s.uuid for s in mine)
-    for key in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
-        if env.get(key) != uuids:
-            problems.append(f"{key}={env.get(key)!r}, the slice holds {uuids!r}")
+    problems = _visible_problems(env, mine)
     limits = {int(m.group(1)): v for k, v in env.items() if (m := _MEMORY_LIMIT.match(k))}
     wanted = {i: f"{s.memory_mib}m" for i, s in enumerate(mine)}
     if limits != wanted:
@@ -318,11 +324,7 @@ def _mps_problems(env: Mapping[str, str], mine: Sequence[Slice], host_root: Path
     slices' UUIDs, each device's memory in ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT``, its cores
     in ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (absent at 0), the MPS directories under the
     host root, and no libvgpu or libvgpu limit."""
-    problems = []
-    uuids = ",".join(s.uuid for s in mine)
-    for key in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
-        if env.get(key) != uuids:
-            problems.append(f"{key}={env.get(key)!r}, the slice holds {uuids!r}")
+    problems = _visible_problems(env, mine)
     pinned = ",".join(f"{i}={s.memory_mib}M" for i, s in enumerate(mine))
     if env.get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT") != pinned:
         problems.append(
@@ -336,13 +338,7 @@ def _mps_problems(env: Mapping[str, str], mine: Sequence[Slice], host_root: Path
     for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
         if not _inside(env.get(key, ""), [host_root / "mps"]):
             problems.append(f"{key}={env.get(key)!r} is not the node agent's MPS server")
-    for key in ("LD_PRELOAD", "CUDA_DEVICE_SM_LIMIT"):
-        if key in env:
-            problems.append(f"{key}={env[key]!r} on an MPS slice")
-    limits = sorted(k for k in env if _MEMORY_LIMIT.match(k))
-    if limits:
-        problems.append(f"memory limits {limits} on an MPS slice")
-    return problems
+    return problems + _no_libvgpu(env, "an MPS slice")
 
 
 def _mig_problems(env: Mapping[str, str], count: int) -> list[str]:
@@ -356,15 +352,22 @@ def _mig_problems(env: Mapping[str, str], count: int) -> list[str]:
         problems.append(f"NVIDIA_VISIBLE_DEVICES={visible!r}: not {count} MIG device UUID(s)")
     if env.get("CUDA_VISIBLE_DEVICES") != visible:
         problems.append(f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')!r} != {visible!r}")
-    for key in ("LD_PRELOAD", "CUDA_DEVICE_SM_LIMIT"):
-        if key in env:
-            problems.append(f"{key}={env[key]!r} on a MIG slice")
-    limits = sorted(k for k in env if _MEMORY_LIMIT.match(k))
-    if limits:
-        problems.append(f"memory limits {limits} on a MIG slice")
+    problems += _no_libvgpu(env, "a MIG slice")
     mps = sorted(k for k in env if k.startswith("CUDA_MPS_"))
     if mps:
         problems.append(f"MPS variables {mps} on a MIG slice")
+    return problems
+
+
+def _no_libvgpu(env: Mapping[str, str], what: str) -> list[str]:
+    """libvgpu's preload or limits in the environment of ``what`` (a slice something else
+    holds to its size)."""
+    problems = [
+        f"{k}={env[k]!r} on {what}" for k in ("LD_PRELOAD", "CUDA_DEVICE_SM_LIMIT") if k in env
+    ]
+    limits = sorted(k for k in env if _MEMORY_LIMIT.match(k))
+    if limits:
+        problems.append(f"memory limits {limits} on {what}")
     return problems
 
 

@@ -7,7 +7,6 @@ the instance is destroyed after the run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 
 from tests.libvgpu import harness
 from tests.metrics import promtext
-from vslice import stacks
+from tests.nodeagent.modestacks import mode_stack
 
 MIB = 1 << 20
 GPU = "GPU-a1000000-0000-4000-8000-0000000000a1"
@@ -77,26 +76,10 @@ class MigUp:
 @pytest.fixture(scope="module")
 def mig_up(native: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MigUp]:
     state = tmp_path_factory.mktemp("migstack")
-    config = state.parent / f"{state.name}-config.json"
-    config.write_text(
-        json.dumps({"nodeconfig": [{"name": stacks.local_node(), "operatingmode": "mig"}]})
-    )
-    env = {
-        **os.environ,
-        "VSLICE_MOCKGPU_DEVICES": f"{GPU}:40960:NVIDIA A100-SXM4-40GB:mig",
-        "VSLICE_NODE_CONFIG": str(config),
-        "VSLICE_GPU_BACKEND": "mock",
-        "VSLICE_USAGE_INTERVAL_S": "0.3",
-        "VSLICE_GRACE_S": "0.5",
-    }
-    up = MigUp(state=state, env=env, metrics_url="")
-    started = up.cli("up", timeout_s=90)
-    assert started.returncode == 0, started.stdout + started.stderr
-    recorded = json.loads((state / stacks.STATE_FILE).read_text())
-    try:
-        yield MigUp(state=state, env=env, metrics_url=recorded["metrics_url"])
-    finally:
-        up.cli("down")
+    devices = f"{GPU}:40960:NVIDIA A100-SXM4-40GB:mig"
+    settings = {"VSLICE_USAGE_INTERVAL_S": "0.3", "VSLICE_GRACE_S": "0.5"}
+    with mode_stack(state, "mig", devices, **settings) as recorded:
+        yield MigUp(state=state, env=recorded["env"], metrics_url=recorded["metrics_url"])
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:

@@ -5,7 +5,6 @@ with an mps node config runs ``vslice run`` as an MPS client that stops at its s
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from libshared.ledgers import PodCharge, Slice
 from services.nodeagent.adapters.mpsservers import MpsServer
 from services.nodeagent.core import allocating, preparing
 from tests.libvgpu import harness
-from vslice import stacks
+from tests.nodeagent.modestacks import mode_stack
 
 PROBE = [sys.executable, str(Path(__file__).parent / "programs" / "cudaprobe.py")]
 GPU = "GPU-5e5e0000-0000-4000-8000-00000000a2a2"
@@ -136,39 +135,8 @@ def test_the_mock_driver_holds_a_process_to_its_pinned_mps_limit(
 @pytest.fixture(scope="module")
 def mps_up(native: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     state = tmp_path_factory.mktemp("mpsstack")
-    config = state.parent / f"{state.name}-config.json"
-    config.write_text(
-        json.dumps({"nodeconfig": [{"name": stacks.local_node(), "operatingmode": "mps"}]})
-    )
-    env = {
-        **os.environ,
-        "VSLICE_MOCKGPU_DEVICES": f"{GPU}:4096",
-        "VSLICE_NODE_CONFIG": str(config),
-        "VSLICE_GPU_BACKEND": "mock",
-        "VSLICE_GRACE_S": "0.5",
-    }
-    cli = [sys.executable, "-m", "vslice.cli"]
-    started = subprocess.run(
-        [*cli, "up", "--state-dir", str(state)],
-        cwd=harness.ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    assert started.returncode == 0, started.stdout + started.stderr
-    try:
+    with mode_stack(state, "mps", f"{GPU}:4096", VSLICE_GRACE_S="0.5"):
         yield state
-    finally:
-        subprocess.run(
-            [*cli, "down", "--state-dir", str(state)],
-            cwd=harness.ROOT,
-            env=env,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
 
 
 def test_vslice_run_on_an_mps_node_is_an_mps_client_held_to_its_slice(mps_up: Path) -> None:
