@@ -223,15 +223,17 @@ def _add_up(sub: Any) -> None:
     )
     up.add_argument(
         "--mock-devices",
-        metavar="UUID:MIB[,...]",
-        help="mock GPUs one by one, instead of --mock-gpus and --mock-gpu-memory"
+        metavar="UUID:MIB[:NAME[:mig]][,...]",
+        help="mock GPUs one by one, instead of --mock-gpus and --mock-gpu-memory; a product"
+        " NAME (e.g. 'NVIDIA A100-SXM4-40GB') and ':mig' start a GPU in MIG mode"
         " (default $VSLICE_MOCKGPU_DEVICES)",
     )
     up.add_argument(
         "--node-config",
         metavar="JSON",
         help="HAMi's device plugin config.json for this node: split count, memory and core"
-        " scaling, filtered GPUs; read again when it changes (default $VSLICE_NODE_CONFIG)",
+        " scaling, filtered GPUs, operating mode (hami-core, mig, mps); read again when it"
+        " changes (default $VSLICE_NODE_CONFIG)",
     )
     up.add_argument(
         "--metrics-port",

@@ -459,10 +459,14 @@ class DevicePlugin(rpc.DevicePluginServicer):
                 },
             )
         if current is not None:
+            realized = {
+                k: (r.mig_uuid, r.gpu_instance_id, max(0, r.compute_instance_id))
+                for k, r in self.slicer.realized.items()
+            }
+            patch = allocating.progress_annotations(current)
+            patch |= allocating.realized_migs(current, realized)
             try:
-                await self.pods.annotate_pod(
-                    current.namespace, current.name, allocating.progress_annotations(current)
-                )
+                await self.pods.annotate_pod(current.namespace, current.name, patch)
             except kube.KubeError as exc:
                 raise AllocateError(
                     grpc.StatusCode.UNAVAILABLE, f"cannot record the allocation: {exc}"

@@ -48,6 +48,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgspec
+
 from libshared import annotations as keys
 from libshared.devices import Device
 from libshared.errors import AnnotationDecodeError, InvalidRequest, VsliceError
@@ -416,6 +418,29 @@ def progress_annotations(pod: PendingPod) -> dict[str, str | None]:
     if pod.next_entry() is None:
         return {keys.BIND_PHASE: keys.BIND_PHASE_SUCCESS, keys.VGPU_DEVICES_TO_ALLOCATE: None}
     return {keys.VGPU_DEVICES_TO_ALLOCATE: keys.encode_pod_devices([list(e) for e in pod.entries])}
+
+
+def realized_migs(
+    pod: PendingPod, realized: Mapping[tuple[str, int], tuple[str, int, int]]
+) -> dict[str, str | None]:
+    """The annotation patch that records the MIG instances realized for ``pod``: its
+    ``hami.io/vgpu-mig-allocations`` with ``migUUID``, ``gpuInstanceID`` and
+    ``computeInstanceID`` filled in for every entry whose instance is in ``realized``
+    (``(GPU UUID, placement start)`` -> those three), as HAMi's device plugin completes
+    the scheduler's reservation (docs/develop/mig-dynamic-deallocate.md, "Reservation
+    Contract"); empty when nothing changes. Pure."""
+    out = []
+    for m in pod.migs:
+        found = realized.get((m.gpu_uuid, m.placement.start))
+        if found is not None:
+            mig_uuid, gi, ci = found
+            m = msgspec.structs.replace(
+                m, mig_uuid=mig_uuid, gpu_instance_id=gi, compute_instance_id=ci
+            )
+        out.append(m)
+    if out == list(pod.migs):
+        return {}
+    return {keys.VGPU_MIG_ALLOCATIONS: keys.encode_mig_allocations(out)}
 
 
 def failed_annotations() -> dict[str, str | None]:

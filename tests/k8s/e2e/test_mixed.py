@@ -175,6 +175,14 @@ async def test_a_sliced_pod_binds_to_the_sliced_gpu_and_a_mig_pod_gets_an_instan
             c.logs,
             timeout_s=30,
         )
+        # the reservation completed as HAMi's device plugin completes it: the MIG UUID and
+        # the instance IDs added to hami.io/vgpu-mig-allocations
+        stored = (c.api.pod("default", "mig") or {})["metadata"]["annotations"]
+        (realized,) = keys.decode_mig_allocations(stored[keys.VGPU_MIG_ALLOCATIONS])
+        assert realized.mig_uuid == visible
+        assert realized.gpu_instance_id == made["gpu_instance_id"]
+        assert realized.compute_instance_id == made["compute_instance_id"]
+        assert (realized.profile, realized.placement) == (chosen.profile, chosen.placement)
 
         # a MIG pod no A100-40GB instance holds: refused on both nodes, each for its reason
         await c.create(pod("mig-too-big", memory_mib=50000, mode="mig"))
