@@ -501,6 +501,9 @@ class Kube:
         where = f"pod {args.pod_namespace}/{args.pod_name}"
         state = await self._pod(args, fresh=False)
         if state.uid != args.pod_uid:
+            # the pod of this UID is gone (its name holds another): its reservation goes
+            # now, not when the watch reports the deletion
+            await self._release(args.pod_uid, "pod recreated before its bind", "deleted")
             raise BindError(f"{where} has UID {state.uid}, not {args.pod_uid} (recreated?)")
         if state.bound:
             if state.node == args.node:
