@@ -259,17 +259,20 @@ A100_DEVICE = Device(
 )
 
 
+# the scheduler's reservation of a 2g.10gb at slot 4 for container 0 (HAMi's JSON)
+ALLOCATION = keys.MigAllocation(
+    container_index=0,
+    device_index=0,
+    gpu_uuid=GPU,
+    profile="2g.10gb",
+    placement=keys.MigPlacement(start=4, size=2),
+)
+
+
 def test_kubelets_allocate_gives_a_mig_container_its_instance_and_no_libvgpu(
     tmp_path: Path,
 ) -> None:
-    allocation = keys.MigAllocation(
-        container_index=0,
-        device_index=0,
-        gpu_uuid=GPU,
-        profile="2g.10gb",
-        placement=keys.MigPlacement(start=4, size=2),
-    )
-    pod = allocating.pending_pod(pending(keys.encode_mig_allocations([allocation])), node="n1")
+    pod = allocating.pending_pod(pending(keys.encode_mig_allocations([ALLOCATION])), node="n1")
     assert pod is not None
     match = allocating.choose([f"{GPU}::0"], [pod])
     (s,) = allocating.container_slices(match, [A100_DEVICE])
@@ -301,18 +304,11 @@ def test_an_unreadable_mig_allocation_annotation_is_refused_naming_it() -> None:
 
 
 def test_the_realized_instance_completes_the_pods_mig_allocations() -> None:
-    allocation = keys.MigAllocation(
-        container_index=0,
-        device_index=0,
-        gpu_uuid=GPU,
-        profile="2g.10gb",
-        placement=keys.MigPlacement(start=4, size=2),
-    )
-    pod = allocating.pending_pod(pending(keys.encode_mig_allocations([allocation])), node="n1")
+    pod = allocating.pending_pod(pending(keys.encode_mig_allocations([ALLOCATION])), node="n1")
     assert pod is not None
     assert allocating.realized_migs(pod, {}) == {}  # nothing realized: nothing written
     assert allocating.realized_migs(pod, {(GPU, 2): ("MIG-x", 1, 0)}) == {}
     patch = allocating.realized_migs(pod, {(GPU, 4): ("MIG-abc", 3, 0)})
     (done,) = keys.decode_mig_allocations(str(patch[keys.VGPU_MIG_ALLOCATIONS]))
     assert (done.mig_uuid, done.gpu_instance_id, done.compute_instance_id) == ("MIG-abc", 3, 0)
-    assert (done.profile, done.placement) == ("2g.10gb", allocation.placement)
+    assert (done.profile, done.placement) == ("2g.10gb", ALLOCATION.placement)
