@@ -207,8 +207,7 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         if backend.kind == "nvml":
             await asyncio.to_thread(mps_server.start)
         else:  # the mock driver applies the MPS variables itself
-            for d in (slicer.mps.pipe_dir, slicer.mps.log_dir):
-                Path(d).mkdir(parents=True, exist_ok=True)
+            mps_server.make_dirs()
     margin = real.escape_margin_mib
     if margin is None:
         margin = 0 if backend.kind == "mock" else NVML_ESCAPE_MARGIN_MIB
@@ -232,7 +231,6 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         reported=reported,
         subjects=settings.bus.subjects,
     )
-    slicer.mig_gpus = loops.mig_gpus(node_loops.registration())
     health = probes.Probes()
     lifeline = None
     async with contextlib.AsyncExitStack() as stack:

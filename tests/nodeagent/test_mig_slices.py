@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from libshared import annotations as keys
@@ -18,7 +19,7 @@ from libshared.errors import AnnotationDecodeError
 from libshared.ledgers import NodeLedger, PodCharge, Slice
 from services.nodeagent.adapters.migdevices import MigError, Realized
 from services.nodeagent.adapters.slicing import Slicer
-from services.nodeagent.core import allocating, preparing
+from services.nodeagent.core import allocating, fleets, preparing
 
 GPU = "GPU-a100-0"
 GEOMETRY = migs.GEOMETRIES["A100-40GB"]
@@ -112,6 +113,7 @@ def test_a_mig_containers_environment_names_its_mig_device_and_no_libvgpu(
     assert not any(k.startswith("CUDA_DEVICE_MEMORY_LIMIT") for k in plan.env)
     assert "CUDA_DEVICE_SM_LIMIT" not in plan.env
     assert plan.env["CUDA_DEVICE_MEMORY_SHARED_CACHE"] == plan.cache
+    assert plan.libvgpu is False
 
 
 def test_a_mig_slice_without_its_instance_or_beside_a_sliced_device_is_refused(
@@ -312,3 +314,38 @@ def test_the_realized_instance_completes_the_pods_mig_allocations() -> None:
     (done,) = keys.decode_mig_allocations(str(patch[keys.VGPU_MIG_ALLOCATIONS]))
     assert (done.mig_uuid, done.gpu_instance_id, done.compute_instance_id) == ("MIG-abc", 3, 0)
     assert (done.profile, done.placement) == ("2g.10gb", ALLOCATION.placement)
+
+
+def test_a_mig_slice_without_a_size_fails_before_nvml_is_asked(tmp_path: Path) -> None:
+    mig = FakeMig()
+    sl = slicer(tmp_path, mig)
+    sized = mig_slice("p1", "1g.5gb", 0)
+    answer = sl.prepare(placement(msgspec.structs.replace(sized, mig_size=0)))
+    assert isinstance(answer, events.Failed)
+    assert "mig_size=0" in answer.reason
+    assert mig.created == []
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("GPU-a:40960:" + "A" * 96 + ":mig", "product name"),
+        ("GPU-a:40960:NVIDIA\x1bA100:mig", "product name"),
+        ("GPU-a:40960::mig", "product name"),
+        ("GPU-a:40960:NVIDIA A100:sliced", "product name"),
+    ],
+)
+def test_a_mock_device_list_with_a_bad_product_part_is_refused_naming_it(
+    text: str, named: str
+) -> None:
+    with pytest.raises(ValueError, match=named):
+        fleets.parse_models(text)
+
+
+def test_a_mock_device_list_gives_each_device_its_name_and_mig_mode() -> None:
+    text = "GPU-a:40960:NVIDIA A100-SXM4-40GB:mig, GPU-b:16384"
+    assert fleets.parse_devices(text) == (("GPU-a", 40960), ("GPU-b", 16384))
+    assert fleets.parse_models(text) == ("NVIDIA A100-SXM4-40GB:mig", "")
+    assert fleets.device_list(fleets.parse_devices(text), fleets.parse_models(text)) == (
+        "GPU-a:40960:NVIDIA A100-SXM4-40GB:mig,GPU-b:16384"
+    )

@@ -64,6 +64,7 @@ def test_an_mps_client_is_given_its_limits_as_mps_variables_and_no_libvgpu(
     assert plan.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
     assert plan.env["CUDA_MPS_PIPE_DIRECTORY"] == f"{tmp_path}/mps/pipe"
     assert "LD_PRELOAD" not in plan.env
+    assert plan.libvgpu is False
     assert not any(k.startswith("CUDA_DEVICE_MEMORY_LIMIT") for k in plan.env)
     (no_cores,) = preparing.plan(placement(slice_of("GPU-a", 0, 3000, 0)), layout, mps=mps)
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in no_cores.env

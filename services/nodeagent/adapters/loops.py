@@ -91,6 +91,9 @@ class NodeLoops:
     _problems: dict[str, str] = field(default_factory=dict)  # what, last error logged
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.slicer.mig_gpus = mig_gpus(self.registration())
+
     def registration(self) -> NodeDevices:
         """The node's devices as registered now: the GPUs found that its settings keep."""
         offered = self.settings.gpus(self.found)
@@ -173,7 +176,8 @@ class NodeLoops:
         await self.announce()
 
     async def announce(self) -> None:
-        """Register the node again, on the bus and with kubelet."""
+        """Register the node again, on the bus and with kubelet (and tell the slicer which
+        GPUs are in MIG mode now)."""
         now = self.registration()
         self.slicer.mig_gpus = mig_gpus(now)
         if self.agent is not None:

@@ -43,12 +43,16 @@ class MpsServer:
             "CUDA_MPS_LOG_DIRECTORY": self.mps.log_dir,
         }
 
+    def make_dirs(self) -> None:
+        """Create the pipe and log directories (all the mock driver needs)."""
+        for d in (self.mps.pipe_dir, self.mps.log_dir):
+            Path(d).mkdir(parents=True, exist_ok=True)
+
     def start(self) -> bool:
         """Create the directories and start the daemon; False (logged) when its program
         is not installed or it does not start: slices are then prepared, and their
         programs find no MPS server."""
-        for d in (self.mps.pipe_dir, self.mps.log_dir):
-            Path(d).mkdir(parents=True, exist_ok=True)
+        self.make_dirs()
         program = shutil.which(self.binary)
         if program is None:
             log.error("MPS control daemon not found", extra={"program": self.binary})

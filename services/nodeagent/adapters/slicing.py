@@ -76,13 +76,16 @@ class Slicer:
 
     def _realize(self, placement: events.Placement) -> None:
         """Create (or find) the GPU instance of every MIG slice of ``placement``. Raises
-        ``MigError``, or ``ValueError`` for a MIG slice on a GPU not in MIG mode here."""
+        ``MigError``, or ``ValueError`` for a MIG slice on a GPU not in MIG mode here or
+        with no size (``mig_size`` 0)."""
         for s in placement.slices:
             key = preparing.mig_key(s)
             if key is None:
                 continue
             if self.mig is None or s.uuid not in self.mig_gpus:
                 raise ValueError(f"slice {s.uuid} of {s.container}: GPU not in MIG mode here")
+            if s.mig_size < 1:
+                raise ValueError(f"slice {s.uuid} of {s.container}: mig_size={s.mig_size}")
             held = self.realized.get(key)
             if held is not None and held.profile == s.mig_profile:
                 continue

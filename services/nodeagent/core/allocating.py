@@ -488,14 +488,13 @@ def container_response(
     (read-write: its processes share the cache file), ``preload`` at
     ``/etc/ld.so.preload`` unless ``disable_control`` (HAMi-core's
     ``CUDA_DISABLE_CONTROL=true``), and on mock GPUs the mock driver; a MIG container or
-    an MPS client (its plan sets no ``LD_PRELOAD``) gets neither libvgpu nor the preload,
+    an MPS client (``plan.libvgpu`` false) gets neither libvgpu nor the preload,
     and an MPS client the MPS server's directories at their host paths (its pod also needs
     ``hostIPC``, as every MPS client shares the server's memory). With
     ``device_list`` (``devicelists.device_list`` of the plan's GPUs) its parts name the
     GPUs in place of the plan's ``NVIDIA_VISIBLE_DEVICES``; without it that variable
     stays (the ``envvar`` strategy). Pure."""
     envs = dict(plan.env)
-    own = "LD_PRELOAD" not in envs  # a MIG instance or an MPS server is the limit
     envs.pop("LD_PRELOAD", None)
     if device_list is not None:
         envs.pop(devicelists.VISIBLE_DEVICES, None)
@@ -505,12 +504,12 @@ def container_response(
         Mount(container_path=CONTAINER_LIBVGPU, host_path=libvgpu, read_only=True),
         Mount(container_path=CONTAINER_CACHE_DIR, host_path=plan.directory, read_only=False),
     ]
-    if own:
+    if not plan.libvgpu:  # a MIG instance or the MPS server holds it: no libvgpu
         mounts = mounts[1:]
     for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
         if key in envs:  # the MPS server's directories, at the same path
             mounts.append(Mount(container_path=envs[key], host_path=envs[key], read_only=False))
-    if not disable_control and not own:
+    if not disable_control and plan.libvgpu:
         mounts.append(Mount(container_path=LD_SO_PRELOAD, host_path=preload, read_only=True))
     if layout.mock is not None:
         envs["LD_LIBRARY_PATH"] = CONTAINER_MOCK_DIR

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from libshared.devices import Device, NodeDevices
 
 DEFAULT_SPLIT_COUNT = 10  # HAMi deviceSplitCount default
+MAX_PRODUCT_NAME = 95  # NVML's product name buffer (NVML_DEVICE_NAME_V2_BUFFER_SIZE) less NUL
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ def _entries(text: str) -> list[tuple[str, int, str]]:
         if not sep or not uuid or not mib.isdigit() or int(mib) < 1:
             raise ValueError(
                 f"mock device {entry!r}: expected <uuid>:<memory_mib>[:<product name>[:mig]]"
+            )
+        if len(name) > MAX_PRODUCT_NAME or not name.isprintable():
+            raise ValueError(
+                f"mock device {entry[:80]!r}...: a product name of at most"
+                f" {MAX_PRODUCT_NAME} printable characters"
             )
         if (tail and not name.strip()) or flag not in ("", "mig"):
             raise ValueError(

@@ -80,7 +80,8 @@ class Layout:
 class ContainerPlan:
     """One container's slice: ``key`` (``<pod-uid>_<container>``), its ``directory`` and
     ``cache`` file paths, ``cache_bytes`` (a new shared cache file holding its limits),
-    ``env`` (variable -> value) and its ``slices`` in CUDA device order."""
+    ``env`` (variable -> value), its ``slices`` in CUDA device order, and ``libvgpu``:
+    whether libvgpu holds it to its slice (False: a MIG instance or the MPS server does)."""
 
     pod_uid: str
     container: str
@@ -90,6 +91,7 @@ class ContainerPlan:
     cache_bytes: bytes
     env: dict[str, str]
     slices: tuple[Slice, ...]
+    libvgpu: bool = True
 
 
 def _escape(text: str) -> str:
@@ -234,6 +236,7 @@ def plan(
                 cache_bytes=cache_bytes,
                 env=env,
                 slices=tuple(slices),
+                libvgpu=not any(instances) and mps is None,
             )
         )
     return out

@@ -572,7 +572,7 @@ def book_slice(
     """Book ``container``'s slice on ``dev`` at ``slot`` in ``use``: its memory and cores,
     or on a MIG-mode device the GPU instance ``mig_choice`` gives (its profile's memory, no
     cores: the instance's compute is its own), which is returned."""
-    choice = mig_choice(dev, use, slot, container) if mig_geometry(dev) else None
+    choice = mig_choice(dev, use, slot, container)
     if choice is not None:
         use.add(
             slot, memory_mib=choice.profile.memory_mib, cores_percent=0, instance=choice.instance()
