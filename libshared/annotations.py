@@ -45,6 +45,20 @@ NVIDIA_VENDOR = "NVIDIA"
 # Node annotations the device plugin writes.
 NODE_NVIDIA_REGISTER = "hami.io/node-nvidia-register"
 NODE_NVIDIA_SCORE = "hami.io/node-nvidia-score"
+NODE_HANDSHAKE_NVIDIA = "hami.io/node-handshake"
+
+# Hygon DCU (HAMi pkg/device/hygon/device.go): the node's devices, the device plugin's
+# handshake, the pod's grants (same "UUID,DCU,MiB,cores:;" format as NVIDIA's) and the
+# pod's type and UUID selectors.
+DCU_VENDOR = "DCU"
+NODE_DCU_REGISTER = "hami.io/node-dcu-register"
+NODE_HANDSHAKE_DCU = "hami.io/node-handshake-dcu"
+DCU_DEVICES_TO_ALLOCATE = "hami.io/dcu-devices-to-allocate"
+DCU_DEVICES_ALLOCATED = "hami.io/dcu-devices-allocated"
+USE_DCUTYPE = "hygon.com/use-dcutype"
+NOUSE_DCUTYPE = "hygon.com/nouse-dcutype"
+USE_DCUUUID = "hygon.com/use-gpuuuid"
+NOUSE_DCUUUID = "hygon.com/nouse-gpuuuid"
 
 # Namespace/pod label that makes the webhook skip a pod.
 WEBHOOK_IGNORE_LABEL = "hami.io/webhook"
@@ -176,8 +190,11 @@ def encode_node_devices(devices: tuple[Device, ...] | list[Device]) -> str:
     ).decode()
 
 
-def decode_node_devices(value: str) -> tuple[Device, ...]:
-    """Decode ``hami.io/node-nvidia-register`` into devices.
+def decode_node_devices(
+    value: str, *, key: str = NODE_NVIDIA_REGISTER, vendor: str = NVIDIA_VENDOR
+) -> tuple[Device, ...]:
+    """Decode ``hami.io/node-nvidia-register`` (or another vendor's register annotation,
+    ``key``, of the same JSON: ``hami.io/node-dcu-register``) into devices of ``vendor``.
 
     A field HAMi left out (``omitempty``) reads as Go's zero value, as HAMi's
     ``UnMarshalNodeDevices`` reads it: 0, ``""``, and ``health`` false; fields vslice does
@@ -188,16 +205,14 @@ def decode_node_devices(value: str) -> tuple[Device, ...]:
     try:
         entries = _register_decoder.decode(value)
     except msgspec.DecodeError as exc:
-        raise AnnotationDecodeError(key=NODE_NVIDIA_REGISTER, value=value, reason=str(exc)) from exc
+        raise AnnotationDecodeError(key=key, value=value, reason=str(exc)) from exc
     devices = []
     for e in entries:
         if not e.id:
-            raise AnnotationDecodeError(
-                key=NODE_NVIDIA_REGISTER, value=value, reason="a device has no id"
-            )
+            raise AnnotationDecodeError(key=key, value=value, reason="a device has no id")
         if min(e.index, e.count, e.devmem, e.devcore) < 0:
             raise AnnotationDecodeError(
-                key=NODE_NVIDIA_REGISTER,
+                key=key,
                 value=value,
                 reason=f"device {e.id!r} has a negative field",
             )
@@ -212,6 +227,7 @@ def decode_node_devices(value: str) -> tuple[Device, ...]:
                 numa=e.numa,
                 healthy=e.health,
                 mode=e.mode,
+                vendor=vendor,
             )
         )
     return tuple(devices)

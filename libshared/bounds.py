@@ -65,6 +65,10 @@ DeviceUuid = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_UUID, patt
 DeviceType = Annotated[str, msgspec.Meta(max_length=MAX_TYPE, pattern=_PRINTABLE)]
 Policy = Annotated[str, msgspec.Meta(max_length=MAX_POLICY, pattern=_PRINTABLE)]
 Selectors = Annotated[tuple[DeviceType, ...], msgspec.Meta(max_length=MAX_SELECTORS)]
+# a device vendor's word, as HAMi types its requests ("NVIDIA", "DCU"; libshared.vendors)
+Vendor = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=16, pattern=r"^[A-Za-z][A-Za-z0-9]*$")
+]
 Index = Annotated[int, msgspec.Meta(ge=0, le=MAX_INDEX)]
 GpuCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_GPUS)]
 MemoryMiB = Annotated[int, msgspec.Meta(ge=0, le=MAX_MEMORY_MIB)]

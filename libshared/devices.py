@@ -40,6 +40,8 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     ``cordoned``: no new slice goes there, the slices it holds stay (HAMi's node annotation
     ``hami.io/device-cordon``, a comma-separated UUID list, which the node agent reads;
     the scheduler's reason is ``CardCordoned``).
+    ``vendor``: the vendor whose requests it serves (HAMi's request type: ``NVIDIA``,
+    ``DCU``; ``libshared.vendors``); a container is fitted only to its vendor's devices.
     ``mig_slots``, ``mig_profiles``: on a device in ``mode`` ``mig``, its memory slices and
     the GPU instance profiles it offers (only the allowed ones: HAMi's
     ``migProfileAllowlist`` is applied where they are published); a slice there is one GPU
@@ -60,6 +62,7 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
         msgspec.Meta(max_length=bounds.MAX_DEVICES_PER_NODE),
     ] = ()
     cordoned: bool = False
+    vendor: bounds.Vendor = "NVIDIA"
     mig_slots: bounds.MigSlots = 0
     mig_profiles: Annotated[
         tuple[MigProfileSpec, ...], msgspec.Meta(max_length=bounds.MAX_MIG_PROFILES)

@@ -26,6 +26,8 @@ class Slice(msgspec.Struct, frozen=True, kw_only=True):
     the slice is (profile, first memory slice and memory slices taken; HAMi's
     ``hami.io/vgpu-mig-allocations`` ``profile`` and ``placement``); ``""``, -1 and 0 on a
     sliced device.
+    ``vendor``: the device's vendor (``libshared.vendors``), which names the annotations
+    the slice is written to at bind.
     """
 
     pod_uid: bounds.Uid
@@ -42,6 +44,7 @@ class Slice(msgspec.Struct, frozen=True, kw_only=True):
     mig_profile: bounds.MigProfileName = ""
     mig_start: Annotated[int, msgspec.Meta(ge=-1, le=bounds.MAX_MIG_SLOTS - 1)] = -1
     mig_size: Annotated[int, msgspec.Meta(ge=0, le=bounds.MAX_MIG_SLOTS)] = 0
+    vendor: bounds.Vendor = "NVIDIA"
 
 
 def booked(slices: tuple[Slice, ...] | list[Slice]) -> dict[str, tuple[int, int, int]]:

@@ -35,6 +35,11 @@ GPUMEM_PERCENTAGE = "nvidia.com/gpumem-percentage"
 GPUCORES = "nvidia.com/gpucores"
 PRIORITY = "nvidia.com/priority"
 GPU_RESOURCES = (GPU, GPUMEM, GPUMEM_PERCENTAGE, GPUCORES)
+# Hygon DCU (HAMi pkg/device/hygon/device.go, its flags' defaults)
+DCUNUM = "hygon.com/dcunum"
+DCUMEM = "hygon.com/dcumem"
+DCUCORES = "hygon.com/dcucores"
+DCU_RESOURCES = (DCUNUM, DCUMEM, DCUCORES)
 
 POLICIES = ("binpack", "spread")
 # HAMi's GPU policies (pkg/util/types.go): one, or a comma-separated list of them
@@ -51,12 +56,15 @@ class ResourceSettings(msgspec.Struct, frozen=True, kw_only=True):
     ``default_memory_mib``: 0 = whole card. ``default_cores_percent``: cores for a slice
     that names memory but no cores. ``max_gpus_per_node``: largest device count of any
     node; a request above it is rejected (``None`` = not checked).
+    ``dcu_memory_factor``: HAMi's Hygon ``memoryFactor``: a ``hygon.com/dcumem`` request is
+    multiplied by it when above 1 (a request in units of that many MiB).
     """
 
     default_memory_mib: int = 0
     default_cores_percent: int = 0
     default_gpu_num: int = 1
     max_gpus_per_node: int | None = None
+    dcu_memory_factor: int = 1
 
 
 class ContainerRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,6 +73,7 @@ class ContainerRequest(msgspec.Struct, frozen=True, kw_only=True):
     Exactly one of ``memory_mib`` (> 0) and ``memory_percent`` (1-100) is set;
     ``memory_percent=100`` is the whole card. ``cores_percent`` is 0-100.
     ``index`` counts init containers first, then containers (HAMi's annotation order).
+    ``vendor``: whose devices it asks for (HAMi's request type; ``libshared.vendors``).
     """
 
     name: bounds.ContainerName
@@ -75,6 +84,7 @@ class ContainerRequest(msgspec.Struct, frozen=True, kw_only=True):
     memory_percent: bounds.Percent = 0
     cores_percent: bounds.Percent = 0
     priority: bounds.Priority | None = None
+    vendor: bounds.Vendor = "NVIDIA"
 
     def memory_on(self, device_memory_mib: int) -> int:
         """MiB this container takes on a device of ``device_memory_mib`` (HAMi: total*pct/100)."""
@@ -88,12 +98,30 @@ class ContainerRequest(msgspec.Struct, frozen=True, kw_only=True):
         return self.cores_percent >= 100
 
 
+class VendorSelectors(msgspec.Struct, frozen=True, kw_only=True):
+    """A pod's device selectors for one vendor other than NVIDIA (whose are
+    ``PodRequest``'s own fields): type and UUID, ``use`` and ``nouse``."""
+
+    vendor: bounds.Vendor
+    use_types: bounds.Selectors = ()
+    nouse_types: bounds.Selectors = ()
+    use_uuids: bounds.Selectors = ()
+    nouse_uuids: bounds.Selectors = ()
+
+
+MAX_VENDORS = 8
+
+
 class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
     """A pod's normalized request: GPU containers, node-level CPU/memory, selectors.
 
     ``vgpu_mode``: HAMi's ``nvidia.com/vgpu-mode`` (``mode_allowed``).
     ``device_weights``: ``(slot, core, memory)`` weights of HAMi's device score
     (``hami.io/device-scoring-weights``; ``parse_device_weights``).
+    ``containers`` holds one NVIDIA request per container (``gpu_count`` 0 when it asks
+    none); ``vendor_requests`` the requests for other vendors' devices, one per container
+    and vendor asked (a container may ask two vendors: HAMi fits each on the same node),
+    and ``vendor_selectors`` their selectors.
     """
 
     uid: bounds.Uid
@@ -113,30 +141,59 @@ class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
     gpu_policy: bounds.Policy | None = None
     device_weights: tuple[bounds.Weight, bounds.Weight, bounds.Weight] = (1, 1, 1)
     vgpu_mode: bounds.Policy | None = None
+    vendor_requests: Annotated[
+        tuple[ContainerRequest, ...], msgspec.Meta(max_length=bounds.MAX_CONTAINERS)
+    ] = ()
+    vendor_selectors: Annotated[
+        tuple[VendorSelectors, ...], msgspec.Meta(max_length=MAX_VENDORS)
+    ] = ()
 
     @property
     def gpu_containers(self) -> tuple[ContainerRequest, ...]:
-        """The containers that ask for at least one GPU."""
-        return tuple(c for c in self.containers if c.gpu_count > 0)
+        """The requests for at least one device, of every vendor, in container order (a
+        container asking two vendors gives two, NVIDIA's first), as HAMi fits them."""
+        asked = [c for c in (*self.containers, *self.vendor_requests) if c.gpu_count > 0]
+        return tuple(sorted(asked, key=lambda c: (c.index, c.vendor != "NVIDIA", c.vendor)))
 
-    def type_allowed(self, device_type: str) -> bool:
-        """HAMi's type selector: case-insensitive substring match, ``nouse`` wins."""
+    @property
+    def vendors(self) -> frozenset[str]:
+        """The vendors whose devices the pod asks for."""
+        return frozenset(c.vendor for c in self.gpu_containers)
+
+    def _selectors(self, vendor: str) -> VendorSelectors:
+        if vendor == "NVIDIA":
+            return VendorSelectors(
+                vendor=vendor,
+                use_types=self.use_types,
+                nouse_types=self.nouse_types,
+                use_uuids=self.use_uuids,
+                nouse_uuids=self.nouse_uuids,
+            )
+        found = (s for s in self.vendor_selectors if s.vendor == vendor)
+        return next(found, VendorSelectors(vendor=vendor))
+
+    def type_allowed(self, device_type: str, vendor: str = "NVIDIA") -> bool:
+        """HAMi's type selector of ``vendor`` (``nvidia.com/use-gputype``,
+        ``hygon.com/use-dcutype``, ...): case-insensitive substring match, ``nouse`` wins
+        (pkg/device/devices.go, ``CheckType``)."""
+        sel = self._selectors(vendor)
         t = device_type.lower()
-        if any(x.lower() in t for x in self.nouse_types):
+        if any(x.lower() in t for x in sel.nouse_types):
             return False
-        return not self.use_types or any(x.lower() in t for x in self.use_types)
+        return not sel.use_types or any(x.lower() in t for x in sel.use_types)
 
-    def mode_allowed(self, device_mode: str) -> bool:
+    def mode_allowed(self, device_mode: str, vendor: str = "NVIDIA") -> bool:
         """HAMi's mode selector: ``nvidia.com/vgpu-mode``, when set, must contain the
         device's mode as a substring (pkg/device/nvidia/device.go, ``checkType``; a
-        mismatch is a ``CardTypeMismatch``)."""
-        return self.vgpu_mode is None or device_mode in self.vgpu_mode
+        mismatch is a ``CardTypeMismatch``). It binds NVIDIA devices only."""
+        return vendor != "NVIDIA" or self.vgpu_mode is None or device_mode in self.vgpu_mode
 
-    def uuid_allowed(self, uuid: str) -> bool:
-        """HAMi's UUID selector: exact match, ``nouse`` wins."""
-        if uuid in self.nouse_uuids:
+    def uuid_allowed(self, uuid: str, vendor: str = "NVIDIA") -> bool:
+        """HAMi's UUID selector of ``vendor``: exact match, ``nouse`` wins."""
+        sel = self._selectors(vendor)
+        if uuid in sel.nouse_uuids:
             return False
-        return not self.use_uuids or uuid in self.use_uuids
+        return not sel.use_uuids or uuid in sel.use_uuids
 
 
 def _integer(
@@ -289,6 +346,69 @@ def parse_container(
     )
 
 
+def parse_dcu_container(
+    spec: Mapping[str, Any],
+    *,
+    index: int,
+    init: bool,
+    settings: ResourceSettings,
+    admission: bool = False,
+) -> ContainerRequest | None:
+    """One container's Hygon DCU request by HAMi's rules, None when it asks none.
+
+    Source: pkg/device/hygon/device.go, ``GenerateResourceRequests`` (each resource read
+    from the limits, else the requests):
+
+    - ``hygon.com/dcunum``: the number of DCUs; absent or 0 asks none, and above int32 HAMi
+      drops the request (so does vslice);
+    - ``hygon.com/dcumem``: MiB per DCU, times ``memoryFactor`` when above 1
+      (``settings.dcu_memory_factor``); absent or 0 is the whole card (100 %); above int32,
+      before or after the factor, no request at all;
+    - ``hygon.com/dcucores``: percent of the card, absent -> 100 (not ``defaultCores``:
+      a DCU slice without cores is exclusive); over 100 books 100.
+
+    There is no ``defaultGPUNum`` for DCUs and no percentage resource; ``admission`` is
+    accepted for symmetry with ``parse_container`` and checks nothing more. Raises
+    ``InvalidRequest`` naming the container, field and value for a negative or
+    non-numeric value, or more DCUs than any node has.
+    """
+    del admission
+    name = str(spec.get("name") or f"container-{index}")
+    limits, requests = _resources(spec, name)
+
+    def pick(field: str) -> object | None:
+        return limits[field] if field in limits else requests.get(field)
+
+    raw_num, raw_mem, raw_cores = (pick(f) for f in DCU_RESOURCES)
+    if raw_num is None:
+        return None
+    count = _integer(name, DCUNUM, raw_num, low=0, high=None)
+    max_gpus = settings.max_gpus_per_node
+    if max_gpus is not None and count > max_gpus:
+        raise InvalidRequest(
+            container=name,
+            field=DCUNUM,
+            value=raw_num,
+            reason=f"no node has more than {max_gpus} DCUs",
+        )
+    memory_mib = 0 if raw_mem is None else _integer(name, DCUMEM, raw_mem, low=0, high=None)
+    cores = 100 if raw_cores is None else _integer(name, DCUCORES, raw_cores, low=0, high=None)
+    if settings.dcu_memory_factor > 1:
+        memory_mib *= settings.dcu_memory_factor
+    if count == 0 or count > INT32_MAX or memory_mib > INT32_MAX or cores > INT32_MAX:
+        return None
+    return ContainerRequest(
+        name=name,
+        index=index,
+        init=init,
+        gpu_count=count,
+        memory_mib=memory_mib,
+        memory_percent=0 if memory_mib > 0 else 100,
+        cores_percent=min(cores, 100),
+        vendor="DCU",
+    )
+
+
 def parse_device_weights(value: str) -> tuple[int, int, int]:
     """``hami.io/device-scoring-weights`` (``"slot=1,core=1,memory=3"``) as ``(slot, core,
     memory)``: all three named once, in any order, whole numbers >= 0, not all 0.
@@ -379,10 +499,14 @@ def parse_pod(
             container="", field="metadata.annotations", value=annos, reason="not an object"
         )
     containers: list[ContainerRequest] = []
+    vendor_requests: list[ContainerRequest] = []
     cpu_sum = mem_sum = cpu_init = mem_init = 0
     for index, (_, _, init, c) in enumerate(pod_containers(spec)):
         req = parse_container(c, index=index, init=init, settings=settings, admission=admission)
         containers.append(req)
+        dcu = parse_dcu_container(c, index=index, init=init, settings=settings, admission=admission)
+        if dcu is not None:
+            vendor_requests.append(dcu)
         limits, requests = _resources(c, req.name)
         raw_cpu = requests.get("cpu", limits.get("cpu"))
         raw_mem = requests.get("memory", limits.get("memory"))
@@ -430,4 +554,16 @@ def parse_pod(
         ),
         node_policy=policies[keys.NODE_SCHEDULER_POLICY],
         gpu_policy=policies[keys.GPU_SCHEDULER_POLICY],
+        vendor_requests=tuple(vendor_requests),
+        vendor_selectors=(
+            VendorSelectors(
+                vendor=keys.DCU_VENDOR,
+                use_types=_split(str(annos.get(keys.USE_DCUTYPE, ""))),
+                nouse_types=_split(str(annos.get(keys.NOUSE_DCUTYPE, ""))),
+                use_uuids=_split(str(annos.get(keys.USE_DCUUUID, ""))),
+                nouse_uuids=_split(str(annos.get(keys.NOUSE_DCUUUID, ""))),
+            ),
+        )
+        if vendor_requests
+        else (),
     )

@@ -48,7 +48,7 @@ from typing import Any, Literal
 import msgspec
 
 from libshared import annotations as keys
-from libshared import bounds, resources
+from libshared import bounds, resources, vendors
 from libshared.errors import InvalidRequest, VsliceError
 
 API_VERSION = "admission.k8s.io/v1"
@@ -59,12 +59,13 @@ MIRROR_ANNOTATION = "kubernetes.io/config.mirror"  # set by kubelet on a static 
 VALUE_CHARS = 200  # a message quotes at most this much of an offending value
 
 # Every resource name that makes a pod vslice's (the model's four plus the priority).
-VSLICE_RESOURCES = (*resources.GPU_RESOURCES, resources.PRIORITY)
+# every vendor's resources (libshared.vendors) and NVIDIA's priority
+VSLICE_RESOURCES = (*(r for v in vendors.VENDORS for r in v.resources), resources.PRIORITY)
 # Annotations only the scheduler may write; a pod created with them forges an allocation.
 SCHEDULER_OWNED = (
     keys.VGPU_NODE,
-    keys.VGPU_DEVICES_ALLOCATED,
-    keys.VGPU_DEVICES_TO_ALLOCATE,
+    *(key for v in vendors.VENDORS for key in (v.allocated, v.to_allocate)),
+    keys.VGPU_MIG_ALLOCATIONS,
     keys.BIND_PHASE,
     keys.BIND_TIME,
 )
@@ -362,12 +363,14 @@ def decide(review: AdmissionReview | Mapping[str, Any], *, settings: MutationSet
     except InvalidRequest as exc:
         where = f"container {exc.container!r}: " if exc.container else ""
         return deny(f"{where}{exc.field}={_shown(exc.value)!r}: {exc.reason}", code=422)
-    if not any(c.gpu_count > 0 for c in model.containers) and not any(
-        resources.GPU in _mapping(_mapping(c.get("resources")).get("limits"))
+    if not model.gpu_containers and not any(
+        v.count in _mapping(_mapping(c.get("resources")).get("limits"))
         for _, _, _, c in containers
+        for v in vendors.VENDORS
     ):
         # HAMi's MutateAdmission finds no resource: gpumem/gpucores only in the requests,
-        # or a gpumem past int32 (libshared.resources.parse_container)
+        # or a gpumem past int32 (libshared.resources.parse_container); each vendor's
+        # MutateAdmission answers for its own count resource (hygon.com/dcunum)
         return skip("no GPU requested")
 
     patch = _Patch()
