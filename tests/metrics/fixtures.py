@@ -5,13 +5,27 @@ from __future__ import annotations
 from libshared import events
 from libshared.devices import Device, NodeDevices
 from libshared.ledgers import NodeLedger, Slice
+from services.metrics.core.views import FleetView
 
 MIB = 1024 * 1024
 
 
-def device(uuid: str, index: int, *, memory_mib: int = 16000, split: int = 4) -> Device:
+def device(
+    uuid: str,
+    index: int,
+    *,
+    memory_mib: int = 16000,
+    split: int = 4,
+    type: str = "NVIDIA-A100",
+    vendor: str = "NVIDIA",
+) -> Device:
     return Device(
-        uuid=uuid, index=index, type="NVIDIA-A100", memory_mib=memory_mib, split_count=split
+        uuid=uuid,
+        index=index,
+        type=type,
+        memory_mib=memory_mib,
+        split_count=split,
+        vendor=vendor,
     )
 
 
@@ -24,6 +38,7 @@ def slice_of(
     cores: int = 25,
     container: str = "main",
     container_index: int = 0,
+    vendor: str = "NVIDIA",
 ) -> Slice:
     return Slice(
         pod_uid=uid,
@@ -35,6 +50,7 @@ def slice_of(
         device_index=index,
         memory_mib=memory_mib,
         cores_percent=cores,
+        vendor=vendor,
     )
 
 
@@ -78,3 +94,26 @@ def usage(
     return events.ENCODER.encode(
         events.NodeUsage(node=node, at=at, devices=devices, containers=lines)
     )
+
+
+Z100_MIB = 32768  # Hygon Z100: 32 GiB (vendor spec sheet)
+K100_MIB = 65536  # Hygon K100: 64 GiB (vendor spec sheet)
+
+
+def mixed_vendors() -> FleetView:
+    """Node ``n1``: one NVIDIA A100 (G0) with a 4000 MiB slice; node ``d1``: a DCU-Z100
+    (D0) with an 8192 MiB slice of pod ``pod-dcu`` and an idle DCU-K100 (D1)."""
+    view = FleetView()
+    view.put_node("n1", registration("n1", device("G0", 0)))
+    view.put_ledger("n1", ledger("n1", slice_of("a", "G0")), 1)
+    view.put_node(
+        "d1",
+        registration(
+            "d1",
+            device("D0", 0, memory_mib=Z100_MIB, type="DCU-Z100", vendor="DCU"),
+            device("D1", 1, memory_mib=K100_MIB, type="DCU-K100", vendor="DCU"),
+        ),
+    )
+    dcu = slice_of("dcu", "D0", memory_mib=8192, cores=30, vendor="DCU")
+    view.put_ledger("d1", ledger("d1", dcu), 2)
+    return view

@@ -246,3 +246,21 @@ async def test_a_1200_node_fleet_loads_in_budget_and_is_searched_paged_and_opene
         )
         assert devices == [d.uuid for d in view.nodes[v100[3]].devices]
         await page.screenshot(path=str(artifacts() / "dashboard-fleet-node.png"), full_page=True)
+
+
+async def test_a_dcu_shows_its_maker_beside_its_type_in_the_node_table_and_detail(
+    browser: Browser,
+) -> None:
+    async with dashfleet.serving(fx.mixed_vendors()) as url:
+        page = await browser.new_page(viewport={"width": 1400, "height": 900})
+        await page.goto(url + "/?refresh=300&open=d1")
+        await page.wait_for_selector("#detail [data-device='D1']", timeout=10_000)
+        table = await page.text_content("#nodes tbody [data-node='d1'] [data-brands]")
+        assert table == "Hygon: DCU-K100, DCU-Z100"
+        nvidia = await page.text_content("#nodes tbody [data-node='n1'] [data-brands]")
+        assert nvidia == "NVIDIA-A100"
+        title = await page.text_content("#detail [data-device='D0'] [data-brand]")
+        assert title is not None and title.startswith("Hygon GPU 0 DCU-Z100")
+        vendors = await page.get_attribute("#gpus", "data-vendors")
+        assert vendors == "DCU:2,NVIDIA:1"
+        assert "Hygon 2" in (await page.text_content("#updated") or "")

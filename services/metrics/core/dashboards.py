@@ -20,6 +20,7 @@ stands in.
      "nodes": [{"node": str, "registered": bool, "usage_age_s": float | None,
                 "escapes": int,
                 "devices": [{"uuid": str, "index": int, "type": str, "healthy": bool,
+                             "vendor": str, "brand": str,
                              "registered": bool, "split_count": int,
                              "memory_mib": int, "cores_percent": int,
                              "allocated_mib": int, "allocated_cores": int,
@@ -33,6 +34,9 @@ stands in.
                                          "mig_profile": str, "mig_start": int,
                                          "mig_uuid": str}]}]}]}
 
+``vendor`` is the word the device registered (``Device.vendor``: ``NVIDIA``, ``DCU``;
+"" when not registered) and ``brand`` its maker (``exporting.brand``: ``NVIDIA``,
+``Hygon``, ``unknown`` for a word no vendor has; "" when not registered).
 ``mode`` is the device's (``hami-core`` or ``mig``); a MIG slice has its ``mig_profile``
 and ``mig_start``, and ``mig_uuid`` once the node agent reports the instance realized
 ("" before; "" and -1 on a sliced device).
@@ -270,8 +274,11 @@ def summary(snapshot: Snapshot, *, now: float, tracker: Tracker) -> dict[str, An
          "fragmentation": {"measure": "fgd", "shapes": int, "ratio_percent": float,
                            "free_gpus": float, "fragmented_gpus": float},
          "gpu_types": [str], "namespaces": [str],
+         "vendors": [{"vendor": str, "brand": str, "gpus": int, "memory_mib": int,
+                      "memory_total_mib": int, "slices": int}],
          "history": {"fields": HISTORY_FIELDS, "points": [[...], ...]}}
 
+    ``vendors``: per device vendor word (``exporting.vendor_totals``), by word.
     ``tracker`` observes the snapshot first (stale slices are counted against it)."""
     tracker.observe(snapshot, now=now)
     t = totals(snapshot)
@@ -297,6 +304,17 @@ def summary(snapshot: Snapshot, *, now: float, tracker: Tracker) -> dict[str, An
         },
         "gpu_types": types[:MAX_NAMES],
         "namespaces": spaces[:MAX_NAMES],
+        "vendors": [
+            {
+                "vendor": word,
+                "brand": exporting.brand(word),
+                "gpus": v.devices,
+                "memory_mib": v.allocated_mib,
+                "memory_total_mib": v.memory_mib,
+                "slices": v.slices,
+            }
+            for word, v in exporting.vendor_totals(snapshot).items()
+        ][:MAX_NAMES],
         "history": {"fields": list(HISTORY_FIELDS), "points": [list(p) for p in tracker.history]},
     }
 
@@ -321,7 +339,7 @@ def _matches(n: NodeRow, query: NodeQuery) -> bool:
 def node_row(n: NodeRow, *, tracker: Tracker) -> dict[str, Any]:
     """One node for the node table::
 
-    {"node": str, "registered": bool, "gpus": int, "types": [str],
+    {"node": str, "registered": bool, "gpus": int, "types": [str], "brands": [str],
      "memory_mib", "memory_total_mib": int, "memory_percent": float,
      "cores_percent": float, "slices", "stale", "unhealthy", "escapes": int,
      "free_gpus": float, "usage_age_s": float | None}"""
@@ -335,6 +353,9 @@ def node_row(n: NodeRow, *, tracker: Tracker) -> dict[str, Any]:
         "registered": n.registered,
         "gpus": len(registered),
         "types": sorted({d.device.type for d in registered if d.device is not None}),
+        "brands": sorted(
+            {exporting.brand(d.device.vendor) for d in registered if d.device is not None}
+        ),
         "memory_mib": memory,
         "memory_total_mib": total,
         "memory_percent": round(_percent(memory, total), 1),
@@ -428,6 +449,8 @@ def _device(row: DeviceRow) -> dict[str, Any]:
         "uuid": row.uuid,
         "index": row.index,
         "type": dev.type if dev else "",
+        "vendor": dev.vendor if dev else "",
+        "brand": exporting.brand(dev.vendor) if dev else "",
         "healthy": dev.healthy if dev else False,
         "registered": dev is not None,
         "split_count": dev.split_count if dev else 0,

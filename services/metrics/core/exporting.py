@@ -75,6 +75,20 @@ replicas' ``Stats``: ``vslice_scheduler_requests_total``,
 ``vslice_scheduler_claims_lost_total``, ``vslice_scheduler_claim_takeovers_total`` (label
 ``replica``; counters since that replica started).
 
+Per vendor (``libshared.vendors``): HAMi's families carry no vendor label -- a device's
+type (``device_type``, e.g. ``NVIDIA-A100``, ``DCU-Z100``) is how HAMi tells a Hygon DCU
+from an NVIDIA GPU there, and so does vslice, leaving HAMi's label sets as they are. The
+vendor itself is in vslice's own families: ``vslice_device_info`` (1 per registered
+device; labels ``node``, ``device_uuid``, ``device_index``, ``device_type``, ``mode``,
+``device_vendor`` -- the word the device registered, HAMi's ``DeviceVendor``: ``NVIDIA``,
+``DCU`` -- and ``vendor``, its maker: ``NVIDIA``, ``Hygon``), to join with HAMi's series on
+``node`` and ``device_uuid``; and per vendor (labels ``device_vendor``, ``vendor``), as
+HAMi has no such totals: ``vslice_vendor_devices`` (registered devices),
+``vslice_vendor_memory_limit_bytes`` (their memory), ``vslice_vendor_memory_allocated_bytes``
+(memory of the slices on them) and ``vslice_vendor_slices``. A word no vendor of
+``libshared.vendors`` has (a registration may carry any word ``bounds.Vendor`` admits: 1-16
+letters and digits) is shown as it came in ``device_vendor``, with ``vendor`` ``unknown``.
+
 Pure: the caller passes the snapshot, the quotas, the build facts, the live stats and the
 time.
 """
@@ -86,11 +100,22 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from libshared import events
+from libshared import events, vendors
 from services.metrics.core import fragmentation
 from services.metrics.core.views import MIB, SliceRow, Snapshot
 
 ZONE = "vGPU"  # HAMi's constant `zone` label of every scheduler and monitor series
+UNKNOWN_VENDOR = "unknown"  # the ``vendor`` label of a device word no vendor has
+DEVICE_INFO_LABELS = [
+    "node",
+    "device_uuid",
+    "device_index",
+    "device_type",
+    "mode",
+    "device_vendor",
+    "vendor",
+]
+VENDOR_LABELS = ["device_vendor", "vendor"]
 
 DEVICE_LABELS = ["node", "device_uuid", "device_index", "device_type"]
 ALLOCATED_LABELS = ["node", "device_uuid", "device_index", "device_cores", "device_type"]
@@ -503,6 +528,85 @@ def _container(
         out.both("hami_container_last_kernel_elapsed_seconds", labels, elapsed)
 
 
+def brand(word: str) -> str:
+    """The ``vendor`` label of a device registered with vendor ``word``: its vendor's maker
+    (``vendors.Vendor.brand``: ``NVIDIA``, ``Hygon``), ``UNKNOWN_VENDOR`` for a word no
+    vendor of ``libshared.vendors`` has."""
+    known = vendors.BY_NAME.get(word)
+    return known.brand if known is not None else UNKNOWN_VENDOR
+
+
+@dataclass
+class VendorTotals:
+    """One vendor's registered devices, their memory (MiB), the memory of the slices on
+    them (MiB) and those slices."""
+
+    devices: int = 0
+    memory_mib: int = 0
+    allocated_mib: int = 0
+    slices: int = 0
+
+
+def vendor_totals(snapshot: Snapshot) -> dict[str, VendorTotals]:
+    """Device word (``Device.vendor``) -> its ``VendorTotals`` over the registered devices
+    of ``snapshot``, sorted by word. A device the ledger names but its node did not register
+    has no vendor and is left out."""
+    out: dict[str, VendorTotals] = {}
+    for row in snapshot.devices:
+        dev = row.device
+        if dev is None:
+            continue
+        t = out.setdefault(dev.vendor, VendorTotals())
+        t.devices += 1
+        t.memory_mib += dev.memory_mib
+        t.allocated_mib += row.allocated_mib
+        t.slices += len(row.slices)
+    return dict(sorted(out.items()))
+
+
+def vendor_families(snapshot: Snapshot) -> list[Metric]:
+    """``vslice_device_info`` and the per-vendor totals (see the module docstring)."""
+    info = _gauge(
+        "vslice_device_info",
+        "1 per registered device, with its type, mode and vendor as labels",
+        DEVICE_INFO_LABELS,
+    )
+    for row in snapshot.devices:
+        dev = row.device
+        if dev is not None:
+            info.add_metric(
+                [
+                    row.node,
+                    row.uuid,
+                    str(row.index),
+                    dev.type,
+                    dev.mode,
+                    dev.vendor,
+                    brand(dev.vendor),
+                ],
+                1,
+            )
+    devices = _gauge("vslice_vendor_devices", "Registered devices of a vendor", VENDOR_LABELS)
+    memory = _gauge(
+        "vslice_vendor_memory_limit_bytes",
+        "Device memory of a vendor's registered devices",
+        VENDOR_LABELS,
+    )
+    allocated = _gauge(
+        "vslice_vendor_memory_allocated_bytes",
+        "Device memory allocated to slices on a vendor's devices",
+        VENDOR_LABELS,
+    )
+    slices = _gauge("vslice_vendor_slices", "Slices on a vendor's devices", VENDOR_LABELS)
+    for word, t in vendor_totals(snapshot).items():
+        labels = [word, brand(word)]
+        devices.add_metric(labels, t.devices)
+        memory.add_metric(labels, t.memory_mib * MIB)
+        allocated.add_metric(labels, t.allocated_mib * MIB)
+        slices.add_metric(labels, t.slices)
+    return [info, devices, memory, allocated, slices]
+
+
 def fleet_figure(snapshot: Snapshot) -> fragmentation.Figure:
     """The fragmentation figure of every registered device of ``snapshot``."""
     return fragmentation.figure(d.free_milli for d in snapshot.devices if d.device is not None)
@@ -560,6 +664,7 @@ def vslice_families(snapshot: Snapshot, *, stats: Sequence[events.Stats]) -> lis
     for node_name, why in snapshot.quarantined:
         held_back.add_metric([node_name, why], 1)
     out: list[Metric] = [ratio, free, stranded, per_node, age, escaped, revision, lag, held_back]
+    out += vendor_families(snapshot)
     out += _stats_families(stats)
     return out
 
