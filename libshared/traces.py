@@ -6,6 +6,14 @@ Files: ``openb_node_list_gpu_node.csv`` (``sn,cpu_milli,memory_mib,gpu,model``) 
 A pod with ``num_gpu=1, gpu_milli<1000`` shares a GPU: it asks ``gpumem-percentage =
 gpucores = gpu_milli/10``; otherwise it asks ``num_gpu`` whole GPUs; ``gpu_spec``
 (``V100M16|V100M32``) becomes ``nvidia.com/use-gputype`` with the listed models.
+
+Mixed-vendor fleets (``libshared.vendors``): a node whose ``model`` is a Hygon DCU model
+(``DCU_MEMORY_MIB``: ``DCU-Z100``, ``DCU-K100``) registers DCUs (``Device.vendor``
+``DCU``). A pod whose ``gpu_spec`` names DCUs -- the vendor's word ``DCU`` (any DCU) or
+models ``DCU-<name>`` -- asks DCUs instead of NVIDIA GPUs, as ``hygon.com/dcunum``,
+``dcumem`` and ``dcucores`` ask them (``vendor_request``); a spec naming both vendors is
+refused. The openb files name no DCU: such rows are vslice's own, for replays of a mixed
+fleet.
 """
 
 from __future__ import annotations
@@ -16,11 +24,15 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from libshared import migs
+from libshared import migs, vendors
 from libshared.devices import Device, NodeDevices
 from libshared.errors import TraceFormatError
-from libshared.resources import ContainerRequest, PodRequest
+from libshared.resources import ContainerRequest, PodRequest, VendorSelectors
 
+# Hygon DCU models -> memory MiB: vendor spec sheet values (Z100: 32 GiB, K100: 64 GiB),
+# named as HAMi's Hygon device plugin types them ("DCU-<model>"; HAMi's examples/hygon
+# select "DCU-K100_AI").
+DCU_MEMORY_MIB = {"DCU-Z100": 32768, "DCU-K100": 65536}
 # GPU model -> memory MiB. Public models from their data sheets; G1/G2/G3 are undisclosed
 # in the trace, so vslice assumes 16 GiB, 24 GiB and 32 GiB cards for them. Memory does not
 # change the FGD experiment: trace pods ask for a percentage of the card.
@@ -35,7 +47,10 @@ GPU_MEMORY_MIB = {
     "G3": 32768,
     # MIG-capable models (libshared.migs): the whole card, as its largest profile names it
     **{model: max(p.memory_mib for p in g.profiles) for model, g in migs.GEOMETRIES.items()},
+    **DCU_MEMORY_MIB,
 }
+DCU_WORD = vendors.DCU.name  # "DCU": a gpu_spec entry asking any DCU
+
 REPLAY_SPLIT_COUNT = 100  # the paper's simulator has no per-GPU pod limit; 100 never binds
 # The columns of each file (the openb files' names), and those it cannot do without; other
 # columns may follow and are ignored.
@@ -64,9 +79,29 @@ def _rows(
     return reader
 
 
+def model_vendor(model: str) -> str:
+    """The vendor word (``libshared.vendors``) of a fleet ``model``: ``DCU`` for a model of
+    ``DCU_MEMORY_MIB``, else ``NVIDIA``."""
+    return DCU_WORD if model in DCU_MEMORY_MIB else "NVIDIA"
+
+
+def _spec_vendor(entry: str) -> str:
+    return DCU_WORD if entry == DCU_WORD or entry.startswith(DCU_WORD + "-") else "NVIDIA"
+
+
+def dcu_card_mib(spec: tuple[str, ...]) -> int:
+    """The card a DCU pod's share is measured on, MiB: the smallest DCU model of
+    ``DCU_MEMORY_MIB`` that ``spec`` names, else (``DCU`` or an unlisted model) the
+    smallest DCU model there is."""
+    named = [DCU_MEMORY_MIB[m] for m in spec if m in DCU_MEMORY_MIB]
+    return min(named or DCU_MEMORY_MIB.values())
+
+
 @dataclass(frozen=True)
 class TracePod:
-    """One row of a pod list: CPU milli-cores, memory MiB, GPUs, per-GPU milli, GPU models."""
+    """One row of a pod list: CPU milli-cores, memory MiB, GPUs, per-GPU milli, GPU models,
+    and the vendor whose devices it asks (``NVIDIA``, or ``DCU`` when ``gpu_spec`` names
+    DCUs; see the module docstring)."""
 
     name: str
     cpu_milli: int
@@ -74,14 +109,54 @@ class TracePod:
     num_gpu: int
     gpu_milli: int
     gpu_spec: tuple[str, ...]
+    vendor: str = "NVIDIA"
 
     @property
     def milli_total(self) -> int:
         """Milli-GPU the pod asks for in all (num_gpu x gpu_milli)."""
         return self.num_gpu * self.gpu_milli
 
+    def vendor_request(self) -> ContainerRequest:
+        """A DCU pod's request, as admission reads its ``hygon.com/dcunum``, ``dcumem`` and
+        ``dcucores`` (``resources.parse_dcu_container``): DCUs have no memory percentage,
+        so a sharing pod (one DCU, ``gpu_milli`` < 1000) asks ``gpu_milli`` per mille of
+        ``dcu_card_mib(gpu_spec)`` MiB and ``gpu_milli/10`` % of the cores; a whole-DCU pod
+        asks ``num_gpu`` whole cards (no ``dcumem``: 100 %, cores 100)."""
+        if self.num_gpu == 1 and self.gpu_milli < 1000:
+            return ContainerRequest(
+                name="main",
+                index=0,
+                init=False,
+                gpu_count=1,
+                memory_mib=self.gpu_milli * dcu_card_mib(self.gpu_spec) // 1000,
+                cores_percent=self.gpu_milli // 10,
+                vendor=DCU_WORD,
+            )
+        return ContainerRequest(
+            name="main",
+            index=0,
+            init=False,
+            gpu_count=self.num_gpu,
+            memory_percent=100,
+            cores_percent=100,
+            vendor=DCU_WORD,
+        )
+
     def request(self, uid: str) -> PodRequest:
-        """The pod as a HAMi-style ``PodRequest`` with uid ``uid``."""
+        """The pod as a HAMi-style ``PodRequest`` with uid ``uid``; a DCU pod's as admission
+        reads its pod spec (``vslice.replays_bus.pod_spec``): one container asking no NVIDIA
+        GPU, its ``vendor_request``, and its ``gpu_spec`` as ``hygon.com/use-dcutype``."""
+        if self.vendor == DCU_WORD and self.num_gpu > 0:
+            return PodRequest(
+                uid=uid,
+                namespace="openb",
+                name=self.name,
+                containers=(ContainerRequest(name="main", index=0, init=False, gpu_count=0),),
+                cpu_milli=self.cpu_milli,
+                memory_mib=self.memory_mib,
+                vendor_requests=(self.vendor_request(),),
+                vendor_selectors=(VendorSelectors(vendor=DCU_WORD, use_types=self.gpu_spec),),
+            )
         containers: tuple[ContainerRequest, ...] = ()
         if self.num_gpu == 1 and self.gpu_milli < 1000:
             pct = self.gpu_milli // 10
@@ -139,7 +214,8 @@ def parse_fleet(
 ) -> list[NodeDevices]:
     """Parse a node list CSV into ``NodeDevices`` (device UUIDs ``<node>-gpu<i>``).
 
-    An optional ``mode`` column puts a node's GPUs in ``mig`` mode (empty or ``hami-core``:
+    A DCU model (``DCU_MEMORY_MIB``) gives DCUs (``Device.vendor`` ``DCU``). An optional
+    ``mode`` column puts a node's GPUs in ``mig`` mode (empty or ``hami-core``:
     sliced): they then offer every MIG profile of their model (``libshared.migs``; the
     model must be one of ``migs.GEOMETRIES``, e.g. ``A100-40GB``) and hold as many slices
     as the smallest profile has starts.
@@ -180,6 +256,7 @@ def parse_fleet(
                 index=i,
                 type=model,
                 memory_mib=GPU_MEMORY_MIB[model],
+                vendor=model_vendor(model),
                 split_count=split_count if geometry is None else len(geometry.profiles[0].starts),
                 mode=mode,
                 mig_slots=0 if geometry is None else geometry.slots,
@@ -199,8 +276,10 @@ def parse_fleet(
 
 
 def parse_pods(text: str, *, path: str = "<pods>") -> list[TracePod]:
-    """Parse a pod list CSV (``POD_COLUMNS``). Raises ``TraceFormatError`` naming file,
-    line and field; for a header without one of the columns, the expected ones."""
+    """Parse a pod list CSV (``POD_COLUMNS``); a ``gpu_spec`` naming DCUs makes a DCU pod
+    (module docstring). Raises ``TraceFormatError`` naming file, line and field; for a
+    header without one of the columns, the expected ones; for a ``gpu_spec`` naming models
+    of both vendors."""
     pods = []
     for line, row in enumerate(
         _rows(text, path=path, expected=POD_COLUMNS, required=POD_REQUIRED), start=2
@@ -217,6 +296,15 @@ def parse_pods(text: str, *, path: str = "<pods>") -> list[TracePod]:
                 reason="a GPU pod asks 10-1000 milli-GPU per GPU, and 1000 when num_gpu > 1",
             )
         spec = tuple(x for x in (row.get("gpu_spec") or "").split("|") if x)
+        asked = {_spec_vendor(x) for x in spec}
+        if len(asked) > 1:
+            raise TraceFormatError(
+                path=path,
+                line=line,
+                field="gpu_spec",
+                value="|".join(spec),
+                reason="names models of two vendors; a pod asks one vendor's devices",
+            )
         pods.append(
             TracePod(
                 name=row.get("name") or f"pod-{line}",
@@ -225,6 +313,7 @@ def parse_pods(text: str, *, path: str = "<pods>") -> list[TracePod]:
                 num_gpu=num_gpu,
                 gpu_milli=gpu_milli if num_gpu else 0,
                 gpu_spec=spec,
+                vendor=asked.pop() if asked else "NVIDIA",
             )
         )
     return pods

@@ -34,7 +34,16 @@ from nats.aio.client import Client
 from tqdm import tqdm
 
 from libshared import annotations as keys
-from libshared import connecting, events, kvreads, permissions, quarantines, tasks, traces
+from libshared import (
+    connecting,
+    events,
+    kvreads,
+    permissions,
+    quarantines,
+    tasks,
+    traces,
+    vendors,
+)
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
@@ -75,7 +84,14 @@ def pod_spec(pod: TracePod, uid: str, *, nouse_uuids: Sequence[str] = ()) -> dic
     GPUs keeps one container with no GPU resources (admission lists it with 0 GPUs). A pod
     under 10 milli-GPU asks for 0 %, which admission denies (HAMi wants >= 1); the bus
     replay counts it as not placed (the openb traces hold none). ``nouse_uuids``: devices a
-    GPU pod must not use (HAMi's ``nvidia.com/nouse-gpuuuid``)."""
+    GPU pod must not use (HAMi's ``nvidia.com/nouse-gpuuuid``).
+
+    A DCU pod (``TracePod.vendor``) asks Hygon's ``hygon.com/dcunum``, ``dcumem`` (MiB, a
+    sharing pod only) and ``dcucores`` (``TracePod.vendor_request``), its models as
+    ``hygon.com/use-dcutype`` and ``nouse_uuids`` as ``hygon.com/nouse-gpuuuid``
+    (``libshared.vendors.DCU``)."""
+    if pod.vendor == vendors.DCU.name and pod.num_gpu > 0:
+        return _dcu_spec(pod, uid, nouse_uuids=nouse_uuids)
     limits: dict[str, int] = {}
     if pod.num_gpu == 1 and pod.gpu_milli < 1000:
         pct = pod.gpu_milli // 10
@@ -97,18 +113,39 @@ def pod_spec(pod: TracePod, uid: str, *, nouse_uuids: Sequence[str] = ()) -> dic
     return {"metadata": meta, "spec": {"containers": [container]}}
 
 
+def _dcu_spec(pod: TracePod, uid: str, *, nouse_uuids: Sequence[str]) -> dict[str, Any]:
+    dcu = vendors.DCU
+    asked = pod.vendor_request()
+    limits = {dcu.count: asked.gpu_count, dcu.cores: asked.cores_percent}
+    if asked.memory_mib:
+        limits[dcu.memory] = asked.memory_mib
+    notes = {}
+    if pod.gpu_spec:
+        notes[dcu.use_type] = ",".join(pod.gpu_spec)
+    if nouse_uuids:
+        notes[dcu.nouse_uuid] = ",".join(nouse_uuids)
+    meta: dict[str, Any] = {"uid": uid, "namespace": "openb", "name": pod.name}
+    if notes:
+        meta["annotations"] = notes
+    requests = {"cpu": f"{pod.cpu_milli}m", "memory": f"{pod.memory_mib}Mi"}
+    container = {"name": "main", "resources": {"limits": limits, "requests": requests}}
+    return {"metadata": meta, "spec": {"containers": [container]}}
+
+
 @dataclass
 class Driven:
     """What driving one arrival sequence gave: per arrival whether it was placed and its
     end-to-end latency (ms), the wall time (s), the replicas' summed ``Stats``, and the CPU
     seconds each process of the stack used while the pods were driven (``cpu_s``, by
-    process name; ``client`` is the driving process; filled on Linux, from ``/proc``)."""
+    process name; ``client`` is the driving process; filled on Linux, from ``/proc``), and
+    per arrival its ``Placement`` (None: not placed)."""
 
     placed: list[bool]
     latency_ms: list[float]
     wall_s: float
     stats: events.Stats
     cpu_s: dict[str, float] = field(default_factory=dict)
+    placements: list[events.Placement | None] = field(default_factory=list)
 
 
 async def _request(nc: Client, subject: str, body: bytes) -> bytes:
@@ -117,11 +154,12 @@ async def _request(nc: Client, subject: str, body: bytes) -> bytes:
     return msg.data
 
 
-async def _one(nc: Client, subjects: Any, spec: bytes) -> bool:
-    """Admit and schedule one pod; True when placed. Raises ``ReplayError``."""
+async def _one(nc: Client, subjects: Any, spec: bytes) -> events.Placement | None:
+    """Admit and schedule one pod; its placement, None when not placed. Raises
+    ``ReplayError``."""
     review = events.decode_review_reply(await _request(nc, subjects.admission_review, spec))
     if isinstance(review, events.Denial):
-        return False
+        return None
     if isinstance(review, events.BusError):
         raise ReplayError(f"admission failed: {review.reason}")
     body = events.ENCODER.encode(review)
@@ -132,7 +170,7 @@ async def _one(nc: Client, subjects: Any, spec: bytes) -> bool:
             continue
         if isinstance(reply, events.BusError):
             raise ReplayError(f"pod {review.uid}: {reply.reason}")
-        return isinstance(reply, events.Placement)
+        return reply if isinstance(reply, events.Placement) else None
     raise ReplayError(f"pod {review.uid}: the bus stayed unavailable")
 
 
@@ -166,6 +204,7 @@ async def drive(
     ``concurrency`` at once, in order. Raises ``ReplayError`` for an error answer."""
     nc = await connecting.connect(settings, name="vslice-replay")
     placed = [False] * len(specs)
+    placements: list[events.Placement | None] = [None] * len(specs)
     latency = [0.0] * len(specs)
     s = settings.subjects
     next_index = 0
@@ -176,7 +215,8 @@ async def drive(
             i = next_index
             next_index += 1
             t0 = time.perf_counter()
-            placed[i] = await _one(nc, s, specs[i])
+            placements[i] = await _one(nc, s, specs[i])
+            placed[i] = placements[i] is not None
             latency[i] = (time.perf_counter() - t0) * 1000.0
             if progress is not None:
                 progress(1)
@@ -199,18 +239,35 @@ async def drive(
             )
     finally:
         await connecting.close_quietly(nc)  # also when Ctrl-C cancelled the run
-    return Driven(placed=placed, latency_ms=latency, wall_s=wall, stats=total)
+    return Driven(
+        placed=placed, latency_ms=latency, wall_s=wall, stats=total, placements=placements
+    )
 
 
 def seed_result(
-    seed: int, sequence: Sequence[TracePod], driven: Driven, capacity: int
+    seed: int,
+    sequence: Sequence[TracePod],
+    driven: Driven,
+    capacity: int,
+    *,
+    fleet: Sequence[NodeDevices] = (),
 ) -> replaying.SeedResult:
-    """The in-process replay's ``SeedResult`` of a bus run: curve in arrival order."""
+    """The in-process replay's ``SeedResult`` of a bus run: curve in arrival order, and
+    with ``fleet`` the figures by vendor (``replaying.FleetVendors``) from the placements
+    the schedulers answered."""
     curve: list[tuple[float, float]] = []
     requested = allocated = 0
-    for pod, ok in zip(sequence, driven.placed, strict=True):
+    by_vendor = replaying.FleetVendors.of(fleet)
+    at_100 = by_vendor.copy()
+    placements = driven.placements or [None] * len(sequence)
+    for pod, ok, placement in zip(sequence, driven.placed, placements, strict=True):
         requested += pod.milli_total
         allocated += pod.milli_total if ok else 0
+        by_vendor.arrive(pod)
+        if placement is not None:
+            by_vendor.place(pod, placement)
+        if requested <= capacity:
+            at_100 = by_vendor.copy()
         curve.append((requested / capacity, allocated / capacity))
     return replaying.SeedResult(
         seed=seed,
@@ -219,6 +276,7 @@ def seed_result(
         pods_placed=sum(driven.placed),
         decision_ms=driven.latency_ms,
         wall_s=driven.wall_s,
+        by_vendor=at_100.report() if fleet else {},
     )
 
 
@@ -312,7 +370,7 @@ def run_seed(
                 driven.cpu_s["client"] = time.process_time() - client
             finally:
                 stacks.stop(list(procs.values()))
-    return seed_result(seed, sequence, driven, capacity), driven
+    return seed_result(seed, sequence, driven, capacity, fleet=fleet), driven
 
 
 AGENT = "replay-agent"  # the process name of an attached replay's node agent
@@ -487,7 +545,7 @@ def run_attached(
                 stacks.terminate([agent], timeout_s=AGENT_STOP_S)
                 stacks.with_process(state_dir, AGENT, None)
     assert driven is not None  # else drive raised
-    return seed_result(seed, sequence, driven, capacity), driven
+    return seed_result(seed, sequence, driven, capacity, fleet=fleet), driven
 
 
 def replay_over_bus(

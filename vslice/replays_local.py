@@ -177,7 +177,8 @@ def plot(path: str, reports: list[dict[str, Any]]) -> None:
 
 
 def table(reports: list[dict[str, Any]], gpus: int) -> str:
-    """A plain-text summary table of replay reports."""
+    """A plain-text summary table of replay reports; below it, per report, the figures by
+    device mode (when a MIG mode is present) and by vendor (when the fleet has two)."""
     head = (
         f"{'policy':<14}{'alloc@100%':>16}{'final':>8}{'unalloc GPUs':>14}{'placed':>9}"
         f"{'p50 ms':>8}{'p99 ms':>8}{'s/seed':>8}"
@@ -201,6 +202,20 @@ def table(reports: list[dict[str, Any]], gpus: int) -> str:
                 part += f", {100 * row['occupied']:.2f} % of memory slices held"
             parts.append(part)
         rows.append(f"  {r['policy']} at 100 %: " + "; ".join(parts))
+    for r in reports:
+        by_vendor = r.get("by_vendor") or {}
+        if len(by_vendor) < 2:
+            continue
+        parts = []
+        for vendor, row in by_vendor.items():
+            part = (
+                f"{vendor}: {row['gpus']:.0f} GPUs, {100 * row['arrived']:.2f} % asked, "
+                f"{100 * row['allocated']:.2f} % allocated, {row['pods_placed']:.0f} pods"
+            )
+            if row["foreign_slices"]:
+                part += f", {row['foreign_slices']:.0f} slices of another vendor's pods"
+            parts.append(part)
+        rows.append(f"  {r['policy']} by vendor at 100 %: " + "; ".join(parts))
     return "\n".join(rows)
 
 

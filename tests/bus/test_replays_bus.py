@@ -56,6 +56,10 @@ def small_trace(tmp_path: Path) -> tuple[str, str]:
         TracePod("b", 8000, 16384, 1, 1000, ("T4",)),
         TracePod("c", 1000, 1024, 4, 1000, ("V100M16", "V100M32")),
         TracePod("d", 32000, 65536, 1, 10, ()),
+        TracePod("e", 4000, 8192, 1, 250, ("DCU-Z100",), "DCU"),
+        TracePod("f", 4000, 8192, 1, 300, ("DCU",), "DCU"),
+        TracePod("g", 8000, 16384, 2, 1000, ("DCU-K100",), "DCU"),
+        TracePod("h", 8000, 16384, 1, 1000, (), "DCU"),
     ],
 )
 def test_admission_turns_a_trace_pods_spec_into_the_in_process_request(pod: TracePod) -> None:
@@ -78,6 +82,18 @@ def test_one_replica_at_concurrency_1_places_what_the_in_process_replay_places(
     assert bus["alloc_at_100"] == local["alloc_at_100"]
     assert bus["replicas"] == 1 and bus["conflicts"] == 0
     assert bus["pods_per_s"] > 0 and 0 < bus["latency_ms_p50"] <= bus["latency_ms_p99"]
+
+
+def test_a_dcu_pods_nouse_uuids_become_hygons_annotation() -> None:
+    pod = TracePod("e", 4000, 8192, 1, 250, ("DCU-Z100",), "DCU")
+    spec = replays_bus.pod_spec(pod, "uid-1", nouse_uuids=("a", "b"))
+    assert spec["metadata"]["annotations"] == {
+        "hygon.com/use-dcutype": "DCU-Z100",
+        "hygon.com/nouse-gpuuuid": "a,b",
+    }
+    request = parse_pod(spec, settings=ResourceSettings())
+    assert request.selectors("DCU").nouse_uuids == ("a", "b")
+    assert request.nouse_uuids == ()
 
 
 def test_the_cli_replays_over_two_replicas_and_writes_the_report(

@@ -179,6 +179,72 @@ def test_a_bad_pod_row_names_its_line_and_field(row: str, field: str) -> None:
     assert (info.value.path, info.value.line, info.value.field) == ("pods.csv", 3, field)
 
 
+# --- mixed vendors: Hygon DCUs ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model", "memory_mib"), [("DCU-Z100", 32768), ("DCU-K100", 65536)])
+def test_a_dcu_model_registers_dcus_of_its_memory(model: str, memory_mib: int) -> None:
+    text = FLEET_HEADER + f"d,64000,262144,2,{model}\nn,64000,262144,1,T4\n"
+    dcu, nvidia = traces.parse_fleet(text)
+    assert {(d.type, d.vendor, d.memory_mib) for d in dcu.devices} == {(model, "DCU", memory_mib)}
+    assert {d.vendor for d in nvidia.devices} == {"NVIDIA"}
+
+
+def test_a_dcu_model_cannot_be_put_in_mig_mode() -> None:
+    text = "sn,cpu_milli,memory_mib,gpu,model,mode\nd,1000,1024,1,DCU-Z100,mig\n"
+    with pytest.raises(TraceFormatError) as info:
+        traces.parse_fleet(text)
+    assert (info.value.field, info.value.value) == ("model", "DCU-Z100")
+
+
+@pytest.mark.parametrize(
+    ("spec", "vendor"),
+    [("DCU", "DCU"), ("DCU-Z100", "DCU"), ("DCU-Z100|DCU-K100", "DCU"), ("V100M16", "NVIDIA")],
+)
+def test_a_pod_naming_dcus_in_its_gpu_spec_asks_dcus(spec: str, vendor: str) -> None:
+    assert one_pod(f"p,1000,1024,1,500,{spec},LS").vendor == vendor
+
+
+def test_a_sharing_dcu_pod_asks_its_share_of_the_smallest_named_card_in_mib() -> None:
+    pod = one_pod("p,4000,8192,1,250,DCU-K100|DCU-Z100,LS")
+    req = pod.request("u")
+    assert req.containers[0].gpu_count == 0  # no NVIDIA GPU
+    (c,) = req.gpu_containers
+    assert (c.vendor, c.gpu_count, c.memory_mib, c.memory_percent, c.cores_percent) == (
+        "DCU",
+        1,
+        32768 // 4,
+        0,
+        25,
+    )
+    assert req.selectors("DCU").use_types == ("DCU-K100", "DCU-Z100")
+    assert req.use_types == ()  # the NVIDIA selector stays unset
+    assert req.type_allowed("DCU-Z100", "DCU")
+    assert not req.type_allowed("DCU-X9", "DCU")
+
+
+def test_a_sharing_pod_asking_any_dcu_is_measured_on_the_smallest_dcu() -> None:
+    (c,) = one_pod("p,4000,8192,1,500,DCU,LS").request("u").gpu_containers
+    assert c.memory_mib == min(traces.DCU_MEMORY_MIB.values()) // 2
+
+
+def test_a_whole_dcu_pod_asks_whole_exclusive_dcus() -> None:
+    (c,) = one_pod("p,4000,8192,2,1000,DCU-Z100,LS").request("u").gpu_containers
+    assert (c.vendor, c.gpu_count, c.memory_percent, c.cores_percent) == ("DCU", 2, 100, 100)
+
+
+def test_a_gpu_spec_naming_both_vendors_is_refused_naming_it() -> None:
+    text = PODS_HEADER + "ok,1000,1024,1,500,,LS\np,1000,1024,1,500,V100M16|DCU-Z100,LS\n"
+    with pytest.raises(TraceFormatError) as info:
+        traces.parse_pods(text, path="pods.csv")
+    assert (info.value.line, info.value.field, info.value.value) == (
+        3,
+        "gpu_spec",
+        "V100M16|DCU-Z100",
+    )
+    assert "two vendors" in str(info.value)
+
+
 # --- the real trace ---------------------------------------------------------------------------
 
 

@@ -8,6 +8,11 @@ arrive; each is placed at once or fails for good. After every arrival: ``arrived
 milli-GPU requested so far / capacity, ``allocated`` = milli-GPU placed / capacity. The
 headline is ``allocated`` at ``arrived`` = 100 %.
 
+A fleet may hold devices of several vendors (``libshared.vendors``; a trace pod asks one
+vendor's, ``TracePod.vendor``): the report splits the figures at ``arrived`` = 100 % by
+device mode (``by_mode``) and by vendor (``by_vendor``), where capacity is each vendor's
+devices and a pod's milli-GPU count for the vendor whose devices it landed on.
+
 Pure: no I/O; progress is reported through a callback the caller supplies.
 """
 
@@ -75,7 +80,9 @@ class SeedResult:
     """One seed: the curve [(arrived, allocated)], counts and per-decision times (ms);
     ``by_mode``: per device mode (``hami-core``, ``mig``) at arrived = 100 %: ``gpus``,
     ``allocated`` (milli-GPU the placed pods asked there over that mode's capacity) and,
-    for ``mig``, ``occupied`` (memory slices held by GPU instances over all of them)."""
+    for ``mig``, ``occupied`` (memory slices held by GPU instances over all of them);
+    ``by_vendor``: per device vendor word (``NVIDIA``, ``DCU``) at arrived = 100 %
+    (``FleetVendors.report``)."""
 
     seed: int
     curve: list[tuple[float, float]]
@@ -84,6 +91,7 @@ class SeedResult:
     decision_ms: list[float] = field(repr=False)
     wall_s: float
     by_mode: dict[str, dict[str, float]] = field(default_factory=dict)
+    by_vendor: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def allocated_at(self, arrived: float) -> float:
         """Allocation ratio at the last arrival whose arrived ratio is <= ``arrived``."""
@@ -130,6 +138,79 @@ class FleetModes:
         return out
 
 
+@dataclass
+class FleetVendors:
+    """The fleet's devices by vendor and what the placed pods hold there.
+
+    ``vendor_of``: UUID -> the device's vendor word; ``gpus``: vendor -> devices;
+    ``arrived``: vendor -> milli-GPU asked by the pods of that vendor that arrived;
+    ``placed``: vendor -> milli-GPU placed on its devices; ``pods``: vendor -> pods placed
+    on its devices; ``foreign``: vendor -> slices on its devices of pods asking another
+    vendor (0 when every container is fitted to its own vendor's devices)."""
+
+    vendor_of: dict[str, str]
+    gpus: dict[str, int]
+    arrived: dict[str, int] = field(default_factory=dict)
+    placed: dict[str, int] = field(default_factory=dict)
+    pods: dict[str, int] = field(default_factory=dict)
+    foreign: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def of(fleet: Sequence[NodeDevices]) -> FleetVendors:
+        """The vendors of ``fleet``'s devices, nothing placed yet."""
+        vendor_of: dict[str, str] = {}
+        gpus: dict[str, int] = {}
+        for node in fleet:
+            for d in node.devices:
+                vendor_of[d.uuid] = d.vendor
+                gpus[d.vendor] = gpus.get(d.vendor, 0) + 1
+        return FleetVendors(vendor_of=vendor_of, gpus=gpus)
+
+    def arrive(self, pod: TracePod) -> None:
+        """Count ``pod``'s milli-GPU as asked of its vendor."""
+        self.arrived[pod.vendor] = self.arrived.get(pod.vendor, 0) + pod.milli_total
+
+    def place(self, pod: TracePod, placement: Placement) -> None:
+        """Count ``placement`` of ``pod`` on the vendors of the devices it holds."""
+        landed: set[str] = set()
+        for sl in placement.slices:
+            vendor = self.vendor_of.get(sl.uuid, "NVIDIA")
+            landed.add(vendor)
+            self.placed[vendor] = self.placed.get(vendor, 0) + pod.gpu_milli
+            if vendor != pod.vendor:
+                self.foreign[vendor] = self.foreign.get(vendor, 0) + 1
+        for vendor in landed:
+            self.pods[vendor] = self.pods.get(vendor, 0) + 1
+
+    def copy(self) -> FleetVendors:
+        """The counts as they stand now (the UUID table shared)."""
+        return FleetVendors(
+            vendor_of=self.vendor_of,
+            gpus=self.gpus,
+            arrived=dict(self.arrived),
+            placed=dict(self.placed),
+            pods=dict(self.pods),
+            foreign=dict(self.foreign),
+        )
+
+    def report(self) -> dict[str, dict[str, float]]:
+        """``SeedResult.by_vendor``: per vendor of the fleet, by word, ``gpus``,
+        ``arrived`` and ``allocated`` (milli-GPU asked by its pods, and placed on its
+        devices, over its devices' capacity; fractions), ``pods_placed`` (pods holding one
+        of its devices) and ``foreign_slices`` (slices there of pods asking another
+        vendor)."""
+        out: dict[str, dict[str, float]] = {}
+        for vendor, gpus in sorted(self.gpus.items()):
+            out[vendor] = {
+                "gpus": float(gpus),
+                "arrived": self.arrived.get(vendor, 0) / (gpus * MILLI),
+                "allocated": self.placed.get(vendor, 0) / (gpus * MILLI),
+                "pods_placed": float(self.pods.get(vendor, 0)),
+                "foreign_slices": float(self.foreign.get(vendor, 0)),
+            }
+        return out
+
+
 def run_seed(
     fleet: Sequence[NodeDevices],
     pods: Sequence[TracePod],
@@ -155,6 +236,8 @@ def run_seed(
     asked = dict.fromkeys(modes.gpus, 0)  # milli-GPU placed per device mode
     slots_held = 0  # memory slices of the GPU instances placed
     snapshot = (dict(asked), slots_held)  # as they stood at arrived = 100 %
+    by_vendor = FleetVendors.of(fleet)
+    vendors_at_100 = by_vendor.copy()
     for i, pod in enumerate(sequence):
         request = pod.request(f"{seed}-{i}")
         t0 = time.perf_counter()
@@ -163,15 +246,18 @@ def run_seed(
             cluster.apply(decision)
         times.append((time.perf_counter() - t0) * 1000.0)
         requested += pod.milli_total
+        by_vendor.arrive(pod)
         if isinstance(decision, Placement):
             allocated += pod.milli_total
             placed += 1
+            by_vendor.place(pod, decision)
             for sl in decision.slices:
                 mode = modes.mode_of.get(sl.uuid, "hami-core")
                 asked[mode] = asked.get(mode, 0) + pod.gpu_milli
                 slots_held += sl.mig_size  # 0 unless the slice is a GPU instance
         if requested <= capacity:
             snapshot = (dict(asked), slots_held)
+            vendors_at_100 = by_vendor.copy()
         curve.append((requested / capacity, allocated / capacity))
         if progress is not None and (i + 1) % 100 == 0:
             progress(100)
@@ -185,6 +271,7 @@ def run_seed(
         decision_ms=times,
         wall_s=time.perf_counter() - started,
         by_mode=modes.report(*snapshot),
+        by_vendor=vendors_at_100.report(),
     )
 
 
@@ -201,7 +288,8 @@ def summarize(
     """The replay report: means over seeds, the mean curve on an ``arrived`` grid, timings.
 
     Ratios are fractions 0-1; ``alloc_at_100_sd`` is the sample standard deviation (0 for
-    one seed); times in ms and s; ``by_mode``: ``SeedResult.by_mode``'s means.
+    one seed); times in ms and s; ``by_mode`` and ``by_vendor``: ``SeedResult.by_mode``'s
+    and ``by_vendor``'s means (``{}`` when the seeds have none).
     """
     at100 = [r.allocated_at(1.0) for r in results]
     final = [r.curve[-1][1] if r.curve else 0.0 for r in results]
@@ -230,6 +318,13 @@ def summarize(
                 for key in results[0].by_mode[mode]
             }
             for mode in (results[0].by_mode if results else {})
+        },
+        "by_vendor": {
+            vendor: {
+                key: statistics.fmean(r.by_vendor[vendor][key] for r in results)
+                for key in results[0].by_vendor[vendor]
+            }
+            for vendor in (results[0].by_vendor if results else {})
         },
         "per_seed": [
             {
