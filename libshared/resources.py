@@ -160,7 +160,8 @@ class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
         """The vendors whose devices the pod asks for."""
         return frozenset(c.vendor for c in self.gpu_containers)
 
-    def _selectors(self, vendor: str) -> VendorSelectors:
+    def selectors(self, vendor: str) -> VendorSelectors:
+        """The pod's type and UUID selectors for ``vendor``'s devices."""
         if vendor == "NVIDIA":
             return VendorSelectors(
                 vendor=vendor,
@@ -176,7 +177,7 @@ class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
         """HAMi's type selector of ``vendor`` (``nvidia.com/use-gputype``,
         ``hygon.com/use-dcutype``, ...): case-insensitive substring match, ``nouse`` wins
         (pkg/device/devices.go, ``CheckType``)."""
-        sel = self._selectors(vendor)
+        sel = self.selectors(vendor)
         t = device_type.lower()
         if any(x.lower() in t for x in sel.nouse_types):
             return False
@@ -190,7 +191,7 @@ class PodRequest(msgspec.Struct, frozen=True, kw_only=True):
 
     def uuid_allowed(self, uuid: str, vendor: str = "NVIDIA") -> bool:
         """HAMi's UUID selector of ``vendor``: exact match, ``nouse`` wins."""
-        sel = self._selectors(vendor)
+        sel = self.selectors(vendor)
         if uuid in sel.nouse_uuids:
             return False
         return not sel.use_uuids or uuid in sel.use_uuids

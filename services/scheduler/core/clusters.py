@@ -43,12 +43,14 @@ class Cluster:
     ``dev_healthy``, ``dev_cordoned`` (no new slice: ``Device.cordoned``), ``dev_type``
     (index into ``types``), ``dev_mem``/``dev_mem_used`` (MiB),
     ``dev_cores``/``dev_cores_used`` (percent), ``dev_split``/``dev_used`` (slices),
-    ``dev_numa``, ``free_milli`` (what is left of the device in milli-GPU: the smaller of its
-    free cores and free memory share; 0 when full, unhealthy, cordoned or out of split
-    slots; -1 for an empty slot), ``cpu_total``/``cpu_used`` (milli-cores, total 0 =
-    unchecked), ``mem_total``/``mem_used`` (MiB, 0 = unchecked), ``offered`` (the node
-    takes new pods: False once withdrawn), ``version``; ``mig_nodes``: the indices of the
-    nodes with a MIG-mode device (``libshared.migs``).
+    ``dev_numa``, ``dev_vendor`` (index into ``vendors``: the device's vendor,
+    ``Device.vendor``; -1 for an empty slot), ``free_milli`` (what is left of the device
+    in milli-GPU: the smaller of its free cores and free memory share; 0 when full,
+    unhealthy, cordoned or out of split slots; -1 for an empty slot),
+    ``cpu_total``/``cpu_used`` (milli-cores, total 0 = unchecked),
+    ``mem_total``/``mem_used`` (MiB, 0 = unchecked), ``offered`` (the node takes new
+    pods: False once withdrawn), ``version``; ``mig_nodes``: the indices of the nodes with
+    a MIG-mode device (``libshared.migs``).
 
     A withdrawn node keeps its row, devices and ledger: the slices it holds stay booked
     until their pods are released, and registering it again offers it again.
@@ -62,6 +64,7 @@ class Cluster:
     pod_nodes: dict[str, int] = field(default_factory=dict)
     types: list[str] = field(default_factory=list)
     type_index: dict[str, int] = field(default_factory=dict)
+    vendors: list[str] = field(default_factory=lambda: ["NVIDIA"])
     quarantined: dict[str, dict[str, str]] = field(default_factory=dict)
     mig_nodes: set[int] = field(default_factory=set)
     # per MIG node: (version, {slot: instances}) and (version, {(slot, MiB): fits})
@@ -85,6 +88,7 @@ class Cluster:
         self.dev_split = np.zeros((0, d), dtype=np.int64)
         self.dev_used = np.zeros((0, d), dtype=np.int64)
         self.dev_numa = np.zeros((0, d), dtype=np.int64)
+        self.dev_vendor = np.zeros((0, d), dtype=np.int64)
         self.free_milli = np.zeros((0, d), dtype=np.int64)
         self.cpu_total = np.zeros(0, dtype=np.int64)
         self.cpu_used = np.zeros(0, dtype=np.int64)
@@ -110,6 +114,7 @@ class Cluster:
         self.dev_split = _grown(self.dev_split, rows, 0)
         self.dev_used = _grown(self.dev_used, rows, 0)
         self.dev_numa = _grown(self.dev_numa, rows, 0)
+        self.dev_vendor = _grown(self.dev_vendor, rows, -1)
         self.free_milli = _grown(self.free_milli, rows, -1)
         self.cpu_total = _grown(self.cpu_total, rows, 0)
         self.cpu_used = _grown(self.cpu_used, rows, 0)
@@ -130,6 +135,12 @@ class Cluster:
             tid = self.type_index[name] = len(self.types)
             self.types.append(name)
         return tid
+
+    def vendor_id(self, name: str) -> int:
+        """The index of vendor ``name`` in ``vendors`` (added when new)."""
+        if name not in self.vendors:
+            self.vendors.append(name)
+        return self.vendors.index(name)
 
     # -- registration and ledger ---------------------------------------------------------
 
@@ -156,7 +167,9 @@ class Cluster:
         self.dev_valid[n] = False
         self.dev_cordoned[n] = False
         self.dev_type[n] = -1
+        self.dev_vendor[n] = -1
         for slot, dev in enumerate(reg.devices):
+            self.dev_vendor[n, slot] = self.vendor_id(dev.vendor)
             self.dev_valid[n, slot] = True
             self.dev_healthy[n, slot] = dev.healthy
             self.dev_cordoned[n, slot] = dev.cordoned

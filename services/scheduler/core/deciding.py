@@ -148,9 +148,11 @@ class Scheduler:
         gpus = pod.gpu_containers
         if not gpus:
             return ok
-        types_ok = fitting.type_mask(c, pod)
-        uuids_ok = fitting.uuid_mask(c, pod)
+        masks = {
+            v: (fitting.type_mask(c, pod, v), fitting.uuid_mask(c, pod, v)) for v in pod.vendors
+        }
         for container in gpus:
+            types_ok, uuids_ok = masks[container.vendor]
             codes = fitting.device_codes(c, pod, container, types_ok=types_ok, uuids_ok=uuids_ok)
             ok = ok & ((codes == 0).sum(axis=1) >= container.gpu_count)
         policy = self._gpu_policy(pod)
@@ -425,6 +427,7 @@ class Scheduler:
                         mig_profile=choice.profile.name if choice else "",
                         mig_start=choice.start if choice else -1,
                         mig_size=choice.profile.size if choice else 0,
+                        vendor=container.vendor,
                     )
                 )
         return Placement(

@@ -11,7 +11,9 @@ At bind time the pod gets HAMi's annotations (``libshared.annotations``), so the
 plugin and HAMi tooling read vslice placements: ``hami.io/vgpu-node``,
 ``hami.io/vgpu-devices-allocated`` and ``-to-allocate`` (one ``UUID,NVIDIA,MiB,cores:``
 entry per device, ``;`` after each container, init containers first),
-``hami.io/bind-phase: allocating`` and ``hami.io/bind-time`` (Unix seconds).
+``hami.io/bind-phase: allocating`` and ``hami.io/bind-time`` (Unix seconds); a Hygon
+DCU's slices go to ``hami.io/dcu-devices-allocated`` and ``-to-allocate`` instead
+(``libshared.vendors``), in the same format with the vendor word ``DCU``.
 
 ``reconcile`` compares the ledger with the pods in the API: slices of pods that ended or
 are gone are released, a reservation not bound within the TTL is released, a bound pod the
@@ -32,6 +34,7 @@ from typing import Any
 import msgspec
 
 from libshared import annotations as keys
+from libshared import vendors
 from libshared.devices import NodeDevices
 from libshared.errors import AnnotationDecodeError, InvalidRequest, VsliceError
 from libshared.events import Placement
@@ -322,32 +325,43 @@ def bind_annotations(placement: Placement, *, containers: int, now_s: float) -> 
     """HAMi's bind-time pod annotations for ``placement`` (with
     ``hami.io/vgpu-mig-allocations`` when a slice is a GPU instance).
 
+    Each vendor's slices go to its own pair of annotations (``libshared.vendors``:
+    ``hami.io/vgpu-devices-*`` for NVIDIA, ``hami.io/dcu-devices-*`` for Hygon DCU), each
+    with one entry per container, as HAMi's ``PatchAnnotations`` writes them per device
+    type; NVIDIA's are written for a placement with no other vendor's slice too.
+
     ``containers``: the pod's init containers plus containers (the annotation has one entry
     per container, GPU or not); ``now_s``: Unix seconds for ``hami.io/bind-time``. Raises
-    ``ValueError`` when a slice names a container index outside ``containers``.
+    ``ValueError`` when a slice names a container index outside ``containers`` or an
+    unknown vendor.
     """
-    grants: list[list[keys.DeviceGrant]] = [[] for _ in range(containers)]
+    grants: dict[str, list[list[keys.DeviceGrant]]] = {}
     for s in placement.slices:
         if not 0 <= s.container_index < containers:
             raise ValueError(
                 f"slice of container index {s.container_index}: the pod has {containers}"
             )
-        grants[s.container_index].append(
+        if s.vendor not in vendors.BY_NAME:
+            raise ValueError(f"slice on a device of unknown vendor {s.vendor!r}")
+        per = grants.setdefault(s.vendor, [[] for _ in range(containers)])
+        per[s.container_index].append(
             keys.DeviceGrant(
                 uuid=s.uuid,
-                vendor=keys.NVIDIA_VENDOR,
+                vendor=s.vendor,
                 memory_mib=s.memory_mib,
                 cores_percent=s.cores_percent,
             )
         )
-    devices = keys.encode_pod_devices(grants)
-    out = {
-        keys.VGPU_NODE: placement.node,
-        keys.VGPU_DEVICES_ALLOCATED: devices,
-        keys.VGPU_DEVICES_TO_ALLOCATE: devices,
-        keys.BIND_PHASE: keys.BIND_PHASE_ALLOCATING,
-        keys.BIND_TIME: str(int(now_s)),
-    }
+    if not grants:
+        grants[vendors.NVIDIA.name] = [[] for _ in range(containers)]
+    out = {keys.VGPU_NODE: placement.node}
+    for name, per in grants.items():
+        vendor = vendors.BY_NAME[name]
+        devices = keys.encode_pod_devices(per)
+        out[vendor.allocated] = devices
+        out[vendor.to_allocate] = devices
+    out[keys.BIND_PHASE] = keys.BIND_PHASE_ALLOCATING
+    out[keys.BIND_TIME] = str(int(now_s))
     migs = [
         keys.MigAllocation(
             container_index=s.container_index,
@@ -394,9 +408,15 @@ class PodState:
         return self.phase in ENDED_PHASES
 
     @property
-    def allocation(self) -> str | None:
-        """The ``hami.io/vgpu-devices-allocated`` value, or None."""
-        return self.annotations.get(keys.VGPU_DEVICES_ALLOCATED)
+    def allocations(self) -> dict[str, str]:
+        """Each vendor's allocation annotation the pod carries, by vendor name
+        (``hami.io/vgpu-devices-allocated`` for NVIDIA, ``hami.io/dcu-devices-allocated``
+        for DCU); empty when the pod holds none."""
+        return {
+            v.name: self.annotations[v.allocated]
+            for v in vendors.VENDORS
+            if v.allocated in self.annotations
+        }
 
 
 def pod_state(obj: Mapping[str, Any]) -> PodState:
@@ -437,24 +457,18 @@ def pod_state(obj: Mapping[str, Any]) -> PodState:
 
 
 def restored_placement(state: PodState, registration: NodeDevices) -> Placement:
-    """The placement a bound pod holds by its ``hami.io/vgpu-devices-allocated``
-    annotation, on ``registration`` (its node's devices).
+    """The placement a bound pod holds by its allocation annotations
+    (``PodState.allocations``: ``hami.io/vgpu-devices-allocated``, and
+    ``hami.io/dcu-devices-allocated`` for DCUs), on ``registration`` (its node's devices).
 
     The charge and priorities come from the pod's spec when it parses (else none). Raises
-    ``AnnotationDecodeError`` when the annotation is missing or malformed, names more
-    containers than the pod has, or a device that is not on the node.
+    ``AnnotationDecodeError`` when no annotation is there, one is malformed, names more
+    containers than the pod has, or a device that is not on the node or not of the
+    annotation's vendor.
     """
-    key = keys.VGPU_DEVICES_ALLOCATED
-    value = state.allocation
-    if value is None:
-        raise AnnotationDecodeError(key=key, value="", reason="missing")
-    grants = keys.container_entries(keys.decode_pod_devices(value, key=key), len(state.containers))
-    if len(grants) > len(state.containers):
-        raise AnnotationDecodeError(
-            key=key,
-            value=value,
-            reason=f"names {len(grants)} containers, the pod has {len(state.containers)}",
-        )
+    found = state.allocations
+    if not found:
+        raise AnnotationDecodeError(key=keys.VGPU_DEVICES_ALLOCATED, value="", reason="missing")
     slot_of = {d.uuid: slot for slot, d in enumerate(registration.devices)}
     try:
         request: PodRequest | None = parse_pod(state.raw)
@@ -462,28 +476,45 @@ def restored_placement(state: PodState, registration: NodeDevices) -> Placement:
         request = None
     priorities = {c.index: c.priority for c in request.containers} if request else {}
     slices = []
-    for index, container in enumerate(grants):
-        for g in container:
-            slot = slot_of.get(g.uuid)
-            if slot is None:
-                raise AnnotationDecodeError(
-                    key=key, value=value, reason=f"device {g.uuid} is not on node {state.node}"
-                )
-            slices.append(
-                Slice(
-                    pod_uid=state.uid,
-                    namespace=state.namespace,
-                    pod=state.name,
-                    container=state.containers[index],
-                    container_index=index,
-                    uuid=g.uuid,
-                    device_index=slot,
-                    memory_mib=g.memory_mib,
-                    cores_percent=g.cores_percent,
-                    priority=priorities.get(index),
-                    init=index < state.init_containers,
-                )
+    for name, value in found.items():
+        key = vendors.BY_NAME[name].allocated
+        decoded = keys.decode_pod_devices(value, key=key)
+        grants = keys.container_entries(decoded, len(state.containers))
+        if len(grants) > len(state.containers):
+            raise AnnotationDecodeError(
+                key=key,
+                value=value,
+                reason=f"names {len(grants)} containers, the pod has {len(state.containers)}",
             )
+        for index, container in enumerate(grants):
+            for g in container:
+                slot = slot_of.get(g.uuid)
+                if slot is None:
+                    raise AnnotationDecodeError(
+                        key=key, value=value, reason=f"device {g.uuid} is not on node {state.node}"
+                    )
+                if registration.devices[slot].vendor != name:
+                    raise AnnotationDecodeError(
+                        key=key,
+                        value=value,
+                        reason=f"device {g.uuid} is a {registration.devices[slot].vendor} device",
+                    )
+                slices.append(
+                    Slice(
+                        pod_uid=state.uid,
+                        namespace=state.namespace,
+                        pod=state.name,
+                        container=state.containers[index],
+                        container_index=index,
+                        uuid=g.uuid,
+                        device_index=slot,
+                        memory_mib=g.memory_mib,
+                        cores_percent=g.cores_percent,
+                        priority=priorities.get(index) if name == vendors.NVIDIA.name else None,
+                        init=index < state.init_containers,
+                        vendor=name,
+                    )
+                )
     charge = PodCharge(
         pod_uid=state.uid,
         cpu_milli=request.cpu_milli if request else 0,
@@ -584,11 +615,12 @@ def reconcile(
             )
             continue
         if state is not None and state.bound:
-            if state.allocation is not None:
+            for name, value in state.allocations.items():
                 try:
-                    keys.decode_pod_devices(state.allocation)
+                    keys.decode_pod_devices(value, key=vendors.BY_NAME[name].allocated)
                 except AnnotationDecodeError as exc:
                     plan.undecodable.append(Undecodable(pod=state, error=str(exc)))
+                    break
             continue
         since = unbound_since.get(uid, now)
         if now - since >= ttl_s:
@@ -602,7 +634,7 @@ def reconcile(
     for uid, state in pods.items():
         if uid in ledger or uid in busy or not state.bound or state.ended:
             continue
-        if state.allocation is None:
+        if not state.allocations:
             continue  # not placed by vslice or HAMi: none of the ledger's business
         registration = registrations.get(state.node)
         if registration is None:

@@ -14,6 +14,12 @@ pkg/device/common/common.go ``GenReason``), checked per device in this order:
 8. ``ExclusiveDeviceAllocateConflict`` 100 cores asked on a 100-core device that has slices
 9. ``CardComputeUnitsExhausted``     0 cores asked on a device whose cores are all booked
 
+A container is fitted to its vendor's devices only (``ContainerRequest.vendor``,
+``libshared.vendors``; HAMi's ``getNodeResources`` keeps the node's devices of the
+request's type and counts the reasons over them): the other devices of the node are not
+counted. Hygon DCUs are fitted by the same checks (pkg/device/hygon/device.go ``Fit``
+checks them in this order, without numa-bind; vslice's cordon applies to every vendor).
+
 Per container: more GPUs than the node has -> ``NodeInsufficientDevice`` alone; devices
 are tried in HAMi's order (``walk``); ``nvidia.com/numa-bind`` keeps a container's GPUs on
 one NUMA node (devices given up count as ``NumaNotFit``); devices taken short of the count
@@ -31,8 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from libshared import migs
-from libshared.annotations import NVIDIA_VENDOR
+from libshared import migs, vendors
 from libshared.devices import Device
 from libshared.migs import Geometry, Instance
 from libshared.resources import ContainerRequest, PodRequest
@@ -55,7 +60,8 @@ NUMA_NOT_FIT = "NumaNotFit"
 INSUFFICIENT_CPU = "Insufficient cpu"
 INSUFFICIENT_MEMORY = "Insufficient memory"
 
-# Index = code returned by ``device_codes``; 0 = fits.
+# Index = code returned by ``device_codes``; 0 = fits; the last, a device of another
+# vendor than the container's, is not a reason: such devices are not counted.
 DEVICE_REASONS = (
     "",
     CARD_NOT_HEALTH,
@@ -67,17 +73,36 @@ DEVICE_REASONS = (
     CARD_INSUFFICIENT_CORE,
     EXCLUSIVE_DEVICE_ALLOCATE_CONFLICT,
     CARD_COMPUTE_UNITS_EXHAUSTED,
+    "",  # another vendor's device
 )
+OTHER_VENDOR = len(DEVICE_REASONS) - 1
 
 
-def type_mask(cluster: Cluster, pod: PodRequest) -> BoolArray:
-    """(N, D) True where the device's type (and mode) passes the pod's type selectors."""
-    if not pod.use_types and not pod.nouse_types:
+def vendor_mask(cluster: Cluster, vendor: str) -> BoolArray:
+    """(N, D) True where the slot holds a device of ``vendor``."""
+    if vendor not in cluster.vendors:
+        return np.zeros(cluster.dev_valid.shape, dtype=bool)
+    mask: BoolArray = cluster.dev_vendor == cluster.vendors.index(vendor)
+    return mask
+
+
+def vendor_slots(devices: tuple[Device, ...], vendor: str) -> list[int]:
+    """The slots of ``devices`` that are ``vendor``'s, in registration order."""
+    return [s for s, d in enumerate(devices) if d.vendor == vendor]
+
+
+def type_mask(cluster: Cluster, pod: PodRequest, vendor: str = "NVIDIA") -> BoolArray:
+    """(N, D) True where the device's type (and mode) passes the pod's type selectors of
+    ``vendor`` (``nvidia.com/use-gputype``, ``hygon.com/use-dcutype``, ...)."""
+    sel = pod.selectors(vendor)
+    if not sel.use_types and not sel.nouse_types:
         mask = cluster.dev_valid
     else:
-        allowed = np.array([pod.type_allowed(t) for t in cluster.types] + [False], dtype=bool)
+        allowed = np.array(
+            [pod.type_allowed(t, vendor) for t in cluster.types] + [False], dtype=bool
+        )
         mask = allowed[cluster.dev_type]  # dev_type -1 (empty slot) maps to the trailing False
-    if pod.vgpu_mode is not None:
+    if pod.vgpu_mode is not None and vendor == vendors.NVIDIA.name:
         mask = mask.copy()
         for n, reg in enumerate(cluster.registrations):
             for slot, dev in enumerate(reg.devices):
@@ -85,14 +110,15 @@ def type_mask(cluster: Cluster, pod: PodRequest) -> BoolArray:
     return mask
 
 
-def uuid_mask(cluster: Cluster, pod: PodRequest) -> BoolArray:
-    """(N, D) True where the device's UUID passes the pod's UUID selectors."""
+def uuid_mask(cluster: Cluster, pod: PodRequest, vendor: str = "NVIDIA") -> BoolArray:
+    """(N, D) True where the device's UUID passes the pod's UUID selectors of ``vendor``."""
     mask = np.ones(cluster.dev_valid.shape, dtype=bool)
-    if not pod.use_uuids and not pod.nouse_uuids:
+    sel = pod.selectors(vendor)
+    if not sel.use_uuids and not sel.nouse_uuids:
         return mask
     for n, reg in enumerate(cluster.registrations):
         for slot, dev in enumerate(reg.devices):
-            mask[n, slot] = pod.uuid_allowed(dev.uuid)
+            mask[n, slot] = pod.uuid_allowed(dev.uuid, vendor)
     return mask
 
 
@@ -107,10 +133,12 @@ def device_codes(
     """(N, D) reason code per device for one container (0 = fits; see ``DEVICE_REASONS``).
 
     The vector form of ``fit_container``'s per-device checks (without numa-bind and
-    mutex), for filtering the fleet at once. Empty device slots get ``CardNotHealth`` so
-    they never fit.
+    mutex), for filtering the fleet at once. Empty device slots get ``CardNotHealth`` and
+    other vendors' devices ``OTHER_VENDOR``, so neither ever fits. ``types_ok`` and
+    ``uuids_ok``, when given, are the masks of the container's vendor.
     """
     c = cluster
+    vendor = container.vendor
     mem_req = (
         c.dev_mem * container.memory_percent // 100
         if container.memory_mib == 0
@@ -120,8 +148,8 @@ def device_codes(
     conds = [
         ~(c.dev_valid & c.dev_healthy),
         c.dev_cordoned,
-        ~(type_mask(c, pod) if types_ok is None else types_ok),
-        ~(uuid_mask(c, pod) if uuids_ok is None else uuids_ok),
+        ~(type_mask(c, pod, vendor) if types_ok is None else types_ok),
+        ~(uuid_mask(c, pod, vendor) if uuids_ok is None else uuids_ok),
         c.dev_used >= c.dev_split,
         c.dev_mem - c.dev_mem_used < mem_req,
         c.dev_cores - c.dev_cores_used < cores,
@@ -129,6 +157,8 @@ def device_codes(
         (c.dev_cores != 0) & (c.dev_cores_used == c.dev_cores) & (cores == 0),
     ]
     codes = np.select(conds, list(range(1, len(conds) + 1)), default=0).astype(np.int64)
+    if len(c.vendors) > 1:
+        codes[c.dev_valid & ~vendor_mask(c, vendor)] = OTHER_VENDOR
     # on MIG-mode devices the memory check is the GPU instances': a free start for the
     # smallest profile holding the request (``Cluster.mig_room``)
     short = DEVICE_REASONS.index(CARD_INSUFFICIENT_MEMORY)
@@ -253,16 +283,16 @@ def device_score(
     Source: pkg/scheduler/policy/gpu_policy.go, ``DeviceListsScore.ComputeScore``, each
     term times its ``weights`` (slot, core, memory; HAMi's
     ``hami.io/device-scoring-weights``, default 1/1/1). The container's own request is
-    counted only on a device whose type is exactly ``NVIDIA`` (HAMi compares the request's
-    type, ``NVIDIA``, with the device's registered type, which is the card's model,
-    ``NVIDIA-A100...``), so on registered cards the score is the usage before the
-    container. 0 for a device with no split slots, cores or memory.
+    counted only on a device whose type is exactly the request's vendor word (HAMi compares
+    the request's type, ``NVIDIA`` or ``DCU``, with the device's registered type, which is
+    the card's model, ``NVIDIA-A100...``), so on registered cards the score is the usage
+    before the container. 0 for a device with no split slots, cores or memory.
     """
     dev = cluster.registrations[n].devices[slot]
     if dev.split_count == 0 or dev.cores_percent == 0 or dev.memory_mib == 0:
         return np.float32(0)
     asked = cores = mem = 0
-    if dev.type == NVIDIA_VENDOR:
+    if dev.type == container.vendor:
         asked, cores, mem = 1, slice_cores(container), container.memory_on(dev.memory_mib)
     f = np.float32
     slots = f(asked + use.used[slot]) / f(dev.split_count)
@@ -381,6 +411,8 @@ def fit_container(
     ``gen_reason`` over the node's devices.
     """
     devices = cluster.registrations[n].devices
+    vendor = container.vendor
+    numa_bind = pod.numa_bind and vendors.BY_NAME.get(vendor, vendors.NVIDIA).numa_bind
     need = container.gpu_count
     names = policy_names(policy)
     mutex = "mutex" in names
@@ -388,24 +420,28 @@ def fit_container(
     reasons: Counter[str] = Counter()
     taken: list[int] = []
     prev_numa = -1
+    cards = 0
     for slot in walk:
         dev = devices[slot]
+        if dev.vendor != vendor:
+            continue
+        cards += 1
         if not dev.healthy:
             reasons[CARD_NOT_HEALTH] += 1
             continue
         if dev.cordoned:
             reasons[CARD_CORDONED] += 1
             continue
-        if not (pod.type_allowed(dev.type) and pod.mode_allowed(dev.mode)):
+        if not (pod.type_allowed(dev.type, vendor) and pod.mode_allowed(dev.mode, vendor)):
             reasons[CARD_TYPE_MISMATCH] += 1
             continue
-        if pod.numa_bind and prev_numa != dev.numa:
+        if numa_bind and prev_numa != dev.numa:
             # all of a container's GPUs on one NUMA node (HAMi #1806): start again
             if taken and not topology:
                 reasons[NUMA_NOT_FIT] += len(taken)
             taken = []
             prev_numa = dev.numa
-        if not pod.uuid_allowed(dev.uuid):
+        if not pod.uuid_allowed(dev.uuid, vendor):
             reasons[CARD_UUID_MISMATCH] += 1
             continue
         why = _usage_reason(dev, slot, container, use, mutex=mutex)
@@ -419,7 +455,7 @@ def fit_container(
         return best_linked(devices, taken, need), ""
     if taken:
         reasons[ALLOCATED_CARDS_INSUFFICIENT_REQUEST] = len(taken)
-    return None, gen_reason(reasons, len(devices))
+    return None, gen_reason(reasons, cards)
 
 
 def best_linked(devices: tuple[Device, ...], candidates: list[int], need: int) -> list[int]:
@@ -523,11 +559,13 @@ def fit_node(
     if not mem_ok[n]:
         return None, INSUFFICIENT_MEMORY
     base = node_use(c, n)
-    registration_order = list(range(len(c.registrations[n].devices)))
+    devices = c.registrations[n].devices
     app_use = base.copy()
-    app_order = registration_order
+    app_orders: dict[str, list[int]] = {}  # per vendor, as HAMi sorts each type's list
     chosen: list[list[int]] = []
     for container in pod.gpu_containers:
+        registration_order = vendor_slots(devices, container.vendor)
+        app_order = app_orders.get(container.vendor, registration_order)
         if container.gpu_count > len(registration_order):
             return None, NODE_INSUFFICIENT_DEVICE
         if container.init:
@@ -556,6 +594,7 @@ def fit_node(
                 prefer=prefer,
                 weights=pod.device_weights,
             )
+            app_orders[container.vendor] = app_order
         picked, why = fit_container(c, n, pod, container, use, steps, policy=gpu_policy)
         if picked is None:
             return None, why
@@ -594,12 +633,15 @@ def explain(codes: IntArray, cluster: Cluster, n: int, need: int) -> str:
     ``NodeInsufficientDevice`` alone. Not for numa-bind, mutex or several GPU containers
     (``fit_node`` tells those).
     """
-    ndev = len(cluster.registrations[n].devices)
+    row = codes[n, : len(cluster.registrations[n].devices)].tolist()
+    ndev = sum(1 for code in row if code != OTHER_VENDOR)
     if need > ndev:
         return NODE_INSUFFICIENT_DEVICE
     counts: Counter[str] = Counter()
     fits = 0
-    for code in codes[n, :ndev].tolist():
+    for code in row:
+        if code == OTHER_VENDOR:
+            continue
         if code:
             counts[DEVICE_REASONS[code]] += 1
         else:
