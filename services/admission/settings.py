@@ -41,6 +41,16 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
         msgspec.Meta(ge=0),
         settings.option("--default-gpu-num", env="VSLICE_DEFAULT_GPU_NUM"),
     ] = MODEL.default_gpu_num
+    dcu_memory_factor: Annotated[
+        int,
+        msgspec.Meta(ge=1, le=1024),
+        settings.option(
+            "--dcu-memory-factor",
+            env="VSLICE_DCU_MEMORY_FACTOR",
+            help="HAMi's Hygon memoryFactor: a hygon.com/dcumem request counts this many MiB"
+            " per unit (1 = MiB)",
+        ),
+    ] = MODEL.dcu_memory_factor
     webhook_port: Annotated[
         int,
         msgspec.Meta(ge=0, le=65535),
@@ -176,6 +186,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             default_memory_mib=opts.default_memory_mib,
             default_cores_percent=opts.default_cores,
             default_gpu_num=opts.default_gpu_num,
+            dcu_memory_factor=opts.dcu_memory_factor,
         ),
         webhook=WebhookSettings(
             port=opts.webhook_port,

@@ -197,6 +197,20 @@ MUTATIONS: list[tuple[str, mutating.MutationSettings, dict[str, Any], dict[str, 
         pod(ctr(limits={MEM: 3000}), labels={"hami.io/webhook": "yes"}),
         pod(ctr(limits={MEM: 3000, GPU: "1"}), labels={"hami.io/webhook": "yes"}, scheduler=VS),
     ),
+    (
+        # HAMi's Hygon MutateAdmission: a dcunum in the limits makes the pod the scheduler's;
+        # no cores or count are written for a DCU (its cores default to 100 when parsed)
+        "a Hygon DCU pod only gets the scheduler name",
+        DEFAULTS,
+        pod(ctr(limits={"hygon.com/dcunum": 1, "hygon.com/dcumem": 2000})),
+        pod(ctr(limits={"hygon.com/dcunum": 1, "hygon.com/dcumem": 2000}), scheduler=VS),
+    ),
+    (
+        "a container asking both vendors: NVIDIA's defaults only for NVIDIA's resources",
+        DEFAULTS,
+        pod(ctr(limits={"hygon.com/dcunum": 1, MEM: 3000})),
+        pod(ctr(limits={"hygon.com/dcunum": 1, MEM: 3000, GPU: "1"}), scheduler=VS),
+    ),
 ]
 
 
@@ -357,6 +371,23 @@ DENIALS: list[tuple[str, mutating.MutationSettings, dict[str, Any], int, tuple[s
         ("hami.io/vgpu-devices-allocated", "GPU-abc,NVIDIA,1000,10:;"),
     ),
     (
+        "a pod created with the scheduler's DCU allocation annotation",
+        DEFAULTS,
+        pod(
+            ctr(limits={"hygon.com/dcunum": 1}),
+            annotations={"hami.io/dcu-devices-to-allocate": "DCU-abc,DCU,1000,10:;"},
+        ),
+        403,
+        ("hami.io/dcu-devices-to-allocate", "DCU-abc,DCU,1000,10:;"),
+    ),
+    (
+        "a negative DCU memory",
+        DEFAULTS,
+        pod(ctr(limits={"hygon.com/dcunum": 1, "hygon.com/dcumem": -1})),
+        422,
+        ("container 'main'", "hygon.com/dcumem", "-1"),
+    ),
+    (
         "a pod created with a bind phase",
         DEFAULTS,
         pod(ctr(limits={GPU: 1}), annotations={"hami.io/bind-phase": "success"}),
@@ -400,6 +431,12 @@ SKIPS: list[tuple[str, dict[str, Any], str]] = [
     # HAMi defaults nvidia.com/gpu only for gpumem/gpucores in the limits
     # (mutateContainerResource); requests alone give no GPU, so the pod is not the webhook's
     ("gpumem in the requests only", review(pod(ctr(requests={MEM: 3000}))), "no GPU requested"),
+    # a DCU request without hygon.com/dcunum asks nothing (HAMi's GenerateResourceRequests)
+    (
+        "dcumem without dcunum",
+        review(pod(ctr(limits={"hygon.com/dcumem": 3000}))),
+        "no GPU requested",
+    ),
     (
         "a pod labelled hami.io/webhook: ignore",
         review(pod(ctr(limits={GPU: 1}), labels={"hami.io/webhook": "ignore"})),

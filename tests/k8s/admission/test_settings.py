@@ -43,8 +43,10 @@ def test_every_flag_reads_its_vslice_variable_and_flags_win() -> None:
         "VSLICE_SCHEDULER_NAME": "from-env",
         "VSLICE_SM_POLICY": "disable",
         "VSLICE_DEFAULT_GPU_NUM": "2",
+        "VSLICE_DCU_MEMORY_FACTOR": "4",
     }
     from_env = settings.parse([], env)
+    assert from_env.resources.dcu_memory_factor == 4
     assert (from_env.webhook.port, from_env.webhook.scheduler_name) == (9443, "from-env")
     assert (from_env.webhook.core_policy, from_env.resources.default_gpu_num) == ("disable", 2)
     flagged = settings.parse(["--webhook-port", "8443", "--scheduler-name", "flag"], env)
@@ -82,6 +84,8 @@ def test_without_the_webhook_the_bus_is_used_as_before() -> None:
         (["--tls-reload", "0"], {}, "--tls-reload 0"),
         (["--default-cores", "101"], {}, "--default-cores 101"),
         (["--default-gpu-num", "-1"], {}, "--default-gpu-num -1"),
+        (["--dcu-memory-factor", "0"], {}, "--dcu-memory-factor 0"),
+        ([], {"VSLICE_DCU_MEMORY_FACTOR": "x"}, "--dcu-memory-factor 'x'"),
     ],
 )
 def test_a_bad_value_exits_naming_the_flag_and_value(
