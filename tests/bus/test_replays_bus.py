@@ -16,6 +16,7 @@ from libshared.traces import TracePod
 from vslice import cli, replays_bus, replays_local
 
 NODE_HEADER = "sn,cpu_milli,memory_mib,gpu,model"
+MIXED = Path(__file__).parents[1] / "scheduler" / "traces"  # the mixed-vendor fixture
 POD_HEADER = (
     "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,"
     "deletion_time,scheduled_time"
@@ -94,6 +95,23 @@ def test_a_dcu_pods_nouse_uuids_become_hygons_annotation() -> None:
     request = parse_pod(spec, settings=ResourceSettings())
     assert request.selectors("DCU").nouse_uuids == ("a", "b")
     assert request.nouse_uuids == ()
+
+
+def test_on_a_mixed_vendor_fleet_the_bus_places_what_the_in_process_replay_places() -> None:
+    trace, fleet = str(MIXED / "mixed_pods.csv"), str(MIXED / "mixed_fleet.csv")
+    (local,) = replays_local.replay_in_process(trace, fleet, ["fgd"], [42], jobs=1, quiet=True)
+    (bus,) = replays_bus.replay_over_bus(
+        trace, fleet, ["fgd"], [42], replicas=1, concurrency=1, quiet=True
+    )
+    assert 0 < bus["pods_placed"] == local["pods_placed"] < bus["pods_total"]
+    assert bus["curve"] == local["curve"]
+    assert set(bus["by_vendor"]) == {"DCU", "NVIDIA"}
+    for vendor in ("DCU", "NVIDIA"):
+        got, want = bus["by_vendor"][vendor], local["by_vendor"][vendor]
+        assert got["foreign_slices"] == want["foreign_slices"] == 0
+        assert got["arrived"] == want["arrived"]
+        assert got["pods_placed"] == want["pods_placed"] > 0
+        assert got["allocated"] == pytest.approx(want["allocated"])
 
 
 def test_the_cli_replays_over_two_replicas_and_writes_the_report(
