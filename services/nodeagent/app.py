@@ -16,13 +16,14 @@ import contextlib
 import logging
 from pathlib import Path
 
-from libshared import connecting, probes, traces
+from libshared import connecting, probes, traces, vendors
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
 from libshared.subjects import valid_node
 from services.nodeagent.adapters import (
     bus,
     configfiles,
+    dcus,
     deviceplugin,
     gpus,
     hostroots,
@@ -184,6 +185,8 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         )
     backend = await asyncio.to_thread(open_gpus, settings, real)
     found = await asyncio.to_thread(backend.discover)
+    dcu_backend = dcus.MockDcus(real.dcus) if real.dcus else None
+    dcus_found = dcu_backend.discover() if dcu_backend is not None else []
     mig = migdevices.NvmlMig() if backend.nvml_loaded else None
     if mig is not None and node_settings.mode == "mig":
         found = await asyncio.to_thread(_enable_mig, mig, backend, found)
@@ -230,6 +233,8 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
         rediscover_s=real.rediscover_s,
         reported=reported,
         subjects=settings.bus.subjects,
+        dcu_backend=dcu_backend,
+        dcus_found=dcus_found,
     )
     health = probes.Probes()
     lifeline = None
@@ -245,7 +250,7 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
             node_loops.nc = node_loops.agent.nc
             _agent_checks(health, node_loops.agent)
         if plugin_settings is not None:
-            node_loops.plugin = await _device_plugin(
+            node_loops.plugin, node_loops.dcu_plugin = await _device_plugins(
                 plugin_settings, node_loops, stack, health, root=root, lib=lib
             )
         log.info(
@@ -254,9 +259,11 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
                 "node": node,
                 "backend": backend.kind,
                 "gpus": len(found),
+                "dcus": len(dcus_found),
                 "bus": node_loops.agent is not None,
                 "device_plugin": node_loops.plugin is not None,
                 "hami_register": registrations.hami_register(node_loops.registration()),
+                "dcu_register": registrations.hami_register(node_loops.registration(), vendors.DCU),
             },
         )
         health.alive_when("usage", reported)
@@ -290,7 +297,7 @@ def _enable_mig(mig: migdevices.NvmlMig, backend: gpus.Gpus, found: list[Gpu]) -
     return backend.discover() if asked else found
 
 
-async def _device_plugin(
+async def _device_plugins(
     plugin_settings: DevicePluginSettings,
     node_loops: loops.NodeLoops,
     stack: contextlib.AsyncExitStack,
@@ -298,8 +305,10 @@ async def _device_plugin(
     *,
     root: Path,
     lib: Path,
-) -> deviceplugin.DevicePlugin:
-    """Start kubelet's device plugin for the node (ready once kubelet registered it)."""
+) -> tuple[deviceplugin.DevicePlugin, deviceplugin.DevicePlugin | None]:
+    """Start kubelet's device plugin for the node's GPUs, and a second one for its Hygon
+    DCUs when it has any (each ready once kubelet registered it). Returns both (None: no
+    DCUs)."""
     api = await kube.api_client()
     stack.push_async_callback(api.close)
     agent = node_loops.agent
@@ -311,30 +320,40 @@ async def _device_plugin(
     pods = kube.Kube(api)
     node_loops.kube_api = pods  # the node's hami.io/device-cordon annotation
     node_loops.cordon_poll_s = plugin_settings.cordon_poll_s
-    plugin = deviceplugin.DevicePlugin(
-        settings=deviceplugin.PluginSettings(
-            node=node_loops.node,
-            kubelet_dir=plugin_settings.kubelet_dir,
-            device_list=plugin_settings.device_list,
-        ),
-        pods=pods,
-        slicer=node_loops.slicer,
-        registration=node_loops.registration(),
-        libvgpu=lib.resolve(),
-        preload=hostroots.install_preload(root, allocating.preload_text()),
-        ledger=read_ledger if agent is not None else None,
-        minors=registrations.minors(node_loops.found),
+    nvidia = deviceplugin.PluginSettings(
+        node=node_loops.node,
+        kubelet_dir=plugin_settings.kubelet_dir,
+        device_list=plugin_settings.device_list,
     )
-    await plugin.start()
-    stack.push_async_callback(plugin.stop)
+    preload = hostroots.install_preload(root, allocating.preload_text())
+    lock = asyncio.Lock()  # one Allocate at a time on the node, whatever the vendor
+    started = []
+    for settings in (nvidia, deviceplugin.dcu_settings(nvidia)):
+        if settings.vendor is vendors.DCU and not node_loops.dcus_found:
+            continue
+        plugin = deviceplugin.DevicePlugin(
+            settings=settings,
+            pods=pods,
+            slicer=node_loops.slicer,
+            registration=node_loops.registration(),
+            libvgpu=lib.resolve(),
+            preload=preload,
+            ledger=read_ledger if agent is not None else None,
+            minors=registrations.minors(node_loops.found),
+            lock=lock,
+        )
+        await plugin.start()
+        stack.push_async_callback(plugin.stop)
+        started.append(plugin)
 
     def with_kubelet() -> str:
-        if plugin.registered_with is None:
-            return "device plugin: not registered with kubelet"
+        waiting = [p.settings.resource_name for p in started if p.registered_with is None]
+        if waiting:
+            return f"device plugin: not registered with kubelet ({', '.join(waiting)})"
         return ""
 
     health.ready_when("kubelet", with_kubelet)
-    return plugin
+    return started[0], (started[1] if len(started) > 1 else None)
 
 
 def _agent_checks(health: probes.Probes, agent: bus.Agent) -> None:

@@ -35,7 +35,10 @@ from services.nodeagent.adapters import configfiles
 from services.nodeagent.core import devicelists, nodeconfigs
 from services.nodeagent.core.fleets import (
     DEFAULT_SPLIT_COUNT,
+    MOCKDCU_VARIABLE,
     FleetSpec,
+    MockDcu,
+    parse_dcus,
     parse_devices,
     parse_models,
 )
@@ -86,6 +89,17 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
             "[,...] (wins over --gpus/--memory-mib; a name such as 'NVIDIA A100-SXM4-40GB'"
             " and ':mig' start the GPU in MIG mode)",
             check=parse_devices,
+        ),
+    ] = ""
+    dcus: Annotated[
+        str,
+        settings.option(
+            "--dcus",
+            env=MOCKDCU_VARIABLE,
+            help="mock Hygon DCUs of this machine's node, beside its GPUs:"
+            " <uuid>:<memory_mib>[:<model>][,...] (model default Z100: type DCU-Z100)",
+            group=REAL,
+            check=parse_dcus,
         ),
     ] = ""
     node_prefix: Annotated[str, settings.option("--node-prefix", env="VSLICE_NODE_PREFIX")] = ""
@@ -287,7 +301,8 @@ class SliceSettings:
     (``GPU_CORE_UTILIZATION_POLICY``), ``rediscover_s`` (seconds between device list
     checks), ``node_config`` (HAMi's device plugin ``config.json``, per-node values over
     ``scaling``: ``core.nodeconfigs``; None: none), ``node_config_poll_s`` (seconds between
-    checks of it for a change)."""
+    checks of it for a change), ``dcus`` (the node's mock Hygon DCUs; no real DCU backend
+    exists: ``adapters.dcus``)."""
 
     host_root: str
     backend: Literal["auto", "nvml", "mock"] = DEFAULTS.backend
@@ -304,6 +319,7 @@ class SliceSettings:
     rediscover_s: float = DEFAULTS.rediscover
     node_config: str | None = DEFAULTS.node_config
     node_config_poll_s: float = DEFAULTS.node_config_poll
+    dcus: tuple[MockDcu, ...] = ()
 
     @property
     def mock_state_path(self) -> str:
@@ -373,6 +389,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     try:
         bus = opts.bus()
         devices = parse_devices(opts.devices)
+        dcus = parse_dcus(opts.dcus)
         scaling = Scaling(
             split_count=opts.split_count or DEFAULT_SPLIT_COUNT,
             memory_scaling=opts.memory_scaling,
@@ -403,6 +420,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             cordon_poll_s=opts.cordon_poll,
             device_list=device_list,
         )
+    if dcus and not opts.host_root:
+        LOADER.error("--dcus needs --host-root (mock DCUs belong to this machine's node)")
     if opts.node_config and not opts.host_root:
         LOADER.error("--node-config needs --host-root (it configures this machine's node)")
     slices = None
@@ -423,6 +442,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             node_config=str(Path(opts.node_config).resolve()) if opts.node_config else None,
             node_config_poll_s=opts.node_config_poll,
             rediscover_s=opts.rediscover,
+            dcus=dcus,
         )
     spec = FleetSpec(
         nodes=opts.nodes,

@@ -1,4 +1,5 @@
-"""The kubelet device plugin: ``nvidia.com/gpu`` over the device-plugin API v1beta1 (gRPC).
+"""The kubelet device plugin: ``nvidia.com/gpu`` (or ``hygon.com/dcunum``) over the
+device-plugin API v1beta1 (gRPC).
 
 ``DevicePlugin`` serves the ``DevicePlugin`` service on a unix socket in kubelet's
 device-plugin directory and registers it with kubelet's ``Registration`` service on
@@ -26,24 +27,34 @@ device-plugin directory and registers it with kubelet's ``Registration`` service
 
 Allocate calls are handled one at a time in this process (kubelet makes them one at a time
 too); nothing is held between a bind and its Allocate.
+
+A node with Hygon DCUs runs a second ``DevicePlugin`` for vendor ``DCU``
+(``PluginSettings.vendor``, ``dcu_settings``): its own socket, ``hygon.com/dcunum``
+replicas of the DCUs only, pods matched by ``hami.io/dcu-devices-to-allocate``,
+``HIP_VISIBLE_DEVICES`` answered, and the node's ``hami.io/node-dcu-register`` and
+``hami.io/node-handshake-dcu`` written. The two share one Allocate lock, so a pod asking
+both vendors is read by the second after the first wrote its progress, and its bind phase
+ends once both are done. What a real DCU container would also need -- the ``/dev/kfd`` and
+``/dev/dri`` device nodes passed to the runtime -- is not given: no DCU was at hand to
+check it against, and the mock DCUs have no device nodes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from libshared import annotations as keys
-from libshared import events
+from libshared import events, vendors
 from libshared.devices import NodeDevices
 from libshared.errors import VsliceError
 from libshared.ledgers import NodeLedger, PodCharge
@@ -57,6 +68,7 @@ log = logging.getLogger("vslice.nodeagent")
 
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_SOCKET = "vslice-nvidia.sock"
+DCU_SOCKET = "vslice-dcu.sock"
 
 LedgerReader = Callable[[], Awaitable[NodeLedger | None]]
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -71,7 +83,10 @@ class PluginSettings:
     ``annotate_retry_s``: seconds before writing the node annotation again after a
     failure; ``stop_grace_s``: seconds calls in flight get to finish at stop (the open
     ``ListAndWatch`` streams are cut after it); ``device_list``: how Allocate names the
-    GPUs to the runtime (HAMi's ``--device-list-strategy``, ``--pass-device-specs``)."""
+    GPUs to the runtime (HAMi's ``--device-list-strategy``, ``--pass-device-specs``);
+    ``vendor``: whose devices it serves (``resource_name`` is that vendor's count
+    resource); ``release_departed``: it releases the slices of pods that left the node
+    (one plugin of a node does)."""
 
     node: str
     kubelet_dir: str = DEFAULT_KUBELET_DIR
@@ -84,6 +99,21 @@ class PluginSettings:
     stop_grace_s: float = 0.5
     device_list: devicelists.DeviceListSettings = field(
         default_factory=devicelists.DeviceListSettings
+    )
+    vendor: vendors.Vendor = vendors.NVIDIA
+    release_departed: bool = True
+
+
+def dcu_settings(nvidia: PluginSettings) -> PluginSettings:
+    """The DCU plugin's settings beside the NVIDIA plugin's ``nvidia``: the same node,
+    directory and periods; its own socket, ``hygon.com/dcunum``, vendor ``DCU``, and no
+    sweep of departed pods (the NVIDIA plugin does it for the node)."""
+    return replace(
+        nvidia,
+        socket=DCU_SOCKET,
+        resource_name=vendors.DCU.count,
+        vendor=vendors.DCU,
+        release_departed=False,
     )
 
 
@@ -122,7 +152,7 @@ class DevicePlugin(rpc.DevicePluginServicer):
     copy); ``preload``: the ``ld.so.preload`` file to mount; ``ledger``: reads the node's
     ledger entry, to refuse pods whose annotations it does not back (None: no bus);
     ``minors``: each GPU's device minor (UUID -> the ``N`` of ``/dev/nvidiaN``), for
-    device specs.
+    device specs; ``lock``: the Allocate lock, shared by the plugins of one node.
     """
 
     def __init__(
@@ -136,6 +166,7 @@ class DevicePlugin(rpc.DevicePluginServicer):
         preload: Path,
         ledger: LedgerReader | None = None,
         minors: Mapping[str, int] | None = None,
+        lock: asyncio.Lock | None = None,
     ) -> None:
         self.settings = settings
         self.pods = pods
@@ -149,7 +180,7 @@ class DevicePlugin(rpc.DevicePluginServicer):
         self.registered_with: tuple[int, int, int] | None = None
         self.registrations = 0  # successful Register calls, for logs and tests
         self._changed = asyncio.Condition()
-        self._allocating = asyncio.Lock()
+        self._allocating = lock or asyncio.Lock()
         self._annotate = asyncio.Event()
         self._annotate.set()
         self._server: grpc.aio.Server | None = None
@@ -175,8 +206,11 @@ class DevicePlugin(rpc.DevicePluginServicer):
         self._tasks = [
             asyncio.create_task(self._watch(), name="deviceplugin-watch"),
             asyncio.create_task(self._write_annotation(), name="deviceplugin-annotate"),
-            asyncio.create_task(self._release_departed(), name="deviceplugin-release"),
         ]
+        if self.settings.release_departed:
+            self._tasks.append(
+                asyncio.create_task(self._release_departed(), name="deviceplugin-release")
+            )
 
     async def stop(self) -> None:
         """Stop the background work and the server, and remove the socket."""
@@ -292,19 +326,21 @@ class DevicePlugin(rpc.DevicePluginServicer):
                 health=allocating.HEALTHY if r.healthy else allocating.UNHEALTHY,
                 topology=api.TopologyInfo(nodes=[api.NUMANode(ID=r.numa)]),
             )
-            for r in allocating.replicas(self.registration.devices)
+            for r in allocating.replicas(self.registration.devices, self.settings.vendor)
         ]
 
     async def _write_annotation(self) -> None:
         while True:
             await self._annotate.wait()
             self._annotate.clear()
-            value = registrations.hami_register(self.registration)
+            patch = registrations.vendor_annotations(
+                self.registration,
+                self.settings.vendor,
+                now=datetime.datetime.now(datetime.UTC),
+            )
             try:
-                await self.pods.annotate_node(
-                    self.settings.node, {keys.NODE_NVIDIA_REGISTER: value}
-                )
-                log.info("node annotated", extra={"node": self.settings.node, "value": value})
+                await self.pods.annotate_node(self.settings.node, dict(patch))
+                log.info("node annotated", extra={"node": self.settings.node, "value": patch})
             except Exception as exc:  # KubeError, or anything else: retried, never fatal
                 log.warning("node annotation failed; retrying", extra={"error": str(exc)})
                 self._annotate.set()
@@ -370,7 +406,9 @@ class DevicePlugin(rpc.DevicePluginServicer):
         except kube.KubeError as exc:
             log.warning("pod list failed; preferring by spread", extra={"error": str(exc)})
             pods = []
-        pending, problems = allocating.candidates(pods, node=self.settings.node)
+        pending, problems = allocating.candidates(
+            pods, node=self.settings.node, vendor=self.settings.vendor
+        )
         if self.ledger is not None and pending:
             try:
                 pending = await self._backed_by_ledger(pending, problems)
@@ -426,7 +464,8 @@ class DevicePlugin(rpc.DevicePluginServicer):
             pods = await self.pods.pods_on(node)
         except kube.KubeError as exc:
             raise AllocateError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
-        pending, problems = allocating.candidates(pods, node=node)
+        vendor = self.settings.vendor
+        pending, problems = allocating.candidates(pods, node=node, vendor=vendor)
         if self.ledger is not None and pending:
             pending = await self._backed_by_ledger(pending, problems)
         for line in problems:
@@ -436,7 +475,11 @@ class DevicePlugin(rpc.DevicePluginServicer):
         for creq in request.container_requests:
             ids = list(creq.devices_ids)
             try:
-                match = allocating.choose(ids, pending if current is None else [current])
+                match = allocating.choose(
+                    ids,
+                    pending if current is None else [current],
+                    resource=self.settings.resource_name,
+                )
             except allocating.NoCandidate as exc:
                 if current is not None:
                     await self._fail(current, exc.reason)
@@ -463,7 +506,7 @@ class DevicePlugin(rpc.DevicePluginServicer):
                 k: (r.mig_uuid, r.gpu_instance_id, max(0, r.compute_instance_id))
                 for k, r in self.slicer.realized.items()
             }
-            patch = allocating.progress_annotations(current)
+            patch = allocating.progress_annotations(current, vendor)
             patch |= allocating.realized_migs(current, realized)
             try:
                 await self.pods.annotate_pod(current.namespace, current.name, patch)
@@ -493,7 +536,9 @@ class DevicePlugin(rpc.DevicePluginServicer):
     async def _container(self, match: allocating.Match) -> api.ContainerAllocateResponse:
         pod = match.pod
         try:
-            slices = allocating.container_slices(match, self.registration.devices)
+            slices = allocating.container_slices(
+                match, self.registration.devices, self.settings.vendor
+            )
         except ValueError as exc:
             await self._fail(pod, str(exc))
             raise AllocateError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
@@ -511,14 +556,16 @@ class DevicePlugin(rpc.DevicePluginServicer):
             raise AllocateError(grpc.StatusCode.FAILED_PRECONDITION, answer.reason)
         [plan] = self.slicer.plan(placement)
         strategy = self.settings.device_list
+        device_list = None
         try:
-            device_list = devicelists.device_list(
-                plan.env["NVIDIA_VISIBLE_DEVICES"].split(","),
-                settings=strategy,
-                response_id=str(uuid.uuid4()),
-                minors=self.minors,
-                present=_present(strategy) if strategy.pass_device_specs else frozenset(),
-            )
+            if plan.cuda:  # the device list strategies name NVIDIA GPUs
+                device_list = devicelists.device_list(
+                    plan.env["NVIDIA_VISIBLE_DEVICES"].split(","),
+                    settings=strategy,
+                    response_id=str(uuid.uuid4()),
+                    minors=self.minors,
+                    present=_present(strategy) if strategy.pass_device_specs else frozenset(),
+                )
         except ValueError as exc:
             await self._fail(pod, str(exc))
             raise AllocateError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc

@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from libshared import bounds, events, probes
 from libshared.devices import NodeDevices
 from libshared.subjects import Subjects
-from services.nodeagent.adapters import configfiles, deviceplugin, gpus, hostroots, kube
+from services.nodeagent.adapters import configfiles, dcus, deviceplugin, gpus, hostroots, kube
 from services.nodeagent.adapters.bus import Agent
 from services.nodeagent.adapters.slicing import Slicer
 from services.nodeagent.core import nodeconfigs, registrations, usages
@@ -64,7 +64,9 @@ class NodeLoops:
     ``usage_every_s``, ``rediscover_s``: the loops' periods (seconds). ``settings``: what
     the node registers with (``defaults`` with the entry of ``config_path``, HAMi's device
     plugin config, over them: ``core.nodeconfigs``); ``config_seen``: that file's bytes as
-    last read; it is read again every ``config_poll_s`` seconds."""
+    last read; it is read again every ``config_poll_s`` seconds. ``dcu_backend``: the
+    node's Hygon DCUs (None: it has none), ``dcus_found`` those discovered last;
+    ``dcu_plugin`` serves them to kubelet."""
 
     node: str
     backend: gpus.Gpus
@@ -88,6 +90,9 @@ class NodeLoops:
     kube_api: kube.NodeAnnotations | None = None
     cordon_poll_s: float = 10.0
     cordoned: frozenset[str] = frozenset()
+    dcu_backend: dcus.Dcus | None = None
+    dcus_found: list[Gpu] = field(default_factory=list)
+    dcu_plugin: deviceplugin.DevicePlugin | None = None
     _problems: dict[str, str] = field(default_factory=dict)  # what, last error logged
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -95,7 +100,8 @@ class NodeLoops:
         self.slicer.mig_gpus = mig_gpus(self.registration())
 
     def registration(self) -> NodeDevices:
-        """The node's devices as registered now: the GPUs found that its settings keep."""
+        """The node's devices as registered now: the GPUs and DCUs found that its settings
+        keep."""
         offered = self.settings.gpus(self.found)
         return registrations.node_devices(
             self.node,
@@ -105,6 +111,7 @@ class NodeLoops:
             cordoned=self.cordoned,
             mig=self.settings.mig(offered),
             mode="mps" if self.slicer.mps is not None else "hami-core",
+            dcus=self.settings.dcus(self.dcus_found),
         )
 
     def _problem(self, what: str, message: str, exc: Exception) -> None:
@@ -182,8 +189,9 @@ class NodeLoops:
         self.slicer.mig_gpus = mig_gpus(now)
         if self.agent is not None:
             await self.agent.register([now])
-        if self.plugin is not None:
-            await self.plugin.update(now, minors=registrations.minors(self.found))
+        for plugin in (self.plugin, self.dcu_plugin):
+            if plugin is not None:
+                await plugin.update(now, minors=registrations.minors(self.found))
 
     async def report(self) -> None:
         """One usage report: read the devices, report, end escapes, sweep ended slices."""
@@ -215,12 +223,19 @@ class NodeLoops:
             await self.announce()
 
     async def rediscover(self) -> None:
-        """After ``rediscover_s``, list the GPUs again; a change registers the node again."""
+        """After ``rediscover_s``, list the GPUs (and DCUs) again; a change registers the
+        node again."""
         await asyncio.sleep(self.rediscover_s)
         now = await asyncio.to_thread(self.backend.discover)
-        if now != self.found:
-            self.found = now
-            log.info("device list changed", extra={"gpus": len(self.found)})
+        dcus_now = self.dcus_found
+        if self.dcu_backend is not None:
+            dcus_now = await asyncio.to_thread(self.dcu_backend.discover)
+        if now != self.found or dcus_now != self.dcus_found:
+            self.found, self.dcus_found = now, dcus_now
+            log.info(
+                "device list changed",
+                extra={"gpus": len(self.found), "dcus": len(self.dcus_found)},
+            )
             await self.announce()
 
     def start(self, health: probes.Probes) -> None:

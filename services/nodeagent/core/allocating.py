@@ -37,6 +37,12 @@ handed out exactly once, so every GPU carries exactly the slices the ledger hold
 nothing is double-booked; what goes wrong is which of the two pods runs with which
 slice. ``Match.ambiguous`` marks every decision the order made, for the adapter to log.
 
+**Vendors.** The same rules serve Hygon DCUs (``libshared.vendors.DCU``): a second device
+plugin advertises ``hygon.com/dcunum`` replicas of the node's DCUs and matches pods by
+``hami.io/dcu-devices-to-allocate``; each vendor's plugin consumes its own annotation, and
+``hami.io/bind-phase`` turns ``success`` once no vendor's devices-to-allocate holds a
+device (HAMi's ``PodAllocationTrySuccess`` waits for every vendor the same way).
+
 Everything here is pure: the gRPC server, the Kubernetes API and the files are the
 adapters' (``services.nodeagent.adapters.deviceplugin``, ``.kube``, ``.slicing``).
 """
@@ -51,6 +57,7 @@ from typing import Any
 import msgspec
 
 from libshared import annotations as keys
+from libshared import vendors
 from libshared.devices import Device
 from libshared.errors import AnnotationDecodeError, InvalidRequest, VsliceError
 from libshared.ledgers import NodeLedger, Slice
@@ -110,11 +117,11 @@ def replica_uuid(device_id: str) -> str | None:
     return uuid
 
 
-def replicas(devices: Iterable[Device]) -> list[Replica]:
-    """Every replica of ``devices`` (``split_count`` per GPU, by GPU index then replica
-    number), healthy when its GPU is. Pure."""
+def replicas(devices: Iterable[Device], vendor: vendors.Vendor = vendors.NVIDIA) -> list[Replica]:
+    """Every replica of the devices of ``vendor`` among ``devices`` (``split_count`` per
+    device, by index then replica number), healthy when its device is. Pure."""
     out = []
-    for d in sorted(devices, key=lambda d: d.index):
+    for d in sorted((d for d in devices if d.vendor == vendor.name), key=lambda d: d.index):
         for i in range(d.split_count):
             out.append(
                 Replica(id=replica_id(d.uuid, i), uuid=d.uuid, healthy=d.healthy, numa=d.numa)
@@ -146,7 +153,9 @@ class PendingPod:
     allocated or for a container without GPUs), aligned with ``containers``;
     ``bind_time``: ``hami.io/bind-time`` in Unix seconds (None: absent or unreadable);
     ``created``: ``metadata.creationTimestamp`` (RFC 3339, compared as text); ``migs``:
-    the GPU instances its MIG slices hold (``hami.io/vgpu-mig-allocations``).
+    the GPU instances its MIG slices hold (``hami.io/vgpu-mig-allocations``);
+    ``others_pending``: another vendor's devices-to-allocate still holds a device (its
+    plugin has not allocated it yet, so this one does not end the bind phase).
     """
 
     uid: str
@@ -157,6 +166,7 @@ class PendingPod:
     entries: tuple[tuple[keys.DeviceGrant, ...], ...]
     containers: tuple[ContainerInfo, ...]
     migs: tuple[keys.MigAllocation, ...] = ()
+    others_pending: bool = False
 
     def next_entry(self) -> int | None:
         """Index of the first entry still holding devices; None when all are done."""
@@ -199,10 +209,24 @@ def _containers(spec: Mapping[str, Any]) -> tuple[list[ContainerInfo], int]:
     return out, sum(1 for c in out if not c.init)
 
 
-def pending_pod(pod: Mapping[str, Any], *, node: str) -> PendingPod | None:
-    """``pod`` (Kubernetes JSON) as a ``PendingPod`` of ``node``, or None when it is not
-    one: bound elsewhere, not ``allocating``, being deleted, ended, or with nothing left to
-    allocate. Pure.
+def _holds_devices(value: object, key: str) -> bool:
+    """Whether a devices-to-allocate value still names a device (an unreadable one counts
+    as holding: it is not allocated)."""
+    if not value:
+        return False
+    try:
+        return any(any(e) for e in keys.decode_pod_devices(str(value), key=key))
+    except AnnotationDecodeError:
+        return True
+
+
+def pending_pod(
+    pod: Mapping[str, Any], *, node: str, vendor: vendors.Vendor = vendors.NVIDIA
+) -> PendingPod | None:
+    """``pod`` (Kubernetes JSON) as a ``PendingPod`` of ``node`` for ``vendor``'s devices
+    (its devices-to-allocate annotation: ``vendor.to_allocate``), or None when it is not
+    one: bound elsewhere, not ``allocating``, being deleted, ended, or with nothing of
+    that vendor left to allocate. Pure.
 
     Raises ``AnnotationDecodeError`` for an unreadable devices-to-allocate and
     ``ValueError`` naming the pod when the annotation names another node or its entries
@@ -222,10 +246,11 @@ def pending_pod(pod: Mapping[str, Any], *, node: str) -> PendingPod | None:
     vgpu_node = annos.get(keys.VGPU_NODE)
     if vgpu_node is not None and vgpu_node != node:
         raise ValueError(f"{where}: {keys.VGPU_NODE}={vgpu_node!r} but spec.nodeName={node!r}")
-    raw = annos.get(keys.VGPU_DEVICES_TO_ALLOCATE)
+    to_allocate = vendor.to_allocate
+    raw = annos.get(to_allocate)
     if not raw:
         return None
-    decoded = keys.decode_pod_devices(str(raw), key=keys.VGPU_DEVICES_TO_ALLOCATE)
+    decoded = keys.decode_pod_devices(str(raw), key=to_allocate)
     try:
         containers, regular = _containers(spec)
     except ValueError as exc:
@@ -240,7 +265,7 @@ def pending_pod(pod: Mapping[str, Any], *, node: str) -> PendingPod | None:
         aligned = [c for c in containers if not c.init]
     else:
         raise ValueError(
-            f"{where}: {keys.VGPU_DEVICES_TO_ALLOCATE} has {len(grants)} container entries "
+            f"{where}: {to_allocate} has {len(grants)} container entries "
             f"for {len(containers)} containers ({regular} regular)"
         )
     bind_raw = str(annos.get(keys.BIND_TIME, ""))
@@ -253,21 +278,27 @@ def pending_pod(pod: Mapping[str, Any], *, node: str) -> PendingPod | None:
         entries=tuple(tuple(g) for g in grants),
         containers=tuple(aligned),
         migs=tuple(keys.decode_mig_allocations(str(annos.get(keys.VGPU_MIG_ALLOCATIONS) or "[]"))),
+        others_pending=any(
+            _holds_devices(annos.get(v.to_allocate), v.to_allocate)
+            for v in vendors.VENDORS
+            if v.to_allocate != to_allocate
+        ),
     )
     return out if out.next_entry() is not None else None
 
 
 def candidates(
-    pods: Iterable[Mapping[str, Any]], *, node: str
+    pods: Iterable[Mapping[str, Any]], *, node: str, vendor: vendors.Vendor = vendors.NVIDIA
 ) -> tuple[list[PendingPod], list[str]]:
-    """The pending pods of ``node`` among ``pods``, and one problem line per pod whose
+    """The pending pods of ``node`` for ``vendor`` among ``pods``, and one problem line per
+    pod whose
     annotations cannot be read (it is never a candidate, and never silently: the adapter
     logs the lines and puts them in a failed Allocate's message). Pure."""
     found: list[PendingPod] = []
     problems: list[str] = []
     for pod in pods:
         try:
-            p = pending_pod(pod, node=node)
+            p = pending_pod(pod, node=node, vendor=vendor)
         except (AnnotationDecodeError, ValueError) as exc:
             problems.append(str(exc))
             continue
@@ -328,17 +359,21 @@ def _order_key(p: PendingPod) -> tuple[int, int, str, str, str]:
     return (0 if bind is not None else 1, bind or 0, p.created, p.namespace, p.name)
 
 
-def choose(device_ids: Sequence[str], pods: Sequence[PendingPod]) -> Match:
-    """The container of ``pods`` that an Allocate of replicas ``device_ids`` is for, by
-    the rules of the module docstring. Pure.
+def choose(
+    device_ids: Sequence[str], pods: Sequence[PendingPod], *, resource: str = RESOURCE_NAME
+) -> Match:
+    """The container of ``pods`` that an Allocate of replicas ``device_ids`` (of
+    ``resource``) is for, by the rules of the module docstring. Pure.
 
     Raises ``NoCandidate`` when no pod's next entry holds ``len(device_ids)`` devices.
     """
     wanted = Counter(u for u in (replica_uuid(d) for d in device_ids) if u is not None)
-    return _choose(len(device_ids), wanted, pods)
+    return _choose(len(device_ids), wanted, pods, resource=resource)
 
 
-def _choose(size: int, wanted: Counter[str], pods: Sequence[PendingPod]) -> Match:
+def _choose(
+    size: int, wanted: Counter[str], pods: Sequence[PendingPod], *, resource: str = RESOURCE_NAME
+) -> Match:
     ranked: list[tuple[int, PendingPod, int]] = []
     for p in pods:
         entry = p.next_entry()
@@ -349,7 +384,7 @@ def _choose(size: int, wanted: Counter[str], pods: Sequence[PendingPod]) -> Matc
     if not ranked:
         sizes = sorted({len(p.entries[n]) for p in pods if (n := p.next_entry()) is not None})
         raise NoCandidate(
-            f"no pod waiting on this node for {size} {RESOURCE_NAME} "
+            f"no pod waiting on this node for {size} {resource} "
             f"(pending pods: {len(pods)}; their next containers ask for {sizes or 'none'})"
         )
     ranked.sort(key=lambda r: (-r[0], _order_key(r[1])))
@@ -364,22 +399,26 @@ def _choose(size: int, wanted: Counter[str], pods: Sequence[PendingPod]) -> Matc
     )
 
 
-def container_slices(match: Match, devices: Sequence[Device]) -> tuple[Slice, ...]:
-    """The ledger slices of the matched container, in its device order. Pure.
+def container_slices(
+    match: Match, devices: Sequence[Device], vendor: vendors.Vendor = vendors.NVIDIA
+) -> tuple[Slice, ...]:
+    """The ledger slices of the matched container, in its device order, of ``vendor``
+    (``Slice.vendor``). Pure.
 
     A grant on a MIG-mode device takes its GPU instance from the pod's
     ``hami.io/vgpu-mig-allocations`` entry of that container and GPU.
 
-    Raises ``ValueError`` naming the UUID when a grant names a GPU this node does not
-    have, or a MIG-mode GPU with no instance for the container.
+    Raises ``ValueError`` naming the UUID when a grant names a device this node does not
+    have among ``vendor``'s, or a MIG-mode GPU with no instance for the container.
     """
-    index = {d.uuid: d.index for d in devices}
+    index = {d.uuid: d.index for d in devices if d.vendor == vendor.name}
     mig_mode = {d.uuid for d in devices if d.mode == "mig"}
     where = f"pod {match.pod.namespace}/{match.pod.name} container {match.container.name}"
     out = []
     for g in match.grants:
         if g.uuid not in index:
-            raise ValueError(f"{where}: GPU {g.uuid} is not on this node")
+            what = "GPU" if vendor is vendors.NVIDIA else vendor.name
+            raise ValueError(f"{where}: {what} {g.uuid} is not on this node")
         mig = next(
             (
                 m
@@ -405,19 +444,26 @@ def container_slices(match: Match, devices: Sequence[Device]) -> tuple[Slice, ..
                 mig_profile=mig.profile if mig else "",
                 mig_start=mig.placement.start if mig else -1,
                 mig_size=mig.placement.size if mig else 0,
+                vendor=vendor.name,
             )
         )
     return tuple(out)
 
 
-def progress_annotations(pod: PendingPod) -> dict[str, str | None]:
-    """The annotation patch after allocating: ``pod`` as it stands with the allocated
-    entries emptied. Entries left: devices-to-allocate rewritten without the allocated ones
-    (HAMi consumes it the same way); none left: bind-phase ``success`` and
-    devices-to-allocate removed (``None`` in a JSON merge patch). Pure."""
-    if pod.next_entry() is None:
-        return {keys.BIND_PHASE: keys.BIND_PHASE_SUCCESS, keys.VGPU_DEVICES_TO_ALLOCATE: None}
-    return {keys.VGPU_DEVICES_TO_ALLOCATE: keys.encode_pod_devices([list(e) for e in pod.entries])}
+def progress_annotations(
+    pod: PendingPod, vendor: vendors.Vendor = vendors.NVIDIA
+) -> dict[str, str | None]:
+    """The annotation patch after allocating ``vendor``'s devices: ``pod`` as it stands
+    with the allocated entries emptied. Entries left: that vendor's devices-to-allocate
+    rewritten without the allocated ones (HAMi consumes it the same way); none left: it is
+    removed (``None`` in a JSON merge patch), and bind-phase turns ``success`` unless
+    another vendor's devices are still to allocate (``PendingPod.others_pending``). Pure."""
+    if pod.next_entry() is not None:
+        return {vendor.to_allocate: keys.encode_pod_devices([list(e) for e in pod.entries])}
+    out: dict[str, str | None] = {vendor.to_allocate: None}
+    if not pod.others_pending:
+        out[keys.BIND_PHASE] = keys.BIND_PHASE_SUCCESS
+    return out
 
 
 def realized_migs(
@@ -493,7 +539,9 @@ def container_response(
     ``hostIPC``, as every MPS client shares the server's memory). With
     ``device_list`` (``devicelists.device_list`` of the plan's GPUs) its parts name the
     GPUs in place of the plan's ``NVIDIA_VISIBLE_DEVICES``; without it that variable
-    stays (the ``envvar`` strategy). Pure."""
+    stays (the ``envvar`` strategy). A container holding only DCUs (``plan.cuda`` false)
+    gets its ``HIP_VISIBLE_DEVICES`` and its cache directory, and nothing of CUDA's: no
+    libvgpu, preload, mock driver or device list. Pure."""
     envs = dict(plan.env)
     envs.pop("LD_PRELOAD", None)
     if device_list is not None:
@@ -511,7 +559,7 @@ def container_response(
             mounts.append(Mount(container_path=envs[key], host_path=envs[key], read_only=False))
     if not disable_control and plan.libvgpu:
         mounts.append(Mount(container_path=LD_SO_PRELOAD, host_path=preload, read_only=True))
-    if layout.mock is not None:
+    if layout.mock is not None and plan.cuda:
         envs["LD_LIBRARY_PATH"] = CONTAINER_MOCK_DIR
         envs["VSLICE_MOCKGPU_STATE"] = CONTAINER_MOCK_STATE
         mounts.append(

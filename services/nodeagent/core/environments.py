@@ -3,12 +3,14 @@
 ``CUDA_DEVICE_MEMORY_LIMIT_<i>`` (``<MiB>m``, one per visible device, in the container's
 device order), ``CUDA_DEVICE_SM_LIMIT`` (percent, for every device; left out at 0),
 ``NVIDIA_VISIBLE_DEVICES`` (the allocated UUIDs), ``CUDA_TASK_PRIORITY`` when the pod set
-``nvidia.com/priority`` (``ARCHITECTURE.md``, "The slice inside the container"). Pure:
+``nvidia.com/priority`` (``ARCHITECTURE.md``, "The slice inside the container"); a
+container's Hygon DCUs are named by index in ``HIP_VISIBLE_DEVICES`` instead. Pure:
 the node agent's adapter hands this to the runtime (or, for mock nodes, only reports it).
 """
 
 from __future__ import annotations
 
+from libshared import vendors
 from libshared.events import Placement
 from libshared.ledgers import Slice
 
@@ -30,8 +32,17 @@ def container_env(slices: list[Slice]) -> dict[str, str]:
 
 
 def pod_env(placement: Placement) -> dict[str, dict[str, str]]:
-    """Container name -> its variables, for every container holding a slice."""
+    """Container name -> its variables, for every container holding a slice: its NVIDIA
+    slices' (``container_env``), and ``HIP_VISIBLE_DEVICES`` for its DCUs (indices)."""
     per: dict[str, list[Slice]] = {}
     for s in sorted(placement.slices, key=lambda s: (s.container_index, s.device_index)):
         per.setdefault(s.container, []).append(s)
-    return {name: container_env(slices) for name, slices in per.items()}
+    out = {}
+    for name, slices in per.items():
+        gpus = [s for s in slices if s.vendor == vendors.NVIDIA.name]
+        dcus = [s for s in slices if s.vendor == vendors.DCU.name]
+        env = container_env(gpus) if gpus else {}
+        if dcus:
+            env[vendors.DCU.visible_devices] = ",".join(str(s.device_index) for s in dcus)
+        out[name] = env
+    return out

@@ -1,8 +1,9 @@
 """Mock fleets: the nodes one mock node agent process hosts, as ``NodeDevices``.
 
 Either a small uniform fleet (``FleetSpec``: N nodes of G identical GPUs) or a whole node
-list CSV in the openb format (``libshared.traces.read_fleet``, read by the adapter). Pure:
-builds values, reads nothing.
+list CSV in the openb format (``libshared.traces.read_fleet``, read by the adapter). Also
+the mock Hygon DCUs of a real-slice node (``parse_dcus``: ``VSLICE_MOCKDCU_DEVICES``).
+Pure: builds values, reads nothing.
 """
 
 from __future__ import annotations
@@ -10,10 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from libshared import bounds
 from libshared.devices import Device, NodeDevices
 
 DEFAULT_SPLIT_COUNT = 10  # HAMi deviceSplitCount default
 MAX_PRODUCT_NAME = 95  # NVML's product name buffer (NVML_DEVICE_NAME_V2_BUFFER_SIZE) less NUL
+
+MOCKDCU_VARIABLE = "VSLICE_MOCKDCU_DEVICES"
+DEFAULT_DCU_MODEL = "Z100"  # Hygon's DCU Z100, the card HAMi's DCU examples name
+DCU_TYPE_PREFIX = "DCU-"  # HAMi's DCU device types start with "DCU" (its use-dcutype words)
+MAX_DCU_MODEL = 32  # characters of a mock DCU's model
+MAX_DCU_LIST = 4_096  # characters of a whole VSLICE_MOCKDCU_DEVICES value
 
 
 @dataclass(frozen=True)
@@ -138,3 +146,83 @@ def build(spec: FleetSpec) -> list[NodeDevices]:
             )
         )
     return out
+
+
+@dataclass(frozen=True)
+class MockDcu:
+    """One mock Hygon DCU: ``uuid``, ``memory_mib`` (MiB) and ``model`` (``Z100``); its
+    device type is ``DCU-<model>`` (``type``)."""
+
+    uuid: str
+    memory_mib: int
+    model: str = DEFAULT_DCU_MODEL
+
+    @property
+    def type(self) -> str:
+        """``DCU-<model>``: what ``hygon.com/use-dcutype`` words are matched against."""
+        return f"{DCU_TYPE_PREFIX}{self.model}"
+
+
+def _dcu_problem(entry: str, reason: str) -> ValueError:
+    shown = entry if len(entry) <= 80 else f"{entry[:80]}..."
+    return ValueError(f"{MOCKDCU_VARIABLE} entry {shown!r}: {reason}")
+
+
+def parse_dcus(text: str) -> tuple[MockDcu, ...]:
+    """``"<uuid>:<memory_mib>[:<model>][,...]"`` (the ``VSLICE_MOCKDCU_DEVICES`` format) as
+    ``MockDcu`` values, in list order; empty entries are skipped, a missing model is
+    ``DEFAULT_DCU_MODEL``. Pure.
+
+    The text is untrusted: raises ``ValueError`` naming the variable and the entry when the
+    whole value is over ``MAX_DCU_LIST`` characters, it lists more than
+    ``bounds.MAX_DEVICES_PER_NODE`` DCUs, a UUID is empty, over ``bounds.MAX_UUID``
+    characters, unprintable or listed twice, the memory is not a whole number of MiB in
+    1..``bounds.MAX_MEMORY_MIB``, or the model is empty, over ``MAX_DCU_MODEL`` characters,
+    holds anything but letters, digits, ``-``, ``_`` and ``.``, or is followed by more.
+    """
+    if len(text) > MAX_DCU_LIST:
+        raise ValueError(
+            f"{MOCKDCU_VARIABLE}: {len(text):,} characters; at most {MAX_DCU_LIST:,} are read"
+        )
+    out: list[MockDcu] = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        parts = entry.split(":")
+        if len(parts) not in (2, 3):
+            raise _dcu_problem(entry, "expected <uuid>:<memory_mib>[:<model>]")
+        uuid, mib = parts[0].strip(), parts[1].strip()
+        model = parts[2].strip() if len(parts) == 3 else DEFAULT_DCU_MODEL
+        if not uuid or len(uuid) > bounds.MAX_UUID or not uuid.isprintable():
+            raise _dcu_problem(entry, f"the UUID must be 1-{bounds.MAX_UUID} printable characters")
+        if not (mib.isascii() and mib.isdigit()) or not 1 <= int(mib) <= bounds.MAX_MEMORY_MIB:
+            raise _dcu_problem(
+                entry, f"memory {mib!r}: a whole number of MiB, 1-{bounds.MAX_MEMORY_MIB}"
+            )
+        if (
+            not model
+            or len(model) > MAX_DCU_MODEL
+            or not model.isascii()
+            or not all(c.isalnum() or c in "-_." for c in model)
+        ):
+            raise _dcu_problem(
+                entry,
+                f"model {model!r}: 1-{MAX_DCU_MODEL} letters, digits, '-', '_' or '.'",
+            )
+        out.append(MockDcu(uuid=uuid, memory_mib=int(mib), model=model))
+        if len(out) > bounds.MAX_DEVICES_PER_NODE:
+            raise ValueError(
+                f"{MOCKDCU_VARIABLE}: more than {bounds.MAX_DEVICES_PER_NODE} DCUs"
+                " (a node registers at most that many devices)"
+            )
+    seen: set[str] = set()
+    for d in out:
+        if d.uuid in seen:
+            raise _dcu_problem(d.uuid, "this UUID is listed twice")
+        seen.add(d.uuid)
+    return tuple(out)
+
+
+def dcu_list(dcus: Sequence[MockDcu]) -> str:
+    """The ``VSLICE_MOCKDCU_DEVICES`` text of ``dcus`` (``parse_dcus`` reads it back). Pure."""
+    return ",".join(f"{d.uuid}:{d.memory_mib}:{d.model}" for d in dcus)

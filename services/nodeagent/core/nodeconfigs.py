@@ -155,6 +155,12 @@ class NodeSettings:
             return [msgspec.structs.replace(g, memory_mib=self.memory_mib) for g in kept]
         return kept
 
+    def dcus(self, found: Sequence[Gpu]) -> list[Gpu]:
+        """The Hygon DCUs of ``found`` the node offers: those ``filterdevices`` does not
+        name by UUID (its indices are the NVIDIA GPUs'; DCUs have their own numbering, and
+        operating modes and ``preconfigureddevicememory`` are NVIDIA's)."""
+        return [g for g in found if g.uuid not in self.filter_uuids]
+
     def left_out(self, gpu: Gpu) -> str:
         """Why ``gpu`` is not offered ("" when it is): filtered; in MIG mode on a
         ``hami-core`` node (CUDA sees no device on it until instances exist); on a ``mig``

@@ -11,8 +11,14 @@ its shared cache file starts with, and its environment in HAMi-core's variable n
 ``CUDA_VISIBLE_DEVICES`` (the allocated UUIDs, which CUDA accepts there: CUDA C
 Programming Guide, "CUDA Environment Variables"). On mock GPUs the environment also puts
 the mock driver first on the library path and names the mock card's state file, so any
-program that loads ``libcuda.so.1`` runs on the mock GPU. Pure: creating directories and
-files is ``services.nodeagent.adapters.hostroots``.
+program that loads ``libcuda.so.1`` runs on the mock GPU.
+
+A container's Hygon DCU slices (``Slice.vendor`` ``DCU``) are named by index in
+``HIP_VISIBLE_DEVICES``, the variable Hygon's DTK (ROCm/HIP) selects devices by; libvgpu
+interposes CUDA only (``libshared.vendors.DCU.libvgpu`` is false), so a container holding
+only DCUs gets no ``LD_PRELOAD``, no CUDA limit and no mock CUDA driver: vslice books its
+DCU slices, and nothing inside the container holds them to their size. Pure: creating
+directories and files is ``services.nodeagent.adapters.hostroots``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from libshared import vendors
 from libshared.events import Placement
 from libshared.ledgers import Slice
 from services.nodeagent.core import environments, sharedcaches
@@ -80,8 +87,10 @@ class Layout:
 class ContainerPlan:
     """One container's slice: ``key`` (``<pod-uid>_<container>``), its ``directory`` and
     ``cache`` file paths, ``cache_bytes`` (a new shared cache file holding its limits),
-    ``env`` (variable -> value), its ``slices`` in CUDA device order, and ``libvgpu``:
-    whether libvgpu holds it to its slice (False: a MIG instance or the MPS server does)."""
+    ``env`` (variable -> value), its ``slices`` (NVIDIA ones first, in CUDA device order,
+    then its DCUs by index), ``libvgpu``: whether libvgpu holds it to its slice (False: a
+    MIG instance or the MPS server does, or it holds only DCUs), and ``cuda``: whether it
+    holds NVIDIA devices (the mock CUDA driver and the device list strategies apply)."""
 
     pod_uid: str
     container: str
@@ -92,6 +101,7 @@ class ContainerPlan:
     env: dict[str, str]
     slices: tuple[Slice, ...]
     libvgpu: bool = True
+    cuda: bool = True
 
 
 def _escape(text: str) -> str:
@@ -197,10 +207,15 @@ def plan(
     and sliced devices.
     """
     per: dict[str, list[Slice]] = {}
-    for s in sorted(placement.slices, key=lambda s: (s.container_index, s.device_index)):
+    for s in sorted(placement.slices, key=slice_order):
         per.setdefault(s.container, []).append(s)
     out = []
-    for container, slices in per.items():
+    for container, held in per.items():
+        slices = [s for s in held if s.vendor == vendors.NVIDIA.name]
+        dcus = [s for s in held if s.vendor == vendors.DCU.name]
+        other = sorted({s.vendor for s in held} - {vendors.NVIDIA.name, vendors.DCU.name})
+        if other:
+            raise ValueError(f"container {container}: slices of unknown vendor {other[0]!r}")
         for s in slices:
             if s.memory_mib < 1:
                 raise ValueError(f"slice {s.uuid} of {container}: memory_mib={s.memory_mib}")
@@ -212,17 +227,22 @@ def plan(
         instances = [mig_key(s) for s in slices]
         if any(instances) and not all(instances):
             raise ValueError(f"container {container}: holds MIG instances and sliced devices")
-        if any(instances):
+        if not slices:  # DCUs only: no CUDA device, so nothing of libvgpu's
+            env = {"CUDA_DEVICE_MEMORY_SHARED_CACHE": cache}
+        elif any(instances):
             env = mig_env(tuple(slices), mig_uuids or {}, cache=cache, layout=layout)
         elif mps is not None:
             env = mps_env(tuple(slices), mps, cache=cache, layout=layout)
         else:
             env = container_env(tuple(slices), cache=cache, layout=layout)
+        if dcus:
+            env |= dcu_env(tuple(dcus))
         # the same SM limit on every device, as libvgpu reads CUDA_DEVICE_SM_LIMIT, so the
-        # file and a process's environment agree
+        # file and a process's environment agree; the file's devices are the CUDA ones,
+        # and the container's DCUs follow them (never charged: libvgpu does not see them)
         sm = int(env.get("CUDA_DEVICE_SM_LIMIT", "0"))
         cache_bytes = sharedcaches.encode_new(
-            limits_bytes=[s.memory_mib * MIB for s in slices],
+            limits_bytes=[s.memory_mib * MIB for s in (*slices, *dcus)],
             sm_limits_percent=[sm] * sharedcaches.MAX_DEVICES,
             sm_policy=layout.sm_policy,
         )
@@ -235,11 +255,25 @@ def plan(
                 cache=cache,
                 cache_bytes=cache_bytes,
                 env=env,
-                slices=tuple(slices),
-                libvgpu=not any(instances) and mps is None,
+                slices=(*slices, *dcus),
+                libvgpu=bool(slices) and not any(instances) and mps is None,
+                cuda=bool(slices),
             )
         )
     return out
+
+
+def slice_order(s: Slice) -> tuple[int, int, int]:
+    """How a container's slices are ordered: by container, NVIDIA devices before DCUs (the
+    shared cache file's devices are the CUDA ones, first), then by index. Pure."""
+    return (s.container_index, 0 if s.vendor == vendors.NVIDIA.name else 1, s.device_index)
+
+
+def dcu_env(slices: tuple[Slice, ...]) -> dict[str, str]:
+    """The variable naming a container's Hygon DCU ``slices`` to it:
+    ``HIP_VISIBLE_DEVICES`` (``libshared.vendors.DCU.visible_devices``), their indices in
+    the node's DCU numbering, comma separated, in order. Pure."""
+    return {vendors.DCU.visible_devices: ",".join(str(s.device_index) for s in slices)}
 
 
 def mig_env(

@@ -7,10 +7,18 @@ GPU), ``deviceMemoryScaling`` (memory registered = physical x factor; above 1 th
 node overcommits memory) and ``deviceCoreScaling`` (compute registered = 100 % x
 factor). It also decides which XID errors make a device unhealthy. Pure: discovery,
 the event loop and publishing belong to the adapters.
+
+A node may hold Hygon DCUs beside (or instead of) NVIDIA GPUs (``libshared.vendors.DCU``).
+They register as devices of vendor ``DCU``, indexed from 0 in their own numbering (the
+index ``HIP_VISIBLE_DEVICES`` names), in mode ``hami-core``, with their memory as
+discovered and 100 % cores: HAMi's ``deviceMemoryScaling``/``deviceCoreScaling`` and MIG
+and MPS are NVIDIA device plugin settings, while ``deviceSplitCount`` applies to both.
+Each vendor's devices go into its own node annotation (``vendor_annotations``).
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -18,7 +26,7 @@ from dataclasses import dataclass
 import msgspec
 
 from libshared import annotations as hami_annotations
-from libshared import migs
+from libshared import migs, vendors
 from libshared.devices import Device, MigProfileSpec, NodeDevices
 
 DEFAULT_SPLIT_COUNT = 10  # HAMi deviceSplitCount default
@@ -36,7 +44,8 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     ``numa`` the NUMA node of its PCI device (0 when unknown), ``model`` the product name
     (``"Tesla T4"``); ``type`` is what the scheduler matches ``nvidia.com/use-gputype``
     against; ``minor`` is its device minor (``/dev/nvidia<minor>``; NVML
-    ``nvmlDeviceGetMinorNumber``), None when unknown."""
+    ``nvmlDeviceGetMinorNumber``), None when unknown; ``vendor``: ``NVIDIA``, or ``DCU``
+    for a Hygon DCU (``libshared.vendors``)."""
 
     uuid: str
     index: int
@@ -47,6 +56,7 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     healthy: bool = True
     minor: int | None = None
     mig_enabled: bool = False
+    vendor: str = vendors.NVIDIA.name
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,7 @@ def node_devices(
     host_memory_mib: int | None = None,
     mig: Mapping[str, MigCapacity] | None = None,
     mode: str = "hami-core",
+    dcus: Iterable[Gpu] = (),
 ) -> NodeDevices:
     """The registration of ``node``: one ``Device`` per GPU, ordered by index, with memory
     ``floor(memory_mib x memory_scaling)`` MiB, compute ``floor(100 x core_scaling)``
@@ -125,41 +136,73 @@ def node_devices(
     100 % compute and as many splits as it holds instances (``MigCapacity.most_instances``):
     each slice there is a GPU instance. Every other
     GPU registers in ``mode`` (``hami-core``, or ``mps`` on a node whose slices are MPS
-    clients). Pure.
+    clients). The node's Hygon DCUs (``dcus``) follow, by index, as ``dcu_device``
+    makes them. Pure.
 
-    Raises ``ValueError`` when two GPUs share a UUID or an index.
+    Raises ``ValueError`` when two devices share a UUID, or two GPUs (or two DCUs) an index.
     """
     ordered = sorted(gpus, key=lambda g: g.index)
-    if len({g.uuid for g in ordered}) != len(ordered):
-        raise ValueError(f"node {node}: a GPU UUID appears twice")
+    dcu_ordered = sorted(dcus, key=lambda g: g.index)
+    if len({g.uuid for g in ordered + dcu_ordered}) != len(ordered) + len(dcu_ordered):
+        raise ValueError(f"node {node}: a device UUID appears twice")
     if len({g.index for g in ordered}) != len(ordered):
         raise ValueError(f"node {node}: a GPU index appears twice")
+    if len({g.index for g in dcu_ordered}) != len(dcu_ordered):
+        raise ValueError(f"node {node}: a DCU index appears twice")
+    gpu_devices = tuple(
+        _mig_device(
+            g,
+            mig[g.uuid],
+            healthy=g.healthy and g.uuid not in unhealthy,
+            cordoned=g.uuid in cordoned,
+        )
+        if mig and g.uuid in mig
+        else Device(
+            uuid=g.uuid,
+            index=g.index,
+            type=g.type,
+            memory_mib=max(1, math.floor(g.memory_mib * scaling.memory_scaling)),
+            cores_percent=max(1, math.floor(100 * scaling.core_scaling)),
+            split_count=scaling.split_count,
+            numa=g.numa,
+            healthy=g.healthy and g.uuid not in unhealthy,
+            cordoned=g.uuid in cordoned,
+            mode=mode,
+        )
+        for g in ordered
+    )
+    dcu_devices = tuple(
+        dcu_device(
+            g,
+            split_count=scaling.split_count,
+            healthy=g.healthy and g.uuid not in unhealthy,
+            cordoned=g.uuid in cordoned,
+        )
+        for g in dcu_ordered
+    )
     return NodeDevices(
         node=node,
-        devices=tuple(
-            _mig_device(
-                g,
-                mig[g.uuid],
-                healthy=g.healthy and g.uuid not in unhealthy,
-                cordoned=g.uuid in cordoned,
-            )
-            if mig and g.uuid in mig
-            else Device(
-                uuid=g.uuid,
-                index=g.index,
-                type=g.type,
-                memory_mib=max(1, math.floor(g.memory_mib * scaling.memory_scaling)),
-                cores_percent=max(1, math.floor(100 * scaling.core_scaling)),
-                split_count=scaling.split_count,
-                numa=g.numa,
-                healthy=g.healthy and g.uuid not in unhealthy,
-                cordoned=g.uuid in cordoned,
-                mode=mode,
-            )
-            for g in ordered
-        ),
+        devices=gpu_devices + dcu_devices,
         cpu_milli=cpu_milli,
         memory_mib=host_memory_mib,
+    )
+
+
+def dcu_device(dcu: Gpu, *, split_count: int, healthy: bool, cordoned: bool) -> Device:
+    """The registered ``Device`` of a Hygon DCU: vendor ``DCU``, its type
+    (``DCU-<model>``), index (in the DCUs' own numbering) and memory (MiB, as discovered),
+    100 % cores (HAMi registers a DCU's ``devcore`` as 100), ``split_count`` slices, mode
+    ``hami-core``, NUMA node 0 (DCU requests are not NUMA-bound). Pure."""
+    return Device(
+        uuid=dcu.uuid,
+        index=dcu.index,
+        type=dcu.type,
+        memory_mib=max(1, dcu.memory_mib),
+        cores_percent=100,
+        split_count=split_count,
+        healthy=healthy,
+        cordoned=cordoned,
+        vendor=vendors.DCU.name,
     )
 
 
@@ -196,7 +239,32 @@ def parse_cordon(value: str) -> frozenset[str]:
     return frozenset(u for u in (part.strip() for part in value.split(",")) if u)
 
 
-def hami_register(registration: NodeDevices) -> str:
-    """The node's ``hami.io/node-nvidia-register`` annotation value (HAMi's JSON list),
-    from the same codec the scheduler reads. Pure."""
-    return hami_annotations.encode_node_devices(registration.devices)
+def hami_register(registration: NodeDevices, vendor: vendors.Vendor = vendors.NVIDIA) -> str:
+    """The node's register annotation value of ``vendor`` (HAMi's JSON list:
+    ``hami.io/node-nvidia-register`` for NVIDIA, ``hami.io/node-dcu-register`` for DCU):
+    that vendor's devices only, from the same codec the scheduler reads. Pure."""
+    return hami_annotations.encode_node_devices(
+        [d for d in registration.devices if d.vendor == vendor.name]
+    )
+
+
+def handshake(now: datetime.datetime) -> str:
+    """A device plugin's handshake annotation value at ``now`` (an aware time):
+    ``Reported <RFC 3339 time, UTC, seconds>``, as HAMi's device plugins answer the
+    scheduler's ``Requesting_...`` (HAMi ``pkg/util``, the ``hami.io/node-handshake*``
+    keys). Raises ``ValueError`` for a naive ``now``. Pure."""
+    if now.tzinfo is None:
+        raise ValueError(f"handshake time {now!r} has no time zone")
+    stamp = now.astimezone(datetime.UTC).replace(microsecond=0)
+    return f"Reported {stamp.isoformat().replace('+00:00', 'Z')}"
+
+
+def vendor_annotations(
+    registration: NodeDevices, vendor: vendors.Vendor, *, now: datetime.datetime
+) -> dict[str, str]:
+    """The node annotations ``vendor``'s device plugin writes: its register key
+    (``hami_register``) and its handshake key (``handshake``). Pure."""
+    return {
+        vendor.register: hami_register(registration, vendor),
+        vendor.handshake: handshake(now),
+    }
