@@ -18,7 +18,7 @@ import pytest
 from libshared.devices import Device, NodeDevices
 from libshared.events import Placement
 from libshared.ledgers import Slice, booked
-from libshared.resources import ContainerRequest, PodRequest
+from libshared.resources import ContainerRequest, PodRequest, VendorSelectors
 from services.scheduler.core import fitting, scoring
 from services.scheduler.core.clusters import Cluster
 from services.scheduler.core.deciding import Scheduler
@@ -40,6 +40,7 @@ class Dev:
     health: bool = True
     index: int = 0
     cordoned: bool = False  # in HAMi's hami.io/device-cordon annotation of the node
+    vendor: str = "NVIDIA"
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ def _cluster(nodes: dict[str, list[Dev]]) -> Cluster:
                         numa=d.numa,
                         healthy=d.health,
                         cordoned=d.cordoned,
+                        vendor=d.vendor,
                     )
                     for d in devs
                 ),
@@ -299,6 +301,185 @@ def test_fit_takes_the_devices_and_gives_the_reasons_hamis_fit_does(
     assert why == reason
     got = None if picked is None else [devices[s].id for s in picked]
     assert got == taken
+
+
+# --- pkg/device/hygon/device_test.go TestDevices_Fit: the DCU's Fit, same walk ----------------
+
+
+def _dcu(id_: str, **kw: object) -> Dev:
+    return Dev(id_, type="DCU", vendor="DCU", **kw)  # type: ignore[arg-type]
+
+
+DCU_FIT = [
+    # (case, devices, request, DCU annotations, GPU policy, devices taken or None, reason).
+    # HAMi's "fit fail: type mismatch" (a request of another type handed to the DCU's Fit)
+    # has no counterpart: vslice never hands a DCU request another vendor's devices.
+    (
+        "fit success",
+        [_dcu("dev-0", count=100, totalmem=128), _dcu("dev-1", count=100, totalmem=128)],
+        Req(1, mem=64, cores=50),
+        {},
+        "spread",
+        ["dev-1"],
+        "",
+    ),
+    (
+        "fit fail: memory not enough",
+        [_dcu("dev-0", count=100, totalmem=128)],
+        Req(1, mem=512, cores=50),
+        {},
+        "spread",
+        None,
+        "1/1 CardInsufficientMemory",
+    ),
+    (
+        "fit fail: core not enough",
+        [_dcu("dev-0", count=100, totalmem=1024, usedcores=100)],
+        Req(1, mem=512, cores=50),
+        {},
+        "spread",
+        None,
+        "1/1 CardInsufficientCore",
+    ),
+    (
+        "fit fail: user assign use uuid mismatch",
+        [_dcu("dev-1", count=100, totalmem=1280)],
+        Req(2, mem=512, cores=50),
+        {"hygon.com/use-gpuuuid": "dev-0"},
+        "spread",
+        None,
+        "1/1 CardUuidMismatch",
+    ),
+    (
+        "fit fail: user assign no use uuid match",
+        [_dcu("dev-0", count=100, totalmem=1280)],
+        Req(2, mem=512, cores=50),
+        {"hygon.com/nouse-gpuuuid": "dev-0"},
+        "spread",
+        None,
+        "1/1 CardUuidMismatch",
+    ),
+    (
+        "fit fail: card overused",
+        [_dcu("dev-0", count=100, used=100, totalmem=1280)],
+        Req(1, mem=512, cores=50),
+        {},
+        "spread",
+        None,
+        "1/1 CardTimeSlicingExhausted",
+    ),
+    (
+        "fit success: but core limit can't exceed 100",
+        [_dcu("dev-0", count=100, totalmem=1280)],
+        Req(1, mem=512, cores=120),
+        {},
+        "spread",
+        ["dev-0"],
+        "",
+    ),
+    (
+        "fit fail:  card exclusively",
+        [_dcu("dev-0", count=100, used=20, totalmem=1280)],
+        Req(1, mem=512, cores=100),
+        {},
+        "spread",
+        None,
+        "1/1 ExclusiveDeviceAllocateConflict",
+    ),
+    (
+        "fit fail:  CardComputeUnitsExhausted",
+        [_dcu("dev-0", count=100, used=20, totalmem=1280, usedcores=100)],
+        Req(1, mem=512, cores=0),
+        {},
+        "spread",
+        None,
+        "1/1 CardComputeUnitsExhausted",
+    ),
+    (
+        "fit fail:  AllocatedCardsInsufficientRequest",
+        [_dcu("dev-0", count=100, used=20, totalmem=1280, usedcores=10)],
+        Req(2, mem=512, cores=20),
+        {},
+        "spread",
+        None,
+        "1/1 AllocatedCardsInsufficientRequest",
+    ),
+    (
+        "fit success:  memory percentage",
+        [_dcu("dev-0", count=100, used=20, totalmem=1280, usedcores=10)],
+        Req(1, pct=10, cores=20),
+        {},
+        "spread",
+        ["dev-0"],
+        "",
+    ),
+    (
+        "mutex policy rejects used device",
+        [_dcu("dev-0", count=2, used=1, totalmem=128)],
+        Req(1, mem=64, cores=50),
+        {},
+        "mutex",
+        None,
+        "1/1 ExclusiveDeviceAllocateConflict",
+    ),
+    (
+        "fit fail: partial allocation AllocatedCardsInsufficientRequest for multiple cards",
+        [_dcu("dev-0", count=100, totalmem=1280), _dcu("dev-1", index=1, count=100, totalmem=1280)],
+        Req(3, mem=512, cores=20),
+        {},
+        "spread",
+        None,
+        "2/2 AllocatedCardsInsufficientRequest",
+    ),
+    (
+        "fit fail: CardNotHealth",
+        [_dcu("dev-0", count=100, totalmem=1280, health=False)],
+        Req(1, mem=512, cores=50),
+        {},
+        "spread",
+        None,
+        "1/1 CardNotHealth",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "devices", "request_", "annos", "policy", "taken", "reason"),
+    DCU_FIT,
+    ids=[r[0] for r in DCU_FIT],
+)
+def test_a_dcu_is_fitted_as_hamis_hygon_fit_fits_it(
+    case: str,
+    devices: list[Dev],
+    request_: Req,
+    annos: dict[str, str],
+    policy: str,
+    taken: list[str] | None,
+    reason: str,
+) -> None:
+    c = _cluster({"n": devices})
+    sel = VendorSelectors(
+        vendor="DCU",
+        use_uuids=tuple(x for x in annos.get("hygon.com/use-gpuuuid", "").split(",") if x),
+        nouse_uuids=tuple(x for x in annos.get("hygon.com/nouse-gpuuuid", "").split(",") if x),
+    )
+    container = ContainerRequest(
+        name="c0",
+        index=0,
+        init=False,
+        gpu_count=request_.nums,
+        memory_mib=request_.mem,
+        memory_percent=request_.pct if request_.mem == 0 else 0,
+        cores_percent=min(request_.cores, 100),
+        vendor="DCU",
+    )
+    pod = PodRequest(uid="p", vendor_requests=(container,), vendor_selectors=(sel,))
+    walk = list(range(len(devices)))[::-1]
+    picked, why = fitting.fit_container(
+        c, 0, pod, container, fitting.node_use(c, 0), walk, policy=policy
+    )
+    assert why == reason
+    assert (None if picked is None else [devices[s].id for s in picked]) == taken
 
 
 def test_a_zero_percentage_books_the_whole_card() -> None:
