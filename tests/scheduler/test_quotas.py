@@ -112,6 +112,13 @@ def test_a_pod_is_charged_memory_and_cores_per_device_times_devices() -> None:
     assert quotas.charge_of("p", two_gpus) == charge("p", 8000, 60)
 
 
+def test_a_dcu_slice_is_charged_to_no_nvidia_quota() -> None:
+    gpu = sl("p", "g0", 4000, 30)
+    dcu = msgspec.structs.replace(sl("p", "d1", 9000, 50), vendor="DCU")
+    assert quotas.charge_of("p", [gpu, dcu]) == charge("p", 4000, 30)
+    assert quotas.charge_of("p", [dcu]) == charge("p", 0, 0)
+
+
 def test_init_containers_are_charged_by_their_peak_as_the_pod_books_them() -> None:
     # init 6000/50 then app 2000/20 + 1000/10 on one device: the pod books 6000 MiB, 50 %
     slices = [

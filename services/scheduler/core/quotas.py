@@ -97,8 +97,11 @@ def tightest(limits: Iterable[Limits]) -> Limits:
 
 def charge_of(pod_uid: str, slices: Iterable[ledgers.Slice]) -> schema.QuotaCharge:
     """What ``slices`` (one pod's) count against its namespace's quota: memory (MiB) and
-    cores (percent) summed over devices, init containers collapsed (``ledgers.booked``)."""
-    booked = ledgers.booked(tuple(slices))
+    cores (percent) summed over devices, init containers collapsed (``ledgers.booked``).
+    Only NVIDIA slices count: the quota limits ``nvidia.com/gpumem`` and ``gpucores``, and
+    HAMi enforces quotas in NVIDIA's ``Fit`` alone (its Hygon ``Fit`` checks none), so a
+    DCU slice is charged to no NVIDIA quota."""
+    booked = ledgers.booked(tuple(s for s in slices if s.vendor == "NVIDIA"))
     return schema.QuotaCharge(
         pod_uid=pod_uid,
         memory_mib=sum(m for m, _, _ in booked.values()),
