@@ -211,8 +211,12 @@ MOCK = preparing.MockDriver(library_dir="/mock", state="/mock/state", devices=f"
 
 def test_a_dcu_slice_gets_hip_visible_devices_and_nothing_of_libvgpu(tmp_path: Path) -> None:
     layout = preparing.Layout(root=str(tmp_path), libvgpu="/lib/libvgpu.so", mock=MOCK)
+    # the ledger's device_index is the scheduler's slot (past the node's GPU); the
+    # variable names the DCU's own index
     (plan,) = preparing.plan(
-        _placement(_slice(D1, 1, vendor="DCU"), _slice(D0, 0, vendor="DCU")), layout
+        _placement(_slice(D1, 2, vendor="DCU"), _slice(D0, 1, vendor="DCU")),
+        layout,
+        dcu_indices={D0: 0, D1: 1},
     )
     assert plan.env == {
         "HIP_VISIBLE_DEVICES": "0,1",
@@ -227,7 +231,9 @@ def test_a_container_holding_a_gpu_and_a_dcu_gets_both_and_libvgpu_for_the_gpu(
 ) -> None:
     layout = preparing.Layout(root=str(tmp_path), libvgpu="/lib/libvgpu.so")
     (plan,) = preparing.plan(
-        _placement(_slice(D0, 0, vendor="DCU"), _slice(G0, 0, vendor="NVIDIA")), layout
+        _placement(_slice(D0, 1, vendor="DCU"), _slice(G0, 0, vendor="NVIDIA")),
+        layout,
+        dcu_indices={D0: 0},
     )
     assert plan.env["HIP_VISIBLE_DEVICES"] == "0"
     assert plan.env["NVIDIA_VISIBLE_DEVICES"] == G0
@@ -238,14 +244,20 @@ def test_a_container_holding_a_gpu_and_a_dcu_gets_both_and_libvgpu_for_the_gpu(
     assert [s.uuid for s in plan.slices] == [G0, D0]  # the CUDA device first
 
 
+def test_a_dcu_the_node_does_not_hold_is_refused_naming_it(tmp_path: Path) -> None:
+    layout = preparing.Layout(root=str(tmp_path), libvgpu="/lib/libvgpu.so")
+    with pytest.raises(ValueError, match=f"slice {D1} of main: no such DCU on this node"):
+        preparing.plan(_placement(_slice(D1, 2, vendor="DCU")), layout, dcu_indices={D0: 0})
+
+
 def test_a_mock_nodes_answer_names_a_dcu_by_index_not_in_nvidia_visible_devices() -> None:
-    env = environments.pod_env(_placement(_slice(D1, 1, vendor="DCU")))
+    env = environments.pod_env(_placement(_slice(D1, 3, vendor="DCU")), {D1: 1})
     assert env == {"main": {"HIP_VISIBLE_DEVICES": "1"}}
 
 
 def test_a_prepared_dcu_slice_is_reported_in_usage_without_a_hitch(tmp_path: Path) -> None:
     layout = preparing.Layout(root=str(tmp_path), libvgpu="/lib/libvgpu.so")
-    slicer = Slicer(node="n1", layout=layout)
+    slicer = Slicer(node="n1", layout=layout, dcu_indices={D0: 0})
     answer = slicer.prepare(_placement(_slice(D0, 0, vendor="DCU")))
     assert isinstance(answer, events.Ready)
     assert answer.env["main"]["HIP_VISIBLE_DEVICES"] == "0"

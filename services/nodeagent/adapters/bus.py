@@ -39,13 +39,13 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
 
-from libshared import bounds, events, permissions, quarantines, tasks
+from libshared import bounds, events, permissions, quarantines, tasks, vendors
 from libshared.connecting import Bus
 from libshared.devices import NodeDevices
 from libshared.ledgers import NodeLedger
 from libshared.subjects import Subjects
 from services.nodeagent.adapters.slicing import Slicer
-from services.nodeagent.core import environments
+from services.nodeagent.core import environments, registrations
 
 log = logging.getLogger("vslice.nodeagent")
 
@@ -344,7 +344,15 @@ class Agent:
                 return
             answer = self.slicer.prepare(event)
         else:
-            answer = events.Ready(pod_uid=event.pod_uid, node=node, env=environments.pod_env(event))
+            indices: dict[str, int] = {}
+            if any(s.vendor != vendors.NVIDIA.name for s in event.slices):
+                # only then: a fleet of thousands answers GPU placements without the search
+                registered = next((n for n in self.nodes if n.node == node), None)
+                if registered is not None:
+                    indices = registrations.dcu_indices(registered)
+            answer = events.Ready(
+                pod_uid=event.pod_uid, node=node, env=environments.pod_env(event, indices)
+            )
         problem = bounds.violation(answer, type(answer))
         if problem:
             # an environment no receiver would take (a value over its length, a non-ASCII

@@ -98,6 +98,7 @@ class NodeLoops:
 
     def __post_init__(self) -> None:
         self.slicer.mig_gpus = mig_gpus(self.registration())
+        self.slicer.dcu_indices = registrations.dcu_indices(self.registration())
 
     def registration(self) -> NodeDevices:
         """The node's devices as registered now: the GPUs and DCUs found that its settings
@@ -184,9 +185,10 @@ class NodeLoops:
 
     async def announce(self) -> None:
         """Register the node again, on the bus and with kubelet (and tell the slicer which
-        GPUs are in MIG mode now)."""
+        GPUs are in MIG mode now, and its DCUs' indices)."""
         now = self.registration()
         self.slicer.mig_gpus = mig_gpus(now)
+        self.slicer.dcu_indices = registrations.dcu_indices(now)
         if self.agent is not None:
             await self.agent.register([now])
         for plugin in (self.plugin, self.dcu_plugin):

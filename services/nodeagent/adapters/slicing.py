@@ -54,7 +54,8 @@ class Slicer:
     are in MIG mode: a slice there is a GPU instance, created when the slice is prepared
     and destroyed once no container holds it (``realized``: ``preparing.mig_key`` -> the
     instance). With ``mps`` (a node in ``mps`` mode) the other slices are clients of that
-    MPS server."""
+    MPS server. ``dcu_indices``: UUID -> index of the node's DCUs as registered (what a
+    DCU slice's ``HIP_VISIBLE_DEVICES`` names)."""
 
     node: str
     layout: preparing.Layout
@@ -65,6 +66,7 @@ class Slicer:
     mig_gpus: frozenset[str] = frozenset()
     realized: dict[tuple[str, int], Realized] = field(default_factory=dict)
     mps: preparing.Mps | None = None
+    dcu_indices: dict[str, int] = field(default_factory=dict)
 
     def mig_uuids(self) -> dict[tuple[str, int], str]:
         """``preparing.mig_key`` -> MIG device UUID of every instance realized."""
@@ -72,7 +74,9 @@ class Slicer:
 
     def plan(self, placement: events.Placement) -> list[preparing.ContainerPlan]:
         """``preparing.plan`` of ``placement`` with the MIG instances realized for it."""
-        return preparing.plan(placement, self.layout, self.mig_uuids(), self.mps)
+        return preparing.plan(
+            placement, self.layout, self.mig_uuids(), self.mps, dcu_indices=self.dcu_indices
+        )
 
     def _realize(self, placement: events.Placement) -> None:
         """Create (or find) the GPU instance of every MIG slice of ``placement``. Raises

@@ -10,6 +10,8 @@ the node agent's adapter hands this to the runtime (or, for mock nodes, only rep
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from libshared import vendors
 from libshared.events import Placement
 from libshared.ledgers import Slice
@@ -31,9 +33,13 @@ def container_env(slices: list[Slice]) -> dict[str, str]:
     return env
 
 
-def pod_env(placement: Placement) -> dict[str, dict[str, str]]:
+def pod_env(
+    placement: Placement, dcu_indices: Mapping[str, int] | None = None
+) -> dict[str, dict[str, str]]:
     """Container name -> its variables, for every container holding a slice: its NVIDIA
-    slices' (``container_env``), and ``HIP_VISIBLE_DEVICES`` for its DCUs (indices)."""
+    slices' (``container_env``), and ``HIP_VISIBLE_DEVICES`` for its DCUs: their indices
+    on the node (``dcu_indices``, UUID -> index; a DCU it lacks is named by its slice's
+    ``device_index``)."""
     per: dict[str, list[Slice]] = {}
     for s in sorted(placement.slices, key=lambda s: (s.container_index, s.device_index)):
         per.setdefault(s.container, []).append(s)
@@ -43,6 +49,9 @@ def pod_env(placement: Placement) -> dict[str, dict[str, str]]:
         dcus = [s for s in slices if s.vendor == vendors.DCU.name]
         env = container_env(gpus) if gpus else {}
         if dcus:
-            env[vendors.DCU.visible_devices] = ",".join(str(s.device_index) for s in dcus)
+            index = dcu_indices or {}
+            env[vendors.DCU.visible_devices] = ",".join(
+                str(index.get(s.uuid, s.device_index)) for s in dcus
+            )
         out[name] = env
     return out

@@ -193,18 +193,20 @@ def plan(
     layout: Layout,
     mig_uuids: Mapping[tuple[str, int], str] | None = None,
     mps: Mps | None = None,
+    dcu_indices: Mapping[str, int] | None = None,
 ) -> list[ContainerPlan]:
     """One ``ContainerPlan`` per container of ``placement`` holding slices, in container
     order. A container whose slices are MIG instances is given their MIG device UUIDs
     (``mig_uuids``: ``mig_key`` -> ``MIG-...``, the instances realized for them) and no
     libvgpu: the GPU instance is the limit (HAMi gives a MIG slice no HAMi-core limit).
     With ``mps`` (a node in ``mps`` mode) every other container is a client of that MPS
-    server (``mps_env``). Pure.
+    server (``mps_env``). A container's DCUs are named by their index on the node
+    (``dcu_indices``: UUID -> index, ``registrations.dcu_indices``). Pure.
 
     Raises ``ValueError`` naming the field for a container with more than 16 slices, a
     memory size below 1 MiB, cores outside 0-100, an unusable pod UID / container name, a
-    MIG slice whose instance is not in ``mig_uuids``, or a container holding both MIG
-    and sliced devices.
+    MIG slice whose instance is not in ``mig_uuids``, a container holding both MIG
+    and sliced devices, or a DCU slice whose UUID is not in ``dcu_indices``.
     """
     per: dict[str, list[Slice]] = {}
     for s in sorted(placement.slices, key=slice_order):
@@ -236,7 +238,7 @@ def plan(
         else:
             env = container_env(tuple(slices), cache=cache, layout=layout)
         if dcus:
-            env |= dcu_env(tuple(dcus))
+            env |= dcu_env(tuple(dcus), dcu_indices or {})
         # the same SM limit on every device, as libvgpu reads CUDA_DEVICE_SM_LIMIT, so the
         # file and a process's environment agree; the file's devices are the CUDA ones,
         # and the container's DCUs follow them (never charged: libvgpu does not see them)
@@ -269,11 +271,15 @@ def slice_order(s: Slice) -> tuple[int, int, int]:
     return (s.container_index, 0 if s.vendor == vendors.NVIDIA.name else 1, s.device_index)
 
 
-def dcu_env(slices: tuple[Slice, ...]) -> dict[str, str]:
+def dcu_env(slices: tuple[Slice, ...], dcu_indices: Mapping[str, int]) -> dict[str, str]:
     """The variable naming a container's Hygon DCU ``slices`` to it:
     ``HIP_VISIBLE_DEVICES`` (``libshared.vendors.DCU.visible_devices``), their indices in
-    the node's DCU numbering, comma separated, in order. Pure."""
-    return {vendors.DCU.visible_devices: ",".join(str(s.device_index) for s in slices)}
+    the node's DCU numbering (``dcu_indices``: UUID -> index), comma separated, in order.
+    Raises ``ValueError`` naming a slice whose DCU is not in ``dcu_indices``. Pure."""
+    missing = [s.uuid for s in slices if s.uuid not in dcu_indices]
+    if missing:
+        raise ValueError(f"slice {missing[0]} of {slices[0].container}: no such DCU on this node")
+    return {vendors.DCU.visible_devices: ",".join(str(dcu_indices[s.uuid]) for s in slices)}
 
 
 def mig_env(

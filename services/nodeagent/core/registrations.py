@@ -188,6 +188,14 @@ def node_devices(
     )
 
 
+def dcu_indices(registration: NodeDevices) -> dict[str, int]:
+    """UUID -> index of every DCU ``registration`` holds: the index ``HIP_VISIBLE_DEVICES``
+    names it by. A ledger slice's ``device_index`` is the device's place in the node's
+    registration (the scheduler's slot), which past the node's GPUs is not the DCU's
+    index. Pure."""
+    return {d.uuid: d.index for d in registration.devices if d.vendor == vendors.DCU.name}
+
+
 def dcu_device(dcu: Gpu, *, split_count: int, healthy: bool, cordoned: bool) -> Device:
     """The registered ``Device`` of a Hygon DCU: vendor ``DCU``, its type
     (``DCU-<model>``), index (in the DCUs' own numbering) and memory (MiB, as discovered),

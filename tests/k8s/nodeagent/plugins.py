@@ -74,8 +74,10 @@ async def running_plugin(
     stand_in.parent.mkdir(parents=True, exist_ok=True)
     stand_in.write_bytes(b"\x7fELF stand-in")
     lib = hostroots.install_libvgpu(root, stand_in)
+    registration = node_devices(node, devices, split_count=split_count, dcus=dcus)
     if slicer is None:
         slicer = Slicer(node=node, layout=preparing.Layout(root=str(root), libvgpu=str(lib)))
+    slicer.dcu_indices = registrations.dcu_indices(registration)  # as the node's loops do
     api = await kube.api_client(api_url)
     settings = deviceplugin.PluginSettings(
         node=node,
@@ -92,7 +94,7 @@ async def running_plugin(
         settings=settings,
         pods=kube.Kube(api),
         slicer=slicer,
-        registration=node_devices(node, devices, split_count=split_count, dcus=dcus),
+        registration=registration,
         libvgpu=lib.resolve(),
         preload=hostroots.install_preload(root, allocating.preload_text()),
         ledger=ledger,
