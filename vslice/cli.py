@@ -28,7 +28,7 @@ from tqdm import tqdm
 from libshared import logs, migs, traces
 from libshared.errors import VsliceError
 from services.nodeagent.adapters import configfiles
-from services.nodeagent.core import nodeconfigs
+from services.nodeagent.core import fleets, nodeconfigs
 from services.scheduler.core.deciding import POLICIES
 from vslice import certs, repairs, replays_bus, replays_local, running, stacks, statuses
 
@@ -148,6 +148,15 @@ def _policy(text: str) -> str:
     return names[0]
 
 
+def _dcus(text: str) -> str:
+    """``text`` once it reads as a mock DCU list (``fleets.parse_dcus``)."""
+    try:
+        fleets.parse_dcus(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
 def _seeds(text: str) -> list[int]:
     try:
         return replays_local.parse_seeds(text)
@@ -162,6 +171,7 @@ UP_ENV = {
     "mock_gpus": "VSLICE_MOCKGPU_COUNT",
     "mock_gpu_memory": "VSLICE_MOCKGPU_MEMORY_MIB",
     "mock_devices": "VSLICE_MOCKGPU_DEVICES",
+    "mock_dcus": "VSLICE_MOCKDCU_DEVICES",
     "backend": "VSLICE_GPU_BACKEND",
     "metrics_port": "VSLICE_METRICS_PORT",
     "metrics_host": "VSLICE_METRICS_HOST",
@@ -227,6 +237,12 @@ def _add_up(sub: Any) -> None:
         help="mock GPUs one by one, instead of --mock-gpus and --mock-gpu-memory; a product"
         " NAME (e.g. 'NVIDIA A100-SXM4-40GB') and ':mig' start a GPU in MIG mode"
         " (default $VSLICE_MOCKGPU_DEVICES)",
+    )
+    up.add_argument(
+        "--mock-dcus",
+        metavar="UUID:MIB[:MODEL][,...]",
+        help="mock Hygon DCUs of this node, beside its GPUs (hygon.com/dcunum; MODEL default"
+        " Z100, type DCU-Z100) (default $VSLICE_MOCKDCU_DEVICES)",
     )
     up.add_argument(
         "--node-config",
@@ -420,7 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask the running stack for a slice of this machine's GPU, run COMMAND"
         " inside it (libvgpu preloaded) and release the slice when it exits. Without"
         " --gpumem or --gpumem-percentage the slice is a whole card's memory; without"
-        " --gpucores its compute is not limited.",
+        " --gpucores its compute is not limited. With --dcus the slice is of Hygon DCUs"
+        " (hygon.com/dcunum): --gpumem and --gpucores then ask hygon.com/dcumem and"
+        " hygon.com/dcucores (default 100: a whole card), and the command gets"
+        " HIP_VISIBLE_DEVICES, without libvgpu (no DCU limit is enforced inside it).",
     )
     mem = run.add_mutually_exclusive_group()
     mem.add_argument(
@@ -447,7 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="GPUs (nvidia.com/gpu, default 1)",
     )
-    run.add_argument("--gpu-type", help="only GPUs of this type (nvidia.com/use-gputype)")
+    run.add_argument(
+        "--dcus",
+        type=bounded("--dcus", least=1, most=stacks.MAX_DEVICES),
+        help="Hygon DCUs (hygon.com/dcunum) instead of GPUs",
+    )
+    run.add_argument(
+        "--gpu-type",
+        help="only GPUs of this type (nvidia.com/use-gputype; with --dcus hygon.com/use-dcutype)",
+    )
     run.add_argument("--state-dir", default=None, help="the stack's state dir (as for `up`)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     return parser
@@ -576,8 +603,16 @@ def _run(args: argparse.Namespace) -> int:
     if not cmd:
         print("vslice run: no command given (vslice run [options] -- CMD ARGS...)", file=sys.stderr)
         return 2
+    if args.dcus is not None and args.gpumem_percentage is not None:
+        print(
+            "vslice run: --gpumem-percentage is not a DCU resource (HAMi's DCUs have none);"
+            " give --gpumem MiB with --dcus",
+            file=sys.stderr,
+        )
+        return 2
     state_dir = Path(args.state_dir) if args.state_dir else stacks.default_state_dir()
     request = running.SliceRequest(
+        dcus=args.dcus,
         memory_mib=args.gpumem,
         memory_percent=args.gpumem_percentage,
         cores_percent=args.gpucores,
@@ -644,6 +679,7 @@ def up_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> UpSetti
         "VSLICE_MOCKGPU_COUNT": bounded("VSLICE_MOCKGPU_COUNT", least=1, most=stacks.MAX_DEVICES),
         "VSLICE_MOCKGPU_MEMORY_MIB": bounded("VSLICE_MOCKGPU_MEMORY_MIB", least=1, unit=" MiB"),
         "VSLICE_NATS_PORT": bounded("VSLICE_NATS_PORT", least=1, most=65535),
+        "VSLICE_MOCKDCU_DEVICES": _dcus,
     }
     for var, check in checks.items():
         if env.get(var):

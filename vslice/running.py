@@ -42,8 +42,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from libshared import annotations as hami_annotations
-from libshared import bounds, connecting, events, kvwrites, quarantines, resources
+from libshared import bounds, connecting, events, kvwrites, quarantines, vendors
 from libshared import leases as leasing
 from libshared.connecting import BusSettings
 from libshared.devices import NodeDevices
@@ -75,28 +74,44 @@ class RunError(VsliceError):
 @dataclass(frozen=True)
 class SliceRequest:
     """What ``vslice run`` asks for: ``memory_mib`` or ``memory_percent`` per GPU (neither:
-    the whole card), ``cores_percent``, ``gpus``, ``gpu_type`` (``nvidia.com/use-gputype``)."""
+    the whole card), ``cores_percent``, ``gpus``, ``gpu_type`` (``nvidia.com/use-gputype``).
+    With ``dcus`` (a count) it asks Hygon DCUs instead (``libshared.vendors.DCU``):
+    ``memory_mib`` and ``cores_percent`` per DCU, ``gpu_type`` a DCU type word;
+    ``memory_percent`` has no DCU resource."""
 
     memory_mib: int | None = None
     memory_percent: int | None = None
     cores_percent: int | None = None
     gpus: int = 1
     gpu_type: str | None = None
+    dcus: int | None = None
+
+    @property
+    def vendor(self) -> vendors.Vendor:
+        """The vendor whose devices it asks for."""
+        return vendors.DCU if self.dcus is not None else vendors.NVIDIA
+
+    @property
+    def count(self) -> int:
+        """How many devices it asks for."""
+        return self.dcus if self.dcus is not None else self.gpus
 
 
 def pod_spec(request: SliceRequest, *, uid: str, uuids: Sequence[str]) -> dict[str, object]:
     """The one-container pod (Kubernetes JSON) that asks for ``request`` on the devices
-    ``uuids`` (``nvidia.com/use-gpuuuid``: this node's GPUs). Pure."""
-    limits = {resources.GPU: str(request.gpus)}
+    ``uuids`` (its vendor's UUID selector, ``nvidia.com/use-gpuuuid`` or
+    ``hygon.com/use-gpuuuid``: this node's devices of that vendor). Pure."""
+    vendor = request.vendor
+    limits = {vendor.count: str(request.count)}
     if request.memory_mib is not None:
-        limits[resources.GPUMEM] = str(request.memory_mib)
-    if request.memory_percent is not None:
-        limits[resources.GPUMEM_PERCENTAGE] = str(request.memory_percent)
+        limits[vendor.memory] = str(request.memory_mib)
+    if request.memory_percent is not None and vendor.memory_percentage is not None:
+        limits[vendor.memory_percentage] = str(request.memory_percent)
     if request.cores_percent is not None:
-        limits[resources.GPUCORES] = str(request.cores_percent)
-    annos = {hami_annotations.USE_GPUUUID: ",".join(uuids)}
+        limits[vendor.cores] = str(request.cores_percent)
+    annos = {vendor.use_uuid: ",".join(uuids)}
     if request.gpu_type:
-        annos[hami_annotations.USE_GPUTYPE] = request.gpu_type
+        annos[vendor.use_type] = request.gpu_type
     return {
         "metadata": {"name": uid, "namespace": "default", "uid": uid, "annotations": annos},
         "spec": {"containers": [{"name": CONTAINER, "resources": {"limits": limits}}]},
@@ -170,9 +185,13 @@ def asked_text(request: SliceRequest) -> str:
         memory = f"{request.memory_percent}% of the memory"
     else:
         memory = "a whole card's memory"
-    gpus = f"{request.gpus} GPU" + ("s" if request.gpus != 1 else "")
+    noun = "DCU" if request.dcus is not None else "GPU"
+    gpus = f"{request.count} {noun}" + ("s" if request.count != 1 else "")
     kind = f" of type {request.gpu_type}" if request.gpu_type else ""
-    return f"{memory}, {cores_text(request.cores_percent or 0)} on {gpus}{kind}"
+    cores = request.cores_percent
+    if cores is None and request.dcus is not None:
+        cores = 100  # HAMi's default for a DCU: the whole card
+    return f"{memory}, {cores_text(cores or 0)} on {gpus}{kind}"
 
 
 def refusal_text(
@@ -227,6 +246,7 @@ _KNOWN = frozenset(
         "CUDA_MPS_LOG_DIRECTORY",
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT",
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE",
+        "HIP_VISIBLE_DEVICES",
     }
 )
 
@@ -244,12 +264,15 @@ def verify_ready(
     *,
     host_root: Path,
     library_dirs: Sequence[Path] = (),
+    dcu_indices: Mapping[str, int] | None = None,
 ) -> list[str]:
     """What is wrong with a node agent's ``Ready`` for ``placement`` (empty: nothing).
 
     The answer must be for this pod on this node, and the container's environment must be
     the one the placement implies (for MIG slices: one ``MIG-<uuid>`` per slice and no
-    libvgpu or limit, ``_mig_problems``; for MPS clients, ``_mps_problems``): the
+    libvgpu or limit, ``_mig_problems``; for MPS clients, ``_mps_problems``; for Hygon
+    DCUs, ``_dcu_problems``, their indices from ``dcu_indices``, UUID -> index, the node's
+    registration): the
     placement's device UUIDs in order, one memory limit
     per device equal to its slice (``<MiB>m``), the SM limit of its cores (absent at 0),
     ``LD_PRELOAD`` naming only libraries in the node agent's own ``<host_root>/lib``, the
@@ -267,7 +290,12 @@ def verify_ready(
     mine = sorted(
         (s for s in placement.slices if s.container == CONTAINER), key=lambda s: s.device_index
     )
-    if mine and all(s.mig_profile for s in mine):
+    dcus = [s for s in mine if s.vendor == vendors.DCU.name]
+    if dcus and len(dcus) != len(mine):
+        problems.append("a slice of GPUs and DCUs at once, which vslice run never asks")
+    elif dcus:
+        problems += _dcu_problems(env, dcus, dcu_indices or {})
+    elif mine and all(s.mig_profile for s in mine):
         problems += _mig_problems(env, len(mine))
     elif "CUDA_MPS_PIPE_DIRECTORY" in env:
         problems += _mps_problems(env, mine, host_root)
@@ -276,6 +304,8 @@ def verify_ready(
         mps = sorted(k for k in env if k.startswith("CUDA_MPS_"))
         if mps:
             problems.append(f"MPS variables {mps} without an MPS server")
+        if vendors.DCU.visible_devices in env:
+            problems.append(f"{vendors.DCU.visible_devices} on a slice of GPUs")
     cache = env.get("CUDA_DEVICE_MEMORY_SHARED_CACHE", "")
     if not _inside(cache, [host_root / "containers"]):
         problems.append(f"CUDA_DEVICE_MEMORY_SHARED_CACHE={cache!r} is outside the host root")
@@ -339,6 +369,33 @@ def _mps_problems(env: Mapping[str, str], mine: Sequence[Slice], host_root: Path
         if not _inside(env.get(key, ""), [host_root / "mps"]):
             problems.append(f"{key}={env.get(key)!r} is not the node agent's MPS server")
     return problems + _no_libvgpu(env, "an MPS slice")
+
+
+def _dcu_problems(
+    env: Mapping[str, str], mine: Sequence[Slice], dcu_indices: Mapping[str, int]
+) -> list[str]:
+    """What is wrong with the environment of a container holding Hygon DCU slices: their
+    indices on the node (``dcu_indices``), in order, in ``HIP_VISIBLE_DEVICES``, and
+    nothing of CUDA's (no visible GPU, no libvgpu or limit, no mock CUDA driver: libvgpu
+    does not hold a DCU)."""
+    key = vendors.DCU.visible_devices
+    unknown = [s.uuid for s in mine if s.uuid not in dcu_indices]
+    if unknown:
+        return [f"DCU {unknown[0]} is not registered on the node"]
+    indices = ",".join(str(dcu_indices[s.uuid]) for s in mine)
+    problems = (
+        [] if env.get(key) == indices else [f"{key}={env.get(key)!r}, the slice holds {indices!r}"]
+    )
+    problems += [
+        f"{k}={env[k]!r} on a DCU slice"
+        for k in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
+        if k in env
+    ]
+    problems += _no_libvgpu(env, "a DCU slice")
+    mps = sorted(k for k in env if k.startswith("CUDA_MPS_"))
+    if mps:
+        problems.append(f"MPS variables {mps} on a DCU slice")
+    return problems
 
 
 def _mig_problems(env: Mapping[str, str], count: int) -> list[str]:
@@ -463,7 +520,13 @@ async def _slice(
         registered = events.NODE_DEVICES.decode(entry.value or b"")
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise RunError(f"node {node}: unreadable registration ({exc})") from exc
-    spec = pod_spec(request, uid=uid, uuids=[d.uuid for d in registered.devices])
+    vendor = request.vendor
+    mine = [d.uuid for d in registered.devices if d.vendor == vendor.name]
+    if not mine and vendor is not vendors.NVIDIA:  # no GPU: the scheduler's refusal says so
+        raise RunError(
+            f"node {node} registered no {vendor.name}: `vslice up --mock-dcus` adds some"
+        )
+    spec = pod_spec(request, uid=uid, uuids=mine)
     reply = await _request(
         nc,
         s.admission_review,
@@ -489,7 +552,11 @@ async def _slice(
                 f"node {node} is quarantined ({why}): `vslice status` says why,"
                 f" `vslice repair {node}` rebuilds an unreadable or deleted ledger"
             )
-        free = free_devices(registered, await _ledger(checks.operator, node))
+        free = [
+            f
+            for f in free_devices(registered, await _ledger(checks.operator, node))
+            if f.uuid in mine
+        ]
         raise RunError(f"no slice fits: {refusal_text(request, free, placed)}")
     if isinstance(placed, events.BusError):
         raise RunError(f"scheduling failed: {placed.reason}")
@@ -505,7 +572,11 @@ async def _slice(
         await _release(nc, settings, uid)
         raise RunError(f"the node agent could not prepare the slice: {answer.reason}")
     problems = verify_ready(
-        answer, placed, host_root=checks.host_root, library_dirs=checks.library_dirs
+        answer,
+        placed,
+        host_root=checks.host_root,
+        library_dirs=checks.library_dirs,
+        dcu_indices={d.uuid: d.index for d in registered.devices if d.vendor == "DCU"},
     )
     if problems:
         await _release(nc, settings, uid)

@@ -279,8 +279,10 @@ def local_node() -> str:
 
 def slice_agent_args(state_dir: Path, environ: Mapping[str, str] | None = None) -> list[str]:
     """Node agent flags for real slices under ``<state_dir>/host``, with the GPU backend
-    of ``$VSLICE_GPU_BACKEND`` (``auto``, ``nvml`` or ``mock``; default ``auto``) and the
-    device config of ``$VSLICE_NODE_CONFIG`` (HAMi's ``config.json``) when set."""
+    of ``$VSLICE_GPU_BACKEND`` (``auto``, ``nvml`` or ``mock``; default ``auto``), the
+    device config of ``$VSLICE_NODE_CONFIG`` (HAMi's ``config.json``) when set, and the
+    mock Hygon DCUs of ``$VSLICE_MOCKDCU_DEVICES`` (``<uuid>:<MiB>[:<model>],...``) when
+    set. Raises ``StackError`` naming a malformed value."""
     env = os.environ if environ is None else environ
     backend = env.get("VSLICE_GPU_BACKEND", "auto")
     if backend not in ("auto", "nvml", "mock"):
@@ -288,6 +290,13 @@ def slice_agent_args(state_dir: Path, environ: Mapping[str, str] | None = None) 
     args = ["--host-root", str((state_dir / "host").resolve()), "--backend", backend]
     if env.get("VSLICE_NODE_CONFIG"):
         args += ["--node-config", str(Path(env["VSLICE_NODE_CONFIG"]).resolve())]
+    listed = env.get(fleets.MOCKDCU_VARIABLE, "")
+    try:
+        dcus = fleets.parse_dcus(listed)
+    except ValueError as exc:
+        raise StackError(f"mock DCU settings: {exc}") from exc
+    if dcus:
+        args += ["--dcus", fleets.dcu_list(dcus)]
     return args
 
 
