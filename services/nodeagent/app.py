@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from libshared import connecting, probes, traces, vendors
@@ -86,6 +87,8 @@ def open_gpus(settings: Settings, real: SliceSettings) -> gpus.Gpus:
         first = hosted_nodes(settings)[0]
         devices = tuple((d.uuid, d.memory_mib) for d in first.devices)
         gpu_type = first.devices[0].type if first.devices else gpu_type
+    if not devices:  # a node of DCUs only: the mock NVML would make up its default GPUs
+        return gpus.MockGpus((), gpu_type=gpu_type)
     return gpus.open_mock(
         devices,
         models=models,
@@ -261,7 +264,7 @@ async def serve_slices(settings: Settings, real: SliceSettings, stop: asyncio.Ev
                 "gpus": len(found),
                 "dcus": len(dcus_found),
                 "bus": node_loops.agent is not None,
-                "device_plugin": node_loops.plugin is not None,
+                "device_plugin": plugin_settings is not None,
                 "hami_register": registrations.hami_register(node_loops.registration()),
                 "dcu_register": registrations.hami_register(node_loops.registration(), vendors.DCU),
             },
@@ -305,10 +308,11 @@ async def _device_plugins(
     *,
     root: Path,
     lib: Path,
-) -> tuple[deviceplugin.DevicePlugin, deviceplugin.DevicePlugin | None]:
-    """Start kubelet's device plugin for the node's GPUs, and a second one for its Hygon
-    DCUs when it has any (each ready once kubelet registered it). Returns both (None: no
-    DCUs)."""
+) -> tuple[deviceplugin.DevicePlugin | None, deviceplugin.DevicePlugin | None]:
+    """Start kubelet's device plugin for the node's GPUs (unless it has none and has
+    DCUs: a node of DCUs only serves no ``nvidia.com/gpu``), and a second one for its
+    Hygon DCUs when it has any (each ready once kubelet registered it). Returns both (None
+    where one is not started); the first started also releases departed pods' slices."""
     api = await kube.api_client()
     stack.push_async_callback(api.close)
     agent = node_loops.agent
@@ -328,9 +332,12 @@ async def _device_plugins(
     preload = hostroots.install_preload(root, allocating.preload_text())
     lock = asyncio.Lock()  # one Allocate at a time on the node, whatever the vendor
     started = []
-    for settings in (nvidia, deviceplugin.dcu_settings(nvidia)):
-        if settings.vendor is vendors.DCU and not node_loops.dcus_found:
-            continue
+    dcu = deviceplugin.dcu_settings(nvidia)
+    wanted = [dcu] if node_loops.dcus_found else []
+    if node_loops.found or not node_loops.dcus_found:
+        wanted.insert(0, nvidia)
+    for i, settings in enumerate(wanted):
+        settings = replace(settings, release_departed=i == 0)
         plugin = deviceplugin.DevicePlugin(
             settings=settings,
             pods=pods,
@@ -353,7 +360,8 @@ async def _device_plugins(
         return ""
 
     health.ready_when("kubelet", with_kubelet)
-    return started[0], (started[1] if len(started) > 1 else None)
+    by_vendor = {p.settings.vendor.name: p for p in started}
+    return by_vendor.get(vendors.NVIDIA.name), by_vendor.get(vendors.DCU.name)
 
 
 def _agent_checks(health: probes.Probes, agent: bus.Agent) -> None:

@@ -76,7 +76,7 @@ class Options(settings.ServiceOptions, frozen=True, kw_only=True):
         str | None, settings.option("--fleet", env="VSLICE_FLEET", help="node list CSV")
     ] = None
     nodes: Annotated[int, msgspec.Meta(ge=1)] = FLEET.nodes
-    gpus: Annotated[int, msgspec.Meta(ge=1)] = FLEET.gpus
+    gpus: Annotated[int, msgspec.Meta(ge=0)] = FLEET.gpus  # 0: a node of DCUs only
     memory_mib: Annotated[int, msgspec.Meta(ge=1)] = FLEET.memory_mib
     gpu_type: str = FLEET.gpu_type
     split_count: Annotated[int, msgspec.Meta(ge=0)] | None = None  # 0: the default

@@ -258,17 +258,31 @@ class NodeSpec:
     them (``<uuid>:<memory_mib>[:<product name>[:mig]]``, comma-separated); ``replicas``,
     how many device IDs its kubelet must see in ``ListAndWatch`` before the node counts as
     up; ``node_config``, the text of HAMi's device-plugin ``config.json`` given to its
-    node agent as ``--node-config`` (None: no such file)."""
+    node agent as ``--node-config`` (None: no such file); ``dcus``, its mock Hygon DCUs
+    as ``VSLICE_MOCKDCU_DEVICES`` reads them (``<uuid>:<memory_mib>[:<model>]``). A node
+    of DCUs only (no ``devices``) serves ``hygon.com/dcunum`` alone: its kubelet is that
+    resource's and ``replicas`` counts DCU replicas."""
 
     name: str
     devices: str
     replicas: int
     node_config: str | None = None
+    dcus: str = ""
+
+    @property
+    def resource(self) -> str:
+        """The resource its kubelet takes registrations for."""
+        return "hygon.com/dcunum" if self.dcus and not self.devices else "nvidia.com/gpu"
 
     @property
     def gpus(self) -> int:
         """How many GPUs ``devices`` lists."""
         return len([d for d in self.devices.split(",") if d])
+
+    @property
+    def all_devices(self) -> int:
+        """How many devices it registers: its GPUs and its DCUs."""
+        return self.gpus + len([d for d in self.dcus.split(",") if d])
 
 
 @dataclass(frozen=True)
@@ -392,7 +406,7 @@ async def cluster(
         kubelets: dict[str, FakeKubelet] = {}
         for spec in nodes:
             node = spec.name
-            kubelet = FakeKubelet(tmp_path / node / "device-plugins")
+            kubelet = FakeKubelet(tmp_path / node / "device-plugins", resource_name=spec.resource)
             await kubelet.start()
             stack.push_async_callback(kubelet.stop)
             kubelets[node] = kubelet
@@ -416,14 +430,18 @@ async def cluster(
                         ).credential_arguments(),
                         *("--usage-interval", "5", "--log-level", "warning"),
                         *node_config,
+                        *(() if spec.devices else ("--gpus", "0")),
                     ],
                     clean_env(
-                        KUBECONFIG=str(config), VSLICE_MOCKGPU_DEVICES=spec.devices, NODE_NAME=node
+                        KUBECONFIG=str(config),
+                        VSLICE_MOCKGPU_DEVICES=spec.devices,
+                        VSLICE_MOCKDCU_DEVICES=spec.dcus,
+                        NODE_NAME=node,
                     ),
                 )
             )
         # the scheduler replicas serving the extender
-        max_devices = max(spec.gpus for spec in nodes)
+        max_devices = max(spec.all_devices for spec in nodes)
         extenders = []
         for r in range(replicas):
             port = free_port()

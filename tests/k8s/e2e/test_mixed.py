@@ -1,6 +1,7 @@
 """End to end on a mixed cluster (``clusters.cluster``): node n1 has one GPU sliced by
 libvgpu, node n2 one A100-SXM4-40GB in MIG mode, its node agent given HAMi's
-device-plugin config putting n2 in ``operatingmode: mig`` (dynamic MIG).
+device-plugin config putting n2 in ``operatingmode: mig`` (dynamic MIG), node n3 two
+Hygon DCUs (Z100) and no GPU.
 
 A pod written for HAMi's sliced mode binds to n1 and ``Allocate`` gives it its limits;
 a pod choosing MIG with HAMi's mode selector (``nvidia.com/vgpu-mode: mig``) and asking
@@ -8,7 +9,9 @@ a pod choosing MIG with HAMi's mode selector (``nvidia.com/vgpu-mode: mig``) and
 ``hami.io/vgpu-mig-allocations`` (``1g.10gb``, the smallest A100-40GB profile holding
 9,000 MiB), and ``Allocate`` on n2 creates that instance through the (mock) NVML and names
 its MIG device, with no libvgpu limit and no preload; a MIG pod asking 50,000 MiB fits
-neither node and is refused with HAMi's reasons.
+neither node and is refused with HAMi's reasons. A pod asking ``hygon.com/dcunum`` is
+admitted, fitted to n3's DCUs only, bound with ``hami.io/dcu-devices-allocated``, and
+``Allocate`` of n3's DCU plugin answers ``HIP_VISIBLE_DEVICES``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from tests.libvgpu import harness
 
 SLICED_GPU = "GPU-0e2e0001-0000-4000-8000-000000000001"
 MIG_GPU = "GPU-0e2e0002-0000-4000-8000-0000000000a1"
+DCU0 = "DCU-0e2e0003-0000-4000-8000-0000000000d0"
+DCU1 = "DCU-0e2e0003-0000-4000-8000-0000000000d1"
 A100 = "NVIDIA A100-SXM4-40GB"
 MIB_SLICED = 24576
 SPLIT = 4
@@ -72,6 +77,26 @@ def pod(
     }
 
 
+def dcu_pod(name: str, *, memory_mib: int, cores: int) -> dict[str, Any]:
+    """A pod asking one Hygon DCU of ``memory_mib`` and ``cores`` percent, as HAMi's
+    examples/hygon write it."""
+    limits = {"hygon.com/dcunum": 1, "hygon.com/dcumem": memory_mib, "hygon.com/dcucores": cores}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "infer",
+                    "image": "image.sourcefind.cn:5000/dcu/admin/base/pytorch",
+                    "resources": {"limits": limits},
+                }
+            ]
+        },
+    }
+
+
 def instances(state: Path, gpu: str) -> list[dict[str, Any]]:
     """The GPU instances the mock card ``gpu`` whose state file is ``state`` holds, as
     another process sees them through the mock NVML."""
@@ -104,6 +129,9 @@ async def test_a_sliced_pod_binds_to_the_sliced_gpu_and_a_mig_pod_gets_an_instan
             # a MIG-mode GPU: one replica per instance it holds at once (7 1g on an A100)
             replicas=max(len(p.starts) for p in geometry.profiles),
             node_config=clusters.mig_node_config("n2"),
+        ),
+        clusters.NodeSpec(
+            name="n3", devices="", dcus=f"{DCU0}:32768:Z100,{DCU1}:32768:Z100", replicas=2 * SPLIT
         ),
     ]
     async with clusters.cluster(tmp_path, nats_server, nodes=nodes, split_count=SPLIT) as c:
@@ -184,7 +212,7 @@ async def test_a_sliced_pod_binds_to_the_sliced_gpu_and_a_mig_pod_gets_an_instan
         assert realized.compute_instance_id == made["compute_instance_id"]
         assert (realized.profile, realized.placement) == (chosen.profile, chosen.placement)
 
-        # a MIG pod no A100-40GB instance holds: refused on both nodes, each for its reason
+        # a MIG pod no A100-40GB instance holds: refused on every node, each for its reason
         await c.create(pod("mig-too-big", memory_mib=50000, mode="mig"))
 
         def refusals() -> set[str]:
@@ -200,11 +228,51 @@ async def test_a_sliced_pod_binds_to_the_sliced_gpu_and_a_mig_pod_gets_an_instan
         assert refusals() == {
             "1 nodes CardTypeMismatch(n1)",  # a sliced GPU, not the mode it asks
             "1 nodes CardInsufficientMemory(n2)",  # no profile holds 50,000 MiB
-            "no available node, 2 nodes do not meet",
+            "no available node, 3 nodes do not meet",
         }
         assert ast.literal_eval(c.scheduler.errors["mig-too-big"]) == {
             "n1": "1/1 CardTypeMismatch",
             "n2": "1/1 CardInsufficientMemory",
+            "n3": "NodeInsufficientDevice",  # DCUs only: no NVIDIA device to fit to
         }
         assert not c.bound("mig-too-big")
         assert instances(state, MIG_GPU) == [made]  # nothing made for the refused pod
+
+        # a DCU pod: admitted, fitted to n3's DCUs alone, bound, allocated by index
+        await c.create(dcu_pod("dcu", memory_mib=8192, cores=50))
+        await until(
+            lambda: c.bound("dcu"),
+            lambda: f"bind of the DCU pod (errors: {c.scheduler.errors})",
+            c.logs,
+            timeout_s=30,
+        )
+        assert c.bound("dcu") == "n3"
+        annos = (c.api.pod("default", "dcu") or {})["metadata"]["annotations"]
+        (grant,) = keys.decode_pod_devices(
+            annos[keys.DCU_DEVICES_ALLOCATED], key=keys.DCU_DEVICES_ALLOCATED
+        )[0]
+        assert (grant.vendor, grant.memory_mib, grant.cores_percent) == ("DCU", 8192, 50)
+        assert grant.uuid in (DCU0, DCU1)
+        assert keys.VGPU_DEVICES_ALLOCATED not in annos
+        got = await c.kubelets["n3"].admit(1)
+        assert got.envs["HIP_VISIBLE_DEVICES"] == ("0" if grant.uuid == DCU0 else "1")
+        assert "NVIDIA_VISIBLE_DEVICES" not in got.envs
+        assert got.mount("/etc/ld.so.preload") is None
+        await until(
+            lambda: (
+                (c.api.pod("default", "dcu") or {})["metadata"]["annotations"].get(keys.BIND_PHASE)
+                == "success"
+            ),
+            "bind-phase success of the DCU pod",
+            c.logs,
+            timeout_s=30,
+        )
+        node = c.api.objects["v1/nodes", None, "n3"].raw["metadata"]["annotations"]
+        registered = keys.decode_node_devices(
+            node[keys.NODE_DCU_REGISTER], key=keys.NODE_DCU_REGISTER, vendor="DCU"
+        )
+        assert [(d.uuid, d.index, d.type) for d in registered] == [
+            (DCU0, 0, "DCU-Z100"),
+            (DCU1, 1, "DCU-Z100"),
+        ]
+        assert node[keys.NODE_HANDSHAKE_DCU].startswith("Reported ")
