@@ -773,7 +773,8 @@ def _remove_state(state_dir: Path) -> None:
 @dataclass(frozen=True)
 class DeviceUse:
     """One device's allocation: ``slices`` held, ``memory_mib`` used of ``memory_total_mib``,
-    ``cores`` percent used, ``split_count`` slices allowed."""
+    ``cores`` percent used, ``split_count`` slices allowed; ``vendor`` its vendor
+    (``libshared.vendors``: ``NVIDIA``, ``DCU``)."""
 
     node: str
     uuid: str
@@ -782,6 +783,7 @@ class DeviceUse:
     memory_total_mib: int
     cores: int
     split_count: int
+    vendor: str = "NVIDIA"
 
 
 @dataclass(frozen=True)
@@ -846,6 +848,7 @@ async def read_fleet(settings: BusSettings, *, timeout_s: float = 3.0) -> Fleet:
                     memory_total_mib=dev.memory_mib,
                     cores=sum(s.cores_percent for s in held),
                     split_count=dev.split_count,
+                    vendor=dev.vendor,
                 )
             )
     return Fleet(devices=out, quarantined=quarantined)

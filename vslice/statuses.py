@@ -19,6 +19,7 @@ What it leaves to others: reading the state file, the buckets and the heartbeats
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,6 +135,7 @@ def status(
          "fleet": {"error": str | None, "nodes": int, "gpus": int, "slices": int,
                    "memory_mib": int, "memory_total_mib": int, "cores_percent": int,
                    "cores_total_percent": int, "groups": [GroupTotal as a dict, ...],
+                   "vendors": {vendor: devices},  # NVIDIA, DCU (libshared.vendors)
                    "quarantined": {node: "<reason>: <detail>"},
                    "devices": [DeviceUse as a dict, ...]  # only with nodes=True
                   }}
@@ -157,6 +159,7 @@ def status(
         "cores_percent": sum(g.cores_percent for g in groups),
         "cores_total_percent": sum(g.cores_total_percent for g in groups),
         "groups": [asdict(g) for g in groups],
+        "vendors": dict(sorted(Counter(d.vendor for d in held).items())),
         "quarantined": dict(sorted((quarantined or {}).items())),
     }
     if nodes:
@@ -239,13 +242,21 @@ def text(data: Mapping[str, Any], *, table: bool = False) -> str:
             f"{g['group']:<24} {g['nodes']:>7,} {g['gpus']:>7,} {g['slices']:>8,}"
             f" {mem:>31} {cores:>11}"
         )
+    by_vendor = fleet.get("vendors") or {}
+    if len(by_vendor) > 1:
+        lines.append("devices by vendor: " + ", ".join(f"{v} {n:,}" for v, n in by_vendor.items()))
     if "devices" in fleet and (table or fleet["gpus"] <= SMALL_FLEET_GPUS):
-        head = f"{'node':<24}{'device':<28}{'slices':>8}{'memory MiB':>20}{'cores %':>9}"
+        head = (
+            f"{'node':<24}{'device':<28}{'vendor':<8}{'slices':>8}{'memory MiB':>20}{'cores %':>9}"
+        )
         lines += ["", head]
         for d in fleet["devices"]:
             mem = f"{d['memory_mib']}/{d['memory_total_mib']}"
             slots = f"{d['slices']}/{d['split_count']}"
-            lines.append(f"{d['node']:<24}{d['uuid']:<28}{slots:>8}{mem:>20}{d['cores']:>9}")
+            vendor = d.get("vendor", "NVIDIA")
+            lines.append(
+                f"{d['node']:<24}{d['uuid']:<28}{vendor:<8}{slots:>8}{mem:>20}{d['cores']:>9}"
+            )
     else:
         lines.append("(`vslice status --nodes` lists every GPU; `--json` for machines)")
     return "\n".join(lines)

@@ -384,6 +384,27 @@ def test_status_of_a_1200_node_fleet_is_a_few_lines_of_totals_per_node_group() -
     assert len(table.splitlines()) > 6000
 
 
+def test_status_counts_devices_per_vendor_and_names_each_devices_vendor() -> None:
+    stack = stacks.Stack(
+        nats_url="nats://127.0.0.1:4222", prefix="vslice", pids={"nats": 11}, state_dir="/s"
+    )
+    devices = [
+        *devices_of(1, 2),
+        stacks.DeviceUse(
+            node="mixed-0", uuid="DCU-mock-a", slices=1, memory_mib=2000,
+            memory_total_mib=32768, cores=100, split_count=10, vendor="DCU",
+        ),
+    ]  # fmt: skip
+    data = statuses.status(Path("/s"), stack, alive=bool, devices=devices, nodes=True)
+    assert data["fleet"]["vendors"] == {"DCU": 1, "NVIDIA": 3}
+    text = statuses.text(data)
+    assert "devices by vendor: DCU 1, NVIDIA 3" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("mixed-0")]
+    assert row.split()[1:3] == ["DCU-mock-a", "DCU"]
+    only_gpus = statuses.status(Path("/s"), stack, alive=bool, devices=devices_of(1, 2))
+    assert "by vendor" not in statuses.text(only_gpus)
+
+
 def test_status_json_gives_the_nats_url_and_each_process_with_its_pid_and_state() -> None:
     stack = stacks.Stack(
         nats_url="nats://127.0.0.1:4222", prefix="vslice", pids={"nats": 11, "metrics": 13},
