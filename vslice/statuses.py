@@ -246,16 +246,19 @@ def text(data: Mapping[str, Any], *, table: bool = False) -> str:
     if len(by_vendor) > 1:
         lines.append("devices by vendor: " + ", ".join(f"{v} {n:,}" for v, n in by_vendor.items()))
     if "devices" in fleet and (table or fleet["gpus"] <= SMALL_FLEET_GPUS):
+        # the vendor column only where the fleet has more than one vendor
+        width = 8 if len(by_vendor) > 1 else 0
         head = (
-            f"{'node':<24}{'device':<28}{'vendor':<8}{'slices':>8}{'memory MiB':>20}{'cores %':>9}"
+            f"{'node':<24}{'device':<28}{'vendor' if width else '':<{width}}{'slices':>8}"
+            f"{'memory MiB':>20}{'cores %':>9}"
         )
         lines += ["", head]
         for d in fleet["devices"]:
             mem = f"{d['memory_mib']}/{d['memory_total_mib']}"
             slots = f"{d['slices']}/{d['split_count']}"
-            vendor = d.get("vendor", "NVIDIA")
+            vendor = d.get("vendor", "NVIDIA") if width else ""
             lines.append(
-                f"{d['node']:<24}{d['uuid']:<28}{vendor:<8}{slots:>8}{mem:>20}{d['cores']:>9}"
+                f"{d['node']:<24}{d['uuid']:<28}{vendor:<{width}}{slots:>8}{mem:>20}{d['cores']:>9}"
             )
     else:
         lines.append("(`vslice status --nodes` lists every GPU; `--json` for machines)")

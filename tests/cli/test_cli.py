@@ -401,8 +401,11 @@ def test_status_counts_devices_per_vendor_and_names_each_devices_vendor() -> Non
     assert "devices by vendor: DCU 1, NVIDIA 3" in text
     (row,) = [line for line in text.splitlines() if line.startswith("mixed-0")]
     assert row.split()[1:3] == ["DCU-mock-a", "DCU"]
-    only_gpus = statuses.status(Path("/s"), stack, alive=bool, devices=devices_of(1, 2))
-    assert "by vendor" not in statuses.text(only_gpus)
+    only_gpus = statuses.status(Path("/s"), stack, alive=bool, devices=devices_of(1, 2), nodes=True)
+    text = statuses.text(only_gpus)
+    assert "by vendor" not in text and "vendor" not in text.splitlines()[-1]
+    (row,) = [line for line in text.splitlines() if line.startswith("laptop-0")]
+    assert row.split()[1:] == ["GPU-mock-a", "1/10", "300/8000", "0"]  # no vendor column
 
 
 def test_status_json_gives_the_nats_url_and_each_process_with_its_pid_and_state() -> None:

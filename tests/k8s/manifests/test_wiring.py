@@ -286,7 +286,7 @@ def _pods() -> list[dict[str, Any]]:
 def test_match_conditions_send_the_webhook_exactly_the_pods_it_acts_on() -> None:
     (condition,) = _webhook()["matchConditions"]
     expression = condition["expression"]
-    listed = re.findall(r"'(nvidia\.com/[a-z-]+)'", expression)
+    listed = re.findall(r"'((?:nvidia|hygon)\.com/[a-z-]+)'", expression)
     assert set(listed) == VSLICE_RESOURCE_NAMES
     environment = celpy.Environment()
     program = environment.program(environment.compile(expression))
