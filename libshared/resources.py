@@ -499,15 +499,22 @@ def parse_pod(
         raise InvalidRequest(
             container="", field="metadata.annotations", value=annos, reason="not an object"
         )
+    # every vendor's parse (libshared.vendors, which imports this module): NVIDIA's gives
+    # each container's own request, the others' what it asks of them
+    from libshared import vendors
+
     containers: list[ContainerRequest] = []
     vendor_requests: list[ContainerRequest] = []
     cpu_sum = mem_sum = cpu_init = mem_init = 0
     for index, (_, _, init, c) in enumerate(pod_containers(spec)):
         req = parse_container(c, index=index, init=init, settings=settings, admission=admission)
         containers.append(req)
-        dcu = parse_dcu_container(c, index=index, init=init, settings=settings, admission=admission)
-        if dcu is not None:
-            vendor_requests.append(dcu)
+        for vendor in vendors.VENDORS:
+            if vendor is vendors.NVIDIA:
+                continue
+            other = vendor.parse(c, index=index, init=init, settings=settings, admission=admission)
+            if other is not None and other.gpu_count > 0:
+                vendor_requests.append(other)
         limits, requests = _resources(c, req.name)
         raw_cpu = requests.get("cpu", limits.get("cpu"))
         raw_mem = requests.get("memory", limits.get("memory"))
@@ -556,15 +563,15 @@ def parse_pod(
         node_policy=policies[keys.NODE_SCHEDULER_POLICY],
         gpu_policy=policies[keys.GPU_SCHEDULER_POLICY],
         vendor_requests=tuple(vendor_requests),
-        vendor_selectors=(
+        vendor_selectors=tuple(
             VendorSelectors(
-                vendor=keys.DCU_VENDOR,
-                use_types=_split(str(annos.get(keys.USE_DCUTYPE, ""))),
-                nouse_types=_split(str(annos.get(keys.NOUSE_DCUTYPE, ""))),
-                use_uuids=_split(str(annos.get(keys.USE_DCUUUID, ""))),
-                nouse_uuids=_split(str(annos.get(keys.NOUSE_DCUUUID, ""))),
-            ),
-        )
-        if vendor_requests
-        else (),
+                vendor=v.name,
+                use_types=_split(str(annos.get(v.use_type, ""))),
+                nouse_types=_split(str(annos.get(v.nouse_type, ""))),
+                use_uuids=_split(str(annos.get(v.use_uuid, ""))),
+                nouse_uuids=_split(str(annos.get(v.nouse_uuid, ""))),
+            )
+            for v in vendors.VENDORS
+            if any(r.vendor == v.name for r in vendor_requests)
+        ),
     )

@@ -26,29 +26,14 @@ does not fit counts that vendor's devices only. Pure data and functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from libshared import annotations as keys
 from libshared import resources
-from libshared.resources import ContainerRequest, ResourceSettings
+from libshared.resources import ContainerRequest
 
 Parse = Callable[..., ContainerRequest | None]
-
-
-def _nvidia_parse(
-    spec: Mapping[str, Any],
-    *,
-    index: int,
-    init: bool,
-    settings: ResourceSettings,
-    admission: bool = False,
-) -> ContainerRequest | None:
-    req = resources.parse_container(
-        spec, index=index, init=init, settings=settings, admission=admission
-    )
-    return req if req.gpu_count > 0 else None
 
 
 @dataclass(frozen=True)
@@ -59,7 +44,8 @@ class Vendor:
     ``brand``: the maker, the ``vendor`` label of vslice's metrics.
     ``count``, ``memory``, ``cores``: its resource names; ``memory_percentage`` its
     percentage resource (None: it has none). ``parse``: one container spec into its
-    ``ContainerRequest`` (None: asks none; raises ``InvalidRequest``).
+    ``ContainerRequest`` (``gpu_count`` 0 or None: asks none; raises ``InvalidRequest``;
+    ``libshared.resources.parse_pod`` calls every vendor's).
     ``register``/``handshake``: the node annotations its device plugin writes;
     ``to_allocate``/``allocated``: the pod annotations its grants are written to at bind.
     ``use_type``/``nouse_type``/``use_uuid``/``nouse_uuid``: its pod selector annotations.
@@ -102,7 +88,7 @@ NVIDIA = Vendor(
     memory=resources.GPUMEM,
     memory_percentage=resources.GPUMEM_PERCENTAGE,
     cores=resources.GPUCORES,
-    parse=_nvidia_parse,
+    parse=resources.parse_container,
     register=keys.NODE_NVIDIA_REGISTER,
     handshake=keys.NODE_HANDSHAKE_NVIDIA,
     to_allocate=keys.VGPU_DEVICES_TO_ALLOCATE,
@@ -150,16 +136,3 @@ def of(name: str) -> Vendor:
         return BY_NAME[name]
     except KeyError:
         raise KeyError(f"no device vendor {name!r}; known: {', '.join(BY_NAME)}") from None
-
-
-def asked(spec: Mapping[str, Any]) -> tuple[Vendor, ...]:
-    """The vendors one container spec names a resource of, in its limits or requests."""
-    res = spec.get("resources")
-    if not isinstance(res, Mapping):
-        return ()
-    named: set[str] = set()
-    for part in ("limits", "requests"):
-        values = res.get(part)
-        if isinstance(values, Mapping):
-            named.update(str(k) for k in values)
-    return tuple(v for v in VENDORS if named.intersection(v.resources))
