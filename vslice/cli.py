@@ -222,8 +222,9 @@ def _add_up(sub: Any) -> None:
     )
     up.add_argument(
         "--mock-gpus",
-        type=bounded("--mock-gpus", least=1, most=stacks.MAX_DEVICES),
-        help="mock GPUs of this node (default $VSLICE_MOCKGPU_COUNT, else 2)",
+        type=bounded("--mock-gpus", least=0, most=stacks.MAX_DEVICES),
+        help="mock GPUs of this node (default $VSLICE_MOCKGPU_COUNT, else 2; 0 with"
+        " --mock-dcus: a node of DCUs only)",
     )
     up.add_argument(
         "--mock-gpu-memory",
@@ -676,7 +677,7 @@ def up_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> UpSetti
     checks: dict[str, Callable[[str], Any]] = {
         "VSLICE_REPLICAS": bounded("VSLICE_REPLICAS", least=1, most=16),
         "VSLICE_POLICY": _policy,
-        "VSLICE_MOCKGPU_COUNT": bounded("VSLICE_MOCKGPU_COUNT", least=1, most=stacks.MAX_DEVICES),
+        "VSLICE_MOCKGPU_COUNT": bounded("VSLICE_MOCKGPU_COUNT", least=0, most=stacks.MAX_DEVICES),
         "VSLICE_MOCKGPU_MEMORY_MIB": bounded("VSLICE_MOCKGPU_MEMORY_MIB", least=1, unit=" MiB"),
         "VSLICE_NATS_PORT": bounded("VSLICE_NATS_PORT", least=1, most=65535),
         "VSLICE_MOCKDCU_DEVICES": _dcus,
@@ -687,6 +688,15 @@ def up_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> UpSetti
                 check(env[var])
             except argparse.ArgumentTypeError as exc:
                 raise stacks.StackError(f"{var}={env[var]!r}: {exc}") from None
+    if (
+        env.get("VSLICE_MOCKGPU_COUNT") == "0"
+        and not env.get("VSLICE_MOCKGPU_DEVICES")
+        and not env.get("VSLICE_MOCKDCU_DEVICES")
+    ):
+        raise stacks.StackError(
+            "VSLICE_MOCKGPU_COUNT='0' (--mock-gpus 0) without --mock-dcus: the node would"
+            " have no device"
+        )
     policy = env.get("VSLICE_POLICY") or "hami"
     trace = env.get("VSLICE_WORKLOAD_TRACE") or None
     if policy in ("fgd", "steer") and not trace:

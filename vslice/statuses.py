@@ -243,11 +243,12 @@ def text(data: Mapping[str, Any], *, table: bool = False) -> str:
             f" {mem:>31} {cores:>11}"
         )
     by_vendor = fleet.get("vendors") or {}
-    if len(by_vendor) > 1:
+    others = any(v != "NVIDIA" for v in by_vendor)  # a fleet of GPUs alone reads as before
+    if others:
         lines.append("devices by vendor: " + ", ".join(f"{v} {n:,}" for v, n in by_vendor.items()))
     if "devices" in fleet and (table or fleet["gpus"] <= SMALL_FLEET_GPUS):
-        # the vendor column only where the fleet has more than one vendor
-        width = 8 if len(by_vendor) > 1 else 0
+        # the vendor column only where the fleet has another vendor's devices
+        width = 8 if others else 0
         head = (
             f"{'node':<24}{'device':<28}{'vendor' if width else '':<{width}}{'slices':>8}"
             f"{'memory MiB':>20}{'cores %':>9}"

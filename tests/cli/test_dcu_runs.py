@@ -59,6 +59,16 @@ def test_up_gives_the_node_agent_the_mock_dcus_of_its_flag_or_variable(tmp_path:
     assert fallback.environ["VSLICE_MOCKDCU_DEVICES"] == listed
 
 
+def test_up_runs_a_node_of_dcus_only_but_not_a_node_of_no_device() -> None:
+    listed = f"{D0}:65536:Z100"
+    only = cli.up_settings(cli.parse(["up", "--mock-gpus", "0", "--mock-dcus", listed]), {})
+    assert only.environ["VSLICE_MOCKGPU_COUNT"] == "0"
+    with pytest.raises(stacks.StackError, match=r"--mock-gpus 0.*no device"):
+        cli.up_settings(cli.parse(["up", "--mock-gpus", "0"]), {})
+    with pytest.raises(stacks.StackError, match="VSLICE_MOCKGPU_COUNT='-1'"):
+        cli.up_settings(cli.parse(["up"]), {"VSLICE_MOCKGPU_COUNT": "-1"})
+
+
 def test_a_malformed_mock_dcu_list_stops_up_before_anything_starts(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -88,3 +88,40 @@ def test_a_dcu_request_larger_than_any_dcu_is_refused_naming_dcus(state: Path) -
     assert done.returncode == 3, done.stderr
     assert "20,000 MiB" in done.stderr and "on 1 DCU" in done.stderr
     assert GPU not in done.stderr  # the GPU is not a DCU: never offered as free
+
+
+def test_a_node_of_dcus_only_runs_a_dcu_slice(native: None, tmp_path: Path) -> None:
+    env = {**os.environ, "VSLICE_GPU_BACKEND": "mock"}
+    for var in ("VSLICE_MOCKDCU_DEVICES", "VSLICE_MOCKGPU_DEVICES", "VSLICE_MOCKGPU_COUNT"):
+        env.pop(var, None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, *args, "--state-dir", str(tmp_path)],
+            cwd=harness.ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
+
+    started = cli("up", "--mock-gpus", "0", "--mock-dcus", f"{D0}:16384:Z100")
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        status = cli("status", "--nodes")
+        assert status.returncode == 0, status.stderr
+        assert "devices by vendor: DCU 1" in status.stdout
+        assert "GPU-" not in status.stdout  # no mock GPU made up
+        done = run(tmp_path, "--dcus", "1", "--gpumem", "2000", "--", sys.executable, "-c", SHOW)
+        assert done.returncode == 0, done.stderr
+        seen = json.loads(done.stdout.strip().splitlines()[-1])
+        assert seen == {
+            "HIP_VISIBLE_DEVICES": "0",
+            "CUDA_VISIBLE_DEVICES": None,
+            "LD_PRELOAD": None,
+        }
+        gpu = run(tmp_path, "--gpumem", "1000", "--", "true")
+        assert gpu.returncode == 3, gpu.stderr  # a GPU asked of a node without one
+    finally:
+        cli("down")

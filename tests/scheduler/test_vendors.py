@@ -312,13 +312,8 @@ def _bound(annotations: dict, *, limits: dict | None = None) -> extending.PodSta
     return extending.pod_state(obj)
 
 
-def test_a_bound_dcu_pod_is_restored_from_its_dcu_annotation():
-    state = _bound({keys.DCU_DEVICES_ALLOCATED: "mixed-dcu2,DCU,3000,40:;"})
-    p = extending.restored_placement(state, MIXED)
-    assert [
-        (s.vendor, s.uuid, s.memory_mib, s.cores_percent, s.device_index) for s in p.slices
-    ] == [("DCU", "mixed-dcu2", 3000, 40, 2)]
-    plan = extending.reconcile(
+def _reconciled(state: extending.PodState) -> extending.Plan:
+    return extending.reconcile(
         ledger={},
         pods={state.uid: state},
         registrations={"mixed": MIXED},
@@ -328,6 +323,15 @@ def test_a_bound_dcu_pod_is_restored_from_its_dcu_annotation():
         ttl_s=60.0,
         unbound_since={},
     )
+
+
+def test_a_bound_dcu_pod_is_restored_from_its_dcu_annotation():
+    state = _bound({keys.DCU_DEVICES_ALLOCATED: "mixed-dcu2,DCU,3000,40:;"})
+    p = extending.restored_placement(state, MIXED)
+    assert [
+        (s.vendor, s.uuid, s.memory_mib, s.cores_percent, s.device_index) for s in p.slices
+    ] == [("DCU", "mixed-dcu2", 3000, 40, 2)]
+    plan = _reconciled(state)
     assert [r.slices for r in plan.restores] == [p.slices]
 
 
@@ -344,16 +348,7 @@ def test_a_dcu_annotation_naming_a_wrong_device_is_held_not_restored(annotations
     state = _bound(annotations)
     with pytest.raises(AnnotationDecodeError, match=reason):
         extending.restored_placement(state, MIXED)
-    plan = extending.reconcile(
-        ledger={},
-        pods={state.uid: state},
-        registrations={"mixed": MIXED},
-        busy=set(),
-        listed=True,
-        now=0.0,
-        ttl_s=60.0,
-        unbound_since={},
-    )
+    plan = _reconciled(state)
     assert plan.restores == [] and len(plan.holds) == 1
 
 
