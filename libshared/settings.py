@@ -28,7 +28,7 @@ from typing import Annotated, Any, Generic, NoReturn, TypeVar
 
 import msgspec
 
-from libshared import connecting, heartbeats, logs, permissions, probes
+from libshared import connecting, heartbeats, logs, permissions, probes, resources
 from libshared.errors import VsliceError
 from libshared.subjects import DEFAULT_PREFIX
 
@@ -390,3 +390,66 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
                 reason="--nats-tls-cert and --nats-tls-key: give both or neither",
             )
         return _bus_settings(self)
+
+
+_MODEL = resources.ResourceSettings()  # the resource model's defaults (HAMi's), written there
+MODEL_GROUP = "resource model (HAMi's scheduler flags)"
+
+
+class ResourceOptions(ServiceOptions, frozen=True, kw_only=True):
+    """``ServiceOptions`` and the resource model's defaults, for the services that parse
+    pods (``libshared.resources.ResourceSettings``): the webhook and, in Kubernetes, the
+    scheduler's extender, which parses the pods kube-scheduler hands it. Both read the same
+    variables, so one ConfigMap sets them for both (HAMi's scheduler flags
+    ``defaultMem``, ``defaultCores``, ``defaultGPUNum`` and Hygon's ``memoryFactor``)."""
+
+    default_memory_mib: Annotated[
+        int,
+        msgspec.Meta(ge=0),
+        option(
+            "--default-memory-mib",
+            env="VSLICE_DEFAULT_MEMORY_MIB",
+            help="MiB of a slice naming no memory (0: the whole card)",
+            group=MODEL_GROUP,
+        ),
+    ] = _MODEL.default_memory_mib
+    default_cores: Annotated[
+        int,
+        msgspec.Meta(ge=0, le=100),
+        option(
+            "--default-cores",
+            env="VSLICE_DEFAULT_CORES",
+            help="cores (percent) of a slice naming memory but no cores",
+            group=MODEL_GROUP,
+        ),
+    ] = _MODEL.default_cores_percent
+    default_gpu_num: Annotated[
+        int,
+        msgspec.Meta(ge=0),
+        option(
+            "--default-gpu-num",
+            env="VSLICE_DEFAULT_GPU_NUM",
+            help="GPUs of a container naming gpumem or gpucores but no nvidia.com/gpu",
+            group=MODEL_GROUP,
+        ),
+    ] = _MODEL.default_gpu_num
+    dcu_memory_factor: Annotated[
+        int,
+        msgspec.Meta(ge=1, le=1024),
+        option(
+            "--dcu-memory-factor",
+            env="VSLICE_DCU_MEMORY_FACTOR",
+            help="HAMi's Hygon memoryFactor: a hygon.com/dcumem request counts this many MiB"
+            " per unit (1 = MiB)",
+            group=MODEL_GROUP,
+        ),
+    ] = _MODEL.dcu_memory_factor
+
+    def resource_settings(self) -> resources.ResourceSettings:
+        """The ``ResourceSettings`` of these options."""
+        return resources.ResourceSettings(
+            default_memory_mib=self.default_memory_mib,
+            default_cores_percent=self.default_cores,
+            default_gpu_num=self.default_gpu_num,
+            dcu_memory_factor=self.dcu_memory_factor,
+        )

@@ -20,37 +20,12 @@ from libshared.resources import ResourceSettings
 from services.admission.core import mutating
 
 HOOK = "Kubernetes mutating admission webhook"  # the webhook's options in --help
-MODEL = ResourceSettings()  # the resource model's defaults (HAMi's), written there
 
 
-class Options(settings.ServiceOptions, frozen=True, kw_only=True):
-    """The admission service's flags and variables (``libshared.settings``)."""
+class Options(settings.ResourceOptions, frozen=True, kw_only=True):
+    """The admission service's flags and variables (``libshared.settings``; the resource
+    model's, ``ResourceOptions``, are the scheduler's too)."""
 
-    default_memory_mib: Annotated[
-        int,
-        msgspec.Meta(ge=0),
-        settings.option("--default-memory-mib", env="VSLICE_DEFAULT_MEMORY_MIB"),
-    ] = MODEL.default_memory_mib
-    default_cores: Annotated[
-        int,
-        msgspec.Meta(ge=0, le=100),
-        settings.option("--default-cores", env="VSLICE_DEFAULT_CORES"),
-    ] = MODEL.default_cores_percent
-    default_gpu_num: Annotated[
-        int,
-        msgspec.Meta(ge=0),
-        settings.option("--default-gpu-num", env="VSLICE_DEFAULT_GPU_NUM"),
-    ] = MODEL.default_gpu_num
-    dcu_memory_factor: Annotated[
-        int,
-        msgspec.Meta(ge=1, le=1024),
-        settings.option(
-            "--dcu-memory-factor",
-            env="VSLICE_DCU_MEMORY_FACTOR",
-            help="HAMi's Hygon memoryFactor: a hygon.com/dcumem request counts this many MiB"
-            " per unit (1 = MiB)",
-        ),
-    ] = MODEL.dcu_memory_factor
     webhook_port: Annotated[
         int,
         msgspec.Meta(ge=0, le=65535),
@@ -182,12 +157,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         LOADER.error(str(exc))
     return Settings(
         bus=bus if opts.nats_url is not None or not opts.webhook_port else None,
-        resources=ResourceSettings(
-            default_memory_mib=opts.default_memory_mib,
-            default_cores_percent=opts.default_cores,
-            default_gpu_num=opts.default_gpu_num,
-            dcu_memory_factor=opts.dcu_memory_factor,
-        ),
+        resources=opts.resource_settings(),
         webhook=WebhookSettings(
             port=opts.webhook_port,
             host=opts.webhook_host,

@@ -138,6 +138,7 @@ async def _kubernetes(
             replica=replica,
             ttl_s=settings.reservation_ttl_s,
             request_timeout_s=settings.kube.request_timeout_s,
+            resources=settings.resources,
         )
         await side.start()
         stack.push_async_callback(side.stop)
@@ -160,7 +161,7 @@ async def _kubernetes(
             tls = reloading.context
             watch = asyncio.create_task(reloading.watch(TLS_RELOAD_S), name="tls-reload")
             stack.callback(watch.cancel)
-        routes = extender.Extender(replica=replica, kube=side)
+        routes = extender.Extender(replica=replica, kube=side, resources=settings.resources)
         runner, port = await extender.serve(
             routes, host=settings.extender_host, port=settings.extender_port, tls=tls
         )

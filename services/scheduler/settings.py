@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from libshared import connecting, kubeclients, probes, settings
+from libshared.resources import ResourceSettings
 from services.scheduler.core import committing, partitioning
 from services.scheduler.core.deciding import POLICIES
 
@@ -24,7 +25,7 @@ RULES = committing.Rules  # the protocol's defaults
 K8S = "Kubernetes"  # the extender's options in --help
 
 
-class Options(settings.ServiceOptions, frozen=True, kw_only=True):
+class Options(settings.ResourceOptions, frozen=True, kw_only=True):
     """A replica's flags and variables (``libshared.settings``)."""
 
     policy: Annotated[
@@ -197,6 +198,9 @@ class Settings:
 
     ``health``: where ``/healthz`` and ``/readyz`` are served over HTTP (``libshared.probes``;
     the port 0: not served).
+
+    ``resources``: the resource model's defaults the extender parses Kubernetes pods with
+    (``ResourceOptions``: the webhook's flags and variables, so one ConfigMap sets both).
     """
 
     bus: connecting.BusSettings = field(default_factory=connecting.BusSettings)
@@ -222,6 +226,7 @@ class Settings:
     kube: kubeclients.KubeSettings | None = None
     reservation_ttl_s: float = DEFAULTS.reservation_ttl
     health: probes.HealthSettings = field(default_factory=probes.HealthSettings)
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
 
 
 LOADER = settings.Loader(
@@ -292,6 +297,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         kube=kubeclients.KubeSettings() if opts.kube else None,
         reservation_ttl_s=opts.reservation_ttl,
         name=name,
+        resources=opts.resource_settings(),
     )
 
 

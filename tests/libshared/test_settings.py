@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from libshared import settings
+from libshared.resources import ResourceSettings
 from services.admission import settings as admission
 from services.metrics import settings as metrics
 from services.nodeagent import settings as nodeagent
@@ -209,3 +210,18 @@ def test_the_replicas_defaults_are_the_commit_protocols_rules() -> None:
     )
     assert (rules.max_in_flight, rules.explain) == (replica.max_in_flight, replica.explain)
     assert scheduler.parse(["--sync-timeout", "0.5"], {}).sync_timeout_s == 0.5
+
+
+def test_the_scheduler_and_the_webhook_read_the_resource_model_from_the_same_variables() -> None:
+    env = {
+        "VSLICE_DEFAULT_MEMORY_MIB": "2048",
+        "VSLICE_DEFAULT_CORES": "20",
+        "VSLICE_DEFAULT_GPU_NUM": "2",
+        "VSLICE_DCU_MEMORY_FACTOR": "8",
+    }
+    want = ResourceSettings(
+        default_memory_mib=2048, default_cores_percent=20, default_gpu_num=2, dcu_memory_factor=8
+    )
+    assert scheduler.parse([], env).resources == want
+    assert admission.parse([], env).resources == want
+    assert scheduler.parse(["--dcu-memory-factor", "4"], env).resources.dcu_memory_factor == 4

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from libshared import events
 from libshared.errors import InvalidRequest
-from libshared.resources import parse_pod
+from libshared.resources import ResourceSettings, parse_pod
 from services.scheduler.adapters import bus, decisions
 from services.scheduler.adapters.kube import Kube
 from services.scheduler.core import extending, recording
@@ -59,12 +59,18 @@ class Extender:
     """The HTTP routes of one replica. ``kube`` is None without ``--kube``: ``/filter``
     still reserves, ``/bind`` answers an error. ``ready`` is set by the wiring once
     recovery is done (``/readyz`` says 503 before). A body over ``max_body_bytes`` gets
-    a 413."""
+    a 413. ``resources``: the resource model's defaults the pods are parsed with."""
 
     def __init__(
-        self, *, replica: bus.Replica, kube: Kube | None, max_body_bytes: int = MAX_BODY_BYTES
+        self,
+        *,
+        replica: bus.Replica,
+        kube: Kube | None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        resources: ResourceSettings | None = None,
     ) -> None:
         self.replica = replica
+        self.resources = resources or ResourceSettings()
         self.kube = kube
         self.ready = False
         self.stats = ExtenderStats()
@@ -161,7 +167,7 @@ class Extender:
         """Decide and reserve (see the module docstring). Raises what the replica raises
         (``TemporaryError``, ``Expired``, ``Conflicts``)."""
         try:
-            pod = parse_pod(args.pod)
+            pod = parse_pod(args.pod, settings=self.resources)
         except InvalidRequest as exc:
             self._record(args, [recording.filtering_error(f"InvalidRequest: {exc}")])
             return extending.invalid_request(args, exc)

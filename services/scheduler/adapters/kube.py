@@ -47,7 +47,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from libshared import events
 from libshared.errors import InvalidRequest, VsliceError
-from libshared.resources import parse_pod
+from libshared.resources import ResourceSettings, parse_pod
 from services.scheduler.adapters import bus, decisions
 from services.scheduler.core import extending, recording
 
@@ -104,7 +104,8 @@ class Kube:
     whose view and commits are used; ``ttl_s``: reservation TTL, seconds; ``sweep_s``:
     seconds between reconciles (default: a quarter of the TTL, 0.1-5 s);
     ``request_timeout_s``: timeout of one API request, seconds; ``events_interval_s``:
-    the least time between two writes of one Event's count, seconds (``recorder``).
+    the least time between two writes of one Event's count, seconds (``recorder``);
+    ``resources``: the resource model's defaults a pod is parsed with at bind.
     """
 
     api: client.ApiClient
@@ -113,6 +114,7 @@ class Kube:
     sweep_s: float | None = None
     request_timeout_s: float = 10.0
     events_interval_s: float = 30.0
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
     recorder: recording.Recorder = field(init=False)
     pods: dict[str, extending.PodState] = field(default_factory=dict)
     holds: dict[str, extending.Hold] = field(default_factory=dict)
@@ -510,7 +512,7 @@ class Kube:
                 return
             raise BindError(f"{where} is already bound to node {state.node}")
         try:
-            request = parse_pod(state.raw)
+            request = parse_pod(state.raw, settings=self.resources)
         except InvalidRequest as exc:
             raise BindError(f"{where}: {exc}") from exc
         if not request.gpu_containers:

@@ -14,6 +14,7 @@ import aiohttp
 
 from libshared import connecting, kubeclients
 from libshared.connecting import BusSettings
+from libshared.resources import ResourceSettings
 from services.scheduler import app as scheduler_app
 from services.scheduler.adapters import bus, extender, kube, quotas
 from services.scheduler.settings import Settings
@@ -40,6 +41,7 @@ async def replicas(
     max_body_bytes: int = extender.MAX_BODY_BYTES,
     events_interval_s: float = 30.0,
     quota: bool = False,
+    resources: ResourceSettings | None = None,
 ) -> AsyncIterator[list[Served]]:
     """``count`` replicas, each with its own NATS connection, API client and extender port;
     they start one after the other (each reconciles the ledger with the pods first).
@@ -81,10 +83,13 @@ async def replicas(
                 ttl_s=ttl_s,
                 sweep_s=sweep_s,
                 events_interval_s=events_interval_s,
+                resources=resources or ResourceSettings(),
             )
             await side.start()
             stack.push_async_callback(side.stop)
-            routes = extender.Extender(replica=replica, kube=side, max_body_bytes=max_body_bytes)
+            routes = extender.Extender(
+                replica=replica, kube=side, max_body_bytes=max_body_bytes, resources=resources
+            )
             runner, port = await extender.serve(routes, host="127.0.0.1", port=0)
             stack.push_async_callback(runner.cleanup)
             routes.ready = True

@@ -17,6 +17,7 @@ from libshared import annotations as keys
 from libshared import connecting, events
 from libshared.connecting import BusSettings
 from libshared.ledgers import NodeLedger
+from libshared.resources import ResourceSettings
 from services.scheduler.core import extending
 from tests.bus import helpers
 from tests.scheduler.k8s import harness
@@ -224,6 +225,27 @@ async def test_a_body_over_the_limit_is_refused(
         session.post(x.url + "/filter", data=b" " * (2**16 + 1)) as resp,
     ):
         assert resp.status == 413
+
+
+async def test_the_extender_parses_pods_with_the_resource_models_defaults(
+    nc: Client, bus_settings: BusSettings, api: ApiServer, session: aiohttp.ClientSession
+) -> None:
+    # --default-memory-mib reaches the extender as it reaches the webhook: a container
+    # naming no memory resource gets the default memory (the whole card without it)
+    await fleet(nc, bus_settings, *NODES)
+    model = ResourceSettings(default_memory_mib=2500, default_cores_percent=15)
+    async with harness.replicas(bus_settings, str(api.url), 1, resources=model) as (a,):
+        p = await create_pod(session, str(api.url), pod("d", gpumem=None, gpucores=None))
+        p_cores = await create_pod(session, str(api.url), pod("c", gpumem=None, gpucores=40))
+        for obj, cores in ((p, 100), (p_cores, 40)):
+            node = (await filter_pod(session, a.url, obj, NODES))["NodeNames"][0]
+            assert await bind_pod(session, a.url, obj, node) == ""
+            placement = a.replica.view.cluster.placement_of(obj["metadata"]["uid"])
+            assert placement is not None
+            (s,) = placement.slices
+            # no memory resource: the default memory, cores 100 for a GPU-only container
+            # (HAMi's exclusive card), else as asked
+            assert (s.memory_mib, s.cores_percent) == (2500, cores)
 
 
 # -- bind --------------------------------------------------------------------------------
