@@ -50,6 +50,7 @@ from libshared.errors import VsliceError
 from libshared.ledgers import NodeLedger, Slice
 from libshared.subjects import deadline_headers, pod_key
 from services.nodeagent import settings as nodeagent_settings
+from services.nodeagent.core import registrations
 from vslice import stacks
 
 log = logging.getLogger("vslice.run")
@@ -576,7 +577,7 @@ async def _slice(
         placed,
         host_root=checks.host_root,
         library_dirs=checks.library_dirs,
-        dcu_indices={d.uuid: d.index for d in registered.devices if d.vendor == "DCU"},
+        dcu_indices=registrations.dcu_indices(registered),
     )
     if problems:
         await _release(nc, settings, uid)

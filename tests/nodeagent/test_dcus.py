@@ -253,6 +253,9 @@ def test_a_dcu_the_node_does_not_hold_is_refused_naming_it(tmp_path: Path) -> No
 def test_a_mock_nodes_answer_names_a_dcu_by_index_not_in_nvidia_visible_devices() -> None:
     env = environments.pod_env(_placement(_slice(D1, 3, vendor="DCU")), {D1: 1})
     assert env == {"main": {"HIP_VISIBLE_DEVICES": "1"}}
+    # a DCU the mock node does not hold is refused, not named by its slot
+    with pytest.raises(ValueError, match=f"slice {D1} of main: no such DCU on this node"):
+        environments.pod_env(_placement(_slice(D1, 3, vendor="DCU")), {D0: 0})
 
 
 def test_a_prepared_dcu_slice_is_reported_in_usage_without_a_hitch(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ selectors. Where a case needed translating beyond that, its row says how.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
@@ -306,8 +307,8 @@ def test_fit_takes_the_devices_and_gives_the_reasons_hamis_fit_does(
 # --- pkg/device/hygon/device_test.go TestDevices_Fit: the DCU's Fit, same walk ----------------
 
 
-def _dcu(id_: str, **kw: object) -> Dev:
-    return Dev(id_, type="DCU", vendor="DCU", **kw)  # type: ignore[arg-type]
+def _dcu(id_: str, **kw: Any) -> Dev:
+    return Dev(id_, type="DCU", vendor="DCU", **kw)
 
 
 DCU_FIT = [

@@ -350,9 +350,14 @@ class Agent:
                 registered = next((n for n in self.nodes if n.node == node), None)
                 if registered is not None:
                     indices = registrations.dcu_indices(registered)
-            answer = events.Ready(
-                pod_uid=event.pod_uid, node=node, env=environments.pod_env(event, indices)
-            )
+            try:
+                env = environments.pod_env(event, indices)
+            except ValueError as exc:  # a DCU slice naming a device the node lacks
+                answer = events.Failed(
+                    pod_uid=event.pod_uid, node=node, reason=bounds.clip(str(exc))
+                )
+            else:
+                answer = events.Ready(pod_uid=event.pod_uid, node=node, env=env)
         problem = bounds.violation(answer, type(answer))
         if problem:
             # an environment no receiver would take (a value over its length, a non-ASCII

@@ -33,25 +33,30 @@ def container_env(slices: list[Slice]) -> dict[str, str]:
     return env
 
 
-def pod_env(
-    placement: Placement, dcu_indices: Mapping[str, int] | None = None
-) -> dict[str, dict[str, str]]:
+def dcu_env(slices: tuple[Slice, ...], dcu_indices: Mapping[str, int]) -> dict[str, str]:
+    """The variable naming a container's Hygon DCU ``slices`` to it:
+    ``HIP_VISIBLE_DEVICES`` (``libshared.vendors.DCU.visible_devices``), their indices in
+    the node's DCU numbering (``dcu_indices``: UUID -> index), comma separated, in order.
+    Raises ``ValueError`` naming a slice whose DCU is not in ``dcu_indices``. Pure."""
+    missing = [s.uuid for s in slices if s.uuid not in dcu_indices]
+    if missing:
+        raise ValueError(f"slice {missing[0]} of {slices[0].container}: no such DCU on this node")
+    return {vendors.DCU.visible_devices: ",".join(str(dcu_indices[s.uuid]) for s in slices)}
+
+
+def pod_env(placement: Placement, dcu_indices: Mapping[str, int]) -> dict[str, dict[str, str]]:
     """Container name -> its variables, for every container holding a slice: its NVIDIA
-    slices' (``container_env``), and ``HIP_VISIBLE_DEVICES`` for its DCUs: their indices
-    on the node (``dcu_indices``, UUID -> index; a DCU it lacks is named by its slice's
-    ``device_index``)."""
+    slices' (``container_env``), and for its DCUs ``dcu_env`` (``dcu_indices``: UUID ->
+    index of the node's DCUs). Raises ``ValueError`` naming a DCU slice the node lacks."""
     per: dict[str, list[Slice]] = {}
     for s in sorted(placement.slices, key=lambda s: (s.container_index, s.device_index)):
         per.setdefault(s.container, []).append(s)
     out = {}
     for name, slices in per.items():
         gpus = [s for s in slices if s.vendor == vendors.NVIDIA.name]
-        dcus = [s for s in slices if s.vendor == vendors.DCU.name]
+        dcus = tuple(s for s in slices if s.vendor == vendors.DCU.name)
         env = container_env(gpus) if gpus else {}
         if dcus:
-            index = dcu_indices or {}
-            env[vendors.DCU.visible_devices] = ",".join(
-                str(index.get(s.uuid, s.device_index)) for s in dcus
-            )
+            env |= dcu_env(dcus, dcu_indices)
         out[name] = env
     return out

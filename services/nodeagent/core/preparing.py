@@ -238,7 +238,7 @@ def plan(
         else:
             env = container_env(tuple(slices), cache=cache, layout=layout)
         if dcus:
-            env |= dcu_env(tuple(dcus), dcu_indices or {})
+            env |= environments.dcu_env(tuple(dcus), dcu_indices or {})
         # the same SM limit on every device, as libvgpu reads CUDA_DEVICE_SM_LIMIT, so the
         # file and a process's environment agree; the file's devices are the CUDA ones,
         # and the container's DCUs follow them (never charged: libvgpu does not see them)
@@ -269,17 +269,6 @@ def slice_order(s: Slice) -> tuple[int, int, int]:
     """How a container's slices are ordered: by container, NVIDIA devices before DCUs (the
     shared cache file's devices are the CUDA ones, first), then by index. Pure."""
     return (s.container_index, 0 if s.vendor == vendors.NVIDIA.name else 1, s.device_index)
-
-
-def dcu_env(slices: tuple[Slice, ...], dcu_indices: Mapping[str, int]) -> dict[str, str]:
-    """The variable naming a container's Hygon DCU ``slices`` to it:
-    ``HIP_VISIBLE_DEVICES`` (``libshared.vendors.DCU.visible_devices``), their indices in
-    the node's DCU numbering (``dcu_indices``: UUID -> index), comma separated, in order.
-    Raises ``ValueError`` naming a slice whose DCU is not in ``dcu_indices``. Pure."""
-    missing = [s.uuid for s in slices if s.uuid not in dcu_indices]
-    if missing:
-        raise ValueError(f"slice {missing[0]} of {slices[0].container}: no such DCU on this node")
-    return {vendors.DCU.visible_devices: ",".join(str(dcu_indices[s.uuid]) for s in slices)}
 
 
 def mig_env(
